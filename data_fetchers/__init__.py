@@ -1,0 +1,1 @@
+"""Dataset fetchers (DiSCo, Tractometer) for esdmri."""

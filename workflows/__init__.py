@@ -1,0 +1,1 @@
+"""Dipy-style workflows and command-line entry points of esdmri."""
