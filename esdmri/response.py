@@ -1,0 +1,661 @@
+"""Multi-shell, multi-tissue response functions and the forward model.
+
+A response is stored like MRtrix3 stores it: per tissue, one row per shell
+(b0 row first) of zonal SH coefficients ``r_{s,l}`` (``m = 0``, orders
+``l = 0, 2, ...``) of the signal of a single fibre along z. Zonal harmonics are
+the same in DIPY's non-legacy ``descoteaux07`` and MRtrix3's ``tournier07``
+bases, so MRtrix3 files are read and written as is.
+
+Conventions (identical to MRtrix3 and to DIPY's MSMT-CSD):
+
+- A delta fODF of unit integral along ``u`` (even SH coefficients
+  ``Y_lm(u)``) predicts exactly the response signal rotated onto ``u``.
+- An isotropic tissue has one coefficient, its fODF's ``l = 0`` SH
+  coefficient ``c``; its response row holds ``r_{s,0} = S0 exp(-b D) sqrt(4 pi)``
+  and it predicts the signal ``c r_{s,0}``. The tissue's signal fraction is its
+  fODF integral ``c sqrt(4 pi)`` when the response is :meth:`normalized`.
+- DIPY's ``MultiShellResponse.response`` has the same rows (b0 first) and
+  holds the same numbers in the columns ``[csf, gm, wm_l0, wm_l2, ...]``
+  (see :meth:`TissueResponse.to_dipy`).
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from dipy.core.gradients import unique_bvals_tolerance
+from dipy.reconst.csdeconv import auto_response_ssst
+from dipy.reconst.mcsd import (MultiShellResponse, mask_for_response_msmt,
+                               response_from_mask_msmt)
+from dipy.reconst.shm import real_sh_descoteaux_from_index
+from scipy.special import i0e
+
+from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, group_shells, n_coeffs,
+                        sh_degrees, sh_matrix)
+
+TISSUES = ("wm", "gm", "csf")
+ISOTROPIC_TISSUES = ("gm", "csf")
+
+# The first response row is the b0 row; like DIPY's default b0_threshold,
+# b-values up to 50 s/mm^2 count as b0.
+B0_MAX_BVAL = 50.0
+
+# Gauss-Legendre nodes in cos(theta) for the zonal projection. The azimuthally
+# averaged tensor signal is an entire function of cos(theta); 256 nodes
+# integrate it to machine precision for b D up to several tens.
+_QUADRATURE_NODES = 256
+
+_SHELLS_HEADER = re.compile(r"^#\s*shells\s*:\s*(.*)$", re.IGNORECASE)
+
+# Which tissues to keep when a gtab has too few shells to separate them all:
+# WM always, then CSF (the classic two-tissue single-shell model), then GM.
+_KEEP_PRIORITY = ("wm", "csf", "gm")
+
+
+def tensor_zonal_coefficients(bvals, evals, s0=1.0, sh_order_max=8):
+    """Zonal SH coefficients of a tensor signal ``s0 exp(-b g^T D g)``.
+
+    ``D`` has its first eigenvector along z. Each coefficient is the exact
+    projection ``r_l = 2 pi int_{-1}^{1} S_bar(t) Y_l0(t) dt`` onto the zonal
+    harmonic ``Y_l0`` (from DIPY), where ``S_bar`` is the signal averaged over
+    the azimuth about z: ``exp(-b (evals[0] t^2 + (1 - t^2) (evals[1] +
+    evals[2]) / 2)) I0(b (1 - t^2) |evals[1] - evals[2]| / 2)``. For an axially
+    symmetric tensor ``S_bar`` is the signal itself. The integral is computed
+    by Gauss-Legendre quadrature in ``t = cos(theta)``, which is exact up to
+    rounding for this smooth integrand, unlike a least-squares fit on a
+    finite sphere, where the truncated orders above ``sh_order_max`` alias
+    into the kept ones.
+
+    Parameters
+    ----------
+    bvals : ndarray (S,)
+        b-values (s/mm^2).
+    evals : ndarray (3,) or (S, 3)
+        Tensor eigenvalues (mm^2/s), first along the fibre axis; one row per
+        b-value for per-shell tensors.
+    s0 : float or ndarray (S,), optional
+        Signal without diffusion weighting.
+    sh_order_max : int, optional
+        Even maximal SH order (l).
+
+    Returns
+    -------
+    ndarray (S, sh_order_max / 2 + 1)
+        ``r_{s,l}`` for ``l = 0, 2, ..., sh_order_max``.
+    """
+    bvals = np.asarray(bvals, dtype=np.float64)
+    if bvals.ndim != 1:
+        raise ValueError(f"bvals must have shape (S,), got {bvals.shape}")
+    evals = np.broadcast_to(np.asarray(evals, dtype=np.float64), bvals.shape + (3,))
+    s0 = np.broadcast_to(np.asarray(s0, dtype=np.float64), bvals.shape)
+    l_values = np.unique(sh_degrees(sh_order_max))
+    nodes, weights = np.polynomial.legendre.leggauss(_QUADRATURE_NODES)
+    zonal = real_sh_descoteaux_from_index(0, l_values[None, :], np.arccos(nodes)[:, None],
+                                          0.0, legacy=False)
+    sin2 = 1.0 - nodes**2
+    b = bvals[:, None]
+    parallel, perp_a, perp_b = (evals[:, i, None] for i in range(3))
+    half_gap = 0.5 * np.abs(perp_a - perp_b)
+    # I0(x) = i0e(x) exp(x): the exp(x) is folded into the exponent so that
+    # nothing overflows at large b.
+    exponent = -b * (parallel * nodes**2 + sin2 * np.minimum(perp_a, perp_b))
+    averaged = s0[:, None] * np.exp(exponent) * i0e(b * sin2 * half_gap)
+    return 2.0 * np.pi * (averaged * weights) @ zonal
+
+
+def _isotropic_zonal(bvals, diffusivity, s0):
+    """``l = 0`` coefficient of ``s0 exp(-b D)``: the constant times sqrt(4 pi)."""
+    return (s0 * np.exp(-np.asarray(bvals, dtype=np.float64) * diffusivity)
+            * np.sqrt(4 * np.pi))[:, None]
+
+
+def _as_paths(files, n_tissues, name="files"):
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    files = [os.fspath(f) for f in files]
+    if len(files) != n_tissues:
+        raise ValueError(f"{name} must hold one path per tissue ({n_tissues}), "
+                         f"got {len(files)}")
+    return files
+
+
+def _format_bval(bval):
+    return str(int(bval)) if float(bval).is_integer() else repr(float(bval))
+
+
+def _read_mrtrix_matrix(path):
+    """Rows and the ``# Shells:`` header (or None) of one MRtrix3 text file."""
+    rows, shells = [], None
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("#"):
+                header = _SHELLS_HEADER.match(line)
+                if header:
+                    try:
+                        shells = [float(b) for b in re.split(r"[,\s]+", header.group(1).strip())]
+                    except ValueError:
+                        raise ValueError(f"{path}, line {number}: cannot read the shell "
+                                         f"b-values in {line!r}") from None
+                continue
+            try:
+                rows.append([float(value) for value in line.split()])
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: expected numbers separated by "
+                                 f"whitespace, got {line!r}") from None
+    if not rows:
+        raise ValueError(f"{path} holds no response rows")
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"{path} has ragged rows: every shell row must have the same "
+                         f"number of coefficients, found row lengths {lengths}")
+    return np.array(rows), shells
+
+
+@dataclass(frozen=True, eq=False)
+class TissueResponse:
+    """Zonal response functions per tissue and shell (MRtrix3 layout).
+
+    Immutable: the arrays are read-only and attributes cannot be reassigned.
+
+    Parameters
+    ----------
+    tissues : sequence of str
+        Tissue names among ``("wm", "gm", "csf")``, no repeats.
+    bvals : ndarray (S,)
+        Shell b-values, strictly ascending; the first row is the b0 row
+        (``bvals[0] <= 50``).
+    coefficients : sequence of ndarray
+        One ``(S, L_t / 2 + 1)`` array per tissue of zonal SH coefficients
+        ``r_{s,l}``, ``l = 0, 2, ..., L_t``; isotropic tissues (gm, csf) have
+        one column.
+    """
+
+    tissues: tuple
+    bvals: np.ndarray
+    coefficients: tuple
+
+    def __post_init__(self):
+        if isinstance(self.tissues, str):
+            raise TypeError(f"tissues must be a sequence of names, got the string "
+                            f"{self.tissues!r}; use ({self.tissues!r},)")
+        tissues = tuple(self.tissues)
+        unknown = [t for t in tissues if t not in TISSUES]
+        if unknown or not tissues:
+            raise ValueError(f"tissues must be names among {TISSUES}, got {tissues}")
+        if len(set(tissues)) != len(tissues):
+            raise ValueError(f"tissues must not repeat, got {tissues}")
+
+        bvals = np.array(self.bvals, dtype=np.float64)
+        if bvals.ndim != 1 or bvals.size == 0 or not np.all(np.isfinite(bvals)):
+            raise ValueError(f"bvals must be a non-empty finite (S,) array, got {self.bvals!r}")
+        if np.any(np.diff(bvals) <= 0):
+            raise ValueError(f"bvals must be strictly ascending, got {bvals}")
+        if not 0 <= bvals[0] <= B0_MAX_BVAL:
+            raise ValueError(f"bvals[0] must be the b0 row (0 <= b <= {B0_MAX_BVAL:g}), "
+                             f"got bvals {bvals}")
+
+        coefficients = self.coefficients
+        if isinstance(coefficients, dict):
+            raise TypeError("coefficients must be a sequence of arrays in the order of "
+                            "tissues, got a dict")
+        if isinstance(coefficients, np.ndarray) and coefficients.ndim != 3:
+            coefficients = [coefficients]
+        if len(coefficients) != len(tissues):
+            raise ValueError(f"coefficients must hold one array per tissue ({len(tissues)}), "
+                             f"got {len(coefficients)}")
+        checked = []
+        for tissue, array in zip(tissues, coefficients):
+            try:
+                array = np.array(array, dtype=np.float64)
+            except ValueError:
+                raise ValueError(f"coefficients of {tissue!r} are ragged: every shell row "
+                                 f"must have the same number of coefficients") from None
+            if array.ndim != 2 or array.shape[0] != len(bvals) or array.shape[1] < 1:
+                raise ValueError(f"coefficients of {tissue!r} must have shape "
+                                 f"({len(bvals)}, L/2 + 1) for {len(bvals)} shells, "
+                                 f"got {array.shape}")
+            if tissue in ISOTROPIC_TISSUES and array.shape[1] != 1:
+                raise ValueError(f"coefficients of the isotropic tissue {tissue!r} must have "
+                                 f"one column (l = 0), got {array.shape[1]}")
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"coefficients of {tissue!r} must be finite")
+            array.setflags(write=False)
+            checked.append(array)
+        bvals.setflags(write=False)
+        object.__setattr__(self, "tissues", tissues)
+        object.__setattr__(self, "bvals", bvals)
+        object.__setattr__(self, "coefficients", tuple(checked))
+
+    def __repr__(self):
+        orders = {t: 2 * (c.shape[1] - 1) for t, c in zip(self.tissues, self.coefficients)}
+        return (f"TissueResponse(tissues={self.tissues}, bvals={self.bvals.tolist()}, "
+                f"sh_orders={orders})")
+
+    @property
+    def sh_order_max(self):
+        """Largest zonal order over the tissues (0 for isotropic ones only)."""
+        return max(2 * (c.shape[1] - 1) for c in self.coefficients)
+
+    @property
+    def n_shells(self):
+        """Number of shells, b0 row included."""
+        return len(self.bvals)
+
+    def __getitem__(self, tissue):
+        """Coefficients (S, L_t / 2 + 1) of one tissue."""
+        if tissue not in self.tissues:
+            raise KeyError(f"tissue {tissue!r} not in {self.tissues}")
+        return self.coefficients[self.tissues.index(tissue)]
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_tensors(cls, bvals, wm_evals=(1.7e-3, 0.3e-3, 0.3e-3), gm_diffusivity=0.8e-3,
+                     csf_diffusivity=3.0e-3, s0=1.0, sh_order_max=12, tissues=TISSUES):
+        """Analytic responses: a WM tensor and isotropic GM/CSF compartments.
+
+        Parameters
+        ----------
+        bvals : ndarray (S,)
+            Shell b-values, ascending, b0 first.
+        wm_evals : ndarray (3,), optional
+            WM tensor eigenvalues (mm^2/s), first along the fibre.
+        gm_diffusivity, csf_diffusivity : float, optional
+            Isotropic diffusivities (mm^2/s).
+        s0 : float or dict, optional
+            b0 signal of every tissue, or a dict tissue -> b0 signal.
+        sh_order_max : int, optional
+            Even order of the WM zonal coefficients.
+        tissues : sequence of str, optional
+            Tissues to include.
+
+        Returns
+        -------
+        TissueResponse
+        """
+        if isinstance(tissues, str):
+            tissues = (tissues,)
+        tissues = tuple(tissues)
+        s0_of = s0 if isinstance(s0, dict) else {t: s0 for t in tissues}
+        missing = [t for t in tissues if t not in s0_of]
+        if missing:
+            raise ValueError(f"s0 has no entry for tissues {missing}")
+        bvals = np.asarray(bvals, dtype=np.float64)
+        diffusivity = {"gm": gm_diffusivity, "csf": csf_diffusivity}
+        coefficients = []
+        for tissue in tissues:
+            if tissue == "wm":
+                coefficients.append(tensor_zonal_coefficients(
+                    bvals, wm_evals, s0_of[tissue], sh_order_max))
+            elif tissue in diffusivity:
+                coefficients.append(_isotropic_zonal(bvals, diffusivity[tissue], s0_of[tissue]))
+            else:
+                raise ValueError(f"tissues must be names among {TISSUES}, got {tissues}")
+        return cls(tissues, bvals, coefficients)
+
+    @classmethod
+    def from_dipy_ssst(cls, gtab, data, roi_center=None, roi_radii=10, fa_thr=0.7,
+                       sh_order_max=8, tolerance=DEFAULT_BVAL_TOLERANCE):
+        """Single-shell WM response with DIPY's ``auto_response_ssst``.
+
+        DIPY fits a tensor in the high-FA voxels of a central ROI and returns
+        the averaged prolate eigenvalues and the mean b0 signal; the zonal
+        coefficients of that tensor are computed with
+        :func:`tensor_zonal_coefficients`.
+
+        Parameters
+        ----------
+        gtab : GradientTable
+            b0 volumes plus exactly one diffusion-weighted shell.
+        data : ndarray (X, Y, Z, N)
+        roi_center, roi_radii, fa_thr
+            See ``dipy.reconst.csdeconv.auto_response_ssst``.
+        sh_order_max : int, optional
+            Even order of the zonal coefficients.
+        tolerance : float, optional
+            b-value clustering gap.
+
+        Returns
+        -------
+        TissueResponse
+            Tissues ``("wm",)``, rows (b0, shell).
+        """
+        shell_bvals, _ = group_shells(gtab, tolerance=tolerance)
+        has_b0 = bool(b0_mask(gtab).any())
+        if not has_b0 or len(shell_bvals) != 2:
+            raise ValueError(
+                "from_dipy_ssst needs b0 volumes and exactly one diffusion-weighted shell; "
+                f"gtab has shells {np.round(shell_bvals).tolist()} (b0 present: {has_b0}); "
+                "use from_dipy_msmt for multi-shell data")
+        (evals, s0), _ = auto_response_ssst(gtab, data, roi_center=roi_center,
+                                            roi_radii=roi_radii, fa_thr=fa_thr)
+        evals = np.asarray(evals, dtype=np.float64)
+        if evals.shape != (3,) or not np.all(np.isfinite(evals)) or not s0 > 0:
+            raise ValueError(f"no voxel in the ROI has FA > fa_thr={fa_thr}: "
+                             "increase roi_radii or lower fa_thr")
+        bvals = np.array([0.0, shell_bvals[1]])
+        coefficients = tensor_zonal_coefficients(bvals, evals, s0, sh_order_max)
+        return cls(("wm",), bvals, [coefficients])
+
+    @classmethod
+    def from_dipy_msmt(cls, gtab, data, mask=None, roi_center=None, roi_radii=10,
+                       wm_fa_thr=0.7, gm_fa_thr=0.2, csf_fa_thr=0.1, gm_md_thr=0.0007,
+                       csf_md_thr=0.002, sh_order_max=8, tolerance=DEFAULT_BVAL_TOLERANCE):
+        """Multi-shell WM/GM/CSF responses with DIPY's MSMT tools.
+
+        Tissue masks come from DIPY's ``mask_for_response_msmt`` (FA/MD
+        thresholds in a central ROI, intersected with ``mask``); DIPY's
+        ``response_from_mask_msmt`` fits per shell a tensor to each tissue.
+        WM rows are the zonal coefficients of the per-shell tensor, exactly
+        as DIPY's ``multi_shell_fiber_response`` (up to its least-squares
+        approximation of the projection). GM/CSF rows are the ``l = 0``
+        coefficient of the per-shell tensor's signal, i.e. its spherical mean
+        times sqrt(4 pi); DIPY uses ``S0 exp(-b lambda_1)`` with the largest
+        eigenvalue instead. Both agree for isotropic tensors; otherwise
+        DIPY's value is the smaller one (Jensen's inequality).
+
+        Parameters
+        ----------
+        gtab : GradientTable
+            b0 volumes plus one or more diffusion-weighted shells.
+        data : ndarray (X, Y, Z, N)
+        mask : ndarray (X, Y, Z) bool, optional
+            Voxels allowed in the tissue masks (e.g. a brain mask).
+        roi_center, roi_radii, wm_fa_thr, gm_fa_thr, csf_fa_thr, gm_md_thr, csf_md_thr
+            See ``dipy.reconst.mcsd.mask_for_response_msmt``.
+        sh_order_max : int, optional
+            Even order of the WM zonal coefficients.
+        tolerance : float, optional
+            b-value clustering gap (DIPY's ``tol``).
+
+        Returns
+        -------
+        TissueResponse
+            Tissues ``("wm", "gm", "csf")``.
+        """
+        data = np.asarray(data)
+        if data.ndim != 4:
+            raise ValueError(f"data must have shape (X, Y, Z, N), got {data.shape}")
+        shell_bvals, _ = group_shells(gtab, tolerance=tolerance)
+        dipy_bvals = unique_bvals_tolerance(np.asarray(gtab.bvals), tol=tolerance)
+        if not b0_mask(gtab).any() or len(dipy_bvals) != len(shell_bvals):
+            raise ValueError(
+                "from_dipy_msmt needs b0 volumes and shells that DIPY's clustering "
+                f"(tol={tolerance}) also finds; shells {np.round(shell_bvals).tolist()}, "
+                f"DIPY clusters {np.round(dipy_bvals).tolist()}")
+        masks = mask_for_response_msmt(
+            gtab, data, roi_center=roi_center, roi_radii=roi_radii, wm_fa_thr=wm_fa_thr,
+            gm_fa_thr=gm_fa_thr, csf_fa_thr=csf_fa_thr, gm_md_thr=gm_md_thr,
+            csf_md_thr=csf_md_thr)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != data.shape[:3]:
+                raise ValueError(f"mask must have shape {data.shape[:3]}, got {mask.shape}")
+            masks = [tissue_mask * mask for tissue_mask in masks]
+        empty = [t for t, m in zip(TISSUES, masks) if not np.any(m)]
+        if empty:
+            raise ValueError(f"no response voxels found for tissues {empty}: enlarge "
+                             "roi_radii or relax the FA/MD thresholds")
+        tensors = response_from_mask_msmt(gtab, data, *masks, tol=tolerance)
+        bvals = np.concatenate([[0.0], shell_bvals[1:]])
+        coefficients = []
+        for tissue, per_shell in zip(TISSUES, tensors):
+            evals, s0 = per_shell[:, :3], per_shell[:, 3]
+            # DIPY's b0 map is shared by all shells, so s0 is equal across them.
+            rows = tensor_zonal_coefficients(
+                bvals, np.vstack([evals[:1], evals]), np.concatenate([s0[:1], s0]),
+                sh_order_max if tissue == "wm" else 0)
+            coefficients.append(rows)
+        return cls(TISSUES, bvals, coefficients)
+
+    @classmethod
+    def from_mrtrix(cls, files, tissues, bvals=None, tolerance=DEFAULT_BVAL_TOLERANCE):
+        """Read MRtrix3 response text files (one row per shell).
+
+        Parameters
+        ----------
+        files : path or sequence of paths
+            One file per tissue.
+        tissues : str or sequence of str
+            Tissue of each file.
+        bvals : ndarray (S,), optional
+            Shell b-values; needed when the files have no ``# Shells:``
+            header, checked against the header otherwise.
+        tolerance : float, optional
+            Allowed difference between ``bvals`` and the header.
+
+        Returns
+        -------
+        TissueResponse
+        """
+        if isinstance(tissues, str):
+            tissues = (tissues,)
+        tissues = tuple(tissues)
+        files = _as_paths(files, len(tissues))
+        matrices, headers = [], {}
+        for path in files:
+            matrix, shells = _read_mrtrix_matrix(path)
+            matrices.append(matrix)
+            if shells is not None:
+                headers[path] = np.array(shells)
+        header_values = list(headers.values())
+        for path, shells in headers.items():
+            if shells.shape != header_values[0].shape or not np.allclose(
+                    shells, header_values[0], rtol=0, atol=tolerance):
+                raise ValueError(f"the '# Shells:' headers disagree: {path} has "
+                                 f"{shells.tolist()}, {next(iter(headers))} has "
+                                 f"{header_values[0].tolist()}")
+        if bvals is None:
+            if not headers:
+                raise ValueError(f"{files} have no '# Shells:' header: pass bvals")
+            bvals = header_values[0]
+        else:
+            bvals = np.asarray(bvals, dtype=np.float64)
+            if header_values and (bvals.shape != header_values[0].shape or not np.allclose(
+                    bvals, header_values[0], rtol=0, atol=tolerance)):
+                raise ValueError(f"bvals {bvals.tolist()} disagree with the '# Shells:' "
+                                 f"header {header_values[0].tolist()} of {next(iter(headers))}")
+        for path, matrix in zip(files, matrices):
+            if len(matrix) != len(bvals):
+                raise ValueError(f"{path} has {len(matrix)} rows but there are {len(bvals)} "
+                                 f"shells {np.asarray(bvals).tolist()}; the first row must be "
+                                 "the b0 row")
+        return cls(tissues, bvals, matrices)
+
+    # ------------------------------------------------------------------ export
+
+    def to_mrtrix(self, files, force=False):
+        """Write one MRtrix3 response text file per tissue.
+
+        Each file starts with ``# Shells: b0,b1,...`` like MRtrix3 writes it,
+        then one whitespace-separated row per shell. Values are written at
+        full (round-trip) precision.
+
+        Parameters
+        ----------
+        files : path or sequence of paths
+            One path per tissue, in the order of ``tissues``.
+        force : bool, optional
+            Overwrite existing files; otherwise ``FileExistsError`` and
+            nothing is written.
+        """
+        files = _as_paths(files, len(self.tissues))
+        if not force:
+            existing = [path for path in files if os.path.exists(path)]
+            if existing:
+                raise FileExistsError(f"refusing to overwrite {existing}: pass force=True")
+        header = "# Shells: " + ",".join(_format_bval(b) for b in self.bvals) + "\n"
+        for path, array in zip(files, self.coefficients):
+            rows = (" ".join(repr(float(value)) for value in row) for row in array)
+            with open(path, "w") as handle:
+                handle.write(header + "\n".join(rows) + "\n")
+
+    def to_dipy(self, sh_order_max=None):
+        """The same response as DIPY's ``MultiShellResponse`` (for MSMT-CSD).
+
+        DIPY's ``response`` has one row per shell (b0 first) and the columns
+        ``[csf, gm, wm_l0, wm_l2, ...]`` (isotropic tissues that are present,
+        CSF first), holding exactly this object's coefficients; ``S0`` is the
+        b0 signal per tissue in the same order.
+
+        Parameters
+        ----------
+        sh_order_max : int, optional
+            WM zonal order (zero padded or truncated); default the WM order.
+
+        Returns
+        -------
+        dipy.reconst.mcsd.MultiShellResponse
+        """
+        isotropic = [t for t in ("csf", "gm") if t in self.tissues]
+        if "wm" not in self.tissues or not isotropic:
+            raise ValueError(f"to_dipy needs 'wm' and at least one isotropic tissue, "
+                             f"got {self.tissues}")
+        if sh_order_max is None:
+            sh_order_max = 2 * (self["wm"].shape[1] - 1)
+        columns = [self[t] for t in isotropic] + [self._zonal_padded("wm", sh_order_max)]
+        s0 = [self[t][0, 0] / np.sqrt(4 * np.pi) for t in isotropic + ["wm"]]
+        return MultiShellResponse(np.hstack(columns), sh_order_max, self.bvals.copy(), S0=s0)
+
+    # ------------------------------------------------------------------ checks
+
+    def select_tissues(self, tissues):
+        """The response restricted to ``tissues`` (in that order).
+
+        Parameters
+        ----------
+        tissues : str or sequence of str
+
+        Returns
+        -------
+        TissueResponse
+        """
+        if isinstance(tissues, str):
+            tissues = (tissues,)
+        missing = [t for t in tissues if t not in self.tissues]
+        if missing:
+            raise ValueError(f"tissues {missing} are not in this response {self.tissues}")
+        return TissueResponse(tuple(tissues), self.bvals, [self[t] for t in tissues])
+
+    def normalized(self):
+        """Each tissue divided by its own b0 signal ``r_{b0,0} / sqrt(4 pi)``.
+
+        Afterwards every tissue's b0 row starts with ``sqrt(4 pi)``, so a
+        tissue whose fODF integrates to ``f`` (``l = 0`` coefficient
+        ``f / sqrt(4 pi)``) contributes the b0-normalised signal ``f``.
+
+        Returns
+        -------
+        TissueResponse
+        """
+        scaled = []
+        for tissue, array in zip(self.tissues, self.coefficients):
+            b0_signal = array[0, 0] / np.sqrt(4 * np.pi)
+            if not b0_signal > 0:
+                raise ValueError(f"tissue {tissue!r} has a non-positive b0 signal "
+                                 f"({b0_signal:g}); cannot normalise")
+            scaled.append(array / b0_signal)
+        return TissueResponse(self.tissues, self.bvals, scaled)
+
+    def _gtab_shells(self, gtab, b0_threshold, tolerance):
+        """gtab shells and, per gtab shell, the matching response row."""
+        shell_bvals, shell_index = group_shells(gtab, b0_threshold, tolerance)
+        has_b0 = bool(b0_mask(gtab, b0_threshold).any())
+        weighted = shell_bvals[1:] if has_b0 else shell_bvals
+        ours = self.bvals[1:]
+        if len(weighted) != len(ours) or not np.all(np.abs(weighted - ours) <= tolerance):
+            raise ValueError(
+                f"response shells {np.round(self.bvals, 1).tolist()} do not match the gtab "
+                f"shells {np.round(shell_bvals, 1).tolist()} (diffusion-weighted shells must "
+                f"agree within tolerance={tolerance})")
+        rows = np.arange(len(shell_bvals)) + (0 if has_b0 else 1)
+        return shell_bvals, shell_index, has_b0, rows
+
+    def validate(self, gtab, b0_threshold=None, tolerance=DEFAULT_BVAL_TOLERANCE):
+        """Check that this response fits an acquisition.
+
+        The diffusion-weighted shells must match the gtab's (same number,
+        b-values within ``tolerance``), and the gtab must have at least as
+        many distinct shells (b0 included) as there are tissues, since
+        multi-tissue deconvolution separates tissues by their b-value
+        dependence.
+
+        Parameters
+        ----------
+        gtab : GradientTable
+        b0_threshold, tolerance : float, optional
+            Shell grouping, see :func:`esdmri.shm.group_shells`.
+
+        Raises
+        ------
+        ValueError
+            Describing the mismatch.
+        """
+        shell_bvals, _, _, _ = self._gtab_shells(gtab, b0_threshold, tolerance)
+        if len(self.tissues) > len(shell_bvals):
+            keep = [t for t in _KEEP_PRIORITY if t in self.tissues][:len(shell_bvals)]
+            drop = [t for t in self.tissues if t not in keep]
+            raise ValueError(
+                f"{len(self.tissues)} tissues {self.tissues} need at least "
+                f"{len(self.tissues)} distinct shells (b0 included), but the gtab has "
+                f"{len(shell_bvals)}: {np.round(shell_bvals, 1).tolist()}; drop {drop}, "
+                f"e.g. response.select_tissues({tuple(keep)})")
+
+    def _zonal_padded(self, tissue, sh_order_max):
+        """(S, sh_order_max / 2 + 1) zonal coefficients, zero beyond the response order."""
+        array = self[tissue]
+        padded = np.zeros((len(self.bvals), sh_order_max // 2 + 1))
+        kept = min(padded.shape[1], array.shape[1])
+        padded[:, :kept] = array[:, :kept]
+        return padded
+
+    def forward_matrices(self, gtab, sh_order_max, b0_threshold=None,
+                         tolerance=DEFAULT_BVAL_TOLERANCE):
+        """Linear forward model: per-tissue matrices from fODF SH to the signal.
+
+        For a diffusion-weighted volume n of shell s and direction g_n,
+        ``A_wm[lm, n] = sqrt(4 pi / (2l + 1)) r_{wm,s,l} Y_lm(g_n)`` (the fODF
+        convolved with the shell's zonal response, evaluated at g_n); b0
+        volumes have no direction and use only the ``l = 0`` term of the b0
+        row, like DIPY's MSMT-CSD. Isotropic tissues: ``A_t[0, n] =
+        r_{t,s,0}``. Zonal coefficients beyond the response's order are zero.
+
+        Parameters
+        ----------
+        gtab : GradientTable
+            Acquisition; validated with :meth:`validate`.
+        sh_order_max : int
+            Even SH order of the WM fODF.
+        b0_threshold, tolerance : float, optional
+            Shell grouping, see :func:`esdmri.shm.group_shells`.
+
+        Returns
+        -------
+        dict
+            tissue -> ndarray (C_t, N) float64 with ``C_wm =
+            n_coeffs(sh_order_max)`` and ``C_gm = C_csf = 1``; the predicted
+            signal is ``sum_t coeffs_t @ A_t`` for coeffs_t (..., C_t).
+        """
+        n_wm = n_coeffs(sh_order_max)
+        self.validate(gtab, b0_threshold, tolerance)
+        _, shell_index, _, rows = self._gtab_shells(gtab, b0_threshold, tolerance)
+        volume_rows = rows[shell_index]
+        is_b0 = b0_mask(gtab, b0_threshold)
+        matrices = {}
+        for tissue in self.tissues:
+            if tissue in ISOTROPIC_TISSUES:
+                matrices[tissue] = self[tissue][volume_rows, 0][None, :].copy()
+                continue
+            basis = np.zeros((len(is_b0), n_wm))
+            # Only Y_00 survives at b0: the b0 signal does not depend on direction.
+            basis[is_b0, 0] = 1.0 / np.sqrt(4 * np.pi)
+            weighted = ~is_b0
+            basis[weighted] = sh_matrix(sh_order_max, np.asarray(gtab.bvecs)[weighted])
+            l_values = sh_degrees(sh_order_max)
+            zonal = self._zonal_padded(tissue, sh_order_max)[volume_rows][:, l_values // 2]
+            matrices[tissue] = (np.sqrt(4 * np.pi / (2 * l_values + 1)) * zonal * basis).T
+        return matrices

@@ -1,0 +1,344 @@
+import warnings
+
+import healpy as hp
+import numpy as np
+import pytest
+from dipy.core.gradients import gradient_table, unique_bvals_tolerance
+from dipy.data import get_3shell_gtab, get_isbi2013_2shell_gtab
+from dipy.reconst.mcsd import (MultiShellDeconvModel, mask_for_response_msmt,
+                               multi_shell_fiber_response, response_from_mask_msmt)
+from dipy.reconst.shm import real_sh_descoteaux, sph_harm_ind_list
+from dipy.sims.voxel import multi_tensor, single_tensor
+from scipy.integrate import dblquad
+
+from esdmri.response import TissueResponse, tensor_zonal_coefficients
+from esdmri.shm import group_shells, n_coeffs, sh_matrix
+
+WM_EVALS = np.array([1.7e-3, 0.3e-3, 0.3e-3])
+SQRT_4PI = np.sqrt(4 * np.pi)
+
+
+@pytest.fixture(autouse=True)
+def quiet_dipy():
+    # DIPY warns about b > 1200 for DTI and about deprecated defaults.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def gtab_3shell():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_3shell_gtab()
+
+
+def frame_with_first_axis(direction):
+    """Orthonormal frame (columns) whose first column is ``direction``."""
+    direction = np.asarray(direction, dtype=float) / np.linalg.norm(direction)
+    helper = np.eye(3)[np.argmin(np.abs(direction))]
+    second = np.cross(direction, helper)
+    second /= np.linalg.norm(second)
+    return np.column_stack([direction, second, np.cross(direction, second)])
+
+
+def healpix_vertices(nside):
+    return np.stack(hp.pix2vec(nside, np.arange(12 * nside**2), nest=True), axis=1)
+
+
+def spherical_mean(bval, evals, s0=1.0):
+    """Mean of ``s0 exp(-b g^T diag(evals) g)`` over the sphere, by adaptive cubature."""
+    def integrand(theta, phi):
+        g = np.array([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
+                      np.cos(theta)])
+        return np.exp(-bval * np.dot(evals, g**2)) * np.sin(theta)
+
+    integral, _ = dblquad(integrand, 0, 2 * np.pi, 0, np.pi, epsabs=1e-13, epsrel=1e-12)
+    return s0 * integral / (4 * np.pi)
+
+
+# ---------------------------------------------------------------- analytic responses
+
+def test_from_tensors_matches_dipy_multi_shell_fiber_response():
+    bvals = np.array([0.0, 1000.0, 2000.0, 3500.0])
+    ours = TissueResponse.from_tensors(bvals, sh_order_max=8, s0={"wm": 1.0, "gm": 1.2,
+                                                                  "csf": 2.0})
+    rows = np.ones((3, 1))
+    dipy = multi_shell_fiber_response(
+        8, bvals, np.hstack([np.tile(WM_EVALS, (3, 1)), rows]),
+        np.hstack([np.full((3, 3), 0.8e-3), 1.2 * rows]),
+        np.hstack([np.full((3, 3), 3.0e-3), 2.0 * rows]))
+    # DIPY layout: columns [csf, gm, wm_l0, wm_l2, ...], b0 row first.
+    np.testing.assert_allclose(ours["wm"], dipy.response[:, 2:], atol=1e-5)
+    np.testing.assert_allclose(ours["gm"][:, 0], dipy.response[:, 1], rtol=1e-12)
+    np.testing.assert_allclose(ours["csf"][:, 0], dipy.response[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(ours["gm"][:, 0], 1.2 * np.exp(-bvals * 0.8e-3) * SQRT_4PI)
+    # And our own export to DIPY reproduces that layout.
+    np.testing.assert_allclose(ours.to_dipy().response, dipy.response, atol=1e-5)
+    np.testing.assert_allclose(ours.to_dipy().S0, [2.0, 1.2, 1.0])
+
+
+def test_zonal_projection_is_exact_for_non_axisymmetric_tensor():
+    # The l = 0 coefficient is sqrt(4 pi) times the spherical mean.
+    evals = np.array([1.9e-3, 0.5e-3, 0.1e-3])
+    coefficients = tensor_zonal_coefficients([0.0, 3000.0], evals, 2.0, 8)
+    assert coefficients.shape == (2, 5)
+    np.testing.assert_allclose(coefficients[0], [2.0 * SQRT_4PI, 0, 0, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(coefficients[1, 0] / SQRT_4PI,
+                               spherical_mean(3000.0, evals, 2.0), rtol=1e-10)
+
+
+# ---------------------------------------------------------------- forward model
+
+@pytest.mark.parametrize("direction", [[0.0, 0.0, 1.0], [0.3, -0.5, 0.8], [1.0, 1.0, 0.0]])
+def test_forward_of_delta_fodf_is_the_tensor_signal(gtab_3shell, direction):
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3500], s0=1.0, sh_order_max=12)
+    matrices = response.forward_matrices(gtab_3shell, sh_order_max=12)
+    assert set(matrices) == {"wm", "gm", "csf"}
+    assert matrices["wm"].shape == (n_coeffs(12), len(gtab_3shell.bvals))
+    assert matrices["gm"].shape == matrices["csf"].shape == (1, len(gtab_3shell.bvals))
+    delta = sh_matrix(12, np.array([direction]))[0]  # unit-integral delta, even part
+    predicted = delta @ matrices["wm"]
+    expected = single_tensor(gtab_3shell, 1.0, evals=WM_EVALS,
+                             evecs=frame_with_first_axis(direction))
+    np.testing.assert_allclose(predicted, expected, atol=1e-3)
+    # Isotropic tissue with fODF integral f predicts f exp(-b D), b of the
+    # response row matching the volume's shell.
+    _, shell_index = group_shells(gtab_3shell)
+    np.testing.assert_allclose(0.25 / SQRT_4PI * matrices["csf"][0],
+                               0.25 * np.exp(-response.bvals[shell_index] * 3.0e-3), rtol=1e-12)
+
+
+def test_forward_matches_dipy_msmt_prediction():
+    """Whole forward model against DIPY's MultiShellDeconvModel.predict."""
+    gtab = get_isbi2013_2shell_gtab()
+    bvals = np.concatenate([[0.0, 0.0], gtab.bvals])
+    bvecs = np.concatenate([np.zeros((2, 3)), gtab.bvecs])
+    gtab = gradient_table(bvals, bvecs=bvecs)
+    response = TissueResponse.from_tensors([0, 1500, 2500], s0={"wm": 1.0, "gm": 1.3,
+                                                                "csf": 2.5}, sh_order_max=8)
+    dipy_model = MultiShellDeconvModel(gtab, response.to_dipy(), sh_order_max=8)
+    rng = np.random.default_rng(0)
+    wm = rng.normal(size=(6, n_coeffs(8)))
+    gm, csf = rng.uniform(size=(6, 1)), rng.uniform(size=(6, 1))
+    # DIPY's MSMT model works in the legacy descoteaux07 basis: refit the same
+    # functions there.
+    vertices = healpix_vertices(8)
+    theta = np.arccos(vertices[:, 2])
+    phi = np.arctan2(vertices[:, 1], vertices[:, 0])
+    legacy_basis, _, _ = real_sh_descoteaux(8, theta, phi, legacy=True)
+    wm_legacy = np.linalg.lstsq(legacy_basis, (wm @ sh_matrix(8, vertices).T).T,
+                                rcond=None)[0].T
+    expected = dipy_model.predict(np.hstack([csf, gm, wm_legacy]))
+    matrices = response.forward_matrices(gtab, 8)
+    predicted = wm @ matrices["wm"] + gm @ matrices["gm"] + csf @ matrices["csf"]
+    np.testing.assert_allclose(predicted, expected, atol=1e-10)
+
+
+def test_forward_orders_gtab_without_b0_and_normalisation(gtab_3shell):
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3500], s0=3.0, sh_order_max=8)
+    full = response.forward_matrices(gtab_3shell, 12)
+    _, l_values = sph_harm_ind_list(12)
+    # Orders beyond the response's are zero, lower ones are unchanged.
+    assert np.all(full["wm"][l_values > 8][:, 1:] == 0)
+    np.testing.assert_allclose(response.forward_matrices(gtab_3shell, 8)["wm"],
+                               full["wm"][l_values <= 8])
+    weighted = ~gtab_3shell.b0s_mask
+    no_b0 = gradient_table(gtab_3shell.bvals[weighted], bvecs=gtab_3shell.bvecs[weighted])
+    np.testing.assert_allclose(response.forward_matrices(no_b0, 12)["wm"],
+                               full["wm"][:, weighted])
+    normalized = response.normalized()
+    for tissue in normalized.tissues:
+        assert normalized[tissue][0, 0] == pytest.approx(SQRT_4PI)
+        np.testing.assert_allclose(normalized[tissue], response[tissue] / 3.0)
+    # b0 signal of a voxel = sum of tissue fODF integrals with a normalised response.
+    matrices = normalized.forward_matrices(gtab_3shell, 8)
+    fractions = {"wm": 0.5, "gm": 0.3, "csf": 0.2}
+    delta = sh_matrix(8, np.array([[0.0, 1.0, 0.0]]))[0]
+    signal = (fractions["wm"] * delta @ matrices["wm"]
+              + sum(fractions[t] / SQRT_4PI * matrices[t][0] for t in ("gm", "csf")))
+    assert signal[gtab_3shell.b0s_mask] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- DIPY estimation
+
+def simulated_volume(gtab, rng):
+    """(4, 4, 4) volume: WM single fibres, WM crossings, GM and CSF voxels."""
+    wm, crossing = [1.7e-3, 0.3e-3, 0.3e-3], [1.7e-3, 0.3e-3, 0.3e-3]
+    gm_evals = np.array([0.75e-3, 0.55e-3, 0.55e-3])  # FA 0.18: GM but not CSF mask
+    signals = []
+    for voxel in range(64):
+        kind = voxel % 4
+        angles = [tuple(rng.uniform([0, 0], [180, 360]))]
+        if kind == 0:
+            signal, _ = multi_tensor(gtab, np.array([wm]), S0=100.0, angles=angles,
+                                     fractions=[100], snr=None)
+        elif kind == 1:
+            angles.append((angles[0][0] + 90, angles[0][1]))
+            signal, _ = multi_tensor(gtab, np.array([crossing, crossing]), S0=100.0,
+                                     angles=angles, fractions=[50, 50], snr=None)
+        elif kind == 2:
+            signal, _ = multi_tensor(gtab, np.array([gm_evals]), S0=120.0, angles=angles,
+                                     fractions=[100], snr=None)
+        else:
+            signal, _ = multi_tensor(gtab, np.full((1, 3), 3.0e-3), S0=200.0,
+                                     angles=angles, fractions=[100], snr=None)
+        signals.append(signal)
+    return np.array(signals).reshape(4, 4, 4, -1), gm_evals
+
+
+MSMT_THRESHOLDS = dict(roi_radii=10, gm_md_thr=0.0008, csf_md_thr=0.0035)
+
+
+def test_from_dipy_msmt_agrees_with_dipy_multi_shell_response(gtab_3shell):
+    data, gm_evals = simulated_volume(gtab_3shell, np.random.default_rng(1))
+    ours = TissueResponse.from_dipy_msmt(gtab_3shell, data, sh_order_max=8,
+                                         **MSMT_THRESHOLDS)
+    assert ours.tissues == ("wm", "gm", "csf")
+    np.testing.assert_allclose(ours.bvals, [0, 1000, 2000, 3500], atol=1e-2)
+    masks = mask_for_response_msmt(gtab_3shell, data, **MSMT_THRESHOLDS)
+    assert [int(m.sum()) for m in masks] == [16, 16, 16]
+    # Same shells as DIPY's clustering; DIPY labels a shell by its largest
+    # b-value, we by the mean, so DIPY gets our labels to compare like for like.
+    np.testing.assert_allclose(ours.bvals[1:], unique_bvals_tolerance(gtab_3shell.bvals)[1:],
+                               atol=1e-2)
+    dipy = multi_shell_fiber_response(8, ours.bvals,
+                                      *response_from_mask_msmt(gtab_3shell, data, *masks))
+    scale = ours["wm"][0, 0]
+    np.testing.assert_allclose(ours["wm"], dipy.response[:, 2:], atol=1e-5 * scale)
+    np.testing.assert_allclose(ours["csf"][:, 0], dipy.response[:, 0], rtol=1e-9)
+    # Both equal the analytic ground truth of the simulation.
+    truth = TissueResponse.from_tensors(ours.bvals, wm_evals=WM_EVALS, csf_diffusivity=3e-3,
+                                        s0={"wm": 100.0, "gm": 120.0, "csf": 200.0},
+                                        sh_order_max=8, tissues=("wm", "csf"))
+    np.testing.assert_allclose(ours["wm"], truth["wm"], rtol=1e-7, atol=1e-9 * scale)
+    np.testing.assert_allclose(ours["csf"], truth["csf"], rtol=1e-7)
+    # GM: ours is the spherical mean of the GM tensor signal; DIPY uses
+    # S0 exp(-b lambda_1), smaller for an anisotropic tensor.
+    for row, bval in enumerate(ours.bvals):
+        expected = SQRT_4PI * spherical_mean(bval, gm_evals, 120.0)
+        assert ours["gm"][row, 0] == pytest.approx(expected, rel=1e-9)
+        dipy_gm = 120.0 * np.exp(-bval * gm_evals[0]) * SQRT_4PI
+        assert dipy.response[row, 1] == pytest.approx(dipy_gm, rel=1e-9)
+        if bval > 0:
+            assert ours["gm"][row, 0] > dipy.response[row, 1]
+
+
+def test_from_dipy_msmt_reports_empty_tissue(gtab_3shell):
+    data, _ = simulated_volume(gtab_3shell, np.random.default_rng(1))
+    no_csf = np.ones(data.shape[:3], dtype=bool)
+    no_csf.reshape(-1)[3::4] = False
+    with pytest.raises(ValueError, match=r"\['csf'\]"):
+        TissueResponse.from_dipy_msmt(gtab_3shell, data, mask=no_csf, **MSMT_THRESHOLDS)
+
+
+def test_from_dipy_ssst_recovers_simulated_tensor(gtab_3shell):
+    keep = gtab_3shell.bvals < 1500
+    gtab = gradient_table(gtab_3shell.bvals[keep], bvecs=gtab_3shell.bvecs[keep])
+    data, _ = simulated_volume(gtab, np.random.default_rng(2))
+    response = TissueResponse.from_dipy_ssst(gtab, data, roi_radii=10, sh_order_max=8)
+    assert response.tissues == ("wm",)
+    truth = TissueResponse.from_tensors(response.bvals, wm_evals=WM_EVALS, s0=100.0,
+                                        sh_order_max=8, tissues=("wm",))
+    np.testing.assert_allclose(response["wm"], truth["wm"], rtol=1e-7, atol=1e-7)
+    with pytest.raises(ValueError, match="exactly one diffusion-weighted shell"):
+        TissueResponse.from_dipy_ssst(gtab_3shell, np.zeros((2, 2, 2, 193)))
+
+
+# ---------------------------------------------------------------- MRtrix3 files
+
+def test_mrtrix_round_trip(tmp_path):
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3000], sh_order_max=8, s0=123.4)
+    files = [tmp_path / f"{t}.txt" for t in response.tissues]
+    response.to_mrtrix(files)
+    lines = files[0].read_text().splitlines()
+    assert lines[0] == "# Shells: 0,1000,2000,3000"
+    assert len(lines) == 5 and len(lines[1].split()) == 5
+    assert len(files[1].read_text().splitlines()[1].split()) == 1
+    back = TissueResponse.from_mrtrix(files, response.tissues)
+    np.testing.assert_array_equal(back.bvals, response.bvals)
+    for tissue in response.tissues:
+        np.testing.assert_array_equal(back[tissue], response[tissue])
+    with pytest.raises(FileExistsError, match="wm.txt"):
+        response.to_mrtrix(files)
+    response.normalized().to_mrtrix(files, force=True)
+    assert TissueResponse.from_mrtrix(files, response.tissues)["gm"][0, 0] == pytest.approx(
+        SQRT_4PI)
+
+
+def test_mrtrix_reading_like_mrtrix_writes(tmp_path):
+    path = tmp_path / "wm.txt"
+    path.write_text("# Shells: 0,1000\n# command_history: dwi2response dhollander\n"
+                    "  1000.5 0 0\n 520.1 -210.3 40.7\n")
+    response = TissueResponse.from_mrtrix(path, "wm")
+    np.testing.assert_array_equal(response.bvals, [0, 1000])
+    np.testing.assert_array_equal(response["wm"], [[1000.5, 0, 0], [520.1, -210.3, 40.7]])
+    bare = tmp_path / "csf.txt"
+    bare.write_text("3000\n900\n")
+    with pytest.raises(ValueError, match="pass bvals"):
+        TissueResponse.from_mrtrix(bare, "csf")
+    assert TissueResponse.from_mrtrix(bare, "csf", bvals=[0, 1000])["csf"].shape == (2, 1)
+    with pytest.raises(ValueError, match="disagree"):
+        TissueResponse.from_mrtrix(path, "wm", bvals=[0, 3000])
+    ragged = tmp_path / "ragged_wm.txt"
+    ragged.write_text("# Shells: 0,1000\n1000 0 0\n500 -200\n")
+    with pytest.raises(ValueError, match="ragged_wm.txt"):
+        TissueResponse.from_mrtrix(ragged, "wm")
+    with pytest.raises(ValueError, match="csf.txt has 2 rows"):
+        TissueResponse.from_mrtrix(bare, "csf", bvals=[0, 1000, 2000])
+
+
+# ---------------------------------------------------------------- validation
+
+def test_validate_rejects_mismatched_shells(gtab_3shell):
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3000])
+    with pytest.raises(ValueError, match=r"1000.0, 2000.0, 3000.0\].*3500.0\]"):
+        response.validate(gtab_3shell)
+    with pytest.raises(ValueError, match="do not match"):
+        response.forward_matrices(gtab_3shell, 8)
+    TissueResponse.from_tensors([0, 1000, 2000, 3500]).validate(gtab_3shell)
+    TissueResponse.from_tensors([0, 1010, 2000, 3490]).validate(gtab_3shell)
+
+
+def test_validate_needs_as_many_shells_as_tissues(gtab_3shell):
+    keep = gtab_3shell.bvals < 1500
+    single_shell = gradient_table(gtab_3shell.bvals[keep], bvecs=gtab_3shell.bvecs[keep])
+    response = TissueResponse.from_tensors([0, 1000])
+    with pytest.raises(ValueError, match=r"drop \['gm'\].*\('wm', 'csf'\)"):
+        response.validate(single_shell)
+    response.select_tissues(("wm", "csf")).validate(single_shell)
+    no_b0 = gradient_table(gtab_3shell.bvals[keep][1:], bvecs=gtab_3shell.bvecs[keep][1:])
+    with pytest.raises(ValueError, match=r"drop \['csf'\]"):
+        response.select_tissues(("wm", "csf")).validate(no_b0)
+    assert group_shells(no_b0)[0].shape == (1,)
+
+
+def test_constructor_rejects_bad_input():
+    good = np.ones((2, 3))
+    with pytest.raises(ValueError, match="tissues"):
+        TissueResponse(("wm", "grey"), [0, 1000], [good, np.ones((2, 1))])
+    with pytest.raises(ValueError, match="ascending"):
+        TissueResponse(("wm",), [0, 2000, 1000], [np.ones((3, 3))])
+    with pytest.raises(ValueError, match="b0 row"):
+        TissueResponse(("wm",), [1000, 2000], [good])
+    with pytest.raises(ValueError, match=r"'wm' must have shape \(3, L/2 \+ 1\)"):
+        TissueResponse(("wm",), [0, 1000, 2000], [good])
+    with pytest.raises(ValueError, match="ragged"):
+        TissueResponse(("wm",), [0, 1000], [[[1.0, 0.0], [1.0]]])
+    with pytest.raises(ValueError, match="one column"):
+        TissueResponse(("wm", "csf"), [0, 1000], [good, good])
+    with pytest.raises(ValueError, match="one array per tissue"):
+        TissueResponse(("wm", "csf"), [0, 1000], [good])
+    with pytest.raises(TypeError, match="sequence of names"):
+        TissueResponse("wm", [0, 1000], [good])
+
+
+def test_response_is_immutable():
+    response = TissueResponse.from_tensors([0, 1000], sh_order_max=4)
+    assert response.sh_order_max == 4 and response.n_shells == 2
+    with pytest.raises(AttributeError):
+        response.bvals = np.array([0, 2000])
+    with pytest.raises(ValueError, match="read-only"):
+        response["wm"][0, 0] = 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        response.bvals[1] = 5.0
