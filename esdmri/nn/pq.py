@@ -1,0 +1,749 @@
+"""SE(3)-equivariant layers on 6D dMRI (Mueller et al.): pq-layer, p-conv, q-reduction.
+
+A dMRI scan is a field over p-space (the voxel grid) and q-space (the
+q-vectors of the acquisition). A rotation ``R`` of the object rotates both:
+``f'(p, q) = D(R) f(R^-1 p, R^-1 q)`` with ``D(R)`` the Wigner-D matrices of
+the field's channels (:mod:`esdmri.nn.tensor_field`). The layers here commute
+with these roto-translations.
+
+Tensors are ``[batch, channels, q_samples, X, Y, Z]`` (pq-layer) or
+``[batch, channels, X, Y, Z]`` (p-conv); the channel axis follows
+:class:`~esdmri.nn.tensor_field.TensorFieldType`. Voxel offsets are in voxel
+units along the array axes (X, Y, Z), q-vectors in the same frame (FSL bvecs
+of an image with an axis-aligned voxel grid).
+
+**pq-layer** (:class:`PQConv`). For output channel ``c_out`` of order
+``l_out``::
+
+    out_{m_out}(p_out, q_out) = sum_{c_in, l_f, l_p, l_q, k1, k2, k3}
+        W[c_out, c_in, (l_f, l_p, l_q), k1, k2, k3]
+        sum_{m_f, m_in} C^{(l_out m_out)}_{(l_f m_f)(l_in m_in)}
+        (1 / Q_in) sum_{p_in, q_in} phi1_k1(|p_out - p_in|) phi2_k2(|q_out|) phi3_k3(|q_in|)
+        sum_{m_p, m_q} C^{(l_f m_f)}_{(l_p m_p)(l_q m_q)}
+            Y^{l_p}_{m_p}(unit(p_out - p_in)) Y^{l_q}_{m_q}(unit(q_out - q_in))
+        in_{m_in}(p_in, q_in)
+
+with ``|l_out - l_in| <= l_f <= l_out + l_in``, ``|l_p - l_q| <= l_f <= l_p + l_q``
+and ``|l_f - l_p| <= 1`` (the paper's formula). ``C`` are e3nn's real
+Clebsch-Gordan coefficients (``e3nn.o3.wigner_3j``), ``Y`` e3nn's real
+spherical harmonics (component normalisation). A zero offset (the centre
+voxel; ``q_out = q_in``, e.g. b0 to b0) has no direction: it contributes its
+``l = 0`` terms only (``Y^0 = 1``, ``Y^{l>0} = 0``), which keeps the kernel
+equivariant. The sum over ``q_in`` is divided by ``Q_in`` so that a layer
+behaves alike for 30 or 300 directions (a quadrature of the integral over
+q-space). ``l_p <= max_order_p`` and ``l_q <= max_order_q`` bound the
+angular bases; any such bound keeps the layer equivariant.
+
+Radial bases (Gaussian RBFs ``exp(-(r - c)^2 / (2 w^2))``):
+
+* ``phi1`` on the voxel offset length: centres ``0, 1, ..., round(sqrt(3) *
+  (kernel_size // 2))`` voxels (``0, 1, 2`` for a 3^3 kernel, ``0 .. 3`` for
+  5^3), width 0.6 voxel;
+* ``phi2``, ``phi3`` on ``|q_out|``, ``|q_in|``: ``n_radial_q`` centres
+  evenly in [0, 1] with width equal to their spacing (q-vectors are expected
+  scaled to ``|q| <= 1``, see :func:`q_from_gtab`); a single radial function
+  (``n_radial_q=1``) is the constant 1.
+
+The kernel bases are precomputed at construction in float64 (buffers), so a
+forward pass contracts the learned weights with them and runs one
+``conv3d``. The dense q-coupling costs ``(rows_out Q_out) x (rows_in Q_in) x
+kernel_size^3`` multiply-adds per voxel; ``q_radius`` restricts it to q
+offsets shorter than a radius (a smooth window in ``|q_out - q_in|``, still
+equivariant), which :class:`PQSphereConv` uses on dense spheres.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from e3nn import o3
+from scipy.spatial import cKDTree
+from torch import nn
+
+from esdmri.nn.tensor_field import MAX_ORDER, as_field_type
+
+SUPPORTED_KERNEL_SIZES = (1, 3, 5)
+
+# Width of the Gaussian radial functions on voxel offsets (in voxels).
+P_RADIAL_WIDTH = 0.6
+
+# Offsets shorter than this (in q units) count as zero: they have no direction.
+ZERO_OFFSET = 1e-9
+
+# Highest spherical-harmonic order allowed in the p and q parts of a kernel.
+MAX_FILTER_ORDER = 2 * MAX_ORDER + 1
+
+
+# --------------------------------------------------------------------------
+# q-samplings
+
+
+def q_from_gtab(gtab, b_max=None):
+    """q-vectors of an acquisition: ``bvec * sqrt(b / b_max)``.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        Acquisition. Its b0 measurements (``gtab.b0s_mask``) get ``q = 0``.
+    b_max : float, optional
+        b-value mapped to ``|q| = 1``; the largest b-value if None.
+
+    Returns
+    -------
+    q : ndarray, shape (N, 3), float64
+        One q-vector per measurement, ``|q| <= 1`` when ``b_max`` is the
+        largest b-value.
+    """
+    bvals = np.asarray(gtab.bvals, dtype=float)
+    bvecs = np.asarray(gtab.bvecs, dtype=float)
+    if b_max is None:
+        b_max = bvals.max()
+    if not np.isfinite(b_max) or b_max <= 0:
+        raise ValueError(f"b_max must be a positive b-value, got {b_max}")
+    norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
+    directions = np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
+    q = directions * np.sqrt(np.clip(bvals, 0, None) / b_max)[:, None]
+    q[np.asarray(gtab.b0s_mask, dtype=bool)] = 0.0
+    return q
+
+
+def symmetric_q_sampling(n_directions=6, radius=1.0, origin=True):
+    """A q-sampling mapped onto itself by the 24 rotations of the voxel grid.
+
+    Directions of the 3^3 neighbourhood: the 6 face directions (``+-x, +-y,
+    +-z``), plus the 8 corner directions (14), plus the 12 edge directions
+    (26). A network whose hidden q-samplings are such sets is exactly
+    invariant to 90-degree rotations of the whole 6D input.
+
+    Parameters
+    ----------
+    n_directions : {6, 14, 26}, optional
+    radius : float, optional
+        Length of the q-vectors.
+    origin : bool, optional
+        Prepend ``q = 0``.
+
+    Returns
+    -------
+    q : ndarray, shape (n_directions + origin, 3), float64
+    """
+    if n_directions not in (6, 14, 26):
+        raise ValueError(f"n_directions must be 6, 14 or 26, got {n_directions!r}")
+    if not np.isfinite(radius) or radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1])] * 3, indexing="ij"), -1).reshape(-1, 3)
+    n_nonzero = np.count_nonzero(offsets, axis=1)
+    kept = {6: n_nonzero == 1, 14: (n_nonzero == 1) | (n_nonzero == 3), 26: n_nonzero > 0}
+    # Faces first, then corners, then edges, for a stable order.
+    offsets = offsets[kept[n_directions]]
+    offsets = offsets[np.argsort(np.array([0, 0, 2, 1])[np.count_nonzero(offsets, axis=1)],
+                                 kind="stable")]
+    directions = offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
+    q = radius * directions
+    if origin:
+        q = np.concatenate([np.zeros((1, 3)), q])
+    return q
+
+
+def _check_q(q, name, unit=False):
+    q = np.asarray(q, dtype=float)
+    if q.ndim != 2 or q.shape[1] != 3 or q.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (Q, 3) with Q >= 1, got {q.shape}")
+    if not np.all(np.isfinite(q)):
+        raise ValueError(f"{name} must be finite")
+    if unit:
+        norms = np.linalg.norm(q, axis=1)
+        if np.max(np.abs(norms - 1)) > 1e-6:
+            raise ValueError(
+                f"{name} must be unit vectors, got norms from {norms.min():.6g} "
+                f"to {norms.max():.6g}")
+    return q
+
+
+def _check_kernel_size(kernel_size):
+    if isinstance(kernel_size, bool) or kernel_size not in SUPPORTED_KERNEL_SIZES:
+        raise ValueError(
+            f"kernel_size must be one of {SUPPORTED_KERNEL_SIZES} (odd), got {kernel_size!r}")
+    return int(kernel_size)
+
+
+def _check_order(value, name, default):
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= value <= MAX_FILTER_ORDER:
+        raise ValueError(f"{name} must be in [0, {MAX_FILTER_ORDER}], got {value}")
+    return int(value)
+
+
+def _check_count(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_reachable(fan_in, l_out, in_field, kernel_size):
+    if fan_in == 0:
+        raise ValueError(
+            f"out_field has channels of order l = {l_out} that no kernel reaches from in_field "
+            f"orders {in_field.orders()} with kernel_size={kernel_size}; raise kernel_size or "
+            "max_order_p, or drop that order")
+
+
+# --------------------------------------------------------------------------
+# Bases
+
+
+def _gaussian_rbf(r, centres, width):
+    """Gaussian radial functions, shape (n_centres, *r.shape)."""
+    centres = np.asarray(centres, dtype=float).reshape((-1,) + (1,) * np.ndim(r))
+    return np.exp(-((np.asarray(r, dtype=float) - centres) ** 2) / (2 * width**2))
+
+
+def p_radial_centres(kernel_size):
+    """Centres (voxels) of the radial basis on voxel offsets."""
+    return np.arange(int(round(math.sqrt(3) * (kernel_size // 2))) + 1, dtype=float)
+
+
+def q_radial_basis(q_lengths, n_radial_q):
+    """Radial basis on q-lengths, shape (n_radial_q, Q); see the module docstring."""
+    q_lengths = np.asarray(q_lengths, dtype=float)
+    if n_radial_q == 1:
+        return np.ones((1,) + q_lengths.shape)
+    centres = np.linspace(0.0, 1.0, n_radial_q)
+    return _gaussian_rbf(q_lengths, centres, centres[1] - centres[0])
+
+
+def kernel_offsets(kernel_size):
+    """Voxel offsets ``p_out - p_in`` of the conv3d kernel taps, shape (k^3, 3).
+
+    ``conv3d`` reads the input at ``p_out + t - k // 2`` for tap ``t``, so
+    ``p_out - p_in = k // 2 - t`` (taps in C order over the three axes).
+    """
+    taps = np.stack(np.meshgrid(*[np.arange(kernel_size)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return (kernel_size // 2 - taps).astype(float)
+
+
+def spherical_harmonics(l, vectors):
+    """e3nn real spherical harmonics of the directions of ``vectors``.
+
+    Parameters
+    ----------
+    l : int
+    vectors : ndarray, shape (..., 3)
+
+    Returns
+    -------
+    Y : ndarray, shape (..., 2 l + 1), float64
+        Component normalisation (``|Y^l|^2 = 2 l + 1``); vectors shorter than
+        ``ZERO_OFFSET`` have no direction and get ``Y^0 = 1``, ``Y^{l>0} = 0``.
+    """
+    vectors = np.asarray(vectors, dtype=float)
+    zero = np.linalg.norm(vectors, axis=-1) < ZERO_OFFSET
+    if l == 0:
+        return np.ones(vectors.shape[:-1] + (1,))
+    safe = np.where(zero[..., None], 1.0, vectors)
+    values = o3.spherical_harmonics(l, torch.from_numpy(safe), normalize=True,
+                                    normalization="component").numpy()
+    values[zero] = 0.0
+    return values
+
+
+def _wigner_3j(l1, l2, l3):
+    return o3.wigner_3j(l1, l2, l3, dtype=torch.float64).numpy()
+
+
+def pq_angular_terms(l_in, l_out, max_order_p, max_order_q):
+    """Angular terms ``(l_f, l_p, l_q)`` of the pq-kernel from ``l_in`` to ``l_out``.
+
+    Sorted by ``(l_q, l_f, l_p)``: the index of a term is the ``n_terms``
+    axis of the layer's weights.
+    """
+    terms = []
+    for l_f in range(abs(l_out - l_in), l_out + l_in + 1):
+        for l_p in range(max(l_f - 1, 0), min(l_f + 1, max_order_p) + 1):
+            for l_q in range(abs(l_f - l_p), min(l_f + l_p, max_order_q) + 1):
+                terms.append((l_f, l_p, l_q))
+    return sorted(terms, key=lambda term: (term[2], term[0], term[1]))
+
+
+def _pq_path_basis(l_in, l_out, terms, p_radial, offsets):
+    """Basis E[a, k1, m_out, m_in, m_q, d] of the terms of one (l_out, l_in) path.
+
+    All terms share one ``l_q`` (so one ``m_q`` axis); ``d`` runs over the taps.
+    """
+    blocks = []
+    for l_f, l_p, l_q in terms:
+        # H[m_out, m_in, m_p, m_q] = sum_mf C(l_f, l_in -> l_out) C(l_p, l_q -> l_f)
+        coupling = np.einsum("fio,pqf->oipq", _wigner_3j(l_f, l_in, l_out),
+                             _wigner_3j(l_p, l_q, l_f))
+        angular = np.einsum("oipq,dp->oiqd", coupling, spherical_harmonics(l_p, offsets))
+        blocks.append(p_radial[:, None, None, None, :] * angular[None])
+    return np.stack(blocks)
+
+
+def _q_pairs(q_in, q_out, q_radius, antipodal):
+    """Pairs (q_out, q_in sample) the kernel couples, with their window weights.
+
+    Returns ``index`` (Q_out, n) into ``q_in``, ``position`` (Q_out, n, 3) of
+    the paired input sample (``-q_in`` for antipodal copies) and ``weight``
+    (Q_out, n), 0 on padding.
+    """
+    signs = np.array([1.0, -1.0]) if antipodal else np.array([1.0])
+    candidates = (signs[:, None, None] * q_in[None]).reshape(-1, 3)
+    candidate_index = np.tile(np.arange(len(q_in)), len(signs))
+    if q_radius is None:
+        shape = (len(q_out), len(candidates))
+        return (np.ascontiguousarray(np.broadcast_to(candidate_index, shape)),
+                np.broadcast_to(candidates, shape + (3,)), np.ones(shape))
+    pairs = cKDTree(q_out).sparse_distance_matrix(
+        cKDTree(candidates), q_radius, output_type="ndarray")
+    pairs = pairs[np.lexsort((pairs["j"], pairs["i"]))]
+    counts = np.bincount(pairs["i"], minlength=len(q_out))
+    if np.any(counts == 0):
+        raise ValueError(
+            f"q_radius={q_radius} leaves {np.sum(counts == 0)} output q-samples without any "
+            "input sample in range; increase q_radius")
+    # Slot of each pair among the pairs of its output sample; padding slots keep weight 0.
+    slot = np.arange(len(pairs)) - np.repeat(np.cumsum(counts) - counts, counts)
+    candidate = np.zeros((len(q_out), counts.max()), dtype=int)
+    candidate[pairs["i"], slot] = pairs["j"]
+    weight = np.zeros(candidate.shape)
+    # Smooth window: pairs that cross the radius under round-off carry ~0 weight.
+    weight[pairs["i"], slot] = 0.5 * (1 + np.cos(np.pi * pairs["v"] / q_radius))
+    return candidate_index[candidate], candidates[candidate], weight
+
+
+def _q_basis(q_in, q_out, index, position, weight, n_radial_q, max_order_q):
+    """QB[j, k2, k3, q_out, n] = phi2_k2 phi3_k3 Y_j(unit(q_out - q_in)) window / Q_in."""
+    offsets = q_out[:, None, :] - position
+    harmonics = np.concatenate(
+        [spherical_harmonics(l, offsets) for l in range(max_order_q + 1)], axis=-1)
+    phi_out = q_radial_basis(np.linalg.norm(q_out, axis=1), n_radial_q)  # (n2, Qo)
+    phi_in = q_radial_basis(np.linalg.norm(q_in, axis=1), n_radial_q)[:, index]  # (n3, Qo, n)
+    basis = np.einsum("bo,con,onj->jbcon", phi_out, phi_in, harmonics)
+    return basis * weight / len(q_in)
+
+
+# --------------------------------------------------------------------------
+# Layers
+
+
+class PQConv(nn.Module):
+    """SE(3)-equivariant pq-layer on 6D spherical-tensor fields (Mueller et al.).
+
+    Parameters
+    ----------
+    in_field, out_field : TensorFieldType or int or sequence of int
+        Multiplicities per order ``l`` of the input and output channels.
+    q_in : array_like, shape (Q_in, 3)
+        q-vectors of the input samples (e.g. :func:`q_from_gtab`), ``|q| <= 1``
+        expected by the radial bases.
+    q_out : array_like, shape (Q_out, 3), optional
+        q-vectors of the output samples; ``q_in`` if None. May differ in
+        number and position (e.g. a reduction to fewer samples).
+    kernel_size : {1, 3, 5}, optional
+        Voxel kernel size (cube).
+    n_radial_q : int, optional
+        Radial functions on ``|q_out|`` and on ``|q_in|`` each.
+    max_order_p : int, optional
+        Largest ``l_p``; ``min(kernel_size - 1, 3)`` if None (0 for kernel
+        size 1, whose only offset is the centre).
+    max_order_q : int, optional
+        Largest ``l_q``.
+    q_radius : float, optional
+        Couple only q-samples closer than this, with the window
+        ``(1 + cos(pi |q_out - q_in| / q_radius)) / 2``; None couples all
+        pairs (the paper's layer).
+    antipodal : bool, optional
+        Treat every input sample as also sampled at ``-q_in`` (antipodally
+        symmetric signals on a hemisphere sampling).
+    bias : bool, optional
+        Learned bias on scalar outputs, a radial function of ``|q_out|``.
+
+    Notes
+    -----
+    Input ``[batch, in_field.dim, Q_in, X, Y, Z]``, output ``[batch,
+    out_field.dim, Q_out, X, Y, Z]`` (zero padding keeps the grid).
+    Learned weights per path ``(l_out, l_in)``: ``weights["lo_li"]`` of
+    shape ``(mult_out, mult_in, n_terms, n_radial_p, n_radial_q,
+    n_radial_q)``.
+    """
+
+    def __init__(self, in_field, out_field, q_in, q_out=None, kernel_size=3, *, n_radial_q=3,
+                 max_order_p=None, max_order_q=4, q_radius=None, antipodal=False, bias=True):
+        super().__init__()
+        self.in_field = as_field_type(in_field, "in_field")
+        self.out_field = as_field_type(out_field, "out_field")
+        self.kernel_size = _check_kernel_size(kernel_size)
+        self.n_radial_q = _check_count(n_radial_q, "n_radial_q")
+        default_p = min(self.kernel_size - 1, 3)
+        self.max_order_p = 0 if self.kernel_size == 1 else _check_order(
+            max_order_p, "max_order_p", default_p)
+        self.max_order_q = _check_order(max_order_q, "max_order_q", 4)
+        if q_radius is not None and not (np.isfinite(q_radius) and q_radius > 0):
+            raise ValueError(f"q_radius must be a positive float or None, got {q_radius!r}")
+        self.q_radius = None if q_radius is None else float(q_radius)
+        self.antipodal = bool(antipodal)
+        q_in = _check_q(q_in, "q_in")
+        q_out = q_in if q_out is None else _check_q(q_out, "q_out")
+        self.n_q_in, self.n_q_out = len(q_in), len(q_out)
+
+        offsets = kernel_offsets(self.kernel_size)
+        p_radial = _gaussian_rbf(np.linalg.norm(offsets, axis=1),
+                                 p_radial_centres(self.kernel_size), P_RADIAL_WIDTH)
+        self.n_radial_p = p_radial.shape[0]
+
+        self.paths = []
+        self.weights = nn.ParameterDict()
+        used_order_q = 0
+        for l_out in self.out_field.orders():
+            fan_in = 0
+            for l_in in self.in_field.orders():
+                terms = pq_angular_terms(l_in, l_out, self.max_order_p, self.max_order_q)
+                if not terms:
+                    continue
+                # One basis per l_q: its terms are a contiguous range of the weights.
+                groups = []
+                for l_q in range(terms[-1][2] + 1):
+                    indices = [a for a, term in enumerate(terms) if term[2] == l_q]
+                    if indices:
+                        self.register_buffer(
+                            f"basis_{l_out}_{l_in}_{l_q}",
+                            torch.from_numpy(_pq_path_basis(
+                                l_in, l_out, [terms[a] for a in indices], p_radial, offsets)),
+                            persistent=False)
+                    groups.append((l_q, indices[0] if indices else 0,
+                                   indices[-1] + 1 if indices else 0))
+                used_order_q = max(used_order_q, terms[-1][2])
+                self.paths.append((l_out, l_in, groups))
+                shape = (self.out_field.multiplicity(l_out), self.in_field.multiplicity(l_in),
+                         len(terms), self.n_radial_p, self.n_radial_q, self.n_radial_q)
+                self.weights[f"{l_out}_{l_in}"] = nn.Parameter(torch.randn(shape))
+                fan_in += math.prod(shape[1:])
+            _check_reachable(fan_in, l_out, self.in_field, self.kernel_size)
+            for l_in in self.in_field.orders():
+                key = f"{l_out}_{l_in}"
+                if key in self.weights:
+                    with torch.no_grad():
+                        self.weights[key].mul_(1 / math.sqrt(fan_in))
+
+        index, position, weight = _q_pairs(q_in, q_out, self.q_radius, self.antipodal)
+        q_basis = _q_basis(q_in, q_out, index, position, weight, self.n_radial_q, used_order_q)
+        self.sparse = self.q_radius is not None
+        if self.sparse:
+            self.register_buffer("q_index", torch.from_numpy(index.reshape(-1)), persistent=False)
+            self.n_neighbours = index.shape[1]
+        else:
+            # Dense pairs are [q_in, -q_in (antipodal)]: both copies read the same sample.
+            q_basis = q_basis.reshape(q_basis.shape[:-1] + (-1, len(q_in))).sum(axis=-2)
+        self.register_buffer("q_basis", torch.from_numpy(np.ascontiguousarray(q_basis)),
+                             persistent=False)
+
+        n_scalars = self.out_field.multiplicity(0)
+        if bias and n_scalars:
+            self.bias = nn.Parameter(torch.zeros(n_scalars, self.n_radial_q))
+            self.register_buffer(
+                "bias_radial", torch.from_numpy(q_radial_basis(np.linalg.norm(q_out, axis=1),
+                                                               self.n_radial_q)),
+                persistent=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def kernel(self):
+        """Assemble the kernel from the weights.
+
+        Returns
+        -------
+        kernel : torch.Tensor
+            Dense: ``(out.dim, Q_out, in.dim, Q_in, k^3)``; with ``q_radius``:
+            ``(Q_out, out.dim, in.dim, n_neighbours, k^3)``.
+        """
+        dtype = next(iter(self.weights.values())).dtype
+        q_basis = self.q_basis.to(dtype)
+        n_pairs = q_basis.shape[-1]
+        taps = self.kernel_size**3
+        blocks = {}
+        for l_out, l_in, groups in self.paths:
+            weight = self.weights[f"{l_out}_{l_in}"]
+            rows_out = weight.shape[0] * (2 * l_out + 1)
+            rows_in = weight.shape[1] * (2 * l_in + 1)
+            # T[(o, m_out, i, m_in, d), (l_q, m_q, k2, k3)]: p part and CG couplings folded in.
+            partial = []
+            for l_q, start, stop in groups:
+                if start == stop:
+                    partial.append(weight.new_zeros(rows_out * rows_in * taps,
+                                                    (2 * l_q + 1) * self.n_radial_q**2))
+                    continue
+                basis = getattr(self, f"basis_{l_out}_{l_in}_{l_q}").to(dtype)
+                partial.append(torch.einsum("oiakbc,akxymd->oxiydmbc", weight[:, :, start:stop],
+                                            basis).reshape(rows_out * rows_in * taps, -1))
+            n_q_components = len(groups) ** 2
+            q_part = q_basis[:n_q_components].reshape(-1, self.n_q_out * n_pairs)
+            block = (torch.cat(partial, dim=1) @ q_part).view(
+                rows_out, rows_in, taps, self.n_q_out, n_pairs)
+            if self.sparse:
+                blocks[l_out, l_in] = block.permute(3, 0, 1, 4, 2)
+            else:
+                blocks[l_out, l_in] = block.permute(0, 3, 1, 4, 2)
+        in_axis, out_axis = (2, 1) if self.sparse else (2, 0)
+        rows = []
+        for l_out in self.out_field.orders():
+            row = []
+            for l_in in self.in_field.orders():
+                if (l_out, l_in) in blocks:
+                    row.append(blocks[l_out, l_in])
+                else:
+                    shape = list(next(iter(blocks.values())).shape)
+                    shape[out_axis] = self.out_field.multiplicity(l_out) * (2 * l_out + 1)
+                    shape[in_axis] = self.in_field.multiplicity(l_in) * (2 * l_in + 1)
+                    row.append(q_basis.new_zeros(shape))
+            rows.append(torch.cat(row, dim=in_axis))
+        return torch.cat(rows, dim=out_axis)
+
+    def forward(self, x):
+        """Apply the layer.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (batch, in_field.dim, Q_in, X, Y, Z)
+
+        Returns
+        -------
+        torch.Tensor, shape (batch, out_field.dim, Q_out, X, Y, Z)
+        """
+        if x.ndim != 6:
+            raise ValueError(
+                f"input must have shape (batch, {self.in_field.dim}, {self.n_q_in}, X, Y, Z), "
+                f"got {tuple(x.shape)}")
+        self.in_field.check(x, "input")
+        if x.shape[2] != self.n_q_in:
+            raise ValueError(
+                f"input has {x.shape[2]} q-samples on axis 2, the layer was built for "
+                f"q_in with {self.n_q_in}")
+        batch, grid = x.shape[0], x.shape[3:]
+        k = self.kernel_size
+        kernel = self.kernel()
+        if self.sparse:
+            # Gather each output sample's neighbours: a grouped conv, one group per q_out.
+            gathered = x.index_select(2, self.q_index).view(
+                batch, self.in_field.dim, self.n_q_out, self.n_neighbours, *grid)
+            gathered = gathered.transpose(1, 2).reshape(batch, -1, *grid)
+            out = F.conv3d(gathered, kernel.reshape(-1, self.in_field.dim * self.n_neighbours,
+                                                    k, k, k),
+                           padding=k // 2, groups=self.n_q_out)
+            out = out.view(batch, self.n_q_out, self.out_field.dim, *grid).transpose(1, 2)
+        else:
+            out = F.conv3d(x.reshape(batch, -1, *grid),
+                           kernel.reshape(self.out_field.dim * self.n_q_out, -1, k, k, k),
+                           padding=k // 2)
+            out = out.view(batch, self.out_field.dim, self.n_q_out, *grid)
+        if self.bias is not None:
+            bias = self.bias @ self.bias_radial.to(self.bias.dtype)  # (scalars, Q_out)
+            out = torch.cat([out[:, :bias.shape[0]] + bias[:, :, None, None, None],
+                             out[:, bias.shape[0]:]], dim=1)
+        return out
+
+    def extra_repr(self):
+        return (f"{self.in_field} -> {self.out_field}, q {self.n_q_in} -> {self.n_q_out}, "
+                f"kernel_size={self.kernel_size}, max_order_p={self.max_order_p}, "
+                f"max_order_q={self.max_order_q}, q_radius={self.q_radius}")
+
+
+class PConv(nn.Module):
+    """SE(3)-equivariant 3D steerable convolution on spherical-tensor fields.
+
+    The p-only layer (Weiler et al.): kernel ``W[c_out, c_in, l_f, k1]
+    C^{(l_out m_out)}_{(l_f m_f)(l_in m_in)} phi1_k1(|p_out - p_in|)
+    Y^{l_f}_{m_f}(unit(p_out - p_in))``, with the radial basis of
+    :class:`PQConv`.
+
+    Parameters
+    ----------
+    in_field, out_field : TensorFieldType or int or sequence of int
+    kernel_size : {1, 3, 5}, optional
+    max_order_p : int, optional
+        Largest filter order ``l_f``; ``min(kernel_size - 1, 3)`` if None.
+    bias : bool, optional
+        Learned bias on scalar outputs.
+
+    Notes
+    -----
+    Input ``[batch, in_field.dim, X, Y, Z]``, output ``[batch,
+    out_field.dim, X, Y, Z]``.
+    """
+
+    def __init__(self, in_field, out_field, kernel_size=3, *, max_order_p=None, bias=True):
+        super().__init__()
+        self.in_field = as_field_type(in_field, "in_field")
+        self.out_field = as_field_type(out_field, "out_field")
+        self.kernel_size = _check_kernel_size(kernel_size)
+        self.max_order_p = 0 if self.kernel_size == 1 else _check_order(
+            max_order_p, "max_order_p", min(self.kernel_size - 1, 3))
+        offsets = kernel_offsets(self.kernel_size)
+        p_radial = _gaussian_rbf(np.linalg.norm(offsets, axis=1),
+                                 p_radial_centres(self.kernel_size), P_RADIAL_WIDTH)
+        self.n_radial_p = p_radial.shape[0]
+        self.paths = []
+        self.weights = nn.ParameterDict()
+        for l_out in self.out_field.orders():
+            fan_in = 0
+            for l_in in self.in_field.orders():
+                orders = range(abs(l_out - l_in), min(l_out + l_in, self.max_order_p) + 1)
+                if not orders:
+                    continue
+                basis = np.stack([
+                    p_radial[:, None, None, :] * np.einsum(
+                        "fio,df->oid", _wigner_3j(l_f, l_in, l_out),
+                        spherical_harmonics(l_f, offsets))[None]
+                    for l_f in orders])  # (l_f, k1, m_out, m_in, taps)
+                self.register_buffer(f"basis_{l_out}_{l_in}", torch.from_numpy(basis),
+                                     persistent=False)
+                self.paths.append((l_out, l_in))
+                shape = (self.out_field.multiplicity(l_out), self.in_field.multiplicity(l_in),
+                         len(orders), self.n_radial_p)
+                self.weights[f"{l_out}_{l_in}"] = nn.Parameter(torch.randn(shape))
+                fan_in += math.prod(shape[1:])
+            _check_reachable(fan_in, l_out, self.in_field, self.kernel_size)
+            for l_in in self.in_field.orders():
+                if f"{l_out}_{l_in}" in self.weights:
+                    with torch.no_grad():
+                        self.weights[f"{l_out}_{l_in}"].mul_(1 / math.sqrt(fan_in))
+        n_scalars = self.out_field.multiplicity(0)
+        self.bias = nn.Parameter(torch.zeros(n_scalars)) if bias and n_scalars else None
+
+    def kernel(self):
+        """The conv3d weight, shape ``(out.dim, in.dim, k, k, k)``."""
+        dtype = next(iter(self.weights.values())).dtype
+        k = self.kernel_size
+        kernel = torch.zeros(self.out_field.dim, self.in_field.dim, k**3, dtype=dtype,
+                             device=next(iter(self.weights.values())).device)
+        for l_out, l_in in self.paths:
+            basis = getattr(self, f"basis_{l_out}_{l_in}").to(dtype)
+            block = torch.einsum("oiak,akxyd->oxiyd", self.weights[f"{l_out}_{l_in}"], basis)
+            kernel[self.out_field.slice(l_out), self.in_field.slice(l_in)] = block.reshape(
+                block.shape[0] * block.shape[1], block.shape[2] * block.shape[3], -1)
+        return kernel.view(self.out_field.dim, self.in_field.dim, k, k, k)
+
+    def forward(self, x):
+        """Apply the layer to ``x`` of shape (batch, in_field.dim, X, Y, Z)."""
+        if x.ndim != 5:
+            raise ValueError(
+                f"input must have shape (batch, {self.in_field.dim}, X, Y, Z), "
+                f"got {tuple(x.shape)}")
+        self.in_field.check(x, "input")
+        bias = None
+        if self.bias is not None:
+            bias = torch.cat([self.bias, self.bias.new_zeros(self.out_field.dim - len(self.bias))])
+        return F.conv3d(x, self.kernel(), bias=bias, padding=self.kernel_size // 2)
+
+    def extra_repr(self):
+        return (f"{self.in_field} -> {self.out_field}, kernel_size={self.kernel_size}, "
+                f"max_order_p={self.max_order_p}")
+
+
+class QReduction(nn.Module):
+    """Learned q-length weighted average over q: 6D field -> 3D field.
+
+    ``out_c(p) = (1 / Q) sum_q w_c(|q|) in_c(p, q)`` with ``w_c(r) = 1 +
+    sum_k V[c, k] phi_k(r)``, ``phi`` the q radial basis of :class:`PQConv`
+    and ``V`` learned, one weight function per channel shared by its
+    ``2 l + 1`` components, so the result is invariant to rotations of the
+    q-sampling (and to its order).
+
+    Parameters
+    ----------
+    field : TensorFieldType or int or sequence of int
+    q : array_like, shape (Q, 3)
+        q-vectors of the input samples.
+    n_radial_q : int, optional
+
+    Notes
+    -----
+    Input ``[batch, field.dim, Q, X, Y, Z]``, output ``[batch, field.dim, X, Y, Z]``.
+    Initialised to the plain mean over q (``V = 0``).
+    """
+
+    def __init__(self, field, q, n_radial_q=3):
+        super().__init__()
+        self.field = as_field_type(field, "field")
+        q = _check_q(q, "q")
+        self.n_q = len(q)
+        n_radial_q = _check_count(n_radial_q, "n_radial_q")
+        radial = q_radial_basis(np.linalg.norm(q, axis=1), n_radial_q)
+        self.register_buffer("radial", torch.from_numpy(radial), persistent=False)
+        self.weight = nn.Parameter(torch.zeros(self.field.n_channels, n_radial_q))
+        self.register_buffer("channel_of_row", self.field.channel_of_row(), persistent=False)
+
+    def forward(self, x):
+        """Reduce ``x`` of shape (batch, field.dim, Q, X, Y, Z) over q."""
+        if x.ndim != 6:
+            raise ValueError(
+                f"input must have shape (batch, {self.field.dim}, {self.n_q}, X, Y, Z), "
+                f"got {tuple(x.shape)}")
+        self.field.check(x, "input")
+        if x.shape[2] != self.n_q:
+            raise ValueError(
+                f"input has {x.shape[2]} q-samples, the layer was built for {self.n_q}")
+        q_weights = 1 + self.weight @ self.radial.to(self.weight.dtype)  # (channels, Q)
+        row_weights = q_weights[self.channel_of_row] / self.n_q
+        return torch.einsum("rq,brq...->br...", row_weights, x)
+
+
+class PQSphereConv(PQConv):
+    """pq-layer on scalar spherical signals, a conv kind for the deconvolution U-Net.
+
+    Each vertex of the sphere is a unit q-vector; the layer couples vertices
+    closer than ``q_radius`` and 3D neighbours in the ``kernel_size^3``
+    block, jointly equivariant to rotations of the grid and the sphere.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Scalar (``l = 0``) channels.
+    vertices : array_like, shape (V, 3)
+        Unit vectors (e.g. ``HealpixSphere.vertices``), the same for input
+        and output.
+    kernel_size : {1, 3, 5}, optional
+    q_radius : float or "auto" or None, optional
+        Chord length ``|v_out - v_in|`` beyond which vertices are not
+        coupled; ``"auto"`` is twice the median nearest-neighbour distance
+        of the vertices (about 12 neighbours on HEALPix), None couples all
+        ``V^2`` pairs (cost grows as ``V^2``).
+    antipodal : bool, optional
+        The signal is even: each vertex also stands for its antipode (use
+        with hemisphere vertex sets).
+    max_order_q : int, optional
+        Largest ``l_q``.
+
+    Notes
+    -----
+    Input ``[batch, in_channels, V, X, Y, Z]``, output ``[batch,
+    out_channels, V, X, Y, Z]``. All ``|q| = 1``, so one radial function in
+    q is used.
+    """
+
+    def __init__(self, in_channels, out_channels, vertices, kernel_size=3, *, q_radius="auto",
+                 antipodal=False, max_order_q=4, bias=True):
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        vertices = _check_q(vertices, "vertices", unit=True)
+        if isinstance(q_radius, str):
+            if q_radius != "auto":
+                raise ValueError(f"q_radius must be a float, 'auto' or None, got {q_radius!r}")
+            q_radius = 2 * PQSphereConv.nearest_neighbour_distance(vertices, antipodal)
+        super().__init__(int(in_channels), int(out_channels), vertices, kernel_size=kernel_size,
+                         n_radial_q=1, max_order_q=max_order_q, q_radius=q_radius,
+                         antipodal=antipodal, bias=bias)
+
+    @staticmethod
+    def nearest_neighbour_distance(vertices, antipodal=False):
+        """Median chord distance from each vertex to its nearest other vertex."""
+        points = np.concatenate([vertices, -vertices]) if antipodal else vertices
+        if len(points) < 2:
+            return 2.0
+        distances, _ = cKDTree(points).query(vertices, k=2)
+        return float(np.median(distances[:, 1]))

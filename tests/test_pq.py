@@ -1,0 +1,423 @@
+"""Tests of the spherical-tensor field layers: pq-layer, p-conv, q-reduction, gates, norm."""
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dipy.core.gradients import gradient_table
+from e3nn import o3
+
+from esdmri.nn.gated import EquivariantBatchNorm, GatedNonlinearity
+from esdmri.nn.pq import (
+    PConv,
+    PQConv,
+    PQSphereConv,
+    QReduction,
+    pq_angular_terms,
+    q_from_gtab,
+    symmetric_q_sampling,
+)
+from esdmri.nn.tensor_field import MAX_ORDER, TensorFieldType
+
+ROTATE_Z = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
+ROTATE_X = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
+
+
+@pytest.fixture(autouse=True)
+def float64_single_thread():
+    # Exact equivariance checks need float64; the tensors are tiny, so one
+    # thread avoids the threading overhead that dominates on a busy machine.
+    previous_dtype, previous_threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous_dtype)
+    torch.set_num_threads(previous_threads)
+
+
+def random_q(n, rng, zero=True):
+    q = rng.normal(size=(n, 3))
+    q *= rng.uniform(0.3, 1.0, size=(n, 1)) / np.linalg.norm(q, axis=1, keepdims=True)
+    if zero:
+        q[0] = 0.0
+    return q
+
+
+def rotate_grid(x, rotation):
+    """out[p'] = x[p] with p' - c = R (p - c), on the last three (cube) axes."""
+    n = x.shape[-1]
+    centre = (n - 1) / 2
+    target = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    source = np.rint((target - centre) @ rotation + centre).astype(int)
+    return x[..., source[:, 0], source[:, 1], source[:, 2]].reshape(x.shape)
+
+
+def rotate_channels(x, field, rotation):
+    return torch.einsum("ij,bj...->bi...", field.D_from_matrix(torch.from_numpy(rotation)), x)
+
+
+def rotated_copy(layer_class, layer, *args, **kwargs):
+    """A layer built with other (rotated) q-samplings and the weights of ``layer``."""
+    copy = layer_class(*args, **kwargs)
+    copy.load_state_dict(layer.state_dict())
+    return copy
+
+
+def randomise_bias(layer):
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.normal_()
+
+
+# --------------------------------------------------------------------------
+# Field layout
+
+
+def test_field_type_layout():
+    field = TensorFieldType((4, 2, 1))
+    assert field.dim == 4 + 6 + 5
+    assert field.n_channels == 7
+    assert field.slice(1) == slice(4, 10)
+    assert field.slice(2) == slice(10, 15)
+    assert field.irreps == o3.Irreps("4x0e+2x1o+1x2e")
+    assert field.with_gates() == TensorFieldType((7, 2, 1))
+    assert field.channel_of_row().tolist() == [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 6]
+    assert TensorFieldType((3, 0, 0)) == TensorFieldType(3)
+
+
+def test_wigner_d_matches_spherical_harmonics():
+    # Independent check of the convention the equivariance tests rest on.
+    rotation = o3.rand_matrix()
+    vectors = torch.randn(20, 3)
+    for l in range(MAX_ORDER + 1):
+        field = TensorFieldType([0] * l + [1])
+        y = o3.spherical_harmonics(l, vectors, normalize=True)
+        y_rotated = o3.spherical_harmonics(l, vectors @ rotation.T, normalize=True)
+        assert torch.allclose(y_rotated, y @ field.D_from_matrix(rotation).T, atol=1e-12)
+
+
+def test_angular_terms_follow_selection_rules():
+    for l_in in range(3):
+        for l_out in range(3):
+            expected = {
+                (l_f, l_p, l_q)
+                for l_f in range(7) for l_p in range(3) for l_q in range(5)
+                if abs(l_out - l_in) <= l_f <= l_out + l_in and abs(l_p - l_q) <= l_f <= l_p + l_q
+                and abs(l_f - l_p) <= 1}
+            terms = pq_angular_terms(l_in, l_out, max_order_p=2, max_order_q=4)
+            assert len(terms) == len(set(terms))
+            assert set(terms) == expected
+
+
+# --------------------------------------------------------------------------
+# pq-layer against the paper's formula
+
+
+def gaussian(r, centre, width):
+    return np.exp(-((r - centre) ** 2) / (2 * width**2))
+
+
+@lru_cache(maxsize=None)
+def _sh_cached(l, vector):
+    vector = np.array(vector)
+    if np.linalg.norm(vector) < 1e-12:
+        return np.eye(2 * l + 1)[l] if l == 0 else np.zeros(2 * l + 1)
+    return o3.spherical_harmonics(l, torch.from_numpy(vector)[None], normalize=True,
+                                    normalization="component")[0].numpy()
+
+
+def sh(l, vector):
+    return _sh_cached(l, tuple(np.asarray(vector, dtype=float)))
+
+
+def test_pq_layer_matches_formula_by_brute_force():
+    rng = np.random.default_rng(1)
+    in_field, out_field = TensorFieldType((1, 1)), TensorFieldType((2, 1))
+    q_in = random_q(3, rng)
+    q_out = np.concatenate([q_in[:1], random_q(1, rng, zero=False)])  # includes q_out = q_in = 0
+    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=3, max_order_q=3)
+    randomise_bias(layer)
+    x = torch.randn(1, in_field.dim, 3, 3, 3, 3)
+    result = layer(x)[0, :, :, 1, 1, 1].detach().numpy()
+
+    centres_p, centres_q = [0.0, 1.0, 2.0], [0.0, 0.5, 1.0]
+    expected = np.zeros((out_field.dim, 2))
+    for qo_index, q_o in enumerate(q_out):
+        for l_out in (0, 1):
+            for c_out in range(out_field.multiplicity(l_out)):
+                first = out_field.offset(l_out) + c_out * (2 * l_out + 1)
+                rows_out = first + np.arange(2 * l_out + 1)
+                total = np.zeros(2 * l_out + 1)
+                for l_in in (0, 1):
+                    weight = layer.weights[f"{l_out}_{l_in}"][c_out, 0].detach().numpy()
+                    terms = pq_angular_terms(l_in, l_out, layer.max_order_p, layer.max_order_q)
+                    for a, (l_f, l_p, l_q) in enumerate(terms):
+                        cg_in = o3.wigner_3j(l_f, l_in, l_out).numpy()
+                        cg_pq = o3.wigner_3j(l_p, l_q, l_f).numpy()
+                        for p_in in np.ndindex(3, 3, 3):
+                            dp = np.array([1, 1, 1]) - np.array(p_in)
+                            for qi_index, q_i in enumerate(q_in):
+                                angular = np.einsum("p,q,pqf->f", sh(l_p, dp),
+                                                    sh(l_q, q_o - q_i), cg_pq)
+                                radial = np.einsum(
+                                    "kbc,k,b,c->", weight[a],
+                                    [gaussian(np.linalg.norm(dp), c, 0.6) for c in centres_p],
+                                    [gaussian(np.linalg.norm(q_o), c, 0.5) for c in centres_q],
+                                    [gaussian(np.linalg.norm(q_i), c, 0.5) for c in centres_q])
+                                feature = x[0, in_field.slice(l_in), qi_index, *p_in].numpy()
+                                total += radial * np.einsum("f,i,fio->o", angular, feature,
+                                                            cg_in) / len(q_in)
+                if l_out == 0:
+                    total += sum(layer.bias[c_out, k].item()
+                                 * gaussian(np.linalg.norm(q_o), centres_q[k], 0.5)
+                                 for k in range(3))
+                expected[rows_out, qo_index] = total
+    np.testing.assert_allclose(result, expected, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Equivariance
+
+
+def test_pq_layer_q_rotation_equivariance_kernel_1():
+    rng = np.random.default_rng(2)
+    in_field, out_field = TensorFieldType((2, 2, 1)), TensorFieldType((1, 2, 2))
+    q_in, q_out = random_q(9, rng), random_q(5, rng, zero=False)
+    rotation = o3.rand_matrix().numpy()
+    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=1)
+    randomise_bias(layer)
+    rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
+                           q_out @ rotation.T, kernel_size=1)
+    x = torch.randn(2, in_field.dim, 9, 3, 4, 2)
+    out = layer(x)
+    out_rotated = rotated(rotate_channels(x, in_field, rotation))
+    expected = rotate_channels(out, out_field, rotation)
+    for l in (0, 1, 2):  # every output order is reached and non-trivial
+        assert out[:, out_field.slice(l)].abs().max() > 1e-3
+    assert (out_rotated - expected).abs().max() < 1e-8
+    # The check can fail: the inverse rotation's D matrices do not match.
+    wrong = rotate_channels(out, out_field, rotation.T)
+    assert (out_rotated - wrong).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X, ROTATE_Z @ ROTATE_X])
+def test_pq_layer_grid_and_q_rotation_equivariance_kernel_3(rotation):
+    rng = np.random.default_rng(3)
+    in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
+    q_in, q_out = random_q(7, rng), random_q(4, rng)
+    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=3)
+    randomise_bias(layer)
+    rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
+                           q_out @ rotation.T, kernel_size=3)
+    x = torch.randn(1, in_field.dim, 7, 6, 6, 6)
+    out = layer(x)
+    out_rotated = rotated(rotate_grid(rotate_channels(x, in_field, rotation), rotation))
+    expected = rotate_grid(rotate_channels(out, out_field, rotation), rotation)
+    assert out.abs().max() > 1e-2
+    assert (out_rotated - expected).abs().max() < 1e-8
+    # Rotating q-space alone (not the grid) is not a symmetry of the layer.
+    q_only = rotated(rotate_channels(x, in_field, rotation))
+    assert (q_only - rotate_channels(out, out_field, rotation)).abs().max() > 1e-3
+
+
+def test_pq_layer_kernel_5_equivariance():
+    rng = np.random.default_rng(4)
+    field = TensorFieldType((1, 1))
+    q = random_q(4, rng)
+    layer = PQConv(field, field, q, kernel_size=5, n_radial_q=2)
+    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_X.T, kernel_size=5,
+                           n_radial_q=2)
+    x = torch.randn(1, field.dim, 4, 7, 7, 7)
+    out_rotated = rotated(rotate_grid(rotate_channels(x, field, ROTATE_X), ROTATE_X))
+    expected = rotate_grid(rotate_channels(layer(x), field, ROTATE_X), ROTATE_X)
+    assert (out_rotated - expected).abs().max() < 1e-8
+
+
+def test_pq_layer_translation_equivariance():
+    rng = np.random.default_rng(5)
+    field = TensorFieldType((1, 1, 1))
+    layer = PQConv(field, field, random_q(5, rng), kernel_size=3)
+    x = torch.zeros(1, field.dim, 5, 10, 10, 10)
+    x[..., 3:6, 3:6, 3:6] = torch.randn(1, field.dim, 5, 3, 3, 3)
+    shift = (2, -1, 1)
+    shifted = layer(torch.roll(x, shift, dims=(3, 4, 5)))
+    assert (shifted - torch.roll(layer(x), shift, dims=(3, 4, 5))).abs().max() < 1e-12
+
+
+def test_local_q_coupling_matches_dense_evaluation_and_is_equivariant():
+    rng = np.random.default_rng(6)
+    field = TensorFieldType((2, 1))
+    q = random_q(12, rng)
+    layer = PQConv(field, field, q, kernel_size=3, q_radius=0.8)
+    x = torch.randn(1, field.dim, 12, 5, 5, 5)
+    # Scatter the per-neighbour kernel into a dense one and run a plain conv3d.
+    kernel = layer.kernel()  # (Q_out, out, in, n, taps)
+    index = layer.q_index.view(12, layer.n_neighbours)
+    dense = torch.zeros(12, field.dim, field.dim, 12, 27)
+    for q_out in range(12):
+        dense[q_out].index_add_(2, index[q_out], kernel[q_out])
+    dense = dense.permute(1, 0, 2, 3, 4).reshape(field.dim * 12, field.dim * 12, 3, 3, 3)
+    reference = F.conv3d(x.reshape(1, -1, 5, 5, 5), dense, padding=1).view(x.shape)
+    out = layer(x)
+    assert layer.n_neighbours < 12
+    assert (out - reference).abs().max() < 1e-12
+    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_Z.T, kernel_size=3,
+                           q_radius=0.8)
+    out_rotated = rotated(rotate_grid(rotate_channels(x, field, ROTATE_Z), ROTATE_Z))
+    expected = rotate_grid(rotate_channels(out, field, ROTATE_Z), ROTATE_Z)
+    assert (out_rotated - expected).abs().max() < 1e-8
+
+
+def test_sphere_conv_on_healpix_vertices():
+    from esdmri.sphere import HealpixSphere
+
+    sphere = HealpixSphere(2, hemisphere=True)
+    layer = PQSphereConv(2, 3, sphere.vertices, kernel_size=3, antipodal=True)
+    x = torch.randn(1, 2, sphere.n_vertices, 4, 4, 4)
+    out = layer(x)
+    assert out.shape == (1, 3, sphere.n_vertices, 4, 4, 4)
+    assert 1 < layer.n_neighbours < sphere.n_vertices
+    rotation = o3.rand_matrix().numpy()
+    rotated = PQSphereConv(2, 3, sphere.vertices @ rotation.T, kernel_size=1, antipodal=True,
+                           q_radius=layer.q_radius)
+    base = PQSphereConv(2, 3, sphere.vertices, kernel_size=1, antipodal=True,
+                        q_radius=layer.q_radius)
+    rotated.load_state_dict(base.state_dict())
+    assert (rotated(x) - base(x)).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X])
+def test_p_conv_equivariance(rotation):
+    in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 1, 2))
+    layer = PConv(in_field, out_field, kernel_size=3)
+    randomise_bias(layer)
+    x = torch.randn(2, in_field.dim, 6, 6, 6)
+    out = layer(x)
+    out_rotated = layer(rotate_grid(rotate_channels(x, in_field, rotation), rotation))
+    assert out.abs().max() > 1e-2
+    expected = rotate_grid(rotate_channels(out, out_field, rotation), rotation)
+    assert (out_rotated - expected).abs().max() < 1e-8
+
+
+def test_q_reduction_is_invariant_to_q_rotation_and_order():
+    rng = np.random.default_rng(7)
+    field = TensorFieldType((2, 1, 1))
+    q = random_q(6, rng)
+    reduction = QReduction(field, q)
+    with torch.no_grad():
+        reduction.weight.normal_()
+    x = torch.randn(2, field.dim, 6, 3, 3, 3)
+    out = reduction(x)
+    # Plain mean at initialisation of a fresh layer.
+    assert torch.allclose(QReduction(field, q)(x), x.mean(dim=2), atol=1e-12)
+    rotation = o3.rand_matrix().numpy()
+    rotated = QReduction(field, q @ rotation.T)
+    rotated.load_state_dict(reduction.state_dict())
+    out_rotated = rotated(rotate_channels(x, field, rotation))
+    assert (out_rotated - rotate_channels(out, field, rotation)).abs().max() < 1e-12
+    assert (out_rotated[:, :2] - out[:, :2]).abs().max() < 1e-12  # scalars invariant
+    order = rng.permutation(6)
+    permuted = QReduction(field, q[order])
+    permuted.load_state_dict(reduction.state_dict())
+    assert (permuted(x[:, :, order]) - out).abs().max() < 1e-12
+
+
+# --------------------------------------------------------------------------
+# Nonlinearity and normalisation
+
+
+def test_gated_nonlinearity_values_and_equivariance():
+    field = TensorFieldType((2, 1, 1))
+    gate = GatedNonlinearity(field)
+    in_field = field.with_gates()
+    x = torch.randn(3, in_field.dim, 4, 2, 2)
+    out = gate(x)
+    assert out.shape == (3, field.dim, 4, 2, 2)
+    assert torch.allclose(out[:, :2], x[:, :2] * torch.sigmoid(x[:, :2]))
+    assert torch.allclose(out[:, 2:5], torch.sigmoid(x[:, 2:3]) * x[:, 4:7])
+    assert torch.allclose(out[:, 5:10], torch.sigmoid(x[:, 3:4]) * x[:, 7:12])
+    rotation = o3.rand_matrix().numpy()
+    out_rotated = gate(rotate_channels(x, in_field, rotation))
+    assert (out_rotated - rotate_channels(out, field, rotation)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_statistics_and_equivariance(training):
+    field = TensorFieldType((2, 1, 1))
+    norm = EquivariantBatchNorm(field)
+    x = 3 * torch.randn(4, field.dim, 5, 3, 3, 3) + 1
+    norm(x)  # one step of running statistics
+    norm.train(training)
+    out = norm(x)
+    if training:
+        scalars = out[:, :2].transpose(0, 1).reshape(2, -1)
+        assert torch.allclose(scalars.mean(1), torch.zeros(2), atol=1e-10)
+        assert torch.allclose(scalars.var(1, unbiased=False), torch.ones(2), atol=1e-4)
+        vectors = out[:, 2:5].pow(2).mean()
+        assert torch.isclose(vectors, torch.tensor(1.0), atol=1e-4)
+    rotation = o3.rand_matrix().numpy()
+    out_rotated = norm(rotate_channels(x, field, rotation))
+    assert (out_rotated - rotate_channels(out, field, rotation)).abs().max() < 1e-10
+
+
+# --------------------------------------------------------------------------
+# q-samplings
+
+
+def test_q_from_gtab():
+    bvals = np.array([0, 1000, 2000, 3000])
+    bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1.0]])
+    q = q_from_gtab(gradient_table(bvals=bvals, bvecs=bvecs))
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), np.sqrt(bvals / 3000))
+    np.testing.assert_allclose(q[3], [0, 0, 1])
+
+
+@pytest.mark.parametrize("n_directions", [6, 14, 26])
+def test_symmetric_q_sampling_is_closed_under_grid_rotations(n_directions):
+    q = symmetric_q_sampling(n_directions)
+    assert q.shape == (n_directions + 1, 3)
+    for rotation in (ROTATE_Z, ROTATE_X):
+        rotated = q @ rotation.T
+        distances = np.linalg.norm(rotated[:, None] - q[None], axis=-1)
+        assert np.all(distances.min(axis=1) < 1e-12)
+
+
+# --------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_errors():
+    rng = np.random.default_rng(8)
+    q = random_q(4, rng)
+    layer = PQConv((1, 1), (1,), q, kernel_size=3)
+    with pytest.raises(ValueError, match="rows on axis 1"):
+        layer(torch.randn(1, 3, 4, 3, 3, 3))  # multiplicities (1, 1) need 4 rows
+    with pytest.raises(ValueError, match="q-samples"):
+        layer(torch.randn(1, 4, 5, 3, 3, 3))
+    with pytest.raises(ValueError, match="input must have shape"):
+        layer(torch.randn(1, 4, 4, 3, 3))
+    with pytest.raises(ValueError, match="kernel_size"):
+        PQConv(1, 1, q, kernel_size=4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        PConv(1, 1, kernel_size=2)
+    with pytest.raises(ValueError, match="supported orders"):
+        TensorFieldType([1] + [0] * MAX_ORDER + [1])
+    with pytest.raises(ValueError, match=r"multiplicities\[1\] must be >= 0"):
+        TensorFieldType((1, -1))
+    with pytest.raises(TypeError, match="must be an int"):
+        TensorFieldType((1, 1.5))
+    with pytest.raises(ValueError, match="in_field"):
+        PQConv((1, -2), 1, q)
+    with pytest.raises(ValueError, match="unit vectors"):
+        PQSphereConv(1, 1, 2 * symmetric_q_sampling(6, origin=False))
+    with pytest.raises(ValueError, match=r"q_in must have shape \(Q, 3\)"):
+        PQConv(1, 1, q[:, :2])
+    with pytest.raises(ValueError, match="no kernel reaches"):
+        PQConv(1, (0, 0, 1), q, kernel_size=1)  # l = 0 -> 2 needs a p offset
+    with pytest.raises(ValueError, match="q-samples"):
+        QReduction(1, q)(torch.randn(1, 1, 3, 2, 2, 2))
+    with pytest.raises(ValueError, match="rows on axis 1"):
+        GatedNonlinearity((1, 1))(torch.randn(1, 4, 2, 2, 2))  # needs 1 + 1 gate + 3 rows

@@ -1,0 +1,216 @@
+"""Tests of the segmentation networks, their training and the lesion phantom."""
+
+import numpy as np
+import pytest
+import torch
+from dipy.core.gradients import gradient_table
+from dipy.reconst.dti import TensorModel
+
+from esdmri.lesion_phantom import make_lesion_dataset, make_lesion_phantom
+from esdmri.nn.pq import q_from_gtab
+from esdmri.segmentation import (
+    CNN3DBaseline,
+    PQSegmentationNetwork,
+    load_model,
+    predict_segmentation,
+    save_model,
+    segmentation_loss,
+    signal_to_input,
+    train_segmentation,
+)
+
+ROTATE_Z = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
+ROTATE_X = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny tensors: threading overhead dominates on a busy machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def small_gtab():
+    """1 b0 + 2 shells x 10 directions: enough q-space for tiny tests."""
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(20, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    bvals = np.concatenate([[0], np.repeat([1000, 2000], 10)])
+    bvecs = np.concatenate([np.zeros((1, 3)), directions])
+    return gradient_table(bvals=bvals, bvecs=bvecs)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(small_gtab):
+    phantoms = make_lesion_dataset(4, shape=(8, 8, 8), gtab=small_gtab, snr=30,
+                                   lesion_radius=(1.5, 2.0), seed=3)
+    inputs = signal_to_input(np.stack([p.data for p in phantoms]), small_gtab)
+    labels = torch.from_numpy(np.stack([p.labels for p in phantoms]))
+    return inputs, labels
+
+
+def rotate_grid(x, rotation):
+    """out[p'] = x[p] with p' - c = R (p - c), on the last three (cube) axes."""
+    n = x.shape[-1]
+    centre = (n - 1) / 2
+    target = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    source = np.rint((target - centre) @ rotation + centre).astype(int)
+    return x[..., source[:, 0], source[:, 1], source[:, 2]].reshape(x.shape)
+
+
+# --------------------------------------------------------------------------
+# Networks
+
+
+@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X])
+@pytest.mark.parametrize("training", [True, False])
+def test_pq_network_is_invariant_to_rotating_the_6d_input(rotation, training):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        rng = np.random.default_rng(1)
+        q = rng.normal(size=(9, 3)) * 0.7
+        q[0] = 0.0
+        net = PQSegmentationNetwork(q, hidden=(2, 1, 1), n_radial_q=2, max_order_q=2)
+        # The same weights acting on the rotated acquisition.
+        rotated_net = PQSegmentationNetwork(q @ rotation.T, hidden=(2, 1, 1), n_radial_q=2,
+                                            max_order_q=2)
+        rotated_net.load_state_dict(net.state_dict())
+        x = torch.rand(2, 1, 9, 8, 8, 8)
+        if not training:
+            net(x), rotated_net(rotate_grid(x, rotation))  # non-trivial running statistics
+            net.eval(), rotated_net.eval()
+        out = net.logits(x)
+        out_rotated = rotated_net.logits(rotate_grid(x, rotation))
+        assert out.std() > 1e-3
+        assert (out_rotated - rotate_grid(out, rotation)).abs().max() < 1e-8
+        # Rotating the grid without q-space is not a symmetry: the check can fail.
+        grid_only = net.logits(rotate_grid(x, rotation))
+        assert (grid_only - rotate_grid(out, rotation)).abs().max() > 1e-4
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_cnn_baseline_matches_parameter_count():
+    q = np.zeros((31, 3))
+    net = PQSegmentationNetwork(q)
+    n_parameters = sum(p.numel() for p in net.parameters())
+    width = CNN3DBaseline.width_for_parameters(31, n_parameters)
+    cnn = CNN3DBaseline(31, width)
+    n_cnn = sum(p.numel() for p in cnn.parameters())
+    assert abs(n_cnn - n_parameters) / n_parameters < 0.1
+    out = cnn(torch.rand(2, 1, 31, 6, 6, 6))
+    assert out.shape == (2, 6, 6, 6)
+    assert torch.all((out > 0) & (out < 1))
+
+
+def test_segmentation_loss_values():
+    labels = torch.tensor([[1.0, 0.0]])
+    logits = torch.tensor([[0.0, 0.0]])
+    # BCE log 2; soft Dice 1 - (2 * 0.5 + 1) / (1 + 1 + 1).
+    expected = np.log(2) + 1 - 2 / 3
+    assert np.isclose(segmentation_loss(logits, labels).item(), expected)
+    mask = torch.tensor([[True, False]])
+    # Only the lesion voxel counts: Dice 1 - (2 * 0.5 + 1) / (0.5 + 1 + 1).
+    assert np.isclose(segmentation_loss(logits, labels, mask).item(), np.log(2) + 1 - 2 / 2.5)
+
+
+@pytest.mark.parametrize("model_class", ["pq", "cnn"])
+def test_training_lowers_loss_and_save_load_round_trip(model_class, small_gtab, tiny_dataset,
+                                                       tmp_path):
+    inputs, labels = tiny_dataset
+    if model_class == "pq":
+        model = PQSegmentationNetwork(q_from_gtab(small_gtab), hidden=(2, 1, 1), n_radial_q=2,
+                                      max_order_q=2)
+    else:
+        model = CNN3DBaseline(inputs.shape[2], width=8)
+    history = train_segmentation(model, inputs, labels, epochs=2, batch_size=4,
+                                 learning_rate=1e-2, verbose=False)
+    assert len(history) == 2
+    assert history[-1] < history[0]
+    before = predict_segmentation(model, inputs)
+    assert before.shape == (4, 8, 8, 8)
+    path = tmp_path / "model.pt"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert type(loaded) is type(model)
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(predict_segmentation(loaded, inputs), before)
+
+
+def test_signal_to_input_normalises_by_mean_b0(small_gtab):
+    data = np.random.default_rng(2).uniform(1, 2, size=(3, 3, 3, 21)).astype(np.float32)
+    mask = np.zeros((3, 3, 3), dtype=bool)
+    mask[1] = True
+    inputs = signal_to_input(data, small_gtab, mask)
+    assert inputs.shape == (1, 1, 21, 3, 3, 3)
+    expected = np.clip(data[1] / data[1, ..., :1], 0, 2)
+    np.testing.assert_allclose(inputs[0, 0, :, 1].numpy(), np.moveaxis(expected, -1, 0), rtol=1e-6)
+    assert torch.all(inputs[0, 0, :, 0] == 0)
+
+
+# --------------------------------------------------------------------------
+# Lesion phantom
+
+
+def test_lesion_phantom_rotation_moves_anatomy_and_fibres(small_gtab):
+    # A 90-degree rotation of the volume equals the unrotated volume, moved on
+    # the grid and measured with the inversely rotated gradients.
+    rotated = make_lesion_phantom((10, 10, 10), small_gtab, snr=None, rotation=ROTATE_Z, seed=4)
+    inverse_gtab = gradient_table(bvals=small_gtab.bvals, bvecs=small_gtab.bvecs @ ROTATE_Z)
+    plain = make_lesion_phantom((10, 10, 10), inverse_gtab, snr=None, rotation=None, seed=4)
+    assert plain.labels.any()
+    np.testing.assert_array_equal(rotated.labels, rotate_grid(plain.labels, ROTATE_Z))
+    np.testing.assert_allclose(rotated.data, np.moveaxis(
+        rotate_grid(np.moveaxis(plain.data, -1, 0), ROTATE_Z), 0, -1), rtol=1e-5)
+
+
+def test_lesions_lose_anisotropy_and_gain_diffusivity(small_gtab):
+    phantom = make_lesion_phantom((12, 12, 12), small_gtab, snr=None, n_lesions=(2, 2), seed=5)
+    fit = TensorModel(phantom.gtab).fit(phantom.data)
+    lesion, healthy = phantom.labels, ~phantom.labels
+    assert lesion.sum() > 10
+    assert fit.fa[lesion].mean() < fit.fa[healthy].mean() - 0.1
+    assert fit.md[lesion].mean() > fit.md[healthy].mean()
+    # Fibre directions are the tensors' principal axes in single-bundle voxels.
+    single = (phantom.fibre_fractions[..., 1] < 1e-3) & healthy
+    cosine = np.abs(np.sum(fit.evecs[..., 0] * phantom.fibre_dirs[..., 0, :], axis=-1))
+    assert np.all(cosine[single] > 0.99)
+
+
+def test_random_rotations_differ_and_are_proper(small_gtab):
+    phantoms = make_lesion_dataset(3, shape=(8, 8, 8), gtab=small_gtab, rotate=True, seed=6)
+    rotations = [p.rotation for p in phantoms]
+    for rotation in rotations:
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+        assert np.isclose(np.linalg.det(rotation), 1)
+    assert not np.allclose(rotations[0], rotations[1])
+
+
+# --------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_errors(small_gtab, tiny_dataset):
+    inputs, labels = tiny_dataset
+    cnn = CNN3DBaseline(21, width=4)
+    with pytest.raises(ValueError, match=r"input must have shape \(batch, 1, 21"):
+        cnn(torch.rand(1, 1, 20, 4, 4, 4))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        train_segmentation(cnn, inputs, labels[:, :4], verbose=False)
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        train_segmentation(cnn, inputs, labels, epochs=0, verbose=False)
+    with pytest.raises(ValueError, match="data must have shape"):
+        signal_to_input(np.ones((3, 3, 3, 5)), small_gtab)
+    with pytest.raises(ValueError, match="shape must be 3 ints"):
+        make_lesion_phantom((4, 8, 8), small_gtab)
+    with pytest.raises(ValueError, match="proper rotation"):
+        make_lesion_phantom((8, 8, 8), small_gtab, rotation=2 * np.eye(3))
+    with pytest.raises(ValueError, match="n_lesions"):
+        make_lesion_phantom((8, 8, 8), small_gtab, n_lesions=(3, 1))
+    with pytest.raises(TypeError, match="model must be one of"):
+        save_model(torch.nn.Linear(2, 2), "unused.pt")
