@@ -1,3 +1,21 @@
-"""esdmri: rotation-equivariant deep spherical deconvolution for diffusion MRI."""
+"""esdmri: rotation-equivariant deep spherical deconvolution for diffusion MRI.
+
+``model = RTESDModel(gtab, response); fit = model.fit(data, mask)``, then
+``fit.shm_coeff``, ``fit.odf(sphere)``, ``fit.peaks()`` and DIPY tractography.
+"""
 
 __version__ = "0.1.0"
+
+# The models pull in torch; importing them on first use keeps light commands
+# (plots, evaluation, fetching) quick to start.
+_LAZY = {"CESDModel": ".reconst", "ESDModel": ".reconst", "RTESDModel": ".reconst",
+         "load_model": ".reconst", "TissueResponse": ".response"}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'esdmri' has no attribute {name!r}")
+    from importlib import import_module
+    return getattr(import_module(_LAZY[name], __name__), name)

@@ -238,7 +238,7 @@ def peaks_threshold_sweep(shm_coeff, thresholds, sphere=None, min_separation_ang
 
 
 def peaks_to_dipy(directions, values, shm_coeff, sphere=None, affine=None,
-                  basis_type="descoteaux07"):
+                  basis_type="descoteaux07", legacy=False):
     """Wrap peaks in DIPY's ``PeaksAndMetrics`` (``.pam5`` files, EuDX tracking).
 
     Parameters
@@ -248,12 +248,15 @@ def peaks_to_dipy(directions, values, shm_coeff, sphere=None, affine=None,
     values : ndarray (..., npeaks)
         Peak values, 0-padded.
     shm_coeff : ndarray (..., C)
-        SH coefficients the peaks came from (non-legacy ``basis_type``).
+        SH coefficients the peaks came from, in ``basis_type`` (stored as is).
     sphere : dipy Sphere or HemiSphere, optional
         Sphere the peaks were searched on; :func:`default_peak_sphere` if None.
     affine : ndarray (4, 4), optional
         Voxel-to-world transform stored with the peaks.
     basis_type : {"descoteaux07", "tournier07"}
+    legacy : bool, optional
+        ``shm_coeff`` is in DIPY's legacy variant of ``basis_type`` (DIPY's
+        default, what DIPY's trackers read from a ``.pam5``); ``B`` follows.
 
     Returns
     -------
@@ -284,7 +287,7 @@ def peaks_to_dipy(directions, values, shm_coeff, sphere=None, affine=None,
         has_peak, np.abs(peak_dirs @ sphere.vertices.T).argmax(axis=-1), -1).astype(np.int32)
 
     sh_to_sf = sh_to_sf_matrix(sphere, sh_order_max=sh_order_max, basis_type=basis_type,
-                               legacy=False, return_inv=False)
+                               legacy=legacy, return_inv=False)
     coeffs = shm_coeff.reshape(-1, shm_coeff.shape[-1]).astype(np.float64)
     gfa_map = np.zeros(coeffs.shape[0])
     odf_min = np.zeros(coeffs.shape[0])

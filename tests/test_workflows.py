@@ -1,0 +1,418 @@
+"""Command-line workflows on a tiny phantom.
+
+Every command runs at least once as a subprocess (exit status, files that
+load, stderr); further runs of the same command go through
+:func:`run_workflow` in this process, the code path of the entry points
+without another interpreter start-up. Values are checked against independent
+references: the phantom's analytic response, fODFs synthesised with DIPY's
+``sf_to_sh`` from known directions, and the fit's own files (an applied model
+must reproduce its fit, a tournier07 copy must convert back to the DIPY-basis
+file).
+"""
+
+import csv
+import subprocess
+import sys
+from functools import cache
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+from dipy.data import get_sphere
+from dipy.io.peaks import load_pam
+from dipy.io.streamline import load_tractogram
+from dipy.reconst.shm import sh_to_sf, sh_to_sf_matrix
+
+from esdmri.peaks import peaks_from_sh
+from esdmri.reconst.serialization import load_model
+from esdmri.response import TissueResponse
+from esdmri.shm import descoteaux_to_legacy, descoteaux_to_tournier, tournier_to_descoteaux
+from esdmri.sims import make_phantom
+from esdmri.workflows.demo import DemoFlow
+from esdmri.workflows.evaluate import EvaluateFlow
+from esdmri.workflows.fit import FitFlow
+from esdmri.workflows.io import legacy_to_descoteaux, run_workflow
+from esdmri.workflows.plot import PlotFlow
+from esdmri.workflows.response import ResponseFlow
+from esdmri.workflows.track import TrackFlow
+
+SHAPE = (8, 8, 8)
+SPHERE = get_sphere(name="repulsion724")
+# Smallest network: 24-vertex hemisphere (nside 2) > 15 coefficients of order 4.
+TINY_MODEL = ["--sh_order_max", "4", "--nside", "2", "--depth", "2", "--filter_start", "2",
+              "--block_size", "8", "--epochs", "1"]
+
+
+def run_cli(module, *args, cwd=None):
+    """Run ``python -m esdmri.workflows.<module> args``; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", f"esdmri.workflows.{module}",
+                           *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_one_line_error(result, command, match):
+    """Non-zero exit, no traceback, and a last stderr line naming the problem."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{command}: error: "), result.stderr[-2000:]
+    assert match in last, last
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a workflow through its entry point's code path in this process.
+
+    ``in_process(flow, *args)`` returns what ``flow.run`` returns;
+    ``in_process(flow, *args, fails=True)`` returns the one-line message
+    ``run_workflow`` exits with (status 1).
+    """
+    def run(flow, *args, fails=False):
+        monkeypatch.setattr(sys, "argv", [flow.get_short_name()])
+        argv = [str(arg) for arg in args]
+        if not fails:
+            return run_workflow(flow, argv)
+        with pytest.raises(SystemExit) as exit_info:
+            run_workflow(flow, argv)
+        message = exit_info.value.code
+        assert isinstance(message, str) and "\n" not in message
+        assert message.startswith(f"{flow.get_short_name()}: error: ")
+        return message
+    return run
+
+
+@cache
+def sf_to_legacy_sh(sh_order_max):
+    """DIPY's least-squares map from values on SPHERE to legacy descoteaux07 SH."""
+    _, inverse = sh_to_sf_matrix(SPHERE, sh_order_max=sh_order_max, basis_type="descoteaux07",
+                                 legacy=True)
+    return inverse
+
+
+def lobe_sh(directions, weights, sh_order_max=12, kappa=60.0):
+    """Legacy descoteaux07 SH of a sum of sharp lobes along ``directions``.
+
+    Parameters
+    ----------
+    directions : ndarray (..., K, 3), NaN-padded
+    weights : ndarray (..., K), 0 where absent
+    """
+    unit = np.nan_to_num(directions)
+    cosine = np.einsum("...kc,vc->...kv", unit, SPHERE.vertices)
+    sf = np.sum(weights[..., None] * np.exp(-kappa * (1 - cosine**2)), axis=-2)
+    return sf @ sf_to_legacy_sh(sh_order_max)
+
+
+def save_nifti(path, array):
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    phantom = make_phantom(SHAPE, seed=0)
+    phantom.save(folder)
+    files = [folder / f"{tissue}_true.txt" for tissue in phantom.response.tissues]
+    phantom.response.to_mrtrix(files)
+    phantom.folder = folder
+    phantom.dwi = [folder / "dwi.nii.gz", folder / "bvals", folder / "bvecs"]
+    phantom.response_args = [arg for tissue, path in zip(phantom.response.tissues, files)
+                             for arg in (f"--response_{tissue}", path)]
+    return phantom
+
+
+@pytest.fixture(scope="module")
+def fitted(phantom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    result = run_cli("fit", *phantom.dwi, "--mask", phantom.folder / "mask.nii.gz",
+                     *phantom.response_args, *TINY_MODEL, "--tournier", "--out_dir", out)
+    assert_ok(result)
+    return out
+
+
+def test_legacy_to_descoteaux_keeps_the_function():
+    coeffs = np.random.default_rng(0).normal(size=(4, 45))
+    converted = legacy_to_descoteaux(coeffs, 8)
+    np.testing.assert_allclose(
+        sh_to_sf(converted, SPHERE, sh_order_max=8, basis_type="descoteaux07", legacy=False),
+        sh_to_sf(coeffs, SPHERE, sh_order_max=8, basis_type="descoteaux07", legacy=True),
+        atol=1e-10)
+    assert not np.allclose(converted, coeffs)
+
+
+# --------------------------------------------------------------------------
+# esdmri_response
+# --------------------------------------------------------------------------
+
+def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process):
+    # DIPY's GM threshold (MD < 0.0007) misses the phantom's GM (MD 0.0008).
+    args = [*phantom.dwi, "--mask", phantom.folder / "mask.nii.gz", "--gm_md_thr", "0.001",
+            "--out_dir", tmp_path]
+    assert_ok(run_cli("response", *args))
+    files = [tmp_path / f"{tissue}.txt" for tissue in ("wm", "gm", "csf")]
+    response = TissueResponse.from_mrtrix(files, ("wm", "gm", "csf"))
+    np.testing.assert_allclose(response.bvals, [0, 1000, 2000, 3000])
+    # WM voxels of the phantom are pure tensors: DIPY's estimate is close to
+    # the analytic response (b0 row and l = 0, 2 terms of each shell).
+    np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:, :2],
+                               rtol=0.05, atol=1.0)
+
+    before = files[0].read_text()
+    files[0].write_text(before + "# edited\n")
+    refused = run_cli("response", *args)
+    assert_one_line_error(refused, "esdmri_response", "exists already: pass --force")
+    assert files[0].read_text() == before + "# edited\n"
+    in_process(ResponseFlow(), *args, "--force")
+    assert files[0].read_text() == before
+
+
+def test_single_shell_response_writes_wm_only(phantom, tmp_path, in_process):
+    keep = phantom.gtab.bvals < 1500
+    save_nifti(tmp_path / "dwi.nii.gz", phantom.data[..., keep])
+    np.savetxt(tmp_path / "bvals", phantom.gtab.bvals[keep][None])
+    np.savetxt(tmp_path / "bvecs", phantom.gtab.bvecs[keep].T)
+    out = tmp_path / "out"
+    in_process(ResponseFlow(), tmp_path / "dwi.nii.gz", tmp_path / "bvals",
+               tmp_path / "bvecs", "--mask", phantom.folder / "mask.nii.gz", "--out_dir", out)
+    assert sorted(path.name for path in out.iterdir()) == ["wm.txt"]
+    response = TissueResponse.from_mrtrix(out / "wm.txt", "wm")
+    np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:2, :2],
+                               rtol=0.05, atol=1.0)
+
+
+def test_bad_input_gives_one_line_errors(phantom, tmp_path, in_process):
+    message = in_process(ResponseFlow(), tmp_path / "nothing.nii.gz", *phantom.dwi[1:],
+                         "--out_dir", tmp_path, fails=True)
+    assert f"input_files: no file matches {tmp_path / 'nothing.nii.gz'}" in message
+
+    bvals = phantom.gtab.bvals
+    np.savetxt(tmp_path / "short.bval", bvals[:-1][None])
+    message = in_process(ResponseFlow(), phantom.dwi[0], tmp_path / "short.bval",
+                         phantom.dwi[2], "--out_dir", tmp_path, fails=True)
+    assert "do not agree" in message
+    np.savetxt(tmp_path / "short.bvec", phantom.gtab.bvecs[:-1].T)
+    message = in_process(ResponseFlow(), phantom.dwi[0], tmp_path / "short.bval",
+                         tmp_path / "short.bvec", "--out_dir", tmp_path, fails=True)
+    assert (f"has {len(bvals)} volumes but {tmp_path / 'short.bval'} has {len(bvals) - 1} "
+            "b-values") in message
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    message = in_process(ResponseFlow(), *phantom.dwi, "--out_dir", blocker / "sub",
+                         fails=True)
+    assert f"{blocker} is a file, not a folder" in message
+    assert not list(tmp_path.glob("*/*.txt")) and not list(tmp_path.glob("wm.txt"))
+
+
+def test_subjects_writing_the_same_file_are_refused(phantom, tmp_path, in_process):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.nii.gz").symlink_to(phantom.dwi[0])
+    message = in_process(ResponseFlow(), tmp_path / "*.nii.gz", *phantom.dwi[1:],
+                         "--out_dir", tmp_path / "out", fails=True)
+    assert "of the 2 subjects would write" in message and "--mix_names" in message
+
+
+# --------------------------------------------------------------------------
+# esdmri_fit / esdmri_apply
+# --------------------------------------------------------------------------
+
+def test_fit_writes_consistent_outputs(phantom, fitted):
+    shm = nib.load(fitted / "fodf_sh.nii.gz").get_fdata()
+    assert shm.shape == SHAPE + (15,)
+    assert np.any(shm[phantom.mask] != 0) and np.all(shm[~phantom.mask] == 0)
+    # The MRtrix3 copy is the same function in the tournier07 basis.
+    tournier = nib.load(fitted / "fodf_sh_tournier07.nii.gz").get_fdata()
+    np.testing.assert_allclose(descoteaux_to_legacy(tournier_to_descoteaux(tournier, 4), 4),
+                               shm, atol=1e-5)
+    image = nib.load(fitted / "fractions.nii.gz")
+    fractions = image.get_fdata()
+    assert fractions.shape == SHAPE + (3,)
+    assert image.header["descrip"].item().decode().endswith("wm,gm,csf")
+    np.testing.assert_allclose(fractions[phantom.mask].sum(-1), 1, atol=1e-5)
+    # The .pam5 peaks are those of the SH file.
+    pam = load_pam(str(fitted / "peaks.pam5"), verbose=False)
+    directions, _ = peaks_from_sh(legacy_to_descoteaux(shm, 4), sphere=pam.sphere,
+                                  mask=phantom.mask)
+    found = np.isfinite(directions[..., 0])
+    assert found.any()
+    np.testing.assert_allclose(np.abs(np.sum(pam.peak_dirs * np.nan_to_num(directions), -1))
+                               [found], 1, atol=1e-3)
+    assert load_model(fitted / "model.pt", verbose=False).training_history
+    assert mpimg.imread(fitted / "training_curve.png").std() > 0
+
+
+def test_fit_refuses_to_overwrite(phantom, fitted, in_process):
+    before = (fitted / "fodf_sh.nii.gz").read_bytes()
+    message = in_process(FitFlow(), *phantom.dwi, *phantom.response_args, *TINY_MODEL,
+                         "--out_dir", fitted, fails=True)
+    assert "exists already: pass --force" in message
+    assert (fitted / "fodf_sh.nii.gz").read_bytes() == before
+
+
+def test_apply_reproduces_the_fit(phantom, fitted, tmp_path):
+    result = run_cli("apply", fitted / "model.pt", *phantom.dwi, "--mask",
+                     phantom.folder / "mask.nii.gz", "--out_dir", tmp_path)
+    assert_ok(result)
+    assert "esdmri_apply" in result.stderr  # the progress bar over subjects
+    assert not (tmp_path / "model.pt").exists()
+    np.testing.assert_allclose(nib.load(tmp_path / "fodf_sh.nii.gz").get_fdata(),
+                               nib.load(fitted / "fodf_sh.nii.gz").get_fdata(), atol=1e-4)
+    np.testing.assert_allclose(nib.load(tmp_path / "fractions.nii.gz").get_fdata(),
+                               nib.load(fitted / "fractions.nii.gz").get_fdata(), atol=1e-4)
+    load_pam(str(tmp_path / "peaks.pam5"), verbose=False)
+
+
+# --------------------------------------------------------------------------
+# esdmri_track
+# --------------------------------------------------------------------------
+
+def test_deterministic_tracking_follows_an_oblique_fibre(tmp_path):
+    # An oblique fibre catches a basis mix-up: legacy and non-legacy
+    # descoteaux07 differ by a reflection that would turn it.
+    direction = np.array([1.0, 1.0, 0.5]) / 1.5
+    shape = (10, 10, 10)
+    sh = lobe_sh(np.broadcast_to(direction, shape + (1, 3)), np.ones(shape + (1,)),
+                 sh_order_max=8)
+    save_nifti(tmp_path / "sh.nii.gz", sh)
+    seeds = np.zeros(shape)
+    seeds[4:6, 4:6, 4:6] = 1
+    save_nifti(tmp_path / "seeds.nii.gz", seeds)
+    result = run_cli("track", tmp_path / "sh.nii.gz", "--seeds", tmp_path / "seeds.nii.gz",
+                     "--min_length", 2, "--out_dir", tmp_path)
+    assert_ok(result)
+    tractogram = load_tractogram(str(tmp_path / "tractogram.trk"), "same")
+    assert len(tractogram.streamlines) == 8
+    steps = np.concatenate([np.diff(line, axis=0) for line in tractogram.streamlines])
+    cosine = np.abs(steps @ direction) / np.linalg.norm(steps, axis=1)
+    assert np.degrees(np.arccos(np.clip(cosine.min(), 0, 1))) < 5
+    points = np.concatenate(list(tractogram.streamlines))
+    assert points.min() >= -0.5 and points.max() <= 9.5  # identity affine: RAS mm = voxels
+
+
+def test_probabilistic_tracking_from_pam5_to_trx(fitted, tmp_path, in_process):
+    in_process(TrackFlow(), fitted / "peaks.pam5", "--stop", fitted / "fractions.nii.gz",
+               "--threshold", 0.3, "--tracker", "prob", "--min_length", 1,
+               "--out_tractogram", "prob.trx", "--out_dir", tmp_path)
+    tractogram = load_tractogram(str(tmp_path / "prob.trx"), "same")
+    assert tractogram.dimensions.tolist() == list(SHAPE)
+    message = in_process(TrackFlow(), fitted / "peaks.pam5", "--out_tractogram", "x.nii",
+                         "--out_dir", tmp_path, fails=True)
+    assert "out_tractogram must end with" in message
+
+
+# --------------------------------------------------------------------------
+# esdmri_eval
+# --------------------------------------------------------------------------
+
+def read_rows(path):
+    with open(path) as handle:
+        return {row["subset"]: row for row in csv.DictReader(handle)}
+
+
+def test_eval_scores_known_fodfs(phantom, tmp_path):
+    save_nifti(tmp_path / "a_truth_like.nii.gz",
+               lobe_sh(phantom.fibre_dirs, phantom.fibre_fractions))
+    # Fibres turned by 90 degrees about z: in-plane single fibres are 90 degrees off.
+    turned = phantom.fibre_dirs @ np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1.0]])
+    save_nifti(tmp_path / "b_turned.nii.gz", lobe_sh(turned, phantom.fibre_fractions))
+    result = run_cli("evaluate", tmp_path / "*.nii.gz", phantom.folder / "ground_truth.npz",
+                     "--relative_peak_threshold", 0.2, "--mix_names", "--out_dir", tmp_path)
+    assert_ok(result)
+    assert "angular_error" in result.stdout
+    good = read_rows(next(tmp_path.glob("a_truth_like*metrics.csv")))
+    assert int(good["all"]["n_voxels"]) == int(np.count_nonzero(phantom.n_fibres))
+    assert float(good["1 fibre"]["angular_error"]) < 3
+    assert float(good["1 fibre"]["success_rate"]) == 1
+    bad = read_rows(next(tmp_path.glob("b_turned*metrics.csv")))
+    assert float(bad["1 fibre"]["angular_error"]) > 45
+
+
+def test_eval_reads_a_disco_folder(tmp_path, in_process):
+    # A fake low-resolution DiSCo phantom 2 as esdmri_fetch lays it out, with
+    # one noisy DWI only and MRtrix3-basis (tournier07) ground truth.
+    folder = tmp_path / "home" / "disco" / "disco_2"
+    folder.mkdir(parents=True)
+    shape = (20, 20, 20)
+    bvals = np.r_[0.0, np.full(6, 1000.0)]
+    bvecs = np.vstack([np.zeros(3), SPHERE.vertices[:6]])
+    np.savetxt(folder / "DiSCo_gradients.bvals", bvals[None])
+    np.savetxt(folder / "DiSCo_gradients_dipy.bvecs", bvecs.T)
+    save_nifti(folder / "lowRes_DiSCo2_DWI_RicianNoise-snr30.nii.gz", np.ones(shape + (7,)))
+    mask = np.zeros(shape)
+    mask[5:15, 5:15, 8:12] = 1
+    save_nifti(folder / "lowRes_DiSCo2_mask.nii.gz", mask)
+    direction = np.array([1.0, 1.0, 0.5]) / 1.5
+    lobe = lobe_sh(np.broadcast_to(direction, shape + (1, 3)), mask[..., None])
+    save_nifti(folder / "lowRes_DiSCo2_Strand_ODFs.nii.gz",
+               descoteaux_to_tournier(legacy_to_descoteaux(lobe, 12), 12))
+    save_nifti(tmp_path / "sh.nii.gz", lobe_sh(np.broadcast_to(direction, shape + (1, 3)),
+                                               mask[..., None], sh_order_max=8))
+    in_process(EvaluateFlow(), tmp_path / "sh.nii.gz", folder, "--out_dir", tmp_path)
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert int(rows["all"]["n_voxels"]) == mask.sum()
+    assert float(rows["all"]["angular_error"]) < 2
+    assert float(rows["all"]["success_rate"]) == 1
+
+
+def test_eval_pam5_and_fractions(phantom, fitted, tmp_path, in_process):
+    truth = phantom.folder / "ground_truth.npz"
+    true_fractions = save_nifti(tmp_path / "true_fractions.nii.gz", phantom.tissue_fractions)
+    in_process(EvaluateFlow(), fitted / "peaks.pam5", truth, "--fractions", true_fractions,
+               "--out_dir", tmp_path)
+    assert read_rows(tmp_path / "metrics.csv")["all"]["n_voxels"]
+    with open(tmp_path / "fraction_metrics.csv") as handle:
+        scores = next(csv.DictReader(handle))
+    assert float(scores["mae"]) < 1e-6 and float(scores["kl"]) < 1e-6
+    message = in_process(EvaluateFlow(), true_fractions, truth, "--out_dir", tmp_path / "x",
+                         fails=True)
+    assert "coefficients in its last axis" in message
+
+
+# --------------------------------------------------------------------------
+# esdmri_plot
+# --------------------------------------------------------------------------
+
+def test_plot_writes_distinct_figures(phantom, fitted, tmp_path, in_process):
+    save_nifti(tmp_path / "a_sh.nii.gz", lobe_sh(phantom.fibre_dirs, phantom.fibre_fractions))
+    turned = phantom.fibre_dirs[..., ::-1]  # x and z swapped
+    save_nifti(tmp_path / "b_sh.nii.gz", lobe_sh(turned, phantom.fibre_fractions))
+    result = run_cli("plot", tmp_path / "*_sh.nii.gz", "--mix_names",
+                     "--fractions", fitted / "fractions.nii.gz", "--background",
+                     fitted / "fractions.nii.gz", "--out_dir", tmp_path / "figures")
+    assert_ok(result)
+    figures = sorted((tmp_path / "figures").glob("*odf_slice.png"))
+    assert len(figures) == 2
+    first, second = (mpimg.imread(path) for path in figures)
+    assert first.std() > 0 and first.shape == second.shape
+    assert np.abs(first - second).mean() > 1e-3
+    assert len(list((tmp_path / "figures").glob("*fraction_maps.png"))) == 2
+    in_process(PlotFlow(), fitted / "peaks.pam5", "--peaks", "--axis", 0, "--index", 3,
+               "--out_dir", tmp_path)
+    assert mpimg.imread(tmp_path / "odf_slice.png").std() > 0
+
+
+# --------------------------------------------------------------------------
+# esdmri_demo
+# --------------------------------------------------------------------------
+
+def test_demo_runs_end_to_end(tmp_path, in_process):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--quick", "--size", 8, "--epochs", 1, "--out_dir", out)
+    assert_ok(result)
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["RT-ESD", "RT-ESD", "CSD", "CSD"]
+    # CSD with the true response finds the single fibres of the phantom.
+    assert float(rows[2]["angular_error"]) < 15
+    assert str(out / "results.md") in result.stdout
+    for method in ("rtesd", "csd"):
+        load_pam(str(out / method / "peaks.pam5"), verbose=False)
+        load_tractogram(str(out / method / "tractogram.trk"), "same")
+    assert mpimg.imread(out / "figures" / "angular_error_vs_crossing.png").std() > 0
+    message = in_process(DemoFlow(), "--quick", "--size", 8, "--out_dir", out, fails=True)
+    assert "exists already: pass --force" in message

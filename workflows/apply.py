@@ -1,0 +1,106 @@
+"""``esdmri_apply``: run a trained model on other scans (inference only).
+
+Examples
+--------
+``esdmri_apply fit/model.pt "sub-*/dwi.nii.gz" "sub-*/dwi.bval"
+"sub-*/dwi.bvec" --mask "sub-*/mask.nii.gz" --out_strat append
+--out_dir esdmri`` writes ``fodf_sh.nii.gz``, ``fractions.nii.gz`` and
+``peaks.pam5`` into ``sub-*/esdmri/``. The scans need the shells of the
+training scan; their directions may differ.
+"""
+
+from dipy.utils.logging import logger
+from tqdm import tqdm
+
+from esdmri.reconst.serialization import load_model
+
+from .fit import write_fit_outputs
+from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow,
+                 verbose_logging)
+
+
+class ApplyFlow(EsdmriWorkflow):
+    @classmethod
+    def get_short_name(cls):
+        return "esdmri_apply"
+
+    def run(self, model_files, input_files, bvalues_files, bvectors_files, mask=None,
+            b0_threshold=50.0, device="cpu", tournier=False, relative_peak_threshold=0.5,
+            min_separation_angle=25.0, npeaks=5, out_dir="", out_shm="fodf_sh.nii.gz",
+            out_tournier="fodf_sh_tournier07.nii.gz", out_fractions="fractions.nii.gz",
+            out_peaks="peaks.pam5"):
+        """Deconvolve scans with a model trained by esdmri_fit, without training.
+
+        The model keeps the response functions it was trained with, so the
+        scans must have the same shells (b-values); their gradient
+        directions may differ, since signals are interpolated onto the
+        network's sphere. Outputs as esdmri_fit: WM fODF SH (DIPY default
+        basis), tissue fractions (wm, gm, csf order), .pam5 peaks.
+
+        Parameters
+        ----------
+        model_files : string
+            Model file(s) written by esdmri_fit (one for all scans, or one per scan).
+        input_files : string
+            4D diffusion NIfTI file(s); a glob processes one subject at a time.
+        bvalues_files : string
+            FSL b-value file(s).
+        bvectors_files : string
+            FSL b-vector file(s).
+        mask : string, optional
+            Brain mask NIfTI (one file, or a glob with one file per subject).
+        b0_threshold : float, optional
+            b-values up to this count as b0.
+        device : string, optional
+            cpu, cuda or cuda:N.
+        tournier : bool, optional
+            Also write the fODF in MRtrix3's tournier07 basis (out_tournier).
+        relative_peak_threshold : float, optional
+            Peaks below this fraction of the largest peak are dropped.
+        min_separation_angle : float, optional
+            Degrees; closer peaks are merged.
+        npeaks : int, optional
+            Most peaks per voxel in the .pam5 file.
+        out_dir : string, optional
+            Output folder (default: current folder).
+        out_shm : string, optional
+            WM fODF SH NIfTI (DIPY default basis).
+        out_tournier : string, optional
+            WM fODF SH NIfTI in the tournier07 basis (with --tournier).
+        out_fractions : string, optional
+            4D tissue volume-fraction NIfTI.
+        out_peaks : string, optional
+            DIPY peaks file (.pam5).
+
+        Returns
+        -------
+        fits : list of DeconvolutionFit
+            One per subject.
+        """
+        io_it = self.get_io_iterator(skip_outputs=() if tournier else ("out_tournier",))
+        masks = match_optional("mask", mask, len(io_it))
+        fits = []
+        subjects = tqdm(list(zip(io_it, masks)), desc="esdmri_apply", unit="scan",
+                        disable=not verbose_logging())
+        for paths, mask_path in subjects:
+            (model_path, dwi, bvals, bvecs, shm_path, tournier_path, fractions_path,
+             peaks_path) = paths
+            data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
+            model = load_model(model_path, gtab=gtab, device=device, verbose=False)
+            fit = model.fit(data, load_mask(mask_path, data.shape[:3]))
+            write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
+                              tournier_path if tournier else None,
+                              relative_peak_threshold, min_separation_angle, npeaks)
+            logger.debug(f"{dwi}: wrote {shm_path}, {fractions_path}, {peaks_path}")
+            fits.append(fit)
+        logger.info(f"deconvolved {len(fits)} scan(s); outputs as {self.flat_outputs[-1]}")
+        return fits
+
+
+def main():
+    """Entry point of ``esdmri_apply``."""
+    run_workflow(ApplyFlow())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""``esdmri_eval``: peak accuracy of fODFs against a ground truth.
+
+Examples
+--------
+``esdmri_eval fit/peaks.pam5 phantom/ground_truth.npz`` scores the peaks of an
+``esdmri_fit`` run on an esdmri phantom; ``esdmri_eval csd_sh.nii.gz
+~/.esdmri/disco/disco_1`` scores SH fODFs (peaks extracted at
+``--relative_peak_threshold``) against DiSCo phantom 1 (fetched with
+``esdmri_fetch disco``). The table goes to stdout and to ``metrics.csv``.
+"""
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+from dipy.io.image import load_nifti
+from dipy.utils.logging import logger
+
+from esdmri.metrics import evaluate_fractions, evaluate_peaks
+from esdmri.peaks import peaks_from_sh, sh_order_from_coeffs
+
+from .io import (EsdmriWorkflow, legacy_to_descoteaux, load_fodf, load_mask, match_optional,
+                 run_workflow)
+
+PEAK_COLUMNS = ("subset", "n_voxels", "angular_error", "angular_error_median",
+                "success_rate", "tp", "fp", "fn", "fp_rate", "fn_rate")
+DISCO_GRIDS = {40: "high", 20: "low"}
+_DISCO_FOLDER = re.compile(r"disco_(\d)")
+# DiSCo DWIs read_disco may load (any one gives the same ground truth).
+_DISCO_SNRS = (None, 10, 20, 30, 40, 50)
+
+
+class GroundTruth:
+    """Ground-truth fibre directions (and fractions when known) of a volume.
+
+    Attributes
+    ----------
+    fibre_dirs : ndarray, shape (X, Y, Z, K, 3)
+        NaN-padded unit directions in the voxel frame.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Voxels with at least one fibre.
+    tissue_fractions : ndarray, shape (X, Y, Z, 3) or None
+        (wm, gm, csf) volume fractions, when the ground truth has them.
+    source : str
+    """
+
+    def __init__(self, fibre_dirs, tissue_fractions, source):
+        self.fibre_dirs = fibre_dirs
+        self.mask = np.isfinite(fibre_dirs).all(axis=-1).any(axis=-1)
+        self.tissue_fractions = tissue_fractions
+        self.source = source
+
+
+def read_ground_truth(path, spatial_shape):
+    """An esdmri phantom's ``ground_truth.npz`` or a DiSCo phantom folder.
+
+    Parameters
+    ----------
+    path : str
+        ``ground_truth.npz`` written by ``Phantom.save``, or a DiSCo folder
+        ``<data_home>/disco/disco_<N>`` (as ``esdmri_fetch disco`` makes it).
+    spatial_shape : tuple of 3 int
+        Grid of the fODFs to score (40^3 picks DiSCo's high resolution,
+        20^3 the low one).
+
+    Returns
+    -------
+    truth : GroundTruth
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_disco_truth(path, spatial_shape)
+    if path.suffix != ".npz":
+        raise ValueError(f"ground_truth must be an esdmri ground_truth.npz or a DiSCo "
+                         f"folder (disco_<N>), got {path}")
+    with np.load(path, allow_pickle=False) as truth:
+        if "fibre_dirs" not in truth:
+            raise ValueError(f"{path} has no fibre_dirs: not an esdmri phantom ground truth")
+        fibre_dirs = truth["fibre_dirs"]
+        fractions = truth["tissue_fractions"] if "tissue_fractions" in truth else None
+    _check_grid(fibre_dirs.shape[:3], spatial_shape, path)
+    return GroundTruth(fibre_dirs, fractions, str(path))
+
+
+def _read_disco_truth(folder, spatial_shape):
+    from esdmri.data_fetchers.disco import disco_folder, dwi_file_name, read_disco
+
+    match = _DISCO_FOLDER.fullmatch(folder.name)
+    if match is None:
+        raise ValueError(f"ground_truth folder {folder} must be a DiSCo folder named "
+                         "disco_<N> (as esdmri_fetch disco makes it)")
+    resolution = DISCO_GRIDS.get(spatial_shape[0])
+    if resolution is None or len(set(spatial_shape)) != 1:
+        raise ValueError(f"DiSCo grids are 40^3 or 20^3 but the fODFs have shape "
+                         f"{tuple(spatial_shape)}")
+    phantom = int(match.group(1))
+    data_home = folder.parent.parent
+    # read_disco looks in <data_home>/disco/disco_<N> (then in DIPY's folder).
+    if disco_folder(phantom, data_home).resolve() != folder.resolve():
+        raise ValueError(f"ground_truth folder {folder} must sit at "
+                         "<data_home>/disco/disco_<N>, as esdmri_fetch and DIPY's fetchers "
+                         "lay it out")
+    # read_disco loads a DWI too; any SNR gives the same ground truth. When
+    # none is present, read_disco's error names the files to fetch.
+    snr = next((snr for snr in _DISCO_SNRS
+                if (folder / dwi_file_name(phantom, resolution, snr)).is_file()), None)
+    disco = read_disco(phantom, resolution, snr=snr, data_home=data_home)
+    return GroundTruth(disco.gt_peak_dirs, None, str(folder))
+
+
+def _check_grid(truth_shape, spatial_shape, path):
+    if tuple(truth_shape) != tuple(spatial_shape):
+        raise ValueError(f"ground truth {path} covers a {tuple(truth_shape)} grid but the "
+                         f"fODFs have {tuple(spatial_shape)}")
+
+
+def predicted_peaks(path, relative_peak_threshold=0.5, min_separation_angle=25, npeaks=5):
+    """Peak directions of a .pam5 file, or extracted from a SH NIfTI.
+
+    Parameters
+    ----------
+    path : str
+        ``.pam5`` (its peaks are used as they are) or a SH NIfTI in DIPY's
+        default basis (peaks found by :func:`esdmri.peaks.peaks_from_sh`).
+    relative_peak_threshold, min_separation_angle, npeaks
+        Peak extraction of SH input.
+
+    Returns
+    -------
+    directions : ndarray, shape (X, Y, Z, P, 3)
+        Zero- or NaN-padded.
+    """
+    shm_coeff, _, pam = load_fodf(path)
+    if pam is not None:
+        return np.asarray(pam.peak_dirs, dtype=float)
+    coeffs = legacy_to_descoteaux(shm_coeff, sh_order_from_coeffs(shm_coeff.shape[-1]))
+    directions, _ = peaks_from_sh(coeffs, relative_peak_threshold=relative_peak_threshold,
+                                  min_separation_angle=min_separation_angle, npeaks=npeaks)
+    return directions
+
+
+def peak_table(summary):
+    """Rows of :data:`PEAK_COLUMNS` from :func:`esdmri.metrics.evaluate_peaks`."""
+    subsets = {"all": summary["all"], "crossing": summary["crossing"]}
+    subsets.update({f"{n} fibre{'s' if n > 1 else ''}": value
+                    for n, value in summary["by_n_fibres"].items()})
+    subsets.update({f"crossing {low:g}-{high:g} deg": value
+                    for (low, high), value in summary["by_crossing_angle"].items()})
+    return [{"subset": name, **{key: values[key] for key in PEAK_COLUMNS[1:]}}
+            for name, values in subsets.items() if values["n_voxels"] > 0]
+
+
+def format_table(rows, columns):
+    """Fixed-width text table (floats with 3 decimals)."""
+    def cell(value):
+        if isinstance(value, float):
+            return "nan" if np.isnan(value) else f"{value:.3f}"
+        return str(value)
+
+    cells = [[cell(row[column]) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells))
+              for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(value.rjust(width) if i else value.ljust(width)
+                        for i, (value, width) in enumerate(zip(line, widths)))
+              for line in cells]
+    return "\n".join(lines)
+
+
+def write_csv(path, rows, columns):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class EvaluateFlow(EsdmriWorkflow):
+    folder_inputs = ("ground_truth",)
+
+    @classmethod
+    def get_short_name(cls):
+        return "esdmri_eval"
+
+    def run(self, input_files, ground_truth, mask=None, fractions=None,
+            relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5,
+            match_angle=25.0, out_dir="", out_csv="metrics.csv",
+            out_fractions_csv="fraction_metrics.csv"):
+        """Score fODF peaks against ground-truth fibres (table to stdout and CSV).
+
+        Angular error (mean over the true fibres of the angle to the nearest
+        peak), success rate (as many peaks as fibres, all matched), and
+        true/false positive and false negative peak counts with one-to-one
+        matching within match_angle degrees; overall, over crossing voxels,
+        per number of fibres and per crossing-angle bin.
+
+        Parameters
+        ----------
+        input_files : string
+            .pam5 file(s) (their peaks are scored as they are) or fODF SH
+            NIfTI file(s) in DIPY's default basis (peaks are extracted first).
+        ground_truth : string
+            ground_truth.npz of an esdmri phantom (Phantom.save), or a DiSCo
+            folder disco_<N> as esdmri_fetch makes it (any DWI of it must be
+            present; 40^3 fODFs use the high-resolution truth, 20^3 the low).
+        mask : string, optional
+            Voxels to score (NIfTI); default: every voxel with a true fibre.
+        fractions : string, optional
+            4D tissue-fraction NIfTI (wm, gm, csf) of esdmri_fit, scored
+            against the phantom's true fractions over its brain mask.
+        relative_peak_threshold : float, optional
+            Peak threshold for SH input.
+        min_separation_angle : float, optional
+            Degrees; closer peaks of SH input are merged.
+        npeaks : int, optional
+            Most peaks per voxel of SH input.
+        match_angle : float, optional
+            Largest angle (degrees) between a matched peak and fibre.
+        out_dir : string, optional
+            Output folder (default: current folder).
+        out_csv : string, optional
+            Peak metrics table (CSV).
+        out_fractions_csv : string, optional
+            Fraction metrics (CSV, with --fractions).
+
+        Returns
+        -------
+        tables : list of list of dict
+            The peak table of each input.
+        """
+        io_it = self.get_io_iterator(
+            skip_outputs=() if fractions else ("out_fractions_csv",))
+        masks = match_optional("mask", mask, len(io_it))
+        fraction_maps = match_optional("fractions", fractions, len(io_it))
+        tables = []
+        for paths, mask_path, fractions_path in zip(io_it, masks, fraction_maps):
+            fodf_path, truth_path, csv_path, fractions_csv_path = paths
+            directions = predicted_peaks(fodf_path, relative_peak_threshold,
+                                         min_separation_angle, npeaks)
+            truth = read_ground_truth(truth_path, directions.shape[:3])
+            score_mask = (truth.mask if mask_path is None
+                          else load_mask(mask_path, directions.shape[:3]))
+            rows = peak_table(evaluate_peaks(directions, truth.fibre_dirs, score_mask,
+                                             threshold_deg=match_angle))
+            print(f"{fodf_path} vs {truth.source}")
+            print(format_table(rows, PEAK_COLUMNS))
+            write_csv(csv_path, rows, PEAK_COLUMNS)
+            written = [csv_path]
+            if fractions_path is not None:
+                row = score_fractions(fractions_path, truth)
+                print(format_table([row], list(row)))
+                write_csv(fractions_csv_path, [row], list(row))
+                written.append(fractions_csv_path)
+            logger.info(f"wrote {', '.join(written)}")
+            tables.append(rows)
+        return tables
+
+
+def score_fractions(path, truth):
+    """Fraction metrics of a (wm, gm, csf) NIfTI over the phantom's brain mask."""
+    if truth.tissue_fractions is None:
+        raise ValueError(f"--fractions needs a ground truth with tissue fractions "
+                         f"(an esdmri phantom); {truth.source} has none")
+    predicted, _ = load_nifti(path)
+    if predicted.shape != truth.tissue_fractions.shape:
+        raise ValueError(f"fractions {path} has shape {predicted.shape}; the ground "
+                         f"truth has {truth.tissue_fractions.shape} (wm, gm, csf)")
+    brain = truth.tissue_fractions.sum(axis=-1) > 0
+    return evaluate_fractions(predicted, truth.tissue_fractions, brain)
+
+
+def main():
+    """Entry point of ``esdmri_eval``."""
+    run_workflow(EvaluateFlow())
+
+
+if __name__ == "__main__":
+    main()

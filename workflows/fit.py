@@ -1,0 +1,238 @@
+"""``esdmri_fit``: train a deconvolution network on a scan and write its fODFs.
+
+Examples
+--------
+``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --mask mask.nii.gz --out_dir fit``
+trains RT-ESD with responses estimated from the scan and writes
+``fodf_sh.nii.gz``, ``fractions.nii.gz``, ``peaks.pam5``, ``model.pt`` and
+``training_curve.png``. With MRtrix3 responses and an MRtrix3 copy of the
+fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
+--response_gm gm.txt --response_csf csf.txt --tournier``.
+"""
+
+import matplotlib.pyplot as plt
+import numpy as np
+from dipy.io.peaks import save_pam
+from dipy.utils.logging import logger
+
+from esdmri.reconst.models import MODEL_CLASSES
+from esdmri.response import TissueResponse
+from esdmri.shm import descoteaux_to_tournier
+from esdmri.viz import plot_training_curves, save_figure
+
+from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
+                 match_optional, run_workflow, save_map, verbose_logging)
+from .response import estimate_tissue_response
+
+
+def read_responses(response_wm=None, response_gm=None, response_csf=None):
+    """MRtrix3 response files -> TissueResponse, or None when none is given.
+
+    Parameters
+    ----------
+    response_wm, response_gm, response_csf : str, optional
+        MRtrix3 response text files; WM is required when any is given.
+
+    Returns
+    -------
+    response : TissueResponse or None
+    """
+    files = {"wm": response_wm, "gm": response_gm, "csf": response_csf}
+    given = {tissue: path for tissue, path in files.items() if path is not None}
+    if not given:
+        return None
+    if "wm" not in given:
+        raise ValueError("response_wm is required when response_gm or response_csf is "
+                         "given: the WM response defines the fODF")
+    return TissueResponse.from_mrtrix(list(given.values()), tuple(given))
+
+
+def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tournier=None,
+                      relative_peak_threshold=0.5, min_separation_angle=25, npeaks=5):
+    """Write the maps of a deconvolution fit.
+
+    Parameters
+    ----------
+    fit : esdmri.reconst.fit.DeconvolutionFit
+    affine : ndarray, shape (4, 4)
+    out_shm : str
+        WM fODF SH NIfTI in DIPY's default basis (legacy descoteaux07).
+    out_fractions : str
+        4D NIfTI of volume fractions, one volume per tissue in the order of
+        the response (wm, gm, csf; wm only for single-shell data), recorded
+        in the header's description.
+    out_peaks : str
+        DIPY ``.pam5`` peaks (with the SH coefficients and GFA).
+    out_tournier : str, optional
+        Copy of the fODF in MRtrix3's ``tournier07`` basis.
+    relative_peak_threshold, min_separation_angle, npeaks
+        Peak extraction, see :meth:`DeconvolutionFit.peaks`.
+
+    Returns
+    -------
+    pam : dipy.direction.peaks.PeaksAndMetrics
+        The peaks written to ``out_peaks``.
+    """
+    save_map(out_shm, fit.shm_coeff, affine,
+             f"esdmri WM fODF SH order {fit.sh_order_max} descoteaux07 legacy")
+    if out_tournier is not None:
+        save_map(out_tournier,
+                 descoteaux_to_tournier(fit.shm_coeff_descoteaux07, fit.sh_order_max),
+                 affine, f"esdmri WM fODF SH order {fit.sh_order_max} tournier07")
+    fractions = fit.volume_fractions
+    save_map(out_fractions, np.stack(list(fractions.values()), axis=-1), affine,
+             FRACTIONS_DESCRIPTION + ",".join(fractions))
+    pam = fit.peaks(relative_peak_threshold=relative_peak_threshold,
+                    min_separation_angle=min_separation_angle, npeaks=npeaks, affine=affine)
+    save_pam(out_peaks, pam, affine=affine)
+    return pam
+
+
+class FitFlow(EsdmriWorkflow):
+    @classmethod
+    def get_short_name(cls):
+        return "esdmri_fit"
+
+    def run(self, input_files, bvalues_files, bvectors_files, mask=None,
+            response_wm=None, response_gm=None, response_csf=None, model="rtesd",
+            b0_threshold=50.0, sh_order_max=8, nside=8, depth=3, filter_start=8,
+            block_size=12, epochs=30, batch_size=4, lr=1.7e-3, total_variation=0.0,
+            device="cpu", seed=0, tournier=False, relative_peak_threshold=0.5,
+            min_separation_angle=25.0, npeaks=5, out_dir="",
+            out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
+            out_fractions="fractions.nii.gz", out_peaks="peaks.pam5",
+            out_model="model.pt", out_curve="training_curve.png"):
+        """Train an equivariant deconvolution network on a scan (no labels needed).
+
+        The network (RT-ESD by default) learns, on the scan itself, fODFs and
+        tissue fractions whose convolution with the response functions
+        reproduces the measured signal. Outputs: the WM fODF as SH
+        coefficients in DIPY's default basis (legacy descoteaux07, what
+        dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
+        (tournier07) copy, a 4D map of tissue volume fractions (volumes in
+        the order wm, gm, csf; wm only for single-shell data), DIPY peaks
+        (.pam5), the trained model (for esdmri_apply) and a training-curve
+        figure.
+
+        Parameters
+        ----------
+        input_files : string
+            4D diffusion NIfTI file(s); a glob processes one subject at a time.
+        bvalues_files : string
+            FSL b-value file(s).
+        bvectors_files : string
+            FSL b-vector file(s).
+        mask : string, optional
+            Brain mask NIfTI (one file, or a glob with one file per subject);
+            default: every voxel with a positive b0 signal.
+        response_wm : string, optional
+            MRtrix3 WM response file (e.g. from esdmri_response or
+            dwi2response); default: estimated from each scan inside the mask
+            as esdmri_response does with its default thresholds (DIPY's MSMT
+            estimator for multi-shell scans, auto_response_ssst otherwise).
+        response_gm : string, optional
+            MRtrix3 GM response file.
+        response_csf : string, optional
+            MRtrix3 CSF response file.
+        model : string, optional
+            Network: rtesd (roto-translation equivariant), esd (voxel-wise
+            equivariant) or cesd (neighbourhood concatenation).
+        b0_threshold : float, optional
+            b-values up to this count as b0.
+        sh_order_max : int, optional
+            Even SH order of the WM fODF.
+        nside : int, optional
+            HEALPix resolution of the network's sphere (a power of 2).
+        depth : int, optional
+            U-Net levels (each halves nside).
+        filter_start : int, optional
+            Channels of the first U-Net level.
+        block_size : int, optional
+            Edge (voxels) of the training windows and inference blocks;
+            smaller blocks need less memory.
+        epochs : int, optional
+            Training passes over the mask.
+        batch_size : int, optional
+            Training windows per optimiser step.
+        lr : float, optional
+            Adam learning rate.
+        total_variation : float, optional
+            Weight of the spatial total-variation loss (0: off).
+        device : string, optional
+            cpu, cuda or cuda:N.
+        seed : int, optional
+            Seed of the weights and of the window order.
+        tournier : bool, optional
+            Also write the fODF in MRtrix3's tournier07 basis (out_tournier).
+        relative_peak_threshold : float, optional
+            Peaks below this fraction of the largest peak are dropped.
+        min_separation_angle : float, optional
+            Degrees; closer peaks are merged.
+        npeaks : int, optional
+            Most peaks per voxel in the .pam5 file.
+        out_dir : string, optional
+            Output folder (default: current folder).
+        out_shm : string, optional
+            WM fODF SH NIfTI (DIPY default basis).
+        out_tournier : string, optional
+            WM fODF SH NIfTI in the tournier07 basis (with --tournier).
+        out_fractions : string, optional
+            4D tissue volume-fraction NIfTI.
+        out_peaks : string, optional
+            DIPY peaks file (.pam5).
+        out_model : string, optional
+            Trained model file (read by esdmri_apply).
+        out_curve : string, optional
+            Training-curve figure (.png).
+
+        Returns
+        -------
+        fits : list of DeconvolutionFit
+            One per subject.
+        """
+        if model not in MODEL_CLASSES:
+            raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+        response = read_responses(response_wm, response_gm, response_csf)
+        io_it = self.get_io_iterator(skip_outputs=() if tournier else ("out_tournier",))
+        masks = match_optional("mask", mask, len(io_it))
+        fits = []
+        for paths, mask_path in zip(io_it, masks):
+            (dwi, bvals, bvecs, shm_path, tournier_path, fractions_path, peaks_path,
+             model_path, curve_path) = paths
+            data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
+            brain = load_mask(mask_path, data.shape[:3])
+            if response is None:
+                subject_response = estimate_tissue_response(gtab, data, brain)
+                logger.info(f"{dwi}: estimated {subject_response}")
+            else:
+                subject_response = response
+            deconvolution = MODEL_CLASSES[model](
+                gtab, subject_response, sh_order_max=sh_order_max, nside=nside, depth=depth,
+                filter_start=filter_start, block_size=block_size, epochs=epochs,
+                batch_size=batch_size, lr=lr, total_variation=total_variation, device=device,
+                seed=seed,
+                verbose=verbose_logging())
+            logger.info(f"{dwi}: training {model} ({epochs} epochs on {device})")
+            fit = deconvolution.fit(data, brain)
+            write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
+                              tournier_path if tournier else None,
+                              relative_peak_threshold, min_separation_angle, npeaks)
+            # Existing files were refused or allowed (--force) by get_io_iterator.
+            deconvolution.save(model_path, force=True)
+            figure = plot_training_curves(fit.training_history).figure
+            save_figure(figure, curve_path, force=True)
+            plt.close(figure)
+            logger.info(f"{dwi}: wrote {shm_path}, {fractions_path} "
+                        f"({', '.join(fit.volume_fractions)}), {peaks_path}, {model_path}, "
+                        f"{curve_path}" + (f", {tournier_path}" if tournier else ""))
+            fits.append(fit)
+        return fits
+
+
+def main():
+    """Entry point of ``esdmri_fit``."""
+    run_workflow(FitFlow())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Shared pieces of the esdmri command-line workflows.
+
+:class:`EsdmriWorkflow` is DIPY's ``Workflow`` with stricter input/output
+handling: ``get_io_iterator`` resolves the input globs one subject at a
+time like DIPY's, but refuses (rather than silently skipping) to overwrite
+existing outputs without ``--force``, refuses two subjects writing the same
+file, checks that ``--out_dir`` can be created, and names the argument when
+a glob matches nothing. :func:`run_workflow` turns the errors of bad input
+into one line on stderr and exit status 1.
+"""
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.io.gradients import read_bvals_bvecs
+from dipy.io.image import load_nifti
+from dipy.utils.logging import logger
+from dipy.workflows.base import get_args_default
+from dipy.workflows.flow_runner import run_flow
+from dipy.workflows.multi_io import _resolve_path_or_pattern, connect_output_paths
+from dipy.workflows.workflow import Workflow
+
+from esdmri.shm import descoteaux_to_legacy
+
+# Errors that bad input raises (missing files, wrong shapes, bad options).
+# They are reported in one line; anything else keeps its traceback.
+USER_ERRORS = (OSError, ValueError, TypeError)
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+# Header description of the tissue-fraction maps, followed by the tissue names.
+FRACTIONS_DESCRIPTION = "esdmri tissue fractions: "
+
+
+def one_line(error):
+    """The message of an exception on a single line."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _configure_logging(argv):
+    """Apply ``--log_level`` and ``--log_file`` to DIPY's logger.
+
+    ``run_flow`` parses both options but its level lookup always falls back
+    to INFO, and it configures only the root logger, while ``dipy``'s own
+    logger (the one workflows write to) keeps its INFO handler on stdout; so
+    both are applied here to that logger.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--log_level", default="INFO")
+    parser.add_argument("--log_file", default="")
+    known, _ = parser.parse_known_args(argv)
+    level = str(known.log_level).upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got "
+                         f"{known.log_level!r}")
+    if known.log_file:
+        handler = logging.FileHandler(known.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    for handler in logger.handlers:
+        handler.setLevel(level)
+
+
+def run_workflow(flow, argv=None):
+    """Run ``flow`` from the command line, DIPY style, with one-line errors.
+
+    Parameters
+    ----------
+    flow : EsdmriWorkflow
+    argv : list of str, optional
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    result
+        Whatever ``flow.run`` returns. On bad input the process exits with
+        status 1 after printing ``<command>: error: <message>`` to stderr
+        (the traceback is logged at ``--log_level DEBUG``).
+    """
+    if argv is not None:
+        sys.argv[1:] = argv
+    name = flow.get_short_name()
+    # Commands write figures to files; a display backend is never needed.
+    plt.switch_backend("Agg")
+    try:
+        _configure_logging(sys.argv[1:])
+        return run_flow(flow)
+    except USER_ERRORS as error:
+        logger.debug("traceback:", exc_info=True)
+        sys.exit(f"{name}: error: {one_line(error)}")
+
+
+def _resolve_input(name, pattern, keep_folders):
+    """Files (sorted) that one positional input names; a folder may stay whole."""
+    if isinstance(pattern, (list, tuple)):
+        return [path for item in pattern for path in _resolve_input(name, item, keep_folders)]
+    if keep_folders and Path(pattern).is_dir():
+        return [Path(pattern)]
+    paths = _resolve_path_or_pattern(pattern)
+    if not paths:
+        raise FileNotFoundError(f"{name}: no file matches {pattern}")
+    return paths
+
+
+def check_out_dir(folder):
+    """Raise unless ``folder`` exists as a writable folder or can be created.
+
+    Parameters
+    ----------
+    folder : str or Path
+    """
+    folder = Path(folder) if str(folder) else Path.cwd()
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"out_dir {folder} cannot be created: {existing} is a "
+                                 "file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_dir {folder} is not writable ({existing} does not "
+                              "allow writing)")
+
+
+def check_outputs(paths, force):
+    """Refuse to overwrite existing files unless ``force``.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path
+        Files the command is about to write.
+    force : bool
+        Value of ``--force``.
+    """
+    existing = [str(path) for path in paths if Path(path).exists()]
+    if existing and not force:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise FileExistsError(f"output {existing[0]}{more} exists already: pass --force "
+                              "to overwrite, or choose another --out_dir")
+    for path in existing:
+        logger.info(f"overwriting {path} (--force)")
+
+
+class EsdmriWorkflow(Workflow):
+    """DIPY ``Workflow`` base of the esdmri commands.
+
+    Subclasses write ``run`` as DIPY workflows do (positional inputs that may
+    be globs, then options, ``out_dir`` and ``out_*`` file names) and call
+    ``self.get_io_iterator()`` from ``run``.
+    """
+
+    # Positional inputs that may name a folder (kept whole, not expanded).
+    folder_inputs = ()
+
+    def get_io_iterator(self, skip_outputs=()):
+        """One tuple (inputs..., outputs...) of paths per subject.
+
+        Like DIPY's: every positional argument of ``run`` is a file or glob,
+        one that matches a single file is used for every subject, and the
+        ``out_*`` names are placed by ``--out_strat``/``--mix_names``. Unlike
+        DIPY's, existing outputs raise ``FileExistsError`` without
+        ``--force`` instead of silently skipping the work.
+
+        Parameters
+        ----------
+        skip_outputs : sequence of str
+            ``out_*`` arguments that this run will not write (e.g. optional
+            outputs that were not requested); their files are not checked.
+
+        Returns
+        -------
+        subjects : list of tuple of str
+        """
+        values = inspect.getargvalues(inspect.currentframe().f_back).locals
+        names, defaults = get_args_default(self.run)
+        positional = names[:len(names) - len(defaults)]
+        out_keys = [name for name in names[len(positional):]
+                    if "out_" in name and name != "out_dir"]
+        out_dir = values.get("out_dir", "")
+
+        inputs = [_resolve_input(name, values[name], name in self.folder_inputs)
+                  for name in positional]
+        counts = {name: len(paths) for name, paths in zip(positional, inputs)}
+        n_subjects = max(counts.values(), default=1)
+        mismatched = {name: n for name, n in counts.items() if n not in (1, n_subjects)}
+        if mismatched:
+            raise ValueError(
+                "the input globs must match one file or the same number of files each, "
+                f"got {counts}")
+        inputs = [paths * n_subjects if len(paths) == 1 else paths for paths in inputs]
+
+        fnames = [values[key] for key in out_keys]
+        if inputs:
+            _, outputs = connect_output_paths(
+                inputs, out_dir, fnames, output_strategy=self._output_strategy,
+                mix_names=self._mix_names)
+        else:
+            outputs = [[Path(out_dir) / name for name in fnames]]
+        written = [[path for key, path in zip(out_keys, subject) if key not in skip_outputs]
+                   for subject in outputs]
+        flat = [path for subject in written for path in subject]
+        repeated = sorted(str(path) for path, n in Counter(flat).items() if n > 1)
+        if repeated:
+            raise ValueError(
+                f"several of the {n_subjects} subjects would write {repeated[0]}: use "
+                "--out_strat append (or prepend) or --mix_names to separate them")
+        for folder in sorted({Path(path).parent for path in flat}):
+            check_out_dir(folder)
+        check_outputs(flat, self._force_overwrite)
+        for folder in sorted({Path(path).parent for path in flat}):
+            folder.mkdir(parents=True, exist_ok=True)
+
+        self.flat_outputs = [str(path) for subject in outputs for path in subject]
+        self.last_generated_outputs = dict(zip(out_keys, map(str, outputs[-1])))
+        subject_inputs = list(zip(*inputs)) or [()]
+        return [tuple(map(str, ins)) + tuple(map(str, outs))
+                for ins, outs in zip(subject_inputs, outputs)]
+
+
+def match_optional(name, pattern, n_subjects):
+    """Paths of an optional per-subject input (e.g. ``--mask``), or Nones.
+
+    Parameters
+    ----------
+    name : str
+        Option name, for messages.
+    pattern : str or None
+        File or glob; one match is shared by all subjects, otherwise it must
+        match one file per subject (paired in sorted order, like DIPY pairs
+        positional globs).
+    n_subjects : int
+
+    Returns
+    -------
+    paths : list of (str or None), length n_subjects
+    """
+    if pattern is None:
+        return [None] * n_subjects
+    paths = [str(path) for path in _resolve_input(name, pattern, keep_folders=False)]
+    if len(paths) == 1:
+        return paths * n_subjects
+    if len(paths) != n_subjects:
+        raise ValueError(f"{name} matches {len(paths)} files but there are {n_subjects} "
+                         "subjects: give one file, or one per subject")
+    return paths
+
+
+def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
+    """Read a 4D scan and its FSL gradient files, checking they agree.
+
+    Parameters
+    ----------
+    dwi_path, bvals_path, bvecs_path : str
+    b0_threshold : float
+        b-values up to this are b0 volumes.
+
+    Returns
+    -------
+    data : ndarray, shape (X, Y, Z, N)
+    affine : ndarray, shape (4, 4)
+    gtab : dipy.core.gradients.GradientTable
+    """
+    data, affine = load_nifti(dwi_path)
+    if data.ndim != 4:
+        raise ValueError(f"{dwi_path} must be a 4D diffusion scan (X, Y, Z, N), got shape "
+                         f"{data.shape}")
+    try:
+        bvals, bvecs = read_bvals_bvecs(bvals_path, bvecs_path)
+    except OSError as error:
+        raise ValueError(f"{bvals_path} and {bvecs_path} do not agree: "
+                         f"{one_line(error)}") from error
+    if len(bvals) != data.shape[-1]:
+        raise ValueError(f"{dwi_path} has {data.shape[-1]} volumes but {bvals_path} has "
+                         f"{len(bvals)} b-values")
+    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
+    return data, affine, gtab
+
+
+def load_mask(mask_path, spatial_shape):
+    """A boolean mask from a NIfTI file (non-zero voxels), or None.
+
+    Parameters
+    ----------
+    mask_path : str or None
+    spatial_shape : tuple of 3 int
+        Grid the mask must match.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (X, Y, Z), or None
+    """
+    if mask_path is None:
+        return None
+    mask, _ = load_nifti(mask_path)
+    mask = np.squeeze(mask)
+    if mask.shape != tuple(spatial_shape):
+        raise ValueError(f"mask {mask_path} has shape {mask.shape} but the data grid is "
+                         f"{tuple(spatial_shape)}")
+    return mask > 0
+
+
+def save_map(path, array, affine, description=None):
+    """Write a float32 NIfTI map.
+
+    Parameters
+    ----------
+    path : str
+    array : ndarray, shape (X, Y, Z) or (X, Y, Z, K)
+    affine : ndarray, shape (4, 4)
+    description : str, optional
+        Stored in the header's ``descrip`` field (80 characters at most).
+    """
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
+    if description is not None:
+        image.header["descrip"] = description[:80].encode()
+    nib.save(image, path)
+
+
+def legacy_to_descoteaux(coeffs, sh_order_max):
+    """DIPY's legacy ``descoteaux07`` coefficients to the non-legacy basis.
+
+    The change from non-legacy to legacy is a signed permutation
+    (:func:`esdmri.shm.descoteaux_to_legacy`), so its inverse is its transpose.
+
+    Parameters
+    ----------
+    coeffs : ndarray, shape (..., C)
+    sh_order_max : int
+
+    Returns
+    -------
+    ndarray, shape (..., C)
+    """
+    change = descoteaux_to_legacy(np.eye(np.shape(coeffs)[-1]), sh_order_max)
+    return np.asarray(coeffs) @ change.T
+
+
+def verbose_logging():
+    """Whether INFO messages (and progress bars) are shown."""
+    return logger.isEnabledFor(logging.INFO)
+
+
+def load_fodf(path):
+    """WM fODF SH coefficients from a NIfTI file or a DIPY ``.pam5`` file.
+
+    Both hold coefficients in DIPY's default (legacy ``descoteaux07``) basis,
+    as ``esdmri_fit`` writes them and DIPY's own workflows read them.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    shm_coeff : ndarray, shape (X, Y, Z, C)
+        Legacy ``descoteaux07`` coefficients.
+    affine : ndarray, shape (4, 4)
+    pam : dipy.direction.peaks.PeaksAndMetrics or None
+        The peaks when ``path`` is a ``.pam5`` file.
+    """
+    from dipy.io.peaks import load_pam
+
+    from esdmri.peaks import sh_order_from_coeffs
+
+    if str(path).endswith(".pam5"):
+        pam = load_pam(path, verbose=False)
+        shm_coeff, affine = pam.shm_coeff, pam.affine
+        if shm_coeff is None:
+            raise ValueError(f"{path} holds no SH coefficients (shm_coeff)")
+    else:
+        pam = None
+        shm_coeff, affine = load_nifti(path)
+    if shm_coeff.ndim != 4:
+        raise ValueError(f"{path} must hold SH coefficients of shape (X, Y, Z, C), got "
+                         f"{shm_coeff.shape}")
+    try:
+        sh_order_from_coeffs(shm_coeff.shape[-1])
+    except ValueError as error:
+        raise ValueError(f"{path}: {one_line(error)}") from None
+    return np.asarray(shm_coeff, dtype=np.float64), np.asarray(affine, dtype=float), pam
+
+
+def load_fractions(path):
+    """A 4D tissue-fraction map and its tissue names.
+
+    Parameters
+    ----------
+    path : str
+        NIfTI written by ``esdmri_fit`` (names in the header description) or
+        any (X, Y, Z) / (X, Y, Z, T) map (names "map 0", "map 1", ...).
+
+    Returns
+    -------
+    fractions : ndarray, shape (X, Y, Z, T)
+    names : list of str
+    """
+    image = nib.load(path)
+    fractions = np.asarray(image.dataobj, dtype=float)
+    if fractions.ndim == 3:
+        fractions = fractions[..., None]
+    if fractions.ndim != 4:
+        raise ValueError(f"fractions {path} must be 3D or 4D, got shape {fractions.shape}")
+    description = image.header["descrip"].item().decode(errors="replace")
+    names = [f"map {t}" for t in range(fractions.shape[-1])]
+    if description.startswith(FRACTIONS_DESCRIPTION):
+        stored = description[len(FRACTIONS_DESCRIPTION):].split(",")
+        if len(stored) == fractions.shape[-1]:
+            names = stored
+    return fractions, names

@@ -1,0 +1,252 @@
+"""``esdmri_track``: streamlines from fODFs with DIPY's local tracking.
+
+Examples
+--------
+``esdmri_track fit/fodf_sh.nii.gz --out_dir fit`` seeds and stops on the
+fODF's GFA (> 0.2); ``esdmri_track fit/peaks.pam5 --seeds wm_mask.nii.gz
+--stop fit/fractions.nii.gz --threshold 0.5 --tracker prob
+--out_tractogram prob.trx`` seeds in a mask and stops where the WM fraction
+(first volume of the fractions map) drops below 0.5.
+"""
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from dipy.data import default_sphere
+from dipy.direction import DeterministicMaximumDirectionGetter, ProbabilisticDirectionGetter
+from dipy.io.image import load_nifti
+from dipy.io.stateful_tractogram import Space, StatefulTractogram
+from dipy.io.streamline import save_tractogram
+from dipy.reconst.odf import gfa
+from dipy.reconst.shm import sh_to_sf
+from dipy.tracking import utils
+from dipy.tracking.local_tracking import LocalTracking
+from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+from dipy.tracking.streamline import Streamlines, length
+from dipy.utils.logging import logger
+
+from esdmri.peaks import sh_order_from_coeffs
+
+from .io import EsdmriWorkflow, load_fodf, match_optional, run_workflow
+
+TRACKERS = {"det": DeterministicMaximumDirectionGetter, "prob": ProbabilisticDirectionGetter}
+TRACTOGRAM_FORMATS = (".trk", ".trx", ".tck")
+
+
+def sh_gfa(shm_coeff, sphere=default_sphere):
+    """Generalised fractional anisotropy of SH fODFs (DIPY default basis).
+
+    Parameters
+    ----------
+    shm_coeff : ndarray, shape (X, Y, Z, C)
+        Legacy ``descoteaux07`` coefficients.
+    sphere : dipy Sphere
+
+    Returns
+    -------
+    gfa : ndarray, shape (X, Y, Z)
+        0 where the fODF is zero.
+    """
+    sh_order_max = sh_order_from_coeffs(shm_coeff.shape[-1])
+    odf = sh_to_sf(shm_coeff, sphere, sh_order_max=sh_order_max, basis_type="descoteaux07",
+                   legacy=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(gfa(odf))
+
+
+def track(shm_coeff, affine, stop_map, threshold=0.2, seed_mask=None, tracker="det",
+          step_size=0.5, max_angle=30.0, seed_density=1, pmf_threshold=0.1,
+          min_length=10.0, max_length=250.0, random_seed=0):
+    """Local tracking on SH fODFs with DIPY's direction getters.
+
+    Parameters
+    ----------
+    shm_coeff : ndarray, shape (X, Y, Z, C)
+        fODF SH coefficients in DIPY's default (legacy descoteaux07) basis.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world (RAS mm) transform of the grid.
+    stop_map : ndarray, shape (X, Y, Z)
+        Tracking continues where ``stop_map > threshold``
+        (``ThresholdStoppingCriterion``).
+    threshold : float
+    seed_mask : ndarray of bool, shape (X, Y, Z), optional
+        Seed voxels; default ``stop_map > threshold``.
+    tracker : {"det", "prob"}
+        ``DeterministicMaximumDirectionGetter`` or ``ProbabilisticDirectionGetter``.
+    step_size : float
+        Step in mm.
+    max_angle : float
+        Largest turn between steps, degrees.
+    seed_density : int
+        Seeds per voxel along each axis.
+    pmf_threshold : float
+        fODF values below this fraction of the voxel's maximum are not followed.
+    min_length, max_length : float
+        Streamline length limits in mm (shorter ones are dropped, longer ones
+        stopped).
+    random_seed : int
+        Seed of the probabilistic tracker and of the initial directions.
+
+    Returns
+    -------
+    streamlines : dipy.tracking.streamline.Streamlines
+        In world (RAS mm) coordinates.
+    """
+    if tracker not in TRACKERS:
+        raise ValueError(f"tracker must be one of {', '.join(TRACKERS)}, got {tracker!r}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0 mm, got {step_size}")
+    if not 0 < max_angle <= 90:
+        raise ValueError(f"max_angle must be in (0, 90] degrees, got {max_angle}")
+    if not 0 <= min_length < max_length:
+        raise ValueError(f"need 0 <= min_length < max_length, got {min_length} and "
+                         f"{max_length}")
+    stop_map = np.ascontiguousarray(stop_map, dtype=np.float64)
+    if stop_map.shape != shm_coeff.shape[:3]:
+        raise ValueError(f"the stopping map has shape {stop_map.shape} but the fODF grid "
+                         f"is {shm_coeff.shape[:3]}")
+    if seed_mask is None:
+        seed_mask = stop_map > threshold
+    elif seed_mask.shape != shm_coeff.shape[:3]:
+        raise ValueError(f"the seed mask has shape {seed_mask.shape} but the fODF grid is "
+                         f"{shm_coeff.shape[:3]}")
+    if not np.any(seed_mask):
+        raise ValueError("no seed voxel: the seed mask is empty (or, without --seeds, "
+                         f"no voxel of the stopping map exceeds threshold={threshold})")
+    seeds = utils.seeds_from_mask(seed_mask, affine, density=[seed_density] * 3)
+    getter = TRACKERS[tracker].from_shcoeff(
+        shm_coeff, max_angle=max_angle, sphere=default_sphere, pmf_threshold=pmf_threshold)
+    generator = LocalTracking(
+        getter, ThresholdStoppingCriterion(stop_map, threshold), seeds, affine,
+        step_size=step_size, maxlen=int(math.ceil(max_length / step_size)),
+        random_seed=random_seed)
+    streamlines = Streamlines(generator)
+    if len(streamlines):
+        streamlines = streamlines[length(streamlines) >= min_length]
+    return streamlines
+
+
+def reference_header(shape, affine):
+    """A NIfTI header describing the grid, to anchor a tractogram to it."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(shape))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    return header
+
+
+def load_stop_map(path, volume=0):
+    """A 3D stopping map from a NIfTI file (a 4D file gives ``volume``) or a .pam5 GFA."""
+    if str(path).endswith(".pam5"):
+        from dipy.io.peaks import load_pam
+        return np.asarray(load_pam(path, verbose=False).gfa, dtype=float)
+    values, _ = load_nifti(path)
+    if values.ndim == 4:
+        if not 0 <= volume < values.shape[-1]:
+            raise ValueError(f"stop_volume must be in [0, {values.shape[-1]}) for {path}, "
+                             f"got {volume}")
+        values = values[..., volume]
+    if values.ndim != 3:
+        raise ValueError(f"the stopping map {path} must be 3D or 4D, got shape {values.shape}")
+    return values
+
+
+class TrackFlow(EsdmriWorkflow):
+    @classmethod
+    def get_short_name(cls):
+        return "esdmri_track"
+
+    def run(self, input_files, seeds=None, stop=None, threshold=0.2, stop_volume=0,
+            tracker="det", step_size=0.5, max_angle=30.0, seed_density=1,
+            pmf_threshold=0.1, min_length=10.0, max_length=250.0, random_seed=0,
+            out_dir="", out_tractogram="tractogram.trk"):
+        """Track streamlines through fODFs with DIPY's LocalTracking.
+
+        The fODF is read from a SH NIfTI (DIPY's default basis, as
+        esdmri_fit writes it) or from the SH coefficients of a .pam5 file.
+        Tracking goes on while the stopping map exceeds the threshold; the
+        stopping map defaults to the fODF's GFA and the seeds to the voxels
+        above the threshold. Streamlines are saved in RAS mm against the
+        input grid: .trk by default, .trx or .tck when out_tractogram says so.
+
+        Parameters
+        ----------
+        input_files : string
+            fODF SH NIfTI or .pam5 file(s); a glob processes one subject at a time.
+        seeds : string, optional
+            Seed mask NIfTI (non-zero voxels; one file, or one per subject).
+        stop : string, optional
+            Stopping map: a NIfTI (e.g. GFA, or the fractions map of
+            esdmri_fit, whose volume stop_volume is used: 0 is WM) or a .pam5
+            file (its GFA). Default: the GFA of the fODF.
+        threshold : float, optional
+            Tracking stops where the stopping map falls to this value or below.
+        stop_volume : int, optional
+            Volume of a 4D stopping map (0: WM fraction of esdmri_fit's map).
+        tracker : string, optional
+            det (DeterministicMaximumDirectionGetter) or prob
+            (ProbabilisticDirectionGetter).
+        step_size : float, optional
+            Step size in mm.
+        max_angle : float, optional
+            Largest angle (degrees) between successive steps.
+        seed_density : int, optional
+            Seeds per voxel along each axis (2 gives 8 seeds per voxel).
+        pmf_threshold : float, optional
+            fODF values below this fraction of the voxel maximum are not followed.
+        min_length : float, optional
+            Shortest streamline kept (mm).
+        max_length : float, optional
+            Longest streamline (mm).
+        random_seed : int, optional
+            Seed of the random generator (probabilistic tracking).
+        out_dir : string, optional
+            Output folder (default: current folder).
+        out_tractogram : string, optional
+            Tractogram file name (.trk, .trx or .tck).
+
+        Returns
+        -------
+        tractograms : list of StatefulTractogram
+            One per subject.
+        """
+        if Path(out_tractogram).suffix.lower() not in TRACTOGRAM_FORMATS:
+            raise ValueError(f"out_tractogram must end with one of "
+                             f"{', '.join(TRACTOGRAM_FORMATS)}, got {out_tractogram!r}")
+        io_it = self.get_io_iterator()
+        seed_paths = match_optional("seeds", seeds, len(io_it))
+        stop_paths = match_optional("stop", stop, len(io_it))
+        tractograms = []
+        for (fodf_path, out_path), seed_path, stop_path in zip(io_it, seed_paths, stop_paths):
+            shm_coeff, affine, pam = load_fodf(fodf_path)
+            if stop_path is not None:
+                stop_map = load_stop_map(stop_path, stop_volume)
+            elif pam is not None and pam.gfa is not None:
+                stop_map = np.asarray(pam.gfa, dtype=float)
+            else:
+                stop_map = sh_gfa(shm_coeff)
+            seed_mask = None if seed_path is None else np.squeeze(load_nifti(seed_path)[0]) > 0
+            streamlines = track(
+                shm_coeff, affine, stop_map, threshold=threshold, seed_mask=seed_mask,
+                tracker=tracker, step_size=step_size, max_angle=max_angle,
+                seed_density=seed_density, pmf_threshold=pmf_threshold,
+                min_length=min_length, max_length=max_length, random_seed=random_seed)
+            reference = (fodf_path if pam is None
+                         else reference_header(shm_coeff.shape[:3], affine))
+            tractogram = StatefulTractogram(streamlines, reference, Space.RASMM)
+            save_tractogram(tractogram, out_path, bbox_valid_check=False)
+            logger.info(f"{fodf_path}: {len(streamlines)} streamlines ({tracker}) -> "
+                        f"{out_path}")
+            tractograms.append(tractogram)
+        return tractograms
+
+
+def main():
+    """Entry point of ``esdmri_track``."""
+    run_workflow(TrackFlow())
+
+
+if __name__ == "__main__":
+    main()
