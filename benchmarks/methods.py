@@ -227,3 +227,27 @@ def fit_msmt(phantom, mask):
     wm_gm_csf = np.divide(csf_gm_wm, total, out=np.zeros_like(csf_gm_wm),
                           where=total > 0)[..., ::-1]
     return MethodResult(_scatter(shm_coeff, mask), _scatter(wm_gm_csf, mask))
+
+
+def _fit_network(model_class, phantom, mask):
+    """Train an esdmri model on the phantom (its own scan) with default settings."""
+    model = model_class(phantom.gtab, phantom.response, verbose=False)
+    fit = model.fit(phantom.data, phantom.mask)
+    fractions = np.stack([fit.volume_fractions[t] for t in ("wm", "gm", "csf")], axis=-1)
+    keep = mask[..., None]
+    return MethodResult(np.where(keep, fit.shm_coeff_descoteaux07, 0),
+                        np.where(keep, fractions, 0))
+
+
+@register_method("esd", "esdmri ESDModel (voxel-wise spherical U-Net), default settings, "
+                 "ground-truth responses")
+def fit_esd(phantom, mask):
+    from esdmri import ESDModel
+    return _fit_network(ESDModel, phantom, mask)
+
+
+@register_method("rtesd", "esdmri RTESDModel (E(3) x SO(3) stem + spherical U-Net), default "
+                 "settings, ground-truth responses")
+def fit_rtesd(phantom, mask):
+    from esdmri import RTESDModel
+    return _fit_network(RTESDModel, phantom, mask)

@@ -1,0 +1,383 @@
+"""Spatial (voxel-grid) parts of the spatio-spherical layers.
+
+All layers of :mod:`esdmri.nn` take and return ``[batch, channels, vertices,
+X, Y, Z]`` tensors. The spatial part of a 3D convolution with kernel size
+``m = 2h + 1`` is written here as *neighbourhood sums* followed by a channel
+matmul: with an isotropic kernel (one weight per distance to the centre) a
+3x3x3 kernel has only 4 distinct weights, so instead of 27 taps per channel
+pair the input is reduced to 4 sums over the centre, the 6 faces, the 12
+edges and the 8 corners, and a single matmul mixes channels and sums.
+
+The sums are separable: along each axis the 1D operator ``D_a x[p] = x[p + a]
++ x[p - a]`` (``D_0`` the identity) and every class is a sum of products
+``D_a D_b D_c`` over the three axes, evaluated depth first so that partial
+products are shared. A full (non-isotropic) kernel uses plain shifts and one
+class per offset.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+PADDING_MODES = ("zeros", "circular")
+
+
+def check_kernel_size(kernel_size, name="kernel_size"):
+    """Validate an odd, positive spatial kernel size and return it as int."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)):
+        raise TypeError(f"{name} must be an odd positive int, got {kernel_size!r}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{name} must be odd and >= 1 (1, 3, 5, ...), got {kernel_size}")
+    return int(kernel_size)
+
+
+def check_padding(padding):
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    return padding
+
+
+def check_field(x, name="x", n_vertices=None, n_channels=None):
+    """Check that ``x`` is a ``[batch, channels, vertices, X, Y, Z]`` tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 6:
+        raise ValueError(f"{name} must have 6 dimensions [batch, channels, vertices, X, Y, Z], "
+                         f"got shape {tuple(x.shape)}")
+    if n_channels is not None and x.shape[1] != n_channels:
+        raise ValueError(f"{name} must have {n_channels} channels (dim 1), "
+                         f"got shape {tuple(x.shape)}")
+    if n_vertices is not None and x.shape[2] != n_vertices:
+        raise ValueError(f"{name} must have {n_vertices} vertices (dim 2) for this layer's "
+                         f"sphere, got shape {tuple(x.shape)}")
+
+
+class Workspace:
+    """Reusable scratch buffers, so that chunked loops allocate (and page in)
+    their temporaries once instead of once per chunk."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, name, shape, like):
+        """An uninitialised contiguous tensor of ``shape`` backed by buffer ``name``."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = like.new_empty(numel)
+            self._buffers[name] = buffer
+        return buffer[:numel].view(tuple(shape))
+
+
+def _add_shifted(acc, t, shift, dim, circular, overwrite=False):
+    """``acc[p] (+)= t[p + shift]`` along ``dim``: zero or wrap-around outside.
+
+    With ``overwrite`` the values are assigned instead of added.
+    """
+    n = t.shape[dim]
+    if circular:
+        shift %= n
+        pieces = [(0, shift, n - shift), (n - shift, 0, shift)]
+    else:
+        shift = max(-n, min(n, shift))
+        start, source = (0, shift) if shift >= 0 else (-shift, 0)
+        pieces = [(start, source, n - abs(shift))]
+        if overwrite and shift:
+            acc.narrow(dim, n - shift if shift > 0 else 0, abs(shift)).zero_()
+    for target_start, source_start, length in pieces:
+        if length:
+            target = acc.narrow(dim, target_start, length)
+            source = t.narrow(dim, source_start, length)
+            target.copy_(source) if overwrite else target.add_(source)
+
+
+def _pair_sum_into(acc, t, offset, dim, circular):
+    """``acc[p] = t[p + offset] + t[p - offset]`` along ``dim`` (offset > 0)."""
+    n = t.shape[dim]
+    if circular or 2 * offset >= n:
+        _add_shifted(acc, t, offset, dim, circular, overwrite=True)
+        _add_shifted(acc, t, -offset, dim, circular)
+        return
+    # One fused pass for the bulk, copies for the two edges.
+    torch.add(t.narrow(dim, 2 * offset, n - 2 * offset), t.narrow(dim, 0, n - 2 * offset),
+              out=acc.narrow(dim, offset, n - 2 * offset))
+    acc.narrow(dim, 0, offset).copy_(t.narrow(dim, offset, offset))
+    acc.narrow(dim, n - offset, offset).copy_(t.narrow(dim, n - 2 * offset, offset))
+
+
+class NeighbourhoodSums:
+    """Sums of a field over the distance classes (or offsets) of a 3D kernel.
+
+    Parameters
+    ----------
+    kernel_size : int
+        Odd spatial kernel size ``m``; ``m = 1`` gives the identity.
+    isotropic : bool, optional
+        Group the ``m**3`` offsets by their distance to the centre (4 classes
+        for m = 3, 10 for m = 5). Otherwise one class per offset, ordered like
+        the last three axes of a ``conv3d`` weight.
+    padding : {"zeros", "circular"}, optional
+        Values outside the grid: zero, or periodic.
+
+    Attributes
+    ----------
+    n_classes : int
+        Number of sums R.
+    distances : ndarray, shape (R,)
+        Distance of each class to the centre, in voxels.
+
+    Notes
+    -----
+    ``forward(x)[:, :, r, ..., p] = sum_{d in class r} x[..., p + d]``, the
+    cross-correlation that ``torch.nn.functional.conv3d`` computes.
+    """
+
+    def __init__(self, kernel_size, isotropic=True, padding="zeros"):
+        self.kernel_size = check_kernel_size(kernel_size)
+        self.isotropic = bool(isotropic)
+        self.padding = check_padding(padding)
+        half = self.kernel_size // 2
+        # Per-axis operators: D_a (pair sum) for isotropic kernels, plain
+        # shifts otherwise; both are indexed by their offset a.
+        self._axis_offsets = tuple(range(0, half + 1) if self.isotropic else range(-half, half + 1))
+        triples = list(itertools.product(self._axis_offsets, repeat=3))
+        distances = np.sqrt(np.sum(np.square(triples), axis=1))
+        if self.isotropic:
+            self.distances, classes = np.unique(np.round(distances, 9), return_inverse=True)
+        else:
+            self.distances, classes = distances, np.arange(len(triples))
+        self._class_of = dict(zip(triples, classes.tolist()))
+        self.n_classes = len(self.distances)
+
+    @property
+    def class_index(self):
+        """Class of each offset of the ``(m, m, m)`` kernel, shape (m, m, m)."""
+        half = self.kernel_size // 2
+        offsets = np.arange(-half, half + 1)
+        grid = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1)
+        if self.isotropic:
+            grid = np.abs(grid)
+        return np.vectorize(lambda a, b, c: self._class_of[(a, b, c)])(*np.moveaxis(grid, -1, 0))
+
+    def _accumulate(self, acc, t, offset, dim, adjoint=False, overwrite=False):
+        """``acc (+)= A_offset t`` along ``dim`` (``A^T`` when ``adjoint``;
+        assigned instead of added when ``overwrite``)."""
+        circular = self.padding == "circular"
+        if offset == 0:
+            acc.copy_(t) if overwrite else acc.add_(t)
+        elif self.isotropic:  # D_a is symmetric: its adjoint is itself
+            if overwrite:
+                _pair_sum_into(acc, t, offset, dim, circular)
+            else:
+                _add_shifted(acc, t, offset, dim, circular)
+                _add_shifted(acc, t, -offset, dim, circular)
+        else:
+            _add_shifted(acc, t, -offset if adjoint else offset, dim, circular, overwrite)
+
+    def _apply(self, t, offset, dim, workspace, name):
+        if offset == 0:
+            return t
+        out = workspace.get(name, t.shape, t)
+        self._accumulate(out, t, offset, dim, overwrite=True)
+        return out
+
+    def sums_into(self, x, outs, workspace=None):
+        """Neighbourhood sums of ``x`` written into ``outs``.
+
+        Parameters
+        ----------
+        x : Tensor, shape (..., X, Y, Z)
+            May be a non-contiguous view.
+        outs : sequence of R Tensors, each shaped like x
+            Class r's sum is assigned to ``outs[r]`` (views are fine).
+        """
+        workspace = workspace or Workspace()
+        written = set()
+        # Depth-first over the axes, so partial products along x and y are
+        # computed once and shared by all classes that contain them.
+        for a in self._axis_offsets:
+            xa = self._apply(x, a, -3, workspace, "sums_x")
+            for b in self._axis_offsets:
+                xab = self._apply(xa, b, -2, workspace, "sums_xy")
+                for c in self._axis_offsets:
+                    r = self._class_of[(a, b, c)]
+                    self._accumulate(outs[r], xab, c, -1, overwrite=r not in written)
+                    written.add(r)
+        return outs
+
+    def adjoint_into(self, grads, out, workspace=None):
+        """Adjoint of :meth:`sums_into`: ``out = sum_r S_r^T grads[r]``.
+
+        Parameters
+        ----------
+        grads : sequence of R Tensors, each shaped like out
+        out : Tensor, shape (..., X, Y, Z)
+            Overwritten (views are fine).
+        """
+        workspace = workspace or Workspace()
+        offsets = self._axis_offsets
+        # Fan-in tree, the transpose of the fan-out tree of `sums_into`; the
+        # first term of every sum is assigned rather than added.
+        for a in offsets:
+            ga = workspace.get("adjoint_x", out.shape, out)
+            for b in offsets:
+                gab = workspace.get("adjoint_xy", out.shape, out)
+                for c in offsets:
+                    self._accumulate(gab, grads[self._class_of[(a, b, c)]], c, -1, adjoint=True,
+                                     overwrite=c == offsets[0])
+                self._accumulate(ga, gab, b, -2, adjoint=True, overwrite=b == offsets[0])
+            self._accumulate(out, ga, a, -3, adjoint=True, overwrite=a == offsets[0])
+        return out
+
+    def forward(self, x):
+        """Neighbourhood sums of ``x``.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, V, X, Y, Z)
+
+        Returns
+        -------
+        sums : Tensor, shape (N, C, R, V, X, Y, Z)
+        """
+        n, c = x.shape[:2]
+        out = x.new_empty((n, c, self.n_classes) + tuple(x.shape[2:]))
+        self.sums_into(x, out.unbind(2))
+        return out
+
+    def adjoint(self, grad):
+        """Adjoint of :meth:`forward`: ``sum_r S_r^T grad[:, :, r]``.
+
+        Parameters
+        ----------
+        grad : Tensor, shape (N, C, R, V, X, Y, Z)
+
+        Returns
+        -------
+        result : Tensor, shape (N, C, V, X, Y, Z)
+        """
+        out = grad.new_empty(grad.shape[:2] + grad.shape[3:])
+        return self.adjoint_into(grad.unbind(2), out)
+
+
+class _SumsThenMix(torch.autograd.Function):
+    """``y = W @ S(x)`` with the sums recomputed in backward, not stored."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sums):
+        n = x.shape[0]
+        s = sums.forward(x).reshape(n, weight.shape[1], -1)
+        ctx.save_for_backward(x, weight)
+        ctx.sums = sums
+        return torch.matmul(weight, s).view((n, weight.shape[0]) + tuple(x.shape[2:]))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        n, c = x.shape[:2]
+        grad_y = grad_y.reshape(n, weight.shape[0], -1)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            s = ctx.sums.forward(x).reshape(n, weight.shape[1], -1)
+            grad_w = sum(grad_y[i] @ s[i].T for i in range(n))
+            del s
+        if ctx.needs_input_grad[0]:
+            grad_s = torch.matmul(weight.T, grad_y)
+            grad_x = ctx.sums.adjoint(grad_s.view((n, c, -1) + tuple(x.shape[2:])))
+        return grad_x, grad_w, None
+
+
+class SpatialConv(nn.Module):
+    """3D convolution of a spherical field with the vertices as channels.
+
+    The baseline "spatial" convolution: a voxel's ``in_channels * V`` values
+    are the input channels of an ordinary 3D convolution, which mixes all
+    vertices of all channels (no spherical weight sharing, not rotation
+    equivariant on the sphere).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channels per vertex.
+    n_vertices : int
+        Vertices V of the input and output (1 for purely spatial fields).
+    kernel_size : int, optional
+        Odd spatial kernel size.
+    isotropic : bool, optional
+        One weight per distance to the kernel centre (4 in 3x3x3) instead of
+        one per offset.
+    bias : bool, optional
+    padding : {"zeros", "circular"}, optional
+
+    Notes
+    -----
+    Input and output are ``[batch, channels, V, X, Y, Z]``. The weight has
+    ``(out_channels V) x (in_channels V) x R`` entries, so this baseline is
+    meant for coarse spheres.
+    """
+
+    def __init__(self, in_channels, out_channels, n_vertices, kernel_size=3, isotropic=True,
+                 bias=True, padding="zeros"):
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.n_vertices = int(n_vertices)
+        self.sums = NeighbourhoodSums(kernel_size, isotropic, padding)
+        fan_in = self.in_channels * self.n_vertices * self.sums.kernel_size**3
+        # Kaiming for the equivalent full kernel: a class of n offsets counts n times.
+        self.weight = nn.Parameter(torch.randn(
+            self.out_channels * self.n_vertices, self.in_channels * self.n_vertices,
+            self.sums.n_classes) * np.sqrt(2.0 / fan_in))
+        self.bias = nn.Parameter(torch.full((self.out_channels,), 0.01)) if bias else None
+
+    def forward(self, x):
+        """x : Tensor [B, in_channels, V, X, Y, Z] -> [B, out_channels, V, X, Y, Z]."""
+        check_field(x, n_vertices=self.n_vertices, n_channels=self.in_channels)
+        b, _, v, *grid = x.shape
+        fields = x.reshape(b, self.in_channels * v, 1, *grid)
+        y = _SumsThenMix.apply(fields, self.weight.reshape(self.weight.shape[0], -1), self.sums)
+        y = y.view(b, self.out_channels, v, *grid)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1, 1, 1)
+        return y
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, n_vertices={self.n_vertices}, "
+                f"kernel_size={self.sums.kernel_size}, isotropic={self.sums.isotropic}")
+
+
+class NeighbourhoodConcat(nn.Module):
+    """Concatenate each voxel's neighbourhood into its channels (C-ESD input).
+
+    Parameters
+    ----------
+    kernel_size : int, optional
+        Odd neighbourhood size m; every channel becomes ``m**3`` channels,
+        one per offset, ordered like a ``conv3d`` kernel.
+    padding : {"zeros", "circular"}, optional
+
+    Notes
+    -----
+    ``[B, C, V, X, Y, Z] -> [B, C m^3, V, X, Y, Z]`` with output channel
+    ``c m^3 + j`` holding channel c of the voxel at offset j.
+    """
+
+    def __init__(self, kernel_size=3, padding="zeros"):
+        super().__init__()
+        self.shifts = NeighbourhoodSums(kernel_size, isotropic=False, padding=padding)
+
+    @property
+    def factor(self):
+        """Channel multiplier ``m**3``."""
+        return self.shifts.n_classes
+
+    def forward(self, x):
+        check_field(x)
+        b, c, *rest = x.shape
+        return self.shifts.forward(x).view(b, c * self.factor, *rest)
+
+    def extra_repr(self):
+        return f"kernel_size={self.shifts.kernel_size}"

@@ -1,0 +1,119 @@
+"""The result of deconvolving a scan: fODFs, tissue fractions, predictions."""
+
+import numpy as np
+from dipy.reconst.odf import gfa
+
+from ..peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy
+from ..shm import descoteaux_to_legacy, sh_matrix
+from .network import stacked_forward_matrix
+from .training import fractions_of
+
+
+class DeconvolutionFit:
+    """Per-voxel output of an ESD-family model.
+
+    Parameters
+    ----------
+    model : esdmri.reconst.models._DeconvolutionModel
+    coefficients : ndarray, shape (X, Y, Z, C_total)
+        WM SH coefficients (non-legacy descoteaux07) then one l = 0
+        coefficient per isotropic tissue, for responses normalised to a unit
+        b0 signal; zero outside the mask.
+    mask : ndarray of bool, shape (X, Y, Z)
+    """
+
+    def __init__(self, model, coefficients, mask):
+        self.model = model
+        self.mask = mask
+        self.sh_order_max = model.config.sh_order_max
+        self._n_wm = coefficients.shape[-1] - len(model.response.tissues) + 1
+        self._coefficients = coefficients
+
+    @property
+    def shm_coeff(self):
+        """WM fODF SH coefficients in DIPY's default basis, shape (X, Y, Z, C).
+
+        DIPY's default is the legacy ``descoteaux07`` basis (what ``sh_to_sf``,
+        ``ProbabilisticDirectionGetter.from_shcoeff`` and DIPY's CSD use with
+        default arguments), so these coefficients plug into DIPY unchanged.
+        """
+        return descoteaux_to_legacy(self._coefficients[..., :self._n_wm], self.sh_order_max)
+
+    @property
+    def shm_coeff_descoteaux07(self):
+        """WM fODF SH coefficients in the non-legacy ``descoteaux07`` basis."""
+        return self._coefficients[..., :self._n_wm]
+
+    @property
+    def volume_fractions(self):
+        """Signal fraction of each tissue, dict name -> (X, Y, Z), summing to 1 in the mask."""
+        fractions = fractions_of(self._coefficients, self._n_wm)
+        total = fractions.sum(-1, keepdims=True)
+        fractions = np.divide(fractions, total, out=np.zeros_like(fractions), where=total > 0)
+        return dict(zip(self.model.response.tissues, np.moveaxis(fractions, -1, 0)))
+
+    def odf(self, sphere):
+        """WM fODF sampled on a DIPY sphere, shape (X, Y, Z, n_vertices)."""
+        return self.shm_coeff_descoteaux07 @ sh_matrix(self.sh_order_max, sphere.vertices).T
+
+    @property
+    def gfa(self):
+        """Generalised fractional anisotropy of the WM fODF, shape (X, Y, Z)."""
+        from dipy.data import default_sphere
+        return np.where(self.mask, gfa(np.clip(self.odf(default_sphere), 0, None)), 0)
+
+    def predict(self, gtab=None, S0=None):
+        """Predicted signal, shape (X, Y, Z, N).
+
+        Parameters
+        ----------
+        gtab : GradientTable, optional
+            Gradient table to predict at (default: the model's). Its shells
+            must be among the response's shells.
+        S0 : float or ndarray of shape (X, Y, Z), optional
+            Non-diffusion-weighted signal (default 1: the normalised signal).
+        """
+        gtab = self.model.gtab if gtab is None else gtab
+        self.model.response.validate(gtab)
+        matrix = stacked_forward_matrix(self.model.response.normalized(), gtab,
+                                        self.sh_order_max)
+        signal = self._coefficients @ matrix
+        if S0 is not None:
+            signal = signal * np.asarray(S0)[..., None]
+        return signal
+
+    def peaks(self, sphere=None, relative_peak_threshold=0.5, min_separation_angle=25,
+              npeaks=5, affine=None):
+        """Peak directions of the WM fODF as DIPY ``PeaksAndMetrics``.
+
+        Parameters
+        ----------
+        sphere : dipy.core.sphere.Sphere, optional
+            Search sphere (default: :func:`esdmri.peaks.default_peak_sphere`,
+            about 3.8 degrees between vertices).
+        relative_peak_threshold : float
+            Peaks below this fraction of the largest peak are dropped.
+        min_separation_angle : float
+            Degrees; closer peaks are merged.
+        npeaks : int
+        affine : ndarray, shape (4, 4), optional
+            Stored on the result (``save_pam`` writes it).
+
+        Returns
+        -------
+        peaks : dipy.direction.peaks.PeaksAndMetrics
+            ``shm_coeff`` and ``B`` in DIPY's default (legacy) basis, like
+            :attr:`shm_coeff`.
+        """
+        sphere = default_peak_sphere() if sphere is None else sphere
+        directions, values = peaks_from_sh(
+            self.shm_coeff_descoteaux07, sphere=sphere,
+            relative_peak_threshold=relative_peak_threshold,
+            min_separation_angle=min_separation_angle, npeaks=npeaks, mask=self.mask)
+        return peaks_to_dipy(directions, values, self.shm_coeff, sphere,
+                             affine=np.eye(4) if affine is None else affine, legacy=True)
+
+    @property
+    def training_history(self):
+        """Per-epoch loss terms of the model's training."""
+        return self.model.training_history

@@ -1,0 +1,86 @@
+"""The unsupervised deconvolution loss (SPEC 4.6).
+
+All terms take voxel-major tensors restricted to a window: ``[B, ..., X, Y, Z]``
+values with a boolean ``mask`` of shape ``[B, X, Y, Z]``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+# Scale of the Cauchy sparsity penalty of the ESD papers.
+CAUCHY_SIGMA = 1e-5
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the four loss terms.
+
+    Parameters
+    ----------
+    intensity : float
+        L2 between reconstructed and measured normalised signal.
+    sparsity : float
+        Cauchy penalty ``2 log(1 + f**2 / (2 sigma))`` on the WM fODF sampled
+        on a dense sphere.
+    nonnegativity : float
+        L2 of the negative part of the sampled WM fODF.
+    total_variation : float
+        Spatial total variation of the normalised tissue coefficients between
+        face-neighbouring voxels (0 switches it off).
+    """
+
+    intensity: float = 1.0
+    sparsity: float = 1e-4
+    nonnegativity: float = 0.1
+    total_variation: float = 0.0
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not value >= 0:
+                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
+
+
+def _masked_mean(values, mask):
+    """Mean of ``values [B, K, X, Y, Z]`` over masked voxels and over K."""
+    weights = mask.unsqueeze(1).to(values.dtype)
+    return (values * weights).sum() / (weights.sum() * values.shape[1]).clamp_min(1)
+
+
+def intensity_loss(predicted, measured, mask):
+    """Mean squared error over masked voxels and measurements, ``[B, N, X, Y, Z]``."""
+    return _masked_mean((predicted - measured) ** 2, mask)
+
+
+def sparsity_loss(fodf_samples, mask):
+    """Cauchy sparsity of sampled fODFs ``[B, V, X, Y, Z]``."""
+    return _masked_mean(2 * torch.log1p(fodf_samples**2 / (2 * CAUCHY_SIGMA)), mask)
+
+
+def nonnegativity_loss(fodf_samples, mask):
+    """Squared negative part of sampled fODFs ``[B, V, X, Y, Z]``."""
+    return _masked_mean(torch.relu(-fodf_samples) ** 2, mask)
+
+
+def total_variation_loss(coefficients, mask):
+    """Isotropic-in-coefficients total variation between face neighbours.
+
+    The Euclidean norm of the difference of SH coefficient vectors equals the
+    L2 distance of the two spherical functions, so this is rotation invariant.
+
+    Parameters
+    ----------
+    coefficients : Tensor, shape [B, C, X, Y, Z]
+    mask : Tensor of bool, shape [B, X, Y, Z]
+    """
+    total = coefficients.new_zeros(())
+    pairs = coefficients.new_zeros(())
+    for axis in (2, 3, 4):
+        length = coefficients.shape[axis] - 1
+        difference = coefficients.narrow(axis, 1, length) - coefficients.narrow(axis, 0, length)
+        both = mask.narrow(axis - 1, 1, length) & mask.narrow(axis - 1, 0, length)
+        # The small epsilon keeps the gradient finite where neighbours agree.
+        norm = torch.sqrt((difference**2).sum(dim=1) + 1e-12)
+        total = total + (norm * both).sum()
+        pairs = pairs + both.sum()
+    return total / pairs.clamp_min(1)

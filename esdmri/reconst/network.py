@@ -1,0 +1,167 @@
+"""From grid signals to tissue SH coefficients and back to the signal.
+
+``DeconvolutionNetwork`` wraps a U-Net from :mod:`esdmri.nn.unet`: the U-Net
+outputs one non-negative spherical function per tissue on the HEALPix grid;
+the WM function becomes even SH coefficients by least squares on the grid,
+GM and CSF become isotropic (l = 0) coefficients, and ``ForwardModel``
+convolves them with the response functions to predict the measured signal.
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn.chebyshev import ChebyshevOperator
+from ..nn.e3so3 import E3SO3Conv
+from ..nn.unet import ConvBlock, UNet
+from ..shm import n_coeffs, sh_matrix
+
+SQRT_4PI = math.sqrt(4 * math.pi)
+
+
+def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_start,
+               kernel_size, spatial_kernel_size, spatial_layers, layout="dense"):
+    """The U-Net of one model kind, with a bounded spatial reach.
+
+    Parameters
+    ----------
+    conv_kind : {"spherical", "mixed", "concat"}
+        ESD (voxel-wise), RT-ESD and C-ESD.
+    sphere : HealpixSphere
+    in_channels, out_channels : int
+        Shells (b0 included) and tissues.
+    depth, filter_start, kernel_size : int
+        U-Net levels, first-level channels, Chebyshev kernel size.
+    spatial_kernel_size : int
+        Odd edge of the isotropic 3D kernel (mixed) or of the concatenated
+        neighbourhood (concat).
+    spatial_layers : int
+        Number of E(3) x SO(3) convolutions (mixed only).
+
+    Returns
+    -------
+    torch.nn.Module
+        ``[B, in_channels, V, X, Y, Z]`` -> ``[B, out_channels, V, X, Y, Z]`` >= 0.
+
+    Notes
+    -----
+    The published RT-ESD networks see a patch of 3 to 5 voxels around each
+    voxel. Here the RT-ESD network starts with ``spatial_layers`` E(3) x SO(3)
+    convolutions at full resolution (each reaching one more voxel for a
+    kernel of 3) followed by a spherical U-Net, so its receptive radius is
+    ``spatial_layers * (spatial_kernel_size // 2)`` voxels and block-wise
+    inference only needs a halo that wide. Every layer stays equivariant to
+    grid translations, rotations and reflections and to sphere rotations.
+    """
+    if conv_kind in ("spherical", "concat"):
+        return UNet(in_channels, out_channels, sphere, depth=depth, filter_start=filter_start,
+                    conv=conv_kind, sphere_kernel_size=kernel_size,
+                    spatial_kernel_size=spatial_kernel_size, layout=layout)
+    if conv_kind != "mixed":
+        raise ValueError(f"conv_kind must be 'spherical', 'mixed' or 'concat', got {conv_kind!r}")
+    if spatial_layers < 1:
+        raise ValueError(f"spatial_layers must be >= 1 for RT-ESD, got {spatial_layers}")
+    operator = ChebyshevOperator(sphere.chebyshev_basis(kernel_size), layout)
+    stem = ConvBlock([in_channels] + [filter_start] * spatial_layers,
+                     lambda c_in, c_out: E3SO3Conv(c_in, c_out, operator,
+                                                   kernel_size=spatial_kernel_size, bias=False))
+    spherical = UNet(filter_start, out_channels, sphere, depth=depth,
+                     filter_start=filter_start, conv="spherical",
+                     sphere_kernel_size=kernel_size, layout=layout)
+    return nn.Sequential(stem, spherical)
+
+
+def volume_fractions_from_coefficients(coefficients, n_wm_coeffs):
+    """Tissue signal fractions from concatenated coefficients ``[..., C_total]``.
+
+    A tissue's fraction is the integral of its spherical function over the
+    sphere, ``sqrt(4 pi) c_00``, for responses normalised to a unit b0 signal.
+
+    Returns
+    -------
+    fractions : array or Tensor, shape (..., T)
+    """
+    wm = coefficients[..., :1]
+    isotropic = coefficients[..., n_wm_coeffs:]
+    if isinstance(coefficients, torch.Tensor):
+        return SQRT_4PI * torch.cat([wm, isotropic], dim=-1)
+    return SQRT_4PI * np.concatenate([wm, isotropic], axis=-1)
+
+
+class DeconvolutionNetwork(nn.Module):
+    """U-Net on the HEALPix grid followed by the tissue heads.
+
+    Parameters
+    ----------
+    unet : torch.nn.Module
+        Maps ``[B, S, V, X, Y, Z]`` to non-negative ``[B, T, V, X, Y, Z]``, one
+        output channel per tissue (WM first).
+    sphere : esdmri.sphere.HealpixSphere
+        The grid of the U-Net's first level.
+    sh_order_max : int
+        Even SH order of the WM fODF.
+    normalize : bool
+        Divide all coefficients so the tissue fractions sum to 1.
+    """
+
+    def __init__(self, unet, sphere, sh_order_max, normalize=True):
+        super().__init__()
+        self.unet = unet
+        self.sh_order_max = sh_order_max
+        self.n_wm_coeffs = n_coeffs(sh_order_max)
+        self.normalize = normalize
+        grid_basis = sh_matrix(sh_order_max, sphere.vertices)  # (V, C)
+        self.register_buffer("grid_to_sh", torch.as_tensor(
+            np.linalg.pinv(grid_basis), dtype=torch.float32))  # (C, V)
+
+    def forward(self, grid_signal):
+        """Tissue coefficients of a window.
+
+        Parameters
+        ----------
+        grid_signal : Tensor, shape [B, S, V, X, Y, Z]
+
+        Returns
+        -------
+        coefficients : Tensor, shape [B, C_wm + T - 1, X, Y, Z]
+            WM SH coefficients (non-legacy descoteaux07) followed by one
+            l = 0 coefficient per isotropic tissue.
+        """
+        tissues = self.unet(grid_signal)
+        wm = torch.einsum("cv,bvxyz->bcxyz", self.grid_to_sh, tissues[:, 0])
+        # An isotropic tissue is a constant function; the max over vertices
+        # (SPEC 4.3) times sqrt(4 pi) is the l = 0 coefficient of that constant.
+        isotropic = tissues[:, 1:].amax(dim=2) * SQRT_4PI
+        coefficients = torch.cat([wm, isotropic], dim=1)
+        if self.normalize:
+            total = volume_fractions_from_coefficients(
+                coefficients.movedim(1, -1), self.n_wm_coeffs).sum(-1)
+            coefficients = coefficients / total.clamp_min(1e-6).unsqueeze(1)
+        return coefficients
+
+
+class ForwardModel(nn.Module):
+    """Linear map from tissue coefficients to the measured signal (SPEC 4.5).
+
+    Parameters
+    ----------
+    forward_matrix : ndarray, shape (C_total, N)
+        Rows stacked as WM SH coefficients then isotropic tissues, from
+        :meth:`esdmri.response.TissueResponse.forward_matrices`.
+    """
+
+    def __init__(self, forward_matrix):
+        super().__init__()
+        self.register_buffer("matrix", torch.as_tensor(forward_matrix, dtype=torch.float32))
+
+    def forward(self, coefficients):
+        """``[B, C_total, X, Y, Z]`` -> signal ``[B, N, X, Y, Z]``."""
+        return torch.einsum("bcxyz,cn->bnxyz", coefficients, self.matrix)
+
+
+def stacked_forward_matrix(response, gtab, sh_order_max):
+    """Forward matrices of all tissues stacked WM first, shape (C_total, N)."""
+    matrices = response.forward_matrices(gtab, sh_order_max)
+    return np.concatenate([matrices[tissue] for tissue in response.tissues], axis=0)

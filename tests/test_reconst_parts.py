@@ -1,0 +1,152 @@
+"""Tiling, losses and input checks of the deconvolution models."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from esdmri.reconst.inputs import check_data, check_mask, normalize_by_b0, resolve_device
+from esdmri.reconst.losses import (CAUCHY_SIGMA, LossWeights, intensity_loss,
+                                   nonnegativity_loss, sparsity_loss, total_variation_loss)
+from esdmri.reconst.tiling import (cut_window, inference_windows, receptive_radius,
+                                   training_windows)
+
+
+class SpatialStack(nn.Module):
+    """[B, C, V, X, Y, Z] -> same, through n 3D convolutions of a given kernel."""
+
+    def __init__(self, n_convs, kernel_size):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv3d(2, 2, kernel_size, padding=kernel_size // 2) for _ in range(n_convs))
+
+    def forward(self, x):
+        batch, channels, vertices = x.shape[:3]
+        x = x.permute(0, 2, 1, 3, 4, 5).reshape(batch * vertices, channels, *x.shape[3:])
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return x.reshape(batch, vertices, channels, *x.shape[2:]).permute(0, 2, 1, 3, 4, 5)
+
+
+@pytest.mark.parametrize("n_convs,kernel_size,expected", [(0, 3, 0), (2, 3, 2), (3, 5, 6)])
+def test_receptive_radius_of_conv_stacks(n_convs, kernel_size, expected):
+    torch.manual_seed(0)
+    network = SpatialStack(n_convs, kernel_size) if n_convs else SpatialStack(1, 1)
+    assert receptive_radius(network, 2, 3, limit=8) == expected
+
+
+def test_receptive_radius_refuses_networks_reaching_the_limit():
+    with pytest.raises(ValueError, match="probe limit"):
+        receptive_radius(SpatialStack(3, 3), 2, 1, limit=3)
+
+
+def test_cut_window_matches_padded_slicing():
+    rng = np.random.default_rng(0)
+    volume = rng.random((7, 5, 6, 2))
+    padded = np.pad(volume, [(4, 4)] * 3 + [(0, 0)])
+    for start in [(-3, -2, 0), (0, 0, 0), (4, 2, 3), (6, -1, 5)]:
+        expected = padded[start[0] + 4:start[0] + 8, start[1] + 4:start[1] + 8,
+                          start[2] + 4:start[2] + 8]
+        np.testing.assert_array_equal(cut_window(volume, start, 4), expected)
+
+
+def test_inference_windows_cover_every_masked_voxel_once():
+    rng = np.random.default_rng(1)
+    mask = rng.random((13, 9, 11)) > 0.7
+    starts, pad_width = inference_windows(mask.shape, mask, core=4, halo=2)
+    covered = np.zeros(mask.shape, int)
+    for x, y, z in starts:
+        covered[x:x + 4, y:y + 4, z:z + 4] += 1
+    assert covered.max() == 1 and (covered[mask] == 1).all()
+    padded_shape = [n + before + after for n, (before, after) in zip(mask.shape, pad_width)]
+    assert all(before == 2 for before, _ in pad_width)
+    for start in starts:  # every window lies inside the padded volume
+        assert all(s + 4 + 4 <= n for s, n in zip(start, padded_shape))
+
+
+def test_training_windows_cover_the_mask():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[3:17, 5:12, 2:19] = True
+    for seed in range(3):
+        starts = training_windows(mask, 6, np.random.default_rng(seed))
+        covered = np.zeros(mask.shape, int)
+        for start in starts:
+            window = cut_window(np.indices(mask.shape).transpose(1, 2, 3, 0) + 1, start, 6)
+            inside = window[..., 0] > 0
+            index = tuple((window[inside] - 1).T)
+            covered[index] += 1
+        assert (covered[mask] == 1).all()
+
+
+def test_losses_against_direct_formulas():
+    rng = np.random.default_rng(2)
+    predicted, measured = rng.random((2, 1, 5, 3, 3, 3))
+    mask = rng.random((1, 3, 3, 3)) > 0.4
+    samples = rng.normal(size=(1, 7, 3, 3, 3))
+    as_tensor = torch.as_tensor
+    expected = ((predicted - measured) ** 2).transpose(0, 2, 3, 4, 1)[mask].mean()
+    assert float(intensity_loss(as_tensor(predicted), as_tensor(measured), as_tensor(mask))) \
+        == pytest.approx(expected)
+    cauchy = 2 * np.log(1 + samples**2 / (2 * CAUCHY_SIGMA))
+    assert float(sparsity_loss(as_tensor(samples), as_tensor(mask))) == pytest.approx(
+        cauchy.transpose(0, 2, 3, 4, 1)[mask].mean())
+    negative = np.minimum(samples, 0) ** 2
+    assert float(nonnegativity_loss(as_tensor(samples), as_tensor(mask))) == pytest.approx(
+        negative.transpose(0, 2, 3, 4, 1)[mask].mean())
+
+
+def test_total_variation_against_brute_force():
+    rng = np.random.default_rng(3)
+    coefficients = rng.normal(size=(1, 4, 3, 4, 2))
+    mask = rng.random((1, 3, 4, 2)) > 0.3
+    norms = []
+    for x, y, z in np.ndindex(3, 4, 2):
+        for dx, dy, dz in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+            nx, ny, nz = x + dx, y + dy, z + dz
+            if nx < 3 and ny < 4 and nz < 2 and mask[0, x, y, z] and mask[0, nx, ny, nz]:
+                norms.append(np.linalg.norm(coefficients[0, :, nx, ny, nz]
+                                            - coefficients[0, :, x, y, z]))
+    value = total_variation_loss(torch.as_tensor(coefficients), torch.as_tensor(mask))
+    assert float(value) == pytest.approx(np.mean(norms), rel=1e-6)
+
+
+def test_loss_weights_reject_negative_values():
+    with pytest.raises(ValueError, match="sparsity must be >= 0"):
+        LossWeights(sparsity=-1)
+
+
+class _Gtab:
+    def __init__(self, bvals):
+        self.bvals = np.asarray(bvals, float)
+        self.b0s_mask = self.bvals <= 50
+
+
+def test_input_checks_name_the_argument():
+    gtab = _Gtab([0, 1000, 1000])
+    with pytest.raises(ValueError, match="data has 2 volumes but gtab has 3"):
+        check_data(np.ones((2, 2, 2, 2)), gtab)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_data(np.full((2, 2, 2, 3), np.nan), gtab)
+    with pytest.raises(ValueError, match="no b0"):
+        check_data(np.ones((2, 2, 2, 2)), _Gtab([1000, 1000]))
+    with pytest.raises(ValueError, match="4D array"):
+        check_data(np.ones((2, 2, 3)), gtab)
+    with pytest.raises(TypeError, match="GradientTable"):
+        check_data(np.ones((2, 2, 2, 3)), object())
+    with pytest.raises(ValueError, match="mask has shape"):
+        check_mask(np.ones((2, 2)), (2, 2, 2))
+    with pytest.raises(ValueError, match="mask is empty"):
+        check_mask(np.zeros((2, 2, 2)), (2, 2, 2))
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        if torch.cuda.is_available():
+            raise ValueError("CUDA is not available (skipped: this machine has CUDA)")
+        resolve_device("cuda")
+
+
+def test_normalize_by_b0_divides_by_mean_b0_and_drops_empty_voxels():
+    gtab = _Gtab([0, 0, 1000])
+    data = np.zeros((2, 1, 1, 3))
+    data[0, 0, 0] = [90, 110, 40]
+    normalized, mask = normalize_by_b0(data, gtab, np.ones((2, 1, 1), bool))
+    np.testing.assert_allclose(normalized[0, 0, 0], [0.9, 1.1, 0.4], rtol=1e-6)
+    assert mask.tolist() == [[[True]], [[False]]]
