@@ -24,8 +24,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from dipy.core.gradients import unique_bvals_tolerance
+from dipy.core.gradients import gradient_table, unique_bvals_tolerance
 from dipy.reconst.csdeconv import auto_response_ssst
+from dipy.reconst.dti import TensorModel
 from dipy.reconst.mcsd import (MultiShellResponse, mask_for_response_msmt,
                                response_from_mask_msmt)
 from dipy.reconst.shm import real_sh_descoteaux_from_index
@@ -153,6 +154,28 @@ def _read_mrtrix_matrix(path):
         raise ValueError(f"{path} has ragged rows: every shell row must have the same "
                          f"number of coefficients, found row lengths {lengths}")
     return np.array(rows), shells
+
+
+def _csf_mask(gtab, data, roi_center, roi_radii, csf_fa_thr, csf_md_thr):
+    """CSF response voxels: low FA and mean diffusivity *above* ``csf_md_thr``.
+
+    DIPY 1.12's ``mask_for_response_msmt`` keeps CSF voxels with MD *below*
+    ``csf_md_thr``, which selects grey matter (on the esdmri phantom its "CSF"
+    voxels are pure GM and the CSF b1000/b0 ratio comes out 0.44 instead of
+    0.05). The ROI is DIPY's: with a WM FA threshold of -1 its WM mask is the
+    whole ROI. The tensor is fitted on b0 and the lowest shell only: at high b
+    the CSF signal sinks into the noise floor and the fitted MD collapses
+    (0.75e-3 instead of 3e-3 mm^2/s on the phantom at SNR 30).
+    """
+    roi = mask_for_response_msmt(gtab, data, roi_center=roi_center, roi_radii=roi_radii,
+                                 wm_fa_thr=-1)[0].astype(bool)
+    shell_bvals, shell_index = group_shells(gtab)
+    low = shell_index <= 1
+    low_gtab = gradient_table(gtab.bvals[low], bvecs=gtab.bvecs[low],
+                              b0_threshold=gtab.b0_threshold)
+    tensor = TensorModel(low_gtab).fit(data[..., low], mask=roi)
+    fa, md = np.nan_to_num(tensor.fa), np.nan_to_num(tensor.md)
+    return (roi & (fa < csf_fa_thr) & (md > csf_md_thr)).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -387,10 +410,12 @@ class TissueResponse:
                 "from_dipy_msmt needs b0 volumes and shells that DIPY's clustering "
                 f"(tol={tolerance}) also finds; shells {np.round(shell_bvals).tolist()}, "
                 f"DIPY clusters {np.round(dipy_bvals).tolist()}")
-        masks = mask_for_response_msmt(
+        wm_mask, gm_mask, _ = mask_for_response_msmt(
             gtab, data, roi_center=roi_center, roi_radii=roi_radii, wm_fa_thr=wm_fa_thr,
             gm_fa_thr=gm_fa_thr, csf_fa_thr=csf_fa_thr, gm_md_thr=gm_md_thr,
             csf_md_thr=csf_md_thr)
+        masks = [wm_mask, gm_mask, _csf_mask(gtab, data, roi_center, roi_radii, csf_fa_thr,
+                                             csf_md_thr)]
         if mask is not None:
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != data.shape[:3]:

@@ -65,7 +65,13 @@ def test_networks_commute_with_grid_and_sphere_symmetries(kind, symmetry):
     with torch.no_grad():
         transformed_then_net = net(transform(field, grid, on_sphere, sphere))
         net_then_transformed = transform(net(field), grid, on_sphere, sphere)
-    assert (transformed_then_net - net_then_transformed).abs().max().item() < 1e-10
+    error = (transformed_then_net - net_then_transformed).abs().max().item()
+    if kind == "concat" and not np.allclose(grid, np.eye(3)):
+        # C-ESD stacks the neighbours as ordered channels: it is a baseline
+        # without grid rotation equivariance, and the check must see that.
+        assert error > 1e-3
+    else:
+        assert error < 1e-10
 
 
 def test_a_vertex_shuffle_is_not_a_symmetry():

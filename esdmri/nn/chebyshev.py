@@ -118,14 +118,14 @@ class ChebyshevOperator(nn.Module):
             for field, result in zip(fields, out):
                 torch.mm(matrix, field, out=result)
             return out
-        buffer_in = fields.new_empty((n_in, block))
-        buffer_out = fields.new_empty((n_out, block))
+        buffers = {}
         for field, result in zip(fields, out):
             for start in range(0, n_columns, block):
                 width = min(block, n_columns - start)
-                if width < block:
-                    buffer_in = fields.new_empty((n_in, width))
-                    buffer_out = fields.new_empty((n_out, width))
+                if width not in buffers:
+                    buffers[width] = (fields.new_empty((n_in, width)),
+                                      fields.new_empty((n_out, width)))
+                buffer_in, buffer_out = buffers[width]
                 buffer_in.copy_(field[:, start:start + width])
                 torch.mm(matrix, buffer_in, out=buffer_out)
                 result[:, start:start + width].copy_(buffer_out)

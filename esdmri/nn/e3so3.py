@@ -12,10 +12,12 @@ sums of distance class r (grid), and ``W = A * B`` fused into one
 ``(O, I K R)`` matrix. All three factors commute, which lets the layer pick
 the cheapest order instead of a 27-tap convolution over every vertex:
 
-* the Chebyshev product (a sparse matrix over the vertices) is applied on
-  the side with fewer channels: to the I inputs (analysis, then sums, then
-  one channel matmul) when ``I < O``, otherwise to the O outputs (sums, one
-  channel matmul to ``O K`` fields, then synthesis);
+* the neighbourhood sums act on the I inputs, one channel matmul makes
+  ``O K`` fields and a synthesis over the sphere sums their Chebyshev terms;
+  only for ``O > 2 K I`` (a few inputs, many outputs) is it cheaper to
+  analyse the I inputs into ``I K`` Chebyshev terms first and form the sums
+  on those (measured on the CPU: the sums on K-fold more fields cost more
+  than the sphere products they save);
 * the 3D kernel costs R neighbourhood sums (separable shifted adds) and R
   columns of the channel matmul (R = 4 instead of 27 for a 3x3x3 kernel);
 * the work runs in chunks of vertices, and backward recomputes the sums
@@ -72,6 +74,10 @@ class _SphereSpatialLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    def sphere_first(n_in, n_out, kernel_size):
+        return n_out > 2 * kernel_size * n_in
+
+    @staticmethod
     def forward(ctx, x, weight, bias, operator, sums):
         n, n_in, n_vertices, *grid = x.shape
         n_out, _, k, r = weight.shape
@@ -79,7 +85,8 @@ class _SphereSpatialLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.operator, ctx.sums = operator, sums
         workspace = Workspace()
-        if n_in < n_out:  # Chebyshev terms of the inputs, then sums, then mix
+        sphere_first = _SphereSpatialLinear.sphere_first(n_in, n_out, k)
+        if sphere_first:  # Chebyshev terms of the inputs, then sums, then mix
             terms = operator.analyze(_to_slabs(x))
             fields = _from_slabs(terms, n, n_in, n_vertices, grid)  # [n, I, K, V, X, Y, Z]
             mixed = x.new_empty((n, n_out, 1, n_vertices, *grid))
@@ -98,11 +105,11 @@ class _SphereSpatialLinear(torch.autograd.Function):
             product = workspace.get("mixed", (n, mix.shape[0], n_part * n_voxels), x)
             torch.matmul(mix, s.view(n, n_fields * r, -1), out=product)
             product = product.view(n, n_out, -1, n_part, *grid)
-            if bias is not None and n_in < n_out:  # the bias rides along with the copy
+            if bias is not None and sphere_first:  # the bias rides along with the copy
                 torch.add(product, bias.view(1, -1, 1, 1, 1, 1, 1), out=mixed[:, :, :, part])
             else:
                 mixed[:, :, :, part] = product
-        if n_in < n_out:
+        if sphere_first:
             return mixed.view(n, n_out, n_vertices, *grid)
         y = _from_slabs(operator.synthesize(slabs), n, n_out, n_vertices, grid)[:, :, 0]
         return y.contiguous() if bias is None else y + bias.view(1, -1, 1, 1, 1, 1)
@@ -117,7 +124,8 @@ class _SphereSpatialLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         workspace = Workspace()
         grad_y = grad_y.reshape(n, n_out, n_vertices, *grid)
-        if n_in < n_out:
+        sphere_first = _SphereSpatialLinear.sphere_first(n_in, n_out, k)
+        if sphere_first:
             fields = _from_slabs(operator.analyze(_to_slabs(x)), n, n_in, n_vertices, grid)
             grad_mixed = grad_y.unsqueeze(2)
             grad_slabs = _slab_buffer(x, n, n_in, k * n_vertices, grid)
@@ -150,13 +158,13 @@ class _SphereSpatialLinear(torch.autograd.Function):
         if need_b:
             grad_b = grad_y.sum(dim=(0, 2, 3, 4, 5))
         if need_x:
-            if n_in < n_out:
+            if sphere_first:
                 grad_x = _from_slabs(operator.synthesize(grad_slabs), n, n_in, n_vertices, grid)
                 grad_x = grad_x[:, :, 0].contiguous()
             else:
                 grad_x = grad_fields[:, :, 0]
         if need_w:
-            if n_in < n_out:
+            if sphere_first:
                 grad_w = grad_mix.view(weight.shape)
             else:
                 grad_w = grad_mix.view(n_out, k, n_in, r).permute(0, 2, 1, 3)

@@ -7,8 +7,11 @@
 * spatial: 2 x 2 x 2 voxel blocks;
 * mixed: both.
 
-Unpooling is nearest-neighbour (average mode) or puts each value back where
-the max came from (max mode, zeros elsewhere), like ``MaxUnpool``.
+Unpooling is nearest-neighbour (average mode), or in max mode puts each value
+back where the max came from and zeros elsewhere, like ``MaxUnpool`` but at
+*every* position that attained the max: after a ReLU whole blocks tie at zero,
+and picking one of them (the first in memory order, as ``MaxUnpool`` does)
+would break the symmetries of the grid and the sphere.
 """
 
 import torch
@@ -44,16 +47,13 @@ def _spherical_pool(x, mode):
     groups = x.reshape(b, c, v // 4, 4, *grid)
     if mode == "average":
         return groups.mean(dim=3), None
-    return groups.max(dim=3)
+    pooled = groups.amax(dim=3)
+    return pooled, (groups == pooled.unsqueeze(3)).view(x.shape)
 
 
-def _spherical_unpool(x, mode, indices):
-    if mode == "average":
-        return x.repeat_interleave(4, dim=2)
-    b, c, v, *grid = x.shape
-    out = x.new_zeros((b, c, v, 4, *grid))
-    out.scatter_(3, indices.unsqueeze(3), x.unsqueeze(3))
-    return out.view(b, c, 4 * v, *grid)
+def _spherical_unpool(x, mode, is_max):
+    up = x.repeat_interleave(4, dim=2)
+    return up if mode == "average" else torch.where(is_max, up, 0.0)
 
 
 def _spatial_pool(x, mode):
@@ -64,19 +64,17 @@ def _spatial_pool(x, mode):
     fields = x.reshape(b, c * v, *grid)
     if mode == "average":
         return F.avg_pool3d(fields, 2).view(b, c, v, *(s // 2 for s in grid)), None
-    pooled, indices = F.max_pool3d(fields, 2, return_indices=True)
-    return pooled.view(b, c, v, *pooled.shape[2:]), indices
+    pooled = F.max_pool3d(fields, 2)
+    is_max = fields == F.interpolate(pooled, scale_factor=2, mode="nearest")
+    return pooled.view(b, c, v, *pooled.shape[2:]), is_max.view(x.shape)
 
 
-def _spatial_unpool(x, mode, indices):
+def _spatial_unpool(x, mode, is_max):
     b, c, v, *grid = x.shape
     fine = [2 * s for s in grid]
-    fields = x.reshape(b, c * v, *grid)
-    if mode == "average":
-        out = F.interpolate(fields, scale_factor=2, mode="nearest")
-    else:
-        out = F.max_unpool3d(fields, indices, 2, output_size=fine)
-    return out.view(b, c, v, *fine)
+    up = F.interpolate(x.reshape(b, c * v, *grid), scale_factor=2, mode="nearest")
+    up = up.view(b, c, v, *fine)
+    return up if mode == "average" else torch.where(is_max, up, 0.0)
 
 
 class Pool(nn.Module):
@@ -91,8 +89,9 @@ class Pool(nn.Module):
     Notes
     -----
     ``forward(x)`` maps ``[B, C, V, X, Y, Z]`` to the pooled field and
-    returns ``(pooled, indices)``; ``indices`` (None in average mode) is what
-    the matching :class:`Unpool` needs.
+    returns ``(pooled, indices)``; ``indices`` (None in average mode; boolean
+    masks of the maxima of the spatial and spherical steps in max mode) is
+    what the matching :class:`Unpool` needs.
     """
 
     def __init__(self, kind="mixed", mode="average"):

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PADDING_MODES = ("zeros", "circular")
@@ -367,17 +368,27 @@ class NeighbourhoodConcat(nn.Module):
 
     def __init__(self, kernel_size=3, padding="zeros"):
         super().__init__()
-        self.shifts = NeighbourhoodSums(kernel_size, isotropic=False, padding=padding)
+        self.kernel_size = check_kernel_size(kernel_size, "kernel_size")
+        self.padding = check_padding(padding)
 
     @property
     def factor(self):
         """Channel multiplier ``m**3``."""
-        return self.shifts.n_classes
+        return self.kernel_size**3
 
     def forward(self, x):
+        # Out-of-place slices of a padded copy: plain autograd, no in-place
+        # accumulation, so it also works on inputs that require gradients.
         check_field(x)
-        b, c, *rest = x.shape
-        return self.shifts.forward(x).view(b, c * self.factor, *rest)
+        b, c, v, *grid = x.shape
+        m, r = self.kernel_size, self.kernel_size // 2
+        mode = "circular" if self.padding == "circular" else "constant"
+        padded = F.pad(x.reshape(b, c * v, *grid), (r,) * 6, mode=mode)
+        X, Y, Z = grid
+        shifted = torch.stack([padded[:, :, i:i + X, j:j + Y, k:k + Z]
+                               for i in range(m) for j in range(m) for k in range(m)], dim=2)
+        shifted = shifted.view(b, c, v, m**3, X, Y, Z).transpose(2, 3)
+        return shifted.reshape(b, c * m**3, v, X, Y, Z)
 
     def extra_repr(self):
-        return f"kernel_size={self.shifts.kernel_size}"
+        return f"kernel_size={self.kernel_size}"

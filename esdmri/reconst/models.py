@@ -36,17 +36,17 @@ class DeconvolutionConfig:
 
     conv_kind: str
     sh_order_max: int = 8
-    nside: int = 8
+    nside: int = 4
     hemisphere: bool = True
-    depth: int = 3
+    depth: int = 2
     filter_start: int = 8
     kernel_size: int = 3
     spatial_kernel_size: int = 3
     spatial_layers: int = 1
-    block_size: int = 12
+    block_size: int = 8
     normalize: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 1
     lr: float = 1.7e-3
     patience: int = 3
@@ -58,10 +58,10 @@ class _DeconvolutionModel(ReconstModel):
 
     conv_kind = None
 
-    def __init__(self, gtab, response=None, *, sh_order_max=8, nside=8, hemisphere=True,
-                 depth=3, filter_start=8, kernel_size=3, spatial_kernel_size=3,
-                 spatial_layers=1, block_size=12, normalize=True, sparsity=1e-4, nonnegativity=0.1,
-                 total_variation=0.0, epochs=20, batch_size=1, lr=1.7e-3, patience=3,
+    def __init__(self, gtab, response=None, *, sh_order_max=8, nside=4, hemisphere=True,
+                 depth=2, filter_start=8, kernel_size=3, spatial_kernel_size=3,
+                 spatial_layers=1, block_size=8, normalize=True, sparsity=1e-4, nonnegativity=0.1,
+                 total_variation=0.0, epochs=30, batch_size=1, lr=1.7e-3, patience=3,
                  device="cpu", seed=0, verbose=True):
         super().__init__(gtab)
         self.device = resolve_device(device)
