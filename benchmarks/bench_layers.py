@@ -473,7 +473,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="nside 4 and 8, K = 3 only")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--max-gib", type=float, default=8.0,
+    parser.add_argument("--max-gib", type=float, default=6.0,
                         help="skip configurations predicted to need more memory")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOCS}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

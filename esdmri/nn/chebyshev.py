@@ -25,8 +25,7 @@ LAYOUTS = ("sparse", "dense")
 
 
 def _as_basis_tensor(chebyshev_basis):
-    basis = torch.as_tensor(np.asarray(chebyshev_basis) if not isinstance(
-        chebyshev_basis, torch.Tensor) else chebyshev_basis)
+    basis = torch.as_tensor(chebyshev_basis)
     if basis.ndim != 3 or basis.shape[1] != basis.shape[2]:
         raise ValueError("chebyshev_basis must have shape (K, V, V) as returned by "
                          f"HealpixSphere.chebyshev_basis, got {tuple(basis.shape)}")
@@ -128,7 +127,7 @@ class ChebyshevOperator(nn.Module):
                 buffer_in, buffer_out = buffers[width]
                 buffer_in.copy_(field[:, start:start + width])
                 torch.mm(matrix, buffer_in, out=buffer_out)
-                result[:, start:start + width].copy_(buffer_out)
+                result[:, start:start + width] = buffer_out
         return out
 
     def synthesize(self, z):
@@ -208,12 +207,15 @@ class SphericalConv(nn.Module):
         b, _, v, *grid = x.shape
         n_in, n_out, k = self.in_channels, self.out_channels, self.operator.kernel_size
         x = x.contiguous()
+        # bmm with an expanded weight: a broadcasting matmul would transpose
+        # (copy) the large operand in backward.
         if n_in < n_out:
             u = self.operator.analyze(x.view(b * n_in, v, -1)).view(b, n_in * k, -1)
-            y = torch.matmul(self.weight.reshape(n_out, n_in * k), u)
+            w = self.weight.reshape(n_out, n_in * k)
+            y = torch.bmm(w.expand(b, *w.shape), u)
         else:
             w = self.weight.permute(0, 2, 1).reshape(n_out * k, n_in)
-            z = torch.matmul(w, x.view(b, n_in, -1))
+            z = torch.bmm(w.expand(b, *w.shape), x.view(b, n_in, -1))
             y = self.operator.synthesize(z.view(b * n_out, k * v, -1))
         y = y.view(b, n_out, v, *grid)
         if self.bias is not None:

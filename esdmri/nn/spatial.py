@@ -89,10 +89,14 @@ def _add_shifted(acc, t, shift, dim, circular, overwrite=False):
         if overwrite and shift:
             acc.narrow(dim, n - shift if shift > 0 else 0, abs(shift)).zero_()
     for target_start, source_start, length in pieces:
-        if length:
-            target = acc.narrow(dim, target_start, length)
-            source = t.narrow(dim, source_start, length)
-            target.copy_(source) if overwrite else target.add_(source)
+        if not length:
+            continue
+        target = acc.narrow(dim, target_start, length)
+        source = t.narrow(dim, source_start, length)
+        if overwrite:
+            target.copy_(source)
+        else:
+            target.add_(source)
 
 
 def _pair_sum_into(acc, t, offset, dim, circular):
@@ -167,8 +171,10 @@ class NeighbourhoodSums:
         """``acc (+)= A_offset t`` along ``dim`` (``A^T`` when ``adjoint``;
         assigned instead of added when ``overwrite``)."""
         circular = self.padding == "circular"
-        if offset == 0:
-            acc.copy_(t) if overwrite else acc.add_(t)
+        if offset == 0 and overwrite:
+            acc.copy_(t)
+        elif offset == 0:
+            acc.add_(t)
         elif self.isotropic:  # D_a is symmetric: its adjoint is itself
             if overwrite:
                 _pair_sum_into(acc, t, offset, dim, circular)
