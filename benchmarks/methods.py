@@ -23,11 +23,9 @@ from typing import Callable
 
 import numpy as np
 from dipy.core.gradients import gradient_table, unique_bvals_tolerance
-from dipy.data import default_sphere
 from dipy.reconst.csdeconv import AxSymShResponse, ConstrainedSphericalDeconvModel
-from dipy.reconst.shm import sh_to_sf_matrix
 
-from esdmri.shm import group_shells
+from esdmri.shm import group_shells, legacy_to_descoteaux
 
 SH_ORDER_MAX = 8
 
@@ -117,29 +115,6 @@ def register_method(name, description, *, requires=(), slow=False):
     return decorator
 
 
-def legacy_to_descoteaux07(shm_coeff, sh_order_max):
-    """Convert DIPY legacy ``descoteaux07`` coefficients to the non-legacy basis.
-
-    DIPY's CSD and MSMT-CSD models still use the legacy basis internally. Both
-    bases span the same functions, so sampling on a sphere and refitting is
-    exact.
-
-    Parameters
-    ----------
-    shm_coeff : ndarray (..., C)
-    sh_order_max : int
-
-    Returns
-    -------
-    shm_coeff : ndarray (..., C)
-    """
-    legacy = sh_to_sf_matrix(default_sphere, sh_order_max=sh_order_max,
-                                basis_type="descoteaux07", legacy=True, return_inv=False)
-    _, inverse = sh_to_sf_matrix(default_sphere, sh_order_max=sh_order_max,
-                                 basis_type="descoteaux07", legacy=False)
-    return shm_coeff @ (legacy @ inverse)
-
-
 def _scatter(values, mask):
     """Put per-voxel rows (n, K) back on the grid (X, Y, Z, K), zeros elsewhere."""
     grid = np.zeros(mask.shape + values.shape[-1:])
@@ -178,7 +153,7 @@ def fit_csd(phantom, mask):
         gtab, AxSymShResponse(s0, zonal), sh_order_max=SH_ORDER_MAX)
     data = phantom.data[..., volumes][mask].astype(np.float64)
     shm_coeff = model.fit(data).shm_coeff
-    return MethodResult(_scatter(legacy_to_descoteaux07(shm_coeff, SH_ORDER_MAX), mask))
+    return MethodResult(_scatter(legacy_to_descoteaux(shm_coeff, SH_ORDER_MAX), mask))
 
 
 def _purest_voxels(phantom, tissue):
@@ -219,7 +194,7 @@ def fit_msmt(phantom, mask):
         # cvxpy warns per voxel; failed voxels come back NaN and score as misses.
         warnings.simplefilter("ignore")
         fit = model.fit(data[mask], verbose=False)
-    shm_coeff = np.nan_to_num(legacy_to_descoteaux07(fit.shm_coeff, SH_ORDER_MAX))
+    shm_coeff = np.nan_to_num(legacy_to_descoteaux(fit.shm_coeff, SH_ORDER_MAX))
     # DIPY orders the compartments (csf, gm, wm); fractions of the S0-scaled
     # responses, normalised to sum to one.
     csf_gm_wm = np.clip(np.nan_to_num(fit.volume_fractions), 0, None)

@@ -390,7 +390,7 @@ def convolve_sh(coeffs, zonal, sh_order_max):
 
 
 @lru_cache(maxsize=16)
-def _basis_change(sh_order_max, source, target, target_legacy=False):
+def _basis_change(sh_order_max, source, target, target_legacy=False, source_legacy=False):
     """Matrix M with ``coeffs_target = coeffs_source @ M`` (same function).
 
     Both bases span the same space, so fitting one to the other on a sphere
@@ -404,7 +404,7 @@ def _basis_change(sh_order_max, source, target, target_legacy=False):
     azimuth = np.pi * (1 + 5**0.5) * index
     radius = np.sqrt(1 - z**2)
     points = np.stack([radius * np.cos(azimuth), radius * np.sin(azimuth), z], axis=1)
-    source_matrix = sh_matrix(sh_order_max, points, source)
+    source_matrix = sh_matrix(sh_order_max, points, source, legacy=source_legacy)
     target_matrix = sh_matrix(sh_order_max, points, target, legacy=target_legacy)
     change = np.linalg.lstsq(target_matrix, source_matrix, rcond=None)[0].T
     rounded = np.rint(change) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -468,4 +468,25 @@ def descoteaux_to_legacy(coeffs, sh_order_max):
     coeffs = _check_coefficients(coeffs, sh_order_max)
     change = _basis_change(_check_sh_order(sh_order_max), "descoteaux07", "descoteaux07",
                            target_legacy=True)
+    return coeffs @ change
+
+
+def legacy_to_descoteaux(coeffs, sh_order_max):
+    """DIPY's legacy default ``descoteaux07`` coefficients to the non-legacy basis.
+
+    DIPY's CSD and MSMT-CSD fits return legacy coefficients.
+
+    Parameters
+    ----------
+    coeffs : ndarray (..., C)
+    sh_order_max : int
+
+    Returns
+    -------
+    ndarray (..., C)
+        Coefficients of the same function in the non-legacy basis.
+    """
+    coeffs = _check_coefficients(coeffs, sh_order_max)
+    change = _basis_change(_check_sh_order(sh_order_max), "descoteaux07", "descoteaux07",
+                           source_legacy=True)
     return coeffs @ change

@@ -32,7 +32,8 @@ from esdmri.sims import make_phantom
 from esdmri.workflows.demo import DemoFlow
 from esdmri.workflows.evaluate import EvaluateFlow
 from esdmri.workflows.fit import FitFlow
-from esdmri.workflows.io import legacy_to_descoteaux, run_workflow
+from esdmri.shm import legacy_to_descoteaux
+from esdmri.workflows.io import run_workflow
 from esdmri.workflows.plot import PlotFlow
 from esdmri.workflows.response import ResponseFlow
 from esdmri.workflows.track import TrackFlow

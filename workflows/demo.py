@@ -37,13 +37,13 @@ from esdmri.metrics import (angular_errors, crossing_angles, evaluate_fractions,
                             evaluate_peaks, threshold_sweep)
 from esdmri.peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy, sh_order_from_coeffs
 from esdmri.reconst.models import RTESDModel
-from esdmri.shm import descoteaux_to_legacy
+from esdmri.shm import descoteaux_to_legacy, legacy_to_descoteaux
 from esdmri.sims import make_phantom
 from esdmri.viz import (plot_angular_error_vs_crossing, plot_fraction_maps, plot_odf_slice,
                         plot_peaks_slice, plot_training_curves, save_figure)
 
 from .fit import write_fit_outputs
-from .io import (EsdmriWorkflow, check_out_dir, check_outputs, legacy_to_descoteaux,
+from .io import (EsdmriWorkflow, check_out_dir, check_outputs,
                  run_workflow, save_map, verbose_logging)
 from .track import reference_header, track
 

@@ -19,8 +19,9 @@ from dipy.utils.logging import logger
 
 from esdmri.metrics import evaluate_fractions, evaluate_peaks
 from esdmri.peaks import peaks_from_sh, sh_order_from_coeffs
+from esdmri.shm import legacy_to_descoteaux
 
-from .io import (EsdmriWorkflow, legacy_to_descoteaux, load_fodf, load_mask, match_optional,
+from .io import (EsdmriWorkflow, load_fodf, load_mask, match_optional,
                  run_workflow)
 
 PEAK_COLUMNS = ("subset", "n_voxels", "angular_error", "angular_error_median",

@@ -29,7 +29,6 @@ from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.multi_io import _resolve_path_or_pattern, connect_output_paths
 from dipy.workflows.workflow import Workflow
 
-from esdmri.shm import descoteaux_to_legacy
 
 # Errors that bad input raises (missing files, wrong shapes, bad options).
 # They are reported in one line; anything else keeps its traceback.
@@ -328,25 +327,6 @@ def save_map(path, array, affine, description=None):
     if description is not None:
         image.header["descrip"] = description[:80].encode()
     nib.save(image, path)
-
-
-def legacy_to_descoteaux(coeffs, sh_order_max):
-    """DIPY's legacy ``descoteaux07`` coefficients to the non-legacy basis.
-
-    The change from non-legacy to legacy is a signed permutation
-    (:func:`esdmri.shm.descoteaux_to_legacy`), so its inverse is its transpose.
-
-    Parameters
-    ----------
-    coeffs : ndarray, shape (..., C)
-    sh_order_max : int
-
-    Returns
-    -------
-    ndarray, shape (..., C)
-    """
-    change = descoteaux_to_legacy(np.eye(np.shape(coeffs)[-1]), sh_order_max)
-    return np.asarray(coeffs) @ change.T
 
 
 def verbose_logging():

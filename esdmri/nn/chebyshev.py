@@ -2,15 +2,20 @@
 
 A graph filter of kernel size K is ``y = sum_k W_k T_k(L~) x`` with ``T_k``
 the Chebyshev polynomials of the rescaled graph Laplacian (SPEC section 3).
-The K matrices are precomputed once per sphere (``HealpixSphere.
-chebyshev_basis``) and stacked side by side, ``[T_0 | T_1 | ... ]`` of shape
-(V, K V): one product with it *synthesises* ``sum_k T_k z_k`` from K stacked
-fields, and one product with its transpose *analyses* a field into its K
-terms ``T_k x``. The stacked matrix is sparse (a degree K-1 polynomial of a
-graph with 8 neighbours per vertex reaches only the (K-1)-ring: 35 non-zeros
-per row for K = 3), so it is kept as a sparse CSR matrix by default; on the
-CPU this beats both the published sparse recursion and a dense matmul from
-nside 4 upwards (see ``benchmarks/bench_layers.py``).
+Two products with the K polynomials carry every layer: the *analysis*
+``x -> (T_0 x, ..., T_{K-1} x)`` and its transpose, the *synthesis*
+``(z_0, ..., z_{K-1}) -> sum_k T_k z_k`` (the T_k are symmetric).
+
+On the CPU (measured with ``benchmarks/bench_layers.py``'s configurations,
+one thread) the fastest form is the three-term recursion with the sparse
+Laplacian (8 neighbours: 9 non-zeros per row), run on blocks of columns that
+stay in cache: for the synthesis Clenshaw's recurrence, ``b_k = z_k + 2 L~
+b_{k+1} - b_{k+2}``. It beats one product with the precomputed stacked
+matrix ``[T_0 | ... | T_{K-1}]`` as sparse CSR (1.2x to 1.4x at K = 3,
+2.2x to 2.9x at K = 5, because a degree K-1 polynomial fills the whole
+(K-1)-ring: 35 non-zeros per row at K = 3, 165 at K = 5) and a dense one by
+far more (4x at nside 8). The dense stacked matrix stays available for GPUs,
+where one large matmul is the better shape.
 """
 
 import warnings
@@ -22,6 +27,10 @@ from torch import nn
 from esdmri.nn.spatial import check_field
 
 LAYOUTS = ("sparse", "dense")
+
+# Columns per block of the sparse recursions: (K + 3) V floats of buffers
+# within about 1 MiB.
+_CACHE_FLOATS = 1 << 18
 
 
 def _as_basis_tensor(chebyshev_basis):
@@ -36,35 +45,35 @@ class _Synthesize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, operator):
         ctx.operator = operator
-        return operator._product(operator.synthesis, z)
+        return operator._synthesize(z.contiguous())
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.operator._product(ctx.operator.analysis, grad.contiguous()), None
+        return ctx.operator._analyze(grad.contiguous()), None
 
 
 class _Analyze(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, operator):
         ctx.operator = operator
-        return operator._product(operator.analysis, x)
+        return operator._analyze(x.contiguous())
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.operator._product(ctx.operator.synthesis, grad.contiguous()), None
+        return ctx.operator._synthesize(grad.contiguous()), None
 
 
 class ChebyshevOperator(nn.Module):
-    """Stacked Chebyshev polynomials of one sphere's Laplacian.
+    """Chebyshev polynomials ``T_0 .. T_{K-1}`` of one sphere's Laplacian.
 
     Parameters
     ----------
     chebyshev_basis : array_like, shape (K, V, V)
         ``T_0 .. T_{K-1}`` from ``HealpixSphere.chebyshev_basis(K)``.
     layout : {"sparse", "dense"}, optional
-        Storage of the stacked matrices: sparse CSR (fewer operations) or
-        dense (one batched matmul; competitive for a few dozen vertices and on
-        GPUs).
+        "sparse": recursions with the sparse rescaled Laplacian ``T_1``
+        (fastest on the CPU); "dense": one matmul with the stacked dense
+        matrices (a single large product, for GPUs).
 
     Attributes
     ----------
@@ -72,17 +81,13 @@ class ChebyshevOperator(nn.Module):
         K.
     n_vertices : int
         V.
-    synthesis : Tensor, shape (V, K V)
-        ``[T_0 | ... | T_{K-1}]`` (non-persistent buffer: state dicts do not
-        depend on the sphere).
-    analysis : Tensor, shape (K V, V)
-        Its transpose.
 
     Notes
     -----
+    The matrices are non-persistent buffers: state dicts do not depend on
+    the sphere, and one operator can be shared by all layers on a sphere.
     Both products are differentiable and save nothing for backward: the
-    gradient of a synthesis is an analysis and vice versa. One operator can be
-    shared by all layers on the same sphere.
+    gradient of a synthesis is an analysis and vice versa.
     """
 
     def __init__(self, chebyshev_basis, layout="sparse"):
@@ -92,42 +97,80 @@ class ChebyshevOperator(nn.Module):
         basis = _as_basis_tensor(chebyshev_basis)
         self.kernel_size, self.n_vertices = basis.shape[:2]
         self.layout = layout
-        synthesis = basis.permute(1, 0, 2).reshape(self.n_vertices, -1)
-        analysis = synthesis.T.contiguous()
-        if layout == "sparse":
+        if layout == "dense":
+            synthesis = basis.permute(1, 0, 2).reshape(self.n_vertices, -1)  # [T_0 | T_1 | ...]
+            self.register_buffer("synthesis", synthesis, persistent=False)
+            self.register_buffer("analysis", synthesis.T.contiguous(), persistent=False)
+        elif self.kernel_size > 1:
             with warnings.catch_warnings():  # torch flags sparse CSR as beta
                 warnings.simplefilter("ignore", UserWarning)
-                synthesis, analysis = synthesis.to_sparse_csr(), analysis.to_sparse_csr()
-        self.register_buffer("synthesis", synthesis, persistent=False)
-        self.register_buffer("analysis", analysis, persistent=False)
+                self.register_buffer("laplacian", basis[1].to_sparse_csr(), persistent=False)
 
-    def _product(self, matrix, fields):
-        """``matrix @ fields[n]`` for every n; fields (N, rows, P)."""
-        fields = fields.contiguous()
+    def _column_blocks(self, n_columns):
+        block = max(32, min(256, 1 << int(np.log2(_CACHE_FLOATS
+                                                  / ((self.kernel_size + 3) * self.n_vertices)))))
+        if n_columns <= 2 * block:
+            return [slice(0, n_columns)]
+        return [slice(start, min(start + block, n_columns)) for start in range(0, n_columns, block)]
+
+    def _analyze(self, fields):
+        """(N, V, P) -> (N, K V, P): ``T_k x`` by ``T_k = 2 L~ T_{k-1} - T_{k-2}``."""
+        n, v, n_columns = fields.shape
+        k = self.kernel_size
         if self.layout == "dense":
-            return torch.matmul(matrix, fields)
-        n_out = matrix.shape[0]
-        n_fields, n_in, n_columns = fields.shape
-        out = fields.new_empty((n_fields, n_out, n_columns))
-        # A sparse product gathers whole rows of its dense operand: on blocks
-        # of columns copied into small buffers (~1 MiB) those rows stay in
-        # cache, 1.3 to 1.5x faster on the CPU than one product per field.
-        block = max(32, min(256, 1 << int(np.log2(2**18 / (n_in + n_out)))))
-        if n_columns <= 2 * block:  # already small enough
-            for field, result in zip(fields, out):
-                torch.mm(matrix, field, out=result)
-            return out
+            return torch.matmul(self.analysis, fields)
+        out = fields.new_empty((n, k, v, n_columns))
+        blocks = self._column_blocks(n_columns)
+        single = len(blocks) == 1
         buffers = {}
         for field, result in zip(fields, out):
-            for start in range(0, n_columns, block):
-                width = min(block, n_columns - start)
+            for cols in blocks:
+                width = cols.stop - cols.start
                 if width not in buffers:
-                    buffers[width] = (fields.new_empty((n_in, width)),
-                                      fields.new_empty((n_out, width)))
-                buffer_in, buffer_out = buffers[width]
-                buffer_in.copy_(field[:, start:start + width])
-                torch.mm(matrix, buffer_in, out=buffer_out)
-                result[:, start:start + width] = buffer_out
+                    buffers[width] = (fields.new_empty((k, v, width)), fields.new_empty((v, width)))
+                terms, product = buffers[width]
+                terms = result if single else terms  # in place when one block covers it
+                terms[0].copy_(field[:, cols])
+                for order in range(1, k):
+                    torch.mm(self.laplacian, terms[order - 1], out=product)
+                    if order == 1:
+                        terms[1].copy_(product)
+                    else:
+                        torch.add(terms[order - 2], product, alpha=2, out=terms[order])
+                        terms[order].sub_(terms[order - 2], alpha=2)
+                if not single:
+                    result[:, :, cols] = terms
+        return out.view(n, k * v, n_columns)
+
+    def _synthesize(self, stacked):
+        """(N, K V, P) -> (N, V, P): ``sum_k T_k z_k`` by Clenshaw's recurrence."""
+        n, _, n_columns = stacked.shape
+        k, v = self.kernel_size, self.n_vertices
+        if self.layout == "dense":
+            return torch.matmul(self.synthesis, stacked)
+        stacked = stacked.view(n, k, v, n_columns)
+        out = stacked.new_empty((n, v, n_columns))
+        if k == 1:
+            return out.copy_(stacked[:, 0])
+        blocks = self._column_blocks(n_columns)
+        buffers = {}
+        for terms, result in zip(stacked, out):
+            for cols in blocks:
+                width = cols.stop - cols.start
+                if width not in buffers:
+                    buffers[width] = [stacked.new_empty((v, width)) for _ in range(4)]
+                b1, b2, spare, product = buffers[width]
+                # b_k = z_k + 2 L~ b_{k+1} - b_{k+2}; y = z_0 + L~ b_1 - b_2.
+                b1.copy_(terms[k - 1, :, cols])
+                b2.zero_()
+                for order in range(k - 2, 0, -1):
+                    torch.mm(self.laplacian, b1, out=product)
+                    torch.add(terms[order, :, cols], product, alpha=2, out=spare)
+                    spare.sub_(b2)
+                    b1, b2, spare = spare, b1, b2
+                torch.mm(self.laplacian, b1, out=product)
+                torch.add(terms[0, :, cols], product, out=result[:, cols])
+                result[:, cols].sub_(b2)
         return out
 
     def synthesize(self, z):
