@@ -8,17 +8,25 @@ plot of angular error against crossing angle and writes the table into
 ``docs/benchmarks.md`` between ``<!-- accuracy:start -->`` and
 ``<!-- accuracy:end -->``.
 
+With ``--disco N ...`` the same table is computed on fetched DiSCo phantoms
+(:func:`esdmri.data_fetchers.read_disco`) against the peaks of their
+ground-truth strand fODFs, with responses estimated from the data (DiSCo has
+no ground-truth response or tissue fractions), and written between
+``<!-- accuracy-disco:start -->`` and ``<!-- accuracy-disco:end -->``.
+
 Usage::
 
     python benchmarks/accuracy.py --quick           # small phantoms, < 3 min
     python benchmarks/accuracy.py                   # 40^3 phantoms, < 30 min
     python benchmarks/accuracy.py --methods csd --out out/accuracy --no-write-docs
+    python benchmarks/accuracy.py --disco 1 2 3 --snr 30   # after esdmri_fetch disco
 """
 
 import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +37,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from dipy.data import get_3shell_gtab  # noqa: E402
 
-from esdmri.metrics import DEFAULT_THRESHOLDS, evaluate_fractions, threshold_sweep  # noqa: E402
+from esdmri.data_fetchers.disco import PHANTOMS as DISCO_PHANTOMS  # noqa: E402
+from esdmri.data_fetchers.disco import RESOLUTIONS as DISCO_RESOLUTIONS  # noqa: E402
+from esdmri.data_fetchers.disco import SNRS as DISCO_SNRS  # noqa: E402
+from esdmri.data_fetchers.disco import read_disco  # noqa: E402
+from esdmri.metrics import (  # noqa: E402
+    DEFAULT_THRESHOLDS,
+    count_directions,
+    crossing_angles,
+    evaluate_fractions,
+    threshold_sweep,
+)
+from esdmri.reconst.models import estimate_response  # noqa: E402
+from esdmri.response import TissueResponse  # noqa: E402
+from esdmri.shm import group_shells  # noqa: E402
 from esdmri.sims import make_phantom  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import METHODS  # noqa: E402
+from methods import METHODS, NotApplicable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_FILE = REPO / "docs" / "benchmarks.md"
 START_MARKER, END_MARKER = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+DISCO_MARKERS = ("<!-- accuracy-disco:start -->", "<!-- accuracy-disco:end -->")
 PLOT_NAME = "accuracy_vs_crossing_angle.png"
+DISCO_PLOT_NAME = "accuracy_disco_vs_crossing_angle.png"
+# Relative threshold of read_disco's ground-truth peaks (its default).
+DISCO_GT_PEAK_THRESHOLD = 0.1
 
 QUICK_THRESHOLDS = np.round(np.arange(1, 10) * 0.1, 1)
 DEFAULT_THRESHOLD = 0.5
@@ -65,6 +90,111 @@ class PhantomSpec:
         return make_phantom(shape=shape, **kwargs)
 
 
+@dataclass
+class DiscoPhantom:
+    """A DiSCo phantom with the attributes of :class:`esdmri.sims.Phantom` that
+    the methods and the scoring read.
+
+    Attributes
+    ----------
+    name, description : str
+    data : ndarray (X, Y, Z, N) float32
+    gtab : dipy GradientTable
+    mask : ndarray (X, Y, Z) bool
+    fibre_dirs : ndarray (X, Y, Z, K, 3)
+        Ground-truth peaks of the strand fODFs, NaN-padded.
+    n_fibres : ndarray (X, Y, Z) int
+    crossing_angle : ndarray (X, Y, Z)
+        Smallest angle between two ground-truth peaks (degrees), NaN with < 2.
+    response : TissueResponse
+        Estimated from the data (DiSCo has no ground-truth response).
+    response_note : str
+        How the response was estimated.
+    tissue_fractions : None
+        DiSCo has no ground-truth tissue fractions.
+    """
+
+    name: str
+    description: str
+    data: np.ndarray
+    gtab: object
+    mask: np.ndarray
+    fibre_dirs: np.ndarray
+    n_fibres: np.ndarray
+    crossing_angle: np.ndarray
+    response: TissueResponse
+    response_note: str
+    tissue_fractions: None = None
+
+
+def estimate_disco_response(gtab, data, mask):
+    """Responses of a DiSCo scan with esdmri's estimator.
+
+    DiSCo simulates strands only, so :func:`esdmri.reconst.estimate_response`
+    usually finds no GM/CSF voxel and returns the WM response alone.
+
+    Returns
+    -------
+    response : TissueResponse
+    note : str
+        Which tissues were estimated.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        response = estimate_response(gtab, data, mask)
+    return response, f"{', '.join(response.tissues)} from estimate_response"
+
+
+def disco_name(number, resolution, snr):
+    """Table name of a DiSCo phantom, e.g. ``disco1-snr30`` or ``disco2-low-clean``."""
+    return (f"disco{number}" + ("-low" if resolution == "low" else "")
+            + ("-clean" if snr is None else f"-snr{snr}"))
+
+
+def load_disco(number, resolution, snr, data_home=None):
+    """Read a fetched DiSCo phantom and adapt it to the benchmark.
+
+    Parameters
+    ----------
+    number : {1, 2, 3}
+    resolution : {"high", "low"}
+    snr : {None, 10, 20, 30, 40, 50}
+    data_home : Path, optional
+        See :func:`esdmri.data_fetchers.read_disco`.
+
+    Returns
+    -------
+    DiscoPhantom
+
+    Raises
+    ------
+    FileNotFoundError
+        If the data are not there; the message names the fetch call.
+    """
+    disco = read_disco(number, resolution, snr, data_home=data_home,
+                       relative_peak_threshold=DISCO_GT_PEAK_THRESHOLD)
+    response, note = estimate_disco_response(disco.gtab, disco.data, disco.mask)
+    shells, _ = group_shells(disco.gtab)
+    shape = "x".join(str(n) for n in disco.data.shape[:3])
+    noise = "noise-free" if snr is None else f"Rician SNR {snr}"
+    description = (f"DiSCo phantom {number}, {resolution} resolution ({shape}), {noise}, "
+                   f"{disco.data.shape[-1]} volumes (shells b = "
+                   f"{', '.join(f'{b:.0f}' for b in shells)}); responses: {note}")
+    return DiscoPhantom(
+        name=disco_name(number, resolution, snr), description=description,
+        data=disco.data, gtab=disco.gtab, mask=disco.mask, fibre_dirs=disco.gt_peak_dirs,
+        n_fibres=count_directions(disco.gt_peak_dirs),
+        crossing_angle=crossing_angles(disco.gt_peak_dirs), response=response,
+        response_note=note)
+
+
+def fetch_command(number, resolution, snr, data_home=None):
+    """The ``esdmri_fetch`` call that downloads what :func:`load_disco` reads."""
+    command = (f"esdmri_fetch disco --phantom {number} --resolution {resolution} --snr "
+               + ("none" if snr is None else str(snr)))
+    return command + (f" --out_dir {data_home}" if data_home is not None else "")
+
+
 PHANTOMS = (
     PhantomSpec("snr10", "default phantom, SNR 10", {"snr": 10}),
     PhantomSpec("snr20", "default phantom, SNR 20", {"snr": 20}),
@@ -74,6 +204,17 @@ PHANTOMS = (
     PhantomSpec("3shell", "DIPY's get_3shell_gtab (b 1000/2000/3500, 64 dirs each), SNR 30",
                 {"snr": 30, "gtab": "3shell"}),
 )
+
+
+def parse_disco_snr(text):
+    """``--snr`` word: 'none' (noise-free) or one of DiSCo's SNRs."""
+    if text.lower() in ("none", "clean"):
+        return None
+    if text.isdigit() and int(text) in DISCO_SNRS:
+        return int(text)
+    raise argparse.ArgumentTypeError(
+        f"expected 'none' (noise-free) or one of {', '.join(map(str, DISCO_SNRS))}, "
+        f"got {text!r}")
 
 
 def parse_args(argv=None):
@@ -88,7 +229,26 @@ def parse_args(argv=None):
                         help="folder for the plot and results.json")
     parser.add_argument("--no-write-docs", action="store_true",
                         help=f"do not update {DOCS_FILE.relative_to(REPO)}")
+    disco = parser.add_argument_group(
+        "DiSCo", "score on fetched DiSCo phantoms instead of the synthetic ones "
+        "(esdmri_fetch disco --phantom N --resolution high --snr 30)")
+    disco.add_argument("--disco", nargs="+", action="extend", type=int,
+                       choices=DISCO_PHANTOMS, metavar="N",
+                       help="DiSCo phantoms to score (1, 2 and/or 3)")
+    disco.add_argument("--snr", type=parse_disco_snr, default=30,
+                       help="DiSCo DWI: 'none' (noise-free) or Rician SNR "
+                            f"{', '.join(map(str, DISCO_SNRS))} (default 30)")
+    disco.add_argument("--resolution", choices=DISCO_RESOLUTIONS, default="high",
+                       help="DiSCo grid: high (40^3, default) or low (20^3)")
+    disco.add_argument("--data-home", type=Path, default=None,
+                       help="esdmri data home holding disco/disco_N (default "
+                            "$ESDMRI_HOME or ~/.esdmri; DIPY's ~/.dipy/disco is searched "
+                            "next)")
     args = parser.parse_args(argv)
+    if args.disco and args.phantoms:
+        parser.error("--phantoms and --disco: choose synthetic phantoms or DiSCo, not both")
+    if args.disco:
+        args.disco = list(dict.fromkeys(args.disco))
     unknown = sorted(set(args.methods or ()) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}, choose from {sorted(METHODS)}")
@@ -133,7 +293,7 @@ def score(phantom, method, mode, thresholds):
                             crossing_angle_edges=PLOT_ANGLE_EDGES)
     default_index = int(np.flatnonzero(np.isclose(sweep["thresholds"], DEFAULT_THRESHOLD))[0])
     fractions = None
-    if result.tissue_fractions is not None:
+    if result.tissue_fractions is not None and phantom.tissue_fractions is not None:
         fractions = evaluate_fractions(result.tissue_fractions, phantom.tissue_fractions, mask)
     return {
         "fit_seconds": fit_seconds,
@@ -253,12 +413,54 @@ peak, so high thresholds that drop the weaker fibre raise the error most at wide
 {END_MARKER}"""
 
 
-def write_docs_section(section, path=DOCS_FILE):
-    """Replace the marked section of ``path`` (create or append it if absent)."""
+def disco_docs_section(rows, methods, datasets, mode, thresholds, command):
+    """The DiSCo section of ``docs/benchmarks.md``, between ``DISCO_MARKERS``."""
+    method_lines = "\n".join(f"- `{m.name}`: {m.describe(ground_truth=False)}"
+                             + (f" (scored on {SLOW_METHOD_VOXELS[mode]} random voxels)"
+                                if m.slow else "") for m in methods)
+    data_lines = "\n".join(f"- `{d.name}`: {d.description}" for d in datasets)
+    start, end = DISCO_MARKERS
+    return f"""{start}
+## Accuracy on DiSCo phantoms
+
+Generated by `{command}` ({mode} mode, relative peak thresholds
+{', '.join(f'{t:g}' for t in thresholds)}) on DiSCo data fetched with `esdmri_fetch disco`
+(see docs/datasets.md); rerun it to update this section, which is separate from the
+synthetic-phantom section. Data read with `esdmri.data_fetchers.read_disco`:
+
+{data_lines}
+
+Ground truth: the peaks of DiSCo's strand fODFs (SH order 12) found by
+`esdmri.peaks.peaks_from_sh` at a relative threshold of {DISCO_GT_PEAK_THRESHOLD:g}
+(25 degrees separation, at most 5). DiSCo has no ground-truth response: every method uses
+the responses estimated from the scan by `esdmri.reconst.models.estimate_response`
+(DIPY's MSMT estimator; WM only when GM or CSF has no voxel passing DIPY's thresholds, as
+DiSCo simulates strands only). Methods (fODF SH order 8):
+
+{method_lines}
+
+Scored voxels: the mask voxels with at least one ground-truth peak. Peaks, angular error,
+pairing (25 degrees), success, FP and FN rates and the two thresholds ("best" and 0.5)
+are as in the synthetic-phantom section. DiSCo has no tissue fractions, so there is no
+fraction MAE.
+
+{format_markdown_table(rows)}
+
+Mean angular error of crossing voxels against the crossing angle of the ground-truth
+peaks (5-degree bins with at least {MIN_VOXELS_PER_BIN} voxels), best threshold solid,
+0.5 dashed:
+
+![DiSCo angular error vs crossing angle]({DISCO_PLOT_NAME})
+{end}"""
+
+
+def write_docs_section(section, path=DOCS_FILE, markers=(START_MARKER, END_MARKER)):
+    """Replace the section of ``path`` between ``markers`` (append it if absent)."""
+    start_marker, end_marker = markers
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START_MARKER in text and END_MARKER in text:
-        before = text[:text.index(START_MARKER)]
-        after = text[text.index(END_MARKER) + len(END_MARKER):]
+    if start_marker in text and end_marker in text:
+        before = text[:text.index(start_marker)]
+        after = text[text.index(end_marker) + len(end_marker):]
         text = before + section + after
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
@@ -277,39 +479,99 @@ def to_json(value):
     return value
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    shape = (20, 20, 20) if args.quick else (40, 40, 40)
-    thresholds = QUICK_THRESHOLDS if args.quick else DEFAULT_THRESHOLDS
-    methods = select_methods(args.methods)
-    phantoms = [p for p in PHANTOMS if args.phantoms is None or p.name in args.phantoms]
-    if not methods:
-        raise SystemExit("no available method to run")
-
-    start = time.perf_counter()
+def score_methods(name, phantom, methods, mode, thresholds):
+    """Scores of every method on one phantom; methods that do not apply are skipped."""
     results = {}
-    for spec in phantoms:
-        phantom = spec.build(shape)
-        results[spec.name] = {}
-        for method in methods:
+    for method in methods:
+        try:
             scores = score(phantom, method, mode, thresholds)
-            results[spec.name][method.name] = scores
-            print(f"{spec.name:>7} {method.name:>6}: fit {scores['fit_seconds']:6.1f} s on "
-                  f"{scores['n_voxels']} voxels, best threshold {scores['best_threshold']:.2f}, "
-                  f"AE {scores['best']['all']['angular_error']:.1f} deg", flush=True)
+        except NotApplicable as reason:
+            print(f"{name:>7} {method.name:>6}: skipped, {reason}", flush=True)
+            continue
+        results[method.name] = scores
+        print(f"{name:>7} {method.name:>6}: fit {scores['fit_seconds']:6.1f} s on "
+              f"{scores['n_voxels']} voxels, best threshold {scores['best_threshold']:.2f}, "
+              f"AE {scores['best']['all']['angular_error']:.1f} deg", flush=True)
+    return results
 
+
+def report(results, out, plot_name):
+    """Print the table, save the plot and results.json; return the table rows."""
     rows = table_rows(results)
     print()
     print(format_text_table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_error_vs_angle(results, args.out / PLOT_NAME)
-    (args.out / "results.json").write_text(json.dumps(to_json(results), indent=1))
-    print(f"\nplot and results.json in {args.out}")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_error_vs_angle(results, out / plot_name)
+    (out / "results.json").write_text(json.dumps(to_json(results), indent=1))
+    print(f"\nplot and results.json in {out}")
+    return rows
+
+
+def disco_command(args):
+    """The command line that reproduces a DiSCo run (for the docs)."""
+    snr = "none" if args.snr is None else str(args.snr)
+    return ("python benchmarks/accuracy.py --disco " + " ".join(map(str, args.disco))
+            + f" --snr {snr}" + (" --resolution low" if args.resolution == "low" else "")
+            + (" --quick" if args.quick else "")
+            + (" --methods " + " ".join(args.methods) if args.methods else ""))
+
+
+def run_disco(args, methods, mode, thresholds):
+    """Score the methods on the DiSCo phantoms of ``args.disco``."""
+    datasets = []
+    # Read every phantom before fitting anything, so that missing data stop
+    # the run at once rather than after hours of fits.
+    for number in args.disco:
+        try:
+            datasets.append(load_disco(number, args.resolution, args.snr, args.data_home))
+        except FileNotFoundError as error:
+            raise SystemExit(
+                f"{error}\nThe DiSCo benchmark needs the data on disk; fetch it with: "
+                f"{fetch_command(number, args.resolution, args.snr, args.data_home)}"
+            ) from None
+    results = {}
+    for dataset in datasets:
+        print(f"{dataset.name}: {dataset.description}", flush=True)
+        results[dataset.name] = score_methods(dataset.name, dataset, methods, mode,
+                                              thresholds)
+    rows = report(results, args.out, DISCO_PLOT_NAME)
+    if not args.no_write_docs:
+        scored = [m for m in methods if any(m.name in r for r in results.values())]
+        write_docs_section(
+            disco_docs_section(rows, scored, datasets, mode, thresholds, disco_command(args)),
+            markers=DISCO_MARKERS)
+        plot_error_vs_angle(results, DOCS_FILE.parent / DISCO_PLOT_NAME)
+        print(f"updated {DOCS_FILE}")
+
+
+def run_phantoms(args, methods, mode, thresholds):
+    """Score the methods on the synthetic phantoms of ``args.phantoms``."""
+    shape = (20, 20, 20) if args.quick else (40, 40, 40)
+    phantoms = [p for p in PHANTOMS if args.phantoms is None or p.name in args.phantoms]
+    results = {}
+    for spec in phantoms:
+        results[spec.name] = score_methods(spec.name, spec.build(shape), methods, mode,
+                                           thresholds)
+    rows = report(results, args.out, PLOT_NAME)
     if not args.no_write_docs:
         write_docs_section(docs_section(rows, methods, phantoms, mode, shape, thresholds))
         plot_error_vs_angle(results, DOCS_FILE.parent / PLOT_NAME)
         print(f"updated {DOCS_FILE}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    thresholds = QUICK_THRESHOLDS if args.quick else DEFAULT_THRESHOLDS
+    methods = select_methods(args.methods)
+    if not methods:
+        raise SystemExit("no available method to run")
+
+    start = time.perf_counter()
+    if args.disco:
+        run_disco(args, methods, mode, thresholds)
+    else:
+        run_phantoms(args, methods, mode, thresholds)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -14,6 +14,11 @@ networks) only needs one registration::
 
 Baselines registered here: DIPY's single-shell CSD and multi-shell
 multi-tissue CSD.
+
+Data without ground-truth tissue fractions (the DiSCo phantoms) arrive with
+``tissue_fractions=None`` and a ``response`` estimated from the data; each
+method then uses that response, and its ``estimated_description`` says so.
+A method that cannot run on some data raises :class:`NotApplicable`.
 """
 
 import importlib.util
@@ -34,6 +39,10 @@ SH_ORDER_MAX = 8
 # phantoms), the voxels with the largest fraction of that tissue.
 PURE_TISSUE_FRACTION = 0.9
 MIN_RESPONSE_VOXELS = 10
+
+
+class NotApplicable(Exception):
+    """Raised by a method's ``fit`` when the data lack what the method needs."""
 
 
 @dataclass
@@ -61,13 +70,17 @@ class Method:
     ----------
     name : str
     description : str
-        One line for the benchmark's documentation.
+        One line for the benchmark's documentation (data with ground-truth
+        responses and tissue fractions).
     fit : callable
         ``fit(phantom, mask) -> MethodResult``.
     requires : tuple of str
         Importable modules the method needs (it is skipped without them).
     slow : bool
         Too slow for whole volumes: scored on a fixed random subset of voxels.
+    estimated_description : str or None
+        The line for data whose responses are estimated (DiSCo); None: same
+        as ``description``.
     """
 
     name: str
@@ -75,6 +88,13 @@ class Method:
     fit: Callable
     requires: tuple = ()
     slow: bool = False
+    estimated_description: str | None = None
+
+    def describe(self, ground_truth=True):
+        """Documentation line, with ground-truth or estimated responses."""
+        if ground_truth or self.estimated_description is None:
+            return self.description
+        return self.estimated_description
 
     def is_available(self):
         """Whether every module in ``requires`` can be imported."""
@@ -84,7 +104,8 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name, description, *, requires=(), slow=False):
+def register_method(name, description, *, requires=(), slow=False,
+                    estimated_description=None):
     """Decorator registering ``fit(phantom, mask) -> MethodResult`` under ``name``.
 
     Parameters
@@ -97,6 +118,8 @@ def register_method(name, description, *, requires=(), slow=False):
         Modules the method imports; without them it is reported as unavailable.
     slow : bool, optional
         Score on a random subset of voxels rather than the whole volume.
+    estimated_description : str, optional
+        The line for data whose responses are estimated from the data.
 
     Returns
     -------
@@ -109,7 +132,8 @@ def register_method(name, description, *, requires=(), slow=False):
     def decorator(fit):
         if name in METHODS:
             raise ValueError(f"name {name!r} is already registered")
-        METHODS[name] = Method(name, description, fit, tuple(requires), slow)
+        METHODS[name] = Method(name, description, fit, tuple(requires), slow,
+                               estimated_description)
         return fit
 
     return decorator
@@ -125,14 +149,17 @@ def _scatter(values, mask):
 @register_method(
     "csd",
     "DIPY single-shell CSD (sh order 8) on the highest shell, with the phantom's "
-    "ground-truth WM response of that shell")
+    "ground-truth WM response of that shell",
+    estimated_description="DIPY single-shell CSD (sh order 8) on the highest shell, with "
+    "the estimated WM response of that shell")
 def fit_csd(phantom, mask):
-    """DIPY CSD on b0 + the highest shell with the exact WM response.
+    """DIPY CSD on b0 + the highest shell with the phantom's WM response.
 
-    The ground-truth response gives CSD its best case: a win over it cannot
-    come from a poorly estimated baseline response (DIPY's automatic
-    single-shell estimate picks a central FA-thresholded region, which in a
-    crossing phantom mixes crossing voxels into the response).
+    On a synthetic phantom the response is the ground truth, which gives CSD
+    its best case: a win over it cannot come from a poorly estimated baseline
+    response (DIPY's automatic single-shell estimate picks a central
+    FA-thresholded region, which in a crossing phantom mixes crossing voxels
+    into the response). On DiSCo it is the response estimated for every method.
     """
     shell_bvals, shell_index = group_shells(phantom.gtab)
     response = phantom.response
@@ -175,20 +202,35 @@ def _purest_voxels(phantom, tissue):
     "DIPY MSMT-CSD (sh order 8), WM/GM/CSF responses estimated by DIPY in "
     f"ground-truth pure-tissue voxels (fraction >= {PURE_TISSUE_FRACTION}, or the "
     f"{MIN_RESPONSE_VOXELS} purest)",
-    requires=("cvxpy",), slow=True)
+    requires=("cvxpy",), slow=True,
+    estimated_description="DIPY MSMT-CSD (sh order 8) with the estimated WM/GM/CSF "
+    "responses (skipped when GM or CSF could not be estimated)")
 def fit_msmt(phantom, mask):
-    """DIPY multi-shell multi-tissue CSD with responses estimated from the data."""
+    """DIPY multi-shell multi-tissue CSD with responses estimated from the data.
+
+    With ground-truth tissue fractions, DIPY estimates the responses in the
+    purest voxels of each tissue; without them, the phantom's (estimated)
+    response is used, which must hold WM, GM and CSF (DIPY's MSMT-CSD needs
+    two isotropic compartments).
+    """
     from dipy.reconst.mcsd import (
         MultiShellDeconvModel,
         multi_shell_fiber_response,
         response_from_mask_msmt,
     )
 
-    tissue_masks = [_purest_voxels(phantom, i) for i in range(3)]
     data = phantom.data.astype(np.float64)
-    wm_rf, gm_rf, csf_rf = response_from_mask_msmt(phantom.gtab, data, *tissue_masks)
-    response = multi_shell_fiber_response(
-        SH_ORDER_MAX, unique_bvals_tolerance(phantom.gtab.bvals), wm_rf, gm_rf, csf_rf)
+    if phantom.tissue_fractions is None:
+        tissues = phantom.response.tissues
+        if not all(tissue in tissues for tissue in ("wm", "gm", "csf")):
+            raise NotApplicable(f"DIPY's MSMT-CSD needs WM, GM and CSF responses; the "
+                                f"estimated response has {tissues}")
+        response = phantom.response.to_dipy(SH_ORDER_MAX)
+    else:
+        tissue_masks = [_purest_voxels(phantom, i) for i in range(3)]
+        wm_rf, gm_rf, csf_rf = response_from_mask_msmt(phantom.gtab, data, *tissue_masks)
+        response = multi_shell_fiber_response(
+            SH_ORDER_MAX, unique_bvals_tolerance(phantom.gtab.bvals), wm_rf, gm_rf, csf_rf)
     model = MultiShellDeconvModel(phantom.gtab, response, sh_order_max=SH_ORDER_MAX)
     with warnings.catch_warnings():
         # cvxpy warns per voxel; failed voxels come back NaN and score as misses.
@@ -205,24 +247,34 @@ def fit_msmt(phantom, mask):
 
 
 def _fit_network(model_class, phantom, mask):
-    """Train an esdmri model on the phantom (its own scan) with default settings."""
+    """Train an esdmri model on the phantom (its own scan) with default settings.
+
+    Tissue fractions are returned when the response has WM, GM and CSF.
+    """
     model = model_class(phantom.gtab, phantom.response, verbose=False)
     fit = model.fit(phantom.data, phantom.mask)
-    fractions = np.stack([fit.volume_fractions[t] for t in ("wm", "gm", "csf")], axis=-1)
     keep = mask[..., None]
-    return MethodResult(np.where(keep, fit.shm_coeff_descoteaux07, 0),
-                        np.where(keep, fractions, 0))
+    shm_coeff = np.where(keep, fit.shm_coeff_descoteaux07, 0)
+    by_tissue = fit.volume_fractions
+    if not all(tissue in by_tissue for tissue in ("wm", "gm", "csf")):
+        return MethodResult(shm_coeff)
+    fractions = np.stack([by_tissue[t] for t in ("wm", "gm", "csf")], axis=-1)
+    return MethodResult(shm_coeff, np.where(keep, fractions, 0))
 
 
 @register_method("esd", "esdmri ESDModel (voxel-wise spherical U-Net), default settings, "
-                 "ground-truth responses")
+                 "ground-truth responses",
+                 estimated_description="esdmri ESDModel (voxel-wise spherical U-Net), "
+                 "default settings, estimated responses")
 def fit_esd(phantom, mask):
     from esdmri import ESDModel
     return _fit_network(ESDModel, phantom, mask)
 
 
 @register_method("rtesd", "esdmri RTESDModel (E(3) x SO(3) stem + spherical U-Net), default "
-                 "settings, ground-truth responses")
+                 "settings, ground-truth responses",
+                 estimated_description="esdmri RTESDModel (E(3) x SO(3) stem + spherical "
+                 "U-Net), default settings, estimated responses")
 def fit_rtesd(phantom, mask):
     from esdmri import RTESDModel
     return _fit_network(RTESDModel, phantom, mask)

@@ -367,7 +367,8 @@ class TissueResponse:
     @classmethod
     def from_dipy_msmt(cls, gtab, data, mask=None, roi_center=None, roi_radii=10,
                        wm_fa_thr=0.7, gm_fa_thr=0.2, csf_fa_thr=0.1, gm_md_thr=0.0007,
-                       csf_md_thr=0.002, sh_order_max=8, tolerance=DEFAULT_BVAL_TOLERANCE):
+                       csf_md_thr=0.002, sh_order_max=8, tolerance=DEFAULT_BVAL_TOLERANCE,
+                       tissues=TISSUES):
         """Multi-shell WM/GM/CSF responses with DIPY's MSMT tools.
 
         Tissue masks come from DIPY's ``mask_for_response_msmt`` (FA/MD
@@ -394,12 +395,19 @@ class TissueResponse:
             Even order of the WM zonal coefficients.
         tolerance : float, optional
             b-value clustering gap (DIPY's ``tol``).
+        tissues : sequence of str, optional
+            Tissues to estimate, a subset of ``("wm", "gm", "csf")`` with WM;
+            only these need response voxels (e.g. ``("wm",)`` for a
+            strands-only phantom).
 
         Returns
         -------
         TissueResponse
-            Tissues ``("wm", "gm", "csf")``.
+            The requested tissues, in ``("wm", "gm", "csf")`` order.
         """
+        if isinstance(tissues, str) or "wm" not in tissues or not set(tissues) <= set(TISSUES):
+            raise ValueError(f"tissues must be a subset of {TISSUES} containing 'wm', "
+                             f"got {tissues!r}")
         data = np.asarray(data)
         if data.ndim != 4:
             raise ValueError(f"data must have shape (X, Y, Z, N), got {data.shape}")
@@ -421,21 +429,27 @@ class TissueResponse:
             if mask.shape != data.shape[:3]:
                 raise ValueError(f"mask must have shape {data.shape[:3]}, got {mask.shape}")
             masks = [tissue_mask * mask for tissue_mask in masks]
-        empty = [t for t, m in zip(TISSUES, masks) if not np.any(m)]
+        empty = [t for t, m in zip(TISSUES, masks) if t in tissues and not np.any(m)]
         if empty:
             raise ValueError(f"no response voxels found for tissues {empty}: enlarge "
                              "roi_radii or relax the FA/MD thresholds")
+        # DIPY fits all three tissues at once; a tissue not asked for borrows
+        # the WM voxels and its rows are dropped.
+        masks = [m if t in tissues else masks[0] for t, m in zip(TISSUES, masks)]
         tensors = response_from_mask_msmt(gtab, data, *masks, tol=tolerance)
         bvals = np.concatenate([[0.0], shell_bvals[1:]])
         coefficients = []
+        kept = tuple(t for t in TISSUES if t in tissues)
         for tissue, per_shell in zip(TISSUES, tensors):
+            if tissue not in kept:
+                continue
             evals, s0 = per_shell[:, :3], per_shell[:, 3]
             # DIPY's b0 map is shared by all shells, so s0 is equal across them.
             rows = tensor_zonal_coefficients(
                 bvals, np.vstack([evals[:1], evals]), np.concatenate([s0[:1], s0]),
                 sh_order_max if tissue == "wm" else 0)
             coefficients.append(rows)
-        return cls(TISSUES, bvals, coefficients)
+        return cls(kept, bvals, coefficients)
 
     @classmethod
     def from_mrtrix(cls, files, tissues, bvals=None, tolerance=DEFAULT_BVAL_TOLERANCE):

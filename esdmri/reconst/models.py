@@ -6,6 +6,7 @@ the response functions, to reproduce the measured signal) and returns a fit
 with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and ``peaks``.
 """
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -275,7 +276,9 @@ def estimate_response(gtab, data, mask=None):
 
     Multi-tissue (WM, GM, CSF) when the scan has two or more non-zero shells,
     as MSMT-CSD needs as many shells as isotropic-plus-one tissues; WM only
-    (DIPY's ``auto_response_ssst``) for single-shell scans. The GM mean
+    (DIPY's ``auto_response_ssst``) for single-shell scans. A multi-shell scan
+    without GM or CSF voxels (a strands-only phantom such as DiSCo) gets the
+    tissues that were found, with a warning. The GM mean
     diffusivity threshold is 1.0e-3 mm^2/s rather than DIPY's 0.7e-3, which
     sits below typical grey-matter diffusivities (0.8e-3 to 0.9e-3) and so
     can find no GM voxel at all.
@@ -293,11 +296,35 @@ def estimate_response(gtab, data, mask=None):
     shell_bvals, _ = group_shells(gtab)
     n_weighted = int(np.count_nonzero(shell_bvals > 0))
     if n_weighted >= 2:
-        return TissueResponse.from_dipy_msmt(gtab, data, mask=mask, gm_md_thr=GM_MD_THRESHOLD)
+        try:
+            return TissueResponse.from_dipy_msmt(gtab, data, mask=mask,
+                                                 gm_md_thr=GM_MD_THRESHOLD)
+        except ValueError as error:
+            if "no response voxels" not in str(error):
+                raise
+            found = _tissues_with_voxels(gtab, data, mask)
+            warnings.warn(f"{error}; estimating {found} only", UserWarning, stacklevel=2)
+            return TissueResponse.from_dipy_msmt(gtab, data, mask=mask,
+                                                 gm_md_thr=GM_MD_THRESHOLD, tissues=found)
     # DIPY's single-shell estimator takes no mask: zero the background so its
     # FA threshold cannot pick noise voxels.
     inside = data if mask is None else np.where(np.asarray(mask, bool)[..., None], data, 0)
     return TissueResponse.from_dipy_ssst(gtab, inside)
+
+
+def _tissues_with_voxels(gtab, data, mask):
+    """WM plus each isotropic tissue that has response voxels on its own."""
+    found = ["wm"]
+    for tissue in ("gm", "csf"):
+        try:
+            TissueResponse.from_dipy_msmt(gtab, data, mask=mask, gm_md_thr=GM_MD_THRESHOLD,
+                                          tissues=("wm", tissue))
+        except ValueError as error:
+            if "no response voxels" not in str(error):
+                raise
+        else:
+            found.append(tissue)
+    return tuple(found)
 
 
 def config_to_dict(config):
