@@ -150,3 +150,63 @@ def test_normalize_by_b0_divides_by_mean_b0_and_drops_empty_voxels():
     normalized, mask = normalize_by_b0(data, gtab, np.ones((2, 1, 1), bool))
     np.testing.assert_allclose(normalized[0, 0, 0], [0.9, 1.1, 0.4], rtol=1e-6)
     assert mask.tolist() == [[[True]], [[False]]]
+
+
+def _grid_signal_of(coefficients, response, shell_bvals, vertices, sh_order_max):
+    """Noise-free grid signal (S, V) of tissue coefficients, straight from the forward model."""
+    from dipy.core.gradients import gradient_table
+
+    from esdmri.reconst.network import stacked_forward_matrix
+    n_shells, n_vertices = len(shell_bvals), len(vertices)
+    gtab = gradient_table(np.repeat(shell_bvals, n_vertices),
+                          bvecs=np.tile(vertices, (n_shells, 1)))
+    forward = stacked_forward_matrix(response, gtab, sh_order_max)
+    return (coefficients @ forward).reshape(n_shells, n_vertices)
+
+
+def test_linear_prior_inverts_the_forward_model():
+    from esdmri.reconst.network import linear_deconvolution_operator
+    from esdmri.response import TissueResponse
+    from esdmri.shm import n_coeffs
+    from esdmri.sphere import HealpixSphere
+
+    shell_bvals = np.array([0.0, 1000.0, 2000.0, 3000.0])
+    response = TissueResponse.from_tensors(shell_bvals, sh_order_max=8).normalized()
+    vertices = HealpixSphere(4, hemisphere=True).vertices
+    rng = np.random.default_rng(0)
+    # Coefficients of degree <= 4 are well conditioned in the responses of these shells.
+    truth = np.zeros(n_coeffs(8) + 2)
+    truth[:n_coeffs(4)] = rng.normal(size=n_coeffs(4)) * 0.1
+    truth[0], truth[-2:] = 0.15, (0.2, 0.1)
+    grid = _grid_signal_of(truth, response, shell_bvals, vertices, 8)
+    operator = linear_deconvolution_operator(response, shell_bvals, vertices, 8,
+                                             regularization=1e-9)
+    recovered = np.einsum("csv,sv->c", operator, grid)
+    np.testing.assert_allclose(recovered, truth, atol=1e-4)
+
+
+def test_untrained_network_with_prior_outputs_the_normalised_linear_fit():
+    from esdmri.reconst.network import (DeconvolutionNetwork, build_unet,
+                                        linear_deconvolution_operator)
+    from esdmri.response import TissueResponse
+    from esdmri.shm import n_coeffs
+    from esdmri.sphere import HealpixSphere
+
+    shell_bvals = np.array([0.0, 1000.0, 3000.0])
+    response = TissueResponse.from_tensors(shell_bvals, sh_order_max=8).normalized()
+    sphere = HealpixSphere(2, hemisphere=True)
+    prior = linear_deconvolution_operator(response, shell_bvals, sphere.vertices, 4)
+    torch.manual_seed(0)
+    unet = build_unet("mixed", sphere, 3, 3, depth=1, filter_start=2, kernel_size=3,
+                      spatial_kernel_size=3, spatial_layers=1, signed_output=True)
+    network = DeconvolutionNetwork(unet, sphere, 4, prior=prior).eval()
+    grid = torch.rand(1, 3, sphere.n_vertices, 2, 2, 2)
+    network.zero_correction()
+    linear = np.einsum("csv,bsvxyz->bcxyz", prior, grid.numpy().astype(np.float64))
+    linear[:, n_coeffs(4):] = np.maximum(linear[:, n_coeffs(4):], 0)
+    fractions = np.sqrt(4 * np.pi) * (linear[:, :1] + linear[:, n_coeffs(4):].sum(1, keepdims=True))
+    with torch.no_grad():
+        output = network(grid).numpy()
+    np.testing.assert_allclose(output, linear / fractions, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="prior"):
+        DeconvolutionNetwork(unet, sphere, 4).zero_correction()

@@ -184,19 +184,24 @@ class UNet(nn.Module):
     padding : {"zeros", "circular"}, optional
         Grid boundary of the 3D kernels.
     layout : {"sparse", "dense"}, optional
-        Storage of the Chebyshev matrices.
+        Chebyshev products by sparse recursions (CPU) or dense stacked
+        matrices (GPU); see :class:`ChebyshevOperator`.
+    non_negative : bool, optional
+        Softplus on the head (SPEC 4.2); False gives a signed output, e.g.
+        for a correction added to another estimate.
 
     Notes
     -----
     Input ``[B, in_channels, V, X, Y, Z]``, output ``[B, out_channels, V, X,
-    Y, Z]`` >= 0. Kinds that pool the grid need X, Y, Z divisible by
+    Y, Z]`` (>= 0 when ``non_negative``). Kinds that pool the grid need X, Y, Z divisible by
     ``2**(depth - 1)``; kinds that pool the sphere need ``sphere.nside >=
     2**(depth - 1)``.
     """
 
     def __init__(self, in_channels, out_channels, sphere, depth=4, filter_start=8, conv="mixed",
                  sphere_kernel_size=3, spatial_kernel_size=3, convs_per_block=2,
-                 pooling_mode="average", isotropic=True, padding="zeros", layout="sparse"):
+                 pooling_mode="average", isotropic=True, padding="zeros", layout="sparse",
+                 non_negative=True):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("depth", depth), ("filter_start", filter_start),
@@ -243,6 +248,7 @@ class UNet(nn.Module):
         self.pool = Pool(self.kind.pooling, pooling_mode)
         self.unpool = Unpool(self.kind.pooling, pooling_mode)
         self.head = maker(0, bias=True)(widths[0], self.out_channels)
+        self.non_negative = bool(non_negative)
 
     def forward(self, x):
         """x : Tensor [B, in_channels, V, X, Y, Z] -> [B, out_channels, V, X, Y, Z]."""
@@ -264,4 +270,5 @@ class UNet(nn.Module):
         for block in self.decoder:
             indices, skip = skips.pop(), skips.pop()
             x = block(torch.cat([self.unpool(x, indices), skip], dim=1))
-        return F.softplus(self.head(x))
+        x = self.head(x)
+        return F.softplus(x) if self.non_negative else x

@@ -20,7 +20,7 @@ from .fit import DeconvolutionFit
 from .inputs import check_data, check_mask, normalize_by_b0, resolve_device
 from .losses import LossWeights
 from .network import (DeconvolutionNetwork, ForwardModel, build_unet,
-                      stacked_forward_matrix)
+                      linear_deconvolution_operator, stacked_forward_matrix)
 from .tiling import inference_windows, receptive_radius
 from .training import WindowSource, predict_coefficients, train_network
 
@@ -46,6 +46,7 @@ class DeconvolutionConfig:
     spatial_layers: int = 1
     block_size: int = 8
     normalize: bool = True
+    linear_prior: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)
     epochs: int = 30
     batch_size: int = 1
@@ -61,7 +62,8 @@ class _DeconvolutionModel(ReconstModel):
 
     def __init__(self, gtab, response=None, *, sh_order_max=8, nside=4, hemisphere=True,
                  depth=2, filter_start=8, kernel_size=3, spatial_kernel_size=3,
-                 spatial_layers=1, block_size=8, normalize=True, sparsity=1e-4, nonnegativity=0.1,
+                 spatial_layers=1, block_size=8, normalize=True, linear_prior=True, sparsity=1e-4,
+                 nonnegativity=0.1,
                  total_variation=0.0, epochs=30, batch_size=1, lr=1.7e-3, patience=3,
                  device="cpu", seed=0, verbose=True):
         super().__init__(gtab)
@@ -78,6 +80,7 @@ class _DeconvolutionModel(ReconstModel):
             hemisphere=hemisphere, depth=depth, filter_start=filter_start,
             kernel_size=kernel_size, spatial_kernel_size=spatial_kernel_size,
             spatial_layers=spatial_layers, block_size=block_size, normalize=normalize,
+            linear_prior=linear_prior,
             loss_weights=LossWeights(sparsity=sparsity, nonnegativity=nonnegativity,
                                      total_variation=total_variation),
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
@@ -94,11 +97,18 @@ class _DeconvolutionModel(ReconstModel):
             out_channels=len(self.response.tissues), depth=config.depth,
             filter_start=config.filter_start, kernel_size=config.kernel_size,
             spatial_kernel_size=config.spatial_kernel_size,
-            spatial_layers=config.spatial_layers)
+            spatial_layers=config.spatial_layers, signed_output=config.linear_prior)
+        prior = None
+        if config.linear_prior:
+            prior = linear_deconvolution_operator(
+                self.response.normalized(), group_shells(self.gtab)[0], self.sphere.vertices,
+                config.sh_order_max)
         network = DeconvolutionNetwork(unet, self.sphere, config.sh_order_max,
-                                       normalize=config.normalize).to(self.device)
+                                       normalize=config.normalize, prior=prior).to(self.device)
         self.halo = receptive_radius(network, n_shells, self.sphere.n_vertices,
                                      device=self.device)
+        if prior is not None:
+            network.zero_correction()
         self.network = network
 
     # -- fitting ----------------------------------------------------------
@@ -219,6 +229,12 @@ class RTESDModel(_DeconvolutionModel):
         Edge of the training windows and of the inference core blocks.
     normalize : bool
         Scale the tissue coefficients to volume fractions summing to 1.
+    linear_prior : bool
+        The network corrects a regularised least-squares deconvolution of the
+        signal instead of producing the fODFs from scratch (its head starts at
+        zero, so training starts from a fit that explains the signal).
+        Trained from scratch (False), the networks underfit on a CPU budget;
+        see docs/benchmarks.md.
     sparsity, nonnegativity, total_variation : float
         Weights of the loss terms (the signal fit has weight 1).
     epochs, batch_size : int

@@ -1,10 +1,16 @@
 """From grid signals to tissue SH coefficients and back to the signal.
 
 ``DeconvolutionNetwork`` wraps a U-Net from :mod:`esdmri.nn.unet`: the U-Net
-outputs one non-negative spherical function per tissue on the HEALPix grid;
-the WM function becomes even SH coefficients by least squares on the grid,
-GM and CSF become isotropic (l = 0) coefficients, and ``ForwardModel``
-convolves them with the response functions to predict the measured signal.
+outputs one spherical function per tissue on the HEALPix grid; the WM
+function becomes even SH coefficients by least squares on the grid, GM and
+CSF become isotropic (l = 0) coefficients, and ``ForwardModel`` convolves
+them with the response functions to predict the measured signal.
+
+With a linear prior (the default of the models) the U-Net's output is a
+signed correction added to the regularised least-squares deconvolution of
+the grid signal (:func:`linear_deconvolution_operator`), and its head starts
+at zero: training starts from a fit that already explains the signal and
+only has to sharpen it, instead of from a random network.
 """
 
 import math
@@ -16,13 +22,16 @@ from torch import nn
 from ..nn.chebyshev import ChebyshevOperator
 from ..nn.e3so3 import E3SO3Conv
 from ..nn.unet import ConvBlock, UNet
+from dipy.core.gradients import gradient_table
+
 from ..shm import n_coeffs, sh_matrix
 
 SQRT_4PI = math.sqrt(4 * math.pi)
 
 
 def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_start,
-               kernel_size, spatial_kernel_size, spatial_layers, layout="dense"):
+               kernel_size, spatial_kernel_size, spatial_layers, layout="dense",
+               signed_output=False):
     """The U-Net of one model kind, with a bounded spatial reach.
 
     Parameters
@@ -39,11 +48,15 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
         neighbourhood (concat).
     spatial_layers : int
         Number of E(3) x SO(3) convolutions (mixed only).
+    signed_output : bool, optional
+        No Softplus: the U-Net outputs a correction (see
+        :class:`DeconvolutionNetwork`).
 
     Returns
     -------
     torch.nn.Module
-        ``[B, in_channels, V, X, Y, Z]`` -> ``[B, out_channels, V, X, Y, Z]`` >= 0.
+        ``[B, in_channels, V, X, Y, Z]`` -> ``[B, out_channels, V, X, Y, Z]``,
+        >= 0 unless ``signed_output``.
 
     Notes
     -----
@@ -58,7 +71,8 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
     if conv_kind in ("spherical", "concat"):
         return UNet(in_channels, out_channels, sphere, depth=depth, filter_start=filter_start,
                     conv=conv_kind, sphere_kernel_size=kernel_size,
-                    spatial_kernel_size=spatial_kernel_size, layout=layout)
+                    spatial_kernel_size=spatial_kernel_size, layout=layout,
+                    non_negative=not signed_output)
     if conv_kind != "mixed":
         raise ValueError(f"conv_kind must be 'spherical', 'mixed' or 'concat', got {conv_kind!r}")
     if spatial_layers < 1:
@@ -69,8 +83,50 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
                                                    kernel_size=spatial_kernel_size, bias=False))
     spherical = UNet(filter_start, out_channels, sphere, depth=depth,
                      filter_start=filter_start, conv="spherical",
-                     sphere_kernel_size=kernel_size, layout=layout)
+                     sphere_kernel_size=kernel_size, layout=layout,
+                     non_negative=not signed_output)
     return nn.Sequential(stem, spherical)
+
+
+def linear_deconvolution_operator(response, shell_bvals, vertices, sh_order_max,
+                                  regularization=1e-3):
+    """Regularised least-squares deconvolution of a grid signal.
+
+    Solves ``min_c ||G c - g||^2 + lambda ||c||^2`` for the tissue
+    coefficients ``c`` of one voxel, where ``g`` is its signal on the grid
+    (one row of vertices per shell) and ``G`` the forward model evaluated at
+    the grid directions. Like the rest of the network it commutes with
+    rotations (up to grid sampling): ``G`` acts degree by degree in the SH
+    domain.
+
+    Parameters
+    ----------
+    response : TissueResponse
+        Normalised responses (unit b0 signal), one row per shell.
+    shell_bvals : ndarray, shape (S,)
+        b-value of each grid channel (b0 first), as from
+        :func:`esdmri.shm.group_shells`.
+    vertices : ndarray, shape (V, 3)
+    sh_order_max : int
+        Even SH order of the WM fODF.
+    regularization : float, optional
+        ``lambda`` relative to the mean diagonal of ``G^T G``.
+
+    Returns
+    -------
+    operator : ndarray, shape (C_total, S, V)
+        ``c = einsum("csv,sv->c", operator, g)``.
+    """
+    vertices = np.asarray(vertices, dtype=np.float64)
+    n_shells, n_vertices = len(shell_bvals), len(vertices)
+    grid_gtab = gradient_table(np.repeat(np.asarray(shell_bvals, float), n_vertices),
+                               bvecs=np.tile(vertices, (n_shells, 1)),
+                               b0_threshold=max(float(np.min(shell_bvals)), 0.0))
+    forward = stacked_forward_matrix(response, grid_gtab, sh_order_max)  # (C, S V)
+    gram = forward @ forward.T
+    damping = regularization * np.trace(gram) / len(gram)
+    operator = np.linalg.solve(gram + damping * np.eye(len(gram)), forward)
+    return operator.reshape(len(gram), n_shells, n_vertices)
 
 
 def volume_fractions_from_coefficients(coefficients, n_wm_coeffs):
@@ -104,9 +160,12 @@ class DeconvolutionNetwork(nn.Module):
         Even SH order of the WM fODF.
     normalize : bool
         Divide all coefficients so the tissue fractions sum to 1.
+    prior : ndarray, shape (C_total, S, V), optional
+        :func:`linear_deconvolution_operator`; the U-Net's (signed) output is
+        then a correction added to that linear estimate.
     """
 
-    def __init__(self, unet, sphere, sh_order_max, normalize=True):
+    def __init__(self, unet, sphere, sh_order_max, normalize=True, prior=None):
         super().__init__()
         self.unet = unet
         self.sh_order_max = sh_order_max
@@ -115,6 +174,20 @@ class DeconvolutionNetwork(nn.Module):
         grid_basis = sh_matrix(sh_order_max, sphere.vertices)  # (V, C)
         self.register_buffer("grid_to_sh", torch.as_tensor(
             np.linalg.pinv(grid_basis), dtype=torch.float32))  # (C, V)
+        self.register_buffer("prior", None if prior is None else torch.as_tensor(
+            prior, dtype=torch.float32))
+
+    def zero_correction(self):
+        """Zero the U-Net's head, so the output is the linear prior alone.
+
+        Done after construction-time probes (the receptive radius is found by
+        autograd, which a zero head would hide).
+        """
+        if self.prior is None:
+            raise ValueError("zero_correction needs a network built with a prior")
+        head = [module for module in self.unet.modules() if isinstance(module, UNet)][-1].head
+        for parameter in head.parameters():
+            nn.init.zeros_(parameter)
 
     def forward(self, grid_signal):
         """Tissue coefficients of a window.
@@ -134,6 +207,10 @@ class DeconvolutionNetwork(nn.Module):
         # An isotropic tissue is a constant function; the max over vertices
         # (SPEC 4.3) times sqrt(4 pi) is the l = 0 coefficient of that constant.
         isotropic = tissues[:, 1:].amax(dim=2) * SQRT_4PI
+        if self.prior is not None:
+            linear = torch.einsum("csv,bsvxyz->bcxyz", self.prior, grid_signal)
+            wm = wm + linear[:, :self.n_wm_coeffs]
+            isotropic = torch.relu(isotropic + linear[:, self.n_wm_coeffs:])
         coefficients = torch.cat([wm, isotropic], dim=1)
         if self.normalize:
             total = volume_fractions_from_coefficients(
