@@ -192,15 +192,16 @@ def flop_counts(layer, impl, nside, channels, kernel_size):
         recursion = 2 * (k - 1) * nnz * n_in * voxels
         mixing = 2 * v * voxels * n_out * n_in * k * (27 if layer == "mixed" else 1)
         return recursion + mixing, recursion + 2 * mixing
-    nnz = int(np.count_nonzero(sphere.chebyshev_basis(k)))
+    # Our sparse recursions: K - 1 products with the Laplacian per field.
+    recursion = 2 * (k - 1) * sphere.laplacian(sparse=True).nnz * voxels
     if layer == "mixed":
         sphere_first = _SphereSpatialLinear.sphere_first(n_in, n_out, k)
-        sphere_op = 2 * nnz * (n_in if sphere_first else n_out) * voxels
+        sphere_op = recursion * (n_in if sphere_first else n_out)
         mixing = 2 * v * voxels * n_out * n_in * k * 4  # 4 distance classes
         # Backward: two matmuls, one sphere product (plus the recomputed
         # analysis when the Chebyshev terms come first).
         return sphere_op + mixing, 2 * mixing + sphere_op * (2 if sphere_first else 1)
-    sphere_op = 2 * nnz * min(n_in, n_out) * voxels
+    sphere_op = recursion * min(n_in, n_out)
     mixing = 2 * v * voxels * n_out * n_in * k
     return sphere_op + mixing, 2 * mixing + sphere_op
 
@@ -211,8 +212,8 @@ def predicted_gib(layer, impl, nside, channels, kernel_size):
     v = _sphere(nside, impl == "ours-hemi").n_vertices
     field = 4 * BATCH * v * GRID**3 / 2**30  # GiB of one float32 channel
     if impl == "published":
-        return field * (2 * n_in * (1 + 3 * kernel_size) + 4 * n_out)
-    return field * (2 * n_in + (2 * kernel_size + 2) * max(n_in, n_out))
+        return field * (n_in * (1 + 3 * kernel_size) + 2 * n_out)
+    return field * (n_in + (kernel_size + 1) * max(n_in, n_out))
 
 
 # --- worker processes ----------------------------------------------------------------------
@@ -507,9 +508,9 @@ def main():
              "Implementations: `published` = (a), the published formulation on the full "
              "sphere (sparse Laplacian recursion with `torch.sparse.mm`, then a dense 27-tap "
              "`conv3d` per vertex, or a channel matmul for the spherical conv); `ours-full` / "
-             "`ours-hemi` = `esdmri.nn` on the full / hemispherical graph (stacked sparse "
-             "Chebyshev matrices, 4 neighbourhood sums + one channel matmul, backward "
-             "recomputing the sums). Relative error: max of output and input-gradient errors "
+             "`ours-hemi` = `esdmri.nn` on the full / hemispherical graph (sparse Laplacian "
+             "recursions on cache-sized column blocks, 4 neighbourhood sums + one channel "
+             "matmul, backward recomputing the sums). Relative error: max of output and input-gradient errors "
              "against (a) on the same even input (hemisphere: on its kept vertices). GFLOP/s: "
              "executed matmul-type FLOP of forward + backward over its time; peak MiB: rise of "
              "resident memory during one forward + backward (method in the script's "

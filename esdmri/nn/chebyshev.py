@@ -28,9 +28,9 @@ from esdmri.nn.spatial import check_field
 
 LAYOUTS = ("sparse", "dense")
 
-# Columns per block of the sparse recursions: (K + 3) V floats of buffers
-# within about 1 MiB.
-_CACHE_FLOATS = 1 << 18
+# Columns per block of the sparse recursions: a few (V, 256) buffers stay in
+# cache, and the E(3) x SO(3) conv's x-slabs of a 16^3 block fit in one.
+_BLOCK_COLUMNS = 256
 
 
 def _as_basis_tensor(chebyshev_basis):
@@ -106,12 +106,12 @@ class ChebyshevOperator(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 self.register_buffer("laplacian", basis[1].to_sparse_csr(), persistent=False)
 
-    def _column_blocks(self, n_columns):
-        block = max(32, min(256, 1 << int(np.log2(_CACHE_FLOATS
-                                                  / ((self.kernel_size + 3) * self.n_vertices)))))
-        if n_columns <= 2 * block:
+    @staticmethod
+    def _column_blocks(n_columns):
+        if n_columns <= 2 * _BLOCK_COLUMNS:
             return [slice(0, n_columns)]
-        return [slice(start, min(start + block, n_columns)) for start in range(0, n_columns, block)]
+        return [slice(start, min(start + _BLOCK_COLUMNS, n_columns))
+                for start in range(0, n_columns, _BLOCK_COLUMNS)]
 
     def _analyze(self, fields):
         """(N, V, P) -> (N, K V, P): ``T_k x`` by ``T_k = 2 L~ T_{k-1} - T_{k-2}``."""
@@ -136,8 +136,7 @@ class ChebyshevOperator(nn.Module):
                     if order == 1:
                         terms[1].copy_(product)
                     else:
-                        torch.add(terms[order - 2], product, alpha=2, out=terms[order])
-                        terms[order].sub_(terms[order - 2], alpha=2)
+                        torch.sub(product.mul_(2), terms[order - 2], out=terms[order])
                 if not single:
                     result[:, :, cols] = terms
         return out.view(n, k * v, n_columns)

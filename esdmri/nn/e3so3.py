@@ -44,33 +44,11 @@ def _vertex_chunks(n_vertices, elements_per_vertex):
     return [slice(start, min(start + size, n_vertices)) for start in range(0, n_vertices, size)]
 
 
-def _to_slabs(field):
-    """[N, C, V, X, Y, Z] -> (N C X, V, Y Z): one (V, Y Z) matrix per x-slab.
-
-    The Chebyshev products run slab by slab, so that the rows they gather
-    (Y Z values each) stay in cache.
-    """
-    n, c, v, nx, ny, nz = field.shape
-    return field.reshape(n, c, v, nx, ny * nz).transpose(2, 3).reshape(n * c * nx, v, ny * nz)
-
-
-def _from_slabs(slabs, n, c, n_vertices, grid):
-    """(N C X, K V, Y Z) -> view [N, C, K, V, X, Y, Z]."""
-    nx, ny, nz = grid
-    return slabs.view(n, c, nx, -1, n_vertices, ny, nz).permute(0, 1, 3, 4, 2, 5, 6)
-
-
-def _slab_buffer(like, n, c, n_rows, grid):
-    """Uninitialised (N C X, n_rows, Y Z) slabs."""
-    return like.new_empty((n * c * grid[0], n_rows, grid[1] * grid[2]))
-
-
 class _SphereSpatialLinear(torch.autograd.Function):
     """``y_o = sum_{i,k,r} W[o,i,k,r] S_r T_k x_i + b_o`` saving only x and W.
 
     Per chunk of vertices the neighbourhood sums are formed in a scratch
     buffer and one matmul mixes channels, Chebyshev terms and sums.
-    Chebyshev terms are laid out slab by slab (see :func:`_to_slabs`).
     """
 
     @staticmethod
@@ -87,14 +65,13 @@ class _SphereSpatialLinear(torch.autograd.Function):
         workspace = Workspace()
         sphere_first = _SphereSpatialLinear.sphere_first(n_in, n_out, k)
         if sphere_first:  # Chebyshev terms of the inputs, then sums, then mix
-            terms = operator.analyze(_to_slabs(x))
-            fields = _from_slabs(terms, n, n_in, n_vertices, grid)  # [n, I, K, V, X, Y, Z]
+            terms = operator.analyze(x.reshape(n * n_in, n_vertices, n_voxels))
+            fields = terms.view(n, n_in, k, n_vertices, *grid)
             mixed = x.new_empty((n, n_out, 1, n_vertices, *grid))
             mix = weight.reshape(n_out, n_in * k * r)
         else:  # sums and mix to O K fields, then one synthesis over the sphere
             fields = x.unsqueeze(2)  # [n, I, 1, V, X, Y, Z]
-            slabs = _slab_buffer(x, n, n_out, k * n_vertices, grid)
-            mixed = _from_slabs(slabs, n, n_out, n_vertices, grid)  # [n, O, K, V, X, Y, Z]
+            mixed = x.new_empty((n, n_out, k, n_vertices, *grid))
             mix = weight.permute(0, 2, 1, 3).reshape(n_out * k, n_in * r)
         n_fields = fields.shape[1] * fields.shape[2]
         for part in _vertex_chunks(n_vertices, n * n_fields * r * n_voxels):
@@ -102,6 +79,8 @@ class _SphereSpatialLinear(torch.autograd.Function):
             s = workspace.get("sums", (n, n_fields, r, n_part * n_voxels), x)
             sums.sums_into(fields[:, :, :, part], _class_views(s, fields.shape[1:3], grid),
                            workspace)
+            # A contiguous product then one copy: writing the matmul straight
+            # into the chunk's strided columns is slower (measured).
             product = workspace.get("mixed", (n, mix.shape[0], n_part * n_voxels), x)
             torch.matmul(mix, s.view(n, n_fields * r, -1), out=product)
             product = product.view(n, n_out, -1, n_part, *grid)
@@ -111,8 +90,9 @@ class _SphereSpatialLinear(torch.autograd.Function):
                 mixed[:, :, :, part] = product
         if sphere_first:
             return mixed.view(n, n_out, n_vertices, *grid)
-        y = _from_slabs(operator.synthesize(slabs), n, n_out, n_vertices, grid)[:, :, 0]
-        return y.contiguous() if bias is None else y + bias.view(1, -1, 1, 1, 1, 1)
+        y = operator.synthesize(mixed.view(n * n_out, k * n_vertices, n_voxels))
+        y = y.view(n, n_out, n_vertices, *grid)
+        return y if bias is None else y.add_(bias.view(1, -1, 1, 1, 1, 1))
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -126,23 +106,24 @@ class _SphereSpatialLinear(torch.autograd.Function):
         grad_y = grad_y.reshape(n, n_out, n_vertices, *grid)
         sphere_first = _SphereSpatialLinear.sphere_first(n_in, n_out, k)
         if sphere_first:
-            fields = _from_slabs(operator.analyze(_to_slabs(x)), n, n_in, n_vertices, grid)
+            terms = operator.analyze(x.reshape(n * n_in, n_vertices, n_voxels))
+            fields = terms.view(n, n_in, k, n_vertices, *grid)
             grad_mixed = grad_y.unsqueeze(2)
-            grad_slabs = _slab_buffer(x, n, n_in, k * n_vertices, grid)
-            grad_fields = _from_slabs(grad_slabs, n, n_in, n_vertices, grid)
+            grad_fields = x.new_empty(fields.shape)
             mix = weight.reshape(n_out, n_in * k * r)
         else:
             fields = x.unsqueeze(2)
-            grad_mixed = _from_slabs(operator.analyze(_to_slabs(grad_y)), n, n_out, n_vertices,
-                                     grid)
+            grad_mixed = operator.analyze(grad_y.reshape(n * n_out, n_vertices, n_voxels))
+            grad_mixed = grad_mixed.view(n, n_out, k, n_vertices, *grid)
             grad_fields = x.new_empty(x.shape).unsqueeze(2)
             mix = weight.permute(0, 2, 1, 3).reshape(n_out * k, n_in * r)
         n_fields = fields.shape[1] * fields.shape[2]
         grad_mix = x.new_zeros(mix.shape) if need_w else None
         for part in _vertex_chunks(n_vertices, n * n_fields * r * n_voxels):
             n_part = part.stop - part.start
-            grad_part = workspace.get("grad_mixed", (n, mix.shape[0], n_part * n_voxels), x)
-            grad_part.view(grad_mixed[:, :, :, part].shape).copy_(grad_mixed[:, :, :, part])
+            # Strided columns of the gradient serve as matmul operands as they are.
+            columns = slice(part.start * n_voxels, part.stop * n_voxels)
+            grad_part = grad_mixed.reshape(n, mix.shape[0], -1)[:, :, columns]
             if need_w:
                 s = workspace.get("sums", (n, n_fields, r, n_part * n_voxels), x)
                 sums.sums_into(fields[:, :, :, part], _class_views(s, fields.shape[1:3], grid),
@@ -159,8 +140,8 @@ class _SphereSpatialLinear(torch.autograd.Function):
             grad_b = grad_y.sum(dim=(0, 2, 3, 4, 5))
         if need_x:
             if sphere_first:
-                grad_x = _from_slabs(operator.synthesize(grad_slabs), n, n_in, n_vertices, grid)
-                grad_x = grad_x[:, :, 0].contiguous()
+                grad_x = operator.synthesize(grad_fields.view(n * n_in, k * n_vertices, n_voxels))
+                grad_x = grad_x.view(x.shape)
             else:
                 grad_x = grad_fields[:, :, 0]
         if need_w:
