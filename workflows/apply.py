@@ -6,8 +6,15 @@ Examples
 "sub-*/dwi.bvec" --mask "sub-*/mask.nii.gz" --out_strat append
 --out_dir esdmri`` writes ``fodf_sh.nii.gz``, ``fractions.nii.gz`` and
 ``peaks.pam5`` into ``sub-*/esdmri/``. The scans need the shells of the
-training scan; their directions may differ.
+training scan; their directions may differ. Models trained on many scans
+by ``esdmri_train`` apply the same way. Each model file is read once for all
+scans, and the next scan is read from disk while the current one is
+deconvolved.
 """
+
+import copy
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 from dipy.utils.logging import logger
 from tqdm import tqdm
@@ -20,13 +27,17 @@ from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workfl
 
 
 class ApplyFlow(EsdmriWorkflow):
+    # Outputs go with each scan, not with the (shared) model file.
+    output_anchor = "input_files"
+
     @classmethod
     def get_short_name(cls):
         return "esdmri_apply"
 
     def run(self, model_files, input_files, bvalues_files, bvectors_files, mask=None,
             b0_threshold=50.0, device="cpu", tournier=False, relative_peak_threshold=0.5,
-            min_separation_angle=25.0, npeaks=5, out_dir="", out_shm="fodf_sh.nii.gz",
+            min_separation_angle=25.0, npeaks=5, batch_size=0, out_dir="",
+            out_shm="fodf_sh.nii.gz",
             out_tournier="fodf_sh_tournier07.nii.gz", out_fractions="fractions.nii.gz",
             out_peaks="peaks.pam5"):
         """Deconvolve scans with a model trained by esdmri_fit, without training.
@@ -61,6 +72,9 @@ class ApplyFlow(EsdmriWorkflow):
             Degrees; closer peaks are merged.
         npeaks : int, optional
             Most peaks per voxel in the .pam5 file.
+        batch_size : int, optional
+            Blocks per network pass (0: the model's training batch size);
+            larger batches keep a GPU busier.
         out_dir : string, optional
             Output folder (default: current folder).
         out_shm : string, optional
@@ -77,17 +91,30 @@ class ApplyFlow(EsdmriWorkflow):
         fits : list of DeconvolutionFit
             One per subject.
         """
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
         io_it = self.get_io_iterator(skip_outputs=() if tournier else ("out_tournier",))
         masks = match_optional("mask", mask, len(io_it))
-        fits = []
-        subjects = tqdm(list(zip(io_it, masks)), desc="esdmri_apply", unit="scan",
-                        disable=not verbose_logging())
-        for paths, mask_path in subjects:
-            (model_path, dwi, bvals, bvecs, shm_path, tournier_path, fractions_path,
-             peaks_path) = paths
+        models = {path: load_model(path, device=device, verbose=False)
+                  for path in dict.fromkeys(paths[0] for paths in io_it)}
+
+        def read_scan(paths_and_mask):
+            (_, dwi, bvals, bvecs, *_), mask_path = paths_and_mask
             data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
-            model = load_model(model_path, gtab=gtab, device=device, verbose=False)
-            fit = model.fit(data, load_mask(mask_path, data.shape[:3]))
+            return data, affine, gtab, load_mask(mask_path, data.shape[:3])
+
+        scans = list(zip(io_it, masks))
+        fits = []
+        progress = tqdm(zip(scans, prefetched(read_scan, scans)), total=len(scans),
+                        desc="esdmri_apply", unit="scan", disable=not verbose_logging())
+        for ((paths, _), (data, affine, gtab, brain)) in progress:
+            (model_path, dwi, _, _, shm_path, tournier_path, fractions_path,
+             peaks_path) = paths
+            try:
+                model = for_acquisition(models[model_path], gtab, batch_size)
+            except ValueError as error:
+                raise ValueError(f"{dwi} does not fit model {model_path}: {error}") from None
+            fit = model.fit(data, brain, retrain=False)
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
                               relative_peak_threshold, min_separation_angle, npeaks)
@@ -95,6 +122,46 @@ class ApplyFlow(EsdmriWorkflow):
             fits.append(fit)
         logger.info(f"deconvolved {len(fits)} scan(s); outputs as {self.flat_outputs[-1]}")
         return fits
+
+
+def for_acquisition(model, gtab, batch_size=0):
+    """A trained model set up for another scan's acquisition, sharing its network.
+
+    Parameters
+    ----------
+    model : RTESDModel, ESDModel or CESDModel
+        Trained (e.g. from :func:`esdmri.load_model`).
+    gtab : GradientTable
+        The scan's acquisition; its shells must match the model's response.
+    batch_size : int
+        Blocks per network pass at inference (0: keep the model's).
+
+    Returns
+    -------
+    model
+        A shallow copy whose ``gtab`` is ``gtab``.
+    """
+    model.response.validate(gtab)
+    scan_model = copy.copy(model)
+    scan_model.gtab = gtab
+    if batch_size:
+        scan_model.config = dataclasses.replace(model.config, batch_size=batch_size)
+    return scan_model
+
+
+def prefetched(load, items):
+    """Yield ``load(item)`` for each item, loading the next in a thread meanwhile.
+
+    Reading and decompressing a scan overlaps the previous scan's
+    deconvolution (torch and zlib release the GIL).
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, items[0]) if items else None
+        for index in range(len(items)):
+            loaded = pending.result()
+            if index + 1 < len(items):
+                pending = pool.submit(load, items[index + 1])
+            yield loaded
 
 
 def main():

@@ -164,6 +164,9 @@ class EsdmriWorkflow(Workflow):
 
     # Positional inputs that may name a folder (kept whole, not expanded).
     folder_inputs = ()
+    # Positional input whose paths place the outputs under --out_strat
+    # (default: the first one).
+    output_anchor = None
 
     def get_io_iterator(self, skip_outputs=()):
         """One tuple (inputs..., outputs...) of paths per subject.
@@ -204,8 +207,11 @@ class EsdmriWorkflow(Workflow):
 
         fnames = [values[key] for key in out_keys]
         if inputs:
+            anchor = positional.index(self.output_anchor) if self.output_anchor else 0
+            # DIPY places outputs after its first input list.
+            ordered = [inputs[anchor]] + inputs[:anchor] + inputs[anchor + 1:]
             _, outputs = connect_output_paths(
-                inputs, out_dir, fnames, output_strategy=self._output_strategy,
+                ordered, out_dir, fnames, output_strategy=self._output_strategy,
                 mix_names=self._mix_names)
         else:
             outputs = [[Path(out_dir) / name for name in fnames]]

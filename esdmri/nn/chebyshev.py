@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from esdmri.nn.spatial import check_field
+from esdmri.nn.spatial import check_field, fp32_under_cuda_autocast
 
 LAYOUTS = ("sparse", "dense")
 
@@ -43,22 +43,26 @@ def _as_basis_tensor(chebyshev_basis):
 
 class _Synthesize(torch.autograd.Function):
     @staticmethod
+    @fp32_under_cuda_autocast
     def forward(ctx, z, operator):
         ctx.operator = operator
         return operator._synthesize(z.contiguous())
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         return ctx.operator._analyze(grad.contiguous()), None
 
 
 class _Analyze(torch.autograd.Function):
     @staticmethod
+    @fp32_under_cuda_autocast
     def forward(ctx, x, operator):
         ctx.operator = operator
         return operator._analyze(x.contiguous())
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         return ctx.operator._synthesize(grad.contiguous()), None
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from esdmri.nn.chebyshev import as_operator
-from esdmri.nn.spatial import NeighbourhoodSums, Workspace, check_field
+from esdmri.nn.spatial import (NeighbourhoodSums, Workspace, check_field,
+                               fp32_under_cuda_autocast)
 
 # Elements of the neighbourhood-sum buffer processed at once (4 MiB in
 # float32): large enough for efficient matmuls, small next to the layer's
@@ -56,6 +57,7 @@ class _SphereSpatialLinear(torch.autograd.Function):
         return n_out > 2 * kernel_size * n_in
 
     @staticmethod
+    @fp32_under_cuda_autocast
     def forward(ctx, x, weight, bias, operator, sums):
         n, n_in, n_vertices, *grid = x.shape
         n_out, _, k, r = weight.shape
@@ -95,6 +97,7 @@ class _SphereSpatialLinear(torch.autograd.Function):
         return y if bias is None else y.add_(bias.view(1, -1, 1, 1, 1, 1))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         operator, sums = ctx.operator, ctx.sums

@@ -270,10 +270,17 @@ class NeighbourhoodSums:
         return self.adjoint_into(grad.unbind(2), out)
 
 
+# Under CUDA autocast the hand-written autograd products of esdmri.nn run in
+# float32: their buffers are float32 and their backward mixes them with the
+# incoming gradients.
+fp32_under_cuda_autocast = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+
+
 class _SumsThenMix(torch.autograd.Function):
     """``y = W @ S(x)`` with the sums recomputed in backward, not stored."""
 
     @staticmethod
+    @fp32_under_cuda_autocast
     def forward(ctx, x, weight, sums):
         n = x.shape[0]
         s = sums.forward(x).reshape(n, weight.shape[1], -1)
@@ -282,6 +289,7 @@ class _SumsThenMix(torch.autograd.Function):
         return torch.matmul(weight, s).view((n, weight.shape[0]) + tuple(x.shape[2:]))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         n, c = x.shape[:2]

@@ -28,7 +28,7 @@ from .training import WindowSource, predict_coefficients, train_network
 GM_MD_THRESHOLD = 1.0e-3
 
 # Dense sphere on which the sparsity and non-negativity terms sample the fODF.
-_SAMPLING_NSIDE = 8
+SAMPLING_NSIDE = 8
 
 
 @dataclass
@@ -150,7 +150,7 @@ class _DeconvolutionModel(ReconstModel):
     def _train(self, normalized, mask, interpolator):
         config = self.config
         torch.manual_seed(config.seed)
-        sampling = HealpixSphere(_SAMPLING_NSIDE, hemisphere=True)
+        sampling = HealpixSphere(SAMPLING_NSIDE, hemisphere=True)
         sampler = torch.as_tensor(sh_matrix(config.sh_order_max, sampling.vertices),
                                   dtype=torch.float32, device=self.device)
         source = WindowSource(normalized, mask, interpolator.operator, self.device)

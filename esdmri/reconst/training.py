@@ -52,9 +52,32 @@ def deconvolution_loss(network, forward_model, fodf_sampler, signal, grid, mask,
     total : Tensor, scalar
     terms : dict of str -> float
     """
-    coefficients = network(grid)
+    return coefficient_loss(network(grid), network.n_wm_coeffs, forward_model, fodf_sampler,
+                            signal, mask, weights)
+
+
+def coefficient_loss(coefficients, n_wm_coeffs, forward_model, fodf_sampler, signal, mask,
+                     weights):
+    """All loss terms of tissue coefficients a network has predicted.
+
+    Parameters
+    ----------
+    coefficients : Tensor, shape [B, C_total, X, Y, Z]
+    n_wm_coeffs : int
+        Leading WM SH coefficients of ``coefficients``.
+    forward_model : ForwardModel
+    fodf_sampler : Tensor, shape [V_dense, C_wm]
+    signal : Tensor, shape [B, N, X, Y, Z]
+    mask : Tensor of bool, shape [B, X, Y, Z]
+    weights : LossWeights
+
+    Returns
+    -------
+    total : Tensor, scalar
+    terms : dict of str -> float
+    """
     predicted = forward_model(coefficients)
-    wm = coefficients[:, :network.n_wm_coeffs]
+    wm = coefficients[:, :n_wm_coeffs]
     samples = torch.einsum("vc,bcxyz->bvxyz", fodf_sampler, wm)
     terms = {"intensity": intensity_loss(predicted, signal, mask)}
     if weights.sparsity:

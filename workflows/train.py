@@ -1,0 +1,203 @@
+"""``esdmri_train``: one deconvolution network trained on a cohort of scans.
+
+Examples
+--------
+``esdmri_train subjects.tsv --response_wm wm.txt --response_gm gm.txt
+--response_csf csf.txt --out_dir group`` trains RT-ESD on every scan listed
+in ``subjects.tsv`` and writes ``model.pt`` (for ``esdmri_apply``),
+``checkpoint.pt`` and ``training_curve.png``. On 4 GPUs:
+``torchrun --nproc_per_node=4 -m esdmri.workflows.train subjects.tsv
+--device cuda --precision bf16 --num_workers 4 --out_dir group``; after an
+interruption the same command with ``--resume`` continues from the
+checkpoint.
+
+The subjects file is tab-separated with a header row: columns ``dwi``,
+``bval``, ``bvec`` and optionally ``mask``, ``response_wm``,
+``response_gm``, ``response_csf`` (MRtrix3 files of that scan's own
+responses). Relative paths are relative to the subjects file.
+"""
+
+import csv
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from dipy.utils.logging import logger
+
+from esdmri.reconst.models import MODEL_CLASSES
+from esdmri.reconst.subjects import Subject
+from esdmri.train import DistributedContext, train_group
+from esdmri.viz import plot_training_curves, save_figure
+
+from .fit import read_responses
+from .io import EsdmriWorkflow, run_workflow, verbose_logging
+
+REQUIRED_COLUMNS = ("dwi", "bval", "bvec")
+OPTIONAL_COLUMNS = ("mask", "response_wm", "response_gm", "response_csf")
+
+
+def read_subjects_table(path, b0_threshold=50.0):
+    """Subjects listed in a tab-separated file.
+
+    Parameters
+    ----------
+    path : str or Path
+        Header row with ``dwi``, ``bval``, ``bvec`` and optionally ``mask``,
+        ``response_wm``, ``response_gm``, ``response_csf``; one row per scan.
+        Empty cells are absent values; lines starting with ``#`` are
+        comments; relative paths are relative to the file's folder.
+    b0_threshold : float
+        b-values up to this are b0 volumes.
+
+    Returns
+    -------
+    subjects : list of esdmri.reconst.subjects.Subject
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"subjects_file {path} does not exist")
+    with open(path, newline="") as handle:
+        lines = [line for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    rows = list(csv.DictReader(lines, delimiter="\t"))
+    columns = [] if not lines else next(csv.reader(lines[:1], delimiter="\t"))
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise ValueError(f"subjects_file {path} needs a tab-separated header with the columns "
+                         f"{', '.join(REQUIRED_COLUMNS)} (missing {', '.join(missing)})")
+    unknown = [name for name in columns if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise ValueError(f"subjects_file {path} has unknown columns {unknown}; expected "
+                         f"{', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+    if not rows:
+        raise ValueError(f"subjects_file {path} lists no subject")
+    subjects = []
+    for number, row in enumerate(rows, start=1):
+        cells = {name: (path.parent / value.strip() if value and value.strip() else None)
+                 for name, value in row.items()}
+        try:
+            response = read_responses(cells.get("response_wm"), cells.get("response_gm"),
+                                      cells.get("response_csf"))
+            subjects.append(Subject(cells["dwi"], cells["bval"], cells["bvec"],
+                                    mask=cells.get("mask"), response=response,
+                                    b0_threshold=b0_threshold))
+        except (OSError, ValueError) as error:
+            raise type(error)(f"subjects_file {path}, subject {number}: {error}") from error
+    return subjects
+
+
+class TrainFlow(EsdmriWorkflow):
+    @classmethod
+    def get_short_name(cls):
+        return "esdmri_train"
+
+    def run(self, subjects_file, response_wm=None, response_gm=None, response_csf=None,
+            model="rtesd", b0_threshold=50.0, sh_order_max=8, nside=8, depth=3,
+            filter_start=8, block_size=12, epochs=30, batch_size=4, lr=1.7e-3,
+            total_variation=0.0, device="cpu", precision="fp32", compile=False,
+            num_workers=0, resume=False, seed=0, out_dir="", out_model="model.pt",
+            out_checkpoint="checkpoint.pt", out_curve="training_curve.png"):
+        """Train one equivariant deconvolution network on many scans.
+
+        Blocks of every scan are read from disk as training needs them, so
+        the cohort never has to fit in memory; scans may have different
+        gradient directions (the same shells). Under torchrun the processes
+        share the blocks (DistributedDataParallel, gloo on CPU, NCCL on
+        CUDA) and only the first process writes files. The model file
+        works with esdmri_apply.
+
+        Parameters
+        ----------
+        subjects_file : string
+            Tab-separated list of scans: header dwi, bval, bvec and optional
+            mask, response_wm, response_gm, response_csf columns; paths
+            relative to this file.
+        response_wm : string, optional
+            MRtrix3 WM response of the group (e.g. averaged esdmri_response
+            output); default: each scan's own response columns, or responses
+            estimated from each scan, averaged.
+        response_gm : string, optional
+            MRtrix3 GM response of the group.
+        response_csf : string, optional
+            MRtrix3 CSF response of the group.
+        model : string, optional
+            Network: rtesd, esd or cesd.
+        b0_threshold : float, optional
+            b-values up to this count as b0.
+        sh_order_max : int, optional
+            Even SH order of the WM fODF.
+        nside : int, optional
+            HEALPix resolution of the network's sphere (a power of 2).
+        depth : int, optional
+            U-Net levels (each halves nside).
+        filter_start : int, optional
+            Channels of the first U-Net level.
+        block_size : int, optional
+            Edge (voxels) of the training blocks and inference blocks.
+        epochs : int, optional
+            Passes over every scan's mask.
+        batch_size : int, optional
+            Blocks per process and optimiser step.
+        lr : float, optional
+            Adam learning rate.
+        total_variation : float, optional
+            Weight of the spatial total-variation loss (0: off).
+        device : string, optional
+            cpu, cuda or cuda:N (under torchrun: each process's own GPU).
+        precision : string, optional
+            fp32, bf16 or fp16 autocast on CUDA (CPU trains in fp32).
+        compile : bool, optional
+            torch.compile the network.
+        num_workers : int, optional
+            Processes reading blocks from disk (0: the training process).
+        resume : bool, optional
+            Continue from out_checkpoint if it exists.
+        seed : int, optional
+            Seed of the weights, block offsets and block order.
+        out_dir : string, optional
+            Output folder (default: current folder).
+        out_model : string, optional
+            Trained model file (read by esdmri_apply).
+        out_checkpoint : string, optional
+            Checkpoint rewritten after every epoch.
+        out_curve : string, optional
+            Training-curve figure (.png).
+
+        Returns
+        -------
+        model : RTESDModel, ESDModel or CESDModel
+        """
+        if model not in MODEL_CLASSES:
+            raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+        response = read_responses(response_wm, response_gm, response_csf)
+        io_it = self.get_io_iterator(skip_outputs=("out_checkpoint",) if resume else ())
+        if len(io_it) != 1:
+            raise ValueError(f"subjects_file must name one file, got {len(io_it)} matches: "
+                             "list every scan in a single subjects file")
+        _, model_path, checkpoint_path, curve_path = io_it[0]
+        subjects = read_subjects_table(subjects_file, b0_threshold)
+        is_main = DistributedContext.from_environment().is_main
+        if is_main:
+            logger.info(f"training {model} on {len(subjects)} scans ({epochs} epochs on "
+                        f"{device})")
+        # get_io_iterator has refused existing outputs unless --force.
+        trained = train_group(
+            subjects, response, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+            seed=seed, device=device, precision=precision, compile=compile,
+            num_workers=num_workers, checkpoint=checkpoint_path, resume=resume,
+            out_file=model_path, force=True, verbose=verbose_logging(),
+            sh_order_max=sh_order_max, nside=nside, depth=depth, filter_start=filter_start,
+            block_size=block_size, total_variation=total_variation)
+        if is_main:
+            figure = plot_training_curves(trained.training_history).figure
+            save_figure(figure, curve_path, force=True)
+            plt.close(figure)
+            logger.info(f"wrote {model_path}, {checkpoint_path}, {curve_path}")
+        return trained
+
+
+def main():
+    """Entry point of ``esdmri_train``."""
+    run_workflow(TrainFlow())
+
+
+if __name__ == "__main__":
+    main()
