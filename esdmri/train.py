@@ -34,7 +34,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .reconst.inputs import resolve_device
-from .reconst.models import SAMPLING_NSIDE, MODEL_CLASSES, config_to_dict, estimate_response
+from .reconst.models import MODEL_CLASSES, SAMPLING_NSIDE, config_to_dict, estimate_response
 from .reconst.network import ForwardModel, stacked_forward_matrix
 from .reconst.subjects import SubjectBlocks, collate_blocks
 from .reconst.training import coefficient_loss
