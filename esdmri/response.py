@@ -21,6 +21,7 @@ Conventions (identical to MRtrix3 and to DIPY's MSMT-CSD):
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -368,7 +369,7 @@ class TissueResponse:
     def from_dipy_msmt(cls, gtab, data, mask=None, roi_center=None, roi_radii=10,
                        wm_fa_thr=0.7, gm_fa_thr=0.2, csf_fa_thr=0.1, gm_md_thr=0.0007,
                        csf_md_thr=0.002, sh_order_max=8, tolerance=DEFAULT_BVAL_TOLERANCE,
-                       tissues=TISSUES):
+                       tissues=TISSUES, drop_empty=False):
         """Multi-shell WM/GM/CSF responses with DIPY's MSMT tools.
 
         Tissue masks come from DIPY's ``mask_for_response_msmt`` (FA/MD
@@ -399,6 +400,10 @@ class TissueResponse:
             Tissues to estimate, a subset of ``("wm", "gm", "csf")`` with WM;
             only these need response voxels (e.g. ``("wm",)`` for a
             strands-only phantom).
+        drop_empty : bool, optional
+            Leave out, with a warning, the isotropic tissues of ``tissues``
+            that have no response voxels instead of raising (WM is always
+            required).
 
         Returns
         -------
@@ -430,16 +435,19 @@ class TissueResponse:
                 raise ValueError(f"mask must have shape {data.shape[:3]}, got {mask.shape}")
             masks = [tissue_mask * mask for tissue_mask in masks]
         empty = [t for t, m in zip(TISSUES, masks) if t in tissues and not np.any(m)]
-        if empty:
+        if empty and (not drop_empty or "wm" in empty):
             raise ValueError(f"no response voxels found for tissues {empty}: enlarge "
                              "roi_radii or relax the FA/MD thresholds")
-        # DIPY fits all three tissues at once; a tissue not asked for borrows
-        # the WM voxels and its rows are dropped.
-        masks = [m if t in tissues else masks[0] for t, m in zip(TISSUES, masks)]
+        kept = tuple(t for t in TISSUES if t in tissues and t not in empty)
+        if empty:
+            warnings.warn(f"no response voxels found for tissues {empty}; estimating {kept} "
+                          "only", UserWarning, stacklevel=2)
+        # DIPY fits all three tissues at once; a tissue left out borrows the
+        # WM voxels and its rows are dropped.
+        masks = [m if t in kept else masks[0] for t, m in zip(TISSUES, masks)]
         tensors = response_from_mask_msmt(gtab, data, *masks, tol=tolerance)
         bvals = np.concatenate([[0.0], shell_bvals[1:]])
         coefficients = []
-        kept = tuple(t for t in TISSUES if t in tissues)
         for tissue, per_shell in zip(TISSUES, tensors):
             if tissue not in kept:
                 continue

@@ -28,8 +28,8 @@ from esdmri.nn.spatial import check_field, fp32_under_cuda_autocast
 
 LAYOUTS = ("sparse", "dense")
 
-# Columns per block of the sparse recursions: a few (V, 256) buffers stay in
-# cache, and the E(3) x SO(3) conv's x-slabs of a 16^3 block fit in one.
+# Columns per block of the sparse recursions, so that the few (V, 256)
+# buffers of one block stay in cache.
 _BLOCK_COLUMNS = 256
 
 

@@ -6,7 +6,6 @@ the response functions, to reproduce the measured signal) and returns a fit
 with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and ``peaks``.
 """
 
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -312,35 +311,12 @@ def estimate_response(gtab, data, mask=None):
     shell_bvals, _ = group_shells(gtab)
     n_weighted = int(np.count_nonzero(shell_bvals > 0))
     if n_weighted >= 2:
-        try:
-            return TissueResponse.from_dipy_msmt(gtab, data, mask=mask,
-                                                 gm_md_thr=GM_MD_THRESHOLD)
-        except ValueError as error:
-            if "no response voxels" not in str(error):
-                raise
-            found = _tissues_with_voxels(gtab, data, mask)
-            warnings.warn(f"{error}; estimating {found} only", UserWarning, stacklevel=2)
-            return TissueResponse.from_dipy_msmt(gtab, data, mask=mask,
-                                                 gm_md_thr=GM_MD_THRESHOLD, tissues=found)
+        return TissueResponse.from_dipy_msmt(gtab, data, mask=mask, gm_md_thr=GM_MD_THRESHOLD,
+                                             drop_empty=True)
     # DIPY's single-shell estimator takes no mask: zero the background so its
     # FA threshold cannot pick noise voxels.
     inside = data if mask is None else np.where(np.asarray(mask, bool)[..., None], data, 0)
     return TissueResponse.from_dipy_ssst(gtab, inside)
-
-
-def _tissues_with_voxels(gtab, data, mask):
-    """WM plus each isotropic tissue that has response voxels on its own."""
-    found = ["wm"]
-    for tissue in ("gm", "csf"):
-        try:
-            TissueResponse.from_dipy_msmt(gtab, data, mask=mask, gm_md_thr=GM_MD_THRESHOLD,
-                                          tissues=("wm", tissue))
-        except ValueError as error:
-            if "no response voxels" not in str(error):
-                raise
-        else:
-            found.append(tissue)
-    return tuple(found)
 
 
 def config_to_dict(config):

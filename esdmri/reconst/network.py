@@ -17,13 +17,12 @@ import math
 
 import numpy as np
 import torch
+from dipy.core.gradients import gradient_table
 from torch import nn
 
 from ..nn.chebyshev import ChebyshevOperator
 from ..nn.e3so3 import E3SO3Conv
 from ..nn.unet import ConvBlock, UNet
-from dipy.core.gradients import gradient_table
-
 from ..shm import n_coeffs, sh_matrix
 
 SQRT_4PI = math.sqrt(4 * math.pi)
