@@ -210,3 +210,36 @@ def test_untrained_network_with_prior_outputs_the_normalised_linear_fit():
     np.testing.assert_allclose(output, linear / fractions, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="prior"):
         DeconvolutionNetwork(unet, sphere, 4).zero_correction()
+
+
+def test_normalisation_never_divides_by_a_vanishing_fraction_sum():
+    """A correction that cancels the prior's fractions must not blow the output up."""
+    from esdmri.reconst.network import (DeconvolutionNetwork, build_unet,
+                                        linear_deconvolution_operator,
+                                        volume_fractions_from_coefficients)
+    from esdmri.response import TissueResponse
+    from esdmri.sphere import HealpixSphere
+
+    shell_bvals = np.array([0.0, 1000.0, 3000.0])
+    response = TissueResponse.from_tensors(shell_bvals, sh_order_max=8).normalized()
+    sphere = HealpixSphere(2, hemisphere=True)
+    prior = linear_deconvolution_operator(response, shell_bvals, sphere.vertices, 4)
+    unet = build_unet("spherical", sphere, 3, 3, depth=1, filter_start=2, kernel_size=3,
+                      spatial_kernel_size=3, spatial_layers=1, signed_output=True)
+    raw_network = DeconvolutionNetwork(unet, sphere, 4, normalize=False, prior=prior).eval()
+    network = DeconvolutionNetwork(unet, sphere, 4, prior=prior).eval()
+    grid = torch.rand(1, 3, sphere.n_vertices, 2, 2, 2)
+    network.zero_correction()
+    head = unet.head
+    def fraction_sums(coefficients):
+        return volume_fractions_from_coefficients(coefficients.movedim(1, -1), 15).sum(-1)
+
+    with torch.no_grad():
+        # A constant WM function that cancels the largest fraction sum of the
+        # prior and takes it a little below zero.
+        head.bias[0] = -float(fraction_sums(raw_network(grid)).max()) / (4 * np.pi) * 1.01
+        raw, normalised = raw_network(grid), network(grid)
+    assert (fraction_sums(raw) < 0).any()
+    assert torch.isfinite(normalised).all()
+    # At most a tenfold scaling (the floor 0.1); a floor of 1e-6 scaled by 1e6.
+    assert normalised.abs().max() <= 10 * raw.abs().max() * (1 + 1e-6)

@@ -27,6 +27,13 @@ from ..shm import n_coeffs, sh_matrix
 
 SQRT_4PI = math.sqrt(4 * math.pi)
 
+# Smallest tissue-fraction sum the normalisation divides by. Signals are
+# divided by their b0, so a voxel's fractions sum to about 1; a signed
+# correction can drive the sum of a voxel to zero or below during training,
+# and dividing by it then blew the coefficients up a million-fold (measured:
+# losses of 1e8 that wrecked RT-ESD's training).
+NORMALIZATION_FLOOR = 0.1
+
 
 def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_start,
                kernel_size, spatial_kernel_size, spatial_layers, layout="dense",
@@ -214,7 +221,7 @@ class DeconvolutionNetwork(nn.Module):
         if self.normalize:
             total = volume_fractions_from_coefficients(
                 coefficients.movedim(1, -1), self.n_wm_coeffs).sum(-1)
-            coefficients = coefficients / total.clamp_min(1e-6).unsqueeze(1)
+            coefficients = coefficients / total.clamp_min(NORMALIZATION_FLOOR).unsqueeze(1)
         return coefficients
 
 
