@@ -97,8 +97,8 @@ class FitFlow(EsdmriWorkflow):
             response_wm=None, response_gm=None, response_csf=None, model="rtesd",
             b0_threshold=50.0, sh_order_max=8, nside=8, depth=3, filter_start=8,
             block_size=12, epochs=30, batch_size=4, lr=1.7e-3, total_variation=0.0,
-            device="cpu", seed=0, tournier=False, relative_peak_threshold=0.5,
-            min_separation_angle=25.0, npeaks=5, out_dir="",
+            refine_steps=100, device="cpu", seed=0, tournier=False,
+            relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
             out_fractions="fractions.nii.gz", out_peaks="peaks.pam5",
             out_model="model.pt", out_curve="training_curve.png"):
@@ -158,6 +158,9 @@ class FitFlow(EsdmriWorkflow):
             Adam learning rate.
         total_variation : float, optional
             Weight of the spatial total-variation loss (0: off).
+        refine_steps : int, optional
+            Steps of voxel-wise descent of the loss from the network's output
+            (0: the network's output as is).
         device : string, optional
             cpu, cuda or cuda:N.
         seed : int, optional
@@ -209,9 +212,8 @@ class FitFlow(EsdmriWorkflow):
             deconvolution = MODEL_CLASSES[model](
                 gtab, subject_response, sh_order_max=sh_order_max, nside=nside, depth=depth,
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
-                batch_size=batch_size, lr=lr, total_variation=total_variation, device=device,
-                seed=seed,
-                verbose=verbose_logging())
+                batch_size=batch_size, lr=lr, total_variation=total_variation,
+                refine_steps=refine_steps, device=device, seed=seed, verbose=verbose_logging())
             logger.info(f"{dwi}: training {model} ({epochs} epochs on {device})")
             fit = deconvolution.fit(data, brain)
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,

@@ -14,7 +14,7 @@ from .losses import LossWeights
 from .models import MODEL_CLASSES, DeconvolutionConfig, config_to_dict
 
 # Bumped whenever the saved layout or the network's parameter names change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def save_model(model, path, force=False):
