@@ -17,8 +17,11 @@ tensors. Peak memory is measured on Linux by resetting the process's
 resident high-water mark (``/proc/self/clear_refs``) after a warm-up call
 and reading ``VmHWM`` after one forward + backward pass: the rise over the
 resident memory before the call (layer, weights and input excluded; output,
-gradients, autograd buffers and temporaries included). Times are medians of
-``--repeats`` calls after the warm-up.
+gradients, autograd buffers and temporaries included). Times are the best of
+``--repeats`` calls after the warm-up (as ``timeit`` advises): on this VM a
+run slows down by up to 1.7x at times from outside the process (first
+touches of fresh memory become expensive), which a median lets through for
+one implementation and not the other.
 
 Floating-point work counts multiply-adds as 2 FLOP: dense and sparse
 matmuls and convolutions as executed (the memory-bound neighbourhood sums
@@ -180,8 +183,6 @@ def build_published(ours, nside):
 
 def flop_counts(layer, impl, nside, channels, kernel_size):
     """(forward, backward) FLOP of one call on a BATCH x GRID^3 block."""
-    from esdmri.nn.e3so3 import _SphereSpatialLinear
-
     n_in, n_out = channels
     k = kernel_size
     sphere = _sphere(nside, impl == "ours-hemi")
@@ -195,12 +196,10 @@ def flop_counts(layer, impl, nside, channels, kernel_size):
     # Our sparse recursions: K - 1 products with the Laplacian per field.
     recursion = 2 * (k - 1) * sphere.laplacian(sparse=True).nnz * voxels
     if layer == "mixed":
-        sphere_first = _SphereSpatialLinear.sphere_first(n_in, n_out, k)
-        sphere_op = recursion * (n_in if sphere_first else n_out)
+        sphere_op = recursion * n_out  # synthesis of the outputs' Chebyshev terms
         mixing = 2 * v * voxels * n_out * n_in * k * 4  # 4 distance classes
-        # Backward: two matmuls, one sphere product (plus the recomputed
-        # analysis when the Chebyshev terms come first).
-        return sphere_op + mixing, 2 * mixing + sphere_op * (2 if sphere_first else 1)
+        # Backward: two matmuls and one sphere product (the analysis).
+        return sphere_op + mixing, 2 * mixing + sphere_op
     sphere_op = recursion * min(n_in, n_out)
     mixing = 2 * v * voxels * n_out * n_in * k
     return sphere_op + mixing, 2 * mixing + sphere_op
@@ -237,7 +236,7 @@ def _reset_peak():
 
 
 def measure(run, repeats):
-    """Peak MiB of ``run()`` above the RSS before it, and its median time."""
+    """Peak MiB of ``run()`` above the RSS before it, and its best time."""
     run()  # warm-up: thread pools, library workspaces
     gc.collect()
     if _reset_peak():
@@ -251,7 +250,7 @@ def measure(run, repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return peak, float(np.median(times))
+    return peak, float(np.min(times))
 
 
 def worker_layer(task):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from esdmri.nn import e3so3
 from esdmri.nn import (ChebyshevOperator, E3SO3Conv, NeighbourhoodConcat, NeighbourhoodSums,
                        Pool, SpatialConv, SphericalConv, Unpool)
 from esdmri.sphere import HealpixSphere
@@ -86,6 +87,27 @@ def test_neighbourhood_sums_adjoint(isotropic, padding):
     assert torch.isclose((sums.forward(x) * g).sum(), (x * sums.adjoint(g)).sum(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("kernel_size, isotropic", [(3, True), (5, True), (3, False)])
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@pytest.mark.parametrize("thickness", [1, 2])
+def test_neighbourhood_sums_by_slabs_equal_whole_grid(kernel_size, isotropic, padding,
+                                                      thickness):
+    sums = NeighbourhoodSums(kernel_size, isotropic=isotropic, padding=padding)
+    x = torch.randn(1, 2, 3, 5, 4, 3, dtype=torch.float64)
+    g = torch.randn(1, 2, sums.n_classes, 3, 5, 4, 3, dtype=torch.float64)
+    whole, whole_adjoint = sums.forward(x), sums.adjoint(g)
+    adjoint = torch.full_like(x, 0.5)  # accumulates onto what is there
+    for start in range(0, 5, thickness):
+        rows = slice(start, min(start + thickness, 5))
+        outs = torch.empty_like(whole[:, :, :, :, rows]).unbind(2)
+        sums.sums_into(x, outs, start=start)
+        torch.testing.assert_close(torch.stack(outs, 2), whole[:, :, :, :, rows],
+                                   rtol=0, atol=1e-12)
+        sums.adjoint_into(g[:, :, :, :, rows].unbind(2), adjoint, start=start,
+                          accumulate=True)
+    torch.testing.assert_close(adjoint, whole_adjoint + 0.5, rtol=0, atol=1e-12)
+
+
 def test_neighbourhood_concat_holds_shifted_neighbours():
     concat = NeighbourhoodConcat(3)
     x = torch.randn(1, 2, 3, 4, 4, 4)
@@ -133,12 +155,14 @@ def test_spherical_conv_matches_chebyshev_sum(sphere, channels):
 
 # --- E(3) x SO(3) conv -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("channels", [(3, 2), (1, 7)])  # sums first / Chebyshev first
+@pytest.mark.parametrize("channels", [(3, 2), (1, 7)])
 @pytest.mark.parametrize("kernel_size, isotropic, padding", [(3, True, "zeros"),
                                                              (5, True, "circular"),
                                                              (3, False, "circular")])
+@pytest.mark.parametrize("slab_columns", [1, 512])  # one x-row per slab / the whole grid
 def test_mixed_conv_matches_published_formulation(sphere, channels, kernel_size, isotropic,
-                                                  padding):
+                                                  padding, slab_columns, monkeypatch):
+    monkeypatch.setattr(e3so3, "_SLAB_COLUMNS", slab_columns)
     basis = sphere.chebyshev_basis(3)
     conv = E3SO3Conv(*channels, basis, kernel_size=kernel_size, isotropic=isotropic,
                      padding=padding)

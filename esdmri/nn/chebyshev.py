@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from esdmri.nn.spatial import check_field, fp32_under_cuda_autocast
+from esdmri.nn.spatial import Workspace, check_field, fp32_under_cuda_autocast
 
 LAYOUTS = ("sparse", "dense")
 
@@ -117,22 +117,28 @@ class ChebyshevOperator(nn.Module):
         return [slice(start, min(start + _BLOCK_COLUMNS, n_columns))
                 for start in range(0, n_columns, _BLOCK_COLUMNS)]
 
-    def _analyze(self, fields):
-        """(N, V, P) -> (N, K V, P): ``T_k x`` by ``T_k = 2 L~ T_{k-1} - T_{k-2}``."""
+    def _analyze(self, fields, out=None, workspace=None):
+        """(N, V, P) -> (N, K V, P): ``T_k x`` by ``T_k = 2 L~ T_{k-1} - T_{k-2}``.
+
+        ``fields`` may be a strided view; ``out``, if given, is contiguous.
+        A caller's :class:`Workspace` lends the scratch buffers, so that a
+        caller looping over slabs allocates them once.
+        """
         n, v, n_columns = fields.shape
         k = self.kernel_size
+        if out is None:
+            out = fields.new_empty((n, k * v, n_columns))
         if self.layout == "dense":
-            return torch.matmul(self.analysis, fields)
-        out = fields.new_empty((n, k, v, n_columns))
+            return torch.matmul(self.analysis, fields, out=out)
+        out = out.view(n, k, v, n_columns)
         blocks = self._column_blocks(n_columns)
         single = len(blocks) == 1
-        buffers = {}
+        workspace = workspace or Workspace()
         for field, result in zip(fields, out):
             for cols in blocks:
                 width = cols.stop - cols.start
-                if width not in buffers:
-                    buffers[width] = (fields.new_empty((k, v, width)), fields.new_empty((v, width)))
-                terms, product = buffers[width]
+                terms = workspace.get(("analysis terms", width), (k, v, width), fields)
+                product = workspace.get(("analysis product", width), (v, width), fields)
                 terms = result if single else terms  # in place when one block covers it
                 terms[0].copy_(field[:, cols])
                 for order in range(1, k):
@@ -145,24 +151,28 @@ class ChebyshevOperator(nn.Module):
                     result[:, :, cols] = terms
         return out.view(n, k * v, n_columns)
 
-    def _synthesize(self, stacked):
-        """(N, K V, P) -> (N, V, P): ``sum_k T_k z_k`` by Clenshaw's recurrence."""
+    def _synthesize(self, stacked, out=None, workspace=None):
+        """(N, K V, P) -> (N, V, P): ``sum_k T_k z_k`` by Clenshaw's recurrence.
+
+        ``out``, if given, may be a strided view (a slab of a larger field);
+        ``workspace`` as in :meth:`_analyze`.
+        """
         n, _, n_columns = stacked.shape
         k, v = self.kernel_size, self.n_vertices
+        if out is None:
+            out = stacked.new_empty((n, v, n_columns))
         if self.layout == "dense":
-            return torch.matmul(self.synthesis, stacked)
+            return out.copy_(torch.matmul(self.synthesis, stacked))
         stacked = stacked.view(n, k, v, n_columns)
-        out = stacked.new_empty((n, v, n_columns))
         if k == 1:
             return out.copy_(stacked[:, 0])
         blocks = self._column_blocks(n_columns)
-        buffers = {}
+        workspace = workspace or Workspace()
         for terms, result in zip(stacked, out):
             for cols in blocks:
                 width = cols.stop - cols.start
-                if width not in buffers:
-                    buffers[width] = [stacked.new_empty((v, width)) for _ in range(4)]
-                b1, b2, spare, product = buffers[width]
+                b1, b2, spare, product = workspace.get(("synthesis", width), (4, v, width),
+                                                       stacked)
                 # b_k = z_k + 2 L~ b_{k+1} - b_{k+2}; y = z_0 + L~ b_1 - b_2.
                 b1.copy_(terms[k - 1, :, cols])
                 b2.zero_()

@@ -15,6 +15,7 @@ products are shared. A full (non-isotropic) kernel uses plain shifts and one
 class per offset.
 """
 
+import functools
 import itertools
 import math
 
@@ -73,44 +74,64 @@ class Workspace:
         return buffer[:numel].view(tuple(shape))
 
 
-def _add_shifted(acc, t, shift, dim, circular, overwrite=False):
-    """``acc[p] (+)= t[p + shift]`` along ``dim``: zero or wrap-around outside.
+@functools.lru_cache(maxsize=4096)
+def _row_runs(n_target, target_start, sources, length, circular):
+    """How target rows take their values from source windows along one axis.
 
-    With ``overwrite`` the values are assigned instead of added.
+    Target row ``i`` is grid row ``target_start + i`` of a grid of ``length``
+    rows. Each entry of ``sources`` is ``(source_start, n_source, shift)``:
+    the row takes grid row ``target_start + i + shift`` (wrapped when
+    ``circular``) from a window holding rows ``source_start ..
+    source_start + n_source``, or nothing where that row is off the grid or
+    outside the window.
+
+    Returns
+    -------
+    runs : tuple of (start, rows, count)
+        Maximal runs of target rows over which every source either advances
+        by one row per target row or gives nothing (row -1).
     """
-    n = t.shape[dim]
-    if circular:
-        shift %= n
-        pieces = [(0, shift, n - shift), (n - shift, 0, shift)]
-    else:
-        shift = max(-n, min(n, shift))
-        start, source = (0, shift) if shift >= 0 else (-shift, 0)
-        pieces = [(start, source, n - abs(shift))]
-        if overwrite and shift:
-            acc.narrow(dim, n - shift if shift > 0 else 0, abs(shift)).zero_()
-    for target_start, source_start, length in pieces:
-        if not length:
-            continue
-        target = acc.narrow(dim, target_start, length)
-        source = t.narrow(dim, source_start, length)
-        if overwrite:
-            target.copy_(source)
+    per_source = []
+    for source_start, n_source, shift in sources:
+        rows = []
+        for i in range(n_target):
+            grid_row = target_start + i + shift
+            if circular:
+                grid_row %= length
+            local = grid_row - source_start
+            inside = 0 <= grid_row < length and 0 <= local < n_source
+            rows.append(local if inside else -1)
+        per_source.append(rows)
+    runs = []
+    for i, rows in enumerate(zip(*per_source)):
+        if runs:
+            first, count = runs[-1][1], runs[-1][2]
+            if all((a < 0 and b < 0) or (a >= 0 and b == a + count) for a, b in zip(first, rows)):
+                runs[-1][2] += 1
+                continue
+        runs.append([i, rows, 1])
+    return tuple((start, rows, count) for start, rows, count in runs)
+
+
+def _combine_rows(target, source, runs, dim, overwrite):
+    """``target (+)= the sum of the source rows of each run`` along ``dim``.
+
+    ``runs`` from :func:`_row_runs`, with one or two sources; with
+    ``overwrite`` the sum is assigned (zero where no row contributes) and two
+    contributing rows are added in one fused pass.
+    """
+    for start, rows, count in runs:
+        pieces = [source.narrow(dim, row, count) for row in rows if row >= 0]
+        out = target.narrow(dim, start, count)
+        if not overwrite:
+            for piece in pieces:
+                out.add_(piece)
+        elif not pieces:
+            out.zero_()
+        elif len(pieces) == 1:
+            out.copy_(pieces[0])
         else:
-            target.add_(source)
-
-
-def _pair_sum_into(acc, t, offset, dim, circular):
-    """``acc[p] = t[p + offset] + t[p - offset]`` along ``dim`` (offset > 0)."""
-    n = t.shape[dim]
-    if circular or 2 * offset >= n:
-        _add_shifted(acc, t, offset, dim, circular, overwrite=True)
-        _add_shifted(acc, t, -offset, dim, circular)
-        return
-    # One fused pass for the bulk, copies for the two edges.
-    torch.add(t.narrow(dim, 2 * offset, n - 2 * offset), t.narrow(dim, 0, n - 2 * offset),
-              out=acc.narrow(dim, offset, n - 2 * offset))
-    acc.narrow(dim, 0, offset).copy_(t.narrow(dim, offset, offset))
-    acc.narrow(dim, n - offset, offset).copy_(t.narrow(dim, n - 2 * offset, offset))
+            torch.add(pieces[0], pieces[1], out=out)
 
 
 class NeighbourhoodSums:
@@ -167,76 +188,95 @@ class NeighbourhoodSums:
             grid = np.abs(grid)
         return np.vectorize(lambda a, b, c: self._class_of[(a, b, c)])(*np.moveaxis(grid, -1, 0))
 
-    def _accumulate(self, acc, t, offset, dim, adjoint=False, overwrite=False):
+    def _accumulate(self, acc, t, offset, dim, adjoint=False, overwrite=False, acc_start=0,
+                    t_start=0):
         """``acc (+)= A_offset t`` along ``dim`` (``A^T`` when ``adjoint``;
-        assigned instead of added when ``overwrite``)."""
-        circular = self.padding == "circular"
-        if offset == 0 and overwrite:
-            acc.copy_(t)
-        elif offset == 0:
-            acc.add_(t)
-        elif self.isotropic:  # D_a is symmetric: its adjoint is itself
-            if overwrite:
-                _pair_sum_into(acc, t, offset, dim, circular)
-            else:
-                _add_shifted(acc, t, offset, dim, circular)
-                _add_shifted(acc, t, -offset, dim, circular)
-        else:
-            _add_shifted(acc, t, -offset if adjoint else offset, dim, circular, overwrite)
+        assigned instead of added when ``overwrite``).
 
-    def _apply(self, t, offset, dim, workspace, name):
+        ``acc`` and ``t`` may hold different windows of the grid's rows along
+        ``dim``, starting at ``acc_start`` and ``t_start``; the larger of the
+        two is the whole grid.
+        """
+        if self.isotropic:  # D_a is symmetric: its adjoint is itself
+            shifts = {offset, -offset}
+        else:
+            shifts = {-offset if adjoint else offset}
+        length = max(acc.shape[dim], t.shape[dim])
+        sources = tuple((t_start, t.shape[dim], shift) for shift in sorted(shifts))
+        runs = _row_runs(acc.shape[dim], acc_start, sources, length, self.padding == "circular")
+        _combine_rows(acc, t, runs, dim, overwrite)
+
+    def _apply(self, t, offset, dim, workspace, name, rows=None):
+        """``A_offset t`` along ``dim``, for the grid rows ``rows`` (a slice; all by default)."""
+        rows = rows or slice(0, t.shape[dim])
         if offset == 0:
-            return t
-        out = workspace.get(name, t.shape, t)
-        self._accumulate(out, t, offset, dim, overwrite=True)
+            return t.narrow(dim, rows.start, rows.stop - rows.start)
+        shape = list(t.shape)
+        shape[dim] = rows.stop - rows.start
+        out = workspace.get(name, shape, t)
+        self._accumulate(out, t, offset, dim, overwrite=True, acc_start=rows.start)
         return out
 
-    def sums_into(self, x, outs, workspace=None):
+    def sums_into(self, x, outs, workspace=None, start=0):
         """Neighbourhood sums of ``x`` written into ``outs``.
 
         Parameters
         ----------
         x : Tensor, shape (..., X, Y, Z)
             May be a non-contiguous view.
-        outs : sequence of R Tensors, each shaped like x
-            Class r's sum is assigned to ``outs[r]`` (views are fine).
+        outs : sequence of R Tensors, each of shape (..., X', Y, Z)
+            Class r's sum over the x-rows ``start .. start + X'`` is assigned
+            to ``outs[r]`` (views are fine). The sums read the rows around
+            that slab from ``x``, so slabs can be processed one at a time.
+        start : int, optional
         """
         workspace = workspace or Workspace()
+        rows = slice(start, start + outs[0].shape[-3])
         written = set()
-        # Depth-first over the axes, so partial products along x and y are
-        # computed once and shared by all classes that contain them.
+        # Depth-first over the axes x, z, y, so partial products are computed
+        # once and shared by all classes that contain them. The innermost
+        # level has the most passes; shifts along y move whole rows of Z
+        # contiguous values, several times faster than shifts along z
+        # (measured), so z sits in the middle.
         for a in self._axis_offsets:
-            xa = self._apply(x, a, -3, workspace, "sums_x")
-            for b in self._axis_offsets:
-                xab = self._apply(xa, b, -2, workspace, "sums_xy")
-                for c in self._axis_offsets:
+            xa = self._apply(x, a, -3, workspace, "sums_x", rows)
+            for c in self._axis_offsets:
+                xac = self._apply(xa, c, -1, workspace, "sums_xz")
+                for b in self._axis_offsets:
                     r = self._class_of[(a, b, c)]
-                    self._accumulate(outs[r], xab, c, -1, overwrite=r not in written)
+                    self._accumulate(outs[r], xac, b, -2, overwrite=r not in written)
                     written.add(r)
         return outs
 
-    def adjoint_into(self, grads, out, workspace=None):
-        """Adjoint of :meth:`sums_into`: ``out = sum_r S_r^T grads[r]``.
+    def adjoint_into(self, grads, out, workspace=None, start=0, accumulate=False):
+        """Adjoint of :meth:`sums_into`: ``out (+)= sum_r S_r^T grads[r]``.
 
         Parameters
         ----------
-        grads : sequence of R Tensors, each shaped like out
+        grads : sequence of R Tensors, each of shape (..., X', Y, Z)
+            Gradients of the sums of the x-rows ``start .. start + X'``.
         out : Tensor, shape (..., X, Y, Z)
-            Overwritten (views are fine).
+            Overwritten, or added to with ``accumulate`` (views are fine). A
+            slab reaches the rows within the kernel's half-width of it, so
+            slabs processed one at a time must accumulate.
+        start : int, optional
+        accumulate : bool, optional
         """
         workspace = workspace or Workspace()
         offsets = self._axis_offsets
+        slab_shape = grads[0].shape
         # Fan-in tree, the transpose of the fan-out tree of `sums_into`; the
         # first term of every sum is assigned rather than added.
         for a in offsets:
-            ga = workspace.get("adjoint_x", out.shape, out)
-            for b in offsets:
-                gab = workspace.get("adjoint_xy", out.shape, out)
-                for c in offsets:
-                    self._accumulate(gab, grads[self._class_of[(a, b, c)]], c, -1, adjoint=True,
-                                     overwrite=c == offsets[0])
-                self._accumulate(ga, gab, b, -2, adjoint=True, overwrite=b == offsets[0])
-            self._accumulate(out, ga, a, -3, adjoint=True, overwrite=a == offsets[0])
+            ga = workspace.get("adjoint_x", slab_shape, out)
+            for c in offsets:
+                gac = workspace.get("adjoint_xz", slab_shape, out)
+                for b in offsets:
+                    self._accumulate(gac, grads[self._class_of[(a, b, c)]], b, -2, adjoint=True,
+                                     overwrite=b == offsets[0])
+                self._accumulate(ga, gac, c, -1, adjoint=True, overwrite=c == offsets[0])
+            self._accumulate(out, ga, a, -3, adjoint=True,
+                             overwrite=not accumulate and a == offsets[0], t_start=start)
         return out
 
     def forward(self, x):
