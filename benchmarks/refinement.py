@@ -146,10 +146,11 @@ def main(argv=None):
                         *(sys.argv[1:] if argv is None else argv)])
     section = "\n".join([
         MARKERS[0], "## Where the accuracy comes from: network and refinement", "",
-        f"`{command}`: default phantom ({args.size}^3, 3 shells, SNR 30), {n_voxels} "
-        "fibre voxels, default settings, ground-truth responses, times on this 2-core "
-        "machine. Each stage of one model is scored, at the threshold with the best success "
-        "rate and at 0.5:", "", *lines, "", MARKERS[1]])
+        f"`{command}`: default phantom ({args.size}^3, 3 shells, SNR 30), {n_voxels} fibre",
+        "voxels, default settings, ground-truth responses. Each stage of one model is scored",
+        "at the threshold with the best success rate and at 0.5; times are each stage's own",
+        "on this 2-core machine (a refined row adds its refinement to the row above it):",
+        "", *lines, "", MARKERS[1]])
     write_docs_section(section, DOCS, MARKERS)
 
 
