@@ -137,16 +137,15 @@ class ChebyshevOperator(nn.Module):
         for field, result in zip(fields, out):
             for cols in blocks:
                 width = cols.stop - cols.start
-                terms = workspace.get(("analysis terms", width), (k, v, width), fields)
-                product = workspace.get(("analysis product", width), (v, width), fields)
-                terms = result if single else terms  # in place when one block covers it
+                # In place when one block covers the columns.
+                terms = result if single else workspace.get(("analysis", width), (k, v, width),
+                                                            fields)
                 terms[0].copy_(field[:, cols])
-                for order in range(1, k):
-                    torch.mm(self.laplacian, terms[order - 1], out=product)
-                    if order == 1:
-                        terms[1].copy_(product)
-                    else:
-                        torch.sub(product.mul_(2), terms[order - 2], out=terms[order])
+                if k > 1:
+                    torch.mm(self.laplacian, terms[0], out=terms[1])
+                for order in range(2, k):  # one fused sparse product per term
+                    torch.addmm(terms[order - 2], self.laplacian, terms[order - 1], beta=-1,
+                                alpha=2, out=terms[order])
                 if not single:
                     result[:, :, cols] = terms
         return out.view(n, k * v, n_columns)
@@ -171,19 +170,19 @@ class ChebyshevOperator(nn.Module):
         for terms, result in zip(stacked, out):
             for cols in blocks:
                 width = cols.stop - cols.start
-                b1, b2, spare, product = workspace.get(("synthesis", width), (4, v, width),
-                                                       stacked)
-                # b_k = z_k + 2 L~ b_{k+1} - b_{k+2}; y = z_0 + L~ b_1 - b_2.
+                b1, b2, spare = workspace.get(("synthesis", width), (3, v, width), stacked)
+                # b_k = z_k + 2 L~ b_{k+1} - b_{k+2}; y = z_0 + L~ b_1 - b_2, with
+                # b_K = 0 and each step one fused sparse product.
                 b1.copy_(terms[k - 1, :, cols])
-                b2.zero_()
+                has_b2 = False
                 for order in range(k - 2, 0, -1):
-                    torch.mm(self.laplacian, b1, out=product)
-                    torch.add(terms[order, :, cols], product, alpha=2, out=spare)
-                    spare.sub_(b2)
-                    b1, b2, spare = spare, b1, b2
-                torch.mm(self.laplacian, b1, out=product)
-                torch.add(terms[0, :, cols], product, out=result[:, cols])
-                result[:, cols].sub_(b2)
+                    torch.addmm(terms[order, :, cols], self.laplacian, b1, alpha=2, out=spare)
+                    if has_b2:
+                        spare.sub_(b2)
+                    b1, b2, spare, has_b2 = spare, b1, b2, True
+                torch.addmm(terms[0, :, cols], self.laplacian, b1, out=result[:, cols])
+                if has_b2:
+                    result[:, cols].sub_(b2)
         return out
 
     def synthesize(self, z):

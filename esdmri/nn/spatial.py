@@ -263,10 +263,12 @@ class NeighbourhoodSums:
         accumulate : bool, optional
         """
         workspace = workspace or Workspace()
-        offsets = self._axis_offsets
-        slab_shape = grads[0].shape
         # Fan-in tree, the transpose of the fan-out tree of `sums_into`; the
-        # first term of every sum is assigned rather than added.
+        # first term of every sum is assigned rather than added. Largest
+        # offsets first: an isotropic pair sum is assigned in one fused pass,
+        # where adding it to an assigned centre term takes two.
+        offsets = self._axis_offsets[::-1]
+        slab_shape = grads[0].shape
         for a in offsets:
             ga = workspace.get("adjoint_x", slab_shape, out)
             for c in offsets:
