@@ -38,7 +38,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess
@@ -508,8 +507,11 @@ def main():
              "sphere (sparse Laplacian recursion with `torch.sparse.mm`, then a dense 27-tap "
              "`conv3d` per vertex, or a channel matmul for the spherical conv); `ours-full` / "
              "`ours-hemi` = `esdmri.nn` on the full / hemispherical graph (sparse Laplacian "
-             "recursions on cache-sized column blocks, 4 neighbourhood sums + one channel "
-             "matmul, backward recomputing the sums). Relative error: max of output and input-gradient errors "
+             "recursions as fused `addmm` on cache-sized column blocks; the mixed conv slab "
+             "by slab of x-rows, 4 neighbourhood sums + one channel matmul, backward "
+             "recomputing the sums). Times are the best of the repeats: this VM has slow "
+             "phases of up to 1.7x, so a single row can still be out of line with its "
+             "neighbours. Relative error: max of output and input-gradient errors "
              "against (a) on the same even input (hemisphere: on its kept vertices). GFLOP/s: "
              "executed matmul-type FLOP of forward + backward over its time; peak MiB: rise of "
              "resident memory during one forward + backward (method in the script's "
