@@ -21,8 +21,9 @@ the cheapest order instead of a 27-tap convolution over every vertex:
 * the work runs slab by slab of x-rows, each slab from its sums to its
   synthesised output, and backward recomputes the sums instead of storing
   them: no buffer outlives a slab, and autograd keeps only the layer's
-  input alive (measured: 1.3x faster than chunking the vertices, which
-  needs the whole volume's ``O K`` Chebyshev terms before the synthesis).
+  input alive (chunking only the vertices needs the whole volume's ``O K``
+  Chebyshev terms before the synthesis: measured at nside 8, 16 -> 16
+  channels, peak memory 396 MiB instead of 145 MiB).
 """
 
 import math
