@@ -110,7 +110,8 @@ def test_refinement_sharpens_crossings(phantom):
     assert refined["success_rate"] > network["success_rate"] + 0.05
 
 
-@pytest.mark.parametrize("option, value", [("refine_steps", -1), ("refine_lr", 0.0)])
+@pytest.mark.parametrize("option, value", [("refine_steps", -1), ("refine_steps", 2.5),
+                                           ("refine_lr", 0.0)])
 def test_bad_refinement_options(phantom, option, value):
     with pytest.raises(ValueError, match=option):
         ESDModel(phantom.gtab, phantom.response, **{option: value})

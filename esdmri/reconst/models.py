@@ -306,8 +306,9 @@ def _check_config(config):
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.refine_steps < 0:
-        raise ValueError(f"refine_steps must be >= 0, got {config.refine_steps}")
+    steps = config.refine_steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"refine_steps must be an integer >= 0, got {steps!r}")
     if not config.refine_lr > 0:
         raise ValueError(f"refine_lr must be > 0, got {config.refine_lr}")
     return sphere
