@@ -112,9 +112,8 @@ def human_size(n_bytes):
 
 
 def _manual_hint(remote, destination):
-    return (f"To download it manually, save {remote.url} as {destination} "
-            f"(folder {destination.parent}); the next fetch verifies and "
-            "uses that file.")
+    return (f"To install it by hand, save that URL as {destination}; the next fetch "
+            "verifies and uses the file.")
 
 
 def _check_complete(remote, path):
@@ -246,11 +245,17 @@ def download_file(remote, folder, *, force=False, quiet=False, timeout=10.0,
                 part.unlink(missing_ok=True)
             kept = (f" The partial file {part} is kept; fetching again resumes it."
                     if size_after else "")
-            reason = error if isinstance(error, HTTPError) else \
-                getattr(error, "reason", error)
+            if isinstance(error, HTTPError):
+                reason = f"the server answered {error.code} {error.reason}"
+            else:
+                # Name resolution or connection failure: usually no network.
+                reason = getattr(error, "reason", error)
+                reason = (f"the server could not be reached ("
+                          f"{getattr(reason, 'strerror', None) or reason}; is this "
+                          "machine online?)")
             raise DownloadError(
-                f"Could not download {remote.url}: {reason}.{kept} "
-                + _manual_hint(remote, destination)) from error
+                f"Could not download {remote.filename} from {remote.url}: {reason}."
+                f"{kept} " + _manual_hint(remote, destination)) from error
     logger.debug("Received %d bytes for %s.", received, remote.url)
     try:
         _check_complete(remote, part)

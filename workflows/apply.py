@@ -16,7 +16,6 @@ import copy
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
-from dipy.utils.logging import logger
 from tqdm import tqdm
 
 from esdmri.reconst.serialization import load_model
@@ -24,6 +23,7 @@ from esdmri.reconst.serialization import load_model
 from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow,
                  verbose_logging)
+from .io import logger
 
 
 class ApplyFlow(EsdmriWorkflow):
@@ -90,6 +90,16 @@ class ApplyFlow(EsdmriWorkflow):
         -------
         fits : list of DeconvolutionFit
             One per subject.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         if batch_size < 0:
             raise ValueError(f"batch_size must be >= 0, got {batch_size}")

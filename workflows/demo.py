@@ -2,7 +2,7 @@
 
 Examples
 --------
-``esdmri_demo --quick`` (a 16^3 phantom, about a minute on 2 cores) or
+``esdmri_demo --quick`` (a 16^3 phantom, about 10 s on an idle 2-core machine) or
 ``esdmri_demo --out_dir esdmri_demo`` (the 40^3 default phantom, a few
 minutes). Nothing is downloaded.
 
@@ -31,7 +31,6 @@ from dipy.io.streamline import save_tractogram
 from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel
 from dipy.reconst.shm import sh_to_sf_matrix
 from dipy.tracking.streamline import length
-from dipy.utils.logging import logger
 
 from esdmri.metrics import (angular_errors, crossing_angles, evaluate_fractions,
                             evaluate_peaks, threshold_sweep)
@@ -45,6 +44,7 @@ from esdmri.viz import (plot_angular_error_vs_crossing, plot_fraction_maps, plot
 from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, check_out_dir, check_outputs,
                  run_workflow, save_map, verbose_logging)
+from .io import logger
 from .track import reference_header, track
 
 # Signal model of the phantom, passed explicitly so that CSD gets its true
@@ -247,8 +247,8 @@ class DemoFlow(EsdmriWorkflow):
         Parameters
         ----------
         quick : bool, optional
-            16^3 phantom and a small, briefly trained network (about a minute
-            on 2 cores) instead of the 40^3 phantom.
+            16^3 phantom and a small, briefly trained network (about 10 s on
+            an idle 2-core machine) instead of the 40^3 phantom.
         size : int, optional
             Edge of the phantom grid in voxels, at least 8 (default 40, or 16
             with --quick).
@@ -265,6 +265,16 @@ class DemoFlow(EsdmriWorkflow):
         -------
         files : dict
             Role -> path of every file written.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         mode = MODES["quick" if quick else "full"]
         size = mode["size"] if size is None else size

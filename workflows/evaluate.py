@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 from dipy.io.image import load_nifti
-from dipy.utils.logging import logger
 
 from esdmri.metrics import evaluate_fractions, evaluate_peaks
 from esdmri.peaks import peaks_from_sh, sh_order_from_coeffs
 from esdmri.shm import legacy_to_descoteaux
 
-from .io import (EsdmriWorkflow, load_fodf, load_mask, match_optional,
+from .io import (EsdmriWorkflow, load_fodf, load_fractions, load_mask, match_optional,
                  run_workflow)
+from .io import logger
 
 PEAK_COLUMNS = ("subset", "n_voxels", "angular_error", "angular_error_median",
                 "success_rate", "tp", "fp", "fn", "fp_rate", "fn_rate")
@@ -228,6 +228,20 @@ class EvaluateFlow(EsdmriWorkflow):
         -------
         tables : list of list of dict
             The peak table of each input.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
+
+        .. [3] Rafael-Patino J, Girard G, Truffet R, Pizzolato M, Caruyer E,
+           Thiran JP. The Diffusion-Simulated Connectivity (DiSCo) dataset.
+           Data in Brief 38:107429, 2021.
         """
         io_it = self.get_io_iterator(
             skip_outputs=() if fractions else ("out_fractions_csv",))
@@ -258,16 +272,31 @@ class EvaluateFlow(EsdmriWorkflow):
 
 
 def score_fractions(path, truth):
-    """Fraction metrics of a (wm, gm, csf) NIfTI over the phantom's brain mask."""
+    """Fraction metrics of a tissue-fraction NIfTI over the phantom's brain mask.
+
+    The tissues of the map are the names ``esdmri_fit`` records in its header;
+    a tissue that the fit left out (e.g. CSF, dropped when the response
+    estimator found no CSF voxel) counts as fraction 0 everywhere, which is
+    what the fit states. A map without names must hold (wm, gm, csf).
+    """
+    tissues = ("wm", "gm", "csf")
     if truth.tissue_fractions is None:
         raise ValueError(f"--fractions needs a ground truth with tissue fractions "
                          f"(an esdmri phantom); {truth.source} has none")
-    predicted, _ = load_nifti(path)
-    if predicted.shape != truth.tissue_fractions.shape:
-        raise ValueError(f"fractions {path} has shape {predicted.shape}; the ground "
-                         f"truth has {truth.tissue_fractions.shape} (wm, gm, csf)")
+    predicted, names = load_fractions(path)
+    if not set(names) <= set(tissues):
+        if predicted.shape[-1] != len(tissues):
+            raise ValueError(f"fractions {path} has {predicted.shape[-1]} volumes and no "
+                             f"tissue names in its header; expected (wm, gm, csf)")
+        names = tissues
+    if predicted.shape[:3] != truth.tissue_fractions.shape[:3]:
+        raise ValueError(f"fractions {path} has grid {predicted.shape[:3]}; the ground "
+                         f"truth has {truth.tissue_fractions.shape[:3]}")
+    full = np.zeros(truth.tissue_fractions.shape)
+    for volume, name in enumerate(names):
+        full[..., tissues.index(name)] = predicted[..., volume]
     brain = truth.tissue_fractions.sum(axis=-1) > 0
-    return evaluate_fractions(predicted, truth.tissue_fractions, brain)
+    return evaluate_fractions(full, truth.tissue_fractions, brain, tissues=tissues)
 
 
 def main():

@@ -9,9 +9,7 @@ Examples
 
 import sys
 
-from dipy.utils.logging import logger
 from dipy.workflows.base import format_key_value_table
-from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.workflow import Workflow
 
 from esdmri.data_fetchers.disco import (
@@ -21,12 +19,14 @@ from esdmri.data_fetchers.disco import (
     disco_remote_files,
     fetch_disco,
 )
-from esdmri.data_fetchers.download import esdmri_home
+from esdmri.data_fetchers.download import DownloadError, esdmri_home
 from esdmri.data_fetchers.tractometer import (
     TRACTOMETER_FILES,
     fetch_tractometer,
     tractometer_folder,
 )
+
+from .io import logger, one_line, run_workflow
 
 DATASETS = ("disco", "tractometer")
 
@@ -117,6 +117,16 @@ class FetchFlow(Workflow):
         -------
         folders : dict
             Fetched item -> folder.
+
+        References
+        ----------
+        .. [1] Rafael-Patino J, Girard G, Truffet R, Pizzolato M, Caruyer E,
+           Thiran JP. The Diffusion-Simulated Connectivity (DiSCo) dataset.
+           Data in Brief 38:107429, 2021.
+
+        .. [2] Maier-Hein KH, Neher PF, Houde JC, et al. The challenge of mapping
+           the human connectome based on diffusion tractography. Nature
+           Communications 8:1349, 2017.
         """
         data_home = out_dir or None
         names = [name.lower() for name in _as_list(datasets)]
@@ -156,7 +166,13 @@ def main():
     # DIPY's argument parser makes positional arguments mandatory, so a bare
     # "--list" is passed on as the data set name "list".
     sys.argv[1:] = ["list" if arg == "--list" else arg for arg in sys.argv[1:]]
-    run_flow(FetchFlow())
+    try:
+        run_workflow(FetchFlow())
+    except DownloadError as error:
+        # Offline or a server down: one line that says what to do, not the
+        # chain of network tracebacks (kept at --log_level DEBUG).
+        logger.debug("traceback:", exc_info=True)
+        sys.exit(f"esdmri_fetch: error: {one_line(error)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 import matplotlib.pyplot as plt
 import numpy as np
 from dipy.io.peaks import save_pam
-from dipy.utils.logging import logger
 
 from esdmri.reconst.models import MODEL_CLASSES
 from esdmri.response import TissueResponse
@@ -22,6 +21,7 @@ from esdmri.viz import plot_training_curves, save_figure
 
 from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
                  match_optional, run_workflow, save_map, verbose_logging)
+from .io import logger
 from .response import estimate_tissue_response
 
 
@@ -192,6 +192,16 @@ class FitFlow(EsdmriWorkflow):
         -------
         fits : list of DeconvolutionFit
             One per subject.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         if model not in MODEL_CLASSES:
             raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")

@@ -23,7 +23,7 @@ import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
 from dipy.io.image import load_nifti
-from dipy.utils.logging import logger
+from dipy.utils.logging import get_logger
 from dipy.workflows.base import get_args_default
 from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.multi_io import _resolve_path_or_pattern, connect_output_paths
@@ -36,6 +36,12 @@ USER_ERRORS = (OSError, ValueError, TypeError)
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
+# The commands log under esdmri's own name ("[esdmri] INFO: ..."), through
+# DIPY's logger factory so that messages look like DIPY's; DIPY's functions
+# keep logging under "dipy". --log_level and --log_file apply to both.
+logger = get_logger("esdmri")
+_LOGGERS = (logger, get_logger("dipy"))
+
 # Header description of the tissue-fraction maps, followed by the tissue names.
 FRACTIONS_DESCRIPTION = "esdmri tissue fractions: "
 
@@ -47,12 +53,12 @@ def one_line(error):
 
 
 def _configure_logging(argv):
-    """Apply ``--log_level`` and ``--log_file`` to DIPY's logger.
+    """Apply ``--log_level`` and ``--log_file`` to esdmri's and DIPY's loggers.
 
     ``run_flow`` parses both options but its level lookup always falls back
-    to INFO, and it configures only the root logger, while ``dipy``'s own
-    logger (the one workflows write to) keeps its INFO handler on stdout; so
-    both are applied here to that logger.
+    to INFO, and it configures only the root logger, while the ``esdmri`` and
+    ``dipy`` loggers keep their own INFO handlers on stdout; so both options
+    are applied here to those two loggers.
     """
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--log_level", default="INFO")
@@ -64,13 +70,16 @@ def _configure_logging(argv):
                          f"{known.log_level!r}")
     if known.log_file:
         handler = logging.FileHandler(known.log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    for handler in logger.handlers:
-        handler.setLevel(level)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        for each in _LOGGERS:
+            for old in list(each.handlers):
+                each.removeHandler(old)
+            each.addHandler(handler)
+    for each in _LOGGERS:
+        each.setLevel(level)
+        for handler in each.handlers:
+            handler.setLevel(level)
 
 
 def run_workflow(flow, argv=None):

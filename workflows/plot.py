@@ -11,11 +11,11 @@ of the same slice in a second figure.
 import matplotlib.pyplot as plt
 import numpy as np
 from dipy.io.image import load_nifti
-from dipy.utils.logging import logger
 
 from esdmri.viz import plot_fraction_maps, plot_odf_slice, plot_peaks_slice, save_figure
 
 from .io import EsdmriWorkflow, load_fodf, load_fractions, match_optional, run_workflow
+from .io import logger
 
 
 def load_background(path, spatial_shape):
@@ -79,6 +79,16 @@ class PlotFlow(EsdmriWorkflow):
         -------
         figures : list of str
             Files written.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         io_it = self.get_io_iterator(
             skip_outputs=() if fractions else ("out_fractions_png",))

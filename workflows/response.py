@@ -10,12 +10,12 @@ scans give ``wm.txt`` only.
 """
 
 import numpy as np
-from dipy.utils.logging import logger
 
 from esdmri.response import TissueResponse
 from esdmri.shm import group_shells
 
 from .io import EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow
+from .io import logger
 
 
 def estimate_tissue_response(gtab, data, mask=None, roi_radii=10, wm_fa_thr=0.7,
@@ -121,6 +121,20 @@ class ResponseFlow(EsdmriWorkflow):
         -------
         responses : list of TissueResponse
             One per subject.
+
+        References
+        ----------
+        .. [1] Jeurissen B, Tournier JD, Dhollander T, Connelly A, Sijbers J.
+           Multi-tissue constrained spherical deconvolution for improved analysis
+           of multi-shell diffusion MRI data. NeuroImage 103:411-426, 2014.
+
+        .. [2] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [3] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         io_it = self.get_io_iterator()
         masks = match_optional("mask", mask, len(io_it))

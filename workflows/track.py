@@ -25,11 +25,11 @@ from dipy.tracking import utils
 from dipy.tracking.local_tracking import LocalTracking
 from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
 from dipy.tracking.streamline import Streamlines, length
-from dipy.utils.logging import logger
 
 from esdmri.peaks import sh_order_from_coeffs
 
 from .io import EsdmriWorkflow, load_fodf, match_optional, run_workflow
+from .io import logger
 
 TRACKERS = {"det": DeterministicMaximumDirectionGetter, "prob": ProbabilisticDirectionGetter}
 TRACTOGRAM_FORMATS = (".trk", ".trx", ".tck")
@@ -211,6 +211,16 @@ class TrackFlow(EsdmriWorkflow):
         -------
         tractograms : list of StatefulTractogram
             One per subject.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         if Path(out_tractogram).suffix.lower() not in TRACTOGRAM_FORMATS:
             raise ValueError(f"out_tractogram must end with one of "

@@ -21,7 +21,6 @@ import csv
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from dipy.utils.logging import logger
 
 from esdmri.reconst.models import MODEL_CLASSES
 from esdmri.reconst.subjects import Subject
@@ -30,6 +29,7 @@ from esdmri.viz import plot_training_curves, save_figure
 
 from .fit import read_responses
 from .io import EsdmriWorkflow, run_workflow, verbose_logging
+from .io import logger
 
 REQUIRED_COLUMNS = ("dwi", "bval", "bvec")
 OPTIONAL_COLUMNS = ("mask", "response_wm", "response_gm", "response_csf")
@@ -164,6 +164,16 @@ class TrainFlow(EsdmriWorkflow):
         Returns
         -------
         model : RTESDModel, ESDModel or CESDModel
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
         """
         if model not in MODEL_CLASSES:
             raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")

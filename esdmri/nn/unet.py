@@ -15,7 +15,7 @@ spherical  Chebyshev, voxel by voxel (ESD)       spherical
 mixed      Chebyshev x isotropic 3D (RT-ESD)     mixed
 spatial    3D conv, vertices as channels         spatial
 concat     neighbourhood concatenated into the   spherical
-           input channels, then spherical (C-ESD)
+           input channels; spherical (C-ESD)
 pq         ``esdmri.nn.pq.PQSphereConv``         mixed
            (registered when that module imports)
 ========== ===================================== ==========
