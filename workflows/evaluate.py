@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from dipy.io.image import load_nifti
 
 from esdmri.metrics import evaluate_fractions, evaluate_peaks
 from esdmri.peaks import peaks_from_sh, sh_order_from_coeffs
