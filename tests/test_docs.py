@@ -158,3 +158,19 @@ def test_readme_python_example_runs_on_a_real_roi(tmp_path, monkeypatch):
     assert namespace["peaks"].peak_dirs.shape[:3] == mask.shape
     for tissue, fraction in namespace["fractions"].items():
         assert fraction.shape == mask.shape, tissue
+
+
+def test_every_console_script_is_documented():
+    """README and the installation page list every command that setup.cfg installs."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    scripts = [line.split("=")[0].strip()
+               for line in config["options.entry_points"]["console_scripts"].splitlines()
+               if line.strip()]
+    assert "esdmri_train" in scripts
+    for page in (ROOT / "README.md", ROOT / "docs" / "installation.md"):
+        text = page.read_text()
+        missing = [name for name in scripts if f"`{name}`" not in text]
+        assert not missing, f"{page.name} does not list {missing}"
