@@ -43,7 +43,6 @@ autodoc_default_options = {"members": True, "show-inheritance": True,
                            "ignore-module-all": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the numpydoc Parameters sections give the types
-autodoc_mock_imports = []
 
 # numpydoc renders Parameters/Returns/References; the class member tables it
 # would add repeat what autodoc's :members: already lists.
