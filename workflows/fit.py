@@ -12,7 +12,6 @@ fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 
 import matplotlib.pyplot as plt
 import numpy as np
-from dipy.io.peaks import save_pam
 from dipy.utils.logging import logger
 
 from esdmri.reconst.models import MODEL_CLASSES
@@ -21,7 +20,7 @@ from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
 
 from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
-                 match_optional, run_workflow, save_map, verbose_logging)
+                 match_optional, run_workflow, save_map, save_peaks, verbose_logging)
 from .response import estimate_tissue_response
 
 
@@ -84,7 +83,7 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
              FRACTIONS_DESCRIPTION + ",".join(fractions))
     pam = fit.peaks(relative_peak_threshold=relative_peak_threshold,
                     min_separation_angle=min_separation_angle, npeaks=npeaks, affine=affine)
-    save_pam(out_peaks, pam, affine=affine)
+    save_peaks(out_peaks, pam, affine)
     return pam
 
 

@@ -9,9 +9,12 @@ Examples
 scans give ``wm.txt`` only.
 """
 
+import contextlib
+
 import numpy as np
 from dipy.utils.logging import logger
 
+from esdmri.atomic import staged_output
 from esdmri.response import TissueResponse
 from esdmri.shm import group_shells
 
@@ -134,7 +137,9 @@ class ResponseFlow(EsdmriWorkflow):
             paths = dict(zip(("wm", "gm", "csf"), (wm_path, gm_path, csf_path)))
             files = [paths[tissue] for tissue in response.tissues]
             # Existing files were refused or allowed (--force) by get_io_iterator.
-            response.to_mrtrix(files, force=True)
+            with contextlib.ExitStack() as stack:
+                staged = [stack.enter_context(staged_output(path)) for path in files]
+                response.to_mrtrix(staged, force=True)
             logger.info(f"{dwi}: {', '.join(response.tissues)} responses for shells "
                         f"{np.round(response.bvals).astype(int).tolist()} -> "
                         f"{', '.join(files)}")
