@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from dipy.utils.logging import logger
 
+from esdmri.reconst.inputs import check_data
 from esdmri.reconst.models import MODEL_CLASSES
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_tournier
@@ -203,6 +204,9 @@ class FitFlow(EsdmriWorkflow):
              model_path, curve_path) = paths
             data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
             brain = load_mask(mask_path, data.shape[:3])
+            # NaN or inf in the mask named before the response estimation
+            # fails on them; outside the mask they are set to 0.
+            data = check_data(data, gtab, brain)
             if response is None:
                 subject_response = estimate_tissue_response(gtab, data, brain)
                 logger.info(f"{dwi}: estimated {subject_response}")

@@ -42,13 +42,14 @@ from esdmri.atomic import output_transaction, staged_output
 from esdmri.reconst.inputs import check_gtab
 
 
-# Errors that bad input raises (missing files, wrong shapes, bad options).
-# They are reported in one line; anything else keeps its traceback.
-USER_ERRORS = (OSError, ValueError, TypeError)
-
-# What nibabel and zlib raise on a corrupt or truncated image file.
+# What nibabel, gzip and zlib raise on a corrupt or truncated file.
 CORRUPT_FILE_ERRORS = (ImageFileError, EOFError, zlib.error, gzip.BadGzipFile, OSError,
                        ValueError)
+
+# Errors that bad input raises (missing, corrupt or truncated files, wrong
+# shapes, bad options). They are reported in one line; anything else keeps
+# its traceback.
+USER_ERRORS = (OSError, ValueError, TypeError, ImageFileError, EOFError, zlib.error)
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 

@@ -15,6 +15,7 @@ import numpy as np
 from dipy.utils.logging import logger
 
 from esdmri.atomic import staged_output
+from esdmri.reconst.inputs import check_data
 from esdmri.response import TissueResponse
 from esdmri.shm import group_shells
 
@@ -130,8 +131,12 @@ class ResponseFlow(EsdmriWorkflow):
         responses = []
         for (dwi, bvals, bvecs, wm_path, gm_path, csf_path), mask_path in zip(io_it, masks):
             data, _, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
+            brain = load_mask(mask_path, data.shape[:3])
+            # NaN or inf in the mask named here, not as DIPY's LinAlgError later;
+            # outside the mask they are set to 0.
+            data = check_data(data, gtab, brain)
             response = estimate_tissue_response(
-                gtab, data, load_mask(mask_path, data.shape[:3]), roi_radii=roi_radii,
+                gtab, data, brain, roi_radii=roi_radii,
                 wm_fa_thr=wm_fa_thr, gm_fa_thr=gm_fa_thr, csf_fa_thr=csf_fa_thr,
                 gm_md_thr=gm_md_thr, csf_md_thr=csf_md_thr, sh_order_max=sh_order_max)
             paths = dict(zip(("wm", "gm", "csf"), (wm_path, gm_path, csf_path)))

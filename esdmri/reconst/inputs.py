@@ -12,6 +12,10 @@ MIN_PLAUSIBLE_MAX_BVAL = 50.0
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
+# Fewest distinct diffusion-weighted directions: a diffusion tensor (what
+# DIPY's response estimators fit) has six unknowns.
+MIN_DIRECTIONS = 6
+
 
 def check_gtab(gtab):
     """Validate a gradient table: b-values in s/mm^2, b0 and weighted volumes.
@@ -26,8 +30,9 @@ def check_gtab(gtab):
         ``gtab`` is not a gradient table.
     ValueError
         The b-values look like ms/um^2 (every non-zero one below
-        :data:`MIN_PLAUSIBLE_MAX_BVAL`), or there is no b0 or no
-        diffusion-weighted volume.
+        :data:`MIN_PLAUSIBLE_MAX_BVAL`), there is no b0 or no
+        diffusion-weighted volume, or fewer than :data:`MIN_DIRECTIONS`
+        distinct diffusion-weighted directions.
     """
     if not hasattr(gtab, "bvals") or not hasattr(gtab, "b0s_mask"):
         raise TypeError(f"gtab must be a dipy GradientTable, got {type(gtab).__name__}")
@@ -47,6 +52,25 @@ def check_gtab(gtab):
     if np.all(gtab.b0s_mask):
         raise ValueError(f"gtab has no diffusion-weighted volume: every b-value is a b0"
                          f"{where}")
+    bvecs = getattr(gtab, "bvecs", None)
+    if bvecs is not None:
+        n_directions = _count_directions(np.asarray(bvecs)[~np.asarray(gtab.b0s_mask)])
+        if n_directions < MIN_DIRECTIONS:
+            raise ValueError(
+                f"gtab has {n_directions} distinct diffusion-weighted directions; at least "
+                f"{MIN_DIRECTIONS} are needed (a diffusion tensor has 6 unknowns), and the "
+                "fODF's SH coefficients need more")
+
+
+def _count_directions(bvecs):
+    """Distinct axes among unit vectors (v and -v count once), to about 0.1 degree."""
+    norms = np.linalg.norm(bvecs, axis=-1, keepdims=True)
+    unit = np.divide(bvecs, norms, out=np.zeros_like(bvecs, dtype=float), where=norms > 0)
+    unit = unit[norms[:, 0] > 0]
+    # The sign of the first non-zero component picks one of each antipodal pair.
+    first = unit[np.arange(len(unit)), np.argmax(np.abs(unit) > 1e-6, axis=-1)]
+    unit = unit * np.where(first < 0, -1.0, 1.0)[:, None]
+    return len(np.unique(np.round(unit, 3), axis=0))
 
 
 def check_data(data, gtab, mask=None):

@@ -68,7 +68,8 @@ class _DeconvolutionModel(ReconstModel):
                  refine_steps=100, refine_lr=1e-3, sparsity=1e-4, nonnegativity=0.1,
                  total_variation=0.0, epochs=30, batch_size=1, lr=1.7e-3, patience=3,
                  device="cpu", seed=0, verbose=True):
-        check_gtab(gtab)
+        if gtab is not None:  # None: group training sets the first subject's later
+            check_gtab(gtab)
         super().__init__(gtab)
         self.device = resolve_device(device)
         self.verbose = verbose

@@ -76,7 +76,9 @@ def read_torch_file(path, what):
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
+    except PermissionError:
+        raise
+    except (OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
             TypeError, AttributeError, KeyError, IndexError) as error:
         # torch's own text runs to pages of advice on weights_only; the
         # type of the error is enough to tell a truncated file from a foreign one.
