@@ -349,8 +349,9 @@ def test_fetchers_refuse_bad_arguments_and_unusable_folders(bad):
 def test_corrupt_scan_gives_one_line_in_a_real_process(phantom, bad, tmp_path):
     # Issue 17, item 5: nibabel's EOFError went out as a traceback. (The other
     # corrupt files go through the same entry-point code in process below.)
-    result = run_cli("fit", bad["truncated_nifti"], *phantom.dwi[1:], "--out_dir", tmp_path)
-    assert_one_line_error(result, "esdmri_fit", "cannot be read as a NIfTI image")
+    result = run_cli("response", bad["truncated_nifti"], *phantom.dwi[1:], "--out_dir",
+                     tmp_path)
+    assert_one_line_error(result, "esdmri_response", "cannot be read as a NIfTI image")
     assert list(tmp_path.iterdir()) == []
 
 
