@@ -22,7 +22,7 @@ OUTPUT = Path(__file__).resolve().parent / "api.md"
 
 # Public modules in reading order; a package also brings its submodules.
 MODULES = (
-    "esdmri", "esdmri.sphere", "esdmri.shm", "esdmri.response", "esdmri.sims",
+    "esdmri", "esdmri.sphere", "esdmri.shm", "esdmri.response", "esdmri.sims", "esdmri.atomic",
     "esdmri.peaks", "esdmri.metrics", "esdmri.viz", "esdmri.reconst", "esdmri.train", "esdmri.nn",
     "esdmri.segmentation", "esdmri.lesion_phantom", "esdmri.workflows",
     "esdmri.data_fetchers",

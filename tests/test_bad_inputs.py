@@ -17,7 +17,6 @@ the full prediction, the unindexed maps, and the error message.
 import gzip
 import warnings
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -428,6 +427,11 @@ def test_apply_track_plot_eval_train_demo_refuse_bad_input(phantom, bad, in_proc
     assert f"{bad['truncated_nifti']} cannot be read" in text
     table.write_text("dwi\tbval\n")
     assert "missing bvec" in in_process(TrainFlow(), table, *out, fails=True)
+    # The checkpoint of an interrupted run is kept (to resume), and named as such.
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "checkpoint.pt").write_bytes(b"")
+    text = in_process(TrainFlow(), table, "--out_dir", tmp_path / "group", fails=True)
+    assert "checkpoint" in text and "pass --resume to continue it" in text
     # esdmri_demo: an output folder that cannot exist.
     assert "is a file, not a folder" in in_process(
         DemoFlow(), "--quick", "--out_dir", bad["a_file"] / "demo", fails=True)

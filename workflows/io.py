@@ -32,11 +32,11 @@ from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
 from dipy.io.image import load_nifti
 from dipy.utils.logging import logger
-from nibabel.filebasedimages import ImageFileError
 from dipy.workflows.base import get_args_default
 from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.multi_io import _resolve_path_or_pattern, connect_output_paths
 from dipy.workflows.workflow import Workflow
+from nibabel.filebasedimages import ImageFileError
 
 from esdmri.atomic import output_transaction, staged_output
 from esdmri.reconst.inputs import check_gtab
@@ -125,6 +125,7 @@ def run_workflow(flow, argv=None):
 
 
 def _exit_on_sigterm(number, frame):
+    """Exit with the shell's status for a signal, running cleanup on the way."""
     sys.exit(128 + number)
 
 
@@ -190,18 +191,14 @@ class EsdmriWorkflow(Workflow):
 
     # Positional inputs that may name a folder (kept whole, not expanded).
     folder_inputs = ()
-    # Defaults of the options run_flow sets, for runs from Python.
-    _force_overwrite = False
-    _output_strategy = "absolute"
-    _mix_names = False
+    # Positional input whose paths place the outputs under --out_strat
+    # (default: the first one).
+    output_anchor = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "run" in vars(cls):
             cls.run = _transactional(cls.run)
-    # Positional input whose paths place the outputs under --out_strat
-    # (default: the first one).
-    output_anchor = None
 
     def get_io_iterator(self, skip_outputs=()):
         """One tuple (inputs..., outputs...) of paths per subject.

@@ -68,6 +68,10 @@ def read_torch_file(path, what):
     what : str
         What the file should be ("an esdmri model file"), for the message.
 
+    Returns
+    -------
+    payload : dict
+
     Raises
     ------
     ValueError
@@ -78,8 +82,8 @@ def read_torch_file(path, what):
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise
-    except (OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
-            TypeError, AttributeError, KeyError, IndexError) as error:
+    except (OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
+            ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
         # torch's own text runs to pages of advice on weights_only; the
         # type of the error is enough to tell a truncated file from a foreign one.
         raise ValueError(f"{path} is not {what}: it is truncated, corrupt or not written "
