@@ -205,8 +205,9 @@ class FitFlow(EsdmriWorkflow):
             data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
             brain = load_mask(mask_path, data.shape[:3])
             # NaN or inf in the mask named before the response estimation
-            # fails on them; outside the mask they are set to 0.
-            data = check_data(data, gtab, brain)
+            # fails on them; outside the mask they are set to 0. Negative
+            # values are counted once, by the model's own check.
+            data = check_data(data, gtab, brain, warn=False)
             if response is None:
                 subject_response = estimate_tissue_response(gtab, data, brain)
                 logger.info(f"{dwi}: estimated {subject_response}")

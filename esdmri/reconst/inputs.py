@@ -73,7 +73,7 @@ def _count_directions(bvecs):
     return len(np.unique(np.round(unit, 3), axis=0))
 
 
-def check_data(data, gtab, mask=None):
+def check_data(data, gtab, mask=None, warn=True):
     """Validate a 4D dMRI volume against its gradient table (and mask).
 
     Parameters
@@ -83,6 +83,9 @@ def check_data(data, gtab, mask=None):
     mask : ndarray, shape (X, Y, Z), optional
         Voxels that will be used: NaN or inf values outside it are accepted
         (and set to 0), as DIPY accepts them.
+    warn : bool
+        Warn about negative values (False where a later check of the same
+        data will).
 
     Returns
     -------
@@ -126,15 +129,14 @@ def check_data(data, gtab, mask=None):
                   else "pass a mask that leaves them out, or clean them")
         raise ValueError(f"data has {np.count_nonzero(~finite)} NaN or inf values in "
                          f"{bad_voxels} voxels{where}: {advice}")
-    largest = float(np.abs(inside).max(initial=0.0))
+    largest = max(float(inside.max(initial=0)), -float(inside.min(initial=0)))
     if largest > FLOAT32_MAX:
         raise ValueError(f"data has values up to {largest:.3g}, beyond the float32 range "
                          f"({FLOAT32_MAX:.3g}) the networks compute in: rescale the data")
-    negative = inside[..., ~np.asarray(gtab.b0s_mask)] < 0
-    n_negative = np.count_nonzero(negative)
-    if n_negative:
+    negative = inside[..., ~np.asarray(gtab.b0s_mask)] < 0 if warn else None
+    if warn and negative.any():
         warnings.warn(
-            f"data has {n_negative} negative diffusion-weighted values in "
+            f"data has {np.count_nonzero(negative)} negative diffusion-weighted values in "
             f"{np.count_nonzero(negative.any(axis=-1))} voxels{where}: they are used as they "
             "are (noise around a zero signal); clip them at 0 first if that is wrong",
             UserWarning, stacklevel=3)
