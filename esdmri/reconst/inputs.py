@@ -133,7 +133,8 @@ def check_data(data, gtab, mask=None, warn=True):
     if largest > FLOAT32_MAX:
         raise ValueError(f"data has values up to {largest:.3g}, beyond the float32 range "
                          f"({FLOAT32_MAX:.3g}) the networks compute in: rescale the data")
-    negative = inside[..., ~np.asarray(gtab.b0s_mask)] < 0 if warn else None
+    # Compared before the volumes are picked, so only a boolean array is copied.
+    negative = (inside < 0)[..., ~np.asarray(gtab.b0s_mask)] if warn else None
     if warn and negative.any():
         warnings.warn(
             f"data has {np.count_nonzero(negative)} negative diffusion-weighted values in "
