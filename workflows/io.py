@@ -104,7 +104,9 @@ def run_workflow(flow, argv=None):
     result
         Whatever ``flow.run`` returns. On bad input the process exits with
         status 1 after printing ``<command>: error: <message>`` to stderr
-        (the traceback is logged at ``--log_level DEBUG``).
+        (the traceback is logged at ``--log_level DEBUG``). Interrupted by
+        Ctrl-C or SIGTERM, it exits with status 130 or 143 after one line
+        saying so (no partial output is left: see :mod:`esdmri.atomic`).
     """
     if argv is not None:
         sys.argv[1:] = argv
@@ -113,20 +115,29 @@ def run_workflow(flow, argv=None):
     plt.switch_backend("Agg")
     # SIGTERM (kill, a job scheduler's time limit) unwinds like Ctrl-C, so
     # that the temporary files of unfinished outputs are removed.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _configure_logging(sys.argv[1:])
         return run_flow(flow)
     except USER_ERRORS as error:
         logger.debug("traceback:", exc_info=True)
         sys.exit(f"{name}: error: {one_line(error)}")
+    except (KeyboardInterrupt, _Terminated) as interruption:
+        logger.debug("traceback:", exc_info=True)
+        number = signal.SIGTERM if isinstance(interruption, _Terminated) else signal.SIGINT
+        print(f"{name}: interrupted ({signal.Signals(number).name}); no partial output was "
+              "left behind", file=sys.stderr)
+        sys.exit(128 + number)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _exit_on_sigterm(number, frame):
-    """Exit with the shell's status for a signal, running cleanup on the way."""
-    sys.exit(128 + number)
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that cleanup code runs."""
+
+
+def _raise_terminated(number, frame):
+    raise _Terminated
 
 
 def _resolve_input(name, pattern, keep_folders):
