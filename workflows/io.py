@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -115,7 +116,9 @@ def run_workflow(flow, argv=None):
     plt.switch_backend("Agg")
     # SIGTERM (kill, a job scheduler's time limit) unwinds like Ctrl-C, so
     # that the temporary files of unfinished outputs are removed.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # only the main thread may set signal handlers
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _configure_logging(sys.argv[1:])
         return run_flow(flow)
@@ -129,7 +132,8 @@ def run_workflow(flow, argv=None):
               "left behind", file=sys.stderr)
         sys.exit(128 + number)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Terminated(BaseException):
