@@ -51,6 +51,7 @@ from dipy.io.gradients import read_bvals_bvecs
 from dipy.sims.voxel import add_noise
 from scipy.spatial.transform import Rotation
 
+from esdmri.atomic import output_transaction, staged_output
 from esdmri.response import TissueResponse
 from esdmri.shm import b0_mask, group_shells
 
@@ -225,23 +226,29 @@ class Phantom:
                 raise FileExistsError(
                     f"refusing to overwrite {', '.join(existing)}; pass force=True")
         out_dir.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(self.data.astype(np.float32), self.affine),
-                 paths["dwi.nii.gz"])
-        nib.save(nib.Nifti1Image(self.mask.astype(np.uint8), self.affine),
-                 paths["mask.nii.gz"])
-        np.savetxt(paths["bvals"], self.gtab.bvals[None])
-        np.savetxt(paths["bvecs"], self.gtab.bvecs.T)
         responses = {f"response_{tissue}": coefficients for tissue, coefficients
                      in zip(self.response.tissues, self.response.coefficients, strict=True)}
-        np.savez_compressed(
-            paths["ground_truth.npz"],
-            fibre_dirs=self.fibre_dirs, fibre_fractions=self.fibre_fractions,
-            tissue_fractions=self.tissue_fractions, n_fibres=self.n_fibres,
-            crossing_angle=self.crossing_angle,
-            response_tissues=np.array(self.response.tissues),
-            response_bvals=self.response.bvals, **responses,
-            snr=np.nan if self.snr is None else self.snr, s0=self.s0,
-            b0_threshold=self.gtab.b0_threshold)
+        writers = {
+            "dwi.nii.gz": lambda path: nib.save(
+                nib.Nifti1Image(self.data.astype(np.float32), self.affine), path),
+            "mask.nii.gz": lambda path: nib.save(
+                nib.Nifti1Image(self.mask.astype(np.uint8), self.affine), path),
+            "bvals": lambda path: np.savetxt(path, self.gtab.bvals[None]),
+            "bvecs": lambda path: np.savetxt(path, self.gtab.bvecs.T),
+            "ground_truth.npz": lambda path: np.savez_compressed(
+                path, fibre_dirs=self.fibre_dirs, fibre_fractions=self.fibre_fractions,
+                tissue_fractions=self.tissue_fractions, n_fibres=self.n_fibres,
+                crossing_angle=self.crossing_angle,
+                response_tissues=np.array(self.response.tissues),
+                response_bvals=self.response.bvals, **responses,
+                snr=np.nan if self.snr is None else self.snr, s0=self.s0,
+                b0_threshold=self.gtab.b0_threshold),
+        }
+        # All five files appear together, or none does.
+        with output_transaction():
+            for name, write in writers.items():
+                with staged_output(paths[name]) as temporary:
+                    write(temporary)
         return paths
 
 

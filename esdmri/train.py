@@ -20,7 +20,6 @@ import inspect
 import logging
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from .atomic import staged_output
 from .reconst.inputs import resolve_device
 from .reconst.models import MODEL_CLASSES, SAMPLING_NSIDE, config_to_dict, estimate_response
 from .reconst.network import ForwardModel, stacked_forward_matrix
+from .reconst.serialization import read_torch_file
 from .reconst.subjects import SubjectBlocks, collate_blocks
 from .reconst.training import coefficient_loss
 from .response import TissueResponse
@@ -301,7 +302,7 @@ class _GroupTrainer:
                     self.stale += 1
                 self.next_epoch += 1
                 if checkpoint is not None and self.context.is_main:
-                    _atomic_save(self.state(), checkpoint)
+                    _save_checkpoint(self.state(), checkpoint)
                 if self.context.is_main:
                     logger.info(f"epoch {record['epoch']}: loss {record['total']:.4g}, "
                                 f"lr {record['lr']:.3g}")
@@ -538,17 +539,14 @@ def _same_response(a, b):
 
 
 # -- checkpoint files -------------------------------------------------------
-def _atomic_save(payload, path):
-    """torch.save to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+def _save_checkpoint(payload, path):
+    """torch.save through a temporary file renamed into place right away.
+
+    Detached from any output transaction: an interrupted command keeps its
+    last complete checkpoint, which is what ``resume`` continues from.
+    """
+    with staged_output(path, detached=True) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _load_checkpoint(path, model, dataset):
@@ -557,11 +555,8 @@ def _load_checkpoint(path, model, dataset):
         raise ValueError("resume=True needs a checkpoint file")
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for foreign files
-        raise ValueError(f"checkpoint {path} is not an esdmri checkpoint ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    state = read_torch_file(path, "an esdmri checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not an esdmri checkpoint of format "
                          f"{CHECKPOINT_FORMAT}")
     ours = config_to_dict(model.config)

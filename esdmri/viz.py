@@ -31,6 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.figure import Figure
 
+from esdmri.atomic import staged_output
 from esdmri.peaks import SH_BASES, sh_order_from_coeffs
 
 _AXIS_NAMES = ("x", "y", "z")
@@ -657,5 +658,6 @@ def save_figure(fig, path, force=False, dpi=150):
         raise ValueError(f"path: folder {str(folder)!r} does not exist")
     if path.exists() and not force:
         raise FileExistsError(f"path: {str(path)!r} exists; use force=True to overwrite it")
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    with staged_output(path) as temporary:  # named like path: same format
+        fig.savefig(temporary, dpi=dpi, bbox_inches="tight")
     return path

@@ -191,8 +191,9 @@ def test_bad_input_is_rejected_before_training(phantom):
     model = RTESDModel(gtab, response, **SMALL)
     with pytest.raises(ValueError, match="volumes but gtab has"):
         model.fit(data[..., :-1], mask)
+    # NaN outside the mask is accepted (as DIPY does); inside it is refused.
     with pytest.raises(ValueError, match="NaN or inf"):
-        model.fit(np.where(mask[..., None], data, np.nan), mask)
+        model.fit(np.where(mask[..., None], np.nan, data), mask)
     with pytest.raises(ValueError, match="mask has shape"):
         model.fit(data, mask[:-1])
     with pytest.raises(ValueError, match="mask is empty"):

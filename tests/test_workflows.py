@@ -11,8 +11,11 @@ file).
 """
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from functools import cache
 
 import matplotlib.image as mpimg
@@ -24,6 +27,7 @@ from dipy.io.peaks import load_pam
 from dipy.io.streamline import load_tractogram
 from dipy.reconst.shm import sh_to_sf, sh_to_sf_matrix
 
+from esdmri.atomic import PARTIAL_PREFIX
 from esdmri.peaks import peaks_from_sh
 from esdmri.reconst.serialization import load_model
 from esdmri.response import TissueResponse
@@ -425,3 +429,120 @@ def test_demo_runs_end_to_end(tmp_path, in_process):
     assert mpimg.imread(out / "figures" / "angular_error_vs_crossing.png").std() > 0
     message = in_process(DemoFlow(), "--quick", "--size", 8, "--out_dir", out, fails=True)
     assert "exists already: pass --force" in message
+
+
+# --------------------------------------------------------------------------
+# Interrupted commands leave nothing behind
+# --------------------------------------------------------------------------
+
+# Runs a command whose nibabel.save leaves its `pause_at`-th file half-written,
+# then signals the test (a marker file) and waits to be interrupted.
+PAUSING_COMMAND = """
+import os, runpy, sys, time
+import nibabel
+
+marker, pause_at, module, *args = sys.argv[1:]
+real_save = nibabel.save
+saved = []
+
+def save_then_pause(image, path):
+    real_save(image, path)
+    saved.append(path)
+    if len(saved) == int(pause_at):
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+        open(marker, "w").close()
+        time.sleep(300)
+
+nibabel.save = save_then_pause
+sys.argv = [module, *args]
+runpy.run_module(f"esdmri.workflows.{module}", run_name="__main__")
+"""
+
+
+def interrupt_while_writing(tmp_path, pause_at, signal_number, module, *args):
+    """Start ``module`` with PAUSING_COMMAND, send ``signal_number`` once it pauses."""
+    marker = tmp_path / f"paused-{signal_number}"
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_COMMAND, str(marker), str(pause_at), module,
+         *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), process.communicate(timeout=60)[1][-3000:]
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal_number
+    return stderr
+
+
+def test_interrupted_fit_leaves_nothing_and_the_rerun_needs_no_force(phantom, tmp_path,
+                                                                    in_process):
+    out = tmp_path / "fit"
+    args = [*phantom.dwi, *phantom.response_args, *TINY_MODEL, "--refine_steps", 1,
+            "--tournier", "--out_dir", out]
+    # Ctrl-C while the second NIfTI (the tournier07 copy) is half-written: the
+    # first one is complete, but a command's outputs come all or none.
+    stderr = interrupt_while_writing(tmp_path, 2, signal.SIGINT, "fit", *args)
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("esdmri_fit: interrupted (SIGINT); no partial "
+                                               "output was left behind")
+    assert sorted(os.listdir(out)) == []
+
+    in_process(FitFlow(), *args)
+    assert sorted(os.listdir(out)) == sorted(
+        ["fodf_sh.nii.gz", "fodf_sh_tournier07.nii.gz", "fractions.nii.gz", "peaks.pam5",
+         "model.pt", "training_curve.png"])
+    assert nib.load(out / "fodf_sh_tournier07.nii.gz").get_fdata().shape == SHAPE + (15,)
+
+
+# esdmri_response whose response writer stops with a file half-written.
+PAUSING_RESPONSE = """
+import runpy, sys, time
+import esdmri.response
+
+marker, *args = sys.argv[1:]
+real = esdmri.response.TissueResponse.to_mrtrix
+
+def write_then_pause(self, files, force=False):
+    real(self, files, force=force)
+    with open(files[0], "r+") as handle:
+        handle.truncate(10)
+    open(marker, "w").close()
+    time.sleep(300)
+
+esdmri.response.TissueResponse.to_mrtrix = write_then_pause
+sys.argv = ["esdmri_response", *args]
+runpy.run_module("esdmri.workflows.response", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL])
+def test_terminated_or_killed_runs_block_nothing(phantom, tmp_path, in_process, signal_number):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [*phantom.dwi, "--mask", phantom.folder / "mask.nii.gz", "--out_dir", out]
+    marker = tmp_path / "paused"
+    process = subprocess.Popen([sys.executable, "-c", PAUSING_RESPONSE, str(marker),
+                                *map(str, args)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), process.communicate(timeout=60)[1][-3000:]
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    left = os.listdir(out)
+    if signal_number == signal.SIGTERM:
+        assert left == []  # unwound like Ctrl-C: temporary files removed
+        assert process.returncode == 128 + signal.SIGTERM
+        assert stderr.strip().splitlines()[-1] == (
+            "esdmri_response: interrupted (SIGTERM); no partial output was left behind")
+    else:
+        # SIGKILL cannot be caught: the temporary files stay, hidden.
+        assert left and all(name.startswith(PARTIAL_PREFIX) for name in left)
+
+    in_process(ResponseFlow(), *args)
+    written = sorted(name for name in os.listdir(out) if not name.startswith(PARTIAL_PREFIX))
+    assert written == ["csf.txt", "gm.txt", "wm.txt"]
+    TissueResponse.from_mrtrix([out / name for name in ("wm.txt", "gm.txt", "csf.txt")],
+                               ("wm", "gm", "csf"))

@@ -18,16 +18,13 @@ the same seeds and stopping map (the true WM fraction, so that only the fODFs
 differ); write every map, the tractograms, a results table and figures.
 """
 
-import csv
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from dipy.core.gradients import gradient_table
-from dipy.io.peaks import save_pam
 from dipy.io.stateful_tractogram import Space, StatefulTractogram
-from dipy.io.streamline import save_tractogram
 from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel
 from dipy.reconst.shm import sh_to_sf_matrix
 from dipy.tracking.streamline import length
@@ -42,8 +39,8 @@ from esdmri.viz import (plot_angular_error_vs_crossing, plot_fraction_maps, plot
                         plot_peaks_slice, plot_training_curves, save_figure)
 
 from .fit import write_fit_outputs
-from .io import (EsdmriWorkflow, check_out_dir, check_outputs,
-                 run_workflow, save_map, verbose_logging)
+from .io import (EsdmriWorkflow, check_out_dir, check_outputs, run_workflow, save_map,
+                 save_peaks, save_streamlines, save_table, save_text, verbose_logging)
 from .io import logger
 from .track import reference_header, track
 
@@ -320,7 +317,7 @@ class DemoFlow(EsdmriWorkflow):
         csd_pam, csd_dirs = sh_peaks(csd_sh, affine, phantom.mask)
         save_map(files["csd_shm"], csd_pam.shm_coeff, affine,
                  f"DIPY CSD fODF SH order {CSD_SH_ORDER} descoteaux07 legacy")
-        save_pam(str(files["csd_peaks"]), csd_pam, affine=affine)
+        save_peaks(files["csd_peaks"], csd_pam, affine)
 
         logger.info("scoring peaks against the true fibres")
         brain = phantom.mask
@@ -339,8 +336,7 @@ class DemoFlow(EsdmriWorkflow):
                 seed_mask=wm_fraction >= SEED_WM_FRACTION, tracker="det",
                 min_length=min(MIN_LENGTH_MM, size / 4), random_seed=seed)
             key = "rtesd_tractogram" if method == "RT-ESD" else "csd_tractogram"
-            save_tractogram(StatefulTractogram(streamlines, header, Space.RASMM),
-                            str(files[key]), bbox_valid_check=False)
+            save_streamlines(files[key], StatefulTractogram(streamlines, header, Space.RASMM))
             lengths = length(streamlines) if len(streamlines) else np.array([np.nan])
             tracking = {"streamlines": len(streamlines),
                         "mean_length_mm": float(np.mean(lengths)),
@@ -353,12 +349,10 @@ class DemoFlow(EsdmriWorkflow):
         self._figures(files, phantom, rtesd_sh, csd_sh, fit, rtesd_dirs, csd_dirs)
         timings["figures"] = time.perf_counter() - clock
 
-        files["results_md"].write_text(results_markdown(rows, settings, timings))
-        with open(files["results_csv"], "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(files["results_md"].read_text())
+        markdown = results_markdown(rows, settings, timings)
+        save_text(files["results_md"], markdown)
+        save_table(files["results_csv"], rows, RESULT_COLUMNS)
+        print(markdown)
         width = max(map(len, files))
         print(f"Everything is in {out_dir}:")
         print("\n".join(f"  {role:<{width}}  {path}" for role, path in files.items()))

@@ -9,8 +9,8 @@ Examples
 ``esdmri_fetch disco``). The table goes to stdout and to ``metrics.csv``.
 """
 
-import csv
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from esdmri.peaks import peaks_from_sh, sh_order_from_coeffs
 from esdmri.shm import legacy_to_descoteaux
 
 from .io import (EsdmriWorkflow, load_fodf, load_fractions, load_mask, match_optional,
-                 run_workflow)
+                 run_workflow, save_table)
 from .io import logger
 
 PEAK_COLUMNS = ("subset", "n_voxels", "angular_error", "angular_error_median",
@@ -74,11 +74,16 @@ def read_ground_truth(path, spatial_shape):
     if path.suffix != ".npz":
         raise ValueError(f"ground_truth must be an esdmri ground_truth.npz or a DiSCo "
                          f"folder (disco_<N>), got {path}")
-    with np.load(path, allow_pickle=False) as truth:
-        if "fibre_dirs" not in truth:
-            raise ValueError(f"{path} has no fibre_dirs: not an esdmri phantom ground truth")
-        fibre_dirs = truth["fibre_dirs"]
-        fractions = truth["tissue_fractions"] if "tissue_fractions" in truth else None
+    try:
+        with np.load(path, allow_pickle=False) as truth:
+            if "fibre_dirs" not in truth:
+                raise ValueError(f"{path} has no fibre_dirs: not an esdmri phantom ground "
+                                 "truth")
+            fibre_dirs = truth["fibre_dirs"]
+            fractions = truth["tissue_fractions"] if "tissue_fractions" in truth else None
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"ground truth {path} cannot be read as a .npz file (truncated or "
+                         f"corrupt? {type(error).__name__})") from None
     _check_grid(fibre_dirs.shape[:3], spatial_shape, path)
     return GroundTruth(fibre_dirs, fractions, str(path))
 
@@ -168,13 +173,6 @@ def format_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_csv(path, rows, columns):
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 class EvaluateFlow(EsdmriWorkflow):
     folder_inputs = ("ground_truth",)
 
@@ -258,12 +256,12 @@ class EvaluateFlow(EsdmriWorkflow):
                                              threshold_deg=match_angle))
             print(f"{fodf_path} vs {truth.source}")
             print(format_table(rows, PEAK_COLUMNS))
-            write_csv(csv_path, rows, PEAK_COLUMNS)
+            save_table(csv_path, rows, PEAK_COLUMNS)
             written = [csv_path]
             if fractions_path is not None:
                 row = score_fractions(fractions_path, truth)
                 print(format_table([row], list(row)))
-                write_csv(fractions_csv_path, [row], list(row))
+                save_table(fractions_csv_path, [row], list(row))
                 written.append(fractions_csv_path)
             logger.info(f"wrote {', '.join(written)}")
             tables.append(rows)

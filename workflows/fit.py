@@ -12,15 +12,15 @@ fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 
 import matplotlib.pyplot as plt
 import numpy as np
-from dipy.io.peaks import save_pam
 
+from esdmri.reconst.inputs import check_data
 from esdmri.reconst.models import MODEL_CLASSES
 from esdmri.response import TissueResponse, estimate_response
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
 
 from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
-                 match_optional, run_workflow, save_map, verbose_logging)
+                 match_optional, run_workflow, save_map, save_peaks, verbose_logging)
 from .io import logger
 
 
@@ -83,7 +83,7 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
              FRACTIONS_DESCRIPTION + ",".join(fractions))
     pam = fit.peaks(relative_peak_threshold=relative_peak_threshold,
                     min_separation_angle=min_separation_angle, npeaks=npeaks, affine=affine)
-    save_pam(out_peaks, pam, affine=affine)
+    save_peaks(out_peaks, pam, affine)
     return pam
 
 
@@ -213,6 +213,10 @@ class FitFlow(EsdmriWorkflow):
              model_path, curve_path) = paths
             data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
             brain = load_mask(mask_path, data.shape[:3])
+            # NaN or inf in the mask named before the response estimation
+            # fails on them; outside the mask they are set to 0. Negative
+            # values are counted once, by the model's own check.
+            data = check_data(data, gtab, brain, warn=False)
             if response is None:
                 subject_response = estimate_response(gtab, data, brain)
                 logger.info(f"{dwi}: estimated {subject_response}")

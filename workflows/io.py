@@ -5,15 +5,24 @@ handling: ``get_io_iterator`` resolves the input globs one subject at a
 time like DIPY's, but refuses (rather than silently skipping) to overwrite
 existing outputs without ``--force``, refuses two subjects writing the same
 file, checks that ``--out_dir`` can be created, and names the argument when
-a glob matches nothing. :func:`run_workflow` turns the errors of bad input
-into one line on stderr and exit status 1.
+a glob matches nothing, and runs each command as one output transaction
+(:mod:`esdmri.atomic`): every file is written under a temporary name and
+the outputs appear together when the command succeeds, or not at all when
+it fails or is interrupted. :func:`run_workflow` turns the errors of bad
+input into one line on stderr and exit status 1.
 """
 
 import argparse
+import csv
+import functools
+import gzip
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -28,11 +37,20 @@ from dipy.workflows.base import get_args_default
 from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.multi_io import _resolve_path_or_pattern, connect_output_paths
 from dipy.workflows.workflow import Workflow
+from nibabel.filebasedimages import ImageFileError
+
+from esdmri.atomic import output_transaction, staged_output
+from esdmri.reconst.inputs import check_gtab
 
 
-# Errors that bad input raises (missing files, wrong shapes, bad options).
-# They are reported in one line; anything else keeps its traceback.
-USER_ERRORS = (OSError, ValueError, TypeError)
+# What nibabel, gzip and zlib raise on a corrupt or truncated file.
+CORRUPT_FILE_ERRORS = (ImageFileError, EOFError, zlib.error, gzip.BadGzipFile, OSError,
+                       ValueError)
+
+# Errors that bad input raises (missing, corrupt or truncated files, wrong
+# shapes, bad options). They are reported in one line; anything else keeps
+# its traceback.
+USER_ERRORS = (OSError, ValueError, TypeError, ImageFileError, EOFError, zlib.error)
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
@@ -96,19 +114,43 @@ def run_workflow(flow, argv=None):
     result
         Whatever ``flow.run`` returns. On bad input the process exits with
         status 1 after printing ``<command>: error: <message>`` to stderr
-        (the traceback is logged at ``--log_level DEBUG``).
+        (the traceback is logged at ``--log_level DEBUG``). Interrupted by
+        Ctrl-C or SIGTERM, it exits with status 130 or 143 after one line
+        saying so (no partial output is left: see :mod:`esdmri.atomic`).
     """
     if argv is not None:
         sys.argv[1:] = argv
     name = flow.get_short_name()
     # Commands write figures to files; a display backend is never needed.
     plt.switch_backend("Agg")
+    # SIGTERM (kill, a job scheduler's time limit) unwinds like Ctrl-C, so
+    # that the temporary files of unfinished outputs are removed.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # only the main thread may set signal handlers
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _configure_logging(sys.argv[1:])
         return run_flow(flow)
     except USER_ERRORS as error:
         logger.debug("traceback:", exc_info=True)
         sys.exit(f"{name}: error: {one_line(error)}")
+    except (KeyboardInterrupt, _Terminated) as interruption:
+        logger.debug("traceback:", exc_info=True)
+        number = signal.SIGTERM if isinstance(interruption, _Terminated) else signal.SIGINT
+        print(f"{name}: interrupted ({signal.Signals(number).name}); no partial output was "
+              "left behind", file=sys.stderr)
+        sys.exit(128 + number)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that cleanup code runs."""
+
+
+def _raise_terminated(number, frame):
+    raise _Terminated
 
 
 def _resolve_input(name, pattern, keep_folders):
@@ -176,6 +218,11 @@ class EsdmriWorkflow(Workflow):
     # Positional input whose paths place the outputs under --out_strat
     # (default: the first one).
     output_anchor = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in vars(cls):
+            cls.run = _transactional(cls.run)
 
     def get_io_iterator(self, skip_outputs=()):
         """One tuple (inputs..., outputs...) of paths per subject.
@@ -245,6 +292,19 @@ class EsdmriWorkflow(Workflow):
                 for ins, outs in zip(subject_inputs, outputs)]
 
 
+def _transactional(run):
+    """``run`` with its outputs in one transaction: all appear at its end, or none.
+
+    ``functools.wraps`` keeps the signature and docstring that DIPY's
+    argument parser reads.
+    """
+    @functools.wraps(run)
+    def transactional_run(self, *args, **kwargs):
+        with output_transaction():
+            return run(self, *args, **kwargs)
+    return transactional_run
+
+
 def match_optional(name, pattern, n_subjects):
     """Paths of an optional per-subject input (e.g. ``--mask``), or Nones.
 
@@ -273,6 +333,29 @@ def match_optional(name, pattern, n_subjects):
     return paths
 
 
+def read_nifti(path, what="image"):
+    """Values and affine of a NIfTI file, with one-line errors for bad files.
+
+    Parameters
+    ----------
+    path : str
+    what : str
+        Role of the file ("mask", "stopping map"), for messages.
+
+    Returns
+    -------
+    values : ndarray
+    affine : ndarray, shape (4, 4)
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return load_nifti(str(path))
+    except CORRUPT_FILE_ERRORS as error:
+        raise ValueError(f"{what} {path} cannot be read as a NIfTI image (truncated or "
+                         f"corrupt? {type(error).__name__}: {one_line(error)})") from None
+
+
 def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
     """Read a 4D scan and its FSL gradient files, checking they agree.
 
@@ -288,7 +371,7 @@ def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
     affine : ndarray, shape (4, 4)
     gtab : dipy.core.gradients.GradientTable
     """
-    data, affine = load_nifti(dwi_path)
+    data, affine = read_nifti(dwi_path, "diffusion scan")
     if data.ndim != 4:
         raise ValueError(f"{dwi_path} must be a 4D diffusion scan (X, Y, Z, N), got shape "
                          f"{data.shape}")
@@ -301,6 +384,10 @@ def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
         raise ValueError(f"{dwi_path} has {data.shape[-1]} volumes but {bvals_path} has "
                          f"{len(bvals)} b-values")
     gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
+    try:
+        check_gtab(gtab)
+    except ValueError as error:
+        raise ValueError(f"{bvals_path}: {one_line(error)}") from None
     return data, affine, gtab
 
 
@@ -319,7 +406,7 @@ def load_mask(mask_path, spatial_shape):
     """
     if mask_path is None:
         return None
-    mask, _ = load_nifti(mask_path)
+    mask, _ = read_nifti(mask_path, "mask")
     mask = np.squeeze(mask)
     if mask.shape != tuple(spatial_shape):
         raise ValueError(f"mask {mask_path} has shape {mask.shape} but the data grid is "
@@ -341,12 +428,56 @@ def save_map(path, array, affine, description=None):
     image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
     if description is not None:
         image.header["descrip"] = description[:80].encode()
-    nib.save(image, path)
+    with staged_output(path) as temporary:
+        nib.save(image, temporary)
+
+
+def save_peaks(path, pam, affine):
+    """Write DIPY peaks (``PeaksAndMetrics``) to a ``.pam5`` file."""
+    from dipy.io.peaks import save_pam
+
+    with staged_output(path) as temporary:
+        save_pam(str(temporary), pam, affine=affine)
+
+
+def save_streamlines(path, tractogram):
+    """Write a StatefulTractogram (.trk, .trx or .tck, from the extension)."""
+    from dipy.io.streamline import save_tractogram
+
+    with staged_output(path) as temporary:
+        save_tractogram(tractogram, str(temporary), bbox_valid_check=False)
+
+
+def save_table(path, rows, columns):
+    """Write dict rows as a CSV file with a header of ``columns``."""
+    with staged_output(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_text(path, text):
+    """Write a text file."""
+    with staged_output(path) as temporary:
+        Path(temporary).write_text(text)
 
 
 def verbose_logging():
     """Whether INFO messages (and progress bars) are shown."""
     return logger.isEnabledFor(logging.INFO)
+
+
+def read_pam(path):
+    """DIPY peaks from a ``.pam5`` file, with one-line errors for bad files."""
+    from dipy.io.peaks import load_pam
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"peaks file {path} does not exist")
+    try:
+        return load_pam(str(path), verbose=False)
+    except CORRUPT_FILE_ERRORS + (KeyError,) as error:
+        raise ValueError(f"{path} cannot be read as a DIPY .pam5 file (truncated or corrupt? "
+                         f"{type(error).__name__}: {one_line(error)})") from None
 
 
 def load_fodf(path):
@@ -367,18 +498,16 @@ def load_fodf(path):
     pam : dipy.direction.peaks.PeaksAndMetrics or None
         The peaks when ``path`` is a ``.pam5`` file.
     """
-    from dipy.io.peaks import load_pam
-
     from esdmri.peaks import sh_order_from_coeffs
 
     if str(path).endswith(".pam5"):
-        pam = load_pam(path, verbose=False)
+        pam = read_pam(path)
         shm_coeff, affine = pam.shm_coeff, pam.affine
         if shm_coeff is None:
             raise ValueError(f"{path} holds no SH coefficients (shm_coeff)")
     else:
         pam = None
-        shm_coeff, affine = load_nifti(path)
+        shm_coeff, affine = read_nifti(path, "fODF file")
     if shm_coeff.ndim != 4:
         raise ValueError(f"{path} must hold SH coefficients of shape (X, Y, Z, C), got "
                          f"{shm_coeff.shape}")
@@ -403,8 +532,8 @@ def load_fractions(path):
     fractions : ndarray, shape (X, Y, Z, T)
     names : list of str
     """
+    fractions, _ = read_nifti(path, "fractions")
     image = nib.load(path)
-    fractions = np.asarray(image.dataobj, dtype=float)
     if fractions.ndim == 3:
         fractions = fractions[..., None]
     if fractions.ndim != 4:

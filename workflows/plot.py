@@ -10,17 +10,17 @@ of the same slice in a second figure.
 
 import matplotlib.pyplot as plt
 import numpy as np
-from dipy.io.image import load_nifti
 
 from esdmri.viz import plot_fraction_maps, plot_odf_slice, plot_peaks_slice, save_figure
 
-from .io import EsdmriWorkflow, load_fodf, load_fractions, match_optional, run_workflow
+from .io import (EsdmriWorkflow, load_fodf, load_fractions, match_optional, read_nifti,
+                 run_workflow)
 from .io import logger
 
 
 def load_background(path, spatial_shape):
     """A 3D map for the figure background (a 4D map gives its first volume)."""
-    values, _ = load_nifti(path)
+    values, _ = read_nifti(path, "background")
     if values.ndim == 4:
         values = values[..., 0]
     if values.shape != tuple(spatial_shape):

@@ -9,8 +9,12 @@ Examples
 scans give ``wm.txt`` and ``csf.txt`` (``wm.txt`` only without CSF voxels).
 """
 
+import contextlib
+
 import numpy as np
 
+from esdmri.atomic import staged_output
+from esdmri.reconst.inputs import check_data
 from esdmri.response import estimate_response
 
 from .io import EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow
@@ -84,12 +88,17 @@ class ResponseFlow(EsdmriWorkflow):
         responses = []
         for (dwi, bvals, bvecs, wm_path, gm_path, csf_path), mask_path in zip(io_it, masks):
             data, _, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
-            response = estimate_response(gtab, data, load_mask(mask_path, data.shape[:3]),
-                                         sh_order_max=sh_order_max)
+            brain = load_mask(mask_path, data.shape[:3])
+            # NaN or inf in the mask named here, not as a LinAlgError later;
+            # outside the mask they are set to 0.
+            data = check_data(data, gtab, brain)
+            response = estimate_response(gtab, data, brain, sh_order_max=sh_order_max)
             paths = dict(zip(("wm", "gm", "csf"), (wm_path, gm_path, csf_path)))
             files = [paths[tissue] for tissue in response.tissues]
             # Existing files were refused or allowed (--force) by get_io_iterator.
-            response.to_mrtrix(files, force=True)
+            with contextlib.ExitStack() as stack:
+                staged = [stack.enter_context(staged_output(path)) for path in files]
+                response.to_mrtrix(staged, force=True)
             logger.info(f"{dwi}: {', '.join(response.tissues)} responses for shells "
                         f"{np.round(response.bvals).astype(int).tolist()} -> "
                         f"{', '.join(files)}")

@@ -16,9 +16,7 @@ import nibabel as nib
 import numpy as np
 from dipy.data import default_sphere
 from dipy.direction import DeterministicMaximumDirectionGetter, ProbabilisticDirectionGetter
-from dipy.io.image import load_nifti
 from dipy.io.stateful_tractogram import Space, StatefulTractogram
-from dipy.io.streamline import save_tractogram
 from dipy.reconst.odf import gfa
 from dipy.reconst.shm import sh_to_sf
 from dipy.tracking import utils
@@ -28,7 +26,8 @@ from dipy.tracking.streamline import Streamlines, length
 
 from esdmri.peaks import sh_order_from_coeffs
 
-from .io import EsdmriWorkflow, load_fodf, match_optional, run_workflow
+from .io import (EsdmriWorkflow, load_fodf, match_optional, read_nifti, read_pam,
+                 run_workflow, save_streamlines)
 from .io import logger
 
 TRACKERS = {"det": DeterministicMaximumDirectionGetter, "prob": ProbabilisticDirectionGetter}
@@ -140,9 +139,11 @@ def reference_header(shape, affine):
 def load_stop_map(path, volume=0):
     """A 3D stopping map from a NIfTI file (a 4D file gives ``volume``) or a .pam5 GFA."""
     if str(path).endswith(".pam5"):
-        from dipy.io.peaks import load_pam
-        return np.asarray(load_pam(path, verbose=False).gfa, dtype=float)
-    values, _ = load_nifti(path)
+        pam = read_pam(path)
+        if pam.gfa is None:
+            raise ValueError(f"the stopping map {path} holds no GFA")
+        return np.asarray(pam.gfa, dtype=float)
+    values, _ = read_nifti(path, "stopping map")
     if values.ndim == 4:
         if not 0 <= volume < values.shape[-1]:
             raise ValueError(f"stop_volume must be in [0, {values.shape[-1]}) for {path}, "
@@ -237,7 +238,8 @@ class TrackFlow(EsdmriWorkflow):
                 stop_map = np.asarray(pam.gfa, dtype=float)
             else:
                 stop_map = sh_gfa(shm_coeff)
-            seed_mask = None if seed_path is None else np.squeeze(load_nifti(seed_path)[0]) > 0
+            seed_mask = (None if seed_path is None
+                         else np.squeeze(read_nifti(seed_path, "seed mask")[0]) > 0)
             streamlines = track(
                 shm_coeff, affine, stop_map, threshold=threshold, seed_mask=seed_mask,
                 tracker=tracker, step_size=step_size, max_angle=max_angle,
@@ -246,7 +248,7 @@ class TrackFlow(EsdmriWorkflow):
             reference = (fodf_path if pam is None
                          else reference_header(shm_coeff.shape[:3], affine))
             tractogram = StatefulTractogram(streamlines, reference, Space.RASMM)
-            save_tractogram(tractogram, out_path, bbox_valid_check=False)
+            save_streamlines(out_path, tractogram)
             logger.info(f"{fodf_path}: {len(streamlines)} streamlines ({tracker}) -> "
                         f"{out_path}")
             tractograms.append(tractogram)

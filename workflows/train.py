@@ -178,11 +178,15 @@ class TrainFlow(EsdmriWorkflow):
         if model not in MODEL_CLASSES:
             raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
         response = read_responses(response_wm, response_gm, response_csf)
-        io_it = self.get_io_iterator(skip_outputs=("out_checkpoint",) if resume else ())
+        # The checkpoint is checked below: it outlives an interrupted run.
+        io_it = self.get_io_iterator(skip_outputs=("out_checkpoint",))
         if len(io_it) != 1:
             raise ValueError(f"subjects_file must name one file, got {len(io_it)} matches: "
                              "list every scan in a single subjects file")
         _, model_path, checkpoint_path, curve_path = io_it[0]
+        if Path(checkpoint_path).exists() and not (resume or self._force_overwrite):
+            raise FileExistsError(f"checkpoint {checkpoint_path} exists from an earlier run: "
+                                  "pass --resume to continue it, or --force to start afresh")
         subjects = read_subjects_table(subjects_file, b0_threshold)
         is_main = DistributedContext.from_environment().is_main
         if is_main:

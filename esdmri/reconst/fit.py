@@ -4,13 +4,18 @@ import numpy as np
 from dipy.reconst.odf import gfa
 
 from ..peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy
-from ..shm import descoteaux_to_legacy, sh_matrix
+from ..response import TissueResponse
+from ..shm import DEFAULT_BVAL_TOLERANCE, b0_mask, descoteaux_to_legacy, group_shells, sh_matrix
 from .network import stacked_forward_matrix
 from .training import fractions_of
 
 
 class DeconvolutionFit:
     """Per-voxel output of an ESD-family model.
+
+    Like DIPY's fits, a fit can be indexed over its voxel axes:
+    ``fit[2:4, :, :]`` or ``fit[10, 20, 30]`` is the fit of those voxels
+    (its maps then have the indexed shape instead of (X, Y, Z)).
 
     Parameters
     ----------
@@ -28,6 +33,23 @@ class DeconvolutionFit:
         self.sh_order_max = model.config.sh_order_max
         self._n_wm = coefficients.shape[-1] - len(model.response.tissues) + 1
         self._coefficients = coefficients
+
+    @property
+    def shape(self):
+        """Voxel shape of the fit, (X, Y, Z) unless it was indexed."""
+        return self.mask.shape
+
+    def __getitem__(self, index):
+        """The fit of the voxels ``index`` selects (an index over the voxel axes)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        named = [item for item in index if item is not None and item is not Ellipsis]
+        if len(named) > self.mask.ndim:
+            raise IndexError(f"the fit has {self.mask.ndim} voxel axes {self.mask.shape} but "
+                             f"the index has {len(named)} entries")
+        # The trailing slice keeps every coefficient of each selected voxel.
+        return DeconvolutionFit(self.model, self._coefficients[index + (slice(None),)],
+                                self.mask[index])
 
     @property
     def shm_coeff(self):
@@ -69,14 +91,18 @@ class DeconvolutionFit:
         ----------
         gtab : GradientTable, optional
             Gradient table to predict at (default: the model's). Its shells
-            must be among the response's shells.
+            must be among the response's shells (all of them, or some).
         S0 : float or ndarray of shape (X, Y, Z), optional
             Non-diffusion-weighted signal (default 1: the normalised signal).
         """
         gtab = self.model.gtab if gtab is None else gtab
-        self.model.response.validate(gtab)
-        matrix = stacked_forward_matrix(self.model.response.normalized(), gtab,
-                                        self.sh_order_max)
+        response = _response_on_shells(self.model.response.normalized(), gtab)
+        # One tissue at a time: a response validates against a gtab with fewer
+        # shells than tissues (tissues cannot be separated there, but they can
+        # be predicted).
+        matrix = np.concatenate([
+            stacked_forward_matrix(response.select_tissues(tissue), gtab, self.sh_order_max)
+            for tissue in response.tissues])
         signal = self._coefficients @ matrix
         if S0 is not None:
             signal = signal * np.asarray(S0)[..., None]
@@ -106,10 +132,15 @@ class DeconvolutionFit:
             :attr:`shm_coeff`.
         """
         sphere = default_peak_sphere() if sphere is None else sphere
+        # The peak search works on volumes; an indexed fit is searched as a row.
+        coefficients = self.shm_coeff_descoteaux07
+        as_volume = coefficients.reshape((-1, 1, 1, coefficients.shape[-1]))
         directions, values = peaks_from_sh(
-            self.shm_coeff_descoteaux07, sphere=sphere,
-            relative_peak_threshold=relative_peak_threshold,
-            min_separation_angle=min_separation_angle, npeaks=npeaks, mask=self.mask)
+            as_volume, sphere=sphere, relative_peak_threshold=relative_peak_threshold,
+            min_separation_angle=min_separation_angle, npeaks=npeaks,
+            mask=self.mask.reshape(as_volume.shape[:3]))
+        directions = directions.reshape(self.shape + directions.shape[-2:])
+        values = values.reshape(self.shape + values.shape[-1:])
         return peaks_to_dipy(directions, values, self.shm_coeff, sphere,
                              affine=np.eye(4) if affine is None else affine, legacy=True)
 
@@ -117,3 +148,22 @@ class DeconvolutionFit:
     def training_history(self):
         """Per-epoch loss terms of the model's training."""
         return self.model.training_history
+
+
+def _response_on_shells(response, gtab, tolerance=DEFAULT_BVAL_TOLERANCE):
+    """``response`` restricted to the b0 row and the shells ``gtab`` has.
+
+    Raises ValueError naming the gtab shells the response does not have.
+    """
+    shell_bvals, _ = group_shells(gtab, tolerance=tolerance)
+    weighted = shell_bvals[1:] if b0_mask(gtab).any() else shell_bvals
+    distance = np.abs(weighted[:, None] - response.bvals[None, 1:])
+    unknown = weighted[distance.min(axis=1, initial=np.inf) > tolerance]
+    if unknown.size:
+        raise ValueError(
+            f"gtab has shells {np.round(unknown, 1).tolist()} that the response (shells "
+            f"{np.round(response.bvals, 1).tolist()}) does not have: the signal can only be "
+            "predicted at the response's shells or a subset of them")
+    rows = np.r_[0, 1 + np.unique(distance.argmin(axis=1))]
+    return TissueResponse(response.tissues, response.bvals[rows],
+                          [coefficients[rows] for coefficients in response.coefficients])

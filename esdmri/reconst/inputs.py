@@ -1,39 +1,150 @@
 """Checks and normalisation of the scans a deconvolution model receives."""
 
+import warnings
+
 import numpy as np
-import torch
 
 
-def check_data(data, gtab):
-    """Validate a 4D dMRI volume against its gradient table.
+# Below this largest b-value (s/mm^2) a scheme is read as given in ms/um^2
+# (b = 1 ms/um^2 is 1000 s/mm^2): diffusion weightings of dMRI start at a few
+# hundred s/mm^2, while b0 volumes may be recorded with b up to ~50.
+MIN_PLAUSIBLE_MAX_BVAL = 50.0
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Fewest distinct diffusion-weighted directions: a diffusion tensor (what
+# DIPY's response estimators fit) has six unknowns.
+MIN_DIRECTIONS = 6
+
+
+def check_gtab(gtab):
+    """Validate a gradient table: b-values in s/mm^2, b0 and weighted volumes.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Raises
+    ------
+    TypeError
+        ``gtab`` is not a gradient table.
+    ValueError
+        The b-values look like ms/um^2 (every non-zero one below
+        :data:`MIN_PLAUSIBLE_MAX_BVAL`), there is no b0 or no
+        diffusion-weighted volume, or fewer than :data:`MIN_DIRECTIONS`
+        distinct diffusion-weighted directions.
+    """
+    if not hasattr(gtab, "bvals") or not hasattr(gtab, "b0s_mask"):
+        raise TypeError(f"gtab must be a dipy GradientTable, got {type(gtab).__name__}")
+    bvals = np.asarray(gtab.bvals, dtype=float)
+    if not np.all(np.isfinite(bvals)) or np.any(bvals < 0):
+        raise ValueError(f"gtab's b-values must be finite and >= 0, got {bvals.tolist()}")
+    largest = bvals.max(initial=0.0)
+    if 0 < largest < MIN_PLAUSIBLE_MAX_BVAL:
+        raise ValueError(
+            f"gtab's b-values look like ms/um^2, not s/mm^2: the largest is {largest:g}, "
+            f"below {MIN_PLAUSIBLE_MAX_BVAL:g}; esdmri and DIPY expect s/mm^2 (b = 1 "
+            "ms/um^2 is 1000 s/mm^2): multiply the b-values by 1000")
+    threshold = getattr(gtab, "b0_threshold", None)
+    where = "" if threshold is None else f" (b <= b0_threshold={threshold:g})"
+    if not np.any(gtab.b0s_mask):
+        raise ValueError(f"gtab has no b0 volume{where}: the signal cannot be normalised")
+    if np.all(gtab.b0s_mask):
+        raise ValueError(f"gtab has no diffusion-weighted volume: every b-value is a b0"
+                         f"{where}")
+    bvecs = getattr(gtab, "bvecs", None)
+    if bvecs is not None:
+        n_directions = _count_directions(np.asarray(bvecs)[~np.asarray(gtab.b0s_mask)])
+        if n_directions < MIN_DIRECTIONS:
+            raise ValueError(
+                f"gtab has {n_directions} distinct diffusion-weighted directions; at least "
+                f"{MIN_DIRECTIONS} are needed (a diffusion tensor has 6 unknowns), and the "
+                "fODF's SH coefficients need more")
+
+
+def _count_directions(bvecs):
+    """Distinct axes among unit vectors (v and -v count once), to about 0.1 degree."""
+    norms = np.linalg.norm(bvecs, axis=-1, keepdims=True)
+    unit = np.divide(bvecs, norms, out=np.zeros_like(bvecs, dtype=float), where=norms > 0)
+    unit = unit[norms[:, 0] > 0]
+    # The sign of the first non-zero component picks one of each antipodal pair.
+    first = unit[np.arange(len(unit)), np.argmax(np.abs(unit) > 1e-6, axis=-1)]
+    unit = unit * np.where(first < 0, -1.0, 1.0)[:, None]
+    return len(np.unique(np.round(unit, 3), axis=0))
+
+
+def check_data(data, gtab, mask=None, warn=True):
+    """Validate a 4D dMRI volume against its gradient table (and mask).
 
     Parameters
     ----------
     data : ndarray, shape (X, Y, Z, N)
     gtab : dipy.core.gradients.GradientTable
+    mask : ndarray, shape (X, Y, Z), optional
+        Voxels that will be used: NaN or inf values outside it are accepted
+        (and set to 0), as DIPY accepts them.
+    warn : bool
+        Warn about negative values (False where a later check of the same
+        data will).
 
     Returns
     -------
     data : ndarray, shape (X, Y, Z, N)
         The same values as a float32 array.
+
+    Warns
+    -----
+    UserWarning
+        Once, with their count, when diffusion-weighted values are negative
+        (noise around a zero signal, e.g. after interpolation): they are
+        used as they are, like DIPY does.
     """
-    if not hasattr(gtab, "bvals") or not hasattr(gtab, "b0s_mask"):
-        raise TypeError(f"gtab must be a dipy GradientTable, got {type(gtab).__name__}")
+    check_gtab(gtab)
     data = np.asarray(data)
+    n_volumes = len(gtab.bvals)
+    if data.ndim == 1 and data.shape[0] == n_volumes:
+        raise ValueError(
+            "data must be the whole 4D volume (X, Y, Z, N), got one voxel's signal of shape "
+            f"{data.shape}: DIPY's peaks_from_model fits voxel by voxel, which would train "
+            "one network per voxel (and RT-ESD sees neighbouring voxels); use fit = "
+            "model.fit(data, mask) then fit.peaks(sphere=sphere) or "
+            "fit.odf(sphere)")
     if data.ndim != 4:
         raise ValueError(f"data must be a 4D array (X, Y, Z, N), got shape {data.shape}")
-    if data.shape[-1] != len(gtab.bvals):
+    if data.shape[-1] != n_volumes:
         raise ValueError(
-            f"data has {data.shape[-1]} volumes but gtab has {len(gtab.bvals)} "
+            f"data has {data.shape[-1]} volumes but gtab has {n_volumes} "
             "b-values: they must match")
-    if not np.issubdtype(data.dtype, np.number):
-        raise TypeError(f"data must be numeric, got dtype {data.dtype}")
-    if not np.isfinite(data).all():
-        raise ValueError("data contains NaN or inf values: mask or clean them first")
-    if not gtab.b0s_mask.any():
-        raise ValueError("gtab has no b0 volume (b <= b0_threshold): the signal cannot "
-                         "be normalised")
-    return data.astype(np.float32, copy=False)
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise TypeError(f"data must be real numbers, got dtype {data.dtype}")
+    where = ""
+    if mask is not None:
+        mask = check_mask(mask, data.shape[:3])
+        where = " of the mask"
+    inside = data if mask is None else data[mask]
+    finite = np.isfinite(inside)
+    if not finite.all():
+        bad_voxels = np.count_nonzero(~finite.all(axis=-1))
+        advice = ("leave those voxels out of the mask or clean them" if mask is not None
+                  else "pass a mask that leaves them out, or clean them")
+        raise ValueError(f"data has {np.count_nonzero(~finite)} NaN or inf values in "
+                         f"{bad_voxels} voxels{where}: {advice}")
+    largest = max(float(inside.max(initial=0)), -float(inside.min(initial=0)))
+    if largest > FLOAT32_MAX:
+        raise ValueError(f"data has values up to {largest:.3g}, beyond the float32 range "
+                         f"({FLOAT32_MAX:.3g}) the networks compute in: rescale the data")
+    # Compared before the volumes are picked, so only a boolean array is copied.
+    negative = (inside < 0)[..., ~np.asarray(gtab.b0s_mask)] if warn else None
+    if warn and negative.any():
+        warnings.warn(
+            f"data has {np.count_nonzero(negative)} negative diffusion-weighted values in "
+            f"{np.count_nonzero(negative.any(axis=-1))} voxels{where}: they are used as they "
+            "are (noise around a zero signal); clip them at 0 first if that is wrong",
+            UserWarning, stacklevel=3)
+    data = data.astype(np.float32, copy=False)
+    if mask is not None and not np.isfinite(data).all():
+        data = np.where(mask[..., None], data, np.float32(0))
+    return data
 
 
 def check_mask(mask, spatial_shape):
@@ -60,7 +171,7 @@ def check_mask(mask, spatial_shape):
     return mask
 
 
-def normalize_by_b0(data, gtab, mask):
+def normalize_by_b0(data, gtab, mask, warn_dropped=False):
     """Divide each voxel's signal by its mean b0 signal.
 
     Parameters
@@ -68,6 +179,9 @@ def normalize_by_b0(data, gtab, mask):
     data : ndarray, shape (X, Y, Z, N)
     gtab : dipy.core.gradients.GradientTable
     mask : ndarray of bool, shape (X, Y, Z)
+    warn_dropped : bool
+        Warn, with their count, about voxels of ``mask`` that are left out
+        because their mean b0 is not positive (for a mask the user gave).
 
     Returns
     -------
@@ -77,9 +191,18 @@ def normalize_by_b0(data, gtab, mask):
         ``mask`` without the voxels whose mean b0 is not positive.
     """
     mean_b0 = data[..., gtab.b0s_mask].mean(axis=-1)
-    mask = mask & (mean_b0 > 0)
-    if not mask.any():
+    positive = mask & (mean_b0 > 0)
+    if not positive.any():
         raise ValueError("no voxel in mask has a positive mean b0 signal")
+    n_dropped = np.count_nonzero(mask) - np.count_nonzero(positive)
+    if warn_dropped and n_dropped:
+        # DIPY's models do not stop on a few such voxels (brain edges after
+        # motion correction): they are left out visibly, not fitted as garbage.
+        warnings.warn(
+            f"{n_dropped} of the {np.count_nonzero(mask)} voxels of the mask have a mean b0 "
+            "signal <= 0 and are left out (fit.mask is False there, fODF and fractions 0): "
+            "their signal cannot be normalised", UserWarning, stacklevel=3)
+    mask = positive
     normalized = np.zeros(data.shape, dtype=np.float32)
     normalized[mask] = data[mask] / mean_b0[mask, None]
     return normalized, mask
@@ -87,6 +210,8 @@ def normalize_by_b0(data, gtab, mask):
 
 def resolve_device(device):
     """A ``torch.device`` for ``device``, checking that CUDA exists when asked."""
+    import torch  # here, so that the data checks load without torch
+
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:

@@ -16,7 +16,7 @@ from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs, sh_matrix
 from ..sphere import HealpixSphere
 from .fit import DeconvolutionFit
-from .inputs import check_data, check_mask, normalize_by_b0, resolve_device
+from .inputs import check_data, check_gtab, check_mask, normalize_by_b0, resolve_device
 from .losses import LossWeights
 from .network import (DeconvolutionNetwork, ForwardModel, build_unet,
                       linear_deconvolution_operator, stacked_forward_matrix)
@@ -65,6 +65,8 @@ class _DeconvolutionModel(ReconstModel):
                  refine_steps=100, refine_lr=1e-3, sparsity=1e-4, nonnegativity=0.1,
                  total_variation=0.0, epochs=30, batch_size=1, lr=1.7e-3, patience=3,
                  device="cpu", seed=0, verbose=True):
+        if gtab is not None:  # None: group training sets the first subject's later
+            check_gtab(gtab)
         super().__init__(gtab)
         self.device = resolve_device(device)
         self.verbose = verbose
@@ -128,9 +130,11 @@ class _DeconvolutionModel(ReconstModel):
         -------
         fit : DeconvolutionFit
         """
-        data = check_data(data, self.gtab)
+        data = check_data(data, self.gtab, mask)
+        # Voxels of the user's own mask that cannot be fitted are reported.
+        warn_dropped = mask is not None
         mask = check_mask(mask, data.shape[:3])
-        normalized, mask = normalize_by_b0(data, self.gtab, mask)
+        normalized, mask = normalize_by_b0(data, self.gtab, mask, warn_dropped=warn_dropped)
         if self.response is None:
             self.response = estimate_response(self.gtab, data, mask)
         interpolator = ShellInterpolator(self.gtab, self.sphere.vertices)

@@ -1,7 +1,7 @@
 """One-file persistence of trained deconvolution models."""
 
-import os
-import tempfile
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +9,7 @@ import torch
 from dipy.core.gradients import gradient_table
 
 from .. import __version__
+from ..atomic import staged_output
 from ..response import TissueResponse
 from .losses import LossWeights
 from .models import MODEL_CLASSES, DeconvolutionConfig, config_to_dict
@@ -54,17 +55,43 @@ def save_model(model, path, force=False):
                        for name, tensor in model.network.state_dict().items()},
         "training_history": model.training_history,
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with staged_output(path) as temporary:
         torch.save(payload, temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+
+
+def read_torch_file(path, what):
+    """The dict stored by ``torch.save`` in ``path``, loaded as plain tensors and types.
+
+    Parameters
+    ----------
+    path : Path
+    what : str
+        What the file should be ("an esdmri model file"), for the message.
+
+    Returns
+    -------
+    payload : dict
+
+    Raises
+    ------
+    ValueError
+        In one line, when ``path`` is not a torch file holding a dict (a
+        foreign, truncated or corrupt file).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
+    except (OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
+            ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+        # torch's own text runs to pages of advice on weights_only; the
+        # type of the error is enough to tell a truncated file from a foreign one.
+        raise ValueError(f"{path} is not {what}: it is truncated, corrupt or not written "
+                         f"by torch.save ({type(error).__name__})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is not {what}: it holds a {type(payload).__name__}, "
+                         "not a dict")
+    return payload
 
 
 def load_model(path, gtab=None, device="cpu", verbose=True):
@@ -89,12 +116,9 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for foreign files
-        raise ValueError(f"{path} is not an esdmri model file ({error})") from error
-    if not isinstance(payload, dict) or "format_version" not in payload:
-        raise ValueError(f"{path} is not an esdmri model file")
+    payload = read_torch_file(path, "an esdmri model file")
+    if "format_version" not in payload:
+        raise ValueError(f"{path} is not an esdmri model file (no format_version)")
     if payload["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{path} was saved by esdmri {payload.get('esdmri_version')} in model format "

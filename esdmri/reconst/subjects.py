@@ -11,6 +11,9 @@ one network, while the loss compares predictions with each scan's own
 measurements.
 """
 
+import contextlib
+import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from dipy.io.gradients import read_bvals_bvecs
 
 from ..response import TissueResponse
 from ..shm import DEFAULT_BVAL_TOLERANCE, ShellInterpolator
+from .inputs import check_gtab
 from .tiling import training_windows
 
 
@@ -105,21 +109,37 @@ class _Scan:
         label = f"subjects[{index}] ({subject.dwi})"
         self.subject = subject
         self.gtab = subject.load_gtab()
-        image = nib.load(subject.dwi)
+        try:
+            image = nib.load(subject.dwi)
+        except (nib.filebasedimages.ImageFileError, EOFError, zlib.error) as error:
+            raise ValueError(f"{label}: {subject.dwi} cannot be read as a NIfTI image "
+                             f"({type(error).__name__})") from None
         shape = image.shape
         if len(shape) != 4:
             raise ValueError(f"{label}: dwi must be a 4D scan (X, Y, Z, N), got shape {shape}")
         if shape[3] != len(self.gtab.bvals):
             raise ValueError(f"{label}: dwi has {shape[3]} volumes but its gradient table has "
                              f"{len(self.gtab.bvals)} b-values")
+        try:
+            check_gtab(self.gtab)
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
         self.b0_volumes = np.flatnonzero(self.gtab.b0s_mask)
-        if not self.b0_volumes.size:
-            raise ValueError(f"{label}: the gradient table has no b0 volume (b <= "
-                             f"{self.gtab.b0_threshold:g}), so the signal cannot be normalised")
         self.image = image
         self.spatial_shape = shape[:3]
-        self.mask = self._load_mask(label)
+        self.label = label
+        with self.reading():
+            self.mask = self._load_mask(label)
         self.interpolator = ShellInterpolator(self.gtab, vertices)
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Turn the errors of a truncated or corrupt scan into one naming it."""
+        try:
+            yield
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+            raise ValueError(f"{self.label}: {self.subject.dwi} cannot be read (truncated or "
+                             f"corrupt? {type(error).__name__})") from None
 
     def _load_mask(self, label):
         if self.subject.mask is None:
@@ -144,7 +164,8 @@ class _Scan:
         raw = np.zeros((size, size, size, len(self.gtab.bvals)), dtype=np.float32)
         mask = np.zeros((size, size, size), dtype=bool)
         if all(sl.stop > sl.start for sl in source):
-            raw[target] = self.image.dataobj[source]
+            with self.reading():
+                raw[target] = self.image.dataobj[source]
             mask[target] = self.mask[source]
         mean_b0 = raw[..., self.b0_volumes].mean(axis=-1)
         # A corrupt voxel (NaN/inf) is left out rather than stopping a long training run.
@@ -280,7 +301,9 @@ class SubjectBlocks(torch.utils.data.Dataset):
         -------
         data : ndarray, float32, shape (X, Y, Z, N)
         """
-        return np.asarray(self._scans[subject].image.dataobj, dtype=np.float32)
+        scan = self._scans[subject]
+        with scan.reading():
+            return np.asarray(scan.image.dataobj, dtype=np.float32)
 
 
 def collate_blocks(items):

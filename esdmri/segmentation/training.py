@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from esdmri.atomic import staged_output
+from esdmri.reconst.serialization import read_torch_file
 from esdmri.segmentation.network import CNN3DBaseline, PQSegmentationNetwork
 
 # Networks that save_model / load_model know, by class name.
@@ -206,7 +208,8 @@ def save_model(model, path):
     if name not in MODEL_CLASSES:
         raise TypeError(f"model must be one of {sorted(MODEL_CLASSES)}, got {name}")
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    torch.save({"class": name, "config": model.config, "state_dict": state}, Path(path))
+    with staged_output(path) as temporary:
+        torch.save({"class": name, "config": model.config, "state_dict": state}, temporary)
 
 
 def load_model(path, device=None):
@@ -223,8 +226,10 @@ def load_model(path, device=None):
     model : PQSegmentationNetwork or CNN3DBaseline
         In eval mode, with the saved weights and dtype.
     """
-    saved = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("class") not in MODEL_CLASSES:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no segmentation network file at {path}")
+    saved = read_torch_file(Path(path), "a segmentation network written by save_model")
+    if saved.get("class") not in MODEL_CLASSES:
         raise ValueError(f"{path} is not a segmentation network written by save_model")
     model = MODEL_CLASSES[saved["class"]](**saved["config"])
     dtype = next(value.dtype for value in saved["state_dict"].values()
