@@ -588,6 +588,33 @@ class TissueResponse:
             raise ValueError(f"tissues {missing} are not in this response {self.tissues}")
         return TissueResponse(tuple(tissues), self.bvals, [self[t] for t in tissues])
 
+    def at_bvals(self, bvals):
+        """The response at other b-values, linear in b between its rows.
+
+        Used for the virtual shells of a non-shelled scan
+        (:class:`esdmri.shm.ShellInterpolator`), whose b-values lie between
+        the rows of a response estimated at every b-value cluster. Rows that
+        match (within 1e-6) are copied exactly.
+
+        Parameters
+        ----------
+        bvals : ndarray (S',)
+            Ascending, b0 first, within ``[0, max(self.bvals)]``.
+
+        Returns
+        -------
+        TissueResponse
+        """
+        bvals = np.asarray(bvals, dtype=np.float64)
+        if bvals.ndim != 1 or bvals.size == 0:
+            raise ValueError(f"bvals must be a non-empty (S,) array, got {bvals!r}")
+        if bvals.max() > self.bvals[-1] + DEFAULT_BVAL_TOLERANCE:
+            raise ValueError(f"bvals up to {bvals.max():g} are beyond this response's last "
+                             f"shell b={self.bvals[-1]:g}: it cannot be extrapolated")
+        coefficients = [np.stack([np.interp(bvals, self.bvals, column) for column in array.T],
+                                 axis=1) for array in self.coefficients]
+        return TissueResponse(self.tissues, bvals, coefficients)
+
     def normalized(self):
         """Each tissue divided by its own b0 signal ``r_{b0,0} / sqrt(4 pi)``.
 
@@ -888,8 +915,8 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
       ``CSF_MIN_MD`` (2e-3 mm^2/s; free water diffuses at 3e-3, no tissue
       reaches 2e-3), mono-exponential, its decay measured at b <= 1500.
     - **GM**: among the voxels with FA below 0.2 (DIPY's threshold) and MD
-      below ``CSF_MIN_MD``, those of the most typical MD (nearest the
-      median).
+      below ``CSF_MIN_MD``, the least anisotropic of the lower half by MD
+      (CSF partial volume raises the MD).
 
     Each tissue's signal, pooled over its voxels (each divided by its b0),
     is fitted as a smooth function of b and of the angle to the fibre: an
@@ -990,10 +1017,11 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     if "gm" in tissues:
         pool = inside & ~taken & (fa < ISOTROPIC_MAX_FA) & (md < CSF_MIN_MD) & (md > 0)
         found = np.argwhere(pool)
-        # The most typical isotropic voxels: MD nearest the pool's median,
-        # away from CSF partial volume (high MD) and from crossing WM.
-        typical = np.abs(md[pool] - np.median(md[pool])) if pool.any() else md[pool]
-        voxels["gm"] = found[np.argsort(typical, kind="stable")][:n_keep]
+        # The lower half of the pool by MD (CSF partial volume raises it),
+        # then the least anisotropic (crossing WM has some anisotropy left).
+        if pool.any():
+            found = found[md[pool] <= np.median(md[pool])]
+        voxels["gm"] = found[np.argsort(fa[tuple(found.T)], kind="stable")][:n_keep]
     empty = [t for t in tissues if t != "wm" and len(voxels[t]) == 0]
     kept = tuple(t for t in TISSUES if t in tissues and t not in empty)
     if empty:
