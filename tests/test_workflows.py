@@ -228,6 +228,27 @@ def test_subjects_writing_the_same_file_are_refused(phantom, tmp_path, in_proces
 # esdmri_fit / esdmri_apply
 # --------------------------------------------------------------------------
 
+def test_cli_defaults_are_the_api_defaults():
+    # One source of truth: esdmri_fit once trained a network 16x as costly as
+    # RTESDModel's default (nside 8, depth 3, block 12, batch 4 against 4, 2, 8, 1).
+    import inspect
+
+    from esdmri.reconst.models import RTESDModel
+    from esdmri.train import train_group
+    from esdmri.workflows.train import TrainFlow
+    api = inspect.signature(RTESDModel.__init__).parameters
+    group = inspect.signature(train_group).parameters
+    for flow, training in ((FitFlow, api), (TrainFlow, group)):
+        cli = inspect.signature(flow.run).parameters
+        for name in ("sh_order_max", "nside", "depth", "filter_start", "block_size"):
+            assert cli[name].default == api[name].default, (flow.__name__, name)
+        for name in ("epochs", "batch_size", "lr", "seed", "device"):
+            assert cli[name].default == training[name].default, (flow.__name__, name)
+    fit_cli = inspect.signature(FitFlow.run).parameters
+    for name in ("refine_steps", "total_variation"):
+        assert fit_cli[name].default == api[name].default
+
+
 def test_fit_writes_consistent_outputs(phantom, fitted):
     shm = nib.load(fitted / "fodf_sh.nii.gz").get_fdata()
     assert shm.shape == SHAPE + (15,)
