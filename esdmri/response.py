@@ -860,24 +860,43 @@ class _LogPolynomialProfile:
         return 2.0 * np.pi * (values * weights) @ zonal
 
 
-def _pooled_fit(gtab, data, voxels, directions, anisotropic, kurtosis):
-    """Profile of the voxels ``voxels`` (K, 3 indices), signals divided by their b0."""
+def _pooled_fit(gtab, data, voxels, directions, kurtosis):
+    """Profile of ``voxels`` (K, 3 indices), each voxel's signal divided by its b0.
+
+    ``directions`` (K, 3) are the voxels' fibre axes, or None for an
+    isotropic tissue. Returns the profile and the mean b0 signal.
+    """
     signal = data[tuple(voxels.T)].astype(np.float64)
     b0 = signal[:, b0_mask(gtab)].mean(axis=1)
     normalized = signal / b0[:, None]
     bvals = np.broadcast_to(np.asarray(gtab.bvals, dtype=np.float64), normalized.shape)
-    cosines = None
-    if anisotropic:
-        bvecs = np.asarray(gtab.bvecs, dtype=np.float64)
-        cosines = np.abs(directions @ bvecs.T)
+    anisotropic = directions is not None
+    cosines = np.abs(directions @ np.asarray(gtab.bvecs, dtype=np.float64).T) \
+        if anisotropic else None
     profile = _LogPolynomialProfile(bvals, cosines, normalized, anisotropic, kurtosis)
-    return profile, float(b0.mean()), normalized, cosines
+    return profile, float(b0.mean())
 
 
-def _select_single_fibre(gtab, data, fa, evecs, candidates, n_keep, kurtosis):
-    """The ``n_keep`` candidates best explained by a common single-fibre profile."""
-    order = np.argsort(-fa[tuple(candidates.T)], kind="stable")
-    candidates = candidates[order]
+def _wm_candidates(fa, md, inside, n_keep):
+    """The most anisotropic voxels, without mean-diffusivity outliers.
+
+    Voxels whose b0 is corrupted look extremely anisotropic with an
+    implausibly low MD (FA 1.0 at MD 0.04e-3 on DIPY's small_64D): the
+    candidates beyond 3 scaled median absolute deviations of their median MD
+    are dropped.
+    """
+    usable = inside & (fa > 0)
+    ranked = np.argwhere(usable)[np.argsort(-fa[usable], kind="stable")]
+    ranked = ranked[:2 * _CANDIDATE_FACTOR * n_keep]
+    candidate_md = md[tuple(ranked.T)]
+    centre = np.median(candidate_md)
+    spread = 1.4826 * np.median(np.abs(candidate_md - centre))
+    plausible = np.abs(candidate_md - centre) <= 3 * spread
+    return ranked[plausible][:_CANDIDATE_FACTOR * n_keep]
+
+
+def _select_single_fibre(gtab, data, evecs, candidates, n_keep, kurtosis):
+    """The ``n_keep`` candidates (ranked by FA) best explained by one single-fibre profile."""
     chosen = candidates[:n_keep]
     directions = evecs[tuple(candidates.T)]
     all_signal = data[tuple(candidates.T)].astype(np.float64)
@@ -885,7 +904,7 @@ def _select_single_fibre(gtab, data, fa, evecs, candidates, n_keep, kurtosis):
     cosines = np.abs(directions @ np.asarray(gtab.bvecs, dtype=np.float64).T)
     bvals = np.asarray(gtab.bvals, dtype=np.float64)
     for _ in range(_SELECTION_ROUNDS):
-        profile, *_ = _pooled_fit(gtab, data, chosen, evecs[tuple(chosen.T)], True, kurtosis)
+        profile, _ = _pooled_fit(gtab, data, chosen, evecs[tuple(chosen.T)], kurtosis)
         predicted = profile(bvals[None, :], cosines)
         # Best scale per voxel, then the relative misfit of the common shape.
         scale = np.sum(predicted * all_signal, 1) / np.sum(predicted**2, 1)
@@ -909,8 +928,8 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
       at b <= 1500), refined recursively to those that one common
       single-fibre profile explains best (as DIPY's ``recursive_response``
       and MRtrix3's ``tournier`` algorithm refine theirs); at most
-      ``RESPONSE_VOXELS_MAX`` (300, MRtrix3's number), 10% of the mask on
-      small scans.
+      ``RESPONSE_VOXELS_MAX`` (300, MRtrix3's number), 2% of the mask (and
+      at least 5) on small scans.
     - **CSF**: the voxels of highest mean diffusivity among those above
       ``CSF_MIN_MD`` (2e-3 mm^2/s; free water diffuses at 3e-3, no tissue
       reaches 2e-3), mono-exponential, its decay measured at b <= 1500.
@@ -994,19 +1013,9 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     kurtosis = len(shell_bvals) - 1 >= 2
     bvals = np.concatenate([[0.0], shell_bvals[1:]])
 
-    voxels = {}
-    finite = inside & (fa > 0)
-    candidates = np.argwhere(finite)
-    candidates = candidates[np.argsort(-fa[finite], kind="stable")][:2 * _CANDIDATE_FACTOR * n_keep]
-    # Voxels whose b0 is corrupted look extremely anisotropic with an
-    # implausibly low MD (FA 1.0 at MD 0.04e-3 on DIPY's small_64D): drop the
-    # MD outliers (3 scaled median absolute deviations) of the candidates.
-    candidate_md = md[tuple(candidates.T)]
-    centre = np.median(candidate_md)
-    spread = 1.4826 * np.median(np.abs(candidate_md - centre))
-    plausible = np.abs(candidate_md - centre) <= 3 * spread
-    candidates = candidates[plausible][:_CANDIDATE_FACTOR * n_keep]
-    voxels["wm"] = _select_single_fibre(gtab, data, fa, evecs, candidates, n_keep, kurtosis)
+    voxels = {"wm": _select_single_fibre(gtab, data, evecs,
+                                         _wm_candidates(fa, md, inside, n_keep), n_keep,
+                                         kurtosis)}
     taken = np.zeros(inside.shape, dtype=bool)
     taken[tuple(voxels["wm"].T)] = True
     if "csf" in tissues:
@@ -1030,17 +1039,15 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     coefficients = []
     for tissue in kept:
         chosen = voxels[tissue]
-        anisotropic = tissue == "wm"
         if tissue == "csf":
             # CSF is mono-exponential; its voxels are rarely pure, and at
             # high b the tissue they share (and the noise floor) outweighs
             # the CSF, so its decay is measured where the tensor holds.
             low = _low_b_volumes(gtab)
-            profile, s0, _, _ = _pooled_fit(_subset(gtab, low), data[..., low], chosen, None,
-                                            False, False)
+            profile, s0 = _pooled_fit(_subset(gtab, low), data[..., low], chosen, None, False)
         else:
-            profile, s0, _, _ = _pooled_fit(gtab, data, chosen, evecs[tuple(chosen.T)],
-                                            anisotropic, kurtosis)
-        rows = s0 * profile.zonal(bvals, sh_order_max if anisotropic else 0)
+            directions = evecs[tuple(chosen.T)] if tissue == "wm" else None
+            profile, s0 = _pooled_fit(gtab, data, chosen, directions, kurtosis)
+        rows = s0 * profile.zonal(bvals, sh_order_max if tissue == "wm" else 0)
         coefficients.append(rows)
     return TissueResponse(kept, bvals, coefficients)

@@ -76,7 +76,7 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
         WM fODF SH NIfTI in DIPY's default basis (legacy descoteaux07).
     out_fractions : str
         4D NIfTI of volume fractions, one volume per tissue in the order of
-        the response (wm, gm, csf; wm only for single-shell data), recorded
+        the response (wm, gm, csf; wm and csf, or wm only, for single-shell data), recorded
         in the header's description.
     out_peaks : str
         DIPY ``.pam5`` peaks (with the SH coefficients and GFA).
@@ -132,7 +132,7 @@ class FitFlow(EsdmriWorkflow):
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
-        the order wm, gm, csf; wm only for single-shell data), DIPY peaks
+        the order wm, gm, csf; wm and csf, or wm only, for single-shell data), DIPY peaks
         (.pam5), the trained model (for esdmri_apply) and a training-curve
         figure.
 

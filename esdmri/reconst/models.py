@@ -8,6 +8,7 @@ with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and ``peaks``.
 
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class DeconvolutionConfig:
     spatial_kernel_size: int = 3
     spatial_layers: int = 1
     block_size: int = 8
-    normalize: object = None
+    normalize: Optional[bool] = None
     linear_prior: bool = True
     refine_steps: int = 100
     refine_lr: float = 1e-3
@@ -100,7 +101,7 @@ class _DeconvolutionModel(ReconstModel):
         and two or more diffusion-weighted shells (or a non-shelled scheme).
         With WM alone a unit integral would force every voxel onto the WM
         response's b-decay (GM- and CSF-like voxels could not be fitted:
-        signal error 0.27 against CSD's 0.10 on DIPY's small_64D). With b0
+        issue 16 reports a signal error of 0.27 against CSD's 0.10). With b0
         plus one shell the constraint trusts the b0 volumes exactly; on
         small_64D (one b0) the WM + CSF fit then depended on the seed (signal
         error 0.23 to 0.47, CSD 0.23) against 0.22 unconstrained, as in
