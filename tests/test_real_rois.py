@@ -140,10 +140,11 @@ def test_warnings_are_few_and_say_something(fits):
                for w in fits["small_25"]["warnings"])
     assert any("do not form well-separated shells" in str(w.message)
                for w in fits["small_101D"]["warnings"])
-    # Reading shm_coeff again warns about nothing.
+    # Reading shm_coeff again, or the peaks in DIPY's basis, warns about nothing.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fits["small_64D"]["fit"].shm_coeff
+        fits["small_64D"]["fit"].peaks()
 
 
 def test_response_of_non_shelled_roi_is_smooth_in_b():
