@@ -1013,9 +1013,11 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     kurtosis = len(shell_bvals) - 1 >= 2
     bvals = np.concatenate([[0.0], shell_bvals[1:]])
 
-    voxels = {"wm": _select_single_fibre(gtab, data, evecs,
-                                         _wm_candidates(fa, md, inside, n_keep), n_keep,
-                                         kurtosis)}
+    candidates = _wm_candidates(fa, md, inside, n_keep)
+    if len(candidates) == 0:
+        raise ValueError("no voxel of the mask has an anisotropic tensor (FA > 0): there "
+                         "is no white matter to take a WM response from")
+    voxels = {"wm": _select_single_fibre(gtab, data, evecs, candidates, n_keep, kurtosis)}
     taken = np.zeros(inside.shape, dtype=bool)
     taken[tuple(voxels["wm"].T)] = True
     if "csf" in tissues:

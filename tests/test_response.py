@@ -400,6 +400,10 @@ def test_estimate_response_tissues_follow_the_shells(gtab_3shell):
         estimate_response(gtab, phantom.data[..., single], tissues=("gm",))
     with pytest.raises(ValueError, match="data must have shape"):
         estimate_response(gtab, phantom.data)
+    isotropic = np.broadcast_to(phantom.data[..., single][:1, :1, :1, gtab.b0s_mask].mean(),
+                                (3, 3, 3, int(single.sum()))).copy()
+    with pytest.raises(ValueError, match="no voxel of the mask has an anisotropic tensor"):
+        estimate_response(gtab, isotropic)
 
 
 def test_at_bvals_interpolates_between_rows():
