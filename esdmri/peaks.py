@@ -10,6 +10,7 @@ exact), and :func:`peaks_to_dipy` wraps the result in DIPY's
 ``PeaksAndMetrics`` for ``.pam5`` files and EuDX tracking.
 """
 
+import warnings
 from functools import cache
 
 import numpy as np
@@ -286,8 +287,11 @@ def peaks_to_dipy(directions, values, shm_coeff, sphere=None, affine=None,
     peak_indices = np.where(
         has_peak, np.abs(peak_dirs @ sphere.vertices.T).argmax(axis=-1), -1).astype(np.int32)
 
-    sh_to_sf = sh_to_sf_matrix(sphere, sh_order_max=sh_order_max, basis_type=basis_type,
-                               legacy=legacy, return_inv=False)
+    with warnings.catch_warnings():
+        # DIPY's default (legacy) basis is the one asked for: no deprecation notice.
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        sh_to_sf = sh_to_sf_matrix(sphere, sh_order_max=sh_order_max, basis_type=basis_type,
+                                   legacy=legacy, return_inv=False)
     coeffs = shm_coeff.reshape(-1, shm_coeff.shape[-1]).astype(np.float64)
     gfa_map = np.zeros(coeffs.shape[0])
     odf_min = np.zeros(coeffs.shape[0])

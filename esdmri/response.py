@@ -588,6 +588,33 @@ class TissueResponse:
             raise ValueError(f"tissues {missing} are not in this response {self.tissues}")
         return TissueResponse(tuple(tissues), self.bvals, [self[t] for t in tissues])
 
+    def at_bvals(self, bvals):
+        """The response at other b-values, linear in b between its rows.
+
+        Used for the virtual shells of a non-shelled scan
+        (:class:`esdmri.shm.ShellInterpolator`), whose b-values lie between
+        the rows of a response estimated at every b-value cluster. Rows that
+        match (within 1e-6) are copied exactly.
+
+        Parameters
+        ----------
+        bvals : ndarray (S',)
+            Ascending, b0 first, within ``[0, max(self.bvals)]``.
+
+        Returns
+        -------
+        TissueResponse
+        """
+        bvals = np.asarray(bvals, dtype=np.float64)
+        if bvals.ndim != 1 or bvals.size == 0:
+            raise ValueError(f"bvals must be a non-empty (S,) array, got {bvals!r}")
+        if bvals.max() > self.bvals[-1] + DEFAULT_BVAL_TOLERANCE:
+            raise ValueError(f"bvals up to {bvals.max():g} are beyond this response's last "
+                             f"shell b={self.bvals[-1]:g}: it cannot be extrapolated")
+        coefficients = [np.stack([np.interp(bvals, self.bvals, column) for column in array.T],
+                                 axis=1) for array in self.coefficients]
+        return TissueResponse(self.tissues, bvals, coefficients)
+
     def normalized(self):
         """Each tissue divided by its own b0 signal ``r_{b0,0} / sqrt(4 pi)``.
 
@@ -833,24 +860,43 @@ class _LogPolynomialProfile:
         return 2.0 * np.pi * (values * weights) @ zonal
 
 
-def _pooled_fit(gtab, data, voxels, directions, anisotropic, kurtosis):
-    """Profile of the voxels ``voxels`` (K, 3 indices), signals divided by their b0."""
+def _pooled_fit(gtab, data, voxels, directions, kurtosis):
+    """Profile of ``voxels`` (K, 3 indices), each voxel's signal divided by its b0.
+
+    ``directions`` (K, 3) are the voxels' fibre axes, or None for an
+    isotropic tissue. Returns the profile and the mean b0 signal.
+    """
     signal = data[tuple(voxels.T)].astype(np.float64)
     b0 = signal[:, b0_mask(gtab)].mean(axis=1)
     normalized = signal / b0[:, None]
     bvals = np.broadcast_to(np.asarray(gtab.bvals, dtype=np.float64), normalized.shape)
-    cosines = None
-    if anisotropic:
-        bvecs = np.asarray(gtab.bvecs, dtype=np.float64)
-        cosines = np.abs(directions @ bvecs.T)
+    anisotropic = directions is not None
+    cosines = np.abs(directions @ np.asarray(gtab.bvecs, dtype=np.float64).T) \
+        if anisotropic else None
     profile = _LogPolynomialProfile(bvals, cosines, normalized, anisotropic, kurtosis)
-    return profile, float(b0.mean()), normalized, cosines
+    return profile, float(b0.mean())
 
 
-def _select_single_fibre(gtab, data, fa, evecs, candidates, n_keep, kurtosis):
-    """The ``n_keep`` candidates best explained by a common single-fibre profile."""
-    order = np.argsort(-fa[tuple(candidates.T)], kind="stable")
-    candidates = candidates[order]
+def _wm_candidates(fa, md, inside, n_keep):
+    """The most anisotropic voxels, without mean-diffusivity outliers.
+
+    Voxels whose b0 is corrupted look extremely anisotropic with an
+    implausibly low MD (FA 1.0 at MD 0.04e-3 on DIPY's small_64D): the
+    candidates beyond 3 scaled median absolute deviations of their median MD
+    are dropped.
+    """
+    usable = inside & (fa > 0)
+    ranked = np.argwhere(usable)[np.argsort(-fa[usable], kind="stable")]
+    ranked = ranked[:2 * _CANDIDATE_FACTOR * n_keep]
+    candidate_md = md[tuple(ranked.T)]
+    centre = np.median(candidate_md)
+    spread = 1.4826 * np.median(np.abs(candidate_md - centre))
+    plausible = np.abs(candidate_md - centre) <= 3 * spread
+    return ranked[plausible][:_CANDIDATE_FACTOR * n_keep]
+
+
+def _select_single_fibre(gtab, data, evecs, candidates, n_keep, kurtosis):
+    """The ``n_keep`` candidates (ranked by FA) best explained by one single-fibre profile."""
     chosen = candidates[:n_keep]
     directions = evecs[tuple(candidates.T)]
     all_signal = data[tuple(candidates.T)].astype(np.float64)
@@ -858,7 +904,7 @@ def _select_single_fibre(gtab, data, fa, evecs, candidates, n_keep, kurtosis):
     cosines = np.abs(directions @ np.asarray(gtab.bvecs, dtype=np.float64).T)
     bvals = np.asarray(gtab.bvals, dtype=np.float64)
     for _ in range(_SELECTION_ROUNDS):
-        profile, *_ = _pooled_fit(gtab, data, chosen, evecs[tuple(chosen.T)], True, kurtosis)
+        profile, _ = _pooled_fit(gtab, data, chosen, evecs[tuple(chosen.T)], kurtosis)
         predicted = profile(bvals[None, :], cosines)
         # Best scale per voxel, then the relative misfit of the common shape.
         scale = np.sum(predicted * all_signal, 1) / np.sum(predicted**2, 1)
@@ -882,14 +928,14 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
       at b <= 1500), refined recursively to those that one common
       single-fibre profile explains best (as DIPY's ``recursive_response``
       and MRtrix3's ``tournier`` algorithm refine theirs); at most
-      ``RESPONSE_VOXELS_MAX`` (300, MRtrix3's number), 10% of the mask on
-      small scans.
+      ``RESPONSE_VOXELS_MAX`` (300, MRtrix3's number), 2% of the mask (and
+      at least 5) on small scans.
     - **CSF**: the voxels of highest mean diffusivity among those above
       ``CSF_MIN_MD`` (2e-3 mm^2/s; free water diffuses at 3e-3, no tissue
       reaches 2e-3), mono-exponential, its decay measured at b <= 1500.
     - **GM**: among the voxels with FA below 0.2 (DIPY's threshold) and MD
-      below ``CSF_MIN_MD``, those of the most typical MD (nearest the
-      median).
+      below ``CSF_MIN_MD``, the least anisotropic of the lower half by MD
+      (CSF partial volume raises the MD).
 
     Each tissue's signal, pooled over its voxels (each divided by its b0),
     is fitted as a smooth function of b and of the angle to the fibre: an
@@ -967,19 +1013,11 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     kurtosis = len(shell_bvals) - 1 >= 2
     bvals = np.concatenate([[0.0], shell_bvals[1:]])
 
-    voxels = {}
-    finite = inside & (fa > 0)
-    candidates = np.argwhere(finite)
-    candidates = candidates[np.argsort(-fa[finite], kind="stable")][:2 * _CANDIDATE_FACTOR * n_keep]
-    # Voxels whose b0 is corrupted look extremely anisotropic with an
-    # implausibly low MD (FA 1.0 at MD 0.04e-3 on DIPY's small_64D): drop the
-    # MD outliers (3 scaled median absolute deviations) of the candidates.
-    candidate_md = md[tuple(candidates.T)]
-    centre = np.median(candidate_md)
-    spread = 1.4826 * np.median(np.abs(candidate_md - centre))
-    plausible = np.abs(candidate_md - centre) <= 3 * spread
-    candidates = candidates[plausible][:_CANDIDATE_FACTOR * n_keep]
-    voxels["wm"] = _select_single_fibre(gtab, data, fa, evecs, candidates, n_keep, kurtosis)
+    candidates = _wm_candidates(fa, md, inside, n_keep)
+    if len(candidates) == 0:
+        raise ValueError("no voxel of the mask has an anisotropic tensor (FA > 0): there "
+                         "is no white matter to take a WM response from")
+    voxels = {"wm": _select_single_fibre(gtab, data, evecs, candidates, n_keep, kurtosis)}
     taken = np.zeros(inside.shape, dtype=bool)
     taken[tuple(voxels["wm"].T)] = True
     if "csf" in tissues:
@@ -990,10 +1028,11 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     if "gm" in tissues:
         pool = inside & ~taken & (fa < ISOTROPIC_MAX_FA) & (md < CSF_MIN_MD) & (md > 0)
         found = np.argwhere(pool)
-        # The most typical isotropic voxels: MD nearest the pool's median,
-        # away from CSF partial volume (high MD) and from crossing WM.
-        typical = np.abs(md[pool] - np.median(md[pool])) if pool.any() else md[pool]
-        voxels["gm"] = found[np.argsort(typical, kind="stable")][:n_keep]
+        # The lower half of the pool by MD (CSF partial volume raises it),
+        # then the least anisotropic (crossing WM has some anisotropy left).
+        if pool.any():
+            found = found[md[pool] <= np.median(md[pool])]
+        voxels["gm"] = found[np.argsort(fa[tuple(found.T)], kind="stable")][:n_keep]
     empty = [t for t in tissues if t != "wm" and len(voxels[t]) == 0]
     kept = tuple(t for t in TISSUES if t in tissues and t not in empty)
     if empty:
@@ -1002,17 +1041,15 @@ def estimate_response(gtab, data, mask=None, sh_order_max=8, tissues=None):
     coefficients = []
     for tissue in kept:
         chosen = voxels[tissue]
-        anisotropic = tissue == "wm"
         if tissue == "csf":
             # CSF is mono-exponential; its voxels are rarely pure, and at
             # high b the tissue they share (and the noise floor) outweighs
             # the CSF, so its decay is measured where the tensor holds.
             low = _low_b_volumes(gtab)
-            profile, s0, _, _ = _pooled_fit(_subset(gtab, low), data[..., low], chosen, None,
-                                            False, False)
+            profile, s0 = _pooled_fit(_subset(gtab, low), data[..., low], chosen, None, False)
         else:
-            profile, s0, _, _ = _pooled_fit(gtab, data, chosen, evecs[tuple(chosen.T)],
-                                            anisotropic, kurtosis)
-        rows = s0 * profile.zonal(bvals, sh_order_max if anisotropic else 0)
+            directions = evecs[tuple(chosen.T)] if tissue == "wm" else None
+            profile, s0 = _pooled_fit(gtab, data, chosen, directions, kurtosis)
+        rows = s0 * profile.zonal(bvals, sh_order_max if tissue == "wm" else 0)
         coefficients.append(rows)
     return TissueResponse(kept, bvals, coefficients)

@@ -21,12 +21,14 @@ coloured like MRtrix3 and DIPY, red/green/blue = ``|x|, |y|, |z|`` of the
 direction in voxel axes.
 """
 
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from dipy.core.sphere import Sphere
 from dipy.reconst.shm import sh_to_sf_matrix
+from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.figure import Figure
@@ -158,7 +160,7 @@ def _outline_bins(in_plane_xy, from_grid):
 
 
 def odf_glyph_outlines(shm_coeff, axis=2, index=None, sphere=None,
-                       basis_type="descoteaux07", legacy=False, mask=None,
+                       basis_type="descoteaux07", legacy=None, mask=None,
                        scale=0.9, norm="max"):
     """Outlines of fODF glyphs of one slice, projected onto the slice plane.
 
@@ -185,8 +187,10 @@ def odf_glyph_outlines(shm_coeff, axis=2, index=None, sphere=None,
         exact at every outline angle.
     basis_type : {"descoteaux07", "tournier07"}
         SH basis of ``shm_coeff``.
-    legacy : bool
-        DIPY's legacy version of the basis.
+    legacy : bool, optional
+        DIPY's legacy version of the basis. Default: legacy for
+        ``descoteaux07`` (DIPY's default basis, that of ``fit.shm_coeff``
+        and of DIPY's CSD), non-legacy for ``tournier07`` (MRtrix3's).
     mask : ndarray (X, Y, Z), optional
         Voxels to draw; voxels whose fODF is not positive anywhere or not
         finite are always skipped.
@@ -228,8 +232,13 @@ def odf_glyph_outlines(shm_coeff, axis=2, index=None, sphere=None,
         vertices = np.concatenate([sphere.vertices, -sphere.vertices])
     else:
         raise TypeError(f"sphere must be a dipy Sphere or None, got {type(sphere).__name__}")
-    basis = sh_to_sf_matrix(Sphere(xyz=vertices), sh_order_max=sh_order_max,
-                            basis_type=basis_type, legacy=legacy, return_inv=False)
+    if legacy is None:
+        legacy = basis_type == "descoteaux07"
+    with warnings.catch_warnings():
+        # The legacy basis is DIPY's default; reading it is not a mistake.
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        basis = sh_to_sf_matrix(Sphere(xyz=vertices), sh_order_max=sh_order_max,
+                                basis_type=basis_type, legacy=legacy, return_inv=False)
     in_plane_xy = vertices[:, in_plane]
     table = _outline_bins(in_plane_xy, from_grid=sphere is None)
     projected_norm = np.hypot(in_plane_xy[:, 0], in_plane_xy[:, 1])
@@ -270,7 +279,7 @@ def odf_glyph_outlines(shm_coeff, axis=2, index=None, sphere=None,
 
 
 def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
-                   basis_type="descoteaux07", legacy=False, background=None,
+                   basis_type="descoteaux07", legacy=None, background=None,
                    mask=None, scale=0.9, ax=None, norm="max"):
     """Draw fODF glyphs of one slice, optionally over a background map.
 
@@ -284,8 +293,10 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
     Parameters
     ----------
     shm_coeff : ndarray (X, Y, Z, C)
-        Even-order SH coefficients of the fODF (DIPY ``descoteaux07``,
-        non-legacy, by default).
+        Even-order SH coefficients of the fODF, by default in DIPY's default
+        basis (legacy ``descoteaux07``): ``fit.shm_coeff`` of esdmri's models
+        and DIPY's CSD plot as they are; pass ``legacy=False`` for
+        ``fit.shm_coeff_descoteaux07``.
     axis : int
         Array axis normal to the slice (2: axial, 1: coronal, 0: sagittal).
     index : int, optional
@@ -293,7 +304,8 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
     sphere : dipy.core.sphere.Sphere, optional
         Sampling directions; default: a dense grid in the slice frame.
     basis_type : {"descoteaux07", "tournier07"}
-    legacy : bool
+    legacy : bool, optional
+        See :func:`odf_glyph_outlines` (default: legacy for descoteaux07).
     background : ndarray (X, Y, Z), optional
         Scalar map (GFA, FA, a fraction) drawn in grey below the glyphs.
     mask : ndarray (X, Y, Z), optional
@@ -339,14 +351,16 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
 # --------------------------------------------------------------------------
 
 def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
-                     background=None, scale=0.9, linewidth=1.5):
+                     background=None, scale=1.0, linewidth=2.0, color="white"):
     """Draw peaks of one slice as line segments through the voxel centres.
 
     Each peak is the segment ``centre +- (scale / 2) w P d`` for its unit
     direction ``d`` projected onto the slice plane (``P``), so peaks leaving
     the plane shorten; ``w`` is the peak value over the voxel's largest value
-    when ``values`` is given, else 1. Colours: ``|d|`` as RGB. Can be drawn on
-    the Axes of :func:`plot_odf_slice` to overlay peaks on glyphs.
+    when ``values`` is given, else 1. Drawn over the glyphs of
+    :func:`plot_odf_slice` (on its Axes), the default peaks stand out: white
+    with a black edge and the full voxel width, where the glyphs are
+    direction-coloured and span 90% of it.
 
     Parameters
     ----------
@@ -366,6 +380,9 @@ def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
         Length of a full-value in-plane peak, in voxels.
     linewidth : float
         Line width in points.
+    color : matplotlib colour or "direction"
+        One colour for every peak (with a black edge), or "direction" for
+        ``|d|`` as RGB without edge (a peak map on its own).
 
     Returns
     -------
@@ -402,9 +419,15 @@ def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
     half = (scale / 2) * weight[a, b, p, None] * unit[:, in_plane]
     centre = np.stack([a, b], axis=-1).astype(float)
     segments = np.stack([centre - half, centre + half], axis=1)
-    ax.add_collection(LineCollection(segments, colors=np.abs(unit),
-                                     linewidths=linewidth, capstyle="round", zorder=3),
-                      autolim=False)
+    if isinstance(color, str) and color == "direction":
+        lines = LineCollection(segments, colors=np.abs(unit), linewidths=linewidth,
+                               capstyle="round", zorder=3)
+    else:
+        lines = LineCollection(segments, colors=[color], linewidths=linewidth,
+                               capstyle="round", zorder=3)
+        lines.set_path_effects([patheffects.withStroke(linewidth=linewidth + 1.5,
+                                                       foreground="black")])
+    ax.add_collection(lines, autolim=False)
     return ax
 
 

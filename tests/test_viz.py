@@ -11,6 +11,7 @@ from dipy.data import default_sphere, get_sphere  # noqa: E402
 from dipy.reconst.shm import sf_to_sh  # noqa: E402
 from dipy.sims.voxel import multi_tensor_odf  # noqa: E402
 
+from esdmri.shm import descoteaux_to_legacy  # noqa: E402
 from esdmri.viz import (  # noqa: E402
     binned_mean_std,
     odf_glyph_outlines,
@@ -34,17 +35,19 @@ def close_figures():
     plt.close("all")
 
 
-def fodf_sh(angles, fractions, sh_order_max=8):
-    """Non-legacy descoteaux07 SH of a multi-tensor ODF, fibres at (theta, phi)."""
+def fodf_sh(angles, fractions, sh_order_max=8, legacy=True):
+    """SH of a multi-tensor ODF, fibres at (theta, phi), in DIPY's default
+    (legacy descoteaux07) basis, the default of the plotting functions."""
     odf = multi_tensor_odf(FIT_SPHERE.vertices, EVALS[:len(angles)], angles, fractions)
     return sf_to_sh(odf, FIT_SPHERE, sh_order_max=sh_order_max,
-                    basis_type="descoteaux07", legacy=False)
+                    basis_type="descoteaux07", legacy=legacy)
 
 
 def function_sh(function, sh_order_max=8):
-    """SH of a polynomial function of the direction (exact for its degree)."""
+    """SH (DIPY's default basis) of a polynomial function of the direction
+    (exact for its degree)."""
     return sf_to_sh(function(FIT_SPHERE.vertices), FIT_SPHERE,
-                    sh_order_max=sh_order_max, basis_type="descoteaux07", legacy=False)
+                    sh_order_max=sh_order_max, basis_type="descoteaux07", legacy=True)
 
 
 def volume(coeffs, shape=(1, 1, 1)):
@@ -254,7 +257,7 @@ def peak_volume():
 
 def test_peak_segments_are_projected_and_scaled():
     directions, values = peak_volume()
-    ax = plot_peaks_slice(directions, values)
+    ax = plot_peaks_slice(directions, values, scale=0.9)
     segments = np.array(ax.collections[-1].get_segments())
     expected = np.array([
         [[-0.45, 0], [0.45, 0]],
@@ -262,12 +265,16 @@ def test_peak_segments_are_projected_and_scaled():
         [[1 - 0.45 * np.sin(np.radians(30)), 0], [1 + 0.45 * np.sin(np.radians(30)), 0]],
     ])
     np.testing.assert_allclose(segments, expected, atol=1e-12)
+    # Default overlay: one colour (white), unlike the direction-coloured glyphs.
+    np.testing.assert_allclose(ax.collections[-1].get_colors()[:, :3], [[1, 1, 1]])
+    ax = plot_peaks_slice(directions, values, color="direction", scale=0.9)
     colours = ax.collections[-1].get_colors()[:, :3]
     np.testing.assert_allclose(colours[0], [1, 0, 0])
-    # Without values every peak spans the full scale.
+    # Without values every peak spans the full scale: by default the whole
+    # voxel, longer than the glyphs (90% of it), so an overlay shows.
     ax = plot_peaks_slice(directions)
     half = np.abs(np.diff(np.array(ax.collections[-1].get_segments()), axis=1)).max(-1) / 2
-    np.testing.assert_allclose(half.ravel(), [0.45, 0.45, 0.45 * np.sin(np.radians(30))])
+    np.testing.assert_allclose(half.ravel(), [0.5, 0.5, 0.5 * np.sin(np.radians(30))])
 
 
 def test_peak_images_differ_by_direction():
@@ -277,12 +284,40 @@ def test_peak_images_differ_by_direction():
     images = []
     for directions in (along_x, along_y):
         fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
-        plot_peaks_slice(directions, ax=ax, linewidth=3)
+        plot_peaks_slice(directions, ax=ax, linewidth=3, color="direction")
         images.append(render(fig))
     width, height = pixel_extent(images[0])
     assert width > 5 * height
     width, height = pixel_extent(images[1])
     assert height > 5 * width
+
+
+def test_peak_overlay_is_visible_on_glyphs():
+    # Over the glyph of its own fibre the default peak is longer (the whole
+    # voxel against 90% of it) and white with a black edge, not the glyph's
+    # direction colour.
+    centres, outlines, _ = odf_glyph_outlines(volume(fodf_sh([X_AXIS], [100])))
+    glyph_half = np.abs(outlines[0, :, 0] - centres[0, 0]).max()
+    peaks = np.full((1, 1, 1, 1, 3), np.nan)
+    peaks[0, 0, 0, 0] = [1, 0, 0]
+    ax = plot_peaks_slice(peaks)
+    segment = np.array(ax.collections[-1].get_segments())[0]
+    assert np.ptp(segment[:, 0]) / 2 > glyph_half + 0.04
+    assert ax.collections[-1].get_colors()[0, :3].tolist() == [1, 1, 1]
+    assert ax.collections[-1].get_path_effects()
+
+
+def test_default_basis_is_that_of_fit_shm_coeff():
+    # fit.shm_coeff is in DIPY's legacy basis: plotted by default it gives the
+    # glyph of the non-legacy coefficients plotted with legacy=False.
+    non_legacy = volume(fodf_sh([(60, 40), (90, 100)], [60, 40], legacy=False))
+    legacy = descoteaux_to_legacy(non_legacy, 8)
+    assert not np.allclose(legacy, non_legacy)
+    _, default, _ = odf_glyph_outlines(legacy)
+    _, explicit, _ = odf_glyph_outlines(non_legacy, legacy=False)
+    np.testing.assert_allclose(default, explicit, atol=1e-9)
+    _, wrong, _ = odf_glyph_outlines(non_legacy)
+    assert np.abs(wrong - explicit).max() > 0.05
 
 
 def test_peak_input_errors():

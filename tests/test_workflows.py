@@ -41,6 +41,7 @@ from esdmri.workflows.io import run_workflow
 from esdmri.workflows.plot import PlotFlow
 from esdmri.workflows.response import ResponseFlow
 from esdmri.workflows.track import TrackFlow
+from esdmri.workflows import track as track_module
 
 SHAPE = (8, 8, 8)
 SPHERE = get_sphere(name="repulsion724")
@@ -231,6 +232,27 @@ def test_subjects_writing_the_same_file_are_refused(phantom, tmp_path, in_proces
 # esdmri_fit / esdmri_apply
 # --------------------------------------------------------------------------
 
+def test_cli_defaults_are_the_api_defaults():
+    # One source of truth: esdmri_fit once trained a network 16x as costly as
+    # RTESDModel's default (nside 8, depth 3, block 12, batch 4 against 4, 2, 8, 1).
+    import inspect
+
+    from esdmri.reconst.models import RTESDModel
+    from esdmri.train import train_group
+    from esdmri.workflows.train import TrainFlow
+    api = inspect.signature(RTESDModel.__init__).parameters
+    group = inspect.signature(train_group).parameters
+    for flow, training in ((FitFlow, api), (TrainFlow, group)):
+        cli = inspect.signature(flow.run).parameters
+        for name in ("sh_order_max", "nside", "depth", "filter_start", "block_size"):
+            assert cli[name].default == api[name].default, (flow.__name__, name)
+        for name in ("epochs", "batch_size", "lr", "seed", "device"):
+            assert cli[name].default == training[name].default, (flow.__name__, name)
+    fit_cli = inspect.signature(FitFlow.run).parameters
+    for name in ("refine_steps", "total_variation"):
+        assert fit_cli[name].default == api[name].default
+
+
 def test_fit_writes_consistent_outputs(phantom, fitted):
     shm = nib.load(fitted / "fodf_sh.nii.gz").get_fdata()
     assert shm.shape == SHAPE + (15,)
@@ -305,6 +327,25 @@ def test_deterministic_tracking_follows_an_oblique_fibre(tmp_path):
     assert np.degrees(np.arccos(np.clip(cosine.min(), 0, 1))) < 5
     points = np.concatenate(list(tractogram.streamlines))
     assert points.min() >= -0.5 and points.max() <= 9.5  # identity affine: RAS mm = voxels
+
+
+def test_default_stopping_map_stops_where_the_fodf_is_small(tmp_path, in_process):
+    # Same fODF shape everywhere (same GFA), 20x smaller for x >= 5 (CSF- or
+    # GM-like voxels of an unnormalised fit): the default map, the relative
+    # peak amplitude, stops there; GFA (the former default) tracked through.
+    shape = (10, 4, 4)
+    weights = np.where(np.arange(shape[0]) < 5, 1.0, 0.05)[:, None, None, None]
+    weights = np.broadcast_to(weights, shape + (1,))
+    sh = lobe_sh(np.broadcast_to([1.0, 0.0, 0.0], shape + (1, 3)), weights, sh_order_max=8)
+    save_nifti(tmp_path / "sh.nii.gz", sh)
+    in_process(TrackFlow(), tmp_path / "sh.nii.gz", "--min_length", 1, "--out_dir", tmp_path)
+    tractogram = load_tractogram(str(tmp_path / "tractogram.trk"), "same")
+    points = np.concatenate(list(tractogram.streamlines))
+    assert len(tractogram.streamlines) > 0
+    assert points[:, 0].max() < 5.0  # never beyond the last strong voxel (x = 4)
+    amplitude = track_module.sh_peak_amplitude(sh)
+    np.testing.assert_allclose(amplitude[:5], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(amplitude[5:], 0.05, rtol=1e-6)
 
 
 def test_probabilistic_tracking_from_pam5_to_trx(fitted, tmp_path, in_process):

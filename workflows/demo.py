@@ -367,7 +367,8 @@ class DemoFlow(EsdmriWorkflow):
     def _figures(self, files, phantom, rtesd_sh, csd_sh, fit, rtesd_dirs, csd_dirs):
         truth = phantom.fibre_dirs
         wm_fraction = phantom.tissue_fractions[..., 0]
-        ax = plot_peaks_slice(truth, phantom.fibre_fractions, background=wm_fraction)
+        ax = plot_peaks_slice(truth, phantom.fibre_fractions, background=wm_fraction,
+                              color="direction")
         ax.set_title(f"true fibres over the true WM fraction, {ax.get_title()}")
         self._save(ax, files["figure_truth"])
         for method, coefficients, background in (
@@ -375,7 +376,7 @@ class DemoFlow(EsdmriWorkflow):
                 ("csd", csd_sh, wm_fraction)):
             # Glyph sizes show fODF amplitude, so partial-volume voxels look small.
             ax = plot_odf_slice(coefficients, mask=phantom.mask, background=background,
-                                norm="global")
+                                norm="global", legacy=False)
             label = "RT-ESD fODFs over its WM fraction" if method == "rtesd" else \
                 "CSD fODFs over the true WM fraction"
             ax.set_title(f"{label}, {ax.get_title()}")

@@ -10,11 +10,13 @@ fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 --response_gm gm.txt --response_csf csf.txt --tournier``.
 """
 
+import inspect
+
 import matplotlib.pyplot as plt
 import numpy as np
 
 from esdmri.reconst.inputs import check_data
-from esdmri.reconst.models import MODEL_CLASSES
+from esdmri.reconst.models import MODEL_CLASSES, RTESDModel
 from esdmri.response import TissueResponse, estimate_response
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
@@ -22,6 +24,22 @@ from esdmri.viz import plot_training_curves, save_figure
 from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
                  match_optional, run_workflow, save_map, save_peaks, verbose_logging)
 from .io import logger
+
+
+def api_defaults(function):
+    """Default argument values of an API function, name -> value.
+
+    The command-line workflows take their defaults from here, so that a
+    command and the Python call it wraps cannot drift apart (they did:
+    ``esdmri_fit`` once trained a network 16x as costly as ``RTESDModel``).
+    """
+    return {name: parameter.default
+            for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+# Every ESD-family model shares RTESDModel's signature.
+MODEL_DEFAULTS = api_defaults(RTESDModel.__init__)
 
 
 def read_responses(response_wm=None, response_gm=None, response_csf=None):
@@ -58,7 +76,7 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
         WM fODF SH NIfTI in DIPY's default basis (legacy descoteaux07).
     out_fractions : str
         4D NIfTI of volume fractions, one volume per tissue in the order of
-        the response (wm, gm, csf; wm only for single-shell data), recorded
+        the response (wm, gm, csf; wm and csf, or wm only, for single-shell data), recorded
         in the header's description.
     out_peaks : str
         DIPY ``.pam5`` peaks (with the SH coefficients and GFA).
@@ -94,9 +112,14 @@ class FitFlow(EsdmriWorkflow):
 
     def run(self, input_files, bvalues_files, bvectors_files, mask=None,
             response_wm=None, response_gm=None, response_csf=None, model="rtesd",
-            b0_threshold=50.0, sh_order_max=8, nside=8, depth=3, filter_start=8,
-            block_size=12, epochs=30, batch_size=4, lr=1.7e-3, total_variation=0.0,
-            refine_steps=100, device="cpu", seed=0, tournier=False,
+            b0_threshold=50.0, sh_order_max=MODEL_DEFAULTS["sh_order_max"],
+            nside=MODEL_DEFAULTS["nside"], depth=MODEL_DEFAULTS["depth"],
+            filter_start=MODEL_DEFAULTS["filter_start"],
+            block_size=MODEL_DEFAULTS["block_size"], epochs=MODEL_DEFAULTS["epochs"],
+            batch_size=MODEL_DEFAULTS["batch_size"], lr=MODEL_DEFAULTS["lr"],
+            total_variation=MODEL_DEFAULTS["total_variation"],
+            refine_steps=MODEL_DEFAULTS["refine_steps"], device=MODEL_DEFAULTS["device"],
+            seed=MODEL_DEFAULTS["seed"], tournier=False,
             relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
             out_fractions="fractions.nii.gz", out_peaks="peaks.pam5",
@@ -109,7 +132,7 @@ class FitFlow(EsdmriWorkflow):
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
-        the order wm, gm, csf; wm only for single-shell data), DIPY peaks
+        the order wm, gm, csf; wm and csf, or wm only, for single-shell data), DIPY peaks
         (.pam5), the trained model (for esdmri_apply) and a training-curve
         figure.
 
@@ -127,8 +150,7 @@ class FitFlow(EsdmriWorkflow):
         response_wm : string, optional
             MRtrix3 WM response file (e.g. from esdmri_response or
             dwi2response); default: estimated from each scan inside the mask
-            as esdmri_response does with its default thresholds (DIPY's MSMT
-            estimator for multi-shell scans, auto_response_ssst otherwise).
+            with the estimator of esdmri_response and of the Python API.
         response_gm : string, optional
             MRtrix3 GM response file.
         response_csf : string, optional
@@ -139,7 +161,8 @@ class FitFlow(EsdmriWorkflow):
         b0_threshold : float, optional
             b-values up to this count as b0.
         sh_order_max : int, optional
-            Even SH order of the WM fODF.
+            Even SH order of the WM fODF. This and the network and training
+            options below default to the Python API's (esdmri.reconst.RTESDModel).
         nside : int, optional
             HEALPix resolution of the network's sphere (a power of 2).
         depth : int, optional

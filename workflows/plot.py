@@ -107,8 +107,9 @@ class PlotFlow(EsdmriWorkflow):
                 background=(None if background_path is None
                             else load_background(background_path, spatial_shape)))
             if peaks:
+                # Default overlay: white, a voxel long, over the coloured glyphs.
                 plot_peaks_slice(pam.peak_dirs, pam.peak_values, axis=axis, index=index,
-                                 ax=ax, scale=scale)
+                                 ax=ax)
             save_figure(ax.figure, png_path, force=True, dpi=dpi)
             plt.close(ax.figure)
             files = [png_path]

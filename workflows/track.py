@@ -3,13 +3,14 @@
 Examples
 --------
 ``esdmri_track fit/fodf_sh.nii.gz --out_dir fit`` seeds and stops on the
-fODF's GFA (> 0.2); ``esdmri_track fit/peaks.pam5 --seeds wm_mask.nii.gz
+fODF's relative peak amplitude (> 0.2); ``esdmri_track fit/peaks.pam5 --seeds wm_mask.nii.gz
 --stop fit/fractions.nii.gz --threshold 0.5 --tracker prob
 --out_tractogram prob.trx`` seeds in a mask and stops where the WM fraction
 (first volume of the fractions map) drops below 0.5.
 """
 
 import math
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,6 @@ import numpy as np
 from dipy.data import default_sphere
 from dipy.direction import DeterministicMaximumDirectionGetter, ProbabilisticDirectionGetter
 from dipy.io.stateful_tractogram import Space, StatefulTractogram
-from dipy.reconst.odf import gfa
 from dipy.reconst.shm import sh_to_sf
 from dipy.tracking import utils
 from dipy.tracking.local_tracking import LocalTracking
@@ -34,8 +34,28 @@ TRACKERS = {"det": DeterministicMaximumDirectionGetter, "prob": ProbabilisticDir
 TRACTOGRAM_FORMATS = (".trk", ".trx", ".tck")
 
 
-def sh_gfa(shm_coeff, sphere=default_sphere):
-    """Generalised fractional anisotropy of SH fODFs (DIPY default basis).
+def _sh_to_sf_legacy(shm_coeff, sphere):
+    sh_order_max = sh_order_from_coeffs(shm_coeff.shape[-1])
+    with warnings.catch_warnings():
+        # DIPY's default (legacy) basis is what esdmri_fit writes.
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return sh_to_sf(shm_coeff, sphere, sh_order_max=sh_order_max,
+                        basis_type="descoteaux07", legacy=True)
+
+
+# The amplitude map is relative to this percentile of the voxels' peak
+# amplitudes, so a few outlier voxels do not set the scale.
+AMPLITUDE_REFERENCE_PERCENTILE = 99
+
+
+def sh_peak_amplitude(shm_coeff, sphere=default_sphere):
+    """Largest fODF value per voxel over its 99th percentile in the volume.
+
+    The default stopping map of ``esdmri_track``. Unlike GFA, which does not
+    depend on the fODF's scale (a deconvolved fODF is sharp everywhere, CSF
+    included: GFA >= 0.75 in every voxel of DIPY's small_64D), the amplitude
+    falls with the WM content of a voxel, so tracking stops in GM and CSF,
+    like MRtrix3's fODF amplitude cutoff.
 
     Parameters
     ----------
@@ -45,14 +65,14 @@ def sh_gfa(shm_coeff, sphere=default_sphere):
 
     Returns
     -------
-    gfa : ndarray, shape (X, Y, Z)
-        0 where the fODF is zero.
+    amplitude : ndarray, shape (X, Y, Z)
+        >= 0; about 1 in the voxels of most WM, 0 where the fODF is not positive.
     """
-    sh_order_max = sh_order_from_coeffs(shm_coeff.shape[-1])
-    odf = sh_to_sf(shm_coeff, sphere, sh_order_max=sh_order_max, basis_type="descoteaux07",
-                   legacy=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.nan_to_num(gfa(odf))
+    peak = np.clip(np.nan_to_num(_sh_to_sf_legacy(shm_coeff, sphere)).max(axis=-1), 0, None)
+    positive = peak[peak > 0]
+    if positive.size == 0:
+        return peak
+    return peak / np.percentile(positive, AMPLITUDE_REFERENCE_PERCENTILE)
 
 
 def track(shm_coeff, affine, stop_map, threshold=0.2, seed_mask=None, tracker="det",
@@ -168,8 +188,10 @@ class TrackFlow(EsdmriWorkflow):
         The fODF is read from a SH NIfTI (DIPY's default basis, as
         esdmri_fit writes it) or from the SH coefficients of a .pam5 file.
         Tracking goes on while the stopping map exceeds the threshold; the
-        stopping map defaults to the fODF's GFA and the seeds to the voxels
-        above the threshold. Streamlines are saved in RAS mm against the
+        stopping map defaults to the fODF's peak amplitude relative to its
+        99th percentile over the volume (it falls in GM and CSF, where GFA,
+        scale-free, stays high) and the seeds to the voxels above the
+        threshold. Streamlines are saved in RAS mm against the
         input grid: .trk by default, .trx or .tck when out_tractogram says so.
 
         Parameters
@@ -181,7 +203,7 @@ class TrackFlow(EsdmriWorkflow):
         stop : string, optional
             Stopping map: a NIfTI (e.g. GFA, or the fractions map of
             esdmri_fit, whose volume stop_volume is used: 0 is WM) or a .pam5
-            file (its GFA). Default: the GFA of the fODF.
+            file (its GFA). Default: the fODF's relative peak amplitude.
         threshold : float, optional
             Tracking stops where the stopping map falls to this value or below.
         stop_volume : int, optional
@@ -234,10 +256,8 @@ class TrackFlow(EsdmriWorkflow):
             shm_coeff, affine, pam = load_fodf(fodf_path)
             if stop_path is not None:
                 stop_map = load_stop_map(stop_path, stop_volume)
-            elif pam is not None and pam.gfa is not None:
-                stop_map = np.asarray(pam.gfa, dtype=float)
             else:
-                stop_map = sh_gfa(shm_coeff)
+                stop_map = sh_peak_amplitude(shm_coeff)
             seed_mask = (None if seed_path is None
                          else np.squeeze(read_nifti(seed_path, "seed mask")[0]) > 0)
             streamlines = track(

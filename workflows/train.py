@@ -27,9 +27,13 @@ from esdmri.reconst.subjects import Subject
 from esdmri.train import DistributedContext, train_group
 from esdmri.viz import plot_training_curves, save_figure
 
-from .fit import read_responses
+from .fit import MODEL_DEFAULTS, api_defaults, read_responses
 from .io import EsdmriWorkflow, run_workflow, verbose_logging
 from .io import logger
+
+# Group training has its own training defaults (train_group), the network
+# those of the models.
+GROUP_DEFAULTS = api_defaults(train_group)
 
 REQUIRED_COLUMNS = ("dwi", "bval", "bvec")
 OPTIONAL_COLUMNS = ("mask", "response_wm", "response_gm", "response_csf")
@@ -90,10 +94,15 @@ class TrainFlow(EsdmriWorkflow):
         return "esdmri_train"
 
     def run(self, subjects_file, response_wm=None, response_gm=None, response_csf=None,
-            model="rtesd", b0_threshold=50.0, sh_order_max=8, nside=8, depth=3,
-            filter_start=8, block_size=12, epochs=30, batch_size=4, lr=1.7e-3,
-            total_variation=0.0, device="cpu", precision="fp32", compile=False,
-            num_workers=0, resume=False, seed=0, out_dir="", out_model="model.pt",
+            model="rtesd", b0_threshold=50.0, sh_order_max=MODEL_DEFAULTS["sh_order_max"],
+            nside=MODEL_DEFAULTS["nside"], depth=MODEL_DEFAULTS["depth"],
+            filter_start=MODEL_DEFAULTS["filter_start"],
+            block_size=MODEL_DEFAULTS["block_size"], epochs=GROUP_DEFAULTS["epochs"],
+            batch_size=GROUP_DEFAULTS["batch_size"], lr=GROUP_DEFAULTS["lr"],
+            total_variation=MODEL_DEFAULTS["total_variation"], device=GROUP_DEFAULTS["device"],
+            precision=GROUP_DEFAULTS["precision"], compile=GROUP_DEFAULTS["compile"],
+            num_workers=GROUP_DEFAULTS["num_workers"], resume=False,
+            seed=GROUP_DEFAULTS["seed"], out_dir="", out_model="model.pt",
             out_checkpoint="checkpoint.pt", out_curve="training_curve.png"):
         """Train one equivariant deconvolution network on many scans.
 

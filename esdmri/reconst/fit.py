@@ -68,7 +68,23 @@ class DeconvolutionFit:
 
     @property
     def volume_fractions(self):
-        """Signal fraction of each tissue, dict name -> (X, Y, Z), summing to 1 in the mask."""
+        """Signal fraction of each tissue, dict name -> (X, Y, Z), summing to 1 in the mask.
+
+        The keys are the response's tissues, which depend on the scan (see
+        :func:`esdmri.response.estimate_response`):
+
+        - ``("wm", "gm", "csf")``: two or more diffusion-weighted shells, or
+          a non-shelled scheme (WM, GM and CSF signal fractions at b0).
+        - ``("wm", "csf")``: b0 plus one shell (as MSMT-CSD can separate), or
+          a multi-shell scan without GM voxels.
+        - ``("wm",)``: no CSF voxel found; the fraction is 1 in the mask
+          (nothing else is modelled) and the WM fODF integral
+          (``shm_coeff[..., 0] * sqrt(4 pi)``) carries the apparent fibre
+          density instead.
+
+        Code that works on any scan should iterate over the keys, e.g.
+        ``fit.volume_fractions.get("gm")``.
+        """
         fractions = fractions_of(self._coefficients, self._n_wm)
         total = fractions.sum(-1, keepdims=True)
         fractions = np.divide(fractions, total, out=np.zeros_like(fractions), where=total > 0)

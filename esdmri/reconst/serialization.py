@@ -141,8 +141,7 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
            if name not in ("conv_kind", "loss_weights")},
         sparsity=weights.sparsity, nonnegativity=weights.nonnegativity,
         total_variation=weights.total_variation)
-    n_shells = len(response.bvals)
-    model._build(n_shells)
+    model._build()
     model.network.load_state_dict(payload["state_dict"])
     model.training_history = payload["training_history"]
     return model
