@@ -28,15 +28,7 @@ from esdmri.testing import (ROTATE_Z_90, assert_equivariant, equivariance_error,
 SO3_ERROR_BOUND = 0.25
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/conftest.py
 
 
 def grid_z(x):
