@@ -528,9 +528,10 @@ def main():
                      f"{result['peak_infer_mib']:.0f} |")
     lines += ["", "Rotation equivariance of the spherical Chebyshev conv (K = 3, 1 -> 4 "
               "channels, hemisphere) under random SO(3) rotations, measured by "
-              "`esdmri.testing.rotation_equivariance_error` (`tests/test_equivariance.py` asserts it "
-              "below 0.25): band-limited even input (real SH up to order 4, rotated with "
-              "e3nn's Wigner-D), output of the rotated input against the rotated output "
+              "`esdmri.testing.rotation_equivariance_error` (`tests/test_equivariance.py` "
+              "asserts it below 0.25): band-limited even input (real SH up to order 4, "
+              "rotated with e3nn's Wigner-D), output of the rotated input against the rotated "
+              "output "
               "(least-squares even-SH fit of the output on the grid, rotated with Wigner-D, "
               "evaluated on the grid); relative L2 error, mean and max over 4 random rotations. "
               "The interpolation floor is the same comparison for the identity rotation. The "
