@@ -36,7 +36,6 @@ Usage::
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -362,11 +361,9 @@ def worker_matmul(task):
 
 
 def worker_equivariance(task):
-    spec = importlib.util.spec_from_file_location("test_equivariance",
-                                                  ROOT / "tests" / "test_equivariance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.rotation_equivariance_error(task["nside"], n_rotations=task["n_rotations"])
+    from esdmri.testing import rotation_equivariance_error
+
+    return rotation_equivariance_error(task["nside"], n_rotations=task["n_rotations"])
 
 
 WORKERS = dict(layer=worker_layer, check=worker_check, unet=worker_unet, matmul=worker_matmul,
@@ -531,9 +528,10 @@ def main():
                      f"{result['peak_infer_mib']:.0f} |")
     lines += ["", "Rotation equivariance of the spherical Chebyshev conv (K = 3, 1 -> 4 "
               "channels, hemisphere) under random SO(3) rotations, measured by "
-              "`rotation_equivariance_error` in `tests/test_equivariance.py` (which asserts it "
-              "below 0.25): band-limited even input (real SH up to order 4, rotated with "
-              "e3nn's Wigner-D), output of the rotated input against the rotated output "
+              "`esdmri.testing.rotation_equivariance_error` (`tests/test_equivariance.py` "
+              "asserts it below 0.25): band-limited even input (real SH up to order 4, "
+              "rotated with e3nn's Wigner-D), output of the rotated input against the rotated "
+              "output "
               "(least-squares even-SH fit of the output on the grid, rotated with Wigner-D, "
               "evaluated on the grid); relative L2 error, mean and max over 4 random rotations. "
               "The interpolation floor is the same comparison for the identity rotation. The "

@@ -9,7 +9,8 @@ first is reported, so interpreter start-up, process-group set-up and
 ``torch.compile`` time are left out; voxels/s counts each masked voxel once
 per epoch (each process sees its share of the blocks). Each
 process uses ``--threads`` / P torch threads, so the rows use the same
-cores (plus a row of one process on one thread). The batch is per process, so P processes take P times larger
+cores (plus a row of one process on one thread). The batch is per process, so P processes take
+P times larger
 optimiser steps (DDP's usual weak scaling of the batch).
 
 ``first_s`` is the first epoch with set-up (and compilation) since launch.

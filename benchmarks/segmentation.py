@@ -1,6 +1,6 @@
 """Lesion segmentation: SE(3)-equivariant pq-network vs a 3D CNN, by training-set size.
 
-Checks the claim of Mueller et al. (SPEC section 8): the equivariant network
+Checks the claim of Mueller et al. (ISMRM 2021): the equivariant network
 segments better than a non-equivariant 3D CNN of similar parameter count and
 matches it with a quarter of the training data. Both networks are trained on
 25 %, 50 % and 100 % of a set of lesion phantoms

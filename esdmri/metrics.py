@@ -1,6 +1,6 @@
 """Accuracy metrics: fODF peaks against ground truth, tissue fractions, segmentation.
 
-Peak metrics follow SPEC section 7. Directions are arrays ``(..., K, 3)`` over a
+Peak metrics as in ESD [1]_ and RT-ESD [2]_. Directions are arrays ``(..., K, 3)`` over a
 volume of voxels; a row that is NaN (or all zero, DIPY's padding) is an absent
 peak, so ground truth with 1 to 3 fibres per voxel and predictions with any
 number of peaks share one array layout. Directions are axes: ``v`` and ``-v``
@@ -14,6 +14,14 @@ are the same fibre.
   total angle) over all assignments; unmatched predictions are false
   positives, unmatched fibres false negatives;
 - success: as many peaks as fibres and every fibre matched.
+
+References
+----------
+.. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant spherical deconvolution:
+   learning sparse orientation distribution functions from spherical data.
+   IPMI 2021.
+.. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-equivariant networks for
+   spherical deconvolution in diffusion MRI. MIDL 2023.
 """
 
 from itertools import product

@@ -14,6 +14,19 @@ the antipodes of the children of ``p`` are exactly the children of the
 antipode of ``p``. Choosing the representatives among the 12 base pixels and
 keeping the children of kept pixels at every finer level therefore gives a
 kept set that is closed under the pyramid: pooling stays a reshape.
+
+The graph of the spherical convolutions is DeepSphere's nearest-neighbour
+graph [1]_ as the published RT-ESD code builds it [2]_, with equally far
+neighbours treated alike so that the graph keeps the grid's symmetries
+(:meth:`HealpixSphere.adjacency`; rotation equivariance measured in
+docs/benchmarks.md).
+
+References
+----------
+.. [1] Defferrard M, Milani M, Gusset F, Perraudin N. DeepSphere: a
+   graph-based spherical CNN. ICLR 2020.
+.. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-equivariant networks for
+   spherical deconvolution in diffusion MRI. MIDL 2023.
 """
 
 from functools import cached_property
@@ -23,6 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 from dipy.core.sphere import HemiSphere, Sphere
 from scipy.sparse.linalg import eigsh
+from scipy.spatial import cKDTree
 
 # One base pixel of each antipodal pair: the four northern polar pixels and two
 # equatorial ones (base pixel 4 + j is antipodal to 4 + (j + 2) % 4, and
@@ -32,6 +46,28 @@ _HEMISPHERE_BASE_PIXELS = np.array([0, 1, 2, 3, 4, 5])
 # Beyond this many vertices the largest eigenvalue is found iteratively.
 _DENSE_EIGEN_LIMIT = 1024
 
+# Neighbours per vertex of the sphere graph, as in DeepSphere's HEALPix graph.
+_N_NEIGHBOURS = 8
+
+# DeepSphere's Gaussian kernel widths for 8 neighbours, as pygsp's
+# SphereHealpix uses them in the published code: tuned for rotation
+# equivariance at nside 32 .. 1024, extrapolated (x2 per halving of nside)
+# below and halved beyond.
+DEEPSPHERE_KERNEL_WIDTHS = {1: 0.8, 2: 0.4, 4: 0.2, 8: 0.1, 16: 0.05, 32: 0.025,
+                            64: 0.01228, 128: 0.00614, 256: 0.00307, 512: 0.00154,
+                            1024: 0.00077, 2048: 0.000385}
+
+# esdmri's widths: DeepSphere's, retuned where the extrapolation was off. The
+# factors minimise the non-equivariant part of random Chebyshev filters
+# (K = 3, 5) on spherical harmonics of degree <= 8 (benchmarks/bench_graph.py
+# scans them; results in docs/benchmarks.md).
+_TUNED_WIDTH_FACTORS = {4: 1.1, 16: 0.95}
+KERNEL_WIDTHS = {nside: width * _TUNED_WIDTH_FACTORS.get(nside, 1.0)
+                 for nside, width in DEEPSPHERE_KERNEL_WIDTHS.items()}
+
+# Relative tolerance under which two neighbour distances count as equal.
+_TIE_TOLERANCE = 1e-9
+
 
 def _check_nside(nside):
     if isinstance(nside, bool) or not isinstance(nside, (int, np.integer)):
@@ -39,6 +75,68 @@ def _check_nside(nside):
     if nside < 1 or nside & (nside - 1):
         raise ValueError(f"nside must be a power of 2 (1, 2, 4, ...), got {nside}")
     return int(nside)
+
+
+def nearest_neighbour_adjacency(vertices, n_neighbours, width, ties="share"):
+    """Gaussian-weighted k-nearest-neighbour graph of points (DeepSphere).
+
+    Each vertex chooses its k nearest vertices (Euclidean distance), an edge
+    is kept if either end chose the other, and an edge of chord length ``d``
+    weighs ``2 ** -(d / w)**2``: pygsp's ``NNGraph`` with its Gaussian kernel,
+    which the published RT-ESD code uses through ``SphereHealpix``.
+
+    Parameters
+    ----------
+    vertices : ndarray, shape (V, 3)
+        Unit vectors.
+    n_neighbours : int
+        k.
+    width : float
+        Kernel width ``w``, the distance at which a weight falls to 1/2.
+    ties : {"share", "arbitrary"}, optional
+        When the k-th and (k+1)-th nearest vertices are equally far, as they
+        often are on a HEALPix grid: "arbitrary" lets a k-d tree pick, as
+        pygsp does (the published graph, which then lacks the symmetries of
+        the grid); "share" links all the tied vertices and splits the
+        remaining slots between them (an edge weighs ``s = free slots / tied
+        vertices`` times the kernel, the chance that a random pick takes
+        it), so every symmetry of the point set is kept.
+
+    Returns
+    -------
+    adjacency : scipy.sparse.csr_matrix, shape (V, V)
+        Symmetric, zero diagonal.
+
+    References
+    ----------
+    .. [1] Defferrard M, Milani M, Gusset F, Perraudin N. DeepSphere: a
+       graph-based spherical CNN. ICLR 2020.
+    """
+    if ties not in ("share", "arbitrary"):
+        raise ValueError(f'ties must be "share" or "arbitrary", got {ties!r}')
+    n_vertices = len(vertices)
+    tree = cKDTree(vertices)
+    distances, neighbours = tree.query(vertices, k=n_neighbours + 1)  # self included
+    if ties == "share":
+        kth = distances[:, -1]
+        linked = tree.query_ball_point(vertices, kth * (1 + _TIE_TOLERANCE))
+        rows = np.repeat(np.arange(n_vertices), [len(row) for row in linked])
+        cols = np.concatenate(linked)
+    else:
+        rows = np.repeat(np.arange(n_vertices), n_neighbours + 1)
+        cols = neighbours.ravel()
+    off_diagonal = rows != cols
+    rows, cols = rows[off_diagonal], cols[off_diagonal]
+    chords = np.linalg.norm(vertices[rows] - vertices[cols], axis=-1)
+    weights = np.exp2(-(chords / width) ** 2)
+    if ties == "share":
+        tied = chords > kth[rows] * (1 - _TIE_TOLERANCE)
+        closer = np.bincount(rows[~tied], minlength=n_vertices)
+        n_tied = np.bincount(rows[tied], minlength=n_vertices)
+        free = n_neighbours - closer
+        weights[tied] *= free[rows[tied]] / n_tied[rows[tied]]
+    chosen = sp.coo_matrix((weights, (rows, cols)), shape=(n_vertices,) * 2).tocsr()
+    return chosen.maximum(chosen.T).tocsr()
 
 
 def _normalized_laplacian(adjacency):
@@ -113,36 +211,51 @@ class HealpixSphere:
         return Sphere(x=x, y=y, z=z)
 
     @cached_property
-    def _edges(self):
-        """Graph edges (rows, cols) and their chord lengths, duplicates kept."""
-        neighbours = hp.get_all_neighbours(self.nside, self.pixels, nest=True)  # (8, V)
-        rows = np.broadcast_to(np.arange(self.n_vertices), neighbours.shape)
-        valid = neighbours >= 0  # healpy marks missing neighbours with -1
-        neighbour_pixels = neighbours[valid]
-        rows = rows[valid]
-        neighbour_vectors = np.stack(hp.pix2vec(self.nside, neighbour_pixels, nest=True), -1)
-        # The chord to the true neighbour, not to its kept antipode.
-        chords = np.linalg.norm(self.vertices[rows] - neighbour_vectors, axis=-1)
-        return rows, self._row_of_pixel[neighbour_pixels], chords
+    def _full_adjacency(self):
+        """Weighted k-NN adjacency of the full sphere, shape (12 nside**2,) * 2."""
+        full_vertices = np.stack(hp.pix2vec(self.nside, np.arange(hp.nside2npix(self.nside)),
+                                            nest=True), axis=-1)
+        if self.nside not in KERNEL_WIDTHS:
+            raise ValueError(f"nside must be at most {max(KERNEL_WIDTHS)} for a graph (no "
+                             f"kernel width known beyond), got {self.nside}")
+        return nearest_neighbour_adjacency(full_vertices, _N_NEIGHBOURS,
+                                           KERNEL_WIDTHS[self.nside])
 
     def adjacency(self):
-        """Symmetric weighted adjacency of the 8-neighbour graph.
+        """Symmetric weighted adjacency of the nearest-neighbour graph.
 
-        Weights are ``exp(-d**2 / mean(d**2))`` on the chord distance ``d``
-        between neighbouring pixel centres; the kernel width adapts to the
-        resolution, so the graph looks the same at every nside.
+        DeepSphere's HEALPix graph, which the published RT-ESD code builds
+        with pygsp's ``SphereHealpix(nside, nest=True, k=8)``: the 8 nearest
+        pixel centres of each vertex, edges weighted ``2 ** -(d / w)**2`` on
+        the chord length d (:func:`nearest_neighbour_adjacency`). Two
+        differences, both for rotation equivariance: equally far 8th
+        neighbours share the last slots instead of being picked arbitrarily
+        (the graph keeps every symmetry of the grid), and the kernel widths w
+        are ``KERNEL_WIDTHS`` (DeepSphere's ``DEEPSPHERE_KERNEL_WIDTHS``,
+        retuned at nside 4 and 16).
+
+        On the hemisphere, an edge to a dropped vertex goes to its antipode:
+        the full-sphere graph is antipodally symmetric, so this is exact for
+        even functions.
 
         Returns
         -------
         adjacency : scipy.sparse.csr_matrix, shape (V, V)
+
+        References
+        ----------
+        .. [1] Defferrard M, Milani M, Gusset F, Perraudin N. DeepSphere: a
+           graph-based spherical CNN. ICLR 2020.
         """
-        rows, cols, chords = self._edges
-        weights = np.exp(-chords**2 / np.mean(chords**2))
-        # On the hemisphere an edge and its mirror image can land on the same
-        # pair of representatives: the COO -> CSR conversion sums them, which
-        # is what the full-sphere graph does for even functions.
-        matrix = sp.coo_matrix((weights, (rows, cols)), shape=(self.n_vertices,) * 2).tocsr()
-        return (matrix + matrix.T) / 2
+        full = self._full_adjacency
+        if not self.hemisphere:
+            return full.copy()
+        kept = full[self.pixels]
+        # Columns of dropped pixels land on their antipodes' rows (summed by
+        # the COO -> CSR conversion when both ends of a pair are linked).
+        folded = kept.tocoo()
+        return sp.coo_matrix((folded.data, (folded.row, self._row_of_pixel[folded.col])),
+                             shape=(self.n_vertices,) * 2).tocsr()
 
     def laplacian(self, sparse=False):
         """Normalised graph Laplacian rescaled to the spectrum [-1, 1].
@@ -168,9 +281,8 @@ class HealpixSphere:
         # The full sphere's lambda_max also for the hemisphere: its spectrum
         # is the even half of the full one, and sharing the scale makes the
         # hemispherical filters exactly the full-sphere filters on even signals.
-        full = self if not self.hemisphere else HealpixSphere(self.nside)
-        full_laplacian = laplacian if full is self else _normalized_laplacian(full.adjacency())
-        if full.n_vertices <= _DENSE_EIGEN_LIMIT:
+        full_laplacian = _normalized_laplacian(self._full_adjacency)
+        if full_laplacian.shape[0] <= _DENSE_EIGEN_LIMIT:
             lambda_max = np.linalg.eigvalsh(full_laplacian.toarray())[-1]
         else:
             lambda_max = eigsh(full_laplacian, k=1, which="LA", return_eigenvectors=False)[0]

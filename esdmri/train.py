@@ -567,7 +567,8 @@ def _load_checkpoint(path, model, dataset):
     if state["subjects"] != [str(s.dwi) for s in dataset.subjects]:
         differing.append("subjects")
     if differing:
-        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(differing)}"
+        raise ValueError(f"checkpoint {path} was written with other settings "
+                         f"({', '.join(differing)}"
                          "): resume with the same settings (only epochs may change), or start "
                          "afresh without resume")
     return state

@@ -12,15 +12,7 @@ from esdmri.nn import (ChebyshevOperator, E3SO3Conv, NeighbourhoodConcat, Neighb
 from esdmri.sphere import HealpixSphere
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)  # tiny tensors: threading only adds overhead
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

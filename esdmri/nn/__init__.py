@@ -8,7 +8,8 @@ from esdmri.nn.chebyshev import ChebyshevOperator, SphericalConv
 from esdmri.nn.e3so3 import E3SO3Conv
 from esdmri.nn.pooling import Pool, Unpool
 from esdmri.nn.spatial import NeighbourhoodConcat, NeighbourhoodSums, SpatialConv
-from esdmri.nn.unet import CONV_KINDS, ConvKind, ConvOptions, UNet, get_conv_kind, register_conv_kind
+from esdmri.nn.unet import (CONV_KINDS, ConvKind, ConvOptions, UNet, get_conv_kind,
+                            register_conv_kind)
 
 __all__ = [
     "ChebyshevOperator",

@@ -1,21 +1,27 @@
 """Spherical Chebyshev convolution (ESD) on HEALPix graphs.
 
 A graph filter of kernel size K is ``y = sum_k W_k T_k(L~) x`` with ``T_k``
-the Chebyshev polynomials of the rescaled graph Laplacian (SPEC section 3).
-Two products with the K polynomials carry every layer: the *analysis*
-``x -> (T_0 x, ..., T_{K-1} x)`` and its transpose, the *synthesis*
-``(z_0, ..., z_{K-1}) -> sum_k T_k z_k`` (the T_k are symmetric).
+the Chebyshev polynomials of the rescaled graph Laplacian (DeepSphere [1]_,
+ESD [2]_). Two products with the K polynomials carry every layer: the
+*analysis* ``x -> (T_0 x, ..., T_{K-1} x)`` and its transpose, the
+*synthesis* ``(z_0, ..., z_{K-1}) -> sum_k T_k z_k`` (the T_k are symmetric).
 
-On the CPU (measured with ``benchmarks/bench_layers.py``'s configurations,
-one thread) the fastest form is the three-term recursion with the sparse
-Laplacian (8 neighbours: 9 non-zeros per row), run on blocks of columns that
-stay in cache: for the synthesis Clenshaw's recurrence, ``b_k = z_k + 2 L~
+On the CPU the fastest form is the three-term recursion with the sparse
+Laplacian (8 or 9 neighbours per vertex), run on blocks of columns that stay
+in cache: for the synthesis Clenshaw's recurrence, ``b_k = z_k + 2 L~
 b_{k+1} - b_{k+2}``. It beats one product with the precomputed stacked
-matrix ``[T_0 | ... | T_{K-1}]`` as sparse CSR (1.2x to 1.4x at K = 3,
-2.2x to 2.9x at K = 5, because a degree K-1 polynomial fills the whole
-(K-1)-ring: 35 non-zeros per row at K = 3, 165 at K = 5) and a dense one by
-far more (4x at nside 8). The dense stacked matrix stays available for GPUs,
-where one large matmul is the better shape.
+matrix ``[T_0 | ... | T_{K-1}]``, sparse (a degree K-1 polynomial fills the
+whole (K-1)-ring) or dense (measurements in docs/benchmarks.md, layers
+section). The dense stacked matrix stays available for GPUs, where one large
+matmul is the better shape.
+
+References
+----------
+.. [1] Defferrard M, Milani M, Gusset F, Perraudin N. DeepSphere: a
+   graph-based spherical CNN. ICLR 2020.
+.. [2] Elaldi A, Dey N, Kim H, Gerig G. Equivariant spherical deconvolution:
+   learning sparse orientation distribution functions from spherical data.
+   IPMI 2021.
 """
 
 import warnings
@@ -278,5 +284,5 @@ class SphericalConv(nn.Module):
         return y
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.operator.kernel_size}, "
-                f"n_vertices={self.operator.n_vertices}")
+        return (f"{self.in_channels}, {self.out_channels}, "
+                f"kernel_size={self.operator.kernel_size}, n_vertices={self.operator.n_vertices}")

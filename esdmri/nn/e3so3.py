@@ -1,6 +1,6 @@
 """E(3) x SO(3) convolution of RT-ESD: spherical Chebyshev filter x 3D kernel.
 
-The published layer (Elaldi et al., RT-ESD) has the separable weight
+The published layer (RT-ESD [1]_) has the separable weight
 ``W[o, i, k, d] = A[o, i, k] B[o, i, |d|]``: a Chebyshev filter of kernel
 size K on the sphere times an isotropic 3D kernel (weights shared by distance
 to the centre). Written as a linear map,
@@ -22,8 +22,13 @@ the cheapest order instead of a 27-tap convolution over every vertex:
   synthesised output, and backward recomputes the sums instead of storing
   them: no buffer outlives a slab, and autograd keeps only the layer's
   input alive (chunking only the vertices needs the whole volume's ``O K``
-  Chebyshev terms before the synthesis: measured at nside 8, 16 -> 16
-  channels, peak memory 396 MiB instead of 145 MiB).
+  Chebyshev terms before the synthesis: a few times the peak memory,
+  measured in docs/benchmarks.md, layers section).
+
+References
+----------
+.. [1] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-equivariant networks for
+   spherical deconvolution in diffusion MRI. MIDL 2023.
 """
 
 import math

@@ -1,6 +1,6 @@
 """U-Net of spatio-spherical convolutions (ESD, RT-ESD and baselines).
 
-SPEC section 4.2: encoder levels halve nside (and the grid, for kinds that
+As in ESD [1]_ and RT-ESD [2]_: encoder levels halve nside (and the grid, for kinds that
 pool it), channels double from ``filter_start``; every convolution is
 followed by batch norm and ReLU; skip connections concatenate encoder
 features; a head convolution gives ``out_channels`` fields per vertex and a
@@ -19,6 +19,14 @@ concat     neighbourhood concatenated into the   spherical
 pq         ``esdmri.nn.pq.PQSphereConv``         mixed
            (registered when that module imports)
 ========== ===================================== ==========
+
+References
+----------
+.. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant spherical deconvolution:
+   learning sparse orientation distribution functions from spherical data.
+   IPMI 2021.
+.. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-equivariant networks for
+   spherical deconvolution in diffusion MRI. MIDL 2023.
 """
 
 from dataclasses import dataclass
@@ -187,7 +195,7 @@ class UNet(nn.Module):
         Chebyshev products by sparse recursions (CPU) or dense stacked
         matrices (GPU); see :class:`ChebyshevOperator`.
     non_negative : bool, optional
-        Softplus on the head (SPEC 4.2); False gives a signed output, e.g.
+        Softplus on the head, as published; False gives a signed output, e.g.
         for a correction added to another estimate.
 
     Notes
@@ -240,8 +248,9 @@ class UNet(nn.Module):
                       maker(level)) for level in range(self.depth - 1))
         bottom = self.depth - 1
         bottleneck_in = first if bottom == 0 else widths[bottom - 1]
-        self.bottleneck = ConvBlock([bottleneck_in] + [widths[bottom]] * n + widths[bottom - 1:bottom],
-                                    maker(bottom))
+        self.bottleneck = ConvBlock(
+            [bottleneck_in] + [widths[bottom]] * n + widths[bottom - 1:bottom],
+            maker(bottom))
         self.decoder = nn.ModuleList(
             ConvBlock([2 * widths[level]] + [widths[level]] * n + [widths[max(level - 1, 0)]],
                       maker(level)) for level in reversed(range(self.depth - 1)))

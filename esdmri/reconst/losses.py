@@ -1,4 +1,4 @@
-"""The unsupervised deconvolution loss (SPEC 4.6).
+"""The unsupervised deconvolution loss of ESD and RT-ESD (Elaldi et al. 2021, 2023).
 
 All terms take voxel-major tensors restricted to a window: ``[B, ..., X, Y, Z]``
 values with a boolean ``mask`` of shape ``[B, X, Y, Z]``.

@@ -211,7 +211,7 @@ class DeconvolutionNetwork(nn.Module):
         tissues = self.unet(grid_signal)
         wm = torch.einsum("cv,bvxyz->bcxyz", self.grid_to_sh, tissues[:, 0])
         # An isotropic tissue is a constant function; the max over vertices
-        # (SPEC 4.3) times sqrt(4 pi) is the l = 0 coefficient of that constant.
+        # (as in ESD and RT-ESD) times sqrt(4 pi) is the l = 0 coefficient of that constant.
         isotropic = tissues[:, 1:].amax(dim=2) * SQRT_4PI
         if self.prior is not None:
             linear = torch.einsum("csv,bsvxyz->bcxyz", self.prior, grid_signal)
@@ -226,7 +226,7 @@ class DeconvolutionNetwork(nn.Module):
 
 
 class ForwardModel(nn.Module):
-    """Linear map from tissue coefficients to the measured signal (SPEC 4.5).
+    """Linear map from tissue coefficients to the measured signal (ESD, RT-ESD).
 
     Parameters
     ----------

@@ -1,7 +1,7 @@
 """Voxel-wise refinement of network fODFs on the unsupervised loss.
 
 A network trained for a few thousand steps is an amortised, approximate
-minimiser of the deconvolution loss (SPEC 4.6): measured on the phantoms, the
+minimiser of the deconvolution loss (Elaldi et al., IPMI 2021): measured on the phantoms, the
 per-voxel minimum of the same loss resolves crossings that neither the
 network nor CSD does (docs/benchmarks.md). The refinement starts from the
 network's coefficients and descends that loss voxel by voxel, on the measured
@@ -77,7 +77,7 @@ class DegreeAdam:
 
 def voxel_loss_gradient(coefficients, measured, forward_matrix, fodf_sampler, n_wm_coeffs,
                         weights):
-    """Gradient of each voxel's loss (SPEC 4.6 without total variation).
+    """Gradient of each voxel's loss (the ESD loss without total variation).
 
     Written out rather than taken by autograd: a few passes over the sampled
     fODFs instead of autograd's many (the refinement runs 2x faster). The

@@ -1,0 +1,174 @@
+"""Rotation equivariance of the sphere graph's Chebyshev filters.
+
+Compares, on the full HEALPix sphere:
+
+* ``healpix-8``: esdmri's graph before issue 18, kept here only: HEALPix's
+  8 topological neighbours (healpy), weights ``exp(-d^2 / mean(d^2))``;
+* ``published``: the published RT-ESD graph, pygsp's
+  ``SphereHealpix(nside, nest=True, k=8)``: 8 nearest neighbours (ties picked
+  by a k-d tree), DeepSphere's kernel widths;
+* ``shared-ties``: the same with equally far 8th neighbours sharing the
+  last slots (keeps the grid's symmetries);
+* ``esdmri``: ``HealpixSphere``'s graph (shared ties, kernel widths retuned
+  at nside 4 and 16).
+
+Metric: :func:`esdmri.testing.filter_equivariance_error` (random filters on
+spherical harmonics of degree <= 8), averaged over ``--seeds`` (the width
+factors in ``esdmri.sphere`` were chosen with seed 0, so the default reports
+seeds 1-4), and ``rotation_equivariance_error`` of the hemisphere's layer.
+
+Usage::
+
+    python benchmarks/bench_graph.py             # prints and writes docs/benchmarks.md
+    python benchmarks/bench_graph.py --scan      # kernel-width factors, seed 0
+"""
+
+import argparse
+from pathlib import Path
+
+import healpy as hp
+import numpy as np
+import scipy.sparse as sp
+
+from esdmri.sphere import (DEEPSPHERE_KERNEL_WIDTHS, HealpixSphere, _normalized_laplacian,
+                           nearest_neighbour_adjacency)
+from esdmri.testing import filter_equivariance_error, rotation_equivariance_error
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+START, END = "<!-- graph:start -->", "<!-- graph:end -->"
+
+
+def healpix_neighbour_adjacency(nside):
+    """The graph esdmri used before: healpy's 8 neighbours, mean-distance kernel."""
+    n_pixels = hp.nside2npix(nside)
+    vertices = np.stack(hp.pix2vec(nside, np.arange(n_pixels), nest=True), -1)
+    neighbours = hp.get_all_neighbours(nside, np.arange(n_pixels), nest=True)
+    rows = np.broadcast_to(np.arange(n_pixels), neighbours.shape)[neighbours >= 0]
+    cols = neighbours[neighbours >= 0]
+    chords = np.linalg.norm(vertices[rows] - vertices[cols], axis=-1)
+    weights = np.exp(-chords**2 / np.mean(chords**2))
+    matrix = sp.coo_matrix((weights, (rows, cols)), shape=(n_pixels,) * 2).tocsr()
+    return (matrix + matrix.T) / 2
+
+
+def rescaled(adjacency):
+    laplacian = _normalized_laplacian(sp.csr_matrix(adjacency))
+    lambda_max = np.linalg.eigvalsh(laplacian.toarray())[-1]
+    return (2 / lambda_max * laplacian - sp.identity(laplacian.shape[0])).tocsr()
+
+
+def graphs(nside):
+    vertices = HealpixSphere(nside).vertices
+    width = DEEPSPHERE_KERNEL_WIDTHS[nside]
+    return vertices, {
+        "healpix-8": rescaled(healpix_neighbour_adjacency(nside)),
+        "published": rescaled(nearest_neighbour_adjacency(vertices, 8, width, ties="arbitrary")),
+        "shared-ties": rescaled(nearest_neighbour_adjacency(vertices, 8, width)),
+        "esdmri": HealpixSphere(nside).laplacian(sparse=True),
+    }
+
+
+def measure(laplacian, vertices, kernel_size, seeds):
+    results = [filter_equivariance_error(laplacian, vertices, kernel_size, seed=seed)
+               for seed in seeds]
+    return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
+
+
+def scan(nsides, factors):
+    for nside in nsides:
+        vertices = HealpixSphere(nside).vertices
+        for factor in factors:
+            width = DEEPSPHERE_KERNEL_WIDTHS[nside] * factor
+            laplacian = rescaled(nearest_neighbour_adjacency(vertices, 8, width))
+            row = [measure(laplacian, vertices, k, [0]) for k in (3, 5)]
+            print(f"nside {nside} width x{factor}: " + ", ".join(
+                f"K={k} in-band {r['in_band']:.4f} total {r['total']:.4f}"
+                for k, r in zip((3, 5), row)), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nside", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--scan", action="store_true", help="scan kernel-width factors")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.scan:
+        scan(args.nside, [0.9, 0.95, 1.0, 1.05, 1.1, 1.15])
+        return
+    rows = []
+    for nside in args.nside:
+        vertices, laplacians = graphs(nside)
+        for kernel_size in (3, 5):
+            for name, laplacian in laplacians.items():
+                result = measure(laplacian, vertices, kernel_size, args.seeds)
+                result["rotation"] = rotation_equivariance_error(
+                    nside, kernel_size=kernel_size, hemisphere=False, laplacian=laplacian)
+                rows.append((nside, kernel_size, name, result))
+                print(nside, kernel_size, name, result, flush=True)
+    lines = [
+        START, "## Sphere graph: rotation equivariance", "",
+        "Generated by `python benchmarks/bench_graph.py` (deterministic; no timings). "
+        "Relative non-equivariant part of random Chebyshev filters `sum_k w_k T_k(L~)` "
+        "(w ~ N(0, 1), 32 filters per seed, mean over seeds "
+        f"{', '.join(map(str, args.seeds))}) on the real spherical harmonics of degree "
+        "l <= 8 sampled on the full sphere (`esdmri.testing.filter_equivariance_error`): "
+        "*in-band* = mixing between harmonics inside the band, *total* = also what leaks out "
+        "of it. Graphs: `healpix-8` = esdmri before issue 18 (HEALPix topological "
+        "neighbours, kernel width from the mean edge length); `published` = the published "
+        "RT-ESD graph (pygsp `SphereHealpix(nside, nest=True, k=8)`: 8 nearest neighbours, "
+        "ties picked by a k-d tree, DeepSphere's kernel widths; tested against the golden "
+        "Laplacians); `shared-ties` = the same with equally far 8th neighbours sharing the "
+        "last slots, which keeps the grid's symmetries (exact 90-degree and antipodal "
+        "equivariance, hemisphere = full sphere on even signals); `esdmri` = shared ties "
+        "with the kernel widths retuned at nside 4 (x1.1) and 16 (x0.95) on seed 0 "
+        "(`--scan`). *rotation* = `esdmri.testing.rotation_equivariance_error` (a random "
+        "1 -> 4 channel layer on an even band-limited input, 4 random rotations, method in "
+        "the layers section) on the full sphere, mean / max (floor = its SH interpolation "
+        "error); on the hemisphere esdmri's graph gives the same numbers.", "",
+        "| nside | K | graph | in-band | total | rotation mean | rotation max | floor |",
+        "|---|---|---|---|---|---|---|---|"]
+    for nside, kernel_size, name, result in rows:
+        rotation = result["rotation"]
+        lines.append(f"| {nside} | {kernel_size} | {name} | {result['in_band']:.4f} | "
+                     f"{result['total']:.4f} | {rotation['mean']:.3f} | {rotation['max']:.3f} | "
+                     f"{rotation['floor']:.3f} |")
+    lines += ["", "esdmri's graph relative to the published one (ratio of the errors; < 1 is "
+              "more equivariant):", "", "| nside | K | in-band | total | rotation mean |",
+              "|---|---|---|---|---|"]
+    by_key = {(nside, k, name): result for nside, k, name, result in rows}
+    worse = []
+    for nside in args.nside:
+        for kernel_size in (3, 5):
+            ours, theirs = by_key[nside, kernel_size, "esdmri"], by_key[
+                nside, kernel_size, "published"]
+            ratios = {"in-band": ours["in_band"] / theirs["in_band"],
+                      "total": ours["total"] / theirs["total"],
+                      "rotation": ours["rotation"]["mean"] / theirs["rotation"]["mean"]}
+            lines.append(f"| {nside} | {kernel_size} | " + " | ".join(
+                f"{ratio:.2f}" for ratio in ratios.values()) + " |")
+            worse += [f"nside {nside}, K {kernel_size}, {name} ({ratio:.2f})"
+                      for name, ratio in ratios.items() if ratio > 1.005]
+    if worse:
+        lines += ["", "Worse than the published graph: " + "; ".join(worse) + ". Where esdmri "
+                  "keeps DeepSphere's width, the difference to `published` is the tie rule "
+                  "alone (compare `shared-ties`): the published graph's arbitrary choice of "
+                  "tied neighbours can score better on a measure, but it breaks the grid's "
+                  "exact symmetries, which esdmri's tests and hemisphere rely on."]
+    lines.append(END)
+    if args.no_write:
+        print("\n".join(lines))
+        return
+    text = DOCS.read_text()
+    block = "\n".join(lines)
+    if START in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+    print(f"wrote {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
