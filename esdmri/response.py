@@ -33,6 +33,7 @@ from dipy.reconst.mcsd import (MultiShellResponse, mask_for_response_msmt,
 from dipy.reconst.shm import real_sh_descoteaux_from_index
 from scipy.special import i0e
 
+from esdmri.atomic import output_transaction, staged_output
 from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, group_shells, n_coeffs,
                         sh_degrees, sh_matrix)
 
@@ -529,6 +530,12 @@ class TissueResponse:
         force : bool, optional
             Overwrite existing files; otherwise ``FileExistsError`` and
             nothing is written.
+
+        Notes
+        -----
+        The files are written atomically and together
+        (:func:`esdmri.atomic.output_transaction`): an interrupted call leaves
+        none of them, and no partial file under a target name.
         """
         files = _as_paths(files, len(self.tissues))
         if not force:
@@ -536,10 +543,11 @@ class TissueResponse:
             if existing:
                 raise FileExistsError(f"refusing to overwrite {existing}: pass force=True")
         header = "# Shells: " + ",".join(_format_bval(b) for b in self.bvals) + "\n"
-        for path, array in zip(files, self.coefficients):
-            rows = (" ".join(repr(float(value)) for value in row) for row in array)
-            with open(path, "w") as handle:
-                handle.write(header + "\n".join(rows) + "\n")
+        with output_transaction():
+            for path, array in zip(files, self.coefficients):
+                rows = (" ".join(repr(float(value)) for value in row) for row in array)
+                with staged_output(path) as temporary, open(temporary, "w") as handle:
+                    handle.write(header + "\n".join(rows) + "\n")
 
     def to_dipy(self, sh_order_max=None):
         """The same response as DIPY's ``MultiShellResponse`` (for MSMT-CSD).

@@ -270,6 +270,15 @@ def test_mrtrix_round_trip(tmp_path):
         SQRT_4PI)
 
 
+def test_mrtrix_files_are_written_together_or_not_at_all(tmp_path):
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3000], sh_order_max=8)
+    # The last target's folder is missing: the first two files must not appear.
+    files = [tmp_path / "wm.txt", tmp_path / "gm.txt", tmp_path / "absent" / "csf.txt"]
+    with pytest.raises(FileNotFoundError, match="absent"):
+        response.to_mrtrix(files)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_mrtrix_reading_like_mrtrix_writes(tmp_path):
     path = tmp_path / "wm.txt"
     path.write_text("# Shells: 0,1000\n# command_history: dwi2response dhollander\n"

@@ -537,7 +537,8 @@ def test_interrupted_fit_leaves_nothing_and_the_rerun_needs_no_force(phantom, tm
     assert nib.load(out / "fodf_sh_tournier07.nii.gz").get_fdata().shape == SHAPE + (15,)
 
 
-# esdmri_response whose response writer stops with a file half-written.
+# esdmri_response that stops after writing its response files, before the
+# command's transaction renames them into place.
 PAUSING_RESPONSE = """
 import runpy, sys, time
 import esdmri.response
@@ -547,8 +548,6 @@ real = esdmri.response.TissueResponse.to_mrtrix
 
 def write_then_pause(self, files, force=False):
     real(self, files, force=force)
-    with open(files[0], "r+") as handle:
-        handle.truncate(10)
     open(marker, "w").close()
     time.sleep(300)
 

@@ -9,11 +9,8 @@ Examples
 scans give ``wm.txt`` and ``csf.txt`` (``wm.txt`` only without CSF voxels).
 """
 
-import contextlib
-
 import numpy as np
 
-from esdmri.atomic import staged_output
 from esdmri.reconst.inputs import check_data
 from esdmri.response import estimate_response
 
@@ -96,9 +93,7 @@ class ResponseFlow(EsdmriWorkflow):
             paths = dict(zip(("wm", "gm", "csf"), (wm_path, gm_path, csf_path)))
             files = [paths[tissue] for tissue in response.tissues]
             # Existing files were refused or allowed (--force) by get_io_iterator.
-            with contextlib.ExitStack() as stack:
-                staged = [stack.enter_context(staged_output(path)) for path in files]
-                response.to_mrtrix(staged, force=True)
+            response.to_mrtrix(files, force=True)
             logger.info(f"{dwi}: {', '.join(response.tissues)} responses for shells "
                         f"{np.round(response.bvals).astype(int).tolist()} -> "
                         f"{', '.join(files)}")
