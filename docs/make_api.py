@@ -24,7 +24,7 @@ OUTPUT = Path(__file__).resolve().parent / "api.md"
 MODULES = (
     "esdmri", "esdmri.sphere", "esdmri.shm", "esdmri.response", "esdmri.sims",
     "esdmri.peaks", "esdmri.metrics", "esdmri.viz", "esdmri.reconst", "esdmri.train", "esdmri.nn",
-    "esdmri.segmentation", "esdmri.lesion_phantom", "esdmri.workflows",
+    "esdmri.segmentation", "esdmri.workflows",
     "esdmri.data_fetchers",
 )
 

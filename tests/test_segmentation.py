@@ -147,7 +147,7 @@ def test_input_q_sampling_network_is_invariant_and_averages_b0(preset):
         torch.set_default_dtype(previous)
 
 
-def test_published_preset_configuration():
+def test_published_preset_configuration(tmp_path):
     q = shell_q(np.random.default_rng(3), n_b0=3)
     net = PQSegmentationNetwork.from_preset("mueller2021", q)
     # One pq-layer on the input's sampling with the 3 b0s averaged: 1 + 8 samples.
@@ -162,8 +162,13 @@ def test_published_preset_configuration():
     assert [p.out_field.multiplicities for p in net.p_layers] == [(25, 5), (13, 3), (7, 2),
                                                                   (1,)]
     assert all(isinstance(norm, torch.nn.Identity) for norm in net.norms)
-    out = net(torch.rand(1, 1, len(q), 6, 6, 6))
+    x = torch.rand(1, 1, len(q), 6, 6, 6)
+    out = net(x)
     assert out.shape == (1, 6, 6, 6)
+    save_model(net, tmp_path / "preset.pt")
+    loaded = load_model(tmp_path / "preset.pt")
+    assert loaded.config == net.config
+    assert torch.equal(loaded(x), net.eval()(x))
     with pytest.raises(ValueError, match="name must be one of"):
         PQSegmentationNetwork.from_preset("unknown", q)
     with pytest.raises(ValueError, match="q_hidden must be"):
@@ -245,17 +250,25 @@ def test_lesion_phantom_rotation_moves_anatomy_and_fibres(small_gtab):
         rotate_grid(np.moveaxis(plain.data, -1, 0), ROTATE_Z), 0, -1), rtol=1e-5)
 
 
-def test_lesions_lose_anisotropy_and_gain_diffusivity(small_gtab):
+def test_lesions_are_partial_demyelination(small_gtab):
+    # Raised radial diffusivity and free water, orientation kept: DTI sees a lower FA and
+    # a higher radial diffusivity and MD.
     phantom = make_lesion_phantom((12, 12, 12), small_gtab, snr=None, n_lesions=(2, 2), seed=5)
     fit = TensorModel(phantom.gtab).fit(phantom.data)
     lesion, healthy = phantom.labels, ~phantom.labels
     assert lesion.sum() > 10
-    assert fit.fa[lesion].mean() < fit.fa[healthy].mean() - 0.1
+    assert fit.fa[lesion].mean() < fit.fa[healthy].mean() - 0.05
+    assert fit.rd[lesion].mean() > 1.3 * fit.rd[healthy].mean()
     assert fit.md[lesion].mean() > fit.md[healthy].mean()
-    # Fibre directions are the tensors' principal axes in single-bundle voxels.
-    single = (phantom.fibre_fractions[..., 1] < 1e-3) & healthy
+    single = phantom.fibre_fractions[..., 1] < 1e-3
     cosine = np.abs(np.sum(fit.evecs[..., 0] * phantom.fibre_dirs[..., 0, :], axis=-1))
-    assert np.all(cosine[single] > 0.99)
+    assert np.all(cosine[single & healthy] > 0.99)
+    # The same volume without lesion contrast differs only inside (and at the border of)
+    # the lesions.
+    plain = make_lesion_phantom((12, 12, 12), small_gtab, snr=None, n_lesions=(2, 2), seed=5,
+                                radial_increase=0.0, axial_decrease=0.0, lesion_free_water=0.0)
+    changed = np.abs(plain.data - phantom.data).max(axis=-1) > 1e-3
+    assert np.all(changed[lesion]) and not np.any(changed[phantom.severity == 0])
 
 
 def test_random_rotations_differ_and_are_proper(small_gtab):
@@ -288,5 +301,7 @@ def test_bad_input_errors(small_gtab, tiny_dataset):
         make_lesion_phantom((8, 8, 8), small_gtab, rotation=2 * np.eye(3))
     with pytest.raises(ValueError, match="n_lesions"):
         make_lesion_phantom((8, 8, 8), small_gtab, n_lesions=(3, 1))
+    with pytest.raises(ValueError, match="axial_decrease"):
+        make_lesion_phantom((8, 8, 8), small_gtab, axial_decrease=1.0)
     with pytest.raises(TypeError, match="model must be one of"):
         save_model(torch.nn.Linear(2, 2), "unused.pt")

@@ -44,6 +44,13 @@ Radial bases (Gaussian RBFs ``exp(-(r - c)^2 / (2 w^2))``):
   scaled to ``|q| <= 1``, see :func:`q_from_gtab`); a single radial function
   (``n_radial_q=1``) is the constant 1.
 
+The published implementation (philip-mueller/equivariant-deep-dmri) makes
+other choices where the paper leaves room; each is an option of
+:class:`PQConv` (``selection_rule="two_sided"``, ``normalize_q_offsets``,
+``zero_offsets="linear"``, ``p_radial="cosine"`` or ``"learned"``), and
+``esdmri.segmentation.PQSegmentationNetwork.from_preset("mueller2021", q)``
+combines them as in the authors' example network.
+
 The kernel bases are precomputed at construction in float64 (buffers), so a
 forward pass contracts the learned weights with them and runs one
 ``conv3d``. The dense q-coupling costs ``(rows_out Q_out) x (rows_in Q_in) x
@@ -293,7 +300,8 @@ class RadialProfile(nn.Module):
         elif kind == "cosine":
             samples = cosine_radial_basis(radii / scale, n_cosine)
         else:
-            units, layers = _check_count(units, "radial_units"), _check_count(layers, "radial_layers")
+            units = _check_count(units, "radial_units")
+            layers = _check_count(layers, "radial_layers")
             distinct, index = np.unique(np.round(radii, 9), return_inverse=True)
             samples = (index[None, :] == np.arange(len(distinct))[:, None]).astype(float)
             self.register_buffer("features", torch.from_numpy(
@@ -434,7 +442,7 @@ def _q_offsets(q_out, position, normalize):
     return q_out[:, None, :] - position
 
 
-def _q_basis(q_in, q_out, index, position, weight, n_radial_q, max_order_q, offsets,
+def _q_basis(q_in, q_out, index, weight, n_radial_q, max_order_q, offsets,
              keep_zero_offsets=True):
     """QB[j, k2, k3, q_out, n] = phi2_k2 phi3_k3 Y_j(unit(q offset)) window / Q_in.
 
@@ -594,8 +602,8 @@ class PQConv(nn.Module):
 
         index, position, weight = _q_pairs(q_in, q_out, self.q_radius, self.antipodal)
         q_offsets = _q_offsets(q_out, position, self.normalize_q_offsets)
-        q_basis = _q_basis(q_in, q_out, index, position, weight, self.n_radial_q, used_order_q,
-                           q_offsets, keep_zero)
+        q_basis = _q_basis(q_in, q_out, index, weight, self.n_radial_q, used_order_q, q_offsets,
+                           keep_zero)
         self.sparse = self.q_radius is not None
         if not keep_zero:
             # Z[d, q_out, n]: where the p or the q offset is zero, with the window and 1 / Q_in.
