@@ -103,13 +103,15 @@ def parse_args(argv=None):
     parser.add_argument("--n-test", type=int, default=None, help="override each test set")
     parser.add_argument("--steps", type=int, default=None, help="override the optimiser steps")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="with --seeds: the first seed (to add seeds to an earlier run)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also save segmentation_results.json (after every run) and the plot")
     parser.add_argument("--no-write-docs", action="store_true",
                         help="do not update docs/benchmarks.md")
-    parser.add_argument("--render", type=Path, default=None,
-                        help="no training: write the table, plot and docs section from a "
-                             "saved segmentation_results.json")
+    parser.add_argument("--render", type=Path, nargs="+", default=None,
+                        help="no training: write the table, plot and docs section from saved "
+                             "segmentation_results.json files (runs of other seeds are merged)")
     return parser.parse_args(argv)
 
 
@@ -343,8 +345,37 @@ def plot(results, path):
     plt.close(figure)
 
 
+def network_costs(gtab):
+    """Parameters and multiply-adds per voxel of one forward pass, by pq model name."""
+    costs = {}
+    for name in ("pq", "pq_choices", "pq_published"):
+        model = build_model(name, gtab)
+        with torch.no_grad():
+            macs = sum(layer.kernel().numel() for layer in [*model.pq_layers, *model.p_layers])
+        costs[name] = (sum(p.numel() for p in model.parameters()), macs)
+    return costs
+
+
+def cost_note(models, gtab):
+    costs = network_costs(gtab)
+    lines = [f"{LABELS[name]}: {n_parameters} parameters, {macs / 1e6:.1f} M multiply-adds "
+             f"per voxel per forward pass" for name, (n_parameters, macs) in costs.items()]
+    note = "Cost of the pq-networks on this acquisition: " + "; ".join(lines) + "."
+    if "pq_published" not in models:
+        ratio = costs["pq_published"][1] / costs["pq"][1]
+        note += (f" The published preset, whose pq-layer couples all 91 x 91 q-samples through"
+                 f" 5^3 kernels, costs {ratio:.0f}x the default network per voxel, out of reach"
+                 " for this study on a shared 2-core CPU; it is not in the table (run it with"
+                 " `--models pq_published,... --device cuda`). The row with the published layer"
+                 " choices carries its kernel choices (two-sided selection rule, unit q offsets,"
+                 " linear map of zero offsets, cosine radial basis) on esdmri's default"
+                 " architecture.")
+    return note
+
+
 def docs_section(results, mode, settings, lesion_fraction, command, device):
     shape = "x".join(str(n) for n in settings["shape"])
+    models = list(dict.fromkeys(row["model"] for row in results))
     caveat = (" The quick mode's training sets are tiny: its scores move a lot with the seed;"
               " draw conclusions from the full mode." if mode == "quick" else "")
     claim_lines = "\n".join(claims(results))
@@ -378,8 +409,12 @@ sd over seeds.
   q-sampling = origin + 6 axis directions; 3^3 kernels)
 - pq-network, published preset: `PQSegmentationNetwork.from_preset("mueller2021", q)`
   (the configuration of the authors' example network; see docs/methods.md)
+- pq-network, published layer choices: the defaults with `selection_rule="two_sided"`,
+  `normalize_q_offsets=True`, `zero_offsets="linear"`, `p_radial="cosine"`
 - 3D CNN: `CNN3DBaseline`, five 3^3 convolutions with the 91 measurements as input
-  channels, width chosen to match the pq-network's parameter count
+  channels, width chosen to match the default pq-network's parameter count
+
+{cost_note(models, benchmark_gtab())}
 
 Paper (Mueller et al., real MS data, full training set): AUC {PAPER['auc']}, AP
 {PAPER['ap']}, Dice {PAPER['dice']}; the CNN {PAPER_CNN_GAP['auc']} % /
@@ -422,19 +457,23 @@ def main(argv=None):
         if value:
             settings[key] = value
     if args.seeds:
-        settings["seeds"] = tuple(range(args.seeds))
+        settings["seeds"] = tuple(range(args.first_seed, args.first_seed + args.seeds))
     models = tuple(name.strip() for name in args.models.split(",") if name.strip())
     for name in models:
         if name not in LABELS:
             raise ValueError(f"unknown model {name!r}; expected one of {sorted(LABELS)}")
     start = time.perf_counter()
     if args.render is not None:
-        saved = json.loads(args.render.read_text())
-        results, lesion_fraction = saved["results"], saved["lesion_fraction"]
+        runs = [json.loads(path.read_text()) for path in args.render]
+        saved = runs[0]
+        results = [row for run_ in runs for row in run_["results"]]
+        lesion_fraction = saved["lesion_fraction"]
         settings = {key: tuple(value) if isinstance(value, list) else value
                     for key, value in saved["settings"].items()}
+        settings["seeds"] = tuple(sorted({row["seed"] for row in results}))
         device = saved.get("device", args.device)
-        command = saved.get("command", "python benchmarks/segmentation.py")
+        command = " && ".join(run_.get("command") or "python benchmarks/segmentation.py"
+                              for run_ in runs)
     else:
         command = "python " + " ".join(["benchmarks/segmentation.py", *(argv or sys.argv[1:])])
         results, _, tests = run(settings, models, args.device, args.out, command)
@@ -446,6 +485,7 @@ def main(argv=None):
     print()
     print("\n".join(claims(results)))
     if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         plot(results, args.out / PLOT_NAME)
     if not args.no_write_docs:
         plot(results, DOCS_FILE.parent / PLOT_NAME)
