@@ -309,7 +309,8 @@ def claims(results):
     Per test orientation, pq-network and CNN: the CNN's relative difference
     to the pq-network with all the training data (the paper: -3 / -39 / -22 %
     in AUC / AP / Dice), and whether the pq-network on 25 % of the data
-    reaches the CNN on 100 % (mean + sd >= the CNN's mean, every metric).
+    reaches the CNN on 100 % on every metric: "yes" by the means, "within 1 sd
+    only" when only its mean + sd does, else "no".
     """
     summary = summarise(results)
     models = {row["model"] for row in results}
@@ -328,10 +329,16 @@ def claims(results):
                                   for metric, _ in METRICS)
                 pairs = " / ".join(f"{quarter_pq[split, metric][0]:.3f} vs "
                                    f"{full_cnn[split, metric][0]:.3f}" for metric, _ in METRICS)
-                matched = all(quarter_pq[split, metric][0] + quarter_pq[split, metric][1]
-                              >= full_cnn[split, metric][0] for metric, _ in METRICS)
+                if all(quarter_pq[split, metric][0] >= full_cnn[split, metric][0]
+                       for metric, _ in METRICS):
+                    verdict = "yes"
+                elif all(quarter_pq[split, metric][0] + quarter_pq[split, metric][1]
+                         >= full_cnn[split, metric][0] for metric, _ in METRICS):
+                    verdict = "within 1 sd only"
+                else:
+                    verdict = "no"
                 lines.append(f"| {split} | {LABELS[pq]} | {LABELS[cnn]} | {gaps} | {pairs} "
-                             f"| {'yes' if matched else 'no'} |")
+                             f"| {verdict} |")
     return lines if len(lines) > 2 else []
 
 
@@ -446,7 +453,8 @@ scans as good as the CNN on all of them.
 
 The paper's claims, as measured here (the augmented CNN is the fair baseline on rotated
 test data; "4x less data enough" asks whether the pq-network on 25 % of the data reaches
-the CNN on 100 % within one sd on every metric):
+the CNN on 100 % on every metric: "yes" by the means, "within 1 sd only" when only the
+pq-network's mean + sd over seeds does):
 
 {claim_lines}
 
