@@ -407,8 +407,9 @@ def cost_note(models, gtab):
     if "pq_published" not in models:
         ratio = costs["pq_published"][1] / costs["pq"][1]
         note += (f" The published preset, whose pq-layer couples all 91 x 91 q-samples through"
-                 f" 5^3 kernels, costs {ratio:.0f}x the default network per voxel, out of reach"
-                 " for this study on a shared 2-core CPU; it is not in the table (run it with"
+                 f" 5^3 kernels, needs {ratio:.0f}x the default network's multiply-adds; too slow"
+                 " to train for every size and seed on a shared 2-core CPU (see the pq-network"
+                 " cost table below), it is not in the table (run it with"
                  " `--models pq_published,... --device cuda`). The row with the published layer"
                  " choices carries its kernel choices (two-sided selection rule, unit q offsets,"
                  " linear map of zero offsets, cosine radial basis) on esdmri's default"
