@@ -40,6 +40,9 @@ CONFIGS = {
     "sphere-pq": "PQSphereConv, 8 -> 8 channels, HEALPix nside 4 (192 vertices), auto radius",
     "pq-network": "PQSegmentationNetwork (5 layers), batch 1",
     "cnn-network": "CNN3DBaseline (5 layers, matched parameters), batch 1",
+    "pq-published-first": "published preset's pq-layer, 1 scalar -> (11, 4), 91 -> 91 "
+                          "q-samples, 5^3 kernel, linear zero offsets",
+    "pq-published-network": "PQSegmentationNetwork.from_preset('mueller2021'), batch 1",
 }
 
 
@@ -85,6 +88,11 @@ def build(name, device):
         shape = (1, 8, sphere.n_vertices, *grid)
     elif name == "pq-network":
         layer, shape = PQSegmentationNetwork(q), (1, 1, len(q), *grid)
+    elif name == "pq-published-first":
+        layer = PQSegmentationNetwork.from_preset("mueller2021", q).pq_layers[0]
+        shape = (1, 1, len(q), *grid)
+    elif name == "pq-published-network":
+        layer, shape = PQSegmentationNetwork.from_preset("mueller2021", q), (1, 1, len(q), *grid)
     elif name == "cnn-network":
         n_parameters = sum(p.numel() for p in PQSegmentationNetwork(q).parameters())
         layer = CNN3DBaseline(len(q), CNN3DBaseline.width_for_parameters(len(q), n_parameters))

@@ -11,10 +11,15 @@ from e3nn import o3
 
 from esdmri.nn.gated import EquivariantBatchNorm, GatedNonlinearity
 from esdmri.nn.pq import (
+    SELECTION_RULES,
     PConv,
     PQConv,
     PQSphereConv,
     QReduction,
+    RadialProfile,
+    _pq_path_basis,
+    cosine_radial_basis,
+    kernel_offsets,
     pq_angular_terms,
     q_from_gtab,
     symmetric_q_sampling,
@@ -99,15 +104,18 @@ def test_wigner_d_matches_spherical_harmonics():
         assert torch.allclose(y_rotated, y @ field.D_from_matrix(rotation).T, atol=1e-12)
 
 
-def test_angular_terms_follow_selection_rules():
+@pytest.mark.parametrize("selection_rule", SELECTION_RULES)
+def test_angular_terms_follow_selection_rules(selection_rule):
     for l_in in range(3):
         for l_out in range(3):
             expected = {
                 (l_f, l_p, l_q)
                 for l_f in range(7) for l_p in range(3) for l_q in range(5)
                 if abs(l_out - l_in) <= l_f <= l_out + l_in and abs(l_p - l_q) <= l_f <= l_p + l_q
-                and abs(l_f - l_p) <= 1}
-            terms = pq_angular_terms(l_in, l_out, max_order_p=2, max_order_q=4)
+                and abs(l_f - l_p) <= 1
+                and (selection_rule == "one_sided" or abs(l_f - l_q) <= 1)}
+            terms = pq_angular_terms(l_in, l_out, max_order_p=2, max_order_q=4,
+                                     selection_rule=selection_rule)
             assert len(terms) == len(set(terms))
             assert set(terms) == expected
 
@@ -167,7 +175,7 @@ def test_pq_layer_matches_formula_by_brute_force():
                                     [gaussian(np.linalg.norm(dp), c, 0.6) for c in centres_p],
                                     [gaussian(np.linalg.norm(q_o), c, 0.5) for c in centres_q],
                                     [gaussian(np.linalg.norm(q_i), c, 0.5) for c in centres_q])
-                                feature = x[0, in_field.slice(l_in), qi_index, *p_in].numpy()
+                                feature = x[(0, in_field.slice(l_in), qi_index, *p_in)].numpy()
                                 total += radial * np.einsum("f,i,fio->o", angular, feature,
                                                             cg_in) / len(q_in)
                 if l_out == 0:
@@ -323,6 +331,156 @@ def test_q_reduction_is_invariant_to_q_rotation_and_order():
     permuted = QReduction(field, q[order])
     permuted.load_state_dict(reduction.state_dict())
     assert (permuted(x[:, :, order]) - out).abs().max() < 1e-12
+
+
+# --------------------------------------------------------------------------
+# The published implementation's choices (philip-mueller/equivariant-deep-dmri)
+
+# Each option alone, then all of them together (the published layer).
+LAYER_OPTIONS = [
+    {},
+    dict(selection_rule="two_sided"),
+    dict(normalize_q_offsets=True),
+    dict(zero_offsets="linear"),
+    dict(p_radial="cosine"),
+    dict(p_radial="learned", radial_units=5, radial_layers=2),
+    dict(selection_rule="two_sided", normalize_q_offsets=True, zero_offsets="linear",
+         p_radial="learned", radial_units=5, radial_layers=2),
+]
+
+
+def shell_q(rng):
+    """b0 twice, two shells, one direction on both shells: every kind of zero q offset."""
+    directions = rng.normal(size=(5, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    return np.concatenate([np.zeros((2, 3)), 0.6 * directions[:3], directions[2:]])
+
+
+def test_published_selection_rule_pairs():
+    # The published selection_rule_out examples: l_out = 0 -> (l_q, l_p) in {(0, 0), (1, 1)},
+    # l_out = 1 -> {(0, 1), (1, 2), (1, 0), (2, 1), (1, 1), (2, 2)}.
+    pairs = {l_f: {(l_q, l_p) for f, l_p, l_q in pq_angular_terms(0, l_f, 9, 9, "two_sided")
+                   if f == l_f} for l_f in (0, 1)}
+    assert pairs[0] == {(0, 0), (1, 1)}
+    assert pairs[1] == {(0, 1), (1, 2), (1, 0), (2, 1), (1, 1), (2, 2)}
+    # The paper's rule also admits |l_f - l_q| = 2 (e.g. l_f = 1, l_p = 2, l_q = 3).
+    assert len(pq_angular_terms(1, 1, 3, 4, "one_sided")) > len(
+        pq_angular_terms(1, 1, 3, 4, "two_sided"))
+
+
+def test_cosine_radial_basis_values():
+    r = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.2])
+    phi = cosine_radial_basis(r, 3)  # centres 0, 0.5, 1 with spacing 0.5
+    np.testing.assert_allclose(phi[0], [1, 0.5, 0, 0, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(phi[1], [0, 0.5, 1, 0.5, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(phi[2], [0, 0, 0, 0.5, 1, np.cos(0.2 * np.pi) ** 2], atol=1e-12)
+    profile = RadialProfile(5, "learned", units=3, layers=2)
+    lengths = np.unique(np.round(np.linalg.norm(kernel_offsets(5), axis=1), 9))
+    assert profile.samples.shape == (len(lengths), 125)
+    assert profile.profile().shape == (len(lengths), 3)
+    np.testing.assert_array_equal(profile.samples.sum(0).numpy(), np.ones(125))
+
+
+@pytest.mark.parametrize("selection_rule", SELECTION_RULES)
+@pytest.mark.parametrize("keep_zero", [True, False])
+def test_kernel_basis_equivariant_to_random_rotations_of_voxel_offsets(selection_rule,
+                                                                       keep_zero):
+    # The p part of the kernel as a function of continuous offsets: rotating the
+    # offsets by a random rotation R rotates the basis by D_out(R) . D_in(R)^T . D_q(R)^T.
+    rng = np.random.default_rng(11)
+    offsets = np.concatenate([np.zeros((1, 3)), rng.normal(size=(8, 3))])
+    rotation = o3.rand_matrix(dtype=torch.float64)
+    samples = rng.uniform(size=(2, len(offsets)))  # any radial samples: lengths are kept
+    errors = []
+    for l_in, l_out in ((0, 0), (0, 1), (1, 1), (2, 1), (1, 2)):
+        terms = pq_angular_terms(l_in, l_out, 3, 3, selection_rule)
+        for l_q in sorted({term[2] for term in terms}):
+            group = [term for term in terms if term[2] == l_q]
+            basis = _pq_path_basis(l_in, l_out, group, samples, offsets, keep_zero)
+            moved = _pq_path_basis(l_in, l_out, group, samples, offsets @ rotation.numpy().T,
+                                   keep_zero)
+            d_out, d_in, d_q = (o3.Irrep(l, 1).D_from_matrix(rotation).numpy()
+                                for l in (l_out, l_in, l_q))
+            expected = np.einsum("oO,akOIQd,iI,qQ->akoiqd", d_out, basis, d_in, d_q)
+            assert np.abs(basis).max() > 1e-3
+            errors.append(np.abs(moved - expected).max())
+    assert max(errors) < 1e-12
+    if not keep_zero:  # the centre has no angular term at all
+        assert np.abs(basis[..., 0]).max() == 0
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS)
+def test_layer_options_equivariant_to_random_q_rotations(options):
+    rng = np.random.default_rng(12)
+    in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
+    q_in, q_out = shell_q(rng), shell_q(rng)[1:]
+    rotation = o3.rand_matrix().numpy()
+    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=1, **options)
+    randomise_bias(layer)
+    rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
+                           q_out @ rotation.T, kernel_size=1, **options)
+    x = torch.randn(2, in_field.dim, len(q_in), 3, 2, 2)
+    out = layer(x)
+    out_rotated = rotated(rotate_channels(x, in_field, rotation))
+    assert out.abs().max() > 1e-2
+    assert (out_rotated - rotate_channels(out, out_field, rotation)).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS)
+@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X @ ROTATE_Z])
+def test_layer_options_equivariant_to_grid_and_q_rotations(options, rotation):
+    rng = np.random.default_rng(13)
+    in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
+    q_in, q_out = shell_q(rng), shell_q(rng)
+    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=3, **options)
+    randomise_bias(layer)
+    rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
+                           q_out @ rotation.T, kernel_size=3, **options)
+    x = torch.randn(1, in_field.dim, len(q_in), 5, 5, 5)
+    out = layer(x)
+    out_rotated = rotated(rotate_grid(rotate_channels(x, in_field, rotation), rotation))
+    expected = rotate_grid(rotate_channels(out, out_field, rotation), rotation)
+    assert out.abs().max() > 1e-2
+    assert (out_rotated - expected).abs().max() < 1e-8
+    q_only = rotated(rotate_channels(x, in_field, rotation))
+    assert (q_only - rotate_channels(out, out_field, rotation)).abs().max() > 1e-3
+
+
+def test_options_change_the_layer():
+    # Each option is a different function of the input (same weights where shared).
+    rng = np.random.default_rng(14)
+    q = shell_q(rng)
+    x = torch.randn(1, 1, len(q), 4, 4, 4)
+    base = PQConv(1, (2, 1), q, kernel_size=3, zero_offsets="linear")
+    outputs = {}
+    for key, value in (("normalize_q_offsets", True), ("normalize_q_offsets", False)):
+        layer = PQConv(1, (2, 1), q, kernel_size=3, zero_offsets="linear", **{key: value})
+        layer.load_state_dict(base.state_dict())
+        outputs[key, value] = layer(x)
+    assert (outputs["normalize_q_offsets", True]
+            - outputs["normalize_q_offsets", False]).abs().max() > 1e-3
+    # The linear map alone: zeroing it leaves the q-independent centre without input.
+    with torch.no_grad():
+        base.linear["0"].zero_()
+        for weight in base.weights.values():
+            weight.zero_()
+    assert base.kernel().abs().max() == 0
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS[:1] + LAYER_OPTIONS[4:6])
+def test_p_conv_radial_options_equivariance(options):
+    field = TensorFieldType((1, 1, 1))
+    layer = PConv(field, field, kernel_size=5, **options)
+    randomise_bias(layer)
+    x = torch.randn(1, field.dim, 7, 7, 7)
+    out = layer(x)
+    for rotation in (ROTATE_Z, ROTATE_X):
+        moved = layer(rotate_grid(rotate_channels(x, field, rotation), rotation))
+        expected = rotate_grid(rotate_channels(out, field, rotation), rotation)
+        assert (moved - expected).abs().max() < 1e-8
+    out.sum().backward()
+    if options.get("p_radial") == "learned":  # the radial network learns
+        assert all(weight.grad.abs().max() > 0 for weight in layer.p_radial.network)
 
 
 # --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
-from esdmri.lesion_phantom import make_lesion_dataset, make_lesion_phantom
+from esdmri.segmentation.phantom import make_lesion_dataset, make_lesion_phantom
 from esdmri.nn.pq import q_from_gtab
 from esdmri.segmentation import (
     CNN3DBaseline,
@@ -21,6 +21,9 @@ from esdmri.segmentation import (
 
 ROTATE_Z = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
 ROTATE_X = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
+# A small network for fast tests.
+TINY = dict(pq_channels=((2, 1, 1),) * 3, p_channels=((2, 1, 1), (1,)), n_radial_q=2,
+            max_order_q=2)
 
 
 @pytest.fixture(autouse=True)
@@ -75,10 +78,9 @@ def test_pq_network_is_invariant_to_rotating_the_6d_input(rotation, training):
         rng = np.random.default_rng(1)
         q = rng.normal(size=(9, 3)) * 0.7
         q[0] = 0.0
-        net = PQSegmentationNetwork(q, hidden=(2, 1, 1), n_radial_q=2, max_order_q=2)
+        net = PQSegmentationNetwork(q, **TINY)
         # The same weights acting on the rotated acquisition.
-        rotated_net = PQSegmentationNetwork(q @ rotation.T, hidden=(2, 1, 1), n_radial_q=2,
-                                            max_order_q=2)
+        rotated_net = PQSegmentationNetwork(q @ rotation.T, **TINY)
         rotated_net.load_state_dict(net.state_dict())
         x = torch.rand(2, 1, 9, 8, 8, 8)
         if not training:
@@ -93,6 +95,86 @@ def test_pq_network_is_invariant_to_rotating_the_6d_input(rotation, training):
         assert (grid_only - rotate_grid(out, rotation)).abs().max() > 1e-4
     finally:
         torch.set_default_dtype(previous)
+
+
+def shell_q(rng, n_b0=2):
+    directions = rng.normal(size=(8, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    q = np.concatenate([0.5 * directions[:4], directions[4:]])
+    return np.concatenate([np.zeros((n_b0, 3)), q])
+
+
+@pytest.mark.parametrize("preset", [True, False])
+def test_input_q_sampling_network_is_invariant_and_averages_b0(preset):
+    # The published configuration (or a small network with every published option):
+    # exactly invariant to 90-degree rotations of the 6D input, for any q-sampling.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        rng = np.random.default_rng(2)
+        q = shell_q(rng)
+        options = dict(pq_channels=((2, 1),), p_channels=((2, 1), (1,)), kernel_size=3) \
+            if preset else dict(TINY, q_hidden="input", selection_rule="two_sided",
+                                normalize_q_offsets=True, zero_offsets="linear",
+                                p_radial="learned", radial_units=4)
+        build = (lambda samples: PQSegmentationNetwork.from_preset("mueller2021", samples,
+                                                                   **options)) \
+            if preset else (lambda samples: PQSegmentationNetwork(samples, **options))
+        net = build(q)
+        for layer in [*net.pq_layers, *net.p_layers]:
+            if layer.bias is not None:
+                with torch.no_grad():
+                    layer.bias.normal_()
+        x = torch.rand(2, 1, len(q), 7, 7, 7)
+        out = net.logits(x)
+        assert out.std() > 1e-3
+        for rotation in (ROTATE_Z, ROTATE_X @ ROTATE_Z):
+            rotated_net = build(q @ rotation.T)
+            rotated_net.load_state_dict(net.state_dict())
+            moved = rotated_net.logits(rotate_grid(x, rotation))
+            assert (moved - rotate_grid(out, rotation)).abs().max() < 1e-8
+        # The two b0 volumes enter as their mean.
+        mean_b0 = x.clone()
+        mean_b0[:, :, :2] = x[:, :, :2].mean(2, keepdim=True)
+        assert (net.logits(mean_b0) - out).abs().max() < 1e-10
+        swapped = x.clone()
+        swapped[:, :, 0], swapped[:, :, 1] = x[:, :, 1], x[:, :, 0]
+        assert (net.logits(swapped) - out).abs().max() < 1e-10
+        other = x.clone()
+        other[:, :, 2] = x[:, :, 3]
+        assert (net.logits(other) - out).abs().max() > 1e-6
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_published_preset_configuration(tmp_path):
+    q = shell_q(np.random.default_rng(3), n_b0=3)
+    net = PQSegmentationNetwork.from_preset("mueller2021", q)
+    # One pq-layer on the input's sampling with the 3 b0s averaged: 1 + 8 samples.
+    assert len(net.pq_layers) == 1 and len(net.p_layers) == 4
+    layer = net.pq_layers[0]
+    assert (layer.n_q_in, layer.n_q_out) == (9, 9)
+    assert layer.out_field.multiplicities == (11, 4)  # 7 scalars + 4 gates, 4 vectors
+    assert (layer.kernel_size, layer.selection_rule, layer.zero_offsets) == (5, "two_sided",
+                                                                             "linear")
+    assert layer.normalize_q_offsets and layer.p_radial.kind == "cosine"
+    assert layer.n_radial_q == 3  # b0 and two shells
+    assert [p.out_field.multiplicities for p in net.p_layers] == [(25, 5), (13, 3), (7, 2),
+                                                                  (1,)]
+    assert all(isinstance(norm, torch.nn.Identity) for norm in net.norms)
+    x = torch.rand(1, 1, len(q), 6, 6, 6)
+    out = net(x)
+    assert out.shape == (1, 6, 6, 6)
+    save_model(net, tmp_path / "preset.pt")
+    loaded = load_model(tmp_path / "preset.pt")
+    assert loaded.config == net.config
+    assert torch.equal(loaded(x), net.eval()(x))
+    with pytest.raises(ValueError, match="name must be one of"):
+        PQSegmentationNetwork.from_preset("unknown", q)
+    with pytest.raises(ValueError, match="q_hidden must be"):
+        PQSegmentationNetwork(q, q_hidden="inputs")
+    with pytest.raises(ValueError, match="p_channels must end with one scalar"):
+        PQSegmentationNetwork(q, p_channels=((2,),))
 
 
 def test_cnn_baseline_matches_parameter_count():
@@ -124,8 +206,7 @@ def test_training_lowers_loss_and_save_load_round_trip(model_class, small_gtab, 
                                                        tmp_path):
     inputs, labels = tiny_dataset
     if model_class == "pq":
-        model = PQSegmentationNetwork(q_from_gtab(small_gtab), hidden=(2, 1, 1), n_radial_q=2,
-                                      max_order_q=2)
+        model = PQSegmentationNetwork(q_from_gtab(small_gtab), **TINY)
     else:
         model = CNN3DBaseline(inputs.shape[2], width=8)
     history = train_segmentation(model, inputs, labels, epochs=2, batch_size=4,
@@ -169,17 +250,25 @@ def test_lesion_phantom_rotation_moves_anatomy_and_fibres(small_gtab):
         rotate_grid(np.moveaxis(plain.data, -1, 0), ROTATE_Z), 0, -1), rtol=1e-5)
 
 
-def test_lesions_lose_anisotropy_and_gain_diffusivity(small_gtab):
+def test_lesions_are_partial_demyelination(small_gtab):
+    # Raised radial diffusivity and free water, orientation kept: DTI sees a lower FA and
+    # a higher radial diffusivity and MD.
     phantom = make_lesion_phantom((12, 12, 12), small_gtab, snr=None, n_lesions=(2, 2), seed=5)
     fit = TensorModel(phantom.gtab).fit(phantom.data)
     lesion, healthy = phantom.labels, ~phantom.labels
     assert lesion.sum() > 10
-    assert fit.fa[lesion].mean() < fit.fa[healthy].mean() - 0.1
+    assert fit.fa[lesion].mean() < fit.fa[healthy].mean() - 0.05
+    assert fit.rd[lesion].mean() > 1.3 * fit.rd[healthy].mean()
     assert fit.md[lesion].mean() > fit.md[healthy].mean()
-    # Fibre directions are the tensors' principal axes in single-bundle voxels.
-    single = (phantom.fibre_fractions[..., 1] < 1e-3) & healthy
+    single = phantom.fibre_fractions[..., 1] < 1e-3
     cosine = np.abs(np.sum(fit.evecs[..., 0] * phantom.fibre_dirs[..., 0, :], axis=-1))
-    assert np.all(cosine[single] > 0.99)
+    assert np.all(cosine[single & healthy] > 0.99)
+    # The same volume without lesion contrast differs only inside (and at the border of)
+    # the lesions.
+    plain = make_lesion_phantom((12, 12, 12), small_gtab, snr=None, n_lesions=(2, 2), seed=5,
+                                radial_increase=0.0, axial_decrease=0.0, lesion_free_water=0.0)
+    changed = np.abs(plain.data - phantom.data).max(axis=-1) > 1e-3
+    assert np.all(changed[lesion]) and not np.any(changed[phantom.severity == 0])
 
 
 def test_random_rotations_differ_and_are_proper(small_gtab):
@@ -212,5 +301,7 @@ def test_bad_input_errors(small_gtab, tiny_dataset):
         make_lesion_phantom((8, 8, 8), small_gtab, rotation=2 * np.eye(3))
     with pytest.raises(ValueError, match="n_lesions"):
         make_lesion_phantom((8, 8, 8), small_gtab, n_lesions=(3, 1))
+    with pytest.raises(ValueError, match="axial_decrease"):
+        make_lesion_phantom((8, 8, 8), small_gtab, axial_decrease=1.0)
     with pytest.raises(TypeError, match="model must be one of"):
         save_model(torch.nn.Linear(2, 2), "unused.pt")

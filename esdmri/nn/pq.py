@@ -44,6 +44,13 @@ Radial bases (Gaussian RBFs ``exp(-(r - c)^2 / (2 w^2))``):
   scaled to ``|q| <= 1``, see :func:`q_from_gtab`); a single radial function
   (``n_radial_q=1``) is the constant 1.
 
+The published implementation (philip-mueller/equivariant-deep-dmri) makes
+other choices where the paper leaves room; each is an option of
+:class:`PQConv` (``selection_rule="two_sided"``, ``normalize_q_offsets``,
+``zero_offsets="linear"``, ``p_radial="cosine"`` or ``"learned"``), and
+``esdmri.segmentation.PQSegmentationNetwork.from_preset("mueller2021", q)``
+combines them as in the authors' example network.
+
 The kernel bases are precomputed at construction in float64 (buffers), so a
 forward pass contracts the learned weights with them and runs one
 ``conv3d``. The dense q-coupling costs ``(rows_out Q_out) x (rows_in Q_in) x
@@ -73,6 +80,12 @@ ZERO_OFFSET = 1e-9
 
 # Highest spherical-harmonic order allowed in the p and q parts of a kernel.
 MAX_FILTER_ORDER = 2 * MAX_ORDER + 1
+
+# Options of the kernel (see PQConv): radial profiles on voxel offsets, the
+# rule that pairs p and q orders, and the treatment of zero-length offsets.
+P_RADIAL_KINDS = ("gaussian", "cosine", "learned")
+SELECTION_RULES = ("one_sided", "two_sided")
+ZERO_OFFSET_RULES = ("l0", "linear")
 
 
 # --------------------------------------------------------------------------
@@ -184,6 +197,12 @@ def _check_count(value, name):
     return int(value)
 
 
+def _check_choice(value, name, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def _check_reachable(fan_in, l_out, in_field, kernel_size):
     if fan_in == 0:
         raise ValueError(
@@ -226,6 +245,90 @@ def kernel_offsets(kernel_size):
     return (kernel_size // 2 - taps).astype(float)
 
 
+def cosine_radial_basis(r, n_functions):
+    """``cos^2`` finite elements on ``[0, 1]`` (the published code's p radial basis).
+
+    ``phi_k(r) = cos^2(pi (r - mu_k) / (2 h))`` for ``|r - mu_k| < h``, 0
+    elsewhere, with ``n_functions`` centres ``mu_k`` evenly in [0, 1] and ``h``
+    their spacing; a single function is the constant 1.
+
+    Returns
+    -------
+    phi : ndarray, shape (n_functions, *r.shape)
+    """
+    r = np.asarray(r, dtype=float)
+    if n_functions == 1:
+        return np.ones((1,) + r.shape)
+    centres = np.linspace(0.0, 1.0, n_functions).reshape((-1,) + (1,) * r.ndim)
+    u = (r - centres) * (n_functions - 1)
+    return np.where(np.abs(u) < 1, np.cos(0.5 * np.pi * u) ** 2, 0.0)
+
+
+class RadialProfile(nn.Module):
+    """Radial functions of the voxel offsets of a ``kernel_size^3`` kernel.
+
+    ``kind="gaussian"``: Gaussians centred at 0, 1, ... voxels (width
+    ``P_RADIAL_WIDTH``); ``"cosine"``: :func:`cosine_radial_basis` with
+    ``(kernel_size + 1) // 2`` functions on the offset length divided by
+    ``kernel_size // 2`` (the published layers' basis); ``"learned"``: that
+    cosine basis fed through a small fully connected network (``layers``
+    layers of ``units`` units, scaled ReLU), whose ``units`` outputs are the
+    radial functions, learned with the layer.
+
+    The layers build their kernel bases once against :attr:`samples` (one row
+    per radial function, or for ``"learned"`` one row per distinct offset
+    length, an indicator) and fold the profile into the weights in
+    :meth:`mix`, so a learned profile costs one small matrix product per
+    forward pass.
+
+    Parameters
+    ----------
+    kernel_size : {1, 3, 5}
+    kind : {"gaussian", "cosine", "learned"}, optional
+    units, layers : int, optional
+        Size of the network of ``"learned"``.
+    """
+
+    def __init__(self, kernel_size, kind="gaussian", units=16, layers=2):
+        super().__init__()
+        self.kind = _check_choice(kind, "p_radial", P_RADIAL_KINDS)
+        radii = np.linalg.norm(kernel_offsets(kernel_size), axis=1)
+        scale = max(kernel_size // 2, 1)
+        n_cosine = (kernel_size + 1) // 2
+        if kind == "gaussian":
+            samples = _gaussian_rbf(radii, p_radial_centres(kernel_size), P_RADIAL_WIDTH)
+        elif kind == "cosine":
+            samples = cosine_radial_basis(radii / scale, n_cosine)
+        else:
+            units = _check_count(units, "radial_units")
+            layers = _check_count(layers, "radial_layers")
+            distinct, index = np.unique(np.round(radii, 9), return_inverse=True)
+            samples = (index[None, :] == np.arange(len(distinct))[:, None]).astype(float)
+            self.register_buffer("features", torch.from_numpy(
+                cosine_radial_basis(distinct / scale, n_cosine).T.copy()), persistent=False)
+            sizes = [n_cosine] + [units] * layers
+            self.network = nn.ParameterList([
+                nn.Parameter(torch.randn(n_out, n_in) / (1.0 if i == 0 else math.sqrt(n_in)))
+                for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))])
+        self.register_buffer("samples", torch.from_numpy(np.ascontiguousarray(samples)),
+                             persistent=False)
+        self.n_functions = units if kind == "learned" else samples.shape[0]
+
+    def profile(self):
+        """Learned radial functions at the distinct offset lengths, ``(n_lengths, units)``."""
+        x = self.features.to(self.network[0].dtype)
+        for weight in self.network:
+            # ReLU scaled by sqrt(2) keeps the second moment of unit-variance inputs.
+            x = math.sqrt(2.0) * torch.relu(x @ weight.T)
+        return x
+
+    def mix(self, weight, axis):
+        """Weights against :attr:`samples`: ``weight`` with its radial ``axis`` mapped."""
+        if self.kind != "learned":
+            return weight
+        return torch.movedim(torch.tensordot(weight, self.profile(), dims=([axis], [1])), -1, axis)
+
+
 def spherical_harmonics(l, vectors):
     """e3nn real spherical harmonics of the directions of ``vectors``.
 
@@ -255,31 +358,42 @@ def _wigner_3j(l1, l2, l3):
     return o3.wigner_3j(l1, l2, l3, dtype=torch.float64).numpy()
 
 
-def pq_angular_terms(l_in, l_out, max_order_p, max_order_q):
+def pq_angular_terms(l_in, l_out, max_order_p, max_order_q, selection_rule="one_sided"):
     """Angular terms ``(l_f, l_p, l_q)`` of the pq-kernel from ``l_in`` to ``l_out``.
 
-    Sorted by ``(l_q, l_f, l_p)``: the index of a term is the ``n_terms``
-    axis of the layer's weights.
+    ``|l_out - l_in| <= l_f <= l_out + l_in``, ``|l_p - l_q| <= l_f <= l_p +
+    l_q`` and ``|l_f - l_p| <= 1`` (``"one_sided"``, the paper's formula);
+    ``"two_sided"`` also asks ``|l_f - l_q| <= 1`` (the published code's
+    ``l_diff_to_out_max = 1``). Sorted by ``(l_q, l_f, l_p)``: the index of a
+    term is the ``n_terms`` axis of the layer's weights.
     """
+    _check_choice(selection_rule, "selection_rule", SELECTION_RULES)
     terms = []
     for l_f in range(abs(l_out - l_in), l_out + l_in + 1):
         for l_p in range(max(l_f - 1, 0), min(l_f + 1, max_order_p) + 1):
             for l_q in range(abs(l_f - l_p), min(l_f + l_p, max_order_q) + 1):
+                if selection_rule == "two_sided" and abs(l_f - l_q) > 1:
+                    continue
                 terms.append((l_f, l_p, l_q))
     return sorted(terms, key=lambda term: (term[2], term[0], term[1]))
 
 
-def _pq_path_basis(l_in, l_out, terms, p_radial, offsets):
+def _pq_path_basis(l_in, l_out, terms, p_radial, offsets, keep_zero_offsets=True):
     """Basis E[a, k1, m_out, m_in, m_q, d] of the terms of one (l_out, l_in) path.
 
-    All terms share one ``l_q`` (so one ``m_q`` axis); ``d`` runs over the taps.
+    All terms share one ``l_q`` (so one ``m_q`` axis); ``d`` runs over the
+    taps. Without ``keep_zero_offsets`` the centre tap gets no angular term.
     """
+    nonzero = (np.linalg.norm(offsets, axis=1) >= ZERO_OFFSET)[:, None]
     blocks = []
     for l_f, l_p, l_q in terms:
         # H[m_out, m_in, m_p, m_q] = sum_mf C(l_f, l_in -> l_out) C(l_p, l_q -> l_f)
         coupling = np.einsum("fio,pqf->oipq", _wigner_3j(l_f, l_in, l_out),
                              _wigner_3j(l_p, l_q, l_f))
-        angular = np.einsum("oipq,dp->oiqd", coupling, spherical_harmonics(l_p, offsets))
+        harmonics = spherical_harmonics(l_p, offsets)
+        if not keep_zero_offsets:
+            harmonics = harmonics * nonzero
+        angular = np.einsum("oipq,dp->oiqd", coupling, harmonics)
         blocks.append(p_radial[:, None, None, None, :] * angular[None])
     return np.stack(blocks)
 
@@ -316,11 +430,29 @@ def _q_pairs(q_in, q_out, q_radius, antipodal):
     return candidate_index[candidate], candidates[candidate], weight
 
 
-def _q_basis(q_in, q_out, index, position, weight, n_radial_q, max_order_q):
-    """QB[j, k2, k3, q_out, n] = phi2_k2 phi3_k3 Y_j(unit(q_out - q_in)) window / Q_in."""
-    offsets = q_out[:, None, :] - position
+def _unit_or_zero(vectors):
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms >= ZERO_OFFSET)
+
+
+def _q_offsets(q_out, position, normalize):
+    """``q_out - q_in`` per pair, of the unit vectors when ``normalize`` (0 stays 0)."""
+    if normalize:
+        return _unit_or_zero(q_out)[:, None, :] - _unit_or_zero(position)
+    return q_out[:, None, :] - position
+
+
+def _q_basis(q_in, q_out, index, weight, n_radial_q, max_order_q, offsets,
+             keep_zero_offsets=True):
+    """QB[j, k2, k3, q_out, n] = phi2_k2 phi3_k3 Y_j(unit(q offset)) window / Q_in.
+
+    Without ``keep_zero_offsets`` the pairs with a zero offset get no angular
+    term at all (not even ``l = 0``): a separate linear map handles them.
+    """
     harmonics = np.concatenate(
         [spherical_harmonics(l, offsets) for l in range(max_order_q + 1)], axis=-1)
+    if not keep_zero_offsets:
+        harmonics = harmonics * (np.linalg.norm(offsets, axis=-1) >= ZERO_OFFSET)[..., None]
     phi_out = q_radial_basis(np.linalg.norm(q_out, axis=1), n_radial_q)  # (n2, Qo)
     phi_in = q_radial_basis(np.linalg.norm(q_in, axis=1), n_radial_q)[:, index]  # (n3, Qo, n)
     basis = np.einsum("bo,con,onj->jbcon", phi_out, phi_in, harmonics)
@@ -362,6 +494,25 @@ class PQConv(nn.Module):
         symmetric signals on a hemisphere sampling).
     bias : bool, optional
         Learned bias on scalar outputs, a radial function of ``|q_out|``.
+    selection_rule : {"one_sided", "two_sided"}, optional
+        ``|l_f - l_p| <= 1`` (the paper's formula) or also ``|l_f - l_q| <=
+        1`` (the published code); see :func:`pq_angular_terms`.
+    normalize_q_offsets : bool, optional
+        Form the q offsets from unit vectors, ``unit(q_out) - unit(q_in)``
+        (``q = 0`` stays 0), as the published code does: the angular part
+        then sees directions only, the shells enter through the radial
+        functions alone. False uses the length-scaled q-vectors.
+    zero_offsets : {"l0", "linear"}, optional
+        Offsets without direction (the centre voxel; equal q offsets, e.g.
+        b0 to b0): ``"l0"`` keeps their ``l = 0`` terms with their radial
+        factors; ``"linear"`` (the published code) gives every (p, q) pair
+        where either offset is zero one learned linear map instead, mixing
+        channels of equal order (``linear["l"]``, ``(mult_out, mult_in)``),
+        with no radial or angular factor.
+    p_radial : {"gaussian", "cosine", "learned"}, optional
+        Radial functions on voxel offsets (:class:`RadialProfile`).
+    radial_units, radial_layers : int, optional
+        Size of the network of ``p_radial="learned"``.
 
     Notes
     -----
@@ -370,10 +521,23 @@ class PQConv(nn.Module):
     Learned weights per path ``(l_out, l_in)``: ``weights["lo_li"]`` of
     shape ``(mult_out, mult_in, n_terms, n_radial_p, n_radial_q,
     n_radial_q)``.
+
+    Every option keeps the layer exactly equivariant: offsets formed from
+    unit vectors rotate with q-space, a zero offset stays zero, and the
+    linear map of zero offsets acts on each order ``l`` as a multiple of the
+    identity on its ``2 l + 1`` components.
+
+    References
+    ----------
+    .. [1] P. Mueller, V. Golkov, V. Tomassini, D. Cremers. Rotation-Equivariant
+       Deep Learning for Diffusion MRI. ISMRM 2021. Code:
+       https://github.com/philip-mueller/equivariant-deep-dmri
     """
 
     def __init__(self, in_field, out_field, q_in, q_out=None, kernel_size=3, *, n_radial_q=3,
-                 max_order_p=None, max_order_q=4, q_radius=None, antipodal=False, bias=True):
+                 max_order_p=None, max_order_q=4, q_radius=None, antipodal=False, bias=True,
+                 selection_rule="one_sided", normalize_q_offsets=False, zero_offsets="l0",
+                 p_radial="gaussian", radial_units=16, radial_layers=2):
         super().__init__()
         self.in_field = as_field_type(in_field, "in_field")
         self.out_field = as_field_type(out_field, "out_field")
@@ -387,14 +551,18 @@ class PQConv(nn.Module):
             raise ValueError(f"q_radius must be a positive float or None, got {q_radius!r}")
         self.q_radius = None if q_radius is None else float(q_radius)
         self.antipodal = bool(antipodal)
+        self.selection_rule = _check_choice(selection_rule, "selection_rule", SELECTION_RULES)
+        self.normalize_q_offsets = bool(normalize_q_offsets)
+        self.zero_offsets = _check_choice(zero_offsets, "zero_offsets", ZERO_OFFSET_RULES)
+        keep_zero = self.zero_offsets == "l0"
         q_in = _check_q(q_in, "q_in")
         q_out = q_in if q_out is None else _check_q(q_out, "q_out")
         self.n_q_in, self.n_q_out = len(q_in), len(q_out)
 
         offsets = kernel_offsets(self.kernel_size)
-        p_radial = _gaussian_rbf(np.linalg.norm(offsets, axis=1),
-                                 p_radial_centres(self.kernel_size), P_RADIAL_WIDTH)
-        self.n_radial_p = p_radial.shape[0]
+        self.p_radial = RadialProfile(self.kernel_size, p_radial, radial_units, radial_layers)
+        p_samples = self.p_radial.samples.numpy()
+        self.n_radial_p = self.p_radial.n_functions
 
         self.paths = []
         self.weights = nn.ParameterDict()
@@ -402,7 +570,8 @@ class PQConv(nn.Module):
         for l_out in self.out_field.orders():
             fan_in = 0
             for l_in in self.in_field.orders():
-                terms = pq_angular_terms(l_in, l_out, self.max_order_p, self.max_order_q)
+                terms = pq_angular_terms(l_in, l_out, self.max_order_p, self.max_order_q,
+                                         self.selection_rule)
                 if not terms:
                     continue
                 # One basis per l_q: its terms are a contiguous range of the weights.
@@ -413,7 +582,8 @@ class PQConv(nn.Module):
                         self.register_buffer(
                             f"basis_{l_out}_{l_in}_{l_q}",
                             torch.from_numpy(_pq_path_basis(
-                                l_in, l_out, [terms[a] for a in indices], p_radial, offsets)),
+                                l_in, l_out, [terms[a] for a in indices], p_samples, offsets,
+                                keep_zero)),
                             persistent=False)
                     groups.append((l_q, indices[0] if indices else 0,
                                    indices[-1] + 1 if indices else 0))
@@ -431,16 +601,35 @@ class PQConv(nn.Module):
                         self.weights[key].mul_(1 / math.sqrt(fan_in))
 
         index, position, weight = _q_pairs(q_in, q_out, self.q_radius, self.antipodal)
-        q_basis = _q_basis(q_in, q_out, index, position, weight, self.n_radial_q, used_order_q)
+        q_offsets = _q_offsets(q_out, position, self.normalize_q_offsets)
+        q_basis = _q_basis(q_in, q_out, index, weight, self.n_radial_q, used_order_q, q_offsets,
+                           keep_zero)
         self.sparse = self.q_radius is not None
+        if not keep_zero:
+            # Z[d, q_out, n]: where the p or the q offset is zero, with the window and 1 / Q_in.
+            p_zero = np.linalg.norm(offsets, axis=1) < ZERO_OFFSET
+            q_zero = np.linalg.norm(q_offsets, axis=-1) < ZERO_OFFSET
+            zero = (p_zero[:, None, None] | q_zero[None]) * (weight / len(q_in))[None]
+            self.linear = nn.ParameterDict({
+                str(l): nn.Parameter(torch.randn(self.out_field.multiplicity(l),
+                                                 self.in_field.multiplicity(l))
+                                     / math.sqrt(self.in_field.multiplicity(l)))
+                for l in self.out_field.orders() if self.in_field.multiplicity(l)})
+        else:
+            self.linear = None
         if self.sparse:
             self.register_buffer("q_index", torch.from_numpy(index.reshape(-1)), persistent=False)
             self.n_neighbours = index.shape[1]
         else:
             # Dense pairs are [q_in, -q_in (antipodal)]: both copies read the same sample.
             q_basis = q_basis.reshape(q_basis.shape[:-1] + (-1, len(q_in))).sum(axis=-2)
+            if not keep_zero:
+                zero = zero.reshape(zero.shape[:-1] + (-1, len(q_in))).sum(axis=-2)
         self.register_buffer("q_basis", torch.from_numpy(np.ascontiguousarray(q_basis)),
                              persistent=False)
+        if not keep_zero:
+            self.register_buffer("zero_coupling", torch.from_numpy(np.ascontiguousarray(zero)),
+                                 persistent=False)
 
         n_scalars = self.out_field.multiplicity(0)
         if bias and n_scalars:
@@ -467,7 +656,7 @@ class PQConv(nn.Module):
         taps = self.kernel_size**3
         blocks = {}
         for l_out, l_in, groups in self.paths:
-            weight = self.weights[f"{l_out}_{l_in}"]
+            weight = self.p_radial.mix(self.weights[f"{l_out}_{l_in}"], 3)
             rows_out = weight.shape[0] * (2 * l_out + 1)
             rows_in = weight.shape[1] * (2 * l_in + 1)
             # T[(o, m_out, i, m_in, d), (l_q, m_q, k2, k3)]: p part and CG couplings folded in.
@@ -484,6 +673,10 @@ class PQConv(nn.Module):
             q_part = q_basis[:n_q_components].reshape(-1, self.n_q_out * n_pairs)
             block = (torch.cat(partial, dim=1) @ q_part).view(
                 rows_out, rows_in, taps, self.n_q_out, n_pairs)
+            if self.linear is not None and l_out == l_in:
+                identity = torch.eye(2 * l_in + 1, dtype=dtype, device=block.device)
+                mixing = torch.kron(self.linear[str(l_in)], identity)
+                block = block + mixing[:, :, None, None, None] * self.zero_coupling.to(dtype)
             if self.sparse:
                 blocks[l_out, l_in] = block.permute(3, 0, 1, 4, 2)
             else:
@@ -549,7 +742,10 @@ class PQConv(nn.Module):
     def extra_repr(self):
         return (f"{self.in_field} -> {self.out_field}, q {self.n_q_in} -> {self.n_q_out}, "
                 f"kernel_size={self.kernel_size}, max_order_p={self.max_order_p}, "
-                f"max_order_q={self.max_order_q}, q_radius={self.q_radius}")
+                f"max_order_q={self.max_order_q}, q_radius={self.q_radius}, "
+                f"selection_rule={self.selection_rule!r}, "
+                f"normalize_q_offsets={self.normalize_q_offsets}, "
+                f"zero_offsets={self.zero_offsets!r}, p_radial={self.p_radial.kind!r}")
 
 
 class PConv(nn.Module):
@@ -568,6 +764,10 @@ class PConv(nn.Module):
         Largest filter order ``l_f``; ``min(kernel_size - 1, 3)`` if None.
     bias : bool, optional
         Learned bias on scalar outputs.
+    p_radial : {"gaussian", "cosine", "learned"}, optional
+        Radial functions on voxel offsets (:class:`RadialProfile`).
+    radial_units, radial_layers : int, optional
+        Size of the network of ``p_radial="learned"``.
 
     Notes
     -----
@@ -575,7 +775,8 @@ class PConv(nn.Module):
     out_field.dim, X, Y, Z]``.
     """
 
-    def __init__(self, in_field, out_field, kernel_size=3, *, max_order_p=None, bias=True):
+    def __init__(self, in_field, out_field, kernel_size=3, *, max_order_p=None, bias=True,
+                 p_radial="gaussian", radial_units=16, radial_layers=2):
         super().__init__()
         self.in_field = as_field_type(in_field, "in_field")
         self.out_field = as_field_type(out_field, "out_field")
@@ -583,9 +784,9 @@ class PConv(nn.Module):
         self.max_order_p = 0 if self.kernel_size == 1 else _check_order(
             max_order_p, "max_order_p", min(self.kernel_size - 1, 3))
         offsets = kernel_offsets(self.kernel_size)
-        p_radial = _gaussian_rbf(np.linalg.norm(offsets, axis=1),
-                                 p_radial_centres(self.kernel_size), P_RADIAL_WIDTH)
-        self.n_radial_p = p_radial.shape[0]
+        self.p_radial = RadialProfile(self.kernel_size, p_radial, radial_units, radial_layers)
+        p_radial = self.p_radial.samples.numpy()
+        self.n_radial_p = self.p_radial.n_functions
         self.paths = []
         self.weights = nn.ParameterDict()
         for l_out in self.out_field.orders():
@@ -622,7 +823,8 @@ class PConv(nn.Module):
                              device=next(iter(self.weights.values())).device)
         for l_out, l_in in self.paths:
             basis = getattr(self, f"basis_{l_out}_{l_in}").to(dtype)
-            block = torch.einsum("oiak,akxyd->oxiyd", self.weights[f"{l_out}_{l_in}"], basis)
+            weight = self.p_radial.mix(self.weights[f"{l_out}_{l_in}"], 3)
+            block = torch.einsum("oiak,akxyd->oxiyd", weight, basis)
             kernel[self.out_field.slice(l_out), self.in_field.slice(l_in)] = block.reshape(
                 block.shape[0] * block.shape[1], block.shape[2] * block.shape[3], -1)
         return kernel.view(self.out_field.dim, self.in_field.dim, k, k, k)
@@ -641,7 +843,7 @@ class PConv(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_field} -> {self.out_field}, kernel_size={self.kernel_size}, "
-                f"max_order_p={self.max_order_p}")
+                f"max_order_p={self.max_order_p}, p_radial={self.p_radial.kind!r}")
 
 
 class QReduction(nn.Module):

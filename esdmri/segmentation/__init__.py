@@ -1,6 +1,7 @@
-"""Voxel-wise segmentation of 6D dMRI with SE(3)-equivariant pq-networks."""
+"""Voxel-wise segmentation of 6D dMRI with SE(3)-equivariant pq-networks, and lesion phantoms."""
 
-from esdmri.segmentation.network import CNN3DBaseline, PQSegmentationNetwork
+from esdmri.segmentation.network import PRESETS, CNN3DBaseline, PQSegmentationNetwork
+from esdmri.segmentation.phantom import LesionPhantom, make_lesion_dataset, make_lesion_phantom
 from esdmri.segmentation.training import (
     load_model,
     predict_segmentation,
@@ -11,8 +12,12 @@ from esdmri.segmentation.training import (
 )
 
 __all__ = [
+    "PRESETS",
     "CNN3DBaseline",
+    "LesionPhantom",
     "PQSegmentationNetwork",
+    "make_lesion_dataset",
+    "make_lesion_phantom",
     "load_model",
     "predict_segmentation",
     "save_model",

@@ -20,14 +20,17 @@ Canonical frame (coordinates in voxels from the volume centre):
   half of that), so healthy tissue does not have one mean diffusivity.
 
 Lesions are ellipsoids (random semi-axes in ``lesion_radius``, random
-orientation) with a smooth border; inside, each fibre's tensor moves towards
-an isotropic one of diffusivity ``lesion_diffusivity`` by the local
-severity ``e`` (0.3 to 0.8 in the core, per lesion): anisotropy is lost and
-the mean diffusivity rises; free water rises by ``0.05 e``. A voxel is
-labelled lesion where it lies inside an ellipsoid (the border profile is
-above one half). With the defaults, DTI's FA alone separates lesion voxels
-with a ROC AUC of about 0.94 and an average precision of about 0.6, MD with
-about 0.85 and 0.35: informative but not trivial.
+orientation) with a smooth border and model partial demyelination with
+oedema: inside, with the local severity ``e`` (0.3 to 0.8 in the core, per
+lesion), each fibre's radial diffusivity rises by the factor ``1 +
+radial_increase e``, its axial diffusivity falls by ``axial_decrease e``
+(relative) and the free-water fraction rises by ``lesion_free_water e``. The
+fibres keep their orientation, so lesions stay anisotropic; their contrast is
+partly shared with the healthy free-water patches and diffusivity
+variations, and telling them apart needs the shell dependence of the signal
+(free water decays fast at every b-value, raised radial diffusivity only
+across the fibres). A voxel is labelled lesion where it lies inside an
+ellipsoid (the border profile is above one half).
 
 Signal (``s0 = 100``, Rician noise of ``sigma = s0 / snr`` with DIPY's
 ``add_noise``)::
@@ -51,7 +54,6 @@ _LESION_EDGE = 0.4
 _SLAB_EDGE = 0.7
 _MAX_FREE_WATER = 0.3
 _DIFFUSIVITY_VARIATION = 0.3
-_LESION_FREE_WATER = 0.05
 _SEVERITY_RANGE = (0.3, 0.8)
 
 
@@ -194,7 +196,8 @@ def _lesions(points, rng, n_lesions, lesion_radius, radius):
 
 def make_lesion_phantom(shape=DEFAULT_SHAPE, gtab=None, snr=20, n_lesions=(1, 3),
                         lesion_radius=(1.5, 3.0), rotation=None, seed=0, *, s0=100.0,
-                        wm_evals=(1.7e-3, 0.3e-3), lesion_diffusivity=0.9e-3):
+                        wm_evals=(1.7e-3, 0.3e-3), radial_increase=1.5, axial_decrease=0.15,
+                        lesion_free_water=0.15):
     """Build one lesion phantom.
 
     Parameters
@@ -216,8 +219,12 @@ def make_lesion_phantom(shape=DEFAULT_SHAPE, gtab=None, snr=20, n_lesions=(1, 3)
         Signal at b = 0.
     wm_evals : (float, float), optional
         Mean axial and radial fibre diffusivity (mm^2/s).
-    lesion_diffusivity : float, optional
-        Diffusivity of fully lesioned tissue (isotropic).
+    radial_increase : float, optional
+        Relative rise of the radial diffusivity at severity 1 (demyelination).
+    axial_decrease : float, optional
+        Relative fall of the axial diffusivity at severity 1 (axonal damage).
+    lesion_free_water : float, optional
+        Rise of the free-water fraction at severity 1 (oedema).
 
     Returns
     -------
@@ -234,6 +241,11 @@ def make_lesion_phantom(shape=DEFAULT_SHAPE, gtab=None, snr=20, n_lesions=(1, 3)
         raise ValueError(f"snr must be positive or None, got {snr!r}")
     n_lesions = _check_range(n_lesions, "n_lesions", 0, integer=True)
     lesion_radius = _check_range(lesion_radius, "lesion_radius", 0.5)
+    for name, value, high in (("radial_increase", radial_increase, np.inf),
+                              ("axial_decrease", axial_decrease, 1.0),
+                              ("lesion_free_water", lesion_free_water, 1.0)):
+        if not (np.isfinite(value) and 0 <= value) or value >= high:
+            raise ValueError(f"{name} must be in [0, {high}), got {value!r}")
     rng = np.random.default_rng(seed)
     rotation = _check_rotation(rotation, rng)
 
@@ -251,11 +263,11 @@ def make_lesion_phantom(shape=DEFAULT_SHAPE, gtab=None, snr=20, n_lesions=(1, 3)
                                                              _DIFFUSIVITY_VARIATION), (2, 4)),
                        -_DIFFUSIVITY_VARIATION, _DIFFUSIVITY_VARIATION)
     profile, severity = _lesions(points, rng, n_lesions, lesion_radius, radius)
-    free_water = np.clip(free_water + _LESION_FREE_WATER * severity, 0, 1)
+    free_water = np.clip(free_water + lesion_free_water * severity, 0, 1)
     axial = wm_evals[0] * rng.uniform(0.9, 1.1) * (1 + 0.5 * swelling)
     radial = wm_evals[1] * rng.uniform(0.85, 1.15) * (1 + swelling)
-    axial = (1 - severity) * axial + severity * lesion_diffusivity
-    radial = (1 - severity) * radial + severity * lesion_diffusivity
+    axial = axial * (1 - axial_decrease * severity)
+    radial = radial * (1 + radial_increase * severity)
 
     dirs = dirs @ rotation.T  # to the grid frame
     bvals = np.asarray(gtab.bvals, dtype=float)
