@@ -254,7 +254,7 @@ def cosine_radial_basis(r, n_functions):
 
     Returns
     -------
-    phi : ndarray, shape (n_functions, *r.shape)
+    phi : ndarray, shape ``(n_functions, *r.shape)``
     """
     r = np.asarray(r, dtype=float)
     if n_functions == 1:
