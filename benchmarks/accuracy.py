@@ -48,8 +48,7 @@ from esdmri.metrics import (  # noqa: E402
     evaluate_fractions,
     threshold_sweep,
 )
-from esdmri.reconst.models import estimate_response  # noqa: E402
-from esdmri.response import TissueResponse  # noqa: E402
+from esdmri.response import TissueResponse, estimate_response  # noqa: E402
 from esdmri.shm import group_shells  # noqa: E402
 from esdmri.sims import make_phantom  # noqa: E402
 
@@ -130,7 +129,7 @@ class DiscoPhantom:
 def estimate_disco_response(gtab, data, mask):
     """Responses of a DiSCo scan with esdmri's estimator.
 
-    DiSCo simulates strands only, so :func:`esdmri.reconst.estimate_response`
+    DiSCo simulates strands only, so :func:`esdmri.response.estimate_response`
     usually finds no GM/CSF voxel and returns the WM response alone.
 
     Returns
@@ -433,7 +432,7 @@ synthetic-phantom section. Data read with `esdmri.data_fetchers.read_disco`:
 Ground truth: the peaks of DiSCo's strand fODFs (SH order 12) found by
 `esdmri.peaks.peaks_from_sh` at a relative threshold of {DISCO_GT_PEAK_THRESHOLD:g}
 (25 degrees separation, at most 5). DiSCo has no ground-truth response: every method uses
-the responses estimated from the scan by `esdmri.reconst.models.estimate_response`
+the responses estimated from the scan by `esdmri.response.estimate_response`
 (DIPY's MSMT estimator; WM only when GM or CSF has no voxel passing DIPY's thresholds, as
 DiSCo simulates strands only). Methods (fODF SH order 8):
 

@@ -151,17 +151,21 @@ def test_legacy_to_descoteaux_keeps_the_function():
 # --------------------------------------------------------------------------
 
 def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process):
-    # DIPY's GM threshold (MD < 0.0007) misses the phantom's GM (MD 0.0008).
-    args = [*phantom.dwi, "--mask", phantom.folder / "mask.nii.gz", "--gm_md_thr", "0.001",
-            "--out_dir", tmp_path]
+    # No threshold to set: the estimator finds the phantom's GM (MD 0.0008),
+    # which DIPY's GM rule (MD < 0.0007) misses.
+    args = [*phantom.dwi, "--mask", phantom.folder / "mask.nii.gz", "--out_dir", tmp_path]
     assert_ok(run_cli("response", *args))
     files = [tmp_path / f"{tissue}.txt" for tissue in ("wm", "gm", "csf")]
     response = TissueResponse.from_mrtrix(files, ("wm", "gm", "csf"))
     np.testing.assert_allclose(response.bvals, [0, 1000, 2000, 3000])
-    # WM voxels of the phantom are pure tensors: DIPY's estimate is close to
-    # the analytic response (b0 row and l = 0, 2 terms of each shell).
-    np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:, :2],
-                               rtol=0.05, atol=1.0)
+    # WM voxels of the phantom are pure tensors: the estimate is close to the
+    # analytic response (b0 row and l = 0, 2 terms of each shell). At b 3000
+    # the signal along the fibre (0.6% of b0) sits under the noise (3% at
+    # SNR 30), whose Rician floor lifts the estimate by about 10%.
+    np.testing.assert_allclose(response["wm"][:3, :2], phantom.response["wm"][:3, :2],
+                               rtol=0.06, atol=1.0)
+    np.testing.assert_allclose(response["wm"][3, :2], phantom.response["wm"][3, :2],
+                               rtol=0.15)
 
     before = files[0].read_text()
     files[0].write_text(before + "# edited\n")
@@ -172,7 +176,8 @@ def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process
     assert files[0].read_text() == before
 
 
-def test_single_shell_response_writes_wm_only(phantom, tmp_path, in_process):
+def test_single_shell_response_writes_wm_and_csf(phantom, tmp_path, in_process):
+    # b0 plus one shell separates two tissues: WM and CSF, as in MSMT-CSD.
     keep = phantom.gtab.bvals < 1500
     save_nifti(tmp_path / "dwi.nii.gz", phantom.data[..., keep])
     np.savetxt(tmp_path / "bvals", phantom.gtab.bvals[keep][None])
@@ -180,7 +185,7 @@ def test_single_shell_response_writes_wm_only(phantom, tmp_path, in_process):
     out = tmp_path / "out"
     in_process(ResponseFlow(), tmp_path / "dwi.nii.gz", tmp_path / "bvals",
                tmp_path / "bvecs", "--mask", phantom.folder / "mask.nii.gz", "--out_dir", out)
-    assert sorted(path.name for path in out.iterdir()) == ["wm.txt"]
+    assert sorted(path.name for path in out.iterdir()) == ["csf.txt", "wm.txt"]
     response = TissueResponse.from_mrtrix(out / "wm.txt", "wm")
     np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:2, :2],
                                rtol=0.05, atol=1.0)
