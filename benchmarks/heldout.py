@@ -469,7 +469,8 @@ Chosen on dev:
 Tractography on the test phantoms: DIPY `LocalTracking` from each method's fODFs
 (deterministic: `DeterministicMaximumDirectionGetter`; probabilistic:
 `ProbabilisticDirectionGetter`; max angle 30 degrees, step 0.5 voxel, one streamline per
-seed), {mode.n_seeds} random seeds in voxels with a true WM fraction >= 0.5, stopping where it falls below 0.2.
+seed), {mode.n_seeds} random seeds in voxels with a true WM fraction >= 0.5, stopping
+where it falls below 0.2.
 Scored by `esdmri.metrics.score_tractogram` against the phantom's bundles: VC / IC / NC
 = share of streamlines that are valid connections (ends in the two end regions of one
 bundle), invalid connections (ends in end regions not of one bundle) and no connections;

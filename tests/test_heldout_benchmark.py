@@ -52,8 +52,8 @@ def test_heldout_benchmark_runs_and_writes_its_section(heldout, tmp_path, monkey
                         families=("DIPY CSD", "linear prior alone"))
     monkeypatch.setitem(heldout.MODES, "quick", mode)
     docs = tmp_path / "benchmarks.md"
-    docs.write_text("# B\n\n<!-- accuracy-heldout:start -->\nSTALE TABLE\n<!-- accuracy-heldout:end -->"
-                    "\n\n## Other\nkept\n")
+    docs.write_text("# B\n\n<!-- accuracy-heldout:start -->\nSTALE TABLE\n"
+                    "<!-- accuracy-heldout:end -->\n\n## Other\nkept\n")
     monkeypatch.setattr(heldout, "DOCS_FILE", docs)
     heldout.main(["--quick", "--out", str(tmp_path / "out")])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
