@@ -210,7 +210,7 @@ def summary(result):
     return {key: result[key] for key in keys}
 
 
-def run_dev(mode, families, log):
+def run_dev(mode, families, log, save=lambda outcomes, choices: None):
     """Fit every candidate on the dev phantoms; choose method and threshold per family."""
     sweeps = {}  # (family, method) -> list over dev phantoms of per-threshold summaries
     outcomes = []
@@ -241,6 +241,7 @@ def run_dev(mode, families, log):
                 if outcome.error:
                     log(f"  {name:>20}: {outcome.error}")
                 outcomes.append(outcome)
+                save(outcomes, {})
     choices = {}
     for family in families:
         best = None
@@ -306,9 +307,10 @@ def tracking_scores(phantom, shm_coeff, n_seeds, seed=0):
     return scores
 
 
-def run_test(mode, families, choices, log):
+def run_test(mode, families, choices, log, save=lambda outcomes: None):
     outcomes = []
-    for snr in mode.test_snrs:
+    # SNR 20 first: a run cut short still has the middle of the range.
+    for snr in sorted(mode.test_snrs, key=lambda snr: abs(snr - 20)):
         phantom = build_phantom(mode.shape, TEST_GEOMETRY_SEED, snr, "test")
         scan = scan_of(phantom)
         mask = scored_voxels(phantom)
@@ -342,6 +344,7 @@ def run_test(mode, families, choices, log):
             if outcome.error:
                 log(f"  {family:>34}: {outcome.error}")
             outcomes.append(outcome)
+            save(outcomes)
     return outcomes
 
 
@@ -528,13 +531,22 @@ def main(argv=None):
         log_file.flush()
 
     start = time.perf_counter()
-    choices, dev_outcomes = run_dev(mode, families, log)
-    test_outcomes = run_test(mode, families, choices, log)
-    results = {"mode": mode_name, "families": families, "choices": choices,
-               "seconds": time.perf_counter() - start, "machine": machine_note(),
-               "outcomes": [vars(o) for o in dev_outcomes + test_outcomes]}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    report(results, args, log)
+
+    def save(outcomes, choices, complete=False):
+        # Written after every fit (atomically), so a run cut short can still
+        # be reported with --from-results.
+        results = {"mode": mode_name, "families": families, "choices": choices,
+                   "seconds": time.perf_counter() - start, "machine": machine_note(),
+                   "complete": complete, "outcomes": [vars(o) for o in outcomes]}
+        temporary = args.out / "results.json.tmp"
+        temporary.write_text(json.dumps(results, indent=1, default=float))
+        temporary.replace(args.out / "results.json")
+        return results
+
+    choices, dev_outcomes = run_dev(mode, families, log, save)
+    test_outcomes = run_test(mode, families, choices, log,
+                             lambda outcomes: save(dev_outcomes + outcomes, choices))
+    report(save(dev_outcomes + test_outcomes, choices, complete=True), args, log)
     log_file.close()
 
 
@@ -547,12 +559,15 @@ def report(results, args, log=print):
     peaks = peak_rows(outcomes, choices)
     tracks = track_rows(outcomes)
     log("\n" + text_table(PEAK_HEADER, peaks) + "\n\n" + text_table(TRACK_HEADER, tracks))
-    log(f"total {results['seconds']:.0f} s")
+    log(f"total {results['seconds']:.0f} s"
+        + ("" if results.get("complete", True) else " (incomplete run)"))
     if not args.no_write_docs:
         write_docs_section(docs_section(results["mode"], mode, families, choices,
                                         markdown(PEAK_HEADER, peaks),
                                         markdown(TRACK_HEADER, tracks), results["seconds"],
-                                        args, results.get("machine", "an unrecorded machine")),
+                                        args, results.get("machine", "an unrecorded machine")
+                                        + ("" if results.get("complete", True) else
+                                           "; THE RUN WAS CUT SHORT, rows are missing")),
                            path=DOCS_FILE, markers=MARKERS)
         log(f"updated {DOCS_FILE}")
 
