@@ -252,8 +252,9 @@ class RTESDModel(_DeconvolutionModel):
     refine_steps : int
         Steps of voxel-wise descent of the same loss from the network's
         output (:mod:`esdmri.reconst.refine`; rotation equivariant). 0 keeps
-        the network's output as is. The network alone resolves crossings
-        less sharply than CSD; refined, it beats CSD (docs/benchmarks.md).
+        the network's output as is. On the held-out phantoms the network
+        alone scores about like CSD and, refined, has a lower angular error
+        than CSD (docs/benchmarks.md, held-out section).
     refine_lr : float
         Step size of the refinement.
     sparsity, nonnegativity, total_variation : float
