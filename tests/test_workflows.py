@@ -386,6 +386,39 @@ def test_eval_scores_known_fodfs(phantom, tmp_path):
     assert float(bad["1 fibre"]["angular_error"]) > 45
 
 
+def test_eval_scores_a_tractogram_against_the_heldout_bundles(tmp_path, in_process):
+    # The held-out phantom's own streamlines: all valid connections, every
+    # bundle found; the bundles can be given as masks or as tractograms.
+    from dipy.io.stateful_tractogram import Space, StatefulTractogram
+    from dipy.io.streamline import save_tractogram
+
+    from esdmri.heldout_phantom import make_heldout_phantom
+
+    heldout = make_heldout_phantom((16, 16, 16), snr=None, n_bundles=3)
+    folder = tmp_path / "heldout"
+    heldout.save(folder)
+    save_nifti(tmp_path / "sh.nii.gz", lobe_sh(heldout.fibre_dirs, heldout.fibre_fractions,
+                                               sh_order_max=8))
+    for b, bundle in enumerate(heldout.bundles):
+        save_tractogram(StatefulTractogram(bundle.streamlines, str(folder / "mask.nii.gz"),
+                                           Space.VOX), str(tmp_path / f"b{b}.trk"),
+                        bbox_valid_check=False)
+    for masks, out in ((folder / "bundles" / "*.nii.gz", "masks"), (tmp_path / "b*.trk", "trk")):
+        in_process(EvaluateFlow(), tmp_path / "sh.nii.gz", folder / "ground_truth.npz",
+                   "--tractogram", folder / "streamlines.trk",
+                   "--end_regions", folder / "end_regions" / "*.nii.gz",
+                   "--bundle_masks", masks, "--out_dir", tmp_path / out)
+        with open(tmp_path / out / "tractography.csv") as handle:
+            row = next(csv.DictReader(handle))
+        assert int(row["vc"]) == int(row["n_streamlines"]) == 3 * 40
+        assert int(row["valid_bundles"]) == 3 and int(row["invalid_bundles"]) == 0
+        assert float(row["overlap"]) > 0.3 and float(row["steps_along_fibres"]) > 0.9
+    message = in_process(EvaluateFlow(), tmp_path / "sh.nii.gz", folder / "ground_truth.npz",
+                         "--tractogram", folder / "streamlines.trk", "--out_dir",
+                         tmp_path / "x", fails=True)
+    assert "--tractogram needs --end_regions" in message
+
+
 def test_eval_reads_a_disco_folder(tmp_path, in_process):
     # A fake low-resolution DiSCo phantom 2 as esdmri_fetch lays it out, with
     # one noisy DWI only and MRtrix3-basis (tournier07) ground truth.
