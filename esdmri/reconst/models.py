@@ -49,6 +49,10 @@ class DeconvolutionConfig:
     linear_prior: bool = True
     refine_steps: int = 100
     refine_lr: float = 1e-3
+    refine_tv: float = 0.0
+    refine_smoothing: float = 1e-3
+    refine_similarity: bool = False
+    refine_tolerance: float = 0.0
     loss_weights: LossWeights = field(default_factory=LossWeights)
     epochs: int = 30
     batch_size: int = 1
@@ -65,7 +69,9 @@ class _DeconvolutionModel(ReconstModel):
     def __init__(self, gtab, response=None, *, sh_order_max=8, nside=4, hemisphere=True,
                  depth=2, filter_start=8, kernel_size=3, spatial_kernel_size=3,
                  spatial_layers=1, block_size=8, normalize=True, linear_prior=True,
-                 refine_steps=100, refine_lr=1e-3, sparsity=1e-4, nonnegativity=0.1,
+                 refine_steps=100, refine_lr=1e-3, refine_tv=0.0, refine_smoothing=1e-3,
+                 refine_similarity=False, refine_tolerance=0.0, sparsity=1e-4,
+                 nonnegativity=0.1,
                  total_variation=0.0, epochs=30, batch_size=1, lr=1.7e-3, patience=3,
                  device="cpu", seed=0, verbose=True):
         super().__init__(gtab)
@@ -83,6 +89,8 @@ class _DeconvolutionModel(ReconstModel):
             kernel_size=kernel_size, spatial_kernel_size=spatial_kernel_size,
             spatial_layers=spatial_layers, block_size=block_size, normalize=normalize,
             linear_prior=linear_prior, refine_steps=refine_steps, refine_lr=refine_lr,
+            refine_tv=refine_tv, refine_smoothing=refine_smoothing,
+            refine_similarity=refine_similarity, refine_tolerance=refine_tolerance,
             loss_weights=LossWeights(sparsity=sparsity, nonnegativity=nonnegativity,
                                      total_variation=total_variation),
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
@@ -179,12 +187,15 @@ class _DeconvolutionModel(ReconstModel):
 
     def _refine(self, coefficients, normalized, mask):
         config = self.config
-        return refine_coefficients(
+        refined, self.refine_history = refine_coefficients(
             coefficients, normalized, mask, self._forward_model(self.gtab).matrix,
             self._fodf_sampler(),
             n_coeffs(config.sh_order_max), config.sh_order_max, config.loss_weights,
-            steps=config.refine_steps, lr=config.refine_lr, normalize=config.normalize,
-            verbose=self.verbose)
+            steps=config.refine_steps, lr=config.refine_lr,
+            total_variation=config.refine_tv, smoothing=config.refine_smoothing,
+            similarity=config.refine_similarity, tolerance=config.refine_tolerance,
+            normalize=config.normalize, verbose=self.verbose)
+        return refined
 
     # -- persistence ------------------------------------------------------
     def save(self, path, force=False):
@@ -257,6 +268,18 @@ class RTESDModel(_DeconvolutionModel):
         less sharply than CSD; refined, it beats CSD (docs/benchmarks.md).
     refine_lr : float
         Step size of the refinement.
+    refine_tv : float
+        Weight of the total variation between neighbouring voxels' tissue
+        coefficients inside the refinement (0: voxel by voxel).
+    refine_smoothing : float
+        Coefficient-difference scale below which that total variation is
+        quadratic (it is linear above).
+    refine_similarity : bool
+        Couple neighbours less where their measured signals differ by more
+        than noise (:func:`esdmri.reconst.refine.signal_similarity`).
+    refine_tolerance : float
+        Stop the refinement once its objective falls by less than this
+        fraction in 10 steps (0: always ``refine_steps`` steps).
     sparsity, nonnegativity, total_variation : float
         Weights of the loss terms (the signal fit has weight 1).
     epochs, batch_size : int
@@ -311,6 +334,11 @@ def _check_config(config):
         raise ValueError(f"refine_steps must be an integer >= 0, got {steps!r}")
     if not config.refine_lr > 0:
         raise ValueError(f"refine_lr must be > 0, got {config.refine_lr}")
+    for name in ("refine_tv", "refine_tolerance"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if not config.refine_smoothing > 0:
+        raise ValueError(f"refine_smoothing must be > 0, got {config.refine_smoothing}")
     return sphere
 
 
