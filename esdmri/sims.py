@@ -364,13 +364,7 @@ def make_phantom(shape=(40, 40, 40), gtab=None, snr=30, crossing_angles=(30, 90)
     clean[mask] = s0 * _tissue_signal(
         gtab, dirs[mask], fractions[mask], tissue_fractions[mask], wm_evals,
         gm_diffusivity, csf_diffusivity)
-    data = np.empty(clean.shape, dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    # A few volumes at a time: the float64 noise of all volumes at once
-    # would take several times the memory of the data.
-    for start in range(0, clean.shape[1], _NOISE_CHUNK):
-        block = np.s_[:, start:start + _NOISE_CHUNK]
-        data[block] = add_noise(clean[block], snr, s0, noise_type="rician", rng=rng)
+    data = add_rician_noise(clean, snr, s0, np.random.default_rng(seed))
 
     shell_bvals, _ = group_shells(gtab)
     if not b0_mask(gtab).any():
@@ -388,6 +382,32 @@ def make_phantom(shape=(40, 40, 40), gtab=None, snr=30, crossing_angles=(30, 90)
         n_fibres=n_fibres.reshape(shape),
         crossing_angle=_smallest_pairwise_angle(dirs).reshape(shape),
         response=response, snr=None if snr is None else float(snr), s0=float(s0))
+
+
+def add_rician_noise(clean, snr, s0, rng):
+    """Rician noise of standard deviation ``s0 / snr`` in each channel.
+
+    Parameters
+    ----------
+    clean : ndarray, shape (M, N)
+        Noise-free signal.
+    snr : float or None
+        None returns the signal as is (as float32).
+    s0 : float
+        Reference signal of the SNR.
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    data : ndarray, shape (M, N), float32
+    """
+    data = np.empty(clean.shape, dtype=np.float32)
+    # A few volumes at a time: the float64 noise of all volumes at once
+    # would take several times the memory of the data.
+    for start in range(0, clean.shape[1], _NOISE_CHUNK):
+        block = np.s_[:, start:start + _NOISE_CHUNK]
+        data[block] = add_noise(clean[block], snr, s0, noise_type="rician", rng=rng)
+    return data
 
 
 def _check_shape(shape):

@@ -215,3 +215,42 @@ def test_bad_input_is_rejected_before_training(phantom):
     no_b0 = gradient_table(gtab.bvals[~gtab.b0s_mask], bvecs=gtab.bvecs[~gtab.b0s_mask])
     with pytest.raises(ValueError, match="no b0"):
         RTESDModel(no_b0, **SMALL).fit(data[..., ~gtab.b0s_mask], mask)
+
+
+def test_epochs_zero_is_the_linear_prior_plus_refinement():
+    # epochs=0 trains nothing: every model returns the same regularised
+    # least-squares fit (the prior; no network contribution), which explains
+    # the noise-free signal and finds the single fibres; refinement then moves it.
+    clean = make_phantom((10, 10, 10), snr=None, max_fibres=2, seed=3)
+    fits = {cls.__name__: cls(clean.gtab, clean.response, epochs=0, refine_steps=0,
+                              **SMALL).fit(clean.data, clean.mask)
+            for cls in (ESDModel, RTESDModel, CESDModel)}
+    reference = fits["RTESDModel"].shm_coeff
+    for fit in fits.values():
+        assert fit.training_history == []
+        np.testing.assert_allclose(fit.shm_coeff, reference, atol=1e-5)
+    fit = fits["RTESDModel"]
+    inside = clean.mask
+    b0 = clean.data[..., clean.gtab.b0s_mask].mean(axis=-1)
+    residual = np.linalg.norm(fit.predict(S0=b0)[inside] - clean.data[inside]) / np.linalg.norm(
+        clean.data[inside])
+    assert residual < 0.05, residual
+    single = inside & (clean.n_fibres == 1) & (clean.tissue_fractions[..., 0] > 0.5)
+    peaks = fit.peaks(relative_peak_threshold=0.5).peak_dirs[single][:, 0]
+    truth = clean.fibre_dirs[single][:, 0]
+    errors = np.degrees(np.arccos(np.clip(np.abs(np.sum(peaks * truth, -1)), 0, 1)))
+    assert single.sum() > 10 and np.median(errors) < 10, np.median(errors)
+
+    refined = RTESDModel(clean.gtab, clean.response, epochs=0, refine_steps=5,
+                         **SMALL).fit(clean.data, clean.mask)
+    assert np.abs(refined.shm_coeff - reference).max() > 1e-4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"epochs": -1}, "epochs must be an integer >= 0"),
+    ({"epochs": 1.5}, "epochs must be an integer >= 0"),
+    ({"epochs": 0, "linear_prior": False}, "epochs=0 needs linear_prior=True"),
+])
+def test_bad_epochs(phantom, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RTESDModel(phantom.gtab, phantom.response, **kwargs)

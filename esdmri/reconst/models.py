@@ -147,7 +147,8 @@ class _DeconvolutionModel(ReconstModel):
         interpolator = ShellInterpolator(self.gtab, self.sphere.vertices)
         if self.network is None:
             self._build(interpolator.operator.shape[0])
-        if retrain or (retrain is None and not self.training_history):
+        # epochs=0 leaves the head at zero: the linear prior, then refinement.
+        if self.config.epochs and (retrain or (retrain is None and not self.training_history)):
             self._train(normalized, mask, interpolator)
         coefficients = self._infer(normalized, mask, interpolator)
         if self.config.refine_steps:
@@ -282,8 +283,13 @@ class RTESDModel(_DeconvolutionModel):
         fraction in 10 steps (0: always ``refine_steps`` steps).
     sparsity, nonnegativity, total_variation : float
         Weights of the loss terms (the signal fit has weight 1).
-    epochs, batch_size : int
-        Training passes over the mask and windows per optimiser step.
+    epochs : int
+        Training passes over the mask. 0 trains nothing: the fODFs are the
+        linear prior's regularised least-squares fit refined voxel-wise by
+        ``refine_steps`` of the loss (the ablation without a network; needs
+        ``linear_prior=True``).
+    batch_size : int
+        Windows per optimiser step.
     lr : float
         Adam learning rate.
     patience : int
@@ -326,9 +332,14 @@ def _check_config(config):
             f"{config.hemisphere}) has only {sphere.n_vertices} vertices: raise nside")
     if config.block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {config.block_size}")
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    epochs = config.epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if epochs == 0 and not config.linear_prior:
+        raise ValueError("epochs=0 needs linear_prior=True: an untrained network without "
+                         "the prior outputs noise")
     steps = config.refine_steps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"refine_steps must be an integer >= 0, got {steps!r}")
