@@ -4,8 +4,10 @@ Settings of the spatially coupled refinement (``refine_tv`` and friends) are
 chosen here, on dev phantoms only; the held-out test phantoms of
 ``benchmarks/heldout.py`` are not looked at.
 
-The dev phantom is not the deconvolution model with its own responses: two
-noise-free :func:`esdmri.sims.make_phantom` volumes with different WM
+The dev phantoms are not the deconvolution model with its own responses:
+by default :func:`esdmri.heldout_phantom.make_heldout_phantom` with dev
+geometry seeds (1000 + ``--seed``; the held-out benchmark's test seeds are
+never used); with ``--phantom blend``, two noise-free :func:`esdmri.sims.make_phantom` volumes with different WM
 diffusivities are blended by a smooth spatial field (axial 1.5 to 2.0e-3,
 radial 0.4 to 0.25e-3 mm^2/s), then Rician noise is added at the given SNR,
 and every method gets responses estimated from the noisy data
@@ -31,6 +33,15 @@ import numpy as np
 WM_EVALS = ((1.5e-3, 0.4e-3, 0.4e-3), (2.0e-3, 0.25e-3, 0.25e-3))
 PEAK_THRESHOLD = 0.25
 SEPARATION = 20
+
+
+def heldout_dev_phantom(size, snr, seed):
+    """A held-out-family phantom of a dev geometry (seeds 1000 + seed, never a test's)."""
+    from esdmri.heldout_phantom import make_heldout_phantom
+
+    phantom = make_heldout_phantom((size,) * 3, snr=snr, seed=1000 + seed,
+                                   geometry_seed=1000 + seed)
+    return phantom, phantom.data.astype(np.float32)
 
 
 def dev_phantom(size, snr, seed):
@@ -105,7 +116,8 @@ def fit_rumba_tv(phantom, data):
     return np.where(phantom.mask[..., None], legacy_to_descoteaux(coeff, 8), 0)
 
 
-def network_stages(phantom, data, response, epochs, model_name, seed):
+def network_stages(phantom, data, response, epochs, model_name, seed, device="cpu",
+                   **model_options):
     """Linear prior and trained network coefficients (unrefined), with train time."""
     import torch
 
@@ -115,7 +127,8 @@ def network_stages(phantom, data, response, epochs, model_name, seed):
 
     torch.manual_seed(seed)
     model = MODEL_CLASSES[model_name](phantom.gtab, response, epochs=max(epochs, 1),
-                                      refine_steps=0, verbose=False, seed=seed)
+                                      refine_steps=0, verbose=False, seed=seed,
+                                      device=device, **model_options)
     normalized, inside = normalize_by_b0(data, phantom.gtab, phantom.mask)
     interpolator = ShellInterpolator(phantom.gtab, model.sphere.vertices)
     model._build(interpolator.operator.shape[0])
@@ -163,6 +176,11 @@ def main():
     parser.add_argument("--rumba", action="store_true")
     parser.add_argument("--csd", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-tv", type=float, default=0.0,
+                        help="total_variation weight of the training loss")
+    parser.add_argument("--spatial-layers", type=int, default=1)
+    parser.add_argument("--phantom", choices=("heldout", "blend"), default="heldout")
     args = parser.parse_args()
 
     import torch
@@ -174,14 +192,15 @@ def main():
     rows = []
 
     def report(snr, label, seconds, shm):
-        row = dict(snr=snr, method=label, seconds=round(seconds, 1), **score(phantom, shm))
+        row = dict(snr=snr, seed=args.seed, size=args.size, method=label, seconds=round(seconds, 1), **score(phantom, shm))
         rows.append(row)
         print(f"SNR {snr:g} | {label:40s} | {seconds:6.1f} s | AE {row['ae']:.1f} | "
               f"AE x {row['ae_x']:.1f} | succ {row['success']:.2f} | succ x "
               f"{row['success_x']:.2f} | FP {row['fp']:.2f} | FN {row['fn']:.2f}", flush=True)
 
     for snr in args.snr:
-        phantom, data = dev_phantom(args.size, snr, args.seed)
+        make = heldout_dev_phantom if args.phantom == "heldout" else dev_phantom
+        phantom, data = make(args.size, snr, args.seed)
         response = estimate_response(phantom.gtab, data, phantom.mask)
         if args.csd:
             start = time.perf_counter()
@@ -192,7 +211,8 @@ def main():
             shm = fit_rumba_tv(phantom, data)
             report(snr, "DIPY RUMBA-SD TV", time.perf_counter() - start, shm)
         model, normalized, inside, prior, trained, seconds = network_stages(
-            phantom, data, response, args.epochs, args.model, args.seed)
+            phantom, data, response, args.epochs, args.model, args.seed, args.device,
+            total_variation=args.train_tv, spatial_layers=args.spatial_layers)
         n_wm = n_coeffs(model.config.sh_order_max)
         starts = {"prior": prior, "network": trained}
         for start_name in args.starts:
