@@ -148,19 +148,21 @@ VARIANTS = {
 
 
 def parse_variant(name):
-    """A named variant, or ``tv<weight>[s][x<steps>][d<smoothing>][l<lr>]``."""
+    """A named variant, or ``tv<weight>[s][x<steps>][d<smoothing>][l<lr>][t<tolerance>]``."""
     if name in VARIANTS:
         return VARIANTS[name]
     import re
-    match = re.fullmatch(r"tv([0-9.e-]+?)(s?)(?:x(\d+))?(?:d([0-9.e-]+?))?(?:l([0-9.e-]+))?", name)
+    match = re.fullmatch(r"tv([0-9.e-]+?)(s?)(?:x(\d+))?(?:d([0-9.e-]+?))?(?:l([0-9.e-]+?))?(?:t([0-9.e-]+))?", name)
     if not match:
         raise ValueError(f"unknown variant {name}")
-    weight, sim, steps, smooth, lr = match.groups()
+    weight, sim, steps, smooth, lr, tolerance = match.groups()
     kwargs = dict(steps=int(steps or 100), total_variation=float(weight), similarity=bool(sim))
     if smooth:
         kwargs["smoothing"] = float(smooth)
     if lr:
         kwargs["lr"] = float(lr)
+    if tolerance:
+        kwargs["tolerance"] = float(tolerance)
     return kwargs
 
 
@@ -191,12 +193,13 @@ def main():
 
     rows = []
 
-    def report(snr, label, seconds, shm):
-        row = dict(snr=snr, seed=args.seed, size=args.size, method=label, seconds=round(seconds, 1), **score(phantom, shm))
+    def report(snr, label, seconds, shm, steps=None):
+        row = dict(steps=steps, snr=snr, seed=args.seed, size=args.size, method=label, seconds=round(seconds, 1), **score(phantom, shm))
         rows.append(row)
         print(f"SNR {snr:g} | {label:40s} | {seconds:6.1f} s | AE {row['ae']:.1f} | "
               f"AE x {row['ae_x']:.1f} | succ {row['success']:.2f} | succ x "
-              f"{row['success_x']:.2f} | FP {row['fp']:.2f} | FN {row['fn']:.2f}", flush=True)
+              f"{row['success_x']:.2f} | FP {row['fp']:.2f} | FN {row['fn']:.2f}"
+              + (f" | {steps} steps" if steps is not None else ""), flush=True)
 
     for snr in args.snr:
         make = heldout_dev_phantom if args.phantom == "heldout" else dev_phantom
@@ -226,8 +229,10 @@ def main():
                         starts[start_name], normalized, inside,
                         model._forward_model(model.gtab).matrix, model._fodf_sampler(), n_wm,
                         model.config.sh_order_max, model.config.loss_weights, **kwargs)
+                check_every = kwargs.get("check_every", 10)
                 report(snr, f"{start_name} + {variant}", time.perf_counter() - begin,
-                       refined[..., :n_wm])
+                       refined[..., :n_wm], steps=min((len(history) - 1) * check_every,
+                                                      kwargs["steps"]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

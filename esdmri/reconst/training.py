@@ -94,7 +94,7 @@ def coefficient_loss(coefficients, n_wm_coeffs, forward_model, fodf_sampler, sig
 
 
 def train_network(network, forward_model, fodf_sampler, source, weights, *, epochs,
-                  window_size, batch_size, lr, patience, seed, verbose):
+                  window_size, batch_size, lr, patience, seed, verbose, max_windows=None):
     """Adam with a plateau schedule and early stopping, over mask-tiling windows.
 
     Parameters
@@ -113,6 +113,10 @@ def train_network(network, forward_model, fodf_sampler, source, weights, *, epoc
     seed : int
     verbose : bool
         Show a tqdm progress bar with the loss terms.
+    max_windows : int, optional
+        Most windows drawn over all epochs (None: no limit); the last epoch
+        stops early when they are spent, so the cost of training does not
+        grow with the scan.
 
     Returns
     -------
@@ -145,11 +149,15 @@ def train_network(network, forward_model, fodf_sampler, source, weights, *, epoc
     history = []
     best, stale = math.inf, 0
     best_state = initial_state
+    used = 0
     network.train()
     progress = tqdm(range(epochs), desc="training", unit="epoch", disable=not verbose)
     for epoch in progress:
         starts = training_windows(source.mask, window_size, rng)
         starts = starts[rng.permutation(len(starts))]
+        if max_windows is not None:
+            starts = starts[:max_windows - used]
+        used += len(starts)
         sums, batches = {}, 0
         for first in range(0, len(starts), batch_size):
             signal, grid, mask = source.batch(starts[first:first + batch_size], window_size)
@@ -176,6 +184,8 @@ def train_network(network, forward_model, fodf_sampler, source, weights, *, epoc
             stale += 1
             if stale >= 2 * patience:
                 break
+        if max_windows is not None and used >= max_windows:
+            break
     network.eval()
     network.load_state_dict(best_state)
     trained = evaluate_loss(network, forward_model, fodf_sampler, source, weights,
