@@ -51,6 +51,7 @@ streamlines are voxel indices, which are also world mm (identity affine).
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from dipy.core.gradients import GradientTable
@@ -200,6 +201,71 @@ class HeldoutPhantom:
     def streamlines(self):
         """Every bundle's ground-truth streamlines, bundle after bundle."""
         return [line for bundle in self.bundles for line in bundle.streamlines]
+
+    def save(self, out_dir, force=False):
+        """Write the phantom as NIfTI + FSL gradients + ground truth.
+
+        Parameters
+        ----------
+        out_dir : str or path-like
+            Folder, created if missing. Receives ``dwi.nii.gz``, ``bvals``,
+            ``bvecs``, ``mask.nii.gz``, ``ground_truth.npz`` (read by
+            ``esdmri_eval``), ``streamlines.trk`` (every bundle's streamlines),
+            ``bundles/bundle_NN.nii.gz`` (bundle voxels) and
+            ``end_regions/bundle_NN_{start,end}.nii.gz``: in sorted order
+            the pairs ``esdmri_eval --end_regions`` expects.
+        force : bool, optional
+            Overwrite files that exist already.
+
+        Returns
+        -------
+        paths : dict
+            File name (relative to ``out_dir``) -> path written.
+        """
+        import nibabel as nib
+        from dipy.io.stateful_tractogram import Space, StatefulTractogram
+        from dipy.io.streamline import save_tractogram
+
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"out_dir must be a folder, got the file {out_dir}")
+        names = ["dwi.nii.gz", "bvals", "bvecs", "mask.nii.gz", "ground_truth.npz",
+                 "streamlines.trk"]
+        for b in range(len(self.bundles)):
+            names += [f"bundles/bundle_{b:02d}.nii.gz",
+                      f"end_regions/bundle_{b:02d}_start.nii.gz",
+                      f"end_regions/bundle_{b:02d}_end.nii.gz"]
+        paths = {name: out_dir / name for name in names}
+        if not force:
+            existing = [str(path) for path in paths.values() if path.exists()]
+            if existing:
+                raise FileExistsError(
+                    f"refusing to overwrite {', '.join(existing)}; pass force=True")
+        for folder in ("bundles", "end_regions"):
+            (out_dir / folder).mkdir(parents=True, exist_ok=True)
+
+        def volume(array, name):
+            nib.save(nib.Nifti1Image(array, self.affine), paths[name])
+
+        volume(self.data.astype(np.float32), "dwi.nii.gz")
+        volume(self.mask.astype(np.uint8), "mask.nii.gz")
+        np.savetxt(paths["bvals"], self.gtab.bvals[None])
+        np.savetxt(paths["bvecs"], self.gtab.bvecs.T)
+        np.savez_compressed(
+            paths["ground_truth.npz"], fibre_dirs=self.fibre_dirs,
+            fibre_fractions=self.fibre_fractions, tissue_fractions=self.tissue_fractions,
+            n_fibres=self.n_fibres, crossing_angle=self.crossing_angle,
+            wm_axial=self.wm_axial, wm_radial=self.wm_radial,
+            snr=np.nan if self.snr is None else self.snr, s0=self.s0,
+            wm_model=self.wm_model)
+        for b, bundle in enumerate(self.bundles):
+            volume(bundle.mask.astype(np.uint8), f"bundles/bundle_{b:02d}.nii.gz")
+            for side, region in zip(("start", "end"), bundle.end_regions):
+                volume(region.astype(np.uint8), f"end_regions/bundle_{b:02d}_{side}.nii.gz")
+        reference = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
+        tractogram = StatefulTractogram(self.streamlines, reference, Space.VOX)
+        save_tractogram(tractogram, str(paths["streamlines.trk"]), bbox_valid_check=False)
+        return paths
 
 
 def make_heldout_phantom(shape=(40, 40, 40), gtab=None, snr=20, seed=0, *, geometry_seed=0,

@@ -14,6 +14,10 @@ are the same fibre.
   total angle) over all assignments; unmatched predictions are false
   positives, unmatched fibres false negatives;
 - success: as many peaks as fibres and every fibre matched.
+
+:func:`score_tractogram` scores streamlines against ground-truth bundles
+(Tractometer: valid, invalid and no connections, bundle overlap and
+overreach, and the share of steps along a true fibre).
 """
 
 from itertools import product
@@ -490,3 +494,224 @@ def dice(prediction, truth, mask=None):
     prediction, truth = prediction[mask].astype(bool), truth[mask].astype(bool)
     total = prediction.sum() + truth.sum()
     return 1.0 if total == 0 else float(2 * np.sum(prediction & truth) / total)
+
+
+# Largest distance (voxels) between the points at which a streamline's
+# traversed voxels are sampled.
+_TRAVERSAL_STEP = 0.25
+
+
+def _check_regions(end_regions, bundle_masks):
+    """End regions as a (B, 2, X, Y, Z) bool array and bundle masks (B, X, Y, Z) or None."""
+    try:
+        pairs = [tuple(pair) for pair in end_regions]
+    except TypeError:
+        raise TypeError("end_regions must be a sequence of (start, end) boolean volumes, "
+                        f"got {type(end_regions).__name__}") from None
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise ValueError("end_regions must hold one (start, end) pair of volumes per bundle")
+    regions = np.stack([np.stack([np.asarray(r) for r in pair]) for pair in pairs])
+    if regions.ndim != 5 or not np.isin(regions, (0, 1)).all():
+        raise ValueError("end_regions must be binary 3D volumes of one shape, got an array "
+                         f"of shape {regions.shape}")
+    if len(pairs) > 31:
+        raise ValueError(f"end_regions can hold at most 31 bundles, got {len(pairs)}")
+    regions = regions.astype(bool)
+    if bundle_masks is None:
+        return regions, None
+    masks = np.stack([np.asarray(mask) for mask in bundle_masks])
+    if masks.shape != (regions.shape[0],) + regions.shape[2:] or not np.isin(masks, (0, 1)).all():
+        raise ValueError(f"bundle_masks must be {regions.shape[0]} binary volumes of shape "
+                         f"{regions.shape[2:]}, one per bundle of end_regions; got shape "
+                         f"{masks.shape}")
+    return regions, masks.astype(bool)
+
+
+def _to_voxels(streamlines, affine):
+    """Streamlines (world) as voxel coordinates, concatenated, with their lengths."""
+    lines = [np.asarray(line, dtype=float) for line in streamlines]
+    for line in lines:
+        if line.ndim != 2 or line.shape[1] != 3:
+            raise ValueError(f"streamlines must be arrays of shape (n, 3), got {line.shape}")
+    lengths = np.array([len(line) for line in lines], dtype=np.intp)
+    points = np.concatenate(lines) if lines else np.zeros((0, 3))
+    if affine is not None:
+        affine = np.asarray(affine, dtype=float)
+        if affine.shape != (4, 4):
+            raise ValueError(f"affine must be a (4, 4) array, got shape {affine.shape}")
+        inverse = np.linalg.inv(affine)
+        points = points @ inverse[:3, :3].T + inverse[:3, 3]
+    return points, lengths
+
+
+def _voxel_lookup(volume, points):
+    """Values of ``volume`` at the voxels of ``points`` (n, 3); 0 outside the grid."""
+    index = np.round(points).astype(np.intp)
+    inside = np.all((index >= 0) & (index < np.array(volume.shape[:3])), axis=1)
+    values = np.zeros((len(points),) + volume.shape[3:], dtype=volume.dtype)
+    values[inside] = volume[tuple(index[inside].T)]
+    return values
+
+
+def _traversed_voxels(points, lengths, shape):
+    """Flat indices of the grid voxels each streamline passes through (list of arrays)."""
+    voxels = []
+    for line in np.split(points, np.cumsum(lengths)[:-1]):
+        if len(line) > 1:
+            gaps = np.linalg.norm(np.diff(line, axis=0), axis=1)
+            pieces = np.maximum(1, np.ceil(gaps / _TRAVERSAL_STEP)).astype(int)
+            t = np.concatenate([np.arange(n) / n for n in pieces] + [[1.0]])
+            segment = np.concatenate([np.full(n, i) for i, n in enumerate(pieces)]
+                                     + [[len(gaps) - 1]])
+            line = line[segment] + t[:, None] * (line[segment + 1] - line[segment])
+        index = np.round(line).astype(np.intp)
+        inside = np.all((index >= 0) & (index < np.array(shape)), axis=1)
+        voxels.append(np.unique(np.ravel_multi_index(tuple(index[inside].T), shape)))
+    return voxels
+
+
+def _lowest_bit(codes, n_bits):
+    """Index of the lowest set bit of each code, -1 where none is set."""
+    lowest = np.full(codes.shape, -1, dtype=np.intp)
+    for bit in reversed(range(n_bits)):
+        lowest[(codes >> bit) & 1 == 1] = bit
+    return lowest
+
+
+def score_tractogram(streamlines, end_regions, bundle_masks=None, fibre_dirs=None,
+                     affine=None, angle_deg=25.0):
+    """Tractometer-style scores of a tractogram against ground-truth bundles.
+
+    A streamline is a valid connection (VC) when one end point lies in the
+    start region and the other in the end region of the same bundle, an
+    invalid connection (IC) when both end points lie in end regions but no
+    bundle joins them, and no connection (NC) otherwise (Côté et al. 2013).
+    A bundle is valid when at least one VC joins its two regions; each
+    distinct pair of regions joined by ICs is one invalid bundle. Overlap of
+    a bundle: share of its voxels traversed by its VCs; overreach: voxels
+    its VCs traverse outside it, over its number of voxels (Maier-Hein et
+    al. 2017). Local direction: share of streamline steps, in voxels with a
+    true fibre, within ``angle_deg`` of one of them.
+
+    Parameters
+    ----------
+    streamlines : sequence of ndarray (n_i, 3)
+        Points in world coordinates (voxel coordinates if ``affine`` is None).
+    end_regions : sequence of (start, end) pairs of ndarray (X, Y, Z) of bool
+        The two end regions of each ground-truth bundle (at most 31).
+    bundle_masks : sequence of ndarray (X, Y, Z) of bool, optional
+        Voxels of each bundle, in the order of ``end_regions`` (for overlap
+        and overreach).
+    fibre_dirs : ndarray (X, Y, Z, K, 3), optional
+        True fibre directions in the voxel frame, NaN-padded (for the local
+        direction score).
+    affine : ndarray (4, 4), optional
+        Voxel-to-world transform of the volumes; voxel centres are at integer
+        voxel coordinates.
+    angle_deg : float, optional
+        Largest angle (degrees) of a step counted as along a true fibre.
+
+    Returns
+    -------
+    scores : dict
+        ``n_streamlines``; counts ``vc``, ``ic``, ``nc`` and their shares
+        ``vc_rate``, ``ic_rate``, ``nc_rate``; ``valid_bundles``,
+        ``invalid_bundles``, ``n_bundles``; ``overlap`` and ``overreach``
+        (means over bundles, NaN without ``bundle_masks``; a bundle without
+        VC has overlap 0 and overreach 0); ``per_bundle`` (list of dicts with
+        ``vc``, ``overlap``, ``overreach``); ``steps_along_fibres`` (share of
+        steps within ``angle_deg`` of a true fibre, NaN without
+        ``fibre_dirs``) and ``steps_off_fibres`` (share of steps in voxels
+        without a true fibre, not counted in the former).
+
+    References
+    ----------
+    Côté M.-A. et al. (2013). Tractometer: towards validation of
+    tractography pipelines. Medical Image Analysis 17, 844-857.
+
+    Maier-Hein K. H. et al. (2017). The challenge of mapping the human
+    connectome based on diffusion tractography. Nature Communications 8, 1349.
+    """
+    if not 0 < angle_deg <= 90:
+        raise ValueError(f"angle_deg must be in (0, 90] degrees, got {angle_deg}")
+    regions, masks = _check_regions(end_regions, bundle_masks)
+    n_bundles, shape = regions.shape[0], regions.shape[2:]
+    points, lengths = _to_voxels(streamlines, affine)
+    n_lines = len(lengths)
+
+    # Bit 2 b (start) and 2 b + 1 (end) of each voxel: the regions it is in.
+    codes = np.zeros(shape, dtype=np.int64)
+    for bundle in range(n_bundles):
+        for side in range(2):
+            codes |= regions[bundle, side].astype(np.int64) << (2 * bundle + side)
+    nonempty = lengths > 0
+    first_index = np.cumsum(lengths) - lengths
+    first = np.zeros(n_lines, dtype=np.int64)
+    last = np.zeros(n_lines, dtype=np.int64)
+    first[nonempty] = _voxel_lookup(codes, points[first_index[nonempty]])
+    last[nonempty] = _voxel_lookup(codes, points[first_index[nonempty] + lengths[nonempty] - 1])
+    starts = sum(1 << (2 * b) for b in range(n_bundles))
+    # Bundle bits where one end is in the start and the other in the end region.
+    joined = (((first & starts) & (last >> 1)) | ((last & starts) & (first >> 1))) & starts
+    valid = joined != 0
+    invalid = ~valid & (first != 0) & (last != 0)
+    # A VC of several bundles (overlapping regions) counts for the lowest;
+    # an IC joins the lowest regions of its two ends.
+    owner = _lowest_bit(joined, 2 * n_bundles) // 2
+    pairs = set(zip(*np.sort([_lowest_bit(first[invalid], 2 * n_bundles),
+                              _lowest_bit(last[invalid], 2 * n_bundles)], axis=0).tolist()))
+
+    per_bundle = [{"vc": int(np.sum(owner == b)), "overlap": np.nan, "overreach": np.nan}
+                  for b in range(n_bundles)]
+    if masks is not None:
+        line_voxels = _traversed_voxels(points, lengths, shape)
+        for bundle in range(n_bundles):
+            members = np.flatnonzero(owner == bundle)
+            traversed = (np.unique(np.concatenate([line_voxels[i] for i in members]))
+                         if members.size else np.zeros(0, dtype=np.intp))
+            truth = masks[bundle].ravel()
+            size = max(int(truth.sum()), 1)
+            inside = truth[traversed]
+            per_bundle[bundle]["overlap"] = float(inside.sum() / size)
+            per_bundle[bundle]["overreach"] = float((~inside).sum() / size)
+
+    along, off = np.nan, np.nan
+    if fibre_dirs is not None:
+        true, present = _directions(fibre_dirs, "fibre_dirs")
+        if true.shape[:3] != tuple(shape):
+            raise ValueError(f"fibre_dirs must cover the grid {tuple(shape)}, got "
+                             f"{true.shape[:3]}")
+        # Steps within each streamline only (not across two of them).
+        line_id = np.repeat(np.arange(n_lines), lengths)
+        keep = line_id[1:] == line_id[:-1]
+        steps = np.diff(points, axis=0)[keep]
+        middles = (points[:-1][keep] + points[1:][keep]) / 2
+        norms = np.linalg.norm(steps, axis=1)
+        steps, middles = steps[norms > 0] / norms[norms > 0, None], middles[norms > 0]
+        local = _voxel_lookup(np.where(present[..., None], true, 0.0), middles)
+        has_fibre = np.any(local != 0, axis=(1, 2))
+        angles = np.degrees(np.arccos(np.clip(
+            np.abs(np.einsum("nkd,nd->nk", local, steps)).max(axis=1, initial=0), 0, 1)))
+        if steps.shape[0]:
+            off = float(np.mean(~has_fibre))
+        if has_fibre.any():
+            along = float(np.mean(angles[has_fibre] <= angle_deg))
+
+    def share(count):
+        return count / n_lines if n_lines else np.nan
+
+    n_vc, n_ic = int(valid.sum()), int(invalid.sum())
+    n_nc = n_lines - n_vc - n_ic
+    return {
+        "n_streamlines": n_lines, "vc": n_vc, "ic": n_ic, "nc": n_nc,
+        "vc_rate": share(n_vc), "ic_rate": share(n_ic), "nc_rate": share(n_nc),
+        "n_bundles": n_bundles,
+        "valid_bundles": int(sum(b["vc"] > 0 for b in per_bundle)),
+        "invalid_bundles": len(pairs),
+        "overlap": (float(np.mean([b["overlap"] for b in per_bundle]))
+                    if masks is not None else np.nan),
+        "overreach": (float(np.mean([b["overreach"] for b in per_bundle]))
+                      if masks is not None else np.nan),
+        "per_bundle": per_bundle,
+        "steps_along_fibres": along, "steps_off_fibres": off,
+    }

@@ -19,8 +19,10 @@ from esdmri.metrics import (
     fraction_kl_divergence,
     match_peaks,
     roc_auc,
+    score_tractogram,
     threshold_sweep,
 )
+from esdmri.heldout_phantom import make_heldout_phantom
 
 NAN = [np.nan] * 3
 
@@ -256,3 +258,122 @@ def test_bad_direction_input_names_the_argument():
         match_peaks(np.zeros((4, 5, 3)), np.zeros((4, 3, 3)), threshold_deg=0)
     with pytest.raises(ValueError, match="crossing_angle_edges"):
         evaluate_peaks(np.zeros((4, 5, 3)), np.zeros((4, 3, 3)), crossing_angle_edges=[30, 0])
+
+
+# -- tractography scores ------------------------------------------------------
+
+def _line(*corners, step=0.5):
+    """Polyline through the corners, sampled every ``step`` voxels."""
+    corners = np.asarray(corners, dtype=float)
+    pieces = [a + np.linspace(0, 1, max(2, int(np.linalg.norm(b - a) / step) + 1))[:-1, None]
+              * (b - a) for a, b in zip(corners[:-1], corners[1:])]
+    return np.concatenate(pieces + [corners[-1:]])
+
+
+@pytest.fixture(scope="module")
+def two_bundles():
+    """Bundle 0 along x (3 x 3 section), bundle 1 along y, with their end regions."""
+    shape = (20, 10, 10)
+    masks = np.zeros((2,) + shape, dtype=bool)
+    masks[0, 2:18, 3:6, 3:6] = True
+    masks[1, 8:11, 1:9, 6:9] = True
+    regions = np.zeros((2, 2) + shape, dtype=bool)
+    regions[0, 0, 2:4, 3:6, 3:6] = regions[0, 1, 16:18, 3:6, 3:6] = True
+    regions[1, 0, 8:11, 1:3, 6:9] = regions[1, 1, 8:11, 7:9, 6:9] = True
+    dirs = np.full(shape + (2, 3), np.nan)
+    dirs[masks[0], 0] = [1.0, 0, 0]
+    dirs[masks[1], 0] = [0, 1.0, 0]
+    return masks, regions, dirs
+
+
+def test_score_tractogram_counts_connections_overlap_and_overreach(two_bundles):
+    masks, regions, dirs = two_bundles
+    straight = _line((2, 4, 4), (17, 4, 4))                     # VC of bundle 0
+    backwards = _line((17, 3, 3), (2, 3, 3))                    # VC, other direction
+    jump = _line((2, 4, 4), (9, 4, 4), (9, 4, 7), (9, 8, 7))    # bundle 0 -> bundle 1: IC
+    stops = _line((2, 5, 5), (9, 5, 5))                         # ends mid-bundle: NC
+    # VC that leaves the bundle (z 6 and 7) for 9 voxels on its way.
+    detour = _line((2, 4, 4), (6, 4, 4), (6, 4, 7), (12, 4, 7), (12, 4, 4), (17, 4, 4))
+    lines = [straight, backwards, jump, stops, detour]
+    pairs = [(r[0], r[1]) for r in regions]
+    scores = score_tractogram(lines, pairs, bundle_masks=masks, fibre_dirs=dirs)
+    assert (scores["vc"], scores["ic"], scores["nc"]) == (3, 1, 1)
+    assert scores["vc_rate"] == pytest.approx(0.6)
+    assert (scores["valid_bundles"], scores["invalid_bundles"]) == (1, 1)
+    size = masks[0].sum()
+    first = scores["per_bundle"][0]
+    assert first["vc"] == 3
+    assert first["overlap"] == pytest.approx(34 / size)
+    assert first["overreach"] == pytest.approx(9 / size)
+    assert scores["per_bundle"][1] == {"vc": 0, "overlap": 0.0, "overreach": 0.0}
+    assert scores["overlap"] == pytest.approx(17 / size)
+
+    # The same in world coordinates, through an affine.
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10, 5, 1]
+    world = [line @ affine[:3, :3].T + affine[:3, 3] for line in lines]
+    moved = score_tractogram(world, pairs, bundle_masks=masks, fibre_dirs=dirs, affine=affine)
+    for key in ("vc", "ic", "nc", "overlap", "overreach", "steps_along_fibres"):
+        assert moved[key] == pytest.approx(scores[key])
+
+
+@pytest.mark.parametrize("angle, expected", [(0, 1.0), (20, 1.0), (30, 0.0), (90, 0.0)])
+def test_score_tractogram_local_directions(two_bundles, angle, expected):
+    masks, regions, dirs = two_bundles
+    tilt = np.radians(angle)
+    start = np.array([10.0, 4.0, 4.0])
+    line = _line(start, start + 1.0 * np.array([np.cos(tilt), np.sin(tilt), 0]), step=0.1)
+    scores = score_tractogram([line], [(r[0], r[1]) for r in regions], fibre_dirs=dirs)
+    assert scores["steps_along_fibres"] == expected
+    assert scores["steps_off_fibres"] == 0.0
+    assert scores["nc"] == 1 and np.isnan(scores["overlap"])
+    # Outside every bundle no step has a fibre.
+    away = score_tractogram([line + [0, 5, 0]], [(r[0], r[1]) for r in regions],
+                            fibre_dirs=dirs)
+    assert away["steps_off_fibres"] == 1.0 and np.isnan(away["steps_along_fibres"])
+
+
+def test_score_tractogram_on_the_heldout_phantom():
+    # The phantom's own streamlines are all valid; streamlines that jump from
+    # one bundle to another are invalid.
+    phantom = make_heldout_phantom((24, 24, 24), snr=None, n_bundles=4)
+    truth = score_tractogram(phantom.streamlines, phantom.end_regions,
+                             bundle_masks=phantom.bundle_masks, fibre_dirs=phantom.fibre_dirs)
+    assert truth["vc_rate"] == 1.0 and truth["valid_bundles"] == 4
+    assert truth["invalid_bundles"] == 0
+    assert min(b["overlap"] for b in truth["per_bundle"]) > 0.3
+    assert truth["overreach"] < 0.35
+    assert truth["steps_along_fibres"] > 0.9
+
+    jumps = []
+    for a, first in enumerate(phantom.bundles):
+        for b, second in enumerate(phantom.bundles):
+            if a == b:
+                continue
+            start, end = first.streamlines[0][0], second.streamlines[0][-1]
+            # Only jumps whose ends no single bundle joins.
+            start_voxel, end_voxel = tuple(np.round(start).astype(int)), tuple(
+                np.round(end).astype(int))
+            if any(s[start_voxel] and e[end_voxel] or e[start_voxel] and s[end_voxel]
+                   for s, e in phantom.end_regions):
+                continue
+            jumps.append(np.concatenate([first.streamlines[0][:len(first.streamlines[0]) // 2],
+                                         second.streamlines[0][len(second.streamlines[0]) // 2:]]))
+    assert len(jumps) >= 6
+    jumped = score_tractogram(jumps, phantom.end_regions)
+    assert jumped["ic"] == len(jumps) and jumped["vc"] == 0
+
+
+def test_score_tractogram_bad_input(two_bundles):
+    masks, regions, _ = two_bundles
+    pairs = [(r[0], r[1]) for r in regions]
+    with pytest.raises(ValueError, match="one \\(start, end\\) pair"):
+        score_tractogram([], [regions[0, 0]])
+    with pytest.raises(ValueError, match="bundle_masks must be 2 binary volumes"):
+        score_tractogram([], pairs, bundle_masks=masks[:1])
+    with pytest.raises(ValueError, match="streamlines must be arrays of shape"):
+        score_tractogram([np.zeros((4, 2))], pairs)
+    with pytest.raises(ValueError, match="angle_deg"):
+        score_tractogram([], pairs, angle_deg=0)
+    empty = score_tractogram([], pairs)
+    assert empty["n_streamlines"] == 0 and np.isnan(empty["vc_rate"])

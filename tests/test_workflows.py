@@ -151,17 +151,21 @@ def test_legacy_to_descoteaux_keeps_the_function():
 # --------------------------------------------------------------------------
 
 def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process):
-    # DIPY's GM threshold (MD < 0.0007) misses the phantom's GM (MD 0.0008).
-    args = [*phantom.dwi, "--mask", phantom.folder / "mask.nii.gz", "--gm_md_thr", "0.001",
-            "--out_dir", tmp_path]
+    # No threshold to set: the estimator finds the phantom's GM (MD 0.0008),
+    # which DIPY's GM rule (MD < 0.0007) misses.
+    args = [*phantom.dwi, "--mask", phantom.folder / "mask.nii.gz", "--out_dir", tmp_path]
     assert_ok(run_cli("response", *args))
     files = [tmp_path / f"{tissue}.txt" for tissue in ("wm", "gm", "csf")]
     response = TissueResponse.from_mrtrix(files, ("wm", "gm", "csf"))
     np.testing.assert_allclose(response.bvals, [0, 1000, 2000, 3000])
-    # WM voxels of the phantom are pure tensors: DIPY's estimate is close to
-    # the analytic response (b0 row and l = 0, 2 terms of each shell).
-    np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:, :2],
-                               rtol=0.05, atol=1.0)
+    # WM voxels of the phantom are pure tensors: the estimate is close to the
+    # analytic response (b0 row and l = 0, 2 terms of each shell). At b 3000
+    # the signal along the fibre (0.6% of b0) sits under the noise (3% at
+    # SNR 30), whose Rician floor lifts the estimate by about 10%.
+    np.testing.assert_allclose(response["wm"][:3, :2], phantom.response["wm"][:3, :2],
+                               rtol=0.06, atol=1.0)
+    np.testing.assert_allclose(response["wm"][3, :2], phantom.response["wm"][3, :2],
+                               rtol=0.15)
 
     before = files[0].read_text()
     files[0].write_text(before + "# edited\n")
@@ -172,7 +176,8 @@ def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process
     assert files[0].read_text() == before
 
 
-def test_single_shell_response_writes_wm_only(phantom, tmp_path, in_process):
+def test_single_shell_response_writes_wm_and_csf(phantom, tmp_path, in_process):
+    # b0 plus one shell separates two tissues: WM and CSF, as in MSMT-CSD.
     keep = phantom.gtab.bvals < 1500
     save_nifti(tmp_path / "dwi.nii.gz", phantom.data[..., keep])
     np.savetxt(tmp_path / "bvals", phantom.gtab.bvals[keep][None])
@@ -180,7 +185,7 @@ def test_single_shell_response_writes_wm_only(phantom, tmp_path, in_process):
     out = tmp_path / "out"
     in_process(ResponseFlow(), tmp_path / "dwi.nii.gz", tmp_path / "bvals",
                tmp_path / "bvecs", "--mask", phantom.folder / "mask.nii.gz", "--out_dir", out)
-    assert sorted(path.name for path in out.iterdir()) == ["wm.txt"]
+    assert sorted(path.name for path in out.iterdir()) == ["csf.txt", "wm.txt"]
     response = TissueResponse.from_mrtrix(out / "wm.txt", "wm")
     np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:2, :2],
                                rtol=0.05, atol=1.0)
@@ -334,6 +339,39 @@ def test_eval_scores_known_fodfs(phantom, tmp_path):
     assert float(good["1 fibre"]["success_rate"]) == 1
     bad = read_rows(next(tmp_path.glob("b_turned*metrics.csv")))
     assert float(bad["1 fibre"]["angular_error"]) > 45
+
+
+def test_eval_scores_a_tractogram_against_the_heldout_bundles(tmp_path, in_process):
+    # The held-out phantom's own streamlines: all valid connections, every
+    # bundle found; the bundles can be given as masks or as tractograms.
+    from dipy.io.stateful_tractogram import Space, StatefulTractogram
+    from dipy.io.streamline import save_tractogram
+
+    from esdmri.heldout_phantom import make_heldout_phantom
+
+    heldout = make_heldout_phantom((16, 16, 16), snr=None, n_bundles=3)
+    folder = tmp_path / "heldout"
+    heldout.save(folder)
+    save_nifti(tmp_path / "sh.nii.gz", lobe_sh(heldout.fibre_dirs, heldout.fibre_fractions,
+                                               sh_order_max=8))
+    for b, bundle in enumerate(heldout.bundles):
+        save_tractogram(StatefulTractogram(bundle.streamlines, str(folder / "mask.nii.gz"),
+                                           Space.VOX), str(tmp_path / f"b{b}.trk"),
+                        bbox_valid_check=False)
+    for masks, out in ((folder / "bundles" / "*.nii.gz", "masks"), (tmp_path / "b*.trk", "trk")):
+        in_process(EvaluateFlow(), tmp_path / "sh.nii.gz", folder / "ground_truth.npz",
+                   "--tractogram", folder / "streamlines.trk",
+                   "--end_regions", folder / "end_regions" / "*.nii.gz",
+                   "--bundle_masks", masks, "--out_dir", tmp_path / out)
+        with open(tmp_path / out / "tractography.csv") as handle:
+            row = next(csv.DictReader(handle))
+        assert int(row["vc"]) == int(row["n_streamlines"]) == 3 * 40
+        assert int(row["valid_bundles"]) == 3 and int(row["invalid_bundles"]) == 0
+        assert float(row["overlap"]) > 0.3 and float(row["steps_along_fibres"]) > 0.9
+    message = in_process(EvaluateFlow(), tmp_path / "sh.nii.gz", folder / "ground_truth.npz",
+                         "--tractogram", folder / "streamlines.trk", "--out_dir",
+                         tmp_path / "x", fails=True)
+    assert "--tractogram needs --end_regions" in message
 
 
 def test_eval_reads_a_disco_folder(tmp_path, in_process):

@@ -7,6 +7,13 @@ Examples
 ~/.esdmri/disco/disco_1`` scores SH fODFs (peaks extracted at
 ``--relative_peak_threshold``) against DiSCo phantom 1 (fetched with
 ``esdmri_fetch disco``). The table goes to stdout and to ``metrics.csv``.
+
+``esdmri_eval csd_sh.nii.gz phantom/ground_truth.npz --tractogram csd.trk
+--end_regions "phantom/end_regions/*.nii.gz" --bundle_masks "phantom/bundles/*.nii.gz"``
+also scores a tractogram Tractometer-style (valid, invalid and no
+connections, bundle overlap and overreach, steps along a true fibre) into
+``tractography.csv``; the same options take the ISMRM 2015 (Tractometer)
+end-region and bundle files.
 """
 
 import csv
@@ -15,17 +22,22 @@ from pathlib import Path
 
 import numpy as np
 from dipy.io.image import load_nifti
+from dipy.io.streamline import load_tractogram
 from dipy.utils.logging import logger
 
-from esdmri.metrics import evaluate_fractions, evaluate_peaks
+from esdmri.metrics import evaluate_fractions, evaluate_peaks, score_tractogram
 from esdmri.peaks import peaks_from_sh, sh_order_from_coeffs
 from esdmri.shm import legacy_to_descoteaux
 
-from .io import (EsdmriWorkflow, load_fodf, load_mask, match_optional,
+from .io import (EsdmriWorkflow, _resolve_input, load_fodf, load_mask, match_optional,
                  run_workflow)
 
 PEAK_COLUMNS = ("subset", "n_voxels", "angular_error", "angular_error_median",
                 "success_rate", "tp", "fp", "fn", "fp_rate", "fn_rate")
+TRACT_COLUMNS = ("n_streamlines", "vc", "ic", "nc", "vc_rate", "ic_rate", "nc_rate",
+                 "n_bundles", "valid_bundles", "invalid_bundles", "overlap", "overreach",
+                 "steps_along_fibres", "steps_off_fibres")
+TRACTOGRAM_SUFFIXES = (".trk", ".tck", ".trx")
 DISCO_GRIDS = {40: "high", 20: "low"}
 _DISCO_FOLDER = re.compile(r"disco_(\d)")
 # DiSCo DWIs read_disco may load (any one gives the same ground truth).
@@ -183,10 +195,11 @@ class EvaluateFlow(EsdmriWorkflow):
     def get_short_name(cls):
         return "esdmri_eval"
 
-    def run(self, input_files, ground_truth, mask=None, fractions=None,
-            relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5,
-            match_angle=25.0, out_dir="", out_csv="metrics.csv",
-            out_fractions_csv="fraction_metrics.csv"):
+    def run(self, input_files, ground_truth, mask=None, fractions=None, tractogram=None,
+            end_regions=None, bundle_masks=None, relative_peak_threshold=0.5,
+            min_separation_angle=25.0, npeaks=5, match_angle=25.0, out_dir="",
+            out_csv="metrics.csv", out_fractions_csv="fraction_metrics.csv",
+            out_tracts_csv="tractography.csv"):
         """Score fODF peaks against ground-truth fibres (table to stdout and CSV).
 
         Angular error (mean over the true fibres of the angle to the nearest
@@ -209,6 +222,18 @@ class EvaluateFlow(EsdmriWorkflow):
         fractions : string, optional
             4D tissue-fraction NIfTI (wm, gm, csf) of esdmri_fit, scored
             against the phantom's true fractions over its brain mask.
+        tractogram : string, optional
+            Tractogram (.trk, .tck, .trx) tracked from the input, scored
+            against --end_regions (one file, or one per input).
+        end_regions : string, optional
+            NIfTI end regions of the true bundles (folder or glob), two per
+            bundle: in sorted order bundle 1 start, bundle 1 end, bundle 2
+            start, ... (what the held-out phantom's save writes; ISMRM 2015's
+            <bundle>_head/<bundle>_tail files sort the same way).
+        bundle_masks : string, optional
+            The true bundles (folder or glob), one per bundle in the order of
+            --end_regions: NIfTI masks or tractograms (their voxels), for
+            overlap and overreach.
         relative_peak_threshold : float, optional
             Peak threshold for SH input.
         min_separation_angle : float, optional
@@ -223,19 +248,26 @@ class EvaluateFlow(EsdmriWorkflow):
             Peak metrics table (CSV).
         out_fractions_csv : string, optional
             Fraction metrics (CSV, with --fractions).
+        out_tracts_csv : string, optional
+            Tractography scores (CSV, with --tractogram).
 
         Returns
         -------
         tables : list of list of dict
             The peak table of each input.
         """
-        io_it = self.get_io_iterator(
-            skip_outputs=() if fractions else ("out_fractions_csv",))
+        skip = tuple(name for name, given in (("out_fractions_csv", fractions),
+                                              ("out_tracts_csv", tractogram)) if not given)
+        io_it = self.get_io_iterator(skip_outputs=skip)
         masks = match_optional("mask", mask, len(io_it))
         fraction_maps = match_optional("fractions", fractions, len(io_it))
+        tractograms = match_optional("tractogram", tractogram, len(io_it))
+        if tractogram is not None and end_regions is None:
+            raise ValueError("--tractogram needs --end_regions (the true bundles' ends)")
         tables = []
-        for paths, mask_path, fractions_path in zip(io_it, masks, fraction_maps):
-            fodf_path, truth_path, csv_path, fractions_csv_path = paths
+        for paths, mask_path, fractions_path, tractogram_path in zip(
+                io_it, masks, fraction_maps, tractograms):
+            fodf_path, truth_path, csv_path, fractions_csv_path, tracts_csv_path = paths
             directions = predicted_peaks(fodf_path, relative_peak_threshold,
                                          min_separation_angle, npeaks)
             truth = read_ground_truth(truth_path, directions.shape[:3])
@@ -252,6 +284,12 @@ class EvaluateFlow(EsdmriWorkflow):
                 print(format_table([row], list(row)))
                 write_csv(fractions_csv_path, [row], list(row))
                 written.append(fractions_csv_path)
+            if tractogram_path is not None:
+                row = score_tracts(tractogram_path, end_regions, bundle_masks, truth)
+                print(f"{tractogram_path} vs {end_regions}")
+                print(format_table([row], TRACT_COLUMNS))
+                write_csv(tracts_csv_path, [row], TRACT_COLUMNS)
+                written.append(tracts_csv_path)
             logger.info(f"wrote {', '.join(written)}")
             tables.append(rows)
         return tables
@@ -268,6 +306,45 @@ def score_fractions(path, truth):
                          f"truth has {truth.tissue_fractions.shape} (wm, gm, csf)")
     brain = truth.tissue_fractions.sum(axis=-1) > 0
     return evaluate_fractions(predicted, truth.tissue_fractions, brain)
+
+
+def _load_streamlines(path, reference):
+    """Streamlines of a tractogram in voxel coordinates (voxel centres at integers)."""
+    tractogram = load_tractogram(str(path), reference, bbox_valid_check=False)
+    tractogram.to_vox()
+    tractogram.to_center()
+    return tractogram.streamlines
+
+
+def score_tracts(tractogram_path, end_regions, bundle_masks, truth):
+    """Tractometer scores of a tractogram (see :func:`esdmri.metrics.score_tractogram`)."""
+    region_paths = [str(p) for p in _resolve_input("end_regions", end_regions, False)]
+    if len(region_paths) % 2:
+        raise ValueError(f"end_regions must hold two files per bundle (start, end), got "
+                         f"{len(region_paths)}")
+    volumes = [load_nifti(path) for path in region_paths]
+    shape, affine = volumes[0][0].shape, volumes[0][1]
+    for path, (data, _) in zip(region_paths, volumes):
+        if data.shape != shape:
+            raise ValueError(f"end region {path} has shape {data.shape}, {region_paths[0]} "
+                             f"has {shape}")
+    regions = [volume > 0 for volume, _ in volumes]
+    pairs = list(zip(regions[0::2], regions[1::2]))
+    masks = None
+    if bundle_masks is not None:
+        masks = []
+        for path in _resolve_input("bundle_masks", bundle_masks, False):
+            if str(path).endswith(TRACTOGRAM_SUFFIXES):
+                from dipy.tracking.utils import density_map
+                lines = _load_streamlines(path, region_paths[0])
+                masks.append(density_map(lines, np.eye(4), shape) > 0)
+            else:
+                masks.append(load_nifti(str(path))[0] > 0)
+    streamlines = _load_streamlines(tractogram_path, region_paths[0])
+    fibre_dirs = truth.fibre_dirs if truth.fibre_dirs.shape[:3] == shape else None
+    scores = score_tractogram(streamlines, pairs, bundle_masks=masks, fibre_dirs=fibre_dirs)
+    logger.debug(f"tractography scores of {tractogram_path} (affine {affine.tolist()})")
+    return {column: scores[column] for column in TRACT_COLUMNS}
 
 
 def main():

@@ -16,13 +16,12 @@ from dipy.io.peaks import save_pam
 from dipy.utils.logging import logger
 
 from esdmri.reconst.models import MODEL_CLASSES
-from esdmri.response import TissueResponse
+from esdmri.response import TissueResponse, estimate_response
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
 
 from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
                  match_optional, run_workflow, save_map, verbose_logging)
-from .response import estimate_tissue_response
 
 
 def read_responses(response_wm=None, response_gm=None, response_csf=None):
@@ -205,7 +204,7 @@ class FitFlow(EsdmriWorkflow):
             data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
             brain = load_mask(mask_path, data.shape[:3])
             if response is None:
-                subject_response = estimate_tissue_response(gtab, data, brain)
+                subject_response = estimate_response(gtab, data, brain)
                 logger.info(f"{dwi}: estimated {subject_response}")
             else:
                 subject_response = response

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from dipy.reconst.base import ReconstModel
 
-from ..response import TissueResponse
+from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs, sh_matrix
 from ..sphere import HealpixSphere
 from .fit import DeconvolutionFit
@@ -23,9 +23,6 @@ from .network import (DeconvolutionNetwork, ForwardModel, build_unet,
 from .refine import refine_coefficients
 from .tiling import inference_windows, receptive_radius
 from .training import WindowSource, predict_coefficients, train_network
-
-# Upper mean diffusivity (mm^2/s) of grey-matter response voxels.
-GM_MD_THRESHOLD = 1.0e-3
 
 # Dense sphere on which the sparsity and non-negativity terms sample the fODF.
 SAMPLING_NSIDE = 8
@@ -233,9 +230,10 @@ class RTESDModel(_DeconvolutionModel):
     ----------
     gtab : dipy.core.gradients.GradientTable
     response : esdmri.response.TissueResponse, optional
-        Tissue responses matching the gtab's shells. Estimated with DIPY from
-        the data at fit time when None: WM/GM/CSF with two or more non-zero
-        shells, WM only otherwise.
+        Tissue responses matching the gtab's shells. Estimated from the data
+        at fit time when None, by :func:`esdmri.response.estimate_response`
+        (as many tissues as the shells separate: WM and CSF from b0 plus one
+        shell, WM, GM and CSF from two or more shells or a non-shelled scan).
     sh_order_max : int
         Even SH order of the WM fODF.
     nside : int
@@ -364,39 +362,6 @@ def _check_config(config):
     if not config.refine_smoothing > 0:
         raise ValueError(f"refine_smoothing must be > 0, got {config.refine_smoothing}")
     return sphere
-
-
-def estimate_response(gtab, data, mask=None):
-    """Tissue responses from the scan itself, with DIPY's estimators.
-
-    Multi-tissue (WM, GM, CSF) when the scan has two or more non-zero shells,
-    as MSMT-CSD needs as many shells as isotropic-plus-one tissues; WM only
-    (DIPY's ``auto_response_ssst``) for single-shell scans. A multi-shell scan
-    without GM or CSF voxels (a strands-only phantom such as DiSCo) gets the
-    tissues that were found, with a warning. The GM mean
-    diffusivity threshold is 1.0e-3 mm^2/s rather than DIPY's 0.7e-3, which
-    sits below typical grey-matter diffusivities (0.8e-3 to 0.9e-3) and so
-    can find no GM voxel at all.
-
-    Parameters
-    ----------
-    gtab : GradientTable
-    data : ndarray, shape (X, Y, Z, N)
-    mask : ndarray of bool, shape (X, Y, Z), optional
-
-    Returns
-    -------
-    response : TissueResponse
-    """
-    shell_bvals, _ = group_shells(gtab)
-    n_weighted = int(np.count_nonzero(shell_bvals > 0))
-    if n_weighted >= 2:
-        return TissueResponse.from_dipy_msmt(gtab, data, mask=mask, gm_md_thr=GM_MD_THRESHOLD,
-                                             drop_empty=True)
-    # DIPY's single-shell estimator takes no mask: zero the background so its
-    # FA threshold cannot pick noise voxels.
-    inside = data if mask is None else np.where(np.asarray(mask, bool)[..., None], data, 0)
-    return TissueResponse.from_dipy_ssst(gtab, inside)
 
 
 def config_to_dict(config):
