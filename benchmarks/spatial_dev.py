@@ -7,20 +7,25 @@ chosen here, on dev phantoms only; the held-out test phantoms of
 The dev phantoms are not the deconvolution model with its own responses:
 by default :func:`esdmri.heldout_phantom.make_heldout_phantom` with dev
 geometry seeds (1000 + ``--seed``; the held-out benchmark's test seeds are
-never used); with ``--phantom blend``, two noise-free :func:`esdmri.sims.make_phantom` volumes with different WM
+never used); with ``--phantom blend``, two noise-free
+:func:`esdmri.sims.make_phantom` volumes with different WM
 diffusivities are blended by a smooth spatial field (axial 1.5 to 2.0e-3,
 radial 0.4 to 0.25e-3 mm^2/s), then Rician noise is added at the given SNR,
 and every method gets responses estimated from the noisy data
 (:func:`esdmri.reconst.models.estimate_response`). Peaks: relative threshold
 0.25, 20 degrees apart, matched within 25 degrees (the held-out protocol).
 
-Stages are cached per (size, snr, seed, epochs) in ``--cache`` so refinement
-variants can be compared without retraining.
+The network is trained once per phantom; each refinement variant then starts
+from the linear prior and from the trained network. Variants: ``voxel``
+(``refine_tv=0``, 100 steps) or ``tv<weight>[s][x<steps>][d<smoothing>][l<lr>]
+[t<tolerance>]`` (``s``: similarity weights).
 
-Usage::
+Usage (the runs recorded in docs/benchmarks.md)::
 
-    nice -n 5 python benchmarks/spatial_dev.py --size 24 --snr 10 20 --epochs 5
-    python benchmarks/spatial_dev.py --variants voxel tv3e-4 --rumba
+    nice -n 5 python benchmarks/spatial_dev.py --seed 2 --epochs 5 --csd \
+        --variants voxel tv10x300 tv20x300 tv40x300 tv20sx300 tv20x500t1e-3 tv20x500t3e-4
+    nice -n 5 python benchmarks/spatial_dev.py --phantom blend --epochs 3 --csd \
+        --starts prior --variants voxel tv5x300 tv10x300 tv20x300 tv40x300 tv20sx300
 """
 
 import argparse
@@ -98,6 +103,7 @@ def fit_rumba_tv(phantom, data):
     from dipy.data import get_sphere
     from dipy.reconst.csdeconv import auto_response_ssst
     from dipy.reconst.rumba import RumbaSDModel
+    from dipy.reconst.shm import sf_to_sh
 
     from esdmri.shm import legacy_to_descoteaux
 
@@ -110,7 +116,6 @@ def fit_rumba_tv(phantom, data):
     model = RumbaSDModel(gtab, wm_response=np.asarray(evals), voxelwise=False, use_tv=True,
                          sphere=sphere)
     fit = model.fit(data.astype(float), mask=phantom.mask)
-    from dipy.reconst.shm import sf_to_sh
     odf = fit.odf(sphere)
     coeff = sf_to_sh(odf, sphere, sh_order_max=8, basis_type="descoteaux07")
     return np.where(phantom.mask[..., None], legacy_to_descoteaux(coeff, 8), 0)
@@ -152,7 +157,9 @@ def parse_variant(name):
     if name in VARIANTS:
         return VARIANTS[name]
     import re
-    match = re.fullmatch(r"tv([0-9.e-]+?)(s?)(?:x(\d+))?(?:d([0-9.e-]+?))?(?:l([0-9.e-]+?))?(?:t([0-9.e-]+))?", name)
+    pattern = (r"tv([0-9.e-]+?)(s?)(?:x(\d+))?(?:d([0-9.e-]+?))?(?:l([0-9.e-]+?))?"
+               r"(?:t([0-9.e-]+))?")
+    match = re.fullmatch(pattern, name)
     if not match:
         raise ValueError(f"unknown variant {name}")
     weight, sim, steps, smooth, lr, tolerance = match.groups()
@@ -194,7 +201,8 @@ def main():
     rows = []
 
     def report(snr, label, seconds, shm, steps=None):
-        row = dict(steps=steps, snr=snr, seed=args.seed, size=args.size, method=label, seconds=round(seconds, 1), **score(phantom, shm))
+        row = dict(steps=steps, snr=snr, seed=args.seed, size=args.size, method=label,
+                   seconds=round(seconds, 1), **score(phantom, shm))
         rows.append(row)
         print(f"SNR {snr:g} | {label:40s} | {seconds:6.1f} s | AE {row['ae']:.1f} | "
               f"AE x {row['ae_x']:.1f} | succ {row['success']:.2f} | succ x "

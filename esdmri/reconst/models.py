@@ -52,7 +52,7 @@ class DeconvolutionConfig:
     refine_tolerance: float = 1e-3
     loss_weights: LossWeights = field(default_factory=LossWeights)
     epochs: int = 30
-    train_windows: int = 400
+    train_windows: int = 100
     batch_size: int = 1
     lr: float = 1.7e-3
     patience: int = 3
@@ -69,9 +69,8 @@ class _DeconvolutionModel(ReconstModel):
                  spatial_layers=1, block_size=8, normalize=True, linear_prior=True,
                  refine_steps=300, refine_lr=1e-3, refine_tv=20.0, refine_smoothing=1e-3,
                  refine_similarity=False, refine_tolerance=1e-3, sparsity=1e-4,
-                 nonnegativity=0.1,
-                 total_variation=0.0, epochs=30, train_windows=400, batch_size=1, lr=1.7e-3, patience=3,
-                 device="cpu", seed=0, verbose=True):
+                 nonnegativity=0.1, total_variation=0.0, epochs=30, train_windows=100,
+                 batch_size=1, lr=1.7e-3, patience=3, device="cpu", seed=0, verbose=True):
         super().__init__(gtab)
         self.device = resolve_device(device)
         self.verbose = verbose
@@ -91,7 +90,8 @@ class _DeconvolutionModel(ReconstModel):
             refine_similarity=refine_similarity, refine_tolerance=refine_tolerance,
             loss_weights=LossWeights(sparsity=sparsity, nonnegativity=nonnegativity,
                                      total_variation=total_variation),
-            epochs=epochs, train_windows=train_windows, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
+            epochs=epochs, train_windows=train_windows, batch_size=batch_size, lr=lr,
+            patience=patience, seed=seed)
         self.sphere = _check_config(self.config)
         self.network = None
         self.training_history = []
