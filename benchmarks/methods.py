@@ -408,6 +408,8 @@ def fit_rumba(phantom, mask):
 
 
 @register_method("rumba-tv", "DIPY RUMBA-SD with total variation (voxelwise=False, "
-                 "use_tv=True), responses as for rumba; fODF projected on SH order 8")
+                 "use_tv=True, 600 iterations), WM response as per-shell tensor eigenvalues "
+                 "and GM/CSF diffusivities from the estimated responses; fODF on 724 "
+                 "directions projected on SH order 8")
 def fit_rumba_tv(phantom, mask):
     return _fit_rumba(phantom, mask, voxelwise=False)

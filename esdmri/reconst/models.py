@@ -267,7 +267,8 @@ class RTESDModel(_DeconvolutionModel):
         between neighbouring voxels (``refine_tv``), from the network's
         output (:mod:`esdmri.reconst.refine`; rotation equivariant). 0 keeps
         the network's output as is. Where the accuracy comes from:
-        docs/benchmarks.md, "Spatial context".
+        docs/benchmarks.md, "Spatial context" (dev phantoms) and the held-out
+        section (the old voxel-wise refinement's test scores).
     refine_lr : float
         Step size of the refinement.
     refine_tv : float
