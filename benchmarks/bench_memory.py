@@ -9,7 +9,7 @@ with the wall time of each step.
 
 Usage::
 
-    python benchmarks/bench_memory.py                 # RT-ESD, 1 epoch
+    python benchmarks/bench_memory.py                 # RT-ESD, default settings
     python benchmarks/bench_memory.py --model esd --epochs 2
 """
 
@@ -57,7 +57,8 @@ def peak_gib():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("esd", "rtesd", "cesd"), default="rtesd")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: the model's default)")
     args = parser.parse_args()
 
     from esdmri.reconst.models import MODEL_CLASSES
@@ -73,11 +74,15 @@ def main():
     gc.collect()
     rows.append(("scan built", time.perf_counter() - start, peak_gib()))
 
-    model = MODEL_CLASSES[args.model](gtab, response, epochs=args.epochs, verbose=False)
+    options = {} if args.epochs is None else dict(epochs=args.epochs)
+    model = MODEL_CLASSES[args.model](gtab, response, verbose=False, **options)
+    epochs = model.config.epochs
     reset_peak()
     start = time.perf_counter()
     fit = model.fit(data, mask)
-    rows.append((f"fit: train {args.epochs} epoch(s) + infer", time.perf_counter() - start,
+    trained = len(model.training_history)
+    rows.append((f"fit: train {trained}/{epochs} epoch(s) + infer + refine",
+                 time.perf_counter() - start,
                  peak_gib()))
     reset_peak()
     start = time.perf_counter()

@@ -11,6 +11,9 @@ from .losses import (intensity_loss, nonnegativity_loss, sparsity_loss,
 from .network import volume_fractions_from_coefficients
 from .tiling import cut_window, training_windows
 
+# Windows on which the trained and the starting weights are compared.
+EVALUATION_WINDOWS = 64
+
 
 class WindowSource:
     """Windows of a normalised scan, interpolated onto the HEALPix grid on demand.
@@ -91,7 +94,7 @@ def coefficient_loss(coefficients, n_wm_coeffs, forward_model, fodf_sampler, sig
 
 
 def train_network(network, forward_model, fodf_sampler, source, weights, *, epochs,
-                  window_size, batch_size, lr, patience, seed, verbose):
+                  window_size, batch_size, lr, patience, seed, verbose, max_windows=None):
     """Adam with a plateau schedule and early stopping, over mask-tiling windows.
 
     Parameters
@@ -110,23 +113,51 @@ def train_network(network, forward_model, fodf_sampler, source, weights, *, epoc
     seed : int
     verbose : bool
         Show a tqdm progress bar with the loss terms.
+    max_windows : int, optional
+        Most windows drawn over all epochs (None: no limit); the last epoch
+        stops early when they are spent, so the cost of training does not
+        grow with the scan.
 
     Returns
     -------
     history : list of dict
         Per epoch: mean loss terms, total, learning rate.
+
+    Notes
+    -----
+    Epoch losses are averages over the epoch's windows while the weights
+    move, so the last epoch is not always the best one (on a real scan the
+    last epoch ended above the first). The weights of the epoch with the
+    lowest loss are kept, and they are compared with the starting weights on
+    the same fixed windows (at most ``EVALUATION_WINDOWS``, in evaluation
+    mode, as inference uses the network): the network keeps whichever is
+    lower, so training never returns a network with a higher loss than it
+    started with.
     """
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=patience, threshold=1e-3)
+    # Its own generator, so the training windows do not depend on it.
+    evaluation_rng = np.random.default_rng([seed, 1])
+    evaluation_starts = training_windows(source.mask, window_size, evaluation_rng)
+    evaluation_starts = evaluation_starts[evaluation_rng.permutation(len(evaluation_starts))
+                                          [:EVALUATION_WINDOWS]]
+    initial_state = _copy_state(network)
+    initial = evaluate_loss(network, forward_model, fodf_sampler, source, weights,
+                            evaluation_starts, window_size, batch_size)
     history = []
     best, stale = math.inf, 0
+    best_state = initial_state
+    used = 0
     network.train()
     progress = tqdm(range(epochs), desc="training", unit="epoch", disable=not verbose)
     for epoch in progress:
         starts = training_windows(source.mask, window_size, rng)
         starts = starts[rng.permutation(len(starts))]
+        if max_windows is not None:
+            starts = starts[:max_windows - used]
+        used += len(starts)
         sums, batches = {}, 0
         for first in range(0, len(starts), batch_size):
             signal, grid, mask = source.batch(starts[first:first + batch_size], window_size)
@@ -148,12 +179,49 @@ def train_network(network, forward_model, fodf_sampler, source, weights, *, epoc
         scheduler.step(record["total"])
         if record["total"] < best * (1 - 1e-3):
             best, stale = record["total"], 0
+            best_state = _copy_state(network)
         else:
             stale += 1
             if stale >= 2 * patience:
                 break
+        if max_windows is not None and used >= max_windows:
+            break
     network.eval()
+    network.load_state_dict(best_state)
+    trained = evaluate_loss(network, forward_model, fodf_sampler, source, weights,
+                            evaluation_starts, window_size, batch_size)
+    if trained["total"] > initial["total"]:
+        network.load_state_dict(initial_state)
     return history
+
+
+def _copy_state(network):
+    return {name: value.detach().clone() for name, value in network.state_dict().items()}
+
+
+@torch.no_grad()
+def evaluate_loss(network, forward_model, fodf_sampler, source, weights, starts, window_size,
+                  batch_size):
+    """Mean loss terms of a network in evaluation mode over given windows.
+
+    Returns
+    -------
+    terms : dict of str -> float
+        As :func:`deconvolution_loss`'s, with ``"total"``.
+    """
+    mode = network.training
+    network.eval()
+    sums, batches = {}, 0
+    for first in range(0, len(starts), batch_size):
+        signal, grid, mask = source.batch(starts[first:first + batch_size], window_size)
+        total, terms = deconvolution_loss(network, forward_model, fodf_sampler, signal, grid,
+                                          mask, weights)
+        terms["total"] = float(total)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        batches += 1
+    network.train(mode)
+    return {name: value / max(batches, 1) for name, value in sums.items()}
 
 
 @torch.no_grad()

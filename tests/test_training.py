@@ -1,0 +1,66 @@
+"""Training keeps its best weights and never ends worse than it started."""
+
+import numpy as np
+import pytest
+import torch
+
+from esdmri.reconst.models import ESDModel, RTESDModel
+from esdmri.sims import make_phantom
+
+SMALL = dict(sh_order_max=4, nside=2, depth=2, filter_start=4, block_size=6, refine_steps=0,
+             verbose=False)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((10, 10, 10), snr=20, max_fibres=2, seed=3)
+
+
+def test_diverging_training_returns_the_starting_network(phantom):
+    """A learning rate far too large wrecks every epoch: the linear prior comes back."""
+    torch.manual_seed(0)
+    untrained = ESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
+    expected = untrained.fit(phantom.data, phantom.mask).shm_coeff
+    diverged = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, **SMALL)
+    fit = diverged.fit(phantom.data, phantom.mask)
+    history = diverged.training_history
+    assert len(history) == 2 and history[-1]["total"] > 0
+    np.testing.assert_allclose(fit.shm_coeff, expected, rtol=1e-5, atol=1e-6)
+
+
+def network_loss(model, phantom):
+    """Loss of a model's network on every window of the mask (evaluation mode)."""
+    from esdmri.reconst.inputs import normalize_by_b0
+    from esdmri.reconst.tiling import training_windows
+    from esdmri.reconst.training import WindowSource, evaluate_loss
+    from esdmri.shm import ShellInterpolator
+
+    normalized, mask = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
+                                       phantom.mask)
+    source = WindowSource(normalized, mask,
+                          ShellInterpolator(phantom.gtab, model.sphere.vertices).operator,
+                          model.device)
+    starts = training_windows(mask, model.config.block_size, np.random.default_rng(9))
+    return evaluate_loss(model.network, model._forward_model(phantom.gtab),
+                         model._fodf_sampler(), source, model.config.loss_weights, starts,
+                         model.config.block_size, 1)["total"]
+
+
+@pytest.mark.parametrize("model_class", [ESDModel, RTESDModel])
+def test_training_never_ends_above_the_starting_loss(phantom, model_class):
+    torch.manual_seed(0)
+    untrained = model_class(phantom.gtab, phantom.response, epochs=0, **SMALL)
+    untrained.fit(phantom.data, phantom.mask)
+    trained = model_class(phantom.gtab, phantom.response, epochs=4, **SMALL)
+    trained.fit(phantom.data, phantom.mask)
+    start, end = network_loss(untrained, phantom), network_loss(trained, phantom)
+    print(f"{model_class.__name__}: loss {start:.6g} untrained, {end:.6g} trained")
+    assert end <= start * (1 + 1e-6)
+
+
+def test_training_window_budget(phantom):
+    model = ESDModel(phantom.gtab, phantom.response, epochs=5, train_windows=3, **SMALL)
+    model.fit(phantom.data, phantom.mask)
+    assert len(model.training_history) == 1  # 3 windows: part of the first epoch
+    with pytest.raises(ValueError, match="train_windows"):
+        ESDModel(phantom.gtab, phantom.response, train_windows=0)
