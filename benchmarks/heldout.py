@@ -72,7 +72,9 @@ FAMILIES = {
     "DIPY RUMBA-SD, total variation": ("rumba-tv",),
     "linear prior alone": ("prior",),
     # ESD, RT-ESD and C-ESD without training are one fit (the linear prior
-    # refined voxel-wise; tests/test_models.py checks they are identical).
+    # refined; tests/test_models.py checks they are identical). The voxel-wise
+    # row is the same loss without the refinement's spatial coupling.
+    "voxel-wise fit (epochs=0, refine_tv=0), any model": ("rtesd-voxelwise",),
     "no training (epochs=0), any model": ("rtesd-prior+refine",),
     "ESD, network alone": ("esd-net",),
     "ESD, defaults": ("esd",),
@@ -86,7 +88,8 @@ FAMILIES = {
 NETWORK_PAIRS = {"esd": ("esd-net", "esd"), "rtesd": ("rtesd-net", "rtesd"),
                  "cesd": ("cesd-net", "cesd")}
 QUICK_FAMILIES = ("DIPY CSD", "DIPY MSMT-CSD", "DIPY RUMBA-SD, total variation",
-                  "linear prior alone", "no training (epochs=0), any model",
+                  "linear prior alone", "voxel-wise fit (epochs=0, refine_tv=0), any model",
+                  "no training (epochs=0), any model",
                   "RT-ESD, network alone", "RT-ESD, defaults")
 
 

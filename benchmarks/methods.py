@@ -315,8 +315,11 @@ def fit_cesd(phantom, mask):
 # network (the linear prior refined, no training) and the linear prior alone.
 _ABLATIONS = {
     "net": ({"refine_steps": 0}, "the network alone (refine_steps=0)"),
-    "prior+refine": ({"epochs": 0}, "no training: the linear prior refined voxel-wise "
-                     "on the same loss (epochs=0)"),
+    "prior+refine": ({"epochs": 0}, "no training: the linear prior refined on the same "
+                     "loss with the default spatially coupled refinement (epochs=0)"),
+    "voxelwise": ({"epochs": 0, "refine_tv": 0.0}, "no training and no spatial coupling: "
+                  "the linear prior refined voxel by voxel on the same loss (epochs=0, "
+                  "refine_tv=0)"),
 }
 
 
