@@ -155,7 +155,8 @@ def docs_section(rows, refine_steps):
 ## Real brain ROIs shipped with DIPY (issue 16)
 
 `python benchmarks/real_rois.py`: RT-ESD with the default settings (at most {refine_steps}
-steps of the spatially coupled refinement, responses from `esdmri.response.estimate_response`) against DIPY's CSD
+steps of the spatially coupled refinement, responses from
+`esdmri.response.estimate_response`) against DIPY's CSD
 (`auto_response_ssst`, order 8) and DTI (b <= 1500) on `small_64D` (b0 + 64 directions at
 b 1000), `small_25` (b0 + 25 at b 2000) and `small_101D` (b0 + 101 q-space samples at
 b 310-4065, no shells: 31 DIPY clusters, resampled onto virtual shells). No ground truth:
