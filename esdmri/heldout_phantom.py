@@ -66,12 +66,10 @@ from esdmri.sims import (
     MAX_FIBRES,
     TISSUES,
     _bundle_density,
-    _check_shape,
-    _check_snr,
+    _check_scan,
     _smallest_pairwise_angle,
     _tissue_maps,
     add_rician_noise,
-    default_gtab,
 )
 
 WM_MODELS = ("tensor", "stick_zeppelin")
@@ -323,12 +321,7 @@ def make_heldout_phantom(shape=(40, 40, 40), gtab=None, snr=20, seed=0, *, geome
     -------
     phantom : HeldoutPhantom
     """
-    shape = _check_shape(shape)
-    if gtab is None:
-        gtab = default_gtab()
-    elif not isinstance(gtab, GradientTable):
-        raise TypeError(f"gtab must be a dipy GradientTable, got {type(gtab).__name__}")
-    _check_snr(snr)
+    shape, gtab = _check_scan(shape, gtab, snr)
     if wm_model not in WM_MODELS:
         raise ValueError(f"wm_model must be one of {WM_MODELS}, got {wm_model!r}")
     for name, value in (("n_bundles", n_bundles), ("n_subfibres", n_subfibres),

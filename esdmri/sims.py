@@ -338,12 +338,7 @@ def make_phantom(shape=(40, 40, 40), gtab=None, snr=30, crossing_angles=(30, 90)
     -------
     phantom : Phantom
     """
-    shape = _check_shape(shape)
-    if gtab is None:
-        gtab = default_gtab()
-    elif not isinstance(gtab, GradientTable):
-        raise TypeError(f"gtab must be a dipy GradientTable, got {type(gtab).__name__}")
-    _check_snr(snr)
+    shape, gtab = _check_scan(shape, gtab, snr)
     angle_range = _check_crossing_angles(crossing_angles)
     max_fibres = _check_max_fibres(max_fibres)
     wm_evals = _check_wm_evals(wm_evals)
@@ -415,6 +410,17 @@ def add_rician_noise(clean, snr, s0, rng):
         block = np.s_[:, start:start + _NOISE_CHUNK]
         data[block] = add_noise(clean[block], snr, s0, noise_type="rician", rng=rng)
     return data
+
+
+def _check_scan(shape, gtab, snr):
+    """Validated ``(shape, gtab)`` of a phantom; the default table when gtab is None."""
+    shape = _check_shape(shape)
+    if gtab is None:
+        gtab = default_gtab()
+    elif not isinstance(gtab, GradientTable):
+        raise TypeError(f"gtab must be a dipy GradientTable, got {type(gtab).__name__}")
+    _check_snr(snr)
+    return shape, gtab
 
 
 def _check_shape(shape):
