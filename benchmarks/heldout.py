@@ -33,6 +33,7 @@ Usage::
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -213,6 +214,20 @@ def summary(result):
     return {key: result[key] for key in keys}
 
 
+@contextlib.contextmanager
+def recording_errors(outcome, label, log):
+    """Record a method's failure on its outcome and log it; one method must not stop the run."""
+    try:
+        yield
+    except NotApplicable as reason:
+        outcome.error = f"not applicable: {reason}"
+    except Exception as error:  # noqa: BLE001 - any failure is recorded, not raised
+        outcome.error = f"{type(error).__name__}: {error}"
+        log(traceback.format_exc())
+    if outcome.error:
+        log(f"  {label}: {outcome.error}")
+
+
 def run_dev(mode, families, log, save=lambda outcomes, choices: None):
     """Fit every candidate on the dev phantoms; choose method and threshold per family."""
     sweeps = {}  # (family, method) -> list over dev phantoms of per-threshold summaries
@@ -227,7 +242,7 @@ def run_dev(mode, families, log, save=lambda outcomes, choices: None):
         for family in families:
             for name in FAMILIES[family]:
                 outcome = Outcome(family, name, "dev", snr)
-                try:
+                with recording_errors(outcome, f"{name:>20}", log):
                     shm_coeff, outcome.fit_seconds = fit(name)
                     sweep = threshold_sweep(shm_coeff, phantom.fibre_dirs, mask, THRESHOLDS,
                                             threshold_deg=MATCH_ANGLE)
@@ -236,13 +251,6 @@ def run_dev(mode, families, log, save=lambda outcomes, choices: None):
                                      for r in sweep["results"]]
                     sweeps.setdefault((family, name), []).append(outcome.sweep)
                     log(f"  {name:>20}: fit {outcome.fit_seconds:6.1f} s")
-                except NotApplicable as reason:
-                    outcome.error = f"not applicable: {reason}"
-                except Exception as error:  # noqa: BLE001 - one method must not stop the run
-                    outcome.error = f"{type(error).__name__}: {error}"
-                    log(traceback.format_exc())
-                if outcome.error:
-                    log(f"  {name:>20}: {outcome.error}")
                 outcomes.append(outcome)
                 save(outcomes, {})
     choices = {}
@@ -326,7 +334,7 @@ def run_test(mode, families, choices, log, save=lambda outcomes: None):
                 continue
             outcome = Outcome(family, choice["method"], "test", snr,
                               threshold=choice["threshold"])
-            try:
+            with recording_errors(outcome, f"{family:>34}", log):
                 shm_coeff, outcome.fit_seconds = fit(choice["method"])
                 directions, _ = peaks_from_sh(shm_coeff, relative_peak_threshold=choice[
                     "threshold"], mask=mask)
@@ -339,13 +347,6 @@ def run_test(mode, families, choices, log, save=lambda outcomes: None):
                     f"{result['all']['angular_error']:.1f}, success "
                     f"{result['all']['success_rate']:.2f}, det VC "
                     f"{outcome.tracking['det']['vc_rate']:.2f}")
-            except NotApplicable as reason:
-                outcome.error = f"not applicable: {reason}"
-            except Exception as error:  # noqa: BLE001 - one method must not stop the run
-                outcome.error = f"{type(error).__name__}: {error}"
-                log(traceback.format_exc())
-            if outcome.error:
-                log(f"  {family:>34}: {outcome.error}")
             outcomes.append(outcome)
             save(outcomes)
     return outcomes
