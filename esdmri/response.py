@@ -514,7 +514,108 @@ class TissueResponse:
                                  "the b0 row")
         return cls(tissues, bvals, matrices)
 
+    @classmethod
+    def from_dict(cls, saved):
+        """The response stored by :meth:`to_dict`.
+
+        Parameters
+        ----------
+        saved : dict
+            With the keys ``"tissues"`` (list of str), ``"bvals"`` (list of
+            S floats) and ``"coefficients"`` (one ``S x (L_t / 2 + 1)``
+            nested list per tissue).
+
+        Returns
+        -------
+        TissueResponse
+        """
+        if not isinstance(saved, dict):
+            raise TypeError(f"saved must be a dict from TissueResponse.to_dict, got "
+                            f"{type(saved).__name__}")
+        missing = [key for key in ("tissues", "bvals", "coefficients") if key not in saved]
+        if missing:
+            raise ValueError(f"saved has no {missing}: expected the keys 'tissues', 'bvals' "
+                             "and 'coefficients' of TissueResponse.to_dict")
+        return cls(tuple(saved["tissues"]), np.asarray(saved["bvals"]),
+                   tuple(np.asarray(array) for array in saved["coefficients"]))
+
+    @classmethod
+    def average(cls, responses, weights=None):
+        """Weighted mean of responses of the same tissues and shells.
+
+        Coefficients and b-values are averaged row by row. Responses of scans
+        with different intensity scales should be :meth:`normalized` first,
+        so that each scan weighs as its weight says (the group response of
+        :func:`esdmri.train.train_group`). The WM coefficients are truncated
+        to the lowest zonal order among the responses.
+
+        Parameters
+        ----------
+        responses : sequence of TissueResponse
+            The same tissues in the same order, and the same number of shells
+            whose b-values lie within ``DEFAULT_BVAL_TOLERANCE`` (20 s/mm^2,
+            the clustering gap of the shells) of their mean.
+        weights : sequence of float (R,), optional
+            Non-negative weight of each response, not all zero (default:
+            equal weights).
+
+        Returns
+        -------
+        TissueResponse
+        """
+        if isinstance(responses, TissueResponse):
+            raise TypeError("responses must be a sequence of TissueResponse, got one "
+                            "TissueResponse")
+        responses = list(responses)
+        if not responses:
+            raise ValueError("responses is empty: nothing to average")
+        wrong = [type(r).__name__ for r in responses if not isinstance(r, TissueResponse)]
+        if wrong:
+            raise TypeError(f"responses must hold TissueResponse objects, got {wrong}")
+        first = responses[0]
+        for index, other in enumerate(responses[1:], start=1):
+            if other.tissues != first.tissues or len(other.bvals) != len(first.bvals):
+                raise ValueError(f"responses[{index}] has tissues {other.tissues} and shells "
+                                 f"{other.bvals.tolist()} but responses[0] has "
+                                 f"{first.tissues} and {first.bvals.tolist()}: cannot "
+                                 "average them")
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (len(responses),) or not np.all(np.isfinite(weights)) \
+                    or np.any(weights < 0) or not weights.sum() > 0:
+                raise ValueError(f"weights must be {len(responses)} finite non-negative "
+                                 f"values, not all zero, got {weights.tolist()}")
+        bvals = np.average([r.bvals for r in responses], axis=0, weights=weights)
+        for index, other in enumerate(responses):
+            gap = np.max(np.abs(other.bvals - bvals))
+            if gap > DEFAULT_BVAL_TOLERANCE:
+                raise ValueError(f"responses[{index}] has shells {other.bvals.tolist()}, "
+                                 f"{gap:g} s/mm^2 from the mean shells "
+                                 f"{np.round(bvals, 1).tolist()} (more than "
+                                 f"{DEFAULT_BVAL_TOLERANCE}): cannot average them")
+        coefficients = []
+        for t in range(len(first.tissues)):
+            width = min(r.coefficients[t].shape[1] for r in responses)
+            coefficients.append(np.average([r.coefficients[t][:, :width] for r in responses],
+                                           axis=0, weights=weights))
+        return cls(first.tissues, bvals, coefficients)
+
     # ------------------------------------------------------------------ export
+
+    def to_dict(self):
+        """The response as a dict of lists, for JSON and model files.
+
+        Floats are written as Python floats, so :meth:`from_dict` restores
+        the response exactly.
+
+        Returns
+        -------
+        dict
+            ``{"tissues": [...], "bvals": [...], "coefficients": [...]}``,
+            one nested list ``S x (L_t / 2 + 1)`` per tissue.
+        """
+        return {"tissues": list(self.tissues), "bvals": self.bvals.tolist(),
+                "coefficients": [array.tolist() for array in self.coefficients]}
 
     def to_mrtrix(self, files, force=False):
         """Write one MRtrix3 response text file per tissue.

@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 
 from .atomic import staged_output
 from .reconst.inputs import resolve_device
-from .reconst.models import MODEL_CLASSES, SAMPLING_NSIDE, config_to_dict, estimate_response
+from .reconst.models import MODEL_CLASSES, SAMPLING_NSIDE, config_to_dict
 from .reconst.network import ForwardModel, stacked_forward_matrix
 from .reconst.serialization import read_torch_file
 from .reconst.subjects import SubjectBlocks, collate_blocks
 from .reconst.training import coefficient_loss
-from .response import TissueResponse
+from .response import TissueResponse, estimate_response
 from .shm import sh_matrix
 from .sphere import HealpixSphere
 
@@ -102,7 +102,7 @@ def train_group(subjects, response=None, *, model="rtesd", epochs=30, batch_size
     response : TissueResponse, optional
         Group response for every subject without its own
         ``Subject.response``. Default: each subject's responses are
-        estimated with :func:`esdmri.reconst.estimate_response` (or its own
+        estimated with :func:`esdmri.response.estimate_response` (or its own
         are taken) and their b0-normalised average is the group response.
         The saved model keeps the group response.
     model : {"rtesd", "esd", "cesd"}
@@ -249,7 +249,7 @@ class _GroupTrainer:
             "config": config_to_dict(model.config),
             "subjects": [str(s.dwi) for s in self.dataset.subjects],
             "world_size": self.context.world_size,
-            "response": _response_to_dict(model.response),
+            "response": model.response.to_dict(),
             "network": {name: tensor.detach().cpu()
                         for name, tensor in model.network.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -463,38 +463,6 @@ def _check_group_tissues(dataset, group, responses):
 
 
 # -- responses --------------------------------------------------------------
-def average_response(responses):
-    """Average of b0-normalised tissue responses (the group response).
-
-    Each response is divided by its own b0 signal first, so scans with
-    different intensity scales weigh equally.
-
-    Parameters
-    ----------
-    responses : sequence of TissueResponse
-        Same tissues and shells (within ``DEFAULT_BVAL_TOLERANCE``).
-
-    Returns
-    -------
-    response : TissueResponse
-    """
-    responses = [r.normalized() for r in responses]
-    if not responses:
-        raise ValueError("responses is empty")
-    first = responses[0]
-    for index, other in enumerate(responses[1:], start=1):
-        if other.tissues != first.tissues or len(other.bvals) != len(first.bvals):
-            raise ValueError(f"responses[{index}] has tissues {other.tissues} and shells "
-                             f"{other.bvals.tolist()} but responses[0] has {first.tissues} "
-                             f"and {first.bvals.tolist()}: cannot average them")
-    coefficients = []
-    for t, tissue in enumerate(first.tissues):
-        width = min(r.coefficients[t].shape[1] for r in responses)
-        coefficients.append(np.mean([r.coefficients[t][:, :width] for r in responses], axis=0))
-    bvals = np.mean([r.bvals for r in responses], axis=0)
-    return TissueResponse(first.tissues, bvals, coefficients)
-
-
 def _estimated_response(dataset, context):
     """Group response from each subject's own or estimated responses (rank 0 estimates)."""
     payload = [None]
@@ -508,24 +476,14 @@ def _estimated_response(dataset, context):
             responses.append(estimate_response(dataset.gtabs[index], data, dataset.masks[index]))
             del data
             logger.info(f"{subject.dwi}: estimated {responses[-1]}")
-        payload = [_response_to_dict(average_response(responses))]
+        payload = [TissueResponse.average([r.normalized() for r in responses]).to_dict()]
     if context.world_size > 1:
         dist.broadcast_object_list(payload, src=0)
-    return _response_from_dict(payload[0])
-
-
-def _response_to_dict(response):
-    return {"tissues": list(response.tissues), "bvals": response.bvals.tolist(),
-            "coefficients": [c.tolist() for c in response.coefficients]}
-
-
-def _response_from_dict(saved):
-    return TissueResponse(tuple(saved["tissues"]), np.asarray(saved["bvals"]),
-                          tuple(np.asarray(c) for c in saved["coefficients"]))
+    return TissueResponse.from_dict(payload[0])
 
 
 def _saved_response(state, response, checkpoint):
-    saved = _response_from_dict(state["response"])
+    saved = TissueResponse.from_dict(state["response"])
     if response is not None and not _same_response(response, saved):
         raise ValueError(f"response differs from the one checkpoint {checkpoint} was trained "
                          "with: resume with the same response, or start afresh")

@@ -17,7 +17,7 @@ from disco_fake import FIBRE_EVALS, S0, write_simulated_disco
 
 import esdmri.data_fetchers.disco as disco_module
 from esdmri.response import TissueResponse
-from esdmri.reconst.models import estimate_response
+from esdmri.response import estimate_response
 
 REPO = Path(__file__).resolve().parent.parent
 

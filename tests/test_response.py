@@ -424,3 +424,77 @@ def test_at_bvals_interpolates_between_rows():
     np.testing.assert_allclose(middle["wm"][1], (response["wm"][1] + response["wm"][2]) / 2)
     with pytest.raises(ValueError, match="cannot be extrapolated"):
         response.at_bvals([0, 4000])
+
+
+# ---------------------------------------------------------------- to_dict, average
+
+def test_dict_round_trip_is_exact_and_json_safe():
+    import json
+
+    response = TissueResponse.from_tensors([0, 995.5, 2000, 3010], s0={"wm": 3.0, "gm": 2.0,
+                                                                      "csf": 1.5},
+                                           sh_order_max=8)
+    saved = json.loads(json.dumps(response.to_dict()))
+    restored = TissueResponse.from_dict(saved)
+    assert restored.tissues == response.tissues
+    np.testing.assert_array_equal(restored.bvals, response.bvals)
+    for ours, theirs in zip(restored.coefficients, response.coefficients, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(ValueError, match=r"no \['coefficients'\]"):
+        TissueResponse.from_dict({"tissues": ["wm"], "bvals": [0, 1000]})
+    with pytest.raises(TypeError, match="saved must be a dict"):
+        TissueResponse.from_dict(response)
+
+
+def test_average_is_the_weighted_mean():
+    rng = np.random.default_rng(0)
+    responses = [TissueResponse(("wm", "csf"), [0, 1000 + 10 * k, 2000 - 5 * k],
+                                [rng.random((3, 5)), rng.random((3, 1))]) for k in range(3)]
+    weights = [1.0, 2.0, 0.5]
+    averaged = TissueResponse.average(responses, weights)
+    total = sum(weights)
+    np.testing.assert_allclose(averaged.bvals,
+                               sum(w * r.bvals for w, r in zip(weights, responses)) / total)
+    for t in range(2):
+        brute = sum(w * r.coefficients[t] for w, r in zip(weights, responses)) / total
+        np.testing.assert_allclose(averaged.coefficients[t], brute, rtol=1e-14)
+    plain = TissueResponse.average(responses)
+    np.testing.assert_allclose(plain["wm"], sum(r["wm"] for r in responses) / 3, rtol=1e-14)
+    assert plain.tissues == ("wm", "csf")
+
+
+def test_average_of_normalized_responses_weighs_scans_equally():
+    truth = TissueResponse.from_tensors([0, 1000, 2000, 3000], sh_order_max=8)
+    brighter = TissueResponse.from_tensors([0, 1000, 2000, 3000], s0=7.0, sh_order_max=8)
+    averaged = TissueResponse.average([truth.normalized(), brighter.normalized()])
+    for ours, expected in zip(averaged.coefficients, truth.normalized().coefficients):
+        np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_average_truncates_wm_to_the_lowest_order():
+    high = TissueResponse.from_tensors([0, 1000], sh_order_max=8, tissues=("wm",))
+    low = TissueResponse.from_tensors([0, 1000], sh_order_max=4, tissues=("wm",))
+    averaged = TissueResponse.average([high, low])
+    assert averaged.sh_order_max == 4
+    np.testing.assert_allclose(averaged["wm"], (high["wm"][:, :3] + low["wm"]) / 2)
+
+
+def test_average_refuses_responses_that_disagree():
+    response = TissueResponse.from_tensors([0, 1000, 2000], sh_order_max=8)
+    with pytest.raises(ValueError, match="cannot average"):
+        TissueResponse.average([response, response.select_tissues(("wm", "csf"))])
+    with pytest.raises(ValueError, match="cannot average"):
+        TissueResponse.average([response, TissueResponse.from_tensors([0, 1000],
+                                                                      sh_order_max=8)])
+    far = TissueResponse.from_tensors([0, 1000, 2100], sh_order_max=8)
+    with pytest.raises(ValueError, match=r"responses\[0\] has shells .* from the mean"):
+        TissueResponse.average([response, far])
+    with pytest.raises(ValueError, match="responses is empty"):
+        TissueResponse.average([])
+    with pytest.raises(TypeError, match="got one TissueResponse"):
+        TissueResponse.average(response)
+    with pytest.raises(TypeError, match=r"TissueResponse objects, got \['dict'\]"):
+        TissueResponse.average([response, response.to_dict()])
+    for weights in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, np.nan]):
+        with pytest.raises(ValueError, match="weights must be 2 finite non-negative"):
+            TissueResponse.average([response, response], weights)

@@ -47,8 +47,7 @@ def save_model(model, path, force=False):
         "model": kind,
         "config": config_to_dict(model.config),
         "halo": model.halo,
-        "response": {"tissues": list(response.tissues), "bvals": response.bvals.tolist(),
-                     "coefficients": [c.tolist() for c in response.coefficients]},
+        "response": response.to_dict(),
         "gtab": {"bvals": model.gtab.bvals.tolist(), "bvecs": model.gtab.bvecs.tolist(),
                  "b0_threshold": float(model.gtab.b0_threshold)},
         "state_dict": {name: tensor.detach().cpu()
