@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from dipy.core.gradients import gradient_table, unique_bvals_tolerance
-from dipy.reconst.csdeconv import AxSymShResponse, ConstrainedSphericalDeconvModel
+from dipy.core.gradients import unique_bvals_tolerance
 
+from esdmri import baselines
 from esdmri.shm import group_shells, legacy_to_descoteaux
 
 SH_ORDER_MAX = 8
@@ -151,27 +151,12 @@ def _scatter(values, mask):
 
 def _csd_on_shell(phantom, mask, shell):
     """DIPY CSD on b0 + shell number ``shell`` (1 = lowest) with the WM response row."""
-    shell_bvals, shell_index = group_shells(phantom.gtab)
-    response = phantom.response
-    if response.bvals.size != shell_bvals.size or response.bvals[0] != 0:
-        raise ValueError(
-            "phantom.response must have one row per shell of phantom.gtab, b0 first; got "
-            f"b-values {response.bvals} for shells {shell_bvals}")
+    shell_bvals, _ = group_shells(phantom.gtab)
     if not 0 < shell < shell_bvals.size:
         raise NotApplicable(f"the scan has no shell number {shell} (b-values {shell_bvals})")
-    volumes = (shell_index == 0) | (shell_index == shell)
-    gtab = gradient_table(phantom.gtab.bvals[volumes], bvecs=phantom.gtab.bvecs[volumes],
-                          b0_threshold=phantom.gtab.b0_threshold)
-    wm = response["wm"]
-    # Zonal SH coefficients are the same in MRtrix3's and DIPY's bases; the
-    # b0 row holds the constant s0 as its l = 0 coefficient.
-    zonal = wm[shell, :SH_ORDER_MAX // 2 + 1]
-    s0 = wm[0, 0] / np.sqrt(4 * np.pi)
-    model = ConstrainedSphericalDeconvModel(
-        gtab, AxSymShResponse(s0, zonal), sh_order_max=SH_ORDER_MAX)
-    data = phantom.data[..., volumes][mask].astype(np.float64)
-    shm_coeff = model.fit(data).shm_coeff
-    return MethodResult(_scatter(legacy_to_descoteaux(shm_coeff, SH_ORDER_MAX), mask))
+    return MethodResult(baselines.fit_csd(phantom.gtab, phantom.data, phantom.response,
+                                        mask=mask, bval=shell_bvals[shell],
+                                        sh_order_max=SH_ORDER_MAX))
 
 
 @register_method(

@@ -12,7 +12,7 @@ never used); with ``--phantom blend``, two noise-free
 diffusivities are blended by a smooth spatial field (axial 1.5 to 2.0e-3,
 radial 0.4 to 0.25e-3 mm^2/s), then Rician noise is added at the given SNR,
 and every method gets responses estimated from the noisy data
-(:func:`esdmri.reconst.models.estimate_response`). Peaks: relative threshold
+(:func:`esdmri.response.estimate_response`). Peaks: relative threshold
 0.25, 20 degrees apart, matched within 25 degrees (the held-out protocol).
 
 The network is trained once per phantom; each refinement variant then starts
@@ -75,26 +75,6 @@ def score(phantom, shm_coeff):
                 success=result["all"]["success_rate"],
                 success_x=result["crossing"]["success_rate"],
                 fp=result["all"]["fp_rate"], fn=result["all"]["fn_rate"])
-
-
-def fit_csd(phantom, data, response):
-    """DIPY CSD on b0 + the b 2000 shell, WM response from the shared estimator."""
-    from dipy.core.gradients import gradient_table
-    from dipy.reconst.csdeconv import AxSymShResponse, ConstrainedSphericalDeconvModel
-
-    from esdmri.shm import group_shells, legacy_to_descoteaux
-
-    shell_bvals, shell_index = group_shells(phantom.gtab)
-    shell = int(np.argmin(np.abs(shell_bvals - 2000)))
-    volumes = (shell_index == 0) | (shell_index == shell)
-    gtab = gradient_table(phantom.gtab.bvals[volumes], bvecs=phantom.gtab.bvecs[volumes])
-    wm = response["wm"]
-    model = ConstrainedSphericalDeconvModel(
-        gtab, AxSymShResponse(wm[0, 0] / np.sqrt(4 * np.pi), wm[shell, :5]), sh_order_max=8)
-    coeff = np.zeros(phantom.mask.shape + (45,))
-    coeff[phantom.mask] = legacy_to_descoteaux(
-        model.fit(data[..., volumes][phantom.mask].astype(float)).shm_coeff, 8)
-    return coeff
 
 
 def fit_rumba_tv(phantom, data):
@@ -194,7 +174,8 @@ def main():
 
     import torch
 
-    from esdmri.reconst.models import estimate_response
+    from esdmri.response import estimate_response
+    from esdmri.baselines import fit_csd
     from esdmri.reconst.refine import refine_coefficients
     from esdmri.shm import n_coeffs
 
@@ -215,7 +196,7 @@ def main():
         response = estimate_response(phantom.gtab, data, phantom.mask)
         if args.csd:
             start = time.perf_counter()
-            shm = fit_csd(phantom, data, response)
+            shm = fit_csd(phantom.gtab, data, response, mask=phantom.mask, bval=2000)
             report(snr, "DIPY CSD (b 2000)", time.perf_counter() - start, shm)
         if args.rumba:
             start = time.perf_counter()

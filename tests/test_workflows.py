@@ -33,6 +33,7 @@ from esdmri.reconst.serialization import load_model
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_legacy, descoteaux_to_tournier, tournier_to_descoteaux
 from esdmri.sims import make_phantom
+from esdmri.tracking import sh_peak_amplitude
 from esdmri.workflows.demo import DemoFlow
 from esdmri.workflows.evaluate import EvaluateFlow
 from esdmri.workflows.fit import FitFlow
@@ -41,7 +42,6 @@ from esdmri.workflows.io import run_workflow
 from esdmri.workflows.plot import PlotFlow
 from esdmri.workflows.response import ResponseFlow
 from esdmri.workflows.track import TrackFlow
-from esdmri.workflows import track as track_module
 
 SHAPE = (8, 8, 8)
 SPHERE = get_sphere(name="repulsion724")
@@ -343,7 +343,7 @@ def test_default_stopping_map_stops_where_the_fodf_is_small(tmp_path, in_process
     points = np.concatenate(list(tractogram.streamlines))
     assert len(tractogram.streamlines) > 0
     assert points[:, 0].max() < 5.0  # never beyond the last strong voxel (x = 4)
-    amplitude = track_module.sh_peak_amplitude(sh)
+    amplitude = sh_peak_amplitude(sh)
     np.testing.assert_allclose(amplitude[:5], 1.0, rtol=1e-6)
     np.testing.assert_allclose(amplitude[5:], 0.05, rtol=1e-6)
 

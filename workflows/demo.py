@@ -9,7 +9,7 @@ minutes). Nothing is downloaded.
 Steps: build the crossing-fibre phantom of :func:`esdmri.sims.make_phantom`
 (multi-shell, WM/GM/CSF partial volume, Rician noise at SNR 30); fit RT-ESD
 with the phantom's true multi-tissue response; fit DIPY's single-shell CSD
-(order 8) on the b = 3000 shell with the true WM tensor response (of the
+(order 8) on the b = 3000 shell with the phantom's true WM response (of the
 three shells, the one where CSD resolves crossings best on this phantom);
 extract peaks of both with the same function; score them against the true
 fibres, at DIPY's default relative peak threshold 0.5 and at each method's
@@ -23,18 +23,18 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from dipy.core.gradients import gradient_table
 from dipy.io.stateful_tractogram import Space, StatefulTractogram
-from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel
 from dipy.reconst.shm import sh_to_sf_matrix
 from dipy.tracking.streamline import length
 
+from esdmri.baselines import fit_csd
 from esdmri.metrics import (angular_errors, crossing_angles, evaluate_fractions,
                             evaluate_peaks, threshold_sweep)
 from esdmri.peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy, sh_order_from_coeffs
 from esdmri.reconst.models import RTESDModel
-from esdmri.shm import descoteaux_to_legacy, legacy_to_descoteaux
+from esdmri.shm import descoteaux_to_legacy
 from esdmri.sims import make_phantom
+from esdmri.tracking import track
 from esdmri.viz import (plot_angular_error_vs_crossing, plot_fraction_maps, plot_odf_slice,
                         plot_peaks_slice, plot_training_curves, save_figure)
 
@@ -42,12 +42,8 @@ from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, check_out_dir, check_outputs, run_workflow, save_map,
                  save_peaks, save_streamlines, save_table, save_text, verbose_logging)
 from .io import logger
-from .track import reference_header, track
+from .track import reference_header
 
-# Signal model of the phantom, passed explicitly so that CSD gets its true
-# WM response: an axially symmetric tensor and the b0 signal.
-WM_EVALS = (1.7e-3, 0.3e-3, 0.3e-3)
-S0 = 100.0
 SNR = 30.0
 CSD_BVAL = 3000.0
 CSD_SH_ORDER = 8
@@ -104,24 +100,6 @@ def demo_files(out_dir):
         "results_md": out_dir / "results.md", "results_csv": out_dir / "results.csv",
     })
     return files
-
-
-def fit_csd(phantom, bval=CSD_BVAL, sh_order_max=CSD_SH_ORDER):
-    """DIPY's single-shell CSD on one shell with the phantom's true WM response.
-
-    Returns
-    -------
-    shm_coeff : ndarray, shape (X, Y, Z, C)
-        Non-legacy ``descoteaux07`` coefficients (DIPY's CSD works in the
-        legacy basis).
-    """
-    bvals = phantom.gtab.bvals
-    keep = phantom.gtab.b0s_mask | (np.abs(bvals - bval) <= 20)
-    gtab = gradient_table(bvals[keep], bvecs=phantom.gtab.bvecs[keep])
-    model = ConstrainedSphericalDeconvModel(gtab, (np.array(WM_EVALS), S0),
-                                            sh_order_max=sh_order_max)
-    legacy = model.fit(phantom.data[..., keep], mask=phantom.mask).shm_coeff
-    return legacy_to_descoteaux(legacy, sh_order_max)
 
 
 def sh_peaks(shm_coeff, affine, mask, relative_peak_threshold=PEAK_THRESHOLD):
@@ -289,8 +267,7 @@ class DemoFlow(EsdmriWorkflow):
         clock = time.perf_counter()
 
         logger.info(f"building a {settings['shape']} phantom (SNR {SNR:g})")
-        phantom = make_phantom(settings["shape"], snr=SNR, seed=seed, s0=S0,
-                               wm_evals=WM_EVALS)
+        phantom = make_phantom(settings["shape"], snr=SNR, seed=seed)
         phantom.save(files["phantom_dwi"].parent, force=True)
         affine = phantom.affine
         truth = phantom.fibre_dirs
@@ -312,7 +289,8 @@ class DemoFlow(EsdmriWorkflow):
         rtesd_fractions = np.stack(list(fit.volume_fractions.values()), axis=-1)
 
         logger.info(f"fitting DIPY CSD (order {CSD_SH_ORDER}, b = {CSD_BVAL:g})")
-        csd_sh = fit_csd(phantom)
+        csd_sh = fit_csd(phantom.gtab, phantom.data, phantom.response, mask=phantom.mask,
+                         bval=CSD_BVAL, sh_order_max=CSD_SH_ORDER)
         timings["CSD fit"], clock = time.perf_counter() - clock, time.perf_counter()
         csd_pam, csd_dirs = sh_peaks(csd_sh, affine, phantom.mask)
         save_map(files["csd_shm"], csd_pam.shm_coeff, affine,
