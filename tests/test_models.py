@@ -152,6 +152,21 @@ def test_load_refuses_other_format_versions(trained, tmp_path):
         load_model(path)
 
 
+def test_files_saved_under_the_old_rtesd_kind_name_still_load(trained, phantom, tmp_path):
+    model, fit = trained
+    path = tmp_path / "model.pt"
+    model.save(path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["conv_kind"] == "mixed-stem"
+    # RT-ESD's kind was called "mixed" before it got a name of its own.
+    payload["config"]["conv_kind"] = "mixed"
+    torch.save(payload, path)
+    loaded = load_model(path, verbose=False)
+    assert isinstance(loaded, RTESDModel) and loaded.config.conv_kind == "mixed-stem"
+    np.testing.assert_array_equal(loaded.fit(phantom.data, phantom.mask).shm_coeff,
+                                  fit.shm_coeff)
+
+
 def test_apply_to_a_scan_with_other_directions(trained, phantom, tmp_path):
     model, fit = trained
     rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]

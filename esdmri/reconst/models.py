@@ -356,7 +356,10 @@ class RTESDModel(_DeconvolutionModel):
         Show a progress bar.
     """
 
-    conv_kind = "mixed"
+    # Not "mixed": UNet(conv="mixed") has E(3) x SO(3) convolutions at every
+    # level, RT-ESD only in its stem. Model files written before this name
+    # hold "mixed"; load_model takes the kind from the class, not the file.
+    conv_kind = "mixed-stem"
 
 
 class CESDModel(_DeconvolutionModel):

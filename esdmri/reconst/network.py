@@ -42,18 +42,19 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
 
     Parameters
     ----------
-    conv_kind : {"spherical", "mixed", "concat"}
-        ESD (voxel-wise), RT-ESD and C-ESD.
+    conv_kind : {"spherical", "mixed-stem", "concat"}
+        ESD (voxel-wise), RT-ESD (a stem of E(3) x SO(3) convolutions, see Notes)
+        and C-ESD.
     sphere : HealpixSphere
     in_channels, out_channels : int
         Shells (b0 included) and tissues.
     depth, filter_start, kernel_size : int
         U-Net levels, first-level channels, Chebyshev kernel size.
     spatial_kernel_size : int
-        Odd edge of the isotropic 3D kernel (mixed) or of the concatenated
+        Odd edge of the isotropic 3D kernel (mixed-stem) or of the concatenated
         neighbourhood (concat).
     spatial_layers : int
-        Number of E(3) x SO(3) convolutions (mixed only).
+        Number of E(3) x SO(3) convolutions (mixed-stem only).
     signed_output : bool, optional
         No Softplus: the U-Net outputs a correction (see
         :class:`DeconvolutionNetwork`).
@@ -79,8 +80,9 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
                     conv=conv_kind, sphere_kernel_size=kernel_size,
                     spatial_kernel_size=spatial_kernel_size, layout=layout,
                     non_negative=not signed_output)
-    if conv_kind != "mixed":
-        raise ValueError(f"conv_kind must be 'spherical', 'mixed' or 'concat', got {conv_kind!r}")
+    if conv_kind != "mixed-stem":
+        raise ValueError(f"conv_kind must be 'spherical', 'mixed-stem' or 'concat', "
+                         f"got {conv_kind!r}")
     if spatial_layers < 1:
         raise ValueError(f"spatial_layers must be >= 1 for RT-ESD, got {spatial_layers}")
     operator = ChebyshevOperator(sphere.chebyshev_basis(kernel_size), layout)
