@@ -160,7 +160,7 @@ def build_ours(layer, nside, channels, kernel_size, hemisphere, layout="sparse")
     sphere = _sphere(nside, hemisphere)
     basis = sphere.chebyshev_basis(kernel_size)
     if layer == "mixed":
-        return E3SO3Conv(*channels, basis, kernel_size=3, layout=layout), sphere
+        return E3SO3Conv(*channels, basis, spatial_kernel_size=3, layout=layout), sphere
     return SphericalConv(*channels, basis, layout=layout), sphere
 
 

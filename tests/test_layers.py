@@ -42,16 +42,16 @@ def mixed_reference(x, weight_sphere, spatial_kernel, basis, circular=False):
 
 # --- neighbourhood sums ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel_size, isotropic, n_classes", [(3, True, 4), (5, True, 10),
+@pytest.mark.parametrize("spatial_kernel_size, isotropic, n_classes", [(3, True, 4), (5, True, 10),
                                                                 (3, False, 27)])
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
-def test_neighbourhood_sums_match_conv3d(kernel_size, isotropic, n_classes, padding):
-    sums = NeighbourhoodSums(kernel_size, isotropic=isotropic, padding=padding)
+def test_neighbourhood_sums_match_conv3d(spatial_kernel_size, isotropic, n_classes, padding):
+    sums = NeighbourhoodSums(spatial_kernel_size, isotropic=isotropic, padding=padding)
     assert sums.n_classes == n_classes
     x = torch.randn(2, 3, 4, 5, 4, 6)
     out = sums.forward(x)
     # Brute force: one conv3d per class with a 0/1 kernel built from the distances.
-    half = kernel_size // 2
+    half = spatial_kernel_size // 2
     offsets = np.arange(-half, half + 1)
     dist = np.sqrt(sum(np.square(axis) for axis in np.meshgrid(offsets, offsets, offsets,
                                                                indexing="ij")))
@@ -60,13 +60,13 @@ def test_neighbourhood_sums_match_conv3d(kernel_size, isotropic, n_classes, padd
         if isotropic:
             mask = np.isclose(dist, sums.distances[r])
         else:
-            mask = np.zeros(kernel_size**3, bool)
+            mask = np.zeros(spatial_kernel_size**3, bool)
             mask[r] = True
-            mask = mask.reshape((kernel_size,) * 3)
+            mask = mask.reshape((spatial_kernel_size,) * 3)
         kernel = torch.as_tensor(mask, dtype=x.dtype)[None, None]
         expected = conv3d_reference(fields, kernel, padding == "circular").reshape(x.shape)
         torch.testing.assert_close(out[:, :, r], expected, rtol=0, atol=1e-12)
-    if isotropic and kernel_size == 3:
+    if isotropic and spatial_kernel_size == 3:
         np.testing.assert_allclose(sums.distances, [0, 1, np.sqrt(2), np.sqrt(3)])
 
 
@@ -79,12 +79,12 @@ def test_neighbourhood_sums_adjoint(isotropic, padding):
     assert torch.isclose((sums.forward(x) * g).sum(), (x * sums.adjoint(g)).sum(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("kernel_size, isotropic", [(3, True), (5, True), (3, False)])
+@pytest.mark.parametrize("spatial_kernel_size, isotropic", [(3, True), (5, True), (3, False)])
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
 @pytest.mark.parametrize("thickness", [1, 2])
-def test_neighbourhood_sums_by_slabs_equal_whole_grid(kernel_size, isotropic, padding,
+def test_neighbourhood_sums_by_slabs_equal_whole_grid(spatial_kernel_size, isotropic, padding,
                                                       thickness):
-    sums = NeighbourhoodSums(kernel_size, isotropic=isotropic, padding=padding)
+    sums = NeighbourhoodSums(spatial_kernel_size, isotropic=isotropic, padding=padding)
     x = torch.randn(1, 2, 3, 5, 4, 3, dtype=torch.float64)
     g = torch.randn(1, 2, sums.n_classes, 3, 5, 4, 3, dtype=torch.float64)
     whole, whole_adjoint = sums.forward(x), sums.adjoint(g)
@@ -148,15 +148,15 @@ def test_spherical_conv_matches_chebyshev_sum(sphere, channels):
 # --- E(3) x SO(3) conv -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("channels", [(3, 2), (1, 7)])
-@pytest.mark.parametrize("kernel_size, isotropic, padding", [(3, True, "zeros"),
+@pytest.mark.parametrize("spatial_kernel_size, isotropic, padding", [(3, True, "zeros"),
                                                              (5, True, "circular"),
                                                              (3, False, "circular")])
 @pytest.mark.parametrize("slab_columns", [1, 512])  # one x-row per slab / the whole grid
-def test_mixed_conv_matches_published_formulation(sphere, channels, kernel_size, isotropic,
+def test_mixed_conv_matches_published_formulation(sphere, channels, spatial_kernel_size, isotropic,
                                                   padding, slab_columns, monkeypatch):
     monkeypatch.setattr(e3so3, "_SLAB_COLUMNS", slab_columns)
     basis = sphere.chebyshev_basis(3)
-    conv = E3SO3Conv(*channels, basis, kernel_size=kernel_size, isotropic=isotropic,
+    conv = E3SO3Conv(*channels, basis, spatial_kernel_size=spatial_kernel_size, isotropic=isotropic,
                      padding=padding)
     x = torch.randn(2, channels[0], sphere.n_vertices, 4, 3, 5, requires_grad=True)
     spatial = conv.weight_spatial
@@ -180,7 +180,7 @@ def test_mixed_conv_gradcheck(sphere):
 
 
 def test_spatial_conv_matches_conv3d():
-    conv = SpatialConv(2, 3, n_vertices=4, kernel_size=3)
+    conv = SpatialConv(2, 3, n_vertices=4, spatial_kernel_size=3)
     x = torch.randn(2, 2, 4, 3, 4, 5, requires_grad=True)
     kernel = conv.weight[:, :, torch.as_tensor(conv.sums.class_index)]
     expected = conv3d_reference(x.reshape(2, 8, 3, 4, 5), kernel, circular=False)
@@ -249,9 +249,9 @@ def test_bad_input_messages(sphere):
         conv(torch.randn(1, 2, sphere.n_vertices + 4, 4, 4, 4))
     with pytest.raises(ValueError, match=r"x must have 2 channels"):
         SphericalConv(2, 3, basis)(torch.randn(1, 3, sphere.n_vertices, 1, 1, 1))
-    with pytest.raises(ValueError, match=r"kernel_size must be odd .* got 4"):
-        E3SO3Conv(2, 3, basis, kernel_size=4)
-    with pytest.raises(TypeError, match=r"kernel_size must be an odd positive int"):
+    with pytest.raises(ValueError, match=r"spatial_kernel_size must be odd .* got 4"):
+        E3SO3Conv(2, 3, basis, spatial_kernel_size=4)
+    with pytest.raises(TypeError, match=r"spatial_kernel_size must be an odd positive int"):
         NeighbourhoodSums(3.0)
     with pytest.raises(ValueError, match=r"padding must be one of"):
         SpatialConv(1, 1, 1, padding="reflect")

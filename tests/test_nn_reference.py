@@ -41,7 +41,7 @@ def test_spherical_conv_is_a_chebyshev_filter(sphere, layout, channels):
 def test_e3so3_conv_is_chebyshev_times_isotropic_kernel(sphere):
     basis = torch.as_tensor(sphere.chebyshev_basis(3))
     torch.manual_seed(1)
-    conv = E3SO3Conv(2, 3, sphere.chebyshev_basis(3), kernel_size=3, bias=False).double()
+    conv = E3SO3Conv(2, 3, sphere.chebyshev_basis(3), spatial_kernel_size=3, bias=False).double()
     x = torch.randn(1, 2, sphere.n_vertices, 5, 4, 6, dtype=torch.float64)
     # Brute force: a full 27-tap kernel whose weight depends on |d| only,
     # W[o, i, k, d] = A[o, i, k] B[o, i, |d|], with |d|^2 in {0, 1, 2, 3}.
@@ -74,7 +74,7 @@ def test_e3so3_conv_reproduces_the_published_layer_on_the_published_graph():
                                                                   == golden["nside4_cols"]][0]))
     scaled = 2 / published_lambda_max * laplacian - identity
     basis = np.stack([identity, scaled, 2 * scaled @ scaled - identity])
-    conv = E3SO3Conv(3, 5, basis, kernel_size=3, padding="zeros").double()
+    conv = E3SO3Conv(3, 5, basis, spatial_kernel_size=3, padding="zeros").double()
     with torch.no_grad():
         conv.weight_sphere.copy_(torch.as_tensor(golden["layer_weight_sphere"]))
         conv.weight_spatial.copy_(torch.as_tensor(golden["layer_weight_spatial"]))
@@ -119,8 +119,8 @@ def test_bad_input_names_the_argument(sphere):
         conv(torch.randn(1, 2, sphere.n_vertices + 1, 1, 1, 1))
     with pytest.raises(ValueError, match="6"):
         conv(torch.randn(1, 2, sphere.n_vertices, 1, 1))
-    with pytest.raises(ValueError, match="kernel_size"):
-        E3SO3Conv(2, 3, sphere.chebyshev_basis(3), kernel_size=4)
+    with pytest.raises(ValueError, match="spatial_kernel_size"):
+        E3SO3Conv(2, 3, sphere.chebyshev_basis(3), spatial_kernel_size=4)
     with pytest.raises(ValueError, match="conv must be one of"):
         UNet(2, 1, sphere, depth=1, conv="nonsense")
     with pytest.raises(ValueError, match="divisible by 2"):

@@ -146,7 +146,7 @@ def test_pq_layer_matches_formula_by_brute_force():
     in_field, out_field = TensorFieldType((1, 1)), TensorFieldType((2, 1))
     q_in = random_q(3, rng)
     q_out = np.concatenate([q_in[:1], random_q(1, rng, zero=False)])  # includes q_out = q_in = 0
-    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=3, max_order_q=3)
+    layer = PQConv(in_field, out_field, q_in, q_out, spatial_kernel_size=3, max_order_q=3)
     randomise_bias(layer)
     x = torch.randn(1, in_field.dim, 3, 3, 3, 3)
     result = layer(x)[0, :, :, 1, 1, 1].detach().numpy()
@@ -195,10 +195,10 @@ def test_pq_layer_q_rotation_equivariance_kernel_1():
     in_field, out_field = TensorFieldType((2, 2, 1)), TensorFieldType((1, 2, 2))
     q_in, q_out = random_q(9, rng), random_q(5, rng, zero=False)
     rotation = o3.rand_matrix().numpy()
-    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=1)
+    layer = PQConv(in_field, out_field, q_in, q_out, spatial_kernel_size=1)
     randomise_bias(layer)
     rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
-                           q_out @ rotation.T, kernel_size=1)
+                           q_out @ rotation.T, spatial_kernel_size=1)
     x = torch.randn(2, in_field.dim, 9, 3, 4, 2)
     out = layer(x)
     out_rotated = rotated(rotate_channels(x, in_field, rotation))
@@ -216,7 +216,7 @@ def test_pq_layer_grid_and_q_rotation_equivariance_kernel_3(rotation):
     rng = np.random.default_rng(3)
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
     q_in, q_out = random_q(7, rng), random_q(4, rng)
-    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=3)
+    layer = PQConv(in_field, out_field, q_in, q_out, spatial_kernel_size=3)
     assert_grid_and_q_equivariant(layer, in_field, out_field, q_in, q_out, rotation,
                                   (1, in_field.dim, 7, 6, 6, 6))
 
@@ -230,7 +230,7 @@ def assert_grid_and_q_equivariant(layer, in_field, out_field, q_in, q_out, rotat
     """
     randomise_bias(layer)
     rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
-                           q_out @ rotation.T, kernel_size=3, **options)
+                           q_out @ rotation.T, spatial_kernel_size=3, **options)
     x = torch.randn(*x_shape)
     out = layer(x)
     out_rotated = rotated(rotate_grid(rotate_channels(x, in_field, rotation), rotation))
@@ -245,8 +245,8 @@ def test_pq_layer_kernel_5_equivariance():
     rng = np.random.default_rng(4)
     field = TensorFieldType((1, 1))
     q = random_q(4, rng)
-    layer = PQConv(field, field, q, kernel_size=5, n_radial_q=2)
-    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_X.T, kernel_size=5,
+    layer = PQConv(field, field, q, spatial_kernel_size=5, n_radial_q=2)
+    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_X.T, spatial_kernel_size=5,
                            n_radial_q=2)
     x = torch.randn(1, field.dim, 4, 7, 7, 7)
     out_rotated = rotated(rotate_grid(rotate_channels(x, field, ROTATE_X), ROTATE_X))
@@ -257,7 +257,7 @@ def test_pq_layer_kernel_5_equivariance():
 def test_pq_layer_translation_equivariance():
     rng = np.random.default_rng(5)
     field = TensorFieldType((1, 1, 1))
-    layer = PQConv(field, field, random_q(5, rng), kernel_size=3)
+    layer = PQConv(field, field, random_q(5, rng), spatial_kernel_size=3)
     x = torch.zeros(1, field.dim, 5, 10, 10, 10)
     x[..., 3:6, 3:6, 3:6] = torch.randn(1, field.dim, 5, 3, 3, 3)
     shift = (2, -1, 1)
@@ -269,7 +269,7 @@ def test_local_q_coupling_matches_dense_evaluation_and_is_equivariant():
     rng = np.random.default_rng(6)
     field = TensorFieldType((2, 1))
     q = random_q(12, rng)
-    layer = PQConv(field, field, q, kernel_size=3, q_radius=0.8)
+    layer = PQConv(field, field, q, spatial_kernel_size=3, q_radius=0.8)
     x = torch.randn(1, field.dim, 12, 5, 5, 5)
     # Scatter the per-neighbour kernel into a dense one and run a plain conv3d.
     kernel = layer.kernel()  # (Q_out, out, in, n, taps)
@@ -282,7 +282,7 @@ def test_local_q_coupling_matches_dense_evaluation_and_is_equivariant():
     out = layer(x)
     assert layer.n_neighbours < 12
     assert (out - reference).abs().max() < 1e-12
-    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_Z.T, kernel_size=3,
+    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_Z.T, spatial_kernel_size=3,
                            q_radius=0.8)
     out_rotated = rotated(rotate_grid(rotate_channels(x, field, ROTATE_Z), ROTATE_Z))
     expected = rotate_grid(rotate_channels(out, field, ROTATE_Z), ROTATE_Z)
@@ -293,15 +293,15 @@ def test_sphere_conv_on_healpix_vertices():
     from esdmri.sphere import HealpixSphere
 
     sphere = HealpixSphere(2, hemisphere=True)
-    layer = PQSphereConv(2, 3, sphere.vertices, kernel_size=3, antipodal=True)
+    layer = PQSphereConv(2, 3, sphere.vertices, spatial_kernel_size=3, antipodal=True)
     x = torch.randn(1, 2, sphere.n_vertices, 4, 4, 4)
     out = layer(x)
     assert out.shape == (1, 3, sphere.n_vertices, 4, 4, 4)
     assert 1 < layer.n_neighbours < sphere.n_vertices
     rotation = o3.rand_matrix().numpy()
-    rotated = PQSphereConv(2, 3, sphere.vertices @ rotation.T, kernel_size=1, antipodal=True,
-                           q_radius=layer.q_radius)
-    base = PQSphereConv(2, 3, sphere.vertices, kernel_size=1, antipodal=True,
+    rotated = PQSphereConv(2, 3, sphere.vertices @ rotation.T, spatial_kernel_size=1,
+                           antipodal=True, q_radius=layer.q_radius)
+    base = PQSphereConv(2, 3, sphere.vertices, spatial_kernel_size=1, antipodal=True,
                         q_radius=layer.q_radius)
     rotated.load_state_dict(base.state_dict())
     assert (rotated(x) - base(x)).abs().max() < 1e-8
@@ -310,7 +310,7 @@ def test_sphere_conv_on_healpix_vertices():
 @pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X])
 def test_p_conv_equivariance(rotation):
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 1, 2))
-    layer = PConv(in_field, out_field, kernel_size=3)
+    layer = PConv(in_field, out_field, spatial_kernel_size=3)
     randomise_bias(layer)
     x = torch.randn(2, in_field.dim, 6, 6, 6)
     out = layer(x)
@@ -425,10 +425,10 @@ def test_layer_options_equivariant_to_random_q_rotations(options):
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
     q_in, q_out = shell_q(rng), shell_q(rng)[1:]
     rotation = o3.rand_matrix().numpy()
-    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=1, **options)
+    layer = PQConv(in_field, out_field, q_in, q_out, spatial_kernel_size=1, **options)
     randomise_bias(layer)
     rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
-                           q_out @ rotation.T, kernel_size=1, **options)
+                           q_out @ rotation.T, spatial_kernel_size=1, **options)
     x = torch.randn(2, in_field.dim, len(q_in), 3, 2, 2)
     out = layer(x)
     out_rotated = rotated(rotate_channels(x, in_field, rotation))
@@ -442,7 +442,7 @@ def test_layer_options_equivariant_to_grid_and_q_rotations(options, rotation):
     rng = np.random.default_rng(13)
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
     q_in, q_out = shell_q(rng), shell_q(rng)
-    layer = PQConv(in_field, out_field, q_in, q_out, kernel_size=3, **options)
+    layer = PQConv(in_field, out_field, q_in, q_out, spatial_kernel_size=3, **options)
     assert_grid_and_q_equivariant(layer, in_field, out_field, q_in, q_out, rotation,
                                   (1, in_field.dim, len(q_in), 5, 5, 5), **options)
 
@@ -452,10 +452,10 @@ def test_options_change_the_layer():
     rng = np.random.default_rng(14)
     q = shell_q(rng)
     x = torch.randn(1, 1, len(q), 4, 4, 4)
-    base = PQConv(1, (2, 1), q, kernel_size=3, zero_offsets="linear")
+    base = PQConv(1, (2, 1), q, spatial_kernel_size=3, zero_offsets="linear")
     outputs = {}
     for key, value in (("normalize_q_offsets", True), ("normalize_q_offsets", False)):
-        layer = PQConv(1, (2, 1), q, kernel_size=3, zero_offsets="linear", **{key: value})
+        layer = PQConv(1, (2, 1), q, spatial_kernel_size=3, zero_offsets="linear", **{key: value})
         layer.load_state_dict(base.state_dict())
         outputs[key, value] = layer(x)
     assert (outputs["normalize_q_offsets", True]
@@ -471,7 +471,7 @@ def test_options_change_the_layer():
 @pytest.mark.parametrize("options", LAYER_OPTIONS[:1] + LAYER_OPTIONS[4:6])
 def test_p_conv_radial_options_equivariance(options):
     field = TensorFieldType((1, 1, 1))
-    layer = PConv(field, field, kernel_size=5, **options)
+    layer = PConv(field, field, spatial_kernel_size=5, **options)
     randomise_bias(layer)
     x = torch.randn(1, field.dim, 7, 7, 7)
     out = layer(x)
@@ -551,17 +551,17 @@ def test_symmetric_q_sampling_is_closed_under_grid_rotations(n_directions):
 def test_bad_input_errors():
     rng = np.random.default_rng(8)
     q = random_q(4, rng)
-    layer = PQConv((1, 1), (1,), q, kernel_size=3)
+    layer = PQConv((1, 1), (1,), q, spatial_kernel_size=3)
     with pytest.raises(ValueError, match="rows on axis 1"):
         layer(torch.randn(1, 3, 4, 3, 3, 3))  # multiplicities (1, 1) need 4 rows
     with pytest.raises(ValueError, match="q-samples"):
         layer(torch.randn(1, 4, 5, 3, 3, 3))
     with pytest.raises(ValueError, match="input must have shape"):
         layer(torch.randn(1, 4, 4, 3, 3))
-    with pytest.raises(ValueError, match="kernel_size"):
-        PQConv(1, 1, q, kernel_size=4)
-    with pytest.raises(ValueError, match="kernel_size"):
-        PConv(1, 1, kernel_size=2)
+    with pytest.raises(ValueError, match="spatial_kernel_size"):
+        PQConv(1, 1, q, spatial_kernel_size=4)
+    with pytest.raises(ValueError, match="spatial_kernel_size"):
+        PConv(1, 1, spatial_kernel_size=2)
     with pytest.raises(ValueError, match="supported orders"):
         TensorFieldType([1] + [0] * MAX_ORDER + [1])
     with pytest.raises(ValueError, match=r"multiplicities\[1\] must be >= 0"):
@@ -575,7 +575,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"q_in must have shape \(Q, 3\)"):
         PQConv(1, 1, q[:, :2])
     with pytest.raises(ValueError, match="no kernel reaches"):
-        PQConv(1, (0, 0, 1), q, kernel_size=1)  # l = 0 -> 2 needs a p offset
+        PQConv(1, (0, 0, 1), q, spatial_kernel_size=1)  # l = 0 -> 2 needs a p offset
     with pytest.raises(ValueError, match="q-samples"):
         QReduction(1, q)(torch.randn(1, 1, 3, 2, 2, 2))
     with pytest.raises(ValueError, match="rows on axis 1"):

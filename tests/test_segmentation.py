@@ -155,7 +155,7 @@ def test_published_preset_configuration(tmp_path):
     layer = net.pq_layers[0]
     assert (layer.n_q_in, layer.n_q_out) == (9, 9)
     assert layer.out_field.multiplicities == (11, 4)  # 7 scalars + 4 gates, 4 vectors
-    assert (layer.kernel_size, layer.selection_rule, layer.zero_offsets) == (5, "two_sided",
+    assert (layer.spatial_kernel_size, layer.selection_rule, layer.zero_offsets) == (5, "two_sided",
                                                                              "linear")
     assert layer.normalize_q_offsets and layer.p_radial.kind == "cosine"
     assert layer.n_radial_q == 3  # b0 and two shells

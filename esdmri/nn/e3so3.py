@@ -173,8 +173,8 @@ class E3SO3Conv(nn.Module):
     in_channels, out_channels : int
     chebyshev_basis : array_like, shape (K, V, V), or ChebyshevOperator
         ``HealpixSphere.chebyshev_basis(K)``; K is the spherical kernel size.
-    kernel_size : int, optional
-        Odd spatial kernel size (3 or 5 in the papers).
+    spatial_kernel_size : int, optional
+        Odd edge m of the 3D kernel on the voxel grid (3 or 5 in the papers).
     isotropic : bool, optional
         Share spatial weights by distance to the kernel centre (equivariant
         to grid rotations and reflections). ``False`` learns one spatial
@@ -198,14 +198,14 @@ class E3SO3Conv(nn.Module):
     Y, Z]`` (same grid).
     """
 
-    def __init__(self, in_channels, out_channels, chebyshev_basis, kernel_size=3, isotropic=True,
-                 bias=True, padding="zeros", layout="sparse"):
+    def __init__(self, in_channels, out_channels, chebyshev_basis, spatial_kernel_size=3,
+                 isotropic=True, bias=True, padding="zeros", layout="sparse"):
         super().__init__()
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.operator = as_operator(chebyshev_basis, layout)
-        self.sums = NeighbourhoodSums(kernel_size, isotropic, padding)
-        k, m = self.operator.kernel_size, self.sums.kernel_size
+        self.sums = NeighbourhoodSums(spatial_kernel_size, isotropic, padding)
+        k, m = self.operator.kernel_size, self.sums.spatial_kernel_size
         spatial_shape = (self.sums.n_classes,) if isotropic else (m, m, m)
         # Kaiming for the fused kernel: Var(A B) m^3 I K = 2.
         self.weight_sphere = nn.Parameter(torch.randn(self.out_channels, self.in_channels, k)
@@ -227,6 +227,7 @@ class E3SO3Conv(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, "
-                f"kernel_size_sphere={self.operator.kernel_size}, "
-                f"kernel_size={self.sums.kernel_size}, isotropic={self.sums.isotropic}, "
+                f"kernel_size={self.operator.kernel_size}, "
+                f"spatial_kernel_size={self.sums.spatial_kernel_size}, "
+                f"isotropic={self.sums.isotropic}, "
                 f"padding={self.sums.padding!r}, n_vertices={self.operator.n_vertices}")

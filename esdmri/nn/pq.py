@@ -37,7 +37,7 @@ angular bases; any such bound keeps the layer equivariant.
 Radial bases (Gaussian RBFs ``exp(-(r - c)^2 / (2 w^2))``):
 
 * ``phi1`` on the voxel offset length: centres ``0, 1, ..., round(sqrt(3) *
-  (kernel_size // 2))`` voxels (``0, 1, 2`` for a 3^3 kernel, ``0 .. 3`` for
+  (spatial_kernel_size // 2))`` voxels (``0, 1, 2`` for a 3^3 kernel, ``0 .. 3`` for
   5^3), width 0.6 voxel;
 * ``phi2``, ``phi3`` on ``|q_out|``, ``|q_in|``: ``n_radial_q`` centres
   evenly in [0, 1] with width equal to their spacing (q-vectors are expected
@@ -54,7 +54,7 @@ combines them as in the authors' example network.
 The kernel bases are precomputed at construction in float64 (buffers), so a
 forward pass contracts the learned weights with them and runs one
 ``conv3d``. The dense q-coupling costs ``(rows_out Q_out) x (rows_in Q_in) x
-kernel_size^3`` multiply-adds per voxel; ``q_radius`` restricts it to q
+spatial_kernel_size^3`` multiply-adds per voxel; ``q_radius`` restricts it to q
 offsets shorter than a radius (a smooth window in ``|q_out - q_in|``, still
 equivariant), which :class:`PQSphereConv` uses on dense spheres.
 """
@@ -70,7 +70,7 @@ from torch import nn
 
 from esdmri.nn.tensor_field import MAX_ORDER, as_field_type
 
-SUPPORTED_KERNEL_SIZES = (1, 3, 5)
+SUPPORTED_SPATIAL_KERNEL_SIZES = (1, 3, 5)
 
 # Width of the Gaussian radial functions on voxel offsets (in voxels).
 P_RADIAL_WIDTH = 0.6
@@ -174,11 +174,11 @@ def _check_q(q, name, unit=False):
     return q
 
 
-def _check_kernel_size(kernel_size):
-    if isinstance(kernel_size, bool) or kernel_size not in SUPPORTED_KERNEL_SIZES:
-        raise ValueError(
-            f"kernel_size must be one of {SUPPORTED_KERNEL_SIZES} (odd), got {kernel_size!r}")
-    return int(kernel_size)
+def _check_spatial_kernel_size(size):
+    if isinstance(size, bool) or size not in SUPPORTED_SPATIAL_KERNEL_SIZES:
+        raise ValueError(f"spatial_kernel_size must be one of {SUPPORTED_SPATIAL_KERNEL_SIZES} "
+                         f"(odd), got {size!r}")
+    return int(size)
 
 
 def _check_order(value, name, default):
@@ -203,12 +203,12 @@ def _check_choice(value, name, choices):
     return value
 
 
-def _check_reachable(fan_in, l_out, in_field, kernel_size):
+def _check_reachable(fan_in, l_out, in_field, spatial_kernel_size):
     if fan_in == 0:
         raise ValueError(
             f"out_field has channels of order l = {l_out} that no kernel reaches from in_field "
-            f"orders {in_field.orders()} with kernel_size={kernel_size}; raise kernel_size or "
-            "max_order_p, or drop that order")
+            f"orders {in_field.orders()} with spatial_kernel_size={spatial_kernel_size}; raise "
+            "spatial_kernel_size or max_order_p, or drop that order")
 
 
 # --------------------------------------------------------------------------
@@ -221,9 +221,9 @@ def _gaussian_rbf(r, centres, width):
     return np.exp(-((np.asarray(r, dtype=float) - centres) ** 2) / (2 * width**2))
 
 
-def p_radial_centres(kernel_size):
+def p_radial_centres(spatial_kernel_size):
     """Centres (voxels) of the radial basis on voxel offsets."""
-    return np.arange(int(round(math.sqrt(3) * (kernel_size // 2))) + 1, dtype=float)
+    return np.arange(int(round(math.sqrt(3) * (spatial_kernel_size // 2))) + 1, dtype=float)
 
 
 def q_radial_basis(q_lengths, n_radial_q):
@@ -235,14 +235,14 @@ def q_radial_basis(q_lengths, n_radial_q):
     return _gaussian_rbf(q_lengths, centres, centres[1] - centres[0])
 
 
-def kernel_offsets(kernel_size):
-    """Voxel offsets ``p_out - p_in`` of the conv3d kernel taps, shape (k^3, 3).
+def kernel_offsets(size):
+    """Voxel offsets ``p_out - p_in`` of the conv3d kernel taps, shape (size^3, 3).
 
-    ``conv3d`` reads the input at ``p_out + t - k // 2`` for tap ``t``, so
-    ``p_out - p_in = k // 2 - t`` (taps in C order over the three axes).
+    ``conv3d`` reads the input at ``p_out + t - size // 2`` for tap ``t``, so
+    ``p_out - p_in = size // 2 - t`` (taps in C order over the three axes).
     """
-    taps = np.stack(np.meshgrid(*[np.arange(kernel_size)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    return (kernel_size // 2 - taps).astype(float)
+    taps = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return (size // 2 - taps).astype(float)
 
 
 def cosine_radial_basis(r, n_functions):
@@ -265,12 +265,12 @@ def cosine_radial_basis(r, n_functions):
 
 
 class RadialProfile(nn.Module):
-    """Radial functions of the voxel offsets of a ``kernel_size^3`` kernel.
+    """Radial functions of the voxel offsets of a ``spatial_kernel_size^3`` kernel.
 
     ``kind="gaussian"``: Gaussians centred at 0, 1, ... voxels (width
     ``P_RADIAL_WIDTH``); ``"cosine"``: :func:`cosine_radial_basis` with
-    ``(kernel_size + 1) // 2`` functions on the offset length divided by
-    ``kernel_size // 2`` (the published layers' basis); ``"learned"``: that
+    ``(spatial_kernel_size + 1) // 2`` functions on the offset length divided by
+    ``spatial_kernel_size // 2`` (the published layers' basis); ``"learned"``: that
     cosine basis fed through a small fully connected network (``layers``
     layers of ``units`` units, scaled ReLU), whose ``units`` outputs are the
     radial functions, learned with the layer.
@@ -283,20 +283,20 @@ class RadialProfile(nn.Module):
 
     Parameters
     ----------
-    kernel_size : {1, 3, 5}
+    spatial_kernel_size : {1, 3, 5}
     kind : {"gaussian", "cosine", "learned"}, optional
     units, layers : int, optional
         Size of the network of ``"learned"``.
     """
 
-    def __init__(self, kernel_size, kind="gaussian", units=16, layers=2):
+    def __init__(self, spatial_kernel_size, kind="gaussian", units=16, layers=2):
         super().__init__()
         self.kind = _check_choice(kind, "p_radial", P_RADIAL_KINDS)
-        radii = np.linalg.norm(kernel_offsets(kernel_size), axis=1)
-        scale = max(kernel_size // 2, 1)
-        n_cosine = (kernel_size + 1) // 2
+        radii = np.linalg.norm(kernel_offsets(spatial_kernel_size), axis=1)
+        scale = max(spatial_kernel_size // 2, 1)
+        n_cosine = (spatial_kernel_size + 1) // 2
         if kind == "gaussian":
-            samples = _gaussian_rbf(radii, p_radial_centres(kernel_size), P_RADIAL_WIDTH)
+            samples = _gaussian_rbf(radii, p_radial_centres(spatial_kernel_size), P_RADIAL_WIDTH)
         elif kind == "cosine":
             samples = cosine_radial_basis(radii / scale, n_cosine)
         else:
@@ -476,12 +476,12 @@ class PQConv(nn.Module):
     q_out : array_like, shape (Q_out, 3), optional
         q-vectors of the output samples; ``q_in`` if None. May differ in
         number and position (e.g. a reduction to fewer samples).
-    kernel_size : {1, 3, 5}, optional
+    spatial_kernel_size : {1, 3, 5}, optional
         Voxel kernel size (cube).
     n_radial_q : int, optional
         Radial functions on ``|q_out|`` and on ``|q_in|`` each.
     max_order_p : int, optional
-        Largest ``l_p``; ``min(kernel_size - 1, 3)`` if None (0 for kernel
+        Largest ``l_p``; ``min(spatial_kernel_size - 1, 3)`` if None (0 for kernel
         size 1, whose only offset is the centre).
     max_order_q : int, optional
         Largest ``l_q``.
@@ -534,17 +534,17 @@ class PQConv(nn.Module):
        https://github.com/philip-mueller/equivariant-deep-dmri
     """
 
-    def __init__(self, in_field, out_field, q_in, q_out=None, kernel_size=3, *, n_radial_q=3,
-                 max_order_p=None, max_order_q=4, q_radius=None, antipodal=False, bias=True,
-                 selection_rule="one_sided", normalize_q_offsets=False, zero_offsets="l0",
-                 p_radial="gaussian", radial_units=16, radial_layers=2):
+    def __init__(self, in_field, out_field, q_in, q_out=None, spatial_kernel_size=3, *,
+                 n_radial_q=3, max_order_p=None, max_order_q=4, q_radius=None, antipodal=False,
+                 bias=True, selection_rule="one_sided", normalize_q_offsets=False,
+                 zero_offsets="l0", p_radial="gaussian", radial_units=16, radial_layers=2):
         super().__init__()
         self.in_field = as_field_type(in_field, "in_field")
         self.out_field = as_field_type(out_field, "out_field")
-        self.kernel_size = _check_kernel_size(kernel_size)
+        self.spatial_kernel_size = _check_spatial_kernel_size(spatial_kernel_size)
         self.n_radial_q = _check_count(n_radial_q, "n_radial_q")
-        default_p = min(self.kernel_size - 1, 3)
-        self.max_order_p = 0 if self.kernel_size == 1 else _check_order(
+        default_p = min(self.spatial_kernel_size - 1, 3)
+        self.max_order_p = 0 if self.spatial_kernel_size == 1 else _check_order(
             max_order_p, "max_order_p", default_p)
         self.max_order_q = _check_order(max_order_q, "max_order_q", 4)
         if q_radius is not None and not (np.isfinite(q_radius) and q_radius > 0):
@@ -559,8 +559,9 @@ class PQConv(nn.Module):
         q_out = q_in if q_out is None else _check_q(q_out, "q_out")
         self.n_q_in, self.n_q_out = len(q_in), len(q_out)
 
-        offsets = kernel_offsets(self.kernel_size)
-        self.p_radial = RadialProfile(self.kernel_size, p_radial, radial_units, radial_layers)
+        offsets = kernel_offsets(self.spatial_kernel_size)
+        self.p_radial = RadialProfile(self.spatial_kernel_size, p_radial, radial_units,
+                                      radial_layers)
         p_samples = self.p_radial.samples.numpy()
         self.n_radial_p = self.p_radial.n_functions
 
@@ -593,7 +594,7 @@ class PQConv(nn.Module):
                          len(terms), self.n_radial_p, self.n_radial_q, self.n_radial_q)
                 self.weights[f"{l_out}_{l_in}"] = nn.Parameter(torch.randn(shape))
                 fan_in += math.prod(shape[1:])
-            _check_reachable(fan_in, l_out, self.in_field, self.kernel_size)
+            _check_reachable(fan_in, l_out, self.in_field, self.spatial_kernel_size)
             for l_in in self.in_field.orders():
                 key = f"{l_out}_{l_in}"
                 if key in self.weights:
@@ -653,7 +654,7 @@ class PQConv(nn.Module):
         dtype = next(iter(self.weights.values())).dtype
         q_basis = self.q_basis.to(dtype)
         n_pairs = q_basis.shape[-1]
-        taps = self.kernel_size**3
+        taps = self.spatial_kernel_size**3
         blocks = {}
         for l_out, l_in, groups in self.paths:
             weight = self.p_radial.mix(self.weights[f"{l_out}_{l_in}"], 3)
@@ -717,7 +718,7 @@ class PQConv(nn.Module):
                 f"input has {x.shape[2]} q-samples on axis 2, the layer was built for "
                 f"q_in with {self.n_q_in}")
         batch, grid = x.shape[0], x.shape[3:]
-        k = self.kernel_size
+        k = self.spatial_kernel_size
         kernel = self.kernel()
         if self.sparse:
             # Gather each output sample's neighbours: a grouped conv, one group per q_out.
@@ -741,7 +742,7 @@ class PQConv(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_field} -> {self.out_field}, q {self.n_q_in} -> {self.n_q_out}, "
-                f"kernel_size={self.kernel_size}, max_order_p={self.max_order_p}, "
+                f"spatial_kernel_size={self.spatial_kernel_size}, max_order_p={self.max_order_p}, "
                 f"max_order_q={self.max_order_q}, q_radius={self.q_radius}, "
                 f"selection_rule={self.selection_rule!r}, "
                 f"normalize_q_offsets={self.normalize_q_offsets}, "
@@ -759,9 +760,9 @@ class PConv(nn.Module):
     Parameters
     ----------
     in_field, out_field : TensorFieldType or int or sequence of int
-    kernel_size : {1, 3, 5}, optional
+    spatial_kernel_size : {1, 3, 5}, optional
     max_order_p : int, optional
-        Largest filter order ``l_f``; ``min(kernel_size - 1, 3)`` if None.
+        Largest filter order ``l_f``; ``min(spatial_kernel_size - 1, 3)`` if None.
     bias : bool, optional
         Learned bias on scalar outputs.
     p_radial : {"gaussian", "cosine", "learned"}, optional
@@ -775,16 +776,17 @@ class PConv(nn.Module):
     out_field.dim, X, Y, Z]``.
     """
 
-    def __init__(self, in_field, out_field, kernel_size=3, *, max_order_p=None, bias=True,
+    def __init__(self, in_field, out_field, spatial_kernel_size=3, *, max_order_p=None, bias=True,
                  p_radial="gaussian", radial_units=16, radial_layers=2):
         super().__init__()
         self.in_field = as_field_type(in_field, "in_field")
         self.out_field = as_field_type(out_field, "out_field")
-        self.kernel_size = _check_kernel_size(kernel_size)
-        self.max_order_p = 0 if self.kernel_size == 1 else _check_order(
-            max_order_p, "max_order_p", min(self.kernel_size - 1, 3))
-        offsets = kernel_offsets(self.kernel_size)
-        self.p_radial = RadialProfile(self.kernel_size, p_radial, radial_units, radial_layers)
+        self.spatial_kernel_size = _check_spatial_kernel_size(spatial_kernel_size)
+        self.max_order_p = 0 if self.spatial_kernel_size == 1 else _check_order(
+            max_order_p, "max_order_p", min(self.spatial_kernel_size - 1, 3))
+        offsets = kernel_offsets(self.spatial_kernel_size)
+        self.p_radial = RadialProfile(self.spatial_kernel_size, p_radial, radial_units,
+                                      radial_layers)
         p_radial = self.p_radial.samples.numpy()
         self.n_radial_p = self.p_radial.n_functions
         self.paths = []
@@ -807,7 +809,7 @@ class PConv(nn.Module):
                          len(orders), self.n_radial_p)
                 self.weights[f"{l_out}_{l_in}"] = nn.Parameter(torch.randn(shape))
                 fan_in += math.prod(shape[1:])
-            _check_reachable(fan_in, l_out, self.in_field, self.kernel_size)
+            _check_reachable(fan_in, l_out, self.in_field, self.spatial_kernel_size)
             for l_in in self.in_field.orders():
                 if f"{l_out}_{l_in}" in self.weights:
                     with torch.no_grad():
@@ -818,7 +820,7 @@ class PConv(nn.Module):
     def kernel(self):
         """The conv3d weight, shape ``(out.dim, in.dim, k, k, k)``."""
         dtype = next(iter(self.weights.values())).dtype
-        k = self.kernel_size
+        k = self.spatial_kernel_size
         kernel = torch.zeros(self.out_field.dim, self.in_field.dim, k**3, dtype=dtype,
                              device=next(iter(self.weights.values())).device)
         for l_out, l_in in self.paths:
@@ -839,10 +841,11 @@ class PConv(nn.Module):
         bias = None
         if self.bias is not None:
             bias = torch.cat([self.bias, self.bias.new_zeros(self.out_field.dim - len(self.bias))])
-        return F.conv3d(x, self.kernel(), bias=bias, padding=self.kernel_size // 2)
+        return F.conv3d(x, self.kernel(), bias=bias, padding=self.spatial_kernel_size // 2)
 
     def extra_repr(self):
-        return (f"{self.in_field} -> {self.out_field}, kernel_size={self.kernel_size}, "
+        return (f"{self.in_field} -> {self.out_field}, "
+                f"spatial_kernel_size={self.spatial_kernel_size}, "
                 f"max_order_p={self.max_order_p}, p_radial={self.p_radial.kind!r}")
 
 
@@ -898,7 +901,7 @@ class PQSphereConv(PQConv):
     """pq-layer on scalar spherical signals, a conv kind for the deconvolution U-Net.
 
     Each vertex of the sphere is a unit q-vector; the layer couples vertices
-    closer than ``q_radius`` and 3D neighbours in the ``kernel_size^3``
+    closer than ``q_radius`` and 3D neighbours in the ``spatial_kernel_size^3``
     block, jointly equivariant to rotations of the grid and the sphere.
 
     Parameters
@@ -908,7 +911,7 @@ class PQSphereConv(PQConv):
     vertices : array_like, shape (V, 3)
         Unit vectors (e.g. ``HealpixSphere.vertices``), the same for input
         and output.
-    kernel_size : {1, 3, 5}, optional
+    spatial_kernel_size : {1, 3, 5}, optional
     q_radius : float or "auto" or None, optional
         Chord length ``|v_out - v_in|`` beyond which vertices are not
         coupled; ``"auto"`` is twice the median nearest-neighbour distance
@@ -927,8 +930,8 @@ class PQSphereConv(PQConv):
     q is used.
     """
 
-    def __init__(self, in_channels, out_channels, vertices, kernel_size=3, *, q_radius="auto",
-                 antipodal=False, max_order_q=4, bias=True):
+    def __init__(self, in_channels, out_channels, vertices, spatial_kernel_size=3, *,
+                 q_radius="auto", antipodal=False, max_order_q=4, bias=True):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -937,9 +940,10 @@ class PQSphereConv(PQConv):
             if q_radius != "auto":
                 raise ValueError(f"q_radius must be a float, 'auto' or None, got {q_radius!r}")
             q_radius = 2 * PQSphereConv.nearest_neighbour_distance(vertices, antipodal)
-        super().__init__(int(in_channels), int(out_channels), vertices, kernel_size=kernel_size,
-                         n_radial_q=1, max_order_q=max_order_q, q_radius=q_radius,
-                         antipodal=antipodal, bias=bias)
+        super().__init__(int(in_channels), int(out_channels), vertices,
+                         spatial_kernel_size=spatial_kernel_size, n_radial_q=1,
+                         max_order_q=max_order_q, q_radius=q_radius, antipodal=antipodal,
+                         bias=bias)
 
     @staticmethod
     def nearest_neighbour_distance(vertices, antipodal=False):

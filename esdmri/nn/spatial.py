@@ -27,13 +27,13 @@ from torch import nn
 PADDING_MODES = ("zeros", "circular")
 
 
-def check_kernel_size(kernel_size, name="kernel_size"):
+def check_spatial_kernel_size(size, name="spatial_kernel_size"):
     """Validate an odd, positive spatial kernel size and return it as int."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)):
-        raise TypeError(f"{name} must be an odd positive int, got {kernel_size!r}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"{name} must be odd and >= 1 (1, 3, 5, ...), got {kernel_size}")
-    return int(kernel_size)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise TypeError(f"{name} must be an odd positive int, got {size!r}")
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"{name} must be odd and >= 1 (1, 3, 5, ...), got {size}")
+    return int(size)
 
 
 def check_padding(padding):
@@ -139,7 +139,7 @@ class NeighbourhoodSums:
 
     Parameters
     ----------
-    kernel_size : int
+    spatial_kernel_size : int
         Odd spatial kernel size ``m``; ``m = 1`` gives the identity.
     isotropic : bool, optional
         Group the ``m**3`` offsets by their distance to the centre (4 classes
@@ -161,11 +161,11 @@ class NeighbourhoodSums:
     cross-correlation that ``torch.nn.functional.conv3d`` computes.
     """
 
-    def __init__(self, kernel_size, isotropic=True, padding="zeros"):
-        self.kernel_size = check_kernel_size(kernel_size)
+    def __init__(self, spatial_kernel_size, isotropic=True, padding="zeros"):
+        self.spatial_kernel_size = check_spatial_kernel_size(spatial_kernel_size)
         self.isotropic = bool(isotropic)
         self.padding = check_padding(padding)
-        half = self.kernel_size // 2
+        half = self.spatial_kernel_size // 2
         # Per-axis operators: D_a (pair sum) for isotropic kernels, plain
         # shifts otherwise; both are indexed by their offset a.
         self._axis_offsets = tuple(range(0, half + 1) if self.isotropic else range(-half, half + 1))
@@ -181,7 +181,7 @@ class NeighbourhoodSums:
     @property
     def class_index(self):
         """Class of each offset of the ``(m, m, m)`` kernel, shape (m, m, m)."""
-        half = self.kernel_size // 2
+        half = self.spatial_kernel_size // 2
         offsets = np.arange(-half, half + 1)
         grid = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1)
         if self.isotropic:
@@ -361,7 +361,7 @@ class SpatialConv(nn.Module):
         Channels per vertex.
     n_vertices : int
         Vertices V of the input and output (1 for purely spatial fields).
-    kernel_size : int, optional
+    spatial_kernel_size : int, optional
         Odd spatial kernel size.
     isotropic : bool, optional
         One weight per distance to the kernel centre (4 in 3x3x3) instead of
@@ -376,14 +376,15 @@ class SpatialConv(nn.Module):
     meant for coarse spheres.
     """
 
-    def __init__(self, in_channels, out_channels, n_vertices, kernel_size=3, isotropic=True,
+    def __init__(self, in_channels, out_channels, n_vertices, spatial_kernel_size=3,
+                 isotropic=True,
                  bias=True, padding="zeros"):
         super().__init__()
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.n_vertices = int(n_vertices)
-        self.sums = NeighbourhoodSums(kernel_size, isotropic, padding)
-        fan_in = self.in_channels * self.n_vertices * self.sums.kernel_size**3
+        self.sums = NeighbourhoodSums(spatial_kernel_size, isotropic, padding)
+        fan_in = self.in_channels * self.n_vertices * self.sums.spatial_kernel_size**3
         # Kaiming for the equivalent full kernel: a class of n offsets counts n times.
         self.weight = nn.Parameter(torch.randn(
             self.out_channels * self.n_vertices, self.in_channels * self.n_vertices,
@@ -403,7 +404,8 @@ class SpatialConv(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, n_vertices={self.n_vertices}, "
-                f"kernel_size={self.sums.kernel_size}, isotropic={self.sums.isotropic}")
+                f"spatial_kernel_size={self.sums.spatial_kernel_size}, "
+                f"isotropic={self.sums.isotropic}")
 
 
 class NeighbourhoodConcat(nn.Module):
@@ -411,7 +413,7 @@ class NeighbourhoodConcat(nn.Module):
 
     Parameters
     ----------
-    kernel_size : int, optional
+    spatial_kernel_size : int, optional
         Odd neighbourhood size m; every channel becomes ``m**3`` channels,
         one per offset, ordered like a ``conv3d`` kernel.
     padding : {"zeros", "circular"}, optional
@@ -422,22 +424,22 @@ class NeighbourhoodConcat(nn.Module):
     ``c m^3 + j`` holding channel c of the voxel at offset j.
     """
 
-    def __init__(self, kernel_size=3, padding="zeros"):
+    def __init__(self, spatial_kernel_size=3, padding="zeros"):
         super().__init__()
-        self.kernel_size = check_kernel_size(kernel_size, "kernel_size")
+        self.spatial_kernel_size = check_spatial_kernel_size(spatial_kernel_size)
         self.padding = check_padding(padding)
 
     @property
     def factor(self):
         """Channel multiplier ``m**3``."""
-        return self.kernel_size**3
+        return self.spatial_kernel_size**3
 
     def forward(self, x):
         # Out-of-place slices of a padded copy: plain autograd, no in-place
         # accumulation, so it also works on inputs that require gradients.
         check_field(x)
         b, c, v, *grid = x.shape
-        m, r = self.kernel_size, self.kernel_size // 2
+        m, r = self.spatial_kernel_size, self.spatial_kernel_size // 2
         mode = "circular" if self.padding == "circular" else "constant"
         padded = F.pad(x.reshape(b, c * v, *grid), (r,) * 6, mode=mode)
         X, Y, Z = grid
@@ -447,4 +449,4 @@ class NeighbourhoodConcat(nn.Module):
         return shifted.reshape(b, c * m**3, v, X, Y, Z)
 
     def extra_repr(self):
-        return f"kernel_size={self.kernel_size}"
+        return f"spatial_kernel_size={self.spatial_kernel_size}"

@@ -40,8 +40,8 @@ from torch import nn
 from esdmri.nn.chebyshev import ChebyshevOperator, LAYOUTS, SphericalConv
 from esdmri.nn.e3so3 import E3SO3Conv
 from esdmri.nn.pooling import POOLING_MODES, Pool, Unpool
-from esdmri.nn.spatial import (NeighbourhoodConcat, SpatialConv, check_field, check_kernel_size,
-                               check_padding)
+from esdmri.nn.spatial import (NeighbourhoodConcat, SpatialConv, check_field, check_padding,
+                               check_spatial_kernel_size)
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,22 @@ def _build_spherical(in_channels, out_channels, sphere, operator, options, bias)
 
 
 def _build_mixed(in_channels, out_channels, sphere, operator, options, bias):
-    return E3SO3Conv(in_channels, out_channels, operator, kernel_size=options.spatial_kernel_size,
+    return E3SO3Conv(in_channels, out_channels, operator,
+                     spatial_kernel_size=options.spatial_kernel_size,
                      isotropic=options.isotropic, bias=bias, padding=options.padding)
 
 
 def _build_spatial(in_channels, out_channels, sphere, operator, options, bias):
     return SpatialConv(in_channels, out_channels, sphere.n_vertices,
-                       kernel_size=options.spatial_kernel_size, isotropic=options.isotropic,
+                       spatial_kernel_size=options.spatial_kernel_size, isotropic=options.isotropic,
                        bias=bias, padding=options.padding)
 
 
 def _build_pq(in_channels, out_channels, sphere, operator, options, bias):
     from esdmri.nn.pq import PQSphereConv
     return PQSphereConv(in_channels, out_channels, sphere.vertices,
-                        kernel_size=options.spatial_kernel_size, antipodal=sphere.hemisphere,
-                        bias=bias)
+                        spatial_kernel_size=options.spatial_kernel_size,
+                        antipodal=sphere.hemisphere, bias=bias)
 
 
 CONV_KINDS = {
@@ -178,8 +179,8 @@ class UNet(nn.Module):
         Channels at the finest level, doubled at each coarser level.
     conv : str, optional
         Convolution kind, a key of :data:`CONV_KINDS` or ``"pq"``.
-    sphere_kernel_size : int, optional
-        Chebyshev kernel size K.
+    kernel_size : int, optional
+        Chebyshev kernel size K (number of polynomials of the spherical filters).
     spatial_kernel_size : int, optional
         Odd 3D kernel size (mixed, spatial, pq), or the neighbourhood size
         concatenated into the input (concat).
@@ -207,13 +208,13 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, sphere, depth=4, filter_start=8, conv="mixed",
-                 sphere_kernel_size=3, spatial_kernel_size=3, convs_per_block=2,
+                 kernel_size=3, spatial_kernel_size=3, convs_per_block=2,
                  pooling_mode="average", isotropic=True, padding="zeros", layout="sparse",
                  non_negative=True):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("depth", depth), ("filter_start", filter_start),
-                            ("sphere_kernel_size", sphere_kernel_size),
+                            ("kernel_size", kernel_size),
                             ("convs_per_block", convs_per_block)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -226,12 +227,12 @@ class UNet(nn.Module):
         self.depth = int(depth)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.n_vertices = sphere.n_vertices
-        options = ConvOptions(check_kernel_size(spatial_kernel_size, "spatial_kernel_size"),
+        options = ConvOptions(check_spatial_kernel_size(spatial_kernel_size),
                               bool(isotropic), check_padding(padding))
         pools_sphere = self.kind.pooling in ("spherical", "mixed")
         self.grid_multiple = 2 ** (self.depth - 1) if self.kind.pooling != "spherical" else 1
         spheres = sphere.pyramid(self.depth) if pools_sphere else [sphere] * self.depth
-        operators = [ChebyshevOperator(level.chebyshev_basis(sphere_kernel_size), layout)
+        operators = [ChebyshevOperator(level.chebyshev_basis(kernel_size), layout)
                      if self.kind.uses_chebyshev else None for level in spheres]
 
         def maker(level, bias=False):

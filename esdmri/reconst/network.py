@@ -77,7 +77,7 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
     """
     if conv_kind in ("spherical", "concat"):
         return UNet(in_channels, out_channels, sphere, depth=depth, filter_start=filter_start,
-                    conv=conv_kind, sphere_kernel_size=kernel_size,
+                    conv=conv_kind, kernel_size=kernel_size,
                     spatial_kernel_size=spatial_kernel_size, layout=layout,
                     non_negative=not signed_output)
     if conv_kind != "mixed-stem":
@@ -88,10 +88,11 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
     operator = ChebyshevOperator(sphere.chebyshev_basis(kernel_size), layout)
     stem = ConvBlock([in_channels] + [filter_start] * spatial_layers,
                      lambda c_in, c_out: E3SO3Conv(c_in, c_out, operator,
-                                                   kernel_size=spatial_kernel_size, bias=False))
+                                                   spatial_kernel_size=spatial_kernel_size,
+                                                   bias=False))
     spherical = UNet(filter_start, out_channels, sphere, depth=depth,
                      filter_start=filter_start, conv="spherical",
-                     sphere_kernel_size=kernel_size, layout=layout,
+                     kernel_size=kernel_size, layout=layout,
                      non_negative=not signed_output)
     return nn.Sequential(stem, spherical)
 

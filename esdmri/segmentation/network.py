@@ -92,7 +92,8 @@ class PQSegmentationNetwork(nn.Module):
         ``"input"``: the input's own sampling with its b0 measurements
         averaged into one (the published network); costs ``Q^2``.
     kernel_size : {1, 3, 5}, optional
-        Voxel kernel size of every layer.
+        Voxel kernel size of every layer (the layers' ``spatial_kernel_size``;
+        saved networks store it under this name).
     n_radial_q : int or "lengths", optional
         Radial functions on q-lengths in the pq-layers and the q-reduction;
         ``"lengths"``: one per distinct q-length of the input (b0 and shells).
@@ -154,7 +155,8 @@ class PQSegmentationNetwork(nn.Module):
         else:
             self.b0_index = None
         radial = dict(p_radial=p_radial, radial_units=radial_units, radial_layers=radial_layers)
-        pq_options = dict(kernel_size=kernel_size, n_radial_q=radial_q, max_order_p=max_order_p,
+        pq_options = dict(spatial_kernel_size=kernel_size, n_radial_q=radial_q,
+                          max_order_p=max_order_p,
                           max_order_q=MAX_FILTER_ORDER if max_order_q is None else max_order_q,
                           selection_rule=selection_rule, normalize_q_offsets=normalize_q_offsets,
                           zero_offsets=zero_offsets, **radial)
