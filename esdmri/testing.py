@@ -4,6 +4,8 @@ Fields are ``[B, C, V, X, Y, Z]`` tensors: C channels on the V vertices of a
 :class:`~esdmri.sphere.HealpixSphere` at every voxel. A roto-reflection R acts
 on the voxel grid by ``f'(p) = f(R^T p)`` (about the grid centre) and on the
 sphere by ``f'(v) = f(R^T v)``; an equivariant network commutes with both.
+Spherical-tensor fields (:mod:`esdmri.nn.pq`) also rotate their components
+(:func:`rotate_tensor_field`).
 Exact symmetries are the ones that map both grids onto themselves (90-degree
 rotations, reflections); random SO(3) rotations of the sphere are measured
 (:func:`rotation_equivariance_error`, :func:`filter_equivariance_error`).
@@ -60,6 +62,32 @@ def rotate_sphere(x, sphere, rotation):
     (:meth:`~esdmri.sphere.HealpixSphere.symmetry_permutation`).
     """
     return x[:, :, torch.as_tensor(sphere.symmetry_permutation(rotation))]
+
+
+def rotate_tensor_field(x, field, rotation, grid=False):
+    """Rotate a spherical-tensor field: its components by ``D(R)``, its grid if asked.
+
+    The fields of :mod:`esdmri.nn.pq` hold, per q-sample or voxel, the
+    components of tensors of orders ``l`` on dim 1; a rotation R maps those
+    of order l by the Wigner matrix ``D_l(R)`` (e3nn's real basis).
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, field.dim, ...)
+    field : esdmri.nn.tensor_field.TensorFieldType
+        The layout of dim 1.
+    rotation : array_like, shape (3, 3)
+    grid : bool, optional
+        Also move the voxels (the last three axes) by :func:`rotate_grid`;
+        ``rotation`` must then be a symmetry of the grid.
+
+    Returns
+    -------
+    Tensor, shape of ``x``
+    """
+    matrix = field.D_from_matrix(torch.as_tensor(np.asarray(rotation), dtype=x.dtype))
+    x = torch.einsum("ij,bj...->bi...", matrix, x)
+    return rotate_grid(x, rotation) if grid else x
 
 
 def transform_field(x, sphere, grid=None, on_sphere=None):

@@ -25,10 +25,8 @@ from esdmri.nn.pq import (
     symmetric_q_sampling,
 )
 from esdmri.nn.tensor_field import MAX_ORDER, TensorFieldType
-
-ROTATE_Z = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
-ROTATE_X = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
-
+from esdmri.testing import (ROTATE_X_90, ROTATE_Z_90, assert_equivariant, equivariance_error,
+                            rotate_tensor_field)
 
 @pytest.fixture(autouse=True)
 def float64_single_thread():
@@ -49,19 +47,6 @@ def random_q(n, rng, zero=True):
     if zero:
         q[0] = 0.0
     return q
-
-
-def rotate_grid(x, rotation):
-    """out[p'] = x[p] with p' - c = R (p - c), on the last three (cube) axes."""
-    n = x.shape[-1]
-    centre = (n - 1) / 2
-    target = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    source = np.rint((target - centre) @ rotation + centre).astype(int)
-    return x[..., source[:, 0], source[:, 1], source[:, 2]].reshape(x.shape)
-
-
-def rotate_channels(x, field, rotation):
-    return torch.einsum("ij,bj...->bi...", field.D_from_matrix(torch.from_numpy(rotation)), x)
 
 
 def rotated_copy(layer_class, layer, *args, **kwargs):
@@ -201,17 +186,18 @@ def test_pq_layer_q_rotation_equivariance_kernel_1():
                            q_out @ rotation.T, spatial_kernel_size=1)
     x = torch.randn(2, in_field.dim, 9, 3, 4, 2)
     out = layer(x)
-    out_rotated = rotated(rotate_channels(x, in_field, rotation))
-    expected = rotate_channels(out, out_field, rotation)
     for l in (0, 1, 2):  # every output order is reached and non-trivial
         assert out[:, out_field.slice(l)].abs().max() > 1e-3
-    assert (out_rotated - expected).abs().max() < 1e-8
+    assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, in_field, rotation),
+                       lambda f: rotate_tensor_field(f, out_field, rotation),
+                       function_out=rotated, tol=1e-8, label="pq-layer, kernel 1")
     # The check can fail: the inverse rotation's D matrices do not match.
-    wrong = rotate_channels(out, out_field, rotation.T)
-    assert (out_rotated - wrong).abs().max() > 1e-2
+    assert equivariance_error(layer, x, lambda f: rotate_tensor_field(f, in_field, rotation),
+                              lambda f: rotate_tensor_field(f, out_field, rotation.T),
+                              function_out=rotated) > 1e-2
 
 
-@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X, ROTATE_Z @ ROTATE_X])
+@pytest.mark.parametrize("rotation", [ROTATE_Z_90, ROTATE_X_90, ROTATE_Z_90 @ ROTATE_X_90])
 def test_pq_layer_grid_and_q_rotation_equivariance_kernel_3(rotation):
     rng = np.random.default_rng(3)
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
@@ -232,13 +218,13 @@ def assert_grid_and_q_equivariant(layer, in_field, out_field, q_in, q_out, rotat
     rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
                            q_out @ rotation.T, spatial_kernel_size=3, **options)
     x = torch.randn(*x_shape)
-    out = layer(x)
-    out_rotated = rotated(rotate_grid(rotate_channels(x, in_field, rotation), rotation))
-    expected = rotate_grid(rotate_channels(out, out_field, rotation), rotation)
-    assert out.abs().max() > 1e-2
-    assert (out_rotated - expected).abs().max() < 1e-8
-    q_only = rotated(rotate_channels(x, in_field, rotation))
-    assert (q_only - rotate_channels(out, out_field, rotation)).abs().max() > 1e-3
+    assert layer(x).abs().max() > 1e-2
+    assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, in_field, rotation, grid=True),
+                       lambda f: rotate_tensor_field(f, out_field, rotation, grid=True),
+                       function_out=rotated, tol=1e-8, label="pq-layer, grid and q")
+    assert equivariance_error(layer, x, lambda f: rotate_tensor_field(f, in_field, rotation),
+                              lambda f: rotate_tensor_field(f, out_field, rotation),
+                              function_out=rotated) > 1e-3
 
 
 def test_pq_layer_kernel_5_equivariance():
@@ -246,12 +232,11 @@ def test_pq_layer_kernel_5_equivariance():
     field = TensorFieldType((1, 1))
     q = random_q(4, rng)
     layer = PQConv(field, field, q, spatial_kernel_size=5, n_radial_q=2)
-    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_X.T, spatial_kernel_size=5,
+    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_X_90.T, spatial_kernel_size=5,
                            n_radial_q=2)
     x = torch.randn(1, field.dim, 4, 7, 7, 7)
-    out_rotated = rotated(rotate_grid(rotate_channels(x, field, ROTATE_X), ROTATE_X))
-    expected = rotate_grid(rotate_channels(layer(x), field, ROTATE_X), ROTATE_X)
-    assert (out_rotated - expected).abs().max() < 1e-8
+    assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, field, ROTATE_X_90, grid=True),
+                       function_out=rotated, tol=1e-8, label="pq-layer, kernel 5")
 
 
 def test_pq_layer_translation_equivariance():
@@ -260,9 +245,8 @@ def test_pq_layer_translation_equivariance():
     layer = PQConv(field, field, random_q(5, rng), spatial_kernel_size=3)
     x = torch.zeros(1, field.dim, 5, 10, 10, 10)
     x[..., 3:6, 3:6, 3:6] = torch.randn(1, field.dim, 5, 3, 3, 3)
-    shift = (2, -1, 1)
-    shifted = layer(torch.roll(x, shift, dims=(3, 4, 5)))
-    assert (shifted - torch.roll(layer(x), shift, dims=(3, 4, 5))).abs().max() < 1e-12
+    assert_equivariant(layer, x, lambda f: torch.roll(f, (2, -1, 1), dims=(3, 4, 5)),
+                       tol=1e-12, label="pq-layer under translation")
 
 
 def test_local_q_coupling_matches_dense_evaluation_and_is_equivariant():
@@ -282,11 +266,10 @@ def test_local_q_coupling_matches_dense_evaluation_and_is_equivariant():
     out = layer(x)
     assert layer.n_neighbours < 12
     assert (out - reference).abs().max() < 1e-12
-    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_Z.T, spatial_kernel_size=3,
+    rotated = rotated_copy(PQConv, layer, field, field, q @ ROTATE_Z_90.T, spatial_kernel_size=3,
                            q_radius=0.8)
-    out_rotated = rotated(rotate_grid(rotate_channels(x, field, ROTATE_Z), ROTATE_Z))
-    expected = rotate_grid(rotate_channels(out, field, ROTATE_Z), ROTATE_Z)
-    assert (out_rotated - expected).abs().max() < 1e-8
+    assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, field, ROTATE_Z_90, grid=True),
+                       function_out=rotated, tol=1e-8, label="pq-layer with q_radius")
 
 
 def test_sphere_conv_on_healpix_vertices():
@@ -307,17 +290,16 @@ def test_sphere_conv_on_healpix_vertices():
     assert (rotated(x) - base(x)).abs().max() < 1e-8
 
 
-@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X])
+@pytest.mark.parametrize("rotation", [ROTATE_Z_90, ROTATE_X_90])
 def test_p_conv_equivariance(rotation):
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 1, 2))
     layer = PConv(in_field, out_field, spatial_kernel_size=3)
     randomise_bias(layer)
     x = torch.randn(2, in_field.dim, 6, 6, 6)
-    out = layer(x)
-    out_rotated = layer(rotate_grid(rotate_channels(x, in_field, rotation), rotation))
-    assert out.abs().max() > 1e-2
-    expected = rotate_grid(rotate_channels(out, out_field, rotation), rotation)
-    assert (out_rotated - expected).abs().max() < 1e-8
+    assert layer(x).abs().max() > 1e-2
+    assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, in_field, rotation, grid=True),
+                       lambda f: rotate_tensor_field(f, out_field, rotation, grid=True),
+                       tol=1e-8, label="p-conv")
 
 
 def test_q_reduction_is_invariant_to_q_rotation_and_order():
@@ -334,8 +316,9 @@ def test_q_reduction_is_invariant_to_q_rotation_and_order():
     rotation = o3.rand_matrix().numpy()
     rotated = QReduction(field, q @ rotation.T)
     rotated.load_state_dict(reduction.state_dict())
-    out_rotated = rotated(rotate_channels(x, field, rotation))
-    assert (out_rotated - rotate_channels(out, field, rotation)).abs().max() < 1e-12
+    assert_equivariant(reduction, x, lambda f: rotate_tensor_field(f, field, rotation),
+                       function_out=rotated, tol=1e-12, label="q-reduction")
+    out_rotated = rotated(rotate_tensor_field(x, field, rotation))
     assert (out_rotated[:, :2] - out[:, :2]).abs().max() < 1e-12  # scalars invariant
     order = rng.permutation(6)
     permuted = QReduction(field, q[order])
@@ -430,14 +413,14 @@ def test_layer_options_equivariant_to_random_q_rotations(options):
     rotated = rotated_copy(PQConv, layer, in_field, out_field, q_in @ rotation.T,
                            q_out @ rotation.T, spatial_kernel_size=1, **options)
     x = torch.randn(2, in_field.dim, len(q_in), 3, 2, 2)
-    out = layer(x)
-    out_rotated = rotated(rotate_channels(x, in_field, rotation))
-    assert out.abs().max() > 1e-2
-    assert (out_rotated - rotate_channels(out, out_field, rotation)).abs().max() < 1e-8
+    assert layer(x).abs().max() > 1e-2
+    assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, in_field, rotation),
+                       lambda f: rotate_tensor_field(f, out_field, rotation),
+                       function_out=rotated, tol=1e-8, label=f"pq-layer with {options}")
 
 
 @pytest.mark.parametrize("options", LAYER_OPTIONS)
-@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X @ ROTATE_Z])
+@pytest.mark.parametrize("rotation", [ROTATE_Z_90, ROTATE_X_90 @ ROTATE_Z_90])
 def test_layer_options_equivariant_to_grid_and_q_rotations(options, rotation):
     rng = np.random.default_rng(13)
     in_field, out_field = TensorFieldType((2, 1, 1)), TensorFieldType((1, 2, 1))
@@ -475,10 +458,9 @@ def test_p_conv_radial_options_equivariance(options):
     randomise_bias(layer)
     x = torch.randn(1, field.dim, 7, 7, 7)
     out = layer(x)
-    for rotation in (ROTATE_Z, ROTATE_X):
-        moved = layer(rotate_grid(rotate_channels(x, field, rotation), rotation))
-        expected = rotate_grid(rotate_channels(out, field, rotation), rotation)
-        assert (moved - expected).abs().max() < 1e-8
+    for rotation in (ROTATE_Z_90, ROTATE_X_90):
+        assert_equivariant(layer, x, lambda f: rotate_tensor_field(f, field, rotation, grid=True),
+                           tol=1e-8, label=f"p-conv with {options}")
     out.sum().backward()
     if options.get("p_radial") == "learned":  # the radial network learns
         assert all(weight.grad.abs().max() > 0 for weight in layer.p_radial.network)
@@ -499,8 +481,9 @@ def test_gated_nonlinearity_values_and_equivariance():
     assert torch.allclose(out[:, 2:5], torch.sigmoid(x[:, 2:3]) * x[:, 4:7])
     assert torch.allclose(out[:, 5:10], torch.sigmoid(x[:, 3:4]) * x[:, 7:12])
     rotation = o3.rand_matrix().numpy()
-    out_rotated = gate(rotate_channels(x, in_field, rotation))
-    assert (out_rotated - rotate_channels(out, field, rotation)).abs().max() < 1e-12
+    assert_equivariant(gate, x, lambda f: rotate_tensor_field(f, in_field, rotation),
+                       lambda f: rotate_tensor_field(f, field, rotation), tol=1e-12,
+                       label="gated nonlinearity")
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -518,8 +501,8 @@ def test_batch_norm_statistics_and_equivariance(training):
         vectors = out[:, 2:5].pow(2).mean()
         assert torch.isclose(vectors, torch.tensor(1.0), atol=1e-4)
     rotation = o3.rand_matrix().numpy()
-    out_rotated = norm(rotate_channels(x, field, rotation))
-    assert (out_rotated - rotate_channels(out, field, rotation)).abs().max() < 1e-10
+    assert_equivariant(norm, x, lambda f: rotate_tensor_field(f, field, rotation), tol=1e-10,
+                       label=f"batch norm (training={training})")
 
 
 # --------------------------------------------------------------------------
@@ -538,7 +521,7 @@ def test_q_from_gtab():
 def test_symmetric_q_sampling_is_closed_under_grid_rotations(n_directions):
     q = symmetric_q_sampling(n_directions)
     assert q.shape == (n_directions + 1, 3)
-    for rotation in (ROTATE_Z, ROTATE_X):
+    for rotation in (ROTATE_Z_90, ROTATE_X_90):
         rotated = q @ rotation.T
         distances = np.linalg.norm(rotated[:, None] - q[None], axis=-1)
         assert np.all(distances.min(axis=1) < 1e-12)

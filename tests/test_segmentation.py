@@ -6,7 +6,6 @@ import torch
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
-from esdmri.segmentation.phantom import make_lesion_dataset, make_lesion_phantom
 from esdmri.nn.pq import q_from_gtab
 from esdmri.segmentation import (
     CNN3DBaseline,
@@ -18,9 +17,10 @@ from esdmri.segmentation import (
     signal_to_input,
     train_segmentation,
 )
+from esdmri.segmentation.phantom import make_lesion_dataset, make_lesion_phantom
+from esdmri.testing import (ROTATE_X_90, ROTATE_Z_90, assert_equivariant, equivariance_error,
+                            rotate_grid)
 
-ROTATE_Z = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
-ROTATE_X = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
 # A small network for fast tests.
 TINY = dict(pq_channels=((2, 1, 1),) * 3, p_channels=((2, 1, 1), (1,)), n_radial_q=2,
             max_order_q=2)
@@ -56,20 +56,11 @@ def tiny_dataset(small_gtab):
     return inputs, labels
 
 
-def rotate_grid(x, rotation):
-    """out[p'] = x[p] with p' - c = R (p - c), on the last three (cube) axes."""
-    n = x.shape[-1]
-    centre = (n - 1) / 2
-    target = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    source = np.rint((target - centre) @ rotation + centre).astype(int)
-    return x[..., source[:, 0], source[:, 1], source[:, 2]].reshape(x.shape)
-
-
 # --------------------------------------------------------------------------
 # Networks
 
 
-@pytest.mark.parametrize("rotation", [ROTATE_Z, ROTATE_X])
+@pytest.mark.parametrize("rotation", [ROTATE_Z_90, ROTATE_X_90])
 @pytest.mark.parametrize("training", [True, False])
 def test_pq_network_is_invariant_to_rotating_the_6d_input(rotation, training):
     previous = torch.get_default_dtype()
@@ -86,13 +77,12 @@ def test_pq_network_is_invariant_to_rotating_the_6d_input(rotation, training):
         if not training:
             net(x), rotated_net(rotate_grid(x, rotation))  # non-trivial running statistics
             net.eval(), rotated_net.eval()
-        out = net.logits(x)
-        out_rotated = rotated_net.logits(rotate_grid(x, rotation))
-        assert out.std() > 1e-3
-        assert (out_rotated - rotate_grid(out, rotation)).abs().max() < 1e-8
+        assert net.logits(x).std() > 1e-3
+        assert_equivariant(net.logits, x, lambda f: rotate_grid(f, rotation),
+                           function_out=rotated_net.logits, tol=1e-8,
+                           label="pq network under grid and q rotation")
         # Rotating the grid without q-space is not a symmetry: the check can fail.
-        grid_only = net.logits(rotate_grid(x, rotation))
-        assert (grid_only - rotate_grid(out, rotation)).abs().max() > 1e-4
+        assert equivariance_error(net.logits, x, lambda f: rotate_grid(f, rotation)) > 1e-4
     finally:
         torch.set_default_dtype(previous)
 
@@ -128,11 +118,12 @@ def test_input_q_sampling_network_is_invariant_and_averages_b0(preset):
         x = torch.rand(2, 1, len(q), 7, 7, 7)
         out = net.logits(x)
         assert out.std() > 1e-3
-        for rotation in (ROTATE_Z, ROTATE_X @ ROTATE_Z):
+        for rotation in (ROTATE_Z_90, ROTATE_X_90 @ ROTATE_Z_90):
             rotated_net = build(q @ rotation.T)
             rotated_net.load_state_dict(net.state_dict())
-            moved = rotated_net.logits(rotate_grid(x, rotation))
-            assert (moved - rotate_grid(out, rotation)).abs().max() < 1e-8
+            assert_equivariant(net.logits, x, lambda f: rotate_grid(f, rotation),
+                               function_out=rotated_net.logits, tol=1e-8,
+                               label=f"network {options} under grid and q rotation")
         # The two b0 volumes enter as their mean.
         mean_b0 = x.clone()
         mean_b0[:, :, :2] = x[:, :, :2].mean(2, keepdim=True)
@@ -241,13 +232,13 @@ def test_signal_to_input_normalises_by_mean_b0(small_gtab):
 def test_lesion_phantom_rotation_moves_anatomy_and_fibres(small_gtab):
     # A 90-degree rotation of the volume equals the unrotated volume, moved on
     # the grid and measured with the inversely rotated gradients.
-    rotated = make_lesion_phantom((10, 10, 10), small_gtab, snr=None, rotation=ROTATE_Z, seed=4)
-    inverse_gtab = gradient_table(bvals=small_gtab.bvals, bvecs=small_gtab.bvecs @ ROTATE_Z)
+    rotated = make_lesion_phantom((10, 10, 10), small_gtab, snr=None, rotation=ROTATE_Z_90, seed=4)
+    inverse_gtab = gradient_table(bvals=small_gtab.bvals, bvecs=small_gtab.bvecs @ ROTATE_Z_90)
     plain = make_lesion_phantom((10, 10, 10), inverse_gtab, snr=None, rotation=None, seed=4)
     assert plain.labels.any()
-    np.testing.assert_array_equal(rotated.labels, rotate_grid(plain.labels, ROTATE_Z))
+    np.testing.assert_array_equal(rotated.labels, rotate_grid(plain.labels, ROTATE_Z_90))
     np.testing.assert_allclose(rotated.data, np.moveaxis(
-        rotate_grid(np.moveaxis(plain.data, -1, 0), ROTATE_Z), 0, -1), rtol=1e-5)
+        rotate_grid(np.moveaxis(plain.data, -1, 0), ROTATE_Z_90), 0, -1), rtol=1e-5)
 
 
 def test_lesions_are_partial_demyelination(small_gtab):
