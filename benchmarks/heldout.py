@@ -178,8 +178,7 @@ def fit_network_pair(kind, scan, mask):
         warnings.simplefilter("ignore")
         first = model.fit(scan.data, scan.mask)
         network_seconds = time.perf_counter() - start
-        model.config.refine_steps = refine_steps
-        second = model.fit(scan.data, scan.mask)
+        second = model.with_options(refine_steps=refine_steps).fit(scan.data, scan.mask)
     seconds = time.perf_counter() - start
     keep = mask[..., None]
     return {alone: (np.where(keep, first.shm_coeff_descoteaux07, 0.0), network_seconds),

@@ -72,6 +72,7 @@ def run(size, model_name, refine_steps):
 
     from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.reconst.subjects import ScanBlocks
     from esdmri.shm import ShellInterpolator, n_coeffs
     from esdmri.sims import make_phantom
 
@@ -108,7 +109,9 @@ def run(size, model_name, refine_steps):
     stage(f"linear prior + refinement ({refine_steps} steps), no training",
           lambda: model._refine(prior, normalized, inside))
     def train_and_infer():
-        model._train(normalized, inside, interpolator)
+        model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
+                               model.config.block_size, model.device),
+                    max_steps=model.config.train_windows)
         return model._infer(normalized, inside, interpolator)
 
     network = stage(f"{model_name} network alone (refine_steps=0; training + inference)",

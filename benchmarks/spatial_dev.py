@@ -128,6 +128,7 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
 
     from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.reconst.subjects import ScanBlocks
     from esdmri.shm import ShellInterpolator
 
     torch.manual_seed(seed)
@@ -139,7 +140,9 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
     model._build(interpolator.operator.shape[0])
     prior = model._infer(normalized, inside, interpolator)
     start = time.perf_counter()
-    model._train(normalized, inside, interpolator)
+    model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
+                           model.config.block_size, model.device),
+                max_steps=model.config.train_windows)
     trained = model._infer(normalized, inside, interpolator)
     seconds = time.perf_counter() - start
     return model, normalized, inside, prior, trained, seconds
@@ -195,6 +198,7 @@ def main():
     import torch
 
     from esdmri.reconst.models import estimate_response
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
     from esdmri.reconst.refine import refine_coefficients
     from esdmri.shm import n_coeffs
 
@@ -235,7 +239,9 @@ def main():
                 with torch.no_grad():
                     refined, history = refine_coefficients(
                         starts[start_name], normalized, inside,
-                        model._forward_model(model.gtab).matrix, model._fodf_sampler(), n_wm,
+                        build_forward_model(model.response, model.gtab,
+                                            model.config.sh_order_max).matrix,
+                        build_fodf_sampler(model.config.sh_order_max), n_wm,
                         model.config.sh_order_max, model.config.loss_weights, **kwargs)
                 check_every = kwargs.get("check_every", 10)
                 report(snr, f"{start_name} + {variant}", time.perf_counter() - begin,

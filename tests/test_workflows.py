@@ -29,7 +29,7 @@ from dipy.reconst.shm import sh_to_sf, sh_to_sf_matrix
 
 from esdmri.atomic import PARTIAL_PREFIX
 from esdmri.peaks import peaks_from_sh
-from esdmri.reconst.serialization import load_model
+from esdmri.reconst.models import load_model
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_legacy, descoteaux_to_tournier, tournier_to_descoteaux
 from esdmri.sims import make_phantom
@@ -238,7 +238,7 @@ def test_cli_defaults_are_the_api_defaults():
     import inspect
 
     from esdmri.reconst.models import RTESDModel
-    from esdmri.train import train_group
+    from esdmri.reconst.group import train_group
     from esdmri.workflows.train import TrainFlow
     api = inspect.signature(RTESDModel.__init__).parameters
     group = inspect.signature(train_group).parameters

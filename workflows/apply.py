@@ -12,13 +12,11 @@ scans, and the next scan is read from disk while the current one is
 deconvolved.
 """
 
-import copy
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from esdmri.reconst.serialization import load_model
+from esdmri.reconst.models import load_model
 
 from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow,
@@ -151,12 +149,8 @@ def for_acquisition(model, gtab, batch_size=0):
     model
         A shallow copy whose ``gtab`` is ``gtab``.
     """
-    model.response.validate(gtab)
-    scan_model = copy.copy(model)
-    scan_model.gtab = gtab
-    if batch_size:
-        scan_model.config = dataclasses.replace(model.config, batch_size=batch_size)
-    return scan_model
+    scan_model = model.with_gtab(gtab)
+    return scan_model.with_options(batch_size=batch_size) if batch_size else scan_model
 
 
 def prefetched(load, items):

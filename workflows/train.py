@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt
 
 from esdmri.reconst.models import MODEL_CLASSES
 from esdmri.reconst.subjects import Subject
-from esdmri.train import DistributedContext, train_group
+from esdmri.reconst.group import train_group
+from esdmri.reconst.training import DistributedContext
 from esdmri.viz import plot_training_curves, save_figure
 
 from .fit import MODEL_DEFAULTS, api_defaults, read_responses

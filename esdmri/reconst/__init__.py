@@ -4,7 +4,7 @@
 # (the input checks that every command-line tool runs) load without it.
 _LAZY = {"CESDModel": ".models", "DeconvolutionFit": ".fit", "ESDModel": ".models",
          "RTESDModel": ".models", "estimate_response": ".models",
-         "load_model": ".serialization"}
+         "load_model": ".models", "train_group": ".group"}
 
 __all__ = list(_LAZY)
 

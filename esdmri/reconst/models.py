@@ -6,28 +6,31 @@ the response functions, to reproduce the measured signal) and returns a fit
 with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and ``peaks``.
 """
 
+import copy
+import dataclasses
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from dipy.reconst.base import ReconstModel
 
+from .. import serialization
 from ..response import TissueResponse, estimate_response
-from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs, sh_matrix
+from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs
 from ..sphere import HealpixSphere
 from .fit import DeconvolutionFit
 from .inputs import check_data, check_gtab, check_mask, normalize_by_b0, resolve_device
 from .losses import LossWeights
-from .network import (DeconvolutionNetwork, ForwardModel, build_unet,
-                      linear_deconvolution_operator, stacked_forward_matrix)
+from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
+                      build_unet, linear_deconvolution_operator)
 from .refine import refine_coefficients
+from .subjects import ScanBlocks
 from .tiling import inference_windows, receptive_radius
-from .training import WindowSource, predict_coefficients, train_network
-
-# Dense sphere on which the sparsity and non-negativity terms sample the fODF.
-SAMPLING_NSIDE = 8
+from .training import (PRECISIONS, DistributedContext, Trainer, check_training_options,
+                       group_response, predict_coefficients)
 
 
 @dataclass
@@ -73,8 +76,7 @@ class _DeconvolutionModel(ReconstModel):
                  refine_similarity=False, refine_tolerance=1e-3, sparsity=1e-4,
                  nonnegativity=0.1, total_variation=0.0, epochs=30, train_windows=100,
                  batch_size=1, lr=1.7e-3, patience=3, device="cpu", seed=0, verbose=True):
-        if gtab is not None:  # None: group training sets the first subject's later
-            check_gtab(gtab)
+        check_gtab(gtab)
         super().__init__(gtab)
         self.device = resolve_device(device)
         self.verbose = verbose
@@ -122,7 +124,7 @@ class _DeconvolutionModel(ReconstModel):
         """
         if self.config.normalize is not None:
             return bool(self.config.normalize)
-        if self.response is None or len(self.response.tissues) < 2 or self.gtab is None:
+        if self.response is None or len(self.response.tissues) < 2:
             return False
         return len(group_shells(self.gtab)[0]) - 1 >= 2
 
@@ -188,39 +190,196 @@ class _DeconvolutionModel(ReconstModel):
             self._build()
         # epochs=0 leaves the head at zero: the linear prior, then refinement.
         if self.config.epochs and (retrain or (retrain is None and not self.training_history)):
-            self._train(normalized, mask, interpolator)
+            self.train(ScanBlocks(normalized, mask, self.gtab, interpolator.operator,
+                                  self.config.block_size, self.device),
+                       max_steps=self.config.train_windows)
         coefficients = self._infer(normalized, mask, interpolator)
         if self.config.refine_steps:
             coefficients = self._refine(coefficients, normalized, mask)
         return DeconvolutionFit(self, coefficients, mask)
 
-    def _forward_model(self, gtab):
-        matrix = stacked_forward_matrix(self.response.normalized(), gtab,
-                                        self.config.sh_order_max)
-        return ForwardModel(matrix).to(self.device)
+    def train(self, source, *, max_steps=None, precision="fp32", compile=False,
+              num_workers=0, checkpoint=None, resume=False, context=None):
+        """Train the network on the blocks of one scan or many.
 
-    def _fodf_sampler(self):
-        sampling = HealpixSphere(SAMPLING_NSIDE, hemisphere=True)
-        return torch.as_tensor(sh_matrix(self.config.sh_order_max, sampling.vertices),
-                               dtype=torch.float32, device=self.device)
+        :meth:`fit` calls this on the scan it is given; group training
+        (:func:`esdmri.reconst.group.train_group`) on a cohort. The network
+        is built first if the model has none (from the source's shells),
+        and the response is the model's, or the average of the subjects'
+        own and estimated ones (:func:`esdmri.reconst.training.group_response`).
+        Each subject's loss uses its own response where it has one.
 
-    def _train(self, normalized, mask, interpolator):
+        Parameters
+        ----------
+        source : ScanBlocks or SubjectBlocks
+            A block source (:mod:`esdmri.reconst.subjects`) on this model's
+            grid (``self.sphere``) with blocks of ``block_size``; its
+            subjects need the shells of the model's gtab.
+        max_steps : int, optional
+            Most optimiser steps over all epochs (None: no limit; :meth:`fit`
+            passes ``train_windows``).
+        precision : {"fp32", "bf16", "fp16"}
+            Autocast dtype of the network on CUDA (the loss stays float32;
+            fp16 adds a gradient scaler). On CPU training runs in float32:
+            bf16 autocast gave no speed-up there, so "bf16" falls back to
+            float32 with a warning, and "fp16" is refused.
+        compile : bool
+            ``torch.compile`` the network (see docs/benchmarks.md for when
+            it pays).
+        num_workers : int
+            DataLoader processes reading blocks (0: read in this process).
+        checkpoint : Path, optional
+            File rewritten (atomically, by the main process) after every
+            epoch.
+        resume : bool
+            Continue from ``checkpoint`` when it exists; an interrupted run
+            resumed to the same ``epochs`` (with as many processes) ends
+            with the weights of an uninterrupted one.
+        context : DistributedContext, optional
+            This process in a torchrun launch whose process group is
+            initialised (default: one process).
+
+        Returns
+        -------
+        self
+            Trained, in eval mode, with ``training_history`` (per epoch:
+            mean loss terms, ``total``, ``epoch`` and ``lr``).
+        """
+        context = context if context is not None else DistributedContext()
+        precision = check_training_options(precision, compile, num_workers, self.device)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint file")
+        state = None
+        if resume and Path(checkpoint).exists():
+            state = serialization.read_checkpoint(checkpoint)
+            self._check_checkpoint(state, source, checkpoint)
+        if state is not None:
+            saved = serialization.response_from_dict(state["response"])
+            if self.response is not None and not _same_response(self.response, saved):
+                raise ValueError(f"response differs from the one checkpoint {checkpoint} was "
+                                 "trained with: resume with the same response, or start "
+                                 "afresh")
+            self.response = saved
+        elif self.response is None:
+            if not hasattr(source, "load_subject"):
+                raise ValueError("the model has no response and the source cannot estimate "
+                                 "one: give the model a response")
+            self.response = group_response(source, context)
+        responses = [own if own is not None else self.response for own in source.responses]
+        for index, (name, response) in enumerate(zip(source.names, responses)):
+            if response.tissues != self.response.tissues:
+                raise ValueError(f"subjects[{index}] ({name}) has a response of tissues "
+                                 f"{response.tissues} but the group's are "
+                                 f"{self.response.tissues}: one network needs the same tissues "
+                                 "for every subject")
+            response.validate(source.gtabs[index])
+        if self.network is None:
+            self._build(source.n_shells)
         config = self.config
-        torch.manual_seed(config.seed)
-        source = WindowSource(normalized, mask, interpolator.operator, self.device)
-        self.training_history = train_network(
-            self.network, self._forward_model(self.gtab), self._fodf_sampler(), source,
-            config.loss_weights, epochs=config.epochs, window_size=config.block_size,
-            batch_size=config.batch_size, lr=config.lr, patience=config.patience,
-            seed=config.seed, verbose=self.verbose,
-            max_windows=config.train_windows * config.batch_size)
+        sh_order_max = config.sh_order_max
+        trainer = Trainer(
+            self.network, source,
+            [build_forward_model(response, gtab, sh_order_max, self.device)
+             for response, gtab in zip(responses, source.gtabs)],
+            build_fodf_sampler(sh_order_max, self.device), config.loss_weights,
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            patience=config.patience, seed=config.seed,
+            max_blocks=None if max_steps is None else max_steps * config.batch_size,
+            context=context, autocast_dtype=PRECISIONS[precision], compile=compile,
+            num_workers=num_workers, verbose=self.verbose)
+        if state is not None:
+            trainer.restore(state)
+        identity = {"model": type(self).__name__, "config": config_to_dict(config),
+                    "subjects": list(source.names),
+                    "response": serialization.response_to_dict(self.response)}
+        save_state = None
+        if checkpoint is not None:
+            def save_state(trainer_state):
+                serialization.write_checkpoint({**identity, **trainer_state}, checkpoint)
+        self.training_history = trainer.run(save_state)
+        return self
+
+    def _check_checkpoint(self, state, source, checkpoint):
+        """Refuse a checkpoint written with other settings (only epochs may change)."""
+        ours = config_to_dict(self.config)
+        differing = sorted(name for name in ours
+                           if name != "epochs" and state["config"].get(name) != ours[name])
+        if state["model"] != type(self).__name__:
+            differing.insert(0, "model")
+        if state["subjects"] != list(source.names):
+            differing.append("subjects")
+        if differing:
+            raise ValueError(f"checkpoint {checkpoint} was written with other settings "
+                             f"({', '.join(differing)}"
+                             "): resume with the same settings (only epochs may change), or "
+                             "start afresh without resume")
+
+    def with_gtab(self, gtab):
+        """This trained model for scans of another acquisition with the same shells.
+
+        Parameters
+        ----------
+        gtab : GradientTable
+            The scans' acquisition; its shells must match the model's
+            response, its directions may differ (signals are interpolated
+            onto the network's grid).
+
+        Returns
+        -------
+        model
+            A copy sharing this model's network, with ``gtab``.
+        """
+        check_gtab(gtab)
+        if self.response is not None:
+            self.response.validate(gtab)
+        model = copy.copy(self)
+        model.gtab = gtab
+        return model
+
+    def with_options(self, **options):
+        """This model with other training, tiling or refinement hyperparameters.
+
+        Parameters
+        ----------
+        **options
+            Keyword arguments of the constructor, e.g. ``refine_steps=0``
+            or ``batch_size=8`` (blocks per network pass at inference).
+            Those that shape the network (``sh_order_max``, ``nside``,
+            ``depth``, ...) cannot change once it is built.
+
+        Returns
+        -------
+        model
+            A copy sharing this model's network (trained or not), with the
+            options validated as the constructor validates them.
+        """
+        weights = {name: options.pop(name) for name in LOSS_WEIGHT_OPTIONS
+                   if name in options}
+        fields = {f.name for f in dataclasses.fields(DeconvolutionConfig)} - {"conv_kind",
+                                                                               "loss_weights"}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; expected some of "
+                            f"{sorted(fields | set(LOSS_WEIGHT_OPTIONS))}")
+        fixed = sorted(set(options) & set(NETWORK_OPTIONS))
+        if fixed and self.network is not None:
+            raise ValueError(f"{', '.join(fixed)} shape the network, which is already built: "
+                             "make a new model to change them")
+        config = dataclasses.replace(
+            self.config, loss_weights=dataclasses.replace(self.config.loss_weights, **weights),
+            **options)
+        model = copy.copy(self)
+        model.sphere = _check_config(config)
+        model.config = config
+        return model
 
     def _infer(self, normalized, mask, interpolator):
         core = self.config.block_size
         starts, pad_width = inference_windows(mask.shape, mask, core, self.halo)
         padded = np.pad(normalized, pad_width + [(0, 0)])
         padded_mask = np.pad(mask, pad_width)
-        source = WindowSource(padded, padded_mask, interpolator.operator, self.device)
+        source = ScanBlocks(padded, padded_mask, self.gtab, interpolator.operator,
+                            core + 2 * self.halo, self.device)
         coefficients = predict_coefficients(self.network, source, starts, pad_width, core,
                                             self.halo, self.config.batch_size)
         coefficients[~mask] = 0
@@ -229,8 +388,10 @@ class _DeconvolutionModel(ReconstModel):
     def _refine(self, coefficients, normalized, mask):
         config = self.config
         refined, self.refine_history = refine_coefficients(
-            coefficients, normalized, mask, self._forward_model(self.gtab).matrix,
-            self._fodf_sampler(),
+            coefficients, normalized, mask,
+            build_forward_model(self.response, self.gtab, config.sh_order_max,
+                                self.device).matrix,
+            build_fodf_sampler(config.sh_order_max, self.device),
             n_coeffs(config.sh_order_max), config.sh_order_max, config.loss_weights,
             steps=config.refine_steps, lr=config.refine_lr,
             total_variation=config.refine_tv, smoothing=config.refine_smoothing,
@@ -242,10 +403,36 @@ class _DeconvolutionModel(ReconstModel):
     def save(self, path, force=False):
         """Write weights, configuration, response and versions to one file.
 
-        See :func:`esdmri.reconst.serialization.save_model`.
+        The layout is :func:`esdmri.serialization.write_model_file`'s;
+        :func:`load_model` reads it back.
+
+        Parameters
+        ----------
+        path : str or Path
+        force : bool
+            Overwrite an existing file.
         """
-        from .serialization import save_model
-        save_model(self, path, force=force)
+        if self.network is None:
+            raise ValueError("the model has not been fitted yet: call model.fit(data, mask) "
+                             "first")
+        kind = next(name for name, cls in MODEL_CLASSES.items() if isinstance(self, cls))
+        serialization.write_model_file(
+            path, kind=kind, config=config_to_dict(self.config), response=self.response,
+            gtab=self.gtab, halo=self.halo, state_dict=self.network.state_dict(),
+            training_history=self.training_history, force=force)
+
+    @classmethod
+    def _from_saved(cls, saved, gtab, device, verbose):
+        """The trained model of the contents of a model file."""
+        config = dict(saved["config"])
+        config.pop("conv_kind")
+        weights = config.pop("loss_weights")  # intensity is always 1
+        model = cls(gtab, saved["response"], device=device, verbose=verbose, **config,
+                    **{name: weights[name] for name in LOSS_WEIGHT_OPTIONS})
+        model._build()
+        model.network.load_state_dict(saved["state_dict"])
+        model.training_history = saved["training_history"]
+        return model
 
 
 class ESDModel(_DeconvolutionModel):
@@ -369,6 +556,39 @@ class CESDModel(_DeconvolutionModel):
 
 MODEL_CLASSES = {"esd": ESDModel, "rtesd": RTESDModel, "cesd": CESDModel}
 
+# Constructor options that become the loss weights.
+LOSS_WEIGHT_OPTIONS = ("sparsity", "nonnegativity", "total_variation")
+
+# Configuration fields that shape the network's weights.
+NETWORK_OPTIONS = ("sh_order_max", "nside", "hemisphere", "depth", "filter_start",
+                   "kernel_size", "spatial_kernel_size", "spatial_layers", "normalize",
+                   "linear_prior")
+
+
+def load_model(path, gtab=None, device="cpu", verbose=True):
+    """Read a model written by :meth:`RTESDModel.save` (or by group training).
+
+    Parameters
+    ----------
+    path : str or Path
+    gtab : GradientTable, optional
+        Gradient table of the scans the model will be applied to (default:
+        the training scan's). Its shells must match the saved response's;
+        its directions may differ, since signals are re-interpolated onto
+        the HEALPix grid.
+    device : str
+    verbose : bool
+
+    Returns
+    -------
+    model : ESDModel, RTESDModel or CESDModel
+        Trained: ``model.fit(data, mask)`` only infers.
+    """
+    saved = serialization.read_model_file(path)
+    model_class = MODEL_CLASSES[saved["model"]]
+    return model_class._from_saved(saved, saved["gtab"] if gtab is None else gtab, device,
+                                   verbose)
+
 
 def _check_config(config):
     """Validate hyperparameters before any work; returns the grid sphere."""
@@ -415,8 +635,6 @@ def _warn_underdetermined(gtab, sh_order_max):
     Like DIPY's CSD: the fit is then underdetermined and rests on the
     non-negativity and sparsity terms.
     """
-    if gtab is None:  # group training sets the gtab later
-        return
     weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
     if not weighted.any():
         return
@@ -436,3 +654,9 @@ def _warn_underdetermined(gtab, sh_order_max):
 def config_to_dict(config):
     """A JSON-ready dict of a DeconvolutionConfig."""
     return asdict(config)
+
+
+def _same_response(a, b):
+    return (a.tissues == b.tissues and np.allclose(a.bvals, b.bvals)
+            and all(x.shape == y.shape and np.allclose(x, y)
+                    for x, y in zip(a.coefficients, b.coefficients)))
