@@ -172,7 +172,7 @@ def fit_network_pair(kind, scan, mask):
     alone, refined = NETWORK_PAIRS[kind]
     model = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False, refine_steps=0)
     refine_steps = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False
-                                       ).config.refine_steps
+                                       ).config.refinement.refine_steps
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -141,8 +141,8 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
     prior = model._infer(normalized, inside, interpolator)
     start = time.perf_counter()
     model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
-                           model.config.block_size, model.device),
-                max_steps=model.config.train_windows)
+                           model.config.training.block_size, model.device),
+                max_steps=model.config.training.train_windows)
     trained = model._infer(normalized, inside, interpolator)
     seconds = time.perf_counter() - start
     return model, normalized, inside, prior, trained, seconds
@@ -228,7 +228,7 @@ def main():
         model, normalized, inside, prior, trained, seconds = network_stages(
             phantom, data, response, args.epochs, args.model, args.seed, args.device,
             total_variation=args.train_tv, spatial_layers=args.spatial_layers)
-        n_wm = n_coeffs(model.config.sh_order_max)
+        n_wm = n_coeffs(model.config.network.sh_order_max)
         starts = {"prior": prior, "network": trained}
         for start_name in args.starts:
             report(snr, f"{start_name} alone", seconds if start_name == "network" else 0,
@@ -240,9 +240,10 @@ def main():
                     refined, history = refine_coefficients(
                         starts[start_name], normalized, inside,
                         build_forward_model(model.response, model.gtab,
-                                            model.config.sh_order_max).matrix,
-                        build_fodf_sampler(model.config.sh_order_max), n_wm,
-                        model.config.sh_order_max, model.config.loss_weights, **kwargs)
+                                            model.config.network.sh_order_max).matrix,
+                        build_fodf_sampler(model.config.network.sh_order_max), n_wm,
+                        model.config.network.sh_order_max,
+                        model.config.training.loss_weights, **kwargs)
                 check_every = kwargs.get("check_every", 10)
                 report(snr, f"{start_name} + {variant}", time.perf_counter() - begin,
                        refined[..., :n_wm], steps=min((len(history) - 1) * check_every,

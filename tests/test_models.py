@@ -191,16 +191,18 @@ def test_with_gtab_shares_the_network_and_matches_a_model_loaded_for_that_gtab(
 def test_with_options_copies_validates_and_keeps_the_network(trained, phantom):
     model, fit = trained
     unrefined = model.with_options(refine_steps=0, batch_size=3)
-    assert unrefined.config.refine_steps == 0 and unrefined.config.batch_size == 3
-    assert model.config.refine_steps == 300 and model.config.batch_size == 1
+    assert unrefined.config.refinement.refine_steps == 0
+    assert unrefined.config.training.batch_size == 3
+    assert model.config.refinement.refine_steps == 300
+    assert model.config.training.batch_size == 1
     assert unrefined.network is model.network
-    assert unrefined.with_options(sparsity=0.5).config.loss_weights.sparsity == 0.5
-    assert model.config.loss_weights.sparsity == 1e-4
+    assert unrefined.with_options(sparsity=0.5).config.training.loss_weights.sparsity == 0.5
+    assert model.config.training.loss_weights.sparsity == 1e-4
     with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
         model.with_options(refine_steps=-1)
     with pytest.raises(ValueError, match="nside.*already built"):
         model.with_options(nside=4)
-    with pytest.raises(TypeError, match="unknown option.*nsides"):
+    with pytest.raises(TypeError, match="unknown model option.*nsides"):
         model.with_options(nsides=4)
     # An unbuilt model may change its network's shape; the sphere follows.
     fresh = RTESDModel(phantom.gtab, phantom.response, **SMALL).with_options(nside=4)
@@ -220,8 +222,8 @@ def test_train_on_the_scans_blocks_is_what_fit_trains(phantom):
     normalized, mask = normalize_by_b0(phantom.data, phantom.gtab, phantom.mask)
     source = ScanBlocks(normalized, mask, phantom.gtab,
                         ShellInterpolator(phantom.gtab, model.sphere.vertices).operator,
-                        model.config.block_size, model.device)
-    assert model.train(source, max_steps=model.config.train_windows) is model
+                        model.config.training.block_size, model.device)
+    assert model.train(source, max_steps=model.config.training.train_windows) is model
     assert model.training_history == fitted.training_history
     np.testing.assert_array_equal(model.fit(phantom.data, phantom.mask).shm_coeff, expected)
 

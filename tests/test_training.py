@@ -39,7 +39,7 @@ def network_loss(model, phantom):
 
     normalized, mask = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
                                        phantom.mask)
-    size, order = model.config.block_size, model.config.sh_order_max
+    size, order = model.config.training.block_size, model.config.network.sh_order_max
     source = ScanBlocks(normalized, mask, phantom.gtab,
                         ShellInterpolator(phantom.gtab, model.sphere.vertices).operator, size,
                         model.device)
@@ -52,7 +52,7 @@ def network_loss(model, phantom):
             batch = source.read(np.array([[0, *start]]))
             total, _ = coefficient_loss(model.network(batch["grid"]), model.network.n_wm_coeffs,
                                         forward_model, sampler, batch["groups"][0]["signal"],
-                                        batch["mask"], model.config.loss_weights)
+                                        batch["mask"], model.config.training.loss_weights)
             losses.append(float(total))
     return np.mean(losses)
 

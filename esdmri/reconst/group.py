@@ -16,7 +16,6 @@ therefore picks up where training stopped. The training itself is the
 single-scan fit's (:class:`esdmri.reconst.training.Trainer`).
 """
 
-import inspect
 import os
 from pathlib import Path
 
@@ -29,15 +28,14 @@ from .models import MODEL_CLASSES
 from .subjects import SubjectBlocks, check_subjects
 from .training import DistributedContext, check_training_options
 
-# Hyperparameters that train_group sets itself rather than through model_options.
-_RESERVED = ("gtab", "response", "epochs", "batch_size", "lr", "patience", "seed", "device",
-             "verbose")
+# Options whose group-training defaults differ from a single-scan fit's: a
+# cohort has blocks enough for larger steps.
+GROUP_OPTIONS = {"batch_size": 4}
 
 
-def train_group(subjects, response=None, *, model="rtesd", epochs=30, batch_size=4,
-                lr=1.7e-3, patience=3, seed=0, device="cpu", precision="fp32", compile=False,
-                num_workers=0, checkpoint=None, resume=False, out_file=None, force=False,
-                verbose=True, **model_options):
+def train_group(subjects, response=None, *, model="rtesd", device="cpu", precision="fp32",
+                compile=False, num_workers=0, checkpoint=None, resume=False, out_file=None,
+                force=False, verbose=True, **options):
     """Train one deconvolution network on the blocks of many scans.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group,
@@ -58,15 +56,6 @@ def train_group(subjects, response=None, *, model="rtesd", epochs=30, batch_size
         The saved model keeps the group response.
     model : {"rtesd", "esd", "cesd"}
         Network kind, as :data:`esdmri.reconst.models.MODEL_CLASSES`.
-    epochs, batch_size : int
-        Passes over every subject's mask; blocks per process and step.
-    lr : float
-        Adam learning rate.
-    patience : int
-        Plateau epochs before the learning rate halves; twice as many stop
-        training.
-    seed : int
-        Seeds the weights, the block offsets and the block order.
     device : str
         "cpu", "cuda" or "cuda:N"; under torchrun, process k uses
         ``cuda:LOCAL_RANK``.
@@ -90,10 +79,12 @@ def train_group(subjects, response=None, *, model="rtesd", epochs=30, batch_size
         ``resume``).
     verbose : bool
         Progress bar (rank 0 only).
-    **model_options
-        Network and loss hyperparameters of :class:`esdmri.RTESDModel`
-        (``sh_order_max``, ``nside``, ``depth``, ``filter_start``,
-        ``block_size``, ``sparsity``, ``total_variation``, ...).
+    **options
+        The options of :class:`esdmri.RTESDModel` (:mod:`esdmri.reconst.config`),
+        with their defaults there except ``batch_size``, blocks per process
+        and step, which defaults to :data:`GROUP_OPTIONS`'s. ``epochs`` are
+        passes over every subject's mask; ``train_windows`` (a single-scan
+        fit's budget) does not limit group training.
 
     Returns
     -------
@@ -112,15 +103,16 @@ def train_group(subjects, response=None, *, model="rtesd", epochs=30, batch_size
     if response is not None and not isinstance(response, TissueResponse):
         raise TypeError(f"response must be a TissueResponse or None, got "
                         f"{type(response).__name__}")
-    model_class = _model_class(model, model_options)
+    if model not in MODEL_CLASSES:
+        raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
     subjects = check_subjects(subjects)
     gtabs = [subject.load_gtab() for subject in subjects]
     _check_responses(subjects, gtabs, response)
     # The model's gtab is the first subject's: its shells are everyone's.
-    deconvolution = model_class(gtabs[0], response, epochs=epochs, batch_size=batch_size,
-                                lr=lr, patience=patience, seed=seed, device=device,
-                                verbose=verbose, **model_options)
-    dataset = SubjectBlocks(subjects, deconvolution.sphere, deconvolution.config.block_size)
+    deconvolution = MODEL_CLASSES[model](gtabs[0], response, device=device, verbose=verbose,
+                                         **{**GROUP_OPTIONS, **options})
+    dataset = SubjectBlocks(subjects, deconvolution.sphere,
+                            deconvolution.config.training.block_size)
     if context.world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
@@ -162,19 +154,6 @@ def _check_output(name, path, overwrite):
         hint = " or resume=True" if name == "checkpoint" else ""
         raise FileExistsError(f"{name} {path} exists: pass force=True{hint}")
     return path
-
-
-def _model_class(kind, options):
-    """The model class of ``kind``; refuses options its constructor does not take."""
-    if kind not in MODEL_CLASSES:
-        raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {kind!r}")
-    model_class = MODEL_CLASSES[kind]
-    accepted = set(inspect.signature(model_class.__init__).parameters) - {"self", *_RESERVED}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise TypeError(f"unknown model option(s) {unknown}; expected some of "
-                        f"{sorted(accepted)}")
-    return model_class
 
 
 def _check_responses(subjects, gtabs, response):
