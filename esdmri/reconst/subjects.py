@@ -62,6 +62,12 @@ class ScanBlocks:
     block_size : int
         Edge of the blocks in voxels.
     device : torch.device
+
+    Attributes
+    ----------
+    gtabs, masks, names, responses : list
+        Of the one subject: ``[gtab]``, ``[mask]``, ``["scan"]`` and
+        ``[None]`` (the model's response serves it).
     """
 
     def __init__(self, normalized, mask, gtab, interpolation, block_size, device):
