@@ -76,7 +76,7 @@ def main():
 
     options = {} if args.epochs is None else dict(epochs=args.epochs)
     model = MODEL_CLASSES[args.model](gtab, response, verbose=False, **options)
-    epochs = model.config.epochs
+    epochs = model.config.training.epochs
     reset_peak()
     start = time.perf_counter()
     fit = model.fit(data, mask)

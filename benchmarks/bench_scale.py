@@ -3,7 +3,7 @@
 Saves phantoms with two different gradient tables as uncompressed NIfTI
 (the streamed layout), then for each setting launches
 ``python -m torch.distributed.run --nproc_per_node=P`` training 1 + E
-epochs with ``esdmri.train.train_group``. Rank 0 timestamps the end of each
+epochs with ``esdmri.reconst.train_group``. Rank 0 timestamps the end of each
 epoch (train_group's per-epoch log record), and the median epoch after the
 first is reported, so interpreter start-up, process-group set-up and
 ``torch.compile`` time are left out; voxels/s counts each masked voxel once
@@ -87,7 +87,7 @@ def worker(folder, epochs, compile_network, out_file):
 
     from esdmri.reconst.subjects import Subject
     from esdmri.response import TissueResponse
-    from esdmri.train import train_group
+    from esdmri.reconst.group import train_group
 
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     folder = Path(folder)
@@ -96,7 +96,7 @@ def worker(folder, epochs, compile_network, out_file):
     tissues = ("wm", "gm", "csf")
     response = TissueResponse.from_mrtrix([folder / f"{t}.txt" for t in tissues], tissues)
     clock = EpochClock()
-    train_logger = logging.getLogger("esdmri.train")
+    train_logger = logging.getLogger("esdmri.reconst.training")
     train_logger.setLevel(logging.INFO)
     train_logger.addHandler(clock)
     start = time.perf_counter()
@@ -127,8 +127,7 @@ def inference_rate(folder, model_file, threads):
     """Voxels/s of deconvolving every scan with one loaded model."""
     import torch
 
-    from esdmri.reconst.serialization import load_model
-    from esdmri.workflows.apply import for_acquisition
+    from esdmri.reconst.models import load_model
     from esdmri.workflows.io import load_dwi, load_mask
 
     torch.set_num_threads(threads)
@@ -138,7 +137,7 @@ def inference_rate(folder, model_file, threads):
         data, _, gtab = load_dwi(str(scan / "dwi.nii"), str(scan / "bvals"), str(scan / "bvecs"))
         mask = load_mask(str(scan / "mask.nii.gz"), data.shape[:3])
         start = time.perf_counter()
-        for_acquisition(model, gtab).fit(data, mask, retrain=False)
+        model.with_gtab(gtab).fit(data, mask, retrain=False)
         seconds += time.perf_counter() - start
         voxels += int(mask.sum())
     return voxels / seconds

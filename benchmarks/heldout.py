@@ -172,14 +172,13 @@ def fit_network_pair(kind, scan, mask):
     alone, refined = NETWORK_PAIRS[kind]
     model = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False, refine_steps=0)
     refine_steps = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False
-                                       ).config.refine_steps
+                                       ).config.refinement.refine_steps
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = model.fit(scan.data, scan.mask)
         network_seconds = time.perf_counter() - start
-        model.config.refine_steps = refine_steps
-        second = model.fit(scan.data, scan.mask)
+        second = model.with_options(refine_steps=refine_steps).fit(scan.data, scan.mask)
     seconds = time.perf_counter() - start
     keep = mask[..., None]
     return {alone: (np.where(keep, first.shm_coeff_descoteaux07, 0.0), network_seconds),

@@ -72,6 +72,7 @@ def run(size, model_name, refine_steps):
 
     from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.reconst.subjects import ScanBlocks
     from esdmri.shm import ShellInterpolator, n_coeffs
     from esdmri.sims import make_phantom
 
@@ -87,7 +88,7 @@ def run(size, model_name, refine_steps):
     torch.manual_seed(0)
     model = MODEL_CLASSES[model_name](phantom.gtab, phantom.response, verbose=False,
                                       refine_steps=refine_steps)
-    n_wm = n_coeffs(model.config.sh_order_max)
+    n_wm = n_coeffs(model.config.network.sh_order_max)
     # The model's own stages, called one by one so each can be scored.
     normalized, inside = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
                                          phantom.mask)
@@ -108,7 +109,9 @@ def run(size, model_name, refine_steps):
     stage(f"linear prior + refinement ({refine_steps} steps), no training",
           lambda: model._refine(prior, normalized, inside))
     def train_and_infer():
-        model._train(normalized, inside, interpolator)
+        model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
+                               model.config.training.block_size, model.device),
+                    max_steps=model.config.training.train_windows)
         return model._infer(normalized, inside, interpolator)
 
     network = stage(f"{model_name} network alone (refine_steps=0; training + inference)",

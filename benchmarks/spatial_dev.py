@@ -108,6 +108,7 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
 
     from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.reconst.subjects import ScanBlocks
     from esdmri.shm import ShellInterpolator
 
     torch.manual_seed(seed)
@@ -119,7 +120,9 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
     model._build(interpolator.operator.shape[0])
     prior = model._infer(normalized, inside, interpolator)
     start = time.perf_counter()
-    model._train(normalized, inside, interpolator)
+    model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
+                           model.config.training.block_size, model.device),
+                max_steps=model.config.training.train_windows)
     trained = model._infer(normalized, inside, interpolator)
     seconds = time.perf_counter() - start
     return model, normalized, inside, prior, trained, seconds
@@ -174,8 +177,9 @@ def main():
 
     import torch
 
-    from esdmri.response import estimate_response
     from esdmri.baselines import fit_csd
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.response import estimate_response
     from esdmri.reconst.refine import refine_coefficients
     from esdmri.shm import n_coeffs
 
@@ -205,7 +209,7 @@ def main():
         model, normalized, inside, prior, trained, seconds = network_stages(
             phantom, data, response, args.epochs, args.model, args.seed, args.device,
             total_variation=args.train_tv, spatial_layers=args.spatial_layers)
-        n_wm = n_coeffs(model.config.sh_order_max)
+        n_wm = n_coeffs(model.config.network.sh_order_max)
         starts = {"prior": prior, "network": trained}
         for start_name in args.starts:
             report(snr, f"{start_name} alone", seconds if start_name == "network" else 0,
@@ -216,8 +220,11 @@ def main():
                 with torch.no_grad():
                     refined, history = refine_coefficients(
                         starts[start_name], normalized, inside,
-                        model._forward_model(model.gtab).matrix, model._fodf_sampler(), n_wm,
-                        model.config.sh_order_max, model.config.loss_weights, **kwargs)
+                        build_forward_model(model.response, model.gtab,
+                                            model.config.network.sh_order_max).matrix,
+                        build_fodf_sampler(model.config.network.sh_order_max), n_wm,
+                        model.config.network.sh_order_max,
+                        model.config.training.loss_weights, **kwargs)
                 check_every = kwargs.get("check_every", 10)
                 report(snr, f"{start_name} + {variant}", time.perf_counter() - begin,
                        refined[..., :n_wm], steps=min((len(history) - 1) * check_every,

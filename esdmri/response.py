@@ -546,7 +546,7 @@ class TissueResponse:
         Coefficients and b-values are averaged row by row. Responses of scans
         with different intensity scales should be :meth:`normalized` first,
         so that each scan weighs as its weight says (the group response of
-        :func:`esdmri.train.train_group`). The WM coefficients are truncated
+        :func:`esdmri.reconst.train_group`). The WM coefficients are truncated
         to the lowest zonal order among the responses.
 
         Parameters

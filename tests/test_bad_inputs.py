@@ -35,8 +35,7 @@ from test_workflows import (  # noqa: F401 (fixtures)
 
 from esdmri.data_fetchers import fetch_disco, fetch_tractometer
 from esdmri.reconst.inputs import check_data, check_gtab
-from esdmri.reconst.models import MODEL_CLASSES, RTESDModel
-from esdmri.reconst.serialization import load_model
+from esdmri.reconst.models import MODEL_CLASSES, RTESDModel, load_model
 from esdmri.response import TissueResponse, estimate_response
 from esdmri.workflows.apply import ApplyFlow
 from esdmri.workflows.demo import DemoFlow

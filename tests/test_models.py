@@ -120,11 +120,9 @@ def test_peaks_feed_dipy_local_tracking(trained, phantom):
 def test_prediction_does_not_depend_on_block_tiling(trained, phantom):
     model, fit = trained
     reference = fit.shm_coeff_descoteaux07
-    model.config.block_size = 4  # inference cores of 4 instead of 6
-    try:
-        retiled = model.fit(phantom.data, phantom.mask).shm_coeff_descoteaux07
-    finally:
-        model.config.block_size = SMALL["block_size"]
+    # Inference cores of 4 instead of 6.
+    retiled = model.with_options(block_size=4).fit(phantom.data, phantom.mask)
+    retiled = retiled.shm_coeff_descoteaux07
     np.testing.assert_allclose(retiled, reference, atol=1e-5 * np.abs(reference).max())
 
 
@@ -182,6 +180,76 @@ def test_apply_to_a_scan_with_other_directions(trained, phantom, tmp_path):
     # network see (nearly) the same input, so the fODFs agree closely.
     difference = np.abs(applied.shm_coeff - on_training_gtab.shm_coeff)[phantom.mask].mean()
     assert difference < 0.1 * np.abs(on_training_gtab.shm_coeff[phantom.mask]).mean()
+
+
+def test_with_gtab_shares_the_network_and_matches_a_model_loaded_for_that_gtab(
+        trained, phantom, tmp_path):
+    model, _ = trained
+    rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0]
+    other = gradient_table(phantom.gtab.bvals, bvecs=phantom.gtab.bvecs @ rotation.T,
+                           b0_threshold=phantom.gtab.b0_threshold)
+    scan = make_phantom((10, 10, 10), gtab=other, snr=None, max_fibres=2)
+    moved = model.with_gtab(other)
+    assert moved.gtab is other and model.gtab is phantom.gtab
+    assert moved.network is model.network
+    model.save(tmp_path / "model.pt")
+    # Reference: the file read back for that gtab (load_model's documented path).
+    expected = load_model(tmp_path / "model.pt", gtab=other, verbose=False).fit(scan.data,
+                                                                                 scan.mask)
+    np.testing.assert_array_equal(moved.fit(scan.data, scan.mask).shm_coeff, expected.shm_coeff)
+    other_shells = gradient_table(np.where(phantom.gtab.bvals > 2500, 2000.0,
+                                           phantom.gtab.bvals), bvecs=phantom.gtab.bvecs)
+    with pytest.raises(ValueError, match="shell"):
+        model.with_gtab(other_shells)
+
+
+def test_with_options_copies_validates_and_keeps_the_network(trained, phantom):
+    model, fit = trained
+    unrefined = model.with_options(refine_steps=0, batch_size=3)
+    assert unrefined.config.refinement.refine_steps == 0
+    assert unrefined.config.training.batch_size == 3
+    assert model.config.refinement.refine_steps == 300
+    assert model.config.training.batch_size == 1
+    assert unrefined.network is model.network
+    assert unrefined.with_options(sparsity=0.5).config.training.loss_weights.sparsity == 0.5
+    assert model.config.training.loss_weights.sparsity == 1e-4
+    with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
+        model.with_options(refine_steps=-1)
+    with pytest.raises(ValueError, match="nside.*already built"):
+        model.with_options(nside=4)
+    with pytest.raises(TypeError, match="unknown model option.*nsides"):
+        model.with_options(nsides=4)
+    # An unbuilt model may change its network's shape; the sphere follows.
+    fresh = RTESDModel(phantom.gtab, phantom.response, **SMALL).with_options(nside=4)
+    assert fresh.sphere.n_vertices > model.sphere.n_vertices
+
+
+def test_train_on_the_scans_blocks_is_what_fit_trains(phantom):
+    from esdmri.reconst.inputs import normalize_by_b0
+    from esdmri.reconst.subjects import ScanBlocks
+    from esdmri.shm import ShellInterpolator
+
+    fitted = RTESDModel(phantom.gtab, phantom.response, epochs=3, seed=2, refine_steps=0,
+                        **SMALL)
+    expected = fitted.fit(phantom.data, phantom.mask).shm_coeff
+    model = RTESDModel(phantom.gtab, phantom.response, epochs=3, seed=2, refine_steps=0,
+                       **SMALL)
+    normalized, mask = normalize_by_b0(phantom.data, phantom.gtab, phantom.mask)
+    source = ScanBlocks(normalized, mask, phantom.gtab,
+                        ShellInterpolator(phantom.gtab, model.sphere.vertices).operator,
+                        model.config.training.block_size, model.device)
+    assert model.train(source, max_steps=model.config.training.train_windows) is model
+    assert model.training_history == fitted.training_history
+    np.testing.assert_array_equal(model.fit(phantom.data, phantom.mask).shm_coeff, expected)
+
+
+def test_saved_files_have_the_permissions_of_normal_files(trained, tmp_path):
+    import os
+    model, _ = trained
+    umask = os.umask(0o022)
+    os.umask(umask)
+    model.save(tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("model_class", [ESDModel, CESDModel])

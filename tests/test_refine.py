@@ -8,8 +8,8 @@ from scipy.spatial.transform import Rotation
 
 from esdmri.metrics import threshold_sweep
 from esdmri.reconst.losses import LossWeights
-from esdmri.reconst.models import SAMPLING_NSIDE, ESDModel
-from esdmri.reconst.network import ForwardModel, stacked_forward_matrix
+from esdmri.reconst.models import ESDModel
+from esdmri.reconst.network import SAMPLING_NSIDE, ForwardModel, stacked_forward_matrix
 from esdmri.reconst.refine import (DegreeAdam, degree_groups, neighbour_pairs, noise_variance,
                                    pair_distances, refine_coefficients,
                                    total_variation_gradient, voxel_loss_gradient)
@@ -143,8 +143,8 @@ def test_refinement_sharpens_crossings(phantom):
     model = ESDModel(phantom.gtab, phantom.response, sh_order_max=8, nside=4, depth=2,
                      filter_start=4, block_size=6, epochs=1, refine_steps=0, verbose=False)
     network = crossing_error(phantom, model.fit(phantom.data, phantom.mask))
-    model.config.refine_steps = 100  # the trained network, refined
-    refined = crossing_error(phantom, model.fit(phantom.data, phantom.mask))
+    refined = model.with_options(refine_steps=100)  # the trained network, refined
+    refined = crossing_error(phantom, refined.fit(phantom.data, phantom.mask))
     assert refined["angular_error"] < network["angular_error"]
     assert refined["success_rate"] > network["success_rate"] + 0.05
 

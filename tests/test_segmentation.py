@@ -10,9 +10,9 @@ from esdmri.nn.pq import q_from_gtab
 from esdmri.segmentation import (
     CNN3DBaseline,
     PQSegmentationNetwork,
-    load_model,
+    load_network,
     predict_segmentation,
-    save_model,
+    save_network,
     segmentation_loss,
     signal_to_input,
     train_segmentation,
@@ -156,8 +156,8 @@ def test_published_preset_configuration(tmp_path):
     x = torch.rand(1, 1, len(q), 6, 6, 6)
     out = net(x)
     assert out.shape == (1, 6, 6, 6)
-    save_model(net, tmp_path / "preset.pt")
-    loaded = load_model(tmp_path / "preset.pt")
+    save_network(net, tmp_path / "preset.pt")
+    loaded = load_network(tmp_path / "preset.pt")
     assert loaded.config == net.config
     assert torch.equal(loaded(x), net.eval()(x))
     with pytest.raises(ValueError, match="name must be one of"):
@@ -207,8 +207,8 @@ def test_training_lowers_loss_and_save_load_round_trip(model_class, small_gtab, 
     before = predict_segmentation(model, inputs)
     assert before.shape == (4, 8, 8, 8)
     path = tmp_path / "model.pt"
-    save_model(model, path)
-    loaded = load_model(path)
+    save_network(model, path)
+    loaded = load_network(path)
     assert type(loaded) is type(model)
     assert loaded.config == model.config
     np.testing.assert_array_equal(predict_segmentation(loaded, inputs), before)
@@ -294,5 +294,5 @@ def test_bad_input_errors(small_gtab, tiny_dataset):
         make_lesion_phantom((8, 8, 8), small_gtab, n_lesions=(3, 1))
     with pytest.raises(ValueError, match="axial_decrease"):
         make_lesion_phantom((8, 8, 8), small_gtab, axial_decrease=1.0)
-    with pytest.raises(TypeError, match="model must be one of"):
-        save_model(torch.nn.Linear(2, 2), "unused.pt")
+    with pytest.raises(TypeError, match="network must be one of"):
+        save_network(torch.nn.Linear(2, 2), "unused.pt")

@@ -21,14 +21,14 @@ from dipy.core.gradients import gradient_table
 
 from esdmri import RTESDModel, load_model
 from esdmri.reconst.inputs import normalize_by_b0
+from esdmri.reconst.subjects import SubjectBlocks, Subject
 from esdmri.response import estimate_response
-from esdmri.reconst.subjects import SubjectBlocks, Subject, collate_blocks
 from esdmri.reconst.tiling import cut_window
 from esdmri.response import TissueResponse
 from esdmri.shm import ShellInterpolator
 from esdmri.sims import load_phantom, make_phantom
 from esdmri.sphere import HealpixSphere
-from esdmri.train import train_group
+from esdmri.reconst.group import train_group
 from esdmri.workflows.apply import ApplyFlow
 from esdmri.workflows.io import run_workflow
 from esdmri.workflows.train import TrainFlow, read_subjects_table
@@ -101,34 +101,38 @@ def test_blocks_equal_slices_of_the_normalised_interpolated_volume(cohort, monke
     monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_whole_scan)
     dataset = SubjectBlocks(subjects_of(cohort), GRID, block_size=5)
     assert dataset.n_shells == 4
-    dataset.blocks = np.array([[0, -2, 3, 1], [1, 4, 4, 4], [1, 0, -1, 6], [0, 3, 0, 2]])
-    items = [dataset[index] for index in range(len(dataset))]
+    blocks = np.array([[0, -2, 3, 1], [1, 4, 4, 4], [1, 0, -1, 6], [0, 3, 0, 2]])
+    batch = dataset.read(blocks)
     monkeypatch.undo()
-    for item, (subject, *start) in zip(items, dataset.blocks):
+    signals = {}
+    for group in batch["groups"]:
+        for position, row in enumerate(group["rows"].tolist()):
+            signals[row] = group["signal"][position]
+    for row, (subject, *start) in enumerate(blocks):
         phantom = load_phantom(cohort / "ab"[subject])
         normalized, mask = normalize_by_b0(phantom.data, phantom.gtab, phantom.mask)
         grid = ShellInterpolator(phantom.gtab, GRID.vertices)(normalized)
-        np.testing.assert_array_equal(item["mask"].numpy(), cut_window(mask, start, 5))
-        np.testing.assert_allclose(item["signal"].numpy(),
+        np.testing.assert_array_equal(batch["mask"][row].numpy(), cut_window(mask, start, 5))
+        np.testing.assert_allclose(signals[row].numpy(),
                                    np.moveaxis(cut_window(normalized, start, 5), -1, 0),
                                    rtol=1e-6)
-        np.testing.assert_allclose(item["grid"].numpy(),
+        np.testing.assert_allclose(batch["grid"][row].numpy(),
                                    cut_window(grid, start, 5).transpose(3, 4, 0, 1, 2),
                                    rtol=1e-5, atol=1e-6)
-        assert item["signal"].shape[0] == len(phantom.gtab.bvals)
+        assert signals[row].shape[0] == len(phantom.gtab.bvals)
 
 
 def test_epoch_plan_covers_each_masked_voxel_once_and_batches_mix_gtabs(cohort):
     dataset = SubjectBlocks(subjects_of(cohort), GRID, block_size=3)
-    dataset.plan_epoch(np.random.default_rng(0))
+    blocks = dataset.plan_epoch(np.random.default_rng(0))
     for subject, mask in enumerate(dataset.masks):
         covered = np.zeros(np.array(mask.shape) + 6, dtype=int)
-        for _, x, y, z in dataset.blocks[dataset.blocks[:, 0] == subject]:
+        for _, x, y, z in blocks[blocks[:, 0] == subject]:
             covered[x + 3:x + 6, y + 3:y + 6, z + 3:z + 6] += 1
         np.testing.assert_array_equal(covered[3:-3, 3:-3, 3:-3][mask], 1)
-    first = [i for i, b in enumerate(dataset.blocks) if b[0] == 0][:2]
-    second = [i for i, b in enumerate(dataset.blocks) if b[0] == 1][:1]
-    batch = collate_blocks([dataset[i] for i in (first[0], second[0], first[1])])
+    first = [i for i, b in enumerate(blocks) if b[0] == 0][:2]
+    second = [i for i, b in enumerate(blocks) if b[0] == 1][:1]
+    batch = dataset.read(blocks[[first[0], second[0], first[1]]])
     assert batch["grid"].shape == (3, 4, GRID.n_vertices, 3, 3, 3)
     groups = {group["subject"]: group for group in batch["groups"]}
     assert groups[0]["rows"].tolist() == [0, 2] and groups[1]["rows"].tolist() == [1]
@@ -161,6 +165,10 @@ def test_resumed_training_equals_an_uninterrupted_run(cohort, response, tmp_path
                           checkpoint=tmp_path / "cut.pt", resume=True, **TINY)
     assert_same_weights(weights_of(resumed), weights_of(whole))
     assert resumed.training_history == whole.training_history
+    # Checkpoints are written like every other file (not 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "cut.pt").stat().st_mode & 0o777 == 0o666 & ~umask
     # A finished checkpoint resumes to the same model without training.
     again = train_group(subjects_of(cohort), response, epochs=4,
                         checkpoint=tmp_path / "cut.pt", resume=True, **TINY)
@@ -175,7 +183,7 @@ WORKER = textwrap.dedent("""
     import torch
     from esdmri.sims import load_phantom
     from esdmri.reconst.subjects import Subject
-    from esdmri.train import train_group
+    from esdmri.reconst.group import train_group
 
     root, out = sys.argv[1], sys.argv[2]
     subjects = [Subject(f"{root}/{n}/dwi.nii.gz", f"{root}/{n}/bvals", f"{root}/{n}/bvecs",

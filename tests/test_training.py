@@ -29,21 +29,32 @@ def test_diverging_training_returns_the_starting_network(phantom):
 
 
 def network_loss(model, phantom):
-    """Loss of a model's network on every window of the mask (evaluation mode)."""
+    """Mean loss of a model's network over every window of the mask (evaluation mode)."""
     from esdmri.reconst.inputs import normalize_by_b0
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.subjects import ScanBlocks
     from esdmri.reconst.tiling import training_windows
-    from esdmri.reconst.training import WindowSource, evaluate_loss
+    from esdmri.reconst.training import coefficient_loss
     from esdmri.shm import ShellInterpolator
 
     normalized, mask = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
                                        phantom.mask)
-    source = WindowSource(normalized, mask,
-                          ShellInterpolator(phantom.gtab, model.sphere.vertices).operator,
-                          model.device)
-    starts = training_windows(mask, model.config.block_size, np.random.default_rng(9))
-    return evaluate_loss(model.network, model._forward_model(phantom.gtab),
-                         model._fodf_sampler(), source, model.config.loss_weights, starts,
-                         model.config.block_size, 1)["total"]
+    size, order = model.config.training.block_size, model.config.network.sh_order_max
+    source = ScanBlocks(normalized, mask, phantom.gtab,
+                        ShellInterpolator(phantom.gtab, model.sphere.vertices).operator, size,
+                        model.device)
+    forward_model = build_forward_model(model.response, phantom.gtab, order)
+    sampler = build_fodf_sampler(order)
+    model.network.eval()
+    losses = []
+    with torch.no_grad():
+        for start in training_windows(mask, size, np.random.default_rng(9)):
+            batch = source.read(np.array([[0, *start]]))
+            total, _ = coefficient_loss(model.network(batch["grid"]), model.network.n_wm_coeffs,
+                                        forward_model, sampler, batch["groups"][0]["signal"],
+                                        batch["mask"], model.config.training.loss_weights)
+            losses.append(float(total))
+    return np.mean(losses)
 
 
 @pytest.mark.parametrize("model_class", [ESDModel, RTESDModel])

@@ -29,7 +29,7 @@ from dipy.reconst.shm import sh_to_sf, sh_to_sf_matrix
 
 from esdmri.atomic import PARTIAL_PREFIX
 from esdmri.peaks import peaks_from_sh
-from esdmri.reconst.serialization import load_model
+from esdmri.reconst.models import load_model
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_legacy, descoteaux_to_tournier, tournier_to_descoteaux
 from esdmri.sims import make_phantom
@@ -237,20 +237,31 @@ def test_cli_defaults_are_the_api_defaults():
     # RTESDModel's default (nside 8, depth 3, block 12, batch 4 against 4, 2, 8, 1).
     import inspect
 
+    from esdmri.reconst.config import (NetworkConfig, RefinementConfig, TrainingConfig,
+                                       option_defaults)
+    from esdmri.reconst.group import GROUP_OPTIONS, train_group
     from esdmri.reconst.models import RTESDModel
-    from esdmri.train import train_group
     from esdmri.workflows.train import TrainFlow
+    # Each option's default is its configuration field's.
+    options = option_defaults()
+    assert options["nside"] == NetworkConfig().nside == 4
+    assert options["epochs"] == TrainingConfig().epochs == 30
+    assert options["refine_steps"] == RefinementConfig().refine_steps == 300
     api = inspect.signature(RTESDModel.__init__).parameters
     group = inspect.signature(train_group).parameters
-    for flow, training in ((FitFlow, api), (TrainFlow, group)):
+    for flow, training in ((FitFlow, options), (TrainFlow, {**options, **GROUP_OPTIONS})):
         cli = inspect.signature(flow.run).parameters
-        for name in ("sh_order_max", "nside", "depth", "filter_start", "block_size"):
-            assert cli[name].default == api[name].default, (flow.__name__, name)
-        for name in ("epochs", "batch_size", "lr", "seed", "device"):
-            assert cli[name].default == training[name].default, (flow.__name__, name)
-    fit_cli = inspect.signature(FitFlow.run).parameters
-    for name in ("refine_steps", "total_variation"):
-        assert fit_cli[name].default == api[name].default
+        for name in ("sh_order_max", "nside", "depth", "filter_start", "block_size",
+                     "total_variation"):
+            assert cli[name].default == options[name], (flow.__name__, name)
+        for name in ("epochs", "batch_size", "lr", "seed"):
+            assert cli[name].default == training[name], (flow.__name__, name)
+    assert inspect.signature(TrainFlow.run).parameters["batch_size"].default == 4
+    assert inspect.signature(FitFlow.run).parameters["device"].default == api["device"].default
+    assert inspect.signature(TrainFlow.run).parameters["device"].default == \
+        group["device"].default
+    assert inspect.signature(FitFlow.run).parameters["refine_steps"].default == \
+        options["refine_steps"]
 
 
 def test_fit_writes_consistent_outputs(phantom, fitted):

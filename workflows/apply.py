@@ -12,13 +12,11 @@ scans, and the next scan is read from disk while the current one is
 deconvolved.
 """
 
-import copy
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from esdmri.reconst.serialization import load_model
+from esdmri.reconst.models import load_model
 
 from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow,
@@ -107,6 +105,9 @@ class ApplyFlow(EsdmriWorkflow):
         masks = match_optional("mask", mask, len(io_it))
         models = {path: load_model(path, device=device, verbose=False)
                   for path in dict.fromkeys(paths[0] for paths in io_it)}
+        if batch_size:
+            models = {path: model.with_options(batch_size=batch_size)
+                      for path, model in models.items()}
 
         def read_scan(paths_and_mask):
             (_, dwi, bvals, bvecs, *_), mask_path = paths_and_mask
@@ -121,7 +122,7 @@ class ApplyFlow(EsdmriWorkflow):
             (model_path, dwi, _, _, shm_path, tournier_path, fractions_path,
              peaks_path) = paths
             try:
-                model = for_acquisition(models[model_path], gtab, batch_size)
+                model = models[model_path].with_gtab(gtab)
             except ValueError as error:
                 raise ValueError(f"{dwi} does not fit model {model_path}: {error}") from None
             fit = model.fit(data, brain, retrain=False)
@@ -132,31 +133,6 @@ class ApplyFlow(EsdmriWorkflow):
             fits.append(fit)
         logger.info(f"deconvolved {len(fits)} scan(s); outputs as {self.flat_outputs[-1]}")
         return fits
-
-
-def for_acquisition(model, gtab, batch_size=0):
-    """A trained model set up for another scan's acquisition, sharing its network.
-
-    Parameters
-    ----------
-    model : RTESDModel, ESDModel or CESDModel
-        Trained (e.g. from :func:`esdmri.load_model`).
-    gtab : GradientTable
-        The scan's acquisition; its shells must match the model's response.
-    batch_size : int
-        Blocks per network pass at inference (0: keep the model's).
-
-    Returns
-    -------
-    model
-        A shallow copy whose ``gtab`` is ``gtab``.
-    """
-    model.response.validate(gtab)
-    scan_model = copy.copy(model)
-    scan_model.gtab = gtab
-    if batch_size:
-        scan_model.config = dataclasses.replace(model.config, batch_size=batch_size)
-    return scan_model
 
 
 def prefetched(load, items):

@@ -15,6 +15,7 @@ import inspect
 import matplotlib.pyplot as plt
 import numpy as np
 
+from esdmri.reconst.config import option_defaults
 from esdmri.reconst.inputs import check_data
 from esdmri.reconst.models import MODEL_CLASSES, RTESDModel
 from esdmri.response import TissueResponse, estimate_response
@@ -38,8 +39,9 @@ def api_defaults(function):
             if parameter.default is not inspect.Parameter.empty}
 
 
-# Every ESD-family model shares RTESDModel's signature.
-MODEL_DEFAULTS = api_defaults(RTESDModel.__init__)
+# Every ESD-family model shares RTESDModel's options, whose defaults are the
+# configuration classes' fields.
+MODEL_DEFAULTS = {**option_defaults(), **api_defaults(RTESDModel.__init__)}
 
 
 def read_responses(response_wm=None, response_gm=None, response_csf=None):

@@ -24,16 +24,17 @@ import matplotlib.pyplot as plt
 
 from esdmri.reconst.models import MODEL_CLASSES
 from esdmri.reconst.subjects import Subject
-from esdmri.train import DistributedContext, train_group
+from esdmri.reconst.group import GROUP_OPTIONS, train_group
+from esdmri.reconst.training import DistributedContext
 from esdmri.viz import plot_training_curves, save_figure
 
 from .fit import MODEL_DEFAULTS, api_defaults, read_responses
 from .io import EsdmriWorkflow, run_workflow, verbose_logging
 from .io import logger
 
-# Group training has its own training defaults (train_group), the network
-# those of the models.
-GROUP_DEFAULTS = api_defaults(train_group)
+# Group training has its own batch size and run options (train_group), the
+# other options are the models'.
+GROUP_DEFAULTS = {**MODEL_DEFAULTS, **GROUP_OPTIONS, **api_defaults(train_group)}
 
 REQUIRED_COLUMNS = ("dwi", "bval", "bvec")
 OPTIONAL_COLUMNS = ("mask", "response_wm", "response_gm", "response_csf")

@@ -3,7 +3,7 @@
 # The models pull in torch; importing them on first use lets light modules
 # (the input checks that every command-line tool runs) load without it.
 _LAZY = {"CESDModel": ".models", "DeconvolutionFit": ".fit", "ESDModel": ".models",
-         "RTESDModel": ".models", "load_model": ".serialization"}
+         "RTESDModel": ".models", "load_model": ".models", "train_group": ".group"}
 
 __all__ = list(_LAZY)
 

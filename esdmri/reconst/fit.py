@@ -30,7 +30,7 @@ class DeconvolutionFit:
     def __init__(self, model, coefficients, mask):
         self.model = model
         self.mask = mask
-        self.sh_order_max = model.config.sh_order_max
+        self.sh_order_max = model.config.network.sh_order_max
         self._n_wm = coefficients.shape[-1] - len(model.response.tissues) + 1
         self._coefficients = coefficients
 

@@ -6,59 +6,28 @@ the response functions, to reproduce the measured signal) and returns a fit
 with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and ``peaks``.
 """
 
+import copy
+import dataclasses
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from pathlib import Path
 
 import numpy as np
 import torch
 from dipy.reconst.base import ReconstModel
 
+from .. import serialization
 from ..response import TissueResponse, estimate_response
-from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs, sh_matrix
-from ..sphere import HealpixSphere
+from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs
+from .config import DeconvolutionConfig, NetworkConfig, options_docstring
 from .fit import DeconvolutionFit
 from .inputs import check_data, check_gtab, check_mask, normalize_by_b0, resolve_device
-from .losses import LossWeights
-from .network import (DeconvolutionNetwork, ForwardModel, build_unet,
-                      linear_deconvolution_operator, stacked_forward_matrix)
+from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
+                      build_unet, linear_deconvolution_operator)
 from .refine import refine_coefficients
+from .subjects import ScanBlocks
 from .tiling import inference_windows, receptive_radius
-from .training import WindowSource, predict_coefficients, train_network
-
-# Dense sphere on which the sparsity and non-negativity terms sample the fODF.
-SAMPLING_NSIDE = 8
-
-
-@dataclass
-class DeconvolutionConfig:
-    """Hyperparameters of a deconvolution model (saved with its weights)."""
-
-    conv_kind: str
-    sh_order_max: int = 8
-    nside: int = 4
-    hemisphere: bool = True
-    depth: int = 2
-    filter_start: int = 8
-    kernel_size: int = 3
-    spatial_kernel_size: int = 3
-    spatial_layers: int = 1
-    block_size: int = 8
-    normalize: Optional[bool] = None
-    linear_prior: bool = True
-    refine_steps: int = 300
-    refine_lr: float = 1e-3
-    refine_tv: float = 20.0
-    refine_smoothing: float = 1e-3
-    refine_similarity: bool = False
-    refine_tolerance: float = 1e-3
-    loss_weights: LossWeights = field(default_factory=LossWeights)
-    epochs: int = 30
-    train_windows: int = 100
-    batch_size: int = 1
-    lr: float = 1.7e-3
-    patience: int = 3
-    seed: int = 0
+from .training import (PRECISIONS, DistributedContext, Trainer, check_training_options,
+                       group_response, predict_coefficients)
 
 
 class _DeconvolutionModel(ReconstModel):
@@ -66,16 +35,10 @@ class _DeconvolutionModel(ReconstModel):
 
     conv_kind = None
 
-    def __init__(self, gtab, response=None, *, sh_order_max=8, nside=4, hemisphere=True,
-                 depth=2, filter_start=8, kernel_size=3, spatial_kernel_size=3,
-                 spatial_layers=1, block_size=8, normalize=None, linear_prior=True,
-                 refine_steps=300, refine_lr=1e-3, refine_tv=20.0, refine_smoothing=1e-3,
-                 refine_similarity=False, refine_tolerance=1e-3, sparsity=1e-4,
-                 nonnegativity=0.1, total_variation=0.0, epochs=30, train_windows=100,
-                 batch_size=1, lr=1.7e-3, patience=3, device="cpu", seed=0, verbose=True):
-        if gtab is not None:  # None: group training sets the first subject's later
-            check_gtab(gtab)
+    def __init__(self, gtab, response=None, *, device="cpu", verbose=True, **options):
+        check_gtab(gtab)
         super().__init__(gtab)
+        self.config = DeconvolutionConfig.from_options(self.conv_kind, **options)
         self.device = resolve_device(device)
         self.verbose = verbose
         if response is not None and not isinstance(response, TissueResponse):
@@ -83,23 +46,9 @@ class _DeconvolutionModel(ReconstModel):
                             f"got {type(response).__name__}")
         if response is not None:
             response.validate(gtab)
-        if normalize not in (None, True, False):
-            raise ValueError(f"normalize must be None, True or False, got {normalize!r}")
         self.response = response
-        _warn_underdetermined(gtab, sh_order_max)
-        self.config = DeconvolutionConfig(
-            conv_kind=self.conv_kind, sh_order_max=sh_order_max, nside=nside,
-            hemisphere=hemisphere, depth=depth, filter_start=filter_start,
-            kernel_size=kernel_size, spatial_kernel_size=spatial_kernel_size,
-            spatial_layers=spatial_layers, block_size=block_size, normalize=normalize,
-            linear_prior=linear_prior, refine_steps=refine_steps, refine_lr=refine_lr,
-            refine_tv=refine_tv, refine_smoothing=refine_smoothing,
-            refine_similarity=refine_similarity, refine_tolerance=refine_tolerance,
-            loss_weights=LossWeights(sparsity=sparsity, nonnegativity=nonnegativity,
-                                     total_variation=total_variation),
-            epochs=epochs, train_windows=train_windows, batch_size=batch_size, lr=lr,
-            patience=patience, seed=seed)
-        self.sphere = _check_config(self.config)
+        _warn_underdetermined(gtab, self.config.network.sh_order_max)
+        self.sphere = self.config.network.sphere()
         self.network = None
         self.training_history = []
 
@@ -120,23 +69,23 @@ class _DeconvolutionModel(ReconstModel):
         fODF keeps its scale (an apparent fibre density) and
         ``volume_fractions`` still sum to 1.
         """
-        if self.config.normalize is not None:
-            return bool(self.config.normalize)
-        if self.response is None or len(self.response.tissues) < 2 or self.gtab is None:
+        if self.config.network.normalize is not None:
+            return bool(self.config.network.normalize)
+        if self.response is None or len(self.response.tissues) < 2:
             return False
         return len(group_shells(self.gtab)[0]) - 1 >= 2
 
     def _build(self, n_shells=None):
-        config = self.config
+        config = self.config.network
         interpolator = ShellInterpolator(self.gtab, self.sphere.vertices)
         channel_bvals = interpolator.shell_bvals
         if n_shells is not None and n_shells != len(channel_bvals):
             raise ValueError(f"the gtab gives {len(channel_bvals)} input channels, "
                              f"not {n_shells}")
         n_shells = len(channel_bvals)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(self.config.training.seed)
         unet = build_unet(
-            config.conv_kind, self.sphere, in_channels=n_shells,
+            self.config.conv_kind, self.sphere, in_channels=n_shells,
             out_channels=len(self.response.tissues), depth=config.depth,
             filter_start=config.filter_start, kernel_size=config.kernel_size,
             spatial_kernel_size=config.spatial_kernel_size,
@@ -187,52 +136,200 @@ class _DeconvolutionModel(ReconstModel):
         if self.network is None:
             self._build()
         # epochs=0 leaves the head at zero: the linear prior, then refinement.
-        if self.config.epochs and (retrain or (retrain is None and not self.training_history)):
-            self._train(normalized, mask, interpolator)
+        training = self.config.training
+        if training.epochs and (retrain or (retrain is None and not self.training_history)):
+            self.train(ScanBlocks(normalized, mask, self.gtab, interpolator.operator,
+                                  training.block_size, self.device),
+                       max_steps=training.train_windows)
         coefficients = self._infer(normalized, mask, interpolator)
-        if self.config.refine_steps:
+        if self.config.refinement.refine_steps:
             coefficients = self._refine(coefficients, normalized, mask)
         return DeconvolutionFit(self, coefficients, mask)
 
-    def _forward_model(self, gtab):
-        matrix = stacked_forward_matrix(self.response.normalized(), gtab,
-                                        self.config.sh_order_max)
-        return ForwardModel(matrix).to(self.device)
+    def train(self, source, *, max_steps=None, precision="fp32", compile=False,
+              num_workers=0, checkpoint=None, resume=False, context=None):
+        """Train the network on the blocks of one scan or many.
 
-    def _fodf_sampler(self):
-        sampling = HealpixSphere(SAMPLING_NSIDE, hemisphere=True)
-        return torch.as_tensor(sh_matrix(self.config.sh_order_max, sampling.vertices),
-                               dtype=torch.float32, device=self.device)
+        :meth:`fit` calls this on the scan it is given; group training
+        (:func:`esdmri.reconst.group.train_group`) on a cohort. The network
+        is built first if the model has none (from the source's shells),
+        and the response is the model's, or the average of the subjects'
+        own and estimated ones (:func:`esdmri.reconst.training.group_response`).
+        Each subject's loss uses its own response where it has one.
 
-    def _train(self, normalized, mask, interpolator):
-        config = self.config
-        torch.manual_seed(config.seed)
-        source = WindowSource(normalized, mask, interpolator.operator, self.device)
-        self.training_history = train_network(
-            self.network, self._forward_model(self.gtab), self._fodf_sampler(), source,
-            config.loss_weights, epochs=config.epochs, window_size=config.block_size,
-            batch_size=config.batch_size, lr=config.lr, patience=config.patience,
-            seed=config.seed, verbose=self.verbose,
-            max_windows=config.train_windows * config.batch_size)
+        Parameters
+        ----------
+        source : ScanBlocks or SubjectBlocks
+            A block source (:mod:`esdmri.reconst.subjects`) on this model's
+            grid (``self.sphere``) with blocks of ``block_size``; its
+            subjects need the shells of the model's gtab.
+        max_steps : int, optional
+            Most optimiser steps over all epochs (None: no limit; :meth:`fit`
+            passes ``train_windows``).
+        precision : {"fp32", "bf16", "fp16"}
+            Autocast dtype of the network on CUDA (the loss stays float32;
+            fp16 adds a gradient scaler). On CPU training runs in float32:
+            bf16 autocast gave no speed-up there, so "bf16" falls back to
+            float32 with a warning, and "fp16" is refused.
+        compile : bool
+            ``torch.compile`` the network (see docs/benchmarks.md for when
+            it pays).
+        num_workers : int
+            DataLoader processes reading blocks (0: read in this process).
+        checkpoint : Path, optional
+            File rewritten (atomically, by the main process) after every
+            epoch.
+        resume : bool
+            Continue from ``checkpoint`` when it exists; an interrupted run
+            resumed to the same ``epochs`` (with as many processes) ends
+            with the weights of an uninterrupted one.
+        context : DistributedContext, optional
+            This process in a torchrun launch whose process group is
+            initialised (default: one process).
+
+        Returns
+        -------
+        self
+            Trained, in eval mode, with ``training_history`` (per epoch:
+            mean loss terms, ``total``, ``epoch`` and ``lr``).
+        """
+        context = context if context is not None else DistributedContext()
+        precision = check_training_options(precision, compile, num_workers, self.device)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint file")
+        state = None
+        if resume and Path(checkpoint).exists():
+            state = serialization.read_checkpoint(checkpoint)
+            self._check_checkpoint(state, source, checkpoint)
+        if state is not None:
+            saved = TissueResponse.from_dict(state["response"])
+            if self.response is not None and not _same_response(self.response, saved):
+                raise ValueError(f"response differs from the one checkpoint {checkpoint} was "
+                                 "trained with: resume with the same response, or start "
+                                 "afresh")
+            self.response = saved
+        elif self.response is None:
+            if not hasattr(source, "load_subject"):
+                raise ValueError("the model has no response and the source cannot estimate "
+                                 "one: give the model a response")
+            self.response = group_response(source, context)
+        responses = [own if own is not None else self.response for own in source.responses]
+        for index, (name, response) in enumerate(zip(source.names, responses)):
+            if response.tissues != self.response.tissues:
+                raise ValueError(f"subjects[{index}] ({name}) has a response of tissues "
+                                 f"{response.tissues} but the group's are "
+                                 f"{self.response.tissues}: one network needs the same tissues "
+                                 "for every subject")
+            response.validate(source.gtabs[index])
+        if self.network is None:
+            self._build(source.n_shells)
+        config = self.config.training
+        sh_order_max = self.config.network.sh_order_max
+        trainer = Trainer(
+            self.network, source,
+            [build_forward_model(response, gtab, sh_order_max, self.device)
+             for response, gtab in zip(responses, source.gtabs)],
+            build_fodf_sampler(sh_order_max, self.device), config.loss_weights,
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            patience=config.patience, seed=config.seed,
+            max_blocks=None if max_steps is None else max_steps * config.batch_size,
+            context=context, autocast_dtype=PRECISIONS[precision], compile=compile,
+            num_workers=num_workers, verbose=self.verbose)
+        if state is not None:
+            trainer.restore(state)
+        identity = {"model": type(self).__name__, "config": self.config.to_dict(),
+                    "subjects": list(source.names),
+                    "response": self.response.to_dict()}
+        save_state = None
+        if checkpoint is not None:
+            def save_state(trainer_state):
+                serialization.write_checkpoint({**identity, **trainer_state}, checkpoint)
+        self.training_history = trainer.run(save_state)
+        return self
+
+    def _check_checkpoint(self, state, source, checkpoint):
+        """Refuse a checkpoint written with other settings (only epochs may change)."""
+        ours = self.config.to_dict()
+        differing = sorted(name for name in ours
+                           if name != "epochs" and state["config"].get(name) != ours[name])
+        if state["model"] != type(self).__name__:
+            differing.insert(0, "model")
+        if state["subjects"] != list(source.names):
+            differing.append("subjects")
+        if differing:
+            raise ValueError(f"checkpoint {checkpoint} was written with other settings "
+                             f"({', '.join(differing)}"
+                             "): resume with the same settings (only epochs may change), or "
+                             "start afresh without resume")
+
+    def with_gtab(self, gtab):
+        """This trained model for scans of another acquisition with the same shells.
+
+        Parameters
+        ----------
+        gtab : GradientTable
+            The scans' acquisition; its shells must match the model's
+            response, its directions may differ (signals are interpolated
+            onto the network's grid).
+
+        Returns
+        -------
+        model
+            A copy sharing this model's network, with ``gtab``.
+        """
+        check_gtab(gtab)
+        if self.response is not None:
+            self.response.validate(gtab)
+        model = copy.copy(self)
+        model.gtab = gtab
+        return model
+
+    def with_options(self, **options):
+        """This model with other training, tiling or refinement hyperparameters.
+
+        Parameters
+        ----------
+        **options
+            Keyword arguments of the constructor, e.g. ``refine_steps=0``
+            or ``batch_size=8`` (blocks per network pass at inference).
+            Those that shape the network (``sh_order_max``, ``nside``,
+            ``depth``, ...) cannot change once it is built.
+
+        Returns
+        -------
+        model
+            A copy sharing this model's network (trained or not), with the
+            options validated as the constructor validates them.
+        """
+        fixed = sorted(set(options) & {f.name for f in dataclasses.fields(NetworkConfig)})
+        if fixed and self.network is not None:
+            raise ValueError(f"{', '.join(fixed)} shape the network, which is already built: "
+                             "make a new model to change them")
+        config = self.config.replace(**options)
+        model = copy.copy(self)
+        model.config = config
+        model.sphere = config.network.sphere()
+        return model
 
     def _infer(self, normalized, mask, interpolator):
-        core = self.config.block_size
+        core = self.config.training.block_size
         starts, pad_width = inference_windows(mask.shape, mask, core, self.halo)
         padded = np.pad(normalized, pad_width + [(0, 0)])
         padded_mask = np.pad(mask, pad_width)
-        source = WindowSource(padded, padded_mask, interpolator.operator, self.device)
+        source = ScanBlocks(padded, padded_mask, self.gtab, interpolator.operator,
+                            core + 2 * self.halo, self.device)
         coefficients = predict_coefficients(self.network, source, starts, pad_width, core,
-                                            self.halo, self.config.batch_size)
+                                            self.halo, self.config.training.batch_size)
         coefficients[~mask] = 0
         return coefficients
 
     def _refine(self, coefficients, normalized, mask):
-        config = self.config
+        order, config = self.config.network.sh_order_max, self.config.refinement
         refined, self.refine_history = refine_coefficients(
-            coefficients, normalized, mask, self._forward_model(self.gtab).matrix,
-            self._fodf_sampler(),
-            n_coeffs(config.sh_order_max), config.sh_order_max, config.loss_weights,
-            steps=config.refine_steps, lr=config.refine_lr,
+            coefficients, normalized, mask,
+            build_forward_model(self.response, self.gtab, order, self.device).matrix,
+            build_fodf_sampler(order, self.device), n_coeffs(order), order,
+            self.config.training.loss_weights, steps=config.refine_steps, lr=config.refine_lr,
             total_variation=config.refine_tv, smoothing=config.refine_smoothing,
             similarity=config.refine_similarity, tolerance=config.refine_tolerance,
             normalize=self.normalizes, verbose=self.verbose)
@@ -242,10 +339,34 @@ class _DeconvolutionModel(ReconstModel):
     def save(self, path, force=False):
         """Write weights, configuration, response and versions to one file.
 
-        See :func:`esdmri.reconst.serialization.save_model`.
+        The layout is :func:`esdmri.serialization.write_model_file`'s;
+        :func:`load_model` reads it back.
+
+        Parameters
+        ----------
+        path : str or Path
+        force : bool
+            Overwrite an existing file.
         """
-        from .serialization import save_model
-        save_model(self, path, force=force)
+        if self.network is None:
+            raise ValueError("the model has not been fitted yet: call model.fit(data, mask) "
+                             "first")
+        kind = next(name for name, cls in MODEL_CLASSES.items() if isinstance(self, cls))
+        serialization.write_model_file(
+            path, kind=kind, config=self.config.to_dict(), response=self.response,
+            gtab=self.gtab, halo=self.halo, state_dict=self.network.state_dict(),
+            training_history=self.training_history, force=force)
+
+    @classmethod
+    def _from_saved(cls, saved, gtab, device, verbose):
+        """The trained model of the contents of a model file."""
+        config = DeconvolutionConfig.from_dict(saved["config"])
+        model = cls(gtab, saved["response"], device=device, verbose=verbose,
+                    **config.options())
+        model._build()
+        model.network.load_state_dict(saved["state_dict"])
+        model.training_history = saved["training_history"]
+        return model
 
 
 class ESDModel(_DeconvolutionModel):
@@ -275,91 +396,26 @@ class RTESDModel(_DeconvolutionModel):
         at fit time when None, by :func:`esdmri.response.estimate_response`
         (as many tissues as the shells separate: WM and CSF from b0 plus one
         shell, WM, GM and CSF from two or more shells or a non-shelled scan).
-    sh_order_max : int
-        Even SH order of the WM fODF.
-    nside : int
-        HEALPix resolution of the grid (a power of 2).
-    hemisphere : bool
-        Use one vertex per antipodal pair (half the cost, same result).
-    depth : int
-        U-Net levels; each level halves nside.
-    filter_start : int
-        Channels of the first level, doubled at each level.
-    kernel_size : int
-        Number of Chebyshev polynomials of the spherical filters.
-    spatial_kernel_size : int
-        Odd edge of the isotropic spatial kernel.
-    spatial_layers : int
-        E(3) x SO(3) convolutions before the spherical U-Net; the network
-        sees ``spatial_layers * (spatial_kernel_size // 2)`` voxels around
-        each voxel (the published patch of 3 is 1 layer of kernel 3).
-    block_size : int
-        Edge of the training windows and of the inference core blocks.
-    normalize : bool or None
-        Scale the tissue coefficients to volume fractions summing to 1.
-        None (default): with two or more tissues and two or more
-        diffusion-weighted shells; single-shell fits keep their scale (see
-        :attr:`normalizes`).
-    linear_prior : bool
-        The network corrects a regularised least-squares deconvolution of the
-        signal instead of producing the fODFs from scratch (its head starts at
-        zero, so training starts from a fit that explains the signal).
-        Trained from scratch (False), the networks underfit on a CPU budget;
-        see docs/benchmarks.md.
-    refine_steps : int
-        Most steps of descent of the same loss, plus a total variation
-        between neighbouring voxels (``refine_tv``), from the network's
-        output (:mod:`esdmri.reconst.refine`; rotation equivariant). 0 keeps
-        the network's output as is. Where the accuracy comes from:
-        docs/benchmarks.md, "Spatial context" (dev phantoms) and the held-out
-        section (the old voxel-wise refinement's test scores).
-    refine_lr : float
-        Step size of the refinement.
-    refine_tv : float
-        Weight of the total variation between neighbouring voxels' tissue
-        coefficients inside the refinement, relative to the Gaussian
-        likelihood of the signal with a noise level estimated from the data
-        (so one value serves every SNR; 0: voxel by voxel).
-    refine_smoothing : float
-        Coefficient-difference scale below which that total variation is
-        quadratic (it is linear above).
-    refine_similarity : bool
-        Couple neighbours less where their measured signals differ by more
-        than noise (:func:`esdmri.reconst.refine.signal_similarity`).
-    refine_tolerance : float
-        Stop the refinement once its objective falls by less than this
-        fraction in 10 steps (0: always ``refine_steps`` steps).
-    sparsity, nonnegativity, total_variation : float
-        Weights of the loss terms (the signal fit has weight 1).
-    epochs : int
-        Training passes over the mask. 0 trains nothing: the fODFs are the
-        linear prior's regularised least-squares fit refined voxel-wise by
-        ``refine_steps`` of the loss (the ablation without a network; needs
-        ``linear_prior=True``).
-    train_windows : int
-        Most optimiser steps over all epochs, so a large scan trains for
-        less than one pass (measured on the dev phantoms: training does not
-        bring the loss below the linear prior's on a CPU budget;
-        docs/benchmarks.md, "Spatial context").
-    batch_size : int
-        Windows per optimiser step.
-    lr : float
-        Adam learning rate.
-    patience : int
-        Plateau epochs before halving the learning rate; twice as many stop
-        training.
     device : str
         "cpu", "cuda" or "cuda:N".
-    seed : int
-        Seeds the weights and the window order (training is deterministic on CPU).
     verbose : bool
         Show a progress bar.
+    OPTIONS
+
+    The options (all keyword-only) are the fields of
+    :class:`esdmri.reconst.config.NetworkConfig`, :class:`~esdmri.reconst.config.TrainingConfig`
+    and :class:`~esdmri.reconst.config.RefinementConfig`, with their defaults;
+    ``model.config`` holds them (frozen), :meth:`with_options` changes them.
     """
 
     # Not "mixed": UNet(conv="mixed") has E(3) x SO(3) convolutions at every
     # level, RT-ESD only in its stem. Model files written before this name
     # hold "mixed"; load_model takes the kind from the class, not the file.
     conv_kind = "mixed-stem"
+
+
+# The options' entries come from the configuration classes, their one source.
+RTESDModel.__doc__ = RTESDModel.__doc__.replace("    OPTIONS", "    " + options_docstring())
 
 
 class CESDModel(_DeconvolutionModel):
@@ -373,43 +429,29 @@ class CESDModel(_DeconvolutionModel):
 MODEL_CLASSES = {"esd": ESDModel, "rtesd": RTESDModel, "cesd": CESDModel}
 
 
-def _check_config(config):
-    """Validate hyperparameters before any work; returns the grid sphere."""
-    if config.sh_order_max < 2 or config.sh_order_max % 2:
-        raise ValueError(f"sh_order_max must be an even integer >= 2, got {config.sh_order_max}")
-    sphere = HealpixSphere(config.nside, hemisphere=config.hemisphere)
-    sphere.pyramid(config.depth)  # raises if nside is too small for the depth
-    # The grid must hold more samples than coefficients for the least-squares
-    # projection of the WM function onto SH to be well posed.
-    if n_coeffs(config.sh_order_max) > sphere.n_vertices:
-        raise ValueError(
-            f"sh_order_max={config.sh_order_max} needs {n_coeffs(config.sh_order_max)} "
-            f"coefficients but the grid (nside={config.nside}, hemisphere="
-            f"{config.hemisphere}) has only {sphere.n_vertices} vertices: raise nside")
-    if config.block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {config.block_size}")
-    if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
-    epochs = config.epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    if epochs == 0 and not config.linear_prior:
-        raise ValueError("epochs=0 needs linear_prior=True: an untrained network without "
-                         "the prior outputs noise")
-    steps = config.refine_steps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"refine_steps must be an integer >= 0, got {steps!r}")
-    if not config.refine_lr > 0:
-        raise ValueError(f"refine_lr must be > 0, got {config.refine_lr}")
-    for name in ("refine_tv", "refine_tolerance"):
-        if not getattr(config, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    windows = config.train_windows
-    if isinstance(windows, bool) or not isinstance(windows, (int, np.integer)) or windows < 1:
-        raise ValueError(f"train_windows must be an integer >= 1, got {windows!r}")
-    if not config.refine_smoothing > 0:
-        raise ValueError(f"refine_smoothing must be > 0, got {config.refine_smoothing}")
-    return sphere
+def load_model(path, gtab=None, device="cpu", verbose=True):
+    """Read a model written by :meth:`RTESDModel.save` (or by group training).
+
+    Parameters
+    ----------
+    path : str or Path
+    gtab : GradientTable, optional
+        Gradient table of the scans the model will be applied to (default:
+        the training scan's). Its shells must match the saved response's;
+        its directions may differ, since signals are re-interpolated onto
+        the HEALPix grid.
+    device : str
+    verbose : bool
+
+    Returns
+    -------
+    model : ESDModel, RTESDModel or CESDModel
+        Trained: ``model.fit(data, mask)`` only infers.
+    """
+    saved = serialization.read_model_file(path)
+    model_class = MODEL_CLASSES[saved["model"]]
+    return model_class._from_saved(saved, saved["gtab"] if gtab is None else gtab, device,
+                                   verbose)
 
 
 def _warn_underdetermined(gtab, sh_order_max):
@@ -418,8 +460,6 @@ def _warn_underdetermined(gtab, sh_order_max):
     Like DIPY's CSD: the fit is then underdetermined and rests on the
     non-negativity and sparsity terms.
     """
-    if gtab is None:  # group training sets the gtab later
-        return
     weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
     if not weighted.any():
         return
@@ -436,6 +476,7 @@ def _warn_underdetermined(gtab, sh_order_max):
             UserWarning, stacklevel=4)
 
 
-def config_to_dict(config):
-    """A JSON-ready dict of a DeconvolutionConfig."""
-    return asdict(config)
+def _same_response(a, b):
+    return (a.tissues == b.tissues and np.allclose(a.bvals, b.bvals)
+            and all(x.shape == y.shape and np.allclose(x, y)
+                    for x, y in zip(a.coefficients, b.coefficients)))

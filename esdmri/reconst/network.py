@@ -24,6 +24,7 @@ from ..nn.chebyshev import ChebyshevOperator
 from ..nn.e3so3 import E3SO3Conv
 from ..nn.unet import ConvBlock, UNet
 from ..shm import n_coeffs, sh_matrix
+from ..sphere import HealpixSphere
 
 SQRT_4PI = math.sqrt(4 * math.pi)
 
@@ -33,6 +34,9 @@ SQRT_4PI = math.sqrt(4 * math.pi)
 # and dividing by it then blew the coefficients up a million-fold (measured:
 # losses of 1e8 that wrecked RT-ESD's training).
 NORMALIZATION_FLOOR = 0.1
+
+# Dense sphere on which the sparsity and non-negativity terms sample the fODF.
+SAMPLING_NSIDE = 8
 
 
 def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_start,
@@ -251,3 +255,41 @@ def stacked_forward_matrix(response, gtab, sh_order_max):
     """Forward matrices of all tissues stacked WM first, shape (C_total, N)."""
     matrices = response.forward_matrices(gtab, sh_order_max)
     return np.concatenate([matrices[tissue] for tissue in response.tissues], axis=0)
+
+
+def build_forward_model(response, gtab, sh_order_max, device="cpu"):
+    """The forward model of b0-normalised responses for one acquisition.
+
+    Parameters
+    ----------
+    response : TissueResponse
+        Normalised here (divided by its b0 signal), as the signals are.
+    gtab : GradientTable
+    sh_order_max : int
+    device : str or torch.device
+
+    Returns
+    -------
+    forward_model : ForwardModel
+        Maps ``[B, C_total, X, Y, Z]`` to ``[B, N, X, Y, Z]``.
+    """
+    matrix = stacked_forward_matrix(response.normalized(), gtab, sh_order_max)
+    return ForwardModel(matrix).to(device)
+
+
+def build_fodf_sampler(sh_order_max, device="cpu"):
+    """SH matrix of the dense sphere on which the loss samples the WM fODF.
+
+    Parameters
+    ----------
+    sh_order_max : int
+    device : str or torch.device
+
+    Returns
+    -------
+    sampler : Tensor, float32, shape [V_dense, C_wm]
+        HEALPix hemisphere of nside :data:`SAMPLING_NSIDE`.
+    """
+    sampling = HealpixSphere(SAMPLING_NSIDE, hemisphere=True)
+    return torch.as_tensor(sh_matrix(sh_order_max, sampling.vertices), dtype=torch.float32,
+                           device=device)

@@ -1,5 +1,19 @@
-"""Training blocks of many diffusion scans, streamed from their NIfTI files.
+"""Block sources: the training blocks of one scan in memory, or of many scans on disk.
 
+The trainer (:class:`esdmri.reconst.training.Trainer`) reads its batches from
+a *block source*, so a single-scan fit is a one-subject run of the same
+trainer that trains on a cohort. A block source has
+
+- ``block_size`` (int), ``gtabs``, ``masks``, ``names`` and ``responses``
+  (one per subject: its gradient table, boolean mask ``(X, Y, Z)``, a name
+  for messages and checkpoints, and its own TissueResponse or None);
+- ``plan_epoch(rng)``: blocks tiling every subject's mask once at a fresh
+  random offset (:func:`esdmri.reconst.tiling.training_windows`), as an
+  integer array ``(n_blocks, 4)`` of subject index and corner;
+- ``read(blocks)``: the batch of those blocks, as :func:`collate_blocks`
+  returns it.
+
+:class:`ScanBlocks` holds one normalised scan in memory (``model.fit``).
 A cohort does not fit in memory, so :class:`SubjectBlocks` keeps only each
 scan's header, mask and shell-to-grid operator and reads a block's voxels
 from disk when a batch asks for it (``img.dataobj`` slicing: a memory map or
@@ -26,7 +40,85 @@ from dipy.io.gradients import read_bvals_bvecs
 from ..response import TissueResponse
 from ..shm import DEFAULT_BVAL_TOLERANCE, ShellInterpolator
 from .inputs import check_gtab
-from .tiling import training_windows
+from .tiling import cut_window, training_windows
+
+
+class ScanBlocks:
+    """Blocks of one scan held in memory, put on the HEALPix grid per batch.
+
+    Only the measured signal is kept on the device; its grid version
+    ``[B, S, V, X, Y, Z]`` is made per batch, so a whole scan never needs
+    S x V values per voxel in memory.
+
+    Parameters
+    ----------
+    normalized : ndarray, shape (X, Y, Z, N)
+        Signal divided by the mean b0, zero outside the mask.
+    mask : ndarray of bool, shape (X, Y, Z)
+    gtab : GradientTable
+        Acquisition of the N measurements.
+    interpolation : ndarray, shape (S, V, N)
+        The shell-to-grid operator of :class:`esdmri.shm.ShellInterpolator`.
+    block_size : int
+        Edge of the blocks in voxels.
+    device : torch.device
+
+    Attributes
+    ----------
+    gtabs, masks, names, responses : list
+        Of the one subject: ``[gtab]``, ``[mask]``, ``["scan"]`` and
+        ``[None]`` (the model's response serves it).
+    """
+
+    def __init__(self, normalized, mask, gtab, interpolation, block_size, device):
+        self.normalized = normalized
+        self.mask = mask
+        self.block_size = int(block_size)
+        self.device = device
+        self.interpolation = torch.as_tensor(interpolation, dtype=torch.float32, device=device)
+        self.gtabs, self.masks, self.names, self.responses = [gtab], [mask], ["scan"], [None]
+
+    @property
+    def n_shells(self):
+        """Shells (b0 included): the grid's channels."""
+        return self.interpolation.shape[0]
+
+    def plan_epoch(self, rng):
+        """Blocks tiling the mask at a fresh random offset, subject index 0.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+
+        Returns
+        -------
+        blocks : ndarray of int, shape (n_blocks, 4)
+        """
+        starts = training_windows(self.mask, self.block_size, rng)
+        return np.column_stack([np.zeros(len(starts), dtype=np.int64), starts])
+
+    def read(self, blocks):
+        """The batch of some blocks, as :func:`collate_blocks` returns it.
+
+        Parameters
+        ----------
+        blocks : ndarray of int, shape (B, 4)
+            Subject index (0) and corner; a block may extend past the volume.
+
+        Returns
+        -------
+        batch : dict
+            ``grid`` [B, S, V, X, Y, Z], ``mask`` [B, X, Y, Z] and one group
+            with ``subject`` 0, ``rows`` and ``signal`` [B, N, X, Y, Z].
+        """
+        starts, size = blocks[:, 1:], self.block_size
+        signal = np.stack([cut_window(self.normalized, start, size) for start in starts])
+        mask = np.stack([cut_window(self.mask, start, size) for start in starts])
+        signal = torch.as_tensor(signal, device=self.device).permute(0, 4, 1, 2, 3)
+        grid = torch.einsum("svn,bnxyz->bsvxyz", self.interpolation, signal)
+        return {"grid": grid, "mask": torch.as_tensor(mask, device=self.device),
+                "groups": [{"subject": 0, "rows": torch.arange(len(blocks)),
+                            "signal": signal}]}
 
 
 @dataclass
@@ -175,15 +267,13 @@ class _Scan:
         return normalized, mask
 
 
-class SubjectBlocks(torch.utils.data.Dataset):
-    """Cubic blocks of many scans, read from disk on demand (a map-style dataset).
+class SubjectBlocks:
+    """Cubic blocks of many scans, read from disk on demand.
 
-    Call :meth:`plan_epoch` before each epoch: it tiles every subject's mask
-    with blocks at a random offset (:func:`esdmri.reconst.tiling.training_windows`),
-    so each masked voxel is seen once per epoch. The dataset then works with
-    any sampler, e.g. ``torch.utils.data.distributed.DistributedSampler``
-    (build it after :meth:`plan_epoch`, since the number of blocks changes
-    with the offset), and with :func:`collate_blocks`.
+    :meth:`plan_epoch` tiles every subject's mask with blocks at a random
+    offset (:func:`esdmri.reconst.tiling.training_windows`), so each masked
+    voxel is seen once per epoch; :meth:`read` reads a batch of them. The
+    object pickles, so DataLoader worker processes can read batches.
 
     Parameters
     ----------
@@ -197,10 +287,14 @@ class SubjectBlocks(torch.utils.data.Dataset):
     ----------
     gtabs : list of GradientTable
         One per subject.
+    masks : list of ndarray of bool, shape (X, Y, Z)
+        Brain masks, one per subject.
+    names : list of str
+        The subjects' dwi files.
+    responses : list of TissueResponse or None
+        Each subject's own response (None: the group's).
     n_shells : int
         Shells (b0 included) of every subject: the grid's channels.
-    blocks : ndarray, shape (n_blocks, 4)
-        Subject index and corner of each block of the current epoch.
     """
 
     def __init__(self, subjects, vertices, block_size):
@@ -212,8 +306,10 @@ class SubjectBlocks(torch.utils.data.Dataset):
         self._scans = [_Scan(index, subject, vertices) for index, subject in enumerate(subjects)]
         self._check_shells()
         self.gtabs = [scan.gtab for scan in self._scans]
+        self.masks = [scan.mask for scan in self._scans]
+        self.names = [str(subject.dwi) for subject in subjects]
+        self.responses = [subject.response for subject in subjects]
         self.n_shells = len(self._scans[0].interpolator.shell_bvals)
-        self.blocks = np.zeros((0, 4), dtype=np.int64)
 
     def _check_shells(self):
         reference = self._scans[0].interpolator.shell_bvals
@@ -227,16 +323,6 @@ class SubjectBlocks(torch.utils.data.Dataset):
                     f"{np.round(reference).tolist()}: every scan of a group needs the same "
                     "shells (their directions may differ)")
 
-    @property
-    def subjects(self):
-        """The validated Subject records, in order."""
-        return [scan.subject for scan in self._scans]
-
-    @property
-    def masks(self):
-        """Brain masks, one boolean (X, Y, Z) array per subject."""
-        return [scan.mask for scan in self._scans]
-
     def plan_epoch(self, rng):
         """Tile every subject's mask with blocks at a fresh random offset.
 
@@ -246,17 +332,14 @@ class SubjectBlocks(torch.utils.data.Dataset):
 
         Returns
         -------
-        n_blocks : int
+        blocks : ndarray of int, shape (n_blocks, 4)
+            Subject index and corner of each block, subject by subject.
         """
         planned = []
         for index, scan in enumerate(self._scans):
             starts = training_windows(scan.mask, self.block_size, rng)
             planned.append(np.column_stack([np.full(len(starts), index), starts]))
-        self.blocks = np.concatenate(planned).astype(np.int64)
-        return len(self.blocks)
-
-    def __len__(self):
-        return len(self.blocks)
+        return np.concatenate(planned).astype(np.int64)
 
     def read_block(self, subject, start):
         """One block of a subject, normalised by its b0 signal.
@@ -276,17 +359,23 @@ class SubjectBlocks(torch.utils.data.Dataset):
         """
         return self._scans[subject].read([int(s) for s in start], self.block_size)
 
-    def __getitem__(self, index):
-        """Block ``index`` of the current epoch.
+    def read(self, blocks):
+        """The batch of some blocks.
+
+        Parameters
+        ----------
+        blocks : ndarray of int, shape (B, 4)
+            Subject index and corner of each block (from :meth:`plan_epoch`).
 
         Returns
         -------
-        dict
-            ``subject`` (int), ``signal`` Tensor [N, B, B, B] (normalised),
-            ``grid`` Tensor [S, V, B, B, B] (the signal on the network's
-            grid) and ``mask`` bool Tensor [B, B, B].
+        batch : dict
+            As :func:`collate_blocks`.
         """
-        subject, *start = self.blocks[index]
+        return collate_blocks([self._item(subject, start) for subject, *start in blocks])
+
+    def _item(self, subject, start):
+        """One block as :func:`collate_blocks` takes it."""
         normalized, mask = self.read_block(subject, start)
         grid = self._scans[subject].interpolator(normalized)  # (B, B, B, S, V)
         return {"subject": int(subject),
@@ -315,7 +404,9 @@ def collate_blocks(items):
     Parameters
     ----------
     items : list of dict
-        From :meth:`SubjectBlocks.__getitem__`.
+        One per block: ``subject`` (int), ``signal`` Tensor [N, X, Y, Z]
+        (normalised), ``grid`` Tensor [S, V, X, Y, Z] (the signal on the
+        network's grid) and ``mask`` bool Tensor [X, Y, Z].
 
     Returns
     -------

@@ -1,64 +1,113 @@
-"""Unsupervised training of a deconvolution network on one scan."""
+"""The one trainer of the deconvolution networks: one scan or many, one process or many.
 
+:class:`Trainer` runs Adam with a plateau schedule and early stopping over
+the blocks of a *block source* (:mod:`esdmri.reconst.subjects`): a
+single-scan fit (``model.fit``) trains on :class:`ScanBlocks`, group training
+(:func:`esdmri.reconst.group.train_group`) on :class:`SubjectBlocks`, both
+through :meth:`esdmri.reconst.models.RTESDModel.train`.
+
+Launched by ``torchrun``, each process trains on its share of every epoch's
+blocks under PyTorch's ``DistributedDataParallel``; the processes average
+their gradients after each step and take every decision on all-reduced
+losses, so their weights stay identical. :meth:`Trainer.state` holds
+everything an identical continuation needs (weights, optimiser, schedule,
+random states), so a run resumed from a checkpoint ends with the weights of
+an uninterrupted one.
+"""
+
+import contextlib
+import logging
 import math
+import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..response import TissueResponse, estimate_response
 from .losses import (intensity_loss, nonnegativity_loss, sparsity_loss,
                      total_variation_loss)
 from .network import volume_fractions_from_coefficients
-from .tiling import cut_window, training_windows
 
-# Windows on which the trained and the starting weights are compared.
-EVALUATION_WINDOWS = 64
+logger = logging.getLogger(__name__)
+
+# Blocks on which the trained and the starting weights are compared.
+EVALUATION_BLOCKS = 64
+
+# Autocast dtypes of the precisions; None trains in float32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class WindowSource:
-    """Windows of a normalised scan, interpolated onto the HEALPix grid on demand.
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in a torchrun launch (1 process, rank 0 without one)."""
 
-    Only the measured signal of a window is kept on the device; its grid
-    version ``[B, S, V, X, Y, Z]`` is made per batch, so a whole scan never
-    needs S x V values per voxel in memory.
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls):
+        """Read ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` as torchrun sets them."""
+        try:
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+            rank = int(os.environ.get("RANK", 0))
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        except ValueError as error:
+            raise ValueError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers ({error})") \
+                from None
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
+        return cls(world_size, rank, local_rank)
+
+
+def check_training_options(precision, compile, num_workers, device):
+    """Validate the run options of training; returns the precision that will run.
 
     Parameters
     ----------
-    normalized : ndarray, shape (X, Y, Z, N)
-        Signal divided by the mean b0, zero outside the mask.
-    mask : ndarray of bool, shape (X, Y, Z)
-    interpolation : ndarray, shape (S, V, N)
-        The shell-to-grid operator of :class:`esdmri.shm.ShellInterpolator`.
+    precision : {"fp32", "bf16", "fp16"}
+    compile : bool
+    num_workers : int
     device : torch.device
-    """
-
-    def __init__(self, normalized, mask, interpolation, device):
-        self.normalized = normalized
-        self.mask = mask
-        self.device = device
-        self.interpolation = torch.as_tensor(interpolation, dtype=torch.float32, device=device)
-
-    def batch(self, starts, size):
-        """Signal ``[B, N, X, Y, Z]``, grid ``[B, S, V, X, Y, Z]`` and mask ``[B, X, Y, Z]``."""
-        signal = np.stack([cut_window(self.normalized, start, size) for start in starts])
-        mask = np.stack([cut_window(self.mask, start, size) for start in starts])
-        signal = torch.as_tensor(signal, device=self.device).permute(0, 4, 1, 2, 3)
-        grid = torch.einsum("svn,bnxyz->bsvxyz", self.interpolation, signal)
-        return signal, grid, torch.as_tensor(mask, device=self.device)
-
-
-def deconvolution_loss(network, forward_model, fodf_sampler, signal, grid, mask, weights):
-    """All loss terms of one batch.
 
     Returns
     -------
-    total : Tensor, scalar
-    terms : dict of str -> float
+    precision : str
+        "fp32" for "bf16" on CPU (with a warning: bf16 autocast gave no
+        speed-up there, the layers' spherical products dominate and are
+        float32 sparse or custom kernels).
     """
-    return coefficient_loss(network(grid), network.n_wm_coeffs, forward_model, fodf_sampler,
-                            signal, mask, weights)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if device.type != "cuda":
+        if precision == "fp16":
+            raise ValueError("precision='fp16' needs device='cuda': float16 autocast on CPU is "
+                             "slow and loses the loss's small terms; use 'fp32' on CPU")
+        if precision == "bf16":
+            warnings.warn("precision='bf16' is for CUDA; training on CPU runs in float32",
+                          stacklevel=3)
+        return "fp32"
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16' is not supported by {torch.cuda.get_device_name()}: "
+                         "use 'fp16'")
+    return precision
 
 
+# -- the loss ---------------------------------------------------------------
 def coefficient_loss(coefficients, n_wm_coeffs, forward_model, fodf_sampler, signal, mask,
                      weights):
     """All loss terms of tissue coefficients a network has predicted.
@@ -93,137 +142,400 @@ def coefficient_loss(coefficients, n_wm_coeffs, forward_model, fodf_sampler, sig
     return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
-def train_network(network, forward_model, fodf_sampler, source, weights, *, epochs,
-                  window_size, batch_size, lr, patience, seed, verbose, max_windows=None):
-    """Adam with a plateau schedule and early stopping, over mask-tiling windows.
+def batch_loss(coefficients, batch, n_wm_coeffs, forward_models, fodf_sampler, weights):
+    """Loss of a batch's coefficients, each subject's blocks against its own forward model.
+
+    Subjects weigh in by their share of the batch's masked voxels, so a
+    one-subject batch gets exactly the loss of :func:`coefficient_loss`.
+
+    Parameters
+    ----------
+    coefficients : Tensor, shape [B, C_total, X, Y, Z]
+    batch : dict
+        From a block source's ``read``, on the coefficients' device.
+    n_wm_coeffs : int
+    forward_models : list of ForwardModel
+        One per subject of the source.
+    fodf_sampler : Tensor, shape [V_dense, C_wm]
+    weights : LossWeights
+
+    Returns
+    -------
+    total : Tensor, scalar
+    terms : dict of str -> float
+    """
+    mask = batch["mask"]
+    voxels = mask.sum(dim=(1, 2, 3))
+    all_voxels = voxels.sum().clamp_min(1)
+    total, terms = 0.0, {}
+    for group in batch["groups"]:
+        rows = group["rows"]
+        share = voxels[rows].sum() / all_voxels
+        loss, group_terms = coefficient_loss(
+            coefficients[rows], n_wm_coeffs, forward_models[group["subject"]], fodf_sampler,
+            group["signal"], mask[rows], weights)
+        total = total + share * loss
+        share = float(share)
+        for name, value in group_terms.items():
+            terms[name] = terms.get(name, 0.0) + share * value
+    return total, terms
+
+
+# -- the trainer ------------------------------------------------------------
+class Trainer:
+    """Adam with a plateau schedule and early stopping over the blocks of a source.
 
     Parameters
     ----------
     network : DeconvolutionNetwork
-    forward_model : ForwardModel
+    source : ScanBlocks or SubjectBlocks
+        A block source (:mod:`esdmri.reconst.subjects`).
+    forward_models : list of ForwardModel
+        One per subject of ``source``.
     fodf_sampler : Tensor, shape [V_dense, C_wm]
         SH matrix of a dense sphere, for the sparsity and non-negativity terms.
-    source : WindowSource
     weights : LossWeights
-    epochs, window_size, batch_size : int
+    epochs, batch_size : int
+        Passes over every subject's mask; blocks per process and step.
     lr : float
     patience : int
         Epochs without a 0.1% improvement before the learning rate is halved;
         twice that many before training stops.
     seed : int
-    verbose : bool
-        Show a tqdm progress bar with the loss terms.
-    max_windows : int, optional
-        Most windows drawn over all epochs (None: no limit); the last epoch
+        Seeds the block offsets and order (the weights are seeded when built).
+    max_blocks : int, optional
+        Most blocks drawn over all epochs (None: no limit); the last epoch
         stops early when they are spent, so the cost of training does not
         grow with the scan.
-
-    Returns
-    -------
-    history : list of dict
-        Per epoch: mean loss terms, total, learning rate.
+    context : DistributedContext
+        This process in a torchrun launch (the process group is initialised).
+    autocast_dtype : torch.dtype, optional
+        Autocast dtype of the network on CUDA (the loss stays float32);
+        float16 adds a gradient scaler.
+    compile : bool
+        ``torch.compile`` the network.
+    num_workers : int
+        DataLoader processes reading batches (0: read in this process).
+    verbose : bool
+        Show a tqdm progress bar with the loss terms.
 
     Notes
     -----
-    Epoch losses are averages over the epoch's windows while the weights
-    move, so the last epoch is not always the best one (on a real scan the
-    last epoch ended above the first). The weights of the epoch with the
-    lowest loss are kept, and they are compared with the starting weights on
-    the same fixed windows (at most ``EVALUATION_WINDOWS``, in evaluation
-    mode, as inference uses the network): the network keeps whichever is
-    lower, so training never returns a network with a higher loss than it
-    started with.
+    Each epoch tiles every subject's mask once at a fresh random offset, in
+    a random order; with several processes, process k takes every k-th batch
+    of blocks (the list padded, as ``DistributedSampler`` does, so that all
+    take as many steps). Epoch losses are averages over the epoch's blocks
+    while the weights move, so the last epoch is not always the best one (on
+    a real scan the last epoch ended above the first). The weights of the
+    epoch with the lowest loss are kept, and they are compared with the
+    starting weights on the same fixed blocks (at most
+    :data:`EVALUATION_BLOCKS`, in evaluation mode, as inference uses the
+    network): the network keeps whichever is lower, so training never
+    returns a network with a higher loss than it started with.
     """
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=0.5, patience=patience, threshold=1e-3)
-    # Its own generator, so the training windows do not depend on it.
-    evaluation_rng = np.random.default_rng([seed, 1])
-    evaluation_starts = training_windows(source.mask, window_size, evaluation_rng)
-    evaluation_starts = evaluation_starts[evaluation_rng.permutation(len(evaluation_starts))
-                                          [:EVALUATION_WINDOWS]]
-    initial_state = _copy_state(network)
-    initial = evaluate_loss(network, forward_model, fodf_sampler, source, weights,
-                            evaluation_starts, window_size, batch_size)
-    history = []
-    best, stale = math.inf, 0
-    best_state = initial_state
-    used = 0
-    network.train()
-    progress = tqdm(range(epochs), desc="training", unit="epoch", disable=not verbose)
-    for epoch in progress:
-        starts = training_windows(source.mask, window_size, rng)
-        starts = starts[rng.permutation(len(starts))]
-        if max_windows is not None:
-            starts = starts[:max_windows - used]
-        used += len(starts)
-        sums, batches = {}, 0
-        for first in range(0, len(starts), batch_size):
-            signal, grid, mask = source.batch(starts[first:first + batch_size], window_size)
-            total, terms = deconvolution_loss(network, forward_model, fodf_sampler,
-                                              signal, grid, mask, weights)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+
+    def __init__(self, network, source, forward_models, fodf_sampler, weights, *, epochs,
+                 batch_size, lr, patience, seed, max_blocks=None, context=None,
+                 autocast_dtype=None, compile=False, num_workers=0, verbose=False):
+        self.network, self.source = network, source
+        self.forward_models, self.fodf_sampler, self.weights = (forward_models, fodf_sampler,
+                                                                weights)
+        self.epochs, self.batch_size, self.patience = epochs, batch_size, patience
+        self.max_blocks = max_blocks
+        self.context = context if context is not None else DistributedContext()
+        self.device = next(network.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        self.num_workers = num_workers
+        self.verbose = verbose
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=0.5, patience=patience, threshold=1e-3)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+        # Its own generator, so the training blocks do not depend on it.
+        evaluation_rng = np.random.default_rng([seed, 1])
+        blocks = source.plan_epoch(evaluation_rng)
+        self.evaluation_blocks = blocks[evaluation_rng.permutation(len(blocks))
+                                        [:EVALUATION_BLOCKS]]
+        self.initial_state = _copied(network.state_dict())
+        self.best_state = self.initial_state
+        self.initial_loss = None  # measured when the run starts
+        self.history, self.best, self.stale, self.next_epoch, self.used = [], math.inf, 0, 0, 0
+        wrapped = network
+        if self.context.world_size > 1:
+            wrapped = DistributedDataParallel(
+                network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Compiling the DDP wrapper (not the bare module) lets TorchDynamo
+        # split the graph at DDP's gradient buckets.
+        self.forward = torch.compile(wrapped) if compile else wrapped
+
+    @property
+    def finished(self):
+        """Every epoch run, training stopped on a plateau, or the block budget spent."""
+        return (self.next_epoch >= self.epochs or self.stale >= 2 * self.patience
+                or (self.max_blocks is not None and self.used >= self.max_blocks))
+
+    # -- checkpoints ------------------------------------------------------
+    def state(self):
+        """Everything an identical continuation needs, as a torch.save-able dict."""
+        return {
+            "world_size": self.context.world_size,
+            "network": _copied(self.network.state_dict(), "cpu"),
+            "initial_state": _copied(self.initial_state, "cpu"),
+            "best_state": _copied(self.best_state, "cpu"),
+            "initial_loss": self.initial_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state(self.device)
+                         if self.device.type == "cuda" else None),
+            "history": self.history, "best": self.best, "stale": self.stale,
+            "next_epoch": self.next_epoch, "used": self.used,
+        }
+
+    def restore(self, state):
+        """Continue from a :meth:`state`."""
+        self.network.load_state_dict(state["network"])
+        self.initial_state = _copied(state["initial_state"], self.device)
+        self.best_state = _copied(state["best_state"], self.device)
+        self.initial_loss = state["initial_loss"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty unless the run used fp16
+            self.scaler.load_state_dict(state["scaler"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.history = list(state["history"])
+        self.best, self.stale = state["best"], state["stale"]
+        self.next_epoch, self.used = state["next_epoch"], state["used"]
+        if state["world_size"] != self.context.world_size:
+            logger.warning(f"resuming a {state['world_size']}-process run with "
+                           f"{self.context.world_size} processes: training goes on, but the "
+                           "blocks are shared out differently than in an uninterrupted run")
+
+    # -- training ---------------------------------------------------------
+    def run(self, save_state=None):
+        """Train until :attr:`finished`, then keep the best or the starting weights.
+
+        Parameters
+        ----------
+        save_state : callable, optional
+            Called with :meth:`state` after every epoch on the main process
+            (writes the checkpoint).
+
+        Returns
+        -------
+        history : list of dict
+            Per epoch: mean loss terms, ``total``, ``epoch`` and ``lr``.
+        """
+        if self.initial_loss is None:
+            self.initial_loss = self.evaluate()["total"]
+        self.network.train()
+        progress = tqdm(total=self.epochs, initial=min(self.next_epoch, self.epochs),
+                        desc="training", unit="epoch",
+                        disable=not (self.verbose and self.context.is_main))
+        with progress:
+            while not self.finished:
+                record = self._epoch(self.next_epoch)
+                self.history.append(record)
+                progress.update()
+                progress.set_postfix({name: f"{value:.3g}" for name, value in record.items()
+                                      if name != "epoch"})
+                self.scheduler.step(record["total"])
+                if record["total"] < self.best * (1 - 1e-3):
+                    self.best, self.stale = record["total"], 0
+                    self.best_state = _copied(self.network.state_dict())
+                else:
+                    self.stale += 1
+                self.next_epoch += 1
+                if self.context.is_main:
+                    if save_state is not None:
+                        save_state(self.state())
+                    logger.info(f"epoch {record['epoch']}: loss {record['total']:.4g}, "
+                                f"lr {record['lr']:.3g}")
+        self._keep_best()
+        return self.history
+
+    def _keep_best(self):
+        """The best epoch's weights, or the starting ones where those had a lower loss."""
+        self.network.eval()
+        self.network.load_state_dict(self.best_state)
+        self._share_buffers()
+        if self.evaluate()["total"] > self.initial_loss:
+            self.network.load_state_dict(self.initial_state)
+
+    def _share_buffers(self):
+        # DDP refreshes buffers from rank 0 before each forward pass, so
+        # after the last step every process holds its own buffers; rank
+        # 0's (the saved ones) become everyone's.
+        if self.context.world_size > 1:
+            for buffer in self.network.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def _epoch(self, epoch):
+        blocks = self.source.plan_epoch(self.rng)
+        blocks = blocks[self.rng.permutation(len(blocks))]
+        if self.max_blocks is not None:
+            blocks = blocks[:self.max_blocks - self.used]
+        self.used += len(blocks)
+        sums = dict.fromkeys(self._term_names(), 0.0)
+        batches = 0
+        for batch in self._batches(self._share(blocks)):
+            total, terms = self._loss(self.forward, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             terms["total"] = float(total.detach())
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value
+                sums[name] += value
             batches += 1
-        record = {name: value / batches for name, value in sums.items()}
+        record = self._mean(sums, batches)
         record["epoch"] = epoch
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        history.append(record)
-        progress.set_postfix({name: f"{value:.3g}" for name, value in record.items()
-                              if name not in ("epoch",)})
-        scheduler.step(record["total"])
-        if record["total"] < best * (1 - 1e-3):
-            best, stale = record["total"], 0
-            best_state = _copy_state(network)
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        return record
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean loss terms over the evaluation blocks, in evaluation mode.
+
+        Returns
+        -------
+        terms : dict of str -> float
+            As :func:`coefficient_loss`'s, with ``"total"``; equal on every
+            process.
+        """
+        mode = self.network.training
+        self.network.eval()
+        context = self.context
+        sums = dict.fromkeys(self._term_names(), 0.0)
+        batches = 0
+        for batch in self._batches(self.evaluation_blocks[context.rank::context.world_size]):
+            total, terms = self._loss(self.network, batch)
+            terms["total"] = float(total)
+            for name, value in terms.items():
+                sums[name] += value
+            batches += 1
+        self.network.train(mode)
+        return self._mean(sums, batches)
+
+    def _loss(self, network, batch):
+        """The network's coefficients of a batch and their :func:`batch_loss`."""
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            coefficients = network(batch["grid"])
+        return batch_loss(coefficients.float(), batch, self.network.n_wm_coeffs,
+                          self.forward_models, self.fodf_sampler, self.weights)
+
+    def _term_names(self):
+        names = ["intensity"] + [name for name in ("sparsity", "nonnegativity",
+                                                    "total_variation")
+                                 if getattr(self.weights, name)]
+        return names + ["total"]
+
+    def _mean(self, sums, batches):
+        """Per-batch means of summed terms, over every process."""
+        names = list(sums)
+        totals = torch.tensor([sums[name] for name in names] + [batches],
+                              dtype=torch.float64, device=self.device)
+        if self.context.world_size > 1:
+            # Every process takes the same scheduling and stopping decision.
+            dist.all_reduce(totals)
+        *values, batches = totals.tolist()
+        return {name: value / max(batches, 1) for name, value in zip(names, values)}
+
+    def _share(self, blocks):
+        """This process's blocks: every world_size-th, padded so all get as many."""
+        world_size, rank = self.context.world_size, self.context.rank
+        if world_size == 1:
+            return blocks
+        padding = -len(blocks) % world_size
+        blocks = np.concatenate([blocks, np.resize(blocks, (padding, 4))])
+        return blocks[rank::world_size]
+
+    def _batches(self, blocks):
+        """The batches of ``blocks``, read here or by DataLoader workers, on the device."""
+        chunks = [blocks[first:first + self.batch_size]
+                  for first in range(0, len(blocks), self.batch_size)]
+        if self.num_workers:
+            batches = DataLoader(_Batches(self.source, chunks), batch_size=None,
+                                 num_workers=self.num_workers, collate_fn=_unchanged,
+                                 pin_memory=self.device.type == "cuda")
         else:
-            stale += 1
-            if stale >= 2 * patience:
-                break
-        if max_windows is not None and used >= max_windows:
-            break
-    network.eval()
-    network.load_state_dict(best_state)
-    trained = evaluate_loss(network, forward_model, fodf_sampler, source, weights,
-                            evaluation_starts, window_size, batch_size)
-    if trained["total"] > initial["total"]:
-        network.load_state_dict(initial_state)
-    return history
+            batches = (self.source.read(chunk) for chunk in chunks)
+        for batch in batches:
+            yield _to_device(batch, self.device)
 
 
-def _copy_state(network):
-    return {name: value.detach().clone() for name, value in network.state_dict().items()}
+class _Batches(Dataset):
+    """Batches of a block source for DataLoader workers."""
+
+    def __init__(self, source, chunks):
+        self.source, self.chunks = source, chunks
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, index):
+        return self.source.read(self.chunks[index])
 
 
-@torch.no_grad()
-def evaluate_loss(network, forward_model, fodf_sampler, source, weights, starts, window_size,
-                  batch_size):
-    """Mean loss terms of a network in evaluation mode over given windows.
+def _unchanged(batch):
+    return batch
+
+
+def _to_device(batch, device):
+    move = dict(device=device, non_blocking=True)
+    return {"grid": batch["grid"].to(**move), "mask": batch["mask"].to(**move),
+            "groups": [{"subject": group["subject"], "rows": group["rows"].to(**move),
+                        "signal": group["signal"].to(**move)} for group in batch["groups"]]}
+
+
+def _copied(state, device=None):
+    """A copy of a state dict (on ``device``, default: where each tensor is)."""
+    return {name: value.detach().to(device or value.device, copy=True)
+            for name, value in state.items()}
+
+
+# -- the group response -----------------------------------------------------
+def group_response(source, context):
+    """Average of the subjects' own or estimated responses (the main process estimates).
+
+    Parameters
+    ----------
+    source : SubjectBlocks
+        A block source with ``load_subject`` (the whole scan of a subject).
+    context : DistributedContext
 
     Returns
     -------
-    terms : dict of str -> float
-        As :func:`deconvolution_loss`'s, with ``"total"``.
+    response : TissueResponse
+        The same on every process.
     """
-    mode = network.training
-    network.eval()
-    sums, batches = {}, 0
-    for first in range(0, len(starts), batch_size):
-        signal, grid, mask = source.batch(starts[first:first + batch_size], window_size)
-        total, terms = deconvolution_loss(network, forward_model, fodf_sampler, signal, grid,
-                                          mask, weights)
-        terms["total"] = float(total)
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value
-        batches += 1
-    network.train(mode)
-    return {name: value / max(batches, 1) for name, value in sums.items()}
+    payload = [None]
+    if context.is_main:
+        responses = []
+        for index, own in enumerate(source.responses):
+            if own is not None:
+                responses.append(own)
+                continue
+            data = source.load_subject(index)  # one scan in memory at a time
+            responses.append(estimate_response(source.gtabs[index], data, source.masks[index]))
+            del data
+            logger.info(f"{source.names[index]}: estimated {responses[-1]}")
+        payload = [TissueResponse.average([r.normalized() for r in responses]).to_dict()]
+    if context.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return TissueResponse.from_dict(payload[0])
 
 
+# -- inference --------------------------------------------------------------
 @torch.no_grad()
 def predict_coefficients(network, source, starts, pad_width, core, halo, batch_size):
     """Tissue coefficients of every core block, stitched into a volume.
@@ -231,8 +543,9 @@ def predict_coefficients(network, source, starts, pad_width, core, halo, batch_s
     Parameters
     ----------
     network : DeconvolutionNetwork
-    source : WindowSource
-        Built on the padded volume (see :func:`esdmri.reconst.tiling.inference_windows`).
+    source : ScanBlocks
+        Built on the padded volume (see :func:`esdmri.reconst.tiling.inference_windows`)
+        with blocks of ``core + 2 * halo`` voxels.
     starts : ndarray, shape (n_blocks, 3)
         Core corners in unpadded coordinates; ``start`` is also the window's
         corner in the padded volume.
@@ -245,13 +558,13 @@ def predict_coefficients(network, source, starts, pad_width, core, halo, batch_s
         For the unpadded volume.
     """
     network.eval()
-    size = core + 2 * halo
     # Core blocks tile a grid of (padded size - 2 halo) voxels from the origin.
     tiled_shape = tuple(n - 2 * halo for n in source.normalized.shape[:3])
     output = None
     for first in range(0, len(starts), batch_size):
         block_starts = starts[first:first + batch_size]
-        _, grid, _ = source.batch(block_starts, size)
+        blocks = np.column_stack([np.zeros(len(block_starts), dtype=np.int64), block_starts])
+        grid = source.read(blocks)["grid"]
         coefficients = network(grid)[..., halo:halo + core, halo:halo + core, halo:halo + core]
         coefficients = coefficients.permute(0, 2, 3, 4, 1).float().cpu().numpy()
         if output is None:

@@ -3,9 +3,9 @@
 from esdmri.segmentation.network import PRESETS, CNN3DBaseline, PQSegmentationNetwork
 from esdmri.segmentation.phantom import LesionPhantom, make_lesion_dataset, make_lesion_phantom
 from esdmri.segmentation.training import (
-    load_model,
+    load_network,
     predict_segmentation,
-    save_model,
+    save_network,
     segmentation_loss,
     signal_to_input,
     train_segmentation,
@@ -18,9 +18,9 @@ __all__ = [
     "PQSegmentationNetwork",
     "make_lesion_dataset",
     "make_lesion_phantom",
-    "load_model",
+    "load_network",
     "predict_segmentation",
-    "save_model",
+    "save_network",
     "segmentation_loss",
     "signal_to_input",
     "train_segmentation",

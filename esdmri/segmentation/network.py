@@ -218,7 +218,7 @@ class PQSegmentationNetwork(nn.Module):
 
     @property
     def config(self):
-        """Constructor arguments (plain Python types), for :func:`save_model`."""
+        """Constructor arguments (plain Python types), for :func:`save_network`."""
         return dict(self._config)
 
     def logits(self, x):
@@ -290,7 +290,7 @@ class CNN3DBaseline(nn.Module):
 
     @property
     def config(self):
-        """Constructor arguments (plain Python types), for :func:`save_model`."""
+        """Constructor arguments (plain Python types), for :func:`save_network`."""
         return dict(self._config)
 
     @property

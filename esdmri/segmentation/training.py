@@ -1,18 +1,15 @@
 """Training, prediction and single-file save/load of segmentation networks."""
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from esdmri.atomic import staged_output
-from esdmri.reconst.serialization import read_torch_file
+from esdmri.serialization import read_segmentation_file, write_segmentation_file
 from esdmri.segmentation.network import CNN3DBaseline, PQSegmentationNetwork
 
-# Networks that save_model / load_model know, by class name.
-MODEL_CLASSES = {cls.__name__: cls for cls in (PQSegmentationNetwork, CNN3DBaseline)}
+# Networks that save_network / load_network know, by class name.
+NETWORK_CLASSES = {cls.__name__: cls for cls in (PQSegmentationNetwork, CNN3DBaseline)}
 
 # Normalised signals are clipped to this: noise in voxels with a tiny b0
 # would otherwise give huge values.
@@ -196,44 +193,44 @@ def predict_segmentation(model, inputs, batch_size=2, device=None):
     return torch.cat(outputs).to(torch.float32).numpy()
 
 
-def save_model(model, path):
+def save_network(network, path):
     """Write a segmentation network (class, constructor arguments, weights) to one file.
+
+    The layout is :func:`esdmri.serialization.write_segmentation_file`'s.
 
     Parameters
     ----------
-    model : PQSegmentationNetwork or CNN3DBaseline
+    network : PQSegmentationNetwork or CNN3DBaseline
     path : str or path-like
     """
-    name = type(model).__name__
-    if name not in MODEL_CLASSES:
-        raise TypeError(f"model must be one of {sorted(MODEL_CLASSES)}, got {name}")
-    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    with staged_output(path) as temporary:
-        torch.save({"class": name, "config": model.config, "state_dict": state}, temporary)
+    name = type(network).__name__
+    if name not in NETWORK_CLASSES:
+        raise TypeError(f"network must be one of {sorted(NETWORK_CLASSES)}, got {name}")
+    write_segmentation_file(path, network_class=name, config=network.config,
+                            state_dict=network.state_dict())
 
 
-def load_model(path, device=None):
-    """Read a network written by :func:`save_model`.
+def load_network(path, device=None):
+    """Read a network written by :func:`save_network`.
 
     Parameters
     ----------
     path : str or path-like
     device : str or torch.device, optional
-        Where to put the model (CPU if None).
+        Where to put the network (CPU if None).
 
     Returns
     -------
-    model : PQSegmentationNetwork or CNN3DBaseline
+    network : PQSegmentationNetwork or CNN3DBaseline
         In eval mode, with the saved weights and dtype.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no segmentation network file at {path}")
-    saved = read_torch_file(Path(path), "a segmentation network written by save_model")
-    if saved.get("class") not in MODEL_CLASSES:
-        raise ValueError(f"{path} is not a segmentation network written by save_model")
-    model = MODEL_CLASSES[saved["class"]](**saved["config"])
+    saved = read_segmentation_file(path)
+    if saved["class"] not in NETWORK_CLASSES:
+        raise ValueError(f"{path} holds a {saved['class']}, not one of "
+                         f"{sorted(NETWORK_CLASSES)}")
+    network = NETWORK_CLASSES[saved["class"]](**saved["config"])
     dtype = next(value.dtype for value in saved["state_dict"].values()
                  if value.is_floating_point())
-    model.to(dtype=dtype)
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device or "cpu").eval()
+    network.to(dtype=dtype)
+    network.load_state_dict(saved["state_dict"])
+    return network.to(device or "cpu").eval()

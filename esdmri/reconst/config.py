@@ -1,0 +1,373 @@
+"""Hyperparameters of the deconvolution models: one frozen, self-validating dataclass per stage.
+
+- :class:`NetworkConfig`: the shape of the network (fixed once it is built);
+- :class:`TrainingConfig`: how it is trained on blocks of the scans, and the
+  blocks it is run on;
+- :class:`RefinementConfig`: the descent of the loss from the network's
+  output.
+
+Their fields and defaults are the one source of the models' keyword options
+(``RTESDModel(gtab, response, nside=8, epochs=10)``), of the options of the
+command-line tools (``esdmri_fit``, ``esdmri_train``) and of the parameter
+lists in the models' docstrings (:func:`options_docstring`).
+:class:`DeconvolutionConfig` groups them with the convolution kind; it is
+what a model holds and what its file stores (:meth:`DeconvolutionConfig.to_dict`).
+A configuration never changes: :meth:`DeconvolutionConfig.replace` makes a
+validated copy.
+"""
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..shm import n_coeffs
+from ..sphere import HealpixSphere
+from .losses import LossWeights
+
+
+def _check_integer(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The shape of a deconvolution network.
+
+    Parameters
+    ----------
+    sh_order_max : int
+        Even SH order of the WM fODF.
+    nside : int
+        HEALPix resolution of the grid (a power of 2).
+    hemisphere : bool
+        Use one vertex per antipodal pair (half the cost, same result).
+    depth : int
+        U-Net levels; each level halves nside.
+    filter_start : int
+        Channels of the first level, doubled at each level.
+    kernel_size : int
+        Number of Chebyshev polynomials of the spherical filters.
+    spatial_kernel_size : int
+        Odd edge of the isotropic spatial kernel.
+    spatial_layers : int
+        E(3) x SO(3) convolutions before the spherical U-Net; the network
+        sees ``spatial_layers * (spatial_kernel_size // 2)`` voxels around
+        each voxel (the published patch of 3 is 1 layer of kernel 3).
+    normalize : bool or None
+        Scale the tissue coefficients to volume fractions summing to 1.
+        None (default): with two or more tissues and two or more
+        diffusion-weighted shells; single-shell fits keep their scale (see
+        ``RTESDModel.normalizes``).
+    linear_prior : bool
+        The network corrects a regularised least-squares deconvolution of the
+        signal instead of producing the fODFs from scratch (its head starts at
+        zero, so training starts from a fit that explains the signal).
+        Trained from scratch (False), the networks underfit on a CPU budget;
+        see docs/benchmarks.md.
+    """
+
+    sh_order_max: int = 8
+    nside: int = 4
+    hemisphere: bool = True
+    depth: int = 2
+    filter_start: int = 8
+    kernel_size: int = 3
+    spatial_kernel_size: int = 3
+    spatial_layers: int = 1
+    normalize: Optional[bool] = None
+    linear_prior: bool = True
+
+    def __post_init__(self):
+        if self.sh_order_max < 2 or self.sh_order_max % 2:
+            raise ValueError(f"sh_order_max must be an even integer >= 2, got "
+                             f"{self.sh_order_max}")
+        if self.normalize not in (None, True, False):
+            raise ValueError(f"normalize must be None, True or False, got {self.normalize!r}")
+        sphere = self.sphere()
+        sphere.pyramid(self.depth)  # raises if nside is too small for the depth
+        # The grid must hold more samples than coefficients for the least-squares
+        # projection of the WM function onto SH to be well posed.
+        if n_coeffs(self.sh_order_max) > sphere.n_vertices:
+            raise ValueError(
+                f"sh_order_max={self.sh_order_max} needs {n_coeffs(self.sh_order_max)} "
+                f"coefficients but the grid (nside={self.nside}, hemisphere="
+                f"{self.hemisphere}) has only {sphere.n_vertices} vertices: raise nside")
+
+    def sphere(self):
+        """The HEALPix grid of the network.
+
+        Returns
+        -------
+        sphere : esdmri.sphere.HealpixSphere
+        """
+        return HealpixSphere(self.nside, hemisphere=self.hemisphere)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a network is trained on blocks of the scans, and the blocks it runs on.
+
+    Parameters
+    ----------
+    block_size : int
+        Edge of the training windows and of the inference core blocks.
+    epochs : int
+        Training passes over the mask. 0 trains nothing: the fODFs are the
+        linear prior's regularised least-squares fit refined voxel-wise by
+        ``refine_steps`` of the loss (the ablation without a network; needs
+        ``linear_prior=True``).
+    train_windows : int
+        Most optimiser steps over all epochs of a single-scan fit, so a large
+        scan trains for less than one pass (measured on the dev phantoms:
+        training does not bring the loss below the linear prior's on a CPU
+        budget; docs/benchmarks.md, "Spatial context").
+    batch_size : int
+        Windows per optimiser step (and per network pass at inference).
+    lr : float
+        Adam learning rate.
+    patience : int
+        Plateau epochs before halving the learning rate; twice as many stop
+        training.
+    seed : int
+        Seeds the weights and the window order (training is deterministic on CPU).
+    sparsity, nonnegativity, total_variation : float
+        Weights of the loss terms (the signal fit has weight 1).
+    """
+
+    block_size: int = 8
+    epochs: int = 30
+    train_windows: int = 100
+    batch_size: int = 1
+    lr: float = 1.7e-3
+    patience: int = 3
+    seed: int = 0
+    sparsity: float = LossWeights.sparsity
+    nonnegativity: float = LossWeights.nonnegativity
+    total_variation: float = LossWeights.total_variation
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _check_integer("epochs", self.epochs, 0)
+        _check_integer("train_windows", self.train_windows, 1)
+        self.loss_weights  # LossWeights refuses negative weights
+
+    @property
+    def loss_weights(self):
+        """The weights of the loss terms, as :class:`esdmri.reconst.losses.LossWeights`."""
+        return LossWeights(sparsity=self.sparsity, nonnegativity=self.nonnegativity,
+                           total_variation=self.total_variation)
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    """The descent of the loss from the network's output (:mod:`esdmri.reconst.refine`).
+
+    Parameters
+    ----------
+    refine_steps : int
+        Most steps of descent of the same loss, plus a total variation
+        between neighbouring voxels (``refine_tv``), from the network's
+        output (rotation equivariant). 0 keeps the network's output as is.
+        Where the accuracy comes from: docs/benchmarks.md, "Spatial context"
+        (dev phantoms) and the held-out section (the old voxel-wise
+        refinement's test scores).
+    refine_lr : float
+        Step size of the refinement.
+    refine_tv : float
+        Weight of the total variation between neighbouring voxels' tissue
+        coefficients inside the refinement, relative to the Gaussian
+        likelihood of the signal with a noise level estimated from the data
+        (so one value serves every SNR; 0: voxel by voxel).
+    refine_smoothing : float
+        Coefficient-difference scale below which that total variation is
+        quadratic (it is linear above).
+    refine_similarity : bool
+        Couple neighbours less where their measured signals differ by more
+        than noise (:func:`esdmri.reconst.refine.signal_similarity`).
+    refine_tolerance : float
+        Stop the refinement once its objective falls by less than this
+        fraction in 10 steps (0: always ``refine_steps`` steps).
+    """
+
+    refine_steps: int = 300
+    refine_lr: float = 1e-3
+    refine_tv: float = 20.0
+    refine_smoothing: float = 1e-3
+    refine_similarity: bool = False
+    refine_tolerance: float = 1e-3
+
+    def __post_init__(self):
+        _check_integer("refine_steps", self.refine_steps, 0)
+        if not self.refine_lr > 0:
+            raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
+        for name in ("refine_tv", "refine_tolerance"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.refine_smoothing > 0:
+            raise ValueError(f"refine_smoothing must be > 0, got {self.refine_smoothing}")
+
+
+# Option name -> the part of DeconvolutionConfig that holds it.
+_PARTS = {"network": NetworkConfig, "training": TrainingConfig, "refinement": RefinementConfig}
+OPTION_PARTS = {f.name: part for part, cls in _PARTS.items() for f in dataclasses.fields(cls)}
+
+
+def option_defaults():
+    """Default of every keyword option of the models.
+
+    Returns
+    -------
+    defaults : dict of str -> object
+        Option name -> default, network options first, then training and
+        refinement.
+    """
+    return {f.name: f.default for cls in _PARTS.values() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class DeconvolutionConfig:
+    """Hyperparameters of a deconvolution model (saved with its weights).
+
+    Parameters
+    ----------
+    conv_kind : str
+        Convolution of the network (the model class's).
+    network : NetworkConfig
+    training : TrainingConfig
+    refinement : RefinementConfig
+    """
+
+    conv_kind: str
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    refinement: RefinementConfig = field(default_factory=RefinementConfig)
+
+    def __post_init__(self):
+        if self.training.epochs == 0 and not self.network.linear_prior:
+            raise ValueError("epochs=0 needs linear_prior=True: an untrained network without "
+                             "the prior outputs noise")
+
+    @classmethod
+    def from_options(cls, conv_kind, **options):
+        """The configuration of some keyword options, defaults for the others.
+
+        Parameters
+        ----------
+        conv_kind : str
+        **options
+            Fields of :class:`NetworkConfig`, :class:`TrainingConfig` and
+            :class:`RefinementConfig`.
+
+        Returns
+        -------
+        config : DeconvolutionConfig
+        """
+        return cls(conv_kind).replace(**options)
+
+    def replace(self, **options):
+        """A validated copy with some options changed.
+
+        Parameters
+        ----------
+        **options
+            Fields of :class:`NetworkConfig`, :class:`TrainingConfig` and
+            :class:`RefinementConfig`.
+
+        Returns
+        -------
+        config : DeconvolutionConfig
+
+        Raises
+        ------
+        TypeError
+            For a name that is no option.
+        """
+        unknown = sorted(set(options) - set(OPTION_PARTS))
+        if unknown:
+            raise TypeError(f"unknown model option(s) {unknown}; expected some of "
+                            f"{sorted(OPTION_PARTS)}")
+        parts = {}
+        for part in _PARTS:
+            changes = {name: value for name, value in options.items()
+                       if OPTION_PARTS[name] == part}
+            parts[part] = dataclasses.replace(getattr(self, part), **changes)
+        return dataclasses.replace(self, **parts)
+
+    def options(self):
+        """Every option with its value.
+
+        Returns
+        -------
+        options : dict of str -> object
+        """
+        return {name: getattr(getattr(self, part), name) for name, part in OPTION_PARTS.items()}
+
+    def to_dict(self):
+        """The configuration as the plain dict model files and checkpoints store.
+
+        Options sit at the top level next to ``conv_kind``, the loss weights
+        under ``loss_weights`` (the layout of model format 3).
+
+        Returns
+        -------
+        saved : dict
+        """
+        saved = {"conv_kind": self.conv_kind}
+        saved.update((name, value) for name, value in self.options().items()
+                     if name not in LOSS_WEIGHT_OPTIONS)
+        saved["loss_weights"] = dataclasses.asdict(self.training.loss_weights)
+        return saved
+
+    @classmethod
+    def from_dict(cls, saved):
+        """The configuration of :meth:`to_dict`.
+
+        Parameters
+        ----------
+        saved : dict
+
+        Returns
+        -------
+        config : DeconvolutionConfig
+        """
+        saved = dict(saved)
+        weights = saved.pop("loss_weights")  # intensity is always 1
+        return cls.from_options(saved.pop("conv_kind"), **saved,
+                                **{name: weights[name] for name in LOSS_WEIGHT_OPTIONS})
+
+
+# Training options that become the loss weights.
+LOSS_WEIGHT_OPTIONS = ("sparsity", "nonnegativity", "total_variation")
+
+
+def options_docstring():
+    """The numpydoc entries of every option, from the configuration classes' docstrings.
+
+    Returns
+    -------
+    text : str
+        The Parameters entries of :class:`NetworkConfig`,
+        :class:`TrainingConfig` and :class:`RefinementConfig`, each type
+        followed by its default, indented for a class docstring.
+    """
+    defaults = option_defaults()
+
+    def with_default(match):
+        names = match.group(1).split(", ")
+        values = ", ".join(repr(defaults[name]) for name in names)
+        return f"{match.group(0)}, default{'s' if len(names) > 1 else ''} {values}"
+
+    entries = []
+    for cls in _PARTS.values():
+        doc = inspect.cleandoc(cls.__doc__)
+        section = re.search(r"Parameters\n-+\n(.*)", doc, re.S).group(1).rstrip()
+        entries.append(re.sub(r"^(\w+(?:, \w+)*) : [^\n]+", with_default, section, flags=re.M))
+    return "\n".join(entries).replace("\n", "\n    ")
