@@ -4,8 +4,15 @@ import dataclasses
 
 import pytest
 
+import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.core.sphere import HemiSphere, disperse_charges
+
+from esdmri import RTESDModel
 from esdmri.reconst.config import (DeconvolutionConfig, NetworkConfig, RefinementConfig,
-                                   TrainingConfig, option_defaults, options_docstring)
+                                   TrainingConfig, default_sh_order, option_defaults,
+                                   options_docstring)
+from esdmri.shm import n_coeffs
 
 # The configuration of model format 3 as written before the dataclasses were
 # split (esdmri 0.1.0's DeconvolutionConfig, asdict): files of that layout must load.
@@ -22,7 +29,8 @@ FORMAT_3_DEFAULTS = {
 
 
 def test_saved_layout_is_model_format_3():
-    config = DeconvolutionConfig("mixed")
+    # A model resolves sh_order_max=None from its gtab before anything is saved.
+    config = DeconvolutionConfig.from_options("mixed", sh_order_max=8)
     assert config.to_dict() == FORMAT_3_DEFAULTS
     changed = {**FORMAT_3_DEFAULTS, "nside": 8, "refine_steps": 0,
                "loss_weights": {**FORMAT_3_DEFAULTS["loss_weights"], "sparsity": 0.5}}
@@ -82,3 +90,31 @@ def test_defaults_and_docs_come_from_the_fields():
     assert "sparsity, nonnegativity, total_variation : float, defaults 0.0001, 0.1, 0.0" in text
     from esdmri import RTESDModel
     assert "    nside : int, default 4\n" in RTESDModel.__doc__
+
+
+@pytest.mark.parametrize("order", [8, 10, 12])
+def test_default_sh_order_is_the_highest_determined_of_12_10_8(order):
+    # Exactly enough directions for `order`, and one fewer.
+    assert default_sh_order(n_coeffs(order)) == order
+    assert default_sh_order(n_coeffs(order) - 1) == max(8, order - 2)
+    assert default_sh_order(6) == 8 and default_sh_order(500) == 12
+
+
+def _single_shell(n_directions):
+    rng = np.random.default_rng(n_directions)
+    points = rng.normal(size=(n_directions, 3))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    hemisphere, _ = disperse_charges(HemiSphere(xyz=points), 200)
+    bvecs = np.vstack([[0, 0, 0], hemisphere.vertices])
+    return gradient_table(np.r_[0, np.full(n_directions, 1000.0)], bvecs=bvecs)
+
+
+@pytest.mark.parametrize("n_directions, expected", [(64, 8), (70, 10), (101, 12)])
+def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expected):
+    model = RTESDModel(_single_shell(n_directions), verbose=False)
+    assert model.config.network.sh_order_max == expected
+    assert model.config.to_dict()["sh_order_max"] == expected  # what a model file stores
+    # An explicit order is kept, also an underdetermined one (with DIPY's warning).
+    with pytest.warns(UserWarning, match="underdetermined"):
+        explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
+    assert explicit.config.network.sh_order_max == 12

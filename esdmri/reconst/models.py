@@ -18,7 +18,7 @@ from dipy.reconst.base import ReconstModel
 from .. import serialization
 from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs
-from .config import DeconvolutionConfig, NetworkConfig, options_docstring
+from .config import DeconvolutionConfig, NetworkConfig, default_sh_order, options_docstring
 from .fit import DeconvolutionFit
 from .inputs import check_data, check_gtab, check_mask, normalize_by_b0, resolve_device
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
@@ -38,7 +38,10 @@ class _DeconvolutionModel(ReconstModel):
     def __init__(self, gtab, response=None, *, device="cpu", verbose=True, **options):
         check_gtab(gtab)
         super().__init__(gtab)
-        self.config = DeconvolutionConfig.from_options(self.conv_kind, **options)
+        config = DeconvolutionConfig.from_options(self.conv_kind, **options)
+        if config.network.sh_order_max is None:
+            config = config.replace(sh_order_max=default_sh_order(_distinct_axes(gtab)))
+        self.config = config
         self.device = resolve_device(device)
         self.verbose = verbose
         if response is not None and not isinstance(response, TissueResponse):
@@ -454,17 +457,22 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
                                    verbose)
 
 
+def _distinct_axes(gtab):
+    """Distinct diffusion-weighted gradient axes of a gtab (0 without any)."""
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if not weighted.any():
+        return 0
+    return count_unique_axes(np.asarray(gtab.bvecs)[weighted])
+
+
 def _warn_underdetermined(gtab, sh_order_max):
     """Warn when the WM fODF has more SH coefficients than distinct directions.
 
     Like DIPY's CSD: the fit is then underdetermined and rests on the
     non-negativity and sparsity terms.
     """
-    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    if not weighted.any():
-        return
-    n_axes = count_unique_axes(np.asarray(gtab.bvecs)[weighted])
-    if n_coeffs(sh_order_max) > n_axes:
+    n_axes = _distinct_axes(gtab)
+    if n_axes and n_coeffs(sh_order_max) > n_axes:
         lower = max(2, sh_order_max - 2)
         while lower > 2 and n_coeffs(lower) > n_axes:
             lower -= 2
