@@ -65,12 +65,14 @@ TEST_GEOMETRY_SEED = 0
 SNRS = (10, 20, 30)
 
 # Families: rows of the table. A family with several candidates (CSD's
-# shell) has one chosen on the dev phantoms.
+# shell, the SH order of MSMT-CSD and of RUMBA-SD's projection: 8, DIPY's
+# default, or 12, the networks' on these 192 directions) has one chosen on the
+# dev phantoms.
 FAMILIES = {
     "DIPY CSD": ("csd-shell1", "csd-shell2", "csd"),
-    "DIPY MSMT-CSD": ("msmt",),
-    "DIPY RUMBA-SD, voxel-wise": ("rumba",),
-    "DIPY RUMBA-SD, total variation": ("rumba-tv",),
+    "DIPY MSMT-CSD": ("msmt", "msmt-sh12"),
+    "DIPY RUMBA-SD, voxel-wise": ("rumba", "rumba-sh12"),
+    "DIPY RUMBA-SD, total variation": ("rumba-tv", "rumba-tv-sh12"),
     "linear prior alone": ("prior",),
     # ESD, RT-ESD and C-ESD without training are one fit (the linear prior
     # refined; tests/test_models.py checks they are identical). The voxel-wise
@@ -463,7 +465,8 @@ Protocol: every method gets the responses `esdmri.response.estimate_response` fi
 the scan (MSMT-CSD and the networks the same WM/GM/CSF responses; CSD and RUMBA-SD the
 WM one), never the truth. Peaks of every method come from `esdmri.peaks.peaks_from_sh`
 (25 degrees separation, at most 5) at the relative threshold chosen on dev (grid
-0.10-0.90 by 0.05, highest mean dev success rate); CSD's shell is chosen the same way.
+0.10-0.90 by 0.05, highest mean dev success rate); CSD's shell, MSMT-CSD's SH order
+and the SH order RUMBA-SD's fODFs are projected on (8 or 12) are chosen the same way.
 Scored voxels: those with WM fibres. AE: mean over true fibres of the angle to the
 nearest peak; success: as many peaks as fibres, all paired within 25 degrees; FP rate:
 unpaired peaks / peaks; FN rate: unpaired fibres / fibres. Fit time includes training

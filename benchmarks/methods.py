@@ -212,6 +212,17 @@ def _purest_voxels(phantom, tissue):
     estimated_description="DIPY MSMT-CSD (sh order 8) with the estimated WM/GM/CSF "
     "responses (skipped when GM or CSF could not be estimated)")
 def fit_msmt(phantom, mask):
+    return _fit_msmt(phantom, mask, SH_ORDER_MAX)
+
+
+@register_method("msmt-sh12", "DIPY MSMT-CSD at sh order 12 (the networks' default order on "
+                 "schemes of 91 directions or more), otherwise as msmt", requires=("cvxpy",),
+                 slow=True)
+def fit_msmt_sh12(phantom, mask):
+    return _fit_msmt(phantom, mask, 12)
+
+
+def _fit_msmt(phantom, mask, sh_order_max):
     """DIPY multi-shell multi-tissue CSD with responses estimated from the data.
 
     With ground-truth tissue fractions, DIPY estimates the responses in the
@@ -231,18 +242,18 @@ def fit_msmt(phantom, mask):
         if not all(tissue in tissues for tissue in ("wm", "gm", "csf")):
             raise NotApplicable(f"DIPY's MSMT-CSD needs WM, GM and CSF responses; the "
                                 f"estimated response has {tissues}")
-        response = phantom.response.to_dipy(SH_ORDER_MAX)
+        response = phantom.response.to_dipy(sh_order_max)
     else:
         tissue_masks = [_purest_voxels(phantom, i) for i in range(3)]
         wm_rf, gm_rf, csf_rf = response_from_mask_msmt(phantom.gtab, data, *tissue_masks)
         response = multi_shell_fiber_response(
-            SH_ORDER_MAX, unique_bvals_tolerance(phantom.gtab.bvals), wm_rf, gm_rf, csf_rf)
-    model = MultiShellDeconvModel(phantom.gtab, response, sh_order_max=SH_ORDER_MAX)
+            sh_order_max, unique_bvals_tolerance(phantom.gtab.bvals), wm_rf, gm_rf, csf_rf)
+    model = MultiShellDeconvModel(phantom.gtab, response, sh_order_max=sh_order_max)
     with warnings.catch_warnings():
         # cvxpy warns per voxel; failed voxels come back NaN and score as misses.
         warnings.simplefilter("ignore")
         fit = model.fit(data[mask], verbose=False)
-    shm_coeff = np.nan_to_num(legacy_to_descoteaux(fit.shm_coeff, SH_ORDER_MAX))
+    shm_coeff = np.nan_to_num(legacy_to_descoteaux(fit.shm_coeff, sh_order_max))
     # DIPY orders the compartments (csf, gm, wm); fractions of the S0-scaled
     # responses, normalised to sum to one.
     csf_gm_wm = np.clip(np.nan_to_num(fit.volume_fractions), 0, None)
@@ -365,26 +376,36 @@ def _rumba_responses(response, gtab):
     return np.clip(evals, 1e-5, None), diffusivity("gm"), diffusivity("csf")
 
 
-def _fit_rumba(phantom, mask, voxelwise):
+# One RUMBA-SD fit serves both SH projections of a family (RUMBA with total
+# variation takes minutes): the fODFs on its sphere, by (scan, mode).
+_RUMBA_ODFS = {}
+
+
+def _fit_rumba(phantom, mask, voxelwise, sh_order_max=SH_ORDER_MAX):
     from dipy.data import get_sphere
     from dipy.reconst.rumba import RumbaSDModel
     from dipy.reconst.shm import sf_to_sh
 
-    wm, gm, csf = _rumba_responses(phantom.response, phantom.gtab)
     sphere = get_sphere(name="repulsion724")
-    model = RumbaSDModel(phantom.gtab, wm_response=wm, gm_response=gm, csf_response=csf,
-                         voxelwise=voxelwise, use_tv=not voxelwise, sphere=sphere)
-    data = phantom.data.astype(np.float64)
-    if voxelwise:
-        fit = model.fit(data[mask])
-        odf = _scatter(fit.odf(), mask)
-    else:
-        # The total-variation prior couples neighbours: fit the whole mask.
-        fit = model.fit(data, mask=phantom.mask)
-        odf = np.where(mask[..., None], fit.odf(), 0)
-    # RUMBA gives fODFs on its sphere; SH (order 8) by least squares there.
-    shm_coeff = sf_to_sh(odf, sphere, sh_order_max=SH_ORDER_MAX, basis_type="descoteaux07",
-                         legacy=False)
+    key = (id(phantom.data), voxelwise, mask.tobytes())
+    if _RUMBA_ODFS.get("scan") is not phantom.data:
+        _RUMBA_ODFS.clear()
+        _RUMBA_ODFS["scan"] = phantom.data
+    if key not in _RUMBA_ODFS:
+        wm, gm, csf = _rumba_responses(phantom.response, phantom.gtab)
+        model = RumbaSDModel(phantom.gtab, wm_response=wm, gm_response=gm,
+                             csf_response=csf, voxelwise=voxelwise, use_tv=not voxelwise,
+                             sphere=sphere)
+        data = phantom.data.astype(np.float64)
+        if voxelwise:
+            odf = _scatter(model.fit(data[mask]).odf(), mask)
+        else:
+            # The total-variation prior couples neighbours: fit the whole mask.
+            odf = np.where(mask[..., None], model.fit(data, mask=phantom.mask).odf(), 0)
+        _RUMBA_ODFS[key] = odf
+    # RUMBA gives fODFs on its sphere; SH by least squares there.
+    shm_coeff = sf_to_sh(_RUMBA_ODFS[key], sphere, sh_order_max=sh_order_max,
+                         basis_type="descoteaux07", legacy=False)
     return MethodResult(np.where(mask[..., None], shm_coeff, 0))
 
 
@@ -401,3 +422,15 @@ def fit_rumba(phantom, mask):
                  "directions projected on SH order 8")
 def fit_rumba_tv(phantom, mask):
     return _fit_rumba(phantom, mask, voxelwise=False)
+
+
+@register_method("rumba-sh12", "DIPY RUMBA-SD voxel-wise as rumba, its fODF projected on SH "
+                 "order 12")
+def fit_rumba_sh12(phantom, mask):
+    return _fit_rumba(phantom, mask, voxelwise=True, sh_order_max=12)
+
+
+@register_method("rumba-tv-sh12", "DIPY RUMBA-SD with total variation as rumba-tv, its fODF "
+                 "projected on SH order 12")
+def fit_rumba_tv_sh12(phantom, mask):
+    return _fit_rumba(phantom, mask, voxelwise=False, sh_order_max=12)
