@@ -28,16 +28,24 @@ FORMAT_3_DEFAULTS = {
     "seed": 0}
 
 
+# Options added to format 3 since, with the defaults that files without them load with.
+ADDED_OPTIONS = {"mask_fraction": 0.0}
+
+
 def test_saved_layout_is_model_format_3():
     # A model resolves sh_order_max=None from its gtab before anything is saved.
     config = DeconvolutionConfig.from_options("mixed", sh_order_max=8)
-    assert config.to_dict() == FORMAT_3_DEFAULTS
+    assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS}
     changed = {**FORMAT_3_DEFAULTS, "nside": 8, "refine_steps": 0,
                "loss_weights": {**FORMAT_3_DEFAULTS["loss_weights"], "sparsity": 0.5}}
+    # A file of the old layout (no mask_fraction) loads, with the added options' defaults.
     loaded = DeconvolutionConfig.from_dict(changed)
     assert loaded.network.nside == 8 and loaded.refinement.refine_steps == 0
     assert loaded.training.sparsity == 0.5 and loaded.training.loss_weights.sparsity == 0.5
-    assert loaded.to_dict() == changed
+    assert loaded.training.mask_fraction == 0.0
+    assert loaded.to_dict() == {**changed, **ADDED_OPTIONS}
+    masked = {**changed, "mask_fraction": 0.25}
+    assert DeconvolutionConfig.from_dict(masked).to_dict() == masked
 
 
 def test_configurations_are_frozen_and_replace_validates():
@@ -65,6 +73,7 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(epochs=-1), "epochs must be an integer >= 0"),
     (dict(train_windows=0), "train_windows must be an integer >= 1"),
+    (dict(mask_fraction=0.6), r"mask_fraction must be a number in \[0, 0.5\]"),
     (dict(sparsity=-1.0), "loss weight sparsity must be >= 0"),
     (dict(refine_lr=0.0), "refine_lr must be > 0"),
     (dict(refine_tv=-1.0), "refine_tv must be >= 0"),

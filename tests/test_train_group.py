@@ -178,6 +178,34 @@ def test_resumed_training_equals_an_uninterrupted_run(cohort, response, tmp_path
                     resume=True, **{**TINY, "nside": 4})
 
 
+def test_masked_group_training_resumes_exactly_and_old_checkpoints_resume(
+        cohort, response, tmp_path):
+    # mask_fraction (ported from branch i15) hides voxels of every subject's blocks; the
+    # hidden voxels' random state is part of the checkpoint.
+    masked = {**TINY, "mask_fraction": 0.25}
+    whole = train_group(subjects_of(cohort), response, epochs=3, **masked)
+    train_group(subjects_of(cohort), response, epochs=2, checkpoint=tmp_path / "cut.pt",
+                **masked)
+    resumed = train_group(subjects_of(cohort), response, epochs=3,
+                          checkpoint=tmp_path / "cut.pt", resume=True, **masked)
+    assert_same_weights(weights_of(resumed), weights_of(whole))
+    assert resumed.training_history == whole.training_history
+    with pytest.raises(ValueError, match="other settings.*mask_fraction"):
+        train_group(subjects_of(cohort), response, epochs=3, checkpoint=tmp_path / "cut.pt",
+                    resume=True, **TINY)
+    # A checkpoint of an esdmri without mask_fraction (no such option, no hiding state)
+    # resumes as one without masking.
+    from esdmri import serialization
+    first = train_group(subjects_of(cohort), response, epochs=1,
+                        checkpoint=tmp_path / "old.pt", **TINY)
+    state = serialization.read_checkpoint(tmp_path / "old.pt")
+    del state["config"]["mask_fraction"], state["hiding_rng"], state["format"]
+    serialization.write_checkpoint(state, tmp_path / "old.pt")
+    again = train_group(subjects_of(cohort), response, epochs=1,
+                        checkpoint=tmp_path / "old.pt", resume=True, **TINY)
+    assert_same_weights(weights_of(again), weights_of(first))
+
+
 WORKER = textwrap.dedent("""
     import os, sys
     import torch

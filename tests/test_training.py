@@ -75,3 +75,91 @@ def test_training_window_budget(phantom):
     assert len(model.training_history) == 1  # 3 windows: part of the first epoch
     with pytest.raises(ValueError, match="train_windows"):
         ESDModel(phantom.gtab, phantom.response, train_windows=0)
+
+
+# -- masked self-supervision (mask_fraction; ported from branch i15) ----------
+def test_hide_voxels_replaces_exactly_the_hidden_voxels_by_their_neighbour_mean():
+    from esdmri.reconst.selfsupervision import hide_voxels
+
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.randn(2, 3, 5, 6, 6, 6)
+    mask = torch.rand(2, 6, 6, 6, generator=generator) > 0.2
+    hidden_grid, hidden = hide_voxels(grid, mask, 0.3, generator)
+    assert hidden.any() and not (hidden & ~mask).any()
+    changed = (hidden_grid != grid).any(dim=(1, 2))
+    assert torch.equal(changed, hidden)
+    # No two hidden voxels are face neighbours, so no replacement holds hidden signal.
+    for axis in (1, 2, 3):
+        length = hidden.shape[axis] - 1
+        assert not (hidden.narrow(axis, 1, length) & hidden.narrow(axis, 0, length)).any()
+    for b, x, y, z in torch.nonzero(hidden).tolist():
+        neighbours = [grid[b, :, :, i, j, k] for i, j, k in
+                      ((x + 1, y, z), (x - 1, y, z), (x, y + 1, z), (x, y - 1, z),
+                       (x, y, z + 1), (x, y, z - 1))
+                      if all(0 <= n < 6 for n in (i, j, k)) and mask[b, i, j, k]]
+        torch.testing.assert_close(hidden_grid[b, :, :, x, y, z],
+                                   sum(neighbours) / len(neighbours))
+
+
+def test_masked_loss_covers_the_hidden_voxels_only(phantom):
+    """The trainer's loss: hidden voxels' measurements only, never their own input."""
+    from esdmri.reconst.inputs import normalize_by_b0
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.selfsupervision import hide_in_batch
+    from esdmri.reconst.subjects import ScanBlocks
+    from esdmri.reconst.training import Trainer
+    from esdmri.shm import ShellInterpolator
+
+    torch.manual_seed(0)
+    model = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
+    model._build()
+    # A non-zero head, so the output depends on the whole neighbourhood.
+    for parameter in model.network.parameters():
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    normalized, mask = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
+                                       phantom.mask)
+    order = model.config.network.sh_order_max
+    source = ScanBlocks(normalized, mask, phantom.gtab,
+                        ShellInterpolator(phantom.gtab, model.sphere.vertices).operator, 6,
+                        model.device)
+    trainer = Trainer(model.network, source, [build_forward_model(model.response,
+                                                                  phantom.gtab, order)],
+                      build_fodf_sampler(order), model.config.training.loss_weights, epochs=1,
+                      batch_size=1, lr=1e-3, patience=3, seed=0, mask_fraction=0.25)
+    batch = source.read(np.array([[0, 2, 2, 2]]))
+    signal, grid = batch["groups"][0]["signal"], batch["grid"]
+
+    def loss(signal, grid):
+        changed = {**batch, "grid": grid, "groups": [{**batch["groups"][0], "signal": signal}]}
+        model.network.eval()
+        with torch.no_grad():
+            total, _ = trainer._loss(model.network, changed, torch.Generator().manual_seed(1))
+        return float(total)
+
+    hidden = hide_in_batch(batch, 0.25, torch.Generator().manual_seed(1))["mask"]
+    reference = loss(signal, grid)
+    assert 0 < hidden.sum() < batch["mask"].sum()
+    visible = (batch["mask"] & ~hidden)[:, None]
+    # Measurements of voxels that are not hidden are not fitted...
+    assert loss(torch.where(visible, signal + 1, signal), grid) == reference
+    # ... a hidden voxel's own input is not seen, its measurement is fitted.
+    one = torch.zeros_like(hidden)
+    one[tuple(torch.nonzero(hidden)[0])] = True
+    assert loss(signal, torch.where(one[:, None, None], grid + 1, grid)) == reference
+    assert loss(torch.where(one[:, None], signal + 1, signal), grid) != reference
+    # The keep-the-better check meets the masked loss, the same voxels at every call.
+    masked = trainer.evaluate()["total"]
+    assert trainer.evaluate()["total"] == masked
+    trainer.mask_fraction = 0.0
+    assert trainer.evaluate()["total"] != masked
+
+
+def test_masked_training_runs_and_validates_its_fraction(phantom):
+    model = RTESDModel(phantom.gtab, phantom.response, epochs=1, train_windows=2,
+                       mask_fraction=0.2, **SMALL)
+    fit = model.fit(phantom.data, phantom.mask)
+    assert np.isfinite(fit.shm_coeff).all() and len(model.training_history) == 1
+    assert model.config.to_dict()["mask_fraction"] == 0.2  # what a model file stores
+    for bad in (-0.1, 0.6, True, "0.1"):
+        with pytest.raises(ValueError, match="mask_fraction"):
+            RTESDModel(phantom.gtab, phantom.response, mask_fraction=bad)

@@ -18,7 +18,8 @@ from dipy.reconst.base import ReconstModel
 from .. import serialization
 from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs
-from .config import DeconvolutionConfig, NetworkConfig, default_sh_order, options_docstring
+from .config import (DeconvolutionConfig, NetworkConfig, default_sh_order, option_defaults,
+                     options_docstring)
 from .fit import DeconvolutionFit
 from .inputs import check_data, check_gtab, check_mask, normalize_by_b0, resolve_device
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
@@ -236,8 +237,9 @@ class _DeconvolutionModel(ReconstModel):
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
             patience=config.patience, seed=config.seed,
             max_blocks=None if max_steps is None else max_steps * config.batch_size,
-            context=context, autocast_dtype=PRECISIONS[precision], compile=compile,
-            num_workers=num_workers, verbose=self.verbose)
+            mask_fraction=config.mask_fraction, context=context,
+            autocast_dtype=PRECISIONS[precision], compile=compile, num_workers=num_workers,
+            verbose=self.verbose)
         if state is not None:
             trainer.restore(state)
         identity = {"model": type(self).__name__, "config": self.config.to_dict(),
@@ -253,8 +255,10 @@ class _DeconvolutionModel(ReconstModel):
     def _check_checkpoint(self, state, source, checkpoint):
         """Refuse a checkpoint written with other settings (only epochs may change)."""
         ours = self.config.to_dict()
+        # An option the checkpoint lacks (written before it existed) had its default.
+        theirs = {**option_defaults(), **state["config"]}
         differing = sorted(name for name in ours
-                           if name != "epochs" and state["config"].get(name) != ours[name])
+                           if name != "epochs" and theirs.get(name) != ours[name])
         if state["model"] != type(self).__name__:
             differing.insert(0, "model")
         if state["subjects"] != list(source.names):

@@ -33,6 +33,7 @@ from ..response import TissueResponse, estimate_response
 from .losses import (intensity_loss, nonnegativity_loss, sparsity_loss,
                      total_variation_loss)
 from .network import volume_fractions_from_coefficients
+from .selfsupervision import check_mask_fraction, hide_in_batch
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +203,18 @@ class Trainer:
         Epochs without a 0.1% improvement before the learning rate is halved;
         twice that many before training stops.
     seed : int
-        Seeds the block offsets and order (the weights are seeded when built).
+        Seeds the block offsets and order (the weights are seeded when built)
+        and the voxels ``mask_fraction`` hides.
     max_blocks : int, optional
         Most blocks drawn over all epochs (None: no limit); the last epoch
         stops early when they are spent, so the cost of training does not
         grow with the scan.
+    mask_fraction : float
+        Masked self-supervision (:mod:`esdmri.reconst.selfsupervision`): in
+        every batch this share of the masked voxels gets the mean of its face
+        neighbours as input and the loss covers only those voxels, in
+        training and in the comparison with the starting weights. 0 (the
+        default): every voxel sees its own signal and is fitted.
     context : DistributedContext
         This process in a torchrun launch (the process group is initialised).
     autocast_dtype : torch.dtype, optional
@@ -235,13 +243,16 @@ class Trainer:
     """
 
     def __init__(self, network, source, forward_models, fodf_sampler, weights, *, epochs,
-                 batch_size, lr, patience, seed, max_blocks=None, context=None,
-                 autocast_dtype=None, compile=False, num_workers=0, verbose=False):
+                 batch_size, lr, patience, seed, max_blocks=None, mask_fraction=0.0,
+                 context=None, autocast_dtype=None, compile=False, num_workers=0,
+                 verbose=False):
         self.network, self.source = network, source
         self.forward_models, self.fodf_sampler, self.weights = (forward_models, fodf_sampler,
                                                                 weights)
         self.epochs, self.batch_size, self.patience = epochs, batch_size, patience
         self.max_blocks = max_blocks
+        check_mask_fraction(mask_fraction)
+        self.mask_fraction, self.seed = mask_fraction, seed
         self.context = context if context is not None else DistributedContext()
         self.device = next(network.parameters()).device
         self.autocast_dtype = autocast_dtype
@@ -249,6 +260,9 @@ class Trainer:
         self.verbose = verbose
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
+        # The training batches' hidden voxels; the evaluation draws its own
+        # from the seed alone, so every evaluation hides the same voxels.
+        self.hiding = torch.Generator(device=self.device).manual_seed(seed)
         self.optimizer = torch.optim.Adam(network.parameters(), lr=lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=0.5, patience=patience, threshold=1e-3)
@@ -290,6 +304,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "hiding_rng": self.hiding.get_state(),
             "cuda_rng": (torch.cuda.get_rng_state(self.device)
                          if self.device.type == "cuda" else None),
             "history": self.history, "best": self.best, "stale": self.stale,
@@ -308,6 +323,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("hiding_rng") is not None:  # absent from checkpoints of older esdmri
+            self.hiding.set_state(state["hiding_rng"])
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = list(state["history"])
@@ -386,7 +403,7 @@ class Trainer:
         sums = dict.fromkeys(self._term_names(), 0.0)
         batches = 0
         for batch in self._batches(self._share(blocks)):
-            total, terms = self._loss(self.forward, batch)
+            total, terms = self._loss(self.forward, batch, self.hiding)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
@@ -404,6 +421,10 @@ class Trainer:
     def evaluate(self):
         """Mean loss terms over the evaluation blocks, in evaluation mode.
 
+        With ``mask_fraction`` the loss is the masked one of training; the
+        hidden voxels are drawn from the seed alone, so every call hides the
+        same voxels and the starting and trained weights meet the same loss.
+
         Returns
         -------
         terms : dict of str -> float
@@ -415,8 +436,9 @@ class Trainer:
         context = self.context
         sums = dict.fromkeys(self._term_names(), 0.0)
         batches = 0
+        hiding = torch.Generator(device=self.device).manual_seed(self.seed)
         for batch in self._batches(self.evaluation_blocks[context.rank::context.world_size]):
-            total, terms = self._loss(self.network, batch)
+            total, terms = self._loss(self.network, batch, hiding)
             terms["total"] = float(total)
             for name, value in terms.items():
                 sums[name] += value
@@ -424,8 +446,15 @@ class Trainer:
         self.network.train(mode)
         return self._mean(sums, batches)
 
-    def _loss(self, network, batch):
-        """The network's coefficients of a batch and their :func:`batch_loss`."""
+    def _loss(self, network, batch, hiding):
+        """The network's coefficients of a batch and their :func:`batch_loss`.
+
+        With ``mask_fraction`` the batch's hidden voxels (drawn from the
+        generator ``hiding``) get their neighbours' mean as input and are the
+        only voxels fitted (:func:`esdmri.reconst.selfsupervision.hide_in_batch`).
+        """
+        if self.mask_fraction:
+            batch = hide_in_batch(batch, self.mask_fraction, hiding)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         with autocast:
