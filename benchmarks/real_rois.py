@@ -185,11 +185,8 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     args = parser.parse_args(argv)
     if args.refine_steps is None:
-        import inspect
-
-        from esdmri.reconst.models import RTESDModel
-        args.refine_steps = inspect.signature(RTESDModel.__init__).parameters[
-            "refine_steps"].default
+        from esdmri.reconst.config import option_defaults
+        args.refine_steps = option_defaults()["refine_steps"]
     normalize = {"auto": None, "yes": True, "no": False}[args.normalize]
     rows = run(args.rois, args.seeds, args.refine_steps, normalize)
     print(table(rows))
