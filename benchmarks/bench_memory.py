@@ -62,6 +62,7 @@ def main():
     args = parser.parse_args()
 
     from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.shm import n_coeffs
     from esdmri.sims import make_phantom
 
     rows = []
@@ -88,9 +89,11 @@ def main():
     start = time.perf_counter()
     fit = model.fit(data, mask, retrain=False)
     rows.append(("infer again (trained model)", time.perf_counter() - start, peak_gib()))
-    assert fit.shm_coeff.shape == SHAPE + (45,)
+    order = model.config.network.sh_order_max
+    assert fit.shm_coeff.shape == SHAPE + (n_coeffs(order),)
 
-    print(f"{args.model}: {SHAPE} x {data.shape[-1]} volumes, {int(mask.sum())} masked voxels")
+    print(f"{args.model}: {SHAPE} x {data.shape[-1]} volumes, {int(mask.sum())} masked voxels, "
+          f"SH order {order}")
     print(f"{'step':<36} {'seconds':>8} {'peak RSS (GiB)':>15}")
     # The scan build's peak includes the phantom's ground truth and temporaries.
     for name, seconds, gib in rows:
