@@ -377,8 +377,9 @@ def _rumba_responses(response, gtab):
 
 
 # One RUMBA-SD fit serves both SH projections of a family (RUMBA with total
-# variation takes minutes): the fODFs on its sphere, by (scan, mode).
-_RUMBA_ODFS = {}
+# variation takes minutes): the fODFs on its sphere of the last scan and mask,
+# by mode (voxel-wise or total variation).
+_RUMBA_FITS = {"scan": None, "mask": None, "odfs": {}}
 
 
 def _fit_rumba(phantom, mask, voxelwise, sh_order_max=SH_ORDER_MAX):
@@ -387,24 +388,23 @@ def _fit_rumba(phantom, mask, voxelwise, sh_order_max=SH_ORDER_MAX):
     from dipy.reconst.shm import sf_to_sh
 
     sphere = get_sphere(name="repulsion724")
-    key = (id(phantom.data), voxelwise, mask.tobytes())
-    if _RUMBA_ODFS.get("scan") is not phantom.data:
-        _RUMBA_ODFS.clear()
-        _RUMBA_ODFS["scan"] = phantom.data
-    if key not in _RUMBA_ODFS:
+    if _RUMBA_FITS["scan"] is not phantom or _RUMBA_FITS["mask"] is not mask:
+        _RUMBA_FITS.update(scan=phantom, mask=mask, odfs={})
+    odfs = _RUMBA_FITS["odfs"]
+    if voxelwise not in odfs:
         wm, gm, csf = _rumba_responses(phantom.response, phantom.gtab)
         model = RumbaSDModel(phantom.gtab, wm_response=wm, gm_response=gm,
                              csf_response=csf, voxelwise=voxelwise, use_tv=not voxelwise,
                              sphere=sphere)
         data = phantom.data.astype(np.float64)
         if voxelwise:
-            odf = _scatter(model.fit(data[mask]).odf(), mask)
+            odfs[voxelwise] = _scatter(model.fit(data[mask]).odf(), mask)
         else:
             # The total-variation prior couples neighbours: fit the whole mask.
-            odf = np.where(mask[..., None], model.fit(data, mask=phantom.mask).odf(), 0)
-        _RUMBA_ODFS[key] = odf
+            odfs[voxelwise] = np.where(mask[..., None],
+                                       model.fit(data, mask=phantom.mask).odf(), 0)
     # RUMBA gives fODFs on its sphere; SH by least squares there.
-    shm_coeff = sf_to_sh(_RUMBA_ODFS[key], sphere, sh_order_max=sh_order_max,
+    shm_coeff = sf_to_sh(odfs[voxelwise], sphere, sh_order_max=sh_order_max,
                          basis_type="descoteaux07", legacy=False)
     return MethodResult(np.where(mask[..., None], shm_coeff, 0))
 

@@ -32,6 +32,7 @@ import heldout  # noqa: E402
 
 from esdmri import RTESDModel  # noqa: E402
 from esdmri.metrics import threshold_sweep  # noqa: E402
+from esdmri.reconst.config import option_defaults  # noqa: E402
 
 NO_CAP = dict(train_windows=1_000_000)
 # name -> (options of the refined fit, name of the network-alone row or None).
@@ -65,8 +66,7 @@ SHAPE = (20, 20, 20)
 
 def fit_rows(scan, options, alone_name):
     """``[(row suffix, shm_coeff, seconds, epochs)]``: the refined fit and its network alone."""
-    refine_steps = RTESDModel(scan.gtab, scan.response, verbose=False,
-                              **options).config.refinement.refine_steps
+    refine_steps = options.get("refine_steps", option_defaults()["refine_steps"])
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
