@@ -30,19 +30,21 @@ FORMAT_3_DEFAULTS = {
 
 # Options added to format 3 since, with the defaults that files without them load with.
 ADDED_OPTIONS = {"mask_fraction": 0.0}
+# Defaults changed since; a file stores every option, so its own values load.
+CHANGED_DEFAULTS = {"epochs": 0}
 
 
 def test_saved_layout_is_model_format_3():
     # A model resolves sh_order_max=None from its gtab before anything is saved.
     config = DeconvolutionConfig.from_options("mixed", sh_order_max=8)
-    assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS}
+    assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS}
     changed = {**FORMAT_3_DEFAULTS, "nside": 8, "refine_steps": 0,
                "loss_weights": {**FORMAT_3_DEFAULTS["loss_weights"], "sparsity": 0.5}}
     # A file of the old layout (no mask_fraction) loads, with the added options' defaults.
     loaded = DeconvolutionConfig.from_dict(changed)
     assert loaded.network.nside == 8 and loaded.refinement.refine_steps == 0
     assert loaded.training.sparsity == 0.5 and loaded.training.loss_weights.sparsity == 0.5
-    assert loaded.training.mask_fraction == 0.0
+    assert loaded.training.mask_fraction == 0.0 and loaded.training.epochs == 30
     assert loaded.to_dict() == {**changed, **ADDED_OPTIONS}
     masked = {**changed, "mask_fraction": 0.25}
     assert DeconvolutionConfig.from_dict(masked).to_dict() == masked
@@ -78,7 +80,7 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(refine_lr=0.0), "refine_lr must be > 0"),
     (dict(refine_tv=-1.0), "refine_tv must be >= 0"),
     (dict(refine_smoothing=0.0), "refine_smoothing must be > 0"),
-    (dict(epochs=0, linear_prior=False), "epochs=0 needs linear_prior=True"),
+    (dict(epochs=0, linear_prior=False), r"epochs=0 \(the default\) needs linear_prior=True"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):

@@ -29,7 +29,7 @@ from dipy.reconst.shm import sh_to_sf, sh_to_sf_matrix
 
 from esdmri.atomic import PARTIAL_PREFIX
 from esdmri.peaks import peaks_from_sh
-from esdmri.reconst.models import load_model
+from esdmri.reconst.models import RTESDModel, load_model
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_legacy, descoteaux_to_tournier, tournier_to_descoteaux
 from esdmri.sims import make_phantom
@@ -245,7 +245,9 @@ def test_cli_defaults_are_the_api_defaults():
     # Each option's default is its configuration field's.
     options = option_defaults()
     assert options["nside"] == NetworkConfig().nside == 4
-    assert options["epochs"] == TrainingConfig().epochs == 30
+    # A single-scan fit trains nothing by default; group training 30 epochs.
+    assert options["epochs"] == TrainingConfig().epochs == 0
+    assert GROUP_OPTIONS["epochs"] == 30
     assert options["refine_steps"] == RefinementConfig().refine_steps == 300
     api = inspect.signature(RTESDModel.__init__).parameters
     group = inspect.signature(train_group).parameters
@@ -298,6 +300,21 @@ def test_fit_refuses_to_overwrite(phantom, fitted, in_process):
                          "--out_dir", fitted, fails=True)
     assert "exists already: pass --force" in message
     assert (fitted / "fodf_sh.nii.gz").read_bytes() == before
+
+
+def test_default_fit_trains_nothing_and_writes_no_curve(phantom, in_process, tmp_path):
+    # Without --epochs the model's default, no training: the same fODFs as
+    # the library's RTESDModel with its defaults, and no training curve.
+    untrained = [arg for arg in TINY_MODEL if arg not in ("--epochs", "1")]
+    in_process(FitFlow(), *phantom.dwi, "--mask", phantom.folder / "mask.nii.gz",
+               *phantom.response_args, *untrained, "--out_dir", tmp_path)
+    assert not (tmp_path / "training_curve.png").exists()
+    assert load_model(tmp_path / "model.pt", verbose=False).training_history == []
+    model = RTESDModel(phantom.gtab, phantom.response, sh_order_max=4, nside=2, depth=2,
+                       filter_start=2, block_size=8, verbose=False)
+    expected = model.fit(phantom.data, phantom.mask).shm_coeff
+    np.testing.assert_allclose(nib.load(tmp_path / "fodf_sh.nii.gz").get_fdata(), expected,
+                               atol=1e-4)
 
 
 def test_apply_reproduces_the_fit(phantom, fitted, tmp_path):
@@ -512,8 +529,14 @@ def test_demo_runs_end_to_end(tmp_path, in_process):
         load_pam(str(out / method / "peaks.pam5"), verbose=False)
         load_tractogram(str(out / method / "tractogram.trk"), "same")
     assert mpimg.imread(out / "figures" / "angular_error_vs_crossing.png").std() > 0
+    assert mpimg.imread(out / "rtesd" / "training_curve.png").std() > 0
     message = in_process(DemoFlow(), "--quick", "--size", 8, "--out_dir", out, fails=True)
     assert "exists already: pass --force" in message
+    # Without --epochs the model's default trains nothing: no training curve.
+    default = tmp_path / "default"
+    in_process(DemoFlow(), "--quick", "--size", 8, "--out_dir", default)
+    assert (default / "results.csv").exists()
+    assert not (default / "rtesd" / "training_curve.png").exists()
 
 
 # --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from esdmri.baselines import fit_csd
 from esdmri.metrics import (angular_errors, crossing_angles, evaluate_fractions,
                             evaluate_peaks, threshold_sweep)
 from esdmri.peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy, sh_order_from_coeffs
+from esdmri.reconst.config import option_defaults
 from esdmri.reconst.models import RTESDModel
 from esdmri.shm import descoteaux_to_legacy
 from esdmri.sims import make_phantom
@@ -59,19 +60,19 @@ MIN_LENGTH_MM = 10.0
 STEP_MATCH_DEG = 25.0
 
 # Grid and RT-ESD hyperparameters of the two modes, chosen for the time
-# limits on 2 CPU cores (full under 10 minutes, quick under 2). Both use a
-# coarse sphere (nside 4: 96 hemisphere vertices, still more than the 45
-# coefficients of order 8) and a two-level U-Net with 4 starting channels:
-# on 2 cores one epoch over the 40^3 phantom takes about 30 s of CPU time
-# there, against about 140 s at nside 8. Full: the 40^3 default phantom,
-# 12 epochs; quick: a 16^3 phantom, 5 epochs.
+# limits on 2 CPU cores (full under 10 minutes, quick under 2) should
+# --epochs train the network. Both use a coarse sphere (nside 4: 96
+# hemisphere vertices, still more than the 45 coefficients of order 8) and a
+# two-level U-Net with 4 starting channels: on 2 cores one epoch over the
+# 40^3 phantom takes about 30 s of CPU time there, against about 140 s at
+# nside 8. Without --epochs the model's default (no training) is fitted.
 MODES = {
     "full": {"size": 40,
              "model": {"sh_order_max": 8, "nside": 4, "depth": 2, "filter_start": 4,
-                       "block_size": 12, "epochs": 12, "batch_size": 4}},
+                       "block_size": 12, "batch_size": 4}},
     "quick": {"size": 16,
               "model": {"sh_order_max": 8, "nside": 4, "depth": 2, "filter_start": 4,
-                        "block_size": 8, "epochs": 5, "batch_size": 4}},
+                        "block_size": 8, "batch_size": 4}},
 }
 
 RESULT_COLUMNS = ("method", "peak_threshold", "angular_error", "angular_error_crossing",
@@ -79,8 +80,8 @@ RESULT_COLUMNS = ("method", "peak_threshold", "angular_error", "angular_error_cr
                   "fraction_mae", "streamlines", "mean_length_mm", "steps_on_fibre")
 
 
-def demo_files(out_dir):
-    """Every file the demo writes, by role."""
+def demo_files(out_dir, trained):
+    """Every file the demo writes, by role (the training curve only if ``trained``)."""
     out_dir = Path(out_dir)
     phantom, rtesd, csd, figures = (out_dir / name for name in
                                     ("phantom", "rtesd", "csd", "figures"))
@@ -89,7 +90,6 @@ def demo_files(out_dir):
     files.update({
         "rtesd_shm": rtesd / "fodf_sh.nii.gz", "rtesd_fractions": rtesd / "fractions.nii.gz",
         "rtesd_peaks": rtesd / "peaks.pam5", "rtesd_model": rtesd / "model.pt",
-        "rtesd_curve": rtesd / "training_curve.png",
         "rtesd_tractogram": rtesd / "tractogram.trk",
         "csd_shm": csd / "fodf_sh.nii.gz", "csd_peaks": csd / "peaks.pam5",
         "csd_tractogram": csd / "tractogram.trk",
@@ -98,6 +98,7 @@ def demo_files(out_dir):
         "figure_fractions": figures / "fractions_rtesd.png",
         "figure_crossing": figures / "angular_error_vs_crossing.png",
         "results_md": out_dir / "results.md", "results_csv": out_dir / "results.csv",
+        **({"rtesd_curve": rtesd / "training_curve.png"} if trained else {}),
     })
     return files
 
@@ -222,13 +223,14 @@ class DemoFlow(EsdmriWorkflow):
         Parameters
         ----------
         quick : bool, optional
-            16^3 phantom and a small, briefly trained network (about 10 s on
-            an idle 2-core machine) instead of the 40^3 phantom.
+            16^3 phantom (about 10 s on an idle 2-core machine) instead of
+            the 40^3 phantom.
         size : int, optional
             Edge of the phantom grid in voxels, at least 8 (default 40, or 16
             with --quick).
         epochs : int, optional
-            RT-ESD training epochs (default 12, or 5 with --quick).
+            RT-ESD training epochs (default: the model's, 0, no training;
+            e.g. 12, or 5 with --quick, train a small network in minutes).
         device : string, optional
             cpu, cuda or cuda:N for RT-ESD.
         seed : int, optional
@@ -258,7 +260,8 @@ class DemoFlow(EsdmriWorkflow):
         settings["model"]["block_size"] = min(settings["model"]["block_size"], size)
         if epochs is not None:
             settings["model"]["epochs"] = epochs
-        files = demo_files(out_dir)
+        epochs = settings["model"].get("epochs", option_defaults()["epochs"])
+        files = demo_files(out_dir, trained=epochs > 0)
         check_out_dir(out_dir)
         check_outputs(files.values(), self._force_overwrite)
         for folder in sorted({path.parent for path in files.values()}):
@@ -274,7 +277,7 @@ class DemoFlow(EsdmriWorkflow):
         wm_mask = phantom.n_fibres > 0
         timings["phantom"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        logger.info(f"training RT-ESD ({settings['model']['epochs']} epochs on {device})")
+        logger.info(f"fitting RT-ESD ({epochs} training epochs on {device})")
         model = RTESDModel(phantom.gtab, phantom.response, device=device, seed=seed,
                            verbose=verbose_logging(), **settings["model"])
         fit = model.fit(phantom.data, phantom.mask)
@@ -283,7 +286,8 @@ class DemoFlow(EsdmriWorkflow):
             fit, affine, files["rtesd_shm"], files["rtesd_fractions"], files["rtesd_peaks"],
             relative_peak_threshold=PEAK_THRESHOLD)
         model.save(files["rtesd_model"], force=True)
-        self._save(plot_training_curves(fit.training_history), files["rtesd_curve"])
+        if epochs:
+            self._save(plot_training_curves(fit.training_history), files["rtesd_curve"])
         rtesd_sh = fit.shm_coeff_descoteaux07
         rtesd_dirs = rtesd_pam.peak_dirs
         rtesd_fractions = np.stack(list(fit.volume_fractions.values()), axis=-1)

@@ -1,10 +1,12 @@
-"""``esdmri_fit``: train a deconvolution network on a scan and write its fODFs.
+"""``esdmri_fit``: deconvolve a scan with ESD, RT-ESD or C-ESD and write its fODFs.
 
 Examples
 --------
 ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --mask mask.nii.gz --out_dir fit``
-trains RT-ESD with responses estimated from the scan and writes
-``fodf_sh.nii.gz``, ``fractions.nii.gz``, ``peaks.pam5``, ``model.pt`` and
+fits RT-ESD with its defaults (no training: the linear prior refined with
+the spatially coupled loss) and responses estimated from the scan, and writes
+``fodf_sh.nii.gz``, ``fractions.nii.gz``, ``peaks.pam5`` and ``model.pt``;
+``--epochs 30`` trains the network on the scan first and adds
 ``training_curve.png``. With MRtrix3 responses and an MRtrix3 copy of the
 fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 --response_gm gm.txt --response_csf csf.txt --tournier``.
@@ -126,17 +128,20 @@ class FitFlow(EsdmriWorkflow):
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
             out_fractions="fractions.nii.gz", out_peaks="peaks.pam5",
             out_model="model.pt", out_curve="training_curve.png"):
-        """Train an equivariant deconvolution network on a scan (no labels needed).
+        """Deconvolve a scan with an equivariant deconvolution model (no labels needed).
 
-        The network (RT-ESD by default) learns, on the scan itself, fODFs and
-        tissue fractions whose convolution with the response functions
-        reproduces the measured signal. Outputs: the WM fODF as SH
+        The model (RT-ESD by default) fits fODFs and tissue fractions whose
+        convolution with the response functions reproduces the measured
+        signal, coupled across neighbouring voxels. By default the network
+        is not trained (its linear prior is refined: the most accurate
+        setting measured, docs/benchmarks.md); with --epochs N it is first
+        trained on the scan itself, as in the papers. Outputs: the WM fODF as SH
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
         the order wm, gm, csf; wm and csf, or wm only, for single-shell data), DIPY peaks
-        (.pam5), the trained model (for esdmri_apply) and a training-curve
-        figure.
+        (.pam5), the model (for esdmri_apply) and, when it was trained, a
+        training-curve figure.
 
         Parameters
         ----------
@@ -175,7 +180,7 @@ class FitFlow(EsdmriWorkflow):
             Edge (voxels) of the training windows and inference blocks;
             smaller blocks need less memory.
         epochs : int, optional
-            Training passes over the mask.
+            Training passes over the mask (0: no training).
         batch_size : int, optional
             Training windows per optimiser step.
         lr : float, optional
@@ -210,7 +215,7 @@ class FitFlow(EsdmriWorkflow):
         out_model : string, optional
             Trained model file (read by esdmri_apply).
         out_curve : string, optional
-            Training-curve figure (.png).
+            Training-curve figure (.png; written only with --epochs > 0).
 
         Returns
         -------
@@ -230,7 +235,8 @@ class FitFlow(EsdmriWorkflow):
         if model not in MODEL_CLASSES:
             raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
         response = read_responses(response_wm, response_gm, response_csf)
-        io_it = self.get_io_iterator(skip_outputs=() if tournier else ("out_tournier",))
+        skipped = (() if tournier else ("out_tournier",)) + (() if epochs else ("out_curve",))
+        io_it = self.get_io_iterator(skip_outputs=skipped)
         masks = match_optional("mask", mask, len(io_it))
         fits = []
         for paths, mask_path in zip(io_it, masks):
@@ -252,19 +258,23 @@ class FitFlow(EsdmriWorkflow):
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
                 batch_size=batch_size, lr=lr, total_variation=total_variation,
                 refine_steps=refine_steps, device=device, seed=seed, verbose=verbose_logging())
-            logger.info(f"{dwi}: training {model} ({epochs} epochs on {device})")
+            logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
             fit = deconvolution.fit(data, brain)
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
                               relative_peak_threshold, min_separation_angle, npeaks)
             # Existing files were refused or allowed (--force) by get_io_iterator.
             deconvolution.save(model_path, force=True)
-            figure = plot_training_curves(fit.training_history).figure
-            save_figure(figure, curve_path, force=True)
-            plt.close(figure)
-            logger.info(f"{dwi}: wrote {shm_path}, {fractions_path} "
-                        f"({', '.join(fit.volume_fractions)}), {peaks_path}, {model_path}, "
-                        f"{curve_path}" + (f", {tournier_path}" if tournier else ""))
+            written = [shm_path, f"{fractions_path} ({', '.join(fit.volume_fractions)})",
+                       peaks_path, model_path]
+            if epochs:
+                figure = plot_training_curves(fit.training_history).figure
+                save_figure(figure, curve_path, force=True)
+                plt.close(figure)
+                written.append(curve_path)
+            if tournier:
+                written.append(tournier_path)
+            logger.info(f"{dwi}: wrote {', '.join(map(str, written))}")
             fits.append(fit)
         return fits
 

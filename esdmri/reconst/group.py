@@ -29,8 +29,10 @@ from .subjects import SubjectBlocks, check_subjects
 from .training import DistributedContext, check_training_options
 
 # Options whose group-training defaults differ from a single-scan fit's: a
-# cohort has blocks enough for larger steps.
-GROUP_OPTIONS = {"batch_size": 4}
+# single-scan fit trains nothing by default (TrainingConfig.epochs), while
+# group training is asked for by name; a cohort has blocks enough for larger
+# steps.
+GROUP_OPTIONS = {"epochs": 30, "batch_size": 4}
 
 
 def train_group(subjects, response=None, *, model="rtesd", device="cpu", precision="fp32",
@@ -82,7 +84,7 @@ def train_group(subjects, response=None, *, model="rtesd", device="cpu", precisi
     **options
         The options of :class:`esdmri.RTESDModel` (:mod:`esdmri.reconst.config`),
         with their defaults there except ``batch_size``, blocks per process
-        and step, which defaults to :data:`GROUP_OPTIONS`'s. ``epochs`` are
+        and step, and ``epochs``, which default to :data:`GROUP_OPTIONS`'s. ``epochs`` are
         passes over every subject's mask; ``train_windows`` (a single-scan
         fit's budget) does not limit group training.
 

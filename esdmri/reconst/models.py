@@ -1,9 +1,12 @@
 """DIPY-style unsupervised deconvolution models: ESD, RT-ESD and C-ESD.
 
-``model = RTESDModel(gtab, response); fit = model.fit(data, mask)`` trains a
-U-Net on the scan itself (no labels: the loss asks the fODFs, convolved with
-the response functions, to reproduce the measured signal) and returns a fit
-with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and ``peaks``.
+``model = RTESDModel(gtab, response); fit = model.fit(data, mask)`` returns a
+fit with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and
+``peaks``. The loss is unsupervised (the fODFs, convolved with the response
+functions, must reproduce the measured signal). By default the network is not
+trained (``epochs=0``, the most accurate setting measured): the fit is its
+linear prior refined by the spatially coupled descent of that loss. With
+``epochs=N`` the U-Net is first trained on the scan itself, as in the papers.
 """
 
 import copy
@@ -113,7 +116,7 @@ class _DeconvolutionModel(ReconstModel):
 
     # -- fitting ----------------------------------------------------------
     def fit(self, data, mask=None, *, retrain=None):
-        """Train on this scan (unless already trained) and deconvolve it.
+        """Deconvolve a scan, training on it first when ``epochs`` > 0.
 
         Parameters
         ----------
@@ -123,7 +126,7 @@ class _DeconvolutionModel(ReconstModel):
             positive b0 signal).
         retrain : bool, optional
             Train even if the model is already trained (default: train only
-            an untrained model).
+            an untrained model). Nothing is trained with ``epochs=0``.
 
         Returns
         -------
@@ -197,6 +200,9 @@ class _DeconvolutionModel(ReconstModel):
             Trained, in eval mode, with ``training_history`` (per epoch:
             mean loss terms, ``total``, ``epoch`` and ``lr``).
         """
+        if not self.config.training.epochs:
+            raise ValueError("epochs is 0, so there is nothing to train: give the model "
+                             "epochs=N (e.g. model.with_options(epochs=30))")
         context = context if context is not None else DistributedContext()
         precision = check_training_options(precision, compile, num_workers, self.device)
         if resume and checkpoint is None:
