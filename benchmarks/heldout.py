@@ -14,9 +14,11 @@ Protocol (issue 14):
 * dev phantoms (their own geometry and noise seeds) choose every setting: the
   relative peak threshold of each method and CSD's shell; the test phantoms
   (another geometry) are then scored once with those settings;
-* ablations of every model (ESD, RT-ESD, C-ESD): the network alone
-  (``refine_steps=0``), no training (``epochs=0``: the linear prior refined
-  on the same loss), the defaults; and the linear prior alone;
+* the networks' defaults (no training, ``epochs=0``: the linear prior
+  refined on the same loss, one fit for ESD, RT-ESD and C-ESD) and ablations:
+  the same without the spatial coupling, each model trained on the scan
+  (``epochs=30``, the papers' way) with and without the refinement
+  (``refine_steps=0``), and the linear prior alone;
 * tractography on the test phantoms: DIPY deterministic and probabilistic
   tracking from each method's fODFs, seeded in WM, scored with
   :func:`esdmri.metrics.score_tractogram`.
@@ -29,7 +31,7 @@ Usage::
 
     python benchmarks/heldout.py --quick      # 20^3 phantoms, main rows: ~10 min on 2 cores
     python benchmarks/heldout.py              # 24^3 phantoms, every row: ~45 min on 2 cores
-    python benchmarks/heldout.py --families "DIPY CSD" "RT-ESD, defaults" --no-write-docs
+    python benchmarks/heldout.py --families "DIPY CSD" "RT-ESD trained (epochs=30)" --no-write-docs
 """
 
 import argparse
@@ -53,7 +55,7 @@ from esdmri.response import estimate_response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import write_docs_section  # noqa: E402
-from methods import METHODS, NotApplicable  # noqa: E402
+from methods import METHODS, TRAINED, NotApplicable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_FILE = REPO / "docs" / "benchmarks.md"
@@ -78,22 +80,22 @@ FAMILIES = {
     # refined; tests/test_models.py checks they are identical). The voxel-wise
     # row is the same loss without the refinement's spatial coupling.
     "voxel-wise fit (epochs=0, refine_tv=0), any model": ("rtesd-voxelwise",),
-    "no training (epochs=0), any model": ("rtesd-prior+refine",),
-    "ESD, network alone": ("esd-net",),
-    "ESD, defaults": ("esd",),
-    "RT-ESD, network alone": ("rtesd-net",),
-    "RT-ESD, defaults": ("rtesd",),
-    "C-ESD, network alone": ("cesd-net",),
-    "C-ESD, defaults": ("cesd",),
+    "defaults (no training, epochs=0), any model": ("rtesd-prior+refine",),
+    "ESD trained, network alone": ("esd-net",),
+    "ESD trained (epochs=30)": ("esd",),
+    "RT-ESD trained, network alone": ("rtesd-net",),
+    "RT-ESD trained (epochs=30)": ("rtesd",),
+    "C-ESD trained, network alone": ("cesd-net",),
+    "C-ESD trained (epochs=30)": ("cesd",),
 }
-# A model's "network alone" and "defaults" rows share one training: the
-# defaults are the trained network refined (see fit_network_pair).
+# A trained model's "network alone" and refined rows share one training (see
+# fit_network_pair).
 NETWORK_PAIRS = {"esd": ("esd-net", "esd"), "rtesd": ("rtesd-net", "rtesd"),
                  "cesd": ("cesd-net", "cesd")}
 QUICK_FAMILIES = ("DIPY CSD", "DIPY MSMT-CSD", "DIPY RUMBA-SD, total variation",
                   "linear prior alone", "voxel-wise fit (epochs=0, refine_tv=0), any model",
-                  "no training (epochs=0), any model",
-                  "RT-ESD, network alone", "RT-ESD, defaults")
+                  "defaults (no training, epochs=0), any model",
+                  "RT-ESD trained, network alone", "RT-ESD trained (epochs=30)")
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ def fit_network_pair(kind, scan, mask):
     from esdmri.reconst.models import MODEL_CLASSES
 
     alone, refined = NETWORK_PAIRS[kind]
-    model = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False, refine_steps=0)
+    model = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False, refine_steps=0,
+                                **TRAINED)
     refine_steps = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False
                                        ).config.refinement.refine_steps
     start = time.perf_counter()
@@ -471,9 +474,9 @@ and the SH order RUMBA-SD's fODFs are projected on (8 or 12) are chosen the same
 Scored voxels: those with WM fibres. AE: mean over true fibres of the angle to the
 nearest peak; success: as many peaks as fibres, all paired within 25 degrees; FP rate:
 unpaired peaks / peaks; FN rate: unpaired fibres / fibres. Fit time includes training
-for the networks (on the CPU, one process); a model's "defaults" row is its "network
-alone" fit refined, so its time is that training plus both inference passes and the
-refinement. Not tuned on dev (defaults as shipped): the
+for the trained networks (on the CPU, one process); a trained model's refined row is its
+"network alone" fit refined, so its time is that training plus both inference passes
+and the refinement. Not tuned on dev (defaults as shipped): the
 networks' refinement length and the linear prior's regularisation.
 
 Methods and ablations:

@@ -154,8 +154,8 @@ def docs_section(rows, refine_steps):
     return f"""{MARKERS[0]}
 ## Real brain ROIs shipped with DIPY (issue 16)
 
-`python benchmarks/real_rois.py`: RT-ESD with the default settings (at most {refine_steps}
-steps of the spatially coupled refinement, responses from
+`python benchmarks/real_rois.py`: RT-ESD with the default settings (no training, at most
+{refine_steps} steps of the spatially coupled refinement, responses from
 `esdmri.response.estimate_response`) against DIPY's CSD
 (`auto_response_ssst`, order 8) and DTI (b <= 1500) on `small_64D` (b0 + 64 directions at
 b 1000), `small_25` (b0 + 25 at b 2000) and `small_101D` (b0 + 101 q-space samples at

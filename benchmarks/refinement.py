@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import write_docs_section  # noqa: E402
-from methods import fit_csd  # noqa: E402
+from methods import TRAINED, fit_csd  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 MARKERS = ("<!-- refinement:start -->", "<!-- refinement:end -->")
@@ -87,7 +87,7 @@ def run(size, model_name, refine_steps):
 
     torch.manual_seed(0)
     model = MODEL_CLASSES[model_name](phantom.gtab, phantom.response, verbose=False,
-                                      refine_steps=refine_steps)
+                                      refine_steps=refine_steps, **TRAINED)
     n_wm = n_coeffs(model.config.network.sh_order_max)
     # The model's own stages, called one by one so each can be scored.
     normalized, inside = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,

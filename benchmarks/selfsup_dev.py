@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import (MATCH_ANGLE, THRESHOLDS, build_phantom, scan_of,  # noqa: E402
                      scored_voxels, summary)
+from methods import TRAINED  # noqa: E402
 
 DEV_GEOMETRY_SEED = 101
 
@@ -136,8 +137,9 @@ def run_variant(name, options, snr, refinements, shape, blind=False):
     phantom = build_phantom(shape, DEV_GEOMETRY_SEED, snr, "dev")
     scan = scan_of(phantom)
     mask = scored_voxels(phantom)
-    # The order of the recorded runs (the default then), unless the variant sets one.
-    options = {"sh_order_max": 8, **options}
+    # The order and the training of the recorded runs (the defaults then),
+    # unless the variant sets them.
+    options = {"sh_order_max": 8, **TRAINED, **options}
     model_class = MODEL_CLASSES[options.pop("model", "rtesd")]
     train_sparsity = options.pop("train_sparsity", None)
     defaults = model_class(scan.gtab, scan.response, verbose=False, **options).config

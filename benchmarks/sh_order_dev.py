@@ -9,7 +9,7 @@ benchmark's rule). Two groups of rows:
 - ``order``: the fit without training (``epochs=0``: the linear prior refined
   with the spatially coupled refinement) at SH orders 8 to 18 (nside 8 where
   nside 4's 96 hemisphere vertices hold too few samples);
-- ``training``: RT-ESD at SH order 12 trained with the default window budget
+- ``training``: RT-ESD at SH order 12 trained (``epochs=30``) with the default window budget
   and without it, each as the network alone and refined, against the
   voxel-wise fit, the linear prior alone and ``epochs=0``.
 
@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import heldout  # noqa: E402
+from methods import TRAINED  # noqa: E402
 
 from esdmri import RTESDModel  # noqa: E402
 from esdmri.metrics import threshold_sweep  # noqa: E402
@@ -48,10 +49,10 @@ GROUPS = {
         "epochs=0, SH 18 (nside 8)": (dict(epochs=0, sh_order_max=18, nside=8), None),
     },
     "training": {
-        "SH 12, defaults (100-window budget)": (dict(sh_order_max=12),
-                                                "SH 12, network alone (100-window budget)"),
-        "SH 12, all epochs": (dict(sh_order_max=12, **NO_CAP),
-                              "SH 12, network alone, all epochs"),
+        "SH 12, trained (epochs=30, 100-window budget)": (
+            dict(sh_order_max=12, **TRAINED), "SH 12, trained network alone (100-window budget)"),
+        "SH 12, trained, all epochs": (dict(sh_order_max=12, **TRAINED, **NO_CAP),
+                                       "SH 12, trained network alone, all epochs"),
         "SH 12, voxel-wise fit (epochs=0, refine_tv=0)": (
             dict(sh_order_max=12, epochs=0, refine_tv=0.0), None),
         "SH 12, linear prior alone (epochs=0, refine_steps=0)": (
