@@ -51,6 +51,7 @@ import numpy as np
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.metrics import evaluate_peaks, score_tractogram, threshold_sweep
 from esdmri.peaks import peaks_from_sh
+from esdmri.reconst.config import option_defaults
 from esdmri.response import estimate_response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -176,8 +177,7 @@ def fit_network_pair(kind, scan, mask):
     alone, refined = NETWORK_PAIRS[kind]
     model = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False, refine_steps=0,
                                 **TRAINED)
-    refine_steps = MODEL_CLASSES[kind](scan.gtab, scan.response, verbose=False
-                                       ).config.refinement.refine_steps
+    refine_steps = option_defaults()["refine_steps"]
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

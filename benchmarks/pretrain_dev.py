@@ -42,6 +42,7 @@ import sh_order_dev  # noqa: E402
 from esdmri import RTESDModel  # noqa: E402
 from esdmri.heldout_phantom import make_heldout_phantom  # noqa: E402
 from esdmri.metrics import threshold_sweep  # noqa: E402
+from esdmri.reconst.config import option_defaults  # noqa: E402
 from esdmri.reconst.group import train_group  # noqa: E402
 from esdmri.reconst.subjects import Subject  # noqa: E402
 from esdmri.response import estimate_response  # noqa: E402
@@ -96,8 +97,7 @@ def run(args):
     history = pretrained.training_history
     print(f"pretrained {len(history)} epochs in {pretrain_seconds:.0f} s; loss "
           f"{history[0]['total']:.5f} -> {history[-1]['total']:.5f}", flush=True)
-    refine_steps = RTESDModel(pretrained.gtab, pretrained.response,
-                              verbose=False).config.refinement.refine_steps
+    refine_steps = option_defaults()["refine_steps"]
     for snr in sh_order_dev.DEV_SNRS:
         phantom = heldout.build_phantom(sh_order_dev.SHAPE, sh_order_dev.DEV_GEOMETRY, snr,
                                         "dev")

@@ -213,7 +213,7 @@ class FitFlow(EsdmriWorkflow):
         out_peaks : string, optional
             DIPY peaks file (.pam5).
         out_model : string, optional
-            Trained model file (read by esdmri_apply).
+            Model file, trained or not (read by esdmri_apply).
         out_curve : string, optional
             Training-curve figure (.png; written only with --epochs > 0).
 

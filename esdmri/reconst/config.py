@@ -46,9 +46,9 @@ class NetworkConfig:
         and 8 whose coefficients the scan's distinct gradient directions
         determine (12 from 91 directions on), else 8 as in DIPY's CSD
         (:func:`default_sh_order`). Chosen on the dev phantoms: 12 cut their
-        crossing-voxel error by a third against 8 (docs/benchmarks.md,
-        "Spatial context"); 14 to 18 need nside 8 and gave more false peaks
-        at SNR 10.
+        crossing-voxel error by 39 % at SNR 20 and 18 % at SNR 10 against 8
+        (docs/benchmarks.md, "SH order of the models"); 16 and 18 need
+        nside 8 and gave more false peaks at SNR 10.
     nside : int
         HEALPix resolution of the grid (a power of 2).
     hemisphere : bool

@@ -84,8 +84,8 @@ def train_group(subjects, response=None, *, model="rtesd", device="cpu", precisi
     **options
         The options of :class:`esdmri.RTESDModel` (:mod:`esdmri.reconst.config`),
         with their defaults there except ``batch_size``, blocks per process
-        and step, and ``epochs``, which default to :data:`GROUP_OPTIONS`'s. ``epochs`` are
-        passes over every subject's mask; ``train_windows`` (a single-scan
+        and step, and ``epochs``, which default to :data:`GROUP_OPTIONS`'s.
+        ``epochs`` are passes over every subject's mask; ``train_windows`` (a single-scan
         fit's budget) does not limit group training.
 
     Returns
