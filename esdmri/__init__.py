@@ -6,6 +6,12 @@
 
 __version__ = "0.1.0"
 
+# First, before anything here imports torch: OpenMP threads that sleep
+# instead of spinning while they wait, so that a machine shared with other
+# jobs does not stall every small parallel operation (esdmri.threads; a
+# user's OMP_WAIT_POLICY wins).
+from esdmri import threads as _threads  # noqa: E402, F401
+
 # The models pull in torch; importing them on first use keeps light commands
 # (plots, evaluation, fetching) quick to start.
 _LAZY = {"CESDModel": ".reconst", "ESDModel": ".reconst", "RTESDModel": ".reconst",

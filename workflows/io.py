@@ -41,6 +41,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from esdmri.atomic import output_transaction, staged_output
 from esdmri.reconst.inputs import check_gtab
+from esdmri.threads import set_num_threads
 
 
 # What nibabel, gzip and zlib raise on a corrupt or truncated file.
@@ -53,6 +54,16 @@ CORRUPT_FILE_ERRORS = (ImageFileError, EOFError, zlib.error, gzip.BadGzipFile, O
 USER_ERRORS = (OSError, ValueError, TypeError, ImageFileError, EOFError, zlib.error)
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+# --num_threads of every EsdmriWorkflow, with DIPY's convention
+# (esdmri.threads.resolve_num_threads). Added next to DIPY's common options
+# rather than to each run's signature; the run wrapper applies it.
+NUM_THREADS_OPTION = {"num_threads": dict(
+    action="store", dest="num_threads", metavar="int", type=int, default=None,
+    help="Number of CPU threads of torch (intra-op). Default: OMP_NUM_THREADS if set, "
+         "otherwise one per physical core. A negative value -k uses all available CPUs "
+         "but k - 1 (-1: all); 0 is an error. On a machine shared with other jobs, "
+         "fewer threads than cores avoids waiting for a busy core.")}
 
 # The commands log under esdmri's own name ("[esdmri] INFO: ..."), through
 # DIPY's logger factory so that messages look like DIPY's; DIPY's functions
@@ -130,7 +141,8 @@ def run_workflow(flow, argv=None):
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _configure_logging(sys.argv[1:])
-        return run_flow(flow)
+        extra = NUM_THREADS_OPTION if isinstance(flow, EsdmriWorkflow) else None
+        return run_flow(flow, extra_args=extra)
     except USER_ERRORS as error:
         logger.debug("traceback:", exc_info=True)
         sys.exit(f"{name}: error: {one_line(error)}")
@@ -222,7 +234,7 @@ class EsdmriWorkflow(Workflow):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "run" in vars(cls):
-            cls.run = _transactional(cls.run)
+            cls.run = _with_num_threads(_transactional(cls.run))
 
     def get_io_iterator(self, skip_outputs=()):
         """One tuple (inputs..., outputs...) of paths per subject.
@@ -303,6 +315,24 @@ def _transactional(run):
         with output_transaction():
             return run(self, *args, **kwargs)
     return transactional_run
+
+
+def _with_num_threads(run):
+    """``run`` taking ``num_threads`` (``--num_threads``) for its duration.
+
+    torch's thread count is restored afterwards, so that flows run in one
+    process (tests, scripts) do not change each other's.
+    """
+    @functools.wraps(run)
+    def threaded_run(self, *args, num_threads=None, **kwargs):
+        if num_threads is None:  # torch's default; light commands need not load torch
+            return run(self, *args, **kwargs)
+        previous = set_num_threads(num_threads)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            set_num_threads(previous)
+    return threaded_run
 
 
 def match_optional(name, pattern, n_subjects):
