@@ -151,10 +151,15 @@ def test_spherical_conv_matches_chebyshev_sum(sphere, channels):
 @pytest.mark.parametrize("spatial_kernel_size, isotropic, padding", [(3, True, "zeros"),
                                                              (5, True, "circular"),
                                                              (3, False, "circular")])
-@pytest.mark.parametrize("slab_columns", [1, 512])  # one x-row per slab / the whole grid
+# One x-row per slab / the whole grid in one slab, and one vertex per chunk of
+# neighbourhood sums (the chunked path of large inputs).
+@pytest.mark.parametrize("slab_columns, chunk_elements", [(1, 1 << 22), (512, 1 << 22),
+                                                          (512, 1)])
 def test_mixed_conv_matches_published_formulation(sphere, channels, spatial_kernel_size, isotropic,
-                                                  padding, slab_columns, monkeypatch):
+                                                  padding, slab_columns, chunk_elements,
+                                                  monkeypatch):
     monkeypatch.setattr(e3so3, "_SLAB_COLUMNS", slab_columns)
+    monkeypatch.setattr(e3so3, "_CHUNK_ELEMENTS", chunk_elements)
     basis = sphere.chebyshev_basis(3)
     conv = E3SO3Conv(*channels, basis, spatial_kernel_size=spatial_kernel_size, isotropic=isotropic,
                      padding=padding)

@@ -47,9 +47,16 @@ from esdmri.nn.spatial import (NeighbourhoodSums, Workspace, check_field,
 # fields.
 _SLAB_COLUMNS = 512
 
-# Elements of the neighbourhood-sum buffer processed at once (4 MiB in
-# float32): it is consumed by the channel matmul while still in cache.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements of the neighbourhood-sum buffer processed at once (16 MiB in
+# float32; 3 chunks per slab at nside 8, 16 channels, hemisphere). Each
+# chunk costs about 35 small element-wise operations, and every parallel
+# operation waits for its slowest thread: on a machine shared with other
+# jobs that wait dominates, so chunks are large. On one thread 4 MiB and
+# 16 MiB chunks took the same time (the sums are memory-bound either way);
+# 16 MiB chunks cut the layer's operations from 10,500 to 4,700 for
+# forward + backward and raise its peak memory from 157 to 193 MiB
+# (docs/benchmarks.md, threads section).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _slabs(n_rows, columns_per_row):
