@@ -11,7 +11,9 @@ slow
 import os
 
 import pytest
-import torch
+
+import esdmri  # noqa: F401  (before torch: the OpenMP wait policy of esdmri.threads)
+import torch  # noqa: E402
 
 # Figures are written to files, never shown.
 os.environ.setdefault("MPLBACKEND", "Agg")
