@@ -23,6 +23,9 @@ under two thread policies:
   environment without ``OMP_WAIT_POLICY``);
 * ``passive``: esdmri's policy (esdmri imported first, so
   ``OMP_WAIT_POLICY=PASSIVE``);
+* ``spin N`` (with ``--spincount N``): libgomp's spin shortened to N
+  iterations (``GOMP_SPINCOUNT=N``, torch imported first), a middle way
+  whose idle cost a quiet rerun can compare with ``passive``'s;
 
 and two machine states: ``idle`` and ``busy``, beside one process running a
 pure-Python busy loop (one core) that this script starts before the
@@ -31,6 +34,13 @@ round, so slow phases of the machine spread over all of them. The table
 gives each cell's median over rounds (and the range), and busy / idle per
 policy: the issue's goal is at most 1.5x for the layer and the 40^3 fit,
 with the idle times not worse under the policy.
+
+First, a check that the policy reaches the OpenMP runtime: the CPU time
+per wall-clock second of a loop of one parallel ``torch.add`` then a 2 ms
+sleep of the caller, in which idle threads spin (about 2 CPU s per s on two
+threads) or sleep (about the add's share). It compares torch imported
+first (esdmri's policy comes too late), esdmri imported first, and
+``OMP_WAIT_POLICY=PASSIVE`` set in the environment.
 
 Usage::
 
@@ -52,7 +62,7 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = ("spin", "passive")
+POLICIES = ("spin", "passive")  # and "spin N" with --spincount N
 LOADS = ("idle", "busy")
 BUSY_LOOP = "while True:\n    pass\n"
 
@@ -61,7 +71,7 @@ BUSY_LOOP = "while True:\n    pass\n"
 
 def _import_in_policy_order(policy):
     """Import torch and esdmri in the order that gives ``policy``."""
-    if policy == "spin":
+    if policy.startswith("spin"):
         import torch  # the OpenMP runtime loads with the environment as it is
 
         import esdmri  # noqa: F401  (too late to change the runtime's policy)
@@ -116,15 +126,35 @@ def worker_fit(task):
                 threads=torch.get_num_threads())
 
 
-WORKERS = {"layer": worker_layer, "full-sphere": worker_layer, "published": worker_layer,
-           "fit": worker_fit, "brain": worker_fit}
+def worker_policy_check(task):
+    env_first = task["policy"] == "environment"
+    torch = _import_in_policy_order("spin" if env_first else task["policy"])
+    x = torch.randn(1 << 20)
+    y = torch.empty_like(x)
+    torch.add(x, x, out=y)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(200):
+        torch.add(x, x, out=y)  # one parallel region
+        time.sleep(0.002)  # the caller's serial work, while the pool waits
+    wall = time.perf_counter() - start
+    return dict(cpu_per_wall=(time.process_time() - start_cpu) / wall)
+
+
+WORKERS = {"policy-check": worker_policy_check, "layer": worker_layer,
+           "full-sphere": worker_layer, "published": worker_layer, "fit": worker_fit,
+           "brain": worker_fit}
 
 
 # --- the driver ----------------------------------------------------------------------------
 
 def run_worker(task):
     """Run one measurement in a fresh process, beside a busy loop if asked."""
-    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if task["policy"] == "environment":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if task["policy"].startswith("spin "):
+        env["GOMP_SPINCOUNT"] = task["policy"].split()[1]
     busy = None
     if task["load"] == "busy":
         busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
@@ -153,12 +183,12 @@ def _cell(results):
     return median, f"{median:.2f}{spread}"
 
 
-def format_table(tasks, results):
+def format_table(tasks, policies, results):
     lines = ["| measurement | policy | idle (s) | beside a busy loop (s) | busy / idle |",
              "|---|---|---|---|---|"]
     medians = {}
     for name, label in tasks:
-        for policy in POLICIES:
+        for policy in policies:
             cells = {load: _cell(results[(name, policy, load)]) for load in LOADS}
             for load in LOADS:
                 medians[(name, policy, load)] = cells[load][0]
@@ -201,6 +231,8 @@ def main():
                         help="also the layer on the full sphere")
     parser.add_argument("--brain", action="store_true", help="also the 96x96x60 fit")
     parser.add_argument("--no-fit", action="store_true", help="the layers only")
+    parser.add_argument("--spincount", type=int, default=None,
+                        help="also libgomp's default policy with GOMP_SPINCOUNT=N")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -225,11 +257,22 @@ def main():
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, {rounds} round(s), "
           f"{repeats} layer repeat(s); 1-minute load average at start {load_average()}",
           flush=True)
-    results = {(name, policy, load): [] for name, _ in tasks for policy in POLICIES
+    policies = POLICIES + ((f"spin {args.spincount}",) if args.spincount is not None else ())
+    print("| import order | OMP_WAIT_POLICY seen by the runtime | CPU s per wall s |")
+    print("|---|---|---|")
+    for policy, label in (("spin", "torch, then esdmri"), ("passive", "esdmri, then torch"),
+                          ("environment", "torch, then esdmri; PASSIVE exported")):
+        check = run_worker(dict(task="policy-check", policy=policy, load="idle"))
+        seen = {"spin": "unset (esdmri sets it too late)", "passive": "PASSIVE",
+                "environment": "PASSIVE"}[policy]
+        rate = check.get("error") or f"{check['cpu_per_wall']:.2f}"
+        print(f"| {label} | {seen} | {rate} |", flush=True)
+    print()
+    results = {(name, policy, load): [] for name, _ in tasks for policy in policies
                for load in LOADS}
     for round_index in range(rounds):
         for name, _ in tasks:
-            for policy in POLICIES:
+            for policy in policies:
                 for load in LOADS:
                     task = dict(task=name, policy=policy, load=load, repeats=repeats,
                                 shape=shapes.get(name))
@@ -238,7 +281,7 @@ def main():
                     shown = result.get("error") or " ".join(f"{t:.2f}" for t in result["times"])
                     print(f"round {round_index + 1} {name} {policy} {load}: {shown} s "
                           f"(load {load_average()})", flush=True)
-    lines, medians = format_table(tasks, results)
+    lines, medians = format_table(tasks, policies, results)
     print()
     print("\n".join(lines))
     print()
