@@ -114,7 +114,13 @@ class ChebyshevOperator(nn.Module):
         elif self.kernel_size > 1:
             with warnings.catch_warnings():  # torch flags sparse CSR as beta
                 warnings.simplefilter("ignore", UserWarning)
-                self.register_buffer("laplacian", basis[1].to_sparse_csr(), persistent=False)
+                laplacian = basis[1].to_sparse_csr()
+                # 32-bit indices: the CPU kernel (MKL) otherwise converts the
+                # int64 indices into two new tensors on every product.
+                laplacian = torch.sparse_csr_tensor(
+                    laplacian.crow_indices().int(), laplacian.col_indices().int(),
+                    laplacian.values(), laplacian.shape)
+                self.register_buffer("laplacian", laplacian, persistent=False)
 
     @staticmethod
     def _column_blocks(n_columns):
