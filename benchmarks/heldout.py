@@ -181,9 +181,9 @@ def fit_network_pair(kind, scan, mask):
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first = model.fit(scan.data, scan.mask)
+        first = model.fit(scan.data, mask=scan.mask)
         network_seconds = time.perf_counter() - start
-        second = model.with_options(refine_steps=refine_steps).fit(scan.data, scan.mask)
+        second = model.with_options(refine_steps=refine_steps).fit(scan.data, mask=scan.mask)
     seconds = time.perf_counter() - start
     keep = mask[..., None]
     return {alone: (np.where(keep, first.shm_coeff_descoteaux07, 0.0), network_seconds),

@@ -108,7 +108,7 @@ def run(args):
             begin = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = model.fit(scan.data, scan.mask, **kwargs)
+                result = model.fit(scan.data, mask=scan.mask, **kwargs)
             return result.shm_coeff_descoteaux07, time.perf_counter() - begin
 
         for row, options in (("defaults (no training)", {}),

@@ -85,8 +85,8 @@ def register(device, configs):
     def reporting(model_class):
         class EpochsReported(model_class):
             # Early stopping (patience) decides how many of the epochs run.
-            def fit(self, data, mask=None, **kwargs):
-                fit = super().fit(data, mask, **kwargs)
+            def fit(self, data, *, mask=None, **kwargs):
+                fit = super().fit(data, mask=mask, **kwargs)
                 print(f"    {len(self.training_history)} epochs trained")
                 return fit
         return EpochsReported

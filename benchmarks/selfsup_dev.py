@@ -157,14 +157,14 @@ def run_variant(name, options, snr, refinements, shape, blind=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        fit = model.fit(scan.data, scan.mask)
+        fit = model.fit(scan.data, mask=scan.mask)
         network_seconds = time.perf_counter() - start
         rows.append(dict(variant=name, refine="network alone", snr=snr,
                          seconds=network_seconds,
                          sweep=sweep_of(phantom, fit.shm_coeff_descoteaux07, mask)))
         for refine in refinements:
             start = time.perf_counter()
-            fit = refined_model(refine).fit(scan.data, scan.mask)
+            fit = refined_model(refine).fit(scan.data, mask=scan.mask)
             rows.append(dict(variant=name, refine=refine, snr=snr,
                              seconds=network_seconds + time.perf_counter() - start,
                              sweep=sweep_of(phantom, fit.shm_coeff_descoteaux07, mask)))

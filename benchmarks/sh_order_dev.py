@@ -73,14 +73,14 @@ def fit_rows(scan, options, alone_name):
         warnings.simplefilter("ignore")
         if alone_name is None:
             model = RTESDModel(scan.gtab, scan.response, verbose=False, **options)
-            fit = model.fit(scan.data, scan.mask)
+            fit = model.fit(scan.data, mask=scan.mask)
             return [(None, fit.shm_coeff_descoteaux07, time.perf_counter() - start,
                      len(model.training_history))]
         model = RTESDModel(scan.gtab, scan.response, verbose=False,
                            **{**options, "refine_steps": 0})
-        alone = model.fit(scan.data, scan.mask)
+        alone = model.fit(scan.data, mask=scan.mask)
         alone_seconds = time.perf_counter() - start
-        refined = model.with_options(refine_steps=refine_steps).fit(scan.data, scan.mask)
+        refined = model.with_options(refine_steps=refine_steps).fit(scan.data, mask=scan.mask)
     epochs = len(model.training_history)
     return [(alone_name, alone.shm_coeff_descoteaux07, alone_seconds, epochs),
             (None, refined.shm_coeff_descoteaux07, time.perf_counter() - start, epochs)]

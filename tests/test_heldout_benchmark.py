@@ -101,6 +101,6 @@ def test_network_rows_share_one_training(heldout, monkeypatch):
     assert np.abs(alone - refined).max() > 1e-4
     # The pair trains as the benchmark's trained rows do (heldout.TRAINED).
     reference = Small(phantom.gtab, phantom.response, verbose=False, refine_steps=0,
-                      **heldout.TRAINED).fit(phantom.data, phantom.mask)
+                      **heldout.TRAINED).fit(phantom.data, mask=phantom.mask)
     np.testing.assert_allclose(alone, np.where(mask[..., None],
                                                reference.shm_coeff_descoteaux07, 0), atol=1e-5)

@@ -312,7 +312,7 @@ def test_default_fit_trains_nothing_and_writes_no_curve(phantom, in_process, tmp
     assert load_model(tmp_path / "model.pt", verbose=False).training_history == []
     model = RTESDModel(phantom.gtab, phantom.response, sh_order_max=4, nside=2, depth=2,
                        filter_start=2, block_size=8, verbose=False)
-    expected = model.fit(phantom.data, phantom.mask).shm_coeff
+    expected = model.fit(phantom.data, mask=phantom.mask).shm_coeff
     np.testing.assert_allclose(nib.load(tmp_path / "fodf_sh.nii.gz").get_fdata(), expected,
                                atol=1e-4)
 

@@ -259,7 +259,7 @@ class FitFlow(EsdmriWorkflow):
                 batch_size=batch_size, lr=lr, total_variation=total_variation,
                 refine_steps=refine_steps, device=device, seed=seed, verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
-            fit = deconvolution.fit(data, brain)
+            fit = deconvolution.fit(data, mask=brain)
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
                               relative_peak_threshold, min_separation_angle, npeaks)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..shm import n_coeffs
+from ..shm import n_coeffs, sh_order_for_directions
 from ..sphere import HealpixSphere
 from .losses import LossWeights
 from .selfsupervision import check_mask_fraction
@@ -124,15 +124,16 @@ def default_sh_order(n_directions):
     ----------
     n_directions : int
         Distinct diffusion-weighted gradient axes of the scan (antipodal
-        directions count once).
+        directions count once, :func:`esdmri.reconst.inputs.count_weighted_axes`).
 
     Returns
     -------
     sh_order_max : int
-        The highest of 12, 10 and 8 with at most ``n_directions``
-        coefficients (91, 66, 45), else 8.
+        The highest order up to 12 whose coefficients the directions
+        determine (:func:`esdmri.shm.sh_order_for_directions`: 12 from 91
+        directions on, 10 from 66), and never below 8, as in DIPY's CSD.
     """
-    return next((order for order in (12, 10) if n_coeffs(order) <= n_directions), 8)
+    return max(8, sh_order_for_directions(n_directions, cap=12))
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,21 @@ def volume_fractions_from_coefficients(coefficients, n_wm_coeffs):
     return SQRT_4PI * np.concatenate([wm, isotropic], axis=-1)
 
 
+def normalize_fractions(coefficients, n_wm_coeffs):
+    """Coefficients ``[..., C_total]`` scaled so their tissue fractions sum to 1.
+
+    The sum is floored at :data:`NORMALIZATION_FLOOR`.
+
+    Returns
+    -------
+    coefficients : array or Tensor, shape (..., C_total)
+    """
+    total = volume_fractions_from_coefficients(coefficients, n_wm_coeffs).sum(-1)
+    if isinstance(coefficients, torch.Tensor):
+        return coefficients / total.clamp_min(NORMALIZATION_FLOOR).unsqueeze(-1)
+    return coefficients / np.maximum(total, NORMALIZATION_FLOOR)[..., None]
+
+
 class DeconvolutionNetwork(nn.Module):
     """U-Net on the HEALPix grid followed by the tissue heads.
 
@@ -226,9 +241,8 @@ class DeconvolutionNetwork(nn.Module):
             isotropic = torch.relu(isotropic + linear[:, self.n_wm_coeffs:])
         coefficients = torch.cat([wm, isotropic], dim=1)
         if self.normalize:
-            total = volume_fractions_from_coefficients(
-                coefficients.movedim(1, -1), self.n_wm_coeffs).sum(-1)
-            coefficients = coefficients / total.clamp_min(NORMALIZATION_FLOOR).unsqueeze(1)
+            coefficients = normalize_fractions(coefficients.movedim(1, -1),
+                                               self.n_wm_coeffs).movedim(-1, 1)
         return coefficients
 
 
