@@ -15,25 +15,24 @@ benchmark's rule). Two groups of rows:
 
 The table is printed in markdown; results go to ``--out`` after every fit::
 
-    python benchmarks/sh_order_dev.py --groups order training
+    python -m benchmarks.sh_order_dev --groups order training
 """
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import heldout  # noqa: E402
-from methods import TRAINED  # noqa: E402
 
-from esdmri import RTESDModel  # noqa: E402
-from esdmri.metrics import threshold_sweep  # noqa: E402
-from esdmri.reconst.config import option_defaults  # noqa: E402
+from esdmri import RTESDModel
+from esdmri.metrics import threshold_sweep
+from esdmri.reconst.config import option_defaults
+
+from . import heldout
+from .methods import TRAINED
 
 NO_CAP = dict(train_windows=1_000_000)
 # name -> (options of the refined fit, name of the network-alone row or None).

@@ -359,3 +359,64 @@ def test_default_fit_trains_nothing_and_train_needs_epochs(phantom):
     with pytest.raises(ValueError, match="epochs is 0, so there is nothing to train"):
         default.train(blocks)
     default.with_options(epochs=1).train(blocks, max_steps=1)
+
+
+def test_a_second_fit_equals_a_fresh_models_fit():
+    # DIPY's contract: a model holds no state of the scans it fitted. Two
+    # phantoms of one generator differ in their estimated responses, so a
+    # model that kept the first's would deconvolve the second differently.
+    first = make_phantom((10, 10, 10), snr=30, max_fibres=2, seed=3)
+    second = make_phantom((10, 10, 10), snr=20, max_fibres=2, seed=5)
+    options = dict(SMALL, refine_steps=5)
+    model = RTESDModel(first.gtab, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_a = model.fit(first.data, mask=first.mask)
+        fit_b = model.fit(second.data, mask=second.mask)
+        fresh = RTESDModel(second.gtab, **options).fit(second.data, mask=second.mask)
+    assert model.response is None and model.network is None
+    assert not np.allclose(fit_a.response.coefficients[0], fit_b.response.coefficients[0])
+    np.testing.assert_array_equal(fit_b.shm_coeff, fresh.shm_coeff)
+    for ours, theirs in zip(fit_b.response.coefficients, fresh.response.coefficients):
+        np.testing.assert_array_equal(ours, theirs)
+    assert fit_b.refine_history == fresh.refine_history and len(fit_b.refine_history) > 1
+    # An explicit response is the model's, for every fit.
+    explicit = model.with_response(fit_a.response)
+    assert model.response is None and explicit.response is fit_a.response
+    assert explicit.fit(second.data, mask=second.mask).response is fit_a.response
+
+
+def test_the_default_fit_builds_no_network_and_equals_the_untrained_network(phantom,
+                                                                              monkeypatch):
+    model = RTESDModel(phantom.gtab, phantom.response, refine_steps=0, **SMALL)
+    with_network = model.with_options().build_network()
+    scan = model.prepare(phantom.data, mask=phantom.mask)
+    # The reference: the zero-corrected network run block by block.
+    expected = with_network.network_coefficients(scan)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default fit built a network")
+
+    import esdmri.reconst.models as models
+    monkeypatch.setattr(models, "build_unet", no_network)
+    monkeypatch.setattr(models, "receptive_radius", no_network)
+    prior = model.prior_coefficients(scan)
+    np.testing.assert_allclose(prior, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(expected).max() > 0.1
+    fit = model.fit(phantom.data, mask=phantom.mask)
+    assert model.network is None
+    np.testing.assert_array_equal(fit.shm_coeff_descoteaux07, prior[..., :n_coeffs(4)])
+    with pytest.raises(ValueError, match="the model has no network"):
+        model.network_coefficients(scan)
+
+
+def test_mask_by_position_still_works_with_a_deprecation_warning(phantom):
+    from esdmri.deprecation import ArgsDeprecationWarning
+
+    model = RTESDModel(phantom.gtab, phantom.response, refine_steps=0, **SMALL)
+    with pytest.warns(ArgsDeprecationWarning, match="mask=..."):
+        positional = model.fit(phantom.data, phantom.mask)
+    np.testing.assert_array_equal(positional.shm_coeff,
+                                  model.fit(phantom.data, mask=phantom.mask).shm_coeff)
+    with pytest.raises(TypeError, match="multiple values for argument 'mask'"):
+        model.fit(phantom.data, phantom.mask, mask=phantom.mask)

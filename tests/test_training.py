@@ -60,8 +60,8 @@ def network_loss(model, phantom):
 @pytest.mark.parametrize("model_class", [ESDModel, RTESDModel])
 def test_training_never_ends_above_the_starting_loss(phantom, model_class):
     torch.manual_seed(0)
-    untrained = model_class(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    untrained.fit(phantom.data, mask=phantom.mask)
+    # The untrained network (a fit with epochs=0 builds none).
+    untrained = model_class(phantom.gtab, phantom.response, epochs=0, **SMALL).build_network()
     trained = model_class(phantom.gtab, phantom.response, epochs=4, **SMALL)
     trained.fit(phantom.data, mask=phantom.mask)
     start, end = network_loss(untrained, phantom), network_loss(trained, phantom)
@@ -112,7 +112,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
 
     torch.manual_seed(0)
     model = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    model._build()
+    model.build_network()
     # A non-zero head, so the output depends on the whole neighbourhood.
     for parameter in model.network.parameters():
         parameter.data.add_(0.05 * torch.randn_like(parameter))
