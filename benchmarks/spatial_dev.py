@@ -202,7 +202,7 @@ def main():
             report(snr, "DIPY RUMBA-SD TV", time.perf_counter() - start, shm)
         model, normalized, inside, prior, trained, seconds = network_stages(
             phantom, data, response, args.epochs, args.model, args.seed, args.device,
-            total_variation=args.train_tv, spatial_layers=args.spatial_layers)
+            train_tv=args.train_tv, spatial_layers=args.spatial_layers)
         n_wm = n_coeffs(model.config.network.sh_order_max)
         starts = {"prior": prior, "network": trained}
         for start_name in args.starts:

@@ -95,10 +95,10 @@ def test_defaults_and_docs_come_from_the_fields():
     assert defaults["lr"] == 1.7e-3 and defaults["nside"] == 4
     text = options_docstring()
     for name, value in defaults.items():
-        if name in ("sparsity", "nonnegativity", "total_variation"):
+        if name in ("sparsity", "nonnegativity"):
             continue
         assert f"{name} : " in text and f"default {value!r}" in text, name
-    assert "sparsity, nonnegativity, total_variation : float, defaults 0.0001, 0.1, 0.0" in text
+    assert "sparsity, nonnegativity : float, defaults 0.0001, 0.1" in text
     from esdmri import RTESDModel
     assert "    nside : int, default 4\n" in RTESDModel.__doc__
 
@@ -129,3 +129,13 @@ def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expec
     with pytest.warns(UserWarning, match="underdetermined"):
         explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
     assert explicit.config.network.sh_order_max == 12
+
+
+def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
+    from esdmri.deprecation import ArgsDeprecationWarning
+
+    with pytest.warns(ArgsDeprecationWarning, match="'total_variation' is deprecated.*train_tv"):
+        config = DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5)
+    assert config.training.train_tv == 0.5 == config.training.loss_weights.total_variation
+    with pytest.raises(TypeError, match="both 'total_variation' and 'train_tv'"):
+        DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5, train_tv=0.5)

@@ -253,9 +253,10 @@ def test_cli_defaults_are_the_api_defaults():
     group = inspect.signature(train_group).parameters
     for flow, training in ((FitFlow, options), (TrainFlow, {**options, **GROUP_OPTIONS})):
         cli = inspect.signature(flow.run).parameters
-        for name in ("sh_order_max", "nside", "depth", "filter_start", "block_size",
-                     "total_variation"):
+        for name in ("sh_order_max", "nside", "depth", "filter_start", "block_size"):
             assert cli[name].default == options[name], (flow.__name__, name)
+        # The flag keeps its name; the option is train_tv (refine_tv is the refinement's).
+        assert cli["total_variation"].default == options["train_tv"], flow.__name__
         for name in ("epochs", "batch_size", "lr", "seed"):
             assert cli[name].default == training[name], (flow.__name__, name)
     assert inspect.signature(TrainFlow.run).parameters["batch_size"].default == 4

@@ -121,7 +121,7 @@ class FitFlow(EsdmriWorkflow):
             filter_start=MODEL_DEFAULTS["filter_start"],
             block_size=MODEL_DEFAULTS["block_size"], epochs=MODEL_DEFAULTS["epochs"],
             batch_size=MODEL_DEFAULTS["batch_size"], lr=MODEL_DEFAULTS["lr"],
-            total_variation=MODEL_DEFAULTS["total_variation"],
+            total_variation=MODEL_DEFAULTS["train_tv"],
             refine_steps=MODEL_DEFAULTS["refine_steps"], device=MODEL_DEFAULTS["device"],
             seed=MODEL_DEFAULTS["seed"], tournier=False,
             relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
@@ -256,7 +256,7 @@ class FitFlow(EsdmriWorkflow):
             deconvolution = MODEL_CLASSES[model](
                 gtab, subject_response, sh_order_max=sh_order_max, nside=nside, depth=depth,
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
-                batch_size=batch_size, lr=lr, total_variation=total_variation,
+                batch_size=batch_size, lr=lr, train_tv=total_variation,
                 refine_steps=refine_steps, device=device, seed=seed, verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
             fit = deconvolution.fit(data, mask=brain)

@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..deprecation import renamed_options
 from ..shm import n_coeffs, sh_order_for_directions
 from ..sphere import HealpixSphere
 from .losses import LossWeights
@@ -186,8 +187,13 @@ class TrainingConfig:
         training.
     seed : int
         Seeds the weights and the window order (training is deterministic on CPU).
-    sparsity, nonnegativity, total_variation : float
-        Weights of the loss terms (the signal fit has weight 1).
+    sparsity, nonnegativity : float
+        Weights of the fODF's sparsity and non-negativity terms (the signal
+        fit has weight 1), in training and in the refinement.
+    train_tv : float
+        Weight of the total variation between neighbouring voxels'
+        coefficients in the training loss (the refinement's own is
+        ``refine_tv``). Was ``total_variation`` (still accepted, deprecated).
     """
 
     block_size: int = 8
@@ -200,7 +206,7 @@ class TrainingConfig:
     seed: int = 0
     sparsity: float = LossWeights.sparsity
     nonnegativity: float = LossWeights.nonnegativity
-    total_variation: float = LossWeights.total_variation
+    train_tv: float = LossWeights.total_variation
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -216,7 +222,7 @@ class TrainingConfig:
     def loss_weights(self):
         """The weights of the loss terms, as :class:`esdmri.reconst.losses.LossWeights`."""
         return LossWeights(sparsity=self.sparsity, nonnegativity=self.nonnegativity,
-                           total_variation=self.total_variation)
+                           total_variation=self.train_tv)
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,7 @@ class DeconvolutionConfig:
         TypeError
             For a name that is no option.
         """
+        options = renamed_options(options, RENAMED_OPTIONS, since="0.2", stacklevel=4)
         unknown = sorted(set(options) - set(OPTION_PARTS))
         if unknown:
             raise TypeError(f"unknown model option(s) {unknown}; expected some of "
@@ -398,11 +405,16 @@ class DeconvolutionConfig:
         saved = dict(saved)
         weights = saved.pop("loss_weights")  # intensity is always 1
         return cls.from_options(saved.pop("conv_kind"), **saved,
-                                **{name: weights[name] for name in LOSS_WEIGHT_OPTIONS})
+                                **{name: weights[weight]
+                                   for name, weight in LOSS_WEIGHT_OPTIONS.items()})
 
 
-# Training options that become the loss weights.
-LOSS_WEIGHT_OPTIONS = ("sparsity", "nonnegativity", "total_variation")
+# Training options that become the loss weights: option -> LossWeights field.
+LOSS_WEIGHT_OPTIONS = {"sparsity": "sparsity", "nonnegativity": "nonnegativity",
+                       "train_tv": "total_variation"}
+
+# Deprecated option names -> their names now.
+RENAMED_OPTIONS = {"total_variation": "train_tv"}
 
 
 def options_docstring():
