@@ -157,14 +157,15 @@ def test_files_saved_under_the_old_rtesd_kind_name_still_load(trained, phantom, 
     path = tmp_path / "model.pt"
     model.save(path)
     payload = torch.load(path, weights_only=True)
-    assert payload["config"]["conv_kind"] == "mixed-stem"
-    # RT-ESD's kind was called "mixed" before it got a name of its own.
-    payload["config"]["conv_kind"] = "mixed"
-    torch.save(payload, path)
-    loaded = load_model(path, verbose=False)
-    assert isinstance(loaded, RTESDModel) and loaded.config.conv_kind == "mixed-stem"
-    np.testing.assert_array_equal(loaded.fit(phantom.data, mask=phantom.mask).shm_coeff,
-                                  fit.shm_coeff)
+    assert payload["config"]["conv_kind"] == "e3so3-stem"
+    # RT-ESD's kind was called "mixed", then "mixed-stem", before its name now.
+    for former in ("mixed", "mixed-stem"):
+        payload["config"]["conv_kind"] = former
+        torch.save(payload, path)
+        loaded = load_model(path, verbose=False)
+        assert isinstance(loaded, RTESDModel) and loaded.config.conv_kind == "e3so3-stem"
+        np.testing.assert_array_equal(loaded.fit(phantom.data, mask=phantom.mask).shm_coeff,
+                                      fit.shm_coeff)
 
 
 def test_apply_to_a_scan_with_other_directions(trained, phantom, tmp_path):

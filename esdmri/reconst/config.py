@@ -291,6 +291,18 @@ def option_defaults():
     return {f.name: f.default for cls in _PARTS.values() for f in dataclasses.fields(cls)}
 
 
+# Former names of the models' convolution kinds, which model files and
+# checkpoints written before esdmri 0.2 hold: RT-ESD's was "mixed", then
+# "mixed-stem" (UNet's "mixed", now "e3so3", has E(3) x SO(3) convolutions
+# at every level, RT-ESD only in its stem).
+FORMER_CONV_KINDS = {"mixed": "e3so3-stem", "mixed-stem": "e3so3-stem"}
+
+
+def canonical_conv_kind(conv_kind):
+    """The current name of a model's convolution kind (see :data:`FORMER_CONV_KINDS`)."""
+    return FORMER_CONV_KINDS.get(conv_kind, conv_kind)
+
+
 @dataclass(frozen=True)
 class DeconvolutionConfig:
     """Hyperparameters of a deconvolution model (saved with its weights).
@@ -310,6 +322,7 @@ class DeconvolutionConfig:
     refinement: RefinementConfig = field(default_factory=RefinementConfig)
 
     def __post_init__(self):
+        object.__setattr__(self, "conv_kind", canonical_conv_kind(self.conv_kind))
         if self.training.epochs == 0 and not self.network.linear_prior:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "

@@ -22,8 +22,8 @@ from .. import serialization
 from ..deprecation import keyword_only_from
 from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs
-from .config import (DeconvolutionConfig, NetworkConfig, default_sh_order, option_defaults,
-                     options_docstring)
+from .config import (DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
+                     default_sh_order, option_defaults, options_docstring)
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_axes,
@@ -436,6 +436,7 @@ class _DeconvolutionModel(ReconstModel):
         ours = self.config.to_dict()
         # An option the checkpoint lacks (written before it existed) had its default.
         theirs = {**option_defaults(), **state["config"]}
+        theirs["conv_kind"] = canonical_conv_kind(theirs.get("conv_kind"))
         differing = sorted(name for name in ours
                            if name != "epochs" and theirs.get(name) != ours[name])
         if state["model"] != type(self).__name__:
@@ -578,10 +579,11 @@ class RTESDModel(_DeconvolutionModel):
     ``model.config`` holds them (frozen), :meth:`with_options` changes them.
     """
 
-    # Not "mixed": UNet(conv="mixed") has E(3) x SO(3) convolutions at every
+    # Not "e3so3": UNet(conv="e3so3") has E(3) x SO(3) convolutions at every
     # level, RT-ESD only in its stem. Model files written before this name
-    # hold "mixed"; load_model takes the kind from the class, not the file.
-    conv_kind = "mixed-stem"
+    # hold "mixed" or "mixed-stem" (config.FORMER_CONV_KINDS); load_model
+    # takes the kind from the class, not the file.
+    conv_kind = "e3so3-stem"
 
 
 # The options' entries come from the configuration classes, their one source.
