@@ -6,7 +6,7 @@ four stages, all against DIPY's CSD with the ground-truth response:
 1. the linear prior alone (the untrained network: a Tikhonov least-squares
    deconvolution of the grid signal);
 2. the trained network (``refine_steps=0``);
-3. the trained network refined voxel-wise on the loss (the default);
+3. the trained network refined on the loss, coupled between neighbours (the default);
 4. the linear prior refined the same way, with no training at all.
 
 Each row is scored by :func:`esdmri.metrics.threshold_sweep` at the
