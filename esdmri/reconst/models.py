@@ -228,12 +228,13 @@ class _DeconvolutionModel(ReconstModel):
         Parameters
         ----------
         scan : PreparedScan
-            From :meth:`prepare`.
+            What :meth:`prepare` returned for the scan.
 
         Returns
         -------
-        coefficients : ndarray, float32, shape (X, Y, Z, C_total)
-            As :meth:`prior_coefficients`.
+        coefficients : ndarray, shape (X, Y, Z, C_total)
+            Laid out as :meth:`prior_coefficients`'s (float32, zero outside
+            ``scan.mask``).
 
         Raises
         ------
