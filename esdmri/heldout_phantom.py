@@ -542,9 +542,24 @@ def _draw_layout(points, mask, radii, scale, n_bundles, low_angle, max_fan_angle
     return tracks
 
 
-def _watson_axes(mean, kappa, n, rng):
-    """``n`` axes per row drawn from Watson distributions (V, n, 3).
+def watson_axes(mean, kappa, n, rng):
+    """``n`` axes per row drawn from Watson distributions around ``mean``.
 
+    Parameters
+    ----------
+    mean : ndarray, shape (V, 3)
+        Unit mean axes.
+    kappa : ndarray, shape (V,)
+        Concentrations.
+    n : int
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    axes : ndarray, shape (V, n, 3)
+
+    Notes
+    -----
     The absolute cosine ``t`` to the mean has density ``exp(kappa t^2)`` on
     [0, 1]; it is drawn from ``exp(kappa t)`` (which bounds it) by inversion
     and accepted with probability ``exp(kappa (t^2 - t))``.
@@ -577,7 +592,7 @@ def _wm_signal(gtab, dirs, weights, kappa, axial, radial, intra, n_subfibres, rn
         rows = np.flatnonzero(weights[:, slot] > 0)
         if rows.size == 0:
             continue
-        axes = _watson_axes(dirs[rows, slot], kappa[rows, slot], n_subfibres, rng)
+        axes = watson_axes(dirs[rows, slot], kappa[rows, slot], n_subfibres, rng)
         cosine2 = (axes @ bvecs.T) ** 2  # (V, n, N)
         d_par = axial[rows, slot, None, None]
         d_perp = radial[rows, slot, None, None]
