@@ -104,8 +104,7 @@ def run(size, model_name, refine_steps):
           lambda: model.refine(prior, scan)[0])
 
     def train_and_infer():
-        model.train(scan.blocks(model.config.training.block_size, model.device),
-                    max_steps=model.config.training.train_windows)
+        model.train(scan, max_steps=model.config.training.train_windows)
         return model.network_coefficients(scan)
 
     network = stage(f"{model_name} network alone (refine_steps=0; training + inference)",

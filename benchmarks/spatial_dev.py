@@ -115,8 +115,7 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
     scan = model.prepare(data, mask=phantom.mask)
     prior = model.prior_coefficients(scan)
     start = time.perf_counter()
-    model.train(scan.blocks(model.config.training.block_size, model.device),
-                max_steps=model.config.training.train_windows)
+    model.train(scan, max_steps=model.config.training.train_windows)
     trained = model.network_coefficients(scan)
     seconds = time.perf_counter() - start
     return model, scan.normalized, scan.mask, prior, trained, seconds

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..response import TissueResponse
-from ..shm import ShellInterpolator, count_unique_axes
+from ..shm import count_unique_axes
 
 
 # Below this largest b-value (s/mm^2) a scheme is read as given in ms/um^2
@@ -256,7 +255,7 @@ def resolve_device(device):
 class PreparedScan:
     """A checked, b0-normalised scan with its response and grid interpolation.
 
-    Made by ``model.prepare(data, mask)``; the steps of a fit
+    Made by ``model.prepare(data, mask=mask)``; the steps of a fit
     (``model.prior_coefficients``, ``model.network_coefficients``,
     ``model.refine``, ``model.train``) read it, so the data are checked once
     per fit.
@@ -278,22 +277,5 @@ class PreparedScan:
     gtab: object
     normalized: np.ndarray
     mask: np.ndarray
-    response: TissueResponse
-    interpolator: ShellInterpolator
-
-    def blocks(self, block_size, device="cpu"):
-        """The scan as a block source for training (:class:`esdmri.reconst.subjects.ScanBlocks`).
-
-        Parameters
-        ----------
-        block_size : int
-        device : str or torch.device
-
-        Returns
-        -------
-        source : ScanBlocks
-        """
-        from .subjects import ScanBlocks  # here, so that the checks load without torch
-
-        return ScanBlocks(self.normalized, self.mask, self.gtab, self.interpolator.operator,
-                          block_size, device)
+    response: object
+    interpolator: object

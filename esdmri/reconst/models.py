@@ -31,6 +31,7 @@ from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_axes,
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
 from .refine import refine_coefficients
+from .subjects import ScanBlocks
 from .tiling import receptive_radius
 from .training import (PRECISIONS, DistributedContext, Trainer, check_training_options,
                        group_response)
@@ -313,10 +314,7 @@ class _DeconvolutionModel(ReconstModel):
         scan = self.prepare(data, mask)
         training = self.config.training
         if training.epochs and (retrain or (retrain is None and not self.training_history)):
-            if self.network is None:
-                self.build_network(scan.response)
-            self.train(scan.blocks(training.block_size, self.device),
-                       max_steps=training.train_windows)
+            self.train(scan, max_steps=training.train_windows)
         if self.network is not None:
             coefficients = self.network_coefficients(scan)
         else:
@@ -340,8 +338,10 @@ class _DeconvolutionModel(ReconstModel):
 
         Parameters
         ----------
-        source : ScanBlocks or SubjectBlocks
-            A block source (:mod:`esdmri.reconst.subjects`) on this model's
+        source : PreparedScan, ScanBlocks or SubjectBlocks
+            A scan from :meth:`prepare` (trained on in blocks of
+            ``block_size``; a model without a response takes the scan's), or
+            a block source (:mod:`esdmri.reconst.subjects`) on this model's
             grid (``self.sphere``) with blocks of ``block_size``; its
             subjects need the shells of the model's gtab.
         max_steps : int, optional
@@ -377,6 +377,11 @@ class _DeconvolutionModel(ReconstModel):
         if not self.config.training.epochs:
             raise ValueError("epochs is 0, so there is nothing to train: give the model "
                              "epochs=N (e.g. model.with_options(epochs=30))")
+        if isinstance(source, PreparedScan):
+            if self.response is None:
+                # The network is trained with the scan's response and keeps it.
+                self.response = source.response
+            source = ScanBlocks.from_scan(source, self.config.training.block_size, self.device)
         context = context if context is not None else DistributedContext()
         precision = check_training_options(precision, compile, num_workers, self.device)
         if resume and checkpoint is None:
