@@ -4,9 +4,11 @@
 fit with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and
 ``peaks``. The loss is unsupervised (the fODFs, convolved with the response
 functions, must reproduce the measured signal). By default the network is not
-trained (``epochs=0``, the most accurate setting measured): the fit is its
-linear prior refined by the spatially coupled descent of that loss. With
-``epochs=N`` the U-Net is first trained on the scan itself, as in the papers.
+trained (``epochs=0``, the most accurate setting measured): the fit is the
+network's linear prior, computed without building the network, refined by the
+spatially coupled descent of that loss. With ``epochs=N`` the U-Net is first
+trained on the scan itself, as in the papers. Fits leave the model as it was,
+except for the network that training gives it.
 """
 
 import copy
@@ -569,10 +571,13 @@ class RTESDModel(_DeconvolutionModel):
     ----------
     gtab : dipy.core.gradients.GradientTable
     response : esdmri.response.TissueResponse, optional
-        Tissue responses matching the gtab's shells. Estimated from the data
-        at fit time when None, by :func:`esdmri.response.estimate_response`
-        (as many tissues as the shells separate: WM and CSF from b0 plus one
-        shell, WM, GM and CSF from two or more shells or a non-shelled scan).
+        Tissue responses matching the gtab's shells. When None, each fit
+        estimates its own from its scan (``fit.response``), by
+        :func:`esdmri.response.estimate_response` (as many tissues as the
+        shells separate: WM and CSF from b0 plus one shell, WM, GM and CSF
+        from two or more shells or a non-shelled scan); the model keeps none,
+        unless it trains a network (which keeps the response it was trained
+        with).
     device : str
         "cpu", "cuda" or "cuda:N".
     verbose : bool
