@@ -171,7 +171,7 @@ class _DeconvolutionModel(ReconstModel):
         return self
 
     # -- the steps of a fit -----------------------------------------------
-    def prepare(self, data, mask=None):
+    def prepare(self, data, *, mask=None):
         """Check a scan, normalise it by its b0 and find its response.
 
         The first step of :meth:`fit`; the others read what it returns, so
@@ -313,7 +313,7 @@ class _DeconvolutionModel(ReconstModel):
             the one step that changes the model: the trained network (and
             the response it was trained with) stay on it for later fits.
         """
-        scan = self.prepare(data, mask)
+        scan = self.prepare(data, mask=mask)
         training = self.config.training
         if training.epochs and (retrain or (retrain is None and not self.training_history)):
             self.train(scan, max_steps=training.train_windows)
