@@ -178,7 +178,7 @@ def test_apply_to_a_scan_with_other_directions(trained, phantom, tmp_path):
     model.save(path)
     applied = load_model(path, gtab=other, verbose=False).fit(resampled.data, mask=resampled.mask)
     on_training_gtab = model.fit(make_phantom((10, 10, 10), snr=None, max_fibres=2).data,
-                                 phantom.mask)
+                                 mask=phantom.mask)
     # Same tissue, other gradient directions: the grid interpolation makes the
     # network see (nearly) the same input, so the fODFs agree closely.
     difference = np.abs(applied.shm_coeff - on_training_gtab.shm_coeff)[phantom.mask].mean()
