@@ -16,15 +16,14 @@ no ground-truth response or tissue fractions), and written between
 
 Usage::
 
-    python benchmarks/accuracy.py --quick           # small phantoms, < 3 min
-    python benchmarks/accuracy.py                   # 40^3 phantoms, < 30 min
-    python benchmarks/accuracy.py --methods csd --out out/accuracy --no-write-docs
-    python benchmarks/accuracy.py --disco 1 2 3 --snr 30   # after esdmri_fetch disco
+    python -m benchmarks.accuracy --quick           # small phantoms, < 3 min
+    python -m benchmarks.accuracy                   # 40^3 phantoms, < 30 min
+    python -m benchmarks.accuracy --methods csd --out out/accuracy --no-write-docs
+    python -m benchmarks.accuracy --disco 1 2 3 --snr 30   # after esdmri_fetch disco
 """
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,8 +51,7 @@ from esdmri.response import TissueResponse, estimate_response  # noqa: E402
 from esdmri.shm import group_shells  # noqa: E402
 from esdmri.sims import make_phantom  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import METHODS, NotApplicable  # noqa: E402
+from .methods import METHODS, NotApplicable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_FILE = REPO / "docs" / "benchmarks.md"
@@ -376,7 +374,7 @@ def docs_section(rows, methods, phantoms, mode, shape, thresholds):
                              + (f" (scored on {SLOW_METHOD_VOXELS[mode]} random WM voxels)"
                                 if m.slow else "") for m in methods)
     phantom_lines = "\n".join(f"- `{p.name}`: {p.description}" for p in phantoms)
-    command = "python benchmarks/accuracy.py" + (" --quick" if mode == "quick" else "")
+    command = "python -m benchmarks.accuracy" + (" --quick" if mode == "quick" else "")
     return f"""{START_MARKER}
 ## Same-model phantom with true responses: accuracy on `esdmri.sims` phantoms
 
@@ -514,7 +512,7 @@ def report(results, out, plot_name):
 def disco_command(args):
     """The command line that reproduces a DiSCo run (for the docs)."""
     snr = "none" if args.snr is None else str(args.snr)
-    return ("python benchmarks/accuracy.py --disco " + " ".join(map(str, args.disco))
+    return ("python -m benchmarks.accuracy --disco " + " ".join(map(str, args.disco))
             + f" --snr {snr}" + (" --resolution low" if args.resolution == "low" else "")
             + (" --quick" if args.quick else "")
             + (" --methods " + " ".join(args.methods) if args.methods else ""))

@@ -30,7 +30,7 @@ import healpy as hp
 import numpy as np
 import scipy.sparse as sp
 
-from esdmri.sphere import (DEEPSPHERE_KERNEL_WIDTHS, HealpixSphere, _normalized_laplacian,
+from esdmri.sphere import (DEEPSPHERE_KERNEL_WIDTHS, HealpixSphere, normalized_laplacian,
                            nearest_neighbour_adjacency)
 from esdmri.testing import filter_equivariance_error, rotation_equivariance_error
 
@@ -52,7 +52,7 @@ def healpix_neighbour_adjacency(nside):
 
 
 def rescaled(adjacency):
-    laplacian = _normalized_laplacian(sp.csr_matrix(adjacency))
+    laplacian = normalized_laplacian(sp.csr_matrix(adjacency))
     lambda_max = np.linalg.eigvalsh(laplacian.toarray())[-1]
     return (2 / lambda_max * laplacian - sp.identity(laplacian.shape[0])).tocsr()
 

@@ -483,7 +483,7 @@ def main():
     print(f"float32 matmul: {peak:.1f} GFLOP/s", flush=True)
     rows = layer_rows(args, peak)
     unets = {}
-    for conv in ("mixed",) if args.quick else ("mixed", "spherical"):
+    for conv in ("e3so3",) if args.quick else ("e3so3", "spherical"):
         unets[conv] = run_worker(dict(kind="unet", conv=conv, nside=8, repeats=args.repeats),
                                  args.threads)
         print("unet", conv, unets[conv], flush=True)

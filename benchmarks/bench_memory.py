@@ -80,14 +80,14 @@ def main():
     epochs = model.config.training.epochs
     reset_peak()
     start = time.perf_counter()
-    fit = model.fit(data, mask)
+    fit = model.fit(data, mask=mask)
     trained = len(model.training_history)
     rows.append((f"fit: train {trained}/{epochs} epoch(s) + infer + refine",
                  time.perf_counter() - start,
                  peak_gib()))
     reset_peak()
     start = time.perf_counter()
-    fit = model.fit(data, mask, retrain=False)
+    fit = model.fit(data, mask=mask, retrain=False)
     rows.append(("infer again (trained model)", time.perf_counter() - start, peak_gib()))
     order = model.config.network.sh_order_max
     assert fit.shm_coeff.shape == SHAPE + (n_coeffs(order),)

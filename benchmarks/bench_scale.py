@@ -137,7 +137,7 @@ def inference_rate(folder, model_file, threads):
         data, _, gtab = load_dwi(str(scan / "dwi.nii"), str(scan / "bvals"), str(scan / "bvecs"))
         mask = load_mask(str(scan / "mask.nii.gz"), data.shape[:3])
         start = time.perf_counter()
-        model.with_gtab(gtab).fit(data, mask, retrain=False)
+        model.with_gtab(gtab).fit(data, mask=mask, retrain=False)
         seconds += time.perf_counter() - start
         voxels += int(mask.sum())
     return voxels / seconds

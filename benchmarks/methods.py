@@ -276,7 +276,7 @@ def _fit_network(model_class, phantom, mask, **settings):
     Tissue fractions are returned when the response has WM, GM and CSF.
     """
     model = model_class(phantom.gtab, phantom.response, verbose=False, **settings)
-    fit = model.fit(phantom.data, phantom.mask)
+    fit = model.fit(phantom.data, mask=phantom.mask)
     keep = mask[..., None]
     shm_coeff = np.where(keep, fit.shm_coeff_descoteaux07, 0)
     by_tissue = fit.volume_fractions

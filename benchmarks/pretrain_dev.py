@@ -20,14 +20,13 @@ SNR 20 and 10, 20^3; the test phantoms are not built):
 The table (the SH-order study's layout: one peak threshold per row, the best
 mean success over both SNRs) is printed; results go to ``--out``::
 
-    python benchmarks/pretrain_dev.py --subjects 8 --epochs 20
-    python benchmarks/pretrain_dev.py --subjects 8 --epochs 20 --mask-fraction 0.5
+    python -m benchmarks.pretrain_dev --subjects 8 --epochs 20
+    python -m benchmarks.pretrain_dev --subjects 8 --epochs 20 --mask-fraction 0.5
 """
 
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 import warnings
@@ -35,17 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import heldout  # noqa: E402
-import sh_order_dev  # noqa: E402
 
-from esdmri import RTESDModel  # noqa: E402
-from esdmri.heldout_phantom import make_heldout_phantom  # noqa: E402
-from esdmri.metrics import threshold_sweep  # noqa: E402
-from esdmri.reconst.config import option_defaults  # noqa: E402
-from esdmri.reconst.group import train_group  # noqa: E402
-from esdmri.reconst.subjects import Subject  # noqa: E402
-from esdmri.response import estimate_response  # noqa: E402
+from esdmri import RTESDModel
+from esdmri.heldout_phantom import make_heldout_phantom
+from esdmri.metrics import threshold_sweep
+from esdmri.reconst.config import option_defaults
+from esdmri.reconst.group import train_group
+from esdmri.reconst.subjects import Subject
+from esdmri.response import estimate_response
+
+from . import heldout
+from . import sh_order_dev
 
 COHORT_GEOMETRY = 300
 COHORT_NOISE = 5000
@@ -108,7 +107,7 @@ def run(args):
             begin = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = model.fit(scan.data, scan.mask, **kwargs)
+                result = model.fit(scan.data, mask=scan.mask, **kwargs)
             return result.shm_coeff_descoteaux07, time.perf_counter() - begin
 
         for row, options in (("defaults (no training)", {}),
@@ -117,20 +116,17 @@ def run(args):
                                **options)
             score(results, row, snr, phantom, mask, *fit(model))
         # The pretrained network on this scan, its own responses in the loss.
-        alone = pretrained.with_options(refine_steps=0)
-        alone.response = scan.response
+        alone = pretrained.with_options(refine_steps=0).with_response(scan.response)
         score(results, "pretrained network alone", snr, phantom, mask, *fit(alone))
-        refined = pretrained.with_options(refine_steps=refine_steps)
-        refined.response = scan.response
+        refined = pretrained.with_options(refine_steps=refine_steps).with_response(
+            scan.response)
         score(results, "pretrained + refinement", snr, phantom, mask, *fit(refined))
         if args.finetune_epochs:
             tuned = copy.deepcopy(pretrained).with_options(
                 refine_steps=refine_steps, epochs=args.finetune_epochs,
-                mask_fraction=args.mask_fraction, batch_size=1)
-            tuned.response = scan.response
-            tuned.training_history = []
+                mask_fraction=args.mask_fraction, batch_size=1).with_response(scan.response)
             score(results, f"pretrained + {args.finetune_epochs} epochs on the scan + "
-                  "refinement", snr, phantom, mask, *fit(tuned))
+                  "refinement", snr, phantom, mask, *fit(tuned, retrain=True))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         temporary = args.out.with_suffix(".tmp")
         temporary.write_text(json.dumps({"pretrain_seconds": pretrain_seconds,

@@ -15,23 +15,21 @@ the voxels with tensor FA > 0.5:
 
 Usage::
 
-    python benchmarks/real_rois.py                      # writes docs/benchmarks.md
-    python benchmarks/real_rois.py --rois small_25 --no-write --refine-steps 1000
-    python benchmarks/real_rois.py --rois small_64D --no-write --normalize yes
+    python -m benchmarks.real_rois                      # writes docs/benchmarks.md
+    python -m benchmarks.real_rois --rois small_25 --no-write --refine-steps 1000
+    python -m benchmarks.real_rois --rois small_64D --no-write --normalize yes
 """
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from .accuracy import write_docs_section
 
-from accuracy import write_docs_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 MARKERS = ("<!-- real-rois:start -->", "<!-- real-rois:end -->")
@@ -102,7 +100,7 @@ def fit_rtesd(data, gtab, seed, refine_steps, normalize=None):
     predicted = fit.predict(S0=data[..., gtab.b0s_mask].mean(-1))
     fractions = {t: float(f[fit.mask].mean()) for t, f in fit.volume_fractions.items()}
     return dict(directions=directions[..., 0, :], seconds=seconds, fractions=fractions,
-                error=signal_error(predicted, data, gtab), normalized=model.normalizes,
+                error=signal_error(predicted, data, gtab), normalized=fit.normalizes,
                 warnings=sorted({str(w.message).split(":")[0][:60] for w in caught}),
                 n_warnings=len(caught))
 
@@ -154,7 +152,7 @@ def docs_section(rows, refine_steps):
     return f"""{MARKERS[0]}
 ## Real brain ROIs shipped with DIPY (issue 16)
 
-`python benchmarks/real_rois.py`: RT-ESD with the default settings (no training, at most
+`python -m benchmarks.real_rois`: RT-ESD with the default settings (no training, at most
 {refine_steps} steps of the spatially coupled refinement, responses from
 `esdmri.response.estimate_response`) against DIPY's CSD
 (`auto_response_ssst`, order 8) and DTI (b <= 1500) on `small_64D` (b0 + 64 directions at

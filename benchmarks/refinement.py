@@ -6,7 +6,7 @@ four stages, all against DIPY's CSD with the ground-truth response:
 1. the linear prior alone (the untrained network: a Tikhonov least-squares
    deconvolution of the grid signal);
 2. the trained network (``refine_steps=0``);
-3. the trained network refined voxel-wise on the loss (the default);
+3. the trained network refined on the loss, coupled between neighbours (the default);
 4. the linear prior refined the same way, with no training at all.
 
 Each row is scored by :func:`esdmri.metrics.threshold_sweep` at the
@@ -15,8 +15,8 @@ threshold with the best success rate and at 0.5, like
 
 Usage::
 
-    python benchmarks/refinement.py                  # 40^3, RT-ESD, writes docs
-    python benchmarks/refinement.py --size 20 --model esd --no-write
+    python -m benchmarks.refinement                  # 40^3, RT-ESD, writes docs
+    python -m benchmarks.refinement --size 20 --model esd --no-write
 """
 
 import argparse
@@ -26,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .accuracy import write_docs_section
+from .methods import TRAINED, fit_csd
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from accuracy import write_docs_section  # noqa: E402
-from methods import TRAINED, fit_csd  # noqa: E402
-
 DOCS = ROOT / "docs" / "benchmarks.md"
 MARKERS = ("<!-- refinement:start -->", "<!-- refinement:end -->")
 THRESHOLDS = np.round(np.arange(1, 10) * 0.1, 1)
@@ -60,7 +58,7 @@ def score(phantom, shm_coeff, fractions=None):
 
 
 def fractions_of_coefficients(coefficients, n_wm_coeffs):
-    from esdmri.reconst.training import fractions_of
+    from esdmri.reconst.inference import fractions_of
 
     fractions = fractions_of(coefficients, n_wm_coeffs)
     total = fractions.sum(-1, keepdims=True)
@@ -70,10 +68,8 @@ def fractions_of_coefficients(coefficients, n_wm_coeffs):
 def run(size, model_name, refine_steps):
     import torch
 
-    from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
-    from esdmri.reconst.subjects import ScanBlocks
-    from esdmri.shm import ShellInterpolator, n_coeffs
+    from esdmri.shm import n_coeffs
     from esdmri.sims import make_phantom
 
     phantom = make_phantom(shape=(size,) * 3, snr=30)
@@ -89,11 +85,9 @@ def run(size, model_name, refine_steps):
     model = MODEL_CLASSES[model_name](phantom.gtab, phantom.response, verbose=False,
                                       refine_steps=refine_steps, **TRAINED)
     n_wm = n_coeffs(model.config.network.sh_order_max)
-    # The model's own stages, called one by one so each can be scored.
-    normalized, inside = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
-                                         phantom.mask)
-    interpolator = ShellInterpolator(phantom.gtab, model.sphere.vertices)
-    model._build(interpolator.operator.shape[0])
+    # The model's own steps (those of model.fit), called one by one so each
+    # can be scored.
+    scan = model.prepare(phantom.data, mask=phantom.mask)
 
     def stage(label, produce):
         start = time.perf_counter()
@@ -105,19 +99,18 @@ def run(size, model_name, refine_steps):
         return coefficients
 
     prior = stage("linear prior alone (untrained network)",
-                  lambda: model._infer(normalized, inside, interpolator))
+                  lambda: model.prior_coefficients(scan))
     stage(f"linear prior + refinement ({refine_steps} steps), no training",
-          lambda: model._refine(prior, normalized, inside))
+          lambda: model.refine(prior, scan)[0])
+
     def train_and_infer():
-        model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
-                               model.config.training.block_size, model.device),
-                    max_steps=model.config.training.train_windows)
-        return model._infer(normalized, inside, interpolator)
+        model.train(scan, max_steps=model.config.training.train_windows)
+        return model.network_coefficients(scan)
 
     network = stage(f"{model_name} network alone (refine_steps=0; training + inference)",
                     train_and_infer)
     stage(f"{model_name} network + refinement ({refine_steps} steps; default)",
-          lambda: model._refine(network, normalized, inside))
+          lambda: model.refine(network, scan)[0])
     return table, int(fibres.sum())
 
 
@@ -145,7 +138,7 @@ def main(argv=None):
     print("\n".join(lines))
     if args.no_write:
         return
-    command = " ".join(["python benchmarks/refinement.py",
+    command = " ".join(["python -m benchmarks.refinement",
                         *(sys.argv[1:] if argv is None else argv)])
     section = "\n".join([
         MARKERS[0], "## Where the accuracy comes from: network and refinement", "",

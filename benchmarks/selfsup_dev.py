@@ -28,26 +28,24 @@ keep them reproducible.
 Usage (the runs recorded in docs/benchmarks.md, "Training that uses the
 neighbours", were of this form, one process per SNR)::
 
-    python benchmarks/selfsup_dev.py --threads 1 --snr 10 20 --blind \\
+    python -m benchmarks.selfsup_dev --threads 1 --snr 10 20 --blind \\
         --refine default tv20x100 --variants "epochs0:epochs=0" "defaults:" \\
         "m50:mask_fraction=0.5,lr=3e-4,train_windows=300"
-    python benchmarks/selfsup_dev.py --report --markdown
+    python -m benchmarks.selfsup_dev --report --markdown
 """
 
 import argparse
 import json
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import (MATCH_ANGLE, THRESHOLDS, build_phantom, scan_of,  # noqa: E402
+from .heldout import (MATCH_ANGLE, THRESHOLDS, build_phantom, scan_of,
                      scored_voxels, summary)
-from methods import TRAINED  # noqa: E402
+from .methods import TRAINED
 
 DEV_GEOMETRY_SEED = 101
 
@@ -86,8 +84,8 @@ def refinement_options(defaults, refine):
     return options
 
 
-def blind_coefficients(model, normalized, mask):
-    """The network's output at each voxel with that voxel's signal hidden.
+def blind_coefficients(model, scan):
+    """The network's output at each voxel of a prepared scan with that voxel's signal hidden.
 
     Two passes, one per checkerboard colour: the voxels of the colour get
     the mean of their masked face neighbours' signals (as
@@ -95,9 +93,9 @@ def blind_coefficients(model, normalized, mask):
     keep the network's output there; voxels without a masked neighbour keep
     the full-input output.
     """
-    from esdmri.shm import ShellInterpolator
+    import dataclasses
 
-    interpolator = ShellInterpolator(model.gtab, model.sphere.vertices)
+    normalized, mask = scan.normalized, scan.mask
     inside = mask[..., None]
     total = np.zeros_like(normalized)
     count = np.zeros(mask.shape)
@@ -111,11 +109,12 @@ def blind_coefficients(model, normalized, mask):
             count += padded_mask[cut]
     mean = total / np.maximum(count, 1)[..., None]
     parity = np.indices(mask.shape).sum(0) % 2
-    output = model._infer(normalized, mask, interpolator)
+    output = model.network_coefficients(scan)
     for colour in (0, 1):
         hidden = mask & (parity == colour) & (count > 0)
         hidden_input = np.where(hidden[..., None], mean, normalized).astype(np.float32)
-        output[hidden] = model._infer(hidden_input, mask, interpolator)[hidden]
+        hidden_scan = dataclasses.replace(scan, normalized=hidden_input)
+        output[hidden] = model.network_coefficients(hidden_scan)[hidden]
     return output
 
 
@@ -131,7 +130,6 @@ def sweep_of(phantom, shm_coeff, mask):
 def run_variant(name, options, snr, refinements, shape, blind=False):
     """Rows of one variant on one dev phantom: the network alone and each refinement."""
     from esdmri.reconst.fit import DeconvolutionFit
-    from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
 
     phantom = build_phantom(shape, DEV_GEOMETRY_SEED, snr, "dev")
@@ -157,30 +155,30 @@ def run_variant(name, options, snr, refinements, shape, blind=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        fit = model.fit(scan.data, scan.mask)
+        fit = model.fit(scan.data, mask=scan.mask)
         network_seconds = time.perf_counter() - start
         rows.append(dict(variant=name, refine="network alone", snr=snr,
                          seconds=network_seconds,
                          sweep=sweep_of(phantom, fit.shm_coeff_descoteaux07, mask)))
         for refine in refinements:
             start = time.perf_counter()
-            fit = refined_model(refine).fit(scan.data, scan.mask)
+            fit = refined_model(refine).fit(scan.data, mask=scan.mask)
             rows.append(dict(variant=name, refine=refine, snr=snr,
                              seconds=network_seconds + time.perf_counter() - start,
                              sweep=sweep_of(phantom, fit.shm_coeff_descoteaux07, mask)))
         if blind:
-            normalized, inside = normalize_by_b0(scan.data, scan.gtab, scan.mask)
+            prepared = model.prepare(scan.data, mask=scan.mask)
             start = time.perf_counter()
-            coefficients = blind_coefficients(model, normalized, inside)
+            coefficients = blind_coefficients(model, prepared)
             blind_seconds = network_seconds + time.perf_counter() - start
             starts = [("blind network alone", coefficients, blind_seconds)]
             for refine in refinements:
                 start = time.perf_counter()
-                refined = refined_model(refine)._refine(coefficients, normalized, inside)
+                refined, _ = refined_model(refine).refine(coefficients, prepared)
                 starts.append((f"blind + {refine}", refined,
                                blind_seconds + time.perf_counter() - start))
             for label, values, seconds in starts:
-                fit = DeconvolutionFit(model, values, inside)
+                fit = DeconvolutionFit(model, values, prepared.mask)
                 rows.append(dict(variant=name, refine=label, snr=snr, seconds=seconds,
                                  sweep=sweep_of(phantom, fit.shm_coeff_descoteaux07, mask)))
     history = model.training_history

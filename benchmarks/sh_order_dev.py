@@ -15,25 +15,24 @@ benchmark's rule). Two groups of rows:
 
 The table is printed in markdown; results go to ``--out`` after every fit::
 
-    python benchmarks/sh_order_dev.py --groups order training
+    python -m benchmarks.sh_order_dev --groups order training
 """
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import heldout  # noqa: E402
-from methods import TRAINED  # noqa: E402
 
-from esdmri import RTESDModel  # noqa: E402
-from esdmri.metrics import threshold_sweep  # noqa: E402
-from esdmri.reconst.config import option_defaults  # noqa: E402
+from esdmri import RTESDModel
+from esdmri.metrics import threshold_sweep
+from esdmri.reconst.config import option_defaults
+
+from . import heldout
+from .methods import TRAINED
 
 NO_CAP = dict(train_windows=1_000_000)
 # name -> (options of the refined fit, name of the network-alone row or None).
@@ -73,14 +72,14 @@ def fit_rows(scan, options, alone_name):
         warnings.simplefilter("ignore")
         if alone_name is None:
             model = RTESDModel(scan.gtab, scan.response, verbose=False, **options)
-            fit = model.fit(scan.data, scan.mask)
+            fit = model.fit(scan.data, mask=scan.mask)
             return [(None, fit.shm_coeff_descoteaux07, time.perf_counter() - start,
                      len(model.training_history))]
         model = RTESDModel(scan.gtab, scan.response, verbose=False,
                            **{**options, "refine_steps": 0})
-        alone = model.fit(scan.data, scan.mask)
+        alone = model.fit(scan.data, mask=scan.mask)
         alone_seconds = time.perf_counter() - start
-        refined = model.with_options(refine_steps=refine_steps).fit(scan.data, scan.mask)
+        refined = model.with_options(refine_steps=refine_steps).fit(scan.data, mask=scan.mask)
     epochs = len(model.training_history)
     return [(alone_name, alone.shm_coeff_descoteaux07, alone_seconds, epochs),
             (None, refined.shm_coeff_descoteaux07, time.perf_counter() - start, epochs)]

@@ -106,26 +106,19 @@ def network_stages(phantom, data, response, epochs, model_name, seed, device="cp
     """Linear prior and trained network coefficients (unrefined), with train time."""
     import torch
 
-    from esdmri.reconst.inputs import normalize_by_b0
     from esdmri.reconst.models import MODEL_CLASSES
-    from esdmri.reconst.subjects import ScanBlocks
-    from esdmri.shm import ShellInterpolator
 
     torch.manual_seed(seed)
     model = MODEL_CLASSES[model_name](phantom.gtab, response, epochs=max(epochs, 1),
                                       refine_steps=0, verbose=False, seed=seed,
                                       device=device, **model_options)
-    normalized, inside = normalize_by_b0(data, phantom.gtab, phantom.mask)
-    interpolator = ShellInterpolator(phantom.gtab, model.sphere.vertices)
-    model._build(interpolator.operator.shape[0])
-    prior = model._infer(normalized, inside, interpolator)
+    scan = model.prepare(data, mask=phantom.mask)
+    prior = model.prior_coefficients(scan)
     start = time.perf_counter()
-    model.train(ScanBlocks(normalized, inside, phantom.gtab, interpolator.operator,
-                           model.config.training.block_size, model.device),
-                max_steps=model.config.training.train_windows)
-    trained = model._infer(normalized, inside, interpolator)
+    model.train(scan, max_steps=model.config.training.train_windows)
+    trained = model.network_coefficients(scan)
     seconds = time.perf_counter() - start
-    return model, normalized, inside, prior, trained, seconds
+    return model, scan.normalized, scan.mask, prior, trained, seconds
 
 
 VARIANTS = {
@@ -208,7 +201,7 @@ def main():
             report(snr, "DIPY RUMBA-SD TV", time.perf_counter() - start, shm)
         model, normalized, inside, prior, trained, seconds = network_stages(
             phantom, data, response, args.epochs, args.model, args.seed, args.device,
-            total_variation=args.train_tv, spatial_layers=args.spatial_layers)
+            train_tv=args.train_tv, spatial_layers=args.spatial_layers)
         n_wm = n_coeffs(model.config.network.sh_order_max)
         starts = {"prior": prior, "network": trained}
         for start_name in args.starts:

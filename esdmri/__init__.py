@@ -1,6 +1,6 @@
 """esdmri: rotation-equivariant deep spherical deconvolution for diffusion MRI.
 
-``model = RTESDModel(gtab, response); fit = model.fit(data, mask)``, then
+``model = RTESDModel(gtab, response); fit = model.fit(data, mask=mask)``, then
 ``fit.shm_coeff``, ``fit.odf(sphere)``, ``fit.peaks()`` and DIPY tractography.
 """
 

@@ -50,11 +50,10 @@ the cortex) and streamlines along it (following the fan). Coordinates of
 streamlines are voxel indices, which are also world mm (identity affine).
 """
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-from dipy.core.gradients import GradientTable
+from dipy.core.geometry import normalized_vector
 from scipy.spatial import cKDTree
 
 from esdmri.sims import (
@@ -65,11 +64,13 @@ from esdmri.sims import (
     _REFERENCE_SIDE,
     MAX_FIBRES,
     TISSUES,
+    Phantom,
     _bundle_density,
     _check_scan,
     _smallest_pairwise_angle,
     _tissue_maps,
     add_rician_noise,
+    random_directions,
 )
 
 WM_MODELS = ("tensor", "stick_zeppelin")
@@ -131,59 +132,34 @@ class Bundle:
     kappa: tuple
 
 
-@dataclass(eq=False)
-class HeldoutPhantom:
+@dataclass(eq=False, kw_only=True)
+class HeldoutPhantom(Phantom):
     """A held-out phantom and its ground truth.
+
+    A :class:`esdmri.sims.Phantom` (the same volumes, ground truth, equality
+    and atomic :meth:`save`) with bundles and diffusivity maps, and no exact
+    response.
 
     Attributes
     ----------
-    data : ndarray, shape (X, Y, Z, N), float32
-    gtab : dipy.core.gradients.GradientTable
-    mask : ndarray, shape (X, Y, Z), bool
-        Brain mask.
     affine : ndarray, shape (4, 4)
         Identity: voxel indices are world mm.
     fibre_dirs : ndarray, shape (X, Y, Z, 3, 3)
         Mean direction of each fibre population (rows), NaN where absent.
-    fibre_fractions : ndarray, shape (X, Y, Z, 3)
-        Share of the WM signal of each population, summing to 1 in WM.
-    tissue_fractions : ndarray, shape (X, Y, Z, 3)
-        (wm, gm, csf) volume fractions.
-    n_fibres : ndarray, shape (X, Y, Z), int
-    crossing_angle : ndarray, shape (X, Y, Z)
-        Smallest angle between populations (degrees), NaN with fewer than two.
     bundles : list of Bundle
     wm_axial, wm_radial : ndarray, shape (X, Y, Z)
         Mean WM diffusivities of each voxel's fibres (mm^2/s), 0 outside WM.
         For ``stick_zeppelin``, those of the zeppelin.
-    snr : float or None
-    s0 : float
     wm_model : str
     response : None
         There is no exact response: methods must estimate one.
     """
 
-    data: np.ndarray
-    gtab: GradientTable
-    mask: np.ndarray
-    affine: np.ndarray
-    fibre_dirs: np.ndarray
-    fibre_fractions: np.ndarray
-    tissue_fractions: np.ndarray
-    n_fibres: np.ndarray
-    crossing_angle: np.ndarray
     bundles: list
     wm_axial: np.ndarray
     wm_radial: np.ndarray
-    snr: float | None
-    s0: float = 100.0
     wm_model: str = "tensor"
-    response: None = field(default=None)
-
-    @property
-    def sigma(self):
-        """Standard deviation of the noise in each channel (None if noise free)."""
-        return None if self.snr is None else self.s0 / self.snr
+    response: None = None
 
     @property
     def end_regions(self):
@@ -200,70 +176,34 @@ class HeldoutPhantom:
         """Every bundle's ground-truth streamlines, bundle after bundle."""
         return [line for bundle in self.bundles for line in bundle.streamlines]
 
-    def save(self, out_dir, force=False):
-        """Write the phantom as NIfTI + FSL gradients + ground truth.
+    def extra_truth(self):
+        """The diffusivity maps and WM model, for ``ground_truth.npz``."""
+        return dict(wm_axial=self.wm_axial, wm_radial=self.wm_radial,
+                    wm_model=self.wm_model)
 
-        Parameters
-        ----------
-        out_dir : str or path-like
-            Folder, created if missing. Receives ``dwi.nii.gz``, ``bvals``,
-            ``bvecs``, ``mask.nii.gz``, ``ground_truth.npz`` (read by
-            ``esdmri_eval``), ``streamlines.trk`` (every bundle's streamlines),
-            ``bundles/bundle_NN.nii.gz`` (bundle voxels) and
-            ``end_regions/bundle_NN_{start,end}.nii.gz``: in sorted order
-            the pairs ``esdmri_eval --end_regions`` expects.
-        force : bool, optional
-            Overwrite files that exist already.
-
-        Returns
-        -------
-        paths : dict
-            File name (relative to ``out_dir``) -> path written.
-        """
+    def extra_files(self):
+        """``streamlines.trk`` (every bundle's streamlines), ``bundles/bundle_NN.nii.gz``
+        (bundle voxels) and ``end_regions/bundle_NN_{start,end}.nii.gz``: in
+        sorted order the pairs ``esdmri_eval --end_regions`` expects."""
         import nibabel as nib
         from dipy.io.stateful_tractogram import Space, StatefulTractogram
         from dipy.io.streamline import save_tractogram
 
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"out_dir must be a folder, got the file {out_dir}")
-        names = ["dwi.nii.gz", "bvals", "bvecs", "mask.nii.gz", "ground_truth.npz",
-                 "streamlines.trk"]
-        for b in range(len(self.bundles)):
-            names += [f"bundles/bundle_{b:02d}.nii.gz",
-                      f"end_regions/bundle_{b:02d}_start.nii.gz",
-                      f"end_regions/bundle_{b:02d}_end.nii.gz"]
-        paths = {name: out_dir / name for name in names}
-        if not force:
-            existing = [str(path) for path in paths.values() if path.exists()]
-            if existing:
-                raise FileExistsError(
-                    f"refusing to overwrite {', '.join(existing)}; pass force=True")
-        for folder in ("bundles", "end_regions"):
-            (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        def volume(array):
+            return lambda path: nib.save(nib.Nifti1Image(array.astype(np.uint8), self.affine),
+                                         path)
 
-        def volume(array, name):
-            nib.save(nib.Nifti1Image(array, self.affine), paths[name])
+        def tractogram(path):
+            reference = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
+            save_tractogram(StatefulTractogram(self.streamlines, reference, Space.VOX),
+                            str(path), bbox_valid_check=False)
 
-        volume(self.data.astype(np.float32), "dwi.nii.gz")
-        volume(self.mask.astype(np.uint8), "mask.nii.gz")
-        np.savetxt(paths["bvals"], self.gtab.bvals[None])
-        np.savetxt(paths["bvecs"], self.gtab.bvecs.T)
-        np.savez_compressed(
-            paths["ground_truth.npz"], fibre_dirs=self.fibre_dirs,
-            fibre_fractions=self.fibre_fractions, tissue_fractions=self.tissue_fractions,
-            n_fibres=self.n_fibres, crossing_angle=self.crossing_angle,
-            wm_axial=self.wm_axial, wm_radial=self.wm_radial,
-            snr=np.nan if self.snr is None else self.snr, s0=self.s0,
-            wm_model=self.wm_model)
+        writers = {"streamlines.trk": tractogram}
         for b, bundle in enumerate(self.bundles):
-            volume(bundle.mask.astype(np.uint8), f"bundles/bundle_{b:02d}.nii.gz")
+            writers[f"bundles/bundle_{b:02d}.nii.gz"] = volume(bundle.mask)
             for side, region in zip(("start", "end"), bundle.end_regions):
-                volume(region.astype(np.uint8), f"end_regions/bundle_{b:02d}_{side}.nii.gz")
-        reference = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
-        tractogram = StatefulTractogram(self.streamlines, reference, Space.VOX)
-        save_tractogram(tractogram, str(paths["streamlines.trk"]), bbox_valid_check=False)
-        return paths
+                writers[f"end_regions/bundle_{b:02d}_{side}.nii.gz"] = volume(region)
+        return writers
 
 
 def make_heldout_phantom(shape=(40, 40, 40), gtab=None, snr=20, seed=0, *, geometry_seed=0,
@@ -431,7 +371,8 @@ def make_heldout_phantom(shape=(40, 40, 40), gtab=None, snr=20, seed=0, *, geome
         n_fibres=n_fibres.reshape(shape),
         crossing_angle=_smallest_pairwise_angle(fibre_dirs).reshape(shape),
         bundles=bundles, wm_axial=wm_axial.reshape(shape), wm_radial=wm_radial.reshape(shape),
-        snr=None if snr is None else float(snr), s0=float(s0), wm_model=wm_model)
+        response=None, snr=None if snr is None else float(snr), s0=float(s0),
+        wm_model=wm_model)
 
 
 def _check_range(value, name, low, high):
@@ -446,12 +387,6 @@ def _check_range(value, name, low, high):
     return smallest, largest
 
 
-def _unit(vectors):
-    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
-
-
-def _random_unit(rng, n=None):
-    return _unit(rng.normal(size=(3,) if n is None else (n, 3)))
 
 
 def _smooth_field(points, mask, shape, rng):
@@ -460,7 +395,7 @@ def _smooth_field(points, mask, shape, rng):
     value = np.zeros(points.shape[0])
     for _ in range(_FIELD_WAVES):
         wavelength = side * rng.uniform(*_FIELD_WAVELENGTHS)
-        value += np.cos(2 * np.pi * points @ _random_unit(rng) / wavelength
+        value += np.cos(2 * np.pi * points @ random_directions(rng) / wavelength
                         + rng.uniform(0, 2 * np.pi))
     low, high = value[mask].min(), value[mask].max()
     return np.clip((value - low) / max(high - low, 1e-12), 0, 1)
@@ -491,10 +426,10 @@ def _surface_point(direction, radii):
 
 def _centreline(rng, radii, step):
     """Quadratic Bezier between two surface points, resampled every ``step``."""
-    axis = _random_unit(rng)
-    start = _surface_point(_unit(axis + 0.35 * rng.normal(size=3)), radii)
-    end = _surface_point(_unit(-axis + 0.35 * rng.normal(size=3)), radii)
-    control = rng.uniform(*_CONTROL_REACH) * radii * _random_unit(rng)
+    axis = random_directions(rng)
+    start = _surface_point(normalized_vector(axis + 0.35 * rng.normal(size=3)), radii)
+    end = _surface_point(normalized_vector(-axis + 0.35 * rng.normal(size=3)), radii)
+    control = rng.uniform(*_CONTROL_REACH) * radii * random_directions(rng)
     t = np.linspace(0, 1, 2000)[:, None]
     curve = (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t ** 2 * end
     arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(curve, axis=0), axis=1))])
@@ -510,7 +445,7 @@ def _rotation_minimising_frame(line, tangent):
     if np.linalg.norm(normal) < 0.1:
         normal = np.cross(tangent[0], [0.0, 1.0, 0.0])
     normals = np.empty_like(line)
-    normals[0] = _unit(normal)
+    normals[0] = normalized_vector(normal)
     for i in range(len(line) - 1):
         v1 = line[i + 1] - line[i]
         c1 = v1 @ v1
@@ -519,14 +454,14 @@ def _rotation_minimising_frame(line, tangent):
         v2 = tangent[i + 1] - t_left
         c2 = v2 @ v2
         normals[i + 1] = r_left if c2 < 1e-20 else r_left - (2 / c2) * (v2 @ r_left) * v2
-    normals = _unit(normals)
+    normals = normalized_vector(normals)
     return np.stack([normals, np.cross(tangent, normals)], axis=1)
 
 
 def _track(points, mask, radii, scale, fan_angle, kappa_ends, rng):
     step = _STEP * scale
     line = _centreline(rng, radii, step)
-    tangent = _unit(np.gradient(line, axis=0))
+    tangent = normalized_vector(np.gradient(line, axis=0))
     length = step * (len(line) - 1)
     arc = np.arange(len(line)) * step
     base = rng.uniform(*_RADIUS_RANGE) * scale
@@ -560,8 +495,8 @@ def _track(points, mask, radii, scale, fan_angle, kappa_ends, rng):
     candidates, nearest, perpendicular, width = (candidates[inner], nearest[inner],
                                                  perpendicular[inner], width[inner])
     density[candidates] = _bundle_density(width / radius[nearest])
-    direction[candidates] = _unit(tangent[nearest] + slope[nearest, None] * perpendicular
-                                  / radius[nearest, None])
+    direction[candidates] = normalized_vector(
+        tangent[nearest] + slope[nearest, None] * perpendicular / radius[nearest, None])
     kappa[candidates] = kappa_ends[0] + (kappa_ends[1] - kappa_ends[0]) * (
         arc[nearest] / length)
     return _Track(line, tangent, _rotation_minimising_frame(line, tangent), radius, slope,
@@ -607,9 +542,24 @@ def _draw_layout(points, mask, radii, scale, n_bundles, low_angle, max_fan_angle
     return tracks
 
 
-def _watson_axes(mean, kappa, n, rng):
-    """``n`` axes per row drawn from Watson distributions (V, n, 3).
+def watson_axes(mean, kappa, n, rng):
+    """``n`` axes per row drawn from Watson distributions around ``mean``.
 
+    Parameters
+    ----------
+    mean : ndarray, shape (V, 3)
+        Unit mean axes.
+    kappa : ndarray, shape (V,)
+        Concentrations.
+    n : int
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    axes : ndarray, shape (V, n, 3)
+
+    Notes
+    -----
     The absolute cosine ``t`` to the mean has density ``exp(kappa t^2)`` on
     [0, 1]; it is drawn from ``exp(kappa t)`` (which bounds it) by inversion
     and accepted with probability ``exp(kappa (t^2 - t))``.
@@ -627,7 +577,7 @@ def _watson_axes(mean, kappa, n, rng):
         todo.flat[index] = False
     azimuth = rng.uniform(0, 2 * np.pi, size=kappa.shape)
     helper = np.where(np.abs(mean[:, :1]) < 0.9, [[1.0, 0, 0]], [[0, 1.0, 0]])
-    e1 = _unit(np.cross(mean, helper))
+    e1 = normalized_vector(np.cross(mean, helper))
     e2 = np.cross(mean, e1)
     sine = np.sqrt(np.clip(1 - cosine ** 2, 0, None))
     return (cosine[..., None] * mean[:, None] + sine[..., None]
@@ -642,7 +592,7 @@ def _wm_signal(gtab, dirs, weights, kappa, axial, radial, intra, n_subfibres, rn
         rows = np.flatnonzero(weights[:, slot] > 0)
         if rows.size == 0:
             continue
-        axes = _watson_axes(dirs[rows, slot], kappa[rows, slot], n_subfibres, rng)
+        axes = watson_axes(dirs[rows, slot], kappa[rows, slot], n_subfibres, rng)
         cosine2 = (axes @ bvecs.T) ** 2  # (V, n, N)
         d_par = axial[rows, slot, None, None]
         d_perp = radial[rows, slot, None, None]

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from dipy.core.geometry import normalized_vector
 from dipy.core.gradients import GradientTable, gradient_table
 from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.io.gradients import read_bvals_bvecs
@@ -155,8 +156,9 @@ class Phantom:
     crossing_angle : ndarray, shape (X, Y, Z)
         Smallest pairwise angle between fibres in degrees, NaN with fewer
         than two fibres.
-    response : esdmri.response.TissueResponse
-        Exact multi-tissue response of the signal model (ground truth).
+    response : esdmri.response.TissueResponse or None
+        Exact multi-tissue response of the signal model (ground truth); None
+        for a signal without one (:class:`esdmri.heldout_phantom.HeldoutPhantom`).
     snr : float or None
         ``s0 / sigma`` of the Rician noise, None for noise-free data.
     s0 : float
@@ -172,7 +174,7 @@ class Phantom:
     tissue_fractions: np.ndarray
     n_fibres: np.ndarray
     crossing_angle: np.ndarray
-    response: TissueResponse
+    response: TissueResponse | None
     snr: float | None
     s0: float = 100.0
 
@@ -190,10 +192,7 @@ class Phantom:
             all(_arrays_equal(getattr(self, name), getattr(other, name)) for name in arrays)
             and _arrays_equal(self.gtab.bvals, other.gtab.bvals)
             and _arrays_equal(self.gtab.bvecs, other.gtab.bvecs)
-            and self.response.tissues == other.response.tissues
-            and _arrays_equal(self.response.bvals, other.response.bvals)
-            and all(_arrays_equal(a, b) for a, b in zip(
-                self.response.coefficients, other.response.coefficients, strict=True))
+            and _responses_equal(self.response, other.response)
             and self.snr == other.snr
             and self.s0 == other.s0
         )
@@ -201,33 +200,32 @@ class Phantom:
     __hash__ = None
 
     def save(self, out_dir, force=False):
-        """Write the phantom as NIfTI + FSL gradients + ground truth.
+        """Write the phantom as NIfTI + FSL gradients + ground truth, atomically.
 
         Parameters
         ----------
         out_dir : str or path-like
             Folder, created if missing. Receives ``dwi.nii.gz``, ``bvals``,
-            ``bvecs``, ``mask.nii.gz`` and ``ground_truth.npz``.
+            ``bvecs``, ``mask.nii.gz`` and ``ground_truth.npz`` (read by
+            :func:`load_phantom` and ``esdmri_eval``), and the files of
+            :meth:`extra_files` of a subclass.
         force : bool, optional
             Overwrite files that exist already.
 
         Returns
         -------
         paths : dict
-            File name -> path written.
+            File name (relative to ``out_dir``) -> path written.
         """
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"out_dir must be a folder, got the file {out_dir}")
-        paths = {name: out_dir / name for name in _PHANTOM_FILES}
-        if not force:
-            existing = [str(path) for path in paths.values() if path.exists()]
-            if existing:
-                raise FileExistsError(
-                    f"refusing to overwrite {', '.join(existing)}; pass force=True")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        responses = {f"response_{tissue}": coefficients for tissue, coefficients
-                     in zip(self.response.tissues, self.response.coefficients, strict=True)}
+        responses = {}
+        if self.response is not None:
+            responses = {f"response_{tissue}": coefficients for tissue, coefficients
+                         in zip(self.response.tissues, self.response.coefficients, strict=True)}
+            responses.update(response_tissues=np.array(self.response.tissues),
+                             response_bvals=self.response.bvals)
         writers = {
             "dwi.nii.gz": lambda path: nib.save(
                 nib.Nifti1Image(self.data.astype(np.float32), self.affine), path),
@@ -238,21 +236,56 @@ class Phantom:
             "ground_truth.npz": lambda path: np.savez_compressed(
                 path, fibre_dirs=self.fibre_dirs, fibre_fractions=self.fibre_fractions,
                 tissue_fractions=self.tissue_fractions, n_fibres=self.n_fibres,
-                crossing_angle=self.crossing_angle,
-                response_tissues=np.array(self.response.tissues),
-                response_bvals=self.response.bvals, **responses,
+                crossing_angle=self.crossing_angle, **responses,
                 snr=np.nan if self.snr is None else self.snr, s0=self.s0,
-                b0_threshold=self.gtab.b0_threshold),
+                b0_threshold=self.gtab.b0_threshold, **self.extra_truth()),
+            **self.extra_files(),
         }
-        # All five files appear together, or none does.
+        paths = {name: out_dir / name for name in writers}
+        if not force:
+            existing = [str(path) for path in paths.values() if path.exists()]
+            if existing:
+                raise FileExistsError(
+                    f"refusing to overwrite {', '.join(existing)}; pass force=True")
+        for folder in {path.parent for path in paths.values()}:
+            folder.mkdir(parents=True, exist_ok=True)
+        # All files appear together, or none does.
         with output_transaction():
             for name, write in writers.items():
                 with staged_output(paths[name]) as temporary:
                     write(temporary)
         return paths
 
+    def extra_truth(self):
+        """Arrays a subclass adds to ``ground_truth.npz`` (none here).
+
+        Returns
+        -------
+        arrays : dict of str -> ndarray
+        """
+        return {}
+
+    def extra_files(self):
+        """Files a subclass adds to :meth:`save` (none here).
+
+        Returns
+        -------
+        writers : dict of str -> callable
+            File name relative to ``out_dir`` -> function writing it to the
+            path it is given (a temporary name ending like the file's).
+        """
+        return {}
+
 
 _PHANTOM_FILES = ("dwi.nii.gz", "bvals", "bvecs", "mask.nii.gz", "ground_truth.npz")
+
+
+def _responses_equal(a, b):
+    if a is None or b is None:
+        return a is b
+    return (a.tissues == b.tissues and _arrays_equal(a.bvals, b.bvals)
+            and all(_arrays_equal(x, y) for x, y in zip(a.coefficients, b.coefficients,
+                                                         strict=True)))
 
 
 def _arrays_equal(a, b):
@@ -283,10 +316,12 @@ def load_phantom(out_dir):
         bvals, bvecs = read_bvals_bvecs(str(out_dir / "bvals"), str(out_dir / "bvecs"))
         gtab = gradient_table(bvals=bvals, bvecs=bvecs,
                               b0_threshold=float(truth["b0_threshold"]))
-        tissues = tuple(str(tissue) for tissue in truth["response_tissues"])
-        response = TissueResponse(
-            tissues, truth["response_bvals"],
-            tuple(truth[f"response_{tissue}"] for tissue in tissues))
+        response = None  # a phantom without an exact response (held-out) has none
+        if "response_tissues" in truth:
+            tissues = tuple(str(tissue) for tissue in truth["response_tissues"])
+            response = TissueResponse(
+                tissues, truth["response_bvals"],
+                tuple(truth[f"response_{tissue}"] for tissue in tissues))
         snr = float(truth["snr"])
         return Phantom(
             data=np.asarray(dwi.dataobj, dtype=np.float32), gtab=gtab, mask=mask,
@@ -513,9 +548,20 @@ def _tissue_maps(points, shape, scale):
     return mask, csf, cortex
 
 
-def _unit(vector):
-    vector = np.asarray(vector, dtype=float)
-    return vector / np.linalg.norm(vector)
+def random_directions(rng, n=None):
+    """Unit vectors drawn uniformly on the sphere.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    n : int, optional
+        How many (default: one, shape (3,)).
+
+    Returns
+    -------
+    directions : ndarray, shape (3,) or (n, 3)
+    """
+    return normalized_vector(rng.normal(size=(3,) if n is None else (n, 3)))
 
 
 def _straight(points, origin, direction, half_widths, width_axis=None):
@@ -524,11 +570,11 @@ def _straight(points, origin, direction, half_widths, width_axis=None):
     Returns the distance in units of the half-widths (1 on the border) and
     the (constant) tangent, shapes (M,) and (M, 3).
     """
-    direction = _unit(direction)
+    direction = normalized_vector(direction)
     if width_axis is None:
         # Any perpendicular axis will do for a circular cross-section.
         width_axis = np.cross(direction, [0.0, 0.0, 1.0])
-    width_axis = _unit(width_axis)
+    width_axis = normalized_vector(width_axis)
     height_axis = np.cross(direction, width_axis)
     offset = points - origin
     distance = np.hypot(offset @ width_axis / half_widths[0],
@@ -542,7 +588,7 @@ def _arc(points, centre, normal, zero_axis, radius, tube_radius):
     The half circle lies in the plane through ``centre`` with ``normal`` and
     spans polar angles -90 to 90 degrees around ``zero_axis``.
     """
-    normal, zero_axis = _unit(normal), _unit(zero_axis)
+    normal, zero_axis = normalized_vector(normal), normalized_vector(zero_axis)
     offset = points - centre
     height = offset @ normal
     radial = offset - height[:, None] * normal

@@ -139,8 +139,18 @@ def nearest_neighbour_adjacency(vertices, n_neighbours, width, ties="share"):
     return chosen.maximum(chosen.T).tocsr()
 
 
-def _normalized_laplacian(adjacency):
-    """``I - D^-1/2 W D^-1/2`` of a sparse weighted adjacency ``W``."""
+def normalized_laplacian(adjacency):
+    """``I - D^-1/2 W D^-1/2`` of a sparse weighted adjacency ``W``.
+
+    Parameters
+    ----------
+    adjacency : scipy.sparse matrix, shape (V, V)
+        Symmetric, non-negative weights, every row with a positive sum.
+
+    Returns
+    -------
+    laplacian : scipy.sparse.csr_matrix, shape (V, V)
+    """
     inv_sqrt_degree = sp.diags(1.0 / np.sqrt(np.asarray(adjacency.sum(axis=1)).ravel()))
     identity = sp.identity(adjacency.shape[0], format="csr")
     return (identity - inv_sqrt_degree @ adjacency @ inv_sqrt_degree).tocsr()
@@ -277,11 +287,11 @@ class HealpixSphere:
 
     @cached_property
     def _scaled_laplacian(self):
-        laplacian = _normalized_laplacian(self.adjacency())
+        laplacian = normalized_laplacian(self.adjacency())
         # The full sphere's lambda_max also for the hemisphere: its spectrum
         # is the even half of the full one, and sharing the scale makes the
         # hemispherical filters exactly the full-sphere filters on even signals.
-        full_laplacian = _normalized_laplacian(self._full_adjacency)
+        full_laplacian = normalized_laplacian(self._full_adjacency)
         if full_laplacian.shape[0] <= _DENSE_EIGEN_LIMIT:
             lambda_max = np.linalg.eigvalsh(full_laplacian.toarray())[-1]
         else:

@@ -125,16 +125,87 @@ def equivariance_error(function, x, transform_in, transform_out=None, function_o
         return relative_error(function_out(transform_in(x)), transform_out(function(x)))
 
 
-def assert_equivariant(function, x, transform_in, transform_out=None, function_out=None,
-                       tol=EXACT, label=""):
+def assert_equivariant(function, x=None, transform_in=None, transform_out=None,
+                       function_out=None, tol=None, label="", *, field_in=None, field_out=None,
+                       spatial_shape=(), batch=2, n_rotations=4, seed=0, dtype=None):
     """Assert ``function(T_in x) == T_out function(x)`` to a relative ``tol``.
 
-    Arguments as in :func:`equivariance_error`. Returns the measured relative
-    error, so that a test can report it.
+    Two ways to call it:
+
+    - with an input ``x`` and its transforms, as :func:`equivariance_error`
+      takes them (``tol`` defaults to :data:`EXACT`);
+    - like e3nn's ``assert_equivariant``, with the declared types of the
+      input and output fields (``field_in``, ``field_out``): random inputs of
+      shape ``(batch, field_in.dim, *spatial_shape)`` are drawn, and rotated
+      by :func:`rotate_tensor_field`: ``n_rotations`` random SO(3) rotations
+      without a grid (``spatial_shape=()``), or every 90-degree rotation about
+      x and z (and their product) that maps the grid of ``spatial_shape``
+      onto itself, applied to the voxels too.
+
+    Parameters
+    ----------
+    function : callable
+    x, transform_in, transform_out, function_out
+        As in :func:`equivariance_error`; leave them out with ``field_in``.
+    tol : float, optional
+        Largest relative error accepted (default: :data:`EXACT`, or with
+        field types 1e-9 in float64 and 1e-4 in float32).
+    label : str, optional
+        Names the function in the failure message.
+    field_in, field_out : esdmri.nn.tensor_field.TensorFieldType, optional
+        Layout of dim 1 of the input and output (``field_out`` defaults to
+        ``field_in``).
+    spatial_shape : tuple of int, optional
+        Trailing (voxel) axes of the input; the last three are the grid.
+    batch, n_rotations, seed : int, optional
+    dtype : torch.dtype, optional
+        Of the random inputs (default: the function's parameters' dtype,
+        float64 for a function without parameters).
+
+    Returns
+    -------
+    error : float
+        The largest relative error measured, so that a test can report it.
     """
-    error = equivariance_error(function, x, transform_in, transform_out, function_out)
-    assert error < tol, f"{label or 'function'} is not equivariant: relative error {error:.3g}"
-    return error
+    if field_in is None:
+        if x is None or transform_in is None:
+            raise TypeError("assert_equivariant needs x and transform_in, or field_in")
+        error = equivariance_error(function, x, transform_in, transform_out, function_out)
+        tol = EXACT if tol is None else tol
+        assert error < tol, (f"{label or 'function'} is not equivariant: relative error "
+                             f"{error:.3g}")
+        return error
+    if x is not None or transform_in is not None or transform_out is not None:
+        raise TypeError("give field_in, or x with its transforms, not both")
+    field_out = field_in if field_out is None else field_out
+    if dtype is None:
+        parameters = list(getattr(function, "parameters", list)())
+        dtype = parameters[0].dtype if parameters else torch.float64
+    tol = (1e-9 if dtype == torch.float64 else 1e-4) if tol is None else tol
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, field_in.dim, *spatial_shape), generator=generator, dtype=dtype)
+    grid = len(spatial_shape) >= 3
+    if grid:
+        shape = np.array(spatial_shape[-3:])
+        rotations = [r for r in (ROTATE_Z_90, ROTATE_X_90, ROTATE_Z_90 @ ROTATE_X_90)
+                     if np.array_equal(np.abs(r) @ shape, shape)]
+        if not rotations:
+            raise ValueError(f"no 90-degree rotation maps the grid {tuple(shape)} onto itself")
+    else:
+        from scipy.spatial.transform import Rotation
+
+        rotations = Rotation.random(n_rotations, random_state=seed).as_matrix()
+    errors = []
+    for rotation in rotations:
+        error = equivariance_error(
+            function, x, lambda f, r=rotation: rotate_tensor_field(f, field_in, r, grid=grid),
+            lambda f, r=rotation: rotate_tensor_field(f, field_out, r, grid=grid),
+            function_out)
+        assert error < tol, (f"{label or 'function'} is not equivariant from {field_in} to "
+                             f"{field_out}: relative error {error:.3g} under the rotation "
+                             f"{np.round(rotation, 3).tolist()}")
+        errors.append(error)
+    return max(errors)
 
 
 def filter_equivariance_error(laplacian, vertices, kernel_size, max_degree=8, n_filters=32,

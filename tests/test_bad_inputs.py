@@ -59,7 +59,7 @@ def write_gradients(folder, name, bvals, bvecs):
 @pytest.fixture(scope="module")
 def tiny_fit(phantom):
     model = RTESDModel(phantom.gtab, phantom.response, **TINY)
-    return model, model.fit(phantom.data, phantom.mask)
+    return model, model.fit(phantom.data, mask=phantom.mask)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_fit_refuses_bad_data_before_training(phantom):
     ]
     for values, voxels, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
-            model.fit(values, voxels)
+            model.fit(values, mask=voxels)
     assert model.network is None  # nothing was trained
 
 
@@ -190,7 +190,7 @@ def test_dirty_voxels_warn_once_with_counts_and_nan_outside_the_mask_is_accepted
     model = RTESDModel(phantom.gtab, phantom.response, **TINY)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = model.fit(data, mask)
+        fit = model.fit(data, mask=mask)
     messages = [str(warning.message) for warning in caught]
     negative = [m for m in messages if "negative diffusion-weighted" in m]
     assert negative == [f"data has {n_negative} negative diffusion-weighted values in "
@@ -209,7 +209,7 @@ def test_dirty_voxels_warn_once_with_counts_and_nan_outside_the_mask_is_accepted
     reference = RTESDModel(phantom.gtab, phantom.response, **TINY)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = reference.fit(clean, mask)
+        expected = reference.fit(clean, mask=mask)
     np.testing.assert_array_equal(fit.shm_coeff, expected.shm_coeff)
 
 

@@ -32,12 +32,15 @@ FORMAT_3_DEFAULTS = {
 ADDED_OPTIONS = {"mask_fraction": 0.0}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0}
+# Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
+RENAMED = {"conv_kind": "e3so3-stem"}
 
 
 def test_saved_layout_is_model_format_3():
     # A model resolves sh_order_max=None from its gtab before anything is saved.
     config = DeconvolutionConfig.from_options("mixed", sh_order_max=8)
-    assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS}
+    assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS,
+                                **RENAMED}
     changed = {**FORMAT_3_DEFAULTS, "nside": 8, "refine_steps": 0,
                "loss_weights": {**FORMAT_3_DEFAULTS["loss_weights"], "sparsity": 0.5}}
     # A file of the old layout (no mask_fraction) loads, with the added options' defaults.
@@ -45,9 +48,9 @@ def test_saved_layout_is_model_format_3():
     assert loaded.network.nside == 8 and loaded.refinement.refine_steps == 0
     assert loaded.training.sparsity == 0.5 and loaded.training.loss_weights.sparsity == 0.5
     assert loaded.training.mask_fraction == 0.0 and loaded.training.epochs == 30
-    assert loaded.to_dict() == {**changed, **ADDED_OPTIONS}
+    assert loaded.to_dict() == {**changed, **ADDED_OPTIONS, **RENAMED}
     masked = {**changed, "mask_fraction": 0.25}
-    assert DeconvolutionConfig.from_dict(masked).to_dict() == masked
+    assert DeconvolutionConfig.from_dict(masked).to_dict() == {**masked, **RENAMED}
 
 
 def test_configurations_are_frozen_and_replace_validates():
@@ -84,7 +87,7 @@ def test_configurations_are_frozen_and_replace_validates():
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
-        DeconvolutionConfig.from_options("mixed", **options)
+        DeconvolutionConfig.from_options("e3so3-stem", **options)
 
 
 def test_defaults_and_docs_come_from_the_fields():
@@ -95,10 +98,10 @@ def test_defaults_and_docs_come_from_the_fields():
     assert defaults["lr"] == 1.7e-3 and defaults["nside"] == 4
     text = options_docstring()
     for name, value in defaults.items():
-        if name in ("sparsity", "nonnegativity", "total_variation"):
+        if name in ("sparsity", "nonnegativity"):
             continue
         assert f"{name} : " in text and f"default {value!r}" in text, name
-    assert "sparsity, nonnegativity, total_variation : float, defaults 0.0001, 0.1, 0.0" in text
+    assert "sparsity, nonnegativity : float, defaults 0.0001, 0.1" in text
     from esdmri import RTESDModel
     assert "    nside : int, default 4\n" in RTESDModel.__doc__
 
@@ -129,3 +132,13 @@ def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expec
     with pytest.warns(UserWarning, match="underdetermined"):
         explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
     assert explicit.config.network.sh_order_max == 12
+
+
+def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
+    from esdmri.deprecation import ArgsDeprecationWarning
+
+    with pytest.warns(ArgsDeprecationWarning, match="'total_variation' is deprecated.*train_tv"):
+        config = DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5)
+    assert config.training.train_tv == 0.5 == config.training.loss_weights.total_variation
+    with pytest.raises(TypeError, match="both 'total_variation' and 'train_tv'"):
+        DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5, train_tv=0.5)

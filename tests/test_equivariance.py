@@ -115,7 +115,7 @@ def sphere8():
 @pytest.mark.parametrize("pooling_mode", ["average", "max"])
 def test_unet_equivariance(sphere4, pooling_mode):
     torch.manual_seed(1)
-    net = UNet(2, 2, sphere4, depth=3, filter_start=2, conv="mixed", padding="circular",
+    net = UNet(2, 2, sphere4, depth=3, filter_start=2, conv="e3so3", padding="circular",
                pooling_mode=pooling_mode).eval()
     x = torch.randn(1, 2, sphere4.n_vertices, 8, 8, 4)
     # Shifts by multiples of 2**(depth - 1).
@@ -126,7 +126,7 @@ def test_unet_equivariance(sphere4, pooling_mode):
 
 def test_unet_training_mode_is_equivariant(sphere4):
     # Batch statistics are pooled over vertices and voxels: symmetric too.
-    net = UNet(2, 1, sphere4, depth=2, filter_start=2, conv="mixed", padding="circular")
+    net = UNet(2, 1, sphere4, depth=2, filter_start=2, conv="e3so3", padding="circular")
     x = torch.randn(2, 2, sphere4.n_vertices, 4, 4, 4)
     assert_equivariant(net.train(), x, both_z(sphere4))
 
@@ -145,9 +145,9 @@ def full_to_hemisphere_rows(full, hemi):
 @pytest.mark.parametrize("build", [
     lambda s: E3SO3Conv(2, 3, s.chebyshev_basis(3)),
     lambda s: SphericalConv(2, 3, s.chebyshev_basis(4)),
-    lambda s: UNet(2, 2, s, depth=3, filter_start=2, conv="mixed"),
+    lambda s: UNet(2, 2, s, depth=3, filter_start=2, conv="e3so3"),
     lambda s: UNet(2, 2, s, depth=3, filter_start=2, conv="spherical", pooling_mode="max"),
-], ids=["mixed", "spherical", "unet-mixed", "unet-spherical-max"])
+], ids=["e3so3", "spherical", "unet-e3so3", "unet-spherical-max"])
 def test_hemisphere_matches_full_sphere_on_even_signals(build):
     full, hemi = HealpixSphere(4), HealpixSphere(4, hemisphere=True)
     torch.manual_seed(2)

@@ -4,7 +4,7 @@ from dipy.data import get_3shell_gtab
 from dipy.sims.voxel import single_tensor
 from scipy.integrate import quad
 
-from esdmri.heldout_phantom import _watson_axes, make_heldout_phantom
+from esdmri.heldout_phantom import make_heldout_phantom, watson_axes
 from esdmri.sims import default_gtab
 
 SHAPE = (24, 24, 24)
@@ -26,7 +26,7 @@ def test_watson_sampler_matches_the_density(kappa):
     expected = quad(lambda t: t * t * np.exp(kappa * (t * t - 1)), 0, 1)[0] / weight
     rng = np.random.default_rng(0)
     mean = np.tile([[0.0, 0.6, 0.8]], (200, 1))
-    axes = _watson_axes(mean, np.full(200, kappa), 100, rng)
+    axes = watson_axes(mean, np.full(200, kappa), 100, rng)
     np.testing.assert_allclose(np.linalg.norm(axes, axis=-1), 1, atol=1e-12)
     cosine2 = np.einsum("vnk,vk->vn", axes, mean) ** 2
     assert abs(cosine2.mean() - expected) < 0.01

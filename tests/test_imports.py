@@ -6,12 +6,22 @@ breaks when either moves.
 """
 
 import ast
+import configparser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Package name -> folder, as setup.cfg's package_dir maps them.
-PACKAGES = {"esdmri": ROOT / "esdmri", "esdmri.workflows": ROOT / "workflows",
-            "esdmri.data_fetchers": ROOT / "data_fetchers"}
+
+
+def package_folders():
+    """Package name -> folder, read from setup.cfg's package_dir (the one copy of it)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = config["options"]["package_dir"].strip().splitlines()
+    return {name.strip(): ROOT / folder.strip()
+            for name, folder in (line.split("=") for line in lines)}
+
+
+PACKAGES = package_folders()
 
 
 def module_files():

@@ -232,14 +232,14 @@ def test_spatial_and_mixed_pooling():
     pooled, _ = Pool("spatial", "average")(x)
     expected = x.reshape(2, 3, 48, 2, 2, 3, 2, 1, 2).mean(dim=(4, 6, 8))
     torch.testing.assert_close(pooled, expected)
-    mixed, indices = Pool("mixed", "max")(x)
+    mixed, indices = Pool("both", "max")(x)
     expected = x.reshape(2, 3, 12, 4, 2, 2, 3, 2, 1, 2).amax(dim=(3, 5, 7, 9))
     torch.testing.assert_close(mixed, expected)
-    restored = Unpool("mixed", "max")(mixed, indices)
+    restored = Unpool("both", "max")(mixed, indices)
     assert restored.shape == x.shape
     assert torch.count_nonzero(restored) == mixed.numel()
     torch.testing.assert_close(restored.amax(dim=(2, 3, 4, 5)), x.amax(dim=(2, 3, 4, 5)))
-    up = Unpool("mixed", "average")(mixed)
+    up = Unpool("both", "average")(mixed)
     torch.testing.assert_close(up[:, :, 5, 3, 1, 0], mixed[:, :, 1, 1, 0, 0])
 
 
@@ -265,7 +265,7 @@ def test_bad_input_messages(sphere):
     with pytest.raises(ValueError, match=r"layout must be one of"):
         ChebyshevOperator(basis, layout="coo")
     with pytest.raises(ValueError, match=r"spatial pooling needs even grid sizes"):
-        Pool("mixed")(torch.randn(1, 1, 8, 3, 2, 2))
+        Pool("both")(torch.randn(1, 1, 8, 3, 2, 2))
     with pytest.raises(ValueError, match=r"vertex count divisible by 4"):
         Pool("spherical")(torch.randn(1, 1, 6, 2, 2, 2))
     with pytest.raises(ValueError, match=r"kind must be one of"):

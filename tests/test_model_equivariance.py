@@ -43,7 +43,7 @@ SYMMETRIES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["mixed-stem", "spherical", "concat"])
+@pytest.mark.parametrize("kind", ["e3so3-stem", "spherical", "concat"])
 @pytest.mark.parametrize("symmetry", SYMMETRIES)
 def test_networks_commute_with_grid_and_sphere_symmetries(kind, symmetry):
     grid, on_sphere = SYMMETRIES[symmetry]
@@ -64,13 +64,13 @@ def test_networks_commute_with_grid_and_sphere_symmetries(kind, symmetry):
 
 def test_a_vertex_shuffle_is_not_a_symmetry():
     sphere = HealpixSphere(2, hemisphere=True)
-    net = network("mixed-stem", sphere)
+    net = network("e3so3-stem", sphere)
     field = torch.rand(1, 3, sphere.n_vertices, SIZE, SIZE, SIZE, dtype=torch.float64)
     shuffle = torch.as_tensor(np.random.default_rng(0).permutation(sphere.n_vertices))
     assert equivariance_error(net, field, lambda f: f[:, :, shuffle]) > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["mixed-stem", "concat"])
+@pytest.mark.parametrize("kind", ["e3so3-stem", "concat"])
 def test_networks_commute_with_translations(kind):
     sphere = HealpixSphere(2, hemisphere=True)
     net = network(kind, sphere)
@@ -90,7 +90,7 @@ def test_receptive_radius_of_rtesd_is_its_spatial_layers():
     sphere = HealpixSphere(2, hemisphere=True)
     for layers in (1, 2):
         torch.manual_seed(0)
-        net = build_unet("mixed-stem", sphere, 3, 2, depth=2, filter_start=4, kernel_size=3,
+        net = build_unet("e3so3-stem", sphere, 3, 2, depth=2, filter_start=4, kernel_size=3,
                          spatial_kernel_size=3, spatial_layers=layers)
         assert receptive_radius(net, 3, sphere.n_vertices) == layers
 

@@ -43,7 +43,7 @@ def phantom():
 @pytest.fixture(scope="module")
 def trained(phantom):
     model = RTESDModel(phantom.gtab, phantom.response, epochs=8, seed=1, **SMALL)
-    return model, model.fit(phantom.data, phantom.mask)
+    return model, model.fit(phantom.data, mask=phantom.mask)
 
 
 def true_coefficients(phantom, sh_order_max):
@@ -123,7 +123,7 @@ def test_prediction_does_not_depend_on_block_tiling(trained, phantom):
     model, fit = trained
     reference = fit.shm_coeff_descoteaux07
     # Inference cores of 4 instead of 6.
-    retiled = model.with_options(block_size=4).fit(phantom.data, phantom.mask)
+    retiled = model.with_options(block_size=4).fit(phantom.data, mask=phantom.mask)
     retiled = retiled.shm_coeff_descoteaux07
     np.testing.assert_allclose(retiled, reference, atol=1e-5 * np.abs(reference).max())
 
@@ -136,7 +136,7 @@ def test_save_load_round_trip_gives_identical_predictions(trained, phantom, tmp_
         model.save(path)
     loaded = load_model(path, verbose=False)
     assert isinstance(loaded, RTESDModel)
-    again = loaded.fit(phantom.data, phantom.mask)  # inference only
+    again = loaded.fit(phantom.data, mask=phantom.mask)  # inference only
     assert again.training_history == fit.training_history
     np.testing.assert_array_equal(again.shm_coeff, fit.shm_coeff)
 
@@ -157,14 +157,15 @@ def test_files_saved_under_the_old_rtesd_kind_name_still_load(trained, phantom, 
     path = tmp_path / "model.pt"
     model.save(path)
     payload = torch.load(path, weights_only=True)
-    assert payload["config"]["conv_kind"] == "mixed-stem"
-    # RT-ESD's kind was called "mixed" before it got a name of its own.
-    payload["config"]["conv_kind"] = "mixed"
-    torch.save(payload, path)
-    loaded = load_model(path, verbose=False)
-    assert isinstance(loaded, RTESDModel) and loaded.config.conv_kind == "mixed-stem"
-    np.testing.assert_array_equal(loaded.fit(phantom.data, phantom.mask).shm_coeff,
-                                  fit.shm_coeff)
+    assert payload["config"]["conv_kind"] == "e3so3-stem"
+    # RT-ESD's kind was called "mixed", then "mixed-stem", before its name now.
+    for former in ("mixed", "mixed-stem"):
+        payload["config"]["conv_kind"] = former
+        torch.save(payload, path)
+        loaded = load_model(path, verbose=False)
+        assert isinstance(loaded, RTESDModel) and loaded.config.conv_kind == "e3so3-stem"
+        np.testing.assert_array_equal(loaded.fit(phantom.data, mask=phantom.mask).shm_coeff,
+                                      fit.shm_coeff)
 
 
 def test_apply_to_a_scan_with_other_directions(trained, phantom, tmp_path):
@@ -175,9 +176,9 @@ def test_apply_to_a_scan_with_other_directions(trained, phantom, tmp_path):
     resampled = make_phantom((10, 10, 10), gtab=other, snr=None, max_fibres=2)
     path = tmp_path / "model.pt"
     model.save(path)
-    applied = load_model(path, gtab=other, verbose=False).fit(resampled.data, resampled.mask)
+    applied = load_model(path, gtab=other, verbose=False).fit(resampled.data, mask=resampled.mask)
     on_training_gtab = model.fit(make_phantom((10, 10, 10), snr=None, max_fibres=2).data,
-                                 phantom.mask)
+                                 mask=phantom.mask)
     # Same tissue, other gradient directions: the grid interpolation makes the
     # network see (nearly) the same input, so the fODFs agree closely.
     difference = np.abs(applied.shm_coeff - on_training_gtab.shm_coeff)[phantom.mask].mean()
@@ -196,9 +197,10 @@ def test_with_gtab_shares_the_network_and_matches_a_model_loaded_for_that_gtab(
     assert moved.network is model.network
     model.save(tmp_path / "model.pt")
     # Reference: the file read back for that gtab (load_model's documented path).
-    expected = load_model(tmp_path / "model.pt", gtab=other, verbose=False).fit(scan.data,
-                                                                                 scan.mask)
-    np.testing.assert_array_equal(moved.fit(scan.data, scan.mask).shm_coeff, expected.shm_coeff)
+    expected = load_model(tmp_path / "model.pt", gtab=other, verbose=False).fit(
+        scan.data, mask=scan.mask)
+    np.testing.assert_array_equal(moved.fit(scan.data, mask=scan.mask).shm_coeff,
+                                  expected.shm_coeff)
     other_shells = gradient_table(np.where(phantom.gtab.bvals > 2500, 2000.0,
                                            phantom.gtab.bvals), bvecs=phantom.gtab.bvecs)
     with pytest.raises(ValueError, match="shell"):
@@ -233,7 +235,7 @@ def test_train_on_the_scans_blocks_is_what_fit_trains(phantom):
 
     fitted = RTESDModel(phantom.gtab, phantom.response, epochs=3, seed=2, refine_steps=0,
                         **SMALL)
-    expected = fitted.fit(phantom.data, phantom.mask).shm_coeff
+    expected = fitted.fit(phantom.data, mask=phantom.mask).shm_coeff
     model = RTESDModel(phantom.gtab, phantom.response, epochs=3, seed=2, refine_steps=0,
                        **SMALL)
     normalized, mask = normalize_by_b0(phantom.data, phantom.gtab, phantom.mask)
@@ -242,7 +244,7 @@ def test_train_on_the_scans_blocks_is_what_fit_trains(phantom):
                         model.config.training.block_size, model.device)
     assert model.train(source, max_steps=model.config.training.train_windows) is model
     assert model.training_history == fitted.training_history
-    np.testing.assert_array_equal(model.fit(phantom.data, phantom.mask).shm_coeff, expected)
+    np.testing.assert_array_equal(model.fit(phantom.data, mask=phantom.mask).shm_coeff, expected)
 
 
 def test_saved_files_have_the_permissions_of_normal_files(trained, tmp_path):
@@ -260,14 +262,14 @@ def test_other_model_kinds_train(model_class, phantom):
     # far above the noise level and must fall; the linear prior is trained in
     # the `trained` fixture.
     model = model_class(phantom.gtab, phantom.response, epochs=2, linear_prior=False, **SMALL)
-    fit = model.fit(phantom.data, phantom.mask)
+    fit = model.fit(phantom.data, mask=phantom.mask)
     assert fit.training_history[-1]["intensity"] < fit.training_history[0]["intensity"]
     assert model.halo == (0 if model_class is ESDModel else 1)
 
 
 def test_training_is_deterministic_with_a_seed(phantom):
     fits = [RTESDModel(phantom.gtab, phantom.response, epochs=1, seed=5, **SMALL)
-            .fit(phantom.data, phantom.mask) for _ in range(2)]
+            .fit(phantom.data, mask=phantom.mask) for _ in range(2)]
     np.testing.assert_array_equal(fits[0].shm_coeff, fits[1].shm_coeff)
 
 
@@ -275,14 +277,14 @@ def test_bad_input_is_rejected_before_training(phantom):
     gtab, response, data, mask = phantom.gtab, phantom.response, phantom.data, phantom.mask
     model = RTESDModel(gtab, response, **SMALL)
     with pytest.raises(ValueError, match="volumes but gtab has"):
-        model.fit(data[..., :-1], mask)
+        model.fit(data[..., :-1], mask=mask)
     # NaN outside the mask is accepted (as DIPY does); inside it is refused.
     with pytest.raises(ValueError, match="NaN or inf"):
-        model.fit(np.where(mask[..., None], np.nan, data), mask)
+        model.fit(np.where(mask[..., None], np.nan, data), mask=mask)
     with pytest.raises(ValueError, match="mask has shape"):
-        model.fit(data, mask[:-1])
+        model.fit(data, mask=mask[:-1])
     with pytest.raises(ValueError, match="mask is empty"):
-        model.fit(data, np.zeros_like(mask))
+        model.fit(data, mask=np.zeros_like(mask))
     with pytest.raises(ValueError, match="sh_order_max must be an even"):
         RTESDModel(gtab, response, **{**SMALL, "sh_order_max": 7})
     with pytest.raises(ValueError, match="sh_order_max=8 needs 45"):
@@ -300,7 +302,7 @@ def test_bad_input_is_rejected_before_training(phantom):
         RTESDModel(single_shell, response)
     no_b0 = gradient_table(gtab.bvals[~gtab.b0s_mask], bvecs=gtab.bvecs[~gtab.b0s_mask])
     with pytest.raises(ValueError, match="no b0"):
-        RTESDModel(no_b0, **SMALL).fit(data[..., ~gtab.b0s_mask], mask)
+        RTESDModel(no_b0, **SMALL).fit(data[..., ~gtab.b0s_mask], mask=mask)
 
 
 def test_epochs_zero_is_the_linear_prior_plus_refinement():
@@ -309,7 +311,7 @@ def test_epochs_zero_is_the_linear_prior_plus_refinement():
     # the noise-free signal and finds the single fibres; refinement then moves it.
     clean = make_phantom((10, 10, 10), snr=None, max_fibres=2, seed=3)
     fits = {cls.__name__: cls(clean.gtab, clean.response, epochs=0, refine_steps=0,
-                              **SMALL).fit(clean.data, clean.mask)
+                              **SMALL).fit(clean.data, mask=clean.mask)
             for cls in (ESDModel, RTESDModel, CESDModel)}
     reference = fits["RTESDModel"].shm_coeff
     for fit in fits.values():
@@ -328,7 +330,7 @@ def test_epochs_zero_is_the_linear_prior_plus_refinement():
     assert single.sum() > 10 and np.median(errors) < 10, np.median(errors)
 
     refined = RTESDModel(clean.gtab, clean.response, epochs=0, refine_steps=5,
-                         **SMALL).fit(clean.data, clean.mask)
+                         **SMALL).fit(clean.data, mask=clean.mask)
     assert np.abs(refined.shm_coeff - reference).max() > 1e-4
 
 
@@ -347,10 +349,10 @@ def test_default_fit_trains_nothing_and_train_needs_epochs(phantom):
     # the linear prior refined, the same fit for every model, no training.
     default = RTESDModel(phantom.gtab, phantom.response, **SMALL)
     untrained = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    fit = default.fit(phantom.data, phantom.mask)
+    fit = default.fit(phantom.data, mask=phantom.mask)
     assert default.training_history == []
     np.testing.assert_array_equal(fit.shm_coeff,
-                                  untrained.fit(phantom.data, phantom.mask).shm_coeff)
+                                  untrained.fit(phantom.data, mask=phantom.mask).shm_coeff)
     blocks = ScanBlocks(*normalize_by_b0(phantom.data, phantom.gtab, phantom.mask),
                         phantom.gtab, ShellInterpolator(phantom.gtab,
                                                         default.sphere.vertices).operator,
@@ -358,3 +360,64 @@ def test_default_fit_trains_nothing_and_train_needs_epochs(phantom):
     with pytest.raises(ValueError, match="epochs is 0, so there is nothing to train"):
         default.train(blocks)
     default.with_options(epochs=1).train(blocks, max_steps=1)
+
+
+def test_a_second_fit_equals_a_fresh_models_fit():
+    # DIPY's contract: a model holds no state of the scans it fitted. Two
+    # phantoms of one generator differ in their estimated responses, so a
+    # model that kept the first's would deconvolve the second differently.
+    first = make_phantom((10, 10, 10), snr=30, max_fibres=2, seed=3)
+    second = make_phantom((10, 10, 10), snr=20, max_fibres=2, seed=5)
+    options = dict(SMALL, refine_steps=5)
+    model = RTESDModel(first.gtab, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_a = model.fit(first.data, mask=first.mask)
+        fit_b = model.fit(second.data, mask=second.mask)
+        fresh = RTESDModel(second.gtab, **options).fit(second.data, mask=second.mask)
+    assert model.response is None and model.network is None
+    assert not np.allclose(fit_a.response.coefficients[0], fit_b.response.coefficients[0])
+    np.testing.assert_array_equal(fit_b.shm_coeff, fresh.shm_coeff)
+    for ours, theirs in zip(fit_b.response.coefficients, fresh.response.coefficients):
+        np.testing.assert_array_equal(ours, theirs)
+    assert fit_b.refine_history == fresh.refine_history and len(fit_b.refine_history) > 1
+    # An explicit response is the model's, for every fit.
+    explicit = model.with_response(fit_a.response)
+    assert model.response is None and explicit.response is fit_a.response
+    assert explicit.fit(second.data, mask=second.mask).response is fit_a.response
+
+
+def test_the_default_fit_builds_no_network_and_equals_the_untrained_network(phantom,
+                                                                              monkeypatch):
+    model = RTESDModel(phantom.gtab, phantom.response, refine_steps=0, **SMALL)
+    with_network = model.with_options().build_network()
+    scan = model.prepare(phantom.data, mask=phantom.mask)
+    # The reference: the zero-corrected network run block by block.
+    expected = with_network.network_coefficients(scan)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default fit built a network")
+
+    import esdmri.reconst.models as models
+    monkeypatch.setattr(models, "build_unet", no_network)
+    monkeypatch.setattr(models, "receptive_radius", no_network)
+    prior = model.prior_coefficients(scan)
+    np.testing.assert_allclose(prior, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(expected).max() > 0.1
+    fit = model.fit(phantom.data, mask=phantom.mask)
+    assert model.network is None
+    np.testing.assert_array_equal(fit.shm_coeff_descoteaux07, prior[..., :n_coeffs(4)])
+    with pytest.raises(ValueError, match="the model has no network"):
+        model.network_coefficients(scan)
+
+
+def test_mask_by_position_still_works_with_a_deprecation_warning(phantom):
+    from esdmri.deprecation import ArgsDeprecationWarning
+
+    model = RTESDModel(phantom.gtab, phantom.response, refine_steps=0, **SMALL)
+    with pytest.warns(ArgsDeprecationWarning, match="mask=..."):
+        positional = model.fit(phantom.data, phantom.mask)
+    np.testing.assert_array_equal(positional.shm_coeff,
+                                  model.fit(phantom.data, mask=phantom.mask).shm_coeff)
+    with pytest.raises(TypeError, match="multiple values for argument 'mask'"):
+        model.fit(phantom.data, phantom.mask, mask=phantom.mask)

@@ -107,7 +107,7 @@ def test_spatial_pooling_averages_2x2x2_blocks(sphere):
 def test_unet_output_is_non_negative_with_the_requested_shape(sphere):
     torch.manual_seed(0)
     net = UNet(3, 2, HealpixSphere(4, hemisphere=True), depth=3, filter_start=4,
-               conv="mixed").eval()
+               conv="e3so3").eval()
     x = torch.randn(1, 3, 96, 4, 4, 4)
     y = net(x)
     assert y.shape == (1, 2, 96, 4, 4, 4) and (y >= 0).all()
@@ -124,4 +124,4 @@ def test_bad_input_names_the_argument(sphere):
     with pytest.raises(ValueError, match="conv must be one of"):
         UNet(2, 1, sphere, depth=1, conv="nonsense")
     with pytest.raises(ValueError, match="divisible by 2"):
-        UNet(2, 1, sphere, depth=2, conv="mixed")(torch.randn(1, 2, sphere.n_vertices, 3, 3, 3))
+        UNet(2, 1, sphere, depth=2, conv="e3so3")(torch.randn(1, 2, sphere.n_vertices, 3, 3, 3))

@@ -120,12 +120,12 @@ def test_two_seeds_agree(csd, fits):
 
 def test_tissues_and_normalisation_follow_the_scheme(fits):
     # b0 + one shell: WM and CSF where CSF voxels exist, unnormalised.
-    assert fits["small_64D"]["model"].response.tissues == ("wm", "csf")
-    assert not fits["small_64D"]["model"].normalizes
-    assert fits["small_25"]["model"].response.tissues == ("wm",)
+    assert fits["small_64D"]["fit"].response.tissues == ("wm", "csf")
+    assert not fits["small_64D"]["fit"].normalizes
+    assert fits["small_25"]["fit"].response.tissues == ("wm",)
     # No shells: all three tissues, normalised like multi-shell scans.
-    assert fits["small_101D"]["model"].response.tissues == ("wm", "gm", "csf")
-    assert fits["small_101D"]["model"].normalizes
+    assert fits["small_101D"]["fit"].response.tissues == ("wm", "gm", "csf")
+    assert fits["small_101D"]["fit"].normalizes
     fractions = fits["small_64D"]["fit"].volume_fractions
     total = sum(fractions.values())
     np.testing.assert_allclose(total[fits["small_64D"]["fit"].mask], 1.0, atol=1e-5)

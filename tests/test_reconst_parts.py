@@ -197,7 +197,7 @@ def test_untrained_network_with_prior_outputs_the_normalised_linear_fit():
     sphere = HealpixSphere(2, hemisphere=True)
     prior = linear_deconvolution_operator(response, shell_bvals, sphere.vertices, 4)
     torch.manual_seed(0)
-    unet = build_unet("mixed-stem", sphere, 3, 3, depth=1, filter_start=2, kernel_size=3,
+    unet = build_unet("e3so3-stem", sphere, 3, 3, depth=1, filter_start=2, kernel_size=3,
                       spatial_kernel_size=3, spatial_layers=1, signed_output=True)
     network = DeconvolutionNetwork(unet, sphere, 4, prior=prior).eval()
     grid = torch.rand(1, 3, sphere.n_vertices, 2, 2, 2)

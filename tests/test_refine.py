@@ -142,9 +142,9 @@ def test_refinement_sharpens_crossings(phantom):
     torch.manual_seed(0)
     model = ESDModel(phantom.gtab, phantom.response, sh_order_max=8, nside=4, depth=2,
                      filter_start=4, block_size=6, epochs=1, refine_steps=0, verbose=False)
-    network = crossing_error(phantom, model.fit(phantom.data, phantom.mask))
+    network = crossing_error(phantom, model.fit(phantom.data, mask=phantom.mask))
     refined = model.with_options(refine_steps=100)  # the trained network, refined
-    refined = crossing_error(phantom, refined.fit(phantom.data, phantom.mask))
+    refined = crossing_error(phantom, refined.fit(phantom.data, mask=phantom.mask))
     assert refined["angular_error"] < network["angular_error"]
     assert refined["success_rate"] > network["success_rate"] + 0.05
 

@@ -355,7 +355,7 @@ def test_train_workflow_model_applies_to_two_scans(cohort, response, tmp_path, m
         phantom = load_phantom(cohort / name)
         # Reference: the model loaded for this scan's gtab, as load_model documents.
         expected = load_model(model_file, gtab=phantom.gtab, verbose=False).fit(
-            phantom.data, phantom.mask)
+            phantom.data, mask=phantom.mask)
         written = nib.load(scans / f"sub-{name}" / "esdmri" / "fodf_sh.nii.gz").get_fdata()
         np.testing.assert_allclose(written, expected.shm_coeff, atol=1e-6)
         np.testing.assert_allclose(fit.predict(), expected.predict(), atol=1e-6)

@@ -20,9 +20,9 @@ def test_diverging_training_returns_the_starting_network(phantom):
     """A learning rate far too large wrecks every epoch: the linear prior comes back."""
     torch.manual_seed(0)
     untrained = ESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    expected = untrained.fit(phantom.data, phantom.mask).shm_coeff
+    expected = untrained.fit(phantom.data, mask=phantom.mask).shm_coeff
     diverged = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, **SMALL)
-    fit = diverged.fit(phantom.data, phantom.mask)
+    fit = diverged.fit(phantom.data, mask=phantom.mask)
     history = diverged.training_history
     assert len(history) == 2 and history[-1]["total"] > 0
     np.testing.assert_allclose(fit.shm_coeff, expected, rtol=1e-5, atol=1e-6)
@@ -60,10 +60,10 @@ def network_loss(model, phantom):
 @pytest.mark.parametrize("model_class", [ESDModel, RTESDModel])
 def test_training_never_ends_above_the_starting_loss(phantom, model_class):
     torch.manual_seed(0)
-    untrained = model_class(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    untrained.fit(phantom.data, phantom.mask)
+    # The untrained network (a fit with epochs=0 builds none).
+    untrained = model_class(phantom.gtab, phantom.response, epochs=0, **SMALL).build_network()
     trained = model_class(phantom.gtab, phantom.response, epochs=4, **SMALL)
-    trained.fit(phantom.data, phantom.mask)
+    trained.fit(phantom.data, mask=phantom.mask)
     start, end = network_loss(untrained, phantom), network_loss(trained, phantom)
     print(f"{model_class.__name__}: loss {start:.6g} untrained, {end:.6g} trained")
     assert end <= start * (1 + 1e-6)
@@ -71,7 +71,7 @@ def test_training_never_ends_above_the_starting_loss(phantom, model_class):
 
 def test_training_window_budget(phantom):
     model = ESDModel(phantom.gtab, phantom.response, epochs=5, train_windows=3, **SMALL)
-    model.fit(phantom.data, phantom.mask)
+    model.fit(phantom.data, mask=phantom.mask)
     assert len(model.training_history) == 1  # 3 windows: part of the first epoch
     with pytest.raises(ValueError, match="train_windows"):
         ESDModel(phantom.gtab, phantom.response, train_windows=0)
@@ -112,7 +112,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
 
     torch.manual_seed(0)
     model = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    model._build()
+    model.build_network()
     # A non-zero head, so the output depends on the whole neighbourhood.
     for parameter in model.network.parameters():
         parameter.data.add_(0.05 * torch.randn_like(parameter))
@@ -157,7 +157,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
 def test_masked_training_runs_and_validates_its_fraction(phantom):
     model = RTESDModel(phantom.gtab, phantom.response, epochs=1, train_windows=2,
                        mask_fraction=0.2, **SMALL)
-    fit = model.fit(phantom.data, phantom.mask)
+    fit = model.fit(phantom.data, mask=phantom.mask)
     assert np.isfinite(fit.shm_coeff).all() and len(model.training_history) == 1
     assert model.config.to_dict()["mask_fraction"] == 0.2  # what a model file stores
     for bad in (-0.1, 0.6, True, "0.1"):

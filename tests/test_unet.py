@@ -24,7 +24,7 @@ def sphere():
 
 
 def test_topology_widths_and_output(sphere):
-    net = UNet(3, 2, sphere, depth=3, filter_start=4, conv="mixed", convs_per_block=2)
+    net = UNet(3, 2, sphere, depth=3, filter_start=4, conv="e3so3", convs_per_block=2)
     widths = [[conv.out_channels for conv in block.convs]
               for block in [*net.encoder, net.bottleneck, *net.decoder]]
     assert widths == [[4, 4], [8, 8], [16, 16, 8], [8, 8, 4], [4, 4, 4]]
@@ -45,7 +45,7 @@ def test_topology_widths_and_output(sphere):
     ("spherical", SphericalConv, (3, 2, 1)),  # no grid pooling: any grid
     ("concat", SphericalConv, (3, 2, 1)),
     ("spatial", SpatialConv, (4, 4, 4)),
-    ("mixed", E3SO3Conv, (4, 4, 4)),
+    ("e3so3", E3SO3Conv, (4, 4, 4)),
 ])
 def test_conv_kinds(conv, layer, grid):
     sphere = HealpixSphere(2, hemisphere=True)
@@ -70,7 +70,7 @@ def test_concat_kind_sees_the_neighbourhood_but_no_further():
 def test_pq_kind_is_registered_on_demand():
     pytest.importorskip("esdmri.nn.pq")
     kind = get_conv_kind("pq")
-    assert kind.pooling == "mixed" and "pq" in CONV_KINDS
+    assert kind.pooling == "both" and "pq" in CONV_KINDS
     sphere = HealpixSphere(2, hemisphere=True)
     net = UNet(2, 1, sphere, depth=2, filter_start=2, conv="pq")
     assert type(net.encoder[0].convs[0]).__name__ == "PQSphereConv"
@@ -93,7 +93,7 @@ def test_registered_kind_is_used(sphere):
 
 
 def test_training_fits_a_target(sphere):
-    net = UNet(2, 1, sphere, depth=2, filter_start=4, conv="mixed")
+    net = UNet(2, 1, sphere, depth=2, filter_start=4, conv="e3so3")
     x = torch.rand(2, 2, sphere.n_vertices, 4, 4, 4)
     target = x[:, :1] * 0.5 + 0.2  # reachable and non-negative
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -117,7 +117,7 @@ def test_state_dict_is_sphere_independent():
 
 
 def test_bad_input(sphere):
-    with pytest.raises(ValueError, match=r"conv must be one of .*'mixed'.* got 'sphere'"):
+    with pytest.raises(ValueError, match=r"conv must be one of .*'e3so3'.* got 'sphere'"):
         UNet(1, 1, sphere, conv="sphere")
     with pytest.raises(ValueError, match=r"spatial_kernel_size must be odd .* got 2"):
         UNet(1, 1, sphere, spatial_kernel_size=2)

@@ -125,7 +125,7 @@ class ApplyFlow(EsdmriWorkflow):
                 model = models[model_path].with_gtab(gtab)
             except ValueError as error:
                 raise ValueError(f"{dwi} does not fit model {model_path}: {error}") from None
-            fit = model.fit(data, brain, retrain=False)
+            fit = model.fit(data, mask=brain, retrain=False)
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
                               relative_peak_threshold, min_separation_angle, npeaks)

@@ -280,7 +280,7 @@ class DemoFlow(EsdmriWorkflow):
         logger.info(f"fitting RT-ESD ({epochs} training epochs on {device})")
         model = RTESDModel(phantom.gtab, phantom.response, device=device, seed=seed,
                            verbose=verbose_logging(), **settings["model"])
-        fit = model.fit(phantom.data, phantom.mask)
+        fit = model.fit(phantom.data, mask=phantom.mask)
         timings["RT-ESD fit"], clock = time.perf_counter() - clock, time.perf_counter()
         rtesd_pam = write_fit_outputs(
             fit, affine, files["rtesd_shm"], files["rtesd_fractions"], files["rtesd_peaks"],

@@ -18,9 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from esdmri.reconst.config import option_defaults
-from esdmri.reconst.inputs import check_data
 from esdmri.reconst.models import MODEL_CLASSES, RTESDModel
-from esdmri.response import TissueResponse, estimate_response
+from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
 
@@ -121,7 +120,7 @@ class FitFlow(EsdmriWorkflow):
             filter_start=MODEL_DEFAULTS["filter_start"],
             block_size=MODEL_DEFAULTS["block_size"], epochs=MODEL_DEFAULTS["epochs"],
             batch_size=MODEL_DEFAULTS["batch_size"], lr=MODEL_DEFAULTS["lr"],
-            total_variation=MODEL_DEFAULTS["total_variation"],
+            total_variation=MODEL_DEFAULTS["train_tv"],
             refine_steps=MODEL_DEFAULTS["refine_steps"], device=MODEL_DEFAULTS["device"],
             seed=MODEL_DEFAULTS["seed"], tournier=False,
             relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
@@ -244,27 +243,23 @@ class FitFlow(EsdmriWorkflow):
              model_path, curve_path) = paths
             data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
             brain = load_mask(mask_path, data.shape[:3])
-            # NaN or inf in the mask named before the response estimation
-            # fails on them; outside the mask they are set to 0. Negative
-            # values are counted once, by the model's own check.
-            data = check_data(data, gtab, brain, warn=False)
-            if response is None:
-                subject_response = estimate_response(gtab, data, brain)
-                logger.info(f"{dwi}: estimated {subject_response}")
-            else:
-                subject_response = response
             deconvolution = MODEL_CLASSES[model](
-                gtab, subject_response, sh_order_max=sh_order_max, nside=nside, depth=depth,
+                gtab, response, sh_order_max=sh_order_max, nside=nside, depth=depth,
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
-                batch_size=batch_size, lr=lr, total_variation=total_variation,
+                batch_size=batch_size, lr=lr, train_tv=total_variation,
                 refine_steps=refine_steps, device=device, seed=seed, verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
-            fit = deconvolution.fit(data, brain)
+            # The fit checks the scan once (NaN or inf in the mask are named
+            # before the response estimation would fail on them), then
+            # estimates the subject's response when none was given.
+            fit = deconvolution.fit(data, mask=brain)
+            if response is None:
+                logger.info(f"{dwi}: estimated {fit.response}")
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
                               relative_peak_threshold, min_separation_angle, npeaks)
             # Existing files were refused or allowed (--force) by get_io_iterator.
-            deconvolution.save(model_path, force=True)
+            deconvolution.with_response(fit.response).save(model_path, force=True)
             written = [shm_path, f"{fractions_path} ({', '.join(fit.volume_fractions)})",
                        peaks_path, model_path]
             if epochs:

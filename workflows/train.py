@@ -100,7 +100,7 @@ class TrainFlow(EsdmriWorkflow):
             filter_start=MODEL_DEFAULTS["filter_start"],
             block_size=MODEL_DEFAULTS["block_size"], epochs=GROUP_DEFAULTS["epochs"],
             batch_size=GROUP_DEFAULTS["batch_size"], lr=GROUP_DEFAULTS["lr"],
-            total_variation=MODEL_DEFAULTS["total_variation"], device=GROUP_DEFAULTS["device"],
+            total_variation=MODEL_DEFAULTS["train_tv"], device=GROUP_DEFAULTS["device"],
             precision=GROUP_DEFAULTS["precision"], compile=GROUP_DEFAULTS["compile"],
             num_workers=GROUP_DEFAULTS["num_workers"], resume=False,
             seed=GROUP_DEFAULTS["seed"], out_dir="", out_model="model.pt",
@@ -209,7 +209,7 @@ class TrainFlow(EsdmriWorkflow):
             num_workers=num_workers, checkpoint=checkpoint_path, resume=resume,
             out_file=model_path, force=True, verbose=verbose_logging(),
             sh_order_max=sh_order_max, nside=nside, depth=depth, filter_start=filter_start,
-            block_size=block_size, total_variation=total_variation)
+            block_size=block_size, train_tv=total_variation)
         if is_main:
             figure = plot_training_curves(trained.training_history).figure
             save_figure(figure, curve_path, force=True)

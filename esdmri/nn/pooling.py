@@ -5,7 +5,7 @@
   reshape ``V -> (V / 4, 4)`` and a mean or max (also on the hemispherical
   grids of :mod:`esdmri.sphere`, whose kept set is closed under the pyramid);
 * spatial: 2 x 2 x 2 voxel blocks;
-* mixed: both.
+* both: spherical then spatial (``"mixed"`` before esdmri 0.2).
 
 Unpooling is nearest-neighbour (average mode), or in max mode puts each value
 back where the max came from and zeros elsewhere, like ``MaxUnpool`` but at
@@ -14,29 +14,38 @@ and picking one of them (the first in memory order, as ``MaxUnpool`` does)
 would break the symmetries of the grid and the sphere.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esdmri.deprecation import ArgsDeprecationWarning
 from esdmri.nn.spatial import check_field
 
-POOLING_KINDS = ("spherical", "spatial", "mixed")
+POOLING_KINDS = ("spherical", "spatial", "both")
 POOLING_MODES = ("average", "max")
 
 
 def _check_options(kind, mode):
+    """The pooling kind (``"mixed"`` read as ``"both"``, with a warning), checked."""
+    if kind == "mixed":
+        warnings.warn("kind='mixed' is deprecated since esdmri 0.2: use kind='both'",
+                      ArgsDeprecationWarning, stacklevel=4)
+        kind = "both"
     if kind not in POOLING_KINDS:
         raise ValueError(f"kind must be one of {POOLING_KINDS}, got {kind!r}")
     if mode not in POOLING_MODES:
         raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
+    return kind
 
 
 def _pools_sphere(kind):
-    return kind in ("spherical", "mixed")
+    return kind in ("spherical", "both")
 
 
 def _pools_grid(kind):
-    return kind in ("spatial", "mixed")
+    return kind in ("spatial", "both")
 
 
 def _spherical_pool(x, mode):
@@ -78,11 +87,11 @@ def _spatial_unpool(x, mode, is_max):
 
 
 class Pool(nn.Module):
-    """Spherical, spatial or mixed pooling.
+    """Spherical, spatial or both poolings.
 
     Parameters
     ----------
-    kind : {"spherical", "spatial", "mixed"}
+    kind : {"spherical", "spatial", "both"}
         Halve nside (V -> V / 4), halve the grid (X -> X / 2 per axis), or both.
     mode : {"average", "max"}
 
@@ -94,10 +103,9 @@ class Pool(nn.Module):
     what the matching :class:`Unpool` needs.
     """
 
-    def __init__(self, kind="mixed", mode="average"):
+    def __init__(self, kind="both", mode="average"):
         super().__init__()
-        _check_options(kind, mode)
-        self.kind, self.mode = kind, mode
+        self.kind, self.mode = _check_options(kind, mode), mode
 
     def forward(self, x):
         check_field(x)
@@ -118,20 +126,19 @@ class Unpool(nn.Module):
 
     Parameters
     ----------
-    kind : {"spherical", "spatial", "mixed"}
+    kind : {"spherical", "spatial", "both"}
     mode : {"average", "max"}
 
     Notes
     -----
     ``forward(x, indices)`` maps ``[B, C, V, X, Y, Z]`` to ``[B, C, 4 V, 2 X,
-    2 Y, 2 Z]`` (mixed); ``indices`` is the second output of the pooling
+    2 Y, 2 Z]`` (both); ``indices`` is the second output of the pooling
     (required in max mode).
     """
 
-    def __init__(self, kind="mixed", mode="average"):
+    def __init__(self, kind="both", mode="average"):
         super().__init__()
-        _check_options(kind, mode)
-        self.kind, self.mode = kind, mode
+        self.kind, self.mode = _check_options(kind, mode), mode
 
     def forward(self, x, indices=None):
         check_field(x)

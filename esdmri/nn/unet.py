@@ -16,7 +16,7 @@ mixed      Chebyshev x isotropic 3D (RT-ESD)     mixed
 spatial    3D conv, vertices as channels         spatial
 concat     neighbourhood concatenated into the   spherical
            input channels; spherical (C-ESD)
-pq         ``esdmri.nn.pq.PQSphereConv``         mixed
+pq         ``esdmri.nn.pq.PQSphereConv``         both
            (registered when that module imports)
 ========== ===================================== ==========
 
@@ -29,6 +29,7 @@ References
    spherical deconvolution in diffusion MRI. MIDL 2023.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esdmri.deprecation import ArgsDeprecationWarning
 from esdmri.nn.chebyshev import ChebyshevOperator, LAYOUTS, SphericalConv
 from esdmri.nn.e3so3 import E3SO3Conv
 from esdmri.nn.pooling import POOLING_MODES, Pool, Unpool
@@ -64,7 +66,7 @@ class ConvKind:
         -> module mapping ``[B, in, V, X, Y, Z]`` to ``[B, out, V, X, Y, Z]``;
         ``operator`` is the level's shared :class:`ChebyshevOperator` (None
         when ``uses_chebyshev`` is False) and ``options`` a :class:`ConvOptions`.
-    pooling : {"spherical", "spatial", "mixed"}
+    pooling : {"spherical", "spatial", "both"}
     uses_chebyshev : bool
     concat_input : bool
         Concatenate each voxel's neighbourhood into the input channels.
@@ -80,7 +82,7 @@ def _build_spherical(in_channels, out_channels, sphere, operator, options, bias)
     return SphericalConv(in_channels, out_channels, operator, bias=bias)
 
 
-def _build_mixed(in_channels, out_channels, sphere, operator, options, bias):
+def _build_e3so3(in_channels, out_channels, sphere, operator, options, bias):
     return E3SO3Conv(in_channels, out_channels, operator,
                      spatial_kernel_size=options.spatial_kernel_size,
                      isotropic=options.isotropic, bias=bias, padding=options.padding)
@@ -101,7 +103,7 @@ def _build_pq(in_channels, out_channels, sphere, operator, options, bias):
 
 CONV_KINDS = {
     "spherical": ConvKind(_build_spherical, "spherical"),
-    "mixed": ConvKind(_build_mixed, "mixed"),
+    "e3so3": ConvKind(_build_e3so3, "both"),
     "spatial": ConvKind(_build_spatial, "spatial", uses_chebyshev=False),
     "concat": ConvKind(_build_spherical, "spherical", concat_input=True),
 }
@@ -114,18 +116,31 @@ def register_conv_kind(name, kind):
     CONV_KINDS[name] = kind
 
 
+def canonical_conv_name(name):
+    """``name``, or ``"e3so3"`` for its former name ``"mixed"`` (with a warning)."""
+    if name == "mixed":
+        warnings.warn("conv='mixed' is deprecated since esdmri 0.2: use conv='e3so3' "
+                      "(E(3) x SO(3) convolutions at every level)", ArgsDeprecationWarning,
+                      stacklevel=4)
+        return "e3so3"
+    return name
+
+
 def get_conv_kind(name):
     """The registered :class:`ConvKind` called ``name``.
 
-    ``"pq"`` is registered on first use if ``esdmri.nn.pq`` imports.
+    ``"pq"`` is registered on first use if ``esdmri.nn.pq`` imports;
+    ``"mixed"``, the former name of ``"e3so3"``, still works with an
+    :class:`~esdmri.deprecation.ArgsDeprecationWarning`.
     """
+    name = canonical_conv_name(name)
     if name == "pq" and name not in CONV_KINDS:
         try:
             import esdmri.nn.pq  # noqa: F401
         except ImportError as error:
             raise ValueError(f"conv='pq' needs esdmri.nn.pq, which failed to import: "
                              f"{error}") from error
-        register_conv_kind("pq", ConvKind(_build_pq, "mixed", uses_chebyshev=False))
+        register_conv_kind("pq", ConvKind(_build_pq, "both", uses_chebyshev=False))
     if name not in CONV_KINDS:
         raise ValueError(f"conv must be one of {sorted(set(CONV_KINDS) | {'pq'})}, got {name!r}")
     return CONV_KINDS[name]
@@ -182,14 +197,14 @@ class UNet(nn.Module):
     kernel_size : int, optional
         Chebyshev kernel size K (number of polynomials of the spherical filters).
     spatial_kernel_size : int, optional
-        Odd 3D kernel size (mixed, spatial, pq), or the neighbourhood size
+        Odd 3D kernel size (e3so3, spatial, pq), or the neighbourhood size
         concatenated into the input (concat).
     convs_per_block : int, optional
         Convolutions at each level's width; bottleneck and decoder blocks add
         one convolution that switches to the next level's width.
     pooling_mode : {"average", "max"}, optional
     isotropic : bool, optional
-        Isotropic 3D kernels (mixed, spatial).
+        Isotropic 3D kernels (e3so3, spatial).
     padding : {"zeros", "circular"}, optional
         Grid boundary of the 3D kernels.
     layout : {"sparse", "dense"}, optional
@@ -207,7 +222,7 @@ class UNet(nn.Module):
     2**(depth - 1)``.
     """
 
-    def __init__(self, in_channels, out_channels, sphere, depth=4, filter_start=8, conv="mixed",
+    def __init__(self, in_channels, out_channels, sphere, depth=4, filter_start=8, conv="e3so3",
                  kernel_size=3, spatial_kernel_size=3, convs_per_block=2,
                  pooling_mode="average", isotropic=True, padding="zeros", layout="sparse",
                  non_negative=True):
@@ -222,6 +237,7 @@ class UNet(nn.Module):
             raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {pooling_mode!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        conv = canonical_conv_name(conv)
         self.kind = get_conv_kind(conv)
         self.conv_name = conv
         self.depth = int(depth)
@@ -229,7 +245,7 @@ class UNet(nn.Module):
         self.n_vertices = sphere.n_vertices
         options = ConvOptions(check_spatial_kernel_size(spatial_kernel_size),
                               bool(isotropic), check_padding(padding))
-        pools_sphere = self.kind.pooling in ("spherical", "mixed")
+        pools_sphere = self.kind.pooling in ("spherical", "both")
         self.grid_multiple = 2 ** (self.depth - 1) if self.kind.pooling != "spherical" else 1
         spheres = sphere.pyramid(self.depth) if pools_sphere else [sphere] * self.depth
         operators = [ChebyshevOperator(level.chebyshev_basis(kernel_size), layout)

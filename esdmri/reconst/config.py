@@ -24,7 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..shm import n_coeffs
+from ..deprecation import renamed_options
+from ..shm import n_coeffs, sh_order_for_directions
 from ..sphere import HealpixSphere
 from .losses import LossWeights
 from .selfsupervision import check_mask_fraction
@@ -124,15 +125,16 @@ def default_sh_order(n_directions):
     ----------
     n_directions : int
         Distinct diffusion-weighted gradient axes of the scan (antipodal
-        directions count once).
+        directions count once, :func:`esdmri.reconst.inputs.count_weighted_axes`).
 
     Returns
     -------
     sh_order_max : int
-        The highest of 12, 10 and 8 with at most ``n_directions``
-        coefficients (91, 66, 45), else 8.
+        The highest order up to 12 whose coefficients the directions
+        determine (:func:`esdmri.shm.sh_order_for_directions`: 12 from 91
+        directions on, 10 from 66), and never below 8, as in DIPY's CSD.
     """
-    return next((order for order in (12, 10) if n_coeffs(order) <= n_directions), 8)
+    return max(8, sh_order_for_directions(n_directions, cap=12))
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,13 @@ class TrainingConfig:
         training.
     seed : int
         Seeds the weights and the window order (training is deterministic on CPU).
-    sparsity, nonnegativity, total_variation : float
-        Weights of the loss terms (the signal fit has weight 1).
+    sparsity, nonnegativity : float
+        Weights of the fODF's sparsity and non-negativity terms (the signal
+        fit has weight 1), in training and in the refinement.
+    train_tv : float
+        Weight of the total variation between neighbouring voxels'
+        coefficients in the training loss (the refinement's own is
+        ``refine_tv``). Was ``total_variation`` (still accepted, deprecated).
     """
 
     block_size: int = 8
@@ -199,7 +206,7 @@ class TrainingConfig:
     seed: int = 0
     sparsity: float = LossWeights.sparsity
     nonnegativity: float = LossWeights.nonnegativity
-    total_variation: float = LossWeights.total_variation
+    train_tv: float = LossWeights.total_variation
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -215,7 +222,7 @@ class TrainingConfig:
     def loss_weights(self):
         """The weights of the loss terms, as :class:`esdmri.reconst.losses.LossWeights`."""
         return LossWeights(sparsity=self.sparsity, nonnegativity=self.nonnegativity,
-                           total_variation=self.total_variation)
+                           total_variation=self.train_tv)
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,18 @@ def option_defaults():
     return {f.name: f.default for cls in _PARTS.values() for f in dataclasses.fields(cls)}
 
 
+# Former names of the models' convolution kinds, which model files and
+# checkpoints written before esdmri 0.2 hold: RT-ESD's was "mixed", then
+# "mixed-stem" (UNet's "mixed", now "e3so3", has E(3) x SO(3) convolutions
+# at every level, RT-ESD only in its stem).
+FORMER_CONV_KINDS = {"mixed": "e3so3-stem", "mixed-stem": "e3so3-stem"}
+
+
+def canonical_conv_kind(conv_kind):
+    """The current name of a model's convolution kind (see :data:`FORMER_CONV_KINDS`)."""
+    return FORMER_CONV_KINDS.get(conv_kind, conv_kind)
+
+
 @dataclass(frozen=True)
 class DeconvolutionConfig:
     """Hyperparameters of a deconvolution model (saved with its weights).
@@ -303,6 +322,7 @@ class DeconvolutionConfig:
     refinement: RefinementConfig = field(default_factory=RefinementConfig)
 
     def __post_init__(self):
+        object.__setattr__(self, "conv_kind", canonical_conv_kind(self.conv_kind))
         if self.training.epochs == 0 and not self.network.linear_prior:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "
@@ -343,6 +363,7 @@ class DeconvolutionConfig:
         TypeError
             For a name that is no option.
         """
+        options = renamed_options(options, RENAMED_OPTIONS, since="0.2", stacklevel=4)
         unknown = sorted(set(options) - set(OPTION_PARTS))
         if unknown:
             raise TypeError(f"unknown model option(s) {unknown}; expected some of "
@@ -397,11 +418,16 @@ class DeconvolutionConfig:
         saved = dict(saved)
         weights = saved.pop("loss_weights")  # intensity is always 1
         return cls.from_options(saved.pop("conv_kind"), **saved,
-                                **{name: weights[name] for name in LOSS_WEIGHT_OPTIONS})
+                                **{name: weights[weight]
+                                   for name, weight in LOSS_WEIGHT_OPTIONS.items()})
 
 
-# Training options that become the loss weights.
-LOSS_WEIGHT_OPTIONS = ("sparsity", "nonnegativity", "total_variation")
+# Training options that become the loss weights: option -> LossWeights field.
+LOSS_WEIGHT_OPTIONS = {"sparsity": "sparsity", "nonnegativity": "nonnegativity",
+                       "train_tv": "total_variation"}
+
+# Deprecated option names -> their names now.
+RENAMED_OPTIONS = {"total_variation": "train_tv"}
 
 
 def options_docstring():

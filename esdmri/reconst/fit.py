@@ -7,7 +7,7 @@ from ..peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy
 from ..response import TissueResponse
 from ..shm import DEFAULT_BVAL_TOLERANCE, b0_mask, descoteaux_to_legacy, group_shells, sh_matrix
 from .network import stacked_forward_matrix
-from .training import fractions_of
+from .inference import fractions_of
 
 
 class DeconvolutionFit:
@@ -25,14 +25,36 @@ class DeconvolutionFit:
         coefficient per isotropic tissue, for responses normalised to a unit
         b0 signal; zero outside the mask.
     mask : ndarray of bool, shape (X, Y, Z)
+    response : TissueResponse, optional
+        The response the coefficients were fitted with (default: the
+        model's).
+    refine_history : list of float, optional
+        The refinement's objective every 10 steps (empty without refinement).
+
+    Attributes
+    ----------
+    response : TissueResponse
+        This fit's response: the model's, or the one estimated from the scan
+        when the model has none.
+    refine_history : list of float
     """
 
-    def __init__(self, model, coefficients, mask):
+    def __init__(self, model, coefficients, mask, response=None, refine_history=None):
         self.model = model
         self.mask = mask
+        self.response = model.response if response is None else response
+        if self.response is None:
+            raise ValueError("a fit needs the response its coefficients were fitted with: the "
+                             "model has none, so give response")
+        self.refine_history = [] if refine_history is None else list(refine_history)
         self.sh_order_max = model.config.network.sh_order_max
-        self._n_wm = coefficients.shape[-1] - len(model.response.tissues) + 1
+        self._n_wm = coefficients.shape[-1] - len(self.response.tissues) + 1
         self._coefficients = coefficients
+
+    @property
+    def normalizes(self):
+        """Whether this fit's tissue fractions were scaled to sum to 1 (``normalize``)."""
+        return self.model.normalizes_with(self.response)
 
     @property
     def shape(self):
@@ -49,7 +71,7 @@ class DeconvolutionFit:
                              f"the index has {len(named)} entries")
         # The trailing slice keeps every coefficient of each selected voxel.
         return DeconvolutionFit(self.model, self._coefficients[index + (slice(None),)],
-                                self.mask[index])
+                                self.mask[index], self.response, self.refine_history)
 
     @property
     def shm_coeff(self):
@@ -88,7 +110,7 @@ class DeconvolutionFit:
         fractions = fractions_of(self._coefficients, self._n_wm)
         total = fractions.sum(-1, keepdims=True)
         fractions = np.divide(fractions, total, out=np.zeros_like(fractions), where=total > 0)
-        return dict(zip(self.model.response.tissues, np.moveaxis(fractions, -1, 0)))
+        return dict(zip(self.response.tissues, np.moveaxis(fractions, -1, 0)))
 
     def odf(self, sphere):
         """WM fODF sampled on a DIPY sphere, shape (X, Y, Z, n_vertices)."""
@@ -112,7 +134,7 @@ class DeconvolutionFit:
             Non-diffusion-weighted signal (default 1: the normalised signal).
         """
         gtab = self.model.gtab if gtab is None else gtab
-        response = _response_on_shells(self.model.response.normalized(), gtab)
+        response = _response_on_shells(self.response.normalized(), gtab)
         # One tissue at a time: a response validates against a gtab with fewer
         # shells than tissues (tissues cannot be separated there, but they can
         # be predicted).
@@ -162,7 +184,7 @@ class DeconvolutionFit:
 
     @property
     def training_history(self):
-        """Per-epoch loss terms of the model's training."""
+        """Per-epoch loss terms of the model's training (the network is the model's)."""
         return self.model.training_history
 
 

@@ -92,7 +92,7 @@ def train_group(subjects, response=None, *, model="rtesd", device="cpu", precisi
     -------
     model : RTESDModel, ESDModel or CESDModel
         Trained, in eval mode, with ``training_history``; its ``gtab`` is the
-        first subject's. ``model.fit(data, mask)`` deconvolves a scan with
+        first subject's. ``model.fit(data, mask=mask)`` deconvolves a scan with
         that acquisition without training; ``model.with_gtab(gtab)`` (or
         ``load_model(file, gtab)``) gives it any other acquisition with the
         same shells.

@@ -1,8 +1,15 @@
-"""Checks and normalisation of the scans a deconvolution model receives."""
+"""Checks and normalisation of the scans a deconvolution model receives.
+
+:class:`PreparedScan` is a scan after them: what every step of a fit reads
+(:meth:`esdmri.reconst.models.RTESDModel.prepare`).
+"""
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
+
+from ..shm import count_unique_axes
 
 
 # Below this largest b-value (s/mm^2) a scheme is read as given in ms/um^2
@@ -52,9 +59,8 @@ def check_gtab(gtab):
     if np.all(gtab.b0s_mask):
         raise ValueError(f"gtab has no diffusion-weighted volume: every b-value is a b0"
                          f"{where}")
-    bvecs = getattr(gtab, "bvecs", None)
-    if bvecs is not None:
-        n_directions = _count_directions(np.asarray(bvecs)[~np.asarray(gtab.b0s_mask)])
+    if getattr(gtab, "bvecs", None) is not None:
+        n_directions = count_weighted_axes(gtab)
         if n_directions < MIN_DIRECTIONS:
             raise ValueError(
                 f"gtab has {n_directions} distinct diffusion-weighted directions; at least "
@@ -62,19 +68,41 @@ def check_gtab(gtab):
                 "fODF's SH coefficients need more")
 
 
-def _count_directions(bvecs):
-    """Distinct axes among unit vectors (v and -v count once), to about 0.1 degree."""
-    norms = np.linalg.norm(bvecs, axis=-1, keepdims=True)
-    unit = np.divide(bvecs, norms, out=np.zeros_like(bvecs, dtype=float), where=norms > 0)
-    unit = unit[norms[:, 0] > 0]
-    # The sign of the first non-zero component picks one of each antipodal pair.
-    first = unit[np.arange(len(unit)), np.argmax(np.abs(unit) > 1e-6, axis=-1)]
-    unit = unit * np.where(first < 0, -1.0, 1.0)[:, None]
-    return len(np.unique(np.round(unit, 3), axis=0))
+def count_weighted_axes(gtab):
+    """Distinct axes of a gtab's diffusion-weighted gradients (v and -v count once).
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    n_axes : int
+        :func:`esdmri.shm.count_unique_axes` of the weighted volumes' non-zero
+        gradient directions (0 without any).
+    """
+    bvecs = np.asarray(gtab.bvecs, dtype=float)[~np.asarray(gtab.b0s_mask, dtype=bool)]
+    bvecs = bvecs[np.linalg.norm(bvecs, axis=-1) > 0]
+    return count_unique_axes(bvecs) if len(bvecs) else 0
 
 
 def check_data(data, gtab, mask=None, warn=True):
-    """Validate a 4D dMRI volume against its gradient table (and mask).
+    """Validate a gradient table and a 4D dMRI volume against it (and a mask).
+
+    :func:`check_gtab` then :func:`check_scan`; see the latter for the
+    parameters and warnings.
+
+    Returns
+    -------
+    data : ndarray, shape (X, Y, Z, N)
+        The same values as a float32 array.
+    """
+    check_gtab(gtab)
+    return check_scan(data, gtab, mask, warn)[0]
+
+
+def check_scan(data, gtab, mask=None, warn=True):
+    """Validate a 4D dMRI volume against its (checked) gradient table, and a mask.
 
     Parameters
     ----------
@@ -91,6 +119,8 @@ def check_data(data, gtab, mask=None, warn=True):
     -------
     data : ndarray, shape (X, Y, Z, N)
         The same values as a float32 array.
+    mask : ndarray of bool, shape (X, Y, Z)
+        The mask as booleans, every voxel when ``mask`` is None.
 
     Warns
     -----
@@ -99,7 +129,6 @@ def check_data(data, gtab, mask=None, warn=True):
         (noise around a zero signal, e.g. after interpolation): they are
         used as they are, like DIPY does.
     """
-    check_gtab(gtab)
     data = np.asarray(data)
     n_volumes = len(gtab.bvals)
     if data.ndim == 1 and data.shape[0] == n_volumes:
@@ -107,7 +136,7 @@ def check_data(data, gtab, mask=None, warn=True):
             "data must be the whole 4D volume (X, Y, Z, N), got one voxel's signal of shape "
             f"{data.shape}: DIPY's peaks_from_model fits voxel by voxel, which would train "
             "one network per voxel (and RT-ESD sees neighbouring voxels); use fit = "
-            "model.fit(data, mask) then fit.peaks(sphere=sphere) or "
+            "model.fit(data, mask=mask) then fit.peaks(sphere=sphere) or "
             "fit.odf(sphere)")
     if data.ndim != 4:
         raise ValueError(f"data must be a 4D array (X, Y, Z, N), got shape {data.shape}")
@@ -144,7 +173,7 @@ def check_data(data, gtab, mask=None, warn=True):
     data = data.astype(np.float32, copy=False)
     if mask is not None and not np.isfinite(data).all():
         data = np.where(mask[..., None], data, np.float32(0))
-    return data
+    return data, (mask if mask is not None else np.ones(data.shape[:3], dtype=bool))
 
 
 def check_mask(mask, spatial_shape):
@@ -220,3 +249,33 @@ def resolve_device(device):
         raise ValueError(f"device={device!r} was requested but CUDA is not available "
                          "on this machine: use device='cpu'")
     return resolved
+
+
+@dataclass(frozen=True)
+class PreparedScan:
+    """A checked, b0-normalised scan with its response and grid interpolation.
+
+    Made by ``model.prepare(data, mask=mask)``; the steps of a fit
+    (``model.prior_coefficients``, ``model.network_coefficients``,
+    ``model.refine``, ``model.train``) read it, so the data are checked once
+    per fit.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+    normalized : ndarray, float32, shape (X, Y, Z, N)
+        Signal divided by the mean b0, zero outside ``mask``.
+    mask : ndarray of bool, shape (X, Y, Z)
+        The voxels fitted (the given mask without voxels whose mean b0 is
+        not positive).
+    response : TissueResponse
+        The model's, or the one estimated from this scan.
+    interpolator : esdmri.shm.ShellInterpolator
+        From the gtab's shells onto the model's HEALPix grid.
+    """
+
+    gtab: object
+    normalized: np.ndarray
+    mask: np.ndarray
+    response: object
+    interpolator: object

@@ -1,12 +1,14 @@
 """DIPY-style unsupervised deconvolution models: ESD, RT-ESD and C-ESD.
 
-``model = RTESDModel(gtab, response); fit = model.fit(data, mask)`` returns a
+``model = RTESDModel(gtab, response); fit = model.fit(data, mask=mask)`` returns a
 fit with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and
 ``peaks``. The loss is unsupervised (the fODFs, convolved with the response
 functions, must reproduce the measured signal). By default the network is not
-trained (``epochs=0``, the most accurate setting measured): the fit is its
-linear prior refined by the spatially coupled descent of that loss. With
-``epochs=N`` the U-Net is first trained on the scan itself, as in the papers.
+trained (``epochs=0``, the most accurate setting measured): the fit is the
+network's linear prior, computed without building the network, refined by the
+spatially coupled descent of that loss. With ``epochs=N`` the U-Net is first
+trained on the scan itself, as in the papers. Fits leave the model as it was,
+except for the network that training gives it.
 """
 
 import copy
@@ -19,23 +21,33 @@ import torch
 from dipy.reconst.base import ReconstModel
 
 from .. import serialization
+from ..deprecation import keyword_only_from
 from ..response import TissueResponse, estimate_response
-from ..shm import ShellInterpolator, count_unique_axes, group_shells, n_coeffs
-from .config import (DeconvolutionConfig, NetworkConfig, default_sh_order, option_defaults,
-                     options_docstring)
+from ..shm import ShellInterpolator, group_shells, n_coeffs
+from .config import (DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
+                     default_sh_order, option_defaults, options_docstring)
 from .fit import DeconvolutionFit
-from .inputs import check_data, check_gtab, check_mask, normalize_by_b0, resolve_device
+from .inference import network_coefficients, prior_coefficients, prior_operator
+from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_axes,
+                     normalize_by_b0, resolve_device)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
-                      build_unet, linear_deconvolution_operator)
+                      build_unet)
 from .refine import refine_coefficients
 from .subjects import ScanBlocks
-from .tiling import inference_windows, receptive_radius
+from .tiling import receptive_radius
 from .training import (PRECISIONS, DistributedContext, Trainer, check_training_options,
-                       group_response, predict_coefficients)
-
+                       group_response)
 
 class _DeconvolutionModel(ReconstModel):
-    """Shared machinery of the ESD family; subclasses pick the convolution."""
+    """Shared machinery of the ESD family; subclasses pick the convolution.
+
+    What a model keeps between fits is data-independent, as in DIPY: the
+    gtab, the options, the response it was given (or that its network was
+    trained with), and a trained or loaded network. A fit's own response
+    (estimated from its scan when the model has none), its refinement history
+    and its coefficients belong to the fit, so ``model.fit(a)`` then
+    ``model.fit(b)`` gives the fit of ``b`` that a fresh model gives.
+    """
 
     conv_kind = None
 
@@ -44,25 +56,24 @@ class _DeconvolutionModel(ReconstModel):
         super().__init__(gtab)
         config = DeconvolutionConfig.from_options(self.conv_kind, **options)
         if config.network.sh_order_max is None:
-            config = config.replace(sh_order_max=default_sh_order(_distinct_axes(gtab)))
+            config = config.replace(sh_order_max=default_sh_order(count_weighted_axes(gtab)))
         self.config = config
         self.device = resolve_device(device)
         self.verbose = verbose
-        if response is not None and not isinstance(response, TissueResponse):
-            raise TypeError("response must be an esdmri.response.TissueResponse or None, "
-                            f"got {type(response).__name__}")
-        if response is not None:
-            response.validate(gtab)
-        self.response = response
+        self.response = _checked_response(response, gtab)
         _warn_underdetermined(gtab, self.config.network.sh_order_max)
         self.sphere = self.config.network.sphere()
         self.network = None
+        self.halo = None
         self.training_history = []
 
     # -- construction -----------------------------------------------------
     @property
     def normalizes(self):
-        """Whether tissue fractions are scaled to sum to 1 (``normalize``).
+        """Whether fits with the model's response scale tissue fractions to sum to 1.
+
+        A fit's own answer (its response may be estimated from its scan) is
+        :attr:`DeconvolutionFit.normalizes`.
 
         ``normalize=None`` (the default) normalises with two or more tissues
         and two or more diffusion-weighted shells (or a non-shelled scheme).
@@ -76,54 +87,221 @@ class _DeconvolutionModel(ReconstModel):
         fODF keeps its scale (an apparent fibre density) and
         ``volume_fractions`` still sum to 1.
         """
+        return self.normalizes_with(self.response)
+
+    def normalizes_with(self, response):
+        """Whether fits with ``response`` scale their tissue fractions to sum to 1.
+
+        See :attr:`normalizes`; False for ``response=None``.
+        """
         if self.config.network.normalize is not None:
             return bool(self.config.network.normalize)
-        if self.response is None or len(self.response.tissues) < 2:
+        if response is None or len(response.tissues) < 2:
             return False
         return len(group_shells(self.gtab)[0]) - 1 >= 2
 
-    def _build(self, n_shells=None):
+    def with_response(self, response):
+        """This model with an explicit response for its fits.
+
+        Parameters
+        ----------
+        response : TissueResponse or None
+            Matching the gtab's shells; None: each fit estimates its own.
+
+        Returns
+        -------
+        model
+            A copy sharing this model's network (trained or not, kept as it
+            is: its linear prior was built with the response it was trained
+            with), whose fits and refinement use ``response``.
+        """
+        model = copy.copy(self)
+        model.response = _checked_response(response, self.gtab)
+        return model
+
+    def _new_network(self, response, n_shells=None):
+        """An untrained network for ``response`` and its receptive radius."""
         config = self.config.network
         interpolator = ShellInterpolator(self.gtab, self.sphere.vertices)
-        channel_bvals = interpolator.shell_bvals
-        if n_shells is not None and n_shells != len(channel_bvals):
-            raise ValueError(f"the gtab gives {len(channel_bvals)} input channels, "
+        if n_shells is not None and n_shells != len(interpolator.shell_bvals):
+            raise ValueError(f"the gtab gives {len(interpolator.shell_bvals)} input channels, "
                              f"not {n_shells}")
-        n_shells = len(channel_bvals)
+        n_shells = len(interpolator.shell_bvals)
         torch.manual_seed(self.config.training.seed)
         unet = build_unet(
             self.config.conv_kind, self.sphere, in_channels=n_shells,
-            out_channels=len(self.response.tissues), depth=config.depth,
+            out_channels=len(response.tissues), depth=config.depth,
             filter_start=config.filter_start, kernel_size=config.kernel_size,
             spatial_kernel_size=config.spatial_kernel_size,
             spatial_layers=config.spatial_layers, signed_output=config.linear_prior)
         prior = None
         if config.linear_prior:
-            response = self.response.normalized()
-            if interpolator.resampled:
-                # Virtual shells lie between the response's rows.
-                response = response.at_bvals(np.concatenate([[0.0], channel_bvals[1:]]))
-                channel_bvals = response.bvals
-            prior = linear_deconvolution_operator(response, channel_bvals,
-                                                  self.sphere.vertices, config.sh_order_max)
+            prior = prior_operator(response, interpolator, self.sphere.vertices,
+                                   config.sh_order_max)
         network = DeconvolutionNetwork(unet, self.sphere, config.sh_order_max,
-                                       normalize=self.normalizes, prior=prior).to(self.device)
-        self.halo = receptive_radius(network, n_shells, self.sphere.n_vertices,
-                                     device=self.device)
+                                       normalize=self.normalizes_with(response),
+                                       prior=prior).to(self.device)
+        halo = receptive_radius(network, n_shells, self.sphere.n_vertices, device=self.device)
         if prior is not None:
             network.zero_correction()
-        self.network = network
+        return network, halo
 
-    # -- fitting ----------------------------------------------------------
-    def fit(self, data, mask=None, *, retrain=None):
-        """Deconvolve a scan, training on it first when ``epochs`` > 0.
+    def build_network(self, response=None):
+        """Give the model an untrained network (to train it with :meth:`train`).
+
+        :meth:`fit` and :meth:`train` build one when they need it; a model
+        with ``epochs=0`` needs none (its fits start from the linear prior).
+
+        Parameters
+        ----------
+        response : TissueResponse, optional
+            The response the network is built (and will be trained) with;
+            it becomes the model's. Default: the model's.
+
+        Returns
+        -------
+        self
+        """
+        if response is not None:
+            self.response = _checked_response(response, self.gtab)
+        if self.response is None:
+            raise ValueError("the model has no response to build its network with: give "
+                             "build_network a response")
+        self.network, self.halo = self._new_network(self.response)
+        return self
+
+    # -- the steps of a fit -----------------------------------------------
+    def prepare(self, data, *, mask=None):
+        """Check a scan, normalise it by its b0 and find its response.
+
+        The first step of :meth:`fit`; the others read what it returns, so
+        a scan is checked once per fit.
 
         Parameters
         ----------
         data : ndarray, shape (X, Y, Z, N)
         mask : ndarray of bool, shape (X, Y, Z), optional
-            Voxels to train on and deconvolve (default: every voxel with a
-            positive b0 signal).
+            Voxels to deconvolve (default: every voxel with a positive b0
+            signal); those of a given mask without one are left out with a
+            warning.
+
+        Returns
+        -------
+        scan : esdmri.reconst.inputs.PreparedScan
+            With the model's response, or one estimated from the scan
+            (:func:`esdmri.response.estimate_response`) when the model has
+            none; the model is left as it was.
+        """
+        data, checked = check_scan(data, self.gtab, mask)
+        normalized, checked = normalize_by_b0(data, self.gtab, checked,
+                                              warn_dropped=mask is not None)
+        response = self.response
+        if response is None:
+            response = estimate_response(self.gtab, data, checked)
+        return PreparedScan(self.gtab, normalized, checked, response,
+                            ShellInterpolator(self.gtab, self.sphere.vertices))
+
+    def prior_coefficients(self, scan):
+        """The linear prior's tissue coefficients of a prepared scan, without a network.
+
+        What an untrained network with ``linear_prior=True`` outputs (its
+        correction starts at zero): :func:`esdmri.reconst.inference.prior_coefficients`.
+
+        Parameters
+        ----------
+        scan : PreparedScan
+            From :meth:`prepare`.
+
+        Returns
+        -------
+        coefficients : ndarray, float32, shape (X, Y, Z, C_total)
+            WM SH coefficients (non-legacy descoteaux07) then one l = 0
+            coefficient per isotropic tissue; zero outside ``scan.mask``.
+        """
+        order = self.config.network.sh_order_max
+        operator = prior_operator(scan.response, scan.interpolator, self.sphere.vertices,
+                                  order)
+        return prior_coefficients(scan.normalized, scan.mask, operator,
+                                  scan.interpolator.operator, n_coeffs(order),
+                                  self.normalizes_with(scan.response))
+
+    def network_coefficients(self, scan):
+        """The network's tissue coefficients of a prepared scan, run block by block.
+
+        Parameters
+        ----------
+        scan : PreparedScan
+            What :meth:`prepare` returned for the scan.
+
+        Returns
+        -------
+        coefficients : ndarray, shape (X, Y, Z, C_total)
+            Laid out as :meth:`prior_coefficients`'s (float32, zero outside
+            ``scan.mask``).
+
+        Raises
+        ------
+        ValueError
+            The model has no network (see :meth:`build_network`, :meth:`train`
+            and :func:`load_model`).
+        """
+        if self.network is None:
+            raise ValueError("the model has no network: train one (epochs=N), load one "
+                             "(load_model) or build one (model.build_network())")
+        training = self.config.training
+        return network_coefficients(
+            self.network, scan.normalized, scan.mask, self.gtab, scan.interpolator.operator,
+            halo=self.halo, block_size=training.block_size, batch_size=training.batch_size,
+            device=self.device)
+
+    def refine(self, coefficients, scan):
+        """Descend the deconvolution loss from some coefficients (the refinement step).
+
+        The spatially coupled refinement of :func:`esdmri.reconst.refine.refine_coefficients`
+        with the model's refinement options (``refine_steps`` and the other
+        ``refine_*``) and the scan's response.
+
+        Parameters
+        ----------
+        coefficients : ndarray, shape (X, Y, Z, C_total)
+            The starting point (:meth:`prior_coefficients` or
+            :meth:`network_coefficients`).
+        scan : PreparedScan
+            From :meth:`prepare`.
+
+        Returns
+        -------
+        refined : ndarray, float32, shape (X, Y, Z, C_total)
+        history : list of float
+            The objective every 10 steps.
+        """
+        order, config = self.config.network.sh_order_max, self.config.refinement
+        return refine_coefficients(
+            coefficients, scan.normalized, scan.mask,
+            build_forward_model(scan.response, self.gtab, order, self.device).matrix,
+            build_fodf_sampler(order, self.device), n_coeffs(order), order,
+            self.config.training.loss_weights, steps=config.refine_steps, lr=config.refine_lr,
+            total_variation=config.refine_tv, smoothing=config.refine_smoothing,
+            similarity=config.refine_similarity, tolerance=config.refine_tolerance,
+            normalize=self.normalizes_with(scan.response), verbose=self.verbose)
+
+    # -- fitting ----------------------------------------------------------
+    @keyword_only_from("mask", since="0.2")
+    def fit(self, data, *, mask=None, retrain=None):
+        """Deconvolve a scan, training the network on it first when ``epochs`` > 0.
+
+        The steps, each public: :meth:`prepare` (checks, b0 normalisation,
+        the response) -> :meth:`prior_coefficients`, or
+        :meth:`network_coefficients` when the model has a network or trains
+        one -> :meth:`refine` -> :class:`DeconvolutionFit`. With
+        ``epochs=0`` and no loaded network, no network is built or run.
+
+        Parameters
+        ----------
+        data : ndarray, shape (X, Y, Z, N)
+        mask : ndarray of bool, shape (X, Y, Z), optional
+            Keyword-only. Voxels to train on and deconvolve (default: every
+            voxel with a positive b0 signal).
         retrain : bool, optional
             Train even if the model is already trained (default: train only
             an untrained model). Nothing is trained with ``epochs=0``.
@@ -131,27 +309,23 @@ class _DeconvolutionModel(ReconstModel):
         Returns
         -------
         fit : DeconvolutionFit
+            With its own ``response`` and ``refine_history``. Training is
+            the one step that changes the model: the trained network (and
+            the response it was trained with) stay on it for later fits.
         """
-        data = check_data(data, self.gtab, mask)
-        # Voxels of the user's own mask that cannot be fitted are reported.
-        warn_dropped = mask is not None
-        mask = check_mask(mask, data.shape[:3])
-        normalized, mask = normalize_by_b0(data, self.gtab, mask, warn_dropped=warn_dropped)
-        if self.response is None:
-            self.response = estimate_response(self.gtab, data, mask)
-        interpolator = ShellInterpolator(self.gtab, self.sphere.vertices)
-        if self.network is None:
-            self._build()
-        # epochs=0 leaves the head at zero: the linear prior, then refinement.
+        scan = self.prepare(data, mask=mask)
         training = self.config.training
         if training.epochs and (retrain or (retrain is None and not self.training_history)):
-            self.train(ScanBlocks(normalized, mask, self.gtab, interpolator.operator,
-                                  training.block_size, self.device),
-                       max_steps=training.train_windows)
-        coefficients = self._infer(normalized, mask, interpolator)
+            self.train(scan, max_steps=training.train_windows)
+        if self.network is not None:
+            coefficients = self.network_coefficients(scan)
+        else:
+            coefficients = self.prior_coefficients(scan)
+        history = []
         if self.config.refinement.refine_steps:
-            coefficients = self._refine(coefficients, normalized, mask)
-        return DeconvolutionFit(self, coefficients, mask)
+            coefficients, history = self.refine(coefficients, scan)
+        return DeconvolutionFit(self, coefficients, scan.mask, response=scan.response,
+                                refine_history=history)
 
     def train(self, source, *, max_steps=None, precision="fp32", compile=False,
               num_workers=0, checkpoint=None, resume=False, context=None):
@@ -166,8 +340,10 @@ class _DeconvolutionModel(ReconstModel):
 
         Parameters
         ----------
-        source : ScanBlocks or SubjectBlocks
-            A block source (:mod:`esdmri.reconst.subjects`) on this model's
+        source : PreparedScan, ScanBlocks or SubjectBlocks
+            A scan from :meth:`prepare` (trained on in blocks of
+            ``block_size``; a model without a response takes the scan's), or
+            a block source (:mod:`esdmri.reconst.subjects`) on this model's
             grid (``self.sphere``) with blocks of ``block_size``; its
             subjects need the shells of the model's gtab.
         max_steps : int, optional
@@ -203,6 +379,11 @@ class _DeconvolutionModel(ReconstModel):
         if not self.config.training.epochs:
             raise ValueError("epochs is 0, so there is nothing to train: give the model "
                              "epochs=N (e.g. model.with_options(epochs=30))")
+        if isinstance(source, PreparedScan):
+            if self.response is None:
+                # The network is trained with the scan's response and keeps it.
+                self.response = source.response
+            source = ScanBlocks.from_scan(source, self.config.training.block_size, self.device)
         context = context if context is not None else DistributedContext()
         precision = check_training_options(precision, compile, num_workers, self.device)
         if resume and checkpoint is None:
@@ -232,7 +413,7 @@ class _DeconvolutionModel(ReconstModel):
                                  "for every subject")
             response.validate(source.gtabs[index])
         if self.network is None:
-            self._build(source.n_shells)
+            self.network, self.halo = self._new_network(self.response, source.n_shells)
         config = self.config.training
         sh_order_max = self.config.network.sh_order_max
         trainer = Trainer(
@@ -263,6 +444,7 @@ class _DeconvolutionModel(ReconstModel):
         ours = self.config.to_dict()
         # An option the checkpoint lacks (written before it existed) had its default.
         theirs = {**option_defaults(), **state["config"]}
+        theirs["conv_kind"] = canonical_conv_kind(theirs.get("conv_kind"))
         differing = sorted(name for name in ours
                            if name != "epochs" and theirs.get(name) != ours[name])
         if state["model"] != type(self).__name__:
@@ -324,30 +506,6 @@ class _DeconvolutionModel(ReconstModel):
         model.sphere = config.network.sphere()
         return model
 
-    def _infer(self, normalized, mask, interpolator):
-        core = self.config.training.block_size
-        starts, pad_width = inference_windows(mask.shape, mask, core, self.halo)
-        padded = np.pad(normalized, pad_width + [(0, 0)])
-        padded_mask = np.pad(mask, pad_width)
-        source = ScanBlocks(padded, padded_mask, self.gtab, interpolator.operator,
-                            core + 2 * self.halo, self.device)
-        coefficients = predict_coefficients(self.network, source, starts, pad_width, core,
-                                            self.halo, self.config.training.batch_size)
-        coefficients[~mask] = 0
-        return coefficients
-
-    def _refine(self, coefficients, normalized, mask):
-        order, config = self.config.network.sh_order_max, self.config.refinement
-        refined, self.refine_history = refine_coefficients(
-            coefficients, normalized, mask,
-            build_forward_model(self.response, self.gtab, order, self.device).matrix,
-            build_fodf_sampler(order, self.device), n_coeffs(order), order,
-            self.config.training.loss_weights, steps=config.refine_steps, lr=config.refine_lr,
-            total_variation=config.refine_tv, smoothing=config.refine_smoothing,
-            similarity=config.refine_similarity, tolerance=config.refine_tolerance,
-            normalize=self.normalizes, verbose=self.verbose)
-        return refined
-
     # -- persistence ------------------------------------------------------
     def save(self, path, force=False):
         """Write weights, configuration, response and versions to one file.
@@ -361,13 +519,18 @@ class _DeconvolutionModel(ReconstModel):
         force : bool
             Overwrite an existing file.
         """
-        if self.network is None:
-            raise ValueError("the model has not been fitted yet: call model.fit(data, mask) "
-                             "first")
+        network, halo = self.network, self.halo
+        if network is None:
+            if self.response is None:
+                raise ValueError("the model has neither a network nor a response to save: "
+                                 "give it a response (model.with_response) or train it")
+            # An untrained network, whose output is the linear prior: the file
+            # then serves load_model like any other.
+            network, halo = self._new_network(self.response)
         kind = next(name for name, cls in MODEL_CLASSES.items() if isinstance(self, cls))
         serialization.write_model_file(
             path, kind=kind, config=self.config.to_dict(), response=self.response,
-            gtab=self.gtab, halo=self.halo, state_dict=self.network.state_dict(),
+            gtab=self.gtab, halo=halo, state_dict=network.state_dict(),
             training_history=self.training_history, force=force)
 
     @classmethod
@@ -376,9 +539,12 @@ class _DeconvolutionModel(ReconstModel):
         config = DeconvolutionConfig.from_dict(saved["config"])
         model = cls(gtab, saved["response"], device=device, verbose=verbose,
                     **config.options())
-        model._build()
-        model.network.load_state_dict(saved["state_dict"])
         model.training_history = saved["training_history"]
+        if model.training_history or not config.network.linear_prior:
+            model.build_network()
+            model.network.load_state_dict(saved["state_dict"])
+        # else the file holds an untrained network, whose output is the linear
+        # prior: the model's fits compute that prior without it.
         return model
 
 
@@ -405,10 +571,13 @@ class RTESDModel(_DeconvolutionModel):
     ----------
     gtab : dipy.core.gradients.GradientTable
     response : esdmri.response.TissueResponse, optional
-        Tissue responses matching the gtab's shells. Estimated from the data
-        at fit time when None, by :func:`esdmri.response.estimate_response`
-        (as many tissues as the shells separate: WM and CSF from b0 plus one
-        shell, WM, GM and CSF from two or more shells or a non-shelled scan).
+        Tissue responses matching the gtab's shells. When None, each fit
+        estimates its own from its scan (``fit.response``), by
+        :func:`esdmri.response.estimate_response` (as many tissues as the
+        shells separate: WM and CSF from b0 plus one shell, WM, GM and CSF
+        from two or more shells or a non-shelled scan); the model keeps none,
+        unless it trains a network (which keeps the response it was trained
+        with).
     device : str
         "cpu", "cuda" or "cuda:N".
     verbose : bool
@@ -421,10 +590,11 @@ class RTESDModel(_DeconvolutionModel):
     ``model.config`` holds them (frozen), :meth:`with_options` changes them.
     """
 
-    # Not "mixed": UNet(conv="mixed") has E(3) x SO(3) convolutions at every
+    # Not "e3so3": UNet(conv="e3so3") has E(3) x SO(3) convolutions at every
     # level, RT-ESD only in its stem. Model files written before this name
-    # hold "mixed"; load_model takes the kind from the class, not the file.
-    conv_kind = "mixed-stem"
+    # hold "mixed" or "mixed-stem" (config.FORMER_CONV_KINDS); load_model
+    # takes the kind from the class, not the file.
+    conv_kind = "e3so3-stem"
 
 
 # The options' entries come from the configuration classes, their one source.
@@ -459,20 +629,12 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
     Returns
     -------
     model : ESDModel, RTESDModel or CESDModel
-        Trained: ``model.fit(data, mask)`` only infers.
+        Trained: ``model.fit(data, mask=mask)`` only infers.
     """
     saved = serialization.read_model_file(path)
     model_class = MODEL_CLASSES[saved["model"]]
     return model_class._from_saved(saved, saved["gtab"] if gtab is None else gtab, device,
                                    verbose)
-
-
-def _distinct_axes(gtab):
-    """Distinct diffusion-weighted gradient axes of a gtab (0 without any)."""
-    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    if not weighted.any():
-        return 0
-    return count_unique_axes(np.asarray(gtab.bvecs)[weighted])
 
 
 def _warn_underdetermined(gtab, sh_order_max):
@@ -481,7 +643,7 @@ def _warn_underdetermined(gtab, sh_order_max):
     Like DIPY's CSD: the fit is then underdetermined and rests on the
     non-negativity and sparsity terms.
     """
-    n_axes = _distinct_axes(gtab)
+    n_axes = count_weighted_axes(gtab)
     if n_axes and n_coeffs(sh_order_max) > n_axes:
         lower = max(2, sh_order_max - 2)
         while lower > 2 and n_coeffs(lower) > n_axes:
@@ -498,3 +660,13 @@ def _same_response(a, b):
     return (a.tissues == b.tissues and np.allclose(a.bvals, b.bvals)
             and all(x.shape == y.shape and np.allclose(x, y)
                     for x, y in zip(a.coefficients, b.coefficients)))
+
+
+def _checked_response(response, gtab):
+    """A model's response: None or a TissueResponse matching the gtab's shells."""
+    if response is not None and not isinstance(response, TissueResponse):
+        raise TypeError("response must be an esdmri.response.TissueResponse or None, "
+                        f"got {type(response).__name__}")
+    if response is not None:
+        response.validate(gtab)
+    return response

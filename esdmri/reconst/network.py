@@ -25,6 +25,7 @@ from ..nn.e3so3 import E3SO3Conv
 from ..nn.unet import ConvBlock, UNet
 from ..shm import n_coeffs, sh_matrix
 from ..sphere import HealpixSphere
+from .config import canonical_conv_kind
 
 SQRT_4PI = math.sqrt(4 * math.pi)
 
@@ -46,7 +47,7 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
 
     Parameters
     ----------
-    conv_kind : {"spherical", "mixed-stem", "concat"}
+    conv_kind : {"spherical", "e3so3-stem", "concat"}
         ESD (voxel-wise), RT-ESD (a stem of E(3) x SO(3) convolutions, see Notes)
         and C-ESD.
     sphere : HealpixSphere
@@ -55,10 +56,10 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
     depth, filter_start, kernel_size : int
         U-Net levels, first-level channels, Chebyshev kernel size.
     spatial_kernel_size : int
-        Odd edge of the isotropic 3D kernel (mixed-stem) or of the concatenated
+        Odd edge of the isotropic 3D kernel (e3so3-stem) or of the concatenated
         neighbourhood (concat).
     spatial_layers : int
-        Number of E(3) x SO(3) convolutions (mixed-stem only).
+        Number of E(3) x SO(3) convolutions (e3so3-stem only).
     signed_output : bool, optional
         No Softplus: the U-Net outputs a correction (see
         :class:`DeconvolutionNetwork`).
@@ -84,8 +85,9 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
                     conv=conv_kind, kernel_size=kernel_size,
                     spatial_kernel_size=spatial_kernel_size, layout=layout,
                     non_negative=not signed_output)
-    if conv_kind != "mixed-stem":
-        raise ValueError(f"conv_kind must be 'spherical', 'mixed-stem' or 'concat', "
+    conv_kind = canonical_conv_kind(conv_kind)
+    if conv_kind != "e3so3-stem":
+        raise ValueError(f"conv_kind must be 'spherical', 'e3so3-stem' or 'concat', "
                          f"got {conv_kind!r}")
     if spatial_layers < 1:
         raise ValueError(f"spatial_layers must be >= 1 for RT-ESD, got {spatial_layers}")
@@ -159,6 +161,21 @@ def volume_fractions_from_coefficients(coefficients, n_wm_coeffs):
     return SQRT_4PI * np.concatenate([wm, isotropic], axis=-1)
 
 
+def normalize_fractions(coefficients, n_wm_coeffs):
+    """Coefficients ``[..., C_total]`` scaled so their tissue fractions sum to 1.
+
+    The sum is floored at :data:`NORMALIZATION_FLOOR`.
+
+    Returns
+    -------
+    coefficients : array or Tensor, shape (..., C_total)
+    """
+    total = volume_fractions_from_coefficients(coefficients, n_wm_coeffs).sum(-1)
+    if isinstance(coefficients, torch.Tensor):
+        return coefficients / total.clamp_min(NORMALIZATION_FLOOR).unsqueeze(-1)
+    return coefficients / np.maximum(total, NORMALIZATION_FLOOR)[..., None]
+
+
 class DeconvolutionNetwork(nn.Module):
     """U-Net on the HEALPix grid followed by the tissue heads.
 
@@ -226,9 +243,8 @@ class DeconvolutionNetwork(nn.Module):
             isotropic = torch.relu(isotropic + linear[:, self.n_wm_coeffs:])
         coefficients = torch.cat([wm, isotropic], dim=1)
         if self.normalize:
-            total = volume_fractions_from_coefficients(
-                coefficients.movedim(1, -1), self.n_wm_coeffs).sum(-1)
-            coefficients = coefficients / total.clamp_min(NORMALIZATION_FLOOR).unsqueeze(1)
+            coefficients = normalize_fractions(coefficients.movedim(1, -1),
+                                               self.n_wm_coeffs).movedim(-1, 1)
         return coefficients
 
 

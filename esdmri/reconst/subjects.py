@@ -78,6 +78,23 @@ class ScanBlocks:
         self.interpolation = torch.as_tensor(interpolation, dtype=torch.float32, device=device)
         self.gtabs, self.masks, self.names, self.responses = [gtab], [mask], ["scan"], [None]
 
+    @classmethod
+    def from_scan(cls, scan, block_size, device="cpu"):
+        """The blocks of a scan prepared by a model (``model.prepare``).
+
+        Parameters
+        ----------
+        scan : esdmri.reconst.inputs.PreparedScan
+        block_size : int
+        device : str or torch.device
+
+        Returns
+        -------
+        source : ScanBlocks
+        """
+        return cls(scan.normalized, scan.mask, scan.gtab, scan.interpolator.operator,
+                   block_size, device)
+
     @property
     def n_shells(self):
         """Shells (b0 included): the grid's channels."""

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from ..response import TissueResponse, estimate_response
 from .losses import (intensity_loss, nonnegativity_loss, sparsity_loss,
                      total_variation_loss)
-from .network import volume_fractions_from_coefficients
 from .selfsupervision import check_mask_fraction, hide_in_batch
 
 logger = logging.getLogger(__name__)
@@ -563,47 +562,3 @@ def group_response(source, context):
         dist.broadcast_object_list(payload, src=0)
     return TissueResponse.from_dict(payload[0])
 
-
-# -- inference --------------------------------------------------------------
-@torch.no_grad()
-def predict_coefficients(network, source, starts, pad_width, core, halo, batch_size):
-    """Tissue coefficients of every core block, stitched into a volume.
-
-    Parameters
-    ----------
-    network : DeconvolutionNetwork
-    source : ScanBlocks
-        Built on the padded volume (see :func:`esdmri.reconst.tiling.inference_windows`)
-        with blocks of ``core + 2 * halo`` voxels.
-    starts : ndarray, shape (n_blocks, 3)
-        Core corners in unpadded coordinates; ``start`` is also the window's
-        corner in the padded volume.
-    pad_width : list of (int, int)
-    core, halo, batch_size : int
-
-    Returns
-    -------
-    coefficients : ndarray, float32, shape (X, Y, Z, C_total)
-        For the unpadded volume.
-    """
-    network.eval()
-    # Core blocks tile a grid of (padded size - 2 halo) voxels from the origin.
-    tiled_shape = tuple(n - 2 * halo for n in source.normalized.shape[:3])
-    output = None
-    for first in range(0, len(starts), batch_size):
-        block_starts = starts[first:first + batch_size]
-        blocks = np.column_stack([np.zeros(len(block_starts), dtype=np.int64), block_starts])
-        grid = source.read(blocks)["grid"]
-        coefficients = network(grid)[..., halo:halo + core, halo:halo + core, halo:halo + core]
-        coefficients = coefficients.permute(0, 2, 3, 4, 1).float().cpu().numpy()
-        if output is None:
-            output = np.zeros(tiled_shape + (coefficients.shape[-1],), dtype=np.float32)
-        for (x, y, z), block in zip(block_starts, coefficients):
-            output[x:x + core, y:y + core, z:z + core] = block
-    volume_shape = tuple(n - after + halo for n, (_, after) in zip(tiled_shape, pad_width))
-    return output[:volume_shape[0], :volume_shape[1], :volume_shape[2]]
-
-
-def fractions_of(coefficients, n_wm_coeffs):
-    """Tissue fractions ``(..., T)`` of coefficients ``(..., C_total)``, clipped to [0, 1]."""
-    return np.clip(volume_fractions_from_coefficients(coefficients, n_wm_coeffs), 0, 1)

@@ -46,6 +46,8 @@ from dipy.core.gradients import GradientTable
 from dipy.sims.voxel import add_noise
 from scipy.spatial.transform import Rotation
 
+from esdmri.sims import random_directions
+
 DEFAULT_SHAPE = (16, 16, 16)
 FREE_WATER_DIFFUSIVITY = 3.0e-3
 _MIN_SIDE = 8
@@ -137,12 +139,6 @@ def _logistic(x):
     return 0.5 * (1 + np.tanh(0.5 * x))
 
 
-def _unit(v):
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def _random_unit(rng, size=None):
-    return _unit(rng.normal(size=(3,) if size is None else (size, 3)))
 
 
 def _fibre_field(points, rng):
@@ -167,7 +163,7 @@ def _fibre_field(points, rng):
 def _smooth_patches(points, rng, radius, amplitude_range, n_range=(1, 3)):
     """Sum of random Gaussian bumps (widths 2 to 4 voxels) inside the ball."""
     n_patches = rng.integers(n_range[0], n_range[1] + 1)
-    centres = _random_unit(rng, n_patches) * rng.uniform(0, radius, size=(n_patches, 1))
+    centres = random_directions(rng, n_patches) * rng.uniform(0, radius, size=(n_patches, 1))
     widths = rng.uniform(2.0, 4.0, size=n_patches)
     amplitudes = rng.uniform(*amplitude_range, size=n_patches)
     distance2 = np.sum((points[:, None] - centres[None]) ** 2, axis=-1)
@@ -183,7 +179,7 @@ def _lesions(points, rng, n_lesions, lesion_radius, radius):
         radii = rng.uniform(*lesion_radius, size=3)
         # Centres stay inside the ball that every rotation keeps in the grid.
         reach = max(radius - radii.max() - 1.0, 0.0)
-        centre = _random_unit(rng) * reach * rng.uniform(0, 1) ** (1 / 3)
+        centre = random_directions(rng) * reach * rng.uniform(0, 1) ** (1 / 3)
         axes = Rotation.random(rng=rng).as_matrix()
         local = (points - centre) @ axes / radii
         rho = np.linalg.norm(local, axis=1)
