@@ -29,7 +29,7 @@ FORMAT_3_DEFAULTS = {
 
 
 # Options added to format 3 since, with the defaults that files without them load with.
-ADDED_OPTIONS = {"mask_fraction": 0.0}
+ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs"}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0}
 
