@@ -78,11 +78,13 @@ def function_times(profile):
     Class constructors are reported under the class's name.
     """
     totals = {}
-    for (filename, _, name), (_, _, _, cumulative, _) in pstats.Stats(profile).stats.items():
-        if not filename.startswith(str(Path(__file__).resolve().parents[1] / "esdmri")):
+    package = str(Path(__file__).resolve().parents[1] / "esdmri")
+    for (filename, line, name), statistics in pstats.Stats(profile).stats.items():
+        if not filename.startswith(package):
             continue
         if name == "__init__":
-            name = _class_at(filename, _)
+            name = _class_at(filename, line)
+        cumulative = statistics[3]
         totals[name] = totals.get(name, 0.0) + cumulative
     return totals
 
