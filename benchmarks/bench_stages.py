@@ -187,7 +187,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="20^3 at SNR 20, the resolved SH order, one repeat")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--sizes", type=int, nargs="*", default=None,
+                        help="sides of the dev phantoms (default: 20 40; --quick: 20; "
+                        "none with --brain alone)")
     parser.add_argument("--snrs", type=float, nargs="+", default=None)
     parser.add_argument("--orders", type=int, nargs="+", default=None,
                         help="SH orders (default: 8 and 12; --quick: the resolved order)")
@@ -197,7 +199,8 @@ def main():
     parser.add_argument("--brain", action="store_true",
                         help="add the clinical-size scan and DIPY CSD's time on it")
     args = parser.parse_args()
-    args.sizes = args.sizes or ([20] if args.quick else [20, 40])
+    if args.sizes is None:
+        args.sizes = [20] if args.quick else [20, 40]
     args.snrs = args.snrs or ([20.0] if args.quick else [20.0, 10.0])
     args.orders = args.orders or ([None] if args.quick else [8, 12])
 

@@ -46,7 +46,7 @@ def test_saved_layout_is_model_format_3():
     assert loaded.training.sparsity == 0.5 and loaded.training.loss_weights.sparsity == 0.5
     assert loaded.training.mask_fraction == 0.0 and loaded.training.epochs == 30
     assert loaded.to_dict() == {**changed, **ADDED_OPTIONS}
-    masked = {**changed, "mask_fraction": 0.25}
+    masked = {**changed, **ADDED_OPTIONS, "mask_fraction": 0.25}
     assert DeconvolutionConfig.from_dict(masked).to_dict() == masked
 
 
