@@ -404,6 +404,10 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
                 break
             length *= _BACKTRACK
         else:
+            # No step along the direction lowers the objective: a (local) minimum
+            # to the precision of the line search.
+            if (step - 1) % check_every:
+                history.append(value / len(c))
             return step - 1, f"converged at step {step - 1}"
         s, y = trial.sub_(c), trial_gradient.sub(gradient)
         curvature = float(torch.vdot(s.flatten(), y.flatten()))
