@@ -1,11 +1,13 @@
-"""Voxel-wise refinement of network fODFs on the unsupervised loss.
+"""Refinement of fODFs on the unsupervised loss, coupled between neighbouring voxels.
 
 A network trained for a few thousand steps is an amortised, approximate
 minimiser of the deconvolution loss (Elaldi et al., IPMI 2021): measured on the phantoms, the
-per-voxel minimum of the same loss resolves crossings that neither the
-network nor CSD does (docs/benchmarks.md). The refinement starts from the
-network's coefficients and descends that loss voxel by voxel, on the measured
-signal (not the grid interpolation).
+minimum of the same loss resolves crossings that neither the network nor CSD
+does (docs/benchmarks.md). The refinement starts from the linear prior's or
+the network's coefficients and descends that loss on the measured signal (not
+the grid interpolation), plus a total variation between face-neighbouring
+voxels (``refine_tv``, on by default), so neighbours inform each fODF; with
+``refine_tv=0`` each voxel is refined on its own signal.
 
 The default solver is a projected limited-memory BFGS with a backtracking
 line search on the whole coefficient field (:func:`refine_coefficients`,
@@ -438,7 +440,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         memory=5):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
-    The objective is the sum over masked voxels of the voxel-wise loss
+    The objective is the sum over masked voxels of each voxel's loss
     (:func:`voxel_loss_gradient`) plus ``total_variation`` times the smoothed
     total variation of the coefficient field between face-neighbouring
     voxels (:func:`total_variation_gradient`), weighted by signal similarity
@@ -461,7 +463,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         its device and dtype (float32 from the models) are the solver's.
     n_wm_coeffs, sh_order_max : int
     weights : LossWeights
-        Weights of the voxel-wise terms.
+        Weights of the per-voxel terms.
     steps : int
         Most optimiser steps.
     lr : float, optional
@@ -470,7 +472,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         take their scale from the curvature the solver has seen).
     total_variation : float, optional
         Weight of the spatial term relative to the Gaussian negative
-        log-likelihood of the signal (0: voxel-wise refinement): the term
+        log-likelihood of the signal (0: each voxel on its own): the term
         added to the summed voxel losses is ``total_variation * 2 sigma^2 / N``
         times the total variation, with ``sigma^2`` the noise variance
         estimated from the data (:func:`noise_variance`) and ``N`` the
