@@ -29,7 +29,7 @@ FORMAT_3_DEFAULTS = {
 
 
 # Options added to format 3 since, with the defaults that files without them load with.
-ADDED_OPTIONS = {"mask_fraction": 0.0}
+ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs"}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0}
 # Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
@@ -49,7 +49,7 @@ def test_saved_layout_is_model_format_3():
     assert loaded.training.sparsity == 0.5 and loaded.training.loss_weights.sparsity == 0.5
     assert loaded.training.mask_fraction == 0.0 and loaded.training.epochs == 30
     assert loaded.to_dict() == {**changed, **ADDED_OPTIONS, **RENAMED}
-    masked = {**changed, "mask_fraction": 0.25}
+    masked = {**changed, **ADDED_OPTIONS, "mask_fraction": 0.25}
     assert DeconvolutionConfig.from_dict(masked).to_dict() == {**masked, **RENAMED}
 
 

@@ -7,6 +7,7 @@ from dipy.core.gradients import gradient_table
 from scipy.spatial.transform import Rotation
 
 from esdmri.metrics import threshold_sweep
+from esdmri.reconst.config import RefinementConfig
 from esdmri.reconst.losses import LossWeights
 from esdmri.reconst.models import ESDModel
 from esdmri.reconst.network import SAMPLING_NSIDE, ForwardModel, stacked_forward_matrix
@@ -156,15 +157,16 @@ def test_bad_refinement_options(phantom, option, value):
         ESDModel(phantom.gtab, phantom.response, **{option: value})
 
 
-def refine_field(phantom, gtab, signal, mask, start, weights, **options):
+def refine_field(phantom, gtab, signal, mask, start, weights, dtype=torch.float32, **options):
+    options = {"lr": 1e-2, **options}
     matrix = torch.as_tensor(stacked_forward_matrix(phantom.response.normalized(), gtab, ORDER),
-                             dtype=torch.float32)
+                             dtype=dtype)
     sampler = torch.as_tensor(sh_matrix(ORDER, HealpixSphere(SAMPLING_NSIDE,
                                                              hemisphere=True).vertices),
-                              dtype=torch.float32)
+                              dtype=dtype)
     refined, history = refine_coefficients(start, signal, mask, matrix, sampler,
                                            n_coeffs(ORDER), ORDER, weights, steps=30,
-                                           lr=1e-2, normalize=False, **options)
+                                           normalize=False, **options)
     return refined.astype(np.float64), history
 
 
@@ -219,12 +221,18 @@ def equivariance_errors(phantom, field, weights, options):
 COUPLED = dict(total_variation=20.0, similarity=True, smoothing=1e-2)
 
 
-def test_coupled_refinement_is_equivariant(phantom, field):
-    """The signal fit and the total variation commute with rotations (float32 round-off)."""
+@pytest.mark.parametrize("method", ["lbfgs", "adam"])
+def test_coupled_refinement_is_equivariant(phantom, field, method):
+    """The signal fit and the total variation commute with rotations, in float64: float32's
+    round-off, which L-BFGS's curvature pairs amplify to about 2e-5 in 30 steps, would hide
+    a small symmetry error. Measured: 4e-15 for the quarter turn (an exact permutation)
+    and 3e-8 for the random rotation (the floor of ``rotate_sh``'s least-squares
+    reference), for both methods."""
     errors = equivariance_errors(phantom, field, LossWeights(sparsity=0.0, nonnegativity=0.0),
-                                 COUPLED)
-    print(f"signal fit + total variation: relative errors {errors}")
-    assert max(errors.values()) < 1e-5
+                                 dict(COUPLED, method=method, dtype=torch.float64))
+    print(f"{method}, signal fit + total variation: relative errors {errors}")
+    assert errors["quarter"] < 1e-12
+    assert errors["random"] < 1e-6
 
 
 def test_coupling_adds_no_symmetry_error_to_the_full_loss(phantom, field):
@@ -232,10 +240,11 @@ def test_coupling_adds_no_symmetry_error_to_the_full_loss(phantom, field):
     map onto itself (a 90-degree turn about z does), the refinement is equivariant only
     approximately; the spatial coupling must not make that worse."""
     weights = LossWeights()
-    voxelwise = equivariance_errors(phantom, field, weights, {})
-    coupled = equivariance_errors(phantom, field, weights, COUPLED)
+    # float64, so that round-off does not stand in for a symmetry error.
+    voxelwise = equivariance_errors(phantom, field, weights, dict(dtype=torch.float64))
+    coupled = equivariance_errors(phantom, field, weights, dict(COUPLED, dtype=torch.float64))
     print(f"full loss: voxel-wise {voxelwise}, coupled {coupled}")
-    assert coupled["quarter"] < 1e-5
+    assert coupled["quarter"] < 1e-10
     assert coupled["random"] < 1.2 * voxelwise["random"] + 1e-3
 
 
@@ -256,3 +265,34 @@ def test_coupling_smooths_the_field_and_early_stopping_stops(phantom, field):
     _, stopped = refine_field(phantom, phantom.gtab, signal, mask, start, weights,
                               total_variation=50.0, tolerance=0.5)
     assert len(stopped) < len(history)
+
+
+def test_lbfgs_reaches_a_lower_objective_than_adam_and_says_why_it_stopped(phantom, field,
+                                                                           capsys):
+    """The same objective, minimised further in as many steps at the models' default step
+    size (Adam with a 10x larger one is on par on this start); the bar ends with its
+    reason."""
+    signal, mask, start = field
+    weights = LossWeights()
+    default_lr = RefinementConfig().refine_lr
+    _, adam = refine_field(phantom, phantom.gtab, signal, mask, start, weights,
+                           total_variation=20.0, method="adam", lr=default_lr)
+    _, lbfgs = refine_field(phantom, phantom.gtab, signal, mask, start, weights,
+                            total_variation=20.0, method="lbfgs", lr=default_lr, verbose=True)
+    assert lbfgs[-1] < adam[-1] and adam[-1] < adam[0]
+    assert np.all(np.diff(lbfgs) <= 0)  # the line search only accepts decreases
+    assert (lbfgs.stop_reason, lbfgs.steps) == ("step budget reached", 30)
+    assert lbfgs.evaluations >= 31 and adam.evaluations == 31
+    assert "step budget reached" in capsys.readouterr().err
+    _, stopped = refine_field(phantom, phantom.gtab, signal, mask, start, weights,
+                              total_variation=20.0, tolerance=0.5, verbose=True)
+    assert stopped.stop_reason == f"converged at step {stopped.steps}" and stopped.steps < 30
+    assert stopped.stop_reason in capsys.readouterr().err
+
+
+def test_bad_solver_options(phantom, field):
+    signal, mask, start = field
+    with pytest.raises(ValueError, match="method"):
+        refine_field(phantom, phantom.gtab, signal, mask, start, LossWeights(), method="sgd")
+    with pytest.raises(ValueError, match="refine_method"):
+        ESDModel(phantom.gtab, phantom.response, refine_method="newton")

@@ -28,6 +28,7 @@ from ..deprecation import renamed_options
 from ..shm import n_coeffs, sh_order_for_directions
 from ..sphere import HealpixSphere
 from .losses import LossWeights
+from .refine import REFINEMENT_METHODS
 from .selfsupervision import check_mask_fraction
 
 
@@ -239,7 +240,8 @@ class RefinementConfig:
         (dev phantoms) and the held-out section (the old voxel-wise
         refinement's test scores).
     refine_lr : float
-        Step size of the refinement.
+        ``refine_method="adam"``: its step size; ``"lbfgs"``: the root mean
+        square change of the coefficients in its first step.
     refine_tv : float
         Weight of the total variation between neighbouring voxels' tissue
         coefficients inside the refinement, relative to the Gaussian
@@ -254,6 +256,10 @@ class RefinementConfig:
     refine_tolerance : float
         Stop the refinement once its objective falls by less than this
         fraction in 10 steps (0: always ``refine_steps`` steps).
+    refine_method : str
+        Solver of the refinement: ``"lbfgs"`` (limited-memory BFGS with a
+        line search) or ``"adam"`` (the fixed-rate Adam with a second moment
+        per SH degree); see :func:`esdmri.reconst.refine.refine_coefficients`.
     """
 
     refine_steps: int = 300
@@ -262,9 +268,13 @@ class RefinementConfig:
     refine_smoothing: float = 1e-3
     refine_similarity: bool = False
     refine_tolerance: float = 1e-3
+    refine_method: str = "lbfgs"
 
     def __post_init__(self):
         _check_integer("refine_steps", self.refine_steps, 0)
+        if self.refine_method not in REFINEMENT_METHODS:
+            raise ValueError(f"refine_method must be one of {REFINEMENT_METHODS}, "
+                             f"got {self.refine_method!r}")
         if not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
         for name in ("refine_tv", "refine_tolerance"):

@@ -283,7 +283,8 @@ class _DeconvolutionModel(ReconstModel):
             self.config.training.loss_weights, steps=config.refine_steps, lr=config.refine_lr,
             total_variation=config.refine_tv, smoothing=config.refine_smoothing,
             similarity=config.refine_similarity, tolerance=config.refine_tolerance,
-            normalize=self.normalizes_with(scan.response), verbose=self.verbose)
+            method=config.refine_method, normalize=self.normalizes_with(scan.response),
+            verbose=self.verbose)
 
     # -- fitting ----------------------------------------------------------
     @keyword_only_from("mask", since="0.2")
