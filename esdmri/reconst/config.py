@@ -28,8 +28,12 @@ from ..deprecation import renamed_options
 from ..shm import n_coeffs, sh_order_for_directions
 from ..sphere import HealpixSphere
 from .losses import LossWeights
-from .refine import REFINEMENT_METHODS
 from .selfsupervision import check_mask_fraction
+
+
+# The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
+# former fixed-rate descent, kept for comparison.
+REFINEMENT_METHODS = ("lbfgs", "adam")
 
 
 def _check_integer(name, value, low):

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
+from .config import REFINEMENT_METHODS
 from .losses import CAUCHY_SIGMA
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
 
@@ -428,9 +429,6 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             if _stalled(history, tolerance):
                 return step, f"converged at step {step}"
     return steps, "step budget reached"
-
-
-REFINEMENT_METHODS = ("lbfgs", "adam")
 
 
 def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler, n_wm_coeffs,
