@@ -264,6 +264,16 @@ def test_cli_defaults_are_the_api_defaults():
         group["device"].default
     assert inspect.signature(FitFlow.run).parameters["refine_steps"].default == \
         options["refine_steps"]
+    assert inspect.signature(FitFlow.run).parameters["refine_tv"].default == \
+        options["refine_tv"] > 0
+    # The commands name the kinds and train_group's run options without
+    # importing torch; they must be the library's.
+    from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.workflows.fit import MODEL_KINDS
+    assert sorted(MODEL_KINDS) == sorted(MODEL_CLASSES)
+    train_cli = inspect.signature(TrainFlow.run).parameters
+    for name in ("precision", "compile", "num_workers"):
+        assert train_cli[name].default == group[name].default, name
 
 
 def test_fit_writes_consistent_outputs(phantom, fitted):

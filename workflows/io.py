@@ -356,7 +356,7 @@ def read_nifti(path, what="image"):
                          f"corrupt? {type(error).__name__}: {one_line(error)})") from None
 
 
-def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
+def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50, bvecs_tol=0.01):
     """Read a 4D scan and its FSL gradient files, checking they agree.
 
     Parameters
@@ -364,6 +364,10 @@ def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
     dwi_path, bvals_path, bvecs_path : str
     b0_threshold : float
         b-values up to this are b0 volumes.
+    bvecs_tol : float
+        How far from unit length the b-vectors of diffusion-weighted volumes
+        may be (DIPY's ``gradient_table(atol=...)``, ``--bvecs_tol`` of DIPY's
+        own commands).
 
     Returns
     -------
@@ -383,7 +387,14 @@ def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
     if len(bvals) != data.shape[-1]:
         raise ValueError(f"{dwi_path} has {data.shape[-1]} volumes but {bvals_path} has "
                          f"{len(bvals)} b-values")
-    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
+    try:
+        gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold, atol=bvecs_tol)
+    except ValueError as error:
+        if "unit" not in str(error):
+            raise
+        # DIPY says "the tolerance can be modified" without saying how here.
+        raise ValueError(f"{bvecs_path}: {one_line(error)} (--bvecs_tol, now {bvecs_tol})"
+                         ) from None
     try:
         check_gtab(gtab)
     except ValueError as error:

@@ -42,7 +42,10 @@ class PlotFlow(EsdmriWorkflow):
         Each glyph is the fODF projected onto the slice plane, coloured by
         direction (red, green, blue = x, y, z). Slices are shown in voxel
         coordinates: for --axis 2 (axial) x runs left to right and y bottom
-        to top.
+        to top; the edges are labelled with the anatomical direction (R/L,
+        A/P, S/I) that the image's affine gives each voxel axis. Example:
+        esdmri_plot fit/fodf_sh.nii.gz --background fit/fractions.nii.gz
+        --fractions fit/fractions.nii.gz --out_dir figures.
 
         Parameters
         ----------
