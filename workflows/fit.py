@@ -283,7 +283,9 @@ class FitFlow(EsdmriWorkflow):
             written = [shm_path, f"{fractions_path} ({', '.join(fit.volume_fractions)})",
                        peaks_path, model_path]
             if epochs:
-                figure = plot_training_curves(fit.training_history).figure
+                curve = plot_training_curves(fit.training_history)
+                curve.set_title(f"training of {model} on {dwi}")
+                figure = curve.figure
                 save_figure(figure, curve_path, force=True)
                 plt.close(figure)
                 written.append(curve_path)

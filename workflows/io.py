@@ -529,7 +529,7 @@ def load_fodf(path):
     return np.asarray(shm_coeff, dtype=np.float64), np.asarray(affine, dtype=float), pam
 
 
-def load_fractions(path):
+def load_fractions(path, what="fractions"):
     """A 4D tissue-fraction map and its tissue names.
 
     Parameters
@@ -537,18 +537,20 @@ def load_fractions(path):
     path : str
         NIfTI written by ``esdmri_fit`` (names in the header description) or
         any (X, Y, Z) / (X, Y, Z, T) map (names "map 0", "map 1", ...).
+    what : str
+        Role of the file ("fractions", "background"), for messages.
 
     Returns
     -------
     fractions : ndarray, shape (X, Y, Z, T)
     names : list of str
     """
-    fractions, _ = read_nifti(path, "fractions")
+    fractions, _ = read_nifti(path, what)
     image = nib.load(path)
     if fractions.ndim == 3:
         fractions = fractions[..., None]
     if fractions.ndim != 4:
-        raise ValueError(f"fractions {path} must be 3D or 4D, got shape {fractions.shape}")
+        raise ValueError(f"{what} {path} must be 3D or 4D, got shape {fractions.shape}")
     description = image.header["descrip"].item().decode(errors="replace")
     names = [f"map {t}" for t in range(fractions.shape[-1])]
     if description.startswith(FRACTIONS_DESCRIPTION):

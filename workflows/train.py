@@ -226,7 +226,10 @@ class TrainFlow(EsdmriWorkflow):
             sh_order_max=sh_order_max, nside=nside, depth=depth, filter_start=filter_start,
             block_size=block_size, total_variation=total_variation)
         if is_main:
-            figure = plot_training_curves(trained.training_history).figure
+            curve = plot_training_curves(trained.training_history)
+            curve.set_title(f"training of {model} on the {len(subjects)} scans of "
+                            f"{subjects_file}")
+            figure = curve.figure
             save_figure(figure, curve_path, force=True)
             plt.close(figure)
             logger.info(f"wrote {model_path}, {checkpoint_path}, {curve_path}")
