@@ -171,11 +171,13 @@ def _setup_slice_axes(ax, plane_shape, axis, index, background, in_plane, affine
         plane, codes, oblique = slice_orientation(affine, axis)
         title = f"{plane} {title}"
         halo = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+        # A second plot on the same Axes (peaks over glyphs) keeps the letters.
+        labelled = any(text.get_gid() == "orientation" for text in ax.texts)
         edges = ((codes[0], 0.99, 0.5, "right", "center"),
                  (_OPPOSITE[codes[0]], 0.01, 0.5, "left", "center"),
                  (codes[1], 0.5, 0.99, "center", "top"),
                  (_OPPOSITE[codes[1]], 0.5, 0.01, "center", "bottom"))
-        for letter, x, y, horizontal, vertical in edges:
+        for letter, x, y, horizontal, vertical in () if labelled else edges:
             ax.text(x, y, letter, transform=ax.transAxes, ha=horizontal, va=vertical,
                     color="white", fontweight="bold", path_effects=halo, zorder=5,
                     gid="orientation")

@@ -115,7 +115,7 @@ class PlotFlow(EsdmriWorkflow):
             if peaks:
                 # Default overlay: thin black lines through the coloured lobes.
                 plot_peaks_slice(pam.peak_dirs, pam.peak_values, axis=axis, index=index,
-                                 ax=ax)
+                                 ax=ax, affine=affine)
             ax.set_title(f"fODFs{' and peaks' if peaks else ''} of {fodf_path}\n"
                          f"{ax.get_title()}")
             save_figure(ax.figure, png_path, force=True, dpi=dpi)
