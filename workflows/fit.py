@@ -164,7 +164,8 @@ class FitFlow(EsdmriWorkflow):
             MRtrix3 CSF response file.
         model : string, optional
             Network: rtesd (roto-translation equivariant), esd (voxel-wise
-            equivariant) or cesd (neighbourhood concatenation).
+            equivariant) or cesd (neighbourhood concatenation). Untrained (no
+            --epochs) all three give the same spatially coupled fit.
         b0_threshold : float, optional
             b-values up to this count as b0.
         bvecs_tol : float, optional
