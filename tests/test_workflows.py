@@ -548,6 +548,8 @@ def test_demo_runs_end_to_end(tmp_path, in_process):
         load_pam(str(out / method / "peaks.pam5"), verbose=False)
         load_tractogram(str(out / method / "tractogram.trk"), "same")
     assert mpimg.imread(out / "figures" / "angular_error_vs_crossing.png").std() > 0
+    # The tractography quick-look: both methods' streamlines over a slice.
+    assert mpimg.imread(out / "figures" / "tractography.png").std() > 0
     assert mpimg.imread(out / "rtesd" / "training_curve.png").std() > 0
     message = in_process(DemoFlow(), "--quick", "--size", 8, "--out_dir", out, fails=True)
     assert "exists already: pass --force" in message
