@@ -40,8 +40,9 @@ from esdmri.viz import (plot_angular_error_vs_crossing, plot_fraction_maps, plot
                         save_figure)
 
 from .fit import write_fit_outputs
-from .io import (EsdmriWorkflow, check_out_dir, check_outputs, run_workflow, save_map,
-                 save_peaks, save_streamlines, save_table, save_text, verbose_logging)
+from .io import (EsdmriWorkflow, check_out_dir, check_outputs, display_name, run_workflow,
+                 save_map, save_peaks, save_streamlines, save_table, save_text,
+                 verbose_logging)
 from .io import logger
 from .track import reference_header
 
@@ -367,18 +368,18 @@ class DemoFlow(EsdmriWorkflow):
         self._save(ax, files["figure_truth"])
         for method, coefficients, background, label in (
                 ("rtesd", rtesd_sh, fit.volume_fractions["wm"],
-                 f"RT-ESD WM fraction ({self._name(files['rtesd_fractions'])})"),
+                 f"RT-ESD WM fraction ({display_name(files['rtesd_fractions'])})"),
                 ("csd", csd_sh, wm_fraction, true_wm)):
             # Glyph sizes show fODF amplitude, so partial-volume voxels look small.
             ax = plot_odf_slice(coefficients, mask=phantom.mask, background=background,
                                 norm="global", legacy=False, affine=affine,
                                 background_label=label)
             what = "RT-ESD" if method == "rtesd" else f"DIPY CSD (b = {CSD_BVAL:g})"
-            ax.set_title(f"{what} fODFs, {self._name(files[f'{method}_shm'])}\n"
+            ax.set_title(f"{what} fODFs, {display_name(files[f'{method}_shm'])}\n"
                          f"{ax.get_title()}")
             self._save(ax, files[f"figure_{method}"])
         figure = plot_fraction_maps(fit.volume_fractions, affine=affine)
-        figure.suptitle(f"RT-ESD tissue fractions, {self._name(files['rtesd_fractions'])}")
+        figure.suptitle(f"RT-ESD tissue fractions, {display_name(files['rtesd_fractions'])}")
         self._save(figure, files["figure_fractions"])
         crossing = phantom.n_fibres >= 2
         angles = crossing_angles(truth)[crossing]
@@ -390,11 +391,6 @@ class DemoFlow(EsdmriWorkflow):
         self._save(ax, files["figure_crossing"])
         self._save(self._tractography(files, phantom, tracts, true_wm), files["figure_tracks"])
 
-    @staticmethod
-    def _name(path):
-        """A file's name with its folder, as the figures show it."""
-        return f"{path.parent.name}/{path.name}"
-
     def _tractography(self, files, phantom, tracts, background_label):
         """Both methods' streamlines over the true WM fraction, side by side."""
         figure, axes = plt.subplots(1, len(tracts), figsize=(6.2 * len(tracts), 5.6),
@@ -405,7 +401,7 @@ class DemoFlow(EsdmriWorkflow):
                                    background_label=background_label, ax=ax)
             key = "rtesd_tractogram" if method == "RT-ESD" else "csd_tractogram"
             ax.set_title(f"{method}: {len(streamlines)} streamlines, "
-                         f"{self._name(files[key])}\nprojected onto the {ax.get_title()}")
+                         f"{display_name(files[key])}\nprojected onto the {ax.get_title()}")
         figure.suptitle("Deterministic tractography (DIPY LocalTracking), colour = direction")
         return figure
 

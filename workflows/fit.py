@@ -21,7 +21,7 @@ from esdmri.response import TissueResponse, estimate_response
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
 
-from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
+from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, display_name, load_dwi, load_mask,
                  match_optional, run_workflow, save_map, save_peaks, verbose_logging)
 from .io import logger
 
@@ -285,7 +285,7 @@ class FitFlow(EsdmriWorkflow):
                        peaks_path, model_path]
             if epochs:
                 curve = plot_training_curves(fit.training_history)
-                curve.set_title(f"training of {model} on {dwi}")
+                curve.set_title(f"training of {model} on {display_name(dwi)}")
                 figure = curve.figure
                 save_figure(figure, curve_path, force=True)
                 plt.close(figure)

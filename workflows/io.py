@@ -473,6 +473,13 @@ def save_text(path, text):
         Path(temporary).write_text(text)
 
 
+def display_name(path):
+    """A file as figure titles name it: its folder and file name (a full path
+    would set the figure's width)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def verbose_logging():
     """Whether INFO messages (and progress bars) are shown."""
     return logger.isEnabledFor(logging.INFO)

@@ -13,7 +13,8 @@ import numpy as np
 
 from esdmri.viz import plot_fraction_maps, plot_odf_slice, plot_peaks_slice, save_figure
 
-from .io import EsdmriWorkflow, load_fodf, load_fractions, match_optional, run_workflow
+from .io import (EsdmriWorkflow, display_name, load_fodf, load_fractions, match_optional,
+                 run_workflow)
 from .io import logger
 
 
@@ -28,7 +29,7 @@ def load_background(path, spatial_shape):
         raise ValueError(f"background {path} has shape {values.shape[:3]} but the fODF grid "
                          f"is {tuple(spatial_shape)}")
     what = f"{names[0]} fraction" if names[0] != "map 0" else "values"
-    return values[..., 0], f"{what} of {path}"
+    return values[..., 0], f"{what} of {display_name(path)}"
 
 
 class PlotFlow(EsdmriWorkflow):
@@ -116,7 +117,7 @@ class PlotFlow(EsdmriWorkflow):
                 # Default overlay: thin black lines through the coloured lobes.
                 plot_peaks_slice(pam.peak_dirs, pam.peak_values, axis=axis, index=index,
                                  ax=ax, affine=affine)
-            ax.set_title(f"fODFs{' and peaks' if peaks else ''} of {fodf_path}\n"
+            ax.set_title(f"fODFs{' and peaks' if peaks else ''} of {display_name(fodf_path)}\n"
                          f"{ax.get_title()}")
             save_figure(ax.figure, png_path, force=True, dpi=dpi)
             plt.close(ax.figure)
@@ -129,7 +130,7 @@ class PlotFlow(EsdmriWorkflow):
                                      f"{spatial_shape}")
                 figure = plot_fraction_maps(volumes, names, axis=axis, index=index,
                                             affine=affine)
-                figure.suptitle(f"tissue fractions of {fractions_path}")
+                figure.suptitle(f"tissue fractions of {display_name(fractions_path)}")
                 save_figure(figure, fractions_png_path, force=True, dpi=dpi)
                 plt.close(figure)
                 files.append(fractions_png_path)

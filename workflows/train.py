@@ -26,7 +26,7 @@ from esdmri.reconst.config import GROUP_OPTIONS
 from esdmri.viz import plot_training_curves, save_figure
 
 from .fit import MODEL_DEFAULTS, check_model_kind, read_responses
-from .io import EsdmriWorkflow, run_workflow, verbose_logging
+from .io import EsdmriWorkflow, display_name, run_workflow, verbose_logging
 from .io import logger
 
 # Group training has its own epochs, batch size and run options; the other
@@ -228,7 +228,7 @@ class TrainFlow(EsdmriWorkflow):
         if is_main:
             curve = plot_training_curves(trained.training_history)
             curve.set_title(f"training of {model} on the {len(subjects)} scans of "
-                            f"{subjects_file}")
+                            f"{display_name(subjects_file)}")
             figure = curve.figure
             save_figure(figure, curve_path, force=True)
             plt.close(figure)
