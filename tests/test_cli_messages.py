@@ -121,14 +121,15 @@ def test_help_shows_a_usage_example_of_the_command(flow):
     assert f"Example: {flow.get_short_name()} " in description
 
 
-def test_help_does_not_import_torch():
+def test_help_does_not_import_torch_or_healpy():
     # --help builds the parser from the workflow classes: importing every
-    # command module must not pull in torch (seconds at a cold start).
+    # command module must not pull in torch, nor healpy and astropy (seconds
+    # at a cold start).
     import subprocess
 
     names = ", ".join(flow.__module__ for flow in FLOWS)
     code = (f"import sys; import {names}; "
-            "sys.exit('torch' in sys.modules)")
+            "sys.exit(sorted({'torch', 'healpy'} & set(sys.modules)) or None)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

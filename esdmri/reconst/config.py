@@ -26,7 +26,6 @@ from typing import Optional
 import numpy as np
 
 from ..shm import n_coeffs
-from ..sphere import HealpixSphere
 
 
 def check_mask_fraction(fraction):
@@ -150,6 +149,10 @@ class NetworkConfig:
         -------
         sphere : esdmri.sphere.HealpixSphere
         """
+        # healpy (and astropy) load on first use, not with the option defaults
+        # that every command's --help reads.
+        from ..sphere import HealpixSphere
+
         return HealpixSphere(self.nside, hemisphere=self.hemisphere)
 
 
