@@ -30,7 +30,6 @@ from .subjects import SubjectBlocks, check_subjects
 from .training import DistributedContext, check_training_options
 
 
-
 def train_group(subjects, response=None, *, model="rtesd", device="cpu", precision="fp32",
                 compile=False, num_workers=0, checkpoint=None, resume=False, out_file=None,
                 force=False, verbose=True, **options):

@@ -17,7 +17,7 @@ with the starting weights, for one scan and for a cohort alike.
 
 import torch
 
-from .config import check_mask_fraction  # noqa: F401  (kept importable here)
+from .config import check_mask_fraction
 
 
 def hide_voxels(grid, mask, fraction, generator=None):
