@@ -7,7 +7,6 @@ the stopping map ``esdmri_track`` uses by default.
 """
 
 import math
-import warnings
 
 import numpy as np
 from dipy.data import default_sphere
@@ -19,17 +18,25 @@ from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
 from dipy.tracking.streamline import Streamlines, length
 
 from esdmri.peaks import sh_order_from_coeffs
+from esdmri.shm import legacy_to_descoteaux
 
 TRACKERS = {"det": DeterministicMaximumDirectionGetter, "prob": ProbabilisticDirectionGetter}
 
 
+def _non_legacy(shm_coeff):
+    """Legacy descoteaux07 coefficients (what esdmri_fit writes) in DIPY's new basis.
+
+    The same function (the bases differ by the sign of some m < 0
+    coefficients), handed to DIPY with ``legacy=False``: DIPY warns that
+    its legacy basis will be deprecated on every call that uses it.
+    """
+    return legacy_to_descoteaux(shm_coeff, sh_order_from_coeffs(shm_coeff.shape[-1]))
+
+
 def _sh_to_sf_legacy(shm_coeff, sphere):
-    sh_order_max = sh_order_from_coeffs(shm_coeff.shape[-1])
-    with warnings.catch_warnings():
-        # DIPY's default (legacy) basis is what esdmri_fit writes.
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        return sh_to_sf(shm_coeff, sphere, sh_order_max=sh_order_max,
-                        basis_type="descoteaux07", legacy=True)
+    return sh_to_sf(_non_legacy(shm_coeff), sphere,
+                    sh_order_max=sh_order_from_coeffs(shm_coeff.shape[-1]),
+                    basis_type="descoteaux07", legacy=False)
 
 
 # The amplitude map is relative to this percentile of the voxels' peak
@@ -125,7 +132,8 @@ def track(shm_coeff, affine, stop_map, threshold=0.2, seed_mask=None, tracker="d
                          f"voxel of the stopping map exceeds threshold={threshold})")
     seeds = utils.seeds_from_mask(seed_mask, affine, density=[seed_density] * 3)
     getter = TRACKERS[tracker].from_shcoeff(
-        shm_coeff, max_angle=max_angle, sphere=default_sphere, pmf_threshold=pmf_threshold)
+        _non_legacy(shm_coeff), max_angle=max_angle, sphere=default_sphere,
+        pmf_threshold=pmf_threshold, basis_type="descoteaux07", legacy=False)
     generator = LocalTracking(
         getter, ThresholdStoppingCriterion(stop_map, threshold), seeds, affine,
         step_size=step_size, maxlen=int(math.ceil(max_length / step_size)),

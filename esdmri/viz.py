@@ -1,4 +1,4 @@
-"""Figures: fODF glyphs, peaks, tissue fractions, training curves, accuracy.
+"""Figures: fODF glyphs, peaks, streamlines, tissue fractions, training curves, accuracy.
 
 matplotlib only. Every plotting function draws into the ``ax`` it is given
 (a new figure is made through pyplot when it is ``None``) and returns the
@@ -16,9 +16,13 @@ slice is centred at data coordinates ``(i, j)`` with equal aspect. For
 (coronal) x and z, for ``axis=0`` (sagittal) y and z. For an image stored
 RAS+ (e.g. after ``nibabel.as_closest_canonical``) the axial and coronal
 views are in neurological convention (the subject's right on the right of the
-plot); call ``ax.invert_xaxis()`` for radiological convention. Directions are
-coloured like MRtrix3 and DIPY, red/green/blue = ``|x|, |y|, |z|`` of the
-direction in voxel axes.
+plot); call ``ax.invert_xaxis()`` for radiological convention. Given the
+image's ``affine``, the slice functions label the four edges with the
+anatomical direction each voxel axis points to (R/L, A/P, S/I, the nearest
+one for an oblique affine, as ``nibabel.aff2axcodes`` gives it), name the
+plane (axial, coronal, sagittal) and say in the axis labels how oblique the
+grid is. Directions are coloured like MRtrix3 and DIPY, red/green/blue =
+``|x|, |y|, |z|`` of the direction in voxel axes.
 """
 
 import warnings
@@ -31,12 +35,20 @@ from dipy.reconst.shm import sh_to_sf_matrix
 from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection, PolyCollection
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from nibabel.orientations import aff2axcodes
 
 from esdmri.atomic import staged_output
 from esdmri.peaks import SH_BASES, sh_order_from_coeffs
 
 _AXIS_NAMES = ("x", "y", "z")
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+_PLANES = {"R": "sagittal", "L": "sagittal", "A": "coronal", "P": "coronal", "S": "axial",
+           "I": "axial"}
+# Voxel axes further than this from their nearest world axis are called oblique.
+_OBLIQUE_DEGREES = 1.0
 _GLYPH_NORMS = ("max", "global")
 # Default glyph sampling: 90 in-plane azimuths (4 degree outline resolution) x
 # 45 elevations from the slice plane, with elevation 0 included so in-plane
@@ -93,8 +105,53 @@ def _new_axes(ax, figsize=(6, 6)):
     return ax
 
 
-def _setup_slice_axes(ax, plane_shape, axis, index, background, in_plane):
-    """Equal-aspect voxel-centred frame, with the background slice below."""
+def _check_affine(affine):
+    """A (4, 4) voxel-to-world affine as floats, or None."""
+    if affine is None:
+        return None
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) \
+            or abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise ValueError("affine must be an invertible (4, 4) voxel-to-world matrix, got "
+                         f"shape {affine.shape}")
+    return affine
+
+
+def slice_orientation(affine, axis):
+    """Anatomical names of a slice's plane and of its in-plane voxel axes.
+
+    Parameters
+    ----------
+    affine : ndarray (4, 4)
+        Voxel-to-world (RAS+ mm) affine of the image.
+    axis : int
+        Array axis normal to the slice.
+
+    Returns
+    -------
+    plane : str
+        "axial", "coronal" or "sagittal": the world axis nearest to the
+        slice normal.
+    codes : tuple of str
+        For the horizontal then the vertical in-plane axis, the direction
+        (R, L, A, P, S or I) it points to with increasing index.
+    oblique : tuple of float
+        For the same two axes, degrees between the voxel axis and its
+        nearest world axis (0 for an axis-aligned image).
+    """
+    affine = _check_affine(affine)
+    in_plane = _in_plane_axes(axis)
+    all_codes = aff2axcodes(affine)
+    columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    oblique = np.degrees(np.arccos(np.clip(np.abs(columns).max(axis=0), -1.0, 1.0)))
+    return (_PLANES[all_codes[axis]], tuple(all_codes[a] for a in in_plane),
+            tuple(float(oblique[a]) for a in in_plane))
+
+
+def _setup_slice_axes(ax, plane_shape, axis, index, background, in_plane, affine=None,
+                      background_label="background"):
+    """Equal-aspect voxel-centred frame, with the background slice (and its colour bar)
+    below and, given the affine, the anatomical directions on its edges."""
     if background is not None:
         image = _take_slice(background, axis, index).astype(float)
         finite = image[np.isfinite(image)]
@@ -102,14 +159,34 @@ def _setup_slice_axes(ax, plane_shape, axis, index, background, in_plane):
         # imshow's (rows, columns) are (vertical, horizontal): transpose so the
         # first in-plane axis runs horizontally; origin lower puts voxel (i, j)
         # at data (i, j).
-        ax.imshow(image.T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax,
-                  interpolation="nearest", zorder=0)
+        shown = ax.imshow(image.T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax,
+                          interpolation="nearest", zorder=0)
+        ax.figure.colorbar(shown, ax=ax, shrink=0.8, label=background_label)
     ax.set_xlim(-0.5, plane_shape[0] - 0.5)
     ax.set_ylim(-0.5, plane_shape[1] - 0.5)
     ax.set_aspect("equal")
-    ax.set_xlabel(f"{_AXIS_NAMES[in_plane[0]]} (voxel)")
-    ax.set_ylabel(f"{_AXIS_NAMES[in_plane[1]]} (voxel)")
-    ax.set_title(f"{_AXIS_NAMES[axis]} = {index}")
+    labels = [f"{_AXIS_NAMES[a]} (voxel)" for a in in_plane]
+    title = f"slice {_AXIS_NAMES[axis]} = {index}"
+    if affine is not None:
+        plane, codes, oblique = slice_orientation(affine, axis)
+        title = f"{plane} {title}"
+        halo = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+        # A second plot on the same Axes (peaks over glyphs) keeps the letters.
+        labelled = any(text.get_gid() == "orientation" for text in ax.texts)
+        edges = ((codes[0], 0.99, 0.5, "right", "center"),
+                 (_OPPOSITE[codes[0]], 0.01, 0.5, "left", "center"),
+                 (codes[1], 0.5, 0.99, "center", "top"),
+                 (_OPPOSITE[codes[1]], 0.5, 0.01, "center", "bottom"))
+        for letter, x, y, horizontal, vertical in () if labelled else edges:
+            ax.text(x, y, letter, transform=ax.transAxes, ha=horizontal, va=vertical,
+                    color="white", fontweight="bold", path_effects=halo, zorder=5,
+                    gid="orientation")
+        for k, (code, degrees) in enumerate(zip(codes, oblique)):
+            tilt = f", {degrees:.0f} deg oblique" if degrees > _OBLIQUE_DEGREES else ""
+            labels[k] = f"{labels[k][:-1]}, towards {code}{tilt})"
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
 
 
 # --------------------------------------------------------------------------
@@ -280,7 +357,8 @@ def odf_glyph_outlines(shm_coeff, axis=2, index=None, sphere=None,
 
 def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
                    basis_type="descoteaux07", legacy=None, background=None,
-                   mask=None, scale=0.9, ax=None, norm="max"):
+                   mask=None, scale=0.9, ax=None, norm="max", affine=None,
+                   background_label="background"):
     """Draw fODF glyphs of one slice, optionally over a background map.
 
     Each glyph is the fODF surface projected onto the slice plane (see
@@ -307,7 +385,8 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
     legacy : bool, optional
         See :func:`odf_glyph_outlines` (default: legacy for descoteaux07).
     background : ndarray (X, Y, Z), optional
-        Scalar map (GFA, FA, a fraction) drawn in grey below the glyphs.
+        Scalar map (GFA, FA, a fraction) drawn in grey below the glyphs, with
+        a colour bar.
     mask : ndarray (X, Y, Z), optional
         Voxels to draw glyphs in.
     scale : float
@@ -316,6 +395,11 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
         Axes to draw on; a new figure when None.
     norm : {"max", "global"}
         Normalise each glyph by its own maximum or by the slice's maximum.
+    affine : ndarray (4, 4), optional
+        Voxel-to-world affine of the image: labels the edges with anatomical
+        directions and names the plane (see the module docstring).
+    background_label : str
+        Label of the background's colour bar (what the map is).
 
     Returns
     -------
@@ -331,7 +415,7 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
         background = _spatial_map(background, shm_coeff.shape[:3], "background")
     ax = _new_axes(ax)
     _setup_slice_axes(ax, [shm_coeff.shape[a] for a in in_plane], axis, index,
-                      background, in_plane)
+                      background, in_plane, _check_affine(affine), background_label)
 
     # Outlines are star-shaped about the voxel centre: a fan of triangles from
     # the centre fills each glyph exactly.
@@ -351,16 +435,18 @@ def plot_odf_slice(shm_coeff, axis=2, index=None, sphere=None,
 # --------------------------------------------------------------------------
 
 def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
-                     background=None, scale=1.0, linewidth=2.0, color="white"):
+                     background=None, scale=1.0, linewidth=1.0, color="black", affine=None,
+                     background_label="background"):
     """Draw peaks of one slice as line segments through the voxel centres.
 
     Each peak is the segment ``centre +- (scale / 2) w P d`` for its unit
     direction ``d`` projected onto the slice plane (``P``), so peaks leaving
     the plane shorten; ``w`` is the peak value over the voxel's largest value
     when ``values`` is given, else 1. Drawn over the glyphs of
-    :func:`plot_odf_slice` (on its Axes), the default peaks stand out: white
-    with a black edge and the full voxel width, where the glyphs are
-    direction-coloured and span 90% of it.
+    :func:`plot_odf_slice` (on its Axes), the default peaks are thin black
+    lines with a white edge through the lobes, a little longer than the
+    glyphs (the full voxel against 90% of it), so that the direction colours
+    of the lobes stay visible on both sides of each line.
 
     Parameters
     ----------
@@ -375,14 +461,19 @@ def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
     ax : matplotlib.axes.Axes, optional
         Axes to draw on; a new figure when None.
     background : ndarray (X, Y, Z), optional
-        Scalar map drawn in grey below the peaks.
+        Scalar map drawn in grey below the peaks, with a colour bar.
     scale : float
         Length of a full-value in-plane peak, in voxels.
     linewidth : float
         Line width in points.
     color : matplotlib colour or "direction"
-        One colour for every peak (with a black edge), or "direction" for
-        ``|d|`` as RGB without edge (a peak map on its own).
+        One colour for every peak (with a white edge, or a black one for a
+        light colour), or "direction" for ``|d|`` as RGB without edge (a peak
+        map on its own).
+    affine : ndarray (4, 4), optional
+        Voxel-to-world affine: anatomical directions on the edges.
+    background_label : str
+        Label of the background's colour bar.
 
     Returns
     -------
@@ -413,7 +504,7 @@ def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
                            where=largest > 0)
     ax = _new_axes(ax)
     _setup_slice_axes(ax, [directions.shape[a] for a in in_plane], axis, index,
-                      background, in_plane)
+                      background, in_plane, _check_affine(affine), background_label)
     a, b, p = np.nonzero(present & (weight > 0))
     unit = peaks[a, b, p] / length[a, b, p, None]
     half = (scale / 2) * weight[a, b, p, None] * unit[:, in_plane]
@@ -425,9 +516,97 @@ def plot_peaks_slice(directions, values=None, axis=2, index=None, ax=None,
     else:
         lines = LineCollection(segments, colors=[color], linewidths=linewidth,
                                capstyle="round", zorder=3)
-        lines.set_path_effects([patheffects.withStroke(linewidth=linewidth + 1.5,
-                                                       foreground="black")])
+        light = np.mean(to_rgb(color)) > 0.5
+        lines.set_path_effects([patheffects.withStroke(linewidth=linewidth + 1.0,
+                                                       foreground="black" if light
+                                                       else "white")])
     ax.add_collection(lines, autolim=False)
+    return ax
+
+
+# --------------------------------------------------------------------------
+# Streamlines
+# --------------------------------------------------------------------------
+
+def plot_streamlines_slice(streamlines, affine, shape, axis=2, index=None, slab=None,
+                           background=None, background_label="background", ax=None,
+                           linewidth=0.8, alpha=0.8):
+    """Streamlines over a slice, each step coloured by its direction (a quick look).
+
+    The streamlines are brought from world (RAS mm) into voxel coordinates
+    with the inverse of ``affine`` and projected onto the slice plane; with
+    ``slab`` only the steps whose midpoints lie within ``slab / 2`` voxels of
+    the slice are drawn. Each step is coloured like the glyphs,
+    red/green/blue = ``|x|, |y|, |z|`` of its direction in voxel axes.
+
+    Parameters
+    ----------
+    streamlines : sequence of ndarray (n_i, 3)
+        Points in world coordinates (RAS mm), as DIPY's ``LocalTracking``
+        with ``affine`` and ``StatefulTractogram`` in ``Space.RASMM`` give them.
+    affine : ndarray (4, 4)
+        Voxel-to-world affine of the grid the streamlines were tracked on.
+    shape : tuple of 3 int
+        Spatial shape (X, Y, Z) of that grid.
+    axis : int
+        Array axis normal to the slice.
+    index : int, optional
+        Slice index; the middle slice when None.
+    slab : float, optional
+        Thickness in voxels of the slab around the slice whose steps are
+        drawn (None: every step, projected).
+    background : ndarray (X, Y, Z), optional
+        Scalar map drawn in grey below the streamlines, with a colour bar.
+    background_label : str
+        Label of the background's colour bar.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on; a new figure when None.
+    linewidth : float
+        Line width in points.
+    alpha : float
+        Opacity of the lines (overlapping streamlines look denser).
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+    """
+    affine = _check_affine(affine)
+    if affine is None:
+        raise ValueError("affine is required: streamlines are in world coordinates")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape must be the spatial shape (X, Y, Z), got {shape}")
+    if slab is not None and not slab > 0:
+        raise ValueError(f"slab must be a positive thickness in voxels or None, got {slab}")
+    in_plane = _in_plane_axes(axis)
+    index = _slice_index(shape, axis, index)
+    if background is not None:
+        background = _spatial_map(background, shape, "background")
+    inverse = np.linalg.inv(affine)
+    segments, colours = [], []
+    for points in streamlines:
+        points = np.asarray(points, dtype=float)
+        if points.ndim != 2 or points.shape[-1] != 3:
+            raise ValueError(f"each streamline must be an (n, 3) array, got {points.shape}")
+        if len(points) < 2:
+            continue
+        voxels = points @ inverse[:3, :3].T + inverse[:3, 3]
+        steps = np.diff(voxels, axis=0)
+        keep = np.linalg.norm(steps, axis=-1) > 0
+        if slab is not None:
+            middle = (voxels[:-1, axis] + voxels[1:, axis]) / 2
+            keep &= np.abs(middle - index) <= slab / 2
+        pairs = np.stack([voxels[:-1], voxels[1:]], axis=1)[keep][..., in_plane]
+        segments.append(pairs)
+        colours.append(np.abs(steps[keep]) / np.linalg.norm(steps[keep], axis=-1,
+                                                              keepdims=True))
+    ax = _new_axes(ax)
+    _setup_slice_axes(ax, [shape[a] for a in in_plane], axis, index, background,
+                      in_plane, affine, background_label)
+    if segments:
+        ax.add_collection(LineCollection(np.concatenate(segments), colors=np.concatenate(
+            colours), linewidths=linewidth, alpha=alpha, capstyle="round", zorder=3),
+            autolim=False)
     return ax
 
 
@@ -463,7 +642,7 @@ def _fraction_volumes(fractions, names):
 
 
 def plot_fraction_maps(fractions, names=None, axis=2, index=None, ax=None,
-                       cmap="viridis"):
+                       cmap="viridis", affine=None):
     """One panel per tissue volume-fraction map of a slice, with colour bars.
 
     Colour range fixed to [0, 1] so panels and figures compare directly.
@@ -483,6 +662,8 @@ def plot_fraction_maps(fractions, names=None, axis=2, index=None, ax=None,
         One Axes per map; a new figure with a row of panels when None.
     cmap : str
         Colour map.
+    affine : ndarray (4, 4), optional
+        Voxel-to-world affine: anatomical directions on the edges.
 
     Returns
     -------
@@ -505,8 +686,9 @@ def plot_fraction_maps(fractions, names=None, axis=2, index=None, ax=None,
     for panel, name, volume in zip(ax, names, volumes):
         image = panel.imshow(_take_slice(volume, axis, index).T, origin="lower",
                              cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-        _setup_slice_axes(panel, plane_shape, axis, index, None, in_plane)
-        panel.set_title(f"{name} ({_AXIS_NAMES[axis]} = {index})")
+        _setup_slice_axes(panel, plane_shape, axis, index, None, in_plane,
+                          _check_affine(affine))
+        panel.set_title(f"{name} ({panel.get_title()})")
         fig.colorbar(image, ax=panel, shrink=0.8, label="volume fraction")
     return fig
 
@@ -551,6 +733,7 @@ def plot_training_curves(history, ax=None, terms=None):
         ax.plot(epochs, value, label=term, linewidth=2.2 if bold else 1.3,
                 color="black" if bold else None, zorder=3 if bold else 2)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     handles, labels = ax.get_legend_handles_labels()
@@ -596,8 +779,13 @@ def binned_mean_std(x, y, bins):
     return mean, std, count
 
 
-def plot_angular_error_vs_crossing(results, bins=np.arange(0, 91, 10), ax=None):
+def plot_angular_error_vs_crossing(results, bins=np.arange(0, 91, 10), ax=None,
+                                   threshold=None, title="Angular error vs crossing angle"):
     """Mean angular error +- standard deviation per crossing-angle bin and method.
+
+    The number of voxels behind each point is written under it (one row per
+    method unless every method has the same counts), and the title says the
+    peak threshold the errors were measured at.
 
     Parameters
     ----------
@@ -610,6 +798,10 @@ def plot_angular_error_vs_crossing(results, bins=np.arange(0, 91, 10), ax=None):
         Increasing crossing-angle bin edges in degrees.
     ax : matplotlib.axes.Axes, optional
         Axes to draw on; a new figure when None.
+    threshold : float, optional
+        Relative peak threshold of the peaks scored, added to the title.
+    title : str
+        Title (what is compared; e.g. the data set).
 
     Returns
     -------
@@ -641,8 +833,21 @@ def plot_angular_error_vs_crossing(results, bins=np.arange(0, 91, 10), ax=None):
                     markersize=4, capsize=3)
     ax.set_xlim(bins[0], bins[-1])
     ax.set_ylim(bottom=0)
+    # Voxels per bin on a top axis: one number when every method has the
+    # same voxels, else one per method.
+    counts = [count for _, _, count in series.values()]
+    shared = all(np.array_equal(count, counts[0]) for count in counts)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, ["{}".format(counts[0][k]) if shared else
+                             "/".join(str(count[k]) for count in counts)
+                             for k in range(len(centres))], fontsize="small")
+    top.set_xlabel("voxels per bin" + ("" if shared else f" ({'/'.join(series)})"),
+                   fontsize="small")
     ax.set_xlabel("crossing angle (degrees)")
     ax.set_ylabel("angular error (degrees)")
+    if threshold is not None:
+        title = f"{title} (relative peak threshold {threshold:g})"
+    ax.set_title(title)
     ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
     return ax

@@ -3,9 +3,11 @@
 Markers
 -------
 slow
-    Tests that take more than about 10 s on two cores (end-to-end training,
-    whole workflows). They run by default, in CI too; ``pytest -m "not slow"``
-    leaves them out while iterating.
+    Tests that take more than about 10 s on two cores, fixtures included
+    (end-to-end training, whole workflows, the tutorial and the README
+    example), marked ``@pytest.mark.slow`` where they are defined and
+    registered in setup.cfg. They run by default, in CI too;
+    ``pytest -m "not slow"`` leaves them out while iterating.
 """
 
 import os
@@ -17,29 +19,6 @@ import torch  # noqa: E402
 
 # Figures are written to files, never shown.
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-
-# Tests measured above 10 s on a loaded two-core machine (pytest --durations),
-# marked here until their modules carry ``@pytest.mark.slow`` themselves.
-_SLOW = {
-    "test_train_group.py::test_two_torchrun_processes_keep_identical_weights",
-    "test_workflows.py::test_demo_runs_end_to_end",
-    "test_workflows.py::test_fit_writes_consistent_outputs",
-    "test_workflows.py::test_apply_reproduces_the_fit",
-    "test_workflows.py::test_response_matches_truth_and_respects_force",
-}
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: takes more than about 10 s on two cores; deselect with "
-                   "-m 'not slow'")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if f"{item.path.name}::{item.originalname}" in _SLOW:
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -274,10 +274,37 @@ def test_peaks_from_model_is_refused_before_any_training(phantom):
     # DIPY's peaks_from_model calls model.fit(data[idx]) voxel by voxel: one
     # network per voxel. It must stop at the first voxel, pointing to fit.peaks.
     model = RTESDModel(phantom.gtab, phantom.response, **TINY)
-    with pytest.raises(ValueError, match=r"peaks_from_model fits voxel by voxel.*fit\.peaks"):
+    with pytest.raises(ValueError, match=r"peaks_from_model, which fits voxel by voxel, use "
+                                         r"fit\.peaks\(\)"):
         peaks_from_model(model, phantom.data, default_sphere, relative_peak_threshold=0.5,
                          min_separation_angle=25, mask=phantom.mask, parallel=False)
     assert model.network is None
+
+
+def test_one_voxel_is_refused_with_the_volume_and_slice_to_use(phantom):
+    model = RTESDModel(phantom.gtab, phantom.response, **{**TINY, "epochs": 0})
+    with pytest.raises(ValueError, match=r"one voxel's signal of shape \(\d+,\).*"
+                                         r"fit\[x, y, z\]\.odf\(sphere\).*"
+                                         r"data\[x:x\+1, y:y\+1, z:z\+1\]"):
+        model.fit(phantom.data[5, 5, 5])
+    # What the message proposes works: a (1, 1, 1, N) volume is fitted.
+    single = model.fit(phantom.data[5:6, 5:6, 5:6])
+    assert single.shm_coeff.shape[:3] == (1, 1, 1)
+    assert np.all(np.isfinite(single.shm_coeff))
+
+
+def test_dipy_response_objects_name_their_converter(phantom):
+    from dipy.reconst.mcsd import MultiShellResponse
+
+    # auto_response_ssst(gtab, data)[0]: DIPY's (evals, S0) tuple.
+    dipy_tuple = (np.array([1.7e-3, 0.3e-3, 0.3e-3]), 100.0)
+    with pytest.raises(TypeError, match=r"got tuple: .*TissueResponse\.from_dipy_ssst"):
+        RTESDModel(phantom.gtab, dipy_tuple, **TINY)
+    msmt = MultiShellResponse(np.ones((2, 7)), 8, [0.0, 1000.0])  # 2 isotropic tissues
+    with pytest.raises(TypeError, match=r"TissueResponse\.from_dipy_msmt"):
+        RTESDModel(phantom.gtab, msmt, **TINY)
+    with pytest.raises(TypeError, match=r"TissueResponse or None, got str$"):
+        RTESDModel(phantom.gtab, "wm.txt", **TINY)
 
 
 # --------------------------------------------------------------------------

@@ -111,3 +111,61 @@ def test_eval_scores_a_left_out_tissue_as_zero(tmp_path):
     save_map(tmp_path / "unnamed.nii.gz", wm_gm, np.eye(4))
     with pytest.raises(ValueError, match="no tissue names"):
         score_fractions(str(tmp_path / "unnamed.nii.gz"), truth)
+
+
+@pytest.mark.parametrize("flow", FLOWS, ids=lambda flow: flow.get_short_name())
+def test_help_shows_a_usage_example_of_the_command(flow):
+    parser = IntrospectiveArgumentParser()
+    parser.add_workflow(flow())
+    description = " ".join(parser.description.split())
+    assert f"Example: {flow.get_short_name()} " in description
+
+
+def test_help_does_not_import_torch_or_healpy():
+    # --help builds the parser from the workflow classes: importing every
+    # command module must not pull in torch, nor healpy and astropy (seconds
+    # at a cold start).
+    import subprocess
+
+    names = ", ".join(flow.__module__ for flow in FLOWS)
+    code = (f"import sys; import {names}; "
+            "sys.exit(sorted({'torch', 'healpy'} & set(sys.modules)) or None)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_fit_help_says_how_the_fit_is_coupled():
+    parser = IntrospectiveArgumentParser()
+    parser.add_workflow(FitFlow())
+    text = " ".join(parser.format_help().split())
+    assert "--refine_tv" in text and "spatially coupled" in text
+    assert "voxel-wise descent" not in text
+    # The training loss's term says when it applies.
+    assert "only with --epochs > 0" in text
+
+
+@pytest.mark.parametrize("flow", (ApplyFlow, FitFlow, ResponseFlow, TrainFlow),
+                         ids=lambda flow: flow.get_short_name())
+def test_commands_that_read_bvecs_take_bvecs_tol(flow):
+    import inspect
+    assert inspect.signature(flow.run).parameters["bvecs_tol"].default == 0.01
+
+
+def test_unnormalised_bvecs_name_bvecs_tol_and_it_accepts_them(tmp_path):
+    from esdmri.reconst.subjects import Subject
+    from esdmri.workflows.io import load_dwi
+
+    phantom = make_phantom((8, 8, 8), seed=0)
+    paths = phantom.save(tmp_path / "phantom")
+    dwi, bvals = str(paths["dwi.nii.gz"]), str(paths["bvals"])
+    bvecs = phantom.gtab.bvecs * 1.03  # 3 % off unit length, as rounded files can be
+    np.savetxt(tmp_path / "long.bvec", bvecs.T)
+    long = str(tmp_path / "long.bvec")
+    with pytest.raises(ValueError, match=r"should be unit.*--bvecs_tol, now 0\.01"):
+        load_dwi(dwi, bvals, long)
+    _, _, gtab = load_dwi(dwi, bvals, long, bvecs_tol=0.05)
+    # DIPY keeps the vectors as given; the b-values are the file's.
+    np.testing.assert_allclose(gtab.bvals, phantom.gtab.bvals)
+    with pytest.raises(ValueError, match="should be unit"):
+        Subject(dwi, bvals, long).load_gtab()
+    assert Subject(dwi, bvals, long, bvecs_tol=0.05).load_gtab().bvals.shape == \
+        phantom.gtab.bvals.shape

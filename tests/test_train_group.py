@@ -231,6 +231,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_keep_identical_weights(cohort, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

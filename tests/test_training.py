@@ -154,6 +154,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
     assert trainer.evaluate()["total"] != masked
 
 
+@pytest.mark.slow
 def test_masked_training_runs_and_validates_its_fraction(phantom):
     model = RTESDModel(phantom.gtab, phantom.response, epochs=1, train_windows=2,
                        mask_fraction=0.2, **SMALL)

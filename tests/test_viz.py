@@ -19,8 +19,10 @@ from esdmri.viz import (  # noqa: E402
     plot_fraction_maps,
     plot_odf_slice,
     plot_peaks_slice,
+    plot_streamlines_slice,
     plot_training_curves,
     save_figure,
+    slice_orientation,
 )
 
 FIT_SPHERE = get_sphere(name="repulsion724")
@@ -265,8 +267,8 @@ def test_peak_segments_are_projected_and_scaled():
         [[1 - 0.45 * np.sin(np.radians(30)), 0], [1 + 0.45 * np.sin(np.radians(30)), 0]],
     ])
     np.testing.assert_allclose(segments, expected, atol=1e-12)
-    # Default overlay: one colour (white), unlike the direction-coloured glyphs.
-    np.testing.assert_allclose(ax.collections[-1].get_colors()[:, :3], [[1, 1, 1]])
+    # Default overlay: one colour (black), unlike the direction-coloured glyphs.
+    np.testing.assert_allclose(ax.collections[-1].get_colors()[:, :3], [[0, 0, 0]])
     ax = plot_peaks_slice(directions, values, color="direction", scale=0.9)
     colours = ax.collections[-1].get_colors()[:, :3]
     np.testing.assert_allclose(colours[0], [1, 0, 0])
@@ -292,19 +294,26 @@ def test_peak_images_differ_by_direction():
     assert height > 5 * width
 
 
-def test_peak_overlay_is_visible_on_glyphs():
+def test_peak_overlay_is_visible_on_glyphs_without_hiding_them():
     # Over the glyph of its own fibre the default peak is longer (the whole
-    # voxel against 90% of it) and white with a black edge, not the glyph's
-    # direction colour.
+    # voxel against 90% of it), black with a thin white edge, and thinner
+    # than the lobe it runs through, so the lobe's colour shows on both sides.
     centres, outlines, _ = odf_glyph_outlines(volume(fodf_sh([X_AXIS], [100])))
     glyph_half = np.abs(outlines[0, :, 0] - centres[0, 0]).max()
+    lobe_half_width = np.abs(outlines[0, :, 1] - centres[0, 1]).max()
     peaks = np.full((1, 1, 1, 1, 3), np.nan)
     peaks[0, 0, 0, 0] = [1, 0, 0]
-    ax = plot_peaks_slice(peaks)
-    segment = np.array(ax.collections[-1].get_segments())[0]
+    fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+    plot_peaks_slice(peaks, ax=ax)
+    lines = ax.collections[-1]
+    segment = np.array(lines.get_segments())[0]
     assert np.ptp(segment[:, 0]) / 2 > glyph_half + 0.04
-    assert ax.collections[-1].get_colors()[0, :3].tolist() == [1, 1, 1]
-    assert ax.collections[-1].get_path_effects()
+    assert lines.get_colors()[0, :3].tolist() == [0, 0, 0]
+    (edge,) = lines.get_path_effects()
+    # Line and edge together, in data units, against the lobe's width.
+    points_per_voxel = ax.transData.transform([1, 0])[0] - ax.transData.transform([0, 0])[0]
+    points_per_voxel *= 72 / fig.dpi
+    assert (lines.get_linewidths()[0] + 1.0) / points_per_voxel < lobe_half_width
 
 
 def test_default_basis_is_that_of_fit_shm_coeff():
@@ -426,6 +435,86 @@ def test_angular_error_plot_per_method():
         plot_angular_error_vs_crossing({"csd": (angles, angles[:10])})
     with pytest.raises(ValueError, match="bins"):
         plot_angular_error_vs_crossing({"csd": good}, bins=[0, 50, 40])
+
+
+# ---------------------------------------------------------------- orientation, streamlines
+
+def rotation_z(degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def test_orientation_labels_follow_the_affine():
+    coeffs = volume(fodf_sh([X_AXIS], [100]), shape=(2, 2, 2))
+    flipped = np.diag([-2.0, 2.0, 2.0, 1.0])  # x runs towards the subject's left
+    ax = plot_odf_slice(coeffs, affine=flipped, background=np.ones((2, 2, 2)),
+                        background_label="GFA of gfa.nii.gz")
+    edges = {text.get_text(): text.get_position() for text in ax.texts
+             if text.get_gid() == "orientation"}
+    assert edges["L"][0] > 0.9 and edges["R"][0] < 0.1  # right edge: increasing x
+    assert edges["A"][1] > 0.9 and edges["P"][1] < 0.1
+    assert ax.get_title() == "axial slice z = 1"
+    assert ax.get_xlabel() == "x (voxel, towards L)"
+    # The background's colour bar says what it shows.
+    (bar,) = [other for other in ax.figure.axes if other is not ax]
+    assert bar.get_ylabel() == "GFA of gfa.nii.gz"
+    # A sagittal slice of a voxel grid rotated by 20 degrees about z (oblique):
+    # y points mostly to A, and the labels say by how much it is tilted.
+    oblique = np.eye(4)
+    oblique[:3, :3] = rotation_z(20) * 2
+    plane, codes, tilt = slice_orientation(oblique, axis=0)
+    assert (plane, codes) == ("sagittal", ("A", "S"))
+    np.testing.assert_allclose(tilt, (20, 0), atol=1e-9)
+    ax = plot_fraction_maps({"wm": np.ones((2, 2, 2))}, axis=0, affine=oblique).axes[0]
+    assert ax.get_title() == "wm (sagittal slice x = 1)"
+    assert ax.get_xlabel() == "y (voxel, towards A, 20 deg oblique)"
+    with pytest.raises(ValueError, match="affine"):
+        plot_odf_slice(coeffs, affine=np.zeros((4, 4)))
+
+
+def test_streamlines_are_drawn_in_voxel_coordinates_by_direction():
+    # 2 mm voxels shifted by (10, 20, 30) mm: world point p is voxel (p - t) / 2.
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [10, 20, 30]
+    along_y = np.array([[12.0, 20, 34], [12, 24, 34], [12, 28, 34]])  # voxels x=1, z=2
+    along_x_far = np.array([[10.0, 22, 38], [16, 22, 38]])  # slice z = 4
+    ax = plot_streamlines_slice([along_y, along_x_far], affine, (4, 5, 6), axis=2, index=2,
+                                background=np.zeros((4, 5, 6)))
+    lines = ax.collections[-1]
+    np.testing.assert_allclose(np.array(lines.get_segments()),
+                               [[[1, 0], [1, 2]], [[1, 2], [1, 4]], [[0, 1], [3, 1]]])
+    np.testing.assert_allclose(lines.get_colors()[:, :3], [[0, 1, 0], [0, 1, 0], [1, 0, 0]])
+    assert ax.get_title() == "axial slice z = 2"
+    # A slab of 1 voxel keeps the steps within half a voxel of the slice.
+    ax = plot_streamlines_slice([along_y, along_x_far], affine, (4, 5, 6), axis=2, index=2,
+                                slab=1.0)
+    assert len(ax.collections[-1].get_segments()) == 2
+    with pytest.raises(ValueError, match="affine"):
+        plot_streamlines_slice([along_y], None, (4, 5, 6))
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        plot_streamlines_slice([along_y[:, :2]], affine, (4, 5, 6))
+
+
+def test_accuracy_plot_counts_voxels_and_states_the_threshold():
+    angles = np.array([5.0, 15, 15, 25, 25, 25])
+    errors = np.arange(6.0)
+    ax = plot_angular_error_vs_crossing({"a": (angles, errors), "b": (angles, errors)},
+                                        bins=[0, 10, 20, 30], threshold=0.5)
+    (top,) = ax.child_axes
+    assert [t.get_text() for t in top.get_xticklabels()] == ["1", "2", "3"]
+    assert "relative peak threshold 0.5" in ax.get_title()
+    fewer = (angles[:4], errors[:4])
+    ax = plot_angular_error_vs_crossing({"a": (angles, errors), "b": fewer},
+                                        bins=[0, 10, 20, 30])
+    (top,) = ax.child_axes
+    assert [t.get_text() for t in top.get_xticklabels()] == ["1/1", "2/2", "3/1"]
+
+
+def test_training_curves_tick_whole_epochs():
+    ax = plot_training_curves(history()[:3])
+    ax.figure.canvas.draw()
+    ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
 
 
 # ---------------------------------------------------------------- saving

@@ -155,6 +155,7 @@ def test_legacy_to_descoteaux_keeps_the_function():
 # esdmri_response
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process):
     # No threshold to set: the estimator finds the phantom's GM (MD 0.0008),
     # which DIPY's GM rule (MD < 0.0007) misses.
@@ -265,8 +266,19 @@ def test_cli_defaults_are_the_api_defaults():
         group["device"].default
     assert inspect.signature(FitFlow.run).parameters["refine_steps"].default == \
         options["refine_steps"]
+    assert inspect.signature(FitFlow.run).parameters["refine_tv"].default == \
+        options["refine_tv"] > 0
+    # The commands name the kinds and train_group's run options without
+    # importing torch; they must be the library's.
+    from esdmri.reconst.models import MODEL_CLASSES
+    from esdmri.workflows.fit import MODEL_KINDS
+    assert sorted(MODEL_KINDS) == sorted(MODEL_CLASSES)
+    train_cli = inspect.signature(TrainFlow.run).parameters
+    for name in ("precision", "compile", "num_workers"):
+        assert train_cli[name].default == group[name].default, name
 
 
+@pytest.mark.slow
 def test_fit_writes_consistent_outputs(phantom, fitted):
     shm = nib.load(fitted / "fodf_sh.nii.gz").get_fdata()
     assert shm.shape == SHAPE + (15,)
@@ -295,6 +307,7 @@ def test_fit_writes_consistent_outputs(phantom, fitted):
     assert mpimg.imread(fitted / "training_curve.png").std() > 0
 
 
+@pytest.mark.slow
 def test_fit_refuses_to_overwrite(phantom, fitted, in_process):
     before = (fitted / "fodf_sh.nii.gz").read_bytes()
     message = in_process(FitFlow(), *phantom.dwi, *phantom.response_args, *TINY_MODEL,
@@ -303,6 +316,7 @@ def test_fit_refuses_to_overwrite(phantom, fitted, in_process):
     assert (fitted / "fodf_sh.nii.gz").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_default_fit_trains_nothing_and_writes_no_curve(phantom, in_process, tmp_path):
     # Without --epochs the model's default, no training: the same fODFs as
     # the library's RTESDModel with its defaults, and no training curve.
@@ -318,6 +332,7 @@ def test_default_fit_trains_nothing_and_writes_no_curve(phantom, in_process, tmp
                                atol=1e-4)
 
 
+@pytest.mark.slow
 def test_apply_reproduces_the_fit(phantom, fitted, tmp_path):
     result = run_cli("apply", fitted / "model.pt", *phantom.dwi, "--mask",
                      phantom.folder / "mask.nii.gz", "--out_dir", tmp_path)
@@ -377,6 +392,7 @@ def test_default_stopping_map_stops_where_the_fodf_is_small(tmp_path, in_process
     np.testing.assert_allclose(amplitude[5:], 0.05, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_probabilistic_tracking_from_pam5_to_trx(fitted, tmp_path, in_process):
     in_process(TrackFlow(), fitted / "peaks.pam5", "--stop", fitted / "fractions.nii.gz",
                "--threshold", 0.3, "--tracker", "prob", "--min_length", 1,
@@ -475,6 +491,7 @@ def test_eval_reads_a_disco_folder(tmp_path, in_process):
     assert float(rows["all"]["success_rate"]) == 1
 
 
+@pytest.mark.slow
 def test_eval_pam5_and_fractions(phantom, fitted, tmp_path, in_process):
     truth = phantom.folder / "ground_truth.npz"
     true_fractions = save_nifti(tmp_path / "true_fractions.nii.gz", phantom.tissue_fractions)
@@ -493,6 +510,7 @@ def test_eval_pam5_and_fractions(phantom, fitted, tmp_path, in_process):
 # esdmri_plot
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_plot_writes_distinct_figures(phantom, fitted, tmp_path, in_process):
     save_nifti(tmp_path / "a_sh.nii.gz", lobe_sh(phantom.fibre_dirs, phantom.fibre_fractions))
     turned = phantom.fibre_dirs[..., ::-1]  # x and z swapped
@@ -516,6 +534,7 @@ def test_plot_writes_distinct_figures(phantom, fitted, tmp_path, in_process):
 # esdmri_demo
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, in_process):
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--size", 8, "--epochs", 1, "--out_dir", out)
@@ -530,6 +549,8 @@ def test_demo_runs_end_to_end(tmp_path, in_process):
         load_pam(str(out / method / "peaks.pam5"), verbose=False)
         load_tractogram(str(out / method / "tractogram.trk"), "same")
     assert mpimg.imread(out / "figures" / "angular_error_vs_crossing.png").std() > 0
+    # The tractography quick-look: both methods' streamlines over a slice.
+    assert mpimg.imread(out / "figures" / "tractography.png").std() > 0
     assert mpimg.imread(out / "rtesd" / "training_curve.png").std() > 0
     message = in_process(DemoFlow(), "--quick", "--size", 8, "--out_dir", out, fails=True)
     assert "exists already: pass --force" in message
@@ -585,6 +606,7 @@ def interrupt_while_writing(tmp_path, pause_at, signal_number, module, *args):
     return stderr
 
 
+@pytest.mark.slow
 def test_interrupted_fit_leaves_nothing_and_the_rerun_needs_no_force(phantom, tmp_path,
                                                                     in_process):
     out = tmp_path / "fit"

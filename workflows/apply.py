@@ -16,8 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from esdmri.reconst.models import load_model
-
 from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow,
                  verbose_logging)
@@ -33,23 +31,27 @@ class ApplyFlow(EsdmriWorkflow):
         return "esdmri_apply"
 
     def run(self, model_files, input_files, bvalues_files, bvectors_files, mask=None,
-            b0_threshold=50.0, device="cpu", tournier=False, relative_peak_threshold=0.5,
-            min_separation_angle=25.0, npeaks=5, batch_size=0, out_dir="",
-            out_shm="fodf_sh.nii.gz",
+            b0_threshold=50.0, bvecs_tol=0.01, device="cpu", tournier=False,
+            relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, batch_size=0,
+            out_dir="", out_shm="fodf_sh.nii.gz",
             out_tournier="fodf_sh_tournier07.nii.gz", out_fractions="fractions.nii.gz",
             out_peaks="peaks.pam5"):
-        """Deconvolve scans with a model trained by esdmri_fit, without training.
+        """Deconvolve scans with a model from esdmri_fit or esdmri_train, without training.
 
         The model keeps the response functions it was trained with, so the
         scans must have the same shells (b-values); their gradient
         directions may differ, since signals are interpolated onto the
         network's sphere. Outputs as esdmri_fit: WM fODF SH (DIPY default
-        basis), tissue fractions (wm, gm, csf order), .pam5 peaks.
+        basis), tissue fractions (wm, gm, csf order), .pam5 peaks. Example:
+        esdmri_apply fit/model.pt "sub-*/dwi.nii.gz" "sub-*/dwi.bval"
+        "sub-*/dwi.bvec" --out_strat append --out_dir esdmri (outputs in each
+        sub-*/esdmri/).
 
         Parameters
         ----------
         model_files : string
-            Model file(s) written by esdmri_fit (one for all scans, or one per scan).
+            Model file(s) written by esdmri_fit or esdmri_train (one for all scans,
+            or one per scan).
         input_files : string
             4D diffusion NIfTI file(s); a glob processes one subject at a time.
         bvalues_files : string
@@ -60,6 +62,8 @@ class ApplyFlow(EsdmriWorkflow):
             Brain mask NIfTI (one file, or a glob with one file per subject).
         b0_threshold : float, optional
             b-values up to this count as b0.
+        bvecs_tol : float, optional
+            Tolerance of DIPY's check that the b-vectors have unit length.
         device : string, optional
             cpu, cuda or cuda:N.
         tournier : bool, optional
@@ -101,6 +105,8 @@ class ApplyFlow(EsdmriWorkflow):
         """
         if batch_size < 0:
             raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        from esdmri.reconst.models import load_model  # torch: only when a command runs
+
         io_it = self.get_io_iterator(skip_outputs=() if tournier else ("out_tournier",))
         masks = match_optional("mask", mask, len(io_it))
         models = {path: load_model(path, device=device, verbose=False)
@@ -111,7 +117,7 @@ class ApplyFlow(EsdmriWorkflow):
 
         def read_scan(paths_and_mask):
             (_, dwi, bvals, bvecs, *_), mask_path = paths_and_mask
-            data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
+            data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold, bvecs_tol)
             return data, affine, gtab, load_mask(mask_path, data.shape[:3])
 
         scans = list(zip(io_it, masks))

@@ -32,16 +32,17 @@ from esdmri.metrics import (angular_errors, crossing_angles, evaluate_fractions,
                             evaluate_peaks, threshold_sweep)
 from esdmri.peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy, sh_order_from_coeffs
 from esdmri.reconst.config import option_defaults
-from esdmri.reconst.models import RTESDModel
 from esdmri.shm import descoteaux_to_legacy
 from esdmri.sims import make_phantom
 from esdmri.tracking import track
 from esdmri.viz import (plot_angular_error_vs_crossing, plot_fraction_maps, plot_odf_slice,
-                        plot_peaks_slice, plot_training_curves, save_figure)
+                        plot_peaks_slice, plot_streamlines_slice, plot_training_curves,
+                        save_figure)
 
 from .fit import write_fit_outputs
-from .io import (EsdmriWorkflow, check_out_dir, check_outputs, run_workflow, save_map,
-                 save_peaks, save_streamlines, save_table, save_text, verbose_logging)
+from .io import (EsdmriWorkflow, check_out_dir, check_outputs, display_name, run_workflow,
+                 save_map, save_peaks, save_streamlines, save_table, save_text,
+                 verbose_logging)
 from .io import logger
 from .track import reference_header
 
@@ -97,6 +98,7 @@ def demo_files(out_dir, trained):
         "figure_rtesd": figures / "odf_rtesd.png", "figure_csd": figures / "odf_csd.png",
         "figure_fractions": figures / "fractions_rtesd.png",
         "figure_crossing": figures / "angular_error_vs_crossing.png",
+        "figure_tracks": figures / "tractography.png",
         "results_md": out_dir / "results.md", "results_csv": out_dir / "results.csv",
         **({"rtesd_curve": rtesd / "training_curve.png"} if trained else {}),
     })
@@ -218,7 +220,9 @@ class DemoFlow(EsdmriWorkflow):
         volume, Rician noise), fits RT-ESD and DIPY's CSD, extracts and
         scores peaks against the true fibres, tracks both, and writes the
         phantom, fODF/fraction NIfTI maps, .pam5 peaks, .trk tractograms, a
-        results table (results.md, results.csv) and figures into out_dir.
+        results table (results.md, results.csv) and figures (among them a
+        tractography quick-look) into out_dir. Example: esdmri_demo --quick
+        --out_dir esdmri_demo (about 10 s on an idle 2-core machine).
 
         Parameters
         ----------
@@ -278,6 +282,8 @@ class DemoFlow(EsdmriWorkflow):
         timings["phantom"], clock = time.perf_counter() - clock, time.perf_counter()
 
         logger.info(f"fitting RT-ESD ({epochs} training epochs on {device})")
+        from esdmri.reconst.models import RTESDModel  # torch: only when the demo runs
+
         model = RTESDModel(phantom.gtab, phantom.response, device=device, seed=seed,
                            verbose=verbose_logging(), **settings["model"])
         fit = model.fit(phantom.data, mask=phantom.mask)
@@ -287,7 +293,9 @@ class DemoFlow(EsdmriWorkflow):
             relative_peak_threshold=PEAK_THRESHOLD)
         model.save(files["rtesd_model"], force=True)
         if epochs:
-            self._save(plot_training_curves(fit.training_history), files["rtesd_curve"])
+            curve = plot_training_curves(fit.training_history)
+            curve.set_title(f"RT-ESD training on the phantom ({epochs} epochs)")
+            self._save(curve, files["rtesd_curve"])
         rtesd_sh = fit.shm_coeff_descoteaux07
         rtesd_dirs = rtesd_pam.peak_dirs
         rtesd_fractions = np.stack(list(fit.volume_fractions.values()), axis=-1)
@@ -311,6 +319,7 @@ class DemoFlow(EsdmriWorkflow):
         logger.info("tracking (deterministic) through both fODFs")
         wm_fraction = phantom.tissue_fractions[..., 0]
         header = reference_header(settings["shape"], affine)
+        tracts = {}
         for method, coefficients in (("RT-ESD", rtesd_sh), ("CSD", csd_sh)):
             streamlines = track(
                 descoteaux_to_legacy(coefficients, sh_order_from_coeffs(coefficients.shape[-1])),
@@ -319,6 +328,7 @@ class DemoFlow(EsdmriWorkflow):
                 min_length=min(MIN_LENGTH_MM, size / 4), random_seed=seed)
             key = "rtesd_tractogram" if method == "RT-ESD" else "csd_tractogram"
             save_streamlines(files[key], StatefulTractogram(streamlines, header, Space.RASMM))
+            tracts[method] = streamlines
             lengths = length(streamlines) if len(streamlines) else np.array([np.nan])
             tracking = {"streamlines": len(streamlines),
                         "mean_length_mm": float(np.mean(lengths)),
@@ -328,7 +338,7 @@ class DemoFlow(EsdmriWorkflow):
                     row.update(tracking)
         timings["tracking"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        self._figures(files, phantom, rtesd_sh, csd_sh, fit, rtesd_dirs, csd_dirs)
+        self._figures(files, phantom, rtesd_sh, csd_sh, fit, rtesd_dirs, csd_dirs, tracts)
         timings["figures"] = time.perf_counter() - clock
 
         markdown = results_markdown(rows, settings, timings)
@@ -346,29 +356,54 @@ class DemoFlow(EsdmriWorkflow):
         save_figure(figure, path, force=True)
         plt.close(figure)
 
-    def _figures(self, files, phantom, rtesd_sh, csd_sh, fit, rtesd_dirs, csd_dirs):
+    def _figures(self, files, phantom, rtesd_sh, csd_sh, fit, rtesd_dirs, csd_dirs, tracts):
         truth = phantom.fibre_dirs
         wm_fraction = phantom.tissue_fractions[..., 0]
+        affine = phantom.affine
+        true_wm = f"true WM fraction ({files['phantom_ground_truth'].name})"
         ax = plot_peaks_slice(truth, phantom.fibre_fractions, background=wm_fraction,
-                              color="direction")
-        ax.set_title(f"true fibres over the true WM fraction, {ax.get_title()}")
+                              color="direction", affine=affine, background_label=true_wm,
+                              linewidth=2.0)
+        ax.set_title(f"true fibres of the phantom, {ax.get_title()}")
         self._save(ax, files["figure_truth"])
-        for method, coefficients, background in (
-                ("rtesd", rtesd_sh, fit.volume_fractions["wm"]),
-                ("csd", csd_sh, wm_fraction)):
+        for method, coefficients, background, label in (
+                ("rtesd", rtesd_sh, fit.volume_fractions["wm"],
+                 f"RT-ESD WM fraction ({display_name(files['rtesd_fractions'])})"),
+                ("csd", csd_sh, wm_fraction, true_wm)):
             # Glyph sizes show fODF amplitude, so partial-volume voxels look small.
             ax = plot_odf_slice(coefficients, mask=phantom.mask, background=background,
-                                norm="global", legacy=False)
-            label = "RT-ESD fODFs over its WM fraction" if method == "rtesd" else \
-                "CSD fODFs over the true WM fraction"
-            ax.set_title(f"{label}, {ax.get_title()}")
+                                norm="global", legacy=False, affine=affine,
+                                background_label=label)
+            what = "RT-ESD" if method == "rtesd" else f"DIPY CSD (b = {CSD_BVAL:g})"
+            ax.set_title(f"{what} fODFs, {display_name(files[f'{method}_shm'])}\n"
+                         f"{ax.get_title()}")
             self._save(ax, files[f"figure_{method}"])
-        self._save(plot_fraction_maps(fit.volume_fractions), files["figure_fractions"])
+        figure = plot_fraction_maps(fit.volume_fractions, affine=affine)
+        figure.suptitle(f"RT-ESD tissue fractions, {display_name(files['rtesd_fractions'])}")
+        self._save(figure, files["figure_fractions"])
         crossing = phantom.n_fibres >= 2
         angles = crossing_angles(truth)[crossing]
         results = {name: (angles, angular_errors(directions, truth)[crossing])
                    for name, directions in (("RT-ESD", rtesd_dirs), ("CSD", csd_dirs))}
-        self._save(plot_angular_error_vs_crossing(results), files["figure_crossing"])
+        ax = plot_angular_error_vs_crossing(
+            results, threshold=PEAK_THRESHOLD,
+            title=f"Crossing voxels of the {phantom.data.shape[0]}^3 phantom (SNR {SNR:g})")
+        self._save(ax, files["figure_crossing"])
+        self._save(self._tractography(files, phantom, tracts, true_wm), files["figure_tracks"])
+
+    def _tractography(self, files, phantom, tracts, background_label):
+        """Both methods' streamlines over the true WM fraction, side by side."""
+        figure, axes = plt.subplots(1, len(tracts), figsize=(6.2 * len(tracts), 5.6),
+                                    layout="constrained", squeeze=False)
+        for ax, (method, streamlines) in zip(axes[0], tracts.items()):
+            plot_streamlines_slice(streamlines, phantom.affine, phantom.data.shape[:3],
+                                   background=phantom.tissue_fractions[..., 0],
+                                   background_label=background_label, ax=ax)
+            key = "rtesd_tractogram" if method == "RT-ESD" else "csd_tractogram"
+            ax.set_title(f"{method}: {len(streamlines)} streamlines, "
+                         f"{display_name(files[key])}\nprojected onto the {ax.get_title()}")
+        figure.suptitle("Deterministic tractography (DIPY LocalTracking), colour = direction")
+        return figure
 
 
 def main():

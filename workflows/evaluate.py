@@ -203,7 +203,8 @@ class EvaluateFlow(EsdmriWorkflow):
         peak), success rate (as many peaks as fibres, all matched), and
         true/false positive and false negative peak counts with one-to-one
         matching within match_angle degrees; overall, over crossing voxels,
-        per number of fibres and per crossing-angle bin.
+        per number of fibres and per crossing-angle bin. Example: esdmri_eval
+        fit/peaks.pam5 ground_truth.npz --mask mask.nii.gz --out_dir eval.
 
         Parameters
         ----------

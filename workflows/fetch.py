@@ -93,7 +93,8 @@ class FetchFlow(Workflow):
         Downloads resume after an interruption, are verified (md5 where
         published) and only appear under their final name once complete;
         --force downloads again. "--list" prints every data set with its
-        size and destination without downloading anything.
+        size and destination without downloading anything. Example:
+        esdmri_fetch --list, then esdmri_fetch disco --phantom 1.
 
         Parameters
         ----------

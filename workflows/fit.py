@@ -4,7 +4,7 @@ Examples
 --------
 ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --mask mask.nii.gz --out_dir fit``
 fits RT-ESD with its defaults (no training: the linear prior refined with
-the spatially coupled loss) and responses estimated from the scan, and writes
+the spatially coupled loss, ``--refine_tv``) and responses estimated from the scan, and writes
 ``fodf_sh.nii.gz``, ``fractions.nii.gz``, ``peaks.pam5`` and ``model.pt``;
 ``--epochs 30`` trains the network on the scan first and adds
 ``training_curve.png``. With MRtrix3 responses and an MRtrix3 copy of the
@@ -12,37 +12,32 @@ fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 --response_gm gm.txt --response_csf csf.txt --tournier``.
 """
 
-import inspect
-
 import matplotlib.pyplot as plt
 import numpy as np
 
 from esdmri.reconst.config import option_defaults
-from esdmri.reconst.models import MODEL_CLASSES, RTESDModel
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
 
-from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, load_dwi, load_mask,
+from .io import (FRACTIONS_DESCRIPTION, EsdmriWorkflow, display_name, load_dwi, load_mask,
                  match_optional, run_workflow, save_map, save_peaks, verbose_logging)
 from .io import logger
 
-
-def api_defaults(function):
-    """Default argument values of an API function, name -> value.
-
-    The command-line workflows take their defaults from here, so that a
-    command and the Python call it wraps cannot drift apart (they did:
-    ``esdmri_fit`` once trained a network 16x as costly as ``RTESDModel``).
-    """
-    return {name: parameter.default
-            for name, parameter in inspect.signature(function).parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
+# The commands' defaults are the configuration classes' fields (torch-free, so
+# that --help answers without importing torch), so a command and the Python
+# call it wraps cannot drift apart (they did: esdmri_fit once trained a network
+# 16x as costly as RTESDModel). RTESDModel's own keyword defaults and the
+# network kinds (esdmri.reconst.models.MODEL_CLASSES) are repeated here;
+# tests/test_workflows.py checks that they agree.
+MODEL_DEFAULTS = {**option_defaults(), "device": "cpu"}
+MODEL_KINDS = ("rtesd", "esd", "cesd")
 
 
-# Every ESD-family model shares RTESDModel's options, whose defaults are the
-# configuration classes' fields.
-MODEL_DEFAULTS = {**option_defaults(), **api_defaults(RTESDModel.__init__)}
+def check_model_kind(model):
+    """Raise ValueError unless ``model`` names a network kind."""
+    if model not in MODEL_KINDS:
+        raise ValueError(f"model must be one of {', '.join(MODEL_KINDS)}, got {model!r}")
 
 
 def read_responses(response_wm=None, response_gm=None, response_csf=None):
@@ -115,13 +110,14 @@ class FitFlow(EsdmriWorkflow):
 
     def run(self, input_files, bvalues_files, bvectors_files, mask=None,
             response_wm=None, response_gm=None, response_csf=None, model="rtesd",
-            b0_threshold=50.0, sh_order_max=MODEL_DEFAULTS["sh_order_max"],
+            b0_threshold=50.0, bvecs_tol=0.01, sh_order_max=MODEL_DEFAULTS["sh_order_max"],
             nside=MODEL_DEFAULTS["nside"], depth=MODEL_DEFAULTS["depth"],
             filter_start=MODEL_DEFAULTS["filter_start"],
             block_size=MODEL_DEFAULTS["block_size"], epochs=MODEL_DEFAULTS["epochs"],
             batch_size=MODEL_DEFAULTS["batch_size"], lr=MODEL_DEFAULTS["lr"],
             total_variation=MODEL_DEFAULTS["train_tv"],
-            refine_steps=MODEL_DEFAULTS["refine_steps"], device=MODEL_DEFAULTS["device"],
+            refine_steps=MODEL_DEFAULTS["refine_steps"], refine_tv=MODEL_DEFAULTS["refine_tv"],
+            device=MODEL_DEFAULTS["device"],
             seed=MODEL_DEFAULTS["seed"], tournier=False,
             relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
@@ -131,16 +127,20 @@ class FitFlow(EsdmriWorkflow):
 
         The model (RT-ESD by default) fits fODFs and tissue fractions whose
         convolution with the response functions reproduces the measured
-        signal, coupled across neighbouring voxels. By default the network
-        is not trained (its linear prior is refined: the most accurate
-        setting measured, docs/benchmarks.md); with --epochs N it is first
-        trained on the scan itself, as in the papers. Outputs: the WM fODF as SH
+        signal, with a total variation coupling neighbouring voxels
+        (--refine_tv). By default the network is not trained: its linear
+        prior is refined by that spatially coupled descent of the loss (the
+        most accurate setting measured, docs/benchmarks.md; ESD, RT-ESD and
+        C-ESD then give the same fit); with --epochs N it is first trained on
+        the scan itself, as in the papers. Outputs: the WM fODF as SH
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
         the order wm, gm, csf; wm and csf, or wm only, for single-shell data), DIPY peaks
         (.pam5), the model (for esdmri_apply) and, when it was trained, a
-        training-curve figure.
+        training-curve figure. Example: esdmri_fit dwi.nii.gz dwi.bval dwi.bvec
+        --mask mask.nii.gz --out_dir fit (then esdmri_track fit/peaks.pam5
+        --out_dir tracks).
 
         Parameters
         ----------
@@ -163,11 +163,15 @@ class FitFlow(EsdmriWorkflow):
             MRtrix3 CSF response file.
         model : string, optional
             Network: rtesd (roto-translation equivariant), esd (voxel-wise
-            equivariant) or cesd (neighbourhood concatenation).
+            equivariant) or cesd (neighbourhood concatenation). Untrained (no
+            --epochs) all three give the same spatially coupled fit.
         b0_threshold : float, optional
             b-values up to this count as b0.
+        bvecs_tol : float, optional
+            Tolerance of DIPY's check that the b-vectors have unit length.
         sh_order_max : int, optional
-            Even SH order of the WM fODF. This and the network and training
+            Even SH order of the WM fODF (default: 12, 10 or 8, the highest
+            that the scan's distinct directions determine). This and the network and training
             options below default to the Python API's (esdmri.reconst.RTESDModel).
         nside : int, optional
             HEALPix resolution of the network's sphere (a power of 2).
@@ -179,16 +183,26 @@ class FitFlow(EsdmriWorkflow):
             Edge (voxels) of the training windows and inference blocks;
             smaller blocks need less memory.
         epochs : int, optional
-            Training passes over the mask (0: no training).
+            Training passes over the mask (0: no training). A single-scan fit
+            takes at most train_windows optimiser steps over all epochs
+            (esdmri.reconst.config.TrainingConfig), so a large scan may stop
+            before the last epoch.
         batch_size : int, optional
             Training windows per optimiser step.
         lr : float, optional
             Adam learning rate.
         total_variation : float, optional
-            Weight of the spatial total-variation loss (0: off).
+            Weight of a spatial total-variation term in the training loss
+            (only with --epochs > 0; 0: off). The fit's own spatial coupling
+            is --refine_tv.
         refine_steps : int, optional
-            Steps of voxel-wise descent of the loss from the network's output
-            (0: the network's output as is).
+            Most steps of the spatially coupled descent of the loss from the
+            network's output (it stops earlier once the loss has converged;
+            0: the network's output as is, voxel by voxel).
+        refine_tv : float, optional
+            Weight of the total variation between neighbouring voxels in that
+            descent, relative to the signal's likelihood at the noise level
+            estimated from the scan (0: voxel by voxel).
         device : string, optional
             cpu, cuda or cuda:N.
         seed : int, optional
@@ -231,8 +245,9 @@ class FitFlow(EsdmriWorkflow):
            Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
            Learning (MIDL), 2023.
         """
-        if model not in MODEL_CLASSES:
-            raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+        check_model_kind(model)
+        from esdmri.reconst.models import MODEL_CLASSES  # torch: only when a fit runs
+
         response = read_responses(response_wm, response_gm, response_csf)
         skipped = (() if tournier else ("out_tournier",)) + (() if epochs else ("out_curve",))
         io_it = self.get_io_iterator(skip_outputs=skipped)
@@ -241,13 +256,14 @@ class FitFlow(EsdmriWorkflow):
         for paths, mask_path in zip(io_it, masks):
             (dwi, bvals, bvecs, shm_path, tournier_path, fractions_path, peaks_path,
              model_path, curve_path) = paths
-            data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
+            data, affine, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold, bvecs_tol)
             brain = load_mask(mask_path, data.shape[:3])
             deconvolution = MODEL_CLASSES[model](
                 gtab, response, sh_order_max=sh_order_max, nside=nside, depth=depth,
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
                 batch_size=batch_size, lr=lr, train_tv=total_variation,
-                refine_steps=refine_steps, device=device, seed=seed, verbose=verbose_logging())
+                refine_steps=refine_steps, refine_tv=refine_tv, device=device, seed=seed,
+                verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
             # The fit checks the scan once (NaN or inf in the mask are named
             # before the response estimation would fail on them), then
@@ -263,7 +279,9 @@ class FitFlow(EsdmriWorkflow):
             written = [shm_path, f"{fractions_path} ({', '.join(fit.volume_fractions)})",
                        peaks_path, model_path]
             if epochs:
-                figure = plot_training_curves(fit.training_history).figure
+                curve = plot_training_curves(fit.training_history)
+                curve.set_title(f"training of {model} on {display_name(dwi)}")
+                figure = curve.figure
                 save_figure(figure, curve_path, force=True)
                 plt.close(figure)
                 written.append(curve_path)

@@ -386,7 +386,7 @@ def read_nifti(path, what="image"):
                          f"corrupt? {type(error).__name__}: {one_line(error)})") from None
 
 
-def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
+def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50, bvecs_tol=0.01):
     """Read a 4D scan and its FSL gradient files, checking they agree.
 
     Parameters
@@ -394,6 +394,10 @@ def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
     dwi_path, bvals_path, bvecs_path : str
     b0_threshold : float
         b-values up to this are b0 volumes.
+    bvecs_tol : float
+        How far from unit length the b-vectors of diffusion-weighted volumes
+        may be (DIPY's ``gradient_table(atol=...)``, ``--bvecs_tol`` of DIPY's
+        own commands).
 
     Returns
     -------
@@ -413,7 +417,14 @@ def load_dwi(dwi_path, bvals_path, bvecs_path, b0_threshold=50):
     if len(bvals) != data.shape[-1]:
         raise ValueError(f"{dwi_path} has {data.shape[-1]} volumes but {bvals_path} has "
                          f"{len(bvals)} b-values")
-    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
+    try:
+        gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold, atol=bvecs_tol)
+    except ValueError as error:
+        if "unit" not in str(error):
+            raise
+        # DIPY says "the tolerance can be modified" without saying how here.
+        raise ValueError(f"{bvecs_path}: {one_line(error)} (--bvecs_tol, now {bvecs_tol})"
+                         ) from None
     try:
         check_gtab(gtab)
     except ValueError as error:
@@ -492,6 +503,13 @@ def save_text(path, text):
         Path(temporary).write_text(text)
 
 
+def display_name(path):
+    """A file as figure titles name it: its folder and file name (a full path
+    would set the figure's width)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def verbose_logging():
     """Whether INFO messages (and progress bars) are shown."""
     return logger.isEnabledFor(logging.INFO)
@@ -548,7 +566,7 @@ def load_fodf(path):
     return np.asarray(shm_coeff, dtype=np.float64), np.asarray(affine, dtype=float), pam
 
 
-def load_fractions(path):
+def load_fractions(path, what="fractions"):
     """A 4D tissue-fraction map and its tissue names.
 
     Parameters
@@ -556,18 +574,20 @@ def load_fractions(path):
     path : str
         NIfTI written by ``esdmri_fit`` (names in the header description) or
         any (X, Y, Z) / (X, Y, Z, T) map (names "map 0", "map 1", ...).
+    what : str
+        Role of the file ("fractions", "background"), for messages.
 
     Returns
     -------
     fractions : ndarray, shape (X, Y, Z, T)
     names : list of str
     """
-    fractions, _ = read_nifti(path, "fractions")
+    fractions, _ = read_nifti(path, what)
     image = nib.load(path)
     if fractions.ndim == 3:
         fractions = fractions[..., None]
     if fractions.ndim != 4:
-        raise ValueError(f"fractions {path} must be 3D or 4D, got shape {fractions.shape}")
+        raise ValueError(f"{what} {path} must be 3D or 4D, got shape {fractions.shape}")
     description = image.header["descrip"].item().decode(errors="replace")
     names = [f"map {t}" for t in range(fractions.shape[-1])]
     if description.startswith(FRACTIONS_DESCRIPTION):

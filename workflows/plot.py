@@ -13,20 +13,23 @@ import numpy as np
 
 from esdmri.viz import plot_fraction_maps, plot_odf_slice, plot_peaks_slice, save_figure
 
-from .io import (EsdmriWorkflow, load_fodf, load_fractions, match_optional, read_nifti,
+from .io import (EsdmriWorkflow, display_name, load_fodf, load_fractions, match_optional,
                  run_workflow)
 from .io import logger
 
 
 def load_background(path, spatial_shape):
-    """A 3D map for the figure background (a 4D map gives its first volume)."""
-    values, _ = read_nifti(path, "background")
-    if values.ndim == 4:
-        values = values[..., 0]
-    if values.shape != tuple(spatial_shape):
-        raise ValueError(f"background {path} has shape {values.shape} but the fODF grid "
+    """A 3D map for the figure background and what it shows, for its colour bar.
+
+    A 4D map gives its first volume (the WM fraction of esdmri_fit's
+    fractions.nii.gz).
+    """
+    values, names = load_fractions(path, "background")
+    if values.shape[:3] != tuple(spatial_shape):
+        raise ValueError(f"background {path} has shape {values.shape[:3]} but the fODF grid "
                          f"is {tuple(spatial_shape)}")
-    return values
+    what = f"{names[0]} fraction" if names[0] != "map 0" else "values"
+    return values[..., 0], f"{what} of {display_name(path)}"
 
 
 class PlotFlow(EsdmriWorkflow):
@@ -42,7 +45,10 @@ class PlotFlow(EsdmriWorkflow):
         Each glyph is the fODF projected onto the slice plane, coloured by
         direction (red, green, blue = x, y, z). Slices are shown in voxel
         coordinates: for --axis 2 (axial) x runs left to right and y bottom
-        to top.
+        to top; the edges are labelled with the anatomical direction (R/L,
+        A/P, S/I) that the image's affine gives each voxel axis. Example:
+        esdmri_plot fit/fodf_sh.nii.gz --background fit/fractions.nii.gz
+        --fractions fit/fractions.nii.gz --out_dir figures.
 
         Parameters
         ----------
@@ -97,19 +103,22 @@ class PlotFlow(EsdmriWorkflow):
         written = []
         for paths, background_path, fractions_path in zip(io_it, backgrounds, fraction_maps):
             fodf_path, png_path, fractions_png_path = paths
-            shm_coeff, _, pam = load_fodf(fodf_path)
+            shm_coeff, affine, pam = load_fodf(fodf_path)
             if peaks and pam is None:
                 raise ValueError(f"--peaks needs a .pam5 input, got {fodf_path}")
             spatial_shape = shm_coeff.shape[:3]
+            shown, label = (None, None) if background_path is None else \
+                load_background(background_path, spatial_shape)
             ax = plot_odf_slice(
                 shm_coeff, axis=axis, index=index, legacy=True, scale=scale, norm=norm,
-                mask=np.any(shm_coeff != 0, axis=-1),
-                background=(None if background_path is None
-                            else load_background(background_path, spatial_shape)))
+                mask=np.any(shm_coeff != 0, axis=-1), affine=affine, background=shown,
+                background_label=label)
             if peaks:
-                # Default overlay: white, a voxel long, over the coloured glyphs.
+                # Default overlay: thin black lines through the coloured lobes.
                 plot_peaks_slice(pam.peak_dirs, pam.peak_values, axis=axis, index=index,
-                                 ax=ax)
+                                 ax=ax, affine=affine)
+            ax.set_title(f"fODFs{' and peaks' if peaks else ''} of {display_name(fodf_path)}\n"
+                         f"{ax.get_title()}")
             save_figure(ax.figure, png_path, force=True, dpi=dpi)
             plt.close(ax.figure)
             files = [png_path]
@@ -119,7 +128,9 @@ class PlotFlow(EsdmriWorkflow):
                     raise ValueError(f"fractions {fractions_path} has shape "
                                      f"{volumes.shape[:3]} but the fODF grid is "
                                      f"{spatial_shape}")
-                figure = plot_fraction_maps(volumes, names, axis=axis, index=index)
+                figure = plot_fraction_maps(volumes, names, axis=axis, index=index,
+                                            affine=affine)
+                figure.suptitle(f"tissue fractions of {display_name(fractions_path)}")
                 save_figure(figure, fractions_png_path, force=True, dpi=dpi)
                 plt.close(figure)
                 files.append(fractions_png_path)

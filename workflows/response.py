@@ -24,7 +24,7 @@ class ResponseFlow(EsdmriWorkflow):
         return "esdmri_response"
 
     def run(self, input_files, bvalues_files, bvectors_files, mask=None,
-            b0_threshold=50.0, sh_order_max=8, out_dir="", out_wm="wm.txt",
+            b0_threshold=50.0, bvecs_tol=0.01, sh_order_max=8, out_dir="", out_wm="wm.txt",
             out_gm="gm.txt", out_csf="csf.txt"):
         """Estimate WM/GM/CSF response functions and write MRtrix3 text files.
 
@@ -35,7 +35,11 @@ class ResponseFlow(EsdmriWorkflow):
         tissues as it has distinct shells, b0 included (WM and CSF from b0
         plus one shell); a tissue without voxels is left out with a warning.
         Each file has a "# Shells:" header and one row of zonal SH
-        coefficients per shell, b0 first (MRtrix3 layout).
+        coefficients per shell, b0 first (MRtrix3 layout). Example:
+        esdmri_response dwi.nii.gz dwi.bval dwi.bvec --mask mask.nii.gz
+        --out_dir responses (then esdmri_fit ... --response_wm
+        responses/wm.txt --response_gm responses/gm.txt --response_csf
+        responses/csf.txt).
 
         Parameters
         ----------
@@ -50,6 +54,8 @@ class ResponseFlow(EsdmriWorkflow):
             response voxels are taken inside it only.
         b0_threshold : float, optional
             b-values up to this count as b0.
+        bvecs_tol : float, optional
+            Tolerance of DIPY's check that the b-vectors have unit length.
         sh_order_max : int, optional
             Even SH order of the WM response.
         out_dir : string, optional
@@ -84,7 +90,7 @@ class ResponseFlow(EsdmriWorkflow):
         masks = match_optional("mask", mask, len(io_it))
         responses = []
         for (dwi, bvals, bvecs, wm_path, gm_path, csf_path), mask_path in zip(io_it, masks):
-            data, _, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold)
+            data, _, gtab = load_dwi(dwi, bvals, bvecs, b0_threshold, bvecs_tol)
             brain = load_mask(mask_path, data.shape[:3])
             # NaN or inf in the mask named here, not as a LinAlgError later;
             # outside the mask they are set to 0.

@@ -70,6 +70,8 @@ class TrackFlow(EsdmriWorkflow):
         scale-free, stays high) and the seeds to the voxels above the
         threshold. Streamlines are saved in RAS mm against the
         input grid: .trk by default, .trx or .tck when out_tractogram says so.
+        Example: esdmri_track fit/peaks.pam5 --seeds mask.nii.gz --tracker prob
+        --out_dir tracks.
 
         Parameters
         ----------

@@ -22,25 +22,25 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from esdmri.reconst.models import MODEL_CLASSES
-from esdmri.reconst.subjects import Subject
-from esdmri.reconst.group import GROUP_OPTIONS, train_group
-from esdmri.reconst.training import DistributedContext
+from esdmri.reconst.config import GROUP_OPTIONS
 from esdmri.viz import plot_training_curves, save_figure
 
-from .fit import MODEL_DEFAULTS, api_defaults, read_responses
-from .io import EsdmriWorkflow, run_workflow, verbose_logging
+from .fit import MODEL_DEFAULTS, check_model_kind, read_responses
+from .io import EsdmriWorkflow, display_name, run_workflow, verbose_logging
 from .io import logger
 
-# Group training has its own batch size and run options (train_group), the
-# other options are the models'.
-GROUP_DEFAULTS = {**MODEL_DEFAULTS, **GROUP_OPTIONS, **api_defaults(train_group)}
+# Group training has its own epochs, batch size and run options; the other
+# options are the models'. The run options repeat train_group's keyword
+# defaults so that --help does not import torch (tests/test_workflows.py
+# checks that they agree).
+GROUP_DEFAULTS = {**MODEL_DEFAULTS, **GROUP_OPTIONS, "precision": "fp32", "compile": False,
+                  "num_workers": 0}
 
 REQUIRED_COLUMNS = ("dwi", "bval", "bvec")
 OPTIONAL_COLUMNS = ("mask", "response_wm", "response_gm", "response_csf")
 
 
-def read_subjects_table(path, b0_threshold=50.0):
+def read_subjects_table(path, b0_threshold=50.0, bvecs_tol=0.01):
     """Subjects listed in a tab-separated file.
 
     Parameters
@@ -52,11 +52,15 @@ def read_subjects_table(path, b0_threshold=50.0):
         comments; relative paths are relative to the file's folder.
     b0_threshold : float
         b-values up to this are b0 volumes.
+    bvecs_tol : float
+        Tolerance of DIPY's check that the b-vectors have unit length.
 
     Returns
     -------
     subjects : list of esdmri.reconst.subjects.Subject
     """
+    from esdmri.reconst.subjects import Subject  # torch: only when a command runs
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subjects_file {path} does not exist")
@@ -83,7 +87,7 @@ def read_subjects_table(path, b0_threshold=50.0):
                                       cells.get("response_csf"))
             subjects.append(Subject(cells["dwi"], cells["bval"], cells["bvec"],
                                     mask=cells.get("mask"), response=response,
-                                    b0_threshold=b0_threshold))
+                                    b0_threshold=b0_threshold, bvecs_tol=bvecs_tol))
         except (OSError, ValueError) as error:
             raise type(error)(f"subjects_file {path}, subject {number}: {error}") from error
     return subjects
@@ -95,7 +99,8 @@ class TrainFlow(EsdmriWorkflow):
         return "esdmri_train"
 
     def run(self, subjects_file, response_wm=None, response_gm=None, response_csf=None,
-            model="rtesd", b0_threshold=50.0, sh_order_max=MODEL_DEFAULTS["sh_order_max"],
+            model="rtesd", b0_threshold=50.0, bvecs_tol=0.01,
+            sh_order_max=MODEL_DEFAULTS["sh_order_max"],
             nside=MODEL_DEFAULTS["nside"], depth=MODEL_DEFAULTS["depth"],
             filter_start=MODEL_DEFAULTS["filter_start"],
             block_size=MODEL_DEFAULTS["block_size"], epochs=GROUP_DEFAULTS["epochs"],
@@ -112,7 +117,10 @@ class TrainFlow(EsdmriWorkflow):
         gradient directions (the same shells). Under torchrun the processes
         share the blocks (DistributedDataParallel, gloo on CPU, NCCL on
         CUDA) and only the first process writes files. The model file
-        works with esdmri_apply.
+        works with esdmri_apply. Example: esdmri_train subjects.tsv
+        --out_dir group (or, one process per GPU: torchrun --nproc_per_node 2
+        -m esdmri.workflows.train subjects.tsv --device cuda --out_dir group),
+        then esdmri_apply group/model.pt ... to deconvolve scans with it.
 
         Parameters
         ----------
@@ -132,6 +140,8 @@ class TrainFlow(EsdmriWorkflow):
             Network: rtesd, esd or cesd.
         b0_threshold : float, optional
             b-values up to this count as b0.
+        bvecs_tol : float, optional
+            Tolerance of DIPY's check that the b-vectors have unit length.
         sh_order_max : int, optional
             Even SH order of the WM fODF.
         nside : int, optional
@@ -149,7 +159,9 @@ class TrainFlow(EsdmriWorkflow):
         lr : float, optional
             Adam learning rate.
         total_variation : float, optional
-            Weight of the spatial total-variation loss (0: off).
+            Weight of a spatial total-variation term in the training loss
+            (0: off). Fits of the trained model (esdmri_apply) are refined
+            with the model's own refine_tv coupling.
         device : string, optional
             cpu, cuda or cuda:N (under torchrun: each process's own GPU).
         precision : string, optional
@@ -167,7 +179,8 @@ class TrainFlow(EsdmriWorkflow):
         out_model : string, optional
             Trained model file (read by esdmri_apply).
         out_checkpoint : string, optional
-            Checkpoint rewritten after every epoch.
+            Checkpoint, one file rewritten after every epoch (the latest
+            epoch only; --resume continues from it).
         out_curve : string, optional
             Training-curve figure (.png).
 
@@ -185,8 +198,10 @@ class TrainFlow(EsdmriWorkflow):
            Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
            Learning (MIDL), 2023.
         """
-        if model not in MODEL_CLASSES:
-            raise ValueError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+        check_model_kind(model)
+        from esdmri.reconst.group import train_group  # torch: only when training runs
+        from esdmri.reconst.training import DistributedContext
+
         response = read_responses(response_wm, response_gm, response_csf)
         # The checkpoint is checked below: it outlives an interrupted run.
         io_it = self.get_io_iterator(skip_outputs=("out_checkpoint",))
@@ -197,7 +212,7 @@ class TrainFlow(EsdmriWorkflow):
         if Path(checkpoint_path).exists() and not (resume or self._force_overwrite):
             raise FileExistsError(f"checkpoint {checkpoint_path} exists from an earlier run: "
                                   "pass --resume to continue it, or --force to start afresh")
-        subjects = read_subjects_table(subjects_file, b0_threshold)
+        subjects = read_subjects_table(subjects_file, b0_threshold, bvecs_tol)
         is_main = DistributedContext.from_environment().is_main
         if is_main:
             logger.info(f"training {model} on {len(subjects)} scans ({epochs} epochs on "
@@ -211,7 +226,10 @@ class TrainFlow(EsdmriWorkflow):
             sh_order_max=sh_order_max, nside=nside, depth=depth, filter_start=filter_start,
             block_size=block_size, train_tv=total_variation)
         if is_main:
-            figure = plot_training_curves(trained.training_history).figure
+            curve = plot_training_curves(trained.training_history)
+            curve.set_title(f"training of {model} on the {len(subjects)} scans of "
+                            f"{display_name(subjects_file)}")
+            figure = curve.figure
             save_figure(figure, curve_path, force=True)
             plt.close(figure)
             logger.info(f"wrote {model_path}, {checkpoint_path}, {curve_path}")

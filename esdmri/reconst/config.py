@@ -20,15 +20,50 @@ import dataclasses
 import inspect
 import re
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Optional
 
 import numpy as np
 
 from ..deprecation import renamed_options
 from ..shm import n_coeffs, sh_order_for_directions
-from ..sphere import HealpixSphere
-from .losses import LossWeights
-from .selfsupervision import check_mask_fraction
+
+
+def check_mask_fraction(fraction):
+    """Raise ValueError unless ``fraction`` is a number in [0, 0.5]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, Real) \
+            or not 0 <= fraction <= 0.5:
+        raise ValueError(f"mask_fraction must be a number in [0, 0.5] (0: no masking), "
+                         f"got {fraction!r}")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the four loss terms.
+
+    Parameters
+    ----------
+    intensity : float
+        L2 between reconstructed and measured normalised signal.
+    sparsity : float
+        Cauchy penalty ``2 log(1 + f**2 / (2 sigma))`` on the WM fODF sampled
+        on a dense sphere.
+    nonnegativity : float
+        L2 of the negative part of the sampled WM fODF.
+    total_variation : float
+        Spatial total variation of the normalised tissue coefficients between
+        face-neighbouring voxels (0 switches it off).
+    """
+
+    intensity: float = 1.0
+    sparsity: float = 1e-4
+    nonnegativity: float = 0.1
+    total_variation: float = 0.0
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not value >= 0:
+                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
 
 
 # The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
@@ -120,6 +155,10 @@ class NetworkConfig:
         -------
         sphere : esdmri.sphere.HealpixSphere
         """
+        # healpy (and astropy) load on first use, not with the option defaults
+        # that every command's --help reads.
+        from ..sphere import HealpixSphere
+
         return HealpixSphere(self.nside, hemisphere=self.hemisphere)
 
 
@@ -163,7 +202,7 @@ class TrainingConfig:
         peaks at SNR 10 (docs/benchmarks.md, "Held-out accuracy" and
         "published compute regime"). ``epochs=30`` trains the network on the
         scan as the papers do; group training defaults to 30
-        (:data:`esdmri.reconst.group.GROUP_OPTIONS`).
+        (:data:`GROUP_OPTIONS`).
     train_windows : int
         Most optimiser steps over all epochs of a single-scan fit, so a large
         scan trains for less than one pass (measured on the dev phantoms:
@@ -225,7 +264,7 @@ class TrainingConfig:
 
     @property
     def loss_weights(self):
-        """The weights of the loss terms, as :class:`esdmri.reconst.losses.LossWeights`."""
+        """The weights of the loss terms, as :class:`LossWeights`."""
         return LossWeights(sparsity=self.sparsity, nonnegativity=self.nonnegativity,
                            total_variation=self.train_tv)
 
@@ -287,6 +326,12 @@ class RefinementConfig:
         if not self.refine_smoothing > 0:
             raise ValueError(f"refine_smoothing must be > 0, got {self.refine_smoothing}")
 
+
+# Options whose group-training defaults (esdmri.reconst.group.train_group)
+# differ from a single-scan fit's: a single-scan fit trains nothing by default
+# (TrainingConfig.epochs), while group training is asked for by name; a cohort
+# has blocks enough for larger steps.
+GROUP_OPTIONS = {"epochs": 30, "batch_size": 4}
 
 # Option name -> the part of DeconvolutionConfig that holds it.
 _PARTS = {"network": NetworkConfig, "training": TrainingConfig, "refinement": RefinementConfig}

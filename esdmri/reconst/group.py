@@ -23,16 +23,11 @@ import torch
 import torch.distributed as dist
 
 from ..response import TissueResponse
+from .config import GROUP_OPTIONS
 from .inputs import resolve_device
 from .models import MODEL_CLASSES
 from .subjects import SubjectBlocks, check_subjects
 from .training import DistributedContext, check_training_options
-
-# Options whose group-training defaults differ from a single-scan fit's: a
-# single-scan fit trains nothing by default (TrainingConfig.epochs), while
-# group training is asked for by name; a cohort has blocks enough for larger
-# steps.
-GROUP_OPTIONS = {"epochs": 30, "batch_size": 4}
 
 
 def train_group(subjects, response=None, *, model="rtesd", device="cpu", precision="fp32",

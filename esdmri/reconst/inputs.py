@@ -133,11 +133,12 @@ def check_scan(data, gtab, mask=None, warn=True):
     n_volumes = len(gtab.bvals)
     if data.ndim == 1 and data.shape[0] == n_volumes:
         raise ValueError(
-            "data must be the whole 4D volume (X, Y, Z, N), got one voxel's signal of shape "
-            f"{data.shape}: DIPY's peaks_from_model fits voxel by voxel, which would train "
-            "one network per voxel (and RT-ESD sees neighbouring voxels); use fit = "
-            "model.fit(data, mask=mask) then fit.peaks(sphere=sphere) or "
-            "fit.odf(sphere)")
+            f"data must be a 4D volume (X, Y, Z, N), got one voxel's signal of shape "
+            f"{data.shape}: the fit couples neighbouring voxels, so fit the volume and "
+            "index the fit (fit = model.fit(data, mask=mask); fit[x, y, z].odf(sphere)), or "
+            "give the voxel as a (1, 1, 1, N) volume, data[x:x+1, y:y+1, z:z+1]; "
+            "instead of DIPY's peaks_from_model, which fits voxel by voxel, use "
+            "fit.peaks()")
     if data.ndim != 4:
         raise ValueError(f"data must be a 4D array (X, Y, Z, N), got shape {data.shape}")
     if data.shape[-1] != n_volumes:

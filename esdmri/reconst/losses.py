@@ -4,41 +4,13 @@ All terms take voxel-major tensors restricted to a window: ``[B, ..., X, Y, Z]``
 values with a boolean ``mask`` of shape ``[B, X, Y, Z]``.
 """
 
-from dataclasses import dataclass
-
 import torch
+
+# The weights live with the other options, in the torch-free configuration module.
+from .config import LossWeights  # noqa: F401
 
 # Scale of the Cauchy sparsity penalty of the ESD papers.
 CAUCHY_SIGMA = 1e-5
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the four loss terms.
-
-    Parameters
-    ----------
-    intensity : float
-        L2 between reconstructed and measured normalised signal.
-    sparsity : float
-        Cauchy penalty ``2 log(1 + f**2 / (2 sigma))`` on the WM fODF sampled
-        on a dense sphere.
-    nonnegativity : float
-        L2 of the negative part of the sampled WM fODF.
-    total_variation : float
-        Spatial total variation of the normalised tissue coefficients between
-        face-neighbouring voxels (0 switches it off).
-    """
-
-    intensity: float = 1.0
-    sparsity: float = 1e-4
-    nonnegativity: float = 0.1
-    total_variation: float = 0.0
-
-    def __post_init__(self):
-        for name, value in vars(self).items():
-            if not value >= 0:
-                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
 
 
 def _masked_mean(values, mask):

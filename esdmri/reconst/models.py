@@ -38,6 +38,21 @@ from .tiling import receptive_radius
 from .training import (PRECISIONS, DistributedContext, Trainer, check_training_options,
                        group_response)
 
+def _response_type_message(response):
+    """Why ``response`` is not a TissueResponse, and which converter DIPY users need."""
+    message = ("response must be an esdmri.response.TissueResponse or None, got "
+               f"{type(response).__name__}")
+    if isinstance(response, tuple):
+        # auto_response_ssst(gtab, data)[0] is DIPY's (evals, S0) tensor response.
+        return (f"{message}: for DIPY's single-shell (evals, S0) response of "
+                "auto_response_ssst use TissueResponse.from_dipy_ssst(gtab, data), which "
+                "runs the same estimate and keeps its shell's b-value")
+    if type(response).__name__ == "MultiShellResponse":
+        return (f"{message}: for DIPY's multi-shell responses use "
+                "TissueResponse.from_dipy_msmt(gtab, data, mask)")
+    return message
+
+
 class _DeconvolutionModel(ReconstModel):
     """Shared machinery of the ESD family; subclasses pick the convolution.
 
@@ -666,8 +681,7 @@ def _same_response(a, b):
 def _checked_response(response, gtab):
     """A model's response: None or a TissueResponse matching the gtab's shells."""
     if response is not None and not isinstance(response, TissueResponse):
-        raise TypeError("response must be an esdmri.response.TissueResponse or None, "
-                        f"got {type(response).__name__}")
+        raise TypeError(_response_type_message(response))
     if response is not None:
         response.validate(gtab)
     return response

@@ -15,9 +15,9 @@ The trainer (:class:`esdmri.reconst.training.Trainer`) applies
 with the starting weights, for one scan and for a cohort alike.
 """
 
-from numbers import Real
-
 import torch
+
+from .config import check_mask_fraction
 
 
 def hide_voxels(grid, mask, fraction, generator=None):
@@ -93,11 +93,3 @@ def hide_in_batch(batch, fraction, generator=None):
     """
     grid, hidden = hide_voxels(batch["grid"], batch["mask"], fraction, generator)
     return {**batch, "grid": grid, "mask": hidden}
-
-
-def check_mask_fraction(fraction):
-    """Raise ValueError unless ``fraction`` is a number in [0, 0.5]."""
-    if isinstance(fraction, bool) or not isinstance(fraction, Real) \
-            or not 0 <= fraction <= 0.5:
-        raise ValueError(f"mask_fraction must be a number in [0, 0.5] (0: no masking), "
-                         f"got {fraction!r}")

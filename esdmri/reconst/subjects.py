@@ -157,6 +157,9 @@ class Subject:
         This scan's own tissue responses; default: the group response.
     b0_threshold : float
         b-values up to this are b0 volumes (with ``bvals``/``bvecs``).
+    bvecs_tol : float
+        Tolerance of DIPY's check that the b-vectors have unit length (with
+        ``bvals``/``bvecs``; ``atol`` of ``dipy.core.gradients.gradient_table``).
     """
 
     dwi: str | Path
@@ -166,6 +169,7 @@ class Subject:
     mask: str | Path | None = None
     response: TissueResponse | None = None
     b0_threshold: float = 50.0
+    bvecs_tol: float = 0.01
 
     def __post_init__(self):
         self.dwi = _existing("dwi", self.dwi)
@@ -201,7 +205,8 @@ class Subject:
         except OSError as error:
             raise ValueError(f"subject {self.dwi}: bvals {self.bvals} and bvecs {self.bvecs} "
                              f"do not agree ({error})") from error
-        return gradient_table(bvals, bvecs=bvecs, b0_threshold=self.b0_threshold)
+        return gradient_table(bvals, bvecs=bvecs, b0_threshold=self.b0_threshold,
+                              atol=self.bvecs_tol)
 
 
 def _existing(name, path):
