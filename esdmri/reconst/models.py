@@ -138,7 +138,8 @@ class _DeconvolutionModel(ReconstModel):
         mask = check_mask(mask, data.shape[:3])
         normalized, mask = normalize_by_b0(data, self.gtab, mask, warn_dropped=warn_dropped)
         if self.response is None:
-            self.response = estimate_response(self.gtab, data, mask)
+            self.response = estimate_response(self.gtab, data, mask,
+                                              sh_order_max=self.config.network.sh_order_max)
         interpolator = ShellInterpolator(self.gtab, self.sphere.vertices)
         if self.network is None:
             self._build()
