@@ -581,3 +581,24 @@ def peak_sweep(result, thresholds, mask, min_separation_angle=25, npeaks=5):
     for threshold in thresholds:
         keep = ~np.isnan(directions[..., 0]) & (above_floor >= threshold * above_floor[:, :1])
         yield float(threshold), np.where(keep[..., None], directions, np.nan).reshape(shape)
+
+
+def score_sweep(result, true_dirs, mask, thresholds, **options):
+    """:func:`esdmri.metrics.threshold_sweep` of a method's result, wherever its peaks come from.
+
+    ``options`` go to :func:`esdmri.metrics.evaluate_peaks`. Returns the
+    same dict as ``threshold_sweep``.
+    """
+    from esdmri.metrics import evaluate_peaks, threshold_sweep
+
+    thresholds = np.asarray(thresholds, dtype=float)
+    if result.odf is None:
+        return threshold_sweep(result.shm_coeff, true_dirs, mask, thresholds, **options)
+    results = [evaluate_peaks(directions, true_dirs, mask, **options)
+               for _, directions in peak_sweep(result, thresholds, mask)]
+    success = np.nan_to_num([r["all"]["success_rate"] for r in results], nan=-np.inf)
+    error = np.nan_to_num([r["all"]["angular_error"] for r in results], nan=np.inf)
+    # threshold_sweep's choice: highest success, ties: lowest angular error.
+    best = int(np.lexsort((error, -success))[0])
+    return {"thresholds": thresholds, "results": results,
+            "best_threshold": float(thresholds[best]), "best_index": best}

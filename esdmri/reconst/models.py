@@ -44,7 +44,7 @@ class _DeconvolutionModel(ReconstModel):
         super().__init__(gtab)
         config = DeconvolutionConfig.from_options(self.conv_kind, **options)
         if config.network.sh_order_max is None:
-            config = config.replace(sh_order_max=default_sh_order(_distinct_axes(gtab)))
+            config = config.replace(sh_order_max=default_sh_order(_distinct_measurements(gtab)))
         self.config = config
         self.device = resolve_device(device)
         self.verbose = verbose
@@ -468,30 +468,40 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
                                    verbose)
 
 
-def _distinct_axes(gtab):
-    """Distinct diffusion-weighted gradient axes of a gtab (0 without any)."""
+def _distinct_measurements(gtab):
+    """Distinct (shell, gradient axis) pairs of the diffusion-weighted volumes (0 without any).
+
+    Each shell weighs the fODF's SH degrees by its own response, so shells
+    sharing their directions still add equations: three shells of the same 64
+    axes determine the 91 coefficients of order 12 (issue 26: counted as 64
+    axes, order 8 merged 45-degree crossings that order 12 resolves).
+    """
     weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
     if not weighted.any():
         return 0
-    return count_unique_axes(np.asarray(gtab.bvecs)[weighted])
+    _, shell_index = group_shells(gtab)
+    bvecs = np.asarray(gtab.bvecs)
+    return sum(count_unique_axes(bvecs[weighted & (shell_index == shell)])
+               for shell in np.unique(shell_index[weighted]))
 
 
 def _warn_underdetermined(gtab, sh_order_max):
-    """Warn when the WM fODF has more SH coefficients than distinct directions.
+    """Warn when the WM fODF has more SH coefficients than distinct measurements.
 
     Like DIPY's CSD: the fit is then underdetermined and rests on the
     non-negativity and sparsity terms.
     """
-    n_axes = _distinct_axes(gtab)
-    if n_axes and n_coeffs(sh_order_max) > n_axes:
+    n_measurements = _distinct_measurements(gtab)
+    if n_measurements and n_coeffs(sh_order_max) > n_measurements:
         lower = max(2, sh_order_max - 2)
-        while lower > 2 and n_coeffs(lower) > n_axes:
+        while lower > 2 and n_coeffs(lower) > n_measurements:
             lower -= 2
         warnings.warn(
             f"sh_order_max={sh_order_max} has {n_coeffs(sh_order_max)} SH coefficients but "
-            f"the gtab has only {n_axes} distinct gradient directions: the fODF is "
-            f"underdetermined by the signal and rests on the non-negativity and sparsity "
-            f"terms; sh_order_max={lower} ({n_coeffs(lower)} coefficients) is determined",
+            f"the gtab has only {n_measurements} distinct (shell, gradient direction) "
+            f"measurements: the fODF is underdetermined by the signal and rests on the "
+            f"non-negativity and sparsity terms; sh_order_max={lower} "
+            f"({n_coeffs(lower)} coefficients) is determined",
             UserWarning, stacklevel=4)
 
 
