@@ -159,6 +159,18 @@ def save(args, outcomes, thresholds=None):
     temporary.replace(args.out / f"results-{args.split}.json")
 
 
+def report(files):
+    """Print the table of several runs: each method's threshold chosen on the dev outcomes."""
+    outcomes = [o for path in files for o in json.loads(path.read_text())["outcomes"]]
+    thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
+    order = {label: i for i, label in enumerate(ROWS)}
+    outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"], order[o["row"]]))
+    for split in SPLITS:
+        rows = rows_of([o for o in outcomes if o["split"] == split], thresholds)
+        if rows:
+            print(f"\n{split}\n" + markdown(HEADER, rows))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
@@ -169,7 +181,13 @@ def main(argv=None):
     parser.add_argument("--thresholds", type=Path,
                         help="a dev run's results JSON whose chosen thresholds to use")
     parser.add_argument("--out", type=Path, default=Path("out/devset"))
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                        help="only tabulate these runs' results (dev and test runs, run in "
+                             "parts): thresholds chosen on their dev outcomes")
     args = parser.parse_args(argv)
+    if args.report:
+        report(args.report)
+        return
     log_file = (args.out.mkdir(parents=True, exist_ok=True)
                 or open(args.out / f"log-{args.split}.txt", "w"))
 
