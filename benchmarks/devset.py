@@ -162,6 +162,10 @@ def save(args, outcomes, thresholds=None):
 def report(files):
     """Print the table of several runs: each method's threshold chosen on the dev outcomes."""
     outcomes = [o for path in files for o in json.loads(path.read_text())["outcomes"]]
+    # A row that failed or was skipped in one part and ran in another is shown once.
+    ran = {(o["split"], o["family"], o["snr"], o["row"]) for o in outcomes if o["sweep"]}
+    outcomes = [o for o in outcomes
+                if o["sweep"] or (o["split"], o["family"], o["snr"], o["row"]) not in ran]
     thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
     order = {label: i for i, label in enumerate(ROWS)}
     outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"], order[o["row"]]))
