@@ -45,13 +45,12 @@ from esdmri.metrics import (  # noqa: E402
     count_directions,
     crossing_angles,
     evaluate_fractions,
-    threshold_sweep,
 )
 from esdmri.response import TissueResponse, estimate_response  # noqa: E402
 from esdmri.shm import group_shells  # noqa: E402
 from esdmri.sims import make_phantom  # noqa: E402
 
-from .methods import METHODS, NotApplicable  # noqa: E402
+from .methods import METHODS, NotApplicable, score_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_FILE = REPO / "docs" / "benchmarks.md"
@@ -261,7 +260,7 @@ def select_methods(names):
     chosen = [METHODS[name] for name in (names or METHODS)]
     for method in chosen:
         if not method.is_available():
-            print(f"skipping {method.name}: needs {', '.join(method.requires)}")
+            print(f"skipping {method.name}: needs {', '.join(method.missing())}")
     return [method for method in chosen if method.is_available()]
 
 
@@ -286,8 +285,9 @@ def score(phantom, method, mode, thresholds):
     if np.shape(result.shm_coeff)[:-1] != mask.shape:
         raise ValueError(f"method {method.name!r} returned shm_coeff of shape "
                          f"{np.shape(result.shm_coeff)}, expected {mask.shape} + (C,)")
-    sweep = threshold_sweep(result.shm_coeff, phantom.fibre_dirs, mask, thresholds,
-                            crossing_angle_edges=PLOT_ANGLE_EDGES)
+    # RUMBA-SD's peaks come from its own sphere (methods.peak_sweep).
+    sweep = score_sweep(result, phantom.fibre_dirs, mask, thresholds,
+                        crossing_angle_edges=PLOT_ANGLE_EDGES)
     default_index = int(np.flatnonzero(np.isclose(sweep["thresholds"], DEFAULT_THRESHOLD))[0])
     fractions = None
     if result.tissue_fractions is not None and phantom.tissue_fractions is not None:

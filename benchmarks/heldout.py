@@ -10,7 +10,9 @@ Protocol (issue 14):
   :func:`esdmri.response.estimate_response` (the package's default) finds in
   the scan; MSMT-CSD and the networks use the same ones, CSD and RUMBA-SD
   their WM part (and RUMBA-SD the GM/CSF diffusivities);
-* one peak extractor for all: :func:`esdmri.peaks.peaks_from_sh`;
+* one peak rule for all (DIPY's ``peak_directions``): on each method's SH
+  fODF (:func:`esdmri.peaks.peaks_from_sh`), or on its own sphere for
+  RUMBA-SD, which gives its fODF there (``methods.peak_sweep``);
 * dev phantoms (their own geometry and noise seeds) choose every setting: the
   relative peak threshold of each method and CSD's shell; the test phantoms
   (another geometry) are then scored once with those settings;
@@ -48,13 +50,12 @@ from pathlib import Path
 import numpy as np
 
 from esdmri.heldout_phantom import make_heldout_phantom
-from esdmri.metrics import evaluate_peaks, score_tractogram, threshold_sweep
-from esdmri.peaks import peaks_from_sh
+from esdmri.metrics import evaluate_peaks, score_tractogram
 from esdmri.reconst.config import option_defaults
 from esdmri.response import estimate_response
 
 from .accuracy import write_docs_section
-from .methods import METHODS, TRAINED, NotApplicable
+from .methods import METHODS, TRAINED, MethodResult, NotApplicable, peak_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_FILE = REPO / "docs" / "benchmarks.md"
@@ -66,14 +67,14 @@ TEST_GEOMETRY_SEED = 0
 SNRS = (10, 20, 30)
 
 # Families: rows of the table. A family with several candidates (CSD's
-# shell, the SH order of MSMT-CSD and of RUMBA-SD's projection: 8, DIPY's
-# default, or 12, the networks' on these 192 directions) has one chosen on the
-# dev phantoms.
+# shell, the SH order of MSMT-CSD: the highest its directions support, or 8,
+# DIPY's default) has one chosen on the dev phantoms.
 FAMILIES = {
     "DIPY CSD": ("csd-shell1", "csd-shell2", "csd"),
-    "DIPY MSMT-CSD": ("msmt", "msmt-sh12"),
-    "DIPY RUMBA-SD, voxel-wise": ("rumba", "rumba-sh12"),
-    "DIPY RUMBA-SD, total variation": ("rumba-tv", "rumba-tv-sh12"),
+    "DIPY MSMT-CSD": ("msmt", "msmt-sh8"),
+    "DIPY RUMBA-SD, voxel-wise": ("rumba",),
+    "DIPY RUMBA-SD, total variation": ("rumba-tv",),
+    "MRtrix3 dhollander + msmt_csd": ("mrtrix3",),
     "linear prior alone": ("prior",),
     # ESD, RT-ESD and C-ESD without training are one fit (the linear prior
     # refined; tests/test_models.py checks they are identical). The voxel-wise
@@ -92,6 +93,7 @@ FAMILIES = {
 NETWORK_PAIRS = {"esd": ("esd-net", "esd"), "rtesd": ("rtesd-net", "rtesd"),
                  "cesd": ("cesd-net", "cesd")}
 QUICK_FAMILIES = ("DIPY CSD", "DIPY MSMT-CSD", "DIPY RUMBA-SD, total variation",
+                  "MRtrix3 dhollander + msmt_csd",
                   "linear prior alone", "voxel-wise fit (epochs=0, refine_tv=0), any model",
                   "defaults (no training, epochs=0), any model",
                   "RT-ESD trained, network alone", "RT-ESD trained (epochs=30)")
@@ -167,7 +169,7 @@ def scored_voxels(phantom):
 def fit_network_pair(kind, scan, mask):
     """One training, two rows: the network alone, then the same network refined.
 
-    Returns ``{name: (shm_coeff, seconds)}``. The refined fit's time is the
+    Returns ``{name: (MethodResult, seconds)}``. The refined fit's time is the
     training plus both passes (one inference more than a default fit).
     """
     from esdmri.reconst.models import MODEL_CLASSES
@@ -184,8 +186,10 @@ def fit_network_pair(kind, scan, mask):
         second = model.with_options(refine_steps=refine_steps).fit(scan.data, mask=scan.mask)
     seconds = time.perf_counter() - start
     keep = mask[..., None]
-    return {alone: (np.where(keep, first.shm_coeff_descoteaux07, 0.0), network_seconds),
-            refined: (np.where(keep, second.shm_coeff_descoteaux07, 0.0), seconds)}
+    return {alone: (MethodResult(np.where(keep, first.shm_coeff_descoteaux07, 0.0)),
+                    network_seconds),
+            refined: (MethodResult(np.where(keep, second.shm_coeff_descoteaux07, 0.0)),
+                      seconds)}
 
 
 class Fitter:
@@ -205,10 +209,10 @@ class Fitter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = METHODS[name].fit(self.scan, self.mask)
-        shm_coeff = np.asarray(result.shm_coeff, dtype=np.float64)
-        if shm_coeff.shape[:-1] != self.mask.shape:
-            raise ValueError(f"{name} returned shm_coeff of shape {shm_coeff.shape}")
-        return shm_coeff, time.perf_counter() - start
+        result.shm_coeff = np.asarray(result.shm_coeff, dtype=np.float64)
+        if result.shm_coeff.shape[:-1] != self.mask.shape:
+            raise ValueError(f"{name} returned shm_coeff of shape {result.shm_coeff.shape}")
+        return result, time.perf_counter() - start
 
 
 def summary(result):
@@ -245,12 +249,12 @@ def run_dev(mode, families, log, save=lambda outcomes, choices: None):
             for name in FAMILIES[family]:
                 outcome = Outcome(family, name, "dev", snr)
                 with recording_errors(outcome, f"{name:>20}", log):
-                    shm_coeff, outcome.fit_seconds = fit(name)
-                    sweep = threshold_sweep(shm_coeff, phantom.fibre_dirs, mask, THRESHOLDS,
+                    result, outcome.fit_seconds = fit(name)
+                    sweep = [evaluate_peaks(directions, phantom.fibre_dirs, mask,
                                             threshold_deg=MATCH_ANGLE)
+                             for _, directions in peak_sweep(result, THRESHOLDS, mask)]
                     outcome.sweep = [{"all": summary(r["all"]),
-                                      "crossing": summary(r["crossing"])}
-                                     for r in sweep["results"]]
+                                      "crossing": summary(r["crossing"])} for r in sweep]
                     sweeps.setdefault((family, name), []).append(outcome.sweep)
                     log(f"  {name:>20}: fit {outcome.fit_seconds:6.1f} s")
                 outcomes.append(outcome)
@@ -337,14 +341,13 @@ def run_test(mode, families, choices, log, save=lambda outcomes: None):
             outcome = Outcome(family, choice["method"], "test", snr,
                               threshold=choice["threshold"])
             with recording_errors(outcome, f"{family:>34}", log):
-                shm_coeff, outcome.fit_seconds = fit(choice["method"])
-                directions, _ = peaks_from_sh(shm_coeff, relative_peak_threshold=choice[
-                    "threshold"], mask=mask)
+                fitted, outcome.fit_seconds = fit(choice["method"])
+                (_, directions), = peak_sweep(fitted, [choice["threshold"]], mask)
                 result = evaluate_peaks(directions, phantom.fibre_dirs, mask,
                                         threshold_deg=MATCH_ANGLE)
                 outcome.peaks = {"all": summary(result["all"]),
                                  "crossing": summary(result["crossing"])}
-                outcome.tracking = tracking_scores(phantom, shm_coeff, mode.n_seeds)
+                outcome.tracking = tracking_scores(phantom, fitted.shm_coeff, mode.n_seeds)
                 log(f"  {family:>34}: fit {outcome.fit_seconds:6.1f} s, AE "
                     f"{result['all']['angular_error']:.1f}, success "
                     f"{result['all']['success_rate']:.2f}, det VC "
@@ -465,10 +468,13 @@ such as a low peak threshold, is not re-chosen per test SNR).
 
 Protocol: every method gets the responses `esdmri.response.estimate_response` finds in
 the scan (MSMT-CSD and the networks the same WM/GM/CSF responses; CSD and RUMBA-SD the
-WM one), never the truth. Peaks of every method come from `esdmri.peaks.peaks_from_sh`
-(25 degrees separation, at most 5) at the relative threshold chosen on dev (grid
-0.10-0.90 by 0.05, highest mean dev success rate); CSD's shell, MSMT-CSD's SH order
-and the SH order RUMBA-SD's fODFs are projected on (8 or 12) are chosen the same way.
+WM one; MRtrix3 its own `dwi2response dhollander`), never the truth. Peaks of every
+method come from DIPY's `peak_directions` rule (25 degrees separation, at most 5): on its
+SH fODF (`esdmri.peaks.peaks_from_sh`), or for RUMBA-SD on its own 724-direction sphere
+as DIPY's example does; at the relative threshold chosen on dev (grid 0.10-0.90 by 0.05,
+highest mean dev success rate); CSD's shell and MSMT-CSD's SH order (the highest its
+directions support, or 8) are chosen the same way. Tracking reads RUMBA-SD's fODF
+projected on SH order 8.
 Scored voxels: those with WM fibres. AE: mean over true fibres of the angle to the
 nearest peak; success: as many peaks as fibres, all paired within 25 degrees; FP rate:
 unpaired peaks / peaks; FN rate: unpaired fibres / fibres. Fit time includes training
@@ -532,10 +538,11 @@ def main(argv=None):
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
     families = list(args.families or mode.families)
-    missing = sorted({name for f in families for name in FAMILIES[f]
+    missing = sorted({f"{name} (needs {', '.join(METHODS[name].missing())})"
+                      for f in families for name in FAMILIES[f]
                       if not METHODS[name].is_available()})
     if missing:
-        print(f"unavailable (missing modules), their rows are skipped: {missing}")
+        print(f"unavailable, their rows are skipped: {missing}")
         families = [f for f in families
                     if any(METHODS[n].is_available() for n in FAMILIES[f])]
         for family in families:

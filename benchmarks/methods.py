@@ -12,12 +12,17 @@ networks) only needs one registration::
         ...
         return MethodResult(shm_coeff, tissue_fractions)
 
-Baselines registered here: DIPY's single-shell CSD (highest shell, or the
-b = 1000 / 2000 shells for the held-out benchmark's dev split to choose from),
-multi-shell multi-tissue CSD and RUMBA-SD (voxel-wise and with total
-variation); the networks trained on the scan (``TRAINED``) and their ablations
-(the trained network alone, ``refine_steps=0``; the defaults, no training,
-``epochs=0``; the linear prior alone).
+Baselines registered here, each run the way its own documentation shows:
+DIPY's single-shell CSD (highest shell, or the b = 1000 / 2000 shells for the
+held-out benchmark's dev split to choose from) and multi-shell multi-tissue
+CSD at the SH order their directions support (:func:`supported_sh_order`);
+RUMBA-SD (voxel-wise and with total variation), whose peaks come from its own
+fODF on its own sphere as in DIPY's RUMBA example (projected on SH, its sharp
+fODFs blur: issue 26); MRtrix3's ``dwi2response dhollander`` +
+``dwi2fod msmt_csd`` when its programs are installed; the networks trained
+on the scan (``TRAINED``) and their ablations (the trained network alone,
+``refine_steps=0``; the defaults, no training, ``epochs=0``; the linear prior
+alone).
 
 Data without ground-truth tissue fractions (the DiSCo phantoms) arrive with
 ``tissue_fractions=None`` and a ``response`` estimated from the data; each
@@ -26,15 +31,20 @@ A method that cannot run on some data raises :class:`NotApplicable`.
 """
 
 import importlib.util
+import shutil
+import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from dipy.core.gradients import unique_bvals_tolerance
 
 from esdmri import baselines
-from esdmri.shm import group_shells, legacy_to_descoteaux
+from esdmri.reconst.config import default_sh_order
+from esdmri.shm import count_unique_axes, group_shells, legacy_to_descoteaux
 
 SH_ORDER_MAX = 8
 
@@ -62,13 +72,21 @@ class MethodResult:
     ----------
     shm_coeff : ndarray (X, Y, Z, C)
         WM fODF SH coefficients, DIPY non-legacy ``descoteaux07``; zeros
-        where the method was not fitted.
+        where the method was not fitted (tracking reads these).
     tissue_fractions : ndarray (X, Y, Z, 3) or None
         Estimated (wm, gm, csf) volume fractions, if the method gives them.
+    odf : ndarray (X, Y, Z, V) or None
+        The fODF sampled on the method's own ``sphere``, for a method that
+        does not work in SH (RUMBA-SD): its peaks come from these samples,
+        not from ``shm_coeff`` (:func:`peak_sweep`).
+    sphere : dipy.core.sphere.Sphere or None
+        The V directions of ``odf``.
     """
 
     shm_coeff: np.ndarray
     tissue_fractions: np.ndarray | None = None
+    odf: np.ndarray | None = None
+    sphere: object = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +102,8 @@ class Method:
     fit : callable
         ``fit(phantom, mask) -> MethodResult``.
     requires : tuple of str
-        Importable modules the method needs (it is skipped without them).
+        Importable modules or, prefixed ``program:``, executables on the PATH
+        the method needs (it is skipped without them).
     slow : bool
         Too slow for whole volumes: scored on a fixed random subset of voxels.
     estimated_description : str or None
@@ -105,9 +124,16 @@ class Method:
             return self.description
         return self.estimated_description
 
+    def missing(self):
+        """The modules and programs of ``requires`` that this machine lacks."""
+        return [need for need in self.requires
+                if (shutil.which(need.removeprefix("program:")) is None
+                    if need.startswith("program:")
+                    else importlib.util.find_spec(need) is None)]
+
     def is_available(self):
-        """Whether every module in ``requires`` can be imported."""
-        return all(importlib.util.find_spec(module) is not None for module in self.requires)
+        """Whether every module and program in ``requires`` is there."""
+        return not self.missing()
 
 
 METHODS: dict[str, Method] = {}
@@ -124,7 +150,8 @@ def register_method(name, description, *, requires=(), slow=False,
     description : str
         One line for the documentation.
     requires : tuple of str, optional
-        Modules the method imports; without them it is reported as unavailable.
+        Modules the method imports and (``"program:NAME"``) programs it runs;
+        without them it is reported as unavailable.
     slow : bool, optional
         Score on a random subset of voxels rather than the whole volume.
     estimated_description : str, optional
@@ -155,22 +182,43 @@ def _scatter(values, mask):
     return grid
 
 
+def supported_sh_order(gtab, bval=None, tolerance=50.0):
+    """The highest SH order (8, 10 or 12) the scan's directions determine.
+
+    Like the networks' default (:func:`esdmri.reconst.config.default_sh_order`):
+    the highest of 12, 10 and 8 with no more coefficients than distinct
+    gradient axes, of the shell at ``bval`` (single-shell CSD) or of every
+    diffusion-weighted volume (multi-shell methods); 8, DIPY's default,
+    below 45 axes.
+    """
+    bvals = np.asarray(gtab.bvals)
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if bval is not None:
+        weighted &= np.abs(bvals - bval) <= tolerance
+    return default_sh_order(count_unique_axes(np.asarray(gtab.bvecs)[weighted]))
+
+
 def _csd_on_shell(phantom, mask, shell):
-    """DIPY CSD on b0 + shell number ``shell`` (1 = lowest) with the WM response row."""
+    """DIPY CSD on b0 + shell number ``shell`` (1 = lowest) with the WM response row,
+    at the SH order that shell's directions support."""
     shell_bvals, _ = group_shells(phantom.gtab)
     if not 0 < shell < shell_bvals.size:
         raise NotApplicable(f"the scan has no shell number {shell} (b-values {shell_bvals})")
+    bval = shell_bvals[shell]
     return MethodResult(baselines.fit_csd(phantom.gtab, phantom.data, phantom.response,
-                                        mask=mask, bval=shell_bvals[shell],
-                                        sh_order_max=SH_ORDER_MAX))
+                                        mask=mask, bval=bval,
+                                        sh_order_max=supported_sh_order(phantom.gtab, bval)))
+
+
+_CSD_ORDER = "sh order 8, 10 or 12: the highest its shell's directions determine"
 
 
 @register_method(
     "csd",
-    "DIPY single-shell CSD (sh order 8) on the highest shell, with the phantom's "
+    f"DIPY single-shell CSD ({_CSD_ORDER}) on the highest shell, with the phantom's "
     "ground-truth WM response of that shell",
-    estimated_description="DIPY single-shell CSD (sh order 8) on the highest shell, with "
-    "the estimated WM response of that shell")
+    estimated_description=f"DIPY single-shell CSD ({_CSD_ORDER}) on the highest shell, "
+    "with the estimated WM response of that shell")
 def fit_csd(phantom, mask):
     """DIPY CSD on b0 + the highest shell with the phantom's WM response.
 
@@ -183,14 +231,14 @@ def fit_csd(phantom, mask):
     return _csd_on_shell(phantom, mask, group_shells(phantom.gtab)[0].size - 1)
 
 
-@register_method("csd-shell1", "DIPY single-shell CSD (sh order 8) on the lowest non-zero "
-                 "shell with the estimated WM response of that shell")
+@register_method("csd-shell1", f"DIPY single-shell CSD ({_CSD_ORDER}) on the lowest "
+                 "non-zero shell with the estimated WM response of that shell")
 def fit_csd_shell1(phantom, mask):
     return _csd_on_shell(phantom, mask, 1)
 
 
-@register_method("csd-shell2", "DIPY single-shell CSD (sh order 8) on the second non-zero "
-                 "shell with the estimated WM response of that shell")
+@register_method("csd-shell2", f"DIPY single-shell CSD ({_CSD_ORDER}) on the second "
+                 "non-zero shell with the estimated WM response of that shell")
 def fit_csd_shell2(phantom, mask):
     return _csd_on_shell(phantom, mask, 2)
 
@@ -211,21 +259,21 @@ def _purest_voxels(phantom, tissue):
 
 @register_method(
     "msmt",
-    "DIPY MSMT-CSD (sh order 8), WM/GM/CSF responses estimated by DIPY in "
-    f"ground-truth pure-tissue voxels (fraction >= {PURE_TISSUE_FRACTION}, or the "
-    f"{MIN_RESPONSE_VOXELS} purest)",
+    "DIPY MSMT-CSD (sh order 8, 10 or 12: the highest the scan's distinct directions "
+    "determine), WM/GM/CSF responses estimated by DIPY in ground-truth pure-tissue voxels "
+    f"(fraction >= {PURE_TISSUE_FRACTION}, or the {MIN_RESPONSE_VOXELS} purest)",
     requires=("cvxpy",), slow=True,
-    estimated_description="DIPY MSMT-CSD (sh order 8) with the estimated WM/GM/CSF "
-    "responses (skipped when GM or CSF could not be estimated)")
+    estimated_description="DIPY MSMT-CSD (sh order 8, 10 or 12: the highest the scan's "
+    "distinct directions determine) with the estimated WM/GM/CSF responses (skipped when "
+    "GM or CSF could not be estimated)")
 def fit_msmt(phantom, mask):
+    return _fit_msmt(phantom, mask, supported_sh_order(phantom.gtab))
+
+
+@register_method("msmt-sh8", "DIPY MSMT-CSD at sh order 8 (DIPY's default), otherwise as "
+                 "msmt", requires=("cvxpy",), slow=True)
+def fit_msmt_sh8(phantom, mask):
     return _fit_msmt(phantom, mask, SH_ORDER_MAX)
-
-
-@register_method("msmt-sh12", "DIPY MSMT-CSD at sh order 12 (the networks' default order on "
-                 "schemes of 91 directions or more), otherwise as msmt", requires=("cvxpy",),
-                 slow=True)
-def fit_msmt_sh12(phantom, mask):
-    return _fit_msmt(phantom, mask, 12)
 
 
 def _fit_msmt(phantom, mask, sh_order_max):
@@ -387,61 +435,170 @@ def _rumba_responses(response, gtab):
     return np.clip(evals, 1e-5, None), diffusivity("gm"), diffusivity("csf")
 
 
-# One RUMBA-SD fit serves both SH projections of a family (RUMBA with total
-# variation takes minutes): the fODFs on its sphere of the last scan and mask,
-# by mode (voxel-wise or total variation).
-_RUMBA_FITS = {"scan": None, "mask": None, "odfs": {}}
+def _fit_rumba(phantom, mask, voxelwise):
+    """DIPY RUMBA-SD as DIPY's example runs it: fODFs on its sphere, peaks from those.
 
-
-def _fit_rumba(phantom, mask, voxelwise, sh_order_max=SH_ORDER_MAX):
+    ``shm_coeff`` (for tracking only) is the fODF projected on SH order 8 by
+    least squares; the peaks come from the samples (:func:`peak_sweep`).
+    """
     from dipy.data import get_sphere
     from dipy.reconst.rumba import RumbaSDModel
     from dipy.reconst.shm import sf_to_sh
 
     sphere = get_sphere(name="repulsion724")
-    if _RUMBA_FITS["scan"] is not phantom or _RUMBA_FITS["mask"] is not mask:
-        _RUMBA_FITS.update(scan=phantom, mask=mask, odfs={})
-    odfs = _RUMBA_FITS["odfs"]
-    if voxelwise not in odfs:
-        wm, gm, csf = _rumba_responses(phantom.response, phantom.gtab)
-        model = RumbaSDModel(phantom.gtab, wm_response=wm, gm_response=gm,
-                             csf_response=csf, voxelwise=voxelwise, use_tv=not voxelwise,
-                             sphere=sphere)
-        data = phantom.data.astype(np.float64)
-        if voxelwise:
-            odfs[voxelwise] = _scatter(model.fit(data[mask]).odf(), mask)
-        else:
-            # The total-variation prior couples neighbours: fit the whole mask.
-            odfs[voxelwise] = np.where(mask[..., None],
-                                       model.fit(data, mask=phantom.mask).odf(), 0)
-    # RUMBA gives fODFs on its sphere; SH by least squares there.
-    shm_coeff = sf_to_sh(odfs[voxelwise], sphere, sh_order_max=sh_order_max,
-                         basis_type="descoteaux07", legacy=False)
-    return MethodResult(np.where(mask[..., None], shm_coeff, 0))
+    wm, gm, csf = _rumba_responses(phantom.response, phantom.gtab)
+    model = RumbaSDModel(phantom.gtab, wm_response=wm, gm_response=gm, csf_response=csf,
+                         voxelwise=voxelwise, use_tv=not voxelwise, sphere=sphere)
+    data = phantom.data.astype(np.float64)
+    if voxelwise:
+        odf = _scatter(model.fit(data[mask]).odf(), mask)
+    else:
+        # The total-variation prior couples neighbours: fit the whole mask.
+        odf = np.where(mask[..., None], model.fit(data, mask=phantom.mask).odf(), 0)
+    shm_coeff = sf_to_sh(odf, sphere, sh_order_max=SH_ORDER_MAX, basis_type="descoteaux07",
+                         legacy=False)
+    return MethodResult(np.where(mask[..., None], shm_coeff, 0), odf=odf, sphere=sphere)
 
 
 @register_method("rumba", "DIPY RUMBA-SD voxel-wise (600 iterations), WM response as "
                  "per-shell tensor eigenvalues and GM/CSF diffusivities from the estimated "
-                 "responses; fODF on 724 directions projected on SH order 8")
+                 "responses; peaks from its fODF on its 724-direction sphere, as in DIPY's "
+                 "example")
 def fit_rumba(phantom, mask):
     return _fit_rumba(phantom, mask, voxelwise=True)
 
 
 @register_method("rumba-tv", "DIPY RUMBA-SD with total variation (voxelwise=False, "
                  "use_tv=True, 600 iterations), WM response as per-shell tensor eigenvalues "
-                 "and GM/CSF diffusivities from the estimated responses; fODF on 724 "
-                 "directions projected on SH order 8")
+                 "and GM/CSF diffusivities from the estimated responses; peaks from its fODF "
+                 "on its 724-direction sphere, as in DIPY's example")
 def fit_rumba_tv(phantom, mask):
     return _fit_rumba(phantom, mask, voxelwise=False)
 
 
-@register_method("rumba-sh12", "DIPY RUMBA-SD voxel-wise as rumba, its fODF projected on SH "
-                 "order 12")
-def fit_rumba_sh12(phantom, mask):
-    return _fit_rumba(phantom, mask, voxelwise=True, sh_order_max=12)
+def _tournier_to_descoteaux(coefficients, sh_order_max):
+    """MRtrix3's SH coefficients (DIPY's non-legacy ``tournier07``) in ``descoteaux07``.
+
+    Both bases are real, orthonormal and span the same functions; the change of
+    basis is exact from the samples on a sphere with more points than
+    coefficients.
+    """
+    from dipy.data import get_sphere
+    from dipy.reconst.shm import sh_to_sf_matrix
+
+    sphere = get_sphere(name="repulsion724")
+    tournier = sh_to_sf_matrix(sphere, sh_order_max=sh_order_max, basis_type="tournier07",
+                               legacy=False, return_inv=False)
+    _, descoteaux_inverse = sh_to_sf_matrix(sphere, sh_order_max=sh_order_max,
+                                            basis_type="descoteaux07", legacy=False)
+    return coefficients @ (tournier @ descoteaux_inverse)
 
 
-@register_method("rumba-tv-sh12", "DIPY RUMBA-SD with total variation as rumba-tv, its fODF "
-                 "projected on SH order 12")
-def fit_rumba_tv_sh12(phantom, mask):
-    return _fit_rumba(phantom, mask, voxelwise=False, sh_order_max=12)
+@register_method("mrtrix3", "MRtrix3 `dwi2response dhollander` then `dwi2fod msmt_csd` "
+                 "(their defaults, but for `-erode 0`: the phantoms' masks have no skull "
+                 "edge to erode, and 3 passes leave a small phantom without its CSF), with "
+                 "the phantom's mask; peaks by the shared extractor from its WM FOD",
+                 requires=("program:dwi2response", "program:dwi2fod"), slow=True)
+def fit_mrtrix3(phantom, mask):
+    """MRtrix3's multi-tissue CSD with its own response estimation.
+
+    The gradients go in MRtrix3's own format (``-grad``: directions in the
+    scanner frame, which an identity affine makes the voxel frame), so no
+    FSL bvec flip applies. ``dwi2response`` erodes the mask 3 times by
+    default to keep skull-edge voxels out of the responses; a phantom's mask
+    has no such edge, and on a 16^3 phantom the erosion removes its CSF
+    corners, so the mask is not eroded (``-erode 0``).
+    """
+    import nibabel as nib
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        affine = np.eye(4)
+        nib.save(nib.Nifti1Image(phantom.data.astype(np.float32), affine), folder / "dwi.nii")
+        nib.save(nib.Nifti1Image(phantom.mask.astype(np.uint8), affine), folder / "mask.nii")
+        grad = np.column_stack([phantom.gtab.bvecs, phantom.gtab.bvals])
+        np.savetxt(folder / "grad.b", grad, fmt="%.8f")
+        common = ["-grad", str(folder / "grad.b"), "-mask", str(folder / "mask.nii"),
+                  "-nthreads", "1", "-quiet", "-force"]
+        tissues = ("wm", "gm", "csf")
+        responses = [str(folder / f"{t}.txt") for t in tissues]
+        _run_program(["dwi2response", "dhollander", str(folder / "dwi.nii"), *responses,
+                      "-erode", "0", "-scratch", str(folder), *common], folder)
+        pairs = [item for t, r in zip(tissues, responses) for item in (r, str(folder / f"{t}.nii"))]
+        _run_program(["dwi2fod", "msmt_csd", str(folder / "dwi.nii"), *pairs, *common], folder)
+        fod = np.asarray(nib.load(folder / "wm.nii").dataobj, dtype=np.float64)
+    from esdmri.peaks import sh_order_from_coeffs
+
+    shm_coeff = _tournier_to_descoteaux(np.nan_to_num(fod), sh_order_from_coeffs(fod.shape[-1]))
+    return MethodResult(np.where(mask[..., None], shm_coeff, 0))
+
+
+def _run_program(command, folder):
+    """Run an external program, raising with its output if it fails."""
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{command[0]} failed ({done.returncode}): "
+                           f"{(done.stderr or done.stdout)[-500:]}")
+
+
+def peak_sweep(result, thresholds, mask, min_separation_angle=25, npeaks=5):
+    """A method's peaks at several relative thresholds, from one search.
+
+    From its SH fODF (:func:`esdmri.peaks.peaks_threshold_sweep`), or, for a
+    method that gives its fODF on its own sphere (``result.odf``), from
+    those samples with DIPY's ``peak_directions`` and the same rule: a peak
+    is kept at threshold ``t`` when its value above ``max(0, min fODF)`` is
+    at least ``t`` times the largest one's.
+
+    Yields
+    ------
+    threshold : float
+    directions : ndarray (X, Y, Z, npeaks, 3)
+        NaN-padded.
+    """
+    from dipy.reconst.dirspeed import peak_directions
+
+    from esdmri.peaks import peaks_threshold_sweep
+
+    thresholds = np.asarray(thresholds, dtype=float)
+    if result.odf is None:
+        for threshold, directions, _ in peaks_threshold_sweep(
+                result.shm_coeff, thresholds, min_separation_angle=min_separation_angle,
+                npeaks=npeaks, mask=mask):
+            yield threshold, directions
+        return
+    odf = result.odf.reshape(-1, result.odf.shape[-1])
+    directions = np.full((len(odf), npeaks, 3), np.nan)
+    above_floor = np.zeros((len(odf), npeaks))
+    for voxel in np.flatnonzero(mask.ravel() & (odf.max(axis=1) > 0)):
+        found, values, _ = peak_directions(odf[voxel], result.sphere,
+                                           relative_peak_threshold=thresholds.min(),
+                                           min_separation_angle=min_separation_angle)
+        n = min(npeaks, len(values))
+        directions[voxel, :n] = found[:n]
+        above_floor[voxel, :n] = values[:n] - max(odf[voxel].min(), 0.0)
+    shape = mask.shape + (npeaks, 3)
+    for threshold in thresholds:
+        keep = ~np.isnan(directions[..., 0]) & (above_floor >= threshold * above_floor[:, :1])
+        yield float(threshold), np.where(keep[..., None], directions, np.nan).reshape(shape)
+
+
+def score_sweep(result, true_dirs, mask, thresholds, **options):
+    """:func:`esdmri.metrics.threshold_sweep` of a method's result, wherever its peaks come from.
+
+    ``options`` go to :func:`esdmri.metrics.evaluate_peaks`. Returns the
+    same dict as ``threshold_sweep``.
+    """
+    from esdmri.metrics import evaluate_peaks, threshold_sweep
+
+    thresholds = np.asarray(thresholds, dtype=float)
+    if result.odf is None:
+        return threshold_sweep(result.shm_coeff, true_dirs, mask, thresholds, **options)
+    results = [evaluate_peaks(directions, true_dirs, mask, **options)
+               for _, directions in peak_sweep(result, thresholds, mask)]
+    success = np.nan_to_num([r["all"]["success_rate"] for r in results], nan=-np.inf)
+    error = np.nan_to_num([r["all"]["angular_error"] for r in results], nan=np.inf)
+    # threshold_sweep's choice: highest success, ties: lowest angular error.
+    best = int(np.lexsort((error, -success))[0])
+    return {"thresholds": thresholds, "results": results,
+            "best_threshold": float(thresholds[best]), "best_index": best}

@@ -1,6 +1,7 @@
 """The configuration dataclasses: frozen, validated, the one source of the models' defaults."""
 
 import dataclasses
+import warnings
 
 import pytest
 
@@ -142,3 +143,22 @@ def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
     assert config.training.train_tv == 0.5 == config.training.loss_weights.total_variation
     with pytest.raises(TypeError, match="both 'total_variation' and 'train_tv'"):
         DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5, train_tv=0.5)
+
+
+def test_shells_sharing_directions_count_as_distinct_measurements():
+    # Issue 26: three shells of the same 64 directions (DIPY's get_3shell_gtab)
+    # determine order 12 (each shell weighs the SH degrees by its own
+    # response: the forward matrix has rank 91), one shell of them only 8.
+    from dipy.data import get_3shell_gtab
+
+    from esdmri.response import TissueResponse
+
+    gtab = get_3shell_gtab()
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3500], tissues=("wm",))
+    forward = response.forward_matrices(gtab, 12)["wm"]
+    assert np.linalg.matrix_rank(forward, tol=1e-10 * np.linalg.norm(forward, 2)) == 91
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "underdetermined" warning either
+        assert RTESDModel(gtab, verbose=False).config.network.sh_order_max == 12
+    single = gradient_table(gtab.bvals[gtab.bvals < 1500], bvecs=gtab.bvecs[gtab.bvals < 1500])
+    assert RTESDModel(single, verbose=False).config.network.sh_order_max == 8

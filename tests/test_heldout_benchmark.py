@@ -67,6 +67,40 @@ def test_heldout_benchmark_runs_and_writes_its_section(heldout, tmp_path, monkey
     assert "| test | 30 | DIPY CSD |" in docs.read_text()
 
 
+def test_peaks_from_a_method_own_sphere_are_dipy_peak_directions():
+    # RUMBA-SD's peaks come from its fODF on its own sphere (issue 26): one
+    # search, then a threshold filter, must give what DIPY's peak_directions
+    # gives at each threshold.
+    from dipy.data import get_sphere
+    from dipy.reconst.dirspeed import peak_directions
+    from dipy.sims.voxel import multi_tensor_odf
+
+    from benchmarks import methods
+
+    sphere = get_sphere(name="repulsion724")
+    rng = np.random.default_rng(3)
+    odf = np.zeros((2, 3, 1, len(sphere.vertices)))
+    for index in np.ndindex(odf.shape[:3]):
+        share = rng.uniform(20, 80)
+        odf[index] = multi_tensor_odf(sphere.vertices, np.array([[1.7e-3, 3e-4, 3e-4]] * 2),
+                                      rng.uniform(0, 180, size=(2, 2)),
+                                      [share, 100 - share]) - rng.uniform(0, 0.02)
+    result = methods.MethodResult(np.zeros(odf.shape[:3] + (45,)), odf=odf, sphere=sphere)
+    mask = np.ones(odf.shape[:3], dtype=bool)
+    mask[1, 2, 0] = False
+    thresholds = [0.1, 0.5, 0.8]
+    for threshold, directions in methods.peak_sweep(result, thresholds, mask):
+        for index in np.ndindex(mask.shape):
+            found = directions[index][~np.isnan(directions[index][:, 0])]
+            if not mask[index]:
+                assert len(found) == 0
+                continue
+            expected, _, _ = peak_directions(odf[index], sphere,
+                                             relative_peak_threshold=threshold,
+                                             min_separation_angle=25)
+            np.testing.assert_array_equal(found, expected[:5])
+
+
 def test_network_rows_share_one_training(heldout, monkeypatch):
     # The "network alone" row is the trained network; "defaults" is the same
     # network refined, so the two differ only by the refinement.
@@ -88,6 +122,7 @@ def test_network_rows_share_one_training(heldout, monkeypatch):
     mask = phantom.mask & (phantom.n_fibres > 0)
     fits = heldout.fit_network_pair("esd", scan, mask)
     (alone, alone_seconds), (refined, refined_seconds) = fits["esd-net"], fits["esd"]
+    alone, refined = alone.shm_coeff, refined.shm_coeff
     assert refined_seconds > alone_seconds
     assert np.abs(alone - refined).max() > 1e-4
     # The pair trains as the benchmark's trained rows do (heldout.TRAINED).

@@ -498,3 +498,27 @@ def test_average_refuses_responses_that_disagree():
     for weights in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, np.nan]):
         with pytest.raises(ValueError, match="weights must be 2 finite non-negative"):
             TissueResponse.average([response, response], weights)
+
+
+def test_default_fit_estimates_the_response_at_the_fodf_order():
+    # Issue 26: the model's forward model sees the WM response's degrees up to
+    # the fODF's (here 12, the default on 192 directions); estimated at order
+    # 8 they were zero-padded. The l = 10 and 12 terms of the noise-free
+    # phantom's tensor response, from DIPY, are small but not zero.
+    from esdmri import RTESDModel
+    from esdmri.sims import make_phantom
+    phantom = make_phantom((12, 12, 12), seed=1, snr=None, wm_evals=FA_069_EVALS)
+    model = RTESDModel(phantom.gtab, verbose=False, refine_steps=0)
+    model.fit(phantom.data, phantom.mask)
+    assert model.config.network.sh_order_max == 12
+    ours = model.response.normalized()["wm"]
+    shells = len(phantom.response.bvals) - 1
+    rows = np.ones((shells, 1))
+    dipy = multi_shell_fiber_response(
+        12, phantom.response.bvals, np.hstack([np.tile(FA_069_EVALS, (shells, 1)), rows]),
+        np.hstack([np.full((shells, 3), 0.8e-3), rows]),
+        np.hstack([np.full((shells, 3), 3.0e-3), rows])).response[:, 2:]
+    assert ours.shape == dipy.shape
+    high = dipy[:, 5:]  # l = 10 and 12
+    assert np.abs(high).max() > 1e-3
+    np.testing.assert_allclose(ours, dipy, atol=1e-5)

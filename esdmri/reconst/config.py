@@ -84,12 +84,16 @@ class NetworkConfig:
     ----------
     sh_order_max : int or None
         Even SH order of the WM fODF. None (default): the highest of 12, 10
-        and 8 whose coefficients the scan's distinct gradient directions
-        determine (12 from 91 directions on), else 8 as in DIPY's CSD
-        (:func:`default_sh_order`). Chosen on the dev phantoms: 12 cut their
-        crossing-voxel error by 39 % at SNR 20 and 18 % at SNR 10 against 8
-        (docs/benchmarks.md, "SH order of the models"); 16 and 18 need
-        nside 8 and gave more false peaks at SNR 10.
+        and 8 whose coefficients the scan's distinct (shell, gradient
+        direction) measurements determine (12 from 91 on: each shell weighs
+        the SH degrees by its own response, so three shells of the same 64
+        directions count 192), else 8 as in DIPY's CSD
+        (:func:`default_sh_order`). On straight 45-degree crossings with
+        three shells of 64 directions, 8 merged the two fibres (issue 26).
+        Chosen on the dev phantoms: 12 cut their crossing-voxel error by
+        39 % at SNR 20 and 18 % at SNR 10 against 8 (docs/benchmarks.md,
+        "SH order of the models"); 16 and 18 need nside 8 and gave more
+        false peaks at SNR 10.
     nside : int
         HEALPix resolution of the grid (a power of 2).
     hemisphere : bool
@@ -168,8 +172,9 @@ def default_sh_order(n_directions):
     Parameters
     ----------
     n_directions : int
-        Distinct diffusion-weighted gradient axes of the scan (antipodal
-        directions count once, :func:`esdmri.reconst.inputs.count_weighted_axes`).
+        Distinct diffusion-weighted measurements of the scan: gradient axes
+        per shell (antipodal directions count once), summed over shells
+        (:func:`esdmri.reconst.inputs.count_weighted_measurements`).
 
     Returns
     -------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..shm import count_unique_axes
+from ..shm import count_unique_axes, group_shells
 
 
 # Below this largest b-value (s/mm^2) a scheme is read as given in ms/um^2
@@ -84,6 +84,33 @@ def count_weighted_axes(gtab):
     bvecs = np.asarray(gtab.bvecs, dtype=float)[~np.asarray(gtab.b0s_mask, dtype=bool)]
     bvecs = bvecs[np.linalg.norm(bvecs, axis=-1) > 0]
     return count_unique_axes(bvecs) if len(bvecs) else 0
+
+
+def count_weighted_measurements(gtab):
+    """Distinct (shell, gradient axis) pairs of a gtab's diffusion-weighted volumes.
+
+    Each shell weighs the fODF's SH degrees by its own response, so shells
+    sharing their directions still add equations: three shells of the same 64
+    axes determine the 91 coefficients of order 12 (issue 26: counted as 64
+    axes, order 8 merged 45-degree crossings that order 12 resolves).
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    n_measurements : int
+        :func:`esdmri.shm.count_unique_axes` of each shell's weighted
+        volumes, summed over shells (0 without any).
+    """
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if not weighted.any():
+        return 0
+    _, shell_index = group_shells(gtab)
+    bvecs = np.asarray(gtab.bvecs, dtype=float)
+    return sum(count_unique_axes(bvecs[weighted & (shell_index == shell)])
+               for shell in np.unique(shell_index[weighted]))
 
 
 def check_data(data, gtab, mask=None, warn=True):

@@ -28,7 +28,7 @@ from .config import (DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
                      default_sh_order, option_defaults, options_docstring)
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
-from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_axes,
+from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
                      normalize_by_b0, resolve_device)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
@@ -71,7 +71,8 @@ class _DeconvolutionModel(ReconstModel):
         super().__init__(gtab)
         config = DeconvolutionConfig.from_options(self.conv_kind, **options)
         if config.network.sh_order_max is None:
-            config = config.replace(sh_order_max=default_sh_order(count_weighted_axes(gtab)))
+            n_measurements = count_weighted_measurements(gtab)
+            config = config.replace(sh_order_max=default_sh_order(n_measurements))
         self.config = config
         self.device = resolve_device(device)
         self.verbose = verbose
@@ -212,7 +213,8 @@ class _DeconvolutionModel(ReconstModel):
                                               warn_dropped=mask is not None)
         response = self.response
         if response is None:
-            response = estimate_response(self.gtab, data, checked)
+            response = estimate_response(self.gtab, data, checked,
+                                          sh_order_max=self.config.network.sh_order_max)
         return PreparedScan(self.gtab, normalized, checked, response,
                             ShellInterpolator(self.gtab, self.sphere.vertices))
 
@@ -654,21 +656,22 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
 
 
 def _warn_underdetermined(gtab, sh_order_max):
-    """Warn when the WM fODF has more SH coefficients than distinct directions.
+    """Warn when the WM fODF has more SH coefficients than distinct measurements.
 
     Like DIPY's CSD: the fit is then underdetermined and rests on the
     non-negativity and sparsity terms.
     """
-    n_axes = count_weighted_axes(gtab)
-    if n_axes and n_coeffs(sh_order_max) > n_axes:
+    n_measurements = count_weighted_measurements(gtab)
+    if n_measurements and n_coeffs(sh_order_max) > n_measurements:
         lower = max(2, sh_order_max - 2)
-        while lower > 2 and n_coeffs(lower) > n_axes:
+        while lower > 2 and n_coeffs(lower) > n_measurements:
             lower -= 2
         warnings.warn(
             f"sh_order_max={sh_order_max} has {n_coeffs(sh_order_max)} SH coefficients but "
-            f"the gtab has only {n_axes} distinct gradient directions: the fODF is "
-            f"underdetermined by the signal and rests on the non-negativity and sparsity "
-            f"terms; sh_order_max={lower} ({n_coeffs(lower)} coefficients) is determined",
+            f"the gtab has only {n_measurements} distinct (shell, gradient direction) "
+            f"measurements: the fODF is underdetermined by the signal and rests on the "
+            f"non-negativity and sparsity terms; sh_order_max={lower} "
+            f"({n_coeffs(lower)} coefficients) is determined",
             UserWarning, stacklevel=4)
 
 

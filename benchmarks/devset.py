@@ -1,0 +1,212 @@
+"""Crossing accuracy per phantom family: the dev set that chooses the defaults (issue 26).
+
+Every family, SNR and split is one phantom; every method gets the responses
+:func:`esdmri.response.estimate_response` (the package's default path) finds in
+it, never the truth. Families:
+
+- ``straight``: straight, undispersed bundles crossing at 45 and 90 degrees
+  (``benchmarks/straight_phantom.py``), DIPY's ``get_3shell_gtab()`` (b = 1000,
+  2000, 3500, 64 directions each), single-fibre FA 0.7;
+- ``dispersed``: :func:`esdmri.heldout_phantom.make_heldout_phantom`, Watson-
+  dispersed curved bundles, its default gradient table.
+
+Dev phantoms (geometry and noise seeds of their own) choose each method's
+relative peak threshold (highest mean success over every dev phantom, ties:
+lowest crossing error); ``--split test`` scores phantoms of other seeds once
+with those thresholds. Scored: voxels with WM fibres; the table gives the
+crossing voxels (two or more fibres): mean angular error over true fibres
+(degrees), success rate (as many peaks as fibres, all within 25 degrees) and
+false-negative rate (unpaired fibres / fibres), per family and SNR.
+
+Usage::
+
+    python -m benchmarks.devset --out out/devset              # dev split
+    python -m benchmarks.devset --split test --thresholds out/devset/results.json
+"""
+
+import argparse
+import json
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+from dipy.data import get_3shell_gtab
+
+from esdmri.heldout_phantom import make_heldout_phantom
+from esdmri.metrics import evaluate_peaks
+
+from .heldout import markdown, scan_of, text_table
+from .methods import METHODS, NotApplicable, peak_sweep
+from .straight_phantom import make_straight_phantom
+
+THRESHOLDS = np.round(np.arange(2, 19) * 0.05, 2)
+MATCH_ANGLE = 25.0
+SNRS = (10, 20)
+# Rows: label -> registered method.
+ROWS = {
+    "esdmri default": "rtesd-prior+refine",
+    "esdmri refine_tv=0": "rtesd-voxelwise",
+    "esdmri linear prior alone": "prior",
+    "DIPY CSD": "csd",
+    "DIPY MSMT-CSD": "msmt",
+    "DIPY RUMBA-SD + TV (own ODF peaks)": "rumba-tv",
+    "MRtrix3 dhollander + msmt_csd": "mrtrix3",
+}
+# (geometry seed, noise seed offset) of each split; test seeds are never used on dev.
+SPLITS = {"dev": (1, 0), "test": (7, 1000)}
+
+
+def make_family(family, side, snr, split):
+    geometry_seed, noise_offset = SPLITS[split]
+    seed = noise_offset + int(snr)
+    if family == "straight":
+        return make_straight_phantom(get_3shell_gtab(), (side,) * 3, snr, angles=(45.0, 90.0),
+                                     fa=0.7, geometry_seed=geometry_seed, seed=seed)
+    if family == "dispersed":
+        return make_heldout_phantom((side,) * 3, snr=snr, seed=seed,
+                                    geometry_seed=100 + geometry_seed)
+    raise ValueError(f"unknown family {family!r}")
+
+
+FAMILIES = ("straight", "dispersed")
+
+
+def run(args, log):
+    outcomes = []
+    for family in args.families:
+        for snr in args.snrs:
+            phantom = make_family(family, args.side, snr, args.split)
+            scan = scan_of(phantom)
+            mask = phantom.mask & (phantom.n_fibres > 0)
+            log(f"{family} SNR {snr} ({args.split}): {int((phantom.n_fibres >= 2).sum())} "
+                f"crossing voxels, response {scan.response.tissues}")
+            for label in args.rows:
+                name = ROWS[label]
+                outcome = {"family": family, "snr": snr, "split": args.split, "row": label,
+                           "method": name, "sweep": [], "seconds": float("nan"), "error": ""}
+                if not METHODS[name].is_available():
+                    outcome["error"] = f"skipped: needs {', '.join(METHODS[name].missing())}"
+                    log(f"  {label}: {outcome['error']}")
+                    outcomes.append(outcome)
+                    continue
+                try:
+                    start = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        result = METHODS[name].fit(scan, mask)
+                    outcome["seconds"] = time.perf_counter() - start
+                    for threshold, directions in peak_sweep(result, THRESHOLDS, mask):
+                        scores = evaluate_peaks(directions, phantom.fibre_dirs, mask,
+                                                threshold_deg=MATCH_ANGLE)
+                        outcome["sweep"].append({
+                            part: {k: float(scores[part][k]) for k in
+                                   ("angular_error", "success_rate", "fn_rate", "fp_rate")}
+                            for part in ("all", "crossing")})
+                    log(f"  {label}: {outcome['seconds']:.1f} s")
+                except NotApplicable as reason:
+                    outcome["error"] = f"not applicable: {reason}"
+                except Exception as error:  # noqa: BLE001 - one method must not stop the run
+                    outcome["error"] = f"{type(error).__name__}: {error}"
+                    log(traceback.format_exc())
+                outcomes.append(outcome)
+                save(args, outcomes)
+    return outcomes
+
+
+def choose_thresholds(outcomes):
+    """Per method: the threshold of highest mean success over its dev phantoms."""
+    chosen = {}
+    for name in {o["method"] for o in outcomes}:
+        sweeps = [o["sweep"] for o in outcomes if o["method"] == name and o["sweep"]]
+        if not sweeps:
+            continue
+        success = np.mean([[s["all"]["success_rate"] for s in sw] for sw in sweeps], axis=0)
+        error = np.mean([[s["crossing"]["angular_error"] for s in sw] for sw in sweeps], axis=0)
+        chosen[name] = float(THRESHOLDS[np.lexsort((error, -success))[0]])
+    return chosen
+
+
+def rows_of(outcomes, thresholds):
+    rows = []
+    for o in outcomes:
+        if o["error"] or o["method"] not in thresholds:
+            rows.append([o["family"], f"{o['snr']:g}", o["row"], "-", "-", "-", "-", "-",
+                         o["error"][:70] or "no threshold"])
+            continue
+        threshold = thresholds[o["method"]]
+        crossing = o["sweep"][list(THRESHOLDS).index(threshold)]["crossing"]
+        rows.append([o["family"], f"{o['snr']:g}", o["row"], f"{threshold:.2f}",
+                     f"{crossing['angular_error']:.1f}", f"{crossing['success_rate']:.2f}",
+                     f"{crossing['fn_rate']:.2f}", f"{crossing['fp_rate']:.2f}",
+                     f"{o['seconds']:.0f}"])
+    return rows
+
+
+HEADER = ["family", "SNR", "method", "threshold", "AE crossing (deg)", "success crossing",
+          "FN crossing", "FP crossing", "fit (s)"]
+
+
+def save(args, outcomes, thresholds=None):
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"split": args.split, "side": args.side, "outcomes": outcomes,
+               "thresholds": thresholds}
+    temporary = args.out / f"results-{args.split}.json.tmp"
+    temporary.write_text(json.dumps(results, indent=1))
+    temporary.replace(args.out / f"results-{args.split}.json")
+
+
+def report(files):
+    """Print the table of several runs: each method's threshold chosen on the dev outcomes."""
+    outcomes = [o for path in files for o in json.loads(path.read_text())["outcomes"]]
+    # A row that failed or was skipped in one part and ran in another is shown once.
+    ran = {(o["split"], o["family"], o["snr"], o["row"]) for o in outcomes if o["sweep"]}
+    outcomes = [o for o in outcomes
+                if o["sweep"] or (o["split"], o["family"], o["snr"], o["row"]) not in ran]
+    thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
+    order = {label: i for i, label in enumerate(ROWS)}
+    outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"], order[o["row"]]))
+    for split in SPLITS:
+        rows = rows_of([o for o in outcomes if o["split"] == split], thresholds)
+        if rows:
+            print(f"\n{split}\n" + markdown(HEADER, rows))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
+    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS))
+    parser.add_argument("--side", type=int, default=16, help="phantom edge (voxels)")
+    parser.add_argument("--thresholds", type=Path,
+                        help="a dev run's results JSON whose chosen thresholds to use")
+    parser.add_argument("--out", type=Path, default=Path("out/devset"))
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                        help="only tabulate these runs' results (dev and test runs, run in "
+                             "parts): thresholds chosen on their dev outcomes")
+    args = parser.parse_args(argv)
+    if args.report:
+        report(args.report)
+        return
+    log_file = (args.out.mkdir(parents=True, exist_ok=True)
+                or open(args.out / f"log-{args.split}.txt", "w"))
+
+    def log(message):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    outcomes = run(args, log)
+    if args.thresholds:
+        thresholds = json.loads(args.thresholds.read_text())["thresholds"]
+    else:
+        thresholds = choose_thresholds(outcomes)
+    save(args, outcomes, thresholds)
+    rows = rows_of(outcomes, thresholds)
+    log("\n" + text_table(HEADER, rows) + "\n\n" + markdown(HEADER, rows))
+
+
+if __name__ == "__main__":
+    main()
