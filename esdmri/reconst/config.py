@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..shm import n_coeffs
+from ..shm import n_coeffs, sh_matrix
 from ..sphere import HealpixSphere
 from .losses import LossWeights
 from .selfsupervision import check_mask_fraction
@@ -117,6 +117,50 @@ class NetworkConfig:
         return HealpixSphere(self.nside, hemisphere=self.hemisphere)
 
 
+# Largest condition number of the grid's SH matrix (the U-Net's output is
+# projected onto SH by its pseudo-inverse) that a trained network may have.
+# HEALPix hemispheres: 1.0-1.4 for every order up to 12 that fits the grid
+# except order 12 on nside 4 (96 vertices for 91 coefficients): 2416.
+MAX_GRID_CONDITION = 10.0
+
+
+def grid_condition_number(sh_order_max, vertices):
+    """Condition number of the SH matrix of a grid (that of its pseudo-inverse too).
+
+    Parameters
+    ----------
+    sh_order_max : int
+    vertices : ndarray, shape (V, 3)
+
+    Returns
+    -------
+    condition : float
+        ``inf`` where the grid has fewer vertices than coefficients.
+    """
+    if n_coeffs(sh_order_max) > len(vertices):
+        return np.inf
+    return float(np.linalg.cond(sh_matrix(sh_order_max, vertices)))
+
+
+def carrying_nside(sh_order_max, hemisphere=True):
+    """Smallest HEALPix nside whose grid carries an SH order (:data:`MAX_GRID_CONDITION`).
+
+    Parameters
+    ----------
+    sh_order_max : int
+    hemisphere : bool
+
+    Returns
+    -------
+    nside : int
+    """
+    nside = 1
+    while grid_condition_number(sh_order_max, HealpixSphere(
+            nside, hemisphere=hemisphere).vertices) > MAX_GRID_CONDITION:
+        nside *= 2
+    return nside
+
+
 def default_sh_order(n_directions):
     """The SH order ``sh_order_max=None`` stands for.
 
@@ -179,7 +223,12 @@ class TrainingConfig:
     batch_size : int
         Windows per optimiser step (and per network pass at inference).
     lr : float
-        Adam learning rate.
+        Adam learning rate (after the warm-up).
+    warmup_steps : int
+        Optimiser steps over which the learning rate rises linearly to
+        ``lr`` (0: none). From the linear prior's fit one Adam step at the
+        full rate raised the loss 10x (issue 25); the warm-up lets Adam's
+        moment estimates settle first.
     patience : int
         Plateau epochs before halving the learning rate; twice as many stop
         training.
@@ -195,6 +244,7 @@ class TrainingConfig:
     mask_fraction: float = 0.0
     batch_size: int = 1
     lr: float = 1.7e-3
+    warmup_steps: int = 50
     patience: int = 3
     seed: int = 0
     sparsity: float = LossWeights.sparsity
@@ -208,6 +258,9 @@ class TrainingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         _check_integer("epochs", self.epochs, 0)
         _check_integer("train_windows", self.train_windows, 1)
+        _check_integer("warmup_steps", self.warmup_steps, 0)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
         check_mask_fraction(self.mask_fraction)
         self.loss_weights  # LossWeights refuses negative weights
 
@@ -307,6 +360,16 @@ class DeconvolutionConfig:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "
                              "train it")
+        order, nside = self.network.sh_order_max, self.network.nside
+        if self.training.epochs and order is not None:
+            condition = grid_condition_number(order, self.network.sphere().vertices)
+            if condition > MAX_GRID_CONDITION:
+                raise ValueError(
+                    f"nside={nside} cannot carry sh_order_max={order} for training: the "
+                    f"grid-to-SH pseudo-inverse has condition number {condition:.0f} (at most "
+                    f"{MAX_GRID_CONDITION:g}), so the network's output maps to wildly "
+                    "amplified SH coefficients; use nside="
+                    f"{carrying_nside(order, self.network.hemisphere)} or a lower sh_order_max")
 
     @classmethod
     def from_options(cls, conv_kind, **options):
