@@ -29,7 +29,7 @@ FORMAT_3_DEFAULTS = {
 
 
 # Options added to format 3 since, with the defaults that files without them load with.
-ADDED_OPTIONS = {"mask_fraction": 0.0}
+ADDED_OPTIONS = {"mask_fraction": 0.0, "norm": "batch", "warmup_steps": 50}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0}
 
@@ -81,6 +81,11 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(refine_tv=-1.0), "refine_tv must be >= 0"),
     (dict(refine_smoothing=0.0), "refine_smoothing must be > 0"),
     (dict(epochs=0, linear_prior=False), r"epochs=0 \(the default\) needs linear_prior=True"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+    (dict(norm="group"), r"norm must be one of \('batch', 'voxel'\)"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(epochs=5, sh_order_max=12, nside=4),
+     r"nside=4 cannot carry sh_order_max=12 for training: .* condition number 2416.*nside=8"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
@@ -129,3 +134,22 @@ def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expec
     with pytest.warns(UserWarning, match="underdetermined"):
         explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
     assert explicit.config.network.sh_order_max == 12
+
+
+def test_the_grid_rule_uses_the_pseudo_inverse_condition_number():
+    """Against numpy: the pseudo-inverse's condition number is the SH matrix's."""
+    from esdmri.reconst.config import (MAX_GRID_CONDITION, carrying_nside,
+                                       grid_condition_number)
+    from esdmri.shm import sh_matrix
+    from esdmri.sphere import HealpixSphere
+
+    vertices = HealpixSphere(4, hemisphere=True).vertices
+    pinv = np.linalg.pinv(sh_matrix(12, vertices))
+    assert grid_condition_number(12, vertices) == pytest.approx(np.linalg.cond(pinv),
+                                                                rel=1e-6)
+    assert grid_condition_number(12, vertices) > 1000 > MAX_GRID_CONDITION
+    assert grid_condition_number(14, vertices) == np.inf  # 120 coefficients, 96 vertices
+    assert [carrying_nside(order) for order in (4, 8, 10, 12, 16)] == [2, 4, 4, 8, 8]
+    # The untrained default fit (head at zero) is unaffected; training refuses.
+    DeconvolutionConfig.from_options("mixed", sh_order_max=12, nside=4)
+    DeconvolutionConfig.from_options("mixed", sh_order_max=12, nside=8, epochs=5)

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from ..shm import n_coeffs, sh_matrix
+from ..nn.unet import NORMS
 from ..sphere import HealpixSphere
 from .losses import LossWeights
 from .selfsupervision import check_mask_fraction
@@ -76,6 +77,11 @@ class NetworkConfig:
         zero, so training starts from a fit that explains the signal).
         Trained from scratch (False), the networks underfit on a CPU budget;
         see docs/benchmarks.md.
+    norm : {"batch", "voxel"}
+        Normalisation after each convolution: batch norm, as published, or
+        a per-voxel layer norm over channels and vertices that computes the
+        same in training and at inference and ignores a window's padding
+        (:class:`esdmri.nn.unet.VoxelNorm`).
     """
 
     sh_order_max: Optional[int] = None
@@ -88,6 +94,7 @@ class NetworkConfig:
     spatial_layers: int = 1
     normalize: Optional[bool] = None
     linear_prior: bool = True
+    norm: str = "batch"
 
     def __post_init__(self):
         order = self.sh_order_max
@@ -97,6 +104,8 @@ class NetworkConfig:
                              f"{order!r}")
         if self.normalize not in (None, True, False):
             raise ValueError(f"normalize must be None, True or False, got {self.normalize!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         sphere = self.sphere()
         sphere.pyramid(self.depth)  # raises if nside is too small for the depth
         # The grid must hold more samples than coefficients for the least-squares

@@ -97,7 +97,8 @@ class _DeconvolutionModel(ReconstModel):
             out_channels=len(self.response.tissues), depth=config.depth,
             filter_start=config.filter_start, kernel_size=config.kernel_size,
             spatial_kernel_size=config.spatial_kernel_size,
-            spatial_layers=config.spatial_layers, signed_output=config.linear_prior)
+            spatial_layers=config.spatial_layers, signed_output=config.linear_prior,
+            norm=config.norm)
         prior = None
         if config.linear_prior:
             response = self.response.normalized()

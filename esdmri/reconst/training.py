@@ -417,13 +417,14 @@ class Trainer:
                 progress.update()
                 progress.set_postfix({name: f"{value:.3g}" for name, value in record.items()
                                       if name != "epoch"})
-                if self.steps >= self.warmup_steps:
+                warmed_up = self.steps >= self.warmup_steps
+                if warmed_up:  # the plateau schedule and stopping start after the warm-up
                     self.scheduler.step(record["eval_total"])
                 if record["eval_total"] < self.best * (1 - IMPROVEMENT):
                     self.best, self.stale = record["eval_total"], 0
                     self.best_state = _copied(self.network.state_dict())
                     self.best_epoch = record["epoch"]
-                else:
+                elif warmed_up:
                     self.stale += 1
                 self.next_epoch += 1
                 if self.context.is_main:
