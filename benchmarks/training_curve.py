@@ -33,6 +33,7 @@ Absolute times depend on the machine's load; the losses and errors do not
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
@@ -100,10 +101,11 @@ def run(args, log=print):
     mask = scored_voxels(phantom)
     options = dict(sh_order_max=args.sh_order, nside=args.nside, refine_steps=0,
                    seed=args.seed, verbose=args.verbose)
+    network = dict(norm=args.norm, linear_prior=not args.no_prior)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   warmup_steps=args.warmup_steps, train_windows=10**9)
     log(f"phantom {args.size}^3 SNR {args.snr}, {int(mask.sum())} voxels; sh_order_max "
-        f"{args.sh_order}, nside {args.nside}; {recipe}")
+        f"{args.sh_order}, nside {args.nside}; {recipe}; {network}")
     prior = RTESDModel(scan.gtab, scan.response, epochs=0, **options)
     prior_fit = prior.fit(scan.data, mask)
     normalized, _ = normalize_by_b0(scan.data, scan.gtab, mask)
@@ -115,7 +117,7 @@ def run(args, log=print):
         f"({minimum_normalized:.5g} with fractions summing to 1) after {minimum_steps} steps "
         f"({time.perf_counter() - start:.0f} s)")
 
-    model = RTESDModel(scan.gtab, scan.response, **recipe, **options)
+    model = RTESDModel(scan.gtab, scan.response, **recipe, **network, **options)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -137,7 +139,7 @@ def run(args, log=print):
     csd = [crossing_scores(fitter(name)[0], phantom, mask) for name in FAMILIES["DIPY CSD"]]
     scores["DIPY CSD"] = min(csd, key=lambda s: (-s["all_success"], s["all_error"]))
     result = {"size": args.size, "snr": args.snr, "sh_order_max": args.sh_order,
-              "nside": args.nside, "recipe": recipe, "seed": args.seed,
+              "nside": args.nside, "recipe": recipe, "network": network, "seed": args.seed,
               "voxels": int(mask.sum()), "prior_loss": prior_loss,
               "per_voxel_minimum": minimum, "per_voxel_minimum_normalized": minimum_normalized,
               "minimum_steps": minimum_steps, "history": history, "summary": summary,
@@ -201,6 +203,9 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1.7e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--norm", choices=("batch", "voxel"), default="batch")
+    parser.add_argument("--no-prior", action="store_true",
+                        help="train from scratch (linear_prior=False, Softplus head)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minimum-steps", type=int, default=5000)
     parser.add_argument("--figure", default=None, help="png of the curves")
@@ -211,7 +216,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # The trainer logs every epoch's training and evaluation loss as it goes.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("esdmri.reconst.training").setLevel(logging.INFO)
     results = []
     for snr in args.snr:
         one = argparse.Namespace(**{**vars(args), "snr": snr})
