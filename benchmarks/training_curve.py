@@ -183,8 +183,9 @@ def figure(results, path):
                    label="per-voxel min., fractions sum to 1")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_title(f"SNR {result['snr']}, order {result['sh_order_max']}, "
-                     f"nside {result['nside']}", fontsize=9)
+        ax.set_title(f"SNR {result['snr']:g}, order {result['sh_order_max']}, nside "
+                     f"{result['nside']}, norm {result.get('network', {}).get('norm')}",
+                     fontsize=9)
     axes[0][0].set_ylabel("loss (mean over masked voxels)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
@@ -210,6 +211,8 @@ def parse_args(argv):
     parser.add_argument("--minimum-steps", type=int, default=5000)
     parser.add_argument("--figure", default=None, help="png of the curves")
     parser.add_argument("--out", default=None, help="json of the results")
+    parser.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                        help="only draw --figure from the results of earlier runs")
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -219,6 +222,12 @@ def main(argv=None):
     # The trainer logs every epoch's training and evaluation loss as it goes.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("esdmri.reconst.training").setLevel(logging.INFO)
+    if args.replot:
+        results = [one for path in args.replot for one in json.loads(Path(path).read_text())]
+        for result in results:
+            print(table(result))
+        figure(results, args.figure)
+        return results
     results = []
     for snr in args.snr:
         one = argparse.Namespace(**{**vars(args), "snr": snr})
