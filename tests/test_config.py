@@ -31,8 +31,7 @@ FORMAT_3_DEFAULTS = {
 # Options added to format 3 since, with the defaults that files without them load with.
 ADDED_OPTIONS = {"mask_fraction": 0.0, "norm": "batch", "warmup_steps": 20}
 # Defaults changed since; a file stores every option, so its own values load.
-CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000, "batch_size": 4,
-                    "lr": 1e-3}
+CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000}
 
 
 def test_saved_layout_is_model_format_3():
@@ -60,7 +59,7 @@ def test_configurations_are_frozen_and_replace_validates():
     other = config.replace(nside=8, batch_size=2)
     assert (other.network.nside, other.training.batch_size, other.training.epochs,
             other.refinement.refine_tv) == (8, 2, 5, 1.0)
-    assert config.network.nside == 4 and config.training.batch_size == 4
+    assert config.network.nside == 4 and config.training.batch_size == 1
     with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
         config.replace(refine_steps=2.5)
     with pytest.raises(TypeError, match=r"unknown model option\(s\) \['nsides'\]"):
@@ -98,7 +97,7 @@ def test_defaults_and_docs_come_from_the_fields():
     fields = [f for cls in (NetworkConfig, TrainingConfig, RefinementConfig)
               for f in dataclasses.fields(cls)]
     assert list(defaults) == [f.name for f in fields]
-    assert defaults["lr"] == 1e-3 and defaults["nside"] == 4
+    assert defaults["lr"] == 1.7e-3 and defaults["nside"] == 4
     text = options_docstring()
     for name, value in defaults.items():
         if name in ("sparsity", "nonnegativity", "total_variation"):

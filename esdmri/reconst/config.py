@@ -241,7 +241,10 @@ class TrainingConfig:
         Training windows are centred on masked voxels and cover every masked
         voxel once per epoch (:func:`esdmri.reconst.tiling.training_windows`).
     lr : float
-        Adam learning rate (after the warm-up).
+        Adam learning rate (after the warm-up). On the dev phantom at equal
+        epochs (about equal compute) batches of 1 window at 1.7e-3 went
+        further than batches of 4 at 1e-3 (docs/benchmarks.md, "Does the
+        network learn?"): on a CPU, more steps beat larger batches.
     warmup_steps : int
         Optimiser steps over which the learning rate rises linearly to
         ``lr`` (0: none). From the linear prior's fit one Adam step at the
@@ -260,8 +263,8 @@ class TrainingConfig:
     epochs: int = 0
     train_windows: int = 1000
     mask_fraction: float = 0.0
-    batch_size: int = 4
-    lr: float = 1e-3
+    batch_size: int = 1
+    lr: float = 1.7e-3
     warmup_steps: int = 20
     patience: int = 3
     seed: int = 0
