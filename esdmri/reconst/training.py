@@ -231,8 +231,8 @@ class Trainer:
     warmup_steps : int
         Optimiser steps over which the learning rate rises linearly from
         ``lr / warmup_steps`` to ``lr`` (0: none). Adam's first steps move
-        every weight by about ``lr`` whatever its gradient; from the linear
-        prior's fit one step at ``lr=1.7e-3`` raised the loss 10x.
+        every weight by about ``lr`` whatever its gradient, away from the
+        linear prior's fit the network starts at.
     context : DistributedContext
         This process in a torchrun launch (the process group is initialised).
     autocast_dtype : torch.dtype, optional
