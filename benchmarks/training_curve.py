@@ -183,9 +183,11 @@ def figure(results, path):
                    label="per-voxel min., fractions sum to 1")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
+        recipe = result["recipe"]
         ax.set_title(f"SNR {result['snr']:g}, order {result['sh_order_max']}, nside "
-                     f"{result['nside']}, norm {result.get('network', {}).get('norm')}",
-                     fontsize=9)
+                     f"{result['nside']}: batch {recipe['batch_size']}, lr {recipe['lr']:g}, "
+                     f"warm-up {recipe['warmup_steps']},\n"
+                     f"{result.get('network', {}).get('norm', 'batch')} norm", fontsize=9)
     axes[0][0].set_ylabel("loss (mean over masked voxels)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
