@@ -84,8 +84,6 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
     (dict(norm="group"), r"norm must be one of \('batch', 'voxel'\)"),
     (dict(lr=0.0), "lr must be > 0"),
-    (dict(epochs=5, sh_order_max=12, nside=4),
-     r"nside=4 cannot carry sh_order_max=12 for training: .* condition number 2416.*nside=8"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
@@ -150,6 +148,3 @@ def test_the_grid_rule_uses_the_pseudo_inverse_condition_number():
     assert grid_condition_number(12, vertices) > 1000 > MAX_GRID_CONDITION
     assert grid_condition_number(14, vertices) == np.inf  # 120 coefficients, 96 vertices
     assert [carrying_nside(order) for order in (4, 8, 10, 12, 16)] == [2, 4, 4, 8, 8]
-    # The untrained default fit (head at zero) is unaffected; training refuses.
-    DeconvolutionConfig.from_options("mixed", sh_order_max=12, nside=4)
-    DeconvolutionConfig.from_options("mixed", sh_order_max=12, nside=8, epochs=5)

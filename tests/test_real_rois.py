@@ -82,9 +82,7 @@ def fit_roi(name, seed=0):
     data, _, gtab = load_roi(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # small_101D's 101 directions give sh_order_max=12, which training needs
-        # nside 8 for (the nside-4 grid's pseudo-inverse is ill-conditioned).
-        model = RTESDModel(gtab, seed=seed, nside=8 if name == "small_101D" else 4, **FAST)
+        model = RTESDModel(gtab, seed=seed, **FAST)
         fit = model.fit(data)
         shm_coeff = fit.shm_coeff
     predicted = fit.predict(S0=data[..., gtab.b0s_mask].mean(-1))

@@ -266,3 +266,27 @@ def test_evaluation_cores_tile_the_mask_once(phantom):
         assert (counts[mask] == 1).all() and core.sum() == (6 - 2 * halo) ** 3
     with pytest.raises(ValueError, match="block_size=6 leaves no core"):
         evaluation_windows(source, 3, np.random.default_rng(0))
+
+
+def test_training_on_a_grid_that_cannot_carry_the_order_warns(phantom):
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.subjects import ScanBlocks
+    from esdmri.reconst.training import Trainer
+
+    for nside, warns in ((4, True), (8, False)):
+        model = RTESDModel(phantom.gtab, phantom.response, sh_order_max=12, nside=nside,
+                           depth=1, filter_start=2, verbose=False)
+        model._build()
+        mask = phantom.mask
+        source = ScanBlocks(np.zeros(mask.shape + (2,), np.float32), mask, phantom.gtab,
+                            np.zeros((2, 3, 2), np.float32), 6, "cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(model.network, source, [build_forward_model(model.response, phantom.gtab,
+                                                                12)],
+                    build_fodf_sampler(12), model.config.training.loss_weights, epochs=1,
+                    batch_size=1, lr=1e-3, patience=3, seed=0)
+        said = [str(w.message) for w in caught if "cannot carry" in str(w.message)]
+        assert bool(said) == warns, nside
+        if warns:
+            assert "condition number 2416" in said[0] and "nside=8" in said[0]

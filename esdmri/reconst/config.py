@@ -131,7 +131,7 @@ class NetworkConfig:
 
 
 # Largest condition number of the grid's SH matrix (the U-Net's output is
-# projected onto SH by its pseudo-inverse) that a trained network may have.
+# projected onto SH by its pseudo-inverse) that training accepts without a warning.
 # HEALPix hemispheres: 1.0-1.4 for every order up to 12 that fits the grid
 # except order 12 on nside 4 (96 vertices for 91 coefficients): 2416.
 MAX_GRID_CONDITION = 10.0
@@ -388,16 +388,6 @@ class DeconvolutionConfig:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "
                              "train it")
-        order, nside = self.network.sh_order_max, self.network.nside
-        if self.training.epochs and order is not None:
-            condition = grid_condition_number(order, self.network.sphere().vertices)
-            if condition > MAX_GRID_CONDITION:
-                raise ValueError(
-                    f"nside={nside} cannot carry sh_order_max={order} for training: the "
-                    f"grid-to-SH pseudo-inverse has condition number {condition:.0f} (at most "
-                    f"{MAX_GRID_CONDITION:g}), so the network's output maps to wildly "
-                    "amplified SH coefficients; use nside="
-                    f"{carrying_nside(order, self.network.hemisphere)} or a lower sh_order_max")
 
     @classmethod
     def from_options(cls, conv_kind, **options):

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..response import TissueResponse, estimate_response
+from .config import MAX_GRID_CONDITION, carrying_nside
 from .losses import (intensity_loss, nonnegativity_loss, sparsity_loss,
                      total_variation_loss)
 from .network import volume_fractions_from_coefficients
@@ -308,6 +309,7 @@ class Trainer:
         self.evaluation_blocks, core = evaluation_windows(source, halo,
                                                           np.random.default_rng([seed, 1]))
         self.evaluation_core = core.to(self.device)
+        _warn_ill_conditioned(network)
         self.initial_state = _copied(network.state_dict())
         self.best_state = self.initial_state
         self.initial_loss = None  # measured when the run starts
@@ -632,6 +634,24 @@ def _copied(state, device=None):
     """A copy of a state dict (on ``device``, default: where each tensor is)."""
     return {name: value.detach().to(device or value.device, copy=True)
             for name, value in state.items()}
+
+
+def _warn_ill_conditioned(network):
+    """Warn when the grid cannot carry the SH order (condition above MAX_GRID_CONDITION).
+
+    The U-Net's WM output is projected onto SH by the pseudo-inverse of the
+    grid's SH matrix; order 12 on nside 4 (96 vertices for 91 coefficients)
+    amplifies some output directions 2416-fold. Measured on a dev phantom,
+    the first ten steps trained alike on nside 4 and 8 (docs/benchmarks.md,
+    "Does the network learn?"), so training goes on, but says so.
+    """
+    condition = float(np.linalg.cond(network.grid_to_sh.detach().cpu().double().numpy()))
+    if condition > MAX_GRID_CONDITION:
+        warnings.warn(
+            f"the network's grid cannot carry sh_order_max={network.sh_order_max}: its "
+            f"grid-to-SH pseudo-inverse has condition number {condition:.0f} (> "
+            f"{MAX_GRID_CONDITION:g}); nside={carrying_nside(network.sh_order_max)} conditions "
+            "it (hemisphere grid)", UserWarning, stacklevel=4)
 
 
 def evaluation_windows(source, halo, rng):
