@@ -30,9 +30,10 @@ FORMAT_3_DEFAULTS = {
 
 
 # Options added to format 3 since, with the defaults that files without them load with.
-ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs"}
+ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
+                 "warmup_steps": 20}
 # Defaults changed since; a file stores every option, so its own values load.
-CHANGED_DEFAULTS = {"epochs": 0}
+CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000}
 # Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
 RENAMED = {"conv_kind": "e3so3-stem"}
 
@@ -85,6 +86,9 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(refine_tv=-1.0), "refine_tv must be >= 0"),
     (dict(refine_smoothing=0.0), "refine_smoothing must be > 0"),
     (dict(epochs=0, linear_prior=False), r"epochs=0 \(the default\) needs linear_prior=True"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+    (dict(norm="group"), r"norm must be one of \('batch', 'voxel'\)"),
+    (dict(lr=0.0), "lr must be > 0"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
@@ -162,3 +166,19 @@ def test_shells_sharing_directions_count_as_distinct_measurements():
         assert RTESDModel(gtab, verbose=False).config.network.sh_order_max == 12
     single = gradient_table(gtab.bvals[gtab.bvals < 1500], bvecs=gtab.bvecs[gtab.bvals < 1500])
     assert RTESDModel(single, verbose=False).config.network.sh_order_max == 8
+
+
+def test_the_grid_rule_uses_the_pseudo_inverse_condition_number():
+    """Against numpy: the pseudo-inverse's condition number is the SH matrix's."""
+    from esdmri.reconst.config import (MAX_GRID_CONDITION, carrying_nside,
+                                       grid_condition_number)
+    from esdmri.shm import sh_matrix
+    from esdmri.sphere import HealpixSphere
+
+    vertices = HealpixSphere(4, hemisphere=True).vertices
+    pinv = np.linalg.pinv(sh_matrix(12, vertices))
+    assert grid_condition_number(12, vertices) == pytest.approx(np.linalg.cond(pinv),
+                                                                rel=1e-6)
+    assert grid_condition_number(12, vertices) > 1000 > MAX_GRID_CONDITION
+    assert grid_condition_number(14, vertices) == np.inf  # 120 coefficients, 96 vertices
+    assert [carrying_nside(order) for order in (4, 8, 10, 12, 16)] == [2, 4, 4, 8, 8]

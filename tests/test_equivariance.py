@@ -112,11 +112,12 @@ def sphere8():
     return HealpixSphere(8, hemisphere=True)
 
 
-@pytest.mark.parametrize("pooling_mode", ["average", "max"])
-def test_unet_equivariance(sphere4, pooling_mode):
+@pytest.mark.parametrize("pooling_mode, norm", [("average", "batch"), ("max", "batch"),
+                                                ("average", "voxel")])
+def test_unet_equivariance(sphere4, pooling_mode, norm):
     torch.manual_seed(1)
     net = UNet(2, 2, sphere4, depth=3, filter_start=2, conv="e3so3", padding="circular",
-               pooling_mode=pooling_mode).eval()
+               pooling_mode=pooling_mode, norm=norm).eval()
     x = torch.randn(1, 2, sphere4.n_vertices, 8, 8, 4)
     # Shifts by multiples of 2**(depth - 1).
     assert_equivariant(net, x, lambda f: torch.roll(f, shifts=(4, -4), dims=(3, 5)))

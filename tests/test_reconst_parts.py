@@ -9,7 +9,7 @@ from esdmri.reconst.inputs import check_data, check_mask, normalize_by_b0, resol
 from esdmri.reconst.losses import (CAUCHY_SIGMA, LossWeights, intensity_loss,
                                    nonnegativity_loss, sparsity_loss, total_variation_loss)
 from esdmri.reconst.tiling import (cut_window, inference_windows, receptive_radius,
-                                   training_windows)
+                                   training_windows, window_fill)
 
 
 class SpatialStack(nn.Module):
@@ -64,18 +64,35 @@ def test_inference_windows_cover_every_masked_voxel_once():
         assert all(s + 4 + 4 <= n for s, n in zip(start, padded_shape))
 
 
-def test_training_windows_cover_the_mask():
-    mask = np.zeros((20, 20, 20), bool)
-    mask[3:17, 5:12, 2:19] = True
+def test_training_windows_cover_every_masked_voxel_from_a_masked_centre():
+    rng = np.random.default_rng(5)
+    # A ball: the old bounding-box tiling left many windows mostly empty.
+    grid = np.indices((20, 20, 20)) - 9.5
+    mask = (grid**2).sum(0) < 8.5**2
+    mask &= rng.random(mask.shape) > 0.1  # holes, as in a real mask
+    size, margin = 8, 2
     for seed in range(3):
-        starts = training_windows(mask, 6, np.random.default_rng(seed))
+        starts = training_windows(mask, size, np.random.default_rng(seed))
+        centres = starts + size // 2
+        assert mask[tuple(centres.T)].all()
         covered = np.zeros(mask.shape, int)
         for start in starts:
-            window = cut_window(np.indices(mask.shape).transpose(1, 2, 3, 0) + 1, start, 6)
-            inside = window[..., 0] > 0
-            index = tuple((window[inside] - 1).T)
-            covered[index] += 1
-        assert (covered[mask] == 1).all()
+            low = np.maximum(start + margin, 0)
+            high = start + size - margin
+            covered[low[0]:high[0], low[1]:high[1], low[2]:high[2]] += 1
+        assert (covered[mask] >= 1).all()
+        fill = window_fill(mask, starts, size)
+        assert fill.min() > 0.1 and np.median(fill) > 0.4
+    # Brute force: every window's inner part holds a voxel no earlier window covered,
+    # so no window is redundant.
+    seen = np.zeros(mask.shape, bool)
+    for start in starts:
+        low = np.maximum(start + margin, 0)
+        high = start + size - margin
+        inner = np.zeros(mask.shape, bool)
+        inner[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
+        assert (inner & mask & ~seen).any()
+        seen |= inner
 
 
 def test_losses_against_direct_formulas():

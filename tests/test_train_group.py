@@ -122,14 +122,16 @@ def test_blocks_equal_slices_of_the_normalised_interpolated_volume(cohort, monke
         assert signals[row].shape[0] == len(phantom.gtab.bvals)
 
 
-def test_epoch_plan_covers_each_masked_voxel_once_and_batches_mix_gtabs(cohort):
+def test_epoch_plan_covers_each_masked_voxel_and_batches_mix_gtabs(cohort):
     dataset = SubjectBlocks(subjects_of(cohort), GRID, block_size=3)
     blocks = dataset.plan_epoch(np.random.default_rng(0))
     for subject, mask in enumerate(dataset.masks):
         covered = np.zeros(np.array(mask.shape) + 6, dtype=int)
-        for _, x, y, z in blocks[blocks[:, 0] == subject]:
+        own = blocks[blocks[:, 0] == subject]
+        for _, x, y, z in own:
             covered[x + 3:x + 6, y + 3:y + 6, z + 3:z + 6] += 1
-        np.testing.assert_array_equal(covered[3:-3, 3:-3, 3:-3][mask], 1)
+        assert (covered[3:-3, 3:-3, 3:-3][mask] >= 1).all()
+        assert mask[tuple((own[:, 1:] + 1).T)].all()  # centred on masked voxels
     first = [i for i, b in enumerate(blocks) if b[0] == 0][:2]
     second = [i for i, b in enumerate(blocks) if b[0] == 1][:1]
     batch = dataset.read(blocks[[first[0], second[0], first[1]]])

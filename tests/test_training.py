@@ -1,5 +1,7 @@
 """Training keeps its best weights and never ends worse than it started."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -71,8 +73,11 @@ def test_training_never_ends_above_the_starting_loss(phantom, model_class):
 
 def test_training_window_budget(phantom):
     model = ESDModel(phantom.gtab, phantom.response, epochs=5, train_windows=3, **SMALL)
-    model.fit(phantom.data, mask=phantom.mask)
+    with pytest.warns(UserWarning, match=r"stopped after 1 of 5 epochs \(3 steps\).*"
+                                         "train_windows"):
+        model.fit(phantom.data, mask=phantom.mask)
     assert len(model.training_history) == 1  # 3 windows: part of the first epoch
+    assert model.training_summary["stopped_by"] == "max_blocks"
     with pytest.raises(ValueError, match="train_windows"):
         ESDModel(phantom.gtab, phantom.response, train_windows=0)
 
@@ -133,7 +138,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
         changed = {**batch, "grid": grid, "groups": [{**batch["groups"][0], "signal": signal}]}
         model.network.eval()
         with torch.no_grad():
-            total, _ = trainer._loss(model.network, changed, torch.Generator().manual_seed(1))
+            total, _, _ = trainer._loss(model.network, changed, torch.Generator().manual_seed(1))
         return float(total)
 
     hidden = hide_in_batch(batch, 0.25, torch.Generator().manual_seed(1))["mask"]
@@ -164,3 +169,125 @@ def test_masked_training_runs_and_validates_its_fraction(phantom):
     for bad in (-0.1, 0.6, True, "0.1"):
         with pytest.raises(ValueError, match="mask_fraction"):
             RTESDModel(phantom.gtab, phantom.response, mask_fraction=bad)
+
+
+# -- an honest keep-best rule (issue 25) --------------------------------------
+def voxel_mean_loss(model, phantom, coefficients):
+    """Mean over masked voxels of the per-voxel loss (the refinement's written-out formula)."""
+    from esdmri.reconst.inputs import normalize_by_b0
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.refine import voxel_loss_gradient
+
+    normalized, mask = normalize_by_b0(phantom.data.astype(np.float32), phantom.gtab,
+                                       phantom.mask)
+    order = model.config.network.sh_order_max
+    _, loss = voxel_loss_gradient(
+        torch.as_tensor(coefficients[mask]), torch.as_tensor(normalized[mask]),
+        build_forward_model(model.response, phantom.gtab, order).matrix,
+        build_fodf_sampler(order), model.network.n_wm_coeffs,
+        model.config.training.loss_weights, return_loss=True)
+    return float(loss.mean())
+
+
+@pytest.fixture(scope="module")
+def trained_rtesd(phantom):
+    torch.manual_seed(0)
+    untrained = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
+    start = untrained.fit(phantom.data, phantom.mask)
+    model = RTESDModel(phantom.gtab, phantom.response, epochs=3, batch_size=4, lr=1e-3,
+                       warmup_steps=2, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = model.fit(phantom.data, phantom.mask)
+    return untrained, start, model, fit
+
+
+def test_evaluation_loss_is_the_loss_of_every_masked_voxel_once(phantom, trained_rtesd):
+    """Start and epochs are scored on the same voxels, in eval mode, as inference sees them.
+
+    The reference is the refinement's written-out per-voxel loss of the
+    whole-volume fit (block-wise inference with halos), averaged over the mask.
+    """
+    untrained, start, model, fit = trained_rtesd
+    summary = model.training_summary
+    assert model.halo >= 1  # RT-ESD's windows score a core inside a halo
+    assert summary["start_loss"] == pytest.approx(
+        voxel_mean_loss(untrained, phantom, start._coefficients), rel=1e-4)
+    kept = voxel_mean_loss(model, phantom, fit._coefficients)
+    assert summary["best_loss"] == pytest.approx(kept, rel=1e-4)
+    history = model.training_history
+    assert all({"total", "eval_total", "lr", "epoch"} <= set(record) for record in history)
+    if summary["fell_back"]:
+        assert summary["best_epoch"] is None
+        np.testing.assert_allclose(fit.shm_coeff, start.shm_coeff, rtol=1e-5, atol=1e-6)
+    else:
+        best = history[summary["best_epoch"]]["eval_total"]
+        assert best == pytest.approx(kept, rel=1e-4) and best < summary["start_loss"]
+        assert best == min(record["eval_total"] for record in history)
+
+
+def test_a_fall_back_is_recorded_and_said(phantom):
+    model = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, warmup_steps=0,
+                     **SMALL)
+    with pytest.warns(UserWarning, match="did not lower the evaluation loss"):
+        model.fit(phantom.data, phantom.mask)
+    summary = model.training_summary
+    assert summary["fell_back"] and summary["best_epoch"] is None
+    assert summary["best_loss"] == summary["start_loss"]
+    assert all(r["eval_total"] > summary["start_loss"] for r in model.training_history)
+
+
+def test_warm_up_raises_the_learning_rate_linearly(phantom):
+    model = ESDModel(phantom.gtab, phantom.response, epochs=1, lr=1e-3, warmup_steps=1000,
+                     **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(phantom.data, phantom.mask)
+    steps = model.training_summary["steps"]
+    assert 0 < steps < 1000
+    assert model.training_history[0]["lr"] == pytest.approx(1e-3 * steps / 1000)
+
+
+def test_evaluation_cores_tile_the_mask_once(phantom):
+    from esdmri.reconst.subjects import ScanBlocks
+    from esdmri.reconst.training import evaluation_windows
+
+    mask = phantom.mask
+    source = ScanBlocks(np.zeros(mask.shape + (2,), np.float32), mask, phantom.gtab,
+                        np.zeros((2, 3, 2), np.float32), 6, "cpu")
+    for halo in (0, 1, 2):
+        blocks, core = evaluation_windows(source, halo, np.random.default_rng(0))
+        counts = np.zeros(mask.shape, int)
+        core = core.numpy()
+        for _, *start in blocks:
+            for offset in np.argwhere(core):
+                voxel = np.array(start) + offset
+                if ((voxel >= 0) & (voxel < mask.shape)).all():
+                    counts[tuple(voxel)] += 1
+        assert (counts[mask] == 1).all() and core.sum() == (6 - 2 * halo) ** 3
+    with pytest.raises(ValueError, match="block_size=6 leaves no core"):
+        evaluation_windows(source, 3, np.random.default_rng(0))
+
+
+def test_training_on_a_grid_that_cannot_carry_the_order_warns(phantom):
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.subjects import ScanBlocks
+    from esdmri.reconst.training import Trainer
+
+    for nside, warns in ((4, True), (8, False)):
+        model = RTESDModel(phantom.gtab, phantom.response, sh_order_max=12, nside=nside,
+                           depth=1, filter_start=2, verbose=False)
+        model._build()
+        mask = phantom.mask
+        source = ScanBlocks(np.zeros(mask.shape + (2,), np.float32), mask, phantom.gtab,
+                            np.zeros((2, 3, 2), np.float32), 6, "cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(model.network, source, [build_forward_model(model.response, phantom.gtab,
+                                                                12)],
+                    build_fodf_sampler(12), model.config.training.loss_weights, epochs=1,
+                    batch_size=1, lr=1e-3, patience=3, seed=0)
+        said = [str(w.message) for w in caught if "cannot carry" in str(w.message)]
+        assert bool(said) == warns, nside
+        if warns:
+            assert "condition number 2416" in said[0] and "nside=8" in said[0]

@@ -57,6 +57,23 @@ def test_conv_kinds(conv, layer, grid):
     assert y.shape == (1, 3, sphere.n_vertices, *grid)
 
 
+def test_voxel_norm_is_local_and_the_same_in_training_and_evaluation(sphere):
+    """Batch norm mixes windows and padding into a voxel's output in training; voxel norm not."""
+    x = torch.randn(2, 2, sphere.n_vertices, 3, 3, 3)
+    changed = x.clone()
+    changed[1, :, :, 0, 0, 0] += 5.0  # another window's voxel
+    for norm, local in (("voxel", True), ("batch", False)):
+        net = UNet(2, 1, sphere, depth=2, filter_start=2, conv="spherical", norm=norm)
+        with torch.no_grad():
+            y, y_changed = net.train()(x), net(changed)
+            same_voxels = torch.equal(y[0], y_changed[0])
+            assert same_voxels == local, norm
+            if norm == "voxel":
+                torch.testing.assert_close(net.eval()(x), y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        UNet(2, 1, sphere, depth=2, norm="group")
+
+
 def test_concat_kind_sees_the_neighbourhood_but_no_further():
     sphere = HealpixSphere(2, hemisphere=True)
     net = UNet(1, 1, sphere, depth=2, filter_start=2, conv="concat").eval()

@@ -146,8 +146,42 @@ def get_conv_kind(name):
     return CONV_KINDS[name]
 
 
+NORMS = ("batch", "voxel")
+
+
+class VoxelNorm(nn.Module):
+    """Normalise each voxel's features over its channels and vertices, then scale per channel.
+
+    A layer norm per voxel: unlike batch norm it computes the same in
+    training and evaluation and does not depend on the other windows of a
+    batch or on how much of a window is padding; unlike group norm over a
+    window it keeps every voxel's output local (block-wise inference stays
+    exact). The statistics are means over all vertices, invariant to
+    rotations of the sphere, and the per-channel scale and shift are
+    constants, so the block keeps the convolutions' equivariances.
+
+    Parameters
+    ----------
+    channels : int
+    eps : float
+    """
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        """x : Tensor [B, C, V, ...] -> same shape."""
+        variance, mean = torch.var_mean(x, dim=(1, 2), keepdim=True, unbiased=False)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return ((x - mean) * torch.rsqrt(variance + self.eps) * self.weight.view(shape)
+                + self.bias.view(shape))
+
+
 class ConvBlock(nn.Module):
-    """Convolutions, each followed by batch norm and ReLU.
+    """Convolutions, each followed by a normalisation and ReLU.
 
     Parameters
     ----------
@@ -155,23 +189,35 @@ class ConvBlock(nn.Module):
         ``[in, c_1, ..., c_n]``: n convolutions.
     make_conv : callable
         ``make_conv(in_channels, out_channels)`` -> convolution without bias
-        (the batch norm's shift replaces it).
+        (the normalisation's shift replaces it).
+    norm : {"batch", "voxel"}
+        Batch norm (as published) or :class:`VoxelNorm`.
 
     Notes
     -----
     Batch norm statistics are per channel over batch, vertices and voxels,
-    so the block keeps the convolutions' equivariances.
+    so the block keeps the convolutions' equivariances. In training they
+    include a window's padding voxels and the other windows of the batch,
+    in evaluation they are running averages: the two modes compute
+    different functions (issue 25); ``norm="voxel"`` computes one.
     """
 
-    def __init__(self, channels, make_conv):
+    def __init__(self, channels, make_conv, norm="batch"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         pairs = list(zip(channels[:-1], channels[1:]))
         self.convs = nn.ModuleList(make_conv(c_in, c_out) for c_in, c_out in pairs)
-        self.norms = nn.ModuleList(nn.BatchNorm1d(c_out) for _, c_out in pairs)
+        self.norm = norm
+        self.norms = nn.ModuleList(nn.BatchNorm1d(c_out) if norm == "batch" else VoxelNorm(c_out)
+                                   for _, c_out in pairs)
 
     def forward(self, x):
         for conv, norm in zip(self.convs, self.norms):
             y = conv(x)
+            if self.norm == "voxel":
+                x = F.relu(norm(y), inplace=True)
+                continue
             b, c, *rest = y.shape
             x = F.relu(norm(y.reshape(b, c, -1)), inplace=True).view(b, c, *rest)
         return x
@@ -213,6 +259,8 @@ class UNet(nn.Module):
     non_negative : bool, optional
         Softplus on the head, as published; False gives a signed output, e.g.
         for a correction added to another estimate.
+    norm : {"batch", "voxel"}, optional
+        Normalisation after each convolution (:class:`ConvBlock`).
 
     Notes
     -----
@@ -225,7 +273,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels, out_channels, sphere, depth=4, filter_start=8, conv="e3so3",
                  kernel_size=3, spatial_kernel_size=3, convs_per_block=2,
                  pooling_mode="average", isotropic=True, padding="zeros", layout="sparse",
-                 non_negative=True):
+                 non_negative=True, norm="batch"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("depth", depth), ("filter_start", filter_start),
@@ -262,15 +310,15 @@ class UNet(nn.Module):
         n = int(convs_per_block)
         self.encoder = nn.ModuleList(
             ConvBlock([first if level == 0 else widths[level - 1]] + [widths[level]] * n,
-                      maker(level)) for level in range(self.depth - 1))
+                      maker(level), norm) for level in range(self.depth - 1))
         bottom = self.depth - 1
         bottleneck_in = first if bottom == 0 else widths[bottom - 1]
         self.bottleneck = ConvBlock(
             [bottleneck_in] + [widths[bottom]] * n + widths[bottom - 1:bottom],
-            maker(bottom))
+            maker(bottom), norm)
         self.decoder = nn.ModuleList(
             ConvBlock([2 * widths[level]] + [widths[level]] * n + [widths[max(level - 1, 0)]],
-                      maker(level)) for level in reversed(range(self.depth - 1)))
+                      maker(level), norm) for level in reversed(range(self.depth - 1)))
         self.pool = Pool(self.kind.pooling, pooling_mode)
         self.unpool = Unpool(self.kind.pooling, pooling_mode)
         self.head = maker(0, bias=True)(widths[0], self.out_channels)

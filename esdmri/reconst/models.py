@@ -82,6 +82,7 @@ class _DeconvolutionModel(ReconstModel):
         self.network = None
         self.halo = None
         self.training_history = []
+        self.training_summary = None
 
     # -- construction -----------------------------------------------------
     @property
@@ -149,7 +150,8 @@ class _DeconvolutionModel(ReconstModel):
             out_channels=len(response.tissues), depth=config.depth,
             filter_start=config.filter_start, kernel_size=config.kernel_size,
             spatial_kernel_size=config.spatial_kernel_size,
-            spatial_layers=config.spatial_layers, signed_output=config.linear_prior)
+            spatial_layers=config.spatial_layers, signed_output=config.linear_prior,
+            norm=config.norm)
         prior = None
         if config.linear_prior:
             prior = prior_operator(response, interpolator, self.sphere.vertices,
@@ -392,7 +394,11 @@ class _DeconvolutionModel(ReconstModel):
         -------
         self
             Trained, in eval mode, with ``training_history`` (per epoch:
-            mean loss terms, ``total``, ``epoch`` and ``lr``).
+            mean training loss terms, ``total``, the evaluation loss
+            ``eval_total``, ``epoch`` and ``lr``) and ``training_summary``
+            (:attr:`esdmri.reconst.training.Trainer.summary`: the starting
+            and best evaluation losses, whether training fell back to the
+            starting weights, and what stopped it).
         """
         if not self.config.training.epochs:
             raise ValueError("epochs is 0, so there is nothing to train: give the model "
@@ -442,7 +448,8 @@ class _DeconvolutionModel(ReconstModel):
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
             patience=config.patience, seed=config.seed,
             max_blocks=None if max_steps is None else max_steps * config.batch_size,
-            mask_fraction=config.mask_fraction, context=context,
+            mask_fraction=config.mask_fraction, halo=self.halo,
+            warmup_steps=config.warmup_steps, context=context,
             autocast_dtype=PRECISIONS[precision], compile=compile, num_workers=num_workers,
             verbose=self.verbose)
         if state is not None:
@@ -455,6 +462,7 @@ class _DeconvolutionModel(ReconstModel):
             def save_state(trainer_state):
                 serialization.write_checkpoint({**identity, **trainer_state}, checkpoint)
         self.training_history = trainer.run(save_state)
+        self.training_summary = trainer.summary
         return self
 
     def _check_checkpoint(self, state, source, checkpoint):

@@ -42,7 +42,7 @@ SAMPLING_NSIDE = 8
 
 def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_start,
                kernel_size, spatial_kernel_size, spatial_layers, layout="dense",
-               signed_output=False):
+               signed_output=False, norm="batch"):
     """The U-Net of one model kind, with a bounded spatial reach.
 
     Parameters
@@ -63,6 +63,8 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
     signed_output : bool, optional
         No Softplus: the U-Net outputs a correction (see
         :class:`DeconvolutionNetwork`).
+    norm : {"batch", "voxel"}, optional
+        Normalisation after each convolution (:class:`esdmri.nn.unet.ConvBlock`).
 
     Returns
     -------
@@ -84,7 +86,7 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
         return UNet(in_channels, out_channels, sphere, depth=depth, filter_start=filter_start,
                     conv=conv_kind, kernel_size=kernel_size,
                     spatial_kernel_size=spatial_kernel_size, layout=layout,
-                    non_negative=not signed_output)
+                    non_negative=not signed_output, norm=norm)
     conv_kind = canonical_conv_kind(conv_kind)
     if conv_kind != "e3so3-stem":
         raise ValueError(f"conv_kind must be 'spherical', 'e3so3-stem' or 'concat', "
@@ -95,11 +97,11 @@ def build_unet(conv_kind, sphere, in_channels, out_channels, *, depth, filter_st
     stem = ConvBlock([in_channels] + [filter_start] * spatial_layers,
                      lambda c_in, c_out: E3SO3Conv(c_in, c_out, operator,
                                                    spatial_kernel_size=spatial_kernel_size,
-                                                   bias=False))
+                                                   bias=False), norm)
     spherical = UNet(filter_start, out_channels, sphere, depth=depth,
                      filter_start=filter_start, conv="spherical",
                      kernel_size=kernel_size, layout=layout,
-                     non_negative=not signed_output)
+                     non_negative=not signed_output, norm=norm)
     return nn.Sequential(stem, spherical)
 
 

@@ -30,14 +30,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..response import TissueResponse, estimate_response
+from .config import MAX_GRID_CONDITION, carrying_nside
 from .losses import (intensity_loss, nonnegativity_loss, sparsity_loss,
                      total_variation_loss)
 from .selfsupervision import check_mask_fraction, hide_in_batch
+from .tiling import inference_windows
 
 logger = logging.getLogger(__name__)
 
-# Blocks on which the trained and the starting weights are compared.
-EVALUATION_BLOCKS = 64
+# Most evaluation windows (each scoring its core voxels once); a larger scan
+# is scored on this many, chosen at random once per run.
+EVALUATION_BLOCKS = 256
+
+# Relative improvement of the evaluation loss that counts as progress (for
+# the plateau schedule, early stopping and the choice of the kept weights).
+IMPROVEMENT = 1e-3
 
 # Autocast dtypes of the precisions; None trains in float32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,7 +190,7 @@ def batch_loss(coefficients, batch, n_wm_coeffs, forward_models, fodf_sampler, w
 
 # -- the trainer ------------------------------------------------------------
 class Trainer:
-    """Adam with a plateau schedule and early stopping over the blocks of a source.
+    """Adam with warm-up, a plateau schedule and early stopping over the blocks of a source.
 
     Parameters
     ----------
@@ -198,22 +205,34 @@ class Trainer:
     epochs, batch_size : int
         Passes over every subject's mask; blocks per process and step.
     lr : float
+        Adam's learning rate after the warm-up.
     patience : int
-        Epochs without a 0.1% improvement before the learning rate is halved;
-        twice that many before training stops.
+        Epochs without a 0.1% improvement of the evaluation loss before the
+        learning rate is halved; twice that many before training stops.
     seed : int
-        Seeds the block offsets and order (the weights are seeded when built)
-        and the voxels ``mask_fraction`` hides.
+        Seeds the block centres and order (the weights are seeded when
+        built) and the voxels ``mask_fraction`` hides.
     max_blocks : int, optional
         Most blocks drawn over all epochs (None: no limit); the last epoch
         stops early when they are spent, so the cost of training does not
-        grow with the scan.
+        grow with the scan. When it stops training before ``epochs``, a
+        warning says so.
     mask_fraction : float
         Masked self-supervision (:mod:`esdmri.reconst.selfsupervision`): in
         every batch this share of the masked voxels gets the mean of its face
         neighbours as input and the loss covers only those voxels, in
-        training and in the comparison with the starting weights. 0 (the
-        default): every voxel sees its own signal and is fitted.
+        training and in the evaluation. 0 (the default): every voxel sees
+        its own signal and is fitted.
+    halo : int
+        The network's receptive radius in voxels: the evaluation windows
+        score only their core, the voxels at least ``halo`` from the window's
+        edge, so each voxel is scored once with all the context inference
+        gives it.
+    warmup_steps : int
+        Optimiser steps over which the learning rate rises linearly from
+        ``lr / warmup_steps`` to ``lr`` (0: none). Adam's first steps move
+        every weight by about ``lr`` whatever its gradient, away from the
+        linear prior's fit the network starts at.
     context : DistributedContext
         This process in a torchrun launch (the process group is initialised).
     autocast_dtype : torch.dtype, optional
@@ -226,25 +245,44 @@ class Trainer:
     verbose : bool
         Show a tqdm progress bar with the loss terms.
 
+    Attributes
+    ----------
+    history : list of dict
+        Per epoch: the mean training-mode loss terms while the weights moved
+        (``total`` and each term), ``eval_total`` (the evaluation loss at the
+        epoch's end), ``epoch`` and ``lr``.
+    summary : dict
+        After :meth:`run`: ``start_loss`` (evaluation loss of the starting
+        weights), ``best_loss`` and ``best_epoch`` (None if no epoch beat
+        the start by 0.1 %), ``fell_back`` (True when the starting weights
+        were kept), ``epochs_run``, ``steps`` and ``stopped_by`` (``"epochs"``,
+        ``"plateau"`` or ``"max_blocks"``).
+
     Notes
     -----
-    Each epoch tiles every subject's mask once at a fresh random offset, in
-    a random order; with several processes, process k takes every k-th batch
-    of blocks (the list padded, as ``DistributedSampler`` does, so that all
-    take as many steps). Epoch losses are averages over the epoch's blocks
-    while the weights move, so the last epoch is not always the best one (on
-    a real scan the last epoch ended above the first). The weights of the
-    epoch with the lowest loss are kept, and they are compared with the
-    starting weights on the same fixed blocks (at most
-    :data:`EVALUATION_BLOCKS`, in evaluation mode, as inference uses the
-    network): the network keeps whichever is lower, so training never
-    returns a network with a higher loss than it started with.
+    Each epoch covers every subject's mask with windows centred on masked
+    voxels in a random order (:func:`esdmri.reconst.tiling.training_windows`);
+    with several processes, process k takes every k-th batch of blocks (the
+    list padded, as ``DistributedSampler`` does, so that all take as many
+    steps).
+
+    Every decision compares like with like: after each epoch the network is
+    scored in evaluation mode (as inference uses it) on fixed windows whose
+    cores tile the mask (:func:`esdmri.reconst.tiling.inference_windows`),
+    so each masked voxel counts once (at most :data:`EVALUATION_BLOCKS`
+    windows); the starting weights are scored on the same voxels before
+    training. The plateau schedule and early stopping follow that loss, and
+    the weights with the lowest one are kept: the starting weights unless
+    an epoch beat them, and ``summary["fell_back"]`` then says that training
+    did not lower the loss (with a warning). The mean training loss of an
+    epoch is logged beside it but decides nothing: it is taken in training
+    mode (batch statistics) while the weights move.
     """
 
     def __init__(self, network, source, forward_models, fodf_sampler, weights, *, epochs,
-                 batch_size, lr, patience, seed, max_blocks=None, mask_fraction=0.0,
-                 context=None, autocast_dtype=None, compile=False, num_workers=0,
-                 verbose=False):
+                 batch_size, lr, patience, seed, max_blocks=None, mask_fraction=0.0, halo=0,
+                 warmup_steps=0, context=None, autocast_dtype=None, compile=False,
+                 num_workers=0, verbose=False):
         self.network, self.source = network, source
         self.forward_models, self.fodf_sampler, self.weights = (forward_models, fodf_sampler,
                                                                 weights)
@@ -252,6 +290,7 @@ class Trainer:
         self.max_blocks = max_blocks
         check_mask_fraction(mask_fraction)
         self.mask_fraction, self.seed = mask_fraction, seed
+        self.lr, self.warmup_steps = lr, int(warmup_steps)
         self.context = context if context is not None else DistributedContext()
         self.device = next(network.parameters()).device
         self.autocast_dtype = autocast_dtype
@@ -264,17 +303,17 @@ class Trainer:
         self.hiding = torch.Generator(device=self.device).manual_seed(seed)
         self.optimizer = torch.optim.Adam(network.parameters(), lr=lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=0.5, patience=patience, threshold=1e-3)
+            self.optimizer, factor=0.5, patience=patience, threshold=IMPROVEMENT)
         self.scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-        # Its own generator, so the training blocks do not depend on it.
-        evaluation_rng = np.random.default_rng([seed, 1])
-        blocks = source.plan_epoch(evaluation_rng)
-        self.evaluation_blocks = blocks[evaluation_rng.permutation(len(blocks))
-                                        [:EVALUATION_BLOCKS]]
+        self.evaluation_blocks, core = evaluation_windows(source, halo,
+                                                          np.random.default_rng([seed, 1]))
+        self.evaluation_core = core.to(self.device)
+        _warn_ill_conditioned(network)
         self.initial_state = _copied(network.state_dict())
         self.best_state = self.initial_state
         self.initial_loss = None  # measured when the run starts
         self.history, self.best, self.stale, self.next_epoch, self.used = [], math.inf, 0, 0, 0
+        self.steps, self.best_epoch, self.summary = 0, None, None
         wrapped = network
         if self.context.world_size > 1:
             wrapped = DistributedDataParallel(
@@ -286,8 +325,18 @@ class Trainer:
     @property
     def finished(self):
         """Every epoch run, training stopped on a plateau, or the block budget spent."""
-        return (self.next_epoch >= self.epochs or self.stale >= 2 * self.patience
-                or (self.max_blocks is not None and self.used >= self.max_blocks))
+        return self.stopped_by is not None
+
+    @property
+    def stopped_by(self):
+        """Why training stops now: "epochs", "plateau", "max_blocks", or None (it goes on)."""
+        if self.next_epoch >= self.epochs:
+            return "epochs"
+        if self.stale >= 2 * self.patience:
+            return "plateau"
+        if self.max_blocks is not None and self.used >= self.max_blocks:
+            return "max_blocks"
+        return None
 
     # -- checkpoints ------------------------------------------------------
     def state(self):
@@ -307,7 +356,8 @@ class Trainer:
             "cuda_rng": (torch.cuda.get_rng_state(self.device)
                          if self.device.type == "cuda" else None),
             "history": self.history, "best": self.best, "stale": self.stale,
-            "next_epoch": self.next_epoch, "used": self.used,
+            "next_epoch": self.next_epoch, "used": self.used, "steps": self.steps,
+            "best_epoch": self.best_epoch,
         }
 
     def restore(self, state):
@@ -329,6 +379,9 @@ class Trainer:
         self.history = list(state["history"])
         self.best, self.stale = state["best"], state["stale"]
         self.next_epoch, self.used = state["next_epoch"], state["used"]
+        # Absent from checkpoints of older esdmri (no warm-up then).
+        self.steps = state.get("steps", self.warmup_steps)
+        self.best_epoch = state.get("best_epoch")
         if state["world_size"] != self.context.world_size:
             logger.warning(f"resuming a {state['world_size']}-process run with "
                            f"{self.context.world_size} processes: training goes on, but the "
@@ -336,7 +389,7 @@ class Trainer:
 
     # -- training ---------------------------------------------------------
     def run(self, save_state=None):
-        """Train until :attr:`finished`, then keep the best or the starting weights.
+        """Train until :attr:`finished`, then keep the weights with the lowest evaluation loss.
 
         Parameters
         ----------
@@ -347,10 +400,12 @@ class Trainer:
         Returns
         -------
         history : list of dict
-            Per epoch: mean loss terms, ``total``, ``epoch`` and ``lr``.
+            Per epoch: mean training loss terms, ``total``, ``eval_total``,
+            ``epoch`` and ``lr`` (see :attr:`summary` for the outcome).
         """
         if self.initial_loss is None:
             self.initial_loss = self.evaluate()["total"]
+            self.best = self.initial_loss
         self.network.train()
         progress = tqdm(total=self.epochs, initial=min(self.next_epoch, self.epochs),
                         desc="training", unit="epoch",
@@ -358,32 +413,55 @@ class Trainer:
         with progress:
             while not self.finished:
                 record = self._epoch(self.next_epoch)
+                record["eval_total"] = self.evaluate()["total"]
                 self.history.append(record)
                 progress.update()
                 progress.set_postfix({name: f"{value:.3g}" for name, value in record.items()
                                       if name != "epoch"})
-                self.scheduler.step(record["total"])
-                if record["total"] < self.best * (1 - 1e-3):
-                    self.best, self.stale = record["total"], 0
+                warmed_up = self.steps >= self.warmup_steps
+                if warmed_up:  # the plateau schedule and stopping start after the warm-up
+                    self.scheduler.step(record["eval_total"])
+                if record["eval_total"] < self.best * (1 - IMPROVEMENT):
+                    self.best, self.stale = record["eval_total"], 0
                     self.best_state = _copied(self.network.state_dict())
-                else:
+                    self.best_epoch = record["epoch"]
+                elif warmed_up:
                     self.stale += 1
                 self.next_epoch += 1
                 if self.context.is_main:
                     if save_state is not None:
                         save_state(self.state())
-                    logger.info(f"epoch {record['epoch']}: loss {record['total']:.4g}, "
-                                f"lr {record['lr']:.3g}")
-        self._keep_best()
+                    logger.info(f"epoch {record['epoch']}: training loss {record['total']:.4g}, "
+                                f"evaluation loss {record['eval_total']:.4g} (start "
+                                f"{self.initial_loss:.4g}), lr {record['lr']:.3g}")
+            stopped_by = self.stopped_by
+            if stopped_by != "epochs":
+                progress.set_postfix_str(f"stopped by {stopped_by} after "
+                                         f"{self.next_epoch} of {self.epochs} epochs")
+        self._keep_best(stopped_by)
         return self.history
 
-    def _keep_best(self):
-        """The best epoch's weights, or the starting ones where those had a lower loss."""
+    def _keep_best(self, stopped_by):
+        """Load the weights of the lowest evaluation loss (the start's unless an epoch beat it)."""
         self.network.eval()
         self.network.load_state_dict(self.best_state)
         self._share_buffers()
-        if self.evaluate()["total"] > self.initial_loss:
-            self.network.load_state_dict(self.initial_state)
+        fell_back = self.best_epoch is None
+        self.summary = {"start_loss": self.initial_loss, "best_loss": self.best,
+                        "best_epoch": self.best_epoch, "fell_back": fell_back,
+                        "epochs_run": self.next_epoch, "steps": self.steps,
+                        "stopped_by": stopped_by}
+        if not self.context.is_main:
+            return
+        if stopped_by == "max_blocks":
+            warnings.warn(f"training stopped after {self.next_epoch} of {self.epochs} epochs "
+                          f"({self.steps} steps): the block budget (train_windows) was spent; "
+                          "raise train_windows to train all epochs", UserWarning, stacklevel=3)
+        if fell_back and self.history:
+            last = self.history[-1]["eval_total"]
+            warnings.warn(f"training did not lower the evaluation loss ({self.initial_loss:.4g} "
+                          f"at the start, {last:.4g} after epoch {self.history[-1]['epoch']}): "
+                          "the starting weights are kept", UserWarning, stacklevel=3)
 
     def _share_buffers(self):
         # DDP refreshes buffers from rank 0 before each forward pass, so
@@ -402,11 +480,13 @@ class Trainer:
         sums = dict.fromkeys(self._term_names(), 0.0)
         batches = 0
         for batch in self._batches(self._share(blocks)):
-            total, terms = self._loss(self.forward, batch, self.hiding)
+            self._warm_up()
+            total, terms, _ = self._loss(self.forward, batch, self.hiding)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.steps += 1
             terms["total"] = float(total.detach())
             for name, value in terms.items():
                 sums[name] += value
@@ -416,13 +496,22 @@ class Trainer:
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         return record
 
+    def _warm_up(self):
+        """Set the learning rate of the next step during the warm-up."""
+        if self.steps < self.warmup_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * (self.steps + 1) / self.warmup_steps
+
     @torch.no_grad()
     def evaluate(self):
-        """Mean loss terms over the evaluation blocks, in evaluation mode.
+        """Mean loss terms over the evaluation windows' cores, in evaluation mode.
 
-        With ``mask_fraction`` the loss is the masked one of training; the
-        hidden voxels are drawn from the seed alone, so every call hides the
-        same voxels and the starting and trained weights meet the same loss.
+        Each masked voxel (of at most :data:`EVALUATION_BLOCKS` windows)
+        counts once, in a window giving it the network's whole receptive
+        field. With ``mask_fraction`` the loss is the masked one of
+        training; the hidden voxels are drawn from the seed alone, so every
+        call hides the same voxels and the starting and trained weights meet
+        the same loss.
 
         Returns
         -------
@@ -434,32 +523,46 @@ class Trainer:
         self.network.eval()
         context = self.context
         sums = dict.fromkeys(self._term_names(), 0.0)
-        batches = 0
         hiding = torch.Generator(device=self.device).manual_seed(self.seed)
+        voxels = 0
         for batch in self._batches(self.evaluation_blocks[context.rank::context.world_size]):
-            total, terms = self._loss(self.network, batch, hiding)
+            total, terms, count = self._loss(self.network, batch, hiding,
+                                             core=self.evaluation_core)
+            # Batches weigh in by their scored voxels: the mean over voxels.
             terms["total"] = float(total)
             for name, value in terms.items():
-                sums[name] += value
-            batches += 1
+                sums[name] += value * count
+            voxels += count
         self.network.train(mode)
-        return self._mean(sums, batches)
+        return self._mean(sums, voxels)
 
-    def _loss(self, network, batch, hiding):
+    def _loss(self, network, batch, hiding, core=None):
         """The network's coefficients of a batch and their :func:`batch_loss`.
 
         With ``mask_fraction`` the batch's hidden voxels (drawn from the
         generator ``hiding``) get their neighbours' mean as input and are the
         only voxels fitted (:func:`esdmri.reconst.selfsupervision.hide_in_batch`).
+        ``core`` (bool ``[X, Y, Z]``) limits the fitted voxels to a part of
+        every window.
+
+        Returns
+        -------
+        total : Tensor, scalar
+        terms : dict of str -> float
+        voxels : int
+            The voxels the loss covers.
         """
         if self.mask_fraction:
             batch = hide_in_batch(batch, self.mask_fraction, hiding)
+        if core is not None:
+            batch = {**batch, "mask": batch["mask"] & core}
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         with autocast:
             coefficients = network(batch["grid"])
-        return batch_loss(coefficients.float(), batch, self.network.n_wm_coeffs,
-                          self.forward_models, self.fodf_sampler, self.weights)
+        total, terms = batch_loss(coefficients.float(), batch, self.network.n_wm_coeffs,
+                                  self.forward_models, self.fodf_sampler, self.weights)
+        return total, terms, int(batch["mask"].sum())
 
     def _term_names(self):
         names = ["intensity"] + [name for name in ("sparsity", "nonnegativity",
@@ -468,7 +571,7 @@ class Trainer:
         return names + ["total"]
 
     def _mean(self, sums, batches):
-        """Per-batch means of summed terms, over every process."""
+        """Means of summed terms over every process (``batches``: the count summed over)."""
         names = list(sums)
         totals = torch.tensor([sums[name] for name in names] + [batches],
                               dtype=torch.float64, device=self.device)
@@ -476,7 +579,8 @@ class Trainer:
             # Every process takes the same scheduling and stopping decision.
             dist.all_reduce(totals)
         *values, batches = totals.tolist()
-        return {name: value / max(batches, 1) for name, value in zip(names, values)}
+        return {name: value / batches if batches else math.nan
+                for name, value in zip(names, values)}
 
     def _share(self, blocks):
         """This process's blocks: every world_size-th, padded so all get as many."""
@@ -529,6 +633,59 @@ def _copied(state, device=None):
     """A copy of a state dict (on ``device``, default: where each tensor is)."""
     return {name: value.detach().to(device or value.device, copy=True)
             for name, value in state.items()}
+
+
+def _warn_ill_conditioned(network):
+    """Warn when the grid cannot carry the SH order (condition above MAX_GRID_CONDITION).
+
+    The U-Net's WM output is projected onto SH by the pseudo-inverse of the
+    grid's SH matrix; order 12 on nside 4 (96 vertices for 91 coefficients)
+    amplifies some output directions 2416-fold. Measured on a dev phantom,
+    the first ten steps trained alike on nside 4 and 8 (docs/benchmarks.md,
+    "Does the network learn?"), so training goes on, but says so.
+    """
+    condition = float(np.linalg.cond(network.grid_to_sh.detach().cpu().double().numpy()))
+    if condition > MAX_GRID_CONDITION:
+        warnings.warn(
+            f"the network's grid cannot carry sh_order_max={network.sh_order_max}: its "
+            f"grid-to-SH pseudo-inverse has condition number {condition:.0f} (> "
+            f"{MAX_GRID_CONDITION:g}); nside={carrying_nside(network.sh_order_max)} conditions "
+            "it (hemisphere grid)", UserWarning, stacklevel=4)
+
+
+def evaluation_windows(source, halo, rng):
+    """Windows whose cores tile every subject's mask, and the core of a window.
+
+    Parameters
+    ----------
+    source : ScanBlocks or SubjectBlocks
+    halo : int
+        Margin of a window outside its core (the network's receptive radius).
+    rng : numpy.random.Generator
+        Chooses :data:`EVALUATION_BLOCKS` windows where there are more.
+
+    Returns
+    -------
+    blocks : ndarray of int, shape (n_blocks, 4)
+        Subject index and window corner (a window may extend past the volume).
+    core : Tensor of bool, shape [S, S, S]
+        The voxels of a window of edge ``S = source.block_size`` that are scored.
+    """
+    size = source.block_size
+    core_size = size - 2 * halo
+    if core_size < 1:
+        raise ValueError(f"block_size={size} leaves no core inside the network's receptive "
+                         f"radius {halo}: use block_size > {2 * halo}")
+    blocks = []
+    for index, mask in enumerate(source.masks):
+        starts, _ = inference_windows(mask.shape, mask, core_size, halo)
+        blocks.append(np.column_stack([np.full(len(starts), index), starts - halo]))
+    blocks = np.concatenate(blocks).astype(np.int64)
+    if len(blocks) > EVALUATION_BLOCKS:
+        blocks = blocks[np.sort(rng.permutation(len(blocks))[:EVALUATION_BLOCKS])]
+    core = torch.zeros((size,) * 3, dtype=torch.bool)
+    core[halo:halo + core_size, halo:halo + core_size, halo:halo + core_size] = True
+    return blocks, core
 
 
 # -- the group response -----------------------------------------------------
