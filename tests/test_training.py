@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from esdmri.reconst.models import ESDModel, RTESDModel
+from esdmri.shm import n_coeffs
 from esdmri.sims import make_phantom
 
 SMALL = dict(sh_order_max=4, nside=2, depth=2, filter_start=4, block_size=6, refine_steps=0,
@@ -184,7 +185,7 @@ def voxel_mean_loss(model, phantom, coefficients):
     _, loss = voxel_loss_gradient(
         torch.as_tensor(coefficients[mask]), torch.as_tensor(normalized[mask]),
         build_forward_model(model.response, phantom.gtab, order).matrix,
-        build_fodf_sampler(order), model.network.n_wm_coeffs,
+        build_fodf_sampler(order), n_coeffs(order),
         model.config.training.loss_weights, return_loss=True)
     return float(loss.mean())
 
@@ -193,12 +194,12 @@ def voxel_mean_loss(model, phantom, coefficients):
 def trained_rtesd(phantom):
     torch.manual_seed(0)
     untrained = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
-    start = untrained.fit(phantom.data, phantom.mask)
+    start = untrained.fit(phantom.data, mask=phantom.mask)
     model = RTESDModel(phantom.gtab, phantom.response, epochs=3, batch_size=4, lr=1e-3,
                        warmup_steps=2, **SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = model.fit(phantom.data, phantom.mask)
+        fit = model.fit(phantom.data, mask=phantom.mask)
     return untrained, start, model, fit
 
 
@@ -209,11 +210,12 @@ def test_evaluation_loss_is_the_loss_of_every_masked_voxel_once(phantom, trained
     whole-volume fit (block-wise inference with halos), averaged over the mask.
     """
     untrained, start, model, fit = trained_rtesd
+    scan = untrained.prepare(phantom.data, mask=phantom.mask)
     summary = model.training_summary
     assert model.halo >= 1  # RT-ESD's windows score a core inside a halo
     assert summary["start_loss"] == pytest.approx(
-        voxel_mean_loss(untrained, phantom, start._coefficients), rel=1e-4)
-    kept = voxel_mean_loss(model, phantom, fit._coefficients)
+        voxel_mean_loss(untrained, phantom, untrained.prior_coefficients(scan)), rel=1e-4)
+    kept = voxel_mean_loss(model, phantom, model.network_coefficients(scan))
     assert summary["best_loss"] == pytest.approx(kept, rel=1e-4)
     history = model.training_history
     assert all({"total", "eval_total", "lr", "epoch"} <= set(record) for record in history)
@@ -230,7 +232,7 @@ def test_a_fall_back_is_recorded_and_said(phantom):
     model = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, warmup_steps=0,
                      **SMALL)
     with pytest.warns(UserWarning, match="did not lower the evaluation loss"):
-        model.fit(phantom.data, phantom.mask)
+        model.fit(phantom.data, mask=phantom.mask)
     summary = model.training_summary
     assert summary["fell_back"] and summary["best_epoch"] is None
     assert summary["best_loss"] == summary["start_loss"]
@@ -277,7 +279,7 @@ def test_training_on_a_grid_that_cannot_carry_the_order_warns(phantom):
     for nside, warns in ((4, True), (8, False)):
         model = RTESDModel(phantom.gtab, phantom.response, sh_order_max=12, nside=nside,
                            depth=1, filter_start=2, verbose=False)
-        model._build()
+        model.build_network()
         mask = phantom.mask
         source = ScanBlocks(np.zeros(mask.shape + (2,), np.float32), mask, phantom.gtab,
                             np.zeros((2, 3, 2), np.float32), 6, "cpu")
