@@ -195,12 +195,25 @@ def b0_mask(gtab, b0_threshold=None):
 
 
 @lru_cache(maxsize=64)
-def _cluster_bvals(bvals, tolerance):
+def cluster_bvals(bvals, tolerance):
     """DIPY's b-value clusters, warning once per scheme instead of per call.
 
     DIPY warns about overlapping clusters on every call, and a fit groups the
     shells dozens of times (48 warnings per fit on small_101D); the cache
-    makes it one warning, which says what esdmri does about it.
+    makes it one warning, which says what esdmri does about it
+    (``cluster_bvals.cache_clear()`` makes the next call warn again).
+
+    Parameters
+    ----------
+    bvals : tuple of float
+        The diffusion-weighted b-values (hashable, for the cache).
+    tolerance : float
+        DIPY's ``unique_bvals_tolerance`` tolerance, in s/mm^2.
+
+    Returns
+    -------
+    centres : ndarray, read-only
+        The clusters' b-values.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -248,7 +261,7 @@ def group_shells(gtab, b0_threshold=None, tolerance=DEFAULT_BVAL_TOLERANCE):
         first_weighted = 1
     weighted = bvals[~is_b0]
     if weighted.size:
-        centres = _cluster_bvals(tuple(np.unique(weighted)), float(tolerance))
+        centres = cluster_bvals(tuple(np.unique(weighted)), float(tolerance))
         nearest = np.argmin(np.abs(weighted[:, None] - centres[None, :]), axis=1)
         shell_index[~is_b0] = first_weighted + nearest
     n_shells = int(shell_index.max()) + 1 if bvals.size else 0

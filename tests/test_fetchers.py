@@ -21,6 +21,7 @@ from dipy.data import get_sphere
 from dipy.io import vtk as dipy_vtk
 from dipy.io.stateful_tractogram import Space, StatefulTractogram
 from dipy.io.streamline import save_tractogram
+from scipy.linalg import polar
 from dipy.reconst.shm import sf_to_sh, sh_to_sf
 
 import esdmri.data_fetchers.disco as disco_module
@@ -396,7 +397,8 @@ def write_fake_disco(folder, affine, bvecs_flip=None):
     The ground-truth SH follow MRtrix: tournier07 basis, scanner frame.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    rotation = disco_module._voxel_rotation(affine)
+    # The affine's orthogonal part, by scipy's polar decomposition.
+    rotation = polar(np.asarray(affine, dtype=float)[:3, :3])[0]
     directions = SPHERE.vertices[::36][:20]
     bvals = np.r_[np.zeros(4), np.full(20, 1000.0), np.full(20, 3000.0)]
     bvecs = np.vstack([np.zeros((4, 3)), directions, directions])

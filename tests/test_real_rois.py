@@ -95,7 +95,7 @@ def fit_roi(name, seed=0):
 def fits():
     # DIPY's clustering warning is issued once per scheme and process: start
     # afresh so that the fits below see it whatever ran before.
-    shm._cluster_bvals.cache_clear()
+    shm.cluster_bvals.cache_clear()
     return {name: fit_roi(name) for name in ROIS}
 
 

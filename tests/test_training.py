@@ -139,7 +139,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
         changed = {**batch, "grid": grid, "groups": [{**batch["groups"][0], "signal": signal}]}
         model.network.eval()
         with torch.no_grad():
-            total, _, _ = trainer._loss(model.network, changed, torch.Generator().manual_seed(1))
+            total, _, _ = trainer.loss(model.network, changed, torch.Generator().manual_seed(1))
         return float(total)
 
     hidden = hide_in_batch(batch, 0.25, torch.Generator().manual_seed(1))["mask"]

@@ -481,7 +481,7 @@ class Trainer:
         batches = 0
         for batch in self._batches(self._share(blocks)):
             self._warm_up()
-            total, terms, _ = self._loss(self.forward, batch, self.hiding)
+            total, terms, _ = self.loss(self.forward, batch, self.hiding)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
@@ -526,7 +526,7 @@ class Trainer:
         hiding = torch.Generator(device=self.device).manual_seed(self.seed)
         voxels = 0
         for batch in self._batches(self.evaluation_blocks[context.rank::context.world_size]):
-            total, terms, count = self._loss(self.network, batch, hiding,
+            total, terms, count = self.loss(self.network, batch, hiding,
                                              core=self.evaluation_core)
             # Batches weigh in by their scored voxels: the mean over voxels.
             terms["total"] = float(total)
@@ -536,7 +536,7 @@ class Trainer:
         self.network.train(mode)
         return self._mean(sums, voxels)
 
-    def _loss(self, network, batch, hiding, core=None):
+    def loss(self, network, batch, hiding, core=None):
         """The network's coefficients of a batch and their :func:`batch_loss`.
 
         With ``mask_fraction`` the batch's hidden voxels (drawn from the
