@@ -24,7 +24,8 @@ from esdmri.data_fetchers import read_disco
 from esdmri.metrics import count_directions, threshold_sweep
 from esdmri.response import RESPONSE_SH_ORDER, TissueResponse, estimate_response
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.py"
+# The benchmarks are one package, run from the repository root as modules.
+REPOSITORY = Path(__file__).resolve().parent.parent
 # The benchmark's relative threshold of the ground-truth peaks (read_disco's default).
 GT_PEAK_THRESHOLD = 0.1
 
@@ -96,8 +97,9 @@ def run_benchmark(data_home, *args):
     home, _ = data_home
     # DIPY_HOME hides a real DiSCo download in ~/.dipy from the benchmark.
     env = {**os.environ, "DIPY_HOME": str(home / "no_dipy"), "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(BENCHMARK), "--data-home", str(home), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--data-home",
+                           str(home), *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=REPOSITORY)
 
 
 @pytest.mark.slow
