@@ -101,6 +101,7 @@ def test_peaks_from_a_method_own_sphere_are_dipy_peak_directions():
             np.testing.assert_array_equal(found, expected[:5])
 
 
+@pytest.mark.slow
 def test_network_rows_share_one_training(heldout, monkeypatch):
     # The "network alone" row is the trained network; "defaults" is the same
     # network refined, so the two differ only by the refinement.

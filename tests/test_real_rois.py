@@ -99,6 +99,7 @@ def fits():
     return {name: fit_roi(name) for name in ROIS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ROIS)
 def test_main_peaks_and_signal_agree_with_csd(name, csd, fits):
     reference, ours = csd[name], fits[name]
@@ -109,6 +110,7 @@ def test_main_peaks_and_signal_agree_with_csd(name, csd, fits):
         f"{name}: signal error {ours['nrmse']:.3f}, CSD {reference['nrmse']:.3f}")
 
 
+@pytest.mark.slow
 def test_two_seeds_agree(csd, fits):
     # small_101D: the non-shelled ROI, where seeds disagreed by 21 degrees.
     other = fit_roi("small_101D", seed=1)
@@ -118,6 +120,7 @@ def test_two_seeds_agree(csd, fits):
     assert median < 5.0
 
 
+@pytest.mark.slow
 def test_tissues_and_normalisation_follow_the_scheme(fits):
     # b0 + one shell: WM and CSF where CSF voxels exist, unnormalised.
     assert fits["small_64D"]["fit"].response.tissues == ("wm", "csf")
@@ -133,6 +136,7 @@ def test_tissues_and_normalisation_follow_the_scheme(fits):
     assert fractions["csf"].max() > 0.5
 
 
+@pytest.mark.slow
 def test_warnings_are_few_and_say_something(fits):
     for name in ROIS:
         messages = [str(w.message) for w in fits[name]["warnings"]]

@@ -145,6 +145,7 @@ def test_epoch_plan_covers_each_masked_voxel_and_batches_mix_gtabs(cohort):
 # train_group
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_single_process_training_lowers_the_loss_and_saves_a_loadable_model(
         cohort, response, tmp_path):
     model = train_group(subjects_of(cohort), response, epochs=4, out_file=tmp_path / "m.pt",
@@ -157,6 +158,7 @@ def test_single_process_training_lowers_the_loss_and_saves_a_loadable_model(
     assert loaded.training_history == model.training_history
 
 
+@pytest.mark.slow
 def test_resumed_training_equals_an_uninterrupted_run(cohort, response, tmp_path):
     # The uninterrupted run reads blocks in a DataLoader worker process, the
     # interrupted one in this process: that must not change a bit either.
@@ -180,6 +182,7 @@ def test_resumed_training_equals_an_uninterrupted_run(cohort, response, tmp_path
                     resume=True, **{**TINY, "nside": 4})
 
 
+@pytest.mark.slow
 def test_masked_group_training_resumes_exactly_and_old_checkpoints_resume(
         cohort, response, tmp_path):
     # mask_fraction (ported from branch i15) hides voxels of every subject's blocks; the
