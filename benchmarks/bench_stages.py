@@ -66,15 +66,15 @@ PEAK_THRESHOLD = 0.10
 # Stage -> names of the functions whose cumulative time it is; later stages'
 # time is taken out of the earlier ones that call them.
 STAGES = {
-    "checks": ("check_data", "check_mask", "normalize_by_b0"),
-    "interpolation": ("ShellInterpolator", "read"),
-    "prior / network": ("predict_coefficients",),
-    "refinement": ("refine_coefficients",),
+    "checks": ("inputs.check_scan", "inputs.normalize_by_b0"),
+    "interpolation": ("shm.ShellInterpolator", "subjects.read"),
+    "prior / network": ("models.prior_coefficients", "models.network_coefficients"),
+    "refinement": ("refine.refine_coefficients",),
 }
 
 
 def function_times(profile):
-    """Cumulative seconds per function name (summed over same-named functions).
+    """Cumulative seconds per ``module.function`` (summed over same-named functions).
 
     Class constructors are reported under the class's name.
     """
@@ -85,8 +85,8 @@ def function_times(profile):
             continue
         if name == "__init__":
             name = _class_at(filename, line)
-        cumulative = statistics[3]
-        totals[name] = totals.get(name, 0.0) + cumulative
+        key = f"{Path(filename).stem}.{name}"
+        totals[key] = totals.get(key, 0.0) + statistics[3]
     return totals
 
 
@@ -105,7 +105,7 @@ def stage_seconds(profile):
     seconds = {stage: sum(times.get(name, 0.0) for name in names)
                for stage, names in STAGES.items()}
     # The resampling of each block runs inside the network pass.
-    seconds["prior / network"] -= times.get("read", 0.0)
+    seconds["prior / network"] -= times.get("subjects.read", 0.0)
     return seconds
 
 
@@ -143,11 +143,11 @@ def profiled_fit(phantom, response, order, method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         profile.enable()
-        fit = model.fit(phantom.data, phantom.mask)
+        fit = model.fit(phantom.data, mask=phantom.mask)
         profile.disable()
     seconds = time.perf_counter() - start
     peak = peak_gib()
-    history = model.refine_history
+    history = fit.refine_history
     angular_error, success = crossing_scores(phantom, fit)
     return dict(method=method, order=model.config.network.sh_order_max, fit=seconds,
                 peak=peak, stages={**stage_seconds(profile), "writing": write_seconds(fit)},

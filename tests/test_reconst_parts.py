@@ -113,16 +113,17 @@ def test_losses_against_direct_formulas():
 
 
 def test_total_variation_against_brute_force():
+    # Two windows: pairs are face neighbours within a window, never across.
     rng = np.random.default_rng(3)
-    coefficients = rng.normal(size=(1, 4, 3, 4, 2))
-    mask = rng.random((1, 3, 4, 2)) > 0.3
+    coefficients = rng.normal(size=(2, 4, 3, 4, 2))
+    mask = rng.random((2, 3, 4, 2)) > 0.3
     norms = []
-    for x, y, z in np.ndindex(3, 4, 2):
+    for b, x, y, z in np.ndindex(2, 3, 4, 2):
         for dx, dy, dz in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
             nx, ny, nz = x + dx, y + dy, z + dz
-            if nx < 3 and ny < 4 and nz < 2 and mask[0, x, y, z] and mask[0, nx, ny, nz]:
-                norms.append(np.linalg.norm(coefficients[0, :, nx, ny, nz]
-                                            - coefficients[0, :, x, y, z]))
+            if nx < 3 and ny < 4 and nz < 2 and mask[b, x, y, z] and mask[b, nx, ny, nz]:
+                norms.append(np.linalg.norm(coefficients[b, :, nx, ny, nz]
+                                            - coefficients[b, :, x, y, z]))
     value = total_variation_loss(torch.as_tensor(coefficients), torch.as_tensor(mask))
     assert float(value) == pytest.approx(np.mean(norms), rel=1e-6)
 

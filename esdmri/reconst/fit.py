@@ -28,15 +28,17 @@ class DeconvolutionFit:
     response : TissueResponse, optional
         The response the coefficients were fitted with (default: the
         model's).
-    refine_history : list of float, optional
-        The refinement's objective every 10 steps (empty without refinement).
+    refine_history : RefinementHistory, optional
+        The refinement's objective every 10 steps, with its ``stop_reason``
+        and step counts (:class:`esdmri.reconst.refine.RefinementHistory`;
+        empty without refinement).
 
     Attributes
     ----------
     response : TissueResponse
         This fit's response: the model's, or the one estimated from the scan
         when the model has none.
-    refine_history : list of float
+    refine_history : RefinementHistory or list
     """
 
     def __init__(self, model, coefficients, mask, response=None, refine_history=None):
@@ -46,7 +48,8 @@ class DeconvolutionFit:
         if self.response is None:
             raise ValueError("a fit needs the response its coefficients were fitted with: the "
                              "model has none, so give response")
-        self.refine_history = [] if refine_history is None else list(refine_history)
+        # The refinement's RefinementHistory keeps its stop reason and step counts.
+        self.refine_history = [] if refine_history is None else refine_history
         self.sh_order_max = model.config.network.sh_order_max
         self._n_wm = coefficients.shape[-1] - len(self.response.tissues) + 1
         self._coefficients = coefficients

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
 from .config import REFINEMENT_METHODS
-from .losses import CAUCHY_SIGMA
+from .losses import CAUCHY_SIGMA, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
 
 # Adam's moment decay rates and the floor of its denominator.
@@ -128,32 +128,6 @@ def voxel_loss_gradient(coefficients, measured, forward_matrix, fodf_sampler, n_
     return gradient, loss
 
 
-def neighbour_pairs(mask):
-    """Face-neighbouring voxel pairs inside a mask.
-
-    Parameters
-    ----------
-    mask : ndarray of bool, shape (X, Y, Z)
-
-    Returns
-    -------
-    first, second : ndarray of int, shape (P,)
-        Positions in ``np.flatnonzero(mask)`` of the two voxels of each pair.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    index = np.full(mask.shape, -1, dtype=np.int64)
-    index[mask] = np.arange(np.count_nonzero(mask))
-    firsts, seconds = [], []
-    for axis in range(3):
-        length = mask.shape[axis] - 1
-        lower = np.take(index, np.arange(length), axis=axis)
-        upper = np.take(index, np.arange(1, length + 1), axis=axis)
-        both = (lower >= 0) & (upper >= 0)
-        firsts.append(lower[both])
-        seconds.append(upper[both])
-    return np.concatenate(firsts), np.concatenate(seconds)
-
-
 def pair_distances(signal_values, first, second):
     """Mean squared difference of the measured signals of each neighbour pair.
 
@@ -213,44 +187,13 @@ def signal_similarity(distances, variance):
     return torch.exp(-distances / (4 * variance))
 
 
-def total_variation_gradient(coefficients, first, second, pair_weights, smoothing):
-    """Smoothed total variation of a coefficient field and its gradient.
-
-    ``sum_pairs w sqrt(|c_i - c_j|^2 + delta^2)``: the Euclidean norm of a
-    coefficient difference is the L2 distance between the two voxels'
-    spherical functions (and tissue fractions), so the term is rotation
-    invariant; ``delta`` (``smoothing``) makes it differentiable where
-    neighbours agree (a Charbonnier / Huber-like penalty: quadratic below
-    ``delta``, linear above).
-
-    Parameters
-    ----------
-    coefficients : Tensor, shape (n, C)
-    first, second : Tensor of int, shape (P,)
-    pair_weights : Tensor, shape (P,)
-    smoothing : float
-
-    Returns
-    -------
-    value : Tensor, scalar
-    gradient : Tensor, shape (n, C)
-    """
-    difference = coefficients[first] - coefficients[second]
-    norm = torch.sqrt((difference * difference).sum(dim=1) + smoothing**2)
-    pair_gradient = difference * (pair_weights / norm).unsqueeze(1)
-    gradient = torch.zeros_like(coefficients)
-    gradient.index_add_(0, first, pair_gradient)
-    gradient.index_add_(0, second, pair_gradient, alpha=-1)
-    return (pair_weights * norm).sum(), gradient
-
-
 class CoupledObjective:
     """The refinement's objective over the masked voxels and its gradient.
 
     The sum over voxels of :func:`voxel_loss_gradient` (evaluated in blocks
     of ``batch_voxels`` so the fODF samples of a block are all that is held)
     plus the weighted smoothed total variation between neighbour pairs
-    (:func:`total_variation_gradient`) when ``pair_weights`` is given.
+    (:func:`esdmri.reconst.losses.total_variation`) when ``pair_weights`` is given.
 
     Parameters
     ----------
@@ -289,8 +232,8 @@ class CoupledObjective:
             else:
                 gradient[rows] = result
         if self.pair_weights is not None:
-            tv, tv_gradient = total_variation_gradient(coefficients, self.first, self.second,
-                                                       self.pair_weights, self.smoothing)
+            tv, tv_gradient = total_variation(coefficients, self.first, self.second,
+                                              self.pair_weights, self.smoothing, gradient=True)
             gradient.add_(tv_gradient)
             value += float(tv)
         return (value if with_value else None), gradient
@@ -441,7 +384,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     The objective is the sum over masked voxels of each voxel's loss
     (:func:`voxel_loss_gradient`) plus ``total_variation`` times the smoothed
     total variation of the coefficient field between face-neighbouring
-    voxels (:func:`total_variation_gradient`), weighted by signal similarity
+    voxels (:func:`esdmri.reconst.losses.total_variation`), weighted by signal similarity
     when ``similarity``, with the isotropic tissues' coefficients kept
     non-negative. With ``total_variation=0`` every voxel is refined on its
     own signal.
@@ -525,7 +468,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     signal_values = signal.reshape(-1, signal.shape[-1])
     c = torch.as_tensor(start_values[indices], dtype=dtype, device=device).clone()
     measured = torch.as_tensor(signal_values[indices], dtype=dtype, device=device)
-    first, second = (torch.as_tensor(a, device=device) for a in neighbour_pairs(mask))
+    first, second = neighbour_pairs(torch.as_tensor(mask, device=device))
     pair_weights = None
     if total_variation > 0 and len(first) > 0:
         distances = pair_distances(measured, first, second)
