@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from dipy.data import get_3shell_gtab
 
+from esdmri.atomic import staged_output
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.metrics import evaluate_peaks
 
@@ -152,9 +153,8 @@ def save(args, outcomes, thresholds=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"split": args.split, "side": args.side, "outcomes": outcomes,
                "thresholds": thresholds}
-    temporary = args.out / f"results-{args.split}.json.tmp"
-    temporary.write_text(json.dumps(results, indent=1))
-    temporary.replace(args.out / f"results-{args.split}.json")
+    with staged_output(args.out / f"results-{args.split}.json") as temporary:
+        temporary.write_text(json.dumps(results, indent=1))
 
 
 def report(files):

@@ -41,10 +41,12 @@ from pathlib import Path
 import torch
 
 from esdmri import RTESDModel
+from esdmri.atomic import staged_output
 from esdmri.metrics import threshold_sweep
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
 from esdmri.reconst.refine import refine_coefficients, voxel_loss_gradient
 from esdmri.shm import n_coeffs
+from esdmri.viz import save_figure
 
 from .heldout import (FAMILIES, MATCH_ANGLE, THRESHOLDS, Fitter, build_phantom, scan_of,
                       scored_voxels)
@@ -191,7 +193,7 @@ def figure(results, path):
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, force=True, dpi=110)  # a rerun regenerates its own figure
 
 
 def parse_args(argv):
@@ -233,7 +235,8 @@ def main(argv=None):
         one = argparse.Namespace(**{**vars(args), "snr": snr})
         results.append(run(one))
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+            with staged_output(args.out) as temporary:
+                temporary.write_text(json.dumps(results, indent=1, default=float))
     if args.figure:
         figure(results, args.figure)
     return results
