@@ -8,11 +8,13 @@ from scipy.spatial.transform import Rotation
 
 from esdmri.metrics import threshold_sweep
 from esdmri.reconst.config import RefinementConfig
-from esdmri.reconst.losses import LossWeights, neighbour_pairs, total_variation
+from esdmri.reconst.losses import (CAUCHY_SIGMA, LossWeights, difference_operators,
+                                   neighbour_pairs, total_variation)
 from esdmri.reconst.models import ESDModel
 from esdmri.reconst.network import SAMPLING_NSIDE, ForwardModel, stacked_forward_matrix
-from esdmri.reconst.refine import (DegreeAdam, degree_groups, noise_variance, pair_distances,
-                                   refine_coefficients, voxel_loss_gradient)
+from esdmri.reconst.refine import (CoupledObjective, DegreeAdam, VoxelLoss, degree_groups,
+                                   noise_variance, pair_distances, refine_coefficients,
+                                   voxel_loss_gradient)
 from esdmri.reconst.training import coefficient_loss
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.sims import make_phantom
@@ -48,6 +50,73 @@ def test_voxel_loss_gradient_is_the_gradient_of_the_training_loss(phantom):
     torch.testing.assert_close(losses.sum(), loss.detach() * n, rtol=1e-10, atol=1e-14)
 
 
+def plain_voxel_loss(coefficients, measured, matrix, sampler, n_wm, weights):
+    """Each voxel's loss written as the formula reads: the brute-force reference."""
+    residual = coefficients @ matrix - measured
+    samples = coefficients[:, :n_wm] @ sampler.T
+    return (weights.intensity * (residual**2).mean(1)
+            + weights.sparsity * (2 * torch.log1p(samples**2 / (2 * CAUCHY_SIGMA))).mean(1)
+            + weights.nonnegativity * (torch.relu(-samples) ** 2).mean(1))
+
+
+@pytest.mark.parametrize("n_measurements", [40, 20])
+def test_fused_voxel_loss_is_the_autograd_gradient_of_the_plain_formula(n_measurements):
+    """Random data, float64: the QR form of the signal term (and, with 20 measurements for
+    28 coefficients, a rank-deficient forward matrix) gives the plain formula's value and
+    its autograd gradient."""
+    rng = np.random.default_rng(3)
+    n, n_wm = 60, n_coeffs(ORDER)
+    matrix = torch.as_tensor(rng.normal(0, 0.3, (n_wm + 2, n_measurements)))
+    sampler = torch.as_tensor(sh_matrix(ORDER, HealpixSphere(4, hemisphere=True).vertices))
+    coefficients = torch.tensor(rng.normal(0, 0.01, (n, n_wm + 2)), requires_grad=True)
+    measured = torch.as_tensor(rng.uniform(0, 1, (n, n_measurements)))
+    weights = LossWeights(intensity=0.7, sparsity=2e-4, nonnegativity=0.3)
+    expected = plain_voxel_loss(coefficients, measured, matrix, sampler, n_wm, weights)
+    expected_gradient = torch.autograd.grad(expected.sum(), coefficients)[0]
+    voxel_loss = VoxelLoss(matrix, sampler, n_wm, weights)
+    gradient, loss = voxel_loss(coefficients.detach(), *voxel_loss.project(measured),
+                                return_loss=True)
+    assert voxel_loss.rank == min(n_measurements, n_wm + 2)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-10, atol=1e-14)
+
+
+def test_objective_in_float32_is_the_plain_formula_on_a_real_shaped_scan():
+    """The refinement's float32 objective (SH order 12, 384 samples, a b0 + 3 x 64
+    acquisition) against the plain formula in float64: the value to float32's precision,
+    the gradient to its relative round-off."""
+    phantom = make_phantom((10, 10, 10), snr=20, max_fibres=2, seed=6)
+    order, n_wm = 12, n_coeffs(12)
+    normalized = phantom.data / phantom.data[..., phantom.gtab.b0s_mask].mean(-1, keepdims=True)
+    measured = torch.as_tensor(normalized[phantom.mask], dtype=torch.float64)
+    matrix = torch.as_tensor(stacked_forward_matrix(phantom.response.normalized(),
+                                                    phantom.gtab, order))
+    sampler = torch.as_tensor(sh_matrix(order, HealpixSphere(SAMPLING_NSIDE,
+                                                             hemisphere=True).vertices))
+    # A ridge fit: a start at the scale of the refinement's (the plain least-squares fit
+    # of order 12 is all noise).
+    gram = matrix @ matrix.T
+    start = torch.linalg.solve(gram + 1e-2 * gram.trace() / len(gram) * torch.eye(len(gram)),
+                               matrix @ measured.T).T
+    start[:, n_wm:] = start[:, n_wm:].abs()
+    weights = LossWeights()
+    first, second = neighbour_pairs(phantom.mask)
+    pair_weights = torch.full((len(first),), 1e-3, dtype=torch.float64)
+    objective = CoupledObjective(measured.float(), matrix.float(), sampler.float(), n_wm,
+                                 weights, first, second, pair_weights.float(), 1e-3,
+                                 batch_voxels=100)
+    value, gradient = objective(start.float())
+    reference = start.clone().requires_grad_(True)
+    expected = (plain_voxel_loss(reference, measured, matrix, sampler, n_wm, weights).sum()
+                + total_variation(reference, first, second, pair_weights, 1e-3))
+    expected_gradient = torch.autograd.grad(expected, reference)[0]
+    expected = float(expected.detach())
+    print(f"value {value} against {expected}: relative {abs(value - expected) / expected:.2g}")
+    assert abs(value - expected) < 1e-6 * expected
+    assert (float((gradient.double() - expected_gradient).norm())
+            < 1e-5 * float(expected_gradient.norm()))
+
+
 def test_neighbour_pairs_are_the_face_neighbours_inside_the_mask():
     mask = np.random.default_rng(0).random((4, 5, 3)) > 0.3
     points = np.argwhere(mask)
@@ -67,10 +136,12 @@ def test_total_variation_gradient_is_the_autograd_gradient():
     difference = coefficients[first] - coefficients[second]
     expected_value = (weights * torch.sqrt((difference**2).sum(1) + 0.1**2)).sum()
     expected = torch.autograd.grad(expected_value, coefficients)[0]
-    value, gradient = total_variation(coefficients.detach(), first, second, weights, 0.1,
-                                      gradient=True)
-    torch.testing.assert_close(value, expected_value.detach())
-    torch.testing.assert_close(gradient, expected)
+    operators = difference_operators(first, second, len(coefficients), dtype=torch.float64)
+    for given in (None, operators):
+        value, gradient = total_variation(coefficients.detach(), first, second, weights, 0.1,
+                                          gradient=True, operators=given)
+        torch.testing.assert_close(value, expected_value.detach())
+        torch.testing.assert_close(gradient, expected)
 
 
 def test_noise_variance_of_a_noise_field():
@@ -224,13 +295,15 @@ COUPLED = dict(total_variation=20.0, similarity=True, smoothing=1e-2)
 def test_coupled_refinement_is_equivariant(phantom, field, method):
     """The signal fit and the total variation commute with rotations, in float64: float32's
     round-off, which L-BFGS's curvature pairs amplify to about 2e-5 in 30 steps, would hide
-    a small symmetry error. Measured: 4e-15 for the quarter turn (an exact permutation)
-    and 3e-8 for the random rotation (the floor of ``rotate_sh``'s least-squares
-    reference), for both methods."""
+    a small symmetry error. Measured: 3e-8 for the random rotation (the floor of
+    ``rotate_sh``'s least-squares reference), for both methods; for the quarter turn 4e-15
+    (Adam) and 8e-11 (L-BFGS): the signal term goes through the QR factors of the rotated
+    forward matrix, which are not a permutation of the unrotated one's, and L-BFGS amplifies
+    their 1e-16 round-off (with the forward matrix itself, an exact permutation: 4e-15)."""
     errors = equivariance_errors(phantom, field, LossWeights(sparsity=0.0, nonnegativity=0.0),
                                  dict(COUPLED, method=method, dtype=torch.float64))
     print(f"{method}, signal fit + total variation: relative errors {errors}")
-    assert errors["quarter"] < 1e-12
+    assert errors["quarter"] < (1e-9 if method == "lbfgs" else 1e-12)
     assert errors["random"] < 1e-6
 
 

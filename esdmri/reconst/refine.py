@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
 from .config import REFINEMENT_METHODS
-from .losses import CAUCHY_SIGMA, neighbour_pairs, total_variation
+from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
 
 # Adam's moment decay rates and the floor of its denominator.
@@ -83,14 +83,122 @@ class DegreeAdam:
         self.parameter.sub_(self.lr * first / (second.sqrt() + _EPSILON))
 
 
+class VoxelLoss:
+    """Each voxel's loss (the ESD loss without total variation) and its gradient, fused.
+
+    The loss of a voxel with coefficients ``c`` and measured signal ``y``
+    (:func:`esdmri.reconst.training.coefficient_loss` of one voxel; tests
+    check one against the other) is
+
+    ``w_i / N |F^T c - y|^2 + w_s / V sum_v 2 log(1 + f_v^2 / (2 sigma))
+    + w_n / V sum_v min(f_v, 0)^2``,  ``f = S c_wm``,
+
+    with ``F`` the forward matrix (``C x N``) and ``S`` the sampler (``V x
+    C_wm``). The signal term goes through the reduced QR factorisation
+    ``F^T = Q R`` (``Q``: ``N x k`` orthonormal, ``k = min(N, C)``):
+    ``|F^T c - y|^2 = |R c - Q^T y|^2 + (|y|^2 - |Q^T y|^2)``, so each
+    evaluation multiplies by the ``k x C`` matrix ``R`` instead of the ``N x
+    C`` forward matrix, ``Q^T y`` and the constant are computed once per voxel
+    (:meth:`project`), and the residual's norm keeps its precision (unlike
+    the Gram form ``c^T F F^T c - 2 c^T F y + |y|^2``, whose terms cancel).
+    ``R`` and the sampler are stacked into one ``C x (k + V)`` operator, so an
+    evaluation is one matrix product forward, a few in-place passes over its
+    result, and one product back.
+
+    Parameters
+    ----------
+    forward_matrix : Tensor, shape (C_total, N)
+    fodf_sampler : Tensor, shape (V, C_wm)
+        Its device and dtype are the evaluation's.
+    n_wm_coeffs : int
+    weights : LossWeights
+    """
+
+    def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights):
+        device, dtype = fodf_sampler.device, fodf_sampler.dtype
+        n_coefficients, self.n_measurements = forward_matrix.shape
+        # In float64: the factors, then the signal's projection, keep float32's digits.
+        basis, triangle = torch.linalg.qr(forward_matrix.T.to(torch.float64), mode="reduced")
+        self.basis = basis
+        self.rank = triangle.shape[0]
+        self.n_samples = fodf_sampler.shape[0]
+        operator = torch.zeros((n_coefficients, self.rank + self.n_samples), dtype=dtype,
+                               device=device)
+        operator[:, :self.rank] = triangle.T.to(dtype)
+        operator[:n_wm_coeffs, self.rank:] = fodf_sampler.T
+        self.operator, self.operator_t = operator, operator.T.contiguous()
+        self.weights = weights
+        scale = 1.0 / self.n_samples
+        self.residual_scale = 2 * weights.intensity / self.n_measurements
+        # d/df of 2 log(1 + f^2 / (2 sigma)) is (2 / sigma) f / (1 + f^2 / (2 sigma)).
+        self.sparsity_scale = 2 * weights.sparsity * scale / CAUCHY_SIGMA
+        self.negative_scale = 2 * weights.nonnegativity * scale
+
+    def project(self, measured):
+        """What the loss needs of the measured signal: ``Q^T y`` and the rest of ``|y|^2``.
+
+        Parameters
+        ----------
+        measured : Tensor, shape (n, N)
+
+        Returns
+        -------
+        projected : Tensor, shape (n, k)
+            In the evaluation's dtype.
+        constant : Tensor, float64, shape (n,)
+            ``|y|^2 - |Q^T y|^2``, the squared residual no coefficients reach.
+        """
+        signal = measured.to(device=self.basis.device, dtype=torch.float64)
+        projected = signal @ self.basis
+        constant = ((signal * signal).sum(dim=1) - (projected * projected).sum(dim=1)).clamp_min(0)
+        return projected.to(self.operator.dtype), constant
+
+    def __call__(self, coefficients, projected, constant, out=None, return_loss=False):
+        """Gradient of each voxel's loss, and the loss.
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape (n, C_total)
+        projected, constant : Tensor
+            :meth:`project` of the voxels' measured signals.
+        out : Tensor, shape (n, C_total), optional
+            Where the gradient is written.
+        return_loss : bool, optional
+            Also return each voxel's loss.
+
+        Returns
+        -------
+        gradient : Tensor, shape (n, C_total)
+        loss : Tensor, float64, shape (n,)
+            Only with ``return_loss``.
+        """
+        mapped = coefficients @ self.operator
+        residual, samples = mapped[:, :self.rank], mapped[:, self.rank:]
+        residual.sub_(projected)
+        # 1 + f^2 / (2 sigma), the Cauchy penalty's argument.
+        spread = torch.addcmul(torch.ones((), dtype=samples.dtype, device=samples.device),
+                               samples, samples, value=0.5 / CAUCHY_SIGMA)
+        negative = samples.clamp(max=0)
+        if return_loss:
+            weights, scale = self.weights, 1.0 / self.n_samples
+            loss = (weights.intensity / self.n_measurements
+                    * ((residual * residual).sum(dim=1).double() + constant)
+                    + weights.nonnegativity * scale * (negative * negative).sum(dim=1).double())
+        residual.mul_(self.residual_scale)
+        torch.addcdiv(negative.mul_(self.negative_scale), samples, spread,
+                      value=self.sparsity_scale, out=samples)
+        gradient = torch.mm(mapped, self.operator_t, out=out)
+        if not return_loss:
+            return gradient
+        loss += 2 * self.weights.sparsity / self.n_samples * spread.log_().sum(dim=1).double()
+        return gradient, loss
+
+
 def voxel_loss_gradient(coefficients, measured, forward_matrix, fodf_sampler, n_wm_coeffs,
                         weights, return_loss=False):
     """Gradient of each voxel's loss (the ESD loss without total variation).
 
-    Written out rather than taken by autograd: a few passes over the sampled
-    fODFs instead of autograd's many (the refinement runs 2x faster). The
-    loss is :func:`esdmri.reconst.training.coefficient_loss` summed over
-    voxels (tests check one against the other).
+    Written out rather than taken by autograd (:class:`VoxelLoss`).
 
     Parameters
     ----------
@@ -107,25 +215,13 @@ def voxel_loss_gradient(coefficients, measured, forward_matrix, fodf_sampler, n_
     -------
     gradient : Tensor, shape (n, C_total)
     loss : Tensor, shape (n,)
-        Only with ``return_loss``.
+        Only with ``return_loss``; in the coefficients' dtype.
     """
-    residual = coefficients @ forward_matrix - measured
-    gradient = residual @ forward_matrix.T * (2 * weights.intensity / measured.shape[1])
-    samples = coefficients[:, :n_wm_coeffs] @ fodf_sampler.T
-    scale = 1.0 / fodf_sampler.shape[0]
-    # d/df of 2 log(1 + f^2 / (2 sigma)) is 4 f / (2 sigma + f^2).
-    sample_gradient = samples * (4 * weights.sparsity * scale) / (
-        2 * CAUCHY_SIGMA + samples * samples)
-    negative = torch.relu(-samples)
-    sample_gradient -= negative * (2 * weights.nonnegativity * scale)
-    gradient[:, :n_wm_coeffs] += sample_gradient @ fodf_sampler
+    voxel_loss = VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
+    result = voxel_loss(coefficients, *voxel_loss.project(measured), return_loss=return_loss)
     if not return_loss:
-        return gradient
-    loss = (weights.intensity * (residual * residual).mean(dim=1)
-            + weights.sparsity * scale * (2 * torch.log1p(
-                samples * samples / (2 * CAUCHY_SIGMA))).sum(dim=1)
-            + weights.nonnegativity * scale * (negative * negative).sum(dim=1))
-    return gradient, loss
+        return result
+    return result[0], result[1].to(coefficients.dtype)
 
 
 def pair_distances(signal_values, first, second):
@@ -190,16 +286,18 @@ def signal_similarity(distances, variance):
 class CoupledObjective:
     """The refinement's objective over the masked voxels and its gradient.
 
-    The sum over voxels of :func:`voxel_loss_gradient` (evaluated in blocks
-    of ``batch_voxels`` so the fODF samples of a block are all that is held)
-    plus the weighted smoothed total variation between neighbour pairs
-    (:func:`esdmri.reconst.losses.total_variation`) when ``pair_weights`` is given.
+    The sum over voxels of :class:`VoxelLoss` (evaluated in blocks of
+    ``batch_voxels`` so that a block's fODF samples stay in cache) plus the
+    weighted smoothed total variation between neighbour pairs
+    (:func:`esdmri.reconst.losses.total_variation`, through sparse difference
+    operators) when ``pair_weights`` is given.
 
     Parameters
     ----------
     measured : Tensor, shape (n, N)
+        Only its projection (:meth:`VoxelLoss.project`) is kept.
     forward_matrix, fodf_sampler, n_wm_coeffs, weights
-        As in :func:`voxel_loss_gradient`.
+        As in :class:`VoxelLoss`.
     first, second : Tensor of int, shape (P,)
     pair_weights : Tensor, shape (P,), or None
         None: no spatial term.
@@ -209,9 +307,15 @@ class CoupledObjective:
 
     def __init__(self, measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights, first,
                  second, pair_weights, smoothing, batch_voxels):
-        self.measured = measured
-        self.arguments = (forward_matrix, fodf_sampler, n_wm_coeffs, weights)
-        self.first, self.second, self.pair_weights = first, second, pair_weights
+        self.voxel_loss = VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
+        self.projected, constant = self.voxel_loss.project(measured)
+        self.constant = constant
+        self.pair_weights = pair_weights
+        self.first, self.second = first, second
+        self.differences = None
+        if pair_weights is not None:
+            self.differences = difference_operators(first, second, len(measured),
+                                                    dtype=fodf_sampler.dtype)
         self.smoothing = smoothing
         self.chunks = [slice(i, i + batch_voxels)
                        for i in range(0, len(measured), batch_voxels)]
@@ -223,17 +327,16 @@ class CoupledObjective:
         gradient = torch.empty_like(coefficients)
         value = 0.0
         for rows in self.chunks:
-            result = voxel_loss_gradient(coefficients[rows], self.measured[rows],
-                                         *self.arguments, return_loss=with_value)
+            result = self.voxel_loss(coefficients[rows], self.projected[rows],
+                                     self.constant[rows], out=gradient[rows],
+                                     return_loss=with_value)
             if with_value:
-                gradient[rows], loss = result
                 # In float64: the line search compares sums over a whole brain.
-                value += float(loss.double().sum())
-            else:
-                gradient[rows] = result
+                value += float(result[1].sum())
         if self.pair_weights is not None:
             tv, tv_gradient = total_variation(coefficients, self.first, self.second,
-                                              self.pair_weights, self.smoothing, gradient=True)
+                                              self.pair_weights, self.smoothing, gradient=True,
+                                              operators=self.differences)
             gradient.add_(tv_gradient)
             value += float(tv)
         return (value if with_value else None), gradient
@@ -291,6 +394,10 @@ def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, ch
         _project(c, n_wm_coeffs)
         bar.update(1)
 
+
+# Voxels per block of the per-voxel loss on a CPU (cache-sized) and on other devices.
+_CPU_BLOCK = 512
+_DEVICE_BLOCK = 65536
 
 # Sufficient decrease of the line search (Armijo), its backtracking factor and
 # the most halvings of a step before the objective is taken as converged.
@@ -377,7 +484,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
 def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler, n_wm_coeffs,
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
-                        normalize=True, batch_voxels=1024, verbose=False, method="lbfgs",
+                        normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
                         memory=5):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
@@ -430,11 +537,11 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     normalize : bool, optional
         Scale the result so the tissue fractions sum to 1, like the network.
     batch_voxels : int, optional
-        Voxels whose fODF samples are held at once (each buffer holds about
-        ``batch_voxels * V_dense`` values): the default keeps a block's
-        buffers (1.5 MB at 384 samples, float32) in cache, which on one
-        thread evaluates the loss 2.5x faster than blocks of 32768 voxels
-        (docs/benchmarks.md).
+        Voxels evaluated at once (each buffer holds about ``batch_voxels *
+        V_dense`` values). Default: 512 on a CPU, where a block's buffers
+        (0.8 MB at 384 samples, float32) stay in cache (blocks of 256-2048
+        are within 10 %, blocks of 32768 2.5x slower; docs/benchmarks.md);
+        65536 on other devices, where each block is a few kernel launches.
     verbose : bool, optional
         Show a progress bar; it ends with why the refinement stopped.
     method : {"lbfgs", "adam"}, optional
@@ -463,6 +570,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     if memory < 1:
         raise ValueError(f"memory must be >= 1, got {memory}")
     device, dtype = fodf_sampler.device, fodf_sampler.dtype
+    if batch_voxels is None:
+        batch_voxels = _CPU_BLOCK if device.type == "cpu" else _DEVICE_BLOCK
     indices = np.flatnonzero(mask)
     start_values = coefficients.reshape(-1, coefficients.shape[-1])
     signal_values = signal.reshape(-1, signal.shape[-1])
