@@ -135,7 +135,11 @@ def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.
         difference = coefficients[first] - coefficients[second]
     else:
         difference = operators[0] @ coefficients
-    norm = torch.sqrt((difference * difference).sum(dim=1) + smoothing**2)
+    if coefficients.requires_grad:
+        norm = torch.sqrt((difference * difference).sum(dim=1) + smoothing**2)
+    else:
+        # One pass over the differences, no temporary of their size.
+        norm = torch.linalg.vector_norm(difference, dim=1).square_().add_(smoothing**2).sqrt_()
     weighted = norm if pair_weights is None else pair_weights * norm
     if not gradient:
         return weighted.sum()

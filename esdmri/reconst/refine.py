@@ -83,6 +83,11 @@ class DegreeAdam:
         self.parameter.sub_(self.lr * first / (second.sqrt() + _EPSILON))
 
 
+def _squared_norms(rows):
+    """Squared Euclidean norm of each row, in float64."""
+    return torch.linalg.vector_norm(rows, dim=1).double().square_()
+
+
 class VoxelLoss:
     """Each voxel's loss (the ESD loss without total variation) and its gradient, fused.
 
@@ -182,8 +187,8 @@ class VoxelLoss:
         if return_loss:
             weights, scale = self.weights, 1.0 / self.n_samples
             loss = (weights.intensity / self.n_measurements
-                    * ((residual * residual).sum(dim=1).double() + constant)
-                    + weights.nonnegativity * scale * (negative * negative).sum(dim=1).double())
+                    * (_squared_norms(residual) + constant)
+                    + weights.nonnegativity * scale * _squared_norms(negative))
         residual.mul_(self.residual_scale)
         torch.addcdiv(negative.mul_(self.negative_scale), samples, spread,
                       value=self.sparsity_scale, out=samples)
@@ -407,7 +412,7 @@ _MAX_HALVINGS = 30
 
 
 def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, check_every,
-                   history, bar):
+                   history, bar, preconditioner=None):
     """Projected L-BFGS with a backtracking (Armijo) line search (``method="lbfgs"``).
 
     The two-loop recursion (Nocedal & Wright, Algorithm 7.4) builds the
@@ -418,17 +423,33 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     degree leaves them unchanged, so each step commutes with it. The
     isotropic coefficients are bounded below by 0: those at the bound whose
     gradient points outwards are held fixed (left out of the direction), and
-    each trial point is projected onto the bound.
+    each trial point is projected onto the bound. ``preconditioner`` (one
+    positive value per coefficient, constant within each SH degree, so it
+    commutes with rotations too) shapes the initial inverse Hessian. The
+    step pairs, the trial point and the step live in buffers allocated once.
+
+    Returns
+    -------
+    c : Tensor
+        The minimiser found (not necessarily the tensor passed in).
+    steps : int
+    stop_reason : str
     """
     value, gradient = objective(c)
     history.append(value / len(c))
-    pairs = []  # (s, y, 1 / s.y), oldest first
+    pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
+    trial = torch.empty_like(c)
+
+    def weighted(x):  # the initial inverse Hessian's shape applied to x, in place
+        return x if preconditioner is None else x.mul_(preconditioner)
+
     # The first step moves the coefficients by ``lr`` in root mean square.
-    scale = lr * c.numel() ** 0.5 / max(float(gradient.norm()), float(torch.finfo(c.dtype).tiny))
+    scale = lr * c.numel() ** 0.5 / max(float(weighted(gradient.clone()).norm()),
+                                        float(torch.finfo(c.dtype).tiny))
     for step in range(1, steps + 1):
-        held = torch.zeros_like(c, dtype=torch.bool)
-        held[:, n_wm_coeffs:] = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
-        direction = gradient.masked_fill(held, 0)
+        held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
+        direction = gradient.clone()
+        direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         alphas = []
         for s, y, rho in reversed(pairs):
             alpha = rho * float(torch.vdot(s.flatten(), direction.flatten()))
@@ -437,22 +458,26 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         if pairs:
             s, y, _ = pairs[-1]
             scale = float(torch.vdot(s.flatten(), y.flatten())
-                          / torch.vdot(y.flatten(), y.flatten()))
-        direction.mul_(-scale)
+                          / torch.vdot(y.flatten(), weighted(y.clone()).flatten()))
+        weighted(direction).mul_(-scale)
         for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
             direction.add_(s, alpha=-alpha - beta)
-        direction.masked_fill_(held, 0)
+        direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         if float(torch.vdot(gradient.flatten(), direction.flatten())) >= 0:
             # Not a descent direction (negative curvature on the nonconvex
             # sparsity term): restart from the scaled gradient.
+            spare.extend(buffer for s, y, _ in pairs for buffer in (s, y))
             pairs.clear()
-            direction = gradient.masked_fill(held, 0).mul_(-scale)
+            direction = gradient.clone()
+            direction[:, n_wm_coeffs:].masked_fill_(held, 0)
+            weighted(direction).mul_(-scale)
         length = 1.0
+        s = spare.pop() if spare else torch.empty_like(c)
         for _ in range(_MAX_HALVINGS):
-            trial = _project(torch.add(c, direction, alpha=length), n_wm_coeffs)
+            _project(torch.add(c, direction, alpha=length, out=trial), n_wm_coeffs)
             trial_value, trial_gradient = objective(trial)
-            decrease = float(torch.vdot(gradient.flatten(), (trial - c).flatten()))
+            decrease = float(torch.vdot(gradient.flatten(), torch.sub(trial, c, out=s).flatten()))
             if trial_value <= value + _ARMIJO * decrease:
                 break
             length *= _BACKTRACK
@@ -461,24 +486,26 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             # to the precision of the line search.
             if (step - 1) % check_every:
                 history.append(value / len(c))
-            return step - 1, f"converged at step {step - 1}"
-        s, y = trial.sub_(c), trial_gradient.sub(gradient)
+            return c, step - 1, f"converged at step {step - 1}"
+        y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
         curvature = float(torch.vdot(s.flatten(), y.flatten()))
-        c.add_(s)  # ``trial`` now holds the step, ``c`` the new point
+        c, trial = trial, c
         # Keep a pair only where the objective curves upwards along it, so
         # the implied Hessian stays positive definite.
         if curvature > 1e-10 * float(torch.vdot(y.flatten(), y.flatten())):
             pairs.append((s, y, 1.0 / curvature))
             if len(pairs) > memory:
-                pairs.pop(0)
+                spare.extend(pairs.pop(0)[:2])
+        else:
+            spare.extend((s, y))
         value, gradient = trial_value, trial_gradient
         bar.update(1)
         if step % check_every == 0 or step == steps:
             history.append(value / len(c))
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
             if _stalled(history, tolerance):
-                return step, f"converged at step {step}"
-    return steps, "step budget reached"
+                return c, step, f"converged at step {step}"
+    return c, steps, "step budget reached"
 
 
 def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler, n_wm_coeffs,
@@ -597,7 +624,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
             options = dict(steps=steps, lr=lr, tolerance=tolerance, check_every=check_every,
                            history=history, bar=bar)
             if method == "lbfgs":
-                history.steps, history.stop_reason = _lbfgs_descent(
+                c, history.steps, history.stop_reason = _lbfgs_descent(
                     _project(c, n_wm_coeffs), objective, n_wm_coeffs, memory=memory, **options)
             else:
                 groups = degree_groups(sh_order_max, coefficients.shape[-1] - n_wm_coeffs)
