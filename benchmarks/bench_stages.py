@@ -83,15 +83,15 @@ def function_times(profile):
     for (filename, line, name), statistics in pstats.Stats(profile).stats.items():
         if not filename.startswith(package):
             continue
-        if name == "__init__":
-            name = _class_at(filename, line)
+        if name in ("__init__", "__call__"):
+            name = _class_at(filename, line) + ("" if name == "__init__" else ".__call__")
         key = f"{Path(filename).stem}.{name}"
         totals[key] = totals.get(key, 0.0) + statistics[3]
     return totals
 
 
 def _class_at(filename, line):
-    """Name of the class whose ``__init__`` starts at ``line`` of ``filename``."""
+    """Name of the class whose method starts at ``line`` of ``filename``."""
     lines = Path(filename).read_text().splitlines()[:line]
     for text in reversed(lines):
         if text.startswith("class "):
@@ -149,8 +149,14 @@ def profiled_fit(phantom, response, order, method):
     peak = peak_gib()
     history = fit.refine_history
     angular_error, success = crossing_scores(phantom, fit)
+    stages = stage_seconds(profile)
+    # Microseconds per voxel and evaluation: the objective and the solver around it.
+    per_evaluation = 1e6 / max(int(phantom.mask.sum()) * history.evaluations, 1)
+    objective_seconds = function_times(profile).get("refine.CoupledObjective.__call__", 0.0)
     return dict(method=method, order=model.config.network.sh_order_max, fit=seconds,
-                peak=peak, stages={**stage_seconds(profile), "writing": write_seconds(fit)},
+                peak=peak, stages={**stages, "writing": write_seconds(fit)},
+                evaluation=objective_seconds * per_evaluation,
+                solver=(stages["refinement"] - objective_seconds) * per_evaluation,
                 objective=history[-1], steps=history.steps, evaluations=history.evaluations,
                 stop=history.stop_reason, angular_error=angular_error, success=success)
 
@@ -208,7 +214,8 @@ def main():
           f"{Path('/proc/loadavg').read_text().split()[0]}", flush=True)
     header = ("| scan | masked voxels | SH order | solver | fit (s) | "
               + " | ".join(f"{stage} (s)" for stage in (*STAGES, "writing"))
-              + " | response (s) | steps / evaluations | stop | objective per voxel | "
+              + " | response (s) | steps / evaluations | objective / solver (us per voxel "
+              "and evaluation) | stop | objective per voxel | "
               "crossing AE (deg) | crossing success | peak RSS (GiB) |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     ratios = []
@@ -230,7 +237,8 @@ def main():
                 line = (f"| {name} | {voxels} | {best['order']} | {method} | {best['fit']:.1f} | "
                         + " | ".join(f"{best['stages'][s]:.1f}" for s in (*STAGES, "writing"))
                         + f" | {response_time:.1f} | {best['steps']} / {best['evaluations']} | "
-                        f"{best['stop']} | {best['objective']:.6g} | "
+                        f"{best['evaluation']:.2f} / {best['solver']:.2f} | {best['stop']} | "
+                        f"{best['objective']:.6g} | "
                         f"{best['angular_error']:.2f} | {best['success']:.3f} | "
                         f"{best['peak']:.2f} |")
                 rows.append(line)

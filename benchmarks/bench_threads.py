@@ -23,8 +23,8 @@ under two thread policies:
   environment without ``OMP_WAIT_POLICY``);
 * ``passive``: esdmri's policy (esdmri imported first, so
   ``OMP_WAIT_POLICY=PASSIVE``);
-* ``spin N`` (with ``--spincount N``): libgomp's spin shortened to N
-  iterations (``GOMP_SPINCOUNT=N``, torch imported first), a middle way
+* ``spin N`` (with ``--spincount N [N ...]``): libgomp's spin shortened to
+  N iterations (``GOMP_SPINCOUNT=N``, torch imported first), a middle way
   whose idle cost a quiet rerun can compare with ``passive``'s;
 
 and two machine states: ``idle`` and ``busy``, beside one process running a
@@ -199,16 +199,17 @@ def format_table(tasks, policies, results):
     return lines, medians
 
 
-def verdict(tasks, medians):
+def verdict(tasks, policies, medians):
     notes = []
     for name, label in tasks:
-        idle_spin, idle_passive = (medians[(name, policy, "idle")] for policy in POLICIES)
-        busy_passive = medians[(name, "passive", "busy")]
-        if None in (idle_spin, idle_passive, busy_passive):
-            continue
-        notes.append(f"- {label}: with the policy, busy / idle = "
-                     f"{busy_passive / idle_passive:.2f}x (goal <= 1.5x); idle with / without "
-                     f"the policy = {idle_passive / idle_spin:.2f}x (goal <= 1, noise aside).")
+        idle_spin = medians[(name, "spin", "idle")]
+        for policy in policies[1:]:
+            idle, busy = (medians[(name, policy, load)] for load in LOADS)
+            if None in (idle_spin, idle, busy):
+                continue
+            notes.append(f"- {label}, {policy}: busy / idle = {busy / idle:.2f}x (goal <= "
+                         f"1.5x); idle against the runtime's default = {idle / idle_spin:.2f}x "
+                         "(goal <= 1, noise aside).")
     return notes
 
 
@@ -231,8 +232,8 @@ def main():
                         help="also the layer on the full sphere")
     parser.add_argument("--brain", action="store_true", help="also the 96x96x60 fit")
     parser.add_argument("--no-fit", action="store_true", help="the layers only")
-    parser.add_argument("--spincount", type=int, default=None,
-                        help="also libgomp's default policy with GOMP_SPINCOUNT=N")
+    parser.add_argument("--spincount", type=int, nargs="+", default=[],
+                        help="also libgomp's default policy with GOMP_SPINCOUNT=N, for each N")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -257,7 +258,7 @@ def main():
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, {rounds} round(s), "
           f"{repeats} layer repeat(s); 1-minute load average at start {load_average()}",
           flush=True)
-    policies = POLICIES + ((f"spin {args.spincount}",) if args.spincount is not None else ())
+    policies = POLICIES + tuple(f"spin {count}" for count in args.spincount)
     print("| import order | OMP_WAIT_POLICY seen by the runtime | CPU s per wall s |")
     print("|---|---|---|")
     for policy, label in (("spin", "torch, then esdmri"), ("passive", "esdmri, then torch"),
@@ -285,7 +286,7 @@ def main():
     print()
     print("\n".join(lines))
     print()
-    print("\n".join(verdict(tasks, medians)))
+    print("\n".join(verdict(tasks, policies, medians)))
     print(f"\n1-minute load average at the end: {load_average()}. The RT-ESD authors' layer "
           "is not bundled; --published measures the published formulation (a) instead.")
 
