@@ -400,7 +400,8 @@ def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, ch
         bar.update(1)
 
 
-# Voxels per block of the per-voxel loss on a CPU (cache-sized) and on other devices.
+# Voxels per block of the per-voxel loss on a CPU, per thread (each thread's share
+# stays in its core's cache), and on other devices.
 _CPU_BLOCK = 512
 _DEVICE_BLOCK = 65536
 
@@ -565,10 +566,12 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         Scale the result so the tissue fractions sum to 1, like the network.
     batch_voxels : int, optional
         Voxels evaluated at once (each buffer holds about ``batch_voxels *
-        V_dense`` values). Default: 512 on a CPU, where a block's buffers
-        (0.8 MB at 384 samples, float32) stay in cache (blocks of 256-2048
-        are within 10 %, blocks of 32768 2.5x slower; docs/benchmarks.md);
-        65536 on other devices, where each block is a few kernel launches.
+        V_dense`` values). Default: 512 per torch thread on a CPU, so that
+        each thread's share of a block's buffers (0.8 MB at 384 samples,
+        float32) stays in its core's cache (on one thread, blocks of 256-2048
+        are within 10 %, blocks of 32768 2.5x slower; docs/benchmarks.md),
+        and the threads meet once per operation on a larger block; 65536 on
+        other devices, where each block is a few kernel launches.
     verbose : bool, optional
         Show a progress bar; it ends with why the refinement stopped.
     method : {"lbfgs", "adam"}, optional
@@ -598,7 +601,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         raise ValueError(f"memory must be >= 1, got {memory}")
     device, dtype = fodf_sampler.device, fodf_sampler.dtype
     if batch_voxels is None:
-        batch_voxels = _CPU_BLOCK if device.type == "cpu" else _DEVICE_BLOCK
+        batch_voxels = (_CPU_BLOCK * torch.get_num_threads() if device.type == "cpu"
+                        else _DEVICE_BLOCK)
     indices = np.flatnonzero(mask)
     start_values = coefficients.reshape(-1, coefficients.shape[-1])
     signal_values = signal.reshape(-1, signal.shape[-1])
