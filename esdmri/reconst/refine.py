@@ -122,9 +122,11 @@ class VoxelLoss:
     def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights):
         device, dtype = fodf_sampler.device, fodf_sampler.dtype
         n_coefficients, self.n_measurements = forward_matrix.shape
-        # In float64: the factors, then the signal's projection, keep float32's digits.
-        basis, triangle = torch.linalg.qr(forward_matrix.T.to(torch.float64), mode="reduced")
-        self.basis = basis
+        # In float64 (on the CPU: the matrix is small): the factors, then the signal's
+        # projection, keep float32's digits.
+        basis, triangle = torch.linalg.qr(forward_matrix.T.to("cpu", torch.float64),
+                                          mode="reduced")
+        self.basis = basis.to(device)
         self.rank = triangle.shape[0]
         self.n_samples = fodf_sampler.shape[0]
         operator = torch.zeros((n_coefficients, self.rank + self.n_samples), dtype=dtype,
