@@ -415,7 +415,7 @@ _MAX_HALVINGS = 30
 
 
 def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, check_every,
-                   history, bar, preconditioner=None):
+                   history, bar):
     """Projected L-BFGS with a backtracking (Armijo) line search (``method="lbfgs"``).
 
     The two-loop recursion (Nocedal & Wright, Algorithm 7.4) builds the
@@ -426,10 +426,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     degree leaves them unchanged, so each step commutes with it. The
     isotropic coefficients are bounded below by 0: those at the bound whose
     gradient points outwards are held fixed (left out of the direction), and
-    each trial point is projected onto the bound. ``preconditioner`` (one
-    positive value per coefficient, constant within each SH degree, so it
-    commutes with rotations too) shapes the initial inverse Hessian. The
-    step pairs, the trial point and the step live in buffers allocated once.
+    each trial point is projected onto the bound. The step pairs, the trial
+    point and the step live in buffers reused from step to step.
 
     Returns
     -------
@@ -442,13 +440,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     history.append(value / len(c))
     pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
     trial = torch.empty_like(c)
-
-    def weighted(x):  # the initial inverse Hessian's shape applied to x, in place
-        return x if preconditioner is None else x.mul_(preconditioner)
-
     # The first step moves the coefficients by ``lr`` in root mean square.
-    scale = lr * c.numel() ** 0.5 / max(float(weighted(gradient.clone()).norm()),
-                                        float(torch.finfo(c.dtype).tiny))
+    scale = lr * c.numel() ** 0.5 / max(float(gradient.norm()), float(torch.finfo(c.dtype).tiny))
     for step in range(1, steps + 1):
         held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
         direction = gradient.clone()
@@ -461,8 +454,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         if pairs:
             s, y, _ = pairs[-1]
             scale = float(torch.vdot(s.flatten(), y.flatten())
-                          / torch.vdot(y.flatten(), weighted(y.clone()).flatten()))
-        weighted(direction).mul_(-scale)
+                          / torch.vdot(y.flatten(), y.flatten()))
+        direction.mul_(-scale)
         for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
             direction.add_(s, alpha=-alpha - beta)
@@ -474,7 +467,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             pairs.clear()
             direction = gradient.clone()
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-            weighted(direction).mul_(-scale)
+            direction.mul_(-scale)
         length = 1.0
         s = spare.pop() if spare else torch.empty_like(c)
         for _ in range(_MAX_HALVINGS):
