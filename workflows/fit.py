@@ -267,8 +267,8 @@ class FitFlow(EsdmriWorkflow):
                 gtab, response, sh_order_max=sh_order_max, nside=nside, depth=depth,
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
                 batch_size=batch_size, lr=lr, train_windows=train_windows,
-                train_tv=total_variation, refine_steps=refine_steps, refine_tv=refine_tv, device=device, seed=seed,
-                verbose=verbose_logging())
+                train_tv=total_variation, refine_steps=refine_steps, refine_tv=refine_tv,
+                device=device, seed=seed, verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
             # The fit checks the scan once (NaN or inf in the mask are named
             # before the response estimation would fail on them), then
