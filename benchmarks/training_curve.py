@@ -103,6 +103,8 @@ def run(args, log=print):
     network = dict(norm=args.norm, linear_prior=not args.no_prior)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   warmup_steps=args.warmup_steps, train_windows=10**9)
+    if args.train_tv:
+        recipe.update(train_tv=args.train_tv, train_tv_form=args.train_tv_form)
     log(f"phantom {args.size}^3 SNR {args.snr}, {int(mask.sum())} voxels; sh_order_max "
         f"{args.sh_order}, nside {args.nside}; {recipe}; {network}")
     prior = RTESDModel(scan.gtab, scan.response, epochs=0, **options)
@@ -136,7 +138,9 @@ def run(args, log=print):
     scores = {"network alone": crossing_scores(fit.shm_coeff_descoteaux07, phantom, mask),
               "prior alone": crossing_scores(prior_fit.shm_coeff_descoteaux07, phantom, mask)}
     fitter = Fitter(scan, mask)
-    csd = [crossing_scores(fitter(name)[0], phantom, mask) for name in FAMILIES["DIPY CSD"]]
+    # The Fitter gives each method's MethodResult (and its time).
+    csd = [crossing_scores(fitter(name)[0].shm_coeff, phantom, mask)
+           for name in FAMILIES["DIPY CSD"]]
     scores["DIPY CSD"] = min(csd, key=lambda s: (-s["all_success"], s["all_error"]))
     result = {"size": args.size, "snr": args.snr, "sh_order_max": args.sh_order,
               "nside": args.nside, "recipe": recipe, "network": network, "seed": args.seed,
@@ -209,6 +213,10 @@ def parse_args(argv):
     parser.add_argument("--norm", choices=("batch", "voxel"), default="batch")
     parser.add_argument("--no-prior", action="store_true",
                         help="train from scratch (linear_prior=False, Softplus head)")
+    parser.add_argument("--train-tv", type=float, default=0.0,
+                        help="weight of the total variation in the training loss")
+    parser.add_argument("--train-tv-form", default="normalized_fodf",
+                        choices=("coefficients", "normalized_fodf"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minimum-steps", type=int, default=5000)
     parser.add_argument("--figure", default=None, help="png of the curves")

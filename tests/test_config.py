@@ -32,6 +32,8 @@ FORMAT_3_DEFAULTS = {
 # Options added to format 3 since, with the defaults that files without them load with.
 ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
                  "warmup_steps": 20}
+# Loss-weight fields added since (the form of the training TV), with their load defaults.
+ADDED_WEIGHTS = {"tv_form": "coefficients"}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000}
 # Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
@@ -42,7 +44,8 @@ def test_saved_layout_is_model_format_3():
     # A model resolves sh_order_max=None from its gtab before anything is saved.
     config = DeconvolutionConfig.from_options("mixed", sh_order_max=8)
     assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS,
-                                **RENAMED}
+                                **RENAMED, "loss_weights": {
+                                    **FORMAT_3_DEFAULTS["loss_weights"], **ADDED_WEIGHTS}}
     changed = {**FORMAT_3_DEFAULTS, "nside": 8, "refine_steps": 0,
                "loss_weights": {**FORMAT_3_DEFAULTS["loss_weights"], "sparsity": 0.5}}
     # A file of the old layout (no mask_fraction) loads, with the added options' defaults.
@@ -50,9 +53,17 @@ def test_saved_layout_is_model_format_3():
     assert loaded.network.nside == 8 and loaded.refinement.refine_steps == 0
     assert loaded.training.sparsity == 0.5 and loaded.training.loss_weights.sparsity == 0.5
     assert loaded.training.mask_fraction == 0.0 and loaded.training.epochs == 30
-    assert loaded.to_dict() == {**changed, **ADDED_OPTIONS, **RENAMED}
-    masked = {**changed, **ADDED_OPTIONS, "mask_fraction": 0.25}
+    weights = {**changed["loss_weights"], **ADDED_WEIGHTS}
+    assert loaded.to_dict() == {**changed, **ADDED_OPTIONS, **RENAMED, "loss_weights": weights}
+    masked = {**changed, **ADDED_OPTIONS, "mask_fraction": 0.25, "loss_weights": weights}
     assert DeconvolutionConfig.from_dict(masked).to_dict() == {**masked, **RENAMED}
+    # The follow-up's TV form round-trips through a file's layout.
+    form = DeconvolutionConfig.from_options("mixed", sh_order_max=8, train_tv=0.5,
+                                            train_tv_form="normalized_fodf")
+    assert form.training.loss_weights.tv_form == "normalized_fodf"
+    assert DeconvolutionConfig.from_dict(form.to_dict()) == form
+    with pytest.raises(ValueError, match="train_tv_form must be one of"):
+        DeconvolutionConfig.from_options("mixed", train_tv_form="samples")
 
 
 def test_configurations_are_frozen_and_replace_validates():

@@ -124,8 +124,36 @@ def test_total_variation_against_brute_force():
             if nx < 3 and ny < 4 and nz < 2 and mask[b, x, y, z] and mask[b, nx, ny, nz]:
                 norms.append(np.linalg.norm(coefficients[b, :, nx, ny, nz]
                                             - coefficients[b, :, x, y, z]))
-    value = total_variation_loss(torch.as_tensor(coefficients), torch.as_tensor(mask))
+    value = total_variation_loss(torch.as_tensor(coefficients), None, torch.as_tensor(mask))
     assert float(value) == pytest.approx(np.mean(norms), rel=1e-6)
+
+
+def test_normalized_fodf_total_variation_against_brute_force():
+    # Elaldi et al. 2024's form: for every masked voxel and each of its six face
+    # neighbours inside the mask, the mean over vertices of the squared difference
+    # of the two L2-normalised fODF sample vectors; averaged, each pair is met twice.
+    rng = np.random.default_rng(4)
+    samples = rng.normal(size=(2, 7, 3, 4, 2))
+    mask = rng.random((2, 3, 4, 2)) > 0.3
+    terms = []
+    for b, x, y, z in np.ndindex(2, 3, 4, 2):
+        for dx, dy, dz in [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1),
+                           (0, 0, -1)]:
+            nx, ny, nz = x + dx, y + dy, z + dz
+            if (0 <= nx < 3 and 0 <= ny < 4 and 0 <= nz < 2 and mask[b, x, y, z]
+                    and mask[b, nx, ny, nz]):
+                u = samples[b, :, x, y, z] / np.linalg.norm(samples[b, :, x, y, z])
+                w = samples[b, :, nx, ny, nz] / np.linalg.norm(samples[b, :, nx, ny, nz])
+                terms.append(np.mean((u - w) ** 2))
+    value = total_variation_loss(None, torch.as_tensor(samples), torch.as_tensor(mask),
+                                 form="normalized_fodf")
+    assert float(value) == pytest.approx(np.mean(terms), rel=1e-6)
+    # Scaling one voxel's fODF changes nothing: the term compares shapes.
+    scaled = samples.copy()
+    scaled[0, :, 1, 1, 1] *= 5
+    again = total_variation_loss(None, torch.as_tensor(scaled), torch.as_tensor(mask),
+                                 form="normalized_fodf")
+    assert float(again) == pytest.approx(float(value), rel=1e-6)
 
 
 def test_loss_weights_reject_negative_values():

@@ -136,7 +136,8 @@ def phantom(tmp_path_factory):
 def fitted(phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     result = run_cli("fit", *phantom.dwi, "--mask", phantom.folder / "mask.nii.gz",
-                     *phantom.response_args, *TINY_MODEL, "--tournier", "--out_dir", out)
+                     *phantom.response_args, *TINY_MODEL, "--train_windows", 3, "--tournier",
+                     "--out_dir", out)
     assert_ok(result)
     return out
 
@@ -260,6 +261,9 @@ def test_cli_defaults_are_the_api_defaults():
         assert cli["total_variation"].default == options["train_tv"], flow.__name__
         for name in ("epochs", "batch_size", "lr", "seed"):
             assert cli[name].default == training[name], (flow.__name__, name)
+    # Group training has no step budget (train_group); a single-scan fit's is a flag.
+    assert inspect.signature(FitFlow.run).parameters["train_windows"].default == \
+        options["train_windows"]
     assert inspect.signature(TrainFlow.run).parameters["batch_size"].default == 4
     assert inspect.signature(FitFlow.run).parameters["device"].default == api["device"].default
     assert inspect.signature(TrainFlow.run).parameters["device"].default == \
@@ -303,7 +307,8 @@ def test_fit_writes_consistent_outputs(phantom, fitted):
     cosines = np.abs(np.einsum("...pi,...qi->...pq", np.nan_to_num(directions), pam.peak_dirs))
     best = cosines.max(axis=-1)[found]
     assert np.mean(best[..., 0] > 1 - 1e-3) > 0.98
-    assert load_model(fitted / "model.pt", verbose=False).training_history
+    model = load_model(fitted / "model.pt", verbose=False)
+    assert model.training_history and model.config.training.train_windows == 3
     assert mpimg.imread(fitted / "training_curve.png").std() > 0
 
 

@@ -115,6 +115,7 @@ class FitFlow(EsdmriWorkflow):
             filter_start=MODEL_DEFAULTS["filter_start"],
             block_size=MODEL_DEFAULTS["block_size"], epochs=MODEL_DEFAULTS["epochs"],
             batch_size=MODEL_DEFAULTS["batch_size"], lr=MODEL_DEFAULTS["lr"],
+            train_windows=MODEL_DEFAULTS["train_windows"],
             total_variation=MODEL_DEFAULTS["train_tv"],
             refine_steps=MODEL_DEFAULTS["refine_steps"], refine_tv=MODEL_DEFAULTS["refine_tv"],
             device=MODEL_DEFAULTS["device"],
@@ -191,6 +192,10 @@ class FitFlow(EsdmriWorkflow):
             Training windows per optimiser step.
         lr : float, optional
             Adam learning rate.
+        train_windows : int, optional
+            Most optimiser steps of one window batch over all epochs (only
+            with --epochs > 0): the budget that bounds training on a large
+            scan (a warning says when it stopped training early).
         total_variation : float, optional
             Weight of a spatial total-variation term in the training loss
             (only with --epochs > 0; 0: off). The fit's own spatial coupling
@@ -261,9 +266,9 @@ class FitFlow(EsdmriWorkflow):
             deconvolution = MODEL_CLASSES[model](
                 gtab, response, sh_order_max=sh_order_max, nside=nside, depth=depth,
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
-                batch_size=batch_size, lr=lr, train_tv=total_variation,
-                refine_steps=refine_steps, refine_tv=refine_tv, device=device, seed=seed,
-                verbose=verbose_logging())
+                batch_size=batch_size, lr=lr, train_windows=train_windows,
+                train_tv=total_variation, refine_steps=refine_steps, refine_tv=refine_tv,
+                device=device, seed=seed, verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
             # The fit checks the scan once (NaN or inf in the mask are named
             # before the response estimation would fail on them), then

@@ -153,20 +153,47 @@ def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.
     return weighted.sum(), result
 
 
-def total_variation_loss(coefficients, mask):
-    """Mean :func:`total_variation` over the face-neighbour pairs of a batch of windows.
+def total_variation_loss(coefficients, samples, mask, form="coefficients"):
+    """Mean total variation over the face-neighbour pairs of a batch of windows.
+
+    Two forms (:class:`esdmri.reconst.config.LossWeights`, ``tv_form``):
+
+    * ``"coefficients"``: :func:`total_variation` of the tissue coefficients,
+      ``mean_pairs |c_i - c_j|`` (slightly smoothed);
+    * ``"normalized_fodf"``: ``mean_pairs mean_v (u_i(v) - u_j(v))^2`` with
+      ``u = f / |f|`` each voxel's WM fODF samples scaled to unit L2 norm
+      over the sphere's vertices, so the term compares fibre shapes and
+      not their amplitudes (the training loss of Elaldi et al. 2024, whose
+      mean over the six neighbour directions of every masked voxel counts
+      each pair twice, as the mean over pairs does once). Rotation
+      invariant on a sphere that samples the fODF evenly.
 
     Parameters
     ----------
     coefficients : Tensor, shape [B, C, X, Y, Z]
+    samples : Tensor, shape [B, V, X, Y, Z]
+        The WM fODF on a dense sphere (used by ``"normalized_fodf"``).
     mask : Tensor of bool, shape [B, X, Y, Z]
+    form : str
 
     Returns
     -------
     loss : Tensor, scalar
         0 when no two masked voxels are neighbours.
+
+    References
+    ----------
+    .. [1] Elaldi, A., Gerig, G., Dey, N. "Equivariant spatio-hemispherical
+       networks for diffusion MRI deconvolution", NeurIPS 2024.
     """
     first, second = neighbour_pairs(mask)
+    if form == "normalized_fodf":
+        values = samples.movedim(1, -1)[mask]
+        unit = values / (torch.linalg.vector_norm(values, dim=1, keepdim=True) + 1e-16)
+        difference = unit[first] - unit[second]
+        return (difference * difference).mean(dim=1).sum() / max(len(first), 1)
+    if form != "coefficients":
+        raise ValueError(f"form must be 'coefficients' or 'normalized_fodf', got {form!r}")
     # The small smoothing keeps the gradient finite where neighbours agree.
     value = total_variation(coefficients.movedim(1, -1)[mask], first, second, smoothing=1e-6)
     return value / max(len(first), 1)
