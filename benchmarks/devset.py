@@ -2,13 +2,20 @@
 
 Every family, SNR and split is one phantom; every method gets the responses
 :func:`esdmri.response.estimate_response` (the package's default path) finds in
-it, never the truth. Families:
+it, never the truth. Families (:data:`FAMILY_SPECS`; generator, acquisition):
 
-- ``straight``: straight, undispersed bundles crossing at 45 and 90 degrees
-  (``benchmarks/straight_phantom.py``), DIPY's ``get_3shell_gtab()`` (b = 1000,
-  2000, 3500, 64 directions each), single-fibre FA 0.7;
+- ``straight``: straight, undispersed tensor bundles crossing at 45 and 90
+  degrees (``benchmarks/straight_phantom.py``), single-fibre FA 0.7, DIPY's
+  ``get_3shell_gtab()`` (b = 1000, 2000, 3500, the same 64 directions each);
+- ``straight-1shell``: the same at FA 0.55, crossings at 60 and 90 degrees,
+  one shell b = 1000 x 60 directions;
+- ``straight-2shell``: FA 0.85, crossings at 30 and 45 degrees, b = 1000 x 30
+  and b = 2500 x 60;
 - ``dispersed``: :func:`esdmri.heldout_phantom.make_heldout_phantom`, Watson-
-  dispersed curved bundles, its default gradient table.
+  dispersed curved tensor bundles (FA about 0.55-0.85, crossings 30-90
+  degrees), its default table (b = 1000, 2000, 3000 x 64 distinct directions);
+- ``stick-zeppelin``: the same geometry with a stick + zeppelin kernel, four
+  shells b = 700, 1000, 2000, 3000 of 30, 60, 90, 120 directions.
 
 Dev phantoms (geometry and noise seeds of their own) choose each method's
 relative peak threshold (highest mean success over every dev phantom, ties:
@@ -32,11 +39,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.data import get_3shell_gtab
 
 from esdmri.atomic import staged_output
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.metrics import evaluate_peaks
+from esdmri.sims import default_gtab
 
 from .heldout import markdown, scan_of, text_table
 from .methods import METHODS, NotApplicable, peak_sweep
@@ -59,19 +69,73 @@ ROWS = {
 SPLITS = {"dev": (1, 0), "test": (7, 1000)}
 
 
+def shell_gtab(shells, n_b0=2, seed=0):
+    """A gradient table of ``n_b0`` b0 and one repulsion-spread set of directions per shell.
+
+    Parameters
+    ----------
+    shells : sequence of (float, int)
+        (b-value, number of directions) of each shell.
+    n_b0 : int
+    seed : int
+        Seeds the starting points of the repulsion (each shell its own set).
+
+    Returns
+    -------
+    gtab : dipy.core.gradients.GradientTable
+    """
+    rng = np.random.default_rng(seed)
+    bvals, bvecs = [np.zeros(n_b0)], [np.zeros((n_b0, 3))]
+    for bval, n_directions in shells:
+        start = rng.normal(size=(int(n_directions), 3))
+        start /= np.linalg.norm(start, axis=1, keepdims=True)
+        hemisphere, _ = disperse_charges(HemiSphere(xyz=start), 500)
+        bvals.append(np.full(int(n_directions), float(bval)))
+        bvecs.append(hemisphere.vertices)
+    return gradient_table(bvals=np.concatenate(bvals), bvecs=np.concatenate(bvecs))
+
+
+# Acquisitions: one shell of 60 directions (a clinical DTI/CSD scan), two shells
+# of 30 and 60, DIPY's get_3shell_gtab (the same 64 directions on three
+# shells), the held-out phantom's default (three shells of 64 distinct
+# directions) and four shells of 300 directions in all.
+ACQUISITIONS = {
+    "1 shell b1000 x 60": lambda: shell_gtab([(1000, 60)], seed=11),
+    "2 shells b1000 x 30, b2500 x 60": lambda: shell_gtab([(1000, 30), (2500, 60)], seed=12),
+    "3 shells get_3shell_gtab": get_3shell_gtab,
+    "3 shells b1000-3000 x 64": default_gtab,
+    "4 shells b700-3000 x 300": lambda: shell_gtab(
+        [(700, 30), (1000, 60), (2000, 90), (3000, 120)], seed=14),
+}
+# Family -> (generator, acquisition, generator options). ``straight``: straight
+# undispersed tensor bundles crossing at two angles; ``dispersed``: Watson-
+# dispersed curved bundles of tensors (make_heldout_phantom); ``stick-zeppelin``:
+# the same geometry with a stick + zeppelin kernel. Single-fibre FA 0.55-0.85,
+# crossing angles 30-90 degrees.
+FAMILY_SPECS = {
+    "straight": ("straight", "3 shells get_3shell_gtab", {"fa": 0.7, "angles": (45.0, 90.0)}),
+    "straight-1shell": ("straight", "1 shell b1000 x 60", {"fa": 0.55, "angles": (60.0, 90.0)}),
+    "straight-2shell": ("straight", "2 shells b1000 x 30, b2500 x 60",
+                        {"fa": 0.85, "angles": (30.0, 45.0)}),
+    "dispersed": ("heldout", "3 shells b1000-3000 x 64", {}),
+    "stick-zeppelin": ("heldout", "4 shells b700-3000 x 300", {"wm_model": "stick_zeppelin"}),
+}
+FAMILIES = tuple(FAMILY_SPECS)
+
+
 def make_family(family, side, snr, split):
+    """The phantom of one family, SNR and split (geometry and noise seeds of the split)."""
+    if family not in FAMILY_SPECS:
+        raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
+    generator, acquisition, options = FAMILY_SPECS[family]
     geometry_seed, noise_offset = SPLITS[split]
     seed = noise_offset + int(snr)
-    if family == "straight":
-        return make_straight_phantom(get_3shell_gtab(), (side,) * 3, snr, angles=(45.0, 90.0),
-                                     fa=0.7, geometry_seed=geometry_seed, seed=seed)
-    if family == "dispersed":
-        return make_heldout_phantom((side,) * 3, snr=snr, seed=seed,
-                                    geometry_seed=100 + geometry_seed)
-    raise ValueError(f"unknown family {family!r}")
-
-
-FAMILIES = ("straight", "dispersed")
+    gtab = ACQUISITIONS[acquisition]()
+    if generator == "straight":
+        return make_straight_phantom(gtab, (side,) * 3, snr, geometry_seed=geometry_seed,
+                                     seed=seed, **options)
+    return make_heldout_phantom((side,) * 3, gtab=gtab, snr=snr, seed=seed,
+                                geometry_seed=100 + geometry_seed, **options)
 
 
 def run(args, log):

@@ -1,0 +1,67 @@
+"""The dev set's phantom families and acquisitions (benchmarks/devset.py, straight_phantom.py)."""
+
+import numpy as np
+import pytest
+from dipy.core.gradients import unique_bvals_tolerance
+from dipy.reconst.dti import TensorModel, fractional_anisotropy
+from dipy.sims.voxel import multi_tensor
+
+
+@pytest.fixture(scope="module")
+def devset():
+    from benchmarks import devset
+
+    return devset
+
+
+def test_shell_gtab_spreads_each_shell(devset):
+    gtab = devset.shell_gtab([(1000, 30), (2500, 60)], n_b0=3, seed=0)
+    assert gtab.b0s_mask.sum() == 3
+    for bval, count in ((1000, 30), (2500, 60)):
+        directions = gtab.bvecs[gtab.bvals == bval]
+        assert len(directions) == count
+        np.testing.assert_allclose(np.linalg.norm(directions, axis=1), 1, atol=1e-6)
+        # Repulsion leaves no two axes much closer than a random draw would:
+        # 60 random axes have pairs within a few degrees.
+        cosines = np.abs(directions @ directions.T)[np.triu_indices(count, 1)]
+        assert np.rad2deg(np.arccos(cosines.max())) > 10
+
+
+@pytest.mark.parametrize("fa", [0.55, 0.85])
+def test_straight_phantom_matches_dipy(devset, fa):
+    # Noise-free: a single-fibre voxel is DIPY's multi_tensor of its fibre,
+    # and DIPY's DTI of it gives the requested FA; crossing voxels hold their
+    # two fibres at the labelled angle.
+    from benchmarks.straight_phantom import make_straight_phantom, radial_for_fa
+
+    gtab = devset.shell_gtab([(1000, 60)], seed=1)
+    phantom = make_straight_phantom(gtab, (10, 10, 10), None, angles=(45.0, 90.0), fa=fa,
+                                    geometry_seed=3)
+    single = np.argwhere(phantom.n_fibres == 1)[0]
+    direction = phantom.fibre_dirs[tuple(single)][0]
+    theta = np.rad2deg(np.arccos(direction[2]))
+    phi = np.rad2deg(np.arctan2(direction[1], direction[0]))
+    radial = radial_for_fa(1.7e-3, fa)
+    expected, _ = multi_tensor(gtab, np.array([[1.7e-3, radial, radial]]), S0=100.0,
+                               angles=[(theta, phi)], fractions=[100.0], snr=None)
+    np.testing.assert_allclose(phantom.data[tuple(single)], expected, rtol=1e-5)
+    evals = TensorModel(gtab).fit(phantom.data[tuple(single)]).evals
+    assert fractional_anisotropy(evals) == pytest.approx(fa, abs=0.01)
+    for angle in (45.0, 90.0):
+        voxel = tuple(np.argwhere(phantom.crossing_angle == angle)[0])
+        first, second = phantom.fibre_dirs[voxel][:2]
+        measured = np.rad2deg(np.arccos(abs(first @ second)))
+        assert measured == pytest.approx(angle, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_families_hold_crossings_on_their_acquisitions(devset):
+    # Every family builds at a small size, has crossing voxels, and its
+    # acquisition has the shell count its name says.
+    for family, (_, acquisition, _) in devset.FAMILY_SPECS.items():
+        phantom = devset.make_family(family, 8, 20, "dev")
+        assert (phantom.n_fibres >= 2).any(), family
+        shells = unique_bvals_tolerance(phantom.gtab.bvals[~phantom.gtab.b0s_mask])
+        assert len(shells) == int(acquisition.split()[0]), family
+    with pytest.raises(ValueError, match="unknown family"):
+        devset.make_family("curly", 8, 20, "dev")
