@@ -31,7 +31,7 @@ FORMAT_3_DEFAULTS = {
 
 # Options added to format 3 since, with the defaults that files without them load with.
 ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
-                 "warmup_steps": 20}
+                 "warmup_steps": 20, "pretrained": False}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000}
 # Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
