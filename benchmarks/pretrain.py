@@ -256,6 +256,38 @@ def score_on_dev(weights, out, side):
     devset.main(["--report", str(out / "results-dev.json")])
 
 
+def time_on_dev(weights, side, repeats):
+    """Fit seconds and refinement steps of the network-free default and the pretrained
+    path on the dev phantoms, interleaved in one process (their ratio is what counts
+    on a shared machine)."""
+    from .devset import FAMILIES, SNRS, make_family
+
+    rows = []
+    for family in FAMILIES:
+        for snr in SNRS:
+            phantom = make_family(family, side, snr, "dev")
+            seconds = {False: [], True: []}
+            steps = {}
+            for _ in range(repeats):
+                for weights_option in (False, str(weights)):
+                    start = time.perf_counter()
+                    fit = quiet_fit(phantom, pretrained=weights_option)
+                    seconds[weights_option is not False].append(time.perf_counter() - start)
+                    steps[weights_option is not False] = fit.refine_history.steps
+            free, net = np.median(seconds[False]), np.median(seconds[True])
+            rows.append([family, f"{snr:g}", f"{free:.1f}", f"{net:.1f}", f"{net / free:.2f}",
+                         str(steps[False]), str(steps[True])])
+    print(markdown(["family", "SNR", "network-free fit (s)", "pretrained fit (s)", "ratio",
+                    "refinement steps: network-free", "pretrained"], rows))
+
+
+def quiet_fit(phantom, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RTESDModel(phantom.gtab, verbose=False, **options).fit(phantom.data,
+                                                                      mask=phantom.mask)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scans", type=int, default=24, help="cohort scans (training)")
@@ -273,10 +305,16 @@ def main(argv=None):
     parser.add_argument("--dev", type=Path, metavar="WEIGHTS",
                         help="only score these weights on the dev phantoms")
     parser.add_argument("--dev-out", type=Path, default=Path("out/pretrain-dev"))
+    parser.add_argument("--timing", type=Path, metavar="WEIGHTS",
+                        help="only time the fits of the dev phantoms with and without them")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     if args.dev:
         score_on_dev(args.dev, args.dev_out, args.side)
+        return
+    if args.timing:
+        time_on_dev(args.timing, args.side, args.repeats)
         return
     if args.out is None:
         parser.error("--out is required to pretrain")

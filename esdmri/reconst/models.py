@@ -7,8 +7,10 @@ functions, must reproduce the measured signal). By default the network is not
 trained (``epochs=0``, the most accurate setting measured): the fit is the
 network's linear prior, computed without building the network, refined by the
 spatially coupled descent of that loss. With ``epochs=N`` the U-Net is first
-trained on the scan itself, as in the papers. Fits leave the model as it was,
-except for the network that training gives it.
+trained on the scan itself, as in the papers. With ``pretrained=True`` a network
+shipped with esdmri, pretrained on simulated scans of many acquisitions,
+corrects the linear prior before the refinement (:mod:`esdmri.reconst.pretrained`).
+Fits leave the model as it was, except for the network that training gives it.
 """
 
 import copy
