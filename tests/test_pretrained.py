@@ -18,7 +18,7 @@ from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.metrics import evaluate_peaks
 from esdmri.peaks import peaks_from_sh
 from esdmri.reconst import pretrained
-from esdmri.reconst.models import RTESDModel
+from esdmri.reconst.models import RTESDModel, load_model
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.testing import REFLECT_X, ROTATE_Z_90, relative_error, rotate_grid
 
@@ -120,6 +120,17 @@ def test_an_untrained_correction_is_the_prior(phantom, tmp_path):
     prior = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0)
     zero = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0, pretrained=path)
     np.testing.assert_allclose(zero.shm_coeff, prior.shm_coeff, atol=1e-5)
+
+
+def test_model_files_record_the_weights_they_start_from(phantom, tmp_path):
+    fit = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0, pretrained=True)
+    path = tmp_path / "model.pt"
+    RTESDModel(phantom.gtab, fit.response, pretrained=True, verbose=False).save(path)
+    loaded = load_model(path)
+    assert loaded.config.network.pretrained is True
+    assert loaded.pretrained_correction() is not None
+    again = loaded.with_options(refine_steps=0).fit(phantom.data, mask=phantom.mask)
+    np.testing.assert_allclose(again.shm_coeff, fit.shm_coeff, atol=1e-6)
 
 
 def crossing_error(phantom, fit, threshold):
