@@ -60,6 +60,8 @@ ROWS = {
     "esdmri default": "rtesd-prior+refine",
     "esdmri refine_tv=0": "rtesd-voxelwise",
     "esdmri linear prior alone": "prior",
+    "esdmri pretrained alone": "rtesd-pretrained",
+    "esdmri pretrained + refinement": "rtesd-pretrained+refine",
     "DIPY CSD": "csd",
     "DIPY MSMT-CSD": "msmt",
     "DIPY RUMBA-SD + TV (own ODF peaks)": "rumba-tv",

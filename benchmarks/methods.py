@@ -393,6 +393,25 @@ def _register_ablations():
 _register_ablations()
 
 
+# The pretrained correction of the prior (issue 27): the shipped weights, or
+# the weights file benchmarks/pretrain.py puts here to score a candidate.
+PRETRAINED = {"pretrained": True}
+
+
+@register_method("rtesd-pretrained", "esdmri RTESDModel, the linear prior corrected by the "
+                 "pretrained network alone (pretrained=True, refine_steps=0)")
+def fit_pretrained(phantom, mask):
+    from esdmri import RTESDModel
+    return _fit_network(RTESDModel, phantom, mask, refine_steps=0, **PRETRAINED)
+
+
+@register_method("rtesd-pretrained+refine", "esdmri RTESDModel, the linear prior corrected by "
+                 "the pretrained network, then refined (pretrained=True, otherwise defaults)")
+def fit_pretrained_refined(phantom, mask):
+    from esdmri import RTESDModel
+    return _fit_network(RTESDModel, phantom, mask, **PRETRAINED)
+
+
 @register_method("prior", "the networks' linear prior alone: regularised least-squares "
                  "deconvolution (epochs=0, refine_steps=0; the same for ESD, RT-ESD, C-ESD)")
 def fit_prior(phantom, mask):

@@ -18,6 +18,7 @@ validated copy.
 
 import dataclasses
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from numbers import Real
@@ -146,6 +147,13 @@ class NetworkConfig:
         evaluation loss jumped back to the prior's twice while the training
         loss fell; with "voxel" it fell every epoch, to within 1 % of batch
         norm's end loss. Model files without this option hold "batch".
+    pretrained : bool, str or None
+        A pretrained, acquisition-agnostic network that corrects the linear
+        prior's WM fODF before the refinement
+        (:mod:`esdmri.reconst.pretrained`): True or "default" for the weights
+        shipped with esdmri, a path for other weights, False for the
+        network-free fit. Only with ``epochs=0`` (fine-tuning the pretrained
+        network on a scan is not implemented). Model files record it.
     """
 
     sh_order_max: Optional[int] = None
@@ -159,8 +167,14 @@ class NetworkConfig:
     normalize: Optional[bool] = None
     linear_prior: bool = True
     norm: str = "voxel"
+    pretrained: object = False
 
     def __post_init__(self):
+        if isinstance(self.pretrained, os.PathLike):
+            object.__setattr__(self, "pretrained", os.fspath(self.pretrained))
+        if not isinstance(self.pretrained, (bool, str)):
+            raise TypeError(f"pretrained must be True, False, 'default' or a path, got "
+                            f"{type(self.pretrained).__name__}")
         order = self.sh_order_max
         if order is not None and (isinstance(order, bool) or not isinstance(
                 order, (int, np.integer)) or order < 2 or order % 2):
@@ -497,6 +511,10 @@ class DeconvolutionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "conv_kind", canonical_conv_kind(self.conv_kind))
+        if self.network.pretrained is not False and self.training.epochs:
+            raise ValueError(f"pretrained={self.network.pretrained!r} needs epochs=0: "
+                             "fine-tuning the pretrained network is not implemented; give "
+                             "pretrained=False to train a network on the scan")
         if self.training.epochs == 0 and not self.network.linear_prior:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "

@@ -7,8 +7,10 @@ functions, must reproduce the measured signal). By default the network is not
 trained (``epochs=0``, the most accurate setting measured): the fit is the
 network's linear prior, computed without building the network, refined by the
 spatially coupled descent of that loss. With ``epochs=N`` the U-Net is first
-trained on the scan itself, as in the papers. Fits leave the model as it was,
-except for the network that training gives it.
+trained on the scan itself, as in the papers. With ``pretrained=True`` a network
+shipped with esdmri, pretrained on simulated scans of many acquisitions,
+corrects the linear prior before the refinement (:mod:`esdmri.reconst.pretrained`).
+Fits leave the model as it was, except for the network that training gives it.
 """
 
 import copy
@@ -32,6 +34,7 @@ from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measur
                      normalize_by_b0, resolve_device)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
+from .pretrained import apply_correction, load_correction
 from .refine import refine_coefficients
 from .subjects import ScanBlocks
 from .tiling import receptive_radius
@@ -81,6 +84,8 @@ class _DeconvolutionModel(ReconstModel):
         self.sphere = self.config.network.sphere()
         self.network = None
         self.halo = None
+        self._correction = (None, None)
+        self.pretrained_correction()  # a bad weights file fails here, not in a fit
         self.training_history = []
         self.training_summary = None
 
@@ -244,6 +249,40 @@ class _DeconvolutionModel(ReconstModel):
                                   scan.interpolator.operator, n_coeffs(order),
                                   self.normalizes_with(scan.response))
 
+    def pretrained_correction(self):
+        """The pretrained correction of the prior (option ``pretrained``), or None.
+
+        Returns
+        -------
+        correction : esdmri.reconst.pretrained.PriorCorrection or None
+            Loaded (checksum and architecture checked) once per weights.
+        """
+        pretrained = self.config.network.pretrained
+        if pretrained is False:
+            return None
+        if self._correction[0] != pretrained:
+            self._correction = (pretrained, load_correction(pretrained, self.device))
+        return self._correction[1]
+
+    def corrected_prior(self, coefficients, scan):
+        """The linear prior corrected by the pretrained network (``pretrained`` option).
+
+        Parameters
+        ----------
+        coefficients : ndarray, shape (X, Y, Z, C_total)
+            :meth:`prior_coefficients` of ``scan``.
+        scan : PreparedScan
+
+        Returns
+        -------
+        coefficients : ndarray, float32, shape (X, Y, Z, C_total)
+            As given when the model has no pretrained network.
+        """
+        correction = self.pretrained_correction()
+        if correction is None:
+            return coefficients
+        return apply_correction(correction, coefficients, scan.mask, scan.response.tissues)
+
     def network_coefficients(self, scan):
         """The network's tissue coefficients of a prepared scan, run block by block.
 
@@ -311,7 +350,8 @@ class _DeconvolutionModel(ReconstModel):
         """Deconvolve a scan, training the network on it first when ``epochs`` > 0.
 
         The steps, each public: :meth:`prepare` (checks, b0 normalisation,
-        the response) -> :meth:`prior_coefficients`, or
+        the response) -> :meth:`prior_coefficients` (corrected by the
+        pretrained network with ``pretrained``, :meth:`corrected_prior`), or
         :meth:`network_coefficients` when the model has a network or trains
         one -> :meth:`refine` -> :class:`DeconvolutionFit`. With
         ``epochs=0`` and no loaded network, no network is built or run.
@@ -340,7 +380,7 @@ class _DeconvolutionModel(ReconstModel):
         if self.network is not None:
             coefficients = self.network_coefficients(scan)
         else:
-            coefficients = self.prior_coefficients(scan)
+            coefficients = self.corrected_prior(self.prior_coefficients(scan), scan)
         history = []
         if self.config.refinement.refine_steps:
             coefficients, history = self.refine(coefficients, scan)

@@ -1,0 +1,319 @@
+"""A pretrained, acquisition-agnostic correction of the linear prior (issue 27).
+
+The network reads the linear prior's output, not the signal: each voxel's WM
+fODF (:meth:`esdmri.reconst.models.RTESDModel.prior_coefficients`, up to
+:data:`CORRECTED_ORDER`) sampled on a HEALPix grid, and its GM and CSF
+fractions as constant channels, all divided by the voxel's total tissue
+fraction. The acquisition (shells, directions, SH order) is absorbed by the
+prior's deconvolution, so one set of weights serves any gtab. An RT-ESD U-Net
+(an E(3) x SO(3) stem and a spherical U-Net, :func:`esdmri.reconst.network.build_unet`)
+outputs a signed spherical function whose degrees 2 to :data:`CORRECTED_ORDER`
+are added to the prior's WM coefficients (scaled back by the total); the l = 0
+term (the WM amount), the isotropic tissues and the WM degrees above
+:data:`CORRECTED_ORDER` pass through unchanged. Each degree is corrected by a
+function on the grid projected back by least squares, so the correction is
+rotation-equivariant degree by degree; the HEALPix nside-4 hemisphere carries
+order 8 (condition number 1.0-1.4, see :data:`esdmri.reconst.config.MAX_GRID_CONDITION`).
+The head starts at zero: the untrained correction is the prior.
+
+The shipped weights (:data:`DEFAULT_WEIGHTS`) come from
+``python -m benchmarks.pretrain`` (or ``esdmri_pretrain``): simulated scans of
+several phantom families, acquisitions and SNRs, each with its own estimated
+responses, trained against the phantoms' true fibre directions
+(:func:`fibre_target`). Their SHA-256 is recorded here and checked on loading.
+"""
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn.unet import UNet
+from ..shm import n_coeffs, sh_degrees, sh_matrix
+from ..sphere import HealpixSphere
+from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
+
+# Highest WM SH degree the network corrects; degrees above pass through.
+CORRECTED_ORDER = 8
+# The architecture of the shipped weights; a file records it and must match.
+ARCHITECTURE = {"nside": 4, "depth": 2, "filter_start": 8, "kernel_size": 3,
+                "spatial_kernel_size": 3, "spatial_layers": 1, "norm": "voxel",
+                "corrected_order": CORRECTED_ORDER, "in_channels": 3}
+# Input channels after the WM fODF: these isotropic tissues' fractions (zero
+# when the scan's response lacks one, e.g. GM with b0 plus one shell).
+ISOTROPIC_INPUTS = ("gm", "csf")
+FORMAT = "esdmri-pretrained-1"
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "pretrained_rtesd.pt"
+# SHA-256 of DEFAULT_WEIGHTS (benchmarks/pretrain.py prints it with the weights).
+DEFAULT_SHA256 = "9ee29c3ca4de3c0ba2e522ac6adf5d0f006f9ba8ec001d95381ae6698f0e3dc5"
+
+
+class PriorCorrection(nn.Module):
+    """The pretrained correction of the linear prior's WM fODF.
+
+    Parameters
+    ----------
+    architecture : dict, optional
+        :data:`ARCHITECTURE` (the default) or a file's copy of it.
+    """
+
+    def __init__(self, architecture=None):
+        super().__init__()
+        self.architecture = dict(ARCHITECTURE if architecture is None else architecture)
+        arch = self.architecture
+        self.order = arch["corrected_order"]
+        self.n_corrected = n_coeffs(self.order)
+        sphere = HealpixSphere(arch["nside"], hemisphere=True)
+        self.unet = build_unet(
+            "e3so3-stem", sphere, in_channels=arch["in_channels"], out_channels=1,
+            depth=arch["depth"], filter_start=arch["filter_start"],
+            kernel_size=arch["kernel_size"], spatial_kernel_size=arch["spatial_kernel_size"],
+            spatial_layers=arch["spatial_layers"], signed_output=True, norm=arch["norm"])
+        basis = sh_matrix(self.order, sphere.vertices)  # (V, C8)
+        to_sh = np.linalg.pinv(basis)
+        to_sh[0] = 0  # the WM amount (l = 0) is the prior's
+        self.register_buffer("sh_to_grid", torch.as_tensor(basis, dtype=torch.float32))
+        self.register_buffer("grid_to_sh", torch.as_tensor(to_sh, dtype=torch.float32))
+
+    def zero_head(self):
+        """Zero the U-Net's head: the correction is then zero, the output the prior."""
+        head = [module for module in self.unet.modules() if isinstance(module, UNet)][-1].head
+        for parameter in head.parameters():
+            nn.init.zeros_(parameter)
+        return self
+
+    def inputs(self, coefficients, tissues):
+        """The network's input and each voxel's scale.
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape [B, C_total, X, Y, Z]
+            WM SH coefficients of an even order >= 2, then one l = 0
+            coefficient per isotropic tissue of ``tissues[1:]``.
+        tissues : tuple of str
+            The response's tissues, WM first.
+
+        Returns
+        -------
+        grid : Tensor, shape [B, 3, V, X, Y, Z]
+        scale : Tensor, shape [B, 1, X, Y, Z]
+            Each voxel's total tissue fraction (at least
+            :data:`esdmri.reconst.network.NORMALIZATION_FLOOR`).
+        """
+        n_wm = coefficients.shape[1] - (len(tissues) - 1)
+        fractions = volume_fractions_from_coefficients(coefficients.movedim(1, -1), n_wm)
+        scale = fractions.sum(-1).clamp_min(NORMALIZATION_FLOOR)[:, None]
+        low = coefficients[:, :min(n_wm, self.n_corrected)] / scale
+        if low.shape[1] < self.n_corrected:
+            low = nn.functional.pad(low, (0, 0, 0, 0, 0, 0, 0, self.n_corrected - low.shape[1]))
+        fodf = torch.einsum("vc,bcxyz->bvxyz", self.sh_to_grid, low)
+        channels = [fodf]
+        for tissue in ISOTROPIC_INPUTS:
+            if tissue in tissues:
+                share = fractions[..., tissues.index(tissue)] / scale[:, 0]
+            else:
+                share = torch.zeros_like(scale[:, 0])
+            channels.append(share[:, None].expand_as(fodf))
+        return torch.stack(channels, dim=1), scale
+
+    def correction(self, coefficients, tissues):
+        """The WM SH correction of degrees 2 to ``order``, shape [B, C8, X, Y, Z]."""
+        grid, scale = self.inputs(coefficients, tissues)
+        out = self.unet(grid)[:, 0]
+        return torch.einsum("cv,bvxyz->bcxyz", self.grid_to_sh, out) * scale
+
+    def forward(self, coefficients, tissues):
+        """The corrected coefficients, laid out as ``coefficients``.
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape [B, C_total, X, Y, Z]
+        tissues : tuple of str
+
+        Returns
+        -------
+        corrected : Tensor, shape [B, C_total, X, Y, Z]
+        """
+        delta = self.correction(coefficients, tissues)
+        n = min(self.n_corrected, coefficients.shape[1] - (len(tissues) - 1))
+        return torch.cat([coefficients[:, :n] + delta[:, :n], coefficients[:, n:]], dim=1)
+
+
+def sha256_of(path):
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_weights(pretrained):
+    """The weights file and the checksum it must have, of a ``pretrained`` option.
+
+    Parameters
+    ----------
+    pretrained : bool, "default", str or Path
+        True or "default": the shipped weights; a path: other weights.
+
+    Returns
+    -------
+    path : Path
+    sha256 : str or None
+        The recorded checksum of the shipped weights; None for other files.
+    """
+    if pretrained is True or pretrained == "default":
+        if DEFAULT_SHA256 is None or not DEFAULT_WEIGHTS.is_file():
+            raise ValueError("pretrained=True needs the shipped weights "
+                             f"{DEFAULT_WEIGHTS}, which this installation lacks")
+        return DEFAULT_WEIGHTS, DEFAULT_SHA256
+    if isinstance(pretrained, (str, Path)):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ValueError(f"pretrained must be True, False, 'default' or the path of a "
+                             f"weights file; {str(path)!r} is no file")
+        return path, None
+    raise TypeError(f"pretrained must be True, False, 'default' or a path, got "
+                    f"{type(pretrained).__name__}")
+
+
+def load_correction(pretrained, device="cpu"):
+    """The pretrained correction of a ``pretrained`` option, checked.
+
+    Parameters
+    ----------
+    pretrained : True, "default", str or Path
+    device : str or torch.device
+
+    Returns
+    -------
+    correction : PriorCorrection
+        In evaluation mode.
+
+    Raises
+    ------
+    ValueError
+        The file's checksum differs from the one recorded for the shipped
+        weights, or it is not a weights file of this architecture.
+    """
+    path, expected = resolve_weights(pretrained)
+    if expected is not None:
+        found = sha256_of(path)
+        if found != expected:
+            raise ValueError(f"the shipped weights {path} have SHA-256 {found}, not the "
+                             f"{expected} this esdmri records: the file is corrupted or "
+                             "from another version; reinstall esdmri")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same error
+        raise ValueError(f"pretrained weights {path} could not be read: {error}") from error
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an esdmri pretrained-weights file (format "
+                         f"{FORMAT!r})")
+    if saved.get("architecture") != ARCHITECTURE:
+        raise ValueError(f"{path} holds weights of architecture {saved.get('architecture')},"
+                         f" not this esdmri's {ARCHITECTURE}")
+    correction = PriorCorrection()
+    try:
+        correction.load_state_dict(saved["state_dict"])
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"{path} does not match the pretrained network: {error}") from error
+    return correction.to(device).eval()
+
+
+def save_correction(correction, path, metadata=None):
+    """Write a correction's weights (with :data:`FORMAT` and its architecture).
+
+    Parameters
+    ----------
+    correction : PriorCorrection
+    path : str or Path
+        Written as is (callers stage it, :func:`esdmri.atomic.staged_output`).
+    metadata : dict, optional
+        Plain data kept with the weights (the pretraining's settings).
+    """
+    state = {name: tensor.detach().cpu().clone()
+             for name, tensor in correction.state_dict().items()}
+    torch.save({"format": FORMAT, "architecture": correction.architecture,
+                "state_dict": state, "metadata": metadata or {}}, path)
+
+
+@torch.no_grad()
+def apply_correction(correction, coefficients, mask, tissues, slab=8):
+    """Correct a volume of prior coefficients, slab by slab with a halo.
+
+    Parameters
+    ----------
+    correction : PriorCorrection
+    coefficients : ndarray, shape (X, Y, Z, C_total)
+        :meth:`esdmri.reconst.models.RTESDModel.prior_coefficients`'s output
+        (zero outside ``mask``).
+    mask : ndarray of bool, shape (X, Y, Z)
+    tissues : tuple of str
+    slab : int
+        Voxels along x per pass.
+
+    Returns
+    -------
+    corrected : ndarray, float32, shape (X, Y, Z, C_total)
+        Zero outside ``mask``.
+    """
+    halo = correction.architecture["spatial_layers"] * (
+        correction.architecture["spatial_kernel_size"] // 2)
+    device = next(correction.parameters()).device
+    volume = torch.as_tensor(np.ascontiguousarray(coefficients), dtype=torch.float32)
+    volume = volume.permute(3, 0, 1, 2)[None]
+    padded = nn.functional.pad(volume, (halo,) * 6)
+    out = torch.empty_like(volume)
+    for start in range(0, volume.shape[2], slab):
+        stop = min(start + slab, volume.shape[2])
+        block = padded[:, :, start:stop + 2 * halo].to(device)
+        corrected = correction(block, tuple(tissues))
+        out[:, :, start:stop] = corrected[:, :, halo:halo + stop - start,
+                                          halo:halo + volume.shape[3],
+                                          halo:halo + volume.shape[4]].cpu()
+    result = out[0].permute(1, 2, 3, 0).cpu().numpy()
+    result[~mask] = 0
+    return result
+
+
+def fibre_target(fibre_dirs, fibre_weights, wm_amount, order=CORRECTED_ORDER,
+                 smoothing=150.0):
+    """Supervised target: the true fibres as apodised deltas of a given WM amount.
+
+    Parameters
+    ----------
+    fibre_dirs : ndarray, shape (..., K, 3)
+        Unit fibre directions, NaN where absent.
+    fibre_weights : ndarray, shape (..., K)
+        Each fibre's share of the voxel's WM (summing to 1 where there are fibres).
+    wm_amount : ndarray, shape (...)
+        The l = 0 coefficient of the voxel's true WM, in the fit's units.
+    order : int
+    smoothing : float
+        Degree l is weighted by ``exp(-l (l + 1) / smoothing)`` (less ringing
+        than a truncated delta).
+
+    Returns
+    -------
+    target : ndarray, float32, shape (..., n_coeffs(order))
+        Degrees 0 to ``order``; a voxel without fibres is isotropic.
+    """
+    shape = fibre_dirs.shape[:-2]
+    dirs = fibre_dirs.reshape(-1, fibre_dirs.shape[-2], 3)
+    weights = np.nan_to_num(fibre_weights.reshape(len(dirs), -1))
+    present = np.all(np.isfinite(dirs), axis=-1)
+    degrees = sh_degrees(order)
+    apodisation = np.exp(-degrees * (degrees + 1) / smoothing)
+    flat_dirs = np.where(present[..., None], dirs, [0.0, 0.0, 1.0]).reshape(-1, 3)
+    basis = sh_matrix(order, flat_dirs).reshape(len(dirs), -1, len(degrees))
+    lobes = np.einsum("nk,nkc->nc", weights * present, basis) * apodisation
+    lobes *= math.sqrt(4 * math.pi)  # unit l = 0 coefficient per unit weight
+    lobes[~present.any(-1)] = 0
+    lobes[:, 0] = 1
+    return (lobes * wm_amount.reshape(-1, 1)).reshape(shape + (len(degrees),)).astype(
+        np.float32)
