@@ -35,6 +35,7 @@ one run allowed; order 12 needs nside 8 at 4x the cost per step).
 """
 
 import argparse
+import itertools
 import json
 import time
 import traceback
@@ -127,40 +128,41 @@ def network_rows(scan, mask, args, log):
     return rows, losses
 
 
+def baseline_rows(scan, mask, labels, record, log):
+    """The baselines' fits, {label: (MethodResult, seconds)}; a failure goes on ``record``."""
+    rows = {}
+    for label in labels:
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = METHODS[BASELINES[label]].fit(scan, mask)
+            rows[label] = (result, time.perf_counter() - start)
+        except Exception as error:  # noqa: BLE001 - one baseline must not stop the run
+            log(traceback.format_exc())
+            record["rows"][label] = {"sweep": [], "seconds": float("nan"),
+                                     "error": f"{type(error).__name__}: {error}"}
+    return rows
+
+
 def run(args, log):
     outcomes = []
-    for family in args.families:
-        for snr in args.snrs:
-            phantom = make_family(family, args.side, snr, args.split)
-            scan = scan_of(phantom)
-            mask = scored_voxels(phantom)
-            log(f"{family} SNR {snr:g} ({args.split}): {int(mask.sum())} voxels, "
-                f"{int((phantom.n_fibres >= 2).sum())} crossing")
-            record = {"family": family, "snr": snr, "split": args.split, "rows": {},
-                      "losses": {}}
-            rows = {}
-            if not args.baselines_only:
-                rows, record["losses"] = network_rows(scan, mask, args, log)
-            for label, name in BASELINES.items():
-                if label not in args.baselines:
-                    continue
-                start = time.perf_counter()
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        rows[label] = (METHODS[name].fit(scan, mask), None)
-                    rows[label] = (rows[label][0], time.perf_counter() - start)
-                except Exception as error:  # noqa: BLE001 - one baseline must not stop the run
-                    log(traceback.format_exc())
-                    record["rows"][label] = {"sweep": [], "seconds": float("nan"),
-                                             "error": f"{type(error).__name__}: {error}"}
-                    rows.pop(label, None)
-            for label, (method_result, seconds) in rows.items():
-                record["rows"][label] = {"sweep": sweep_of(method_result, phantom, mask),
-                                         "seconds": seconds, "error": ""}
-                log(f"  {label}: {seconds:.0f} s")
-            outcomes.append(record)
-            save(args, outcomes)
+    for family, snr in itertools.product(args.families, args.snrs):
+        phantom = make_family(family, args.side, snr, args.split)
+        scan, mask = scan_of(phantom), scored_voxels(phantom)
+        log(f"{family} SNR {snr:g} ({args.split}): {int(mask.sum())} voxels, "
+            f"{int((phantom.n_fibres >= 2).sum())} crossing")
+        record = {"family": family, "snr": snr, "split": args.split, "rows": {}, "losses": {}}
+        rows = {}
+        if not args.baselines_only:
+            rows, record["losses"] = network_rows(scan, mask, args, log)
+        rows.update(baseline_rows(scan, mask, args.baselines, record, log))
+        for label, (method_result, seconds) in rows.items():
+            record["rows"][label] = {"sweep": sweep_of(method_result, phantom, mask),
+                                     "seconds": seconds, "error": ""}
+            log(f"  {label}: {seconds:.0f} s")
+        outcomes.append(record)
+        save(args, outcomes)
     return outcomes
 
 
