@@ -230,6 +230,9 @@ def report(files):
     ran = {(o["split"], o["family"], o["snr"], o["row"]) for o in outcomes if o["sweep"]}
     outcomes = [o for o in outcomes
                 if o["sweep"] or (o["split"], o["family"], o["snr"], o["row"]) not in ran]
+    # A row run in two parts is shown once: the later run's.
+    outcomes = list({(o["split"], o["family"], o["snr"], o["row"]): o
+                     for o in outcomes}.values())
     thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
     order = {label: i for i, label in enumerate(ROWS)}
     outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"], order[o["row"]]))

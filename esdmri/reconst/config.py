@@ -418,7 +418,11 @@ class RefinementConfig:
         Weight of the total variation between neighbouring voxels' tissue
         coefficients inside the refinement, relative to the Gaussian
         likelihood of the signal with a noise level estimated from the data
-        (so one value serves every SNR; 0: voxel by voxel).
+        (so one value serves every SNR; 0: voxel by voxel). 10, chosen on
+        the dev set of five phantom families (docs/benchmarks.md, "Accuracy
+        per phantom family"): at the objective's minimum, 20 merged crossing
+        voxels into their single-fibre neighbours at SNR 10 (where the
+        likelihood scaling makes the coupling 4x stronger than at SNR 20).
     refine_smoothing : float
         Coefficient-difference scale below which that total variation is
         quadratic (it is linear above).
@@ -427,7 +431,8 @@ class RefinementConfig:
         than noise (:func:`esdmri.reconst.refine.signal_similarity`).
     refine_tolerance : float
         Stop the refinement once its objective falls by less than this
-        fraction in 10 steps (0: always ``refine_steps`` steps).
+        fraction in 10 steps (0: always ``refine_steps`` steps). 1e-3 stopped
+        at steps 70-90 on the dev phantoms, before the fODFs had settled.
     refine_method : str
         Solver of the refinement: ``"lbfgs"`` (limited-memory BFGS with a
         line search) or ``"adam"`` (the fixed-rate Adam with a second moment
@@ -436,10 +441,10 @@ class RefinementConfig:
 
     refine_steps: int = 300
     refine_lr: float = 1e-3
-    refine_tv: float = 20.0
+    refine_tv: float = 10.0
     refine_smoothing: float = 1e-3
     refine_similarity: bool = False
-    refine_tolerance: float = 1e-3
+    refine_tolerance: float = 1e-4
     refine_method: str = "lbfgs"
 
     def __post_init__(self):
