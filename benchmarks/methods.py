@@ -394,7 +394,7 @@ _register_ablations()
 
 
 # The pretrained correction of the prior (issue 27): the shipped weights, or
-# the weights file benchmarks/pretrain.py puts here to score a candidate.
+# the weights file (and refinement budget) benchmarks/pretrain.py puts here.
 PRETRAINED = {"pretrained": True}
 
 
@@ -402,7 +402,7 @@ PRETRAINED = {"pretrained": True}
                  "pretrained network alone (pretrained=True, refine_steps=0)")
 def fit_pretrained(phantom, mask):
     from esdmri import RTESDModel
-    return _fit_network(RTESDModel, phantom, mask, refine_steps=0, **PRETRAINED)
+    return _fit_network(RTESDModel, phantom, mask, **{**PRETRAINED, "refine_steps": 0})
 
 
 @register_method("rtesd-pretrained+refine", "esdmri RTESDModel, the linear prior corrected by "

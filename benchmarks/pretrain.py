@@ -246,11 +246,14 @@ DEV_ROWS = ("esdmri default", "esdmri linear prior alone", "esdmri pretrained al
             "esdmri pretrained + refinement", "DIPY CSD")
 
 
-def score_on_dev(weights, out, side):
-    """``benchmarks/devset.py``'s dev split with the pretrained rows using ``weights``."""
+def score_on_dev(weights, out, side, refine_steps=None):
+    """``benchmarks/devset.py``'s dev split with the pretrained rows using ``weights``
+    (and ``refine_steps`` for the refined row, default: the models' default)."""
     from . import devset, methods
 
     methods.PRETRAINED["pretrained"] = str(weights)
+    if refine_steps is not None:
+        methods.PRETRAINED["refine_steps"] = refine_steps
     devset.main(["--split", "dev", "--side", str(side), "--out", str(out),
                  "--rows", *DEV_ROWS])
     devset.main(["--report", str(out / "results-dev.json")])
@@ -305,13 +308,16 @@ def main(argv=None):
     parser.add_argument("--dev", type=Path, metavar="WEIGHTS",
                         help="only score these weights on the dev phantoms")
     parser.add_argument("--dev-out", type=Path, default=Path("out/pretrain-dev"))
+    parser.add_argument("--refine-steps", type=int,
+                        help="with --dev: the refined row's step budget (default: the "
+                             "models' default)")
     parser.add_argument("--timing", type=Path, metavar="WEIGHTS",
                         help="only time the fits of the dev phantoms with and without them")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     if args.dev:
-        score_on_dev(args.dev, args.dev_out, args.side)
+        score_on_dev(args.dev, args.dev_out, args.side, args.refine_steps)
         return
     if args.timing:
         time_on_dev(args.timing, args.side, args.repeats)

@@ -49,7 +49,7 @@ FORMAT = "esdmri-pretrained-1"
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "pretrained_rtesd.pt"
 # SHA-256 of DEFAULT_WEIGHTS (benchmarks/pretrain.py prints it with the weights).
-DEFAULT_SHA256 = "9ee29c3ca4de3c0ba2e522ac6adf5d0f006f9ba8ec001d95381ae6698f0e3dc5"
+DEFAULT_SHA256 = "1f4967ee29549071415f5545f70247d70936f79f188bcb1bdce1e23a1c69e35f"
 
 
 class PriorCorrection(nn.Module):
