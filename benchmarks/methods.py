@@ -365,16 +365,18 @@ def fit_cesd(phantom, mask):
 
 
 # Ablations: the trained network alone (no refinement), the same loss without
-# a network (the defaults: the linear prior refined, no training), without the
+# a network (the linear prior refined, no training, no shipped weights), without the
 # spatial coupling, and the linear prior alone.
 _ABLATIONS = {
     "net": ({"refine_steps": 0, **TRAINED}, "the trained network alone (epochs=30, "
             "refine_steps=0)"),
-    "prior+refine": ({"epochs": 0}, "the defaults: no training, the linear prior refined on "
-                     "the same loss with the spatially coupled refinement (epochs=0)"),
-    "voxelwise": ({"epochs": 0, "refine_tv": 0.0}, "no training and no spatial coupling: "
-                  "the linear prior refined voxel by voxel on the same loss (epochs=0, "
-                  "refine_tv=0)"),
+    "prior+refine": ({"epochs": 0, "pretrained": False}, "the network-free fit (the defaults "
+                     "before the shipped weights): no training, the linear prior refined on "
+                     "the same loss with the spatially coupled refinement (epochs=0, "
+                     "pretrained=False)"),
+    "voxelwise": ({"epochs": 0, "refine_tv": 0.0, "pretrained": False}, "no training and no "
+                  "spatial coupling: the linear prior refined voxel by voxel on the same loss "
+                  "(epochs=0, refine_tv=0, pretrained=False)"),
 }
 
 
@@ -413,10 +415,11 @@ def fit_pretrained_refined(phantom, mask):
 
 
 @register_method("prior", "the networks' linear prior alone: regularised least-squares "
-                 "deconvolution (epochs=0, refine_steps=0; the same for ESD, RT-ESD, C-ESD)")
+                 "deconvolution (epochs=0, refine_steps=0, pretrained=False; the same for ESD, "
+                 "RT-ESD, C-ESD)")
 def fit_prior(phantom, mask):
     from esdmri import RTESDModel
-    return _fit_network(RTESDModel, phantom, mask, epochs=0, refine_steps=0)
+    return _fit_network(RTESDModel, phantom, mask, epochs=0, refine_steps=0, pretrained=False)
 
 
 def _rumba_responses(response, gtab):

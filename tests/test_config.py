@@ -35,7 +35,7 @@ ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch"
 # Loss-weight fields added since (the form of the training TV), with their load defaults.
 ADDED_WEIGHTS = {"tv_form": "coefficients"}
 # Defaults changed since; a file stores every option, so its own values load.
-CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000}
+CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000, "pretrained": None}
 # Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
 RENAMED = {"conv_kind": "e3so3-stem"}
 

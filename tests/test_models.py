@@ -409,7 +409,10 @@ def test_the_default_fit_builds_no_network_and_equals_the_untrained_network(phan
     assert np.abs(expected).max() > 0.1
     fit = model.fit(phantom.data, mask=phantom.mask)
     assert model.network is None
-    np.testing.assert_array_equal(fit.shm_coeff_descoteaux07, prior[..., :n_coeffs(4)])
+    # The shipped correction acts on that prior; the fit builds no per-scan network.
+    corrected = model.corrected_prior(prior, scan)
+    assert np.abs(corrected - prior).max() > 1e-3
+    np.testing.assert_array_equal(fit.shm_coeff_descoteaux07, corrected[..., :n_coeffs(4)])
     with pytest.raises(ValueError, match="the model has no network"):
         model.network_coefficients(scan)
 

@@ -18,6 +18,7 @@ from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.metrics import evaluate_peaks
 from esdmri.peaks import peaks_from_sh
 from esdmri.reconst import pretrained
+from esdmri.reconst.fit import DeconvolutionFit
 from esdmri.reconst.models import RTESDModel, load_model
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.testing import REFLECT_X, ROTATE_Z_90, relative_error, rotate_grid
@@ -107,17 +108,27 @@ def test_correction_commutes_with_grid_and_sphere_symmetries(symmetry):
     assert error < 1e-6
 
 
-def test_pretrained_false_is_the_network_free_fit(phantom):
+def test_the_default_fit_takes_the_shipped_weights(phantom):
     default = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=20)
-    free = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=20,
-                     pretrained=False)
-    np.testing.assert_array_equal(default.shm_coeff, free.shm_coeff)
+    shipped = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=20,
+                        pretrained=True)
+    np.testing.assert_array_equal(default.shm_coeff, shipped.shm_coeff)
+
+
+def test_pretrained_false_is_the_network_free_fit(phantom):
+    model = RTESDModel(phantom.gtab, refine_steps=20, pretrained=False, verbose=False)
+    scan = model.prepare(phantom.data, mask=phantom.mask)
+    steps, _ = model.refine(model.prior_coefficients(scan), scan)
+    free = model.fit(phantom.data, mask=phantom.mask)
+    np.testing.assert_array_equal(free.shm_coeff, DeconvolutionFit(
+        model, steps, scan.mask, response=scan.response).shm_coeff)
 
 
 def test_an_untrained_correction_is_the_prior(phantom, tmp_path):
     path = tmp_path / "zero.pt"
     pretrained.save_correction(pretrained.PriorCorrection().zero_head(), path)
-    prior = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0)
+    prior = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0,
+                      pretrained=False)
     zero = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0, pretrained=path)
     np.testing.assert_allclose(zero.shm_coeff, prior.shm_coeff, atol=1e-5)
 
@@ -142,7 +153,8 @@ def crossing_error(phantom, fit, threshold):
 def test_pretrained_network_sharpens_the_prior_on_an_unseen_phantom(phantom):
     """Without refinement, the corrected prior's crossing error is below the prior's
     (each at its best relative peak threshold)."""
-    prior = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0)
+    prior = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0,
+                      pretrained=False)
     net = quiet_fit(phantom.gtab, phantom.data, phantom.mask, refine_steps=0, pretrained=True)
     thresholds = (0.2, 0.3, 0.4, 0.5, 0.6)
     best_prior = min(crossing_error(phantom, prior, t) for t in thresholds)

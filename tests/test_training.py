@@ -22,7 +22,7 @@ def phantom():
 def test_diverging_training_returns_the_starting_network(phantom):
     """A learning rate far too large wrecks every epoch: the linear prior comes back."""
     torch.manual_seed(0)
-    untrained = ESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
+    untrained = ESDModel(phantom.gtab, phantom.response, epochs=0, pretrained=False, **SMALL)
     expected = untrained.fit(phantom.data, mask=phantom.mask).shm_coeff
     diverged = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, **SMALL)
     fit = diverged.fit(phantom.data, mask=phantom.mask)

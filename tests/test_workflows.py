@@ -272,6 +272,13 @@ def test_cli_defaults_are_the_api_defaults():
         options["refine_steps"]
     assert inspect.signature(FitFlow.run).parameters["refine_tv"].default == \
         options["refine_tv"] > 0
+    # --pretrained's text maps onto the option: the default is the shipped weights
+    # (None: unless training), "none" the network-free fit, anything else a path.
+    from esdmri.workflows.fit import pretrained_option
+    default = inspect.signature(FitFlow.run).parameters["pretrained"].default
+    assert pretrained_option(default) is options["pretrained"] is None
+    assert pretrained_option("none") is False and pretrained_option("None") is False
+    assert pretrained_option("weights.pt") == "weights.pt"
     # The commands name the kinds and train_group's run options without
     # importing torch; they must be the library's.
     from esdmri.reconst.models import MODEL_CLASSES

@@ -3,8 +3,9 @@
 Examples
 --------
 ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --mask mask.nii.gz --out_dir fit``
-fits RT-ESD with its defaults (no training: the linear prior refined with
-the spatially coupled loss, ``--refine_tv``) and responses estimated from the scan, and writes
+fits RT-ESD with its defaults (no training on the scan: the linear prior,
+corrected by the shipped pretrained network, ``--pretrained``, and refined with the
+spatially coupled loss, ``--refine_tv``) and responses estimated from the scan, and writes
 ``fodf_sh.nii.gz``, ``fractions.nii.gz``, ``peaks.pam5`` and ``model.pt``;
 ``--epochs 30`` trains the network on the scan first and adds
 ``training_curve.png``. With MRtrix3 responses and an MRtrix3 copy of the
@@ -118,7 +119,7 @@ class FitFlow(EsdmriWorkflow):
             train_windows=MODEL_DEFAULTS["train_windows"],
             total_variation=MODEL_DEFAULTS["train_tv"],
             refine_steps=MODEL_DEFAULTS["refine_steps"], refine_tv=MODEL_DEFAULTS["refine_tv"],
-            device=MODEL_DEFAULTS["device"],
+            pretrained="default", device=MODEL_DEFAULTS["device"],
             seed=MODEL_DEFAULTS["seed"], tournier=False,
             relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
@@ -129,11 +130,12 @@ class FitFlow(EsdmriWorkflow):
         The model (RT-ESD by default) fits fODFs and tissue fractions whose
         convolution with the response functions reproduces the measured
         signal, with a total variation coupling neighbouring voxels
-        (--refine_tv). By default the network is not trained: its linear
-        prior is refined by that spatially coupled descent of the loss (the
-        most accurate setting measured, docs/benchmarks.md; ESD, RT-ESD and
-        C-ESD then give the same fit); with --epochs N it is first trained on
-        the scan itself, as in the papers. Outputs: the WM fODF as SH
+        (--refine_tv). By default no network is trained on the scan: its
+        linear prior is corrected by the network shipped with esdmri
+        (--pretrained) and refined by that spatially coupled descent of the
+        loss (the most accurate setting measured, docs/benchmarks.md; ESD,
+        RT-ESD and C-ESD then give the same fit); with --epochs N the network
+        is first trained on the scan itself, as in the papers. Outputs: the WM fODF as SH
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
@@ -208,6 +210,11 @@ class FitFlow(EsdmriWorkflow):
             Weight of the total variation between neighbouring voxels in that
             descent, relative to the signal's likelihood at the noise level
             estimated from the scan (0: voxel by voxel).
+        pretrained : string, optional
+            Network that corrects the linear prior before the refinement:
+            default (the weights shipped with esdmri, pretrained on simulated
+            scans of many acquisitions; not used with --epochs N), a path to
+            other weights, or none (the network-free fit).
         device : string, optional
             cpu, cuda or cuda:N.
         seed : int, optional
@@ -268,7 +275,8 @@ class FitFlow(EsdmriWorkflow):
                 filter_start=filter_start, block_size=block_size, epochs=epochs,
                 batch_size=batch_size, lr=lr, train_windows=train_windows,
                 train_tv=total_variation, refine_steps=refine_steps, refine_tv=refine_tv,
-                device=device, seed=seed, verbose=verbose_logging())
+                pretrained=pretrained_option(pretrained), device=device, seed=seed,
+                verbose=verbose_logging())
             logger.info(f"{dwi}: fitting {model} ({epochs} training epochs on {device})")
             # The fit checks the scan once (NaN or inf in the mask are named
             # before the response estimation would fail on them), then
@@ -295,6 +303,13 @@ class FitFlow(EsdmriWorkflow):
             logger.info(f"{dwi}: wrote {', '.join(map(str, written))}")
             fits.append(fit)
         return fits
+
+
+def pretrained_option(value):
+    """The models' ``pretrained`` option of the --pretrained flag's text."""
+    if value.lower() == "none":
+        return False
+    return None if value == "default" else value
 
 
 def main():

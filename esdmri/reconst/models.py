@@ -3,14 +3,15 @@
 ``model = RTESDModel(gtab, response); fit = model.fit(data, mask=mask)`` returns a
 fit with ``shm_coeff``, ``odf``, ``predict``, ``volume_fractions`` and
 ``peaks``. The loss is unsupervised (the fODFs, convolved with the response
-functions, must reproduce the measured signal). By default the network is not
-trained (``epochs=0``, the most accurate setting measured): the fit is the
-network's linear prior, computed without building the network, refined by the
-spatially coupled descent of that loss. With ``epochs=N`` the U-Net is first
-trained on the scan itself, as in the papers. With ``pretrained=True`` a network
-shipped with esdmri, pretrained on simulated scans of many acquisitions,
-corrects the linear prior before the refinement (:mod:`esdmri.reconst.pretrained`).
-Fits leave the model as it was, except for the network that training gives it.
+functions, must reproduce the measured signal). By default no network is
+trained on the scan (``epochs=0``): the network's linear prior, computed without
+building the per-scan network, is corrected by a small network shipped with
+esdmri (pretrained on simulated scans of many acquisitions, reading the prior's
+fODF so that it serves any acquisition: :mod:`esdmri.reconst.pretrained`), then
+refined by the spatially coupled descent of the loss. ``pretrained=False``
+gives the network-free fit; with ``epochs=N`` the U-Net is first trained on the
+scan itself, as in the papers. Fits leave the model as it was, except for the
+network that training gives it.
 """
 
 import copy
@@ -258,6 +259,8 @@ class _DeconvolutionModel(ReconstModel):
             Loaded (checksum and architecture checked) once per weights.
         """
         pretrained = self.config.network.pretrained
+        if pretrained is None:  # the shipped weights, unless a network is trained on the scan
+            pretrained = not self.config.training.epochs
         if pretrained is False:
             return None
         if self._correction[0] != pretrained:
