@@ -1,7 +1,9 @@
 """Where the default fit's time goes, and the refinement's two solvers side by side (issue 28).
 
-Every row is one default fit (``RTESDModel``, no training: the linear prior
-refined by the spatially coupled descent of the loss) profiled with
+Every row is one default fit (``RTESDModel``, no training on the scan: the
+linear prior, corrected by the shipped pretrained network, refined by the
+spatially coupled descent of the loss; ``--network-free``: without the
+correction, ``pretrained=False``) profiled with
 :mod:`cProfile`, whose cumulative times split it into stages:
 
 - response: :func:`esdmri.response.estimate_response` (once per scan, timed
@@ -9,8 +11,10 @@ refined by the spatially coupled descent of the loss) profiled with
 - checks: the input checks and the b0 normalisation;
 - interpolation: building the shell interpolator and resampling the
   signal onto the network's grid;
-- prior / network: the network pass (the linear prior, the head left at
-  zero), without the resampling;
+- prior / network: the linear prior (or a trained network's pass), without
+  the resampling;
+- pretrained correction: the shipped network's pass over the prior
+  (:mod:`esdmri.reconst.pretrained`);
 - refinement: :func:`esdmri.reconst.refine.refine_coefficients`;
 - writing: ``shm_coeff`` and the volume fractions saved as NIfTI (timed
   after the fit).
@@ -69,6 +73,7 @@ STAGES = {
     "checks": ("inputs.check_scan", "inputs.normalize_by_b0"),
     "interpolation": ("shm.ShellInterpolator", "subjects.read"),
     "prior / network": ("models.prior_coefficients", "models.network_coefficients"),
+    "pretrained correction": ("models.corrected_prior",),
     "refinement": ("refine.refine_coefficients",),
 }
 
@@ -132,10 +137,10 @@ def write_seconds(fit):
     return time.perf_counter() - start
 
 
-def profiled_fit(phantom, response, order, method):
-    """One default fit, profiled: its row of the table."""
+def profiled_fit(phantom, response, order, method, pretrained=None):
+    """One default fit (``pretrained=False``: the network-free fit), profiled: its row."""
     model = RTESDModel(phantom.gtab, response, verbose=False, sh_order_max=order,
-                       refine_method=method)
+                       refine_method=method, pretrained=pretrained)
     gc.collect()
     reset_peak()
     profile = cProfile.Profile()
@@ -204,13 +209,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--brain", action="store_true",
                         help="add the clinical-size scan and DIPY CSD's time on it")
+    parser.add_argument("--network-free", action="store_true",
+                        help="fit without the shipped pretrained correction (pretrained=False)")
     args = parser.parse_args()
     if args.sizes is None:
         args.sizes = [20] if args.quick else [20, 40]
     args.snrs = args.snrs or ([20.0] if args.quick else [20.0, 10.0])
     args.orders = args.orders or ([None] if args.quick else [8, 12])
 
-    print(f"torch threads: {torch.get_num_threads()}; machine load when started: "
+    print(f"{'network-free fit' if args.network_free else 'default fit'}; "
+          f"torch threads: {torch.get_num_threads()}; machine load when started: "
           f"{Path('/proc/loadavg').read_text().split()[0]}", flush=True)
     header = ("| scan | masked voxels | SH order | solver | fit (s) | "
               + " | ".join(f"{stage} (s)" for stage in (*STAGES, "writing"))
@@ -231,7 +239,8 @@ def main():
             for repeat in range(args.repeats):
                 order_of_methods = args.methods if repeat % 2 == 0 else args.methods[::-1]
                 for method in order_of_methods:
-                    fits[method].append(profiled_fit(phantom, response, order, method))
+                    fits[method].append(profiled_fit(phantom, response, order, method,
+                                                     False if args.network_free else None))
             for method, results in fits.items():
                 best = min(results, key=lambda r: r["fit"])
                 line = (f"| {name} | {voxels} | {best['order']} | {method} | {best['fit']:.1f} | "
