@@ -353,11 +353,11 @@ class _DeconvolutionModel(ReconstModel):
         """Deconvolve a scan, training the network on it first when ``epochs`` > 0.
 
         The steps, each public: :meth:`prepare` (checks, b0 normalisation,
-        the response) -> :meth:`prior_coefficients` (corrected by the
-        pretrained network with ``pretrained``, :meth:`corrected_prior`), or
-        :meth:`network_coefficients` when the model has a network or trains
-        one -> :meth:`refine` -> :class:`DeconvolutionFit`. With
-        ``epochs=0`` and no loaded network, no network is built or run.
+        the response) -> :meth:`prior_coefficients` corrected by the
+        shipped pretrained network (:meth:`corrected_prior`, option
+        ``pretrained``), or :meth:`network_coefficients` when the model has a
+        network or trains one -> :meth:`refine` -> :class:`DeconvolutionFit`.
+        With ``epochs=0`` and no loaded network, no per-scan network is built.
 
         Parameters
         ----------

@@ -265,7 +265,13 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
     halo = correction.architecture["spatial_layers"] * (
         correction.architecture["spatial_kernel_size"] // 2)
     device = next(correction.parameters()).device
-    volume = torch.as_tensor(np.ascontiguousarray(coefficients), dtype=torch.float32)
+    result = np.zeros(coefficients.shape, dtype=np.float32)
+    if not mask.any():
+        return result
+    # Only the mask's bounding box runs: outside the mask the prior is zero, as
+    # the zero padding is, so each masked voxel sees the same inputs.
+    box = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
+    volume = torch.as_tensor(np.ascontiguousarray(coefficients[box]), dtype=torch.float32)
     volume = volume.permute(3, 0, 1, 2)[None]
     padded = nn.functional.pad(volume, (halo,) * 6)
     out = torch.empty_like(volume)
@@ -276,7 +282,7 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
         out[:, :, start:stop] = corrected[:, :, halo:halo + stop - start,
                                           halo:halo + volume.shape[3],
                                           halo:halo + volume.shape[4]].cpu()
-    result = out[0].permute(1, 2, 3, 0).cpu().numpy()
+    result[box] = out[0].permute(1, 2, 3, 0).numpy()
     result[~mask] = 0
     return result
 
