@@ -57,11 +57,11 @@ MATCH_ANGLE = 25.0
 SNRS = (10, 20)
 # Rows: label -> registered method.
 ROWS = {
-    "esdmri default": "rtesd-prior+refine",
-    "esdmri refine_tv=0": "rtesd-voxelwise",
+    "esdmri default (pretrained + refinement)": "rtesd-pretrained+refine",
+    "esdmri network-free (pretrained=False)": "rtesd-prior+refine",
+    "esdmri network-free, refine_tv=0": "rtesd-voxelwise",
     "esdmri linear prior alone": "prior",
     "esdmri pretrained alone": "rtesd-pretrained",
-    "esdmri pretrained + refinement": "rtesd-pretrained+refine",
     "DIPY CSD": "csd",
     "DIPY MSMT-CSD": "msmt",
     "DIPY RUMBA-SD + TV (own ODF peaks)": "rumba-tv",

@@ -17,8 +17,9 @@ Protocol (issue 14):
   relative peak threshold of each method and CSD's shell; the test phantoms
   (another geometry) are then scored once with those settings;
 * the networks' defaults (no training, ``epochs=0``: the linear prior
-  refined on the same loss, one fit for ESD, RT-ESD and C-ESD) and ablations:
-  the same without the spatial coupling, each model trained on the scan
+  corrected by the shipped pretrained network, refined on the same loss, one
+  fit for ESD, RT-ESD and C-ESD) and ablations: the network-free fit
+  (``pretrained=False``), that without the spatial coupling, each model trained on the scan
   (``epochs=30``, the papers' way) with and without the refinement
   (``refine_steps=0``), and the linear prior alone;
 * tractography on the test phantoms: DIPY deterministic and probabilistic
@@ -76,11 +77,15 @@ FAMILIES = {
     "DIPY RUMBA-SD, total variation": ("rumba-tv",),
     "MRtrix3 dhollander + msmt_csd": ("mrtrix3",),
     "linear prior alone": ("prior",),
-    # ESD, RT-ESD and C-ESD without training are one fit (the linear prior
-    # refined; tests/test_models.py checks they are identical). The voxel-wise
-    # row is the same loss without the refinement's spatial coupling.
-    "voxel-wise fit (epochs=0, refine_tv=0), any model": ("rtesd-voxelwise",),
-    "defaults (no training, epochs=0), any model": ("rtesd-prior+refine",),
+    # ESD, RT-ESD and C-ESD without training are one fit (the linear prior,
+    # corrected by the shipped network by default, refined; tests/test_models.py
+    # checks they are identical). The voxel-wise row is the network-free loss
+    # without the refinement's spatial coupling.
+    "voxel-wise fit (epochs=0, refine_tv=0, pretrained=False), any model":
+        ("rtesd-voxelwise",),
+    "network-free fit (epochs=0, pretrained=False), any model": ("rtesd-prior+refine",),
+    "defaults (shipped pretrained network + refinement), any model":
+        ("rtesd-pretrained+refine",),
     "ESD trained, network alone": ("esd-net",),
     "ESD trained (epochs=30)": ("esd",),
     "RT-ESD trained, network alone": ("rtesd-net",),
@@ -94,8 +99,10 @@ NETWORK_PAIRS = {"esd": ("esd-net", "esd"), "rtesd": ("rtesd-net", "rtesd"),
                  "cesd": ("cesd-net", "cesd")}
 QUICK_FAMILIES = ("DIPY CSD", "DIPY MSMT-CSD", "DIPY RUMBA-SD, total variation",
                   "MRtrix3 dhollander + msmt_csd",
-                  "linear prior alone", "voxel-wise fit (epochs=0, refine_tv=0), any model",
-                  "defaults (no training, epochs=0), any model",
+                  "linear prior alone",
+                  "voxel-wise fit (epochs=0, refine_tv=0, pretrained=False), any model",
+                  "network-free fit (epochs=0, pretrained=False), any model",
+                  "defaults (shipped pretrained network + refinement), any model",
                   "RT-ESD trained, network alone", "RT-ESD trained (epochs=30)")
 
 

@@ -21,8 +21,8 @@ fODF on its own sphere as in DIPY's RUMBA example (projected on SH, its sharp
 fODFs blur: issue 26); MRtrix3's ``dwi2response dhollander`` +
 ``dwi2fod msmt_csd`` when its programs are installed; the networks trained
 on the scan (``TRAINED``) and their ablations (the trained network alone,
-``refine_steps=0``; the defaults, no training, ``epochs=0``; the linear prior
-alone).
+``refine_steps=0``; the network-free fit, ``epochs=0, pretrained=False``; the
+linear prior alone) and the shipped pretrained correction, alone and refined.
 
 Data without ground-truth tissue fractions (the DiSCo phantoms) arrive with
 ``tissue_fractions=None`` and a ``response`` estimated from the data; each

@@ -51,7 +51,7 @@ from dipy.data import get_3shell_gtab
 from esdmri.atomic import staged_output
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.models import RTESDModel
-from esdmri.reconst.network import SQRT_4PI
+from esdmri.reconst.network import SQRT_4PI, volume_fractions_from_coefficients
 from esdmri.reconst.pretrained import (ARCHITECTURE, PriorCorrection, fibre_target,
                                        save_correction, sha256_of)
 from esdmri.shm import n_coeffs
@@ -90,7 +90,7 @@ def cohort_settings(n_scans, seed):
     for i in range(n_scans):
         family = FAMILIES[i % len(FAMILIES)]
         settings.append({
-            "family": family, # Every (family, acquisition) pair once in 12 scans.
+            "family": family,  # Every (family, acquisition) pair once in 12 scans.
             "acquisition": acquisitions[(i % len(FAMILIES) + i // len(FAMILIES))
                                         % len(acquisitions)],
             "snr": float(rng.choice(SNRS)), "fa": float(rng.uniform(0.5, 0.85)),
@@ -141,7 +141,7 @@ def prepare_scan(setting, side):
     # where that amount is negative: the linear prior shares the WM's
     # isotropic part with GM and CSF.)
     n_wm = n_coeffs(model.config.network.sh_order_max)
-    total = SQRT_4PI * (prior[..., 0] + prior[..., n_wm:].sum(-1))
+    total = volume_fractions_from_coefficients(prior, n_wm).sum(-1)
     amount = total * phantom.tissue_fractions[..., 0] / SQRT_4PI
     target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount)
     target[..., 0] = prior[..., 0]  # the WM amount is the prior's, not corrected
@@ -242,8 +242,8 @@ def settings_of(args):
             for key, value in vars(args).items()}
 
 
-DEV_ROWS = ("esdmri default", "esdmri linear prior alone", "esdmri pretrained alone",
-            "esdmri pretrained + refinement", "DIPY CSD")
+DEV_ROWS = ("esdmri network-free (pretrained=False)", "esdmri linear prior alone",
+            "esdmri pretrained alone", "esdmri default (pretrained + refinement)", "DIPY CSD")
 
 
 def score_on_dev(weights, out, side, refine_steps=None):
