@@ -228,15 +228,15 @@ def test_bad_refinement_options(phantom, option, value):
 
 
 def refine_field(phantom, gtab, signal, mask, start, weights, dtype=torch.float32, **options):
-    options = {"lr": 1e-2, **options}
+    options = {"lr": 1e-2, "steps": 30, **options}
     matrix = torch.as_tensor(stacked_forward_matrix(phantom.response.normalized(), gtab, ORDER),
                              dtype=dtype)
     sampler = torch.as_tensor(sh_matrix(ORDER, HealpixSphere(SAMPLING_NSIDE,
                                                              hemisphere=True).vertices),
                               dtype=dtype)
     refined, history = refine_coefficients(start, signal, mask, matrix, sampler,
-                                           n_coeffs(ORDER), ORDER, weights, steps=30,
-                                           normalize=False, **options)
+                                           n_coeffs(ORDER), ORDER, weights, normalize=False,
+                                           **options)
     return refined.astype(np.float64), history
 
 

@@ -242,9 +242,46 @@ def save_correction(correction, path, metadata=None):
                 "state_dict": state, "metadata": metadata or {}}, path)
 
 
-@torch.no_grad()
+def _corrected_voxels(correction, block, keep, tissues, halo):
+    """The corrected coefficients of the kept voxels of one padded block.
+
+    The network's only spatial layers are its stem's (:func:`build_unet`'s
+    E(3) x SO(3) convolutions, reach ``halo``); everything after acts on each
+    voxel alone (spherical convolutions and pooling, :class:`VoxelNorm`). So
+    the stem runs on the block, and the spherical U-Net and the projection
+    back to SH only on the voxels ``keep`` selects, stacked along one axis:
+    the same values as :meth:`PriorCorrection.forward` there.
+
+    Parameters
+    ----------
+    correction : PriorCorrection
+    block : Tensor, shape [1, C_total, X + 2 halo, Y + 2 halo, Z + 2 halo]
+    keep : Tensor of bool, shape (X, Y, Z)
+    tissues : tuple of str
+    halo : int
+
+    Returns
+    -------
+    corrected : Tensor, shape [n_kept, C_total]
+    """
+    stem, spherical = correction.unet
+    grid, scale = correction.inputs(block, tissues)
+    inner = (slice(None),) * 3 + tuple(slice(halo, size - halo) for size in block.shape[2:])
+    features = stem(grid)[inner][..., keep]  # [1, F, V, n]
+    out = spherical(features[..., None, None])[0, 0, :, :, 0, 0]  # [V, n]
+    delta = (correction.grid_to_sh @ out) * scale[0, 0][inner[3:]][keep]  # [C8, n]
+    coefficients = block[0][(slice(None),) + inner[3:]][..., keep]  # [C_total, n]
+    n = min(correction.n_corrected, coefficients.shape[0] - (len(tissues) - 1))
+    coefficients[:n] += delta[:n]
+    return coefficients.T
+
+
+@torch.inference_mode()
 def apply_correction(correction, coefficients, mask, tissues, slab=8):
     """Correct a volume of prior coefficients, slab by slab with a halo.
+
+    Only the masked voxels run past the network's stem
+    (:func:`_corrected_voxels`), and slabs without one are skipped.
 
     Parameters
     ----------
@@ -272,18 +309,23 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
     # the zero padding is, so each masked voxel sees the same inputs.
     box = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
     volume = torch.as_tensor(np.ascontiguousarray(coefficients[box]), dtype=torch.float32)
-    volume = volume.permute(3, 0, 1, 2)[None]
-    padded = nn.functional.pad(volume, (halo,) * 6)
-    out = torch.empty_like(volume)
-    for start in range(0, volume.shape[2], slab):
-        stop = min(start + slab, volume.shape[2])
+    padded = nn.functional.pad(volume.permute(3, 0, 1, 2)[None], (halo,) * 6)
+    inside = torch.as_tensor(np.asarray(mask[box], dtype=bool))
+    rows = np.flatnonzero(mask)
+    corrected = np.empty((len(rows), coefficients.shape[-1]), dtype=np.float32)
+    done = 0
+    for start in range(0, volume.shape[0], slab):
+        stop = min(start + slab, volume.shape[0])
+        keep = inside[start:stop]
+        count = int(keep.sum())
+        if not count:
+            continue
         block = padded[:, :, start:stop + 2 * halo].to(device)
-        corrected = correction(block, tuple(tissues))
-        out[:, :, start:stop] = corrected[:, :, halo:halo + stop - start,
-                                          halo:halo + volume.shape[3],
-                                          halo:halo + volume.shape[4]].cpu()
-    result[box] = out[0].permute(1, 2, 3, 0).numpy()
-    result[~mask] = 0
+        # Masked voxels in C order, slab after slab: the order of ``rows``.
+        corrected[done:done + count] = _corrected_voxels(
+            correction, block, keep.to(device), tuple(tissues), halo).cpu().numpy()
+        done += count
+    result.reshape(-1, coefficients.shape[-1])[rows] = corrected
     return result
 
 

@@ -290,6 +290,43 @@ def signal_similarity(distances, variance):
     return torch.exp(-distances / (4 * variance))
 
 
+def signal_preconditioner(forward_matrix, weights, damping):
+    """Inverse of the signal term's Hessian plus a damping: L-BFGS's initial inverse Hessian.
+
+    Every voxel's signal term ``w_i / N |F^T c - y|^2`` has the Hessian ``H =
+    2 w_i / N F F^T`` (``C x C``), the same in every voxel. Its eigenvalues
+    span ten orders of magnitude (the deconvolution's ill-conditioning: on
+    the dev acquisition 2e-10 to 6.4, mean diagonal 0.076), and its largest
+    few (the l = 0 terms of WM and the isotropic tissues, which predict
+    nearly the same signal) are the stiff directions that hold a plain
+    L-BFGS back. ``(H + mu I)^-1`` with ``mu = damping * mean diag(H)``
+    flattens those and leaves the rest (where the sparsity and spatial terms,
+    not the signal, set the curvature) at a multiple of the identity.
+
+    Parameters
+    ----------
+    forward_matrix : Tensor, shape (C, N)
+    weights : LossWeights
+    damping : float
+        ``mu`` in units of the mean diagonal of ``H``.
+
+    Returns
+    -------
+    preconditioner : Tensor, float64, shape (C, C)
+        Symmetric positive definite; on the CPU.
+
+    Notes
+    -----
+    Rotating the gradient table rotates ``F F^T`` within each SH degree
+    (``D F F^T D^T``, ``D`` orthogonal), and the preconditioner with it, so
+    the solver still commutes with rotations of the scan.
+    """
+    matrix = forward_matrix.to("cpu", torch.float64)
+    hessian = (2 * weights.intensity / matrix.shape[1]) * (matrix @ matrix.T)
+    mu = damping * float(hessian.diagonal().mean())
+    return torch.linalg.inv(hessian + mu * torch.eye(len(hessian), dtype=torch.float64))
+
+
 class CoupledObjective:
     """The refinement's objective over the masked voxels and its gradient.
 
@@ -407,6 +444,12 @@ def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, ch
 _CPU_BLOCK = 512
 _DEVICE_BLOCK = 65536
 
+# Damping of the L-BFGS preconditioner, in units of the mean diagonal of the
+# signal term's Hessian (chosen on the 20^3 and 40^3 dev phantoms, SNR 20: 1 / 3 /
+# 10 / 30 took 126 / 125 / 111 / 121 evaluations at 20^3, none 172; 3 / 10 / 30
+# took 165 / 113 / 124 at 40^3, none 173; docs/benchmarks.md).
+_DAMPING = 10.0
+
 # Sufficient decrease of the line search (Armijo), its backtracking factor and
 # the most halvings of a step before the objective is taken as converged.
 _ARMIJO = 1e-4
@@ -415,15 +458,18 @@ _MAX_HALVINGS = 30
 
 
 def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, check_every,
-                   history, bar):
+                   history, bar, preconditioner=None):
     """Projected L-BFGS with a backtracking (Armijo) line search (``method="lbfgs"``).
 
     The two-loop recursion (Nocedal & Wright, Algorithm 7.4) builds the
     search direction from inner products and linear combinations of whole
     coefficient fields, and every scalar in it (``rho``, ``alpha``, the
-    initial scaling ``s.y / y.y``, the line search's slopes) is a Euclidean
+    initial scaling ``s.y / y.P y``, the line search's slopes) is a Euclidean
     inner product or norm: a rotation acting orthogonally within each SH
-    degree leaves them unchanged, so each step commutes with it. The
+    degree leaves them unchanged, so each step commutes with it. The initial
+    inverse Hessian is that scaling times ``P`` (``preconditioner``, the same
+    ``C x C`` matrix applied to every voxel: :func:`signal_preconditioner`,
+    which rotates with the gradient table; the identity when None). The
     isotropic coefficients are bounded below by 0: those at the bound whose
     gradient points outwards are held fixed (left out of the direction), and
     each trial point is projected onto the bound. The step pairs, the trial
@@ -440,8 +486,13 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     history.append(value / len(c))
     pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
     trial = torch.empty_like(c)
+
+    def apply(field):
+        return field if preconditioner is None else torch.mm(field, preconditioner)
+
     # The first step moves the coefficients by ``lr`` in root mean square.
-    scale = lr * c.numel() ** 0.5 / max(float(gradient.norm()), float(torch.finfo(c.dtype).tiny))
+    scale = lr * c.numel() ** 0.5 / max(float(apply(gradient).norm()),
+                                        float(torch.finfo(c.dtype).tiny))
     for step in range(1, steps + 1):
         held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
         direction = gradient.clone()
@@ -454,8 +505,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         if pairs:
             s, y, _ = pairs[-1]
             scale = float(torch.vdot(s.flatten(), y.flatten())
-                          / torch.vdot(y.flatten(), y.flatten()))
-        direction.mul_(-scale)
+                          / torch.vdot(y.flatten(), apply(y).flatten()))
+        direction = apply(direction).mul_(-scale)
         for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
             direction.add_(s, alpha=-alpha - beta)
@@ -467,7 +518,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             pairs.clear()
             direction = gradient.clone()
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-            direction.mul_(-scale)
+            direction = apply(direction).mul_(-scale)
+            direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         length = 1.0
         s = spare.pop() if spare else torch.empty_like(c)
         for _ in range(_MAX_HALVINGS):
@@ -508,7 +560,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
-                        memory=5):
+                        memory=5, damping=_DAMPING):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -581,6 +633,12 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     memory : int, optional
         Step pairs kept by L-BFGS (each pair holds two coefficient fields;
         5 reaches the objective of 8 on the dev phantoms with less memory).
+    damping : float or None, optional
+        L-BFGS's initial inverse Hessian is a multiple of
+        :func:`signal_preconditioner` with this damping (None: of the
+        identity, the plain L-BFGS). The default (10) stopped the 40^3 dev
+        fit after 113 evaluations instead of 173, at a lower objective
+        (docs/benchmarks.md).
 
     Returns
     -------
@@ -594,6 +652,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         raise ValueError(f"method must be one of {REFINEMENT_METHODS}, got {method!r}")
     if memory < 1:
         raise ValueError(f"memory must be >= 1, got {memory}")
+    if damping is not None and not damping > 0:
+        raise ValueError(f"damping must be None or > 0, got {damping!r}")
     device, dtype = fodf_sampler.device, fodf_sampler.dtype
     if batch_voxels is None:
         batch_voxels = (_CPU_BLOCK * torch.get_num_threads() if device.type == "cpu"
@@ -616,6 +676,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         pair_weights *= total_variation * 2 * variance / measured.shape[1]
     objective = CoupledObjective(measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
                                  first, second, pair_weights, smoothing, batch_voxels)
+    preconditioner = None
+    if damping is not None:
+        preconditioner = signal_preconditioner(forward_matrix, weights, damping).to(device, dtype)
     history = RefinementHistory()
     if len(indices):
         bar = tqdm(total=steps, desc="refining", unit="step", disable=not verbose)
@@ -624,7 +687,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                            history=history, bar=bar)
             if method == "lbfgs":
                 c, history.steps, history.stop_reason = _lbfgs_descent(
-                    _project(c, n_wm_coeffs), objective, n_wm_coeffs, memory=memory, **options)
+                    _project(c, n_wm_coeffs), objective, n_wm_coeffs, memory=memory,
+                    preconditioner=preconditioner, **options)
             else:
                 groups = degree_groups(sh_order_max, coefficients.shape[-1] - n_wm_coeffs)
                 history.steps, history.stop_reason = _adam_descent(
