@@ -1,0 +1,77 @@
+"""The refinement's L-BFGS with and without its preconditioner, on one default fit's inputs.
+
+The dev phantom of ``benchmarks/bench_stages.py`` (held-out family, geometry 101,
+noise seed 1) is prepared as the default fit prepares it (response estimated,
+linear prior, shipped pretrained correction), then
+:func:`esdmri.reconst.refine.refine_coefficients` runs from that start with the
+model's refinement options for each ``damping`` (``none``: the plain L-BFGS), in
+one process, the order alternating between repeats. Printed per damping:
+evaluations, steps, the objective per voxel at the stop and the process's CPU
+seconds (less sensitive than wall time to other jobs on a shared machine, but
+still not a quiet-machine number).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_preconditioner --size 40 --dampings none 3 10 30
+"""
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from esdmri import RTESDModel
+from esdmri.heldout_phantom import make_heldout_phantom
+from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+from esdmri.reconst.refine import refine_coefficients
+from esdmri.shm import n_coeffs
+
+from .bench_stages import DEV_GEOMETRY
+
+
+def damping_value(text):
+    return None if text.lower() == "none" else float(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=40)
+    parser.add_argument("--snr", type=float, default=20.0)
+    parser.add_argument("--dampings", type=damping_value, nargs="+", default=[None, 10.0])
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    phantom = make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
+                                   geometry_seed=DEV_GEOMETRY)
+    model = RTESDModel(phantom.gtab, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan = model.prepare(phantom.data, mask=phantom.mask)
+        start = model.corrected_prior(model.prior_coefficients(scan), scan)
+    order, config = model.config.network.sh_order_max, model.config.refinement
+    inputs = (start, scan.normalized, scan.mask,
+              build_forward_model(scan.response, model.gtab, order, model.device).matrix,
+              build_fodf_sampler(order, model.device), n_coeffs(order), order,
+              model.config.training.loss_weights)
+    options = dict(steps=config.refine_steps, lr=config.refine_lr,
+                   total_variation=config.refine_tv, smoothing=config.refine_smoothing,
+                   similarity=config.refine_similarity, tolerance=config.refine_tolerance,
+                   normalize=model.normalizes_with(scan.response))
+    print(f"{args.size}^3 dev SNR {args.snr:g}, {int(scan.mask.sum())} masked voxels, "
+          f"SH order {order}, torch threads {torch.get_num_threads()}", flush=True)
+    rows = ["| damping | evaluations | steps | objective per voxel | CPU (s) |",
+            "|---|---|---|---|---|"]
+    for repeat in range(args.repeats):
+        for damping in (args.dampings if repeat % 2 == 0 else args.dampings[::-1]):
+            clock = time.process_time()
+            _, history = refine_coefficients(*inputs, damping=damping, **options)
+            seconds = time.process_time() - clock
+            rows.append(f"| {damping if damping is not None else 'none (plain L-BFGS)'} | "
+                        f"{history.evaluations} | {history.steps} | {history[-1]:.10g} | "
+                        f"{seconds:.1f} |")
+            print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
