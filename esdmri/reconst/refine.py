@@ -296,12 +296,13 @@ def signal_preconditioner(forward_matrix, weights, damping):
     Every voxel's signal term ``w_i / N |F^T c - y|^2`` has the Hessian ``H =
     2 w_i / N F F^T`` (``C x C``), the same in every voxel. Its eigenvalues
     span ten orders of magnitude (the deconvolution's ill-conditioning: on
-    the dev acquisition 2e-10 to 6.4, mean diagonal 0.076), and its largest
-    few (the l = 0 terms of WM and the isotropic tissues, which predict
-    nearly the same signal) are the stiff directions that hold a plain
-    L-BFGS back. ``(H + mu I)^-1`` with ``mu = damping * mean diag(H)``
-    flattens those and leaves the rest (where the sparsity and spatial terms,
-    not the signal, set the curvature) at a multiple of the identity.
+    the dev acquisition 2e-10 to 6.4, mean diagonal 0.076); the largest
+    belongs to the voxel's total signal (the WM l = 0 coefficient and the
+    isotropic tissues together), a stiff direction that holds a plain L-BFGS
+    back. ``(H + mu I)^-1`` with ``mu = damping * mean diag(H)`` damps the
+    directions above ``mu`` (at the default damping, that one) and leaves the
+    rest, where the sparsity and spatial terms set the curvature, at a
+    multiple of the identity.
 
     Parameters
     ----------
