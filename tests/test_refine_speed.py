@@ -91,7 +91,10 @@ def test_masked_voxel_correction_equals_the_network_on_the_whole_volume():
     correction = pretrained.load_correction(True)
     rng = np.random.default_rng(7)
     mask = scan.mask.copy()
-    mask[5:8] = False  # a slab with no masked voxel is skipped
+    # The mask's bounding box starts at x = 1: with slabs of 4, x = 5..8 is a slab with no
+    # masked voxel (skipped), between two that have some.
+    mask[5:9] = False
+    assert mask[1:5].any() and mask[9:].any() and not mask[0].any()
     coefficients = np.where(mask[..., None],
                             rng.normal(0, 0.1, mask.shape + (n_coeffs(ORDER) + 2,)), 0)
     coefficients[..., 0] = np.where(mask, 0.3, 0)
