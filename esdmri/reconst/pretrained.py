@@ -247,7 +247,7 @@ def _corrected_voxels(correction, block, keep, tissues, halo):
 
     The network's only spatial layers are its stem's (:func:`build_unet`'s
     E(3) x SO(3) convolutions, reach ``halo``); everything after acts on each
-    voxel alone (spherical convolutions and pooling, :class:`VoxelNorm`). So
+    voxel alone (spherical convolutions and pooling, :class:`esdmri.nn.unet.VoxelNorm`). So
     the stem runs on the block, and the spherical U-Net and the projection
     back to SH only on the voxels ``keep`` selects, stacked along one axis:
     the same values as :meth:`PriorCorrection.forward` there.
@@ -281,7 +281,8 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
     """Correct a volume of prior coefficients, slab by slab with a halo.
 
     Only the masked voxels run past the network's stem
-    (:func:`_corrected_voxels`), and slabs without one are skipped.
+    (:func:`_corrected_voxels`), the stem only on each slab's masked box
+    across y and z with its halo, and slabs without one are skipped.
 
     Parameters
     ----------
@@ -320,7 +321,15 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
         count = int(keep.sum())
         if not count:
             continue
-        block = padded[:, :, start:stop + 2 * halo].to(device)
+        # The slab's own masked box across y and z (with the halo): nothing outside it
+        # reaches a masked voxel of the slab.
+        (y_start, y_stop), (z_start, z_stop) = (
+            (int(occupied[0]), int(occupied[-1]) + 1)
+            for occupied in (keep.any(dim=2).any(dim=0).nonzero()[:, 0],
+                             keep.any(dim=1).any(dim=0).nonzero()[:, 0]))
+        keep = keep[:, y_start:y_stop, z_start:z_stop]
+        block = padded[:, :, start:stop + 2 * halo, y_start:y_stop + 2 * halo,
+                       z_start:z_stop + 2 * halo].to(device)
         # Masked voxels in C order, slab after slab: the order of ``rows``.
         corrected[done:done + count] = _corrected_voxels(
             correction, block, keep.to(device), tuple(tissues), halo).cpu().numpy()

@@ -18,9 +18,12 @@ unchanged, so every step commutes with rotations. The fixed-rate alternative
 by the ``2l + 1`` coefficients of each SH degree (and per isotropic tissue):
 the squared gradient norm of a degree is rotation invariant, so its updates
 commute with rotations too, which plain Adam's per-coefficient scaling does
-not. Both keep the model's equivariance up to the sampling of the sparsity
-terms on the HEALPix grid; L-BFGS reaches a lower objective in a third of
-Adam's evaluations (docs/benchmarks.md).
+not. L-BFGS starts each step's inverse Hessian from the signal term's own
+curvature (:func:`signal_preconditioner`, the same for every voxel), which
+rotates with the gradient table. Both keep the model's equivariance up to
+the sampling of the sparsity terms on the HEALPix grid; L-BFGS reaches a
+lower objective in a third of Adam's evaluations, and its preconditioned form
+in two thirds of the plain one's (docs/benchmarks.md).
 """
 
 import numpy as np
@@ -639,7 +642,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         :func:`signal_preconditioner` with this damping (None: of the
         identity, the plain L-BFGS). The default (10) stopped the 40^3 dev
         fit after 113 evaluations instead of 173, at a lower objective
-        (docs/benchmarks.md).
+        (docs/benchmarks.md). ``method="lbfgs"`` only.
 
     Returns
     -------
