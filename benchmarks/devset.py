@@ -225,7 +225,8 @@ def save(args, outcomes, thresholds=None):
 
 def report(files):
     """Print the table of several runs: each method's threshold chosen on the dev outcomes."""
-    outcomes = [o for path in files for o in json.loads(path.read_text())["outcomes"]]
+    outcomes = [_relabelled(o) for path in files
+                for o in json.loads(path.read_text())["outcomes"]]
     # A row that failed or was skipped in one part and ran in another is shown once.
     ran = {(o["split"], o["family"], o["snr"], o["row"]) for o in outcomes if o["sweep"]}
     outcomes = [o for o in outcomes
@@ -240,6 +241,68 @@ def report(files):
         rows = rows_of([o for o in outcomes if o["split"] == split], thresholds)
         if rows:
             print(f"\n{split}\n" + markdown(HEADER, rows))
+    goals = goal_rows([o for o in outcomes if o["split"] == "test"], thresholds)
+    if goals:
+        print("\nissue 26's goals (test)\n" + markdown(GOAL_HEADER, goals))
+
+
+def _relabelled(outcome):
+    """An outcome under its method's current row label (runs of older labels)."""
+    labels = {name: label for label, name in ROWS.items()}
+    return {**outcome, "row": labels.get(outcome["method"], outcome["row"])}
+
+
+DEFAULT_ROW = "esdmri default (pretrained + refinement)"
+RUMBA_ROW = "DIPY RUMBA-SD + TV (own ODF peaks)"
+CSD_ROWS = ("DIPY CSD", "DIPY MSMT-CSD")
+GOAL_HEADER = ["family", "SNR", "default AE / success / FN / s",
+               "RUMBA-SD + TV AE / success / FN / s", "better of CSD, MSMT-CSD: AE",
+               "AE <= RUMBA+TV", "AE <= 0.75 x CSD/MSMT", "success >= RUMBA+TV - 0.02",
+               "FN <= 0.05", "time <= RUMBA+TV / 2"]
+
+
+def goal_rows(outcomes, thresholds):
+    """Issue 26's goals per test phantom: the default against RUMBA-SD + TV and CSD/MSMT-CSD.
+
+    Each cell says ``yes`` or ``no`` with the distance to the goal; ``-`` where
+    the baseline did not run.
+    """
+    def scores(family, snr, row):
+        found = [o for o in outcomes if (o["family"], o["snr"], o["row"]) == (family, snr, row)
+                 and o["sweep"] and o["method"] in thresholds]
+        if not found:
+            return None
+        o = found[-1]
+        crossing = o["sweep"][list(THRESHOLDS).index(thresholds[o["method"]])]["crossing"]
+        return (crossing["angular_error"], crossing["success_rate"], crossing["fn_rate"],
+                o["seconds"])
+
+    def verdict(ok, distance):
+        return "yes" if ok else f"no ({distance})"
+
+    rows = []
+    for family in FAMILIES:
+        for snr in sorted({o["snr"] for o in outcomes}, reverse=True):
+            default = scores(family, snr, DEFAULT_ROW)
+            if default is None:
+                continue
+            ae, success, fn, seconds = default
+            rumba = scores(family, snr, RUMBA_ROW)
+            others = [s for s in (scores(family, snr, row) for row in CSD_ROWS) if s]
+            best = min(s[0] for s in others) if others else None
+            cells = [family, f"{snr:g}", f"{ae:.1f} / {success:.2f} / {fn:.2f} / {seconds:.0f}"]
+            cells.append("{:.1f} / {:.2f} / {:.2f} / {:.0f}".format(*rumba) if rumba else "not run")
+            cells.append(f"{best:.1f}" if best is not None else "not run")
+            cells.append(verdict(ae <= rumba[0], f"+{ae - rumba[0]:.1f}") if rumba else "-")
+            cells.append(verdict(ae <= 0.75 * best, f"+{ae - 0.75 * best:.1f}")
+                         if best is not None else "-")
+            cells.append(verdict(success >= rumba[1] - 0.02, f"{success - rumba[1] + 0.02:+.2f}")
+                         if rumba else "-")
+            cells.append(verdict(fn <= 0.05, f"+{fn - 0.05:.2f}"))
+            cells.append(verdict(seconds <= rumba[3] / 2, f"{seconds:.0f} s > {rumba[3] / 2:.0f} s")
+                         if rumba else "-")
+            rows.append(cells)
+    return rows
 
 
 def main(argv=None):

@@ -5,8 +5,9 @@
 (6 x 10 x 10 voxels, one b0 + 101 q-space samples at b 310-4065: no shells).
 There is no ground truth: the references are DIPY's CSD (``auto_response_ssst``,
 order 8) and DTI (fitted at b <= 1500). For each ROI and seed, RT-ESD is fitted
-with the default settings (responses from ``estimate_response``) and scored on
-the voxels with tensor FA > 0.5:
+with the default settings (the shipped network's correction of the linear prior,
+then the coupled refinement; responses from ``estimate_response``), and once
+network-free (``pretrained=False``), and scored on the voxels with tensor FA > 0.5:
 
 - median angle between its main peak and CSD's, and DTI's principal axis;
 - the two seeds' median angle to each other;
@@ -85,7 +86,7 @@ def references(data, gtab):
                 fa=np.nan_to_num(tensor_fit.fa), axes=tensor_fit.evecs[..., 0])
 
 
-def fit_rtesd(data, gtab, seed, refine_steps, normalize=None):
+def fit_rtesd(data, gtab, seed, refine_steps, normalize=None, pretrained=None):
     from esdmri.peaks import peaks_from_sh
     from esdmri.reconst.models import RTESDModel
 
@@ -93,7 +94,7 @@ def fit_rtesd(data, gtab, seed, refine_steps, normalize=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = RTESDModel(gtab, seed=seed, refine_steps=refine_steps, normalize=normalize,
-                           verbose=False)
+                           pretrained=pretrained, verbose=False)
         fit = model.fit(data)
     seconds = time.perf_counter() - start
     directions, _ = peaks_from_sh(fit.shm_coeff_descoteaux07)
@@ -114,7 +115,11 @@ def run(rois, seeds, refine_steps, normalize=None):
         fits = [fit_rtesd(data, gtab, seed, refine_steps, normalize) for seed in seeds]
         seed_angle = (float(np.median(angles(fits[0]["directions"], fits[1]["directions"])
                                       [anisotropic])) if len(fits) > 1 else float("nan"))
-        for seed, fit in zip(seeds, fits):
+        labels, seed_angles = [str(seed) for seed in seeds], [seed_angle] * len(seeds)
+        fits.append(fit_rtesd(data, gtab, seeds[0], refine_steps, normalize, pretrained=False))
+        labels.append(f"{seeds[0]}, network-free")
+        seed_angles.append(float("nan"))
+        for seed, fit, seed_angle in zip(labels, fits, seed_angles):
             rows.append(dict(
                 roi=name, seed=seed, voxels=int(anisotropic.sum()),
                 to_csd=float(np.median(angles(fit["directions"], reference["directions"])
@@ -141,7 +146,8 @@ def table(rows):
         fractions = ", ".join(f"{t} {f:.2f}" for t, f in r["fractions"].items())
         lines.append(
             f"| {r['roi']} | {r['seed']} | {r['voxels']} | {r['to_csd']:.1f} | "
-            f"{r['to_dti']:.1f} | {r['csd_to_dti']:.1f} | {r['seeds']:.1f} | "
+            f"{r['to_dti']:.1f} | {r['csd_to_dti']:.1f} | "
+            f"{'-' if np.isnan(r['seeds']) else format(r['seeds'], '.1f')} | "
             f"{r['error']:.3f} | {r['csd_error']:.3f} | {r['error'] / r['csd_error']:.2f} | "
             f"{fractions} | {'yes' if r['normalized'] else 'no'} | {r['seconds']:.0f} s | "
             f"{r['n_warnings']} |")
@@ -152,9 +158,11 @@ def docs_section(rows, refine_steps):
     return f"""{MARKERS[0]}
 ## Real brain ROIs shipped with DIPY (issue 16)
 
-`python -m benchmarks.real_rois`: RT-ESD with the default settings (no training, at most
-{refine_steps} steps of the spatially coupled refinement, responses from
-`esdmri.response.estimate_response`) against DIPY's CSD
+`python -m benchmarks.real_rois`: RT-ESD with the default settings (no training on the
+scan: the shipped network's correction of the linear prior, then at most {refine_steps}
+steps of the spatially coupled refinement; responses from
+`esdmri.response.estimate_response`), and the network-free fit (`pretrained=False`, seed
+0), against DIPY's CSD
 (`auto_response_ssst`, order 8) and DTI (b <= 1500) on `small_64D` (b0 + 64 directions at
 b 1000), `small_25` (b0 + 25 at b 2000) and `small_101D` (b0 + 101 q-space samples at
 b 310-4065, no shells: 31 DIPY clusters, resampled onto virtual shells). No ground truth:

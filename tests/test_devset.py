@@ -65,3 +65,31 @@ def test_families_hold_crossings_on_their_acquisitions(devset):
         assert len(shells) == int(acquisition.split()[0]), family
     with pytest.raises(ValueError, match="unknown family"):
         devset.make_family("curly", 8, 20, "dev")
+
+
+def test_goal_rows_state_each_goal_and_its_distance(devset):
+    # Hand-made outcomes at one threshold: the verdicts follow issue 26's rules.
+    def outcome(row, method, ae, success, fn, seconds):
+        scores = {"angular_error": ae, "success_rate": success, "fn_rate": fn, "fp_rate": 0.0}
+        sweep = [{"all": scores, "crossing": scores} for _ in devset.THRESHOLDS]
+        return {"family": "dispersed", "snr": 10.0, "split": "test", "row": row,
+                "method": method, "sweep": sweep, "seconds": seconds, "error": ""}
+
+    outcomes = [outcome(devset.DEFAULT_ROW, "rtesd-pretrained+refine", 13.0, 0.50, 0.19, 10),
+                outcome(devset.RUMBA_ROW, "rumba-tv", 20.0, 0.60, 0.30, 100),
+                outcome("DIPY CSD", "csd", 16.0, 0.20, 0.40, 1)]
+    thresholds = {"rtesd-pretrained+refine": 0.2, "rumba-tv": 0.2, "csd": 0.55}
+    (row,) = devset.goal_rows(outcomes, thresholds)
+    assert row[:5] == ["dispersed", "10", "13.0 / 0.50 / 0.19 / 10", "20.0 / 0.60 / 0.30 / 100",
+                       "16.0"]
+    # AE <= RUMBA's: yes; AE <= 0.75 x 16 = 12: 1 degree short; success 0.10 below
+    # RUMBA's (0.08 beyond the 0.02 allowed); FN 0.14 above 0.05; 10 s <= 50 s.
+    assert row[5:] == ["yes", "no (+1.0)", "no (-0.08)", "no (+0.14)", "yes"]
+    # Without the baselines, their goals are not judged.
+    (row,) = devset.goal_rows(outcomes[:1], thresholds)
+    assert row[3:] == ["not run", "not run", "-", "-", "-", "no (+0.14)", "-"]
+
+
+def test_report_shows_runs_of_former_labels_under_the_current_one(devset):
+    former = {"row": "esdmri default", "method": "rtesd-prior+refine"}
+    assert devset._relabelled(former)["row"] == "esdmri network-free (pretrained=False)"

@@ -4,10 +4,12 @@
 (10 x 8 x 2 voxels, one b0 + 25 directions at b 2000) and ``small_101D``
 (6 x 10 x 10 voxels, one b0 + 101 q-space samples at b 310-4065: no shells).
 The reference is DIPY's CSD (``auto_response_ssst``, order 8) on the same
-data: esdmri's main peaks must agree with CSD's where the tensor FA exceeds
-0.5, its signal error must stay within 1.3x CSD's, and two seeds must agree.
-The networks train for a few epochs only, to keep the tests fast; the numbers
-of the default settings are in docs/benchmarks.md.
+data. The fits are the default path (the shipped network's correction of the
+linear prior, then the spatially coupled refinement; no training on the scan):
+its main peaks must lie within 10 degrees of CSD's (median over the voxels
+where the tensor FA exceeds 0.5; issue 27's goal, measured 8.1, 4.1 and 8.8
+degrees, docs/benchmarks.md "Real brain ROIs"), its signal error within 1.3x
+CSD's, and two seeds must agree.
 """
 
 import re
@@ -31,8 +33,6 @@ from esdmri.response import TissueResponse, estimate_response
 from esdmri.shm import ShellInterpolator, legacy_to_descoteaux
 
 ROIS = ("small_64D", "small_25", "small_101D")
-# Few epochs: the refinement, not the training, settles the peaks here.
-FAST = dict(epochs=2, verbose=False)
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -82,7 +82,7 @@ def fit_roi(name, seed=0):
     data, _, gtab = load_roi(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = RTESDModel(gtab, seed=seed, **FAST)
+        model = RTESDModel(gtab, seed=seed, verbose=False)
         fit = model.fit(data)
         shm_coeff = fit.shm_coeff
     predicted = fit.predict(S0=data[..., gtab.b0s_mask].mean(-1))
@@ -105,7 +105,7 @@ def test_main_peaks_and_signal_agree_with_csd(name, csd, fits):
     reference, ours = csd[name], fits[name]
     anisotropic = reference["fa"] > 0.5
     median = np.median(angles(ours["directions"], reference["directions"])[anisotropic])
-    assert median < 12.0, f"{name}: median angle to CSD {median:.1f} degrees"
+    assert median < 10.0, f"{name}: median angle to CSD {median:.1f} degrees"
     assert ours["nrmse"] <= 1.3 * reference["nrmse"], (
         f"{name}: signal error {ours['nrmse']:.3f}, CSD {reference['nrmse']:.3f}")
 
@@ -232,8 +232,7 @@ def test_readme_example_runs_on_single_shell_data(tmp_path, monkeypatch):
     np.savetxt(tmp_path / "dwi.bvec", gtab.bvecs.T)
     code = re.search(r"## In Python\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    # Only the training length is shortened; everything else is the README's.
-    monkeypatch.setitem(RTESDModel.__init__.__kwdefaults__, "epochs", 1)
+    # Only the progress bar is silenced; everything else is the README's.
     monkeypatch.setitem(RTESDModel.__init__.__kwdefaults__, "verbose", False)
     namespace = {}
     with warnings.catch_warnings():

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from esdmri.reconst.config import PEAK_THRESHOLD
+
 from .fit import write_fit_outputs
 from .io import (EsdmriWorkflow, load_dwi, load_mask, match_optional, run_workflow,
                  verbose_logging)
@@ -32,8 +34,8 @@ class ApplyFlow(EsdmriWorkflow):
 
     def run(self, model_files, input_files, bvalues_files, bvectors_files, mask=None,
             b0_threshold=50.0, bvecs_tol=0.01, device="cpu", tournier=False,
-            relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, batch_size=0,
-            out_dir="", out_shm="fodf_sh.nii.gz",
+            relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25.0, npeaks=5,
+            batch_size=0, out_dir="", out_shm="fodf_sh.nii.gz",
             out_tournier="fodf_sh_tournier07.nii.gz", out_fractions="fractions.nii.gz",
             out_peaks="peaks.pam5"):
         """Deconvolve scans with a model from esdmri_fit or esdmri_train, without training.
@@ -69,7 +71,8 @@ class ApplyFlow(EsdmriWorkflow):
         tournier : bool, optional
             Also write the fODF in MRtrix3's tournier07 basis (out_tournier).
         relative_peak_threshold : float, optional
-            Peaks below this fraction of the largest peak are dropped.
+            Peaks below this fraction of the largest peak are dropped (default
+            0.2, chosen on the dev phantoms; DIPY's is 0.5).
         min_separation_angle : float, optional
             Degrees; closer peaks are merged.
         npeaks : int, optional

@@ -16,7 +16,7 @@ fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 import matplotlib.pyplot as plt
 import numpy as np
 
-from esdmri.reconst.config import option_defaults
+from esdmri.reconst.config import PEAK_THRESHOLD, option_defaults
 from esdmri.response import TissueResponse
 from esdmri.shm import descoteaux_to_tournier
 from esdmri.viz import plot_training_curves, save_figure
@@ -64,7 +64,7 @@ def read_responses(response_wm=None, response_gm=None, response_csf=None):
 
 
 def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tournier=None,
-                      relative_peak_threshold=0.5, min_separation_angle=25, npeaks=5):
+                      relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25, npeaks=5):
     """Write the maps of a deconvolution fit.
 
     Parameters
@@ -121,7 +121,7 @@ class FitFlow(EsdmriWorkflow):
             refine_steps=MODEL_DEFAULTS["refine_steps"], refine_tv=MODEL_DEFAULTS["refine_tv"],
             pretrained="default", device=MODEL_DEFAULTS["device"],
             seed=MODEL_DEFAULTS["seed"], tournier=False,
-            relative_peak_threshold=0.5, min_separation_angle=25.0, npeaks=5, out_dir="",
+            relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25.0, npeaks=5, out_dir="",
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
             out_fractions="fractions.nii.gz", out_peaks="peaks.pam5",
             out_model="model.pt", out_curve="training_curve.png"):
@@ -222,7 +222,8 @@ class FitFlow(EsdmriWorkflow):
         tournier : bool, optional
             Also write the fODF in MRtrix3's tournier07 basis (out_tournier).
         relative_peak_threshold : float, optional
-            Peaks below this fraction of the largest peak are dropped.
+            Peaks below this fraction of the largest peak are dropped (default
+            0.2, chosen on the dev phantoms; DIPY's is 0.5).
         min_separation_angle : float, optional
             Degrees; closer peaks are merged.
         npeaks : int, optional

@@ -6,6 +6,7 @@ from dipy.reconst.odf import gfa
 from ..peaks import default_peak_sphere, peaks_from_sh, peaks_to_dipy
 from ..response import TissueResponse
 from ..shm import DEFAULT_BVAL_TOLERANCE, b0_mask, descoteaux_to_legacy, group_shells, sh_matrix
+from .config import PEAK_THRESHOLD
 from .network import stacked_forward_matrix
 from .inference import fractions_of
 
@@ -149,7 +150,7 @@ class DeconvolutionFit:
             signal = signal * np.asarray(S0)[..., None]
         return signal
 
-    def peaks(self, sphere=None, relative_peak_threshold=0.5, min_separation_angle=25,
+    def peaks(self, sphere=None, relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25,
               npeaks=5, affine=None):
         """Peak directions of the WM fODF as DIPY ``PeaksAndMetrics``.
 
@@ -159,7 +160,10 @@ class DeconvolutionFit:
             Search sphere (default: :func:`esdmri.peaks.default_peak_sphere`,
             about 3.8 degrees between vertices).
         relative_peak_threshold : float
-            Peaks below this fraction of the largest peak are dropped.
+            Peaks below this fraction of the largest peak are dropped (above
+            ``max(0, min fODF)``, as DIPY measures it). Default 0.2, chosen on
+            the dev phantoms (:data:`esdmri.reconst.config.PEAK_THRESHOLD`),
+            not DIPY's 0.5.
         min_separation_angle : float
             Degrees; closer peaks are merged.
         npeaks : int
