@@ -112,6 +112,10 @@ class TrainFlow(EsdmriWorkflow):
             out_checkpoint="checkpoint.pt", out_curve="training_curve.png"):
         """Train one equivariant deconvolution network on many scans.
 
+        The network reads the signal and is trained from scratch (the
+        shipped pretrained network is fine-tuned on one scan by esdmri_fit
+        --epochs N).
+
         Blocks of every scan are read from disk as training needs them, so
         the cohort never has to fit in memory; scans may have different
         gradient directions (the same shells). Under torchrun the processes

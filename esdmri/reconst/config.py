@@ -39,12 +39,12 @@ def check_mask_fraction(fraction):
 
 
 # The forms of the training loss's total variation (LossWeights.tv_form).
-TV_FORMS = ("coefficients", "normalized_fodf")
+TV_FORMS = ("coefficients", "normalized_fodf", "coupled")
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the four loss terms.
+    """Weights of the four loss terms (and the form of the total variation).
 
     Parameters
     ----------
@@ -65,7 +65,14 @@ class LossWeights:
         sphere's vertices of the squared difference of the WM fODF samples,
         each voxel's samples scaled to unit L2 norm (the training loss of
         Elaldi et al. 2024's spatio-hemispherical deconvolution, weight 0.5
-        there). See :func:`esdmri.reconst.losses.total_variation_loss`.
+        there); ``"coupled"``: the refinement's term, the sum over neighbour
+        pairs of ``sqrt(|c_i - c_j|^2 + tv_smoothing^2)`` per masked voxel, so
+        that with the refinement's weight (:func:`esdmri.reconst.finetune.coupling_weight`)
+        the loss is the refinement's objective per voxel. See
+        :func:`esdmri.reconst.losses.total_variation_loss`.
+    tv_smoothing : float
+        ``delta`` of the smoothed norms of the ``"coefficients"`` and
+        ``"coupled"`` forms (keeps their gradient finite where neighbours agree).
     """
 
     intensity: float = 1.0
@@ -73,6 +80,7 @@ class LossWeights:
     nonnegativity: float = 0.1
     total_variation: float = 0.0
     tv_form: str = "coefficients"
+    tv_smoothing: float = 1e-6
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -152,10 +160,11 @@ class NetworkConfig:
         prior's WM fODF before the refinement
         (:mod:`esdmri.reconst.pretrained`): True or "default" for the weights
         shipped with esdmri, a path for other weights, False for the
-        network-free fit. None (the default): the shipped weights when no
-        network is trained on the scan (``epochs=0``), none with ``epochs=N``.
-        Given explicitly, only with ``epochs=0`` (fine-tuning the pretrained
-        network on a scan is not implemented). Chosen on the dev set of five
+        network-free fit. None (the default): the shipped weights. With
+        ``epochs=N`` those weights are fine-tuned on the scan
+        (:mod:`esdmri.reconst.finetune`), and the model (and its file)
+        records which weights they started from; ``pretrained=False,
+        epochs=N`` trains a per-scan network from scratch instead. Chosen on the dev set of five
         phantom families (docs/benchmarks.md, "Pretrained network"): with the
         shipped weights the default fit's crossing error was lower on nine of
         the ten dev phantoms and 0.1 degree higher on the tenth, with no more
@@ -471,8 +480,9 @@ class RefinementConfig:
 # Options whose group-training defaults (esdmri.reconst.group.train_group)
 # differ from a single-scan fit's: a single-scan fit trains nothing by default
 # (TrainingConfig.epochs), while group training is asked for by name; a cohort
-# has blocks enough for larger steps.
-GROUP_OPTIONS = {"epochs": 30, "batch_size": 4}
+# has blocks enough for larger steps; it trains a network from scratch (the
+# pretrained correction is fine-tuned on one scan only).
+GROUP_OPTIONS = {"epochs": 30, "batch_size": 4, "pretrained": False}
 
 # Option name -> the part of DeconvolutionConfig that holds it.
 _PARTS = {"network": NetworkConfig, "training": TrainingConfig, "refinement": RefinementConfig}
@@ -523,10 +533,6 @@ class DeconvolutionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "conv_kind", canonical_conv_kind(self.conv_kind))
-        if self.network.pretrained not in (None, False) and self.training.epochs:
-            raise ValueError(f"pretrained={self.network.pretrained!r} needs epochs=0: "
-                             "fine-tuning the pretrained network is not implemented; give "
-                             "pretrained=False to train a network on the scan")
         if self.training.epochs == 0 and not self.network.linear_prior:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "
