@@ -32,7 +32,7 @@ from esdmri.shm import ShellInterpolator, legacy_to_descoteaux
 
 ROIS = ("small_64D", "small_25", "small_101D")
 # Few epochs: the refinement, not the training, settles the peaks here.
-FAST = dict(epochs=2, verbose=False)
+FAST = dict(epochs=2, pretrained=False, verbose=False)
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
