@@ -194,9 +194,11 @@ class FitFlow(EsdmriWorkflow):
             (esdmri.reconst.config.TrainingConfig), so a large scan may stop
             before the last epoch.
         batch_size : int, optional
-            Training windows per optimiser step.
+            Training windows per optimiser step (default: 4 fine-tuning the
+            shipped network, 1 training one from scratch).
         lr : float, optional
-            Adam learning rate.
+            Adam learning rate (default: 3e-4 fine-tuning the shipped network,
+            1.7e-3 training one from scratch).
         train_windows : int, optional
             Most optimiser steps of one window batch over all epochs (only
             with --epochs > 0): the budget that bounds training on a large

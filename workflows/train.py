@@ -161,7 +161,7 @@ class TrainFlow(EsdmriWorkflow):
         batch_size : int, optional
             Blocks per process and optimiser step.
         lr : float, optional
-            Adam learning rate.
+            Adam learning rate (default: 1.7e-3).
         total_variation : float, optional
             Weight of a spatial total-variation term in the training loss
             (0: off). Fits of the trained model (esdmri_apply) are refined

@@ -292,6 +292,14 @@ def default_sh_order(n_directions):
     return max(8, sh_order_for_directions(n_directions, cap=12))
 
 
+# What ``lr=None`` and ``batch_size=None`` stand for (TrainingConfig.recipe): a
+# network trained on a scan from scratch, and the pretrained correction
+# fine-tuned on it (chosen on the dev phantoms, docs/benchmarks.md, "Does the
+# network learn?"). Inference runs blocks of the scratch batch size.
+SCRATCH_RECIPE = {"lr": 1.7e-3, "batch_size": 1}
+FINETUNE_RECIPE = {"lr": 3e-4, "batch_size": 4}
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """How a network is trained on blocks of the scans, and the blocks it runs on.
@@ -340,15 +348,19 @@ class TrainingConfig:
         group training alike. Measured on the dev phantoms, no setting beat
         ``epochs=0`` at both SNR 10 and 20 (docs/benchmarks.md, "Training
         that uses the neighbours"), hence the default 0.
-    batch_size : int
+    batch_size : int or None
         Windows per optimiser step (and per network pass at inference).
         Training windows are centred on masked voxels and cover every masked
         voxel once per epoch (:func:`esdmri.reconst.tiling.training_windows`).
-    lr : float
-        Adam learning rate (after the warm-up). On the dev phantom at equal
-        epochs (about equal compute) batches of 1 window at 1.7e-3 went
-        further than batches of 4 at 1e-3 (docs/benchmarks.md, "Does the
-        network learn?"): on a CPU, more steps beat larger batches.
+        None: :data:`SCRATCH_RECIPE`'s or :data:`FINETUNE_RECIPE`'s
+        (:meth:`recipe`).
+    lr : float or None
+        Adam learning rate (after the warm-up). None: 1.7e-3 for a network
+        trained from scratch (on the dev phantom at equal epochs, batches of
+        1 window at 1.7e-3 went further than batches of 4 at 1e-3;
+        docs/benchmarks.md, "Does the network learn?"), and
+        :data:`FINETUNE_RECIPE`'s rate for fine-tuning the pretrained
+        correction, chosen on the dev phantoms (same section).
     warmup_steps : int
         Optimiser steps over which the learning rate rises linearly to
         ``lr`` (0: none), so that Adam's first steps, which move every
@@ -384,8 +396,8 @@ class TrainingConfig:
     epochs: int = 0
     train_windows: int = 1000
     mask_fraction: float = 0.0
-    batch_size: int = 1
-    lr: float = 1.7e-3
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
     warmup_steps: int = 20
     patience: int = 3
     seed: int = 0
@@ -397,15 +409,33 @@ class TrainingConfig:
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         _check_integer("epochs", self.epochs, 0)
         _check_integer("train_windows", self.train_windows, 1)
         _check_integer("warmup_steps", self.warmup_steps, 0)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0 or None, got {self.lr!r}")
         check_mask_fraction(self.mask_fraction)
         self.loss_weights  # LossWeights refuses negative weights
+
+    def recipe(self, finetune):
+        """The learning rate and batch size that train, None resolved.
+
+        Parameters
+        ----------
+        finetune : bool
+            Fine-tuning the pretrained correction (:data:`FINETUNE_RECIPE`),
+            or a network trained from scratch (:data:`SCRATCH_RECIPE`).
+
+        Returns
+        -------
+        recipe : dict
+            ``lr`` and ``batch_size``.
+        """
+        defaults = FINETUNE_RECIPE if finetune else SCRATCH_RECIPE
+        return {name: defaults[name] if getattr(self, name) is None else getattr(self, name)
+                for name in ("lr", "batch_size")}
 
     @property
     def loss_weights(self):

@@ -135,8 +135,9 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
     prior : ndarray, shape (X, Y, Z, C_total)
         The scan's linear prior (``model.prior_coefficients(scan)``).
     config : DeconvolutionConfig
-        ``epochs``, ``batch_size``, ``lr``, ``warmup_steps``, ``patience``,
-        ``seed``, ``block_size`` and the loss weights
+        ``epochs``, ``batch_size`` and ``lr``
+        (:meth:`~esdmri.reconst.config.TrainingConfig.recipe`), ``warmup_steps``,
+        ``patience``, ``seed``, ``block_size`` and the loss weights
         (:func:`finetuning_weights`).
     max_steps : int, optional
         Most optimiser steps (``train_windows``; None: no limit).
@@ -156,6 +157,7 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
         weights used (``loss_weights``).
     """
     training = config.training
+    recipe = training.recipe(finetune=True)
     order = config.network.sh_order_max
     tuned = copy.deepcopy(correction).to(device)
     blocks = ScanBlocks(scan.normalized, scan.mask, scan.gtab, None, training.block_size,
@@ -165,9 +167,9 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
         ScanCorrection(tuned, scan.response.tissues, n_coeffs(order)).to(device), blocks,
         [build_forward_model(scan.response, scan.gtab, order, device)],
         build_fodf_sampler(order, device), weights, epochs=training.epochs,
-        batch_size=training.batch_size, lr=training.lr, patience=training.patience,
+        batch_size=recipe["batch_size"], lr=recipe["lr"], patience=training.patience,
         seed=training.seed,
-        max_blocks=None if max_steps is None else max_steps * training.batch_size,
+        max_blocks=None if max_steps is None else max_steps * recipe["batch_size"],
         halo=correction_halo(tuned), warmup_steps=training.warmup_steps,
         autocast_dtype=autocast_dtype, verbose=verbose)
     history = trainer.run()

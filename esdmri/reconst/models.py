@@ -322,7 +322,8 @@ class _DeconvolutionModel(ReconstModel):
         training = self.config.training
         return network_coefficients(
             self.network, scan.normalized, scan.mask, self.gtab, scan.interpolator.operator,
-            halo=self.halo, block_size=training.block_size, batch_size=training.batch_size,
+            halo=self.halo, block_size=training.block_size,
+            batch_size=training.recipe(finetune=False)["batch_size"],
             device=self.device)
 
     def refine(self, coefficients, scan):
@@ -507,15 +508,16 @@ class _DeconvolutionModel(ReconstModel):
         if self.network is None:
             self.network, self.halo = self._new_network(self.response, source.n_shells)
         config = self.config.training
+        recipe = config.recipe(finetune=False)
         sh_order_max = self.config.network.sh_order_max
         trainer = Trainer(
             self.network, source,
             [build_forward_model(response, gtab, sh_order_max, self.device)
              for response, gtab in zip(responses, source.gtabs)],
             build_fodf_sampler(sh_order_max, self.device), config.loss_weights,
-            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            epochs=config.epochs, batch_size=recipe["batch_size"], lr=recipe["lr"],
             patience=config.patience, seed=config.seed,
-            max_blocks=None if max_steps is None else max_steps * config.batch_size,
+            max_blocks=None if max_steps is None else max_steps * recipe["batch_size"],
             mask_fraction=config.mask_fraction, halo=self.halo,
             warmup_steps=config.warmup_steps, context=context,
             autocast_dtype=PRECISIONS[precision], compile=compile, num_workers=num_workers,
