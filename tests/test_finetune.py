@@ -10,18 +10,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_pretrained import sh_rotation
+from benchmarks.network_test import objective
+from test_pretrained import symmetry_error
 
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst import pretrained
 from esdmri.reconst.finetune import finetuning_weights
 from esdmri.reconst.models import RTESDModel, load_model
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
-from esdmri.reconst.refine import refine_coefficients
 from esdmri.reconst.subjects import ScanBlocks
 from esdmri.reconst.training import coefficient_loss
 from esdmri.shm import n_coeffs
-from esdmri.testing import REFLECT_X, ROTATE_Z_90, relative_error, rotate_grid
+from esdmri.testing import REFLECT_X, ROTATE_Z_90
 
 SIDE = 8
 # A short fine-tuning: 3 epochs of batches of 4 windows at the dev-chosen rate.
@@ -44,18 +44,6 @@ def tuned(phantom):
     model = RTESDModel(phantom.gtab, **FAST)
     fit = quiet(model.fit, phantom.data, mask=phantom.mask)
     return model, fit
-
-
-def objective(model, coefficients, scan):
-    """The refinement's objective per voxel (with its total variation) at some coefficients."""
-    order, refinement = model.config.network.sh_order_max, model.config.refinement
-    _, history = refine_coefficients(
-        coefficients, scan.normalized, scan.mask,
-        build_forward_model(scan.response, model.gtab, order).matrix, build_fodf_sampler(order),
-        n_coeffs(order), order, model.config.training.loss_weights, steps=0,
-        total_variation=refinement.refine_tv, smoothing=refinement.refine_smoothing,
-        normalize=False)
-    return history[0]
 
 
 def test_finetuning_loss_is_the_refinements_objective_per_voxel(phantom):
@@ -158,25 +146,7 @@ def test_finetuned_correction_commutes_with_grid_and_sphere_symmetries(tuned, sy
     shipped = pretrained.load_correction(True)
     assert any(not torch.equal(a, b) for a, b in zip(correction.state_dict().values(),
                                                      shipped.state_dict().values()))
-    correction = quiet(torch.nn.Module.double, correction.__class__(
-        correction.architecture))
-    correction.load_state_dict(model.pretrained_correction().state_dict())
-    rotation = np.asarray(symmetry, dtype=float)
-    order, tissues = 12, ("wm", "gm", "csf")
-    rng = np.random.default_rng(2)
-    coefficients = torch.as_tensor(rng.normal(size=(1, n_coeffs(order) + 2, 6, 6, 6)))
-    coefficients[:, 0] = torch.as_tensor(1 + rng.uniform(size=(6, 6, 6)))
-    coefficients[:, -2:] = torch.as_tensor(rng.uniform(size=(2, 6, 6, 6)))
-    matrix = torch.as_tensor(sh_rotation(rotation, order))
-
-    def act(c):
-        wm = torch.einsum("ij,bjxyz->bixyz", matrix, c[:, :n_coeffs(order)])
-        return rotate_grid(torch.cat([wm, c[:, n_coeffs(order):]], dim=1), rotation)
-
-    with torch.no_grad():
-        error = relative_error(correction.eval()(act(coefficients), tissues),
-                               act(correction(coefficients, tissues)))
-    assert error < 1e-6
+    assert symmetry_error(correction, symmetry) < 1e-6
 
 
 @pytest.mark.slow
