@@ -197,7 +197,7 @@ class FitFlow(EsdmriWorkflow):
             Training windows per optimiser step (default: 4 fine-tuning the
             shipped network, 1 training one from scratch).
         lr : float, optional
-            Adam learning rate (default: 3e-4 fine-tuning the shipped network,
+            Adam learning rate (default: 1e-3 fine-tuning the shipped network,
             1.7e-3 training one from scratch).
         train_windows : int, optional
             Most optimiser steps of one window batch over all epochs (only

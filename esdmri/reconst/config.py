@@ -297,7 +297,7 @@ def default_sh_order(n_directions):
 # fine-tuned on it (chosen on the dev phantoms, docs/benchmarks.md, "Does the
 # network learn?"). Inference runs blocks of the scratch batch size.
 SCRATCH_RECIPE = {"lr": 1.7e-3, "batch_size": 1}
-FINETUNE_RECIPE = {"lr": 3e-4, "batch_size": 4}
+FINETUNE_RECIPE = {"lr": 1e-3, "batch_size": 4}
 
 
 @dataclass(frozen=True)
