@@ -324,8 +324,13 @@ class TrainingConfig:
         dev phantom (order 8, SNR 20: crossing-voxel error 19.3 against 23.4
         degrees after 25 epochs; "Does the network learn?"), and the full
         fit (network then refinement) has not been measured again.
-        ``epochs=30`` trains the network on the scan as the papers do; group
-        training defaults to 30 (:data:`GROUP_OPTIONS`).
+        With the pretrained correction (``pretrained`` not False, the
+        default) ``epochs=N`` fine-tunes it on the scan
+        (:mod:`esdmri.reconst.finetune`; 10 epochs on the dev and test
+        phantoms: docs/benchmarks.md, "Fine-tuning the shipped correction");
+        with ``pretrained=False`` it trains a network on the scan from
+        scratch as the papers do; group training defaults to 30
+        (:data:`GROUP_OPTIONS`).
     train_windows : int
         Most optimiser steps over all epochs of a single-scan fit, so that
         the cost of training a large scan is bounded; a warning says when it
