@@ -471,7 +471,7 @@ class _DeconvolutionModel(ReconstModel):
                              "epochs=N (e.g. model.with_options(epochs=30))")
         if self._pretrained_option() is not False:
             return self._finetune(source, max_steps, precision, compile, num_workers,
-                                  checkpoint, context)
+                                  checkpoint is not None or resume, context)
         if isinstance(source, PreparedScan):
             if self.response is None:
                 # The network is trained with the scan's response and keeps it.
@@ -535,7 +535,8 @@ class _DeconvolutionModel(ReconstModel):
         self.training_summary = trainer.summary
         return self
 
-    def _finetune(self, scan, max_steps, precision, compile, num_workers, checkpoint, context):
+    def _finetune(self, scan, max_steps, precision, compile, num_workers, checkpointing,
+                  context):
         """:meth:`train` of a model with a pretrained correction: fine-tune it on one scan."""
         pretrained = self._pretrained_option()
         if not isinstance(scan, PreparedScan):
@@ -543,10 +544,10 @@ class _DeconvolutionModel(ReconstModel):
                              "on one scan (model.fit, or model.train(model.prepare(data, "
                              "mask=mask))); give pretrained=False to train a network on "
                              "blocks or a cohort")
-        if (checkpoint is not None or compile or num_workers
+        if (checkpointing or compile or num_workers
                 or (context is not None and context.world_size > 1)):
             raise ValueError("fine-tuning the pretrained correction runs in one process "
-                             "without checkpoint, compile or num_workers; give "
+                             "without checkpoint, resume, compile or num_workers; give "
                              "pretrained=False for those")
         precision = check_training_options(precision, compile, num_workers, self.device)
         if self.response is None:
