@@ -51,7 +51,7 @@ SH_ORDER_MAX = 8
 # The papers' per-scan training on the CPU budget, the models' default until
 # the default became epochs=0 (no training; docs/benchmarks.md): the rows that
 # measure what training adds ask for it by name.
-TRAINED = {"epochs": 30}
+TRAINED = {"epochs": 30, "pretrained": False}  # the per-scan network from scratch
 
 # Pure-tissue voxels (ground-truth fraction at least this) that DIPY's MSMT
 # response estimation averages over; where fewer are pure (CSF in small

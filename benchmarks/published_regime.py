@@ -36,7 +36,7 @@ MARKERS = ("<!-- published-regime:start -->", "<!-- published-regime:end -->")
 # files): nside 8, depth 4, SH order 18, spherical kernel 5, spatial kernel 3,
 # 50 epochs; filter_start 16 is inside their range of 1 to 32.
 PUBLISHED = dict(nside=8, depth=4, sh_order_max=18, kernel_size=5, spatial_kernel_size=3,
-                 filter_start=16, epochs=50)
+                 filter_start=16, epochs=50, pretrained=False)
 # The defaults cap training at train_windows=100 windows in all (5 epochs of a
 # 20^3 phantom); "all epochs" lifts the cap so the epochs and the plateau
 # stopping (patience) decide. The costly rows first: a run cut short by a

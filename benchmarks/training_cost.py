@@ -1,20 +1,26 @@
 """What per-scan training costs on a CPU: steps, seconds per step and the total, 20^3 and 40^3.
 
-A single-scan fit with ``epochs=N`` trains on windows centred on masked voxels
+By default it times fine-tuning the shipped correction (``epochs=N``, the
+package's default SH order, batches of ``--batch-size`` windows); ``--scratch``
+times the per-scan network trained from scratch (``pretrained=False``, SH
+order 8 on nside 4) as measured before. A single-scan fit with ``epochs=N``
+trains on windows centred on masked voxels
 (every masked voxel inside some window once per epoch,
 :func:`esdmri.reconst.tiling.training_windows`) under the cap of
 ``train_windows`` optimiser steps, and scores the starting weights and every
 epoch in evaluation mode. This script builds the dev phantom of
 ``benchmarks/heldout.py`` at each size, counts the windows of one epoch over
 its mask (the brain mask a user gives), and times the trainer twice with one
-epoch cut at 10 and at 40 steps: the difference over 30 steps is the time of
+epoch cut at 5 and at 20 steps: the difference over 15 steps is the time of
 one step, the rest of the shorter run the set-up and the two evaluation
-passes. The projection of a fit: ``steps = min(epochs * windows, train_windows)``
-at that rate, plus one evaluation pass per epoch and the start.
+passes. The projection of a fit: ``steps = min(epochs * ceil(windows /
+batch), train_windows)`` at that rate, plus one evaluation pass per epoch and
+the start.
 
 Usage::
 
-    python -m benchmarks.training_cost --sizes 20 40 --threads 2
+    python -m benchmarks.training_cost --sizes 20 40 --threads 2 --epochs 10 --batch-size 4
+    python -m benchmarks.training_cost --sizes 20 40 --threads 2 --scratch
 
 Times depend on the machine's load: the script prints the load average.
 """
@@ -33,7 +39,7 @@ from esdmri.reconst.tiling import training_windows
 
 from .heldout import build_phantom, markdown, scan_of
 
-SHORT, LONG = 10, 40
+SHORT, LONG = 5, 20
 
 
 def timed_training(scan, steps, options):
@@ -51,7 +57,8 @@ def measure(size, epochs, options):
     phantom = build_phantom((size,) * 3, 101, 20, "dev")
     scan = scan_of(phantom)
     block = option_defaults()["block_size"]
-    windows = len(training_windows(scan.mask, block, np.random.default_rng(0)))
+    windows = int(np.ceil(len(training_windows(scan.mask, block, np.random.default_rng(0)))
+                          / options.get("batch_size", 1)))
     short, long = (timed_training(scan, steps, options) for steps in (SHORT, LONG))
     per_step = (long - short) / (LONG - SHORT)
     if per_step <= 0:
@@ -72,11 +79,14 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", type=int, default=[20, 40])
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sh-order", type=int, default=8)
-    parser.add_argument("--nside", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--scratch", action="store_true",
+                        help="the per-scan network from scratch (order 8, nside 4)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    options = dict(sh_order_max=args.sh_order, nside=args.nside, verbose=False)
+    options = dict(batch_size=args.batch_size, verbose=False)
+    if args.scratch:
+        options.update(pretrained=False, sh_order_max=8, nside=4)
     rows = []
     for size in args.sizes:
         load = os.getloadavg()[0]
@@ -85,7 +95,7 @@ def main(argv=None):
                      f"{r['steps']} ({r['epochs_run']} epochs)", f"{r['per_step']:.2f}",
                      f"{r['evaluation']:.1f}", f"{r['total'] / 60:.1f}", f"{load:.1f}"])
         print(rows[-1], flush=True)
-    print(markdown(["volume", "mask voxels", "windows / epoch", "steps",
+    print(markdown(["volume", "mask voxels", "steps / epoch", "steps",
                     "s / step", "s / evaluation pass", "projected total (min)",
                     "load average"], rows))
 

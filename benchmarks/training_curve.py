@@ -100,7 +100,7 @@ def run(args, log=print):
     mask = scored_voxels(phantom)
     options = dict(sh_order_max=args.sh_order, nside=args.nside, refine_steps=0,
                    seed=args.seed, verbose=args.verbose)
-    network = dict(norm=args.norm, linear_prior=not args.no_prior)
+    network = dict(norm=args.norm, linear_prior=not args.no_prior, pretrained=False)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   warmup_steps=args.warmup_steps, train_windows=10**9)
     if args.train_tv:

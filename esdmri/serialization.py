@@ -101,7 +101,7 @@ def gtab_from_dict(saved):
 
 
 def write_model_file(path, *, kind, config, response, gtab, halo, state_dict,
-                     training_history, force=False):
+                     training_history, training_summary=None, correction=None, force=False):
     """Write a trained deconvolution model to one file.
 
     Parameters
@@ -117,7 +117,16 @@ def write_model_file(path, *, kind, config, response, gtab, halo, state_dict,
     halo : int
         Receptive radius of the network, in voxels.
     state_dict : dict of str -> Tensor
+        The per-scan network's weights, or the fine-tuned correction's.
     training_history : list of dict
+    training_summary : dict, optional
+        How training ended (:attr:`esdmri.reconst.training.Trainer.summary`:
+        whether it fell back to the starting weights, ...).
+    correction : dict, optional
+        For a fine-tuned pretrained correction (``state_dict`` then holds
+        its weights): ``weights`` (the file it started from), ``sha256``
+        (that file's) and ``architecture``. Files without it hold a
+        per-scan network (or an untrained one).
     force : bool
         Overwrite an existing file.
     """
@@ -137,6 +146,8 @@ def write_model_file(path, *, kind, config, response, gtab, halo, state_dict,
         "gtab": gtab_to_dict(gtab),
         "state_dict": {name: tensor.detach().cpu() for name, tensor in state_dict.items()},
         "training_history": training_history,
+        "training_summary": training_summary,
+        "correction": correction,
     }, path)
 
 
@@ -151,8 +162,9 @@ def read_model_file(path):
     -------
     saved : dict
         ``model`` (kind), ``config`` (dict), ``halo``, ``response``
-        (TissueResponse), ``gtab`` (GradientTable), ``state_dict`` and
-        ``training_history``.
+        (TissueResponse), ``gtab`` (GradientTable), ``state_dict``,
+        ``training_history``, and, in files that have them,
+        ``training_summary`` and ``correction``.
     """
     path = Path(path)
     if not path.is_file():

@@ -47,7 +47,7 @@ from esdmri.workflows.track import TrackFlow
 from esdmri.workflows.train import TrainFlow
 
 TINY = dict(sh_order_max=4, nside=2, depth=2, filter_start=2, block_size=8, epochs=1,
-            refine_steps=1, verbose=False)
+            pretrained=False, refine_steps=1, verbose=False)
 
 
 def write_gradients(folder, name, bvals, bvecs):

@@ -33,9 +33,10 @@ FORMAT_3_DEFAULTS = {
 ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
                  "warmup_steps": 20, "pretrained": False}
 # Loss-weight fields added since (the form of the training TV), with their load defaults.
-ADDED_WEIGHTS = {"tv_form": "coefficients"}
+ADDED_WEIGHTS = {"tv_form": "coefficients", "tv_smoothing": 1e-6}
 # Defaults changed since; a file stores every option, so its own values load.
-CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000, "pretrained": None}
+CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000, "pretrained": None,
+                    "batch_size": None, "lr": None}
 # Names changed since (config.FORMER_CONV_KINDS): files load under the new one.
 RENAMED = {"conv_kind": "e3so3-stem"}
 
@@ -75,7 +76,7 @@ def test_configurations_are_frozen_and_replace_validates():
     other = config.replace(nside=8, batch_size=2)
     assert (other.network.nside, other.training.batch_size, other.training.epochs,
             other.refinement.refine_tv) == (8, 2, 5, 1.0)
-    assert config.network.nside == 4 and config.training.batch_size == 1
+    assert config.network.nside == 4 and config.training.batch_size is None
     with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
         config.replace(refine_steps=2.5)
     with pytest.raises(TypeError, match=r"unknown model option\(s\) \['nsides'\]"):
@@ -111,7 +112,7 @@ def test_defaults_and_docs_come_from_the_fields():
     fields = [f for cls in (NetworkConfig, TrainingConfig, RefinementConfig)
               for f in dataclasses.fields(cls)]
     assert list(defaults) == [f.name for f in fields]
-    assert defaults["lr"] == 1.7e-3 and defaults["nside"] == 4
+    assert defaults["lr"] is None and defaults["nside"] == 4
     text = options_docstring()
     for name, value in defaults.items():
         if name in ("sparsity", "nonnegativity"):

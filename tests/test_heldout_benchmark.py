@@ -110,7 +110,8 @@ def test_network_rows_share_one_training(heldout, monkeypatch):
     phantom = make_phantom((8, 8, 8), snr=30, max_fibres=2, seed=2)
     scan = SimpleNamespace(data=phantom.data, gtab=phantom.gtab, mask=phantom.mask,
                            response=phantom.response)
-    small = dict(sh_order_max=4, nside=2, depth=2, filter_start=2, block_size=8, epochs=1)
+    small = dict(sh_order_max=4, nside=2, depth=2, filter_start=2, block_size=8, epochs=1,
+                 pretrained=False)
     from esdmri.reconst import models
 
     original = models.MODEL_CLASSES["esd"]

@@ -42,7 +42,7 @@ def phantom():
 
 @pytest.fixture(scope="module")
 def trained(phantom):
-    model = RTESDModel(phantom.gtab, phantom.response, epochs=8, seed=1, **SMALL)
+    model = RTESDModel(phantom.gtab, phantom.response, pretrained=False, epochs=8, seed=1, **SMALL)
     return model, model.fit(phantom.data, mask=phantom.mask)
 
 
@@ -236,10 +236,12 @@ def test_train_on_the_scans_blocks_is_what_fit_trains(phantom):
     from esdmri.reconst.subjects import ScanBlocks
     from esdmri.shm import ShellInterpolator
 
-    fitted = RTESDModel(phantom.gtab, phantom.response, epochs=3, seed=2, refine_steps=0,
+    fitted = RTESDModel(phantom.gtab, phantom.response,
+                        pretrained=False, epochs=3, seed=2, refine_steps=0,
                         **SMALL)
     expected = fitted.fit(phantom.data, mask=phantom.mask).shm_coeff
-    model = RTESDModel(phantom.gtab, phantom.response, epochs=3, seed=2, refine_steps=0,
+    model = RTESDModel(phantom.gtab, phantom.response,
+                       pretrained=False, epochs=3, seed=2, refine_steps=0,
                        **SMALL)
     normalized, mask = normalize_by_b0(phantom.data, phantom.gtab, phantom.mask)
     source = ScanBlocks(normalized, mask, phantom.gtab,
@@ -264,14 +266,15 @@ def test_other_model_kinds_train(model_class, phantom):
     # From scratch (the published network), so that the first epoch's loss is
     # far above the noise level and must fall; the linear prior is trained in
     # the `trained` fixture.
-    model = model_class(phantom.gtab, phantom.response, epochs=2, linear_prior=False, **SMALL)
+    model = model_class(phantom.gtab, phantom.response,
+                        pretrained=False, epochs=2, linear_prior=False, **SMALL)
     fit = model.fit(phantom.data, mask=phantom.mask)
     assert fit.training_history[-1]["intensity"] < fit.training_history[0]["intensity"]
     assert model.halo == (0 if model_class is ESDModel else 1)
 
 
 def test_training_is_deterministic_with_a_seed(phantom):
-    fits = [RTESDModel(phantom.gtab, phantom.response, epochs=1, seed=5, **SMALL)
+    fits = [RTESDModel(phantom.gtab, phantom.response, pretrained=False, epochs=1, seed=5, **SMALL)
             .fit(phantom.data, mask=phantom.mask) for _ in range(2)]
     np.testing.assert_array_equal(fits[0].shm_coeff, fits[1].shm_coeff)
 
@@ -362,7 +365,7 @@ def test_default_fit_trains_nothing_and_train_needs_epochs(phantom):
                         8, "cpu")
     with pytest.raises(ValueError, match="epochs is 0, so there is nothing to train"):
         default.train(blocks)
-    default.with_options(epochs=1).train(blocks, max_steps=1)
+    default.with_options(epochs=1, pretrained=False).train(blocks, max_steps=1)
 
 
 def test_a_second_fit_equals_a_fresh_models_fit():

@@ -212,7 +212,8 @@ def crossing_error(phantom, fit):
 def test_refinement_sharpens_crossings(phantom):
     torch.manual_seed(0)
     model = ESDModel(phantom.gtab, phantom.response, sh_order_max=8, nside=4, depth=2,
-                     filter_start=4, block_size=6, epochs=1, refine_steps=0, verbose=False)
+                     filter_start=4, block_size=6, epochs=1, pretrained=False, refine_steps=0,
+                     verbose=False)
     network = crossing_error(phantom, model.fit(phantom.data, mask=phantom.mask))
     refined = model.with_options(refine_steps=100)  # the trained network, refined
     refined = crossing_error(phantom, refined.fit(phantom.data, mask=phantom.mask))

@@ -24,7 +24,8 @@ def test_diverging_training_returns_the_starting_network(phantom):
     torch.manual_seed(0)
     untrained = ESDModel(phantom.gtab, phantom.response, epochs=0, pretrained=False, **SMALL)
     expected = untrained.fit(phantom.data, mask=phantom.mask).shm_coeff
-    diverged = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, **SMALL)
+    diverged = ESDModel(phantom.gtab, phantom.response,
+                        pretrained=False, epochs=2, lr=50.0, **SMALL)
     fit = diverged.fit(phantom.data, mask=phantom.mask)
     history = diverged.training_history
     assert len(history) == 2 and history[-1]["total"] > 0
@@ -65,7 +66,7 @@ def test_training_never_ends_above_the_starting_loss(phantom, model_class):
     torch.manual_seed(0)
     # The untrained network (a fit with epochs=0 builds none).
     untrained = model_class(phantom.gtab, phantom.response, epochs=0, **SMALL).build_network()
-    trained = model_class(phantom.gtab, phantom.response, epochs=4, **SMALL)
+    trained = model_class(phantom.gtab, phantom.response, pretrained=False, epochs=4, **SMALL)
     trained.fit(phantom.data, mask=phantom.mask)
     start, end = network_loss(untrained, phantom), network_loss(trained, phantom)
     print(f"{model_class.__name__}: loss {start:.6g} untrained, {end:.6g} trained")
@@ -73,7 +74,8 @@ def test_training_never_ends_above_the_starting_loss(phantom, model_class):
 
 
 def test_training_window_budget(phantom):
-    model = ESDModel(phantom.gtab, phantom.response, epochs=5, train_windows=3, **SMALL)
+    model = ESDModel(phantom.gtab, phantom.response,
+                     pretrained=False, epochs=5, train_windows=3, **SMALL)
     with pytest.warns(UserWarning, match=r"stopped after 1 of 5 epochs \(3 steps\).*"
                                          "train_windows"):
         model.fit(phantom.data, mask=phantom.mask)
@@ -162,7 +164,7 @@ def test_masked_loss_covers_the_hidden_voxels_only(phantom):
 
 @pytest.mark.slow
 def test_masked_training_runs_and_validates_its_fraction(phantom):
-    model = RTESDModel(phantom.gtab, phantom.response, epochs=1, train_windows=2,
+    model = RTESDModel(phantom.gtab, phantom.response, pretrained=False, epochs=1, train_windows=2,
                        mask_fraction=0.2, **SMALL)
     fit = model.fit(phantom.data, mask=phantom.mask)
     assert np.isfinite(fit.shm_coeff).all() and len(model.training_history) == 1
@@ -195,7 +197,8 @@ def trained_rtesd(phantom):
     torch.manual_seed(0)
     untrained = RTESDModel(phantom.gtab, phantom.response, epochs=0, **SMALL)
     start = untrained.fit(phantom.data, mask=phantom.mask)
-    model = RTESDModel(phantom.gtab, phantom.response, epochs=3, batch_size=4, lr=1e-3,
+    model = RTESDModel(phantom.gtab, phantom.response,
+                       pretrained=False, epochs=3, batch_size=4, lr=1e-3,
                        warmup_steps=2, **SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -229,7 +232,8 @@ def test_evaluation_loss_is_the_loss_of_every_masked_voxel_once(phantom, trained
 
 
 def test_a_fall_back_is_recorded_and_said(phantom):
-    model = ESDModel(phantom.gtab, phantom.response, epochs=2, lr=50.0, warmup_steps=0,
+    model = ESDModel(phantom.gtab, phantom.response,
+                     pretrained=False, epochs=2, lr=50.0, warmup_steps=0,
                      **SMALL)
     with pytest.warns(UserWarning, match="did not lower the evaluation loss"):
         model.fit(phantom.data, mask=phantom.mask)
@@ -240,7 +244,8 @@ def test_a_fall_back_is_recorded_and_said(phantom):
 
 
 def test_warm_up_raises_the_learning_rate_linearly(phantom):
-    model = ESDModel(phantom.gtab, phantom.response, epochs=1, lr=1e-3, warmup_steps=1000,
+    model = ESDModel(phantom.gtab, phantom.response,
+                     pretrained=False, epochs=1, lr=1e-3, warmup_steps=1000,
                      **SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

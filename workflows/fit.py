@@ -7,7 +7,8 @@ fits RT-ESD with its defaults (no training on the scan: the linear prior,
 corrected by the shipped pretrained network, ``--pretrained``, and refined with the
 spatially coupled loss, ``--refine_tv``) and responses estimated from the scan, and writes
 ``fodf_sh.nii.gz``, ``fractions.nii.gz``, ``peaks.pam5`` and ``model.pt``;
-``--epochs 30`` trains the network on the scan first and adds
+``--epochs 10`` fine-tunes the shipped network on the scan first (``--pretrained
+none --epochs 30`` trains a network from scratch instead) and adds
 ``training_curve.png``. With MRtrix3 responses and an MRtrix3 copy of the
 fODFs: ``esdmri_fit dwi.nii.gz dwi.bval dwi.bvec --response_wm wm.txt
 --response_gm gm.txt --response_csf csf.txt --tournier``.
@@ -134,8 +135,10 @@ class FitFlow(EsdmriWorkflow):
         linear prior is corrected by the network shipped with esdmri
         (--pretrained) and refined by that spatially coupled descent of the
         loss (the most accurate setting measured, docs/benchmarks.md; ESD,
-        RT-ESD and C-ESD then give the same fit); with --epochs N the network
-        is first trained on the scan itself, as in the papers. Outputs: the WM fODF as SH
+        RT-ESD and C-ESD then give the same fit); with --epochs N the shipped
+        network is first fine-tuned on the scan by the scan's own loss, and
+        with --pretrained none --epochs N a network is trained on the scan
+        from scratch, as in the papers. Outputs: the WM fODF as SH
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
@@ -191,17 +194,20 @@ class FitFlow(EsdmriWorkflow):
             (esdmri.reconst.config.TrainingConfig), so a large scan may stop
             before the last epoch.
         batch_size : int, optional
-            Training windows per optimiser step.
+            Training windows per optimiser step (default: 4 fine-tuning the
+            shipped network, 1 training one from scratch).
         lr : float, optional
-            Adam learning rate.
+            Adam learning rate (default: 1e-3 fine-tuning the shipped network,
+            1.7e-3 training one from scratch).
         train_windows : int, optional
             Most optimiser steps of one window batch over all epochs (only
             with --epochs > 0): the budget that bounds training on a large
             scan (a warning says when it stopped training early).
         total_variation : float, optional
             Weight of a spatial total-variation term in the training loss
-            (only with --epochs > 0; 0: off). The fit's own spatial coupling
-            is --refine_tv.
+            (only with --epochs > 0; 0: off, and fine-tuning then takes the
+            refinement's, --refine_tv). The fit's own spatial coupling is
+            --refine_tv.
         refine_steps : int, optional
             Most steps of the spatially coupled descent of the loss from the
             network's output (it stops earlier once the loss has converged;
@@ -213,8 +219,10 @@ class FitFlow(EsdmriWorkflow):
         pretrained : string, optional
             Network that corrects the linear prior before the refinement:
             default (the weights shipped with esdmri, pretrained on simulated
-            scans of many acquisitions; not used with --epochs N), a path to
-            other weights, or none (the network-free fit).
+            scans of many acquisitions), a path to other weights, or none (the
+            network-free fit). With --epochs N those weights are fine-tuned on
+            the scan (the model file records which weights they started
+            from); none with --epochs N trains a network from scratch.
         device : string, optional
             cpu, cuda or cuda:N.
         seed : int, optional

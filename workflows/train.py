@@ -112,6 +112,10 @@ class TrainFlow(EsdmriWorkflow):
             out_checkpoint="checkpoint.pt", out_curve="training_curve.png"):
         """Train one equivariant deconvolution network on many scans.
 
+        The network reads the signal and is trained from scratch (the
+        shipped pretrained network is fine-tuned on one scan by esdmri_fit
+        --epochs N).
+
         Blocks of every scan are read from disk as training needs them, so
         the cohort never has to fit in memory; scans may have different
         gradient directions (the same shells). Under torchrun the processes
@@ -157,7 +161,7 @@ class TrainFlow(EsdmriWorkflow):
         batch_size : int, optional
             Blocks per process and optimiser step.
         lr : float, optional
-            Adam learning rate.
+            Adam learning rate (default: 1.7e-3).
         total_variation : float, optional
             Weight of a spatial total-variation term in the training loss
             (0: off). Fits of the trained model (esdmri_apply) are refined

@@ -39,7 +39,7 @@ def check_mask_fraction(fraction):
 
 
 # The forms of the training loss's total variation (LossWeights.tv_form).
-TV_FORMS = ("coefficients", "normalized_fodf")
+TV_FORMS = ("coefficients", "normalized_fodf", "coupled")
 # Relative peak threshold of a fit's peaks (DeconvolutionFit.peaks, esdmri_fit,
 # esdmri_apply), chosen for the default fit on the dev phantoms of
 # benchmarks/devset.py (highest success over all five families). DIPY's 0.5 suits
@@ -52,7 +52,7 @@ PEAK_THRESHOLD = 0.2
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the four loss terms.
+    """Weights of the four loss terms (and the form of the total variation).
 
     Parameters
     ----------
@@ -73,7 +73,14 @@ class LossWeights:
         sphere's vertices of the squared difference of the WM fODF samples,
         each voxel's samples scaled to unit L2 norm (the training loss of
         Elaldi et al. 2024's spatio-hemispherical deconvolution, weight 0.5
-        there). See :func:`esdmri.reconst.losses.total_variation_loss`.
+        there); ``"coupled"``: the refinement's term, the sum over neighbour
+        pairs of ``sqrt(|c_i - c_j|^2 + tv_smoothing^2)`` per masked voxel, so
+        that with the refinement's weight (:func:`esdmri.reconst.finetune.coupling_weight`)
+        the loss is the refinement's objective per voxel. See
+        :func:`esdmri.reconst.losses.total_variation_loss`.
+    tv_smoothing : float
+        ``delta`` of the smoothed norms of the ``"coefficients"`` and
+        ``"coupled"`` forms (keeps their gradient finite where neighbours agree).
     """
 
     intensity: float = 1.0
@@ -81,6 +88,7 @@ class LossWeights:
     nonnegativity: float = 0.1
     total_variation: float = 0.0
     tv_form: str = "coefficients"
+    tv_smoothing: float = 1e-6
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -160,10 +168,11 @@ class NetworkConfig:
         prior's WM fODF before the refinement
         (:mod:`esdmri.reconst.pretrained`): True or "default" for the weights
         shipped with esdmri, a path for other weights, False for the
-        network-free fit. None (the default): the shipped weights when no
-        network is trained on the scan (``epochs=0``), none with ``epochs=N``.
-        Given explicitly, only with ``epochs=0`` (fine-tuning the pretrained
-        network on a scan is not implemented). Chosen on the dev set of five
+        network-free fit. None (the default): the shipped weights. With
+        ``epochs=N`` those weights are fine-tuned on the scan
+        (:mod:`esdmri.reconst.finetune`), and the model (and its file)
+        records which weights they started from; ``pretrained=False,
+        epochs=N`` trains a per-scan network from scratch instead. Chosen on the dev set of five
         phantom families (docs/benchmarks.md, "Pretrained network"): with the
         shipped weights the default fit's crossing error was lower on nine of
         the ten dev phantoms and 0.1 degree higher on the tenth, with no more
@@ -291,6 +300,14 @@ def default_sh_order(n_directions):
     return max(8, sh_order_for_directions(n_directions, cap=12))
 
 
+# What ``lr=None`` and ``batch_size=None`` stand for (TrainingConfig.recipe): a
+# network trained on a scan from scratch, and the pretrained correction
+# fine-tuned on it (chosen on the dev phantoms, docs/benchmarks.md, "Does the
+# network learn?"). Inference runs blocks of the scratch batch size.
+SCRATCH_RECIPE = {"lr": 1.7e-3, "batch_size": 1}
+FINETUNE_RECIPE = {"lr": 1e-3, "batch_size": 4}
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """How a network is trained on blocks of the scans, and the blocks it runs on.
@@ -315,8 +332,13 @@ class TrainingConfig:
         dev phantom (order 8, SNR 20: crossing-voxel error 19.3 against 23.4
         degrees after 25 epochs; "Does the network learn?"), and the full
         fit (network then refinement) has not been measured again.
-        ``epochs=30`` trains the network on the scan as the papers do; group
-        training defaults to 30 (:data:`GROUP_OPTIONS`).
+        With the pretrained correction (``pretrained`` not False, the
+        default) ``epochs=N`` fine-tunes it on the scan
+        (:mod:`esdmri.reconst.finetune`; 10 epochs on the dev and test
+        phantoms: docs/benchmarks.md, "Fine-tuning the shipped correction");
+        with ``pretrained=False`` it trains a network on the scan from
+        scratch as the papers do; group training defaults to 30
+        (:data:`GROUP_OPTIONS`).
     train_windows : int
         Most optimiser steps over all epochs of a single-scan fit, so that
         the cost of training a large scan is bounded; a warning says when it
@@ -339,15 +361,19 @@ class TrainingConfig:
         group training alike. Measured on the dev phantoms, no setting beat
         ``epochs=0`` at both SNR 10 and 20 (docs/benchmarks.md, "Training
         that uses the neighbours"), hence the default 0.
-    batch_size : int
+    batch_size : int or None
         Windows per optimiser step (and per network pass at inference).
         Training windows are centred on masked voxels and cover every masked
         voxel once per epoch (:func:`esdmri.reconst.tiling.training_windows`).
-    lr : float
-        Adam learning rate (after the warm-up). On the dev phantom at equal
-        epochs (about equal compute) batches of 1 window at 1.7e-3 went
-        further than batches of 4 at 1e-3 (docs/benchmarks.md, "Does the
-        network learn?"): on a CPU, more steps beat larger batches.
+        None: :data:`SCRATCH_RECIPE`'s or :data:`FINETUNE_RECIPE`'s
+        (:meth:`recipe`).
+    lr : float or None
+        Adam learning rate (after the warm-up). None: 1.7e-3 for a network
+        trained from scratch (on the dev phantom at equal epochs, batches of
+        1 window at 1.7e-3 went further than batches of 4 at 1e-3;
+        docs/benchmarks.md, "Does the network learn?"), and
+        :data:`FINETUNE_RECIPE`'s rate for fine-tuning the pretrained
+        correction, chosen on the dev phantoms (same section).
     warmup_steps : int
         Optimiser steps over which the learning rate rises linearly to
         ``lr`` (0: none), so that Adam's first steps, which move every
@@ -383,8 +409,8 @@ class TrainingConfig:
     epochs: int = 0
     train_windows: int = 1000
     mask_fraction: float = 0.0
-    batch_size: int = 1
-    lr: float = 1.7e-3
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
     warmup_steps: int = 20
     patience: int = 3
     seed: int = 0
@@ -396,15 +422,33 @@ class TrainingConfig:
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         _check_integer("epochs", self.epochs, 0)
         _check_integer("train_windows", self.train_windows, 1)
         _check_integer("warmup_steps", self.warmup_steps, 0)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0 or None, got {self.lr!r}")
         check_mask_fraction(self.mask_fraction)
         self.loss_weights  # LossWeights refuses negative weights
+
+    def recipe(self, finetune):
+        """The learning rate and batch size that train, None resolved.
+
+        Parameters
+        ----------
+        finetune : bool
+            Fine-tuning the pretrained correction (:data:`FINETUNE_RECIPE`),
+            or a network trained from scratch (:data:`SCRATCH_RECIPE`).
+
+        Returns
+        -------
+        recipe : dict
+            ``lr`` and ``batch_size``.
+        """
+        defaults = FINETUNE_RECIPE if finetune else SCRATCH_RECIPE
+        return {name: defaults[name] if getattr(self, name) is None else getattr(self, name)
+                for name in ("lr", "batch_size")}
 
     @property
     def loss_weights(self):
@@ -479,8 +523,9 @@ class RefinementConfig:
 # Options whose group-training defaults (esdmri.reconst.group.train_group)
 # differ from a single-scan fit's: a single-scan fit trains nothing by default
 # (TrainingConfig.epochs), while group training is asked for by name; a cohort
-# has blocks enough for larger steps.
-GROUP_OPTIONS = {"epochs": 30, "batch_size": 4}
+# has blocks enough for larger steps; it trains a network from scratch (the
+# pretrained correction is fine-tuned on one scan only).
+GROUP_OPTIONS = {"epochs": 30, "batch_size": 4, "pretrained": False}
 
 # Option name -> the part of DeconvolutionConfig that holds it.
 _PARTS = {"network": NetworkConfig, "training": TrainingConfig, "refinement": RefinementConfig}
@@ -531,10 +576,6 @@ class DeconvolutionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "conv_kind", canonical_conv_kind(self.conv_kind))
-        if self.network.pretrained not in (None, False) and self.training.epochs:
-            raise ValueError(f"pretrained={self.network.pretrained!r} needs epochs=0: "
-                             "fine-tuning the pretrained network is not implemented; give "
-                             "pretrained=False to train a network on the scan")
         if self.training.epochs == 0 and not self.network.linear_prior:
             raise ValueError("epochs=0 (the default) needs linear_prior=True: an untrained "
                              "network without the prior outputs noise; give epochs=N to "

@@ -153,10 +153,10 @@ def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.
     return weighted.sum(), result
 
 
-def total_variation_loss(coefficients, samples, mask, form="coefficients"):
-    """Mean total variation over the face-neighbour pairs of a batch of windows.
+def total_variation_loss(coefficients, samples, mask, form="coefficients", smoothing=1e-6):
+    """Total variation over the face-neighbour pairs of a batch of windows.
 
-    Two forms (:class:`esdmri.reconst.config.LossWeights`, ``tv_form``):
+    Three forms (:class:`esdmri.reconst.config.LossWeights`, ``tv_form``):
 
     * ``"coefficients"``: :func:`total_variation` of the tissue coefficients,
       ``mean_pairs |c_i - c_j|`` (slightly smoothed);
@@ -166,7 +166,11 @@ def total_variation_loss(coefficients, samples, mask, form="coefficients"):
       not their amplitudes (the training loss of Elaldi et al. 2024, whose
       mean over the six neighbour directions of every masked voxel counts
       each pair twice, as the mean over pairs does once). Rotation
-      invariant on a sphere that samples the fODF evenly.
+      invariant on a sphere that samples the fODF evenly;
+    * ``"coupled"``: the refinement's term (:mod:`esdmri.reconst.refine`),
+      ``sum_pairs sqrt(|c_i - c_j|^2 + delta^2)`` divided by the masked
+      voxels, so that, weighted as the refinement weighs it, the summed
+      voxel losses plus this term are the refinement's objective per voxel.
 
     Parameters
     ----------
@@ -175,6 +179,8 @@ def total_variation_loss(coefficients, samples, mask, form="coefficients"):
         The WM fODF on a dense sphere (used by ``"normalized_fodf"``).
     mask : Tensor of bool, shape [B, X, Y, Z]
     form : str
+    smoothing : float
+        ``delta`` of the ``"coefficients"`` and ``"coupled"`` forms.
 
     Returns
     -------
@@ -192,8 +198,11 @@ def total_variation_loss(coefficients, samples, mask, form="coefficients"):
         unit = values / (torch.linalg.vector_norm(values, dim=1, keepdim=True) + 1e-16)
         difference = unit[first] - unit[second]
         return (difference * difference).mean(dim=1).sum() / max(len(first), 1)
-    if form != "coefficients":
-        raise ValueError(f"form must be 'coefficients' or 'normalized_fodf', got {form!r}")
-    # The small smoothing keeps the gradient finite where neighbours agree.
-    value = total_variation(coefficients.movedim(1, -1)[mask], first, second, smoothing=1e-6)
+    if form not in ("coefficients", "coupled"):
+        raise ValueError(f"form must be 'coefficients', 'normalized_fodf' or 'coupled', got "
+                         f"{form!r}")
+    value = total_variation(coefficients.movedim(1, -1)[mask], first, second,
+                            smoothing=smoothing)
+    if form == "coupled":
+        return value / max(int(mask.sum()), 1)
     return value / max(len(first), 1)

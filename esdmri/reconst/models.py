@@ -9,9 +9,11 @@ building the per-scan network, is corrected by a small network shipped with
 esdmri (pretrained on simulated scans of many acquisitions, reading the prior's
 fODF so that it serves any acquisition: :mod:`esdmri.reconst.pretrained`), then
 refined by the spatially coupled descent of the loss. ``pretrained=False``
-gives the network-free fit; with ``epochs=N`` the U-Net is first trained on the
-scan itself, as in the papers. Fits leave the model as it was, except for the
-network that training gives it.
+gives the network-free fit. With ``epochs=N`` the shipped correction is first
+fine-tuned on the scan itself by the scan's unsupervised loss
+(:mod:`esdmri.reconst.finetune`); with ``pretrained=False, epochs=N`` a U-Net
+reading the signal is trained on the scan from scratch, as in the papers.
+Fits leave the model as it was, except for the network that training gives it.
 """
 
 import copy
@@ -29,13 +31,14 @@ from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs
 from .config import (DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
                      default_sh_order, option_defaults, options_docstring)
+from .finetune import correction_halo, finetune_correction, weights_origin
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
                      normalize_by_b0, resolve_device)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
-from .pretrained import apply_correction, load_correction
+from .pretrained import PriorCorrection, apply_correction, load_correction
 from .refine import refine_coefficients
 from .subjects import ScanBlocks
 from .tiling import receptive_radius
@@ -86,6 +89,9 @@ class _DeconvolutionModel(ReconstModel):
         self.network = None
         self.halo = None
         self._correction = (None, None)
+        # The weights a fine-tuned correction started from (file and SHA-256);
+        # None while the correction is the pretrained weights as loaded.
+        self.correction_origin = None
         self.pretrained_correction()  # a bad weights file fails here, not in a fit
         self.training_history = []
         self.training_summary = None
@@ -256,16 +262,20 @@ class _DeconvolutionModel(ReconstModel):
         Returns
         -------
         correction : esdmri.reconst.pretrained.PriorCorrection or None
-            Loaded (checksum and architecture checked) once per weights.
+            Loaded (checksum and architecture checked) once per weights;
+            after fine-tuning (``epochs=N``), the fine-tuned correction.
         """
-        pretrained = self.config.network.pretrained
-        if pretrained is None:  # the shipped weights, unless a network is trained on the scan
-            pretrained = not self.config.training.epochs
+        pretrained = self._pretrained_option()
         if pretrained is False:
             return None
         if self._correction[0] != pretrained:
             self._correction = (pretrained, load_correction(pretrained, self.device))
         return self._correction[1]
+
+    def _pretrained_option(self):
+        """The ``pretrained`` option, None resolved: the shipped weights (True) or as given."""
+        pretrained = self.config.network.pretrained
+        return True if pretrained is None else pretrained
 
     def corrected_prior(self, coefficients, scan):
         """The linear prior corrected by the pretrained network (``pretrained`` option).
@@ -312,7 +322,8 @@ class _DeconvolutionModel(ReconstModel):
         training = self.config.training
         return network_coefficients(
             self.network, scan.normalized, scan.mask, self.gtab, scan.interpolator.operator,
-            halo=self.halo, block_size=training.block_size, batch_size=training.batch_size,
+            halo=self.halo, block_size=training.block_size,
+            batch_size=training.recipe(finetune=False)["batch_size"],
             device=self.device)
 
     def refine(self, coefficients, scan):
@@ -350,14 +361,16 @@ class _DeconvolutionModel(ReconstModel):
     # -- fitting ----------------------------------------------------------
     @keyword_only_from("mask", since="0.2")
     def fit(self, data, *, mask=None, retrain=None):
-        """Deconvolve a scan, training the network on it first when ``epochs`` > 0.
+        """Deconvolve a scan, training on it first when ``epochs`` > 0.
 
         The steps, each public: :meth:`prepare` (checks, b0 normalisation,
         the response) -> :meth:`prior_coefficients` corrected by the
         shipped pretrained network (:meth:`corrected_prior`, option
-        ``pretrained``), or :meth:`network_coefficients` when the model has a
-        network or trains one -> :meth:`refine` -> :class:`DeconvolutionFit`.
-        With ``epochs=0`` and no loaded network, no per-scan network is built.
+        ``pretrained``; with ``epochs=N`` fine-tuned on the scan first,
+        :meth:`train`), or :meth:`network_coefficients` when the model has a
+        per-scan network (``pretrained=False, epochs=N``, or loaded) ->
+        :meth:`refine` -> :class:`DeconvolutionFit`. No per-scan network is
+        built unless ``pretrained=False`` and ``epochs=N``.
 
         Parameters
         ----------
@@ -392,7 +405,15 @@ class _DeconvolutionModel(ReconstModel):
 
     def train(self, source, *, max_steps=None, precision="fp32", compile=False,
               num_workers=0, checkpoint=None, resume=False, context=None):
-        """Train the network on the blocks of one scan or many.
+        """Train on the blocks of one scan or many: fine-tune the correction, or a network.
+
+        With a ``pretrained`` correction (the default), this fine-tunes it
+        on one prepared scan (:func:`esdmri.reconst.finetune.finetune_correction`:
+        the refinement's objective, the scan's windows, keep-best on the
+        evaluation loss); the model then keeps the fine-tuned weights and,
+        in ``correction_origin``, the file and SHA-256 of the weights they
+        started from. With ``pretrained=False`` it trains the model's
+        per-scan network (built here if the model has none) as follows.
 
         :meth:`fit` calls this on the scan it is given; group training
         (:func:`esdmri.reconst.group.train_group`) on a cohort. The network
@@ -441,11 +462,16 @@ class _DeconvolutionModel(ReconstModel):
             ``eval_total``, ``epoch`` and ``lr``) and ``training_summary``
             (:attr:`esdmri.reconst.training.Trainer.summary`: the starting
             and best evaluation losses, whether training fell back to the
-            starting weights, and what stopped it).
+            starting weights, and what stopped it; after fine-tuning also
+            ``loss_weights`` and ``started_from``, the starting weights'
+            SHA-256).
         """
         if not self.config.training.epochs:
             raise ValueError("epochs is 0, so there is nothing to train: give the model "
                              "epochs=N (e.g. model.with_options(epochs=30))")
+        if self._pretrained_option() is not False:
+            return self._finetune(source, max_steps, precision, compile, num_workers,
+                                  checkpoint is not None or resume, context)
         if isinstance(source, PreparedScan):
             if self.response is None:
                 # The network is trained with the scan's response and keeps it.
@@ -482,15 +508,16 @@ class _DeconvolutionModel(ReconstModel):
         if self.network is None:
             self.network, self.halo = self._new_network(self.response, source.n_shells)
         config = self.config.training
+        recipe = config.recipe(finetune=False)
         sh_order_max = self.config.network.sh_order_max
         trainer = Trainer(
             self.network, source,
             [build_forward_model(response, gtab, sh_order_max, self.device)
              for response, gtab in zip(responses, source.gtabs)],
             build_fodf_sampler(sh_order_max, self.device), config.loss_weights,
-            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            epochs=config.epochs, batch_size=recipe["batch_size"], lr=recipe["lr"],
             patience=config.patience, seed=config.seed,
-            max_blocks=None if max_steps is None else max_steps * config.batch_size,
+            max_blocks=None if max_steps is None else max_steps * recipe["batch_size"],
             mask_fraction=config.mask_fraction, halo=self.halo,
             warmup_steps=config.warmup_steps, context=context,
             autocast_dtype=PRECISIONS[precision], compile=compile, num_workers=num_workers,
@@ -506,6 +533,34 @@ class _DeconvolutionModel(ReconstModel):
                 serialization.write_checkpoint({**identity, **trainer_state}, checkpoint)
         self.training_history = trainer.run(save_state)
         self.training_summary = trainer.summary
+        return self
+
+    def _finetune(self, scan, max_steps, precision, compile, num_workers, checkpointing,
+                  context):
+        """:meth:`train` of a model with a pretrained correction: fine-tune it on one scan."""
+        pretrained = self._pretrained_option()
+        if not isinstance(scan, PreparedScan):
+            raise ValueError(f"pretrained={pretrained!r} fine-tunes the pretrained correction "
+                             "on one scan (model.fit, or model.train(model.prepare(data, "
+                             "mask=mask))); give pretrained=False to train a network on "
+                             "blocks or a cohort")
+        if (checkpointing or compile or num_workers
+                or (context is not None and context.world_size > 1)):
+            raise ValueError("fine-tuning the pretrained correction runs in one process "
+                             "without checkpoint, resume, compile or num_workers; give "
+                             "pretrained=False for those")
+        precision = check_training_options(precision, compile, num_workers, self.device)
+        if self.response is None:
+            # As a per-scan network, the fine-tuned correction keeps the scan's response.
+            self.response = scan.response
+        origin = self.correction_origin or weights_origin(pretrained)
+        tuned, self.training_history, summary = finetune_correction(
+            self.pretrained_correction(), scan, self.prior_coefficients(scan), self.config,
+            max_steps=max_steps, device=self.device, autocast_dtype=PRECISIONS[precision],
+            verbose=self.verbose)
+        self._correction = (pretrained, tuned)
+        self.correction_origin = origin
+        self.training_summary = {**summary, "started_from": origin["sha256"]}
         return self
 
     def _check_checkpoint(self, state, source, checkpoint):
@@ -589,7 +644,13 @@ class _DeconvolutionModel(ReconstModel):
             Overwrite an existing file.
         """
         network, halo = self.network, self.halo
-        if network is None:
+        correction = None
+        if self.correction_origin is not None:
+            # A fine-tuned correction: its weights, and those it started from.
+            network = self.pretrained_correction()
+            halo = correction_halo(network)
+            correction = {**self.correction_origin, "architecture": network.architecture}
+        elif network is None:
             if self.response is None:
                 raise ValueError("the model has neither a network nor a response to save: "
                                  "give it a response (model.with_response) or train it")
@@ -600,15 +661,32 @@ class _DeconvolutionModel(ReconstModel):
         serialization.write_model_file(
             path, kind=kind, config=self.config.to_dict(), response=self.response,
             gtab=self.gtab, halo=halo, state_dict=network.state_dict(),
-            training_history=self.training_history, force=force)
+            training_history=self.training_history, training_summary=self.training_summary,
+            correction=correction, force=force)
 
     @classmethod
     def _from_saved(cls, saved, gtab, device, verbose):
         """The trained model of the contents of a model file."""
         config = DeconvolutionConfig.from_dict(saved["config"])
+        correction = saved.get("correction")
+        if correction is not None:
+            # A fine-tuned correction: the file holds its weights, so the ones
+            # it started from need not be on this machine.
+            model = cls(gtab, saved["response"], device=device, verbose=verbose,
+                        **{**config.options(), "pretrained": False})
+            model.config = config
+            tuned = PriorCorrection(correction["architecture"])
+            tuned.load_state_dict(saved["state_dict"])
+            model._correction = (model._pretrained_option(), tuned.to(model.device).eval())
+            model.correction_origin = {"weights": correction["weights"],
+                                       "sha256": correction["sha256"]}
+            model.training_history = saved["training_history"]
+            model.training_summary = saved.get("training_summary")
+            return model
         model = cls(gtab, saved["response"], device=device, verbose=verbose,
                     **config.options())
         model.training_history = saved["training_history"]
+        model.training_summary = saved.get("training_summary")
         if model.training_history or not config.network.linear_prior:
             model.build_network()
             model.network.load_state_dict(saved["state_dict"])

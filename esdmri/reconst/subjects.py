@@ -48,7 +48,9 @@ class ScanBlocks:
 
     Only the measured signal is kept on the device; its grid version
     ``[B, S, V, X, Y, Z]`` is made per batch, so a whole scan never needs
-    S x V values per voxel in memory.
+    S x V values per voxel in memory. With ``prior``, the network's input is
+    instead the linear prior's coefficients (fine-tuning the pretrained
+    correction, :mod:`esdmri.reconst.finetune`).
 
     Parameters
     ----------
@@ -57,11 +59,16 @@ class ScanBlocks:
     mask : ndarray of bool, shape (X, Y, Z)
     gtab : GradientTable
         Acquisition of the N measurements.
-    interpolation : ndarray, shape (S, V, N)
-        The shell-to-grid operator of :class:`esdmri.shm.ShellInterpolator`.
+    interpolation : ndarray, shape (S, V, N), or None
+        The shell-to-grid operator of :class:`esdmri.shm.ShellInterpolator`
+        (None with ``prior``).
     block_size : int
         Edge of the blocks in voxels.
     device : torch.device
+    prior : ndarray, shape (X, Y, Z, C_total), optional
+        The linear prior's tissue coefficients (zero outside the mask): a
+        batch's ``grid`` is then their windows ``[B, C_total, X, Y, Z]``, the
+        input of :class:`esdmri.reconst.pretrained.PriorCorrection`.
 
     Attributes
     ----------
@@ -70,12 +77,14 @@ class ScanBlocks:
         ``[None]`` (the model's response serves it).
     """
 
-    def __init__(self, normalized, mask, gtab, interpolation, block_size, device):
+    def __init__(self, normalized, mask, gtab, interpolation, block_size, device, prior=None):
         self.normalized = normalized
         self.mask = mask
         self.block_size = int(block_size)
         self.device = device
-        self.interpolation = torch.as_tensor(interpolation, dtype=torch.float32, device=device)
+        self.prior = None if prior is None else np.asarray(prior, dtype=np.float32)
+        self.interpolation = None if interpolation is None else torch.as_tensor(
+            interpolation, dtype=torch.float32, device=device)
         self.gtabs, self.masks, self.names, self.responses = [gtab], [mask], ["scan"], [None]
 
     @classmethod
@@ -125,14 +134,22 @@ class ScanBlocks:
         Returns
         -------
         batch : dict
-            ``grid`` [B, S, V, X, Y, Z], ``mask`` [B, X, Y, Z] and one group
-            with ``subject`` 0, ``rows`` and ``signal`` [B, N, X, Y, Z].
+            ``grid`` [B, S, V, X, Y, Z] (with ``prior``: the prior's
+            windows [B, C_total, X, Y, Z]), ``mask`` [B, X, Y, Z] and one
+            group with ``subject`` 0, ``rows`` and ``signal`` [B, N, X, Y, Z].
         """
         starts, size = blocks[:, 1:], self.block_size
-        signal = np.stack([cut_window(self.normalized, start, size) for start in starts])
+
+        def windows(volume):
+            cut = np.stack([cut_window(volume, start, size) for start in starts])
+            return torch.as_tensor(cut, device=self.device).permute(0, 4, 1, 2, 3)
+
+        signal = windows(self.normalized)
         mask = np.stack([cut_window(self.mask, start, size) for start in starts])
-        signal = torch.as_tensor(signal, device=self.device).permute(0, 4, 1, 2, 3)
-        grid = torch.einsum("svn,bnxyz->bsvxyz", self.interpolation, signal)
+        if self.prior is not None:
+            grid = windows(self.prior)
+        else:
+            grid = torch.einsum("svn,bnxyz->bsvxyz", self.interpolation, signal)
         return {"grid": grid, "mask": torch.as_tensor(mask, device=self.device),
                 "groups": [{"subject": 0, "rows": torch.arange(len(blocks)),
                             "signal": signal}]}

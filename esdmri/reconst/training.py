@@ -145,7 +145,7 @@ def coefficient_loss(coefficients, n_wm_coeffs, forward_model, fodf_sampler, sig
         terms["nonnegativity"] = nonnegativity_loss(samples, mask)
     if weights.total_variation:
         terms["total_variation"] = total_variation_loss(coefficients, samples, mask,
-                                                        weights.tv_form)
+                                                        weights.tv_form, weights.tv_smoothing)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {name: float(value.detach()) for name, value in terms.items()}
 
