@@ -45,36 +45,52 @@ def sh_rotation(rotation, order):
     return np.linalg.lstsq(basis, sh_matrix(order, points @ rotation), rcond=None)[0].T
 
 
-def test_shipped_weights_load_and_match_their_recorded_checksum():
-    assert pretrained.DEFAULT_WEIGHTS.is_file()
-    assert pretrained.sha256_of(pretrained.DEFAULT_WEIGHTS) == pretrained.DEFAULT_SHA256
-    correction = pretrained.load_correction(True)
+SHIPPED = [kind for kind, sha256 in pretrained.DEFAULT_SHA256.items() if sha256 is not None]
+
+
+@pytest.mark.parametrize("kind", SHIPPED)
+def test_shipped_weights_load_and_match_their_recorded_checksum(kind):
+    path = pretrained.DEFAULT_WEIGHTS[kind]
+    assert path.is_file()
+    assert pretrained.sha256_of(path) == pretrained.DEFAULT_SHA256[kind]
+    correction = pretrained.load_correction(True, kind=kind)
     assert not correction.training
+    assert correction.architecture == pretrained.ARCHITECTURES[kind]
     # The shipped network is trained: its head is not the zero of an untrained one.
-    assert any(p.abs().max() > 0 for p in correction.unet[1].head.parameters())
-    size = pretrained.DEFAULT_WEIGHTS.stat().st_size
-    assert size < 500_000
+    head = [m for m in correction.unet.modules() if hasattr(m, "head")][-1].head
+    assert any(p.abs().max() > 0 for p in head.parameters())
+    assert path.stat().st_size < 500_000
 
 
 def test_corrupted_shipped_weights_raise(tmp_path, monkeypatch):
     broken = tmp_path / "pretrained_rtesd.pt"
-    shutil.copy(pretrained.DEFAULT_WEIGHTS, broken)
+    shutil.copy(pretrained.DEFAULT_WEIGHTS["e3so3-stem"], broken)
     raw = bytearray(broken.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     broken.write_bytes(bytes(raw))
-    monkeypatch.setattr(pretrained, "DEFAULT_WEIGHTS", broken)
+    monkeypatch.setitem(pretrained.DEFAULT_WEIGHTS, "e3so3-stem", broken)
     with pytest.raises(ValueError, match="SHA-256"):
         pretrained.load_correction("default")
 
 
 def test_weights_of_another_architecture_or_no_weights_raise(tmp_path, phantom):
-    other = dict(pretrained.ARCHITECTURE, filter_start=4)
+    other = dict(pretrained.ARCHITECTURES["e3so3-stem"], filter_start=4)
     path = tmp_path / "other.pt"
     pretrained.save_correction(pretrained.PriorCorrection(other), path)
     with pytest.raises(ValueError, match="architecture"):
         pretrained.load_correction(path)
     with pytest.raises(ValueError, match="architecture"):
         RTESDModel(phantom.gtab, pretrained=path)
+    # The ESD correction's file, given to RT-ESD (or to a kind that does not exist).
+    esd = tmp_path / "esd.pt"
+    pretrained.save_correction(pretrained.PriorCorrection(pretrained.ARCHITECTURES["spherical"]),
+                               esd)
+    with pytest.raises(ValueError, match="holds weights of the spherical correction, not the "
+                                         "e3so3-stem"):
+        pretrained.load_correction(esd)
+    assert pretrained.load_correction(esd, kind="spherical").architecture["kind"] == "spherical"
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        pretrained.load_correction(esd, kind="esd")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a weights file")
     with pytest.raises(ValueError, match="could not be read"):
@@ -87,10 +103,17 @@ def test_weights_of_another_architecture_or_no_weights_raise(tmp_path, phantom):
         RTESDModel(phantom.gtab, pretrained=True, epochs=2)
 
 
+@pytest.mark.parametrize("kind", ["e3so3-stem", "spherical"])
 @pytest.mark.parametrize("symmetry", [ROTATE_Z_90, REFLECT_X], ids=["rot_z_90", "reflect_x"])
-def test_correction_commutes_with_grid_and_sphere_symmetries(symmetry):
+def test_correction_commutes_with_grid_and_sphere_symmetries(symmetry, kind):
+    """RT-ESD's shipped correction, and ESD's with random weights (C-ESD's concatenation
+    of the neighbours in a fixed order is not equivariant to grid rotations)."""
     rotation = np.asarray(symmetry, dtype=float)
-    correction = pretrained.load_correction(True).double()
+    if kind == "e3so3-stem":
+        correction = pretrained.load_correction(True).double()
+    else:
+        torch.manual_seed(0)
+        correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind]).double().eval()
     order, tissues = 12, ("wm", "gm", "csf")
     rng = np.random.default_rng(1)
     coefficients = torch.as_tensor(rng.normal(size=(1, n_coeffs(order) + 2, 6, 6, 6)))
