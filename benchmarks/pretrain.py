@@ -53,6 +53,53 @@ def score_on_dev(weights, out, side, architecture="rtesd", refine_steps=None,
     devset.main(["--report", str(out / "results-dev.json")])
 
 
+COMPARED = (("network-free", "esdmri network-free (pretrained=False)"),) + tuple(
+    (f"{name} {part}", row) for part, index in (("alone", 0), ("+ refinement", 1))
+    for name, row in zip(("RT-ESD", "ESD", "C-ESD"),
+                         (PRETRAINED_ROWS[kind][index] for kind in ("rtesd", "esd", "cesd"))))
+
+
+def compare(files):
+    """The three architectures side by side, crossing voxels, AE / success / FN per cell,
+    of ``benchmarks/devset.py`` runs (thresholds chosen per row on their dev outcomes)."""
+    import json
+
+    from .devset import ROWS, THRESHOLDS, choose_thresholds
+
+    outcomes = {}
+    for path in files:
+        for o in json.loads(Path(path).read_text())["outcomes"]:
+            if o["sweep"]:
+                outcomes[(o["split"], o["family"], o["snr"], o["row"])] = o
+    thresholds = choose_thresholds([o for o in outcomes.values() if o["split"] == "dev"])
+    columns = [(name, row) for name, row in COMPARED
+               if any(key[3] == row for key in outcomes)]
+    for split in ("dev", "test"):
+        keys = sorted({key[:3] for key in outcomes if key[0] == split},
+                      key=lambda key: (key[1], -key[2]))
+        if not keys:
+            continue
+        rows, errors = [], {name: [] for name, _ in columns}
+        for key in keys:
+            cells = []
+            for name, row in columns:
+                o = outcomes.get((*key, row))
+                if o is None:
+                    cells.append("-")
+                    continue
+                scores = o["sweep"][list(THRESHOLDS).index(thresholds[o["method"]])]["crossing"]
+                errors[name].append(scores["angular_error"])
+                cells.append(f"{scores['angular_error']:.1f} / {scores['success_rate']:.2f} / "
+                             f"{scores['fn_rate']:.2f}")
+            rows.append([key[1], f"{key[2]:g}", *cells])
+        rows.append(["mean AE", "", *(f"{np.mean(errors[name]):.1f}" if errors[name] else "-"
+                                      for name, _ in columns)])
+        print(f"\n{split} (thresholds: " + ", ".join(
+            f"{name} {thresholds[ROWS[row]]:.2f}" for name, row in columns
+            if ROWS[row] in thresholds) + ")\n"
+            + markdown(["family", "SNR", *(name for name, _ in columns)], rows))
+
+
 def time_on_dev(weights, side, repeats, architecture="rtesd"):
     """Fit seconds and refinement steps of the network-free default and the pretrained
     path on the dev phantoms, interleaved in one process (their ratio is what counts
@@ -93,6 +140,8 @@ def main(argv=None):
                       help="score these weights on the dev phantoms")
     mode.add_argument("--timing", type=Path, metavar="WEIGHTS",
                       help="time the fits of the dev phantoms with and without them")
+    mode.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
+                      help="tabulate the three architectures' rows of devset runs")
     parser.add_argument("--architecture", choices=tuple(PRETRAINED_ROWS), default="rtesd",
                         help="the weights' architecture (the model class that runs them)")
     parser.add_argument("--side", type=int, default=14, help="phantom edge (voxels)")
@@ -106,7 +155,9 @@ def main(argv=None):
     parser.add_argument("--num_threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
-    if args.dev:
+    if args.compare:
+        compare(args.compare)
+    elif args.dev:
         score_on_dev(args.dev, args.dev_out, args.side, args.architecture, args.refine_steps,
                      baselines=not args.no_baselines)
     else:

@@ -221,3 +221,25 @@ def test_pretrained_fit_of_a_real_roi_agrees_with_csd(name, csd):
     print(f"{name}: median angle to CSD, pretrained {medians[True]:.1f}, network-free "
           f"{medians[False]:.1f} degrees")
     assert medians[True] < 12.0
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.ARCHITECTURES))
+def test_slab_inference_equals_one_pass_for_every_architecture(kind):
+    """apply_correction's slabs (with the halo each architecture's reach asks for) give
+    the correction of the whole volume in one pass, zero-padded (random weights)."""
+    torch.manual_seed(2)
+    correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind]).eval()
+    rng = np.random.default_rng(4)
+    order, tissues, shape = 8, ("wm", "gm", "csf"), (7, 5, 6)
+    coefficients = rng.normal(size=shape + (n_coeffs(order) + 2,)).astype(np.float32)
+    coefficients[..., 0] = 1 + rng.uniform(size=shape)
+    coefficients[..., -2:] = rng.uniform(size=shape + (2,))
+    mask = np.ones(shape, dtype=bool)
+    mask[0, 0, 0] = mask[-1, 2, 3] = False
+    coefficients[~mask] = 0
+    with torch.no_grad():
+        volume = torch.as_tensor(coefficients).permute(3, 0, 1, 2)[None]
+        whole = correction(volume, tissues)[0].permute(1, 2, 3, 0).numpy()
+    whole[~mask] = 0
+    slabs = pretrained.apply_correction(correction, coefficients, mask, tissues, slab=2)
+    np.testing.assert_allclose(slabs, whole, atol=1e-5)

@@ -63,6 +63,18 @@ def test_each_model_kind_pretrains_its_own_architecture(in_process, tmp_path, mo
         RTESDModel(default_gtab(), pretrained=path, verbose=False)
 
 
+def test_cohort_is_seeded_and_avoids_the_dev_and_test_seeds():
+    settings = cohort_settings(27, 0)
+    assert cohort_settings(3, 0) == settings[:3]  # a smaller cohort is a prefix
+    assert cohort_settings(27, 0) == settings
+    assert cohort_settings(27, 1) != settings
+    # benchmarks/devset.py: geometry 1 / 101 (dev), 7 / 107 (test); heldout.py: 0, 101.
+    assert not {s["geometry_seed"] for s in settings} & {0, 1, 7, 101, 107}
+    assert {s["family"] for s in settings} == {"dispersed", "straight", "curved"}
+    with pytest.raises(ValueError, match="n_scans"):
+        cohort_settings(0, 0)
+
+
 def test_pretrain_refuses_to_overwrite(in_process, tmp_path):
     path = tmp_path / "pretrained.pt"
     path.write_bytes(b"earlier weights")
