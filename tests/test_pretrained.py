@@ -19,7 +19,7 @@ from esdmri.metrics import evaluate_peaks
 from esdmri.peaks import peaks_from_sh
 from esdmri.reconst import pretrained
 from esdmri.reconst.fit import DeconvolutionFit
-from esdmri.reconst.models import RTESDModel, load_model
+from esdmri.reconst.models import MODEL_CLASSES, RTESDModel, load_model
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.testing import REFLECT_X, ROTATE_Z_90, relative_error, rotate_grid
 
@@ -60,6 +60,19 @@ def test_shipped_weights_load_and_match_their_recorded_checksum(kind):
     head = [m for m in correction.unet.modules() if hasattr(m, "head")][-1].head
     assert any(p.abs().max() > 0 for p in head.parameters())
     assert path.stat().st_size < 500_000
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CLASSES))
+def test_each_model_class_takes_its_own_shipped_weights(name, phantom):
+    model_class = MODEL_CLASSES[name]
+    if model_class.conv_kind not in SHIPPED:
+        pytest.skip(f"no shipped {name} weights")
+    correction = model_class(phantom.gtab, verbose=False).pretrained_correction()
+    assert correction.architecture == pretrained.ARCHITECTURES[model_class.conv_kind]
+    path = pretrained.DEFAULT_WEIGHTS[model_class.conv_kind]
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for key, tensor in correction.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), saved[key].numpy(), err_msg=key)
 
 
 def test_corrupted_shipped_weights_raise(tmp_path, monkeypatch):

@@ -212,9 +212,10 @@ class FitFlow(EsdmriWorkflow):
             estimated from the scan (0: voxel by voxel).
         pretrained : string, optional
             Network that corrects the linear prior before the refinement:
-            default (the weights shipped with esdmri, pretrained on simulated
-            scans of many acquisitions; not used with --epochs N), a path to
-            other weights, or none (the network-free fit).
+            default (the weights shipped with esdmri for this --model,
+            pretrained on simulated scans of many acquisitions; not used with
+            --epochs N), a path to other weights (esdmri_pretrain writes
+            them), or none (the network-free fit).
         device : string, optional
             cpu, cuda or cuda:N.
         seed : int, optional
