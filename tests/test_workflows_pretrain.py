@@ -58,6 +58,7 @@ def test_each_model_kind_pretrains_its_own_architecture(in_process, tmp_path, mo
     kind = CONV_KINDS[model]
     assert pretrained.load_correction(path, kind=kind).architecture == (
         pretrained.ARCHITECTURES[kind])
+    MODEL_CLASSES[model](default_gtab(), pretrained=path, verbose=False)
     # A file of one architecture is refused by the others' model classes.
     with pytest.raises(ValueError, match=f"holds weights of the {kind} correction"):
         RTESDModel(default_gtab(), pretrained=path, verbose=False)

@@ -70,7 +70,7 @@ DEFAULT_WEIGHTS = {"e3so3-stem": _DATA / "pretrained_rtesd.pt",
 DEFAULT_SHA256 = {
     "e3so3-stem": "1f4967ee29549071415f5545f70247d70936f79f188bcb1bdce1e23a1c69e35f",
     "spherical": "bb8b995bc772cff2bc302c41370c59de1fec6a3d1438e6a5434867791e620670",
-    "concat": None,
+    "concat": "93a848fd858d4eb1b8bc648552e82ca05284156fbd8b31cebab51f8baa2e37b1",
 }
 
 
