@@ -116,7 +116,10 @@ class PretrainFlow(EsdmriWorkflow):
                                                sha256_of)
         from esdmri.reconst.pretraining import as_tensors, pretrain_correction
 
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device} was asked for but torch sees no CUDA device")
         kind = CONV_KINDS[model]
