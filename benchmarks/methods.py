@@ -395,23 +395,31 @@ def _register_ablations():
 _register_ablations()
 
 
-# The pretrained correction of the prior (issue 27): the shipped weights, or
-# the weights file (and refinement budget) benchmarks/pretrain.py puts here.
+# The pretrained correction of the prior (issue 27): each class's shipped
+# weights, or the weights file (and refinement budget) benchmarks/pretrain.py
+# puts here.
 PRETRAINED = {"pretrained": True}
 
 
-@register_method("rtesd-pretrained", "esdmri RTESDModel, the linear prior corrected by the "
-                 "pretrained network alone (pretrained=True, refine_steps=0)")
-def fit_pretrained(phantom, mask):
-    from esdmri import RTESDModel
-    return _fit_network(RTESDModel, phantom, mask, **{**PRETRAINED, "refine_steps": 0})
+def _register_pretrained():
+    from esdmri.reconst.models import MODEL_CLASSES
+
+    for kind, model_class in MODEL_CLASSES.items():
+        def alone(phantom, mask, model_class=model_class):
+            return _fit_network(model_class, phantom, mask, **{**PRETRAINED, "refine_steps": 0})
+
+        def refined(phantom, mask, model_class=model_class):
+            return _fit_network(model_class, phantom, mask, **PRETRAINED)
+
+        register_method(f"{kind}-pretrained", f"esdmri {model_class.__name__}, the linear prior "
+                        "corrected by its pretrained network alone (pretrained=True, "
+                        "refine_steps=0)")(alone)
+        register_method(f"{kind}-pretrained+refine", f"esdmri {model_class.__name__}, the "
+                        "linear prior corrected by its pretrained network, then refined "
+                        "(pretrained=True, otherwise defaults)")(refined)
 
 
-@register_method("rtesd-pretrained+refine", "esdmri RTESDModel, the linear prior corrected by "
-                 "the pretrained network, then refined (pretrained=True, otherwise defaults)")
-def fit_pretrained_refined(phantom, mask):
-    from esdmri import RTESDModel
-    return _fit_network(RTESDModel, phantom, mask, **PRETRAINED)
+_register_pretrained()
 
 
 @register_method("prior", "the networks' linear prior alone: regularised least-squares "

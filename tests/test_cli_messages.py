@@ -19,12 +19,13 @@ from esdmri.workflows.evaluate import EvaluateFlow, read_ground_truth, score_fra
 from esdmri.workflows.fit import FitFlow
 from esdmri.workflows.io import FRACTIONS_DESCRIPTION, save_map
 from esdmri.workflows.plot import PlotFlow
+from esdmri.workflows.pretrain import PretrainFlow
 from esdmri.workflows.response import ResponseFlow
 from esdmri.workflows.track import TrackFlow
 from esdmri.workflows.train import TrainFlow
 
 FLOWS = (ApplyFlow, DemoFlow, EvaluateFlow, fetch.FetchFlow, FitFlow, PlotFlow,
-         ResponseFlow, TrackFlow, TrainFlow)
+         PretrainFlow, ResponseFlow, TrackFlow, TrainFlow)
 
 
 def _closed_port():

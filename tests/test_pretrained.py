@@ -20,7 +20,7 @@ from esdmri.metrics import evaluate_peaks
 from esdmri.peaks import peaks_from_sh
 from esdmri.reconst import pretrained
 from esdmri.reconst.fit import DeconvolutionFit
-from esdmri.reconst.models import RTESDModel, load_model
+from esdmri.reconst.models import MODEL_CLASSES, RTESDModel, load_model
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.testing import REFLECT_X, ROTATE_Z_90, relative_error, rotate_grid
 
@@ -46,36 +46,65 @@ def sh_rotation(rotation, order):
     return np.linalg.lstsq(basis, sh_matrix(order, points @ rotation), rcond=None)[0].T
 
 
-def test_shipped_weights_load_and_match_their_recorded_checksum():
-    assert pretrained.DEFAULT_WEIGHTS.is_file()
-    assert pretrained.sha256_of(pretrained.DEFAULT_WEIGHTS) == pretrained.DEFAULT_SHA256
-    correction = pretrained.load_correction(True)
+SHIPPED = [kind for kind, sha256 in pretrained.DEFAULT_SHA256.items() if sha256 is not None]
+
+
+@pytest.mark.parametrize("kind", SHIPPED)
+def test_shipped_weights_load_and_match_their_recorded_checksum(kind):
+    path = pretrained.DEFAULT_WEIGHTS[kind]
+    assert path.is_file()
+    assert pretrained.sha256_of(path) == pretrained.DEFAULT_SHA256[kind]
+    correction = pretrained.load_correction(True, kind=kind)
     assert not correction.training
+    assert correction.architecture == pretrained.ARCHITECTURES[kind]
     # The shipped network is trained: its head is not the zero of an untrained one.
-    assert any(p.abs().max() > 0 for p in correction.unet[1].head.parameters())
-    size = pretrained.DEFAULT_WEIGHTS.stat().st_size
-    assert size < 500_000
+    head = [m for m in correction.unet.modules() if hasattr(m, "head")][-1].head
+    assert any(p.abs().max() > 0 for p in head.parameters())
+    assert path.stat().st_size < 500_000
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CLASSES))
+def test_each_model_class_takes_its_own_shipped_weights(name, phantom):
+    model_class = MODEL_CLASSES[name]
+    if model_class.conv_kind not in SHIPPED:
+        pytest.skip(f"no shipped {name} weights")
+    correction = model_class(phantom.gtab, verbose=False).pretrained_correction()
+    assert correction.architecture == pretrained.ARCHITECTURES[model_class.conv_kind]
+    path = pretrained.DEFAULT_WEIGHTS[model_class.conv_kind]
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for key, tensor in correction.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), saved[key].numpy(), err_msg=key)
 
 
 def test_corrupted_shipped_weights_raise(tmp_path, monkeypatch):
     broken = tmp_path / "pretrained_rtesd.pt"
-    shutil.copy(pretrained.DEFAULT_WEIGHTS, broken)
+    shutil.copy(pretrained.DEFAULT_WEIGHTS["e3so3-stem"], broken)
     raw = bytearray(broken.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     broken.write_bytes(bytes(raw))
-    monkeypatch.setattr(pretrained, "DEFAULT_WEIGHTS", broken)
+    monkeypatch.setitem(pretrained.DEFAULT_WEIGHTS, "e3so3-stem", broken)
     with pytest.raises(ValueError, match="SHA-256"):
         pretrained.load_correction("default")
 
 
 def test_weights_of_another_architecture_or_no_weights_raise(tmp_path, phantom):
-    other = dict(pretrained.ARCHITECTURE, filter_start=4)
+    other = dict(pretrained.ARCHITECTURES["e3so3-stem"], filter_start=4)
     path = tmp_path / "other.pt"
     pretrained.save_correction(pretrained.PriorCorrection(other), path)
     with pytest.raises(ValueError, match="architecture"):
         pretrained.load_correction(path)
     with pytest.raises(ValueError, match="architecture"):
         RTESDModel(phantom.gtab, pretrained=path)
+    # The ESD correction's file, given to RT-ESD (or to a kind that does not exist).
+    esd = tmp_path / "esd.pt"
+    pretrained.save_correction(pretrained.PriorCorrection(pretrained.ARCHITECTURES["spherical"]),
+                               esd)
+    with pytest.raises(ValueError, match="holds weights of the spherical correction, not the "
+                                         "e3so3-stem"):
+        pretrained.load_correction(esd)
+    assert pretrained.load_correction(esd, kind="spherical").architecture["kind"] == "spherical"
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        pretrained.load_correction(esd, kind="esd")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a weights file")
     with pytest.raises(ValueError, match="could not be read"):
@@ -86,9 +115,17 @@ def test_weights_of_another_architecture_or_no_weights_raise(tmp_path, phantom):
         RTESDModel(phantom.gtab, pretrained=3)
 
 
+@pytest.mark.parametrize("kind", ["e3so3-stem", "spherical"])
 @pytest.mark.parametrize("symmetry", [ROTATE_Z_90, REFLECT_X], ids=["rot_z_90", "reflect_x"])
-def test_correction_commutes_with_grid_and_sphere_symmetries(symmetry):
-    assert symmetry_error(pretrained.load_correction(True), symmetry) < 1e-6
+def test_correction_commutes_with_grid_and_sphere_symmetries(symmetry, kind):
+    """RT-ESD's shipped correction, and ESD's with random weights (C-ESD's concatenation
+    of the neighbours in a fixed order is not equivariant to grid rotations)."""
+    if kind == "e3so3-stem":
+        correction = pretrained.load_correction(True)
+    else:
+        torch.manual_seed(0)
+        correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind])
+    assert symmetry_error(correction, symmetry) < 1e-6
 
 
 def symmetry_error(correction, symmetry):
@@ -201,3 +238,25 @@ def test_pretrained_fit_of_a_real_roi_agrees_with_csd(name, csd):
     print(f"{name}: median angle to CSD, pretrained {medians[True]:.1f}, network-free "
           f"{medians[False]:.1f} degrees")
     assert medians[True] < 12.0
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.ARCHITECTURES))
+def test_slab_inference_equals_one_pass_for_every_architecture(kind):
+    """apply_correction's slabs (with the halo each architecture's reach asks for) give
+    the correction of the whole volume in one pass, zero-padded (random weights)."""
+    torch.manual_seed(2)
+    correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind]).eval()
+    rng = np.random.default_rng(4)
+    order, tissues, shape = 8, ("wm", "gm", "csf"), (7, 5, 6)
+    coefficients = rng.normal(size=shape + (n_coeffs(order) + 2,)).astype(np.float32)
+    coefficients[..., 0] = 1 + rng.uniform(size=shape)
+    coefficients[..., -2:] = rng.uniform(size=shape + (2,))
+    mask = np.ones(shape, dtype=bool)
+    mask[0, 0, 0] = mask[-1, 2, 3] = False
+    coefficients[~mask] = 0
+    with torch.no_grad():
+        volume = torch.as_tensor(coefficients).permute(3, 0, 1, 2)[None]
+        whole = correction(volume, tissues)[0].permute(1, 2, 3, 0).numpy()
+    whole[~mask] = 0
+    slabs = pretrained.apply_correction(correction, coefficients, mask, tissues, slab=2)
+    np.testing.assert_allclose(slabs, whole, atol=1e-5)

@@ -218,8 +218,9 @@ class FitFlow(EsdmriWorkflow):
             estimated from the scan (0: voxel by voxel).
         pretrained : string, optional
             Network that corrects the linear prior before the refinement:
-            default (the weights shipped with esdmri, pretrained on simulated
-            scans of many acquisitions), a path to other weights, or none (the
+            default (the weights shipped with esdmri for this --model,
+            pretrained on simulated scans of many acquisitions), a path to
+            other weights (esdmri_pretrain writes them), or none (the
             network-free fit). With --epochs N those weights are fine-tuned on
             the scan (the model file records which weights they started
             from); none with --epochs N trains a network from scratch.

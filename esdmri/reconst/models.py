@@ -7,7 +7,8 @@ functions, must reproduce the measured signal). By default no network is
 trained on the scan (``epochs=0``): the network's linear prior, computed without
 building the per-scan network, is corrected by a small network shipped with
 esdmri (pretrained on simulated scans of many acquisitions, reading the prior's
-fODF so that it serves any acquisition: :mod:`esdmri.reconst.pretrained`), then
+fODF so that it serves any acquisition; each model class has its own, of its own
+architecture: :mod:`esdmri.reconst.pretrained`), then
 refined by the spatially coupled descent of the loss. ``pretrained=False``
 gives the network-free fit. With ``epochs=N`` the shipped correction is first
 fine-tuned on the scan itself by the scan's unsupervised loss
@@ -269,7 +270,8 @@ class _DeconvolutionModel(ReconstModel):
         if pretrained is False:
             return None
         if self._correction[0] != pretrained:
-            self._correction = (pretrained, load_correction(pretrained, self.device))
+            self._correction = (pretrained, load_correction(pretrained, self.device,
+                                                            kind=self.conv_kind))
         return self._correction[1]
 
     def _pretrained_option(self):
@@ -699,8 +701,9 @@ class ESDModel(_DeconvolutionModel):
     """Equivariant Spherical Deconvolution (Elaldi et al. 2021).
 
     Voxel-wise: spherical Chebyshev convolutions on a HEALPix grid, so each
-    voxel is deconvolved from its own signal only. Parameters as
-    :class:`RTESDModel`.
+    voxel is deconvolved from its own signal only; its shipped pretrained
+    correction is voxel-wise too (``esdmri/data/pretrained_esd.pt``). Parameters
+    as :class:`RTESDModel`.
     """
 
     conv_kind = "spherical"
@@ -750,8 +753,9 @@ RTESDModel.__doc__ = RTESDModel.__doc__.replace("    OPTIONS", "    " + options_
 
 class CESDModel(_DeconvolutionModel):
     """Concatenated-neighbourhood ESD: the spatial neighbours' signals stacked as
-    extra input channels of a spherical network (baseline of the RT-ESD paper).
-    Parameters as :class:`RTESDModel`."""
+    extra input channels of a spherical network (baseline of the RT-ESD paper);
+    its shipped pretrained correction is built the same way
+    (``esdmri/data/pretrained_cesd.pt``). Parameters as :class:`RTESDModel`."""
 
     conv_kind = "concat"
 

@@ -16,8 +16,10 @@ rotation-equivariant degree by degree; the HEALPix nside-4 hemisphere carries
 order 8 (condition number 1.0-1.4, see :data:`esdmri.reconst.config.MAX_GRID_CONDITION`).
 The head starts at zero: the untrained correction is the prior.
 
-The shipped weights (:data:`DEFAULT_WEIGHTS`) come from
-``python -m benchmarks.pretrain`` (or ``esdmri_pretrain``): simulated scans of
+The same correction serves ESD (a voxel-wise spherical U-Net) and C-ESD (the
+3^3 neighbours' inputs concatenated as channels), each with its own weights
+(:data:`ARCHITECTURES`). The shipped weights (:data:`DEFAULT_WEIGHTS`) come from
+``esdmri_pretrain`` (:mod:`esdmri.reconst.pretraining`): simulated scans of
 several phantom families, acquisitions and SNRs, each with its own estimated
 responses, trained against the phantoms' true fibre directions
 (:func:`fibre_target`). Their SHA-256 is recorded here and checked on loading.
@@ -38,18 +40,55 @@ from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coef
 
 # Highest WM SH degree the network corrects; degrees above pass through.
 CORRECTED_ORDER = 8
-# The architecture of the shipped weights; a file records it and must match.
-ARCHITECTURE = {"nside": 4, "depth": 2, "filter_start": 8, "kernel_size": 3,
-                "spatial_kernel_size": 3, "spatial_layers": 1, "norm": "voxel",
-                "corrected_order": CORRECTED_ORDER, "in_channels": 3}
+# The architecture of each model class's correction, keyed by the class's
+# ``conv_kind``: the same spherical U-Net after RT-ESD's E(3) x SO(3) stem
+# ("e3so3-stem"), voxel-wise for ESD ("spherical", no spatial reach) or on the
+# 3^3 neighbours' inputs concatenated as channels for C-ESD ("concat", one
+# voxel of reach). ``spatial_layers * (spatial_kernel_size // 2)`` is the reach
+# that block-wise inference pads. A weights file records its architecture and
+# must match its model class's.
+_SHARED = {"nside": 4, "depth": 2, "filter_start": 8, "kernel_size": 3, "norm": "voxel",
+           "corrected_order": CORRECTED_ORDER, "in_channels": 3}
+ARCHITECTURES = {
+    "e3so3-stem": {**_SHARED, "kind": "e3so3-stem", "spatial_kernel_size": 3,
+                   "spatial_layers": 1},
+    "spherical": {**_SHARED, "kind": "spherical", "spatial_kernel_size": 1,
+                  "spatial_layers": 0},
+    "concat": {**_SHARED, "kind": "concat", "spatial_kernel_size": 3, "spatial_layers": 1},
+}
 # Input channels after the WM fODF: these isotropic tissues' fractions (zero
 # when the scan's response lacks one, e.g. GM with b0 plus one shell).
 ISOTROPIC_INPUTS = ("gm", "csf")
 FORMAT = "esdmri-pretrained-1"
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "pretrained_rtesd.pt"
-# SHA-256 of DEFAULT_WEIGHTS (benchmarks/pretrain.py prints it with the weights).
-DEFAULT_SHA256 = "1f4967ee29549071415f5545f70247d70936f79f188bcb1bdce1e23a1c69e35f"
+_DATA = Path(__file__).resolve().parent.parent / "data"
+# The shipped weights of each architecture and their SHA-256 (``esdmri_pretrain``
+# prints it with the weights).
+DEFAULT_WEIGHTS = {"e3so3-stem": _DATA / "pretrained_rtesd.pt",
+                   "spherical": _DATA / "pretrained_esd.pt",
+                   "concat": _DATA / "pretrained_cesd.pt"}
+DEFAULT_SHA256 = {
+    "e3so3-stem": "1f4967ee29549071415f5545f70247d70936f79f188bcb1bdce1e23a1c69e35f",
+    "spherical": "bb8b995bc772cff2bc302c41370c59de1fec6a3d1438e6a5434867791e620670",
+    "concat": "93a848fd858d4eb1b8bc648552e82ca05284156fbd8b31cebab51f8baa2e37b1",
+}
+
+
+def check_architecture(kind):
+    """The architecture of a ``conv_kind`` (a key of :data:`ARCHITECTURES`)."""
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got "
+                         f"{kind!r}")
+    return dict(ARCHITECTURES[kind])
+
+
+def recorded_architecture(saved):
+    """The architecture a weights file records (files without a kind are RT-ESD's:
+    they predate the ESD and C-ESD corrections)."""
+    architecture = saved.get("architecture")
+    if not isinstance(architecture, dict):
+        return architecture
+    return {"kind": "e3so3-stem", **architecture}
 
 
 class PriorCorrection(nn.Module):
@@ -58,18 +97,19 @@ class PriorCorrection(nn.Module):
     Parameters
     ----------
     architecture : dict, optional
-        :data:`ARCHITECTURE` (the default) or a file's copy of it.
+        One of :data:`ARCHITECTURES` (default: RT-ESD's) or a file's copy of it.
     """
 
     def __init__(self, architecture=None):
         super().__init__()
-        self.architecture = dict(ARCHITECTURE if architecture is None else architecture)
+        self.architecture = (check_architecture("e3so3-stem") if architecture is None
+                             else dict(architecture))
         arch = self.architecture
         self.order = arch["corrected_order"]
         self.n_corrected = n_coeffs(self.order)
         sphere = HealpixSphere(arch["nside"], hemisphere=True)
         self.unet = build_unet(
-            "e3so3-stem", sphere, in_channels=arch["in_channels"], out_channels=1,
+            arch["kind"], sphere, in_channels=arch["in_channels"], out_channels=1,
             depth=arch["depth"], filter_start=arch["filter_start"],
             kernel_size=arch["kernel_size"], spatial_kernel_size=arch["spatial_kernel_size"],
             spatial_layers=arch["spatial_layers"], signed_output=True, norm=arch["norm"])
@@ -152,13 +192,15 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def resolve_weights(pretrained):
+def resolve_weights(pretrained, kind="e3so3-stem"):
     """The weights file and the checksum it must have, of a ``pretrained`` option.
 
     Parameters
     ----------
     pretrained : bool, "default", str or Path
-        True or "default": the shipped weights; a path: other weights.
+        True or "default": the shipped weights of ``kind``; a path: other weights.
+    kind : str
+        The model class's ``conv_kind`` (a key of :data:`ARCHITECTURES`).
 
     Returns
     -------
@@ -166,11 +208,13 @@ def resolve_weights(pretrained):
     sha256 : str or None
         The recorded checksum of the shipped weights; None for other files.
     """
+    check_architecture(kind)
     if pretrained is True or pretrained == "default":
-        if DEFAULT_SHA256 is None or not DEFAULT_WEIGHTS.is_file():
-            raise ValueError("pretrained=True needs the shipped weights "
-                             f"{DEFAULT_WEIGHTS}, which this installation lacks")
-        return DEFAULT_WEIGHTS, DEFAULT_SHA256
+        path, sha256 = DEFAULT_WEIGHTS[kind], DEFAULT_SHA256[kind]
+        if sha256 is None or not path.is_file():
+            raise ValueError(f"pretrained=True needs the shipped {kind} weights {path}, "
+                             "which this installation lacks")
+        return path, sha256
     if isinstance(pretrained, (str, Path)):
         path = Path(pretrained)
         if not path.is_file():
@@ -181,13 +225,16 @@ def resolve_weights(pretrained):
                     f"{type(pretrained).__name__}")
 
 
-def load_correction(pretrained, device="cpu"):
+def load_correction(pretrained, device="cpu", kind="e3so3-stem"):
     """The pretrained correction of a ``pretrained`` option, checked.
 
     Parameters
     ----------
     pretrained : True, "default", str or Path
     device : str or torch.device
+    kind : str
+        The model class's ``conv_kind``: the file must hold this architecture
+        (:data:`ARCHITECTURES`).
 
     Returns
     -------
@@ -198,9 +245,9 @@ def load_correction(pretrained, device="cpu"):
     ------
     ValueError
         The file's checksum differs from the one recorded for the shipped
-        weights, or it is not a weights file of this architecture.
+        weights, or it is not a weights file of ``kind``'s architecture.
     """
-    path, expected = resolve_weights(pretrained)
+    path, expected = resolve_weights(pretrained, kind)
     if expected is not None:
         found = sha256_of(path)
         if found != expected:
@@ -214,10 +261,14 @@ def load_correction(pretrained, device="cpu"):
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"{path} is not an esdmri pretrained-weights file (format "
                          f"{FORMAT!r})")
-    if saved.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{path} holds weights of architecture {saved.get('architecture')},"
-                         f" not this esdmri's {ARCHITECTURE}")
-    correction = PriorCorrection()
+    architecture = recorded_architecture(saved)
+    if architecture != ARCHITECTURES[kind]:
+        other = next((name for name, known in ARCHITECTURES.items() if known == architecture),
+                     None)
+        found = f"the {other} correction" if other else f"architecture {architecture}"
+        raise ValueError(f"{path} holds weights of {found}, not the {kind} correction this "
+                         f"model needs ({ARCHITECTURES[kind]})")
+    correction = PriorCorrection(architecture)
     try:
         correction.load_state_dict(saved["state_dict"])
     except (RuntimeError, KeyError) as error:

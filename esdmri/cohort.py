@@ -1,0 +1,201 @@
+"""The simulated cohort that the shipped corrections are pretrained on (issue 27).
+
+Each cohort scan is a phantom of one of three families, simulated on one of
+four acquisitions at one SNR, with its linear prior computed the way a user's
+fit computes it (responses estimated from the scan:
+``RTESDModel(gtab).prepare`` then ``prior_coefficients``) and its supervised
+target (:func:`esdmri.reconst.pretrained.fibre_target`). Everything follows
+from one seed, so ``esdmri_pretrain`` rebuilds the same cohort anywhere.
+
+Families (none of the seeds is a dev or test seed of ``benchmarks/devset.py``,
+geometry 1 / 101 dev and 7 / 107 test, or of ``benchmarks/heldout.py``,
+geometry 0 test and 101 dev):
+
+- ``dispersed``: :func:`esdmri.heldout_phantom.make_heldout_phantom`, geometry
+  seeds 200 and up, Watson concentrations of the default range or a sharper one;
+- ``straight``: :func:`esdmri.straight_phantom.make_straight_phantom`'s
+  undispersed straight crossings, geometry seeds 300 and up, crossing angles
+  35-90 degrees, single-fibre FA 0.5-0.85;
+- ``curved``: :func:`esdmri.sims.make_phantom` (its fixed layout), tensor
+  eigenvalues of FA 0.5-0.85;
+
+acquisitions cycled through single-shell b 1000 with 30 directions, DIPY's
+``get_3shell_gtab``, :func:`esdmri.sims.default_gtab` and two shells (b 1000 and
+2000, 45 directions each); SNR drawn from 5-40.
+"""
+
+import warnings
+
+import numpy as np
+from dipy.core.gradients import generate_bvecs, gradient_table
+from dipy.data import get_3shell_gtab
+
+from .heldout_phantom import make_heldout_phantom
+from .reconst.models import RTESDModel
+from .reconst.network import SQRT_4PI, volume_fractions_from_coefficients
+from .reconst.pretrained import fibre_target
+from .shm import n_coeffs
+from .sims import default_gtab, make_phantom
+from .straight_phantom import make_straight_phantom, radial_for_fa
+
+SNRS = (5, 10, 15, 20, 30, 40)
+FAMILIES = ("dispersed", "straight", "curved")
+
+
+def _shells(bvals, n_directions, n_b0, seed):
+    rng = np.random.default_rng(seed)
+    bvecs = [np.zeros((n_b0, 3))]
+    for _ in bvals:
+        directions = generate_bvecs(n_directions, iters=2000, rng=rng)
+        bvecs.append(directions)
+    all_bvals = np.concatenate([np.zeros(n_b0), np.repeat(bvals, n_directions)])
+    return gradient_table(all_bvals, bvecs=np.concatenate(bvecs))
+
+
+ACQUISITIONS = {
+    "b1000x30": lambda: _shells([1000.0], 30, 2, seed=11),
+    "dipy-3shell": get_3shell_gtab,
+    "heldout-default": default_gtab,
+    "b1000+b2000x45": lambda: _shells([1000.0, 2000.0], 45, 3, seed=12),
+}
+
+
+def cohort_settings(n_scans, seed):
+    """The settings of every cohort scan.
+
+    Parameters
+    ----------
+    n_scans : int
+    seed : int
+        Seeds the SNRs, FAs, Watson ranges and crossing angles; scan ``i`` has
+        geometry seed 200 + i (dispersed) or 300 + i and noise seed 5000 + i.
+
+    Returns
+    -------
+    settings : list of dict
+        Keys ``family``, ``acquisition``, ``snr``, ``fa``, ``geometry_seed``,
+        ``noise_seed``, ``sharp``, ``angles``. The first scans of a larger
+        cohort are those of a smaller one with the same seed.
+    """
+    if n_scans < 1:
+        raise ValueError(f"n_scans must be >= 1, got {n_scans}")
+    rng = np.random.default_rng(seed)
+    acquisitions = list(ACQUISITIONS)
+    settings = []
+    for i in range(n_scans):
+        family = FAMILIES[i % len(FAMILIES)]
+        settings.append({
+            "family": family,  # Every (family, acquisition) pair once in 12 scans.
+            "acquisition": acquisitions[(i % len(FAMILIES) + i // len(FAMILIES))
+                                        % len(acquisitions)],
+            "snr": float(rng.choice(SNRS)), "fa": float(rng.uniform(0.5, 0.85)),
+            "geometry_seed": (200 if family == "dispersed" else 300) + i,
+            "noise_seed": 5000 + i, "sharp": bool(rng.random() < 0.5),
+            "angles": (float(rng.uniform(35, 60)), float(rng.uniform(60, 90)))})
+    return settings
+
+
+def build_phantom(setting, side):
+    """The phantom of one cohort scan (:func:`cohort_settings`), ``side``^3 voxels."""
+    gtab = ACQUISITIONS[setting["acquisition"]]()
+    shape = (side,) * 3
+    if setting["family"] == "dispersed":
+        kappa = (16.0, 64.0) if setting["sharp"] else (4.0, 24.0)
+        return make_heldout_phantom(shape, gtab, snr=setting["snr"], seed=setting["noise_seed"],
+                                    geometry_seed=setting["geometry_seed"], kappa_range=kappa)
+    if setting["family"] == "straight":
+        return make_straight_phantom(gtab, shape, setting["snr"], angles=setting["angles"],
+                                     fa=setting["fa"], geometry_seed=setting["geometry_seed"],
+                                     seed=setting["noise_seed"])
+    axial = 1.7e-3
+    radial = radial_for_fa(axial, setting["fa"])
+    return make_phantom(shape, gtab, snr=setting["snr"], seed=setting["noise_seed"],
+                        wm_evals=(axial, radial, radial))
+
+
+def fibre_weights(phantom):
+    """Each true fibre's share of its voxel's WM, shape (X, Y, Z, K)."""
+    weights = getattr(phantom, "fibre_fractions", None)
+    present = np.all(np.isfinite(phantom.fibre_dirs), axis=-1)
+    if weights is None:  # straight bundles: equal shares
+        weights = present / np.maximum(present.sum(-1, keepdims=True), 1)
+    weights = np.where(present, np.nan_to_num(weights), 0)
+    total = weights.sum(-1, keepdims=True)
+    return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+
+
+def prepare_scan(setting, side):
+    """One cohort scan: its prior (estimated responses), target and voxel weights.
+
+    Parameters
+    ----------
+    setting : dict
+        One entry of :func:`cohort_settings`.
+    side : int
+        Phantom edge in voxels.
+
+    Returns
+    -------
+    scan : dict
+        ``prior`` (X, Y, Z, C_total), ``target`` (X, Y, Z, n_coeffs(8)),
+        ``weight`` (X, Y, Z; zero outside the mask), ``tissues``, ``setting``
+        and ``order`` (the prior's WM SH order).
+    """
+    phantom = build_phantom(setting, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = RTESDModel(phantom.gtab, verbose=False)
+        scan = model.prepare(phantom.data, mask=phantom.mask)
+        prior = model.prior_coefficients(scan)
+    # The true WM in the fit's units: its fraction of the prior's tissue total.
+    # (Anchoring the lobes to the prior's own WM amount instead flipped them
+    # where that amount is negative: the linear prior shares the WM's
+    # isotropic part with GM and CSF.)
+    n_wm = n_coeffs(model.config.network.sh_order_max)
+    total = volume_fractions_from_coefficients(prior, n_wm).sum(-1)
+    amount = total * phantom.tissue_fractions[..., 0] / SQRT_4PI
+    target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount)
+    target[..., 0] = prior[..., 0]  # the WM amount is the prior's, not corrected
+    weight = np.where(scan.mask, 0.2 + phantom.tissue_fractions[..., 0], 0).astype(np.float32)
+    return {"prior": prior, "target": target, "weight": weight,
+            "tissues": tuple(scan.response.tissues), "setting": setting,
+            "order": model.config.network.sh_order_max}
+
+
+def build_cohort(n_scans, side, seed, progress=True, log=None):
+    """Prepare the first ``n_scans`` scans of the cohort of ``seed``.
+
+    Parameters
+    ----------
+    n_scans : int
+    side : int
+        Phantom edge in voxels (>= 6).
+    seed : int
+    progress : bool
+        Show a tqdm bar.
+    log : callable, optional
+        Receives one line per scan.
+
+    Returns
+    -------
+    scans : list of dict
+        :func:`prepare_scan`'s output of each of :func:`cohort_settings`.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(side, (int, np.integer)) or side < 6:
+        raise ValueError(f"side must be an integer >= 6 (voxels), got {side!r}")
+    scans = []
+    for setting in tqdm(cohort_settings(n_scans, seed), desc="simulating the cohort",
+                        unit="scan", disable=not progress):
+        scans.append(prepare_scan(setting, side))
+        if log is not None:
+            log(f"scan {len(scans)}/{n_scans}: {describe(scans[-1])}")
+    return scans
+
+
+def describe(scan):
+    """One line of a prepared scan: family, acquisition, SNR, FA, SH order, tissues."""
+    setting = scan["setting"]
+    return (f"{setting['family']} {setting['acquisition']} SNR {setting['snr']:g} "
+            f"FA {setting['fa']:.2f} order {scan['order']} {','.join(scan['tissues'])}")

@@ -1,0 +1,157 @@
+"""``esdmri_pretrain``: the shipped pretrained corrections, rebuilt from a fixed seed.
+
+Examples
+--------
+``esdmri_pretrain --out_dir weights`` simulates the cohort of the shipped
+weights (24 training and 3 held-aside scans of 14^3 voxels, seed 0) and trains
+the RT-ESD correction for 3,159 steps, writing ``weights/pretrained.pt``;
+``esdmri_pretrain --model esd`` and ``--model cesd`` train the
+ESD and C-ESD corrections the same way. ``esdmri_pretrain --scans 6 --held 1
+--steps 300`` is a smaller run. The file is what ``RTESDModel(gtab,
+pretrained=PATH)`` (``esdmri_fit --pretrained PATH``) reads.
+"""
+
+import json
+import time
+
+from .fit import check_model_kind
+from .io import EsdmriWorkflow, logger, run_workflow, verbose_logging
+
+# The model kinds of the commands and the pretrained module's keys (the model
+# classes' conv_kind; tests/test_workflows_pretrain.py checks that they agree),
+# repeated here so that --help does not import torch.
+CONV_KINDS = {"rtesd": "e3so3-stem", "esd": "spherical", "cesd": "concat"}
+
+
+def _positive(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class PretrainFlow(EsdmriWorkflow):
+    @classmethod
+    def get_short_name(cls):
+        return "esdmri_pretrain"
+
+    def run(self, model="rtesd", scans=24, held=3, side=14, steps=3159, lr=1e-3,
+            window=10, every=200, seed=0, device="cpu", quiet=False, out_dir="",
+            out_weights="pretrained.pt"):
+        """Pretrain the correction of the linear prior on a simulated cohort.
+
+        Simulates a cohort of scans (three phantom families, four
+        acquisitions from one shell with 30 directions to three shells, SNR
+        5-40; see esdmri.cohort), computes each scan's linear prior with
+        responses estimated from the scan, and trains the correction that the
+        default fit applies (esdmri.reconst.pretrained) against the phantoms'
+        true fibres, keeping the weights that score best on the held-aside
+        scans. The defaults rebuild the recipe of the shipped weights (the
+        full size takes about 13 minutes of CPU time per architecture on one
+        thread). Example: esdmri_pretrain --model esd --out_dir weights
+        (or, small: esdmri_pretrain --scans 6 --held 1 --steps 300), then
+        esdmri_fit ... --model esd --pretrained weights/pretrained.pt, or
+        ESDModel(gtab, pretrained=PATH) in Python.
+
+        Parameters
+        ----------
+        model : string, optional
+            Model class whose correction is trained: rtesd (E(3) x SO(3)
+            stem), esd (voxel-wise spherical U-Net) or cesd (neighbours
+            concatenated as channels).
+        scans : int, optional
+            Training scans of the cohort.
+        held : int, optional
+            Held-aside scans (the ones after the training scans) that choose
+            the best weights.
+        side : int, optional
+            Edge of each simulated scan (voxels).
+        steps : int, optional
+            Optimiser steps (one window of one scan each).
+        lr : float, optional
+            Adam learning rate, decayed to 0 by a cosine over the steps.
+        window : int, optional
+            Edge of the training windows (voxels).
+        every : int, optional
+            Steps between evaluations on the held-aside scans.
+        seed : int, optional
+            Seed of the cohort, the initial weights and the windows.
+        device : string, optional
+            cpu, cuda or cuda:N.
+        quiet : bool, optional
+            No progress bars.
+        out_dir : string, optional
+            Output folder (default: current folder).
+        out_weights : string, optional
+            Weights file.
+
+        Returns
+        -------
+        summary : dict
+            Steps, CPU seconds, held-aside losses and the file's SHA-256.
+
+        References
+        ----------
+        .. [1] Elaldi A, Dey N, Kim H, Gerig G. Equivariant Spherical Deconvolution:
+           Learning Sparse Orientation Distribution Functions from Spherical Data.
+           Information Processing in Medical Imaging (IPMI), 2021.
+
+        .. [2] Elaldi A, Gerig G, Dey N. E(3) x SO(3)-Equivariant Networks for
+           Spherical Deconvolution in Diffusion MRI. Medical Imaging with Deep
+           Learning (MIDL), 2023.
+        """
+        check_model_kind(model)
+        for name, value, minimum in (("scans", scans, 1), ("held", held, 1), ("side", side, 6),
+                                     ("steps", steps, 1), ("window", window, 3),
+                                     ("every", every, 1)):
+            _positive(name, value, minimum)
+        if window > side:
+            raise ValueError(f"window ({window}) must not exceed side ({side})")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        (weights_path,), = self.get_io_iterator()
+        import torch  # only when a command runs
+
+        from esdmri.atomic import staged_output
+        from esdmri.cohort import build_cohort
+        from esdmri.reconst.pretrained import (check_architecture, save_correction,
+                                               sha256_of)
+        from esdmri.reconst.pretraining import as_tensors, pretrain_correction
+
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for but torch sees no CUDA device")
+        kind = CONV_KINDS[model]
+        progress = verbose_logging() and not quiet
+        settings = {"model": model, "scans": scans, "held": held, "side": side,
+                    "steps": steps, "lr": lr, "window": window, "every": every, "seed": seed,
+                    "device": str(device)}
+        logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
+        start = time.process_time()
+        cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug)
+        cohort_cpu = time.process_time() - start
+        items = [as_tensors(scan, device) for scan in cohort]
+        correction, summary = pretrain_correction(
+            items[:scans], items[scans:], kind=kind, steps=steps, seed=seed, lr=lr,
+            window=window, every=every, device=device, log=logger.debug, progress=progress)
+        metadata = {"settings": settings, "cohort": [scan["setting"] for scan in cohort],
+                    "architecture": check_architecture(kind), "cohort_cpu_seconds": cohort_cpu,
+                    **summary}
+        with staged_output(weights_path) as temporary:
+            save_correction(correction, temporary, metadata)
+            sha256 = sha256_of(temporary)
+        logger.info(f"{summary['steps']} steps in {summary['cpu_seconds']:.0f} s CPU (cohort "
+                    f"{cohort_cpu:.0f} s); held-aside loss {summary['best_loss']:.5f} at step "
+                    f"{summary['best_step']} (prior {summary['prior_loss']:.5f})")
+        logger.info(f"wrote {weights_path}, sha256 {sha256}")
+        return {**summary, "cohort_cpu_seconds": cohort_cpu, "sha256": sha256}
+
+
+def main():
+    """Entry point of ``esdmri_pretrain``."""
+    run_workflow(PretrainFlow())
+
+
+if __name__ == "__main__":
+    main()
