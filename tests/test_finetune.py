@@ -15,7 +15,7 @@ from test_pretrained import symmetry_error
 
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst import pretrained
-from esdmri.reconst.finetune import finetuning_weights
+from esdmri.reconst.finetune import finetuning_weights, weights_origin
 from esdmri.reconst.models import RTESDModel, load_model
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
 from esdmri.reconst.subjects import ScanBlocks
@@ -76,7 +76,7 @@ def test_finetuning_lowers_the_refinements_objective_below_the_pretrained_correc
     summary = model.training_summary
     assert not summary["fell_back"]
     assert summary["best_loss"] < summary["start_loss"]
-    assert summary["started_from"] == pretrained.DEFAULT_SHA256
+    assert summary["started_from"] == pretrained.DEFAULT_SHA256["e3so3-stem"]
     assert model.network is None  # no per-scan network: the correction was trained
     # Independently of the trainer's windows: the whole volume's objective.
     scan = model.prepare(phantom.data, mask=phantom.mask)
@@ -94,10 +94,10 @@ def test_a_saved_finetuned_model_reloads_to_identical_output(phantom, tuned, tmp
     path = tmp_path / "model.pt"
     model.save(path)
     # The file holds the fine-tuned weights: the ones it started from are not needed.
-    monkeypatch.setattr(pretrained, "DEFAULT_WEIGHTS", tmp_path / "absent.pt")
+    monkeypatch.setitem(pretrained.DEFAULT_WEIGHTS, "e3so3-stem", tmp_path / "absent.pt")
     loaded = load_model(path, verbose=False)
-    assert loaded.correction_origin["sha256"] == pretrained.DEFAULT_SHA256
-    assert loaded.training_summary["started_from"] == pretrained.DEFAULT_SHA256
+    assert loaded.correction_origin["sha256"] == pretrained.DEFAULT_SHA256["e3so3-stem"]
+    assert loaded.training_summary["started_from"] == pretrained.DEFAULT_SHA256["e3so3-stem"]
     assert loaded.training_history == model.training_history
     again = loaded.fit(phantom.data, mask=phantom.mask)  # trained: no fine-tuning again
     np.testing.assert_array_equal(again.shm_coeff, fit.shm_coeff)
@@ -152,7 +152,7 @@ def test_finetuned_correction_commutes_with_grid_and_sphere_symmetries(tuned, sy
 @pytest.mark.slow
 def test_other_weights_are_finetuned_and_recorded(phantom, tmp_path):
     path = tmp_path / "weights.pt"
-    shutil.copy(pretrained.DEFAULT_WEIGHTS, path)
+    shutil.copy(pretrained.DEFAULT_WEIGHTS["e3so3-stem"], path)
     model = RTESDModel(phantom.gtab, phantom.response, pretrained=path, epochs=1, batch_size=8,
                        lr=3e-4, refine_steps=0, verbose=False)
     quiet(model.fit, phantom.data, mask=phantom.mask)
@@ -173,3 +173,10 @@ def test_finetuning_needs_one_prepared_scan(phantom, tmp_path):
     scratch = model.with_options(pretrained=False)
     quiet(scratch.train, scan, max_steps=1)
     assert scratch.network is not None and scratch.correction_origin is None
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.DEFAULT_WEIGHTS))
+def test_the_recorded_origin_is_the_model_classs_own_weights(kind):
+    origin = weights_origin(True, kind)
+    assert origin == {"weights": str(pretrained.DEFAULT_WEIGHTS[kind]),
+                      "sha256": pretrained.DEFAULT_SHA256[kind]}

@@ -168,7 +168,9 @@ class NetworkConfig:
         prior's WM fODF before the refinement
         (:mod:`esdmri.reconst.pretrained`): True or "default" for the weights
         shipped with esdmri, a path for other weights, False for the
-        network-free fit. None (the default): the shipped weights. With
+        network-free fit. None (the default): the model class's shipped
+        weights for RT-ESD and C-ESD, the network-free fit for ESD (whose
+        voxel-wise weights lost to it on the dev set). With
         ``epochs=N`` those weights are fine-tuned on the scan
         (:mod:`esdmri.reconst.finetune`), and the model (and its file)
         records which weights they started from; ``pretrained=False,

@@ -62,12 +62,6 @@ class ScanCorrection(nn.Module):
         return self.correction(prior, self.tissues)
 
 
-def correction_halo(correction):
-    """The correction's receptive radius in voxels (its E(3) x SO(3) stem's)."""
-    architecture = correction.architecture
-    return architecture["spatial_layers"] * (architecture["spatial_kernel_size"] // 2)
-
-
 def coupling_weight(normalized, mask, total_variation):
     """The weight the refinement gives its total variation on a scan.
 
@@ -170,7 +164,7 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
         batch_size=recipe["batch_size"], lr=recipe["lr"], patience=training.patience,
         seed=training.seed,
         max_blocks=None if max_steps is None else max_steps * recipe["batch_size"],
-        halo=correction_halo(tuned), warmup_steps=training.warmup_steps,
+        halo=tuned.halo, warmup_steps=training.warmup_steps,
         autocast_dtype=autocast_dtype, verbose=verbose)
     history = trainer.run()
     summary = {**trainer.summary, "loss_weights": {
@@ -180,17 +174,19 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
     return tuned.eval(), history, summary
 
 
-def weights_origin(pretrained):
+def weights_origin(pretrained, kind):
     """Which weights a ``pretrained`` option names: their file and SHA-256.
 
     Parameters
     ----------
     pretrained : True, "default", str or Path
+    kind : str
+        The model class's ``conv_kind``, whose shipped weights True names.
 
     Returns
     -------
     origin : dict
         ``weights`` (the file, as a string) and ``sha256``.
     """
-    path, expected = resolve_weights(pretrained)
+    path, expected = resolve_weights(pretrained, kind)
     return {"weights": str(path), "sha256": expected or sha256_of(path)}

@@ -107,6 +107,9 @@ class PriorCorrection(nn.Module):
         arch = self.architecture
         self.order = arch["corrected_order"]
         self.n_corrected = n_coeffs(self.order)
+        # The receptive radius in voxels, which block-wise inference and
+        # training windows pad.
+        self.halo = arch["spatial_layers"] * (arch["spatial_kernel_size"] // 2)
         sphere = HealpixSphere(arch["nside"], hemisphere=True)
         self.unet = build_unet(
             arch["kind"], sphere, in_channels=arch["in_channels"], out_channels=1,
@@ -296,12 +299,14 @@ def save_correction(correction, path, metadata=None):
 def _corrected_voxels(correction, block, keep, tissues, halo):
     """The corrected coefficients of the kept voxels of one padded block.
 
-    The network's only spatial layers are its stem's (:func:`build_unet`'s
-    E(3) x SO(3) convolutions, reach ``halo``); everything after acts on each
-    voxel alone (spherical convolutions and pooling, :class:`esdmri.nn.unet.VoxelNorm`). So
-    the stem runs on the block, and the spherical U-Net and the projection
-    back to SH only on the voxels ``keep`` selects, stacked along one axis:
-    the same values as :meth:`PriorCorrection.forward` there.
+    RT-ESD's only spatial layers are its stem's (:func:`build_unet`'s
+    E(3) x SO(3) convolutions, reach ``halo``) and ESD has none; everything
+    after acts on each voxel alone (spherical convolutions and pooling,
+    :class:`esdmri.nn.unet.VoxelNorm`). So the stem runs on the block, and the
+    spherical U-Net and the projection back to SH only on the voxels ``keep``
+    selects, stacked along one axis: the same values as
+    :meth:`PriorCorrection.forward` there. C-ESD's first layer concatenates
+    the neighbours inside its U-Net, which then runs on the whole block.
 
     Parameters
     ----------
@@ -315,11 +320,18 @@ def _corrected_voxels(correction, block, keep, tissues, halo):
     -------
     corrected : Tensor, shape [n_kept, C_total]
     """
-    stem, spherical = correction.unet
     grid, scale = correction.inputs(block, tissues)
     inner = (slice(None),) * 3 + tuple(slice(halo, size - halo) for size in block.shape[2:])
-    features = stem(grid)[inner][..., keep]  # [1, F, V, n]
-    out = spherical(features[..., None, None])[0, 0, :, :, 0, 0]  # [V, n]
+    kind = correction.architecture["kind"]
+    if kind == "concat":
+        out = correction.unet(grid)[inner][0, 0][..., keep]  # [V, n]
+    else:
+        if kind == "e3so3-stem":
+            stem, spherical = correction.unet
+            features = stem(grid)[inner][..., keep]  # [1, F, V, n]
+        else:  # voxel-wise ESD
+            spherical, features = correction.unet, grid[inner][..., keep]
+        out = spherical(features[..., None, None])[0, 0, :, :, 0, 0]  # [V, n]
     delta = (correction.grid_to_sh @ out) * scale[0, 0][inner[3:]][keep]  # [C8, n]
     coefficients = block[0][(slice(None),) + inner[3:]][..., keep]  # [C_total, n]
     n = min(correction.n_corrected, coefficients.shape[0] - (len(tissues) - 1))
@@ -351,8 +363,7 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
     corrected : ndarray, float32, shape (X, Y, Z, C_total)
         Zero outside ``mask``.
     """
-    halo = correction.architecture["spatial_layers"] * (
-        correction.architecture["spatial_kernel_size"] // 2)
+    halo = correction.halo
     device = next(correction.parameters()).device
     result = np.zeros(coefficients.shape, dtype=np.float32)
     if not mask.any():
