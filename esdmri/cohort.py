@@ -96,7 +96,7 @@ def cohort_settings(n_scans, seed):
 
 
 def build_phantom(setting, side):
-    """The phantom of one cohort scan (:func:`cohort_settings`), ``side``^3 voxels."""
+    """The phantom of one cohort scan (:func:`cohort_settings`), side x side x side voxels."""
     gtab = ACQUISITIONS[setting["acquisition"]]()
     shape = (side,) * 3
     if setting["family"] == "dispersed":
