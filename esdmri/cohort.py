@@ -31,6 +31,7 @@ from dipy.core.gradients import generate_bvecs, gradient_table
 from dipy.data import get_3shell_gtab
 
 from .heldout_phantom import make_heldout_phantom
+from .reconst.config import check_integer
 from .reconst.models import RTESDModel
 from .reconst.network import SQRT_4PI, volume_fractions_from_coefficients
 from .reconst.pretrained import fibre_target
@@ -183,8 +184,7 @@ def build_cohort(n_scans, side, seed, progress=True, log=None):
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(side, (int, np.integer)) or side < 6:
-        raise ValueError(f"side must be an integer >= 6 (voxels), got {side!r}")
+    check_integer("side", side, 6)
     scans = []
     for setting in tqdm(cohort_settings(n_scans, seed), desc="simulating the cohort",
                         unit="scan", disable=not progress):

@@ -14,6 +14,8 @@ pretrained=PATH)`` (``esdmri_fit --pretrained PATH``) reads.
 import json
 import time
 
+from esdmri.reconst.config import check_integer
+
 from .fit import check_model_kind
 from .io import EsdmriWorkflow, logger, run_workflow, verbose_logging
 
@@ -21,11 +23,6 @@ from .io import EsdmriWorkflow, logger, run_workflow, verbose_logging
 # classes' conv_kind; tests/test_workflows_pretrain.py checks that they agree),
 # repeated here so that --help does not import torch.
 CONV_KINDS = {"rtesd": "e3so3-stem", "esd": "spherical", "cesd": "concat"}
-
-
-def _positive(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class PretrainFlow(EsdmriWorkflow):
@@ -102,7 +99,7 @@ class PretrainFlow(EsdmriWorkflow):
         for name, value, minimum in (("scans", scans, 1), ("held", held, 1), ("side", side, 6),
                                      ("steps", steps, 1), ("window", window, 3),
                                      ("every", every, 1)):
-            _positive(name, value, minimum)
+            check_integer(name, value, minimum)
         if window > side:
             raise ValueError(f"window ({window}) must not exceed side ({side})")
         if not lr > 0:

@@ -104,7 +104,8 @@ class LossWeights:
 REFINEMENT_METHODS = ("lbfgs", "adam")
 
 
-def _check_integer(name, value, low):
+def check_integer(name, value, low):
+    """Refuse anything but an integer >= ``low`` (bools too), naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
@@ -426,9 +427,9 @@ class TrainingConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
-        _check_integer("epochs", self.epochs, 0)
-        _check_integer("train_windows", self.train_windows, 1)
-        _check_integer("warmup_steps", self.warmup_steps, 0)
+        check_integer("epochs", self.epochs, 0)
+        check_integer("train_windows", self.train_windows, 1)
+        check_integer("warmup_steps", self.warmup_steps, 0)
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0 or None, got {self.lr!r}")
         check_mask_fraction(self.mask_fraction)
@@ -509,7 +510,7 @@ class RefinementConfig:
     refine_method: str = "lbfgs"
 
     def __post_init__(self):
-        _check_integer("refine_steps", self.refine_steps, 0)
+        check_integer("refine_steps", self.refine_steps, 0)
         if self.refine_method not in REFINEMENT_METHODS:
             raise ValueError(f"refine_method must be one of {REFINEMENT_METHODS}, "
                              f"got {self.refine_method!r}")

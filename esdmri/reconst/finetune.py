@@ -29,7 +29,7 @@ from ..shm import n_coeffs
 from .losses import neighbour_pairs
 from .network import build_fodf_sampler, build_forward_model
 from .pretrained import resolve_weights, sha256_of
-from .refine import noise_variance, pair_distances
+from .refine import coupling_scale, noise_variance, pair_distances
 from .subjects import ScanBlocks
 from .training import Trainer
 
@@ -66,11 +66,11 @@ def coupling_weight(normalized, mask, total_variation):
     """The weight the refinement gives its total variation on a scan.
 
     :func:`esdmri.reconst.refine.refine_coefficients` (without signal
-    similarity) adds ``total_variation * 2 sigma^2 / N`` times the summed
-    smoothed norms of the neighbours' coefficient differences to the summed
-    voxel losses, with ``sigma^2`` the noise variance estimated from the
-    neighbours' signals (:func:`esdmri.reconst.refine.noise_variance`) and
-    ``N`` the measurements.
+    similarity) adds ``total_variation`` times
+    :func:`esdmri.reconst.refine.coupling_scale` times the summed smoothed
+    norms of the neighbours' coefficient differences to the summed voxel
+    losses, with the noise variance estimated from the neighbours' signals
+    (:func:`esdmri.reconst.refine.noise_variance`).
 
     Parameters
     ----------
@@ -91,7 +91,7 @@ def coupling_weight(normalized, mask, total_variation):
     if not len(first):
         return 0.0
     variance = noise_variance(pair_distances(measured, first, second))
-    return float(total_variation * 2 * variance / measured.shape[1])
+    return float(total_variation * coupling_scale(variance, measured.shape[1]))
 
 
 def finetuning_weights(config, normalized, mask):

@@ -296,7 +296,7 @@ def save_correction(correction, path, metadata=None):
                 "state_dict": state, "metadata": metadata or {}}, path)
 
 
-def _corrected_voxels(correction, block, keep, tissues, halo):
+def _corrected_voxels(correction, block, keep, tissues):
     """The corrected coefficients of the kept voxels of one padded block.
 
     RT-ESD's only spatial layers are its stem's (:func:`build_unet`'s
@@ -312,14 +312,15 @@ def _corrected_voxels(correction, block, keep, tissues, halo):
     ----------
     correction : PriorCorrection
     block : Tensor, shape [1, C_total, X + 2 halo, Y + 2 halo, Z + 2 halo]
+        ``halo``: the correction's (:attr:`PriorCorrection.halo`).
     keep : Tensor of bool, shape (X, Y, Z)
     tissues : tuple of str
-    halo : int
 
     Returns
     -------
     corrected : Tensor, shape [n_kept, C_total]
     """
+    halo = correction.halo
     grid, scale = correction.inputs(block, tissues)
     inner = (slice(None),) * 3 + tuple(slice(halo, size - halo) for size in block.shape[2:])
     kind = correction.architecture["kind"]
@@ -394,7 +395,7 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
                        z_start:z_stop + 2 * halo].to(device)
         # Masked voxels in C order, slab after slab: the order of ``rows``.
         corrected[done:done + count] = _corrected_voxels(
-            correction, block, keep.to(device), tuple(tissues), halo).cpu().numpy()
+            correction, block, keep.to(device), tuple(tissues)).cpu().numpy()
         done += count
     result.reshape(-1, coefficients.shape[-1])[rows] = corrected
     return result

@@ -270,6 +270,27 @@ def noise_variance(distances):
     return max(float(distances.median()) / 2, float(torch.finfo(distances.dtype).tiny))
 
 
+def coupling_scale(variance, n_measurements):
+    """The total variation's weight per unit ``refine_tv``: ``2 sigma^2 / N``.
+
+    A voxel's signal term is its mean squared residual, ``2 sigma^2 / N``
+    times the Gaussian negative log-likelihood: in those units the spatial
+    term has weight ``refine_tv`` whatever the SNR and ``N``.
+
+    Parameters
+    ----------
+    variance : float
+        :func:`noise_variance`.
+    n_measurements : int
+        ``N``, the measurements per voxel.
+
+    Returns
+    -------
+    scale : float
+    """
+    return 2 * variance / n_measurements
+
+
 def signal_similarity(distances, variance):
     """Weight of each neighbour pair from how alike its two measured signals are.
 
@@ -674,10 +695,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         variance = noise_variance(distances)
         pair_weights = (signal_similarity(distances, variance) if similarity
                         else torch.ones_like(distances))
-        # The signal term of a voxel is its mean squared residual, 2 sigma^2 / N
-        # times the Gaussian negative log-likelihood: in those units the
-        # spatial term has weight ``total_variation`` whatever the SNR and N.
-        pair_weights *= total_variation * 2 * variance / measured.shape[1]
+        pair_weights *= total_variation * coupling_scale(variance, measured.shape[1])
     objective = CoupledObjective(measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
                                  first, second, pair_weights, smoothing, batch_voxels)
     preconditioner = None
