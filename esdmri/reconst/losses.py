@@ -98,7 +98,7 @@ def difference_operators(first, second, n, dtype=torch.float32):
 
 
 def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.0,
-                    gradient=False, operators=None):
+                    gradient=False, operators=None, differences=None, add_to=None):
     """Smoothed total variation of a coefficient field over neighbour pairs.
 
     ``sum_pairs w sqrt(|c_i - c_j|^2 + delta^2)``: the Euclidean norm of a
@@ -124,6 +124,13 @@ def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.
         :func:`difference_operators` of the pairs: the differences and the
         gradient's sums go through them (the same values, 2-3x faster on a
         CPU; not differentiable by autograd).
+    differences : Tensor, shape (P, C), optional
+        With ``operators``: where the pairs' differences are written (a
+        buffer reused from call to call: a fresh one of a brain's pairs is
+        hundreds of MB, whose first touch costs more than the product).
+    add_to : Tensor, shape (n, C), optional
+        With ``operators`` and ``gradient``: the gradient is added to it in
+        place, and it is returned as the gradient.
 
     Returns
     -------
@@ -133,6 +140,10 @@ def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.
     """
     if operators is None:
         difference = coefficients[first] - coefficients[second]
+    elif differences is not None:
+        # beta=0: the product overwrites the buffer without zero-filling it first.
+        difference = torch.addmm(differences, operators[0], coefficients, beta=0,
+                                 out=differences)
     else:
         difference = operators[0] @ coefficients
     if coefficients.requires_grad:
@@ -146,6 +157,8 @@ def total_variation(coefficients, first, second, pair_weights=None, smoothing=0.
     scale = 1 / norm if pair_weights is None else pair_weights / norm
     pair_gradient = difference.mul_(scale.unsqueeze(1))
     if operators is not None:
+        if add_to is not None:
+            return weighted.sum(), add_to.addmm_(operators[1], pair_gradient)
         return weighted.sum(), operators[1] @ pair_gradient
     result = torch.zeros_like(coefficients)
     result.index_add_(0, first, pair_gradient)

@@ -381,19 +381,29 @@ class CoupledObjective:
         self.constant = constant
         self.pair_weights = pair_weights
         self.first, self.second = first, second
-        self.differences = None
+        self.differences = self.pair_buffer = None
         if pair_weights is not None:
             self.differences = difference_operators(first, second, len(measured),
                                                     dtype=fodf_sampler.dtype)
+            # The pairs' differences, reused by every evaluation (about 3 values per
+            # voxel and coefficient: a fresh buffer's page faults cost more than its product).
+            self.pair_buffer = torch.empty((len(first), len(forward_matrix)),
+                                           dtype=fodf_sampler.dtype,
+                                           device=fodf_sampler.device)
         self.smoothing = smoothing
         self.chunks = [slice(i, i + batch_voxels)
                        for i in range(0, len(measured), batch_voxels)]
         self.evaluations = 0
 
-    def __call__(self, coefficients, with_value=True):
-        """Gradient, shape (n, C), and the objective (a float; None without ``with_value``)."""
+    def __call__(self, coefficients, with_value=True, out=None):
+        """Gradient, shape (n, C), and the objective (a float; None without ``with_value``).
+
+        The gradient is written to ``out`` when given (a buffer the solver
+        reuses: at brain size a fresh field costs its page faults, about as
+        much as a pass over it).
+        """
         self.evaluations += 1
-        gradient = torch.empty_like(coefficients)
+        gradient = torch.empty_like(coefficients) if out is None else out
         value = 0.0
         for rows in self.chunks:
             result = self.voxel_loss(coefficients[rows], self.projected[rows],
@@ -403,10 +413,9 @@ class CoupledObjective:
                 # In float64: the line search compares sums over a whole brain.
                 value += float(result[1].sum())
         if self.pair_weights is not None:
-            tv, tv_gradient = total_variation(coefficients, self.first, self.second,
-                                              self.pair_weights, self.smoothing, gradient=True,
-                                              operators=self.differences)
-            gradient.add_(tv_gradient)
+            tv, _ = total_variation(coefficients, self.first, self.second, self.pair_weights,
+                                    self.smoothing, gradient=True, operators=self.differences,
+                                    differences=self.pair_buffer, add_to=gradient)
             value += float(tv)
         return (value if with_value else None), gradient
 
@@ -498,7 +507,9 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     isotropic coefficients are bounded below by 0: those at the bound whose
     gradient points outwards are held fixed (left out of the direction), and
     each trial point is projected onto the bound. The step pairs, the trial
-    point and the step live in buffers reused from step to step.
+    point, the gradients and the direction live in buffers reused from step
+    to step, and the scaling multiplies the ``C x C`` preconditioner rather
+    than the field.
 
     Returns
     -------
@@ -510,17 +521,22 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     value, gradient = objective(c)
     history.append(value / len(c))
     pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
-    trial = torch.empty_like(c)
+    # Every field the loop writes lives in a buffer reused from step to step: at
+    # brain size (84 MB a field) a fresh one's page faults cost more than a pass.
+    trial, trial_gradient, direction, work = (torch.empty_like(c) for _ in range(4))
 
-    def apply(field):
-        return field if preconditioner is None else torch.mm(field, preconditioner)
+    def apply(field, factor, out):
+        """``factor P field``; the factor scales the small matrix, not the field."""
+        if preconditioner is None:
+            return torch.mul(field, factor, out=out)
+        return torch.mm(field, preconditioner * factor, out=out)
 
     # The first step moves the coefficients by ``lr`` in root mean square.
-    scale = lr * c.numel() ** 0.5 / max(float(apply(gradient).norm()),
+    scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, 1.0, work).norm()),
                                         float(torch.finfo(c.dtype).tiny))
     for step in range(1, steps + 1):
         held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
-        direction = gradient.clone()
+        direction.copy_(gradient)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         alphas = []
         for s, y, rho in reversed(pairs):
@@ -530,8 +546,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         if pairs:
             s, y, _ = pairs[-1]
             scale = float(torch.vdot(s.flatten(), y.flatten())
-                          / torch.vdot(y.flatten(), apply(y).flatten()))
-        direction = apply(direction).mul_(-scale)
+                          / torch.vdot(y.flatten(), apply(y, 1.0, work).flatten()))
+        direction, work = apply(direction, -scale, work), direction
         for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
             direction.add_(s, alpha=-alpha - beta)
@@ -541,15 +557,15 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             # sparsity term): restart from the scaled gradient.
             spare.extend(buffer for s, y, _ in pairs for buffer in (s, y))
             pairs.clear()
-            direction = gradient.clone()
-            direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-            direction = apply(direction).mul_(-scale)
+            work.copy_(gradient)
+            work[:, n_wm_coeffs:].masked_fill_(held, 0)
+            apply(work, -scale, direction)
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         length = 1.0
         s = spare.pop() if spare else torch.empty_like(c)
         for _ in range(_MAX_HALVINGS):
             _project(torch.add(c, direction, alpha=length, out=trial), n_wm_coeffs)
-            trial_value, trial_gradient = objective(trial)
+            trial_value, _ = objective(trial, out=trial_gradient)
             decrease = float(torch.vdot(gradient.flatten(), torch.sub(trial, c, out=s).flatten()))
             if trial_value <= value + _ARMIJO * decrease:
                 break
@@ -563,6 +579,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
         curvature = float(torch.vdot(s.flatten(), y.flatten()))
         c, trial = trial, c
+        gradient, trial_gradient = trial_gradient, gradient
         # Keep a pair only where the objective curves upwards along it, so
         # the implied Hessian stays positive definite.
         if curvature > 1e-10 * float(torch.vdot(y.flatten(), y.flatten())):
@@ -571,7 +588,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
                 spare.extend(pairs.pop(0)[:2])
         else:
             spare.extend((s, y))
-        value, gradient = trial_value, trial_gradient
+        value = trial_value
         bar.update(1)
         if step % check_every == 0 or step == steps:
             history.append(value / len(c))
