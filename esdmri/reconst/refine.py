@@ -508,8 +508,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     gradient points outwards are held fixed (left out of the direction), and
     each trial point is projected onto the bound. The step pairs, the trial
     point, the gradients and the direction live in buffers reused from step
-    to step, and the scaling multiplies the ``C x C`` preconditioner rather
-    than the field.
+    to step (the iterates are those of fresh tensors, to the last bit).
 
     Returns
     -------
@@ -525,14 +524,18 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     # brain size (84 MB a field) a fresh one's page faults cost more than a pass.
     trial, trial_gradient, direction, work = (torch.empty_like(c) for _ in range(4))
 
-    def apply(field, factor, out):
-        """``factor P field``; the factor scales the small matrix, not the field."""
-        if preconditioner is None:
-            return torch.mul(field, factor, out=out)
-        return torch.mm(field, preconditioner * factor, out=out)
+    def apply(field, out):
+        """``P field``, written to ``out`` (``field`` itself without a preconditioner)."""
+        return field if preconditioner is None else torch.mm(field, preconditioner, out=out)
+
+    def scaled_direction(field, spare, scale):
+        """``-scale P field`` in one of the two buffers; returns it and the other one."""
+        if preconditioner is not None:
+            field, spare = torch.mm(field, preconditioner, out=spare), field
+        return field.mul_(-scale), spare
 
     # The first step moves the coefficients by ``lr`` in root mean square.
-    scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, 1.0, work).norm()),
+    scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, work).norm()),
                                         float(torch.finfo(c.dtype).tiny))
     for step in range(1, steps + 1):
         held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
@@ -546,8 +549,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         if pairs:
             s, y, _ = pairs[-1]
             scale = float(torch.vdot(s.flatten(), y.flatten())
-                          / torch.vdot(y.flatten(), apply(y, 1.0, work).flatten()))
-        direction, work = apply(direction, -scale, work), direction
+                          / torch.vdot(y.flatten(), apply(y, work).flatten()))
+        direction, work = scaled_direction(direction, work, scale)
         for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
             direction.add_(s, alpha=-alpha - beta)
@@ -557,9 +560,9 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             # sparsity term): restart from the scaled gradient.
             spare.extend(buffer for s, y, _ in pairs for buffer in (s, y))
             pairs.clear()
-            work.copy_(gradient)
-            work[:, n_wm_coeffs:].masked_fill_(held, 0)
-            apply(work, -scale, direction)
+            direction.copy_(gradient)
+            direction[:, n_wm_coeffs:].masked_fill_(held, 0)
+            direction, work = scaled_direction(direction, work, scale)
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         length = 1.0
         s = spare.pop() if spare else torch.empty_like(c)
