@@ -399,8 +399,8 @@ class CoupledObjective:
         """Gradient, shape (n, C), and the objective (a float; None without ``with_value``).
 
         The gradient is written to ``out`` when given (a buffer the solver
-        reuses: at brain size a fresh field costs its page faults, about as
-        much as a pass over it).
+        reuses: at brain size a fresh field's page faults cost more than a
+        pass over it).
         """
         self.evaluations += 1
         gradient = torch.empty_like(coefficients) if out is None else out
