@@ -34,15 +34,20 @@ def damping_value(text):
     return None if text.lower() == "none" else float(text)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=40)
-    parser.add_argument("--snr", type=float, default=20.0)
-    parser.add_argument("--dampings", type=damping_value, nargs="+", default=[None, 10.0])
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    phantom = make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
-                                   geometry_seed=DEV_GEOMETRY)
+def refinement_inputs(phantom):
+    """The default fit's refinement inputs and options for a phantom.
+
+    The scan is prepared as the default fit prepares it (response estimated,
+    linear prior, shipped pretrained correction).
+
+    Returns
+    -------
+    inputs : tuple
+        The positional arguments of :func:`refine_coefficients`.
+    options : dict
+        The model's refinement options.
+    n_masked : int
+    """
     model = RTESDModel(phantom.gtab, verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -57,8 +62,21 @@ def main():
                    total_variation=config.refine_tv, smoothing=config.refine_smoothing,
                    similarity=config.refine_similarity, tolerance=config.refine_tolerance,
                    normalize=model.normalizes_with(scan.response))
-    print(f"{args.size}^3 dev SNR {args.snr:g}, {int(scan.mask.sum())} masked voxels, "
-          f"SH order {order}, torch threads {torch.get_num_threads()}", flush=True)
+    return inputs, options, int(scan.mask.sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=40)
+    parser.add_argument("--snr", type=float, default=20.0)
+    parser.add_argument("--dampings", type=damping_value, nargs="+", default=[None, 10.0])
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    phantom = make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
+                                   geometry_seed=DEV_GEOMETRY)
+    inputs, options, n_masked = refinement_inputs(phantom)
+    print(f"{args.size}^3 dev SNR {args.snr:g}, {n_masked} masked voxels, "
+          f"SH order {inputs[6]}, torch threads {torch.get_num_threads()}", flush=True)
     rows = ["| damping | evaluations | steps | objective per voxel | CPU (s) |",
             "|---|---|---|---|---|"]
     for repeat in range(args.repeats):
