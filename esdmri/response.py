@@ -1026,6 +1026,43 @@ def _select_single_fibre(gtab, data, evecs, candidates, n_keep, kurtosis):
     return chosen
 
 
+def apparent_diffusivities(response, tissue="wm"):
+    """Apparent axial and radial diffusivities and FA of a response, per shell.
+
+    The response's signal along its axis (``t = 1``) and across it (``t = 0``)
+    from its zonal coefficients, ``S_b(t) = sum_l r_{b,l} Y_l0(t)``, gives per
+    diffusion-weighted shell ``b`` the diffusivities of the axially symmetric
+    tensor through those two signals, ``-log(S_b(t) / S_0) / b``, and that
+    tensor's FA. For a tensor response they are its eigenvalues (up to the
+    truncation of its zonal series at the response's order); for any other,
+    a summary that two responses can be compared by, shell by shell.
+
+    Parameters
+    ----------
+    response : TissueResponse
+    tissue : str, optional
+
+    Returns
+    -------
+    bvals : ndarray (S - 1,)
+        The diffusion-weighted shells.
+    axial, radial, fa : ndarray (S - 1,)
+        Diffusivities in mm^2/s (NaN where a signal is not positive) and FA.
+    """
+    coefficients = response[tissue]
+    l_values = np.arange(0, coefficients.shape[1]) * 2
+    # Y_l0 along the axis (theta = 0) and across it (theta = pi / 2).
+    zonal = real_sh_descoteaux_from_index(0, l_values[None, :],
+                                          np.array([[0.0], [np.pi / 2]]), 0.0, legacy=False)
+    along, across = zonal @ coefficients.T
+    bvals = response.bvals[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        axial = -np.log(along[1:] / along[0]) / bvals
+        radial = -np.log(across[1:] / across[0]) / bvals
+        fa = np.abs(axial - radial) / np.sqrt(axial**2 + 2 * radial**2)
+    return bvals, axial, radial, fa
+
+
 # The WM response order estimate_response gives by default: the highest fODF
 # order the models choose by default (esdmri.reconst.config.default_sh_order),
 # so that their forward model never zero-pads the response's high degrees.
