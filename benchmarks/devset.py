@@ -353,8 +353,9 @@ def report(files):
     # Thresholds are chosen on fits with estimated responses only.
     thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"
                                     and o.get("response", "estimated") == "estimated"])
-    order = {label: i for i, label in enumerate(ROWS)}
-    outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"], order[o["row"]]))
+    order = {name: i for i, name in enumerate(ROWS.values())}
+    outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"],
+                                 o.get("response", "estimated"), order[o["method"]]))
     for split in SPLITS:
         rows = rows_of([o for o in outcomes if o["split"] == split], thresholds)
         if rows:
