@@ -1151,7 +1151,7 @@ RESPONSE_SH_ORDER = 12
 
 
 def estimate_response(gtab, data, mask=None, sh_order_max=RESPONSE_SH_ORDER, tissues=None,
-                      rician=True):
+                      rician=False):
     """Tissue responses of a scan, for any b-value scheme.
 
     The one estimator of esdmri: the models' default, ``esdmri_response``,
@@ -1207,13 +1207,18 @@ def estimate_response(gtab, data, mask=None, sh_order_max=RESPONSE_SH_ORDER, tis
         Tissues to estimate, a subset of ``("wm", "gm", "csf")`` with WM
         (default: as many as the shells separate, see above).
     rician : bool, optional
-        Fit the WM and GM profiles to the magnitudes as Rician means, with
-        the noise level as a parameter (default). Otherwise the magnitudes
-        are taken as the signal: at low SNR those along a fibre at high b sit
-        on the noise floor and the WM response comes out too fat (SNR 10, b
-        3000: apparent axial diffusivity 0.6 against the generator's 1.8
-        um^2/ms), which merges crossing fibres (docs/benchmarks.md, "Where
-        the remaining false negatives come from").
+        Fit the WM and GM profiles to the magnitudes as Rician means (noise
+        level measured on the measurements well above the noise floor).
+        Default False: the magnitudes are taken as the signal, so at low SNR
+        those along a fibre at high b sit on the noise floor and the WM
+        response comes out too fat (dev phantoms at SNR 10, b 3000: apparent
+        axial diffusivity 0.6 against the generator's 1.8 um^2/ms; with
+        ``rician=True`` 1.45). The fat response merges crossings (crossing
+        false negatives 0.15 against 0.03 on the dispersed dev phantom at
+        SNR 10), but it also smooths the noise: with ``rician=True`` the
+        default fit puts spurious peaks in single-fibre voxels at SNR 10, so
+        it is not the default (docs/benchmarks.md, "Where the remaining
+        false negatives come from").
 
     Returns
     -------
