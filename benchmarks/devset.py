@@ -25,10 +25,19 @@ crossing voxels (two or more fibres): mean angular error over true fibres
 (degrees), success rate (as many peaks as fibres, all within 25 degrees) and
 false-negative rate (unpaired fibres / fibres), per family and SNR.
 
+``--report`` also gives the crossing false negatives per crossing angle
+(:data:`ANGLE_EDGES`). Diagnostics of the response estimator (never
+headlines): ``--response true`` fits with the generator's responses
+(:func:`true_response`, an inverse crime), ``--response rician`` with
+``estimate_response(rician=True)``, ``--snrs inf`` on the noise-free phantom,
+and ``--compare-responses`` prints the estimated WM response against the
+generator's, shell by shell.
+
 Usage::
 
     python -m benchmarks.devset --out out/devset              # dev split
     python -m benchmarks.devset --split test --thresholds out/devset/results.json
+    python -m benchmarks.devset --compare-responses --snrs 10 20 inf
 """
 
 import argparse
