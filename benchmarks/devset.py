@@ -25,13 +25,23 @@ crossing voxels (two or more fibres): mean angular error over true fibres
 (degrees), success rate (as many peaks as fibres, all within 25 degrees) and
 false-negative rate (unpaired fibres / fibres), per family and SNR.
 
+``--report`` also gives the crossing false negatives per crossing angle
+(:data:`ANGLE_EDGES`). Diagnostics of the response estimator (never
+headlines): ``--response true`` fits with the generator's responses
+(:func:`true_response`, an inverse crime), ``--response rician`` with
+``estimate_response(rician=True)``, ``--snrs inf`` on the noise-free phantom,
+and ``--compare-responses`` prints the estimated WM response against the
+generator's, shell by shell.
+
 Usage::
 
     python -m benchmarks.devset --out out/devset              # dev split
     python -m benchmarks.devset --split test --thresholds out/devset/results.json
+    python -m benchmarks.devset --compare-responses --snrs 10 20 inf
 """
 
 import argparse
+import inspect
 import json
 import time
 import traceback
@@ -43,14 +53,18 @@ from dipy.core.gradients import gradient_table
 from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.data import get_3shell_gtab
 
+from esdmri import straight_phantom
 from esdmri.atomic import staged_output
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.metrics import evaluate_peaks
+from esdmri.response import (RESPONSE_SH_ORDER, TissueResponse, apparent_diffusivities,
+                             estimate_response, tensor_zonal_coefficients)
+from esdmri.shm import group_shells
 from esdmri.sims import default_gtab
 
-from .heldout import markdown, scan_of, text_table
+from .heldout import Scan, markdown, scan_of, text_table
 from .methods import METHODS, NotApplicable, peak_sweep
-from .straight_phantom import make_straight_phantom
+from .straight_phantom import make_straight_phantom, radial_for_fa
 
 THRESHOLDS = np.round(np.arange(2, 19) * 0.05, 2)
 MATCH_ANGLE = 25.0
@@ -73,6 +87,15 @@ ROWS = {
 }
 # (geometry seed, noise seed offset) of each split; test seeds are never used on dev.
 SPLITS = {"dev": (1, 0), "test": (7, 1000)}
+# Bins of the crossing angle (degrees) in which false negatives are counted:
+# centred on the straight families' 30, 45, 60 and 90 degrees.
+ANGLE_EDGES = (0.0, 37.5, 52.5, 67.5, 82.5, 90.0)
+ANGLE_LABELS = ("<37.5", "37.5-52.5", "52.5-67.5", "67.5-82.5", ">=82.5")
+# Responses the fits get: the package's default estimate (every table), its
+# estimate with the Rician fit (``estimate_response(rician=True)``), or the
+# generator's (a diagnostic of the response estimator; an inverse crime, never
+# a headline).
+RESPONSES = ("estimated", "rician", "true")
 
 
 def shell_gtab(shells, n_b0=2, seed=0):
@@ -135,7 +158,9 @@ def make_family(family, side, snr, split):
         raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
     generator, acquisition, options = FAMILY_SPECS[family]
     geometry_seed, noise_offset = SPLITS[split]
-    seed = noise_offset + int(snr)
+    # SNR inf: the noise-free phantom.
+    snr = None if np.isinf(snr) else snr
+    seed = noise_offset + (0 if snr is None else int(snr))
     gtab = ACQUISITIONS[acquisition]()
     if generator == "straight":
         return make_straight_phantom(gtab, (side,) * 3, snr, geometry_seed=geometry_seed,
@@ -144,19 +169,119 @@ def make_family(family, side, snr, split):
                                 geometry_seed=100 + geometry_seed, **options)
 
 
+def _defaults(function):
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()}
+
+
+def true_response(family, phantom, tissues, sh_order_max=RESPONSE_SH_ORDER):
+    """The generator's responses of one family's phantom: for diagnostics only.
+
+    Fitting with these is an inverse crime (the method given its phantom's own
+    forward model): it separates the response estimator's errors from the
+    deconvolution's, and is never a headline.
+
+    - WM: the undispersed single-fibre kernel. ``straight``: the family's
+      tensor (its FA, the generator's axial diffusivity). ``dispersed`` and
+      ``stick-zeppelin``: the kernel at the median diffusivities of the
+      single-fibre voxels (the generator varies them smoothly across the
+      volume, so no one kernel is exact there); stick-zeppelin's intra-axonal
+      fraction is ``1 - radial / axial`` of its zeppelin.
+    - GM and CSF: mono-exponential at the generator's diffusivities (GM: the
+      middle of ``make_heldout_phantom``'s range).
+
+    Parameters
+    ----------
+    family : str
+        A key of :data:`FAMILY_SPECS`.
+    phantom : StraightPhantom or HeldoutPhantom
+    tissues : sequence of str
+        The tissues to give (those the estimator finds in the phantom).
+    sh_order_max : int, optional
+        WM response order.
+
+    Returns
+    -------
+    TissueResponse
+    """
+    generator, _, options = FAMILY_SPECS[family]
+    shell_bvals, _ = group_shells(phantom.gtab)
+    bvals = np.concatenate([[0.0], shell_bvals[1:]])
+    if generator == "straight":
+        defaults = _defaults(make_straight_phantom)
+        axial, s0 = defaults["axial"], defaults["s0"]
+        radial = radial_for_fa(axial, options["fa"])
+        gm, csf = straight_phantom.GM_DIFFUSIVITY, straight_phantom.CSF_DIFFUSIVITY
+    else:
+        defaults = _defaults(make_heldout_phantom)
+        single = phantom.n_fibres == 1
+        axial = float(np.median(phantom.wm_axial[single]))
+        radial = float(np.median(phantom.wm_radial[single]))
+        s0 = phantom.s0
+        gm, csf = float(np.mean(defaults["gm_diffusivity_range"])), defaults["csf_diffusivity"]
+    response = TissueResponse.from_tensors(bvals, (axial, radial, radial), gm, csf, s0,
+                                           sh_order_max, tissues)
+    if generator == "straight" or phantom.wm_model != "stick_zeppelin":
+        return response
+    # Stick + zeppelin: the tensor above is the zeppelin; the stick has the
+    # intra-axonal fraction 1 - radial / axial (the generator's tortuosity).
+    intra = 1.0 - radial / axial
+    stick = tensor_zonal_coefficients(bvals, (axial, 0.0, 0.0), s0, sh_order_max)
+    return TissueResponse(tissues, bvals, [
+        intra * stick + (1.0 - intra) * response[tissue] if tissue == "wm" else response[tissue]
+        for tissue in tissues])
+
+
+def scan_with_response(family, phantom, response):
+    """What the methods see, with the responses :data:`RESPONSES` names."""
+    scan = scan_of(phantom)
+    if response == "estimated":
+        return scan
+    if response == "rician":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rician = estimate_response(phantom.gtab, phantom.data, phantom.mask, rician=True)
+        return Scan(scan.data, scan.gtab, scan.mask, rician)
+    return Scan(scan.data, scan.gtab, scan.mask,
+                true_response(family, phantom, scan.response.tissues))
+
+
+RESPONSE_HEADER = ["family", "SNR", "b", "axial (um^2/ms) estimated / true",
+                   "radial estimated / true", "FA estimated / true", "b0 signal estimated / true"]
+
+
+def response_rows(args):
+    """The estimated WM response against the generator's, per family, SNR and shell."""
+    rows = []
+    for family in args.families:
+        for snr in args.snrs:
+            phantom = make_family(family, args.side, snr, args.split)
+            estimated = scan_with_response(family, phantom, args.response).response
+            true = true_response(family, phantom, estimated.tissues)
+            b0 = [r["wm"][0, 0] for r in (estimated, true)]
+            (bvals, *est), (_, *tru) = (apparent_diffusivities(r) for r in (estimated, true))
+            for i, bval in enumerate(bvals):
+                rows.append([family, f"{snr:g}", f"{bval:.0f}",
+                             f"{1e3 * est[0][i]:.2f} / {1e3 * tru[0][i]:.2f}",
+                             f"{1e3 * est[1][i]:.2f} / {1e3 * tru[1][i]:.2f}",
+                             f"{est[2][i]:.2f} / {tru[2][i]:.2f}",
+                             f"{b0[0]:.0f} / {b0[1]:.0f}" if i == 0 else ""])
+    return rows
+
+
 def run(args, log):
     outcomes = []
     for family in args.families:
         for snr in args.snrs:
             phantom = make_family(family, args.side, snr, args.split)
-            scan = scan_of(phantom)
+            scan = scan_with_response(family, phantom, args.response)
             mask = phantom.mask & (phantom.n_fibres > 0)
             log(f"{family} SNR {snr} ({args.split}): {int((phantom.n_fibres >= 2).sum())} "
-                f"crossing voxels, response {scan.response.tissues}")
+                f"crossing voxels, {args.response} response {scan.response.tissues}")
             for label in args.rows:
                 name = ROWS[label]
                 outcome = {"family": family, "snr": snr, "split": args.split, "row": label,
-                           "method": name, "sweep": [], "seconds": float("nan"), "error": ""}
+                           "method": name, "response": args.response, "sweep": [],
+                           "seconds": float("nan"), "error": ""}
                 if not METHODS[name].is_available():
                     outcome["error"] = f"skipped: needs {', '.join(METHODS[name].missing())}"
                     log(f"  {label}: {outcome['error']}")
@@ -170,11 +295,16 @@ def run(args, log):
                     outcome["seconds"] = time.perf_counter() - start
                     for threshold, directions in peak_sweep(result, THRESHOLDS, mask):
                         scores = evaluate_peaks(directions, phantom.fibre_dirs, mask,
-                                                threshold_deg=MATCH_ANGLE)
+                                                threshold_deg=MATCH_ANGLE,
+                                                crossing_angle_edges=ANGLE_EDGES)
                         outcome["sweep"].append({
-                            part: {k: float(scores[part][k]) for k in
-                                   ("angular_error", "success_rate", "fn_rate", "fp_rate")}
-                            for part in ("all", "crossing")})
+                            **{part: {k: float(scores[part][k]) for k in
+                                      ("angular_error", "success_rate", "fn_rate", "fp_rate")}
+                               for part in ("all", "crossing")},
+                            "by_angle": {label: {k: int(part[k]) for k in ("fn", "n_true")}
+                                         for label, part in zip(
+                                             ANGLE_LABELS,
+                                             scores["by_crossing_angle"].values())}})
                     log(f"  {label}: {outcome['seconds']:.1f} s")
                 except NotApplicable as reason:
                     outcome["error"] = f"not applicable: {reason}"
@@ -223,7 +353,8 @@ def save(args, outcomes, thresholds=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"split": args.split, "side": args.side, "outcomes": outcomes,
                "thresholds": thresholds}
-    with staged_output(args.out / f"results-{args.split}.json") as temporary:
+    suffix = "" if args.response == "estimated" else f"-{args.response}-response"
+    with staged_output(args.out / f"results-{args.split}{suffix}.json") as temporary:
         temporary.write_text(json.dumps(results, indent=1))
 
 
@@ -231,29 +362,63 @@ def report(files):
     """Print the table of several runs: each method's threshold chosen on the dev outcomes."""
     outcomes = [_relabelled(o) for path in files
                 for o in json.loads(path.read_text())["outcomes"]]
+
+    def key(o):
+        return o["split"], o["family"], o["snr"], o["row"]
+
     # A row that failed or was skipped in one part and ran in another is shown once.
-    ran = {(o["split"], o["family"], o["snr"], o["row"]) for o in outcomes if o["sweep"]}
-    outcomes = [o for o in outcomes
-                if o["sweep"] or (o["split"], o["family"], o["snr"], o["row"]) not in ran]
+    ran = {key(o) for o in outcomes if o["sweep"]}
+    outcomes = [o for o in outcomes if o["sweep"] or key(o) not in ran]
     # A row run in two parts is shown once: the later run's.
-    outcomes = list({(o["split"], o["family"], o["snr"], o["row"]): o
-                     for o in outcomes}.values())
-    thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
-    order = {label: i for i, label in enumerate(ROWS)}
-    outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"], order[o["row"]]))
+    outcomes = list({key(o): o for o in outcomes}.values())
+    # Thresholds are chosen on fits with estimated responses only.
+    thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"
+                                    and o.get("response", "estimated") == "estimated"])
+    order = {name: i for i, name in enumerate(ROWS.values())}
+    outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"],
+                                 o.get("response", "estimated"), order[o["method"]]))
     for split in SPLITS:
         rows = rows_of([o for o in outcomes if o["split"] == split], thresholds)
         if rows:
             print(f"\n{split}\n" + markdown(HEADER, rows))
-    goals = goal_rows([o for o in outcomes if o["split"] == "test"], thresholds)
+    angles = angle_rows(outcomes, thresholds)
+    if angles:
+        print("\ncrossing false negatives by crossing angle (FN / fibres)\n"
+              + markdown(ANGLE_HEADER, angles))
+    goals = goal_rows([o for o in outcomes if o["split"] == "test"
+                       and o.get("response", "estimated") == "estimated"], thresholds)
     if goals:
         print("\nissue 26's goals (test)\n" + markdown(GOAL_HEADER, goals))
 
 
 def _relabelled(outcome):
-    """An outcome under its method's current row label (runs of older labels)."""
+    """An outcome under its method's current row label (runs of older labels); fits
+    given the generator's responses are labelled so."""
     labels = {name: label for label, name in ROWS.items()}
-    return {**outcome, "row": labels.get(outcome["method"], outcome["row"])}
+    label = labels.get(outcome["method"], outcome["row"])
+    response = outcome.get("response", "estimated")
+    return {**outcome, "row": label if response == "estimated" else f"{label} [{response} "
+            "response]"}
+
+
+ANGLE_HEADER = ["split", "family", "SNR", "method", "threshold", "FN crossing",
+                *(f"FN {label} deg" for label in ANGLE_LABELS)]
+
+
+def angle_rows(outcomes, thresholds):
+    """Crossing false negatives per crossing-angle bin (:data:`ANGLE_EDGES`), at each
+    method's chosen threshold; ``-`` where a phantom has no crossing in a bin."""
+    rows = []
+    for o in outcomes:
+        if o["error"] or o["method"] not in thresholds or "by_angle" not in o["sweep"][0]:
+            continue
+        threshold = thresholds[o["method"]]
+        scores = o["sweep"][list(THRESHOLDS).index(threshold)]
+        cells = [f"{part['fn'] / part['n_true']:.2f} ({part['fn']}/{part['n_true']})"
+                 if part["n_true"] else "-" for part in scores["by_angle"].values()]
+        rows.append([o["split"], o["family"], f"{o['snr']:g}", o["row"], f"{threshold:.2f}",
+                     f"{scores['crossing']['fn_rate']:.2f}", *cells])
+    return rows
 
 
 DEFAULT_ROW = "esdmri default (pretrained + refinement)"
@@ -316,15 +481,26 @@ def main(argv=None):
     parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
     parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS))
     parser.add_argument("--side", type=int, default=16, help="phantom edge (voxels)")
+    parser.add_argument("--response", choices=RESPONSES, default="estimated",
+                        help="responses the fits get: estimated from the data (every table), "
+                             "estimated with the Rician fit (estimate_response(rician=True)), "
+                             "or the generator's (a diagnostic of the estimator only: an "
+                             "inverse crime); SNR inf is the noise-free phantom")
     parser.add_argument("--thresholds", type=Path,
                         help="a dev run's results JSON whose chosen thresholds to use")
     parser.add_argument("--out", type=Path, default=Path("out/devset"))
+    parser.add_argument("--compare-responses", action="store_true",
+                        help="only print the estimated WM responses against the generator's "
+                             "(apparent diffusivities and FA per shell)")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
                         help="only tabulate these runs' results (dev and test runs, run in "
                              "parts): thresholds chosen on their dev outcomes")
     args = parser.parse_args(argv)
     if args.report:
         report(args.report)
+        return
+    if args.compare_responses:
+        print(markdown(RESPONSE_HEADER, response_rows(args)))
         return
     log_file = (args.out.mkdir(parents=True, exist_ok=True)
                 or open(args.out / f"log-{args.split}.txt", "w"))

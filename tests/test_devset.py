@@ -93,3 +93,42 @@ def test_goal_rows_state_each_goal_and_its_distance(devset):
 def test_report_shows_runs_of_former_labels_under_the_current_one(devset):
     former = {"row": "esdmri default", "method": "rtesd-prior+refine"}
     assert devset._relabelled(former)["row"] == "esdmri network-free (pretrained=False)"
+
+
+def test_true_response_predicts_the_straight_phantoms_single_fibre_signal(devset):
+    # The generator's response of a straight family, turned to a single-fibre
+    # voxel's axis, is that voxel's noise-free signal (DIPY's multi_tensor).
+    from dipy.reconst.shm import real_sh_descoteaux_from_index
+
+    from esdmri.shm import group_shells
+
+    phantom = devset.make_family("straight-2shell", 8, np.inf, "dev")
+    response = devset.true_response("straight-2shell", phantom, ("wm", "gm", "csf"))
+    voxel = tuple(np.argwhere(phantom.n_fibres == 1)[0])
+    cosines = phantom.gtab.bvecs @ phantom.fibre_dirs[voxel][0]
+    _, shell = group_shells(phantom.gtab)
+    wm = response["wm"]
+    degrees = np.arange(wm.shape[1]) * 2
+    zonal = real_sh_descoteaux_from_index(0, degrees[None, :],
+                                          np.arccos(np.clip(cosines, -1, 1))[:, None], 0.0,
+                                          legacy=False)
+    predicted = np.sum(wm[shell] * zonal, axis=1)
+    # Up to the truncation of the series at order 12 (1e-4 of s0 along the axis).
+    np.testing.assert_allclose(predicted, phantom.data[voxel], rtol=1e-3, atol=1e-2)
+    # GM: the phantom's GM voxels.
+    gm = tuple(np.argwhere(phantom.tissue_fractions[..., 1] == 1)[0])
+    np.testing.assert_allclose(response["gm"][shell, 0] / np.sqrt(4 * np.pi),
+                               phantom.data[gm], rtol=1e-5)
+
+
+def test_angle_rows_count_false_negatives_per_crossing_angle(devset):
+    bins = dict(zip(devset.ANGLE_LABELS, ({"fn": 5, "n_true": 10}, {"fn": 0, "n_true": 4},
+                                          {"fn": 0, "n_true": 0}, {"fn": 0, "n_true": 0},
+                                          {"fn": 1, "n_true": 4})))
+    scores = {"angular_error": 9.0, "success_rate": 0.5, "fn_rate": 0.33, "fp_rate": 0.0}
+    sweep = [{"all": scores, "crossing": scores, "by_angle": bins} for _ in devset.THRESHOLDS]
+    outcome = {"family": "straight-2shell", "snr": 10.0, "split": "dev", "row": "r",
+               "method": "prior", "sweep": sweep, "error": ""}
+    (row,) = devset.angle_rows([outcome], {"prior": 0.2})
+    assert row == ["dev", "straight-2shell", "10", "r", "0.20", "0.33", "0.50 (5/10)",
+                   "0.00 (0/4)", "-", "-", "0.25 (1/4)"]
