@@ -33,6 +33,7 @@ Usage::
 """
 
 import argparse
+import copy
 import itertools
 import json
 import time
@@ -45,8 +46,10 @@ import numpy as np
 from esdmri import RTESDModel
 from esdmri.atomic import staged_output
 from esdmri.metrics import evaluate_peaks
+from esdmri.reconst.finetune import HeldOutError, holdout_volumes, retained_scan
 from esdmri.reconst.fit import DeconvolutionFit
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+from esdmri.reconst.pretrained import apply_correction
 from esdmri.reconst.refine import refine_coefficients
 from esdmri.shm import n_coeffs
 
@@ -71,18 +74,59 @@ BASELINES = {"DIPY CSD": "csd", "DIPY RUMBA-SD + TV": "rumba-tv"}
 THRESHOLD_TWINS = {"trained network, TV in loss alone": "trained network alone",
                    "trained network, TV in loss + refinement": "trained network + refinement"}
 MINIMUM_STEPS = 5000
+# Refinement steps before the held-out volumes are predicted, per epoch of --study.
+STUDY_STEPS = (0, 10, 30)
 
 
 def finetune_options(setting):
-    """The model options of a ``lr:batch_size:epochs`` setting."""
-    lr, batch_size, epochs = setting.split(":")
-    return {"lr": float(lr), "batch_size": int(batch_size), "epochs": int(epochs),
-            "train_windows": 10**9}
+    """The model options of a ``lr:batch_size:epochs[:holdout:refine_steps]`` setting."""
+    lr, batch_size, epochs, *holdout = setting.split(":")
+    options = {"lr": float(lr), "batch_size": int(batch_size), "epochs": int(epochs),
+               "train_windows": 10**9}
+    if holdout:
+        options.update(holdout=float(holdout[0]), holdout_refine_steps=int(holdout[1]))
+    return options
 
 
 def finetune_label(setting):
-    lr, batch_size, epochs = setting.split(":")
-    return f"fine-tuned (lr {lr}, batch {batch_size}, {epochs} epochs)"
+    lr, batch_size, epochs, *holdout = setting.split(":")
+    label = f"fine-tuned (lr {lr}, batch {batch_size}, {epochs} epochs"
+    if holdout:
+        label += f", hold-out {holdout[0]}, {holdout[1]} refine steps"
+    return label + ")"
+
+
+def epoch_study(model, states, prepared, prior, phantom, mask, sweep):
+    """Per epoch of a hold-out fine-tuning: the held-out errors and the fits' accuracy.
+
+    For the starting weights and each epoch's (``states``): the held-out
+    error after :data:`STUDY_STEPS` refinement steps on the retained volumes,
+    the loss of the correction alone, and the peak sweeps of the correction
+    alone and of the full fit (the model's refinement of the corrected
+    whole-scan prior), so that every selection rule can be replayed on the
+    same path of training.
+    """
+    training = model.config.training
+    held = holdout_volumes(prepared.gtab, training.holdout, training.seed)
+    retained_prior = model.prior_coefficients(
+        retained_scan(prepared, held, model.sphere.vertices))
+    judges = {steps: HeldOutError(prepared, held, retained_prior,
+                                  model.with_options(holdout_refine_steps=steps).config)
+              for steps in STUDY_STEPS}
+    correction = copy.deepcopy(model.pretrained_correction())
+    records = []
+    for state in states:
+        correction.load_state_dict({name.removeprefix("correction."): value
+                                    for name, value in state.items()})
+        correction.eval()
+        corrected = apply_correction(correction, prior, prepared.mask,
+                                     prepared.response.tissues)
+        refined, _ = model.refine(corrected, prepared)
+        records.append({
+            "heldout": {str(steps): judge(correction) for steps, judge in judges.items()},
+            "loss": voxel_losses(model, corrected, prepared.normalized, prepared.mask),
+            "alone_sweep": sweep(model, corrected), "full_sweep": sweep(model, refined)})
+    return records
 
 
 def sweep_of(result, phantom, mask):
@@ -108,7 +152,7 @@ def objective(model, coefficients, scan):
     return float(history[0])
 
 
-def network_rows(scan, mask, args, log):
+def network_rows(scan, mask, args, log, phantom=None):
     """Every esdmri row of one scan: {label: (MethodResult, seconds)} and the loss records."""
     options = dict(sh_order_max=args.sh_order, seed=args.seed, verbose=False)
     base = RTESDModel(scan.gtab, scan.response, pretrained=False, **options)
@@ -149,10 +193,16 @@ def network_rows(scan, mask, args, log):
     for setting in args.finetune:
         label = finetune_label(setting)
         model = RTESDModel(scan.gtab, scan.response, **finetune_options(setting), **options)
+        states = []
+
+        def record_epoch(state):
+            if not states:
+                states.append(state["initial_state"])
+            states.append(state["network"])
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.train(prepared)
+            model.train(prepared, on_epoch=record_epoch if args.study else None)
         tuned = model.corrected_prior(prior, prepared)
         seconds = prior_seconds + time.perf_counter() - start
         rows[f"{label} alone"] = (result(model, tuned), seconds)
@@ -165,7 +215,16 @@ def network_rows(scan, mask, args, log):
                          "eval_start": summary["start_loss"], "eval_best": summary["best_loss"],
                          "eval_history": [h["eval_total"] for h in model.training_history],
                          "best_epoch": summary["best_epoch"], "steps": summary["steps"],
-                         "fell_back": summary["fell_back"], "train_seconds": seconds}
+                         "fell_back": summary["fell_back"], "train_seconds": seconds,
+                         "selection_history": [h.get("selection")
+                                               for h in model.training_history],
+                         "start_selection": summary.get("start_selection")}
+        if args.study and model.config.training.holdout:
+            study_start = time.perf_counter()
+            losses[label]["study"] = epoch_study(
+                model, states, prepared, prior, phantom, mask,
+                lambda m, c: sweep_of(result(m, c), phantom, mask))
+            log(f"  {label}: epoch study in {time.perf_counter() - study_start:.0f} s")
         log(f"  {label}: {summary['steps']} steps in {seconds:.0f} s, loss "
             f"{losses[label]['loss']:.5g} (prior {losses['prior']['loss']:.5g}, pretrained "
             f"{losses['pretrained']['loss']:.5g}, per-voxel minimum {minimum:.5g}), "
@@ -218,7 +277,7 @@ def run(args, log):
         record = {"family": family, "snr": snr, "split": args.split, "rows": {}, "losses": {}}
         rows = {}
         if not args.baselines_only:
-            rows, record["losses"] = network_rows(scan, mask, args, log)
+            rows, record["losses"] = network_rows(scan, mask, args, log, phantom)
         rows.update(baseline_rows(scan, mask, args.baselines, record, log))
         for label, (method_result, seconds) in rows.items():
             record["rows"][label] = {"sweep": sweep_of(method_result, phantom, mask),
@@ -344,6 +403,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune", nargs="*", default=list(FINETUNE_SETTINGS),
                         metavar="LR:BATCH:EPOCHS", help="fine-tuning settings to fit")
+    parser.add_argument("--study", action="store_true",
+                        help="with hold-out settings, record every epoch's held-out errors "
+                             "and fits (to choose the selection rule on dev)")
     parser.add_argument("--baselines", nargs="*", choices=tuple(BASELINES),
                         default=["DIPY CSD"])
     parser.add_argument("--baselines-only", action="store_true",
