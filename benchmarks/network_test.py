@@ -36,6 +36,7 @@ import argparse
 import copy
 import itertools
 import json
+import re
 import time
 import traceback
 import warnings
@@ -51,6 +52,7 @@ from esdmri.reconst.fit import DeconvolutionFit
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
 from esdmri.reconst.pretrained import apply_correction
 from esdmri.reconst.refine import refine_coefficients
+from esdmri.reconst.training import IMPROVEMENT
 from esdmri.shm import n_coeffs
 
 from .devset import FAMILIES, MATCH_ANGLE, SNRS, SPLITS, THRESHOLDS, make_family
@@ -329,9 +331,34 @@ def _scores(row, threshold):
     return row["sweep"][list(THRESHOLDS).index(threshold)]["crossing"]
 
 
+def replay_rows(outcome):
+    """Rows of the other hold-out selection rules, replayed on an outcome's --study paths.
+
+    The path of training does not depend on which held-out error keeps the
+    weights (:class:`esdmri.reconst.training.Trainer`), so the fit a run with
+    ``holdout_refine_steps=K`` returns is the study's record of the epoch
+    that rule keeps: its rows (alone, + refinement) are added under their
+    own labels, for the dev thresholds of a setting chosen after the runs.
+    """
+    for label, losses in list(outcome["losses"].items()):
+        if not isinstance(losses, dict) or "study" not in losses:
+            continue
+        study = losses["study"]
+        for steps in STUDY_STEPS:
+            other = re.sub(r"\d+ refine steps\)$", f"{steps} refine steps)", label)
+            if f"{other} alone" in outcome["rows"]:
+                continue
+            kept = study[kept_epoch([r["heldout"][str(steps)] for r in study])]
+            for suffix, sweep in ((" alone", "alone_sweep"), (" + refinement", "full_sweep")):
+                outcome["rows"][other + suffix] = {"sweep": kept[sweep], "error": "",
+                                                   "seconds": float("nan"), "replayed": True}
+
+
 def report(files):
     """The tables: thresholds chosen on the dev outcomes, applied to every split."""
     outcomes = [o for path in files for o in json.loads(Path(path).read_text())["outcomes"]]
+    for outcome in outcomes:
+        replay_rows(outcome)
     thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
     for split in SPLITS:
         chosen = sorted((o for o in outcomes if o["split"] == split),
@@ -391,6 +418,65 @@ def report(files):
     return thresholds
 
 
+def kept_epoch(scores):
+    """The trainer's keep-best rule replayed: the index kept (0: the starting weights)."""
+    best, kept = scores[0], 0
+    for index, score in enumerate(scores[1:], 1):
+        if score < best * (1 - IMPROVEMENT):
+            best, kept = score, index
+    return kept
+
+
+STUDY_HEADER = ["family", "SNR", "rule", "kept epoch", "full fit AE crossing (deg)",
+                "default fit", "full - default", "alone AE crossing", "pretrained alone",
+                "loss / prior", "loss / min."]
+
+
+def study_report(files):
+    """Every selection rule replayed on the --study paths, at the default fit's dev threshold.
+
+    Rules: the held-out error after 0, 10 or 30 refinement steps
+    (:data:`STUDY_STEPS`), the evaluation loss (the rule without hold-out),
+    the last epoch, and the best full fit in hindsight (an oracle no scan
+    gives). Epoch 0 is the starting (pretrained) weights, whose full fit is
+    the default fit.
+    """
+    outcomes = [o for path in files for o in json.loads(Path(path).read_text())["outcomes"]]
+    dev = [o for o in outcomes if o["split"] == "dev"]
+    thresholds = choose_thresholds(dev)
+    full_at = list(THRESHOLDS).index(thresholds["default (pretrained + refinement)"])
+    alone_at = list(THRESHOLDS).index(thresholds["pretrained alone"])
+    rows, worse = [], {}
+    for o in sorted(outcomes, key=lambda o: (o["family"], -o["snr"])):
+        for label, losses in o["losses"].items():
+            if not isinstance(losses, dict) or "study" not in losses:
+                continue
+            study = losses["study"]
+            full = [r["full_sweep"][full_at]["crossing"]["angular_error"] for r in study]
+            alone = [r["alone_sweep"][alone_at]["crossing"]["angular_error"] for r in study]
+            rules = {f"held-out, {steps} steps": [r["heldout"][str(steps)] for r in study]
+                     for steps in STUDY_STEPS}
+            rules["evaluation loss"] = [losses["eval_start"]] + losses["eval_history"]
+            kept = {rule: kept_epoch(scores) for rule, scores in rules.items()}
+            kept["last epoch"] = len(study) - 1
+            kept["oracle (best full fit)"] = int(np.argmin(full))
+            prior = o["losses"]["prior"]["loss"]
+            for rule, index in kept.items():
+                difference = full[index] - full[0]
+                worse.setdefault(rule, []).append(difference)
+                rows.append([o["family"], f"{o['snr']:g}", rule, str(index),
+                             f"{full[index]:.2f}", f"{full[0]:.2f}", f"{difference:+.2f}",
+                             f"{alone[index]:.1f}", f"{alone[0]:.1f}",
+                             f"{study[index]['loss'] / prior:.2f}",
+                             f"{study[index]['loss'] / o['losses']['per_voxel_minimum']:.2f}"])
+    print(markdown(STUDY_HEADER, rows))
+    print("\n" + markdown(["rule", "phantoms", "worse by > 0.05 deg", "mean full - default",
+                           "worst", "best"],
+                          [[rule, str(len(d)), str(sum(x > 0.05 for x in d)),
+                            f"{np.mean(d):+.2f}", f"{max(d):+.2f}", f"{min(d):+.2f}"]
+                           for rule, d in worse.items()]))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
@@ -417,6 +503,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("out/network_test"))
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="only tabulate these runs' results")
+    parser.add_argument("--study-report", nargs="+", metavar="JSON",
+                        help="only replay the selection rules on these --study runs")
     return parser.parse_args(argv)
 
 
@@ -424,6 +512,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.study_report:
+        return study_report(args.study_report)
 
     def log(message):
         print(message, flush=True)
