@@ -27,8 +27,9 @@ from esdmri.shm import n_coeffs
 from esdmri.testing import REFLECT_X, ROTATE_Z_90
 
 SIDE = 8
-# A short fine-tuning: 3 epochs of the fine-tuning recipe (batches of 4 windows, lr 1e-3).
-FAST = dict(epochs=3, refine_steps=0, verbose=False)
+# A short fine-tuning: 3 epochs of the fine-tuning recipe (batches of 4 windows, lr 1e-3),
+# every volume fitted and the evaluation loss keeping the weights (no hold-out).
+FAST = dict(epochs=3, refine_steps=0, holdout=0.0, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_model_files_without_the_new_entries_load_as_they_fitted(phantom, tmp_pa
 @pytest.mark.slow
 def test_a_finetuning_that_raises_the_loss_falls_back_and_says_so(phantom, tmp_path):
     model = RTESDModel(phantom.gtab, phantom.response, epochs=1, batch_size=4, lr=50.0,
-                       warmup_steps=0, refine_steps=0, verbose=False)
+                       warmup_steps=0, refine_steps=0, holdout=0.0, verbose=False)
     with pytest.warns(UserWarning, match="did not lower the evaluation loss"):
         fit = model.fit(phantom.data, mask=phantom.mask)
     summary = model.training_summary
