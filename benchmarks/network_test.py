@@ -431,7 +431,7 @@ def kept_epoch(scores):
 
 STUDY_HEADER = ["family", "SNR", "rule", "kept epoch", "full fit AE crossing (deg)",
                 "default fit", "full - default", "alone AE crossing", "pretrained alone",
-                "loss / prior", "loss / min."]
+                "alone / prior alone", "loss / prior", "loss / min."]
 
 
 def study_report(files):
@@ -448,7 +448,8 @@ def study_report(files):
     thresholds = choose_thresholds(dev)
     full_at = list(THRESHOLDS).index(thresholds["default (pretrained + refinement)"])
     alone_at = list(THRESHOLDS).index(thresholds["pretrained alone"])
-    rows, worse = [], {}
+    prior_at = list(THRESHOLDS).index(thresholds["linear prior alone"])
+    rows, worse, pivot = [], {}, []
     for o in sorted(outcomes, key=lambda o: (o["family"], -o["snr"])):
         for label, losses in o["losses"].items():
             if not isinstance(losses, dict) or "study" not in losses:
@@ -463,15 +464,23 @@ def study_report(files):
             kept["last epoch"] = len(study) - 1
             kept["oracle (best full fit)"] = int(np.argmin(full))
             prior = o["losses"]["prior"]["loss"]
+            prior_error = o["rows"]["linear prior alone"]["sweep"][prior_at]["crossing"][
+                "angular_error"]
+            pivot.append([o["family"], f"{o['snr']:g}", label.removeprefix("fine-tuned "),
+                          f"{full[0]:.2f}"] + [f"{full[index] - full[0]:+.2f} ({index})"
+                                               for index in kept.values()])
             for rule, index in kept.items():
                 difference = full[index] - full[0]
                 worse.setdefault(rule, []).append(difference)
                 rows.append([o["family"], f"{o['snr']:g}", rule, str(index),
                              f"{full[index]:.2f}", f"{full[0]:.2f}", f"{difference:+.2f}",
                              f"{alone[index]:.1f}", f"{alone[0]:.1f}",
+                             f"{alone[index] / prior_error:.2f}",
                              f"{study[index]['loss'] / prior:.2f}",
                              f"{study[index]['loss'] / o['losses']['per_voxel_minimum']:.2f}"])
     print(markdown(STUDY_HEADER, rows))
+    print("\n" + markdown(["family", "SNR", "run", "default fit AE crossing (deg)"]
+                          + [f"{rule}: full - default (epoch)" for rule in worse], pivot))
     print("\n" + markdown(["rule", "phantoms", "worse by > 0.05 deg", "mean full - default",
                            "worst", "best"],
                           [[rule, str(len(d)), str(sum(x > 0.05 for x in d)),

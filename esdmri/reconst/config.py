@@ -419,16 +419,16 @@ class TrainingConfig:
         fine-tuning that fits the noise of the scan, rather than its fibres,
         is caught by directions it never saw. 0: every volume is fitted and
         the evaluation loss decides, which on the 12^3 dev phantoms kept the
-        last epoch and made the full fit worse than the default on 7 of 8
-        (by up to 1.2 degrees); with 0.125 and 30 refinement steps it was
-        worse on none (docs/benchmarks.md, "Fine-tuning that never makes
-        the fit worse").
+        last epoch and made the full fit worse than the default on 9 of 10
+        runs (by up to 1.2 degrees); with 0.125 and 30 refinement steps it
+        was worse on none (docs/benchmarks.md, "Fine-tuning that never
+        makes the fit worse").
     holdout_refine_steps : int
         Steps of the refinement (on the retained volumes) between the
         correction and its prediction of the held-out volumes; 0: the
         correction's output predicts them. Chosen on dev: after 0 or 10
         steps the held-out error still kept epochs whose full fit was worse
-        (4 and 2 of 8 dev runs), after 30 none.
+        (6 and 4 of 10 dev runs), after 30 none.
     """
 
     block_size: int = 8
