@@ -92,6 +92,7 @@ def test_pretrain_refuses_to_overwrite(in_process, tmp_path):
     (("--window", "12"), "window (12) must not exceed side (8)"),
     (("--lr", "-1"), "lr must be > 0"),
     (("--device", "gpu"), "device must be cpu, cuda or cuda:N"),
+    (("--loss", "truth"), "loss must be one of supervised, unsupervised, mixed"),
 ])
 def test_bad_arguments_fail_in_one_line(in_process, tmp_path, args, match):
     message = in_process(PretrainFlow(), *TINY, *args, "--out_dir", tmp_path, fails=True)
