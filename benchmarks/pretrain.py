@@ -169,6 +169,30 @@ def compare(files):
             + markdown(["family", "SNR", *(name for name, _ in columns)], rows))
 
 
+def held_aside_losses(labelled, scans=24, held=3, side=14, seed=0):
+    """The three pretraining losses of ``LABEL=WEIGHTS`` RT-ESD corrections on the
+    cohort's held-aside scans (``esdmri_pretrain``'s defaults), fitted on the whole
+    mask and on the WM voxels; each loss's value for the prior in the first row."""
+    from esdmri.cohort import MASKS, cohort_settings, prepare_scan
+    from esdmri.reconst.pretrained import load_correction
+    from esdmri.reconst.pretraining import LOSSES, as_tensors, evaluate
+
+    items = {mask: [as_tensors(prepare_scan(setting, side, mask))
+                    for setting in cohort_settings(scans + held, seed)[scans:]]
+             for mask in MASKS}
+    columns = [(loss, mask) for mask in MASKS for loss in LOSSES]
+    rows = []
+    for item in labelled:
+        label, path = item.split("=", 1)
+        correction = load_correction(path)
+        values = {column: evaluate(correction, items[column[1]], column[0])
+                  for column in columns}
+        if not rows:
+            rows.append(["prior", *(f"{values[c][1]:.4f}" for c in columns)])
+        rows.append([label, *(f"{values[c][0]:.4f}" for c in columns)])
+    print(markdown(["weights", *(f"{loss} ({mask} mask)" for loss, mask in columns)], rows))
+
+
 def time_on_dev(weights, side, repeats, architecture="rtesd"):
     """Fit seconds and refinement steps of the network-free default and the pretrained
     path on the dev phantoms, interleaved in one process (their ratio is what counts
@@ -213,6 +237,9 @@ def main(argv=None):
                       help="tabulate the three architectures' rows of devset runs")
     mode.add_argument("--variants", nargs="+", metavar="LABEL=JSON",
                       help="tabulate the RT-ESD rows of devset runs of several weights")
+    mode.add_argument("--held", nargs="+", metavar="LABEL=WEIGHTS",
+                      help="the pretraining losses of RT-ESD weights on the cohort's "
+                           "held-aside scans")
     parser.add_argument("--architecture", choices=tuple(PRETRAINED_ROWS), default="rtesd",
                         help="the weights' architecture (the model class that runs them)")
     parser.add_argument("--side", type=int, default=14, help="phantom edge (voxels)")
@@ -236,6 +263,8 @@ def main(argv=None):
         compare(args.compare)
     elif args.variants:
         variants(args.variants)
+    elif args.held:
+        held_aside_losses(args.held)
     elif args.dev:
         score_on_dev(args.dev, args.dev_out, args.side, args.architecture, args.refine_steps,
                      baselines=args.baselines, fit_mask=args.fit_mask, split=args.split,
