@@ -35,6 +35,8 @@ def test_pretrain_writes_weights_that_the_model_loads(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert saved["architecture"] == pretrained.ARCHITECTURES["e3so3-stem"]
     assert saved["metadata"]["steps"] == 4
+    assert saved["metadata"]["settings"]["loss"] == "supervised"
+    assert saved["metadata"]["settings"]["wm_masks"] is False
     assert saved["metadata"]["cohort"] == cohort_settings(3, 0)
     model = RTESDModel(default_gtab(), pretrained=path, verbose=False)
     correction = model.pretrained_correction()
