@@ -14,9 +14,15 @@ Usage::
     python -m benchmarks.pretrain --dev out/esd.pt --architecture esd \
         --dev-out out/pretrain-dev-esd
     python -m benchmarks.pretrain --timing esdmri/data/pretrained_rtesd.pt
+    # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
+    python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
+        --dev-out out/dev-unsup-wm --fit-mask wm
+    python -m benchmarks.pretrain --variants unsup=out/dev-unsup/results-dev.json ...
 """
 
 import argparse
+import dataclasses
+import json
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +32,7 @@ import torch
 
 from esdmri.reconst.models import MODEL_CLASSES
 
-from .heldout import markdown
+from .heldout import markdown, scan_of, scored_voxels
 
 # The dev rows of each architecture's pretrained correction (benchmarks/devset.py).
 PRETRAINED_ROWS = {
@@ -34,23 +40,87 @@ PRETRAINED_ROWS = {
     "esd": ("esdmri ESD pretrained alone", "esdmri ESD pretrained + refinement"),
     "cesd": ("esdmri C-ESD pretrained alone", "esdmri C-ESD pretrained + refinement"),
 }
-BASELINE_ROWS = ("esdmri network-free (pretrained=False)", "esdmri linear prior alone",
-                 "DIPY CSD")
+NETWORK_FREE_ROW = "esdmri network-free (pretrained=False)"
+BASELINES = {"all": (NETWORK_FREE_ROW, "esdmri linear prior alone", "DIPY CSD"),
+             "network-free": (NETWORK_FREE_ROW,), "none": ()}
+
+
+def wm_scan_of(phantom):
+    """``devset``'s scan fitted on the scored (WM) voxels only, with the responses
+    estimated from the whole mask (as ``benchmarks/network_test.py`` fits)."""
+    return dataclasses.replace(scan_of(phantom), mask=scored_voxels(phantom))
 
 
 def score_on_dev(weights, out, side, architecture="rtesd", refine_steps=None,
-                 baselines=True):
-    """``benchmarks/devset.py``'s dev split with ``architecture``'s pretrained rows
+                 baselines="all", fit_mask="whole", split="dev", thresholds=None):
+    """``benchmarks/devset.py``'s ``split`` with ``architecture``'s pretrained rows
     using ``weights`` (and ``refine_steps`` for the refined row, default: the models'
-    default), with the baselines unless ``baselines`` is False."""
+    default), with the rows of ``BASELINES[baselines]``, every method fitted on the
+    phantom's whole mask or (``fit_mask="wm"``) on its WM voxels only;
+    ``thresholds``: a dev run's results JSON (for the test split)."""
     from . import devset, methods
 
     methods.PRETRAINED["pretrained"] = str(weights)
     if refine_steps is not None:
         methods.PRETRAINED["refine_steps"] = refine_steps
-    rows = PRETRAINED_ROWS[architecture] + (BASELINE_ROWS if baselines else ())
-    devset.main(["--split", "dev", "--side", str(side), "--out", str(out), "--rows", *rows])
-    devset.main(["--report", str(out / "results-dev.json")])
+    if fit_mask == "wm":
+        devset.scan_of = wm_scan_of  # this process's devset runs fit the WM voxels
+    rows = PRETRAINED_ROWS[architecture] + BASELINES[baselines]
+    extra = ["--thresholds", str(thresholds)] if thresholds else []
+    devset.main(["--split", split, "--side", str(side), "--out", str(out), "--rows", *rows,
+                 *extra])
+    devset.main(["--report", str(out / f"results-{split}.json")])
+
+
+def variants(labelled):
+    """Pretraining variants side by side: ``LABEL=JSON`` devset runs of the RT-ESD rows
+    (one weights file each; the network-free row from any run that has it), crossing
+    voxels, AE / FN per cell, each run's own thresholds (chosen on dev, or the dev
+    ones a test run was given), and per variant the phantoms on which the refined
+    fit is worse than the network-free fit (AE more than 0.1 degree or FN more than
+    0.02 above it)."""
+    from .devset import THRESHOLDS
+
+    cells, free = {}, {}
+    for item in labelled:
+        label, path = item.split("=", 1)
+        results = json.loads(Path(path).read_text())
+        for o in results["outcomes"]:
+            if not o["sweep"] or o["method"] not in results["thresholds"]:
+                continue
+            threshold = results["thresholds"][o["method"]]
+            scores = o["sweep"][list(THRESHOLDS).index(threshold)]["crossing"]
+            key = (o["family"], o["snr"])
+            if o["row"] == NETWORK_FREE_ROW:
+                free[key] = scores
+            elif o["row"] in PRETRAINED_ROWS["rtesd"]:
+                part = "alone" if o["row"] == PRETRAINED_ROWS["rtesd"][0] else "refined"
+                cells[(label, part, key)] = scores
+    columns = sorted({(label, part) for label, part, _ in cells},
+                     key=lambda c: ([i.split("=")[0] for i in labelled].index(c[0]), c[1]))
+    keys = sorted({key for *_, key in cells} | set(free), key=lambda k: (k[0], -k[1]))
+    rows, errors, worse = [], {}, {}
+    for key in keys:
+        row = [key[0], f"{key[1]:g}"]
+        for column in (("network-free", ""),) + tuple(columns):
+            scores = free.get(key) if column[0] == "network-free" else cells.get((*column, key))
+            if scores is None:
+                row.append("-")
+                continue
+            errors.setdefault(column, []).append(scores["angular_error"])
+            row.append(f"{scores['angular_error']:.1f} / {scores['fn_rate']:.2f}")
+            if column[1] == "refined" and key in free and (
+                    scores["angular_error"] > free[key]["angular_error"] + 0.1
+                    or scores["fn_rate"] > free[key]["fn_rate"] + 0.02):
+                worse.setdefault(column, []).append(f"{key[0]} {key[1]:g}")
+        rows.append(row)
+    rows.append(["mean AE", "", *(f"{np.mean(errors[c]):.2f}" if c in errors else "-"
+                                  for c in (("network-free", ""),) + tuple(columns))])
+    rows.append(["worse than network-free", "", "", *(
+        (", ".join(worse.get(c, [])) or "none") if c[1] == "refined" else ""
+        for c in columns)])
+    print(markdown(["family", "SNR", "network-free",
+                    *(f"{label} {part}" for label, part in columns)], rows))
 
 
 COMPARED = (("network-free", "esdmri network-free (pretrained=False)"),) + tuple(
@@ -62,7 +132,6 @@ COMPARED = (("network-free", "esdmri network-free (pretrained=False)"),) + tuple
 def compare(files):
     """The three architectures side by side, crossing voxels, AE / success / FN per cell,
     of ``benchmarks/devset.py`` runs (thresholds chosen per row on their dev outcomes)."""
-    import json
 
     from .devset import ROWS, THRESHOLDS, choose_thresholds
 
@@ -98,6 +167,30 @@ def compare(files):
             f"{name} {thresholds[ROWS[row]]:.2f}" for name, row in columns
             if ROWS[row] in thresholds) + ")\n"
             + markdown(["family", "SNR", *(name for name, _ in columns)], rows))
+
+
+def held_aside_losses(labelled, scans=24, held=3, side=14, seed=0):
+    """The three pretraining losses of ``LABEL=WEIGHTS`` RT-ESD corrections on the
+    cohort's held-aside scans (``esdmri_pretrain``'s defaults), fitted on the whole
+    mask and on the WM voxels; each loss's value for the prior in the first row."""
+    from esdmri.cohort import MASKS, cohort_settings, prepare_scan
+    from esdmri.reconst.pretrained import load_correction
+    from esdmri.reconst.pretraining import LOSSES, as_tensors, evaluate
+
+    items = {mask: [as_tensors(prepare_scan(setting, side, mask))
+                    for setting in cohort_settings(scans + held, seed)[scans:]]
+             for mask in MASKS}
+    columns = [(loss, mask) for mask in MASKS for loss in LOSSES]
+    rows = []
+    for item in labelled:
+        label, path = item.split("=", 1)
+        correction = load_correction(path)
+        values = {column: evaluate(correction, items[column[1]], column[0])
+                  for column in columns}
+        if not rows:
+            rows.append(["prior", *(f"{values[c][1]:.4f}" for c in columns)])
+        rows.append([label, *(f"{values[c][0]:.4f}" for c in columns)])
+    print(markdown(["weights", *(f"{loss} ({mask} mask)" for loss, mask in columns)], rows))
 
 
 def time_on_dev(weights, side, repeats, architecture="rtesd"):
@@ -142,6 +235,11 @@ def main(argv=None):
                       help="time the fits of the dev phantoms with and without them")
     mode.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
                       help="tabulate the three architectures' rows of devset runs")
+    mode.add_argument("--variants", nargs="+", metavar="LABEL=JSON",
+                      help="tabulate the RT-ESD rows of devset runs of several weights")
+    mode.add_argument("--held", nargs="+", metavar="LABEL=WEIGHTS",
+                      help="the pretraining losses of RT-ESD weights on the cohort's "
+                           "held-aside scans")
     parser.add_argument("--architecture", choices=tuple(PRETRAINED_ROWS), default="rtesd",
                         help="the weights' architecture (the model class that runs them)")
     parser.add_argument("--side", type=int, default=14, help="phantom edge (voxels)")
@@ -149,17 +247,28 @@ def main(argv=None):
     parser.add_argument("--refine-steps", type=int,
                         help="with --dev: the refined row's step budget (default: the "
                              "models' default)")
-    parser.add_argument("--no-baselines", action="store_true",
-                        help="with --dev: only the pretrained rows")
+    parser.add_argument("--baselines", choices=tuple(BASELINES), default="all",
+                        help="with --dev: the rows beside the pretrained ones")
+    parser.add_argument("--fit-mask", choices=("whole", "wm"), default="whole",
+                        help="with --dev: fit the phantoms' whole masks or their WM voxels")
+    parser.add_argument("--split", choices=("dev", "test"), default="dev",
+                        help="with --dev: the split (test: once, with --thresholds)")
+    parser.add_argument("--thresholds", type=Path,
+                        help="with --dev --split test: the dev run's results JSON")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     if args.compare:
         compare(args.compare)
+    elif args.variants:
+        variants(args.variants)
+    elif args.held:
+        held_aside_losses(args.held)
     elif args.dev:
         score_on_dev(args.dev, args.dev_out, args.side, args.architecture, args.refine_steps,
-                     baselines=not args.no_baselines)
+                     baselines=args.baselines, fit_mask=args.fit_mask, split=args.split,
+                     thresholds=args.thresholds)
     else:
         time_on_dev(args.timing, args.side, args.repeats, args.architecture)
 

@@ -22,6 +22,12 @@ geometry 0 test and 101 dev):
 acquisitions cycled through single-shell b 1000 with 30 directions, DIPY's
 ``get_3shell_gtab``, :func:`esdmri.sims.default_gtab` and two shells (b 1000 and
 2000, 45 directions each); SNR drawn from 5-40.
+
+Each scan is fitted on the phantom's whole mask (WM, GM and CSF voxels); with
+``wm_masks`` the cohort holds every scan a second time fitted on its WM voxels
+only (those with fibres), with the responses of the whole mask, so that the
+correction also sees priors that a mask cuts through, as a user's WM-masked
+fit gives them.
 """
 
 import warnings
@@ -32,6 +38,7 @@ from dipy.data import get_3shell_gtab
 
 from .heldout_phantom import make_heldout_phantom
 from .reconst.config import check_integer
+from .reconst.finetune import finetuning_weights
 from .reconst.models import RTESDModel
 from .reconst.network import SQRT_4PI, volume_fractions_from_coefficients
 from .reconst.pretrained import fibre_target
@@ -41,6 +48,8 @@ from .straight_phantom import make_straight_phantom, radial_for_fa
 
 SNRS = (5, 10, 15, 20, 30, 40)
 FAMILIES = ("dispersed", "straight", "curved")
+# The masks a cohort scan is fitted on: the phantom's, or its WM voxels only.
+MASKS = ("whole", "wm")
 
 
 def _shells(bvals, n_directions, n_b0, seed):
@@ -125,7 +134,12 @@ def fibre_weights(phantom):
     return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
 
 
-def prepare_scan(setting, side):
+def wm_mask(phantom):
+    """The phantom's voxels that hold WM fibres, shape (X, Y, Z)."""
+    return phantom.mask & (phantom.n_fibres > 0)
+
+
+def prepare_scan(setting, side, mask="whole"):
     """One cohort scan: its prior (estimated responses), target and voxel weights.
 
     Parameters
@@ -134,19 +148,32 @@ def prepare_scan(setting, side):
         One entry of :func:`cohort_settings`.
     side : int
         Phantom edge in voxels.
+    mask : {"whole", "wm"}
+        Fit the phantom's whole mask, or its WM voxels only (:func:`wm_mask`)
+        with the responses estimated from the whole mask.
 
     Returns
     -------
     scan : dict
         ``prior`` (X, Y, Z, C_total), ``target`` (X, Y, Z, n_coeffs(8)),
-        ``weight`` (X, Y, Z; zero outside the mask), ``tissues``, ``setting``
-        and ``order`` (the prior's WM SH order).
+        ``weight`` (X, Y, Z; zero outside the fitted mask), ``tissues``,
+        ``setting``, ``order`` (the prior's WM SH order), ``mask`` (the
+        fitted voxels), ``normalized`` (X, Y, Z, N: the signal divided by the
+        b0), ``gtab``, ``response`` and ``unsupervised_weights`` (the loss
+        weights of the refinement's objective on this scan,
+        :func:`esdmri.reconst.finetune.finetuning_weights`): what the
+        unsupervised loss needs.
     """
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
     phantom = build_phantom(setting, side)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = RTESDModel(phantom.gtab, verbose=False)
         scan = model.prepare(phantom.data, mask=phantom.mask)
+        if mask == "wm":
+            model = RTESDModel(phantom.gtab, scan.response, verbose=False)
+            scan = model.prepare(phantom.data, mask=wm_mask(phantom))
         prior = model.prior_coefficients(scan)
     # The true WM in the fit's units: its fraction of the prior's tissue total.
     # (Anchoring the lobes to the prior's own WM amount instead flipped them
@@ -160,10 +187,14 @@ def prepare_scan(setting, side):
     weight = np.where(scan.mask, 0.2 + phantom.tissue_fractions[..., 0], 0).astype(np.float32)
     return {"prior": prior, "target": target, "weight": weight,
             "tissues": tuple(scan.response.tissues), "setting": setting,
-            "order": model.config.network.sh_order_max}
+            "order": model.config.network.sh_order_max, "mask": scan.mask,
+            "normalized": scan.normalized.astype(np.float32), "gtab": scan.gtab,
+            "response": scan.response,
+            "unsupervised_weights": finetuning_weights(model.config, scan.normalized,
+                                                       scan.mask)}
 
 
-def build_cohort(n_scans, side, seed, progress=True, log=None):
+def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False):
     """Prepare the first ``n_scans`` scans of the cohort of ``seed``.
 
     Parameters
@@ -176,21 +207,26 @@ def build_cohort(n_scans, side, seed, progress=True, log=None):
         Show a tqdm bar.
     log : callable, optional
         Receives one line per scan.
+    wm_masks : bool
+        Also fit every scan on its WM voxels only (``prepare_scan(...,
+        mask="wm")``).
 
     Returns
     -------
-    scans : list of dict
-        :func:`prepare_scan`'s output of each of :func:`cohort_settings`.
+    scans : list of list of dict
+        Per setting of :func:`cohort_settings`, :func:`prepare_scan`'s
+        output on the whole mask (and, with ``wm_masks``, on the WM mask).
     """
     from tqdm.auto import tqdm
 
     check_integer("side", side, 6)
+    masks = MASKS if wm_masks else MASKS[:1]
     scans = []
     for setting in tqdm(cohort_settings(n_scans, seed), desc="simulating the cohort",
                         unit="scan", disable=not progress):
-        scans.append(prepare_scan(setting, side))
+        scans.append([prepare_scan(setting, side, mask) for mask in masks])
         if log is not None:
-            log(f"scan {len(scans)}/{n_scans}: {describe(scans[-1])}")
+            log(f"scan {len(scans)}/{n_scans}: {describe(scans[-1][0])}")
     return scans
 
 

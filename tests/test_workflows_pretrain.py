@@ -35,6 +35,8 @@ def test_pretrain_writes_weights_that_the_model_loads(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert saved["architecture"] == pretrained.ARCHITECTURES["e3so3-stem"]
     assert saved["metadata"]["steps"] == 4
+    assert saved["metadata"]["settings"]["loss"] == "supervised"
+    assert saved["metadata"]["settings"]["wm_masks"] is False
     assert saved["metadata"]["cohort"] == cohort_settings(3, 0)
     model = RTESDModel(default_gtab(), pretrained=path, verbose=False)
     correction = model.pretrained_correction()
@@ -92,6 +94,7 @@ def test_pretrain_refuses_to_overwrite(in_process, tmp_path):
     (("--window", "12"), "window (12) must not exceed side (8)"),
     (("--lr", "-1"), "lr must be > 0"),
     (("--device", "gpu"), "device must be cpu, cuda or cuda:N"),
+    (("--loss", "truth"), "loss must be one of supervised, unsupervised, mixed"),
 ])
 def test_bad_arguments_fail_in_one_line(in_process, tmp_path, args, match):
     message = in_process(PretrainFlow(), *TINY, *args, "--out_dir", tmp_path, fails=True)

@@ -31,8 +31,8 @@ class PretrainFlow(EsdmriWorkflow):
         return "esdmri_pretrain"
 
     def run(self, model="rtesd", scans=24, held=3, side=14, steps=3159, lr=1e-3,
-            window=10, every=200, seed=0, device="cpu", quiet=False, out_dir="",
-            out_weights="pretrained.pt"):
+            window=10, every=200, seed=0, loss="supervised", wm_masks=False, device="cpu",
+            quiet=False, out_dir="", out_weights="pretrained.pt"):
         """Pretrain the correction of the linear prior on a simulated cohort.
 
         Simulates a cohort of scans (three phantom families, four
@@ -71,6 +71,13 @@ class PretrainFlow(EsdmriWorkflow):
             Steps between evaluations on the held-aside scans.
         seed : int, optional
             Seed of the cohort, the initial weights and the windows.
+        loss : string, optional
+            supervised (against the phantoms' true fibres; the shipped
+            weights'), unsupervised (each scan's own objective, the one the
+            refinement descends) or mixed (the mean of the two).
+        wm_masks : bool, optional
+            Also train on every scan fitted on its WM voxels only, so that
+            the correction sees masks that cut through the volume.
         device : string, optional
             cpu, cuda or cuda:N.
         quiet : bool, optional
@@ -104,6 +111,9 @@ class PretrainFlow(EsdmriWorkflow):
             raise ValueError(f"window ({window}) must not exceed side ({side})")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        losses = ("supervised", "unsupervised", "mixed")  # pretraining.LOSSES, without torch
+        if loss not in losses:
+            raise ValueError(f"loss must be one of {', '.join(losses)}, got {loss!r}")
         (weights_path,), = self.get_io_iterator()
         import torch  # only when a command runs
 
@@ -123,16 +133,21 @@ class PretrainFlow(EsdmriWorkflow):
         progress = verbose_logging() and not quiet
         settings = {"model": model, "scans": scans, "held": held, "side": side,
                     "steps": steps, "lr": lr, "window": window, "every": every, "seed": seed,
-                    "device": str(device)}
+                    "loss": loss, "wm_masks": bool(wm_masks), "device": str(device)}
         logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
         start = time.process_time()
-        cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug)
+        cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug,
+                              wm_masks=wm_masks)
         cohort_cpu = time.process_time() - start
-        items = [as_tensors(scan, device) for scan in cohort]
+
+        def items(part):
+            return [as_tensors(scan, device) for masks in part for scan in masks]
+
         correction, summary = pretrain_correction(
-            items[:scans], items[scans:], kind=kind, steps=steps, seed=seed, lr=lr,
-            window=window, every=every, device=device, log=logger.debug, progress=progress)
-        metadata = {"settings": settings, "cohort": [scan["setting"] for scan in cohort],
+            items(cohort[:scans]), items(cohort[scans:]), kind=kind, loss=loss, steps=steps,
+            seed=seed, lr=lr, window=window, every=every, device=device, log=logger.debug,
+            progress=progress)
+        metadata = {"settings": settings, "cohort": [masks[0]["setting"] for masks in cohort],
                     "architecture": check_architecture(kind), "cohort_cpu_seconds": cohort_cpu,
                     **summary}
         with staged_output(weights_path) as temporary:

@@ -8,11 +8,22 @@ decay of the learning rate over the steps, and keeps the weights that scored
 best on held-aside cohort scans. Every random choice follows from ``seed``, so
 ``esdmri_pretrain`` reproduces its weights on the same device.
 
-The loss is supervised (:func:`esdmri.reconst.pretrained.fibre_target`): the
-squared distance of the corrected WM degrees 0-8 to the true fibres as
-apodised deltas carrying the true WM fraction of the prior's tissue total (the
-WM l = 0 term is not corrected), per voxel divided by that total tissue
-fraction, weighted by 0.2 + the true WM fraction.
+Three losses (``loss``):
+
+- ``"supervised"`` (:func:`supervised_loss`, the shipped weights'): the
+  squared distance of the corrected WM degrees 0-8 to the true fibres as
+  apodised deltas carrying the true WM fraction of the prior's tissue total
+  (:func:`esdmri.reconst.pretrained.fibre_target`; the WM l = 0 term is not
+  corrected), per voxel divided by that total tissue fraction, weighted by
+  0.2 + the true WM fraction;
+- ``"unsupervised"`` (:func:`unsupervised_loss`): each scan's own objective,
+  the one the refinement then descends and fine-tuning trains on (signal fit
+  through the scan's forward model, sparsity, non-negativity, the
+  refinement's total variation: :func:`esdmri.reconst.training.coefficient_loss`
+  with :func:`esdmri.reconst.finetune.finetuning_weights`), divided by the
+  prior's value of it on the whole scan so that noisy scans do not outweigh
+  clean ones (1 at the prior on every scan); no true fODF enters it;
+- ``"mixed"``: the mean of the two.
 """
 
 import math
@@ -22,7 +33,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..shm import n_coeffs
+from .network import build_fodf_sampler, build_forward_model
 from .pretrained import PriorCorrection, check_architecture
+from .training import coefficient_loss
+
+LOSSES = ("supervised", "unsupervised", "mixed")
 
 
 def as_tensors(scan, device="cpu"):
@@ -31,17 +47,31 @@ def as_tensors(scan, device="cpu"):
     Returns
     -------
     item : dict
-        ``prior``, ``target``, ``weight`` ([1, X, Y, Z]) on ``device``,
-        ``tissues`` and ``inside`` (the indices of the weighted voxels, on the CPU).
+        ``prior``, ``target``, ``signal`` (the normalised signal), ``weight``
+        and ``mask`` ([1, X, Y, Z]) on ``device``, the scan's
+        ``forward_model``, ``fodf_sampler``, ``n_wm_coeffs`` and
+        ``unsupervised_weights``, ``tissues``, ``inside`` (the indices of the
+        weighted voxels, on the CPU) and ``prior_unsupervised`` (the
+        unnormalised :func:`unsupervised_loss` of the prior on the whole scan).
     """
     def volume(array):
         return torch.as_tensor(array).permute(3, 0, 1, 2)[None].contiguous().to(device)
-    return {"prior": volume(scan["prior"]), "target": volume(scan["target"]),
+    order = scan["order"]
+    item = {"prior": volume(scan["prior"]), "target": volume(scan["target"]),
+            "signal": volume(scan["normalized"]),
             "weight": torch.as_tensor(scan["weight"])[None].to(device),
-            "tissues": scan["tissues"], "inside": np.argwhere(scan["weight"] > 0)}
+            "mask": torch.as_tensor(scan["mask"])[None].to(device),
+            "forward_model": build_forward_model(scan["response"], scan["gtab"], order, device),
+            "fodf_sampler": build_fodf_sampler(order, device), "n_wm_coeffs": n_coeffs(order),
+            "unsupervised_weights": scan["unsupervised_weights"],
+            "tissues": scan["tissues"], "inside": np.argwhere(scan["weight"] > 0),
+            "prior_unsupervised": 1.0}
+    with torch.no_grad():
+        item["prior_unsupervised"] = float(unsupervised_loss(item))
+    return item
 
 
-def scan_loss(correction, item, corrected=None):
+def supervised_loss(correction, item, corrected=None):
     """Weighted target distance of a window or volume (``corrected``: default the prior)."""
     prior, target, weight = item["prior"], item["target"], item["weight"]
     if corrected is None:
@@ -52,38 +82,64 @@ def scan_loss(correction, item, corrected=None):
     return (error * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
+def unsupervised_loss(item, corrected=None):
+    """The scan's own objective of a window or volume (``corrected``: default the prior).
+
+    The value the refinement's objective takes on the masked voxels, per
+    voxel, unnormalised (:func:`training_loss` divides it by
+    ``item["prior_unsupervised"]``).
+    """
+    if corrected is None:
+        corrected = item["prior"]
+    total, _ = coefficient_loss(corrected, item["n_wm_coeffs"], item["forward_model"],
+                                item["fodf_sampler"], item["signal"], item["mask"],
+                                item["unsupervised_weights"])
+    return total
+
+
+def training_loss(loss, correction, item, corrected=None):
+    """The pretraining loss ``loss`` (one of :data:`LOSSES`) of a window or volume."""
+    if loss == "supervised":
+        return supervised_loss(correction, item, corrected)
+    own = unsupervised_loss(item, corrected) / item["prior_unsupervised"]
+    if loss == "unsupervised":
+        return own
+    return 0.5 * (supervised_loss(correction, item, corrected) + own)
+
+
 def random_window(item, size, rng):
     """A window of ``size`` voxels whose inner part holds a weighted voxel."""
     centre = item["inside"][rng.integers(len(item["inside"]))]
     shape = np.array(item["weight"].shape[1:])
     start = np.clip(centre - size // 2, 0, np.maximum(shape - size, 0))
     region = tuple(slice(s, s + size) for s in start)
-    window = {"prior": item["prior"][(..., *region)], "target": item["target"][(..., *region)],
-              "weight": item["weight"][(..., *region)].clone(), "tissues": item["tissues"]}
+    window = {**item, **{name: item[name][(..., *region)]
+                         for name in ("prior", "target", "signal", "weight", "mask")}}
     # The border voxels lack neighbours the whole volume gives them: not scored.
     inner = torch.zeros_like(window["weight"])
     inner[:, 1:-1, 1:-1, 1:-1] = 1
     window["weight"] = window["weight"] * inner
+    window["mask"] = window["mask"] & inner.bool()
     return window
 
 
 @torch.no_grad()
-def evaluate(correction, items):
-    """Mean loss of the corrected prior and of the prior over whole scans."""
+def evaluate(correction, items, loss="supervised"):
+    """Mean ``loss`` of the corrected prior and of the prior over whole scans."""
     was_training = correction.training
     correction.eval()
     network, prior = [], []
     for item in items:
-        network.append(float(scan_loss(correction, item, correction(item["prior"],
-                                                                     item["tissues"]))))
-        prior.append(float(scan_loss(correction, item)))
+        network.append(float(training_loss(loss, correction, item,
+                                           correction(item["prior"], item["tissues"]))))
+        prior.append(float(training_loss(loss, correction, item)))
     correction.train(was_training)
     return float(np.mean(network)), float(np.mean(prior))
 
 
-def pretrain_correction(items, held, *, kind="e3so3-stem", steps=3159, seed=0, lr=1e-3,
-                        window=10, every=200, device="cpu", on_best=None, log=None,
-                        progress=True):
+def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", steps=3159,
+                        seed=0, lr=1e-3, window=10, every=200, device="cpu", on_best=None,
+                        log=None, progress=True):
     """Train a correction on prepared cohort scans, keeping the best on held-aside ones.
 
     Parameters
@@ -92,6 +148,9 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", steps=3159, seed=0, l
         Training and held-aside scans (:func:`as_tensors` on ``device``).
     kind : str
         Architecture (a key of :data:`esdmri.reconst.pretrained.ARCHITECTURES`).
+    loss : {"supervised", "unsupervised", "mixed"}
+        The training loss (module docstring), which also chooses the best
+        weights on ``held``.
     steps : int
         Optimiser steps (one window of one scan each).
     seed : int
@@ -118,8 +177,10 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", steps=3159, seed=0, l
     summary : dict
         ``steps``, ``cpu_seconds`` (of training), ``best_loss``,
         ``best_step``, ``prior_loss`` and ``history`` ([step, network loss,
-        prior loss] per evaluation), all on ``held``.
+        prior loss] per evaluation), all on ``held`` and of ``loss``.
     """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     for name, value in (("steps", steps), ("every", every), ("window", window)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -134,7 +195,7 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", steps=3159, seed=0, l
     rng = np.random.default_rng(seed)
     correction = PriorCorrection(check_architecture(kind)).zero_head().to(device)
     optimizer = torch.optim.Adam(correction.parameters(), lr=lr)
-    best_loss, prior_loss = evaluate(correction, held)
+    best_loss, prior_loss = evaluate(correction, held, loss)
     best_step = 0
     best = {k: v.clone() for k, v in correction.state_dict().items()}
     history = [(0, best_loss, prior_loss)]
@@ -146,14 +207,15 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", steps=3159, seed=0, l
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         item = items[rng.integers(len(items))]
         batch = random_window(item, window, rng)
-        loss = scan_loss(correction, batch, correction(batch["prior"], batch["tissues"]))
+        value = training_loss(loss, correction, batch,
+                              correction(batch["prior"], batch["tissues"]))
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         bar.update()
         if step % every and step != steps:
             continue
-        held_loss, _ = evaluate(correction, held)
+        held_loss, _ = evaluate(correction, held, loss)
         history.append((step, held_loss, prior_loss))
         marker = ""
         if held_loss < best_loss:
@@ -162,7 +224,7 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", steps=3159, seed=0, l
             if on_best is not None:
                 on_best(correction, {"steps": step, "best_loss": best_loss})
         bar.set_postfix(held=f"{held_loss:.4f}", prior=f"{prior_loss:.4f}")
-        log(f"step {step}: train {loss.item():.5f}, held-aside {held_loss:.5f} "
+        log(f"step {step}: train {value.item():.5f}, held-aside {held_loss:.5f} "
             f"(prior {prior_loss:.5f}){marker}")
     bar.close()
     correction.load_state_dict(best)
