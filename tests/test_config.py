@@ -100,7 +100,8 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(epochs=0, linear_prior=False), r"epochs=0 \(the default\) needs linear_prior=True"),
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
     (dict(norm="group"), r"norm must be one of \('batch', 'voxel'\)"),
-    (dict(noise_floor="rician"), r"noise_floor must be one of \(None, 'debias'\)"),
+    (dict(noise_floor="rician"),
+     r"noise_floor must be one of \(None, 'power', 'rician_mean'\)"),
     (dict(noise_floor=True), "noise_floor must be one of"),
     (dict(lr=0.0), "lr must be > 0"),
 ])

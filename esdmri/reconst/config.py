@@ -100,8 +100,9 @@ class LossWeights:
 
 
 # What a fit does about the magnitudes' Rician noise floor (NetworkConfig.noise_floor):
-# nothing, or the power-image correction before the signal is normalised.
-NOISE_FLOORS = (None, "debias")
+# nothing, or a debiasing of the magnitudes before the signal is normalised
+# (esdmri.reconst.inputs.debias_magnitudes's methods).
+NOISE_FLOORS = (None, "power", "rician_mean")
 
 # The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
 # former fixed-rate descent, kept for comparison.
@@ -189,13 +190,14 @@ class NetworkConfig:
         What the fit does about the Rician noise floor of the magnitudes
         (along a fibre at high b the signal lies under it at low SNR).
         None (the default): nothing, the magnitudes are the signal.
-        ``"debias"``: the power-image correction ``sqrt(max(M^2 - 2 sigma^2,
-        0))`` with the scan's noise level, once, before the signal is
+        ``"power"`` (``sqrt(max(M^2 - 2 sigma^2, 0))``) or ``"rician_mean"``
+        (the signal whose Rician mean is the magnitude): the magnitudes are
+        debiased with the scan's noise level, once, before the signal is
         normalised (:func:`esdmri.reconst.inputs.debias_magnitudes`), so the
         prior, the network and the refinement all see the debiased signal;
         a response the model estimates is then fitted to the magnitudes as
-        Rician means (``estimate_response(rician=True)``). Measured
-        on the dev set: docs/benchmarks.md, "Debiasing the noise floor".
+        Rician means (``estimate_response(rician=True)``). Measured on the
+        dev set: docs/benchmarks.md, "Debiasing the noise floor".
         Model files record it; files written before it existed hold None.
     """
 

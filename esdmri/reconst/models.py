@@ -229,10 +229,11 @@ class _DeconvolutionModel(ReconstModel):
             none; the model is left as it was.
         """
         data, checked = check_scan(data, self.gtab, mask)
-        debias = self.config.network.noise_floor == "debias"
+        noise_floor = self.config.network.noise_floor
         signal = data
-        if debias:
-            signal = debias_magnitudes(data, checked, noise_floor_variance(data, checked))
+        if noise_floor is not None:
+            signal = debias_magnitudes(data, checked, noise_floor_variance(data, checked),
+                                       method=noise_floor)
         normalized, checked = normalize_by_b0(signal, self.gtab, checked,
                                               warn_dropped=mask is not None)
         response = self.response
@@ -242,7 +243,7 @@ class _DeconvolutionModel(ReconstModel):
             # fibre at high b) gave a response across the fibres on the dev set.
             response = estimate_response(self.gtab, data, checked,
                                           sh_order_max=self.config.network.sh_order_max,
-                                          rician=debias)
+                                          rician=noise_floor is not None)
         return PreparedScan(self.gtab, normalized, checked, response,
                             ShellInterpolator(self.gtab, self.sphere.vertices))
 
