@@ -342,9 +342,11 @@ def noise_floor_variance(data, mask):
     half the median over face-neighbour pairs of the mean squared difference
     of their measurements), taken on the raw magnitudes so that one
     ``sigma`` serves every voxel whatever its b0. On magnitudes on the floor
-    the spread is below ``sigma`` (Rician), so at low SNR it is a little
-    low (0.0087 against 0.01 at SNR 10 on the b0-normalised dev phantoms):
-    the correction errs on the side of leaving some floor.
+    the spread is below ``sigma`` (Rician), which pulls it down; signal
+    differences between neighbours (tissue borders, bundles bending) push
+    it up. Measured on the devset's dev phantoms (b0 100): ``sigma`` 8.9-10.1
+    against 10 at SNR 10, 4.7-7.0 against 5 at SNR 20 (the higher values on
+    the heldout families, whose neighbours differ most).
 
     Parameters
     ----------
