@@ -33,8 +33,10 @@ Usage::
 """
 
 import argparse
+import copy
 import itertools
 import json
+import re
 import time
 import traceback
 import warnings
@@ -45,9 +47,12 @@ import numpy as np
 from esdmri import RTESDModel
 from esdmri.atomic import staged_output
 from esdmri.metrics import evaluate_peaks
+from esdmri.reconst.finetune import HeldOutError, holdout_volumes, retained_scan
 from esdmri.reconst.fit import DeconvolutionFit
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+from esdmri.reconst.pretrained import apply_correction
 from esdmri.reconst.refine import refine_coefficients
+from esdmri.reconst.training import IMPROVEMENT
 from esdmri.shm import n_coeffs
 
 from .devset import FAMILIES, MATCH_ANGLE, SNRS, SPLITS, THRESHOLDS, make_family
@@ -55,10 +60,12 @@ from .heldout import markdown, scan_of, scored_voxels
 from .methods import METHODS, MethodResult, peak_sweep
 from .training_curve import per_voxel_minimum, voxel_losses
 
-# Fine-tuning settings "lr:batch_size:epochs": the one chosen on dev, which the
-# test split runs (tried on dev: 3e-4:4:10, 1e-3:16:10, 1e-3:4:3; docs/benchmarks.md,
-# "Does the network learn?").
-FINETUNE_SETTINGS = ("1e-3:4:10",)
+# Fine-tuning settings "lr:batch_size:epochs[:holdout:holdout_refine_steps]" (no
+# hold-out part: holdout=0, the evaluation loss keeps the weights): the one chosen on
+# dev, which the test split runs (tried on dev: 3e-4:4:10, 1e-3:16:10, 1e-3:4:3 without
+# hold-out; 1e-3:4:10 and 3e-4:4:10 with hold-out 0.125 and every rule of --study;
+# docs/benchmarks.md, "Does the network learn?").
+FINETUNE_SETTINGS = ("1e-3:4:10:0.125:30",)
 # The from-scratch per-scan network as measured before the fine-tuning (order 8, nside 4).
 EPOCHS = 25
 TRAIN_WINDOWS = 300
@@ -71,18 +78,59 @@ BASELINES = {"DIPY CSD": "csd", "DIPY RUMBA-SD + TV": "rumba-tv"}
 THRESHOLD_TWINS = {"trained network, TV in loss alone": "trained network alone",
                    "trained network, TV in loss + refinement": "trained network + refinement"}
 MINIMUM_STEPS = 5000
+# Refinement steps before the held-out volumes are predicted, per epoch of --study.
+STUDY_STEPS = (0, 10, 30)
 
 
 def finetune_options(setting):
-    """The model options of a ``lr:batch_size:epochs`` setting."""
-    lr, batch_size, epochs = setting.split(":")
-    return {"lr": float(lr), "batch_size": int(batch_size), "epochs": int(epochs),
-            "train_windows": 10**9}
+    """The model options of a ``lr:batch_size:epochs[:holdout:refine_steps]`` setting."""
+    lr, batch_size, epochs, *holdout = setting.split(":")
+    options = {"lr": float(lr), "batch_size": int(batch_size), "epochs": int(epochs),
+               "train_windows": 10**9, "holdout": 0.0}  # no hold-out: the loss keeps
+    if holdout:
+        options.update(holdout=float(holdout[0]), holdout_refine_steps=int(holdout[1]))
+    return options
 
 
 def finetune_label(setting):
-    lr, batch_size, epochs = setting.split(":")
-    return f"fine-tuned (lr {lr}, batch {batch_size}, {epochs} epochs)"
+    lr, batch_size, epochs, *holdout = setting.split(":")
+    label = f"fine-tuned (lr {lr}, batch {batch_size}, {epochs} epochs"
+    if holdout:
+        label += f", hold-out {holdout[0]}, {holdout[1]} refine steps"
+    return label + ")"
+
+
+def epoch_study(model, states, prepared, prior, phantom, mask, sweep):
+    """Per epoch of a hold-out fine-tuning: the held-out errors and the fits' accuracy.
+
+    For the starting weights and each epoch's (``states``): the held-out
+    error after :data:`STUDY_STEPS` refinement steps on the retained volumes,
+    the loss of the correction alone, and the peak sweeps of the correction
+    alone and of the full fit (the model's refinement of the corrected
+    whole-scan prior), so that every selection rule can be replayed on the
+    same path of training.
+    """
+    training = model.config.training
+    held = holdout_volumes(prepared.gtab, training.holdout, training.seed)
+    retained_prior = model.prior_coefficients(
+        retained_scan(prepared, held, model.sphere.vertices))
+    judges = {steps: HeldOutError(prepared, held, retained_prior,
+                                  model.with_options(holdout_refine_steps=steps).config)
+              for steps in STUDY_STEPS}
+    correction = copy.deepcopy(model.pretrained_correction())
+    records = []
+    for state in states:
+        correction.load_state_dict({name.removeprefix("correction."): value
+                                    for name, value in state.items()})
+        correction.eval()
+        corrected = apply_correction(correction, prior, prepared.mask,
+                                     prepared.response.tissues)
+        refined, _ = model.refine(corrected, prepared)
+        records.append({
+            "heldout": {str(steps): judge(correction) for steps, judge in judges.items()},
+            "loss": voxel_losses(model, corrected, prepared.normalized, prepared.mask),
+            "alone_sweep": sweep(model, corrected), "full_sweep": sweep(model, refined)})
+    return records
 
 
 def sweep_of(result, phantom, mask):
@@ -108,7 +156,7 @@ def objective(model, coefficients, scan):
     return float(history[0])
 
 
-def network_rows(scan, mask, args, log):
+def network_rows(scan, mask, args, log, phantom=None):
     """Every esdmri row of one scan: {label: (MethodResult, seconds)} and the loss records."""
     options = dict(sh_order_max=args.sh_order, seed=args.seed, verbose=False)
     base = RTESDModel(scan.gtab, scan.response, pretrained=False, **options)
@@ -149,10 +197,16 @@ def network_rows(scan, mask, args, log):
     for setting in args.finetune:
         label = finetune_label(setting)
         model = RTESDModel(scan.gtab, scan.response, **finetune_options(setting), **options)
+        states = []
+
+        def record_epoch(state):
+            if not states:
+                states.append(state["initial_state"])
+            states.append(state["network"])
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.train(prepared)
+            model.train(prepared, on_epoch=record_epoch if args.study else None)
         tuned = model.corrected_prior(prior, prepared)
         seconds = prior_seconds + time.perf_counter() - start
         rows[f"{label} alone"] = (result(model, tuned), seconds)
@@ -165,7 +219,16 @@ def network_rows(scan, mask, args, log):
                          "eval_start": summary["start_loss"], "eval_best": summary["best_loss"],
                          "eval_history": [h["eval_total"] for h in model.training_history],
                          "best_epoch": summary["best_epoch"], "steps": summary["steps"],
-                         "fell_back": summary["fell_back"], "train_seconds": seconds}
+                         "fell_back": summary["fell_back"], "train_seconds": seconds,
+                         "selection_history": [h.get("selection")
+                                               for h in model.training_history],
+                         "start_selection": summary.get("start_selection")}
+        if args.study and model.config.training.holdout:
+            study_start = time.perf_counter()
+            losses[label]["study"] = epoch_study(
+                model, states, prepared, prior, phantom, mask,
+                lambda m, c: sweep_of(result(m, c), phantom, mask))
+            log(f"  {label}: epoch study in {time.perf_counter() - study_start:.0f} s")
         log(f"  {label}: {summary['steps']} steps in {seconds:.0f} s, loss "
             f"{losses[label]['loss']:.5g} (prior {losses['prior']['loss']:.5g}, pretrained "
             f"{losses['pretrained']['loss']:.5g}, per-voxel minimum {minimum:.5g}), "
@@ -218,7 +281,7 @@ def run(args, log):
         record = {"family": family, "snr": snr, "split": args.split, "rows": {}, "losses": {}}
         rows = {}
         if not args.baselines_only:
-            rows, record["losses"] = network_rows(scan, mask, args, log)
+            rows, record["losses"] = network_rows(scan, mask, args, log, phantom)
         rows.update(baseline_rows(scan, mask, args.baselines, record, log))
         for label, (method_result, seconds) in rows.items():
             record["rows"][label] = {"sweep": sweep_of(method_result, phantom, mask),
@@ -270,9 +333,34 @@ def _scores(row, threshold):
     return row["sweep"][list(THRESHOLDS).index(threshold)]["crossing"]
 
 
+def replay_rows(outcome):
+    """Rows of the other hold-out selection rules, replayed on an outcome's --study paths.
+
+    The path of training does not depend on which held-out error keeps the
+    weights (:class:`esdmri.reconst.training.Trainer`), so the fit a run with
+    ``holdout_refine_steps=K`` returns is the study's record of the epoch
+    that rule keeps: its rows (alone, + refinement) are added under their
+    own labels, for the dev thresholds of a setting chosen after the runs.
+    """
+    for label, losses in list(outcome["losses"].items()):
+        if not isinstance(losses, dict) or "study" not in losses:
+            continue
+        study = losses["study"]
+        for steps in STUDY_STEPS:
+            other = re.sub(r"\d+ refine steps\)$", f"{steps} refine steps)", label)
+            if f"{other} alone" in outcome["rows"]:
+                continue
+            kept = study[kept_epoch([r["heldout"][str(steps)] for r in study])]
+            for suffix, sweep in ((" alone", "alone_sweep"), (" + refinement", "full_sweep")):
+                outcome["rows"][other + suffix] = {"sweep": kept[sweep], "error": "",
+                                                   "seconds": float("nan"), "replayed": True}
+
+
 def report(files):
     """The tables: thresholds chosen on the dev outcomes, applied to every split."""
     outcomes = [o for path in files for o in json.loads(Path(path).read_text())["outcomes"]]
+    for outcome in outcomes:
+        replay_rows(outcome)
     thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"])
     for split in SPLITS:
         chosen = sorted((o for o in outcomes if o["split"] == split),
@@ -332,6 +420,74 @@ def report(files):
     return thresholds
 
 
+def kept_epoch(scores):
+    """The trainer's keep-best rule replayed: the index kept (0: the starting weights)."""
+    best, kept = scores[0], 0
+    for index, score in enumerate(scores[1:], 1):
+        if score < best * (1 - IMPROVEMENT):
+            best, kept = score, index
+    return kept
+
+
+STUDY_HEADER = ["family", "SNR", "rule", "kept epoch", "full fit AE crossing (deg)",
+                "default fit", "full - default", "alone AE crossing", "pretrained alone",
+                "alone / prior alone", "loss / prior", "loss / min."]
+
+
+def study_report(files):
+    """Every selection rule replayed on the --study paths, at the default fit's dev threshold.
+
+    Rules: the held-out error after 0, 10 or 30 refinement steps
+    (:data:`STUDY_STEPS`), the evaluation loss (the rule without hold-out),
+    the last epoch, and the best full fit in hindsight (an oracle no scan
+    gives). Epoch 0 is the starting (pretrained) weights, whose full fit is
+    the default fit.
+    """
+    outcomes = [o for path in files for o in json.loads(Path(path).read_text())["outcomes"]]
+    dev = [o for o in outcomes if o["split"] == "dev"]
+    thresholds = choose_thresholds(dev)
+    full_at = list(THRESHOLDS).index(thresholds["default (pretrained + refinement)"])
+    alone_at = list(THRESHOLDS).index(thresholds["pretrained alone"])
+    prior_at = list(THRESHOLDS).index(thresholds["linear prior alone"])
+    rows, worse, pivot = [], {}, []
+    for o in sorted(outcomes, key=lambda o: (o["family"], -o["snr"])):
+        for label, losses in o["losses"].items():
+            if not isinstance(losses, dict) or "study" not in losses:
+                continue
+            study = losses["study"]
+            full = [r["full_sweep"][full_at]["crossing"]["angular_error"] for r in study]
+            alone = [r["alone_sweep"][alone_at]["crossing"]["angular_error"] for r in study]
+            rules = {f"held-out, {steps} steps": [r["heldout"][str(steps)] for r in study]
+                     for steps in STUDY_STEPS}
+            rules["evaluation loss"] = [losses["eval_start"]] + losses["eval_history"]
+            kept = {rule: kept_epoch(scores) for rule, scores in rules.items()}
+            kept["last epoch"] = len(study) - 1
+            kept["oracle (best full fit)"] = int(np.argmin(full))
+            prior = o["losses"]["prior"]["loss"]
+            prior_error = o["rows"]["linear prior alone"]["sweep"][prior_at]["crossing"][
+                "angular_error"]
+            pivot.append([o["family"], f"{o['snr']:g}", label.removeprefix("fine-tuned "),
+                          f"{full[0]:.2f}"] + [f"{full[index] - full[0]:+.2f} ({index})"
+                                               for index in kept.values()])
+            for rule, index in kept.items():
+                difference = full[index] - full[0]
+                worse.setdefault(rule, []).append(difference)
+                rows.append([o["family"], f"{o['snr']:g}", rule, str(index),
+                             f"{full[index]:.2f}", f"{full[0]:.2f}", f"{difference:+.2f}",
+                             f"{alone[index]:.1f}", f"{alone[0]:.1f}",
+                             f"{alone[index] / prior_error:.2f}",
+                             f"{study[index]['loss'] / prior:.2f}",
+                             f"{study[index]['loss'] / o['losses']['per_voxel_minimum']:.2f}"])
+    print(markdown(STUDY_HEADER, rows))
+    print("\n" + markdown(["family", "SNR", "run", "default fit AE crossing (deg)"]
+                          + [f"{rule}: full - default (epoch)" for rule in worse], pivot))
+    print("\n" + markdown(["rule", "phantoms", "worse by > 0.05 deg", "mean full - default",
+                           "worst", "best"],
+                          [[rule, str(len(d)), str(sum(x > 0.05 for x in d)),
+                            f"{np.mean(d):+.2f}", f"{max(d):+.2f}", f"{min(d):+.2f}"]
+                           for rule, d in worse.items()]))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
@@ -344,6 +500,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune", nargs="*", default=list(FINETUNE_SETTINGS),
                         metavar="LR:BATCH:EPOCHS", help="fine-tuning settings to fit")
+    parser.add_argument("--study", action="store_true",
+                        help="with hold-out settings, record every epoch's held-out errors "
+                             "and fits (to choose the selection rule on dev)")
     parser.add_argument("--baselines", nargs="*", choices=tuple(BASELINES),
                         default=["DIPY CSD"])
     parser.add_argument("--baselines-only", action="store_true",
@@ -355,6 +514,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("out/network_test"))
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="only tabulate these runs' results")
+    parser.add_argument("--study-report", nargs="+", metavar="JSON",
+                        help="only replay the selection rules on these --study runs")
     return parser.parse_args(argv)
 
 
@@ -362,6 +523,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.study_report:
+        return study_report(args.study_report)
 
     def log(message):
         print(message, flush=True)

@@ -18,20 +18,38 @@ evaluation mode on the same masked voxels and keeps the starting weights,
 saying so (``training_summary["fell_back"]``), unless an epoch lowered that
 loss. The correction's per-voxel norm computes the same in training and at
 inference, so that comparison is like with like.
+
+That loss can be lowered by fitting the scan's noise, which the supervised
+pretraining had learned to ignore, and keep-best on the same loss cannot see
+it (docs/benchmarks.md, "Fine-tuning the shipped correction"). With
+``holdout`` a share of every diffusion-weighted shell's volumes
+(:func:`holdout_volumes`) stays out of the loss and of the prior the
+correction reads, and the epoch kept is the one whose correction best
+predicts those volumes (:class:`HeldOutError`): the q-space analogue of a
+validation set, which a scan provides without ground truth.
 """
 
 import copy
 
+import numpy as np
 import torch
+from dipy.core.gradients import gradient_table
 from torch import nn
 
-from ..shm import n_coeffs
+from ..shm import ShellInterpolator, b0_mask, group_shells, n_coeffs
+from .config import MAX_HOLDOUT
+from .inputs import PreparedScan
 from .losses import neighbour_pairs
 from .network import build_fodf_sampler, build_forward_model
-from .pretrained import resolve_weights, sha256_of
-from .refine import coupling_scale, noise_variance, pair_distances
+from .pretrained import apply_correction, resolve_weights, sha256_of
+from .refine import (coupling_scale, noise_variance, pair_distances,
+                     refine_coefficients)
 from .subjects import ScanBlocks
 from .training import Trainer
+
+# Stream of the training seed that draws the held-out volumes (the weights and
+# windows draw from the seed itself).
+HOLDOUT_STREAM = 7
 
 
 class ScanCorrection(nn.Module):
@@ -117,8 +135,137 @@ def finetuning_weights(config, normalized, mask):
         tv_form="coupled", tv_smoothing=refinement.refine_smoothing)
 
 
+def holdout_volumes(gtab, holdout, seed=0):
+    """The diffusion-weighted volumes fine-tuning holds out, drawn per shell.
+
+    Each diffusion-weighted shell of ``n`` volumes holds out
+    ``floor(holdout * n)`` of them, drawn at random from ``seed``; b0
+    volumes are never held out, so every shell keeps most of its directions
+    (``holdout`` is at most :data:`~esdmri.reconst.config.MAX_HOLDOUT`).
+
+    Parameters
+    ----------
+    gtab : GradientTable
+    holdout : float
+        Share of each shell, in (0, MAX_HOLDOUT].
+    seed : int
+
+    Returns
+    -------
+    held : ndarray of bool, shape (N,)
+        The same for the same ``gtab``, ``holdout`` and ``seed``.
+
+    Raises
+    ------
+    ValueError
+        ``holdout`` outside (0, MAX_HOLDOUT], or no shell has enough
+        directions to hold one out.
+    """
+    if not 0 < holdout <= MAX_HOLDOUT:
+        raise ValueError(f"holdout must lie in (0, {MAX_HOLDOUT}], got {holdout!r}")
+    _, shell_index = group_shells(gtab)
+    weighted = ~b0_mask(gtab)
+    rng = np.random.default_rng([seed, HOLDOUT_STREAM])
+    held = np.zeros(len(shell_index), dtype=bool)
+    sizes = []
+    for shell in np.unique(shell_index[weighted]):
+        volumes = np.flatnonzero((shell_index == shell) & weighted)
+        sizes.append(len(volumes))
+        held[rng.choice(volumes, int(np.floor(holdout * len(volumes))), replace=False)] = True
+    if not held.any():
+        raise ValueError(f"holdout={holdout} holds out no volume of this scan: its "
+                         f"diffusion-weighted shells have {sizes} directions, and a shell of "
+                         f"n holds out floor(holdout * n); give holdout >= "
+                         f"{1 / max(sizes, default=1):.3g} or holdout=0")
+    return held
+
+
+def retained_scan(scan, held, vertices):
+    """The scan without its held-out volumes: what fine-tuning fits.
+
+    Parameters
+    ----------
+    scan : PreparedScan
+    held : ndarray of bool, shape (N,)
+        :func:`holdout_volumes`.
+    vertices : ndarray, shape (V, 3)
+        The model's grid (``model.sphere.vertices``), for the interpolator.
+
+    Returns
+    -------
+    retained : PreparedScan
+    """
+    keep = ~np.asarray(held, dtype=bool)
+    gtab = gradient_table(np.asarray(scan.gtab.bvals)[keep],
+                          bvecs=np.asarray(scan.gtab.bvecs)[keep],
+                          b0_threshold=scan.gtab.b0_threshold)
+    return PreparedScan(gtab, np.ascontiguousarray(scan.normalized[..., keep]), scan.mask,
+                        scan.response, ShellInterpolator(gtab, vertices))
+
+
+class HeldOutError:
+    """How well a correction predicts the volumes fine-tuning held out.
+
+    The correction of the retained volumes' prior, optionally refined for a
+    few steps on the retained volumes (the model's refinement otherwise),
+    predicts the held-out volumes through the forward model; the score is
+    the mean squared error over masked voxels and held-out volumes.
+
+    Parameters
+    ----------
+    scan : PreparedScan
+        The whole scan.
+    held : ndarray of bool, shape (N,)
+        :func:`holdout_volumes`.
+    prior : ndarray, shape (X, Y, Z, C_total)
+        The linear prior of the retained volumes (:func:`retained_scan`).
+    config : DeconvolutionConfig
+        ``holdout_refine_steps`` and the refinement's options.
+    device : torch.device
+    """
+
+    def __init__(self, scan, held, prior, config, device="cpu"):
+        self.order = order = config.network.sh_order_max
+        self.config, self.prior, self.mask = config, prior, scan.mask
+        self.tissues = scan.response.tissues
+        matrix = build_forward_model(scan.response, scan.gtab, order, device).matrix
+        held = torch.as_tensor(np.asarray(held, dtype=bool), device=matrix.device)
+        self.held_matrix, self.retained_matrix = matrix[:, held], matrix[:, ~held]
+        self.measured = torch.as_tensor(scan.normalized[scan.mask][:, held.cpu().numpy()],
+                                        dtype=torch.float32, device=matrix.device)
+        self.retained_signal = scan.normalized[..., ~held.cpu().numpy()]
+        self.sampler = build_fodf_sampler(order, device)
+
+    def coefficients(self, correction):
+        """The corrected prior, refined ``holdout_refine_steps`` steps on the retained volumes."""
+        coefficients = apply_correction(correction, self.prior, self.mask, self.tissues)
+        steps = self.config.training.holdout_refine_steps
+        if not steps:
+            return coefficients
+        refinement = self.config.refinement
+        coefficients, _ = refine_coefficients(
+            coefficients, self.retained_signal, self.mask, self.retained_matrix, self.sampler,
+            n_coeffs(self.order), self.order, self.config.training.loss_weights, steps=steps,
+            lr=refinement.refine_lr, total_variation=refinement.refine_tv,
+            smoothing=refinement.refine_smoothing, similarity=refinement.refine_similarity,
+            method=refinement.refine_method, normalize=False)
+        return coefficients
+
+    def error(self, coefficients):
+        """Mean squared error of coefficients' prediction of the held-out volumes."""
+        voxels = torch.as_tensor(coefficients[self.mask], dtype=torch.float32,
+                                 device=self.measured.device)
+        return float(((voxels @ self.held_matrix - self.measured) ** 2).mean())
+
+    def __call__(self, network):
+        """The score of a :class:`ScanCorrection` (or a bare correction)."""
+        if isinstance(network, ScanCorrection):
+            network = network.correction
+        return self.error(self.coefficients(network))
+
+
 def finetune_correction(correction, scan, prior, config, *, max_steps=None, device="cpu",
-                        autocast_dtype=None, verbose=False):
+                        autocast_dtype=None, verbose=False, selection=None, on_epoch=None):
     """Fine-tune a copy of a pretrained correction on one scan.
 
     Parameters
@@ -126,8 +273,9 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
     correction : esdmri.reconst.pretrained.PriorCorrection
         The starting weights (left as they are).
     scan : esdmri.reconst.inputs.PreparedScan
+        The volumes fitted (:func:`retained_scan` with ``holdout``).
     prior : ndarray, shape (X, Y, Z, C_total)
-        The scan's linear prior (``model.prior_coefficients(scan)``).
+        Its linear prior (``model.prior_coefficients(scan)``).
     config : DeconvolutionConfig
         ``epochs``, ``batch_size`` and ``lr``
         (:meth:`~esdmri.reconst.config.TrainingConfig.recipe`), ``warmup_steps``,
@@ -138,12 +286,18 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
     device : torch.device
     autocast_dtype : torch.dtype, optional
     verbose : bool
+    selection : HeldOutError, optional
+        Decides which weights are kept in place of the evaluation loss
+        (:class:`esdmri.reconst.training.Trainer`).
+    on_epoch : callable, optional
+        Called after every epoch with :meth:`Trainer.state` (its
+        ``"network"``: the weights of that epoch), e.g. to record them.
 
     Returns
     -------
     tuned : PriorCorrection
         In evaluation mode: the starting weights unless an epoch lowered the
-        evaluation loss.
+        evaluation loss (the held-out error with ``selection``).
     history : list of dict
         :attr:`esdmri.reconst.training.Trainer.history`.
     summary : dict
@@ -165,8 +319,8 @@ def finetune_correction(correction, scan, prior, config, *, max_steps=None, devi
         seed=training.seed,
         max_blocks=None if max_steps is None else max_steps * recipe["batch_size"],
         halo=tuned.halo, warmup_steps=training.warmup_steps,
-        autocast_dtype=autocast_dtype, verbose=verbose)
-    history = trainer.run()
+        autocast_dtype=autocast_dtype, verbose=verbose, selection=selection)
+    history = trainer.run(on_epoch)
     summary = {**trainer.summary, "loss_weights": {
         "sparsity": weights.sparsity, "nonnegativity": weights.nonnegativity,
         "total_variation": weights.total_variation, "tv_form": weights.tv_form,

@@ -32,7 +32,8 @@ from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs
 from .config import (DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
                      default_sh_order, option_defaults, options_docstring)
-from .finetune import finetune_correction, weights_origin
+from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retained_scan,
+                       weights_origin)
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
@@ -420,13 +421,14 @@ class _DeconvolutionModel(ReconstModel):
                                 refine_history=history)
 
     def train(self, source, *, max_steps=None, precision="fp32", compile=False,
-              num_workers=0, checkpoint=None, resume=False, context=None):
+              num_workers=0, checkpoint=None, resume=False, context=None, on_epoch=None):
         """Train on the blocks of one scan or many: fine-tune the correction, or a network.
 
         With a ``pretrained`` correction (the default), this fine-tunes it
         on one prepared scan (:func:`esdmri.reconst.finetune.finetune_correction`:
         the refinement's objective, the scan's windows, keep-best on the
-        evaluation loss); the model then keeps the fine-tuned weights and,
+        evaluation loss, or on the error of the held-out volumes with
+        ``holdout``); the model then keeps the fine-tuned weights and,
         in ``correction_origin``, the file and SHA-256 of the weights they
         started from. With ``pretrained=False`` it trains the model's
         per-scan network (built here if the model has none) as follows.
@@ -469,6 +471,11 @@ class _DeconvolutionModel(ReconstModel):
         context : DistributedContext, optional
             This process in a torchrun launch whose process group is
             initialised (default: one process).
+        on_epoch : callable, optional
+            Called after every epoch (on the main process) with the
+            trainer's state (:meth:`esdmri.reconst.training.Trainer.state`;
+            its ``"network"``: the weights of that epoch), e.g. to record
+            the path of training.
 
         Returns
         -------
@@ -487,7 +494,7 @@ class _DeconvolutionModel(ReconstModel):
                              "epochs=N (e.g. model.with_options(epochs=30))")
         if self._pretrained_option() is not False:
             return self._finetune(source, max_steps, precision, compile, num_workers,
-                                  checkpoint is not None or resume, context)
+                                  checkpoint is not None or resume, context, on_epoch)
         if isinstance(source, PreparedScan):
             if self.response is None:
                 # The network is trained with the scan's response and keeps it.
@@ -543,16 +550,18 @@ class _DeconvolutionModel(ReconstModel):
         identity = {"model": type(self).__name__, "config": self.config.to_dict(),
                     "subjects": list(source.names),
                     "response": self.response.to_dict()}
-        save_state = None
+        save_state = on_epoch
         if checkpoint is not None:
             def save_state(trainer_state):
                 serialization.write_checkpoint({**identity, **trainer_state}, checkpoint)
+                if on_epoch is not None:
+                    on_epoch(trainer_state)
         self.training_history = trainer.run(save_state)
         self.training_summary = trainer.summary
         return self
 
     def _finetune(self, scan, max_steps, precision, compile, num_workers, checkpointing,
-                  context):
+                  context, on_epoch):
         """:meth:`train` of a model with a pretrained correction: fine-tune it on one scan."""
         pretrained = self._pretrained_option()
         if not isinstance(scan, PreparedScan):
@@ -570,10 +579,17 @@ class _DeconvolutionModel(ReconstModel):
             # As a per-scan network, the fine-tuned correction keeps the scan's response.
             self.response = scan.response
         origin = self.correction_origin or weights_origin(pretrained, self.conv_kind)
+        training, fitted, selection = self.config.training, scan, None
+        if training.holdout:
+            held = holdout_volumes(scan.gtab, training.holdout, training.seed)
+            fitted = retained_scan(scan, held, self.sphere.vertices)
+        prior = self.prior_coefficients(fitted)
+        if training.holdout:
+            selection = HeldOutError(scan, held, prior, self.config, self.device)
         tuned, self.training_history, summary = finetune_correction(
-            self.pretrained_correction(), scan, self.prior_coefficients(scan), self.config,
-            max_steps=max_steps, device=self.device, autocast_dtype=PRECISIONS[precision],
-            verbose=self.verbose)
+            self.pretrained_correction(), fitted, prior, self.config, max_steps=max_steps,
+            device=self.device, autocast_dtype=PRECISIONS[precision], verbose=self.verbose,
+            selection=selection, on_epoch=on_epoch)
         self._correction = (pretrained, tuned)
         self.correction_origin = origin
         self.training_summary = {**summary, "started_from": origin["sha256"]}

@@ -245,19 +245,29 @@ class Trainer:
         DataLoader processes reading batches (0: read in this process).
     verbose : bool
         Show a tqdm progress bar with the loss terms.
+    selection : callable, optional
+        Scores the network (in evaluation mode) on data the loss does not
+        see, lower is better: the held-out volumes of fine-tuning
+        (:class:`esdmri.reconst.finetune.HeldOutError`). Given, it decides
+        which weights are kept in the evaluation loss's place; the plateau
+        schedule and early stopping still follow the evaluation loss (they
+        steer the optimisation of that loss), so the path of training is the
+        same whatever decides the kept weights.
 
     Attributes
     ----------
     history : list of dict
         Per epoch: the mean training-mode loss terms while the weights moved
         (``total`` and each term), ``eval_total`` (the evaluation loss at the
-        epoch's end), ``epoch`` and ``lr``.
+        epoch's end), ``selection`` (the ``selection`` score, when given),
+        ``epoch`` and ``lr``.
     summary : dict
         After :meth:`run`: ``start_loss`` (evaluation loss of the starting
-        weights), ``best_loss`` and ``best_epoch`` (None if no epoch beat
-        the start by 0.1 %), ``fell_back`` (True when the starting weights
-        were kept), ``epochs_run``, ``steps`` and ``stopped_by`` (``"epochs"``,
-        ``"plateau"`` or ``"max_blocks"``).
+        weights), ``best_loss`` (of the kept weights) and ``best_epoch``
+        (None if no epoch beat the start by 0.1 %), ``fell_back`` (True when
+        the starting weights were kept), ``epochs_run``, ``steps`` and
+        ``stopped_by`` (``"epochs"``, ``"plateau"`` or ``"max_blocks"``);
+        with ``selection`` also ``start_selection`` and ``best_selection``.
 
     Notes
     -----
@@ -283,8 +293,9 @@ class Trainer:
     def __init__(self, network, source, forward_models, fodf_sampler, weights, *, epochs,
                  batch_size, lr, patience, seed, max_blocks=None, mask_fraction=0.0, halo=0,
                  warmup_steps=0, context=None, autocast_dtype=None, compile=False,
-                 num_workers=0, verbose=False):
+                 num_workers=0, verbose=False, selection=None):
         self.network, self.source = network, source
+        self.selection = selection
         self.forward_models, self.fodf_sampler, self.weights = (forward_models, fodf_sampler,
                                                                 weights)
         self.epochs, self.batch_size, self.patience = epochs, batch_size, patience
@@ -313,6 +324,9 @@ class Trainer:
         self.initial_state = _copied(network.state_dict())
         self.best_state = self.initial_state
         self.initial_loss = None  # measured when the run starts
+        # The kept weights' evaluation loss, and the lowest one seen (which
+        # early stopping follows); equal unless ``selection`` keeps the weights.
+        self.initial_selection = self.best_eval = self.lowest_eval = None
         self.history, self.best, self.stale, self.next_epoch, self.used = [], math.inf, 0, 0, 0
         self.steps, self.best_epoch, self.summary = 0, None, None
         wrapped = network
@@ -348,6 +362,8 @@ class Trainer:
             "initial_state": _copied(self.initial_state, "cpu"),
             "best_state": _copied(self.best_state, "cpu"),
             "initial_loss": self.initial_loss,
+            "initial_selection": self.initial_selection, "best_eval": self.best_eval,
+            "lowest_eval": self.lowest_eval,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -367,6 +383,10 @@ class Trainer:
         self.initial_state = _copied(state["initial_state"], self.device)
         self.best_state = _copied(state["best_state"], self.device)
         self.initial_loss = state["initial_loss"]
+        # Absent from checkpoints of older esdmri (no selection then).
+        self.initial_selection = state.get("initial_selection")
+        self.best_eval = state.get("best_eval", state["best"])
+        self.lowest_eval = state.get("lowest_eval", state["best"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty unless the run used fp16
@@ -392,6 +412,8 @@ class Trainer:
     def run(self, save_state=None):
         """Train until :attr:`finished`, then keep the weights with the lowest evaluation loss.
 
+        Or the lowest ``selection`` score, when the trainer has one.
+
         Parameters
         ----------
         save_state : callable, optional
@@ -405,8 +427,10 @@ class Trainer:
             ``epoch`` and ``lr`` (see :attr:`summary` for the outcome).
         """
         if self.initial_loss is None:
-            self.initial_loss = self.evaluate()["total"]
-            self.best = self.initial_loss
+            self.initial_loss = self.best_eval = self.evaluate()["total"]
+            self.best = self.lowest_eval = self.initial_loss
+            if self.selection is not None:
+                self.initial_selection = self.best = self._select()
         self.network.train()
         progress = tqdm(total=self.epochs, initial=min(self.next_epoch, self.epochs),
                         desc="training", unit="epoch",
@@ -415,6 +439,8 @@ class Trainer:
             while not self.finished:
                 record = self._epoch(self.next_epoch)
                 record["eval_total"] = self.evaluate()["total"]
+                if self.selection is not None:
+                    record["selection"] = self._select()
                 self.history.append(record)
                 progress.update()
                 progress.set_postfix({name: f"{value:.3g}" for name, value in record.items()
@@ -422,12 +448,7 @@ class Trainer:
                 warmed_up = self.steps >= self.warmup_steps
                 if warmed_up:  # the plateau schedule and stopping start after the warm-up
                     self.scheduler.step(record["eval_total"])
-                if record["eval_total"] < self.best * (1 - IMPROVEMENT):
-                    self.best, self.stale = record["eval_total"], 0
-                    self.best_state = _copied(self.network.state_dict())
-                    self.best_epoch = record["epoch"]
-                elif warmed_up:
-                    self.stale += 1
+                self._keep_if_best(record)
                 self.next_epoch += 1
                 if self.context.is_main:
                     if save_state is not None:
@@ -442,16 +463,31 @@ class Trainer:
         self._keep_best(stopped_by)
         return self.history
 
+    def _keep_if_best(self, record):
+        """Keep the epoch's weights if they beat the best; count plateau epochs."""
+        if record["eval_total"] < self.lowest_eval * (1 - IMPROVEMENT):
+            self.lowest_eval, self.stale = record["eval_total"], 0
+        elif self.steps >= self.warmup_steps:  # stopping starts after the warm-up
+            self.stale += 1
+        score = record["selection"] if self.selection is not None else record["eval_total"]
+        if score < self.best * (1 - IMPROVEMENT):
+            self.best, self.best_eval = score, record["eval_total"]
+            self.best_state = _copied(self.network.state_dict())
+            self.best_epoch = record["epoch"]
+
     def _keep_best(self, stopped_by):
         """Load the weights of the lowest evaluation loss (the start's unless an epoch beat it)."""
         self.network.eval()
         self.network.load_state_dict(self.best_state)
         self._share_buffers()
         fell_back = self.best_epoch is None
-        self.summary = {"start_loss": self.initial_loss, "best_loss": self.best,
+        self.summary = {"start_loss": self.initial_loss, "best_loss": self.best_eval,
                         "best_epoch": self.best_epoch, "fell_back": fell_back,
                         "epochs_run": self.next_epoch, "steps": self.steps,
                         "stopped_by": stopped_by}
+        if self.selection is not None:
+            self.summary.update(start_selection=self.initial_selection,
+                                best_selection=self.best)
         if not self.context.is_main:
             return
         if stopped_by == "max_blocks":
@@ -459,10 +495,13 @@ class Trainer:
                           f"({self.steps} steps): the block budget (train_windows) was spent; "
                           "raise train_windows to train all epochs", UserWarning, stacklevel=3)
         if fell_back and self.history:
-            last = self.history[-1]["eval_total"]
-            warnings.warn(f"training did not lower the evaluation loss ({self.initial_loss:.4g} "
-                          f"at the start, {last:.4g} after epoch {self.history[-1]['epoch']}): "
-                          "the starting weights are kept", UserWarning, stacklevel=3)
+            name, start, key = ("evaluation loss", self.initial_loss, "eval_total")
+            if self.selection is not None:
+                name, start, key = ("held-out error", self.initial_selection, "selection")
+            last = self.history[-1][key]
+            warnings.warn(f"training did not lower the {name} ({start:.4g} at the start, "
+                          f"{last:.4g} after epoch {self.history[-1]['epoch']}): the starting "
+                          "weights are kept", UserWarning, stacklevel=3)
 
     def _share_buffers(self):
         # DDP refreshes buffers from rank 0 before each forward pass, so
@@ -496,6 +535,15 @@ class Trainer:
         record["epoch"] = epoch
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         return record
+
+    def _select(self):
+        """The ``selection`` score of the network as it is now, in evaluation mode."""
+        mode = self.network.training
+        self.network.eval()
+        with torch.no_grad():
+            score = float(self.selection(self.network))
+        self.network.train(mode)
+        return score
 
     def _warm_up(self):
         """Set the learning rate of the next step during the warm-up."""
