@@ -31,8 +31,8 @@ FORMAT_3_DEFAULTS = {
 
 # Options added to format 3 since, with the defaults that files without them load with.
 ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
-                 "warmup_steps": 20, "pretrained": False, "holdout": 0.0,
-                 "holdout_refine_steps": 30}
+                 "warmup_steps": 20, "pretrained": False, "noise_floor": None,
+                 "holdout": 0.0, "holdout_refine_steps": 30}
 # Loss-weight fields added since (the form of the training TV), with their load defaults.
 ADDED_WEIGHTS = {"tv_form": "coefficients", "tv_smoothing": 1e-6}
 # Defaults changed since; a file stores every option, so its own values load.
@@ -101,6 +101,9 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(epochs=0, linear_prior=False), r"epochs=0 \(the default\) needs linear_prior=True"),
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
     (dict(norm="group"), r"norm must be one of \('batch', 'voxel'\)"),
+    (dict(noise_floor="rician"),
+     r"noise_floor must be one of \(None, 'power', 'rician_mean'\)"),
+    (dict(noise_floor=True), "noise_floor must be one of"),
     (dict(lr=0.0), "lr must be > 0"),
 ])
 def test_bad_options_are_refused_by_name(options, message):

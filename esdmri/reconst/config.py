@@ -99,6 +99,11 @@ class LossWeights:
 
 
 
+# What a fit does about the magnitudes' Rician noise floor (NetworkConfig.noise_floor):
+# nothing, or a debiasing of the magnitudes before the signal is normalised
+# (esdmri.reconst.inputs.debias_magnitudes's methods).
+NOISE_FLOORS = (None, "power", "rician_mean")
+
 # The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
 # former fixed-rate descent, kept for comparison.
 REFINEMENT_METHODS = ("lbfgs", "adam")
@@ -181,6 +186,19 @@ class NetworkConfig:
         the ten dev phantoms and 0.1 degree higher on the tenth, with no more
         false negatives on any. Model files record it; files written before
         it existed hold False.
+    noise_floor : str or None
+        What the fit does about the Rician noise floor of the magnitudes
+        (along a fibre at high b the signal lies under it at low SNR).
+        None (the default): nothing, the magnitudes are the signal.
+        ``"power"`` (``sqrt(max(M^2 - 2 sigma^2, 0))``) or ``"rician_mean"``
+        (the signal whose Rician mean is the magnitude): the magnitudes are
+        debiased with the scan's noise level, once, before the signal is
+        normalised (:func:`esdmri.reconst.inputs.debias_magnitudes`), so the
+        prior, the network and the refinement all see the debiased signal;
+        a response the model estimates is then fitted to the magnitudes as
+        Rician means (``estimate_response(rician=True)``). Measured on the
+        dev set: docs/benchmarks.md, "Debiasing the noise floor".
+        Model files record it; files written before it existed hold None.
     """
 
     sh_order_max: Optional[int] = None
@@ -195,6 +213,7 @@ class NetworkConfig:
     linear_prior: bool = True
     norm: str = "voxel"
     pretrained: object = None
+    noise_floor: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.pretrained, os.PathLike):
@@ -209,6 +228,9 @@ class NetworkConfig:
                              f"{order!r}")
         if self.normalize not in (None, True, False):
             raise ValueError(f"normalize must be None, True or False, got {self.normalize!r}")
+        if self.noise_floor not in NOISE_FLOORS:
+            raise ValueError(f"noise_floor must be one of {NOISE_FLOORS}, got "
+                             f"{self.noise_floor!r}")
         from ..nn.unet import NORMS  # torch: only once a configuration is built
 
         if self.norm not in NORMS:

@@ -37,7 +37,8 @@ from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retai
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
-                     normalize_by_b0, resolve_device)
+                     debias_magnitudes, noise_floor_variance, normalize_by_b0,
+                     resolve_device)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
 from .pretrained import PriorCorrection, apply_correction, load_correction
@@ -229,12 +230,21 @@ class _DeconvolutionModel(ReconstModel):
             none; the model is left as it was.
         """
         data, checked = check_scan(data, self.gtab, mask)
-        normalized, checked = normalize_by_b0(data, self.gtab, checked,
+        noise_floor = self.config.network.noise_floor
+        signal = data
+        if noise_floor is not None:
+            signal = debias_magnitudes(data, checked, noise_floor_variance(data, checked),
+                                       method=noise_floor)
+        normalized, checked = normalize_by_b0(signal, self.gtab, checked,
                                               warn_dropped=mask is not None)
         response = self.response
         if response is None:
+            # With the floor taken off, the response is fitted to the magnitudes as
+            # Rician means: a log-linear fit of debiased signals (zeros along the
+            # fibre at high b) gave a response across the fibres on the dev set.
             response = estimate_response(self.gtab, data, checked,
-                                          sh_order_max=self.config.network.sh_order_max)
+                                          sh_order_max=self.config.network.sh_order_max,
+                                          rician=noise_floor is not None)
         return PreparedScan(self.gtab, normalized, checked, response,
                             ShellInterpolator(self.gtab, self.sphere.vertices))
 

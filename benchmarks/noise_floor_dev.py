@@ -1,0 +1,142 @@
+"""The default fit with model options changed, on every phantom of a devset split (issue 26).
+
+What ``docs/benchmarks.md``, "Debiasing the noise floor", tabulates: the fit of the
+devset's esdmri rows (``RTESDModel`` with the estimated responses) with some keyword
+options overridden (``noise_floor``, ``sparsity``, ``pretrained`` ...), every family at
+SNR 10 and 20, scored per relative peak threshold; ``--report`` prints one markdown row
+per results file: crossing AE / crossing FN / all-voxel FP per phantom, each file at the
+threshold of highest mean all-voxel success (ties: lowest crossing AE), or at a threshold
+given after ``@`` (a test file at its dev threshold).
+
+Usage::
+
+    python -m benchmarks.noise_floor_dev --out power.json \\
+        --options '{"noise_floor": "power", "sparsity": 1.5e-4}' --rician-response
+    python -m benchmarks.noise_floor_dev --report "shipped=base.json" "power=power.json@0.20"
+"""
+
+import argparse
+import json
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from esdmri.metrics import evaluate_peaks
+from esdmri.response import estimate_response
+
+from .devset import ANGLE_EDGES, FAMILIES, MATCH_ANGLE, SNRS, SPLITS, make_family
+from .heldout import markdown
+from .methods import MethodResult, peak_sweep
+
+THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
+METRICS = ("angular_error", "success_rate", "fn_rate", "fp_rate")
+
+
+def run(options, rician_response, split, families, snrs, side):
+    """One record per (family, SNR, threshold) of the default fit with ``options``."""
+    from esdmri import RTESDModel
+
+    records = []
+    for family in families:
+        for snr in snrs:
+            phantom = make_family(family, side, snr, split)
+            scored = phantom.mask & (phantom.n_fibres > 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                response = estimate_response(phantom.gtab, phantom.data, phantom.mask,
+                                             rician=rician_response)
+                start = time.perf_counter()
+                fit = RTESDModel(phantom.gtab, response, verbose=False,
+                                 **options).fit(phantom.data, mask=phantom.mask)
+                seconds = time.perf_counter() - start
+            coefficients = np.where(scored[..., None], fit.shm_coeff_descoteaux07, 0)
+            for threshold, directions in peak_sweep(MethodResult(coefficients), THRESHOLDS,
+                                                    scored):
+                scores = evaluate_peaks(directions, phantom.fibre_dirs, scored,
+                                        threshold_deg=MATCH_ANGLE,
+                                        crossing_angle_edges=ANGLE_EDGES)
+                records.append({"family": family, "snr": snr, "t": float(threshold),
+                                "seconds": seconds,
+                                **{f"{part}_{key}": float(scores[part][key])
+                                   for part in ("all", "crossing") for key in METRICS}})
+            print(f"{family} SNR {snr}: {seconds:.1f} s", flush=True)
+    return records
+
+
+def chosen_threshold(records):
+    """The threshold of highest mean all-voxel success, ties lowest crossing AE."""
+    def key(threshold):
+        rows = [r for r in records if r["t"] == threshold]
+        return (-np.mean([r["all_success_rate"] for r in rows]),
+                np.mean([r["crossing_angular_error"] for r in rows]))
+    return min(sorted({r["t"] for r in records}), key=key)
+
+
+def report_rows(entries):
+    """Markdown rows of ``label=path[@threshold]`` entries, and the header."""
+    phantoms = sorted({(r["family"], r["snr"]) for _, _, records in entries for r in records},
+                      key=lambda p: (FAMILIES.index(p[0]), p[1]))
+    header = (["setting", "threshold"] + [f"{family} {snr}" for family, snr in phantoms]
+              + ["mean crossing AE", "mean crossing FN", "mean all-voxel FP",
+                 "mean all-voxel success"])
+    rows = []
+    for label, threshold, records in entries:
+        threshold = chosen_threshold(records) if threshold is None else threshold
+        chosen = [r for r in records if r["t"] == threshold]
+        cells = []
+        for family, snr in phantoms:
+            match = [r for r in chosen if r["family"] == family and r["snr"] == snr]
+            cells.append("-" if not match else
+                         "{crossing_angular_error:.1f} / {crossing_fn_rate:.2f} / "
+                         "{all_fp_rate:.2f}".format(**match[0]))
+        means = [np.mean([r[key] for r in chosen]) for key in (
+            "crossing_angular_error", "crossing_fn_rate", "all_fp_rate", "all_success_rate")]
+        rows.append([label, f"{threshold:.2f}", *cells, f"{means[0]:.2f}", f"{means[1]:.3f}",
+                     f"{means[2]:.3f}", f"{means[3]:.3f}"])
+    return header, rows
+
+
+def parse_entry(entry):
+    """``label=path[@threshold]`` -> (label, threshold or None, records)."""
+    label, path = entry.rsplit("=", 1)
+    threshold = None
+    if "@" in path:
+        path, threshold = path.rsplit("@", 1)
+        threshold = float(threshold)
+    with open(path) as handle:
+        return label, threshold, json.load(handle)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="results JSON to write")
+    parser.add_argument("--options", default="{}",
+                        help="model keyword options as JSON, e.g. '{\"noise_floor\": \"power\"}'")
+    parser.add_argument("--rician-response", action="store_true",
+                        help="estimate the responses with estimate_response(rician=True)")
+    parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
+    parser.add_argument("--side", type=int, default=14)
+    parser.add_argument("--num_threads", type=int, default=1)
+    parser.add_argument("--report", nargs="+", metavar="LABEL=PATH[@THRESHOLD]",
+                        help="only print the table of earlier results")
+    args = parser.parse_args(argv)
+    if args.report:
+        header, rows = report_rows([parse_entry(entry) for entry in args.report])
+        print(markdown(header, rows))
+        return
+    if not args.out:
+        parser.error("--out is required unless --report is given")
+    torch.set_num_threads(args.num_threads)
+    snrs = [int(snr) if float(snr).is_integer() else snr for snr in args.snrs]
+    records = run(json.loads(args.options), args.rician_response, args.split, args.families,
+                  snrs, args.side)
+    with open(args.out, "w") as handle:
+        json.dump(records, handle)
+
+
+if __name__ == "__main__":
+    main()
