@@ -279,6 +279,11 @@ def test_cli_defaults_are_the_api_defaults():
     assert pretrained_option(default) is options["pretrained"] is None
     assert pretrained_option("none") is False and pretrained_option("None") is False
     assert pretrained_option("weights.pt") == "weights.pt"
+    # --noise_floor's text likewise: "none" is the option's None.
+    from esdmri.workflows.fit import noise_floor_option
+    default = inspect.signature(FitFlow.run).parameters["noise_floor"].default
+    assert noise_floor_option(default) is options["noise_floor"] is None
+    assert noise_floor_option("power") == "power"
     # The commands name the kinds and train_group's run options without
     # importing torch; they must be the library's.
     from esdmri.reconst.models import MODEL_CLASSES
@@ -342,6 +347,28 @@ def test_default_fit_trains_nothing_and_writes_no_curve(phantom, in_process, tmp
     expected = model.fit(phantom.data, mask=phantom.mask).shm_coeff
     np.testing.assert_allclose(nib.load(tmp_path / "fodf_sh.nii.gz").get_fdata(), expected,
                                atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fit_debiases_the_noise_floor_like_the_library(phantom, in_process, tmp_path):
+    # --noise_floor reaches the model: the command's fODFs are the library's
+    # with the same option, and differ from the fit that keeps the magnitudes.
+    untrained = [arg for arg in TINY_MODEL if arg not in ("--epochs", "1")]
+    in_process(FitFlow(), *phantom.dwi, "--mask", phantom.folder / "mask.nii.gz",
+               *phantom.response_args, *untrained, "--noise_floor", "power",
+               "--out_dir", tmp_path)
+    options = dict(sh_order_max=4, nside=2, depth=2, filter_start=2, block_size=8,
+                   verbose=False)
+    debiased = RTESDModel(phantom.gtab, phantom.response, noise_floor="power", **options)
+    expected = debiased.fit(phantom.data, mask=phantom.mask).shm_coeff
+    written = nib.load(tmp_path / "fodf_sh.nii.gz").get_fdata()
+    np.testing.assert_allclose(written, expected, atol=1e-4)
+    plain = RTESDModel(phantom.gtab, phantom.response, **options)
+    assert np.abs(written - plain.fit(phantom.data, mask=phantom.mask).shm_coeff).max() > 1e-3
+    message = in_process(FitFlow(), *phantom.dwi, "--mask", phantom.folder / "mask.nii.gz",
+                         *phantom.response_args, *untrained, "--noise_floor", "median",
+                         "--out_dir", tmp_path / "bad", fails=True)
+    assert "noise_floor" in message and "median" in message
 
 
 @pytest.mark.slow
