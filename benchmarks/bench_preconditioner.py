@@ -58,10 +58,7 @@ def refinement_inputs(phantom):
               build_forward_model(scan.response, model.gtab, order, model.device).matrix,
               build_fodf_sampler(order, model.device), n_coeffs(order), order,
               model.config.training.loss_weights)
-    options = dict(steps=config.refine_steps, lr=config.refine_lr,
-                   total_variation=config.refine_tv, smoothing=config.refine_smoothing,
-                   similarity=config.refine_similarity, tolerance=config.refine_tolerance,
-                   normalize=model.normalizes_with(scan.response))
+    options = dict(config.solver_options(), normalize=model.normalizes_with(scan.response))
     return inputs, options, int(scan.mask.sum())
 
 

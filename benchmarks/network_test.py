@@ -150,9 +150,8 @@ def objective(model, coefficients, scan):
     _, history = refine_coefficients(
         coefficients, scan.normalized, scan.mask,
         build_forward_model(scan.response, model.gtab, order).matrix, build_fodf_sampler(order),
-        n_coeffs(order), order, model.config.training.loss_weights, steps=0,
-        total_variation=config.refine_tv, smoothing=config.refine_smoothing,
-        normalize=False)
+        n_coeffs(order), order, model.config.training.loss_weights,
+        **{**config.solver_options(), "steps": 0}, normalize=False)
     return float(history[0])
 
 

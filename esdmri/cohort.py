@@ -87,8 +87,7 @@ def cohort_settings(n_scans, seed):
         ``noise_seed``, ``sharp``, ``angles``. The first scans of a larger
         cohort are those of a smaller one with the same seed.
     """
-    if n_scans < 1:
-        raise ValueError(f"n_scans must be >= 1, got {n_scans}")
+    check_integer("n_scans", n_scans, 1)
     rng = np.random.default_rng(seed)
     acquisitions = list(ACQUISITIONS)
     settings = []

@@ -102,7 +102,8 @@ class LossWeights:
 # What a fit does about the magnitudes' Rician noise floor (NetworkConfig.noise_floor):
 # nothing, or a debiasing of the magnitudes before the signal is normalised
 # (esdmri.reconst.inputs.debias_magnitudes's methods).
-NOISE_FLOORS = (None, "power", "rician_mean")
+DEBIAS_METHODS = ("power", "rician_mean")
+NOISE_FLOORS = (None, *DEBIAS_METHODS)
 
 # The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
 # former fixed-rate descent, kept for comparison.
@@ -559,6 +560,19 @@ class RefinementConfig:
     refine_similarity: bool = False
     refine_tolerance: float = 1e-4
     refine_method: str = "lbfgs"
+
+    def solver_options(self):
+        """These settings as :func:`esdmri.reconst.refine.refine_coefficients`'s options.
+
+        Returns
+        -------
+        options : dict
+            ``steps``, ``lr``, ``total_variation``, ``smoothing``,
+            ``similarity``, ``tolerance`` and ``method``.
+        """
+        return dict(steps=self.refine_steps, lr=self.refine_lr, total_variation=self.refine_tv,
+                    smoothing=self.refine_smoothing, similarity=self.refine_similarity,
+                    tolerance=self.refine_tolerance, method=self.refine_method)
 
     def __post_init__(self):
         check_integer("refine_steps", self.refine_steps, 0)

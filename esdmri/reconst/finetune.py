@@ -242,13 +242,12 @@ class HeldOutError:
         steps = self.config.training.holdout_refine_steps
         if not steps:
             return coefficients
-        refinement = self.config.refinement
+        # A fixed number of steps (no tolerance), so that every epoch is scored alike.
+        options = {**self.config.refinement.solver_options(), "steps": steps, "tolerance": 0.0}
         coefficients, _ = refine_coefficients(
             coefficients, self.retained_signal, self.mask, self.retained_matrix, self.sampler,
-            n_coeffs(self.order), self.order, self.config.training.loss_weights, steps=steps,
-            lr=refinement.refine_lr, total_variation=refinement.refine_tv,
-            smoothing=refinement.refine_smoothing, similarity=refinement.refine_similarity,
-            method=refinement.refine_method, normalize=False)
+            n_coeffs(self.order), self.order, self.config.training.loss_weights, **options,
+            normalize=False)
         return coefficients
 
     def error(self, coefficients):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..shm import count_unique_axes, group_shells
+from .config import DEBIAS_METHODS
 
 
 # Below this largest b-value (s/mm^2) a scheme is read as given in ms/um^2
@@ -316,8 +317,9 @@ def debias_magnitudes(data, mask, variance, method="power"):
     """
     if not variance >= 0:
         raise ValueError(f"variance must be >= 0, got {variance!r}")
-    if method not in ("power", "rician_mean"):
-        raise ValueError(f"method must be 'power' or 'rician_mean', got {method!r}")
+    if method not in DEBIAS_METHODS:
+        raise ValueError(f"method must be {' or '.join(map(repr, DEBIAS_METHODS))}, got "
+                         f"{method!r}")
     debiased = np.array(data, dtype=np.float64)
     if variance == 0:
         return debiased

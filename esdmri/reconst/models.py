@@ -369,11 +369,8 @@ class _DeconvolutionModel(ReconstModel):
             coefficients, scan.normalized, scan.mask,
             build_forward_model(scan.response, self.gtab, order, self.device).matrix,
             build_fodf_sampler(order, self.device), n_coeffs(order), order,
-            self.config.training.loss_weights, steps=config.refine_steps, lr=config.refine_lr,
-            total_variation=config.refine_tv, smoothing=config.refine_smoothing,
-            similarity=config.refine_similarity, tolerance=config.refine_tolerance,
-            method=config.refine_method, normalize=self.normalizes_with(scan.response),
-            verbose=self.verbose)
+            self.config.training.loss_weights, **config.solver_options(),
+            normalize=self.normalizes_with(scan.response), verbose=self.verbose)
 
     # -- fitting ----------------------------------------------------------
     @keyword_only_from("mask", since="0.2")

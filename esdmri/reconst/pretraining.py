@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..shm import n_coeffs
+from .config import check_integer
 from .network import build_fodf_sampler, build_forward_model
 from .pretrained import PriorCorrection, check_architecture
 from .training import coefficient_loss
@@ -181,12 +182,9 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    for name, value in (("steps", steps), ("every", every), ("window", window)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if window < 3:
-        raise ValueError(f"window must be >= 3 (its border voxels are not scored), got "
-                         f"{window}")
+    # A window of 3 or more voxels: its border voxels are not scored.
+    for name, value, low in (("steps", steps, 1), ("every", every, 1), ("window", window, 3)):
+        check_integer(name, value, low)
     if not items or not held:
         raise ValueError(f"pretraining needs training and held-aside scans, got "
                          f"{len(items)} and {len(held)}")
