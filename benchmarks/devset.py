@@ -5,7 +5,7 @@ Every family, SNR and split is one phantom; every method gets the responses
 it, never the truth. Families (:data:`FAMILY_SPECS`; generator, acquisition):
 
 - ``straight``: straight, undispersed tensor bundles crossing at 45 and 90
-  degrees (``benchmarks/straight_phantom.py``), single-fibre FA 0.7, DIPY's
+  degrees (:mod:`esdmri.straight_phantom`), single-fibre FA 0.7, DIPY's
   ``get_3shell_gtab()`` (b = 1000, 2000, 3500, the same 64 directions each);
 - ``straight-1shell``: the same at FA 0.55, crossings at 60 and 90 degrees,
   one shell b = 1000 x 60 directions;
@@ -64,7 +64,6 @@ from esdmri.sims import default_gtab
 
 from .heldout import Scan, markdown, scan_of, text_table
 from .methods import METHODS, NotApplicable, peak_sweep
-from .straight_phantom import make_straight_phantom, radial_for_fa
 
 THRESHOLDS = np.round(np.arange(2, 19) * 0.05, 2)
 MATCH_ANGLE = 25.0
@@ -163,8 +162,8 @@ def make_family(family, side, snr, split):
     seed = noise_offset + (0 if snr is None else int(snr))
     gtab = ACQUISITIONS[acquisition]()
     if generator == "straight":
-        return make_straight_phantom(gtab, (side,) * 3, snr, geometry_seed=geometry_seed,
-                                     seed=seed, **options)
+        return straight_phantom.make_straight_phantom(
+            gtab, (side,) * 3, snr, geometry_seed=geometry_seed, seed=seed, **options)
     return make_heldout_phantom((side,) * 3, gtab=gtab, snr=snr, seed=seed,
                                 geometry_seed=100 + geometry_seed, **options)
 
@@ -207,9 +206,9 @@ def true_response(family, phantom, tissues, sh_order_max=RESPONSE_SH_ORDER):
     shell_bvals, _ = group_shells(phantom.gtab)
     bvals = np.concatenate([[0.0], shell_bvals[1:]])
     if generator == "straight":
-        defaults = _defaults(make_straight_phantom)
+        defaults = _defaults(straight_phantom.make_straight_phantom)
         axial, s0 = defaults["axial"], defaults["s0"]
-        radial = radial_for_fa(axial, options["fa"])
+        radial = straight_phantom.radial_for_fa(axial, options["fa"])
         gm, csf = straight_phantom.GM_DIFFUSIVITY, straight_phantom.CSF_DIFFUSIVITY
     else:
         defaults = _defaults(make_heldout_phantom)

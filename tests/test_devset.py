@@ -1,4 +1,7 @@
-"""The dev set's phantom families and acquisitions (benchmarks/devset.py, straight_phantom.py)."""
+"""The dev set's phantom families and acquisitions.
+
+benchmarks/devset.py, and esdmri/straight_phantom.py's straight bundles.
+"""
 
 import numpy as np
 import pytest
@@ -32,7 +35,7 @@ def test_straight_phantom_matches_dipy(devset, fa):
     # Noise-free: a single-fibre voxel is DIPY's multi_tensor of its fibre,
     # and DIPY's DTI of it gives the requested FA; crossing voxels hold their
     # two fibres at the labelled angle.
-    from benchmarks.straight_phantom import make_straight_phantom, radial_for_fa
+    from esdmri.straight_phantom import make_straight_phantom, radial_for_fa
 
     gtab = devset.shell_gtab([(1000, 60)], seed=1)
     phantom = make_straight_phantom(gtab, (10, 10, 10), None, angles=(45.0, 90.0), fa=fa,
