@@ -246,6 +246,10 @@ def test_the_retained_scan_is_the_scan_acquired_without_the_held_out_volumes(pha
                                               model.config.network.sh_order_max).matrix.numpy())
     expected = np.mean((predicted[:, held] - scan.normalized[scan.mask][:, held]) ** 2)
     assert judge.error(alone.prior_coefficients(scan_alone)) == pytest.approx(expected, rel=1e-5)
+    # A held-out selection that does not fit the scan is refused by name.
+    for bad in (held[:-1], held.astype(int)):
+        with pytest.raises(ValueError, match="held must be a boolean array"):
+            retained_scan(scan, bad, model.sphere.vertices)
 
 
 def test_the_held_out_error_decides_the_kept_weights_and_falls_back_when_it_rises(phantom):

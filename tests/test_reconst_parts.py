@@ -334,6 +334,8 @@ def test_debiasing_takes_the_rician_floor_off_monte_carlo():
     # Outside the mask nothing changes; a negative variance is refused by name.
     outside = debias_magnitudes(magnitudes[:2, None, None], np.zeros((2, 1, 1), bool), 1.0)
     np.testing.assert_array_equal(outside, magnitudes[:2, None, None])
+    with pytest.raises(ValueError, match="mask must have the data's spatial shape"):
+        debias_magnitudes(magnitudes[:2, None, None], np.ones((2, 1), bool), 1.0)
     with pytest.raises(ValueError, match="variance must be >= 0"):
         debias_magnitudes(magnitudes[:2, None, None], np.ones((2, 1, 1), bool), -1.0)
     with pytest.raises(ValueError, match="method must be 'power' or 'rician_mean'"):

@@ -195,7 +195,11 @@ def retained_scan(scan, held, vertices):
     -------
     retained : PreparedScan
     """
-    keep = ~np.asarray(held, dtype=bool)
+    held = np.asarray(held)
+    if held.dtype != bool or held.shape != scan.gtab.bvals.shape:
+        raise ValueError(f"held must be a boolean array of one entry per volume "
+                         f"({scan.gtab.bvals.shape}), got {held.dtype} of shape {held.shape}")
+    keep = ~held
     gtab = gradient_table(np.asarray(scan.gtab.bvals)[keep],
                           bvecs=np.asarray(scan.gtab.bvecs)[keep],
                           b0_threshold=scan.gtab.b0_threshold)

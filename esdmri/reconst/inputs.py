@@ -317,6 +317,9 @@ def debias_magnitudes(data, mask, variance, method="power"):
     """
     if not variance >= 0:
         raise ValueError(f"variance must be >= 0, got {variance!r}")
+    if np.shape(mask) != np.shape(data)[:3]:
+        raise ValueError(f"mask must have the data's spatial shape {np.shape(data)[:3]}, got "
+                         f"{np.shape(mask)}")
     if method not in DEBIAS_METHODS:
         raise ValueError(f"method must be {' or '.join(map(repr, DEBIAS_METHODS))}, got "
                          f"{method!r}")
