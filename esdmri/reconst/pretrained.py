@@ -36,6 +36,7 @@ from torch import nn
 from ..nn.unet import UNet
 from ..shm import n_coeffs, sh_degrees, sh_matrix
 from ..sphere import HealpixSphere
+from .folded import CHUNK, FoldedCorrection, foldable
 from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
 # Highest WM SH degree the network corrects; degrees above pass through.
@@ -147,21 +148,39 @@ class PriorCorrection(nn.Module):
             Each voxel's total tissue fraction (at least
             :data:`esdmri.reconst.network.NORMALIZATION_FLOOR`).
         """
+        low, shares, scale = self.normalized(coefficients, tissues)
+        fodf = torch.einsum("vc,bcxyz->bvxyz", self.sh_to_grid, low)
+        channels = [fodf] + [share[:, None].expand_as(fodf) for share in shares.unbind(1)]
+        return torch.stack(channels, dim=1), scale
+
+    def normalized(self, coefficients, tissues):
+        """The input's SH coefficients and isotropic shares, before the grid.
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape [B, C_total, X, Y, Z]
+        tissues : tuple of str
+
+        Returns
+        -------
+        low : Tensor, shape [B, n_coeffs(order), X, Y, Z]
+            WM degrees 0 to ``order`` divided by ``scale`` (zero above the
+            scan's order).
+        shares : Tensor, shape [B, len(ISOTROPIC_INPUTS), X, Y, Z]
+            Fractions of :data:`ISOTROPIC_INPUTS` divided by ``scale`` (zero
+            for a tissue the response lacks).
+        scale : Tensor, shape [B, 1, X, Y, Z]
+            As :meth:`inputs`.
+        """
         n_wm = coefficients.shape[1] - (len(tissues) - 1)
         fractions = volume_fractions_from_coefficients(coefficients.movedim(1, -1), n_wm)
         scale = fractions.sum(-1).clamp_min(NORMALIZATION_FLOOR)[:, None]
         low = coefficients[:, :min(n_wm, self.n_corrected)] / scale
         if low.shape[1] < self.n_corrected:
             low = nn.functional.pad(low, (0, 0, 0, 0, 0, 0, 0, self.n_corrected - low.shape[1]))
-        fodf = torch.einsum("vc,bcxyz->bvxyz", self.sh_to_grid, low)
-        channels = [fodf]
-        for tissue in ISOTROPIC_INPUTS:
-            if tissue in tissues:
-                share = fractions[..., tissues.index(tissue)] / scale[:, 0]
-            else:
-                share = torch.zeros_like(scale[:, 0])
-            channels.append(share[:, None].expand_as(fodf))
-        return torch.stack(channels, dim=1), scale
+        shares = [fractions[..., tissues.index(tissue)] / scale[:, 0] if tissue in tissues
+                  else torch.zeros_like(scale[:, 0]) for tissue in ISOTROPIC_INPUTS]
+        return low, torch.stack(shares, dim=1), scale
 
     def correction(self, coefficients, tissues):
         """The WM SH correction of degrees 2 to ``order``, shape [B, C8, X, Y, Z]."""
@@ -341,12 +360,15 @@ def _corrected_voxels(correction, block, keep, tissues):
 
 
 @torch.inference_mode()
-def apply_correction(correction, coefficients, mask, tissues, slab=8):
-    """Correct a volume of prior coefficients, slab by slab with a halo.
+def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=True):
+    """Correct a volume of prior coefficients on its masked voxels.
 
-    Only the masked voxels run past the network's stem
-    (:func:`_corrected_voxels`), the stem only on each slab's masked box
-    across y and z with its halo, and slabs without one are skipped.
+    By default the correction runs folded (:class:`esdmri.reconst.folded.FoldedCorrection`:
+    the same function, fewer operations, on chunks of masked voxels);
+    ``folded=False`` runs the network's layers slab by slab with a halo: only
+    the masked voxels run past the network's stem (:func:`_corrected_voxels`),
+    the stem only on each slab's masked box across y and z with its halo, and
+    slabs without one are skipped.
 
     Parameters
     ----------
@@ -357,15 +379,15 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
     mask : ndarray of bool, shape (X, Y, Z)
     tissues : tuple of str
     slab : int
-        Voxels along x per pass.
+        Voxels along x per pass of the layered network (``folded=False``).
+    folded : bool
+        Fold the network (where :func:`esdmri.reconst.folded.foldable`).
 
     Returns
     -------
     corrected : ndarray, float32, shape (X, Y, Z, C_total)
         Zero outside ``mask``.
     """
-    halo = correction.halo
-    device = next(correction.parameters()).device
     result = np.zeros(coefficients.shape, dtype=np.float32)
     if not mask.any():
         return result
@@ -373,10 +395,61 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
     # the zero padding is, so each masked voxel sees the same inputs.
     box = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
     volume = torch.as_tensor(np.ascontiguousarray(coefficients[box]), dtype=torch.float32)
+    run = _folded_voxels if folded and foldable(correction) else _layered_voxels
+    corrected = run(correction, volume, np.asarray(mask[box], dtype=bool), tuple(tissues), slab)
+    result.reshape(-1, coefficients.shape[-1])[np.flatnonzero(mask)] = corrected
+    return result
+
+
+def _folded_voxels(correction, volume, inside, tissues, slab):
+    """The corrected coefficients of the masked voxels of a box, folded.
+
+    Parameters
+    ----------
+    correction : PriorCorrection
+    volume : Tensor, shape (X, Y, Z, C_total)
+    inside : ndarray of bool, shape (X, Y, Z)
+    tissues : tuple of str
+    slab : int
+        Unused (the folded pass runs chunks of :data:`esdmri.reconst.folded.CHUNK` voxels).
+
+    Returns
+    -------
+    corrected : ndarray, float32, shape (n_masked, C_total)
+        In C order.
+    """
+    device = correction.sh_to_grid.device
+    folded = FoldedCorrection(correction)
+    halo = folded.halo
+    kept = volume[torch.as_tensor(inside)].to(device)  # (N, C_total)
+    low, shares, scale = correction.normalized(volume.permute(3, 0, 1, 2)[None].to(device),
+                                               tissues)
+    # Channel last with a zero margin: outside the box the prior is zero, and so
+    # are its normalised inputs.
+    padded = nn.functional.pad(torch.cat([low, shares], dim=1)[0].permute(1, 2, 3, 0),
+                               (0, 0) + (halo, halo) * 3).contiguous()
+    voxels = np.nonzero(inside)
+    rows = torch.as_tensor(np.ravel_multi_index(tuple(axis + halo for axis in voxels),
+                                                padded.shape[:3]), device=device)
+    scale = scale[0, 0][voxels].to(device)
+    n = min(correction.n_corrected, volume.shape[-1] - (len(tissues) - 1))
+    for start in range(0, len(rows), CHUNK):
+        part = slice(start, start + CHUNK)
+        delta = folded.delta(folded.features(padded, rows[part]))
+        kept[part, :n].addcmul_(delta[:, :n], scale[part, None])
+    return kept.cpu().numpy()
+
+
+def _layered_voxels(correction, volume, inside, tissues, slab):
+    """The corrected coefficients of the masked voxels of a box, layer by layer.
+
+    Parameters and result as :func:`_folded_voxels`; ``slab``: voxels along x per pass.
+    """
+    halo = correction.halo
+    device = next(correction.parameters()).device
     padded = nn.functional.pad(volume.permute(3, 0, 1, 2)[None], (halo,) * 6)
-    inside = torch.as_tensor(np.asarray(mask[box], dtype=bool))
-    rows = np.flatnonzero(mask)
-    corrected = np.empty((len(rows), coefficients.shape[-1]), dtype=np.float32)
+    inside = torch.as_tensor(inside)
+    corrected = np.empty((int(inside.sum()), volume.shape[-1]), dtype=np.float32)
     done = 0
     for start in range(0, volume.shape[0], slab):
         stop = min(start + slab, volume.shape[0])
@@ -393,12 +466,11 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8):
         keep = keep[:, y_start:y_stop, z_start:z_stop]
         block = padded[:, :, start:stop + 2 * halo, y_start:y_stop + 2 * halo,
                        z_start:z_stop + 2 * halo].to(device)
-        # Masked voxels in C order, slab after slab: the order of ``rows``.
+        # Masked voxels in C order, slab after slab: the order of the mask's voxels.
         corrected[done:done + count] = _corrected_voxels(
-            correction, block, keep.to(device), tuple(tissues)).cpu().numpy()
+            correction, block, keep.to(device), tissues).cpu().numpy()
         done += count
-    result.reshape(-1, coefficients.shape[-1])[rows] = corrected
-    return result
+    return corrected
 
 
 def fibre_target(fibre_dirs, fibre_weights, wm_amount, order=CORRECTED_ORDER,
