@@ -90,51 +90,58 @@ def foldable(correction):
 
 
 class _Conv:
-    """One spherical convolution ``[N, I, V] -> [N, O, V]``, on the cheaper side.
+    """One spherical convolution ``[I, N, V] -> [O, N, V]``, on the cheaper side.
 
     With fewer inputs than outputs the polynomials act on the inputs first
-    (``T_k x_i``, then the channel product), otherwise on the outputs
-    (the channel product to the ``O K`` terms, then ``sum_k T_k z``).
+    (``T_k x_i``, then one channel product of the ``I K`` terms), otherwise
+    on the outputs (one channel product to the ``O K`` terms, then
+    ``sum_k T_k z_k``). Channels outermost make each product one matrix
+    product over all the chunk's voxels and vertices.
     """
 
     def __init__(self, conv):
         weight = conv.weight.detach()  # (O, I, K)
         self.n_out, self.n_in, self.k = weight.shape
         terms = chebyshev_matrices(conv.operator)  # (K, V, V)
-        self.v = terms.shape[-1]
-        if not torch.equal(terms[0], torch.eye(self.v, dtype=terms.dtype, device=terms.device)):
+        if not torch.equal(terms[0], torch.eye(terms.shape[-1], dtype=terms.dtype,
+                                               device=terms.device)):
             raise ValueError("the first Chebyshev polynomial must be the identity")
+        # Rows of vertices times T_k^T: T_k applied to each row.
+        self.transposed = terms[1:].transpose(1, 2).contiguous()
         self.analysis = self.n_in < self.n_out
         if self.analysis:
-            # x rows (N I, V) @ [T_1^T | T_2^T ...] -> the terms k >= 1 of each input.
-            self.polynomials = terms[1:].permute(2, 0, 1).reshape(self.v, -1).contiguous()
             self.first = weight[:, :, 0].contiguous()
-            self.rest = weight[:, :, 1:].reshape(self.n_out, -1).contiguous()
+            self.rest = weight[:, :, 1:].permute(0, 2, 1).reshape(self.n_out, -1).contiguous()
         else:
-            # Terms z (N O, K V) of each output: y = z_0 + [z_1 | z_2 ...] @ [T_1^T; T_2^T ...].
-            self.polynomials = terms[1:].transpose(1, 2).reshape(-1, self.v).contiguous()
-            self.mix = weight.permute(0, 2, 1).reshape(self.n_out * self.k, self.n_in)
-        self.bias = None if conv.bias is None else conv.bias.detach().view(1, -1, 1)
+            self.mix = weight.permute(2, 0, 1).reshape(self.k * self.n_out, self.n_in)
+        self.bias = None if conv.bias is None else conv.bias.detach().view(-1, 1, 1)
 
     def __call__(self, x):
-        n = x.shape[0]
+        _, n, v = x.shape
+        rows = x.view(-1, v)
         if self.analysis:
-            terms = (x.reshape(n * self.n_in, self.v) @ self.polynomials).view(n, -1, self.v)
-            y = torch.matmul(self.first, x)
-            y.baddbmm_(self.rest.expand(n, *self.rest.shape), terms)
+            terms = x.new_empty((self.k - 1, self.n_in * n, v))
+            for polynomial, out in zip(self.transposed, terms):
+                torch.mm(rows, polynomial, out=out)
+            y = self.first @ x.view(self.n_in, -1)
+            y.addmm_(self.rest, terms.view(-1, n * v))
         else:
-            z = torch.matmul(self.mix, x).view(n * self.n_out, self.k * self.v)
-            y = torch.addmm(z[:, :self.v], z[:, self.v:], self.polynomials)
-            y = y.view(n, self.n_out, self.v)
+            z = (self.mix @ x.view(self.n_in, -1)).view(self.k, -1, v)
+            y = z[0]
+            for polynomial, term in zip(self.transposed, z[1:]):
+                y.addmm_(term, polynomial)
+        y = y.view(self.n_out, n, v)
         return y if self.bias is None else y.add_(self.bias)
 
 
 def _norm_relu(norm, y):
-    """:class:`VoxelNorm` then ReLU of ``[N, C, V]``, in place."""
-    variance, mean = torch.var_mean(y.view(y.shape[0], -1), dim=1, correction=0)
-    gain = torch.rsqrt(variance + norm.eps)[:, None] * norm.weight.detach()  # (N, C)
-    shift = norm.bias.detach() - mean[:, None] * gain
-    return torch.addcmul(shift[..., None], y, gain[..., None]).clamp_min_(0)
+    """:class:`VoxelNorm` then ReLU of ``[C, N, V]``, in place of a new tensor."""
+    channels, _, vertices = y.shape
+    mean = y.sum(-1).sum(0) / (channels * vertices)
+    centered = y - mean[:, None]
+    variance = torch.linalg.vecdot(centered, centered).sum(0) / (channels * vertices)
+    gain = torch.rsqrt(variance + norm.eps)[:, None] * norm.weight.detach()[:, None, None]
+    return torch.addcmul(norm.bias.detach()[:, None, None], centered, gain).clamp_min_(0)
 
 
 class FoldedCorrection:
@@ -189,8 +196,7 @@ class FoldedCorrection:
                            (groups[None] == torch.arange(n_groups, device=device)[:, None]).float())
         on_grid = chebyshev_matrices(conv.operator).double() @ basis  # (K, V, 47)
         matrix = torch.einsum("ockg,kvc->gcov", weight.double()[:, channel], on_grid)
-        self.first = matrix.reshape(-1, n_out * n_vertices).float()
-        self.first_shape = (n_out, n_vertices)
+        self.first = matrix.reshape(-1, n_out, n_vertices).transpose(0, 1).float()
         self.n_features = basis.shape[1]
         self.encoder = [[_Conv(c) for c in block.convs] for block in self.unet.encoder]
         self.bottleneck = [_Conv(c) for c in self.unet.bottleneck.convs]
@@ -199,7 +205,7 @@ class FoldedCorrection:
         to_sh = correction.grid_to_sh.double()  # (C8, V)
         projected = to_sh @ chebyshev_matrices(head.operator).double()  # (K, C8, V)
         self.head = torch.einsum("ik,kcv->ivc", head.weight.detach().double()[0],
-                                 projected).reshape(-1, n_sh).float()
+                                 projected).float()
         self.head_bias = (head.bias.detach().double() * to_sh.sum(1)).float()
 
     def features(self, padded, rows):
@@ -229,19 +235,18 @@ class FoldedCorrection:
         features : Tensor, shape [N, G * 47]
             :meth:`features`.
         """
-        n = features.shape[0]
-        x = _norm_relu(self.first_norm, (features @ self.first).view(n, *self.first_shape))
+        x = _norm_relu(self.first_norm, torch.matmul(features, self.first))  # (C, N, V)
         skips = []
         for level, (block, convs) in enumerate(zip(self.unet.encoder, self.encoder)):
             first = int(level == 0 and self.skip_first)
             for conv, norm in list(zip(convs, block.norms))[first:]:
                 x = _norm_relu(norm, conv(x))
             skips.append(x)
-            x = x.view(n, x.shape[1], -1, 4).mean(-1)  # NESTED: 4 children in a row
+            x = x.view(*x.shape[:2], -1, 4).mean(-1)  # NESTED: 4 children in a row
         for conv, norm in zip(self.bottleneck, self.unet.bottleneck.norms):
             x = _norm_relu(norm, conv(x))
         for block, convs in zip(self.unet.decoder, self.decoder):
-            x = torch.cat([x.repeat_interleave(4, dim=2), skips.pop()], dim=1)
+            x = torch.cat([x.repeat_interleave(4, dim=2), skips.pop()])
             for conv, norm in zip(convs, block.norms):
                 x = _norm_relu(norm, conv(x))
-        return torch.addmm(self.head_bias, x.reshape(n, -1), self.head)
+        return torch.bmm(x, self.head).sum(0).add_(self.head_bias)
