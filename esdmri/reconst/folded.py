@@ -135,13 +135,14 @@ class _Conv:
 
 
 def _norm_relu(norm, y):
-    """:class:`VoxelNorm` then ReLU of ``[C, N, V]``, in place of a new tensor."""
+    """:class:`VoxelNorm` then ReLU of ``[C, N, V]``, in place (``y`` is a layer's new output)."""
     channels, _, vertices = y.shape
     mean = y.sum(-1).sum(0) / (channels * vertices)
-    centered = y - mean[:, None]
+    centered = y.sub_(mean[:, None])
     variance = torch.linalg.vecdot(centered, centered).sum(0) / (channels * vertices)
     gain = torch.rsqrt(variance + norm.eps)[:, None] * norm.weight.detach()[:, None, None]
-    return torch.addcmul(norm.bias.detach()[:, None, None], centered, gain).clamp_min_(0)
+    # In place, not addcmul: its scale broadcast along the vertices ran 7x slower.
+    return centered.mul_(gain).add_(norm.bias.detach()[:, None, None]).clamp_min_(0)
 
 
 class FoldedCorrection:
