@@ -1,0 +1,106 @@
+"""The folded correction (esdmri.reconst.folded) computes the layered network's function."""
+
+import numpy as np
+import pytest
+import torch
+
+from esdmri.nn.chebyshev import ChebyshevOperator
+from esdmri.reconst import folded, pretrained
+from esdmri.shm import n_coeffs
+from esdmri.sphere import HealpixSphere
+
+
+def prior_volume(shape, order, tissues, seed):
+    """Random prior-like coefficients (positive WM amount and shares) and a ragged mask."""
+    rng = np.random.default_rng(seed)
+    coefficients = rng.normal(0, 0.2, shape + (n_coeffs(order) + len(tissues) - 1,))
+    coefficients[..., 0] = rng.uniform(0.1, 0.4, shape)
+    coefficients[..., n_coeffs(order):] = rng.uniform(0, 0.3, shape + (len(tissues) - 1,))
+    mask = rng.uniform(size=shape) < 0.8
+    mask[0] = False  # the mask's box starts inside the volume
+    coefficients[~mask] = 0
+    return coefficients.astype(np.float32), mask
+
+
+def whole_volume(correction, coefficients, mask, tissues):
+    """PriorCorrection.forward on the whole zero-padded volume in one pass (the reference)."""
+    halo = correction.halo
+    volume = torch.as_tensor(coefficients).permute(3, 0, 1, 2)[None]
+    with torch.no_grad():
+        out = correction(torch.nn.functional.pad(volume, (halo,) * 6), tissues)
+    inner = out[0, :, halo:out.shape[2] - halo, halo:out.shape[3] - halo,
+                halo:out.shape[4] - halo]
+    expected = inner.permute(1, 2, 3, 0).numpy().copy()
+    expected[~mask] = 0
+    return expected
+
+
+def randomized(kind, seed):
+    """A correction of ``kind`` with random weights everywhere, the norms' too."""
+    torch.manual_seed(seed)
+    correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind]).eval()
+    with torch.no_grad():
+        for name, parameter in correction.named_parameters():
+            if ".norms." in name and name.endswith("weight"):
+                parameter.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                parameter.normal_(0, 0.3)
+    return correction
+
+
+def assert_same(result, expected, coefficients):
+    delta = np.abs(expected - coefficients).max()
+    # The correction changed the prior: the comparison can fail.
+    assert delta > 1e-2
+    assert result.dtype == np.float32 and result.shape == expected.shape
+    assert np.abs(result - expected).max() < 1e-5 * max(delta, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.ARCHITECTURES))
+@pytest.mark.parametrize("order, tissues", [(8, ("wm", "gm", "csf")), (6, ("wm", "csf")),
+                                            (10, ("wm", "gm", "csf"))])
+def test_folded_equals_the_layered_network_on_random_weights(kind, order, tissues):
+    """Every architecture folds; SH orders below, at and above the corrected order 8 and a
+    response without GM give the layered network's values (whole volume, one pass), as
+    does the layered slab-by-slab pass (folded=False)."""
+    correction = randomized(kind, seed=3)
+    assert folded.foldable(correction)
+    coefficients, mask = prior_volume((7, 6, 5), order, tissues, seed=5)
+    expected = whole_volume(correction, coefficients, mask, tissues)
+    fast = pretrained.apply_correction(correction, coefficients, mask, tissues)
+    layered = pretrained.apply_correction(correction, coefficients, mask, tissues, slab=2,
+                                          folded=False)
+    assert_same(fast, expected, coefficients)
+    assert_same(layered, expected, coefficients)
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.ARCHITECTURES))
+def test_folded_equals_the_layered_pass_with_the_shipped_weights(kind):
+    correction = pretrained.load_correction(True, kind=kind)
+    tissues = ("wm", "gm", "csf")
+    coefficients, mask = prior_volume((9, 8, 7), 8, tissues, seed=11)
+    fast = pretrained.apply_correction(correction, coefficients, mask, tissues)
+    layered = pretrained.apply_correction(correction, coefficients, mask, tissues,
+                                          folded=False)
+    assert_same(fast, layered, coefficients)
+
+
+def test_chebyshev_matrices_of_both_layouts_are_the_basis():
+    basis = HealpixSphere(4, hemisphere=True).chebyshev_basis(4)
+    for layout in ("sparse", "dense"):
+        terms = folded.chebyshev_matrices(ChebyshevOperator(basis, layout))
+        np.testing.assert_allclose(terms.numpy(), basis, atol=1e-5)
+
+
+def test_a_batch_norm_correction_does_not_fold_and_runs_layered():
+    architecture = dict(pretrained.ARCHITECTURES["spherical"], norm="batch")
+    torch.manual_seed(0)
+    correction = pretrained.PriorCorrection(architecture).eval()
+    assert not folded.foldable(correction)
+    with pytest.raises(ValueError, match="does not fold"):
+        folded.FoldedCorrection(correction)
+    tissues = ("wm", "gm", "csf")
+    coefficients, mask = prior_volume((5, 5, 5), 8, tissues, seed=2)
+    result = pretrained.apply_correction(correction, coefficients, mask, tissues)
+    np.testing.assert_allclose(result, whole_volume(correction, coefficients, mask, tissues),
+                               atol=1e-5)
