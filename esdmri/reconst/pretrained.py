@@ -156,10 +156,7 @@ class PriorCorrection(nn.Module):
     def normalized(self, coefficients, tissues):
         """The input's SH coefficients and isotropic shares, before the grid.
 
-        Parameters
-        ----------
-        coefficients : Tensor, shape [B, C_total, X, Y, Z]
-        tissues : tuple of str
+        Parameters as :meth:`inputs`.
 
         Returns
         -------
