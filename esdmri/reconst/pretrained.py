@@ -360,8 +360,9 @@ def _corrected_voxels(correction, block, keep, tissues):
 def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=True):
     """Correct a volume of prior coefficients on its masked voxels.
 
-    By default the correction runs folded (:class:`esdmri.reconst.folded.FoldedCorrection`:
-    the same function, fewer operations, on chunks of masked voxels);
+    By default, on a CPU, the correction runs folded
+    (:class:`esdmri.reconst.folded.FoldedCorrection`: the same function, fewer
+    operations, on chunks of masked voxels);
     ``folded=False`` runs the network's layers slab by slab with a halo: only
     the masked voxels run past the network's stem (:func:`_corrected_voxels`),
     the stem only on each slab's masked box across y and z with its halo, and
@@ -378,7 +379,7 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=Tru
     slab : int
         Voxels along x per pass of the layered network (``folded=False``).
     folded : bool
-        Fold the network (where :func:`esdmri.reconst.folded.foldable`).
+        Fold the network (on a CPU, where :func:`esdmri.reconst.folded.foldable`).
 
     Returns
     -------
@@ -392,7 +393,10 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=Tru
     # the zero padding is, so each masked voxel sees the same inputs.
     box = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
     volume = torch.as_tensor(np.ascontiguousarray(coefficients[box]), dtype=torch.float32)
-    run = _folded_voxels if folded and foldable(correction) else _layered_voxels
+    # The folded pass is measured on CPUs (chunks sized to a core's cache); a GPU
+    # keeps the layered pass's large products.
+    cpu = correction.sh_to_grid.device.type == "cpu"
+    run = _folded_voxels if folded and cpu and foldable(correction) else _layered_voxels
     corrected = run(correction, volume, np.asarray(mask[box], dtype=bool), tuple(tissues), slab)
     result.reshape(-1, coefficients.shape[-1])[np.flatnonzero(mask)] = corrected
     return result
@@ -415,26 +419,24 @@ def _folded_voxels(correction, volume, inside, tissues, slab):
     corrected : ndarray, float32, shape (n_masked, C_total)
         In C order.
     """
-    device = correction.sh_to_grid.device
     folded = FoldedCorrection(correction)
     halo = folded.halo
-    kept = volume[torch.as_tensor(inside)].to(device)  # (N, C_total)
-    low, shares, scale = correction.normalized(volume.permute(3, 0, 1, 2)[None].to(device),
-                                               tissues)
+    kept = volume[torch.as_tensor(inside)]  # (N, C_total)
+    low, shares, scale = correction.normalized(volume.permute(3, 0, 1, 2)[None], tissues)
     # Channel last with a zero margin: outside the box the prior is zero, and so
     # are its normalised inputs.
     padded = nn.functional.pad(torch.cat([low, shares], dim=1)[0].permute(1, 2, 3, 0),
                                (0, 0) + (halo, halo) * 3).contiguous()
     voxels = np.nonzero(inside)
     rows = torch.as_tensor(np.ravel_multi_index(tuple(axis + halo for axis in voxels),
-                                                padded.shape[:3]), device=device)
-    scale = scale[0, 0][voxels].to(device)
+                                                padded.shape[:3]))
+    scale = scale[0, 0][voxels]
     n = min(correction.n_corrected, volume.shape[-1] - (len(tissues) - 1))
     for start in range(0, len(rows), CHUNK):
         part = slice(start, start + CHUNK)
         delta = folded.delta(folded.features(padded, rows[part]))
         kept[part, :n].addcmul_(delta[:, :n], scale[part, None])
-    return kept.cpu().numpy()
+    return kept.numpy()
 
 
 def _layered_voxels(correction, volume, inside, tissues, slab):
