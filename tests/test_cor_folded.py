@@ -90,10 +90,17 @@ def test_chebyshev_matrices_of_both_layouts_are_the_basis():
     for layout in ("sparse", "dense"):
         terms = folded.chebyshev_matrices(ChebyshevOperator(basis, layout))
         np.testing.assert_allclose(terms.numpy(), basis, atol=1e-5)
+    single = folded.chebyshev_matrices(ChebyshevOperator(basis[:1], "sparse"))
+    np.testing.assert_array_equal(single.numpy(), basis[:1])
 
 
-def test_a_batch_norm_correction_does_not_fold_and_runs_layered():
-    architecture = dict(pretrained.ARCHITECTURES["spherical"], norm="batch")
+@pytest.mark.parametrize("change", [{"norm": "batch"},
+                                    {"spatial_kernel_size": 3, "spatial_layers": 1}],
+                         ids=["batch norm", "ESD with a reach"])
+def test_a_correction_that_does_not_fold_runs_layered(change):
+    """Batch norm, or a reach (halo) wider than the first layer's neighbourhood, do not
+    fold: apply_correction runs the layers."""
+    architecture = dict(pretrained.ARCHITECTURES["spherical"], **change)
     torch.manual_seed(0)
     correction = pretrained.PriorCorrection(architecture).eval()
     assert not folded.foldable(correction)

@@ -5,9 +5,9 @@ fields ``[B, C, V, X, Y, Z]``, one Chebyshev product per layer on the K
 stacked polynomial terms, each normalisation as a chain of element-wise
 passes. At inference every layer after the network's spatial reach acts on
 each voxel alone, so :class:`FoldedCorrection` runs the masked voxels only,
-in chunks that stay in cache, laid out ``[N, C, V]`` (a voxel's channels and
-vertices contiguous), with what does not depend on the data computed once
-per fit:
+in chunks that stay in cache, laid out ``[C, N, V]`` (channels outermost, a
+voxel's vertices contiguous), with what does not depend on the data computed
+once per fit:
 
 - **the input layer as one matrix**: the network's first layer (RT-ESD's
   E(3) x SO(3) stem, ESD's and C-ESD's first spherical convolution) is
@@ -19,12 +19,12 @@ per fit:
   gathered from the padded volume (the stem's neighbourhood sums of 47
   numbers instead of 96 vertices x 3 channels);
 - **spherical convolutions** ``y_o = sum_{i,k} W[o, i, k] T_k x_i`` as one
-  product with the dense polynomials ``T_1 .. T_{K-1}`` on the side with
-  fewer channels and a batched channel product (``T_0`` is the identity, not
-  multiplied);
-- **normalisation** (:class:`esdmri.nn.unet.VoxelNorm`) as one
-  ``var_mean`` over each voxel's contiguous channels and vertices and one
-  ``x a + b`` with the per-channel scale folded into ``a`` and ``b``;
+  channel product over the chunk and one dense product per polynomial
+  ``T_1 .. T_{K-1}`` (``T_0`` is the identity, not multiplied), on the side
+  with fewer channels;
+- **normalisation** (:class:`esdmri.nn.unet.VoxelNorm`) as sums, an
+  in-place centring and an in-place ``x a + b`` with the per-channel scale
+  folded into ``a``;
 - **the head and the projection back to SH** as one ``(C V, n_coeffs)``
   matrix (``grid_to_sh T_k``) and a constant (the head's bias).
 
@@ -40,9 +40,9 @@ import torch
 
 from ..nn.unet import UNet, VoxelNorm
 
-# Masked voxels per pass: a chunk's widest field (16 channels x 96 vertices,
-# or 8 x 96 with the stacked Chebyshev terms) then stays within a core's
-# L2 cache. Measured in benchmarks/bench_correction.py.
+# Masked voxels per pass: a chunk's widest fields (16 channels x 96 vertices,
+# the 3 x 8 x 96 Chebyshev terms) then stay within a core's L2 cache. On one
+# thread chunks of 128-512 ran alike and 4,096 1.6x slower (docs/benchmarks.md).
 CHUNK = 256
 
 
@@ -51,12 +51,12 @@ def chebyshev_matrices(operator):
     k, v = operator.kernel_size, operator.n_vertices
     if operator.layout == "dense":
         return operator.synthesis.view(v, k, v).permute(1, 0, 2)
-    terms = [torch.eye(v, dtype=torch.float64, device=operator.laplacian.device)]
-    if k > 1:
-        laplacian = operator.laplacian.to_dense().double()
-        terms.append(laplacian)
-        for _ in range(2, k):
-            terms.append(2 * laplacian @ terms[-1] - terms[-2])
+    if k == 1:
+        return torch.eye(v)[None]
+    laplacian = operator.laplacian.to_dense().double()
+    terms = [torch.eye(v, dtype=torch.float64, device=laplacian.device), laplacian]
+    for _ in range(2, k):
+        terms.append(2 * laplacian @ terms[-1] - terms[-2])
     return torch.stack(terms).float()
 
 
@@ -74,13 +74,18 @@ def foldable(correction):
     kind = correction.architecture["kind"]
     if kind == "e3so3-stem":
         stem, unet = correction.unet
-        if len(stem.convs) != 1 or stem.convs[0].sums.padding != "zeros":
+        sums = stem.convs[0].sums
+        if len(stem.convs) != 1 or sums.padding != "zeros":
             return False
-        blocks = [stem]
+        width, blocks = sums.spatial_kernel_size, [stem]
     else:
         unet, blocks = correction.unet, []
         if unet.concat is not None and unet.concat.padding != "zeros":
             return False
+        width = 1 if unet.concat is None else unet.concat.spatial_kernel_size
+    # The first layer's neighbourhood is the whole reach that inference pads.
+    if width != 2 * correction.halo + 1:
+        return False
     if not isinstance(unet, UNet) or unet.kind.pooling != "spherical" or unet.non_negative:
         return False
     if unet.pool.mode != "average" or unet.conv_name not in ("spherical", "concat"):
