@@ -396,14 +396,18 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=Tru
     # The folded pass is measured on CPUs (chunks sized to a core's cache); a GPU
     # keeps the layered pass's large products.
     cpu = correction.sh_to_grid.device.type == "cpu"
-    run = _folded_voxels if folded and cpu and foldable(correction) else _layered_voxels
-    corrected = run(correction, volume, np.asarray(mask[box], dtype=bool), tuple(tissues), slab)
+    inside, tissues = np.asarray(mask[box], dtype=bool), tuple(tissues)
+    if folded and cpu and foldable(correction):
+        corrected = _folded_voxels(correction, volume, inside, tissues)
+    else:
+        corrected = _layered_voxels(correction, volume, inside, tissues, slab)
     result.reshape(-1, coefficients.shape[-1])[np.flatnonzero(mask)] = corrected
     return result
 
 
-def _folded_voxels(correction, volume, inside, tissues, slab):
-    """The corrected coefficients of the masked voxels of a box, folded.
+def _folded_voxels(correction, volume, inside, tissues):
+    """The corrected coefficients of the masked voxels of a box, folded, in chunks of
+    :data:`esdmri.reconst.folded.CHUNK` voxels.
 
     Parameters
     ----------
@@ -411,8 +415,6 @@ def _folded_voxels(correction, volume, inside, tissues, slab):
     volume : Tensor, shape (X, Y, Z, C_total)
     inside : ndarray of bool, shape (X, Y, Z)
     tissues : tuple of str
-    slab : int
-        Unused (the folded pass runs chunks of :data:`esdmri.reconst.folded.CHUNK` voxels).
 
     Returns
     -------
@@ -442,7 +444,7 @@ def _folded_voxels(correction, volume, inside, tissues, slab):
 def _layered_voxels(correction, volume, inside, tissues, slab):
     """The corrected coefficients of the masked voxels of a box, layer by layer.
 
-    Parameters and result as :func:`_folded_voxels`; ``slab``: voxels along x per pass.
+    Parameters and result as :func:`_folded_voxels`, and ``slab``: voxels along x per pass.
     """
     halo = correction.halo
     device = next(correction.parameters()).device
