@@ -35,13 +35,19 @@ def rician_mean_and_slope(signal, sigma):
     With ``x = A^2 / (4 sigma^2)``, ``L_{1/2}(-2x) = e^{-x} ((1 + 2x) I_0(x) +
     2x I_1(x))``, written through the exponentially scaled Bessel functions
     ``i0e``, ``i1e`` (finite at every ``x``, so stable in float32); its
-    derivative in ``x`` is ``i0e(x) + i1e(x)``, so
+    derivative in ``x`` is ``i0e(x) + i1e(x)``, so for ``A >= 0``
 
     ``dE/dA = sqrt(pi / 2) A / (2 sigma) (i0e(x) + i1e(x))``,
 
-    0 at ``A = 0`` and tending to ``sign(A)`` for ``|A| >> sigma``, where ``E``
-    tends to ``|A|``. The mean is even in ``A``: a negative forward signal
-    (an fODF with negative lobes) is predicted like its magnitude.
+    0 at ``A = 0`` (the floor ``sigma sqrt(pi / 2)``) and tending to 1 for ``A
+    >> sigma``, where ``E`` tends to ``A``. A noise-free signal is not
+    negative, but a forward model's can be (an fODF with negative lobes):
+    there the prediction is the point reflection of the mean through the
+    floor, ``E(-A) = 2 sigma sqrt(pi / 2) - E(A)``, which keeps it increasing
+    in ``A`` (a negative signal cannot pass for a positive one, as it would
+    under the even mean of ``|A|``), smooth at 0 (the slope is even, 0
+    there), and ``A`` itself as ``sigma -> 0``, where the data term becomes
+    least squares.
 
     Parameters
     ----------
@@ -54,22 +60,26 @@ def rician_mean_and_slope(signal, sigma):
     Returns
     -------
     mean, slope : Tensor
-        ``E[M | A, sigma]`` and ``dE/dA``, the broadcast shape.
+        ``E[M | A, sigma]`` (extended to ``A < 0`` as above) and ``dE/dA``,
+        the broadcast shape.
 
     References
     ----------
     .. [1] Gudbjartsson H, Patz S. The Rician distribution of noisy MRI
        data. Magn Reson Med 1995;34(6):910-914.
     """
-    ratio = signal / (2 * sigma)
+    ratio = signal.abs() / (2 * sigma)
     half = ratio * ratio
     zeroth, first = torch.special.i0e(half), torch.special.i1e(half)
-    mean = sigma * _SQRT_HALF_PI * ((1 + 2 * half) * zeroth + 2 * half * first)
+    floor = sigma * _SQRT_HALF_PI
+    excess = floor * ((1 + 2 * half) * zeroth + 2 * half * first - 1)
     slope = _SQRT_HALF_PI * ratio * (zeroth + first)
     # Beyond |A| = 1e4 sigma the mean is |A| to 5e-9 relative, and x overflows
     # float32 as sigma -> 0.
-    far = ratio.abs() > _FAR
-    return torch.where(far, signal.abs(), mean), torch.where(far, signal.sign(), slope)
+    far = ratio > _FAR
+    excess = torch.where(far, signal.abs() - floor, excess)
+    slope = torch.where(far, 1.0, slope)
+    return floor + signal.sign() * excess, slope
 
 
 class RicianVoxelLoss:
@@ -78,7 +88,8 @@ class RicianVoxelLoss:
     The loss of a voxel with coefficients ``c``, magnitudes ``y`` and noise
     level ``sigma`` (normalised like ``y``) is that of
     :class:`esdmri.reconst.refine.VoxelLoss` with the forward signal passed
-    through the Rician mean (:func:`rician_mean_and_slope`):
+    through the Rician mean (:func:`rician_mean_and_slope`, extended to
+    negative signals so that it increases with them):
 
     ``w_i / N |E[M | F^T c, sigma] - y|^2 + w_s / V sum_v 2 log(1 + f_v^2 /
     (2 sigma_c)) + w_n / V sum_v min(f_v, 0)^2``,  ``f = S c_wm``.
@@ -88,7 +99,7 @@ class RicianVoxelLoss:
     the coefficients to all ``N`` measurements, through one ``C x (N + V)``
     operator (the forward matrix and the sampler stacked), and back. As
     ``sigma -> 0`` the mean tends to ``|F^T c|`` and the term to the least
-    squares one wherever the forward signal is positive.
+    squares one.
 
     Parameters
     ----------
