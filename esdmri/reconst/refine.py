@@ -725,10 +725,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         pair_weights = (signal_similarity(distances, variance) if similarity
                         else torch.ones_like(distances))
         pair_weights *= total_variation * coupling_scale(variance, measured.shape[1])
-    objective = CoupledObjective(
-        measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights, first, second,
-        pair_weights, smoothing, batch_voxels,
-        None if noise_sigma is None else np.asarray(noise_sigma).reshape(-1)[indices])
+    voxel_sigma = None if noise_sigma is None else np.asarray(noise_sigma).reshape(-1)[indices]
+    objective = CoupledObjective(measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
+                                 first, second, pair_weights, smoothing, batch_voxels, voxel_sigma)
     preconditioner = None
     if damping is not None:
         preconditioner = signal_preconditioner(forward_matrix, weights, damping).to(device, dtype)
