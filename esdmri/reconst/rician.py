@@ -18,11 +18,10 @@ debiasing of the magnitudes (``noise_floor="power"`` or ``"rician_mean"``,
 ``A ~ 0``; a term on the mean has no such residual.
 """
 
+import dataclasses
 import math
 
 import torch
-
-from .losses import CAUCHY_SIGMA
 
 _SQRT_HALF_PI = math.sqrt(math.pi / 2)
 # |A| / (2 sigma) beyond which the Rician mean is |A| (see rician_mean_and_slope).
@@ -96,18 +95,15 @@ class RicianVoxelLoss:
 
     The term is not quadratic in ``c``, so the least-squares term's reduced
     QR form (``k = min(N, C)`` columns) does not apply: each evaluation maps
-    the coefficients to all ``N`` measurements, through one ``C x (N + V)``
-    operator (the forward matrix and the sampler stacked), and back. As
-    ``sigma -> 0`` the mean tends to ``|F^T c|`` and the term to the least
-    squares one.
+    the coefficients to all ``N`` measurements and back. The fODF's terms
+    are ``VoxelLoss``'s own, evaluated with a zero intensity weight on a
+    one-column placeholder signal (one place for them). As ``sigma -> 0``
+    the data term tends to the least-squares one.
 
     Parameters
     ----------
-    forward_matrix : Tensor, shape (C_total, N)
-    fodf_sampler : Tensor, shape (V, C_wm)
-        Its device and dtype are the evaluation's.
-    n_wm_coeffs : int
-    weights : LossWeights
+    forward_matrix, fodf_sampler, n_wm_coeffs, weights
+        As in ``VoxelLoss``.
     noise_sigma : Tensor or array, shape (n,)
         ``sigma`` of each voxel, in the units of its normalised signal
         (the scan's ``sigma`` over the voxel's mean b0), ``> 0``.
@@ -119,76 +115,45 @@ class RicianVoxelLoss:
     """
 
     def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma):
+        from .refine import VoxelLoss  # refine.py imports this module
+
         device, dtype = fodf_sampler.device, fodf_sampler.dtype
         n_coefficients, self.n_measurements = forward_matrix.shape
-        self.n_samples = fodf_sampler.shape[0]
         sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device).reshape(-1)
         if not bool((sigma > 0).all()):
             raise ValueError("noise_sigma must be > 0 in every voxel")
         self.sigma = sigma
-        operator = torch.zeros((n_coefficients, self.n_measurements + self.n_samples),
-                               dtype=dtype, device=device)
-        operator[:, :self.n_measurements] = forward_matrix.to(device, dtype)
-        operator[:n_wm_coeffs, self.n_measurements:] = fodf_sampler.T
-        self.operator, self.operator_t = operator, operator.T.contiguous()
-        self.weights = weights
+        self.forward = forward_matrix.to(device, dtype)
+        self.forward_t = self.forward.T.contiguous()
+        self.intensity = weights.intensity
         self.residual_scale = 2 * weights.intensity / self.n_measurements
-        self.sparsity_scale = 2 * weights.sparsity / (self.n_samples * CAUCHY_SIGMA)
-        self.negative_scale = 2 * weights.nonnegativity / self.n_samples
+        placeholder = torch.zeros((n_coefficients, 1), dtype=dtype, device=device)
+        self.fodf_terms = VoxelLoss(placeholder, fodf_sampler, n_wm_coeffs,
+                                    dataclasses.replace(weights, intensity=0.0))
 
     def project(self, measured):
-        """The measured signals in the evaluation's dtype, and each voxel's ``sigma``.
-
-        Parameters
-        ----------
-        measured : Tensor, shape (n, N)
-
-        Returns
-        -------
-        measured : Tensor, shape (n, N)
-        sigma : Tensor, shape (n,)
-        """
+        """``measured`` (shape (n, N)) in the evaluation's dtype, and each voxel's ``sigma``."""
         if len(measured) != len(self.sigma):
             raise ValueError(f"noise_sigma has {len(self.sigma)} voxels, the signal "
                              f"{len(measured)}")
-        return measured.to(self.operator.device, self.operator.dtype), self.sigma
+        return measured.to(self.forward.device, self.forward.dtype), self.sigma
 
     def __call__(self, coefficients, measured, sigma, out=None, return_loss=False):
-        """Gradient of each voxel's loss, and the loss.
+        """Each voxel's gradient, written to ``out`` when given (and loss, float64).
 
-        Parameters
-        ----------
-        coefficients : Tensor, shape (n, C_total)
-        measured, sigma : Tensor
-            :meth:`project` of the voxels.
-        out : Tensor, shape (n, C_total), optional
-            Where the gradient is written.
-        return_loss : bool, optional
-            Also return each voxel's loss.
-
-        Returns
-        -------
-        gradient : Tensor, shape (n, C_total)
-        loss : Tensor, float64, shape (n,)
-            Only with ``return_loss``.
+        As :meth:`esdmri.reconst.refine.VoxelLoss.__call__`, with ``measured``
+        and ``sigma`` from :meth:`project` in place of the projection.
         """
-        mapped = coefficients @ self.operator
-        forward, samples = mapped[:, :self.n_measurements], mapped[:, self.n_measurements:]
-        mean, slope = rician_mean_and_slope(forward, sigma.unsqueeze(1))
+        n = len(coefficients)
+        placeholder = coefficients.new_zeros((n, 1))
+        result = self.fodf_terms(coefficients, placeholder,
+                                 torch.zeros(n, dtype=torch.float64, device=placeholder.device),
+                                 out=out, return_loss=return_loss)
+        gradient, loss = result if return_loss else (result, None)
+        mean, slope = rician_mean_and_slope(coefficients @ self.forward, sigma.unsqueeze(1))
         residual = mean.sub_(measured)
-        spread = torch.addcmul(torch.ones((), dtype=samples.dtype, device=samples.device),
-                               samples, samples, value=0.5 / CAUCHY_SIGMA)
-        negative = samples.clamp(max=0)
         if return_loss:
-            weights = self.weights
-            loss = (weights.intensity / self.n_measurements
-                    * torch.linalg.vector_norm(residual, dim=1).double().square_()
-                    + weights.nonnegativity / self.n_samples
-                    * torch.linalg.vector_norm(negative, dim=1).double().square_()
-                    + 2 * weights.sparsity / self.n_samples
-                    * spread.log().sum(dim=1).double())
-        torch.mul(residual.mul_(slope), self.residual_scale, out=forward)
-        torch.addcdiv(negative.mul_(self.negative_scale), samples, spread,
-                      value=self.sparsity_scale, out=samples)
-        gradient = torch.mm(mapped, self.operator_t, out=out)
+            loss += (self.intensity / self.n_measurements
+                     * torch.linalg.vector_norm(residual, dim=1).double().square_())
+        gradient.addmm_(residual.mul_(slope), self.forward_t, alpha=self.residual_scale)
         return (gradient, loss) if return_loss else gradient
