@@ -203,8 +203,9 @@ class NetworkConfig:
         magnitudes are left as they are, an estimated response is fitted
         as Rician means, and the refinement's data term compares the
         Rician mean of the forward signal with them, with the scan's noise
-        level (:class:`esdmri.reconst.rician.RicianVoxelLoss`). Measured on the
-        dev set: docs/benchmarks.md, "Debiasing the noise floor".
+        level (:class:`esdmri.reconst.rician.RicianVoxelLoss`; fine-tuning,
+        ``epochs=N``, keeps its least-squares loss). Measured on the dev set:
+        docs/benchmarks.md, "Debiasing the noise floor".
         Model files record it; files written before it existed hold None.
     """
 
