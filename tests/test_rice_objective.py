@@ -12,7 +12,7 @@ from test_refine import ORDER, field, phantom, refine_field  # noqa: F401
 
 from esdmri.reconst.losses import CAUCHY_SIGMA, LossWeights, neighbour_pairs, total_variation
 from esdmri.reconst.network import SAMPLING_NSIDE, stacked_forward_matrix
-from esdmri.reconst.refine import CoupledObjective
+from esdmri.reconst.refine import CoupledObjective, VoxelLoss
 from esdmri.reconst.rician import RicianVoxelLoss
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.sphere import HealpixSphere
@@ -48,7 +48,7 @@ def test_rician_voxel_loss_is_the_autograd_gradient_of_the_plain_formula():
     sigma = torch.as_tensor(rng.uniform(0.05, 0.3, n))
     expected = plain_rician_loss(coefficients, measured, sigma, matrix, sampler, n_wm, WEIGHTS)
     expected_gradient = torch.autograd.grad(expected.sum(), coefficients)[0]
-    voxel_loss = RicianVoxelLoss(matrix, sampler, n_wm, WEIGHTS, sigma)
+    voxel_loss = RicianVoxelLoss(matrix, sampler, n_wm, WEIGHTS, sigma, VoxelLoss)
     gradient, loss = voxel_loss(coefficients.detach(), *voxel_loss.project(measured),
                                 return_loss=True)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-10, atol=1e-14)

@@ -381,7 +381,8 @@ class CoupledObjective:
                  second, pair_weights, smoothing, batch_voxels, noise_sigma=None):
         self.voxel_loss = (VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
                            if noise_sigma is None else RicianVoxelLoss(
-                               forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma))
+                               forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma,
+                               VoxelLoss))
         self.projected, constant = self.voxel_loss.project(measured)
         self.constant = constant
         self.pair_weights = pair_weights

@@ -107,6 +107,9 @@ class RicianVoxelLoss:
     noise_sigma : Tensor or array, shape (n,)
         ``sigma`` of each voxel, in the units of its normalised signal
         (the scan's ``sigma`` over the voxel's mean b0), ``> 0``.
+    voxel_loss : type
+        :class:`esdmri.reconst.refine.VoxelLoss`, whose fODF terms are used
+        (passed in: the refinement imports this module).
 
     Notes
     -----
@@ -114,9 +117,8 @@ class RicianVoxelLoss:
     keeps of the measured signals, and a call evaluates rows of them.
     """
 
-    def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma):
-        from .refine import VoxelLoss  # refine.py imports this module
-
+    def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma,
+                 voxel_loss):
         device, dtype = fodf_sampler.device, fodf_sampler.dtype
         n_coefficients, self.n_measurements = forward_matrix.shape
         sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device).reshape(-1)
@@ -128,8 +130,8 @@ class RicianVoxelLoss:
         self.intensity = weights.intensity
         self.residual_scale = 2 * weights.intensity / self.n_measurements
         placeholder = torch.zeros((n_coefficients, 1), dtype=dtype, device=device)
-        self.fodf_terms = VoxelLoss(placeholder, fodf_sampler, n_wm_coeffs,
-                                    dataclasses.replace(weights, intensity=0.0))
+        self.fodf_terms = voxel_loss(placeholder, fodf_sampler, n_wm_coeffs,
+                                     dataclasses.replace(weights, intensity=0.0))
 
     def project(self, measured):
         """``measured`` (shape (n, N)) in the evaluation's dtype, and each voxel's ``sigma``."""
