@@ -102,7 +102,7 @@ def test_configurations_are_frozen_and_replace_validates():
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
     (dict(norm="group"), r"norm must be one of \('batch', 'voxel'\)"),
     (dict(noise_floor="rician"),
-     r"noise_floor must be one of \(None, 'power', 'rician_mean'\)"),
+     r"noise_floor must be one of \(None, 'power', 'rician_mean', 'model'\)"),
     (dict(noise_floor=True), "noise_floor must be one of"),
     (dict(lr=0.0), "lr must be > 0"),
 ])

@@ -350,16 +350,18 @@ def test_default_fit_trains_nothing_and_writes_no_curve(phantom, in_process, tmp
 
 
 @pytest.mark.slow
-def test_fit_debiases_the_noise_floor_like_the_library(phantom, in_process, tmp_path):
+@pytest.mark.parametrize("noise_floor", ["power", "model"])
+def test_fit_debiases_the_noise_floor_like_the_library(phantom, in_process, tmp_path,
+                                                       noise_floor):
     # --noise_floor reaches the model: the command's fODFs are the library's
-    # with the same option, and differ from the fit that keeps the magnitudes.
+    # with the same option, and differ from the least-squares fit of the magnitudes.
     untrained = [arg for arg in TINY_MODEL if arg not in ("--epochs", "1")]
     in_process(FitFlow(), *phantom.dwi, "--mask", phantom.folder / "mask.nii.gz",
-               *phantom.response_args, *untrained, "--noise_floor", "power",
+               *phantom.response_args, *untrained, "--noise_floor", noise_floor,
                "--out_dir", tmp_path)
     options = dict(sh_order_max=4, nside=2, depth=2, filter_start=2, block_size=8,
                    verbose=False)
-    debiased = RTESDModel(phantom.gtab, phantom.response, noise_floor="power", **options)
+    debiased = RTESDModel(phantom.gtab, phantom.response, noise_floor=noise_floor, **options)
     expected = debiased.fit(phantom.data, mask=phantom.mask).shm_coeff
     written = nib.load(tmp_path / "fodf_sh.nii.gz").get_fdata()
     np.testing.assert_allclose(written, expected, atol=1e-4)

@@ -231,7 +231,10 @@ class FitFlow(EsdmriWorkflow):
             response as Rician means (docs/benchmarks.md, "Debiasing the noise
             floor": on the test phantoms, with sparsity 1.5e-4, a mean
             crossing error of 6.5 against 6.8 degrees and as many missed
-            fibres, but worse on two families, so not the default).
+            fibres, but worse on two families, so not the default); model:
+            leave the magnitudes as they are, fit an estimated response as
+            Rician means and let the refinement's data term predict each
+            magnitude as the Rician mean of the forward signal.
         device : string, optional
             cpu, cuda or cuda:N.
         seed : int, optional

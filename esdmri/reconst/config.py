@@ -100,10 +100,12 @@ class LossWeights:
 
 
 # What a fit does about the magnitudes' Rician noise floor (NetworkConfig.noise_floor):
-# nothing, or a debiasing of the magnitudes before the signal is normalised
-# (esdmri.reconst.inputs.debias_magnitudes's methods).
+# nothing, a debiasing of the magnitudes before the signal is normalised
+# (esdmri.reconst.inputs.debias_magnitudes's methods), or a refinement whose data term
+# predicts the magnitudes as Rician means (esdmri.reconst.rician).
 DEBIAS_METHODS = ("power", "rician_mean")
-NOISE_FLOORS = (None, *DEBIAS_METHODS)
+RICIAN_MODEL = "model"
+NOISE_FLOORS = (None, *DEBIAS_METHODS, RICIAN_MODEL)
 
 # The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
 # former fixed-rate descent, kept for comparison.
@@ -197,8 +199,13 @@ class NetworkConfig:
         normalised (:func:`esdmri.reconst.inputs.debias_magnitudes`), so the
         prior, the network and the refinement all see the debiased signal;
         a response the model estimates is then fitted to the magnitudes as
-        Rician means (``estimate_response(rician=True)``). Measured on the
-        dev set: docs/benchmarks.md, "Debiasing the noise floor".
+        Rician means (``estimate_response(rician=True)``). ``"model"``: the
+        magnitudes are left as they are, an estimated response is fitted
+        as Rician means, and the refinement's data term compares the
+        Rician mean of the forward signal with them, with the scan's noise
+        level (:class:`esdmri.reconst.rician.RicianVoxelLoss`; fine-tuning,
+        ``epochs=N``, keeps its least-squares loss). Measured on the dev set:
+        docs/benchmarks.md, "Debiasing the noise floor".
         Model files record it; files written before it existed hold None.
     """
 

@@ -204,7 +204,7 @@ def retained_scan(scan, held, vertices):
                           bvecs=np.asarray(scan.gtab.bvecs)[keep],
                           b0_threshold=scan.gtab.b0_threshold)
     return PreparedScan(gtab, np.ascontiguousarray(scan.normalized[..., keep]), scan.mask,
-                        scan.response, ShellInterpolator(gtab, vertices))
+                        scan.response, ShellInterpolator(gtab, vertices), scan.noise_sigma)
 
 
 class HeldOutError:

@@ -375,6 +375,40 @@ def noise_floor_variance(data, mask):
     return noise_variance(pair_distances(measured, first, second))
 
 
+def voxel_noise_sigma(data, gtab, mask, variance):
+    """Each voxel's noise level in the units of its b0-normalised signal.
+
+    The scan's ``sigma`` (:func:`noise_floor_variance`) over the voxel's mean
+    b0, what :func:`normalize_by_b0` divides the voxel by: the noise level of
+    the Rician-mean data term (``noise_floor="model"``,
+    :class:`esdmri.reconst.rician.RicianVoxelLoss`).
+
+    Parameters
+    ----------
+    data : ndarray, shape (X, Y, Z, N)
+    gtab : dipy.core.gradients.GradientTable
+    mask : ndarray of bool, shape (X, Y, Z)
+        Voxels with a positive mean b0 (:func:`normalize_by_b0`'s mask).
+    variance : float
+        ``sigma^2`` in the units of ``data`` squared.
+
+    Returns
+    -------
+    sigma : ndarray, float64, shape (X, Y, Z), or None
+        0 outside ``mask``. None where ``variance`` is 0 (no two voxels of the
+        mask touch, so no noise level is measured): without noise the Rician
+        mean is the signal itself and the data term the least-squares one.
+    """
+    if not variance >= 0:
+        raise ValueError(f"variance must be >= 0, got {variance!r}")
+    if variance == 0:
+        return None
+    mean_b0 = np.asarray(data, dtype=np.float64)[..., gtab.b0s_mask].mean(axis=-1)
+    sigma = np.zeros(mask.shape)
+    sigma[mask] = np.sqrt(variance) / mean_b0[mask]
+    return sigma
+
+
 def resolve_device(device):
     """A ``torch.device`` for ``device``, checking that CUDA exists when asked."""
     import torch  # here, so that the data checks load without torch
@@ -410,6 +444,10 @@ class PreparedScan:
         The model's, or the one estimated from this scan.
     interpolator : esdmri.shm.ShellInterpolator
         From the gtab's shells onto the model's HEALPix grid.
+    noise_sigma : ndarray, shape (X, Y, Z), or None
+        Each voxel's noise level in the units of ``normalized``
+        (:func:`voxel_noise_sigma`) when the refinement's data term models
+        the Rician floor (``noise_floor="model"``); None otherwise.
     """
 
     gtab: object
@@ -417,3 +455,4 @@ class PreparedScan:
     mask: np.ndarray
     response: object
     interpolator: object
+    noise_sigma: object = None

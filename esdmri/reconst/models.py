@@ -30,15 +30,16 @@ from .. import serialization
 from ..deprecation import keyword_only_from
 from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs
-from .config import (DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
-                     default_sh_order, option_defaults, options_docstring)
+from .config import (DEBIAS_METHODS, RICIAN_MODEL, DeconvolutionConfig, NetworkConfig,
+                     canonical_conv_kind, default_sh_order, option_defaults,
+                     options_docstring)
 from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retained_scan,
                        weights_origin)
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
                      debias_magnitudes, noise_floor_variance, normalize_by_b0,
-                     resolve_device)
+                     resolve_device, voxel_noise_sigma)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
 from .pretrained import PriorCorrection, apply_correction, load_correction
@@ -231,12 +232,15 @@ class _DeconvolutionModel(ReconstModel):
         """
         data, checked = check_scan(data, self.gtab, mask)
         noise_floor = self.config.network.noise_floor
-        signal = data
-        if noise_floor is not None:
+        signal, noise_sigma = data, None
+        if noise_floor in DEBIAS_METHODS:
             signal = debias_magnitudes(data, checked, noise_floor_variance(data, checked),
                                        method=noise_floor)
         normalized, checked = normalize_by_b0(signal, self.gtab, checked,
                                               warn_dropped=mask is not None)
+        if noise_floor == RICIAN_MODEL:
+            noise_sigma = voxel_noise_sigma(data, self.gtab, checked,
+                                            noise_floor_variance(data, checked))
         response = self.response
         if response is None:
             # With the floor taken off, the response is fitted to the magnitudes as
@@ -246,7 +250,7 @@ class _DeconvolutionModel(ReconstModel):
                                           sh_order_max=self.config.network.sh_order_max,
                                           rician=noise_floor is not None)
         return PreparedScan(self.gtab, normalized, checked, response,
-                            ShellInterpolator(self.gtab, self.sphere.vertices))
+                            ShellInterpolator(self.gtab, self.sphere.vertices), noise_sigma)
 
     def prior_coefficients(self, scan):
         """The linear prior's tissue coefficients of a prepared scan, without a network.
@@ -370,7 +374,8 @@ class _DeconvolutionModel(ReconstModel):
             build_forward_model(scan.response, self.gtab, order, self.device).matrix,
             build_fodf_sampler(order, self.device), n_coeffs(order), order,
             self.config.training.loss_weights, **config.solver_options(),
-            normalize=self.normalizes_with(scan.response), verbose=self.verbose)
+            normalize=self.normalizes_with(scan.response), verbose=self.verbose,
+            noise_sigma=scan.noise_sigma)
 
     # -- fitting ----------------------------------------------------------
     @keyword_only_from("mask", since="0.2")

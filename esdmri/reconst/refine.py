@@ -34,6 +34,7 @@ from ..shm import sh_degrees
 from .config import REFINEMENT_METHODS
 from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
+from .rician import RicianVoxelLoss
 
 # Adam's moment decay rates and the floor of its denominator.
 _BETAS = (0.9, 0.999)
@@ -372,11 +373,16 @@ class CoupledObjective:
         None: no spatial term.
     smoothing : float
     batch_voxels : int
+    noise_sigma : Tensor, shape (n,), optional
+        Each voxel's noise level: the data term is :class:`RicianVoxelLoss`'s.
     """
 
     def __init__(self, measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights, first,
-                 second, pair_weights, smoothing, batch_voxels):
-        self.voxel_loss = VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
+                 second, pair_weights, smoothing, batch_voxels, noise_sigma=None):
+        self.voxel_loss = (VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
+                           if noise_sigma is None else RicianVoxelLoss(
+                               forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma,
+                               VoxelLoss))
         self.projected, constant = self.voxel_loss.project(measured)
         self.constant = constant
         self.pair_weights = pair_weights
@@ -605,7 +611,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
-                        memory=5, damping=_DAMPING):
+                        memory=5, damping=_DAMPING, noise_sigma=None):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -684,6 +690,10 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         identity, the plain L-BFGS). The default (10) stopped the 40^3 dev
         fit after 113 evaluations instead of 173, at a lower objective
         (docs/benchmarks.md). ``method="lbfgs"`` only.
+    noise_sigma : ndarray, shape (X, Y, Z), optional
+        Noise level of each voxel's normalised signal: the data term compares
+        the Rician mean of the forward signal with it (:class:`RicianVoxelLoss`,
+        ``noise_floor="model"``). None: least squares.
 
     Returns
     -------
@@ -716,8 +726,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         pair_weights = (signal_similarity(distances, variance) if similarity
                         else torch.ones_like(distances))
         pair_weights *= total_variation * coupling_scale(variance, measured.shape[1])
+    voxel_sigma = None if noise_sigma is None else np.asarray(noise_sigma).reshape(-1)[indices]
     objective = CoupledObjective(measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
-                                 first, second, pair_weights, smoothing, batch_voxels)
+                                 first, second, pair_weights, smoothing, batch_voxels, voxel_sigma)
     preconditioner = None
     if damping is not None:
         preconditioner = signal_preconditioner(forward_matrix, weights, damping).to(device, dtype)
