@@ -31,13 +31,33 @@ the default (``OMP_NUM_THREADS`` if set, otherwise torch's count of the
 physical cores), a positive value is the thread count, a negative value
 ``-k`` leaves ``k - 1`` of the available CPUs unused (``-1``: all of them),
 and 0 is an error.
+
+When nobody chose the thread count (no ``num_threads``, ``--num_threads``,
+``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, no ``torch.set_num_threads``
+after the first fit started), esdmri *adapts* it to the load on Linux
+(:func:`adapt_num_threads`): at the fit's natural boundaries (each
+E(3) x SO(3) layer call, each evaluation of the refinement's objective) it
+reads how much CPU time other processes took on this process's CPUs since
+the previous check (``/proc/stat`` minus ``/proc/self/stat``, at most every
+:data:`ADAPT_INTERVAL` seconds) and runs on the CPUs they leave free,
+between one thread and the count in force at the first check. Beside a job
+that holds one of two cores the fit then runs on one thread, at its
+one-thread speed, instead of two threads that wait for each other's share
+of the busy core; when the job ends, the next check goes back to two.
+``ESDMRI_ADAPTIVE_THREADS=0`` in the environment (or :func:`set_adaptive`)
+turns this off. The thread count changes only the order of float sums, so
+a fit's result agrees to float32 round-off.
 """
 
+import contextlib
+import math
 import os
 import sys
+import time
 
-__all__ = ["WAIT_POLICY", "WAIT_POLICY_APPLIED", "apply_wait_policy", "resolve_num_threads",
-           "set_num_threads"]
+__all__ = ["ADAPT_INTERVAL", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
+           "adapt_num_threads", "apply_wait_policy", "fixed_num_threads",
+           "resolve_num_threads", "set_adaptive", "set_num_threads"]
 
 # The environment variable and the value esdmri asks for.
 WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
@@ -114,3 +134,178 @@ def set_num_threads(num_threads):
     if threads is not None:
         torch.set_num_threads(threads)
     return previous
+
+
+@contextlib.contextmanager
+def fixed_num_threads(num_threads):
+    """``num_threads`` for the ``with`` block, then the previous count.
+
+    A count given here is the caller's choice: :func:`adapt_num_threads`
+    leaves it alone inside the block. None keeps the count in force (and the
+    adaptation, if on).
+
+    Parameters
+    ----------
+    num_threads : int or None
+        As in :func:`resolve_num_threads`.
+    """
+    if num_threads is None:
+        yield
+        return
+    previous = set_num_threads(num_threads)
+    _ADAPTATION.pinned += 1
+    try:
+        yield
+    finally:
+        _ADAPTATION.pinned -= 1
+        set_num_threads(previous)
+        if _ADAPTATION.last_set is not None:
+            _ADAPTATION.last_set = previous
+
+
+# --- the load-aware thread count ---------------------------------------------------------
+
+# Seconds between two looks at the load: the shortest window over which the
+# other processes' CPU time is measured (the kernel counts it in ticks of
+# 1/100 s per CPU), and the longest a new job runs beside too many threads.
+ADAPT_INTERVAL = 0.25
+# Environment variable that turns the adaptation off ("0").
+ADAPT_ENV = "ESDMRI_ADAPTIVE_THREADS"
+# A user's thread count from the environment (torch reads both).
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Fields of a /proc/stat "cpuN" line counted as busy: user, nice, system,
+# irq, softirq, steal (not idle or iowait; guest time is inside user).
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+
+
+def _read_text(path):
+    """The text of a ``/proc`` file; of ``/proc/stat`` only the ``cpu`` lines at its top."""
+    with open(path) as file:
+        if path != "/proc/stat":
+            return file.read()
+        lines = []
+        for line in file:  # the lines after them (interrupt counts) are long
+            if not line.startswith("cpu"):
+                break
+            lines.append(line)
+        return "".join(lines)
+
+
+class LoadProbe:
+    """CPU time that other processes take on this process's CPUs (Linux).
+
+    Parameters
+    ----------
+    cpus : iterable of int, optional
+        The CPUs to watch (default: this process's affinity).
+    read : callable, optional
+        ``read(path) -> str``; a test passes fake ``/proc`` text.
+    clock : callable, optional
+        Wall-clock seconds (``time.monotonic``).
+    """
+
+    def __init__(self, cpus=None, read=_read_text, clock=time.monotonic):
+        self.cpus = frozenset(os.sched_getaffinity(0) if cpus is None else cpus)
+        self.read, self.clock = read, clock
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def sample(self):
+        """``(seconds, busy ticks of the CPUs, this process's ticks)``."""
+        busy = 0
+        for line in self.read("/proc/stat").splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                busy += sum(int(fields[index]) for index in _BUSY_FIELDS)
+        # utime and stime, the 14th and 15th fields; the name before them may hold spaces.
+        own = self.read("/proc/self/stat").rpartition(")")[2].split()
+        return self.clock(), busy, int(own[11]) + int(own[12])
+
+    def others(self, before, after):
+        """Cores used by other processes between two :meth:`sample` results."""
+        seconds = after[0] - before[0]
+        if seconds <= 0:
+            return 0.0
+        ticks = (after[1] - before[1]) - (after[2] - before[2])
+        return max(0.0, ticks / self.tick / seconds)
+
+
+class _Adaptation:
+    """State of :func:`adapt_num_threads` (one per process)."""
+
+    def __init__(self, environ=os.environ, probe=None):
+        self.enabled = (environ.get(ADAPT_ENV, "1") != "0"
+                        and not any(environ.get(name) for name in _THREAD_ENV))
+        self.probe, self.last = None, None
+        if self.enabled:
+            try:
+                self.probe = probe or LoadProbe()
+                self.last = self.probe.sample()
+            except (OSError, ValueError, IndexError, AttributeError):
+                self.enabled = False  # not Linux, or no /proc: the count stays as set
+        self.ceiling = None  # the count in force at the first check
+        self.last_set = None  # the count this module set last
+        self.pinned = 0  # depth of fixed_num_threads blocks
+
+
+_ADAPTATION = _Adaptation()
+
+
+def set_adaptive(enabled):
+    """Turn the load-aware thread count on or off for this process.
+
+    Parameters
+    ----------
+    enabled : bool
+
+    Returns
+    -------
+    previous : bool
+    """
+    previous = _ADAPTATION.enabled
+    if enabled:  # start afresh: the count in force at the next call is the ceiling
+        _ADAPTATION.__init__({})
+    else:
+        _ADAPTATION.enabled = False
+    return previous
+
+
+def adapt_num_threads():
+    """Run torch on the CPUs that other processes leave free, if nobody chose.
+
+    Cheap enough for every layer call: it returns at once unless
+    :data:`ADAPT_INTERVAL` seconds have passed since the last look. Then it
+    measures the cores other processes used on this process's CPUs since
+    that look, and sets torch's thread count to the free cores, rounded,
+    between 1 and the count in force at the first call. A count set by
+    anyone else after that first call (``torch.set_num_threads``) turns the
+    adaptation off for good: the user's choice wins.
+
+    Returns
+    -------
+    threads : int or None
+        The count set by this call, or None when it changed nothing.
+    """
+    state = _ADAPTATION
+    if not state.enabled or state.pinned:
+        return None
+    now = state.probe.clock()
+    if now - state.last[0] < ADAPT_INTERVAL:
+        return None
+    import torch
+
+    current = torch.get_num_threads()
+    if state.ceiling is None:
+        state.ceiling = state.last_set = current
+    elif current != state.last_set:  # someone else set it: theirs wins
+        state.enabled = False
+        return None
+    sample = state.probe.sample()
+    others = state.probe.others(state.last, sample)
+    state.last = sample
+    free = len(state.probe.cpus) - others
+    threads = max(1, min(state.ceiling, math.floor(free + 0.5)))
+    if threads == current:
+        return None
+    torch.set_num_threads(threads)
+    state.last_set = threads
+    return threads
