@@ -26,6 +26,11 @@ under two thread policies:
 * ``spin N`` (with ``--spincount N [N ...]``): libgomp's spin shortened to
   N iterations (``GOMP_SPINCOUNT=N``, torch imported first), a middle way
   whose idle cost a quiet rerun can compare with ``passive``'s;
+* ``spin adaptive`` and ``passive adaptive``: the same wait policies with
+  esdmri's load-aware thread count (``esdmri.threads.adapt_num_threads``:
+  torch runs on the cores that other processes leave free, checked at each
+  layer call and refinement evaluation); the plain ``spin`` and ``passive``
+  run with it off (``ESDMRI_ADAPTIVE_THREADS=0``), at torch's default count;
 
 and two machine states: ``idle`` and ``busy``, beside one process running a
 pure-Python busy loop (one core) that this script starts before the
@@ -62,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = ("spin", "passive")  # and "spin N" with --spincount N
+POLICIES = ("spin", "passive", "spin adaptive", "passive adaptive")  # "spin N": --spincount
 LOADS = ("idle", "busy")
 BUSY_LOOP = "while True:\n    pass\n"
 
@@ -150,7 +155,8 @@ WORKERS = {"policy-check": worker_policy_check, "layer": worker_layer,
 def run_worker(task):
     """Run one measurement in a fresh process, beside a busy loop if asked."""
     env = {key: value for key, value in os.environ.items()
-           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    env["ESDMRI_ADAPTIVE_THREADS"] = "1" if task["policy"].endswith(" adaptive") else "0"
     if task["policy"] == "environment":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     if task["policy"].startswith("spin "):
@@ -234,6 +240,9 @@ def main():
     parser.add_argument("--no-fit", action="store_true", help="the layers only")
     parser.add_argument("--spincount", type=int, nargs="+", default=[],
                         help="also libgomp's default policy with GOMP_SPINCOUNT=N, for each N")
+    parser.add_argument("--policies", nargs="+", default=None,
+                        help=f"the policies to compare (default: {', '.join(POLICIES)}); "
+                             "'spin' first, as the idle reference")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -258,7 +267,10 @@ def main():
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, {rounds} round(s), "
           f"{repeats} layer repeat(s); 1-minute load average at start {load_average()}",
           flush=True)
-    policies = POLICIES + tuple(f"spin {count}" for count in args.spincount)
+    policies = tuple(args.policies or POLICIES) + tuple(f"spin {count}"
+                                                        for count in args.spincount)
+    if policies[0] != "spin" or any(policy not in POLICIES for policy in args.policies or ()):
+        parser.error(f"--policies: 'spin' first, then any of {', '.join(POLICIES)}")
     print("| import order | OMP_WAIT_POLICY seen by the runtime | CPU s per wall s |")
     print("|---|---|---|")
     for policy, label in (("spin", "torch, then esdmri"), ("passive", "esdmri, then torch"),
@@ -279,8 +291,10 @@ def main():
                                 shape=shapes.get(name))
                     result = run_worker(task)
                     results[(name, policy, load)].append(result)
-                    shown = result.get("error") or " ".join(f"{t:.2f}" for t in result["times"])
-                    print(f"round {round_index + 1} {name} {policy} {load}: {shown} s "
+                    shown = result.get("error") or (
+                        " ".join(f"{t:.2f}" for t in result["times"])
+                        + f" s, {result['threads']} thread(s) at the end")
+                    print(f"round {round_index + 1} {name} {policy} {load}: {shown} "
                           f"(load {load_average()})", flush=True)
     lines, medians = format_table(tasks, policies, results)
     print()

@@ -1,52 +1,59 @@
-"""Threads of esdmri's CPU work: the OpenMP wait policy and ``num_threads``.
+"""Threads of esdmri's CPU work: their count and the OpenMP wait policy.
 
 The CPU build of torch runs its intra-op parallelism (and MKL's and
 oneDNN's) on one OpenMP thread pool: GNU ``libgomp`` in the Linux wheels
-from PyPI, LLVM/Intel ``libomp`` in some other builds. By default an OpenMP
-thread that has finished its share of a parallel operation *spins* (busy
-waits) for the next one before it sleeps: about 300,000 spins in libgomp
-(``GOMP_SPINCOUNT``), 200 ms in libomp (``KMP_BLOCKTIME``). On an idle
-machine that saves a wake-up per operation. On a shared machine (a laptop, a
-cluster node or CI runner running other jobs) it is a collapse: the
-spinning threads hold the cores that the straggler thread, the one still
-owing its share, needs, and every small operation waits for it. The
-E(3) x SO(3) layer and the fit issue thousands of small parallel operations
-(neighbourhood sums, copies, adds); with two threads on two cores beside one
+from PyPI, LLVM/Intel ``libomp`` in some other builds. The E(3) x SO(3)
+layer and the fit issue thousands of small parallel operations
+(neighbourhood sums, copies, adds), and each waits for its slowest thread.
+On a shared machine (a laptop, a cluster node or CI runner running other
+jobs) that thread is often one that another process has pushed off its
+core, and by default the threads that are done *spin* (busy wait) for the
+next operation meanwhile: about 300,000 spins in libgomp
+(``GOMP_SPINCOUNT``), 200 ms in libomp (``KMP_BLOCKTIME``), holding the
+cores that the straggler needs. With two threads on two cores beside one
 busy process, a layer's forward + backward went from about 1 s to 5-60 s.
 
-esdmri therefore asks for ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads
-sleep at once; both runtimes honour it) when ``esdmri`` is imported, unless
-the environment already sets ``OMP_WAIT_POLICY``: a user's own value always
-wins (``OMP_WAIT_POLICY=ACTIVE`` restores spinning, for a dedicated
-machine). The OpenMP runtime reads its environment once, when it is loaded,
-which is when ``torch`` is first imported. So the policy takes effect only
-if ``esdmri`` (or any ``esdmri.*`` module) is imported before ``torch``; a
+**The load-aware thread count.** When nobody chose the count (no
+``num_threads`` or ``--num_threads``, no ``OMP_NUM_THREADS`` or
+``MKL_NUM_THREADS``, no ``torch.set_num_threads`` after the first check),
+esdmri adapts it to the load on Linux (:func:`adapt_num_threads`): at the
+work's natural boundaries (each E(3) x SO(3) layer call, each evaluation of
+the refinement's objective) it measures the CPU time that other processes
+took on this process's CPUs since the previous check (``/proc/stat`` minus
+``/proc/self/stat``, at most every :data:`ADAPT_INTERVAL` seconds) and runs
+torch on the cores they leave free, between one thread and the count in
+force at the first check. Beside a job that holds one of two cores the fit
+then runs on one thread, at its one-thread speed, with no thread waiting
+for another; when the job ends, the next check goes back to two.
+``ESDMRI_ADAPTIVE_THREADS=0`` in the environment or :func:`set_adaptive`
+turns it off. The thread count changes the order of float sums, so fits
+on different counts agree to float32 round-off amplified by the
+refinement's stop rule, not bit for bit: a fit that must repeat exactly
+fixes its count (``--num_threads``, ``OMP_NUM_THREADS``).
+
+**The wait policy.** Where the count adapts, no thread is left to wait for
+a busy core, so the runtime's spinning stays (it is the faster one on an
+idle machine). Where it cannot adapt (the user fixed the count in the
+environment, ``ESDMRI_ADAPTIVE_THREADS=0``, no ``/proc``), ``import
+esdmri`` asks for ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at
+once; both runtimes honour it), and so does a command given
+``--num_threads`` above 1 before torch loads. A user's own
+``OMP_WAIT_POLICY`` always wins (``ACTIVE`` spins, ``PASSIVE`` sleeps). The
+OpenMP runtime reads its environment once, when it is loaded, which is
+when ``torch`` is first imported. So the policy takes effect only if
+``esdmri`` (or any ``esdmri.*`` module) is imported before ``torch``; a
 script that imports torch first keeps the runtime's default, and can set
 the variable in its shell instead (``export OMP_WAIT_POLICY=PASSIVE``).
 :data:`WAIT_POLICY_APPLIED` records which case holds. Child processes
-inherit the variable.
+inherit the variable. A script that fixes the count with
+``torch.set_num_threads`` on a shared machine should export
+``OMP_WAIT_POLICY=PASSIVE``.
 
 ``num_threads`` follows DIPY's workflows (``dipy.utils.omp``): None keeps
 the default (``OMP_NUM_THREADS`` if set, otherwise torch's count of the
-physical cores), a positive value is the thread count, a negative value
-``-k`` leaves ``k - 1`` of the available CPUs unused (``-1``: all of them),
-and 0 is an error.
-
-When nobody chose the thread count (no ``num_threads``, ``--num_threads``,
-``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, no ``torch.set_num_threads``
-after the first fit started), esdmri *adapts* it to the load on Linux
-(:func:`adapt_num_threads`): at the fit's natural boundaries (each
-E(3) x SO(3) layer call, each evaluation of the refinement's objective) it
-reads how much CPU time other processes took on this process's CPUs since
-the previous check (``/proc/stat`` minus ``/proc/self/stat``, at most every
-:data:`ADAPT_INTERVAL` seconds) and runs on the CPUs they leave free,
-between one thread and the count in force at the first check. Beside a job
-that holds one of two cores the fit then runs on one thread, at its
-one-thread speed, instead of two threads that wait for each other's share
-of the busy core; when the job ends, the next check goes back to two.
-``ESDMRI_ADAPTIVE_THREADS=0`` in the environment (or :func:`set_adaptive`)
-turns this off. The thread count changes only the order of float sums, so
-a fit's result agrees to float32 round-off.
+physical cores, adapted to the load as above), a positive value is the
+thread count, a negative value ``-k`` leaves ``k - 1`` of the available
+CPUs unused (``-1``: all of them), and 0 is an error.
 """
 
 import contextlib
@@ -58,38 +65,6 @@ import time
 __all__ = ["ADAPT_INTERVAL", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
            "adapt_num_threads", "apply_wait_policy", "fixed_num_threads",
            "resolve_num_threads", "set_adaptive", "set_num_threads"]
-
-# The environment variable and the value esdmri asks for.
-WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def apply_wait_policy(environ=None, modules=None):
-    """Ask for sleeping (not spinning) OpenMP threads unless the user chose.
-
-    Parameters
-    ----------
-    environ : mapping, optional
-        The environment to update (default ``os.environ``).
-    modules : mapping, optional
-        The loaded modules (default ``sys.modules``), to tell whether the
-        OpenMP runtime is loaded already.
-
-    Returns
-    -------
-    applied : bool
-        True when the OpenMP runtime will run with ``environ``'s wait policy
-        (torch not imported yet); False when torch was imported first, so
-        that the runtime read its environment before this call.
-    """
-    environ = os.environ if environ is None else environ
-    modules = sys.modules if modules is None else modules
-    name, value = WAIT_POLICY
-    environ.setdefault(name, value)
-    return "torch" not in modules
-
-
-WAIT_POLICY_APPLIED = apply_wait_policy()
-
 
 def resolve_num_threads(num_threads):
     """The thread count that ``num_threads`` asks for, DIPY's convention.
@@ -152,6 +127,8 @@ def fixed_num_threads(num_threads):
     if num_threads is None:
         yield
         return
+    if resolve_num_threads(num_threads) > 1:  # fixed threads wait for busy cores: sleep
+        apply_wait_policy()
     previous = set_num_threads(num_threads)
     _ADAPTATION.pinned += 1
     try:
@@ -248,6 +225,41 @@ class _Adaptation:
 
 
 _ADAPTATION = _Adaptation()
+
+# The environment variable and the value esdmri asks for.
+WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def apply_wait_policy(environ=None, modules=None, adaptive=False):
+    """Ask for sleeping (not spinning) OpenMP threads unless the user chose.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        The environment to update (default ``os.environ``).
+    modules : mapping, optional
+        The loaded modules (default ``sys.modules``), to tell whether the
+        OpenMP runtime is loaded already.
+    adaptive : bool, optional
+        True when the thread count adapts to the load: then the runtime's
+        own (spinning) policy stays, and ``environ`` is left as it is.
+
+    Returns
+    -------
+    applied : bool
+        True when the OpenMP runtime will run with ``environ``'s wait policy
+        (torch not imported yet); False when torch was imported first, so
+        that the runtime read its environment before this call.
+    """
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    name, value = WAIT_POLICY
+    if not adaptive:
+        environ.setdefault(name, value)
+    return "torch" not in modules
+
+
+WAIT_POLICY_APPLIED = apply_wait_policy(adaptive=_ADAPTATION.enabled)
 
 
 def set_adaptive(enabled):
