@@ -21,16 +21,17 @@ under two thread policies:
 
 * ``spin``: the OpenMP runtime's default (torch imported before esdmri, the
   environment without ``OMP_WAIT_POLICY``);
-* ``passive``: esdmri's policy (esdmri imported first, so
-  ``OMP_WAIT_POLICY=PASSIVE``);
+* ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (esdmri's policy where the
+  thread count does not adapt; exported, and esdmri imported first);
 * ``spin N`` (with ``--spincount N [N ...]``): libgomp's spin shortened to
   N iterations (``GOMP_SPINCOUNT=N``, torch imported first), a middle way
   whose idle cost a quiet rerun can compare with ``passive``'s;
-* ``spin adaptive`` and ``passive adaptive``: the same wait policies with
-  esdmri's load-aware thread count (``esdmri.threads.adapt_num_threads``:
-  torch runs on the cores that other processes leave free, checked at each
-  layer call and refinement evaluation); the plain ``spin`` and ``passive``
-  run with it off (``ESDMRI_ADAPTIVE_THREADS=0``), at torch's default count;
+* ``spin adaptive`` (esdmri's default on Linux) and ``passive adaptive``:
+  the same wait policies with esdmri's load-aware thread count
+  (``esdmri.threads.adapt_num_threads``: torch runs on the cores that other
+  processes leave free, checked at each layer call and refinement
+  evaluation); the plain ``spin`` and ``passive`` run with it off
+  (``ESDMRI_ADAPTIVE_THREADS=0``), at torch's default count;
 
 and two machine states: ``idle`` and ``busy``, beside one process running a
 pure-Python busy loop (one core) that this script starts before the
@@ -157,6 +158,9 @@ def run_worker(task):
     env = {key: value for key, value in os.environ.items()
            if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env["ESDMRI_ADAPTIVE_THREADS"] = "1" if task["policy"].endswith(" adaptive") else "0"
+    if task["policy"].startswith("passive") and task["task"] != "policy-check":
+        # esdmri leaves the runtime spinning where the count adapts
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if task["policy"] == "environment":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     if task["policy"].startswith("spin "):
@@ -293,7 +297,8 @@ def main():
                     results[(name, policy, load)].append(result)
                     shown = result.get("error") or (
                         " ".join(f"{t:.2f}" for t in result["times"])
-                        + f" s, {result['threads']} thread(s) at the end")
+                        + " s (CPU " + " ".join(f"{t:.2f}" for t in result["cpu"])
+                        + f" s), {result['threads']} thread(s) at the end")
                     print(f"round {round_index + 1} {name} {policy} {load}: {shown} "
                           f"(load {load_average()})", flush=True)
     lines, medians = format_table(tasks, policies, results)

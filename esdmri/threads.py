@@ -64,7 +64,8 @@ import time
 
 __all__ = ["ADAPT_INTERVAL", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
            "adapt_num_threads", "apply_wait_policy", "fixed_num_threads",
-           "resolve_num_threads", "set_adaptive", "set_num_threads"]
+           "note_default_num_threads", "resolve_num_threads", "set_adaptive",
+           "set_num_threads"]
 
 def resolve_num_threads(num_threads):
     """The thread count that ``num_threads`` asks for, DIPY's convention.
@@ -219,12 +220,29 @@ class _Adaptation:
                 self.last = self.probe.sample()
             except (OSError, ValueError, IndexError, AttributeError):
                 self.enabled = False  # not Linux, or no /proc: the count stays as set
+        self.default = None  # torch's count when esdmri's layers loaded
         self.ceiling = None  # the count in force at the first check
         self.last_set = None  # the count this module set last
         self.pinned = 0  # depth of fixed_num_threads blocks
 
 
 _ADAPTATION = _Adaptation()
+
+
+def note_default_num_threads():
+    """Record torch's thread count, once, as the one nobody chose.
+
+    Called when esdmri's layers load (``esdmri.nn.e3so3``, which imports
+    torch): a count that differs from it at the first
+    :func:`adapt_num_threads` is the user's (``torch.set_num_threads``) and
+    is never adapted. If torch was imported and its count set before
+    esdmri, that count is taken as the default.
+    """
+    if _ADAPTATION.default is None and "torch" in sys.modules:
+        _ADAPTATION.default = sys.modules["torch"].get_num_threads()
+
+
+note_default_num_threads()  # torch imported before esdmri
 
 # The environment variable and the value esdmri asks for.
 WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
@@ -276,6 +294,7 @@ def set_adaptive(enabled):
     previous = _ADAPTATION.enabled
     if enabled:  # start afresh: the count in force at the next call is the ceiling
         _ADAPTATION.__init__({})
+        _ADAPTATION.default = None
     else:
         _ADAPTATION.enabled = False
     return previous
@@ -288,9 +307,10 @@ def adapt_num_threads():
     :data:`ADAPT_INTERVAL` seconds have passed since the last look. Then it
     measures the cores other processes used on this process's CPUs since
     that look, and sets torch's thread count to the free cores, rounded,
-    between 1 and the count in force at the first call. A count set by
-    anyone else after that first call (``torch.set_num_threads``) turns the
-    adaptation off for good: the user's choice wins.
+    between 1 and the count in force at the first call. A count that anyone
+    else set (``torch.set_num_threads`` after esdmri's layers loaded, before
+    or after the first call) turns the adaptation off for good: the user's
+    choice wins.
 
     Returns
     -------
@@ -308,6 +328,9 @@ def adapt_num_threads():
     current = torch.get_num_threads()
     if state.ceiling is None:
         state.ceiling = state.last_set = current
+        if state.default is not None and current != state.default:
+            state.enabled = False  # set by the user before the first check
+            return None
     elif current != state.last_set:  # someone else set it: theirs wins
         state.enabled = False
         return None

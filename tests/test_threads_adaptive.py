@@ -108,6 +108,21 @@ def test_the_ceiling_is_the_count_at_the_first_call(adaptation):
     assert torch.get_num_threads() == 1 and state.ceiling == 1
 
 
+def test_a_count_set_before_the_first_call_wins(adaptation):
+    fake, state = adaptation
+    state.default = 2  # torch's count when the layers loaded
+    torch.set_num_threads(1)  # the user's, before fitting
+    _load(fake, 1.0, others=0.0)
+    assert adapt_num_threads() is None
+    assert torch.get_num_threads() == 1 and not state.enabled
+    # The same count as the default is nobody's choice: adapted.
+    state.__init__(environ={}, probe=state.probe)
+    state.default = 2
+    torch.set_num_threads(2)
+    _load(fake, 1.0, others=1.0)
+    assert adapt_num_threads() == 1
+
+
 def test_a_later_torch_set_num_threads_wins_for_good(adaptation):
     fake, state = adaptation
     _load(fake, 1.0, others=1.0)
@@ -154,10 +169,11 @@ CHILD = """
 import os, sys, time, subprocess
 first, second = int(sys.argv[1]), int(sys.argv[2])
 os.sched_setaffinity(0, {first, second})
-import esdmri  # noqa: F401
+import esdmri.threads
 import torch
 from esdmri.threads import ADAPT_INTERVAL, adapt_num_threads
-torch.set_num_threads(2)  # the ceiling: the count at the first look
+torch.set_num_threads(2)
+esdmri.threads.set_adaptive(True)  # from the count in force: the ceiling
 busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
 try:
     os.sched_setaffinity(busy.pid, {second})

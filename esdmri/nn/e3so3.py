@@ -40,7 +40,9 @@ from torch import nn
 from esdmri.nn.chebyshev import as_operator
 from esdmri.nn.spatial import (NeighbourhoodSums, Workspace, check_field,
                                fp32_under_cuda_autocast)
-from esdmri.threads import adapt_num_threads
+from esdmri.threads import adapt_num_threads, note_default_num_threads
+
+note_default_num_threads()  # torch's count before any user code can set it (esdmri.threads)
 
 # Columns (voxels of one vertex) per slab of x-rows: the analysis of a slab
 # then runs in place in one cache block (ChebyshevOperator's 2 x 256
