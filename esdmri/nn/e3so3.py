@@ -231,7 +231,8 @@ class E3SO3Conv(nn.Module):
 
     def forward(self, x):
         """x : Tensor [B, in_channels, V, X, Y, Z] -> [B, out_channels, V, X, Y, Z]."""
-        adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
+        if not torch.compiler.is_compiling():  # the threads the load leaves (esdmri.threads)
+            adapt_num_threads()
         check_field(x, n_vertices=self.operator.n_vertices, n_channels=self.in_channels)
         return _SphereSpatialLinear.apply(x.contiguous(), self.fused_weight(), self.bias,
                                           self.operator, self.sums)
