@@ -32,6 +32,9 @@ under two thread policies:
   processes leave free, checked at each layer call and refinement
   evaluation); the plain ``spin`` and ``passive`` run with it off
   (``ESDMRI_ADAPTIVE_THREADS=0``), at torch's default count;
+* ``one thread``: ``OMP_NUM_THREADS=1``; its idle time is ``T1``, the
+  adaptive policies' best case beside the busy loop, and the verdict's
+  "idle against the runtime's default" for it is ``T1 / T2``;
 
 and two machine states: ``idle`` and ``busy``, beside one process running a
 pure-Python busy loop (one core) that this script starts before the
@@ -68,7 +71,8 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = ("spin", "passive", "spin adaptive", "passive adaptive")  # "spin N": --spincount
+POLICIES = ("spin", "passive", "spin adaptive", "passive adaptive", "one thread")
+# and "spin N" with --spincount N
 LOADS = ("idle", "busy")
 BUSY_LOOP = "while True:\n    pass\n"
 
@@ -163,6 +167,8 @@ def run_worker(task):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     if task["policy"] == "environment":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if task["policy"] == "one thread":
+        env["OMP_NUM_THREADS"] = "1"
     if task["policy"].startswith("spin "):
         env["GOMP_SPINCOUNT"] = task["policy"].split()[1]
     busy = None
