@@ -67,6 +67,7 @@ __all__ = ["ADAPT_INTERVAL", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
            "note_default_num_threads", "resolve_num_threads", "set_adaptive",
            "set_num_threads"]
 
+
 def resolve_num_threads(num_threads):
     """The thread count that ``num_threads`` asks for, DIPY's convention.
 
@@ -283,18 +284,25 @@ WAIT_POLICY_APPLIED = apply_wait_policy(adaptive=_ADAPTATION.enabled)
 def set_adaptive(enabled):
     """Turn the load-aware thread count on or off for this process.
 
+    The wait policy was chosen when esdmri was imported and stays: turning
+    the adaptation off in a process that spins (the default where it
+    adapts) leaves fixed threads spinning on a shared machine.
+
     Parameters
     ----------
     enabled : bool
+        True starts afresh, with the count in force at the next check as
+        the ceiling (on a system without ``/proc`` it stays off).
 
     Returns
     -------
     previous : bool
     """
     previous = _ADAPTATION.enabled
-    if enabled:  # start afresh: the count in force at the next call is the ceiling
+    if enabled:
+        pinned = _ADAPTATION.pinned
         _ADAPTATION.__init__({})
-        _ADAPTATION.default = None
+        _ADAPTATION.pinned = pinned
     else:
         _ADAPTATION.enabled = False
     return previous
