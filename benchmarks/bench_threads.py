@@ -21,11 +21,20 @@ under two thread policies:
 
 * ``spin``: the OpenMP runtime's default (torch imported before esdmri, the
   environment without ``OMP_WAIT_POLICY``);
-* ``passive``: esdmri's policy (esdmri imported first, so
-  ``OMP_WAIT_POLICY=PASSIVE``);
+* ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (esdmri's policy where the
+  thread count does not adapt; exported, and esdmri imported first);
 * ``spin N`` (with ``--spincount N [N ...]``): libgomp's spin shortened to
   N iterations (``GOMP_SPINCOUNT=N``, torch imported first), a middle way
   whose idle cost a quiet rerun can compare with ``passive``'s;
+* ``spin adaptive`` (esdmri's default on Linux) and ``passive adaptive``:
+  the same wait policies with esdmri's load-aware thread count
+  (``esdmri.threads.adapt_num_threads``: torch runs on the cores that other
+  processes leave free, checked at each layer call and refinement
+  evaluation); the plain ``spin`` and ``passive`` run with it off
+  (``ESDMRI_ADAPTIVE_THREADS=0``), at torch's default count;
+* ``one thread``: ``OMP_NUM_THREADS=1``; its idle time is ``T1``, the
+  adaptive policies' best case beside the busy loop, and the verdict's
+  "idle against the runtime's default" for it is ``T1 / T2``;
 
 and two machine states: ``idle`` and ``busy``, beside one process running a
 pure-Python busy loop (one core) that this script starts before the
@@ -62,7 +71,8 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = ("spin", "passive")  # and "spin N" with --spincount N
+POLICIES = ("spin", "passive", "spin adaptive", "passive adaptive", "one thread")
+# and "spin N" with --spincount N
 LOADS = ("idle", "busy")
 BUSY_LOOP = "while True:\n    pass\n"
 
@@ -150,9 +160,15 @@ WORKERS = {"policy-check": worker_policy_check, "layer": worker_layer,
 def run_worker(task):
     """Run one measurement in a fresh process, beside a busy loop if asked."""
     env = {key: value for key, value in os.environ.items()
-           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    env["ESDMRI_ADAPTIVE_THREADS"] = "1" if task["policy"].endswith(" adaptive") else "0"
+    if task["policy"].startswith("passive") and task["task"] != "policy-check":
+        # esdmri leaves the runtime spinning where the count adapts
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if task["policy"] == "environment":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if task["policy"] == "one thread":
+        env["OMP_NUM_THREADS"] = "1"
     if task["policy"].startswith("spin "):
         env["GOMP_SPINCOUNT"] = task["policy"].split()[1]
     busy = None
@@ -234,6 +250,9 @@ def main():
     parser.add_argument("--no-fit", action="store_true", help="the layers only")
     parser.add_argument("--spincount", type=int, nargs="+", default=[],
                         help="also libgomp's default policy with GOMP_SPINCOUNT=N, for each N")
+    parser.add_argument("--policies", nargs="+", default=None,
+                        help=f"the policies to compare (default: {', '.join(POLICIES)}); "
+                             "'spin' first, as the idle reference")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -258,7 +277,10 @@ def main():
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, {rounds} round(s), "
           f"{repeats} layer repeat(s); 1-minute load average at start {load_average()}",
           flush=True)
-    policies = POLICIES + tuple(f"spin {count}" for count in args.spincount)
+    policies = tuple(args.policies or POLICIES) + tuple(f"spin {count}"
+                                                        for count in args.spincount)
+    if policies[0] != "spin" or any(policy not in POLICIES for policy in args.policies or ()):
+        parser.error(f"--policies: 'spin' first, then any of {', '.join(POLICIES)}")
     print("| import order | OMP_WAIT_POLICY seen by the runtime | CPU s per wall s |")
     print("|---|---|---|")
     for policy, label in (("spin", "torch, then esdmri"), ("passive", "esdmri, then torch"),
@@ -279,8 +301,11 @@ def main():
                                 shape=shapes.get(name))
                     result = run_worker(task)
                     results[(name, policy, load)].append(result)
-                    shown = result.get("error") or " ".join(f"{t:.2f}" for t in result["times"])
-                    print(f"round {round_index + 1} {name} {policy} {load}: {shown} s "
+                    shown = result.get("error") or (
+                        " ".join(f"{t:.2f}" for t in result["times"])
+                        + " s (CPU " + " ".join(f"{t:.2f}" for t in result["cpu"])
+                        + f" s), {result['threads']} thread(s) at the end")
+                    print(f"round {round_index + 1} {name} {policy} {load}: {shown} "
                           f"(load {load_average()})", flush=True)
     lines, medians = format_table(tasks, policies, results)
     print()

@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-import esdmri  # noqa: F401  (before torch: the OpenMP wait policy of esdmri.threads)
+os.environ.setdefault("ESDMRI_ADAPTIVE_THREADS", "0")  # results must not follow the load
+import esdmri  # noqa: E402, F401  (before torch: the OpenMP wait policy of esdmri.threads)
 import torch  # noqa: E402
 
 # Figures are written to files, never shown.

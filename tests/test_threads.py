@@ -12,22 +12,44 @@ from esdmri.workflows.io import EsdmriWorkflow, run_workflow
 
 
 def _policy_in_fresh_interpreter(code, **environ):
-    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                          "ESDMRI_ADAPTIVE_THREADS")}
     env.update(environ)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, check=True)
     return result.stdout.split()
 
 
-def test_importing_esdmri_asks_for_passive_waiting_before_torch_loads():
+@pytest.mark.parametrize("environ", [{"ESDMRI_ADAPTIVE_THREADS": "0"},
+                                     {"OMP_NUM_THREADS": "2"}])
+def test_importing_esdmri_asks_for_passive_waiting_before_torch_loads(environ):
+    # Where the thread count cannot adapt to the load, idle threads must sleep.
     code = ("import os, sys; import esdmri; "
             "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules, "
             "esdmri.threads.WAIT_POLICY_APPLIED)")
-    assert _policy_in_fresh_interpreter(code) == ["PASSIVE", "False", "True"]
+    assert _policy_in_fresh_interpreter(code, **environ) == ["PASSIVE", "False", "True"]
     # Every entry point imports the package first.
     code = ("import os; import esdmri.workflows.fit; import torch; "
             "print(os.environ['OMP_WAIT_POLICY'])")
-    assert _policy_in_fresh_interpreter(code) == ["PASSIVE"]
+    assert _policy_in_fresh_interpreter(code, **environ) == ["PASSIVE"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="adapts on Linux only")
+def test_where_the_count_adapts_the_runtimes_own_policy_stays():
+    code = ("import os; import esdmri; "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), "
+            "esdmri.threads.WAIT_POLICY_APPLIED)")
+    assert _policy_in_fresh_interpreter(code) == ["unset", "True"]
+    # A command given a fixed count above one sleeps, if torch is not loaded yet.
+    code = ("import os, sys; from esdmri.threads import fixed_num_threads; "
+            "ctx = fixed_num_threads(2); ctx.__enter__(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), __import__('torch').get_num_threads())")
+    assert _policy_in_fresh_interpreter(code) == ["PASSIVE", "2"]
+    code = ("import os; from esdmri.threads import fixed_num_threads; "
+            "ctx = fixed_num_threads(1); ctx.__enter__(); "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    assert _policy_in_fresh_interpreter(code) == ["unset"]
 
 
 def test_a_users_wait_policy_wins():
@@ -36,6 +58,9 @@ def test_a_users_wait_policy_wins():
     environ = {"OMP_WAIT_POLICY": "active"}
     assert apply_wait_policy(environ, modules={})
     assert environ == {"OMP_WAIT_POLICY": "active"}
+    environ = {}
+    assert apply_wait_policy(environ, modules={}, adaptive=True)
+    assert environ == {}
 
 
 def test_the_policy_is_reported_as_late_when_torch_came_first():

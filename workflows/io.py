@@ -41,7 +41,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from esdmri.atomic import output_transaction, staged_output
 from esdmri.reconst.inputs import check_gtab
-from esdmri.threads import set_num_threads
+from esdmri.threads import fixed_num_threads
 
 
 # What nibabel, gzip and zlib raise on a corrupt or truncated file.
@@ -321,17 +321,14 @@ def _with_num_threads(run):
     """``run`` taking ``num_threads`` (``--num_threads``) for its duration.
 
     torch's thread count is restored afterwards, so that flows run in one
-    process (tests, scripts) do not change each other's.
+    process (tests, scripts) do not change each other's. A given count is
+    the user's: the load-aware count of esdmri.threads leaves it alone.
     """
     @functools.wraps(run)
     def threaded_run(self, *args, num_threads=None, **kwargs):
-        if num_threads is None:  # torch's default; light commands need not load torch
+        # None: torch's default, adapted to the load; light commands need not load torch.
+        with fixed_num_threads(num_threads):
             return run(self, *args, **kwargs)
-        previous = set_num_threads(num_threads)
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            set_num_threads(previous)
     return threaded_run
 
 

@@ -40,6 +40,9 @@ from torch import nn
 from esdmri.nn.chebyshev import as_operator
 from esdmri.nn.spatial import (NeighbourhoodSums, Workspace, check_field,
                                fp32_under_cuda_autocast)
+from esdmri.threads import adapt_num_threads, note_default_num_threads
+
+note_default_num_threads()  # torch's count before any user code can set it (esdmri.threads)
 
 # Columns (voxels of one vertex) per slab of x-rows: the analysis of a slab
 # then runs in place in one cache block (ChebyshevOperator's 2 x 256
@@ -228,6 +231,8 @@ class E3SO3Conv(nn.Module):
 
     def forward(self, x):
         """x : Tensor [B, in_channels, V, X, Y, Z] -> [B, out_channels, V, X, Y, Z]."""
+        if not torch.compiler.is_compiling():  # the threads the load leaves (esdmri.threads)
+            adapt_num_threads()
         check_field(x, n_vertices=self.operator.n_vertices, n_channels=self.in_channels)
         return _SphereSpatialLinear.apply(x.contiguous(), self.fused_weight(), self.bias,
                                           self.operator, self.sums)

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
+from ..threads import adapt_num_threads
 from .config import REFINEMENT_METHODS
 from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
@@ -409,6 +410,7 @@ class CoupledObjective:
         pass over it).
         """
         self.evaluations += 1
+        adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
         gradient = torch.empty_like(coefficients) if out is None else out
         value = 0.0
         for rows in self.chunks:
