@@ -36,6 +36,7 @@ from torch import nn
 from ..nn.unet import UNet
 from ..shm import n_coeffs, sh_degrees, sh_matrix
 from ..sphere import HealpixSphere
+from ..threads import adapt_num_threads
 from .folded import CHUNK, FoldedCorrection, foldable
 from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
@@ -435,6 +436,7 @@ def _folded_voxels(correction, volume, inside, tissues):
     scale = scale[0, 0][voxels]
     n = min(correction.n_corrected, volume.shape[-1] - (len(tissues) - 1))
     for start in range(0, len(rows), CHUNK):
+        adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
         part = slice(start, start + CHUNK)
         delta = folded.delta(folded.features(padded, rows[part]))
         kept[part, :n].addcmul_(delta[:, :n], scale[part, None])
