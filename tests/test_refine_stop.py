@@ -70,8 +70,12 @@ def test_likelihood_rule_stops_at_the_predicted_check(phantom, field, long_run, 
         assert history.stop_reason == f"converged at step {predicted}"
     else:
         assert history.steps > predicted
-    # The rule only stops: the path is the long run's.
+    # The rule only stops: the path is the long run's, and so are the evaluations counted
+    # at each check (the first at the start; a stop's count is its check's).
     np.testing.assert_array_equal(history, long_run[:len(history)])
+    assert history.evaluations_at == long_run.evaluations_at[:len(history)]
+    assert history.evaluations_at[0] == 1 and history.evaluations_at[-1] == history.evaluations
+    assert all(np.diff(history.evaluations_at) >= CHECK)
 
 
 def test_objective_at_the_stop_is_near_the_long_runs(phantom, field, long_run):  # noqa: F811

@@ -436,11 +436,23 @@ class RefinementHistory(list):
     evaluations : int
         Evaluations of the objective and its gradient (a line search may
         take more than one per step).
+    evaluations_at : list of int
+        The evaluations made when each value was recorded (what a stop at
+        that check would have cost).
     """
 
     stop_reason = "not run"
     steps = 0
     evaluations = 0
+
+    def __init__(self):
+        super().__init__()
+        self.evaluations_at = []
+
+    def record(self, value, evaluations):
+        """Append ``value``, made after ``evaluations`` evaluations."""
+        self.append(value)
+        self.evaluations_at.append(evaluations)
 
 
 def _project(coefficients, n_wm_coeffs):
@@ -470,7 +482,7 @@ def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, le
         check = step % check_every == 0 or step == steps
         value, gradient = objective(c, with_value=check)
         if check:
-            history.append(value / len(c))
+            history.record(value / len(c), objective.evaluations)
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
             if _stalled(history, tolerance, least_fall):
                 return step, f"converged at step {step}"
@@ -526,7 +538,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     stop_reason : str
     """
     value, gradient = objective(c)
-    history.append(value / len(c))
+    history.record(value / len(c), objective.evaluations)
     pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
     # Every field the loop writes lives in a buffer reused from step to step: at
     # brain size (84 MB a field) a fresh one's page faults cost more than a pass.
@@ -585,7 +597,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
             # No step along the direction lowers the objective: a (local) minimum
             # to the precision of the line search.
             if (step - 1) % check_every:
-                history.append(value / len(c))
+                history.record(value / len(c), objective.evaluations)
             return c, step - 1, f"converged at step {step - 1}"
         y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
         curvature = float(torch.vdot(s.flatten(), y.flatten()))
@@ -602,7 +614,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
         value = trial_value
         bar.update(1)
         if step % check_every == 0 or step == steps:
-            history.append(value / len(c))
+            history.record(value / len(c), objective.evaluations)
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
             if _stalled(history, tolerance, least_fall):
                 return c, step, f"converged at step {step}"
