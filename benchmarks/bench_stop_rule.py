@@ -22,15 +22,10 @@ import time
 
 import torch
 
-from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.refine import (_stalled, coupling_scale, neighbour_pairs, noise_variance,
                                    pair_distances, refine_coefficients)
-from esdmri.sims import make_phantom
 
-from .bench_memory import SHAPE as BRAIN_SHAPE
-from .bench_memory import clinical_gtab
-from .bench_preconditioner import refinement_inputs
-from .bench_stages import DEV_GEOMETRY
+from .bench_preconditioner import add_scan_arguments, chosen_scan, refinement_inputs
 
 CHECK = 10
 # (relative tolerance, likelihood tolerance in nats per voxel) of the rules compared.
@@ -47,19 +42,10 @@ def nat_per_voxel(signal, mask, weights):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=40)
-    parser.add_argument("--snr", type=float, default=20.0)
-    parser.add_argument("--brain", action="store_true",
-                        help="the clinical-size scan (96x96x60, SNR 30) instead of the phantom")
+    add_scan_arguments(parser)
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    if args.brain:
-        name = "clinical 96x96x60 SNR 30"
-        phantom = make_phantom(shape=BRAIN_SHAPE, gtab=clinical_gtab(), snr=30)
-    else:
-        name = f"{args.size}^3 dev SNR {args.snr:g}"
-        phantom = make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
-                                       geometry_seed=DEV_GEOMETRY)
+    name, phantom = chosen_scan(args)
     inputs, options, n_masked = refinement_inputs(phantom)
     del phantom
     nat = nat_per_voxel(inputs[1], inputs[2], inputs[7])
