@@ -711,12 +711,15 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         voxel, the signal term's change when each voxel's negative
         log-likelihood ``|F^T c - y|^2 / (2 sigma^2)`` changes by that much
         (``sigma^2``: :func:`noise_variance`; ``w_i``: the signal term's
-        weight). A fall far below one nat per voxel is one the noise cannot
-        tell apart, whatever the SNR, the acquisition or the scan's size,
-        where a relative ``tolerance`` asks a scan whose objective is
-        smaller for a smaller fall. 0: off; off also without neighbour
-        pairs (a single voxel), which estimate ``sigma^2``. With both
-        tolerances 0 the refinement runs all ``steps``.
+        weight). The unit is the same whatever the SNR, the number of
+        measurements or the scan's size, where a relative ``tolerance``
+        asks for a fall of about ``tolerance * N / 2`` nats per voxel (the
+        objective near its minimum is about ``N / 2`` nats per voxel). A
+        small fall per window is not a small distance to the minimum: a
+        slow phase can precede a further fall (docs/benchmarks.md, where
+        the default 0.01 was chosen on dev data). 0: off; off also without
+        neighbour pairs (a single voxel), which estimate ``sigma^2``. With
+        both tolerances 0 the refinement runs all ``steps``.
 
     Returns
     -------
