@@ -1,6 +1,6 @@
 """The refinement's stop rule in likelihood units (issue 28): it stops at the check a hand
-computation of the noise level and the objective's falls predicts, and where it stops
-the objective is within the promised distance of a long run's."""
+computation of the noise level and the objective's falls predicts, without changing the
+path, and on a small problem the objective where it stops is near a long run's."""
 
 import numpy as np
 import pytest
@@ -79,8 +79,10 @@ def test_likelihood_rule_stops_at_the_predicted_check(phantom, field, long_run, 
 
 
 def test_objective_at_the_stop_is_near_the_long_runs(phantom, field, long_run):  # noqa: F811
-    """Stopped by the rule, the objective is within a few tolerances (nats per voxel) of a
-    run four times as long: the falls after the stop add up to little more."""
+    """Stopped by the rule on this small coupled problem, the objective is within three
+    tolerances (nats per voxel) of a run about three times as long (measured 1.1): the
+    falls after the stop add up to little more. (No general bound: on the clinical scan a
+    slow phase precedes a further fall, docs/benchmarks.md.)"""
     signal, mask, start = field
     nat = hand_nat(signal, mask, LossWeights())
     tolerance = 0.05
