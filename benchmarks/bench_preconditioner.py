@@ -26,12 +26,39 @@ from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
 from esdmri.reconst.refine import refine_coefficients
 from esdmri.shm import n_coeffs
+from esdmri.sims import make_phantom
 
+from .bench_memory import SHAPE as BRAIN_SHAPE
+from .bench_memory import clinical_gtab
 from .bench_stages import DEV_GEOMETRY
 
 
 def damping_value(text):
     return None if text.lower() == "none" else float(text)
+
+
+def add_scan_arguments(parser):
+    """``--size``, ``--snr`` (the dev phantom) and ``--brain`` (the clinical-size scan)."""
+    parser.add_argument("--size", type=int, default=40)
+    parser.add_argument("--snr", type=float, default=20.0)
+    parser.add_argument("--brain", action="store_true",
+                        help="the clinical-size scan (96x96x60, SNR 30) instead of the phantom")
+
+
+def chosen_scan(args):
+    """The scan :func:`add_scan_arguments`' options name, and its name in a table.
+
+    Returns
+    -------
+    name : str
+    phantom : Phantom
+    """
+    if args.brain:
+        return ("clinical 96x96x60 SNR 30",
+                make_phantom(shape=BRAIN_SHAPE, gtab=clinical_gtab(), snr=30))
+    return (f"{args.size}^3 dev SNR {args.snr:g}",
+            make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
+                                 geometry_seed=DEV_GEOMETRY))
 
 
 def refinement_inputs(phantom):

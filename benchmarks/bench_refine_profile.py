@@ -26,32 +26,18 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.refine import refine_coefficients
-from esdmri.sims import make_phantom
 
-from .bench_memory import SHAPE as BRAIN_SHAPE
-from .bench_memory import clinical_gtab
-from .bench_preconditioner import refinement_inputs
-from .bench_stages import DEV_GEOMETRY
+from .bench_preconditioner import add_scan_arguments, chosen_scan, refinement_inputs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=40)
-    parser.add_argument("--snr", type=float, default=20.0)
-    parser.add_argument("--brain", action="store_true",
-                        help="the clinical-size scan (96x96x60, SNR 30) instead of the phantom")
+    add_scan_arguments(parser)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=15, help="operations listed")
     args = parser.parse_args()
-    if args.brain:
-        name = "clinical 96x96x60 SNR 30"
-        phantom = make_phantom(shape=BRAIN_SHAPE, gtab=clinical_gtab(), snr=30)
-    else:
-        name = f"{args.size}^3 dev SNR {args.snr:g}"
-        phantom = make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
-                                       geometry_seed=DEV_GEOMETRY)
+    name, phantom = chosen_scan(args)
     inputs, options, n_masked = refinement_inputs(phantom)
     del phantom
     options.update(tolerance=0.0, normalize=False)

@@ -247,7 +247,8 @@ class HeldOutError:
         if not steps:
             return coefficients
         # A fixed number of steps (no tolerance), so that every epoch is scored alike.
-        options = {**self.config.refinement.solver_options(), "steps": steps, "tolerance": 0.0}
+        options = {**self.config.refinement.solver_options(), "steps": steps, "tolerance": 0.0,
+                   "likelihood_tolerance": 0.0}
         coefficients, _ = refine_coefficients(
             coefficients, self.retained_signal, self.mask, self.retained_matrix, self.sampler,
             n_coeffs(self.order), self.order, self.config.training.loss_weights, **options,

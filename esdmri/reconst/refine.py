@@ -444,11 +444,23 @@ class RefinementHistory(list):
     evaluations : int
         Evaluations of the objective and its gradient (a line search may
         take more than one per step).
+    evaluations_at : list of int
+        The evaluations made when each value was recorded (what a stop at
+        that check would have cost).
     """
 
     stop_reason = "not run"
     steps = 0
     evaluations = 0
+
+    def __init__(self):
+        super().__init__()
+        self.evaluations_at = []
+
+    def record(self, value, evaluations):
+        """Append ``value``, made after ``evaluations`` evaluations."""
+        self.append(value)
+        self.evaluations_at.append(evaluations)
 
 
 def _project(coefficients, n_wm_coeffs):
@@ -457,22 +469,30 @@ def _project(coefficients, n_wm_coeffs):
     return coefficients
 
 
-def _stalled(history, tolerance):
-    return (tolerance and len(history) > 1
-            and history[-2] - history[-1] < tolerance * abs(history[-2]))
+def _stalled(history, tolerance, least_fall=0.0):
+    """Whether the objective fell too little over the last check window.
+
+    Too little: by less than ``tolerance`` times its value, or by less than
+    ``least_fall`` per voxel (the likelihood rule's threshold, in the
+    objective's units); either test is off at 0.
+    """
+    if len(history) < 2 or not (tolerance or least_fall):
+        return False
+    fall = history[-2] - history[-1]
+    return fall < tolerance * abs(history[-2]) or fall < least_fall
 
 
-def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, check_every,
-                  history, bar):
+def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, least_fall,
+                  check_every, history, bar):
     """The fixed-rate degree-grouped Adam descent (``method="adam"``)."""
     optimizer = DegreeAdam(c, groups, lr)
     for step in range(steps + 1):
         check = step % check_every == 0 or step == steps
         value, gradient = objective(c, with_value=check)
         if check:
-            history.append(value / len(c))
+            history.record(value / len(c), objective.evaluations)
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
-            if _stalled(history, tolerance):
+            if _stalled(history, tolerance, least_fall):
                 return step, f"converged at step {step}"
         if step == steps:
             return step, "step budget reached"
@@ -499,8 +519,8 @@ _BACKTRACK = 0.5
 _MAX_HALVINGS = 30
 
 
-def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, check_every,
-                   history, bar, preconditioner=None):
+def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, least_fall,
+                   check_every, history, bar, preconditioner=None):
     """Projected L-BFGS with a backtracking (Armijo) line search (``method="lbfgs"``).
 
     The two-loop recursion (Nocedal & Wright, Algorithm 7.4) builds the
@@ -526,7 +546,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
     stop_reason : str
     """
     value, gradient = objective(c)
-    history.append(value / len(c))
+    history.record(value / len(c), objective.evaluations)
     pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
     # Every field the loop writes lives in a buffer reused from step to step: at
     # brain size (84 MB a field) a fresh one's page faults cost more than a pass.
@@ -585,7 +605,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
             # No step along the direction lowers the objective: a (local) minimum
             # to the precision of the line search.
             if (step - 1) % check_every:
-                history.append(value / len(c))
+                history.record(value / len(c), objective.evaluations)
             return c, step - 1, f"converged at step {step - 1}"
         y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
         curvature = float(torch.vdot(s.flatten(), y.flatten()))
@@ -602,9 +622,9 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, c
         value = trial_value
         bar.update(1)
         if step % check_every == 0 or step == steps:
-            history.append(value / len(c))
+            history.record(value / len(c), objective.evaluations)
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
-            if _stalled(history, tolerance):
+            if _stalled(history, tolerance, least_fall):
                 return c, step, f"converged at step {step}"
     return c, steps, "step budget reached"
 
@@ -613,7 +633,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
-                        memory=5, damping=_DAMPING, noise_sigma=None):
+                        memory=5, damping=_DAMPING, likelihood_tolerance=0.0,
+                        noise_sigma=None):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -660,7 +681,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         Weight each neighbour pair by :func:`signal_similarity`.
     tolerance : float, optional
         Stop once the objective has fallen by less than this fraction over
-        the last ``check_every`` steps (0: run all ``steps``).
+        the last ``check_every`` steps (0: off).
     check_every : int, optional
     normalize : bool, optional
         Scale the result so the tissue fractions sum to 1, like the network.
@@ -692,6 +713,22 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         identity, the plain L-BFGS). The default (10) stopped the 40^3 dev
         fit after 113 evaluations instead of 173, at a lower objective
         (docs/benchmarks.md). ``method="lbfgs"`` only.
+    likelihood_tolerance : float, optional
+        Stop also once the objective has fallen by less than this many nats
+        of Gaussian log-likelihood per voxel over the last ``check_every``
+        steps: by less than ``likelihood_tolerance * 2 w_i sigma^2 / N`` per
+        voxel, the signal term's change when each voxel's negative
+        log-likelihood ``|F^T c - y|^2 / (2 sigma^2)`` changes by that much
+        (``sigma^2``: :func:`noise_variance`; ``w_i``: the signal term's
+        weight). The unit is the same whatever the SNR, the number of
+        measurements or the scan's size, where a relative ``tolerance``
+        asks for a fall of about ``tolerance * N / 2`` nats per voxel (the
+        objective near its minimum is about ``N / 2`` nats per voxel). A
+        small fall per window is not a small distance to the minimum: a
+        slow phase can precede a further fall (docs/benchmarks.md, where
+        the default 0.01 was chosen on dev data). 0: off; off also without
+        neighbour pairs (a single voxel), which estimate ``sigma^2``. With
+        both tolerances 0 the refinement runs all ``steps``.
     noise_sigma : ndarray, shape (X, Y, Z), optional
         Noise level of each voxel's normalised signal: the data term compares
         the Rician mean of the forward signal with it (:class:`RicianVoxelLoss`,
@@ -711,6 +748,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         raise ValueError(f"memory must be >= 1, got {memory}")
     if damping is not None and not damping > 0:
         raise ValueError(f"damping must be None or > 0, got {damping!r}")
+    if not likelihood_tolerance >= 0:
+        raise ValueError(f"likelihood_tolerance must be >= 0, got {likelihood_tolerance!r}")
     device, dtype = fodf_sampler.device, fodf_sampler.dtype
     if batch_voxels is None:
         batch_voxels = (_CPU_BLOCK * torch.get_num_threads() if device.type == "cpu"
@@ -721,10 +760,13 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     c = torch.as_tensor(start_values[indices], dtype=dtype, device=device).clone()
     measured = torch.as_tensor(signal_values[indices], dtype=dtype, device=device)
     first, second = neighbour_pairs(torch.as_tensor(mask, device=device))
-    pair_weights = None
-    if total_variation > 0 and len(first) > 0:
+    pair_weights, least_fall = None, 0.0
+    if (total_variation > 0 or likelihood_tolerance > 0) and len(first) > 0:
         distances = pair_distances(measured, first, second)
         variance = noise_variance(distances)
+        least_fall = (likelihood_tolerance * weights.intensity
+                      * coupling_scale(variance, measured.shape[1]))
+    if total_variation > 0 and len(first) > 0:
         pair_weights = (signal_similarity(distances, variance) if similarity
                         else torch.ones_like(distances))
         pair_weights *= total_variation * coupling_scale(variance, measured.shape[1])
@@ -738,8 +780,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     if len(indices):
         bar = tqdm(total=steps, desc="refining", unit="step", disable=not verbose)
         with torch.no_grad(), bar:
-            options = dict(steps=steps, lr=lr, tolerance=tolerance, check_every=check_every,
-                           history=history, bar=bar)
+            options = dict(steps=steps, lr=lr, tolerance=tolerance, least_fall=least_fall,
+                           check_every=check_every, history=history, bar=bar)
             if method == "lbfgs":
                 c, history.steps, history.stop_reason = _lbfgs_descent(
                     _project(c, n_wm_coeffs), objective, n_wm_coeffs, memory=memory,
