@@ -18,8 +18,9 @@ busy process, a layer's forward + backward went from about 1 s to 5-60 s.
 ``MKL_NUM_THREADS``, no ``torch.set_num_threads`` after the first check),
 esdmri adapts it to the load on Linux (:func:`adapt_num_threads`): at the
 work's natural boundaries (each E(3) x SO(3) layer call, each chunk of the
-folded correction, each evaluation of the refinement's objective) it measures the CPU time that other processes
-took on this process's CPUs since the previous check (``/proc/stat`` minus
+folded correction, each evaluation of the refinement's objective) it
+measures the CPU time that other processes took on this process's CPUs
+since the previous check (``/proc/stat`` minus
 ``/proc/self/stat``, at most every :data:`ADAPT_INTERVAL` seconds) and runs
 torch on the cores they leave free, between one thread and the count in
 force at the first check. Beside a job that holds one of two cores the fit
