@@ -246,7 +246,8 @@ def test_pretrained_fit_of_a_real_roi_agrees_with_csd(name, csd):
 @pytest.mark.parametrize("kind", sorted(pretrained.ARCHITECTURES))
 def test_slab_inference_equals_one_pass_for_every_architecture(kind):
     """apply_correction's slabs (with the halo each architecture's reach asks for) give
-    the correction of the whole volume in one pass, zero-padded (random weights)."""
+    the correction of the whole volume in one pass, zero-padded (random weights). The
+    layered slab pass (``folded=False``); the folded one is tests/test_cor_folded.py's."""
     torch.manual_seed(2)
     correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind]).eval()
     rng = np.random.default_rng(4)
@@ -261,5 +262,6 @@ def test_slab_inference_equals_one_pass_for_every_architecture(kind):
         volume = torch.as_tensor(coefficients).permute(3, 0, 1, 2)[None]
         whole = correction(volume, tissues)[0].permute(1, 2, 3, 0).numpy()
     whole[~mask] = 0
-    slabs = pretrained.apply_correction(correction, coefficients, mask, tissues, slab=2)
+    slabs = pretrained.apply_correction(correction, coefficients, mask, tissues, slab=2,
+                                         folded=False)
     np.testing.assert_allclose(slabs, whole, atol=1e-5)
