@@ -35,6 +35,7 @@ def test_importing_esdmri_asks_for_passive_waiting_before_torch_loads(environ):
     assert _policy_in_fresh_interpreter(code, **environ) == ["PASSIVE"]
 
 
+@pytest.mark.slow  # a fresh Python process with torch: about 4 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="adapts on Linux only")
 def test_where_the_count_adapts_the_runtimes_own_policy_stays():
     code = ("import os; import esdmri; "

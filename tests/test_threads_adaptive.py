@@ -189,6 +189,7 @@ print(*seen)
 """
 
 
+@pytest.mark.slow  # a fresh Python process with torch: about 4 s
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
                     reason="the probe reads Linux's /proc; needs two CPUs")
 def test_a_real_busy_process_lowers_torchs_thread_count():
