@@ -31,7 +31,7 @@ from dipy.reconst.dti import TensorModel
 from dipy.reconst.mcsd import (MultiShellResponse, mask_for_response_msmt,
                                response_from_mask_msmt)
 from dipy.reconst.shm import real_sh_descoteaux_from_index
-from scipy.special import i0e, i1e
+from scipy.special import i0e
 
 from esdmri.atomic import output_transaction, staged_output
 from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, group_shells, n_coeffs,
@@ -996,10 +996,13 @@ def rician_mean(signal, sigma):
     signal = np.asarray(signal, dtype=np.float64)
     if sigma <= 0:
         return signal
-    half = signal**2 / (4.0 * sigma**2)
-    mean = sigma * np.sqrt(np.pi / 2) * ((1 + 2 * half) * i0e(half) + 2 * half * i1e(half))
-    # Beyond SNR 1e4 the series is S to 1e-8 and its terms lose precision.
-    return np.where(signal > 1e4 * sigma, signal, mean)
+    import torch  # the refinement's formula, one place (here in float64)
+
+    from .reconst.rician import rician_mean_and_slope
+
+    mean, _ = rician_mean_and_slope(torch.from_numpy(signal),
+                                    torch.tensor(float(sigma), dtype=torch.float64))
+    return mean.numpy()
 
 
 # Measurements whose normalised signal is predicted above this are far enough
