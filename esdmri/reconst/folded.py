@@ -47,17 +47,17 @@ CHUNK = 256
 
 
 def chebyshev_matrices(operator):
-    """The dense polynomials ``T_0 .. T_{K-1}`` of a Chebyshev operator, shape (K, V, V)."""
+    """The dense polynomials ``T_0 .. T_{K-1}`` of a Chebyshev operator, shape (K, V, V).
+
+    The operator's own analysis of the identity (``T_k I``), so its layout's
+    recursion is the one place that builds them.
+    """
     k, v = operator.kernel_size, operator.n_vertices
-    if operator.layout == "dense":
-        return operator.synthesis.view(v, k, v).permute(1, 0, 2)
-    if k == 1:
-        return torch.eye(v)[None]
-    laplacian = operator.laplacian.to_dense().double()
-    terms = [torch.eye(v, dtype=torch.float64, device=laplacian.device), laplacian]
-    for _ in range(2, k):
-        terms.append(2 * laplacian @ terms[-1] - terms[-2])
-    return torch.stack(terms).float()
+    buffer = next(operator.buffers(), None)
+    identity = torch.eye(v, dtype=torch.get_default_dtype() if buffer is None else buffer.dtype,
+                         device=None if buffer is None else buffer.device)
+    with torch.no_grad():
+        return operator.analyze(identity[None]).view(k, v, v)
 
 
 def foldable(correction):
