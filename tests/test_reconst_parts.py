@@ -343,6 +343,8 @@ def test_debiasing_takes_the_rician_floor_off_monte_carlo():
 
 
 def test_noise_floor_variance_against_the_noise_it_was_given():
+    from dipy.core.gradients import gradient_table
+
     from esdmri.reconst.inputs import noise_floor_variance
 
     rng = np.random.default_rng(1)
@@ -353,10 +355,14 @@ def test_noise_floor_variance_against_the_noise_it_was_given():
     signal[:5] = 60.0
     data = _rician_magnitudes(signal, sigma, signal.shape, rng)
     mask = np.ones(signal.shape[:3], bool)
-    assert noise_floor_variance(data, mask) == pytest.approx(sigma**2, rel=0.05)
+    directions = rng.normal(size=(30, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    six_b0 = gradient_table(np.r_[np.zeros(6), np.full(24, 1000.0)], bvecs=directions)
+    assert noise_floor_variance(data, six_b0, mask) == pytest.approx(sigma**2, rel=0.05)
     single = np.zeros_like(mask)
     single[0, 0, 0] = True
-    assert noise_floor_variance(data, single) == 0.0
+    one_b0 = gradient_table(np.r_[0.0, np.full(29, 1000.0)], bvecs=directions)
+    assert noise_floor_variance(data, one_b0, single) == 0.0
 
 
 def test_model_with_a_noise_floor_option_sees_the_floor_taken_off():

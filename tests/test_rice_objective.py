@@ -142,7 +142,7 @@ def test_model_option_uses_the_scans_noise_level_and_is_recorded(phantom, tmp_pa
                        refine_steps=5, verbose=False)
     scan = model.prepare(phantom.data)
     mean_b0 = phantom.data[..., phantom.gtab.b0s_mask].mean(-1)
-    sigma = np.sqrt(noise_floor_variance(phantom.data, scan.mask))
+    sigma = np.sqrt(noise_floor_variance(phantom.data, phantom.gtab, scan.mask))
     np.testing.assert_allclose(scan.noise_sigma[scan.mask], sigma / mean_b0[scan.mask],
                                rtol=1e-6)
     assert (scan.noise_sigma[~scan.mask] == 0).all()

@@ -266,6 +266,8 @@ def normalize_by_b0(data, gtab, mask, warn_dropped=False):
     return normalized, mask
 
 
+# The median absolute value of a standard normal variable (scipy.stats.norm.ppf(0.75)).
+_GAUSSIAN_MAD = 0.6744897501960817
 # Signal-to-noise ratios S / sigma on which the Rician mean is tabulated for its
 # inversion (beyond the last, rician_mean is S itself).
 _RICIAN_GRID = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 6000)])
@@ -340,39 +342,62 @@ def debias_magnitudes(data, mask, variance, method="power"):
     return debiased
 
 
-def noise_floor_variance(data, mask):
+def noise_floor_variance(data, gtab, mask):
     """The scan's noise variance ``sigma^2`` in the units of ``data`` squared.
 
-    The refinement's estimate (:func:`esdmri.reconst.refine.noise_variance`:
-    half the median over face-neighbour pairs of the mean squared difference
-    of their measurements), taken on the raw magnitudes so that one
-    ``sigma`` serves every voxel whatever its b0. On magnitudes on the floor
-    the spread is below ``sigma`` (Rician), which pulls it down; signal
-    differences between neighbours (tissue borders, bundles bending) push
-    it up. Measured on the devset's dev phantoms (b0 100): ``sigma`` 8.9-10.1
-    against 10 at SNR 10, 4.7-7.0 against 5 at SNR 20 (the higher values on
-    the heldout families, whose neighbours differ most).
+    Measured on the b0 volumes alone, where the signal lies far above the
+    floor (so the magnitudes' noise is Gaussian of standard deviation
+    ``sigma``) and tissue contrast is weakest:
+
+    - with two or more b0 volumes, from their spread within each voxel: the
+      median over the voxels of ``mask`` of the b0 volumes' sample variance,
+      over the median of its ``chi^2`` distribution (``n_b0 - 1`` degrees of
+      freedom), so that the few voxels that move or pulsate between volumes
+      do not count;
+    - with one, from face-neighbour differences of the b0 volume: ``(MAD /
+      0.6745)^2 / 2`` of the differences over the pairs of ``mask`` (the
+      median ignores the pairs across tissue borders).
+
+    Why not every measurement's neighbour differences (the refinement's
+    :func:`esdmri.reconst.refine.noise_variance`, the estimate until
+    2026-12-06): diffusion-weighted neighbours differ by signal as well as
+    noise wherever bundles bend, disperse or share a voxel with another
+    tissue, and on the floor the magnitudes spread less than ``sigma``. On the
+    devset's dev phantoms (b0 100, ``sigma`` 10 / 5 / 3.33 at SNR 10 / 20 /
+    30) that estimate gave 8.9-10.1 / 4.7-7.0 / 3.2-6.2 (the signal part of
+    the heldout families' neighbour differences alone is 3.3-5.4); this one
+    gives 9.7-10.1 / 4.9-5.1 / 3.3-3.5 (docs/benchmarks.md, "Debiasing the
+    noise floor").
 
     Parameters
     ----------
     data : ndarray, shape (X, Y, Z, N)
+        Magnitudes.
+    gtab : dipy.core.gradients.GradientTable
     mask : ndarray of bool, shape (X, Y, Z)
 
     Returns
     -------
     variance : float
-        0 when no two voxels of ``mask`` touch.
+        0 when the scan has one b0 volume and no two voxels of ``mask``
+        touch (nothing to measure it on).
     """
+    from scipy.stats import chi2
+
+    b0 = np.asarray(data, dtype=np.float64)[mask][:, np.asarray(gtab.b0s_mask)]
+    n_b0 = b0.shape[1]
+    if n_b0 >= 2:
+        dof = n_b0 - 1
+        return float(np.median(b0.var(axis=1, ddof=1)) * dof / chi2.ppf(0.5, dof))
     import torch  # here, so that the data checks load without torch
 
     from .losses import neighbour_pairs
-    from .refine import noise_variance, pair_distances
 
-    first, second = neighbour_pairs(torch.as_tensor(mask))
+    first, second = (index.numpy() for index in neighbour_pairs(torch.as_tensor(mask)))
     if not len(first):
         return 0.0
-    measured = torch.as_tensor(data[mask], dtype=torch.float64)
-    return noise_variance(pair_distances(measured, first, second))
+    differences = b0[first, 0] - b0[second, 0]
+    return float((np.median(np.abs(differences)) / _GAUSSIAN_MAD) ** 2 / 2)
 
 
 def voxel_noise_sigma(data, gtab, mask, variance):

@@ -234,13 +234,14 @@ class _DeconvolutionModel(ReconstModel):
         noise_floor = self.config.network.noise_floor
         signal, noise_sigma = data, None
         if noise_floor in DEBIAS_METHODS:
-            signal = debias_magnitudes(data, checked, noise_floor_variance(data, checked),
+            signal = debias_magnitudes(data, checked,
+                                       noise_floor_variance(data, self.gtab, checked),
                                        method=noise_floor)
         normalized, checked = normalize_by_b0(signal, self.gtab, checked,
                                               warn_dropped=mask is not None)
         if noise_floor == RICIAN_MODEL:
             noise_sigma = voxel_noise_sigma(data, self.gtab, checked,
-                                            noise_floor_variance(data, checked))
+                                            noise_floor_variance(data, self.gtab, checked))
         response = self.response
         if response is None:
             # With the floor taken off, the response is fitted to the magnitudes as
