@@ -48,15 +48,18 @@ def test_rician_voxel_loss_is_the_autograd_gradient_of_the_plain_formula():
     sigma = torch.as_tensor(rng.uniform(0.05, 0.3, n))
     expected = plain_rician_loss(coefficients, measured, sigma, matrix, sampler, n_wm, WEIGHTS)
     expected_gradient = torch.autograd.grad(expected.sum(), coefficients)[0]
-    voxel_loss = RicianVoxelLoss(matrix, sampler, n_wm, WEIGHTS, sigma, VoxelLoss)
+    voxel_loss = RicianVoxelLoss(matrix, sampler, n_wm, WEIGHTS, sigma, VoxelLoss,
+                                 approximate=False)
     gradient, loss = voxel_loss(coefficients.detach(), *voxel_loss.project(measured),
                                 return_loss=True)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-9, atol=1e-13)
 
 
-def rician_problem(phantom, field, sigma_scale=1.0, dtype=torch.float64):  # noqa: F811
-    """The coupled objective with the Rician term on the field's masked voxels."""
+def rician_problem(phantom, field, sigma_scale=1.0, dtype=torch.float64,  # noqa: F811
+                   approximate=False):
+    """The coupled objective with the Rician term (its Bessel form unless
+    ``approximate``) on the field's masked voxels."""
     signal, mask, start = field
     matrix = torch.as_tensor(stacked_forward_matrix(phantom.response.normalized(),
                                                     phantom.gtab, ORDER), dtype=dtype)
@@ -70,6 +73,7 @@ def rician_problem(phantom, field, sigma_scale=1.0, dtype=torch.float64):  # noq
     objective = CoupledObjective(measured, matrix, sampler, n_coeffs(ORDER), WEIGHTS, first,
                                  second, pair_weights, 1e-3, batch_voxels=37,
                                  noise_sigma=sigma)
+    objective.voxel_loss.approximate = approximate
     return (objective, measured, sigma, matrix, sampler, first, second, pair_weights,
             torch.as_tensor(start[mask], dtype=dtype))
 
