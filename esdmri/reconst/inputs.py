@@ -366,7 +366,7 @@ def noise_floor_variance(data, gtab, mask):
     devset's dev phantoms (b0 100, ``sigma`` 10 / 5 / 3.33 at SNR 10 / 20 /
     30) that estimate gave 8.9-10.1 / 4.7-7.0 / 3.2-6.2 (the signal part of
     the heldout families' neighbour differences alone is 3.3-5.4); this one
-    gives 9.7-10.1 / 4.9-5.1 / 3.3-3.5 (docs/benchmarks.md, "Debiasing the
+    gives 9.9-10.5 / 5.0-5.1 / 3.2-3.5 (docs/benchmarks.md, "Debiasing the
     noise floor").
 
     Parameters
