@@ -90,8 +90,12 @@ def test_coupled_objective_with_the_rician_term_is_its_autograd_gradient(phantom
     value, gradient = objective(start)
     assert value == pytest.approx(float(expected.detach()), rel=1e-12)
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-9, atol=1e-12)
-    # And along random directions, the central finite difference of the value.
-    rng = np.random.default_rng(0)
+    assert_gradient_is_the_finite_difference(objective, start, gradient, seed=0)
+
+
+def assert_gradient_is_the_finite_difference(objective, start, gradient, seed):
+    """Along random directions, the gradient is the central finite difference of the value."""
+    rng = np.random.default_rng(seed)
     for _ in range(3):
         direction = torch.as_tensor(rng.normal(size=start.shape))
         step = 1e-6
