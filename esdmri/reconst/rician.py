@@ -89,8 +89,8 @@ def rician_mean_and_slope(signal, sigma, approximate=False):
     1) / (1 + b u + c u^2)``, ``b, c > 0`` (``h(0) = pi / 2``, so the floor
     is exact, and ``h -> 1`` as ``E^2 -> A^2 + sigma^2`` far above it). Its
     error against the exact form, in float64 over ``A / sigma`` in ``[0,
-    1e6]``: at most ``8.3e-4 sigma`` in the mean (under a tenth of the
-    ``5 %`` to which ``sigma`` itself is measured, see
+    1e6]``: at most ``8.3e-4 sigma`` in the mean (a sixtieth of the ``5 %``
+    to which ``sigma`` itself is measured, see
     :func:`esdmri.reconst.inputs.noise_floor_variance`) and ``2.2e-3`` in the
     slope, which is the exact derivative of the approximated mean (so the
     objective and its gradient agree); float32 adds its rounding, ``2e-7
