@@ -84,7 +84,7 @@ def rician_mean_and_slope(signal, sigma, approximate=False):
 
     ``approximate=True`` replaces the Bessel functions (which take most of an
     evaluation of the data term on CPU: ``torch.special.i0e`` alone costs
-    about ten matrix products of the forward model) by a closed form of ``u =
+    about twenty matrix products of the forward model) by a closed form of ``u =
     (A / sigma)^2``: ``E = sigma sqrt(u + h(u))`` with ``h(u) = 1 + (pi / 2 -
     1) / (1 + b u + c u^2)``, ``b, c > 0`` (``h(0) = pi / 2``, so the floor
     is exact, and ``h -> 1`` as ``E^2 -> A^2 + sigma^2`` far above it). Its
