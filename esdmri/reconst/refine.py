@@ -93,112 +93,6 @@ def _squared_norms(rows):
     return torch.linalg.vector_norm(rows, dim=1).double().square_()
 
 
-# The in-place Hadamard butterfly from the four classes' products at the orbits'
-# first points to the samples on the orbits (its transpose: the pairs reversed).
-_FORWARD_PAIRS = ((0, 1), (2, 3), (0, 2), (1, 3))
-
-
-def _butterfly(regions, pairs):
-    """``(a, b) -> (a + b, a - b)`` in place for each pair of ``regions`` in turn."""
-    if not regions:
-        return
-    for first, second in pairs:
-        a, b = regions[first], regions[second]
-        a.add_(b)
-        torch.sub(a, b, alpha=2, out=b)
-
-
-def sampler_parity(fodf_sampler, tolerance=1e-5):
-    """The sampler's blocks under two sign-flip symmetries of its sphere, if it has them.
-
-    A sphere symmetric under the mirrors ``x -> -x`` and ``y -> -y`` (as the
-    HEALPix hemisphere is, the antipode identified) splits into orbits of four
-    points ``p, g1 p, g2 p, g3 p`` (``g3 = g1 g2``) and a few points on the
-    mirror planes; every real SH is even or odd under each mirror, so its
-    samples on an orbit are those at ``p`` times signs. The columns fall into
-    four parity classes ``q``, the samples at ``p`` of class ``q``'s
-    coefficients give ``A_q = c_q B_q`` (``B_q``: ``C_q x m``, a quarter of the
-    sampler), and the orbits' samples are the Hadamard combinations of the
-    four ``A_q``. Found from the matrix alone: rows with equal absolute values
-    are an orbit, their sign ratios the classes; a matrix without that
-    structure (every row's column signs then fit no two shared sign patterns)
-    gives None.
-
-    Parameters
-    ----------
-    fodf_sampler : Tensor, shape (V, C_wm)
-    tolerance : float, optional
-        Largest difference, relative to the largest entry, of two samples
-        taken as equal (the sampler's round-off).
-
-    Returns
-    -------
-    parity : dict or None
-        ``rest``: rows in no orbit of four (LongTensor, shape (r,));
-        ``orbits``: rows of each orbit (LongTensor, shape (4, m)), row 0 the
-        orbits' first points ``p``, then ``g2 p``, ``g1 p`` and ``g3 p``: the
-        order in which :func:`_butterfly` with :data:`_FORWARD_PAIRS` leaves
-        the samples; ``classes``: the columns of each class (list of 4
-        LongTensors: even under both, odd under ``g2`` only, under ``g1``
-        only, under both).
-    """
-    sampler = fodf_sampler.detach().to("cpu", torch.float64)
-    magnitude = sampler.abs()
-    scale = float(magnitude.max()) if sampler.numel() else 0.0
-    if sampler.shape[1] < 2 or scale == 0:
-        return None
-    close = torch.cdist(magnitude, magnitude, p=float("inf")) <= tolerance * scale
-    orbits, rest, seen = [], [], torch.zeros(len(sampler), dtype=torch.bool)
-    for row in range(len(sampler)):
-        if seen[row]:
-            continue
-        members = torch.nonzero(close[row]).flatten()
-        seen[members] = True
-        (orbits if len(members) == 4 else rest).append(members)
-    if not orbits:
-        return None
-    # Each member's column signs relative to its orbit's first row; columns that
-    # vanish there say nothing and are checked below.
-    signs = [torch.sign(sampler[members[1:]] * sampler[members[0]]) for members in orbits]
-    known = [(magnitude[members[0]] > tolerance * scale) for members in orbits]
-    reference = next((s for s, k in zip(signs, known) if bool(k.all())), None)
-    if reference is None:
-        return None
-    flips = reference  # (3, C): the three nontrivial elements' characters
-    if not bool((flips[0] * flips[1] == flips[2]).all()):
-        return None
-    characters = torch.cat([torch.ones_like(flips[:1]), flips])  # (4, C)
-    ordered = []
-    for members, sign, k in zip(orbits, signs, known):
-        # Which of the three characters each member carries; a group of four whose
-        # rows are not one orbit of the two mirrors (four points on the equator
-        # whose nonzero samples agree) stays with the rest.
-        match = ((sign[:, None, :] == flips[None]) | ~k).all(dim=2)  # (3 members, 3)
-        element = match.int().argmax(dim=1)
-        row = [int(members[0])] + [0] * 3
-        for member, which in zip(members[1:].tolist(), element.tolist()):
-            row[1 + which] = member
-        # Exact to the sampler's round-off: each member's row is the first row times
-        # its character.
-        if (bool((match.sum(dim=1) == 1).all()) and len(set(element.tolist())) == 3
-                and float((sampler[row] - characters * sampler[row[0]]).abs().max())
-                <= tolerance * scale):
-            ordered.append(row)
-        else:
-            rest.append(members)
-    if not ordered:
-        return None
-    orbit_rows = torch.tensor(ordered).T  # (4, m): p, then the elements of flips
-    first, second = flips[0], flips[1]
-    classes = [torch.nonzero((first == a) & (second == b)).flatten()
-               for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
-    # Region order of the butterfly's output: p, then where the second class
-    # pattern (1, -1) flips, where (-1, 1) flips, where both do.
-    orbit_rows = orbit_rows[[0, 2, 1, 3]]
-    rest = torch.cat(rest) if rest else torch.zeros(0, dtype=torch.long)
-    return dict(rest=rest, orbits=orbit_rows, classes=classes)
-
-
 class VoxelLoss:
     """Each voxel's loss (the ESD loss without total variation) and its gradient, fused.
 
@@ -240,47 +134,17 @@ class VoxelLoss:
         self.basis = basis.to(device)
         self.rank = triangle.shape[0]
         self.n_samples = fodf_sampler.shape[0]
-        parity = sampler_parity(fodf_sampler)
-        sampler = fodf_sampler.detach().to("cpu", torch.float64)
-        if parity is None:
-            rest, self.regions = torch.arange(self.n_samples), []
-            order = torch.arange(n_coefficients)
-            orbit_width, blocks = 0, []
-        else:
-            rest, orbit_rows = parity["rest"], parity["orbits"]
-            order = torch.cat([*parity["classes"], torch.arange(n_wm_coeffs, n_coefficients)])
-            orbit_width = orbit_rows.shape[1]
-            blocks = [sampler[orbit_rows[0]][:, columns].T for columns in parity["classes"]]
-        # The coefficients in class order (identity without parity blocks); the
-        # dense operator: R and the samples in no orbit of four, its rows in that order.
-        self.order = None if parity is None else order.to(device)
-        self.inverse = None if parity is None else torch.argsort(order).to(device)
-        self.dense_width = self.rank + len(rest)
-        operator = torch.zeros((n_coefficients, self.dense_width), dtype=torch.float64)
-        operator[:, :self.rank] = triangle.T
-        operator[:n_wm_coeffs, self.rank:] = sampler[rest].T
-        operator = operator[order].to(device, dtype)
+        operator = torch.zeros((n_coefficients, self.rank + self.n_samples), dtype=dtype,
+                               device=device)
+        operator[:, :self.rank] = triangle.T.to(dtype)
+        operator[:n_wm_coeffs, self.rank:] = fodf_sampler.T
         self.operator, self.operator_t = operator, operator.T.contiguous()
-        # One block per parity class: its columns in ``order`` and the output region.
-        self.blocks, start = [], 0
-        for index, block in enumerate(blocks):
-            columns = slice(start, start + len(block))
-            region = slice(self.dense_width + index * orbit_width,
-                           self.dense_width + (index + 1) * orbit_width)
-            block = block.to(device, dtype)
-            self.blocks.append((columns, region, block, block.T.contiguous()))
-            start += len(block)
-        self.width = self.dense_width + len(blocks) * orbit_width
         self.weights = weights
         scale = 1.0 / self.n_samples
         self.residual_scale = 2 * weights.intensity / self.n_measurements
         # d/df of 2 log(1 + f^2 / (2 sigma)) is (2 / sigma) f / (1 + f^2 / (2 sigma)).
         self.sparsity_scale = 2 * weights.sparsity * scale / CAUCHY_SIGMA
         self.negative_scale = 2 * weights.nonnegativity * scale
-
-    def _regions(self, mapped):
-        """The four parity blocks' columns of ``mapped`` (views; none without blocks)."""
-        return [mapped[:, region] for _, region, _, _ in self.blocks]
 
     def project(self, measured):
         """What the loss needs of the measured signal: ``Q^T y`` and the rest of ``|y|^2``.
@@ -320,13 +184,7 @@ class VoxelLoss:
         loss : Tensor, float64, shape (n,)
             Only with ``return_loss``.
         """
-        if self.order is not None:
-            coefficients = coefficients.index_select(1, self.order)
-        mapped = coefficients.new_empty((len(coefficients), self.width))
-        torch.mm(coefficients, self.operator, out=mapped[:, :self.dense_width])
-        for columns, region, block, _ in self.blocks:
-            torch.mm(coefficients[:, columns], block, out=mapped[:, region])
-        _butterfly(self._regions(mapped), _FORWARD_PAIRS)
+        mapped = coefficients @ self.operator
         residual, samples = mapped[:, :self.rank], mapped[:, self.rank:]
         residual.sub_(projected)
         # 1 + f^2 / (2 sigma), the Cauchy penalty's argument.
@@ -341,16 +199,7 @@ class VoxelLoss:
         residual.mul_(self.residual_scale)
         torch.addcdiv(negative.mul_(self.negative_scale), samples, spread,
                       value=self.sparsity_scale, out=samples)
-        if self.order is None:
-            gradient = torch.mm(mapped, self.operator_t, out=out)
-        else:
-            # The transposed butterfly (the same pairs in reverse order), then each
-            # block's product back, and the columns back in their order.
-            _butterfly(self._regions(mapped), _FORWARD_PAIRS[::-1])
-            ordered = torch.mm(mapped[:, :self.dense_width], self.operator_t)
-            for columns, region, _, block_t in self.blocks:
-                ordered[:, columns].addmm_(mapped[:, region], block_t)
-            gradient = torch.index_select(ordered, 1, self.inverse, out=out)
+        gradient = torch.mm(mapped, self.operator_t, out=out)
         if not return_loss:
             return gradient
         loss += 2 * self.weights.sparsity / self.n_samples * spread.log_().sum(dim=1).double()
