@@ -578,8 +578,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
             alphas.append(alpha)
         if pairs:
             # s.y as computed when the pair was stored (the same float: one pass fewer).
-            _, y, _, curvature = pairs[-1]
-            scale = float(curvature / torch.vdot(y.flatten(), apply(y, work).flatten()))
+            _, y, _, s_dot_y = pairs[-1]
+            scale = float(s_dot_y / torch.vdot(y.flatten(), apply(y, work).flatten()))
         direction, work = scaled_direction(direction, work, scale)
         for (s, y, rho, _), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
