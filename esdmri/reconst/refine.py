@@ -547,7 +547,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     """
     value, gradient = objective(c)
     history.record(value / len(c), objective.evaluations)
-    pairs, spare = [], []  # pairs: (s, y, 1 / s.y), oldest first; spare: free buffers
+    # pairs: (s, y, 1 / s.y, s.y as computed), oldest first; spare: free buffers
+    pairs, spare = [], []
     # Every field the loop writes lives in a buffer reused from step to step: at
     # brain size (84 MB a field) a fresh one's page faults cost more than a pass.
     trial, trial_gradient, direction, work = (torch.empty_like(c) for _ in range(4))
@@ -558,9 +559,10 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
 
     def scaled_direction(field, spare, scale):
         """``-scale P field`` in one of the two buffers; returns it and the other one."""
-        if preconditioner is not None:
-            field, spare = torch.mm(field, preconditioner, out=spare), field
-        return field.mul_(-scale), spare
+        if preconditioner is None:
+            return field.mul_(-scale), spare
+        # The scale in the product's own multiplier: one pass over the field fewer.
+        return spare.addmm_(field, preconditioner, beta=0, alpha=-scale), field
 
     # The first step moves the coefficients by ``lr`` in root mean square.
     scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, work).norm()),
@@ -570,23 +572,23 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
         direction.copy_(gradient)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         alphas = []
-        for s, y, rho in reversed(pairs):
+        for s, y, rho, _ in reversed(pairs):
             alpha = rho * float(torch.vdot(s.flatten(), direction.flatten()))
             direction.sub_(y, alpha=alpha)
             alphas.append(alpha)
         if pairs:
-            s, y, _ = pairs[-1]
-            scale = float(torch.vdot(s.flatten(), y.flatten())
-                          / torch.vdot(y.flatten(), apply(y, work).flatten()))
+            # s.y as computed when the pair was stored (the same float: one pass fewer).
+            _, y, _, s_dot_y = pairs[-1]
+            scale = float(s_dot_y / torch.vdot(y.flatten(), apply(y, work).flatten()))
         direction, work = scaled_direction(direction, work, scale)
-        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+        for (s, y, rho, _), alpha in zip(pairs, reversed(alphas)):
             beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
             direction.add_(s, alpha=-alpha - beta)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         if float(torch.vdot(gradient.flatten(), direction.flatten())) >= 0:
             # Not a descent direction (negative curvature on the nonconvex
             # sparsity term): restart from the scaled gradient.
-            spare.extend(buffer for s, y, _ in pairs for buffer in (s, y))
+            spare.extend(buffer for s, y, _, _ in pairs for buffer in (s, y))
             pairs.clear()
             direction.copy_(gradient)
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
@@ -608,13 +610,14 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
                 history.record(value / len(c), objective.evaluations)
             return c, step - 1, f"converged at step {step - 1}"
         y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
-        curvature = float(torch.vdot(s.flatten(), y.flatten()))
+        product = torch.vdot(s.flatten(), y.flatten())
+        curvature = float(product)
         c, trial = trial, c
         gradient, trial_gradient = trial_gradient, gradient
         # Keep a pair only where the objective curves upwards along it, so
         # the implied Hessian stays positive definite.
         if curvature > 1e-10 * float(torch.vdot(y.flatten(), y.flatten())):
-            pairs.append((s, y, 1.0 / curvature))
+            pairs.append((s, y, 1.0 / curvature, product))
             if len(pairs) > memory:
                 spare.extend(pairs.pop(0)[:2])
         else:
