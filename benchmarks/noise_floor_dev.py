@@ -13,6 +13,10 @@ Usage::
     python -m benchmarks.noise_floor_dev --out power.json \\
         --options '{"noise_floor": "power", "sparsity": 1.5e-4}' --rician-response
     python -m benchmarks.noise_floor_dev --report "shipped=base.json" "power=power.json@0.20"
+    python -m benchmarks.noise_floor_dev --rule base.json power.json@0.20
+
+``--rule BASE CANDIDATE`` applies the rule that a setting must pass on dev before it may
+replace the default (:func:`switch_rule`).
 """
 
 import argparse
@@ -74,6 +78,49 @@ def chosen_threshold(records):
     return min(sorted({r["t"] for r in records}), key=key)
 
 
+# What a candidate may lose on any one dev phantom against the default, in crossing
+# AE (degrees), crossing FN and all-voxel FP, for it to replace the default.
+RULE_TOLERANCES = {"crossing_angular_error": 0.2, "crossing_fn_rate": 0.01,
+                   "all_fp_rate": 0.02}
+
+
+def switch_rule(base, candidate, base_threshold=None, candidate_threshold=None):
+    """Whether ``candidate`` may replace ``base``: no dev phantom worse, and a lower mean.
+
+    Each results list is scored at its own threshold (:func:`chosen_threshold`
+    unless given). The candidate passes when on every phantom of ``base`` it is
+    worse by at most :data:`RULE_TOLERANCES` and its mean crossing AE is lower.
+
+    Returns
+    -------
+    passed : bool
+    rows : list of tuple
+        ``(family, snr, differences, failed)`` per phantom, ``differences``
+        keyed like :data:`RULE_TOLERANCES` (candidate minus base).
+    means : tuple of float
+        Mean crossing AE of base and candidate.
+    """
+    base_threshold = chosen_threshold(base) if base_threshold is None else base_threshold
+    candidate_threshold = (chosen_threshold(candidate) if candidate_threshold is None
+                           else candidate_threshold)
+    at_base = [r for r in base if r["t"] == base_threshold]
+    at_candidate = {(r["family"], r["snr"]): r for r in candidate if r["t"] == candidate_threshold}
+    rows = []
+    for record in at_base:
+        key = (record["family"], record["snr"])
+        if key not in at_candidate:
+            raise ValueError(f"candidate has no result for {key[0]} at SNR {key[1]} "
+                             f"(threshold {candidate_threshold})")
+        differences = {name: at_candidate[key][name] - record[name] for name in RULE_TOLERANCES}
+        failed = any(differences[name] > limit for name, limit in RULE_TOLERANCES.items())
+        rows.append((*key, differences, failed))
+    means = (float(np.mean([r["crossing_angular_error"] for r in at_base])),
+             float(np.mean([at_candidate[(r["family"], r["snr"])]["crossing_angular_error"]
+                            for r in at_base])))
+    passed = not any(row[-1] for row in rows) and means[1] < means[0]
+    return passed, rows, means
+
+
 def report_rows(entries):
     """Markdown rows of ``label=path[@threshold]`` entries, and the header."""
     phantoms = sorted({(r["family"], r["snr"]) for _, _, records in entries for r in records},
@@ -123,7 +170,21 @@ def main(argv=None):
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--report", nargs="+", metavar="LABEL=PATH[@THRESHOLD]",
                         help="only print the table of earlier results")
+    parser.add_argument("--rule", nargs=2, metavar=("BASE[@THRESHOLD]", "CANDIDATE[@THRESHOLD]"),
+                        help="only apply the dev switch rule to two earlier results")
     args = parser.parse_args(argv)
+    if args.rule:
+        (_, base_threshold, base), (_, threshold, candidate) = (
+            parse_entry(f"{label}={entry}") for label, entry in zip(("base", "candidate"),
+                                                                    args.rule))
+        passed, rows, means = switch_rule(base, candidate, base_threshold, threshold)
+        for family, snr, differences, failed in rows:
+            print(f"{family} SNR {snr}: crossing AE {differences['crossing_angular_error']:+.2f}, "
+                  f"crossing FN {differences['crossing_fn_rate']:+.3f}, all-voxel FP "
+                  f"{differences['all_fp_rate']:+.3f}{'  FAIL' if failed else ''}")
+        print(f"mean crossing AE {means[0]:.2f} -> {means[1]:.2f}: "
+              f"{'PASS' if passed else 'FAIL'}")
+        return
     if args.report:
         header, rows = report_rows([parse_entry(entry) for entry in args.report])
         print(markdown(header, rows))
