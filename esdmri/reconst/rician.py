@@ -158,9 +158,9 @@ class RicianVoxelLoss:
         The Rician mean's closed form (:func:`rician_mean_and_slope`,
         ``approximate=True``: within ``8.3e-4 sigma`` of the exact mean; an
         evaluation 1.7-2.8x cheaper than with the Bessel form at N = 65-301,
-        measured by ``benchmarks/bench_rician.py``) or its Bessel form. The attribute of the same name
-        can be switched after construction (``benchmarks/bench_rician.py``
-        times both).
+        measured by ``benchmarks/bench_rician.py``) or its Bessel form. The
+        attribute of the same name can be switched after construction
+        (``benchmarks/bench_rician.py`` times both).
 
     Notes
     -----
