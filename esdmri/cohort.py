@@ -4,7 +4,9 @@ Each cohort scan is a phantom of one of three families, simulated on one of
 four acquisitions at one SNR, with its linear prior computed the way a user's
 fit computes it (responses estimated from the scan:
 ``RTESDModel(gtab).prepare`` then ``prior_coefficients``) and its supervised
-target (:func:`esdmri.reconst.pretrained.fibre_target`). Everything follows
+target (:func:`esdmri.reconst.pretrained.fibre_target`) and, for the
+distillation loss, its default fit (the shipped correction then the
+default refinement). Everything follows
 from one seed, so ``esdmri_pretrain`` rebuilds the same cohort anywhere.
 
 Families (none of the seeds is a dev or test seed of ``benchmarks/devset.py``,
@@ -138,7 +140,7 @@ def wm_mask(phantom):
     return phantom.mask & (phantom.n_fibres > 0)
 
 
-def prepare_scan(setting, side, mask="whole"):
+def prepare_scan(setting, side, mask="whole", refined=False):
     """One cohort scan: its prior (estimated responses), target and voxel weights.
 
     Parameters
@@ -150,6 +152,13 @@ def prepare_scan(setting, side, mask="whole"):
     mask : {"whole", "wm"}
         Fit the phantom's whole mask, or its WM voxels only (:func:`wm_mask`)
         with the responses estimated from the whole mask.
+    refined : bool
+        Also compute the scan's default fit (``refined``): the prior
+        corrected by the shipped network and refined with the models' default
+        refinement (:meth:`esdmri.reconst.models.RTESDModel.refine`), what the
+        distillation loss (``loss="refined"`` of
+        :mod:`esdmri.reconst.pretraining`) trains toward. One refinement per
+        scan, computed once here.
 
     Returns
     -------
@@ -161,7 +170,10 @@ def prepare_scan(setting, side, mask="whole"):
         b0), ``gtab``, ``response`` and ``unsupervised_weights`` (the loss
         weights of the refinement's objective on this scan,
         :func:`esdmri.reconst.finetune.finetuning_weights`): what the
-        unsupervised loss needs.
+        unsupervised loss needs; with ``refined``, ``refined`` (X, Y, Z,
+        C_total, float32: the default fit's coefficients, zero outside the
+        fitted mask) and ``refined_history`` (its
+        :class:`esdmri.reconst.refine.RefinementHistory`).
     """
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -174,6 +186,10 @@ def prepare_scan(setting, side, mask="whole"):
             model = RTESDModel(phantom.gtab, scan.response, verbose=False)
             scan = model.prepare(phantom.data, mask=wm_mask(phantom))
         prior = model.prior_coefficients(scan)
+        if refined:
+            # The default fit, as RTESDModel.fit runs it: prior -> shipped correction
+            # -> refinement with the models' default settings.
+            fitted, history = model.refine(model.corrected_prior(prior, scan), scan)
     # The true WM in the fit's units: its fraction of the prior's tissue total.
     # (Anchoring the lobes to the prior's own WM amount instead flipped them
     # where that amount is negative: the linear prior shares the WM's
@@ -184,7 +200,9 @@ def prepare_scan(setting, side, mask="whole"):
     target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount)
     target[..., 0] = prior[..., 0]  # the WM amount is the prior's, not corrected
     weight = np.where(scan.mask, 0.2 + phantom.tissue_fractions[..., 0], 0).astype(np.float32)
-    return {"prior": prior, "target": target, "weight": weight,
+    extra = {"refined": np.asarray(fitted, np.float32), "refined_history": history} \
+        if refined else {}
+    return {**extra, "prior": prior, "target": target, "weight": weight,
             "tissues": tuple(scan.response.tissues), "setting": setting,
             "order": model.config.network.sh_order_max, "mask": scan.mask,
             "normalized": scan.normalized.astype(np.float32), "gtab": scan.gtab,
@@ -193,7 +211,7 @@ def prepare_scan(setting, side, mask="whole"):
                                                        scan.mask)}
 
 
-def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False):
+def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False, refined=False):
     """Prepare the first ``n_scans`` scans of the cohort of ``seed``.
 
     Parameters
@@ -209,6 +227,9 @@ def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False):
     wm_masks : bool
         Also fit every scan on its WM voxels only (``prepare_scan(...,
         mask="wm")``).
+    refined : bool
+        Also compute every scan's default fit (``prepare_scan(...,
+        refined=True)``), the target of the distillation loss.
 
     Returns
     -------
@@ -223,7 +244,7 @@ def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False):
     scans = []
     for setting in tqdm(cohort_settings(n_scans, seed), desc="simulating the cohort",
                         unit="scan", disable=not progress):
-        scans.append([prepare_scan(setting, side, mask) for mask in masks])
+        scans.append([prepare_scan(setting, side, mask, refined) for mask in masks])
         if log is not None:
             log(f"scan {len(scans)}/{n_scans}: {describe(scans[-1][0])}")
     return scans
@@ -232,5 +253,8 @@ def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False):
 def describe(scan):
     """One line of a prepared scan: family, acquisition, SNR, FA, SH order, tissues."""
     setting = scan["setting"]
+    refined = scan.get("refined_history")
     return (f"{setting['family']} {setting['acquisition']} SNR {setting['snr']:g} "
-            f"FA {setting['fa']:.2f} order {scan['order']} {','.join(scan['tissues'])}")
+            f"FA {setting['fa']:.2f} order {scan['order']} {','.join(scan['tissues'])}"
+            + (f"; default fit refined in {refined.steps} steps, {refined.evaluations} "
+               "evaluations" if refined is not None else ""))

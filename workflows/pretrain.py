@@ -74,7 +74,10 @@ class PretrainFlow(EsdmriWorkflow):
         loss : string, optional
             supervised (against the phantoms' true fibres; the shipped
             weights'), unsupervised (each scan's own objective, the one the
-            refinement descends) or mixed (the mean of the two).
+            refinement descends), mixed (the mean of the two) or refined
+            (distillation: toward each scan's default fit, the shipped
+            correction then the default refinement, computed once per scan
+            when the cohort is built; one refinement per scan).
         wm_masks : bool, optional
             Also train on every scan fitted on its WM voxels only, so that
             the correction sees masks that cut through the volume.
@@ -111,7 +114,8 @@ class PretrainFlow(EsdmriWorkflow):
             raise ValueError(f"window ({window}) must not exceed side ({side})")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        losses = ("supervised", "unsupervised", "mixed")  # pretraining.LOSSES, without torch
+        # pretraining.LOSSES, without torch
+        losses = ("supervised", "unsupervised", "mixed", "refined")
         if loss not in losses:
             raise ValueError(f"loss must be one of {', '.join(losses)}, got {loss!r}")
         (weights_path,), = self.get_io_iterator()
@@ -137,7 +141,7 @@ class PretrainFlow(EsdmriWorkflow):
         logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
         start = time.process_time()
         cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug,
-                              wm_masks=wm_masks)
+                              wm_masks=wm_masks, refined=loss == "refined")
         cohort_cpu = time.process_time() - start
 
         def items(part):

@@ -8,7 +8,7 @@ decay of the learning rate over the steps, and keeps the weights that scored
 best on held-aside cohort scans. Every random choice follows from ``seed``, so
 ``esdmri_pretrain`` reproduces its weights on the same device.
 
-Three losses (``loss``):
+Four losses (``loss``):
 
 - ``"supervised"`` (:func:`supervised_loss`, the shipped weights'): the
   squared distance of the corrected WM degrees 0-8 to the true fibres as
@@ -23,7 +23,14 @@ Three losses (``loss``):
   with :func:`esdmri.reconst.finetune.finetuning_weights`), divided by the
   prior's value of it on the whole scan so that noisy scans do not outweigh
   clean ones (1 at the prior on every scan); no true fODF enters it;
-- ``"mixed"``: the mean of the two.
+- ``"mixed"``: the mean of the supervised and unsupervised losses;
+- ``"refined"`` (:func:`refined_loss`, distillation): the squared distance
+  of the corrected WM degrees 2-8 to those of the scan's default fit (the
+  prior corrected by the shipped network, then the models' default
+  refinement; :func:`esdmri.cohort.prepare_scan` with ``refined=True``), per
+  voxel divided by the prior's total tissue fraction, averaged over the
+  fitted voxels. A correction whose output is near the point the refinement
+  ends at leaves the refinement less to do; no true fODF enters it.
 """
 
 import math
@@ -39,7 +46,10 @@ from .network import build_fodf_sampler, build_forward_model
 from .pretrained import PriorCorrection, check_architecture
 from .training import coefficient_loss
 
-LOSSES = ("supervised", "unsupervised", "mixed")
+LOSSES = ("supervised", "unsupervised", "mixed", "refined")
+# The volumes of a prepared scan that a window cuts (``refined`` only when the
+# cohort was built for the distillation loss).
+VOLUMES = ("prior", "target", "signal", "weight", "mask", "refined")
 
 
 def as_tensors(scan, device="cpu"):
@@ -53,7 +63,8 @@ def as_tensors(scan, device="cpu"):
         ``forward_model``, ``fodf_sampler``, ``n_wm_coeffs`` and
         ``unsupervised_weights``, ``tissues``, ``inside`` (the indices of the
         weighted voxels, on the CPU) and ``prior_unsupervised`` (the
-        unnormalised :func:`unsupervised_loss` of the prior on the whole scan).
+        unnormalised :func:`unsupervised_loss` of the prior on the whole scan);
+        ``refined`` when the scan has its default fit.
     """
     def volume(array):
         return torch.as_tensor(array).permute(3, 0, 1, 2)[None].contiguous().to(device)
@@ -67,6 +78,8 @@ def as_tensors(scan, device="cpu"):
             "unsupervised_weights": scan["unsupervised_weights"],
             "tissues": scan["tissues"], "inside": np.argwhere(scan["weight"] > 0),
             "prior_unsupervised": 1.0}
+    if "refined" in scan:
+        item["refined"] = volume(scan["refined"])
     with torch.no_grad():
         item["prior_unsupervised"] = float(unsupervised_loss(item))
     return item
@@ -98,10 +111,29 @@ def unsupervised_loss(item, corrected=None):
     return total
 
 
+def refined_loss(correction, item, corrected=None):
+    """Distance of a window or volume to the scan's default fit (``corrected``: default
+    the prior): the WM degrees 2-8 that the correction changes, scaled as the
+    correction's input, mean over the fitted voxels."""
+    prior, refined = item["prior"], item.get("refined")
+    if refined is None:
+        raise ValueError('loss="refined" needs scans prepared with refined=True '
+                         "(esdmri.cohort.prepare_scan)")
+    if corrected is None:
+        corrected = prior
+    n = min(correction.n_corrected, corrected.shape[1] - (len(item["tissues"]) - 1))
+    _, scale = correction.inputs(prior, item["tissues"])
+    error = ((corrected[:, 1:n] - refined[:, 1:n]) / scale).pow(2).sum(1)
+    weight = item["mask"].to(error.dtype)
+    return (error * weight).sum() / weight.sum().clamp_min(1)
+
+
 def training_loss(loss, correction, item, corrected=None):
     """The pretraining loss ``loss`` (one of :data:`LOSSES`) of a window or volume."""
     if loss == "supervised":
         return supervised_loss(correction, item, corrected)
+    if loss == "refined":
+        return refined_loss(correction, item, corrected)
     own = unsupervised_loss(item, corrected) / item["prior_unsupervised"]
     if loss == "unsupervised":
         return own
@@ -114,8 +146,7 @@ def random_window(item, size, rng):
     shape = np.array(item["weight"].shape[1:])
     start = np.clip(centre - size // 2, 0, np.maximum(shape - size, 0))
     region = tuple(slice(s, s + size) for s in start)
-    window = {**item, **{name: item[name][(..., *region)]
-                         for name in ("prior", "target", "signal", "weight", "mask")}}
+    window = {**item, **{name: item[name][(..., *region)] for name in VOLUMES if name in item}}
     # The border voxels lack neighbours the whole volume gives them: not scored.
     inner = torch.zeros_like(window["weight"])
     inner[:, 1:-1, 1:-1, 1:-1] = 1
@@ -149,9 +180,10 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
         Training and held-aside scans (:func:`as_tensors` on ``device``).
     kind : str
         Architecture (a key of :data:`esdmri.reconst.pretrained.ARCHITECTURES`).
-    loss : {"supervised", "unsupervised", "mixed"}
+    loss : {"supervised", "unsupervised", "mixed", "refined"}
         The training loss (module docstring), which also chooses the best
-        weights on ``held``.
+        weights on ``held``; ``"refined"`` needs scans prepared with
+        ``refined=True``.
     steps : int
         Optimiser steps (one window of one scan each).
     seed : int
