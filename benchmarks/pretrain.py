@@ -14,6 +14,9 @@ Usage::
     python -m benchmarks.pretrain --dev out/esd.pt --architecture esd \
         --dev-out out/pretrain-dev-esd
     python -m benchmarks.pretrain --timing esdmri/data/pretrained_rtesd.pt
+    # refinement steps and evaluations from several weights' outputs (issue 28)
+    python -m benchmarks.pretrain --timing shipped=esdmri/data/pretrained_rtesd.pt \
+        refined=out/refined.pt --repeats 1
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm
@@ -216,30 +219,45 @@ def held_aside_losses(labelled, scans=24, held=3, side=14, seed=0):
     print(markdown(["weights", *(f"{loss} ({mask} mask)" for loss, mask in columns)], rows))
 
 
-def time_on_dev(weights, side, repeats, architecture="rtesd"):
-    """Fit seconds and refinement steps of the network-free default and the pretrained
-    path on the dev phantoms, interleaved in one process (their ratio is what counts
-    on a shared machine)."""
+def time_on_dev(labelled, side, repeats, architecture="rtesd"):
+    """Fit CPU seconds, refinement steps and evaluations of the network-free default and
+    of each pretrained path (``LABEL=WEIGHTS``, or a bare path labelled "pretrained") on
+    the dev phantoms, interleaved in one process (on a shared machine the ratios count;
+    the steps and evaluations do not depend on the load)."""
     from .devset import FAMILIES, SNRS, make_family
 
-    rows = []
+    options = [("network-free", False)] + [
+        tuple(item.split("=", 1)) if "=" in item else ("pretrained", item)
+        for item in map(str, labelled)]
+    rows, totals = [], {label: [0.0, 0, 0] for label, _ in options}
     for family in FAMILIES:
         for snr in SNRS:
             phantom = make_family(family, side, snr, "dev")
-            seconds = {False: [], True: []}
-            steps = {}
+            seconds = {label: [] for label, _ in options}
+            counts = {}
             for _ in range(repeats):
-                for weights_option in (False, str(weights)):
-                    start = time.perf_counter()
+                for label, weights_option in options:
+                    start = time.process_time()
                     fit = quiet_fit(MODEL_CLASSES[architecture], phantom,
                                     pretrained=weights_option)
-                    seconds[weights_option is not False].append(time.perf_counter() - start)
-                    steps[weights_option is not False] = fit.refine_history.steps
-            free, net = np.median(seconds[False]), np.median(seconds[True])
-            rows.append([family, f"{snr:g}", f"{free:.1f}", f"{net:.1f}", f"{net / free:.2f}",
-                         str(steps[False]), str(steps[True])])
-    print(markdown(["family", "SNR", "network-free fit (s)", "pretrained fit (s)", "ratio",
-                    "refinement steps: network-free", "pretrained"], rows))
+                    seconds[label].append(time.process_time() - start)
+                    counts[label] = (fit.refine_history.steps, fit.refine_history.evaluations)
+            free = np.median(seconds["network-free"])
+            row = [family, f"{snr:g}"]
+            for label, _ in options:
+                cpu = np.median(seconds[label])
+                totals[label][0] += cpu
+                totals[label][1] += counts[label][0]
+                totals[label][2] += counts[label][1]
+                row.append(f"{cpu:.1f} ({cpu / free:.2f}), {counts[label][0]} / "
+                           f"{counts[label][1]}")
+            rows.append(row)
+    free = totals["network-free"][0]
+    rows.append(["total", "", *(f"{cpu:.1f} ({cpu / free:.2f}), {steps} / {evaluations}"
+                               for cpu, steps, evaluations in totals.values())])
+    print("fit CPU seconds (over the network-free fit's), refinement steps / evaluations; "
+          f"median of {repeats} interleaved fits, one thread\n"
+          + markdown(["family", "SNR", *(label for label, _ in options)], rows))
 
 
 def quiet_fit(model_class, phantom, **options):
@@ -254,8 +272,9 @@ def main(argv=None):
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dev", type=Path, metavar="WEIGHTS",
                       help="score these weights on the dev phantoms")
-    mode.add_argument("--timing", type=Path, metavar="WEIGHTS",
-                      help="time the fits of the dev phantoms with and without them")
+    mode.add_argument("--timing", nargs="+", metavar="[LABEL=]WEIGHTS",
+                      help="time the fits of the dev phantoms with and without these weights "
+                           "and count their refinement steps and evaluations")
     mode.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
                       help="tabulate the three architectures' rows of devset runs")
     mode.add_argument("--variants", nargs="+", metavar="LABEL=JSON",
