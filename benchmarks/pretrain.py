@@ -196,14 +196,15 @@ def compare(files):
 
 
 def held_aside_losses(labelled, scans=24, held=3, side=14, seed=0):
-    """The three pretraining losses of ``LABEL=WEIGHTS`` RT-ESD corrections on the
-    cohort's held-aside scans (``esdmri_pretrain``'s defaults), fitted on the whole
-    mask and on the WM voxels; each loss's value for the prior in the first row."""
+    """Every pretraining loss of ``LABEL=WEIGHTS`` RT-ESD corrections on the cohort's
+    held-aside scans (``esdmri_pretrain``'s defaults), fitted on the whole mask and on
+    the WM voxels; each loss's value for the prior in the first row ("refined": the
+    distance to each scan's default fit, computed here)."""
     from esdmri.cohort import MASKS, cohort_settings, prepare_scan
     from esdmri.reconst.pretrained import load_correction
     from esdmri.reconst.pretraining import LOSSES, as_tensors, evaluate
 
-    items = {mask: [as_tensors(prepare_scan(setting, side, mask))
+    items = {mask: [as_tensors(prepare_scan(setting, side, mask, refined=True))
                     for setting in cohort_settings(scans + held, seed)[scans:]]
              for mask in MASKS}
     columns = [(loss, mask) for mask in MASKS for loss in LOSSES]
