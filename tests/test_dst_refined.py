@@ -81,3 +81,11 @@ def test_refined_loss_needs_the_target():
     assert "refined" not in bare
     with pytest.raises(ValueError, match="refined=True"):
         refined_loss(correction(), as_tensors(bare))
+
+
+def test_supervised_plus_refined_is_their_mean(scan):
+    item = as_tensors(scan)
+    net = correction()
+    halves = [float(training_loss(loss, net, item)) for loss in ("supervised", "refined")]
+    assert float(training_loss("supervised+refined", net, item)) == pytest.approx(
+        np.mean(halves), rel=1e-6)

@@ -77,7 +77,8 @@ class PretrainFlow(EsdmriWorkflow):
             refinement descends), mixed (the mean of the two) or refined
             (distillation: toward each scan's default fit, the shipped
             correction then the default refinement, computed once per scan
-            when the cohort is built; one refinement per scan).
+            when the cohort is built; one refinement per scan) or
+            supervised+refined (the mean of supervised and refined).
         wm_masks : bool, optional
             Also train on every scan fitted on its WM voxels only, so that
             the correction sees masks that cut through the volume.
@@ -115,7 +116,7 @@ class PretrainFlow(EsdmriWorkflow):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         # pretraining.LOSSES, without torch
-        losses = ("supervised", "unsupervised", "mixed", "refined")
+        losses = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
         if loss not in losses:
             raise ValueError(f"loss must be one of {', '.join(losses)}, got {loss!r}")
         (weights_path,), = self.get_io_iterator()
@@ -141,7 +142,7 @@ class PretrainFlow(EsdmriWorkflow):
         logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
         start = time.process_time()
         cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug,
-                              wm_masks=wm_masks, refined=loss == "refined")
+                              wm_masks=wm_masks, refined="refined" in loss)
         cohort_cpu = time.process_time() - start
 
         def items(part):

@@ -8,7 +8,7 @@ decay of the learning rate over the steps, and keeps the weights that scored
 best on held-aside cohort scans. Every random choice follows from ``seed``, so
 ``esdmri_pretrain`` reproduces its weights on the same device.
 
-Four losses (``loss``):
+Five losses (``loss``):
 
 - ``"supervised"`` (:func:`supervised_loss`, the shipped weights'): the
   squared distance of the corrected WM degrees 0-8 to the true fibres as
@@ -30,7 +30,8 @@ Four losses (``loss``):
   refinement; :func:`esdmri.cohort.prepare_scan` with ``refined=True``), per
   voxel divided by the prior's total tissue fraction, averaged over the
   fitted voxels. A correction whose output is near the point the refinement
-  ends at leaves the refinement less to do; no true fODF enters it.
+  ends at leaves the refinement less to do; no true fODF enters it;
+- ``"supervised+refined"``: the mean of the supervised and distillation losses.
 """
 
 import math
@@ -46,7 +47,7 @@ from .network import build_fodf_sampler, build_forward_model
 from .pretrained import PriorCorrection, check_architecture
 from .training import coefficient_loss
 
-LOSSES = ("supervised", "unsupervised", "mixed", "refined")
+LOSSES = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
 # The volumes of a prepared scan that a window cuts (``refined`` only when the
 # cohort was built for the distillation loss).
 VOLUMES = ("prior", "target", "signal", "weight", "mask", "refined")
@@ -134,6 +135,9 @@ def training_loss(loss, correction, item, corrected=None):
         return supervised_loss(correction, item, corrected)
     if loss == "refined":
         return refined_loss(correction, item, corrected)
+    if loss == "supervised+refined":
+        return 0.5 * (supervised_loss(correction, item, corrected)
+                      + refined_loss(correction, item, corrected))
     own = unsupervised_loss(item, corrected) / item["prior_unsupervised"]
     if loss == "unsupervised":
         return own
@@ -180,9 +184,9 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
         Training and held-aside scans (:func:`as_tensors` on ``device``).
     kind : str
         Architecture (a key of :data:`esdmri.reconst.pretrained.ARCHITECTURES`).
-    loss : {"supervised", "unsupervised", "mixed", "refined"}
+    loss : {"supervised", "unsupervised", "mixed", "refined", "supervised+refined"}
         The training loss (module docstring), which also chooses the best
-        weights on ``held``; ``"refined"`` needs scans prepared with
+        weights on ``held``; the ``"refined"`` losses need scans prepared with
         ``refined=True``.
     steps : int
         Optimiser steps (one window of one scan each).
