@@ -224,41 +224,59 @@ def time_on_dev(labelled, side, repeats, architecture="rtesd"):
     """Fit CPU seconds, refinement steps and evaluations of the network-free default and
     of each pretrained path (``LABEL=WEIGHTS``, or a bare path labelled "pretrained") on
     the dev phantoms, interleaved in one process (on a shared machine the ratios count;
-    the steps and evaluations do not depend on the load)."""
+    the steps and evaluations do not depend on the load); then each start's objective,
+    the objective at the stop, and the evaluations the network-free refinement took to
+    get as low as that start."""
     from .devset import FAMILIES, SNRS, make_family
 
     options = [("network-free", False)] + [
         tuple(item.split("=", 1)) if "=" in item else ("pretrained", item)
         for item in map(str, labelled)]
-    rows, totals = [], {label: [0.0, 0, 0] for label, _ in options}
+    rows, objectives, totals = [], [], {label: [0.0, 0, 0] for label, _ in options}
     for family in FAMILIES:
         for snr in SNRS:
             phantom = make_family(family, side, snr, "dev")
             seconds = {label: [] for label, _ in options}
-            counts = {}
+            histories = {}
             for _ in range(repeats):
                 for label, weights_option in options:
                     start = time.process_time()
                     fit = quiet_fit(MODEL_CLASSES[architecture], phantom,
                                     pretrained=weights_option)
                     seconds[label].append(time.process_time() - start)
-                    counts[label] = (fit.refine_history.steps, fit.refine_history.evaluations)
+                    histories[label] = fit.refine_history
             free = np.median(seconds["network-free"])
             row = [family, f"{snr:g}"]
             for label, _ in options:
-                cpu = np.median(seconds[label])
+                cpu, history = np.median(seconds[label]), histories[label]
                 totals[label][0] += cpu
-                totals[label][1] += counts[label][0]
-                totals[label][2] += counts[label][1]
-                row.append(f"{cpu:.1f} ({cpu / free:.2f}), {counts[label][0]} / "
-                           f"{counts[label][1]}")
+                totals[label][1] += history.steps
+                totals[label][2] += history.evaluations
+                row.append(f"{cpu:.1f} ({cpu / free:.2f}), {history.steps} / "
+                           f"{history.evaluations}")
             rows.append(row)
+            objectives.append([family, f"{snr:g}", *(
+                f"{histories[label][0]:.4g} / {histories[label][-1]:.4g} / "
+                f"{reached(histories['network-free'], histories[label][0])}"
+                for label, _ in options)])
     free = totals["network-free"][0]
     rows.append(["total", "", *(f"{cpu:.1f} ({cpu / free:.2f}), {steps} / {evaluations}"
                                for cpu, steps, evaluations in totals.values())])
     print("fit CPU seconds (over the network-free fit's), refinement steps / evaluations; "
           f"median of {repeats} interleaved fits, one thread\n"
           + markdown(["family", "SNR", *(label for label, _ in options)], rows))
+    print("\nobjective per voxel at the start / at the stop / evaluations the network-free "
+          "refinement took to get as low as this start (checked every 10 steps)\n"
+          + markdown(["family", "SNR", *(label for label, _ in options)], objectives))
+
+
+def reached(history, value):
+    """Evaluations ``history`` (a RefinementHistory) had made at its first recorded
+    objective at or below ``value`` (">N": never, N its evaluations in all)."""
+    for recorded, evaluations in zip(history, history.evaluations_at):
+        if recorded <= value:
+            return str(evaluations)
+    return f">{history.evaluations}"
 
 
 def quiet_fit(model_class, phantom, **options):
