@@ -17,6 +17,8 @@ Usage::
     # refinement steps and evaluations from several weights' outputs (issue 28)
     python -m benchmarks.pretrain --timing shipped=esdmri/data/pretrained_rtesd.pt \
         refined=out/refined.pt --repeats 1
+    # the evaluations the best possible correction would leave
+    python -m benchmarks.pretrain --oracle
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm
@@ -279,6 +281,41 @@ def reached(history, value):
     return f">{history.evaluations}"
 
 
+def oracle_starts(side, architecture="rtesd"):
+    """How many refinement evaluations the best possible correction would leave: per dev
+    phantom, the refinement's steps / evaluations from the prior (network-free), from the
+    shipped correction (the default fit), from the default fit's own end point, and from
+    the prior with its WM degrees 2-8 replaced by the end point's (all a correction of
+    degrees 2-8 can change: the distillation's target reached exactly)."""
+    from esdmri.reconst.pretrained import CORRECTED_ORDER
+    from esdmri.shm import n_coeffs
+
+    from .devset import FAMILIES, SNRS, make_family
+
+    labels = ("prior (network-free)", "shipped correction (default)",
+              "the default fit's end point", "prior + end point's degrees 2-8")
+    rows = []
+    for family in FAMILIES:
+        for snr in SNRS:
+            phantom = make_family(family, side, snr, "dev")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
+                scan = model.prepare(phantom.data, mask=phantom.mask)
+                prior = model.prior_coefficients(scan)
+                default, history = model.refine(model.corrected_prior(prior, scan), scan)
+                n = min(n_coeffs(CORRECTED_ORDER),
+                        prior.shape[-1] - (len(scan.response.tissues) - 1))
+                perfect = prior.copy()
+                perfect[..., 1:n] = default[..., 1:n]
+                histories = [model.refine(prior, scan)[1], history,
+                             model.refine(default, scan)[1], model.refine(perfect, scan)[1]]
+            rows.append([family, f"{snr:g}", *(f"{h.steps} / {h.evaluations}"
+                                              for h in histories)])
+    print("refinement steps / evaluations to the stop, by start (default refinement)\n"
+          + markdown(["family", "SNR", *labels], rows))
+
+
 def quiet_fit(model_class, phantom, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -298,6 +335,9 @@ def main(argv=None):
                       help="tabulate the three architectures' rows of devset runs")
     mode.add_argument("--variants", nargs="+", metavar="LABEL=JSON",
                       help="tabulate the RT-ESD rows of devset runs of several weights")
+    mode.add_argument("--oracle", action="store_true",
+                      help="refinement evaluations from the prior, the shipped correction, "
+                           "the default fit's end point and the best a correction can give")
     mode.add_argument("--held", nargs="+", metavar="LABEL=WEIGHTS",
                       help="the pretraining losses of RT-ESD weights on the cohort's "
                            "held-aside scans")
@@ -330,6 +370,8 @@ def main(argv=None):
         compare(args.compare)
     elif args.variants:
         variants(args.variants)
+    elif args.oracle:
+        oracle_starts(args.side, args.architecture)
     elif args.held:
         held_aside_losses(args.held, *args.held_scans)
     elif args.dev:
