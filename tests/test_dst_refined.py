@@ -89,3 +89,19 @@ def test_supervised_plus_refined_is_their_mean(scan):
     halves = [float(training_loss(loss, net, item)) for loss in ("supervised", "refined")]
     assert float(training_loss("supervised+refined", net, item)) == pytest.approx(
         np.mean(halves), rel=1e-6)
+
+
+def test_reached_reads_the_evaluations_of_a_refinement_history():
+    # benchmarks.pretrain --timing: when the network-free path got as low as a start.
+    from benchmarks.pretrain import reached
+
+    from esdmri.reconst.refine import RefinementHistory
+
+    history = RefinementHistory()
+    for value, evaluations in ((1.0, 1), (0.5, 12), (0.4, 23)):
+        history.record(value, evaluations)
+    history.evaluations = 30
+    assert reached(history, 0.6) == "12"
+    assert reached(history, 0.4) == "23"
+    assert reached(history, 1.5) == "1"
+    assert reached(history, 0.1) == ">30"
