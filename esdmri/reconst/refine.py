@@ -445,6 +445,19 @@ class CoupledObjective:
                                 differences=self.pair_buffer, add_to=gradient)
         return float(tv)
 
+    def pair_values(self, coefficients):
+        """Each neighbour pair's weighted term ``w sqrt(|c_i - c_j|^2 + delta^2)``, shape (P,)."""
+        difference = torch.addmm(self.pair_buffer, self.differences[0], coefficients, beta=0,
+                                 out=self.pair_buffer)
+        norm = torch.linalg.vector_norm(difference, dim=1).square_().add_(self.smoothing**2)
+        return norm.sqrt_().mul_(self.pair_weights).double()
+
+    def voxel_shares(self, pair_changes):
+        """Each voxel's share of the pairs' changes: half of each pair it belongs to, (n,)."""
+        half = 0.5 * pair_changes
+        shares = half.new_zeros(len(self.projected)).index_add_(0, self.first, half)
+        return shares.index_add_(0, self.second, half)
+
     def voxel_rows(self, coefficients, rows, out):
         """Some voxels' own losses (float64) and gradients, without the spatial term.
 
@@ -663,24 +676,21 @@ def _stay(rows, c, voxel_values, voxel_gradient, trial, step, trial_values,
     trial_values[rows], trial_voxel_gradient[rows] = voxel_values[rows], voxel_gradient[rows]
 
 
-def _slopes(gradient, voxel_gradient, step):
-    """Each voxel's slope along its step: of the objective, and of the spatial term alone."""
-    slopes = _row_dots(gradient, step).view(-1).double()
-    return slopes, slopes - _row_dots(voxel_gradient, step).view(-1).double()
-
-
 def _voxel_trial(objective, c, direction, gradient, voxel_values, voxel_gradient, n_wm_coeffs,
                  *, trial, trial_gradient, trial_values, trial_voxel_gradient, step):
     """The per-voxel line search's trial point (``curvature="voxel"``).
 
     Every voxel takes its full step, then halves it, on its own, until its own
-    loss (:class:`VoxelLoss`) plus the spatial term's first-order change along
-    its step falls by Armijo's fraction of its slope (the spatial term is
-    convex, so this is its most hopeful estimate; the caller checks the true
-    objective); a voxel whose step never does stays where it is. Only the
-    voxels still halving are evaluated again (a fraction of an evaluation
-    each time); the spatial term is added once, at the end. The
-    whole objective's sufficient decrease is checked by the caller.
+    loss (:class:`VoxelLoss`) plus its share of the spatial term's change (half
+    the change of each neighbour pair it belongs to, both ends at their trial
+    points) falls by Armijo's fraction of its slope ``g.s``; a voxel whose step
+    never does stays where it is. The shares sum to the spatial term's change,
+    so where every voxel passes, the objective falls by Armijo's fraction of
+    the whole slope. A voxel may fail after a neighbour's halving changed its
+    share, and then halves too. Only the voxels halving are evaluated again (a
+    fraction of an evaluation each time); the spatial term's gradient is added
+    once, at the end. The caller still checks the whole objective's decrease
+    (round-off of the sums).
 
     Returns
     -------
@@ -693,32 +703,46 @@ def _voxel_trial(objective, c, direction, gradient, voxel_values, voxel_gradient
     objective(trial, voxel_values=trial_values, voxel_gradient=trial_voxel_gradient,
               coupled=False)
     torch.sub(trial, c, out=step)
-    slopes, coupling_slopes = _slopes(gradient, voxel_gradient, step)
-    failed = trial_values + coupling_slopes > voxel_values + _ARMIJO * slopes
+    slopes = _row_dots(gradient, step).view(-1).double()
     # A voxel whose step promises less than its loss's round-off stays where it is.
-    still = failed & (-slopes <= _VOXEL_ROUNDOFF * torch.finfo(c.dtype).eps
-                      * voxel_values.abs())
-    if bool(still.any()):
-        _stay(torch.nonzero(still).view(-1), c, voxel_values, voxel_gradient, trial, step,
-              trial_values, trial_voxel_gradient)
-    rows = torch.nonzero(failed & ~still).view(-1)
-    length = 1.0
-    for _ in range(_VOXEL_HALVINGS):
+    tiny = -slopes <= _VOXEL_ROUNDOFF * torch.finfo(c.dtype).eps * voxel_values.abs()
+    coupled = objective.pair_weights is not None
+    if coupled:
+        start_pairs = objective.pair_values(c)
+        changes = objective.pair_values(trial) - start_pairs
+    lengths = torch.ones(len(c), dtype=c.dtype, device=c.device)
+    stayed = torch.zeros(len(c), dtype=torch.bool, device=c.device)
+    for halving in range(_VOXEL_HALVINGS + 1):
+        fall = trial_values - voxel_values
+        if coupled:
+            fall += objective.voxel_shares(changes)
+        failed = (fall > _ARMIJO * slopes) & ~stayed
+        rows = torch.nonzero(failed & (tiny | (halving == _VOXEL_HALVINGS))
+                             | failed & (lengths == 0)).view(-1)
+        if len(rows):
+            # They stay: their trial point is theirs at c.
+            stayed[rows] = True
+            lengths[rows] = 0
+            trial[rows], step[rows] = c[rows], 0
+            trial_values[rows] = voxel_values[rows]
+            trial_voxel_gradient[rows] = voxel_gradient[rows]
+            slopes[rows] = 0
+        rows = torch.nonzero(failed & ~stayed).view(-1)
         if not len(rows):
+            if coupled and len(torch.nonzero(stayed)):
+                changes = objective.pair_values(trial) - start_pairs
             break
-        length *= _BACKTRACK
+        lengths[rows] *= _BACKTRACK
         start = c[rows]
-        moved = _project(torch.add(start, direction[rows], alpha=length), n_wm_coeffs)
+        moved = _project(torch.addcmul(start, direction[rows], lengths[rows].unsqueeze(1)),
+                         n_wm_coeffs)
         moved_step = moved - start
         moved_gradient = torch.empty_like(moved)
-        values = objective.voxel_rows(moved, rows, moved_gradient)
-        trial[rows], step[rows] = moved, moved_step
-        trial_values[rows], trial_voxel_gradient[rows] = values, moved_gradient
-        slopes, coupling_slopes = _slopes(gradient[rows], voxel_gradient[rows], moved_step)
-        rows = rows[values + coupling_slopes > voxel_values[rows] + _ARMIJO * slopes]
-    else:
-        _stay(rows, c, voxel_values, voxel_gradient, trial, step, trial_values,
-              trial_voxel_gradient)
+        trial_values[rows] = objective.voxel_rows(moved, rows, moved_gradient)
+        trial[rows], step[rows], trial_voxel_gradient[rows] = moved, moved_step, moved_gradient
+        slopes[rows] = _row_dots(gradient[rows], moved_step).view(-1).double()
+        if coupled:
+            changes = objective.pair_values(trial) - start_pairs
     trial_gradient.copy_(trial_voxel_gradient)
     return float(trial_values.sum()) + objective.coupling(trial, trial_gradient)
 
