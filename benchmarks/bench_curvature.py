@@ -16,19 +16,30 @@ e.g. ``global voxel voxel:10``), in one process:
   variant's objective at its stop, and the objective each variant has after as many
   evaluations as the first one made to its stop.
 
+With ``--order8-budgets``, instead: the cheaper first phase, the same objective on the SH
+order 8 subspace (the first 45 WM coefficients and the isotropic ones, the forward
+matrix's rows and the sampler's columns of those; the same 384 samples), run for each
+budget of steps from the default start, then the default order-12 refinement from its
+result (the order 10 and 12 coefficients 0). Printed: both phases' evaluations, steps and
+CPU milliseconds per evaluation, the objective at the stop, and the evaluations in units
+of an order-12 one (the first phase's weighed by the two phases' measured CPU ratio).
+
 Usage::
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_curvature --scan dev --variants global voxel
     OMP_NUM_THREADS=1 python -m benchmarks.bench_curvature --scan clinical --shape 64 64 40
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_curvature --scan dev --order8-budgets 10 20 40
 """
 
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.refine import refine_coefficients
+from esdmri.shm import n_coeffs
 from esdmri.sims import make_phantom
 
 from .bench_memory import clinical_gtab
@@ -60,6 +71,44 @@ def objective_after(history, evaluations):
     return values[-1]
 
 
+def order8_then_order12(inputs, options, budgets):
+    """``--order8-budgets``: the order-8 first phase, then the default refinement."""
+    start, signal, mask, forward_matrix, sampler, n_wm, _, weights = inputs
+    n_wm8 = n_coeffs(8)
+    kept = np.r_[:n_wm8, n_wm:start.shape[-1]]
+    inputs8 = (start[..., kept], signal, mask, forward_matrix[kept],
+               sampler[:, :n_wm8].contiguous(), n_wm8, 8, weights)
+    clock = time.process_time()
+    _, history = refine_coefficients(*inputs, **options)
+    seconds = time.process_time() - clock
+    print(f"order 12 alone: {history.evaluations} evaluations, {history.steps} steps, "
+          f"objective {history[-1]:.10g}, {seconds / history.evaluations * 1e3:.0f} ms per "
+          "evaluation", flush=True)
+    rows = ["| order-8 budget | phase 1: evaluations / steps / ms per evaluation | phase 2: "
+            "evaluations / steps / ms per evaluation | objective at the stop | order-12 "
+            "evaluations equivalent | CPU s (order 12 alone: " f"{seconds:.1f}) |",
+            "|---|---|---|---|---|---|"]
+    for budget in budgets:
+        clock = time.process_time()
+        first, history8 = refine_coefficients(*inputs8, **dict(options, normalize=False,
+                                                                steps=budget))
+        seconds8 = time.process_time() - clock
+        padded = np.zeros_like(start)
+        padded[..., kept] = first
+        clock = time.process_time()
+        _, history12 = refine_coefficients(padded, *inputs[1:], **options)
+        seconds12 = time.process_time() - clock
+        cost8 = seconds8 / history8.evaluations
+        cost12 = seconds12 / history12.evaluations
+        rows.append(f"| {budget} | {history8.evaluations} / {history8.steps} / "
+                    f"{cost8 * 1e3:.0f} | {history12.evaluations} / {history12.steps} / "
+                    f"{cost12 * 1e3:.0f} | {history12[-1]:.10g} | "
+                    f"{history8.evaluations * cost8 / cost12 + history12.evaluations:.1f} | "
+                    f"{seconds8 + seconds12:.1f} |")
+        print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scan", choices=("dev", "clinical"), default="dev")
@@ -71,6 +120,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--budget", type=int, default=200,
                         help="steps of the trajectory runs (0: none)")
+    parser.add_argument("--order8-budgets", type=int, nargs="+",
+                        help="measure an order-8 first phase of these step budgets instead")
     args = parser.parse_args()
     if args.scan == "dev":
         name = f"{args.size}^3 dev SNR {args.snr:g}"
@@ -83,6 +134,9 @@ def main():
     del phantom
     print(f"{name}: {n_masked} masked voxels, SH order {inputs[6]}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
+    if args.order8_budgets:
+        order8_then_order12(inputs, options, args.order8_budgets)
+        return
     rows = ["| variant | run | evaluations | steps | objective per voxel | CPU ms per evaluation |",
             "|---|---|---|---|---|---|"]
     stops = {}
