@@ -83,8 +83,8 @@ def main():
     del phantom
     print(f"{name}: {n_masked} masked voxels, SH order {inputs[6]}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
-    rows = ["| variant | run | evaluations | steps | global fallbacks | objective per voxel | "
-            "CPU ms per evaluation |", "|---|---|---|---|---|---|---|"]
+    rows = ["| variant | run | evaluations | steps | objective per voxel | CPU ms per evaluation |",
+            "|---|---|---|---|---|---|"]
     stops = {}
     for repeat in range(args.repeats):
         for variant in (args.variants if repeat % 2 == 0 else args.variants[::-1]):
@@ -94,8 +94,7 @@ def main():
             seconds = time.process_time() - clock
             stops.setdefault(variant, (history.evaluations, history[-1]))
             rows.append(f"| {variant} | {repeat + 1} | {history.evaluations} | {history.steps} | "
-                        f"{history.fallbacks} | {history[-1]:.10g} | "
-                        f"{seconds / history.evaluations * 1e3:.0f} |")
+                        f"{history[-1]:.10g} | {seconds / history.evaluations * 1e3:.0f} |")
             print(rows[-1], flush=True)
     print("\n" + "\n".join(rows), flush=True)
     if not args.budget:
@@ -111,8 +110,7 @@ def main():
         reached = evaluations_to_reach(history, target)
         rows.append(f"| {variant} | {reached if reached is not None else 'not reached'} | "
                     f"{objective_after(history, reference_evaluations):.10g} | "
-                    f"{history[-1]:.10g} ({history.evaluations}, "
-                    f"{history.fallbacks} fallbacks) |")
+                    f"{history[-1]:.10g} ({history.evaluations}) |")
         print(rows[-1], flush=True)
         trace = ", ".join(f"{made}: {value:.8g}" for value, made
                           in list(zip(history, history.evaluations_at))[::10])

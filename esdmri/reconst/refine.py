@@ -492,15 +492,11 @@ class RefinementHistory(list):
     evaluations_at : list of int
         The evaluations made when each value was recorded (what a stop at
         that check would have cost).
-    fallbacks : int
-        L-BFGS with ``curvature="voxel"``: the steps that were the global
-        model's because the per-voxel step did not lower the objective enough.
     """
 
     stop_reason = "not run"
     steps = 0
     evaluations = 0
-    fallbacks = 0
 
     def __init__(self):
         super().__init__()
@@ -624,9 +620,8 @@ class _VoxelCurvature:
 
     Every ``rho``, ``alpha``, ``beta`` and the initial scaling is a column
     (shape (n, 1)) of row-wise inner products, so each voxel keeps its own
-    quasi-Newton model of its own curvature; a pair counts for a voxel only
-    where it curves upwards along that voxel's step (``rho`` 0 elsewhere,
-    :func:`_hybrid_pair`).
+    quasi-Newton model of its own curvature; a pair is kept for a voxel only
+    where it curves upwards along that voxel's step (``rho`` 0 elsewhere).
     """
 
     @staticmethod
@@ -636,6 +631,15 @@ class _VoxelCurvature:
     @staticmethod
     def add(field, other, coefficient):
         return field.addcmul_(other, coefficient)
+
+    @staticmethod
+    def pair(s, y):
+        s_dot_y = _row_dots(s, y)
+        upwards = s_dot_y > 1e-10 * _row_dots(y, y)
+        if not bool(upwards.any()):
+            return None
+        rho = torch.where(upwards, 1.0 / torch.where(upwards, s_dot_y, 1.0), 0.0)
+        return rho, s_dot_y
 
     @staticmethod
     def scale(s, y, rho, s_dot_y, py, previous):
@@ -648,26 +652,8 @@ class _VoxelCurvature:
         return rows if len(rows) else None
 
 
-def _hybrid_pair(s, y):
-    """A new pair's scalars for both of the hybrid's models (``curvature="voxel"``).
-
-    Returns
-    -------
-    scalars : tuple or None
-        ``(rho, s_dot_y, global_rho, global_s_dot_y)``: the per-voxel model's
-        columns (shape (n, 1); ``rho`` 0 in the voxels along whose step the
-        objective curves downwards), and the global model's floats, the sums
-        of the same columns (``global_rho`` 0.0 where the field curves
-        downwards along the whole step). None where neither model keeps it.
-    """
-    s_dot_y, y_dot_y = _row_dots(s, y), _row_dots(y, y)
-    upwards = s_dot_y > 1e-10 * y_dot_y
-    total = float(s_dot_y.sum(dtype=torch.float64))
-    kept = total > 1e-10 * float(y_dot_y.sum(dtype=torch.float64))
-    if not (kept or bool(upwards.any())):
-        return None
-    rho = torch.where(upwards, 1.0 / torch.where(upwards, s_dot_y, 1.0), 0.0)
-    return rho, s_dot_y, (1.0 / total if kept else 0.0), total
+# The recursion's scalars for each of REFINEMENT_CURVATURES.
+_CURVATURES = dict(zip(REFINEMENT_CURVATURES, (_GlobalCurvature, _VoxelCurvature)))
 
 
 def _stay(rows, c, voxel_values, voxel_gradient, trial, step, trial_values,
@@ -748,18 +734,11 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     inner product or norm: a rotation acting orthogonally within each SH
     degree leaves them unchanged, so each step commutes with it. With
     ``curvature="global"`` the recursion's scalars are inner products over the
-    whole field (one model for all voxels) and one Armijo backtracking sets the
-    field's step length. ``"voxel"`` is a safeguarded hybrid: each step first
-    takes the per-voxel model's direction (row-wise inner products,
-    :class:`_VoxelCurvature`) with each voxel's own step length
-    (:func:`_voxel_trial`); where that trial point does not lower the whole
-    objective by Armijo's fraction of its slope, the step is the global
-    model's instead, from the same stored pairs (its scalars the sums of the
-    per-voxel ones), with the global backtracking: a step the global L-BFGS
-    would take is always open to it (``history.fallbacks`` counts them). Every
-    scalar is invariant under rotations within SH degrees and under
-    permutations of the voxels; the whole objective's test decides every
-    step. The initial inverse Hessian is that scaling times ``P``
+    whole field (one model for all voxels); with ``"voxel"`` they are each
+    voxel's own (row-wise inner products, :class:`_VoxelCurvature`), still
+    invariant under rotations within SH degrees and under permutations of the
+    voxels; the line search's step length and its test are the whole
+    objective's in both. The initial inverse Hessian is that scaling times ``P``
     (``preconditioner``, the same ``C x C`` matrix applied to every voxel:
     :func:`signal_preconditioner`, which rotates with the gradient table; the
     identity when None). The isotropic coefficients are bounded below by 0:
@@ -776,20 +755,17 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     steps : int
     stop_reason : str
     """
-    hybrid = curvature == "voxel"
-    # The hybrid's line search also keeps each voxel's own loss and its gradient,
-    # at the iterate and at the trial point.
+    model = _CURVATURES[curvature]
+    # The per-voxel model's line search also keeps each voxel's own loss and its
+    # gradient, at the iterate and at the trial point.
     voxel_buffers = voxel_trial_buffers = {}
-    if hybrid:
+    if curvature == "voxel":
         voxel_buffers, voxel_trial_buffers = (
             dict(voxel_values=torch.empty(len(c), dtype=torch.float64, device=c.device),
                  voxel_gradient=torch.empty_like(c)) for _ in range(2))
     value, gradient = objective(c, **voxel_buffers)
     history.record(value / len(c), objective.evaluations)
-    # pairs, oldest first: (s, y, 1 / s.y, s.y as computed) with the global model;
-    # the hybrid's add the per-voxel model's columns before the global floats:
-    # (s, y, rho column, s.y column, 1 / s.y or 0.0 where the field curves
-    # downwards, s.y). spare: free buffers.
+    # pairs: (s, y, 1 / s.y, s.y as computed), oldest first; spare: free buffers
     pairs, spare = [], []
     # Every field the loop writes lives in a buffer reused from step to step: at
     # brain size (84 MB a field) a fresh one's page faults cost more than a pass.
@@ -811,112 +787,81 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
         # The scale in the product's own multiplier: one pass over the field fewer.
         return spare.addmm_(field, preconditioner, beta=0, alpha=-scale), field
 
-    def two_loop(model, model_pairs, scale, held):
-        """The recursion's direction for ``-gradient`` into ``direction``; returns the scale.
-
-        ``model_pairs``: ``(s, y, rho, s.y)`` of ``model``
-        (:class:`_GlobalCurvature` or :class:`_VoxelCurvature`), oldest first;
-        ``scale``: the initial scaling kept where there is no pair.
-        """
-        nonlocal direction, work
+    # The first step moves the coefficients by ``lr`` in root mean square.
+    scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, work).norm()),
+                                        float(torch.finfo(c.dtype).tiny))
+    if curvature == "voxel":
+        scale = torch.full((len(c), 1), scale, dtype=c.dtype, device=c.device)
+    for step in range(1, steps + 1):
+        held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
         direction.copy_(gradient)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         alphas = []
-        for s, y, rho, _ in reversed(model_pairs):
+        for s, y, rho, _ in reversed(pairs):
             alpha = rho * model.dot(s, direction)
             model.add(direction, y, -alpha)
             alphas.append(alpha)
-        if model_pairs:
+        if pairs:
             # s.y as computed when the pair was stored (the same float: one pass fewer).
-            scale = model.scale(*model_pairs[-1], apply(model_pairs[-1][1], work), scale)
+            scale = model.scale(*pairs[-1], apply(pairs[-1][1], work), scale)
         direction, work = scaled_direction(direction, work, scale)
-        for (s, y, rho, _), alpha in zip(model_pairs, reversed(alphas)):
+        for (s, y, rho, _), alpha in zip(pairs, reversed(alphas)):
             beta = rho * model.dot(y, direction)
             model.add(direction, s, -alpha - beta)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-        return scale
-
-    def global_step(scale, held):
-        """The global model's direction (main's L-BFGS) into ``direction``; returns the scale."""
-        nonlocal direction, work
-        model_pairs = pairs if not hybrid else [
-            (s, y, rho, s_dot_y) for s, y, _, _, rho, s_dot_y in pairs if rho]
-        scale = two_loop(_GlobalCurvature, model_pairs, scale, held)
-        if _GlobalCurvature.descent(gradient, direction):
+        restart = model.descent(gradient, direction)
+        if restart is True:
             # Not a descent direction (negative curvature on the nonconvex
             # sparsity term): restart from the scaled gradient.
-            spare.extend(buffer for pair in pairs for buffer in pair[:2])
+            spare.extend(buffer for s, y, _, _ in pairs for buffer in (s, y))
             pairs.clear()
             direction.copy_(gradient)
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
             direction, work = scaled_direction(direction, work, scale)
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-        return scale
-
-    # The first step moves the coefficients by ``lr`` in root mean square.
-    global_scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, work).norm()),
-                                               float(torch.finfo(c.dtype).tiny))
-    if hybrid:
-        voxel_scale = torch.full((len(c), 1), global_scale, dtype=c.dtype, device=c.device)
-        history.fallbacks = 0
-    for step in range(1, steps + 1):
-        held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
+        elif restart is not None:
+            # The same, in the voxels (rows) where it is not: they forget their pairs.
+            rows = gradient[restart]
+            rows[:, n_wm_coeffs:].masked_fill_(held[restart], 0)
+            if preconditioner is not None:
+                rows = rows @ preconditioner
+            rows.mul_(-scale[restart])
+            rows[:, n_wm_coeffs:].masked_fill_(held[restart], 0)
+            direction[restart] = rows
+            for _, _, rho, _ in pairs:
+                rho[restart] = 0
+        length = 1.0
         s = spare.pop() if spare else torch.empty_like(c)
-        accepted = False
-        if hybrid:
-            voxel_scale = two_loop(_VoxelCurvature, [pair[:4] for pair in pairs], voxel_scale,
-                                   held)
-            restart = _VoxelCurvature.descent(gradient, direction)
-            if restart is not None:
-                # The voxels (rows) whose direction is not a descent one restart
-                # from their scaled gradient and forget their pairs.
-                rows = gradient[restart]
-                rows[:, n_wm_coeffs:].masked_fill_(held[restart], 0)
-                if preconditioner is not None:
-                    rows = rows @ preconditioner
-                rows.mul_(-voxel_scale[restart])
-                rows[:, n_wm_coeffs:].masked_fill_(held[restart], 0)
-                direction[restart] = rows
-                for pair in pairs:
-                    pair[2][restart] = 0
-            trial_value = _voxel_trial(
-                objective, c, direction, gradient, *voxel_buffers.values(), n_wm_coeffs,
-                trial=trial, trial_gradient=trial_gradient, step=s,
-                trial_values=voxel_trial_buffers["voxel_values"],
-                trial_voxel_gradient=voxel_trial_buffers["voxel_gradient"])
-            decrease = float(torch.vdot(gradient.flatten(), s.flatten()))
-            accepted = trial_value <= value + _ARMIJO * decrease
-            if not accepted:
-                # The per-voxel lengths do not lower the whole objective enough
-                # (the model leaves out the spatial term's coupling between
-                # voxels): this step is the global model's, from the same pairs.
-                history.fallbacks += 1
-                global_scale = global_step(global_scale, held)
-        else:
-            global_scale = global_step(global_scale, held)
-        if not accepted:
-            length = 1.0
-            for _ in range(_MAX_HALVINGS):
+        for halving in range(_MAX_HALVINGS):
+            if voxel_buffers and not halving:
+                trial_value = _voxel_trial(
+                    objective, c, direction, gradient, *voxel_buffers.values(), n_wm_coeffs,
+                    trial=trial,
+                    trial_gradient=trial_gradient, step=s,
+                    trial_values=voxel_trial_buffers["voxel_values"],
+                    trial_voxel_gradient=voxel_trial_buffers["voxel_gradient"])
+                decrease = float(torch.vdot(gradient.flatten(), s.flatten()))
+            else:
                 _project(torch.add(c, direction, alpha=length, out=trial), n_wm_coeffs)
                 trial_value, _ = objective(trial, out=trial_gradient, **voxel_trial_buffers)
                 decrease = float(torch.vdot(gradient.flatten(),
                                             torch.sub(trial, c, out=s).flatten()))
-                if trial_value <= value + _ARMIJO * decrease:
-                    break
-                length *= _BACKTRACK
-            else:
-                # No step along the direction lowers the objective: a (local) minimum
-                # to the precision of the line search.
-                if (step - 1) % check_every:
-                    history.record(value / len(c), objective.evaluations)
-                return c, step - 1, f"converged at step {step - 1}"
+            if trial_value <= value + _ARMIJO * decrease:
+                break
+            length *= _BACKTRACK
+        else:
+            # No step along the direction lowers the objective: a (local) minimum
+            # to the precision of the line search.
+            if (step - 1) % check_every:
+                history.record(value / len(c), objective.evaluations)
+            return c, step - 1, f"converged at step {step - 1}"
         y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
         c, trial = trial, c
         gradient, trial_gradient = trial_gradient, gradient
         voxel_buffers, voxel_trial_buffers = voxel_trial_buffers, voxel_buffers
         # Keep a pair only where the objective curves upwards along it, so
         # the implied Hessian stays positive definite.
-        kept = _GlobalCurvature.pair(s, y) if not hybrid else _hybrid_pair(s, y)
+        kept = model.pair(s, y)
         if kept is not None:
             pairs.append((s, y, *kept))
             if len(pairs) > memory:
@@ -1044,11 +989,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         the initial scaling) is an inner product over the whole field, one
         model averaged over all voxels. ``"voxel"``: each is a row-wise inner
         product, so every voxel keeps its own pairs (where its step curves
-        upwards), scaling, descent test and step length, a block-diagonal
-        quasi-Newton model of an objective that is a sum of voxel terms plus
-        a coupling; where its step does not lower the whole objective enough,
-        that step is the global model's (from the same pairs) with the global
-        line search (``history.fallbacks`` counts those steps).
+        upwards), scaling and descent test, a block-diagonal quasi-Newton
+        model of an objective that is a sum of voxel terms plus a weak
+        coupling; the step length and its test stay the whole objective's.
 
     Returns
     -------
