@@ -110,8 +110,6 @@ NOISE_FLOORS = (None, *DEBIAS_METHODS, RICIAN_MODEL)
 # The refinement's solvers (esdmri.reconst.refine): L-BFGS is the default, Adam the
 # former fixed-rate descent, kept for comparison.
 REFINEMENT_METHODS = ("lbfgs", "adam")
-# L-BFGS's curvature model: one over the whole field, or one per voxel.
-REFINEMENT_CURVATURES = ("global", "voxel")
 
 
 def check_integer(name, value, low):
@@ -574,10 +572,6 @@ class RefinementConfig:
         Solver of the refinement: ``"lbfgs"`` (limited-memory BFGS with a
         line search) or ``"adam"`` (the fixed-rate Adam with a second moment
         per SH degree); see :func:`esdmri.reconst.refine.refine_coefficients`.
-    refine_curvature : str
-        L-BFGS's curvature model: ``"global"`` (one over the whole field) or
-        ``"voxel"`` (one per voxel); see
-        :func:`esdmri.reconst.refine.refine_coefficients`'s ``curvature``.
     """
 
     refine_steps: int = 300
@@ -588,7 +582,6 @@ class RefinementConfig:
     refine_tolerance: float = 1e-4
     refine_likelihood_tolerance: float = 0.01
     refine_method: str = "lbfgs"
-    refine_curvature: str = "global"
 
     def solver_options(self):
         """These settings as :func:`esdmri.reconst.refine.refine_coefficients`'s options.
@@ -597,23 +590,19 @@ class RefinementConfig:
         -------
         options : dict
             ``steps``, ``lr``, ``total_variation``, ``smoothing``,
-            ``similarity``, ``tolerance``, ``likelihood_tolerance``, ``method``
-            and ``curvature``.
+            ``similarity``, ``tolerance``, ``likelihood_tolerance`` and ``method``.
         """
         return dict(steps=self.refine_steps, lr=self.refine_lr, total_variation=self.refine_tv,
                     smoothing=self.refine_smoothing, similarity=self.refine_similarity,
                     tolerance=self.refine_tolerance,
                     likelihood_tolerance=self.refine_likelihood_tolerance,
-                    method=self.refine_method, curvature=self.refine_curvature)
+                    method=self.refine_method)
 
     def __post_init__(self):
         check_integer("refine_steps", self.refine_steps, 0)
         if self.refine_method not in REFINEMENT_METHODS:
             raise ValueError(f"refine_method must be one of {REFINEMENT_METHODS}, "
                              f"got {self.refine_method!r}")
-        if self.refine_curvature not in REFINEMENT_CURVATURES:
-            raise ValueError(f"refine_curvature must be one of {REFINEMENT_CURVATURES}, "
-                             f"got {self.refine_curvature!r}")
         if not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
         for name in ("refine_tv", "refine_tolerance", "refine_likelihood_tolerance"):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
 from ..threads import adapt_num_threads
-from .config import REFINEMENT_CURVATURES, REFINEMENT_METHODS
+from .config import REFINEMENT_METHODS
 from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
 from .rician import RicianVoxelLoss
@@ -402,75 +402,30 @@ class CoupledObjective:
                        for i in range(0, len(measured), batch_voxels)]
         self.evaluations = 0
 
-    def __call__(self, coefficients, with_value=True, out=None, voxel_values=None,
-                 voxel_gradient=None, coupled=True):
+    def __call__(self, coefficients, with_value=True, out=None):
         """Gradient, shape (n, C), and the objective (a float; None without ``with_value``).
 
         The gradient is written to ``out`` when given (a buffer the solver
         reuses: at brain size a fresh field's page faults cost more than a
-        pass over it). ``voxel_values`` (float64, shape (n,)) and
-        ``voxel_gradient`` (shape (n, C)), when given, receive each voxel's
-        own loss and its gradient, without the spatial term (with
-        ``with_value``). ``coupled=False`` leaves the spatial term out of the
-        objective and the gradient (with ``voxel_gradient``: ``out`` is then
-        not written).
+        pass over it).
         """
         self.evaluations += 1
         adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
         gradient = torch.empty_like(coefficients) if out is None else out
-        written = gradient if voxel_gradient is None else voxel_gradient
         value = 0.0
         for rows in self.chunks:
             result = self.voxel_loss(coefficients[rows], self.projected[rows],
-                                     self.constant[rows], out=written[rows],
+                                     self.constant[rows], out=gradient[rows],
                                      return_loss=with_value)
             if with_value:
                 # In float64: the line search compares sums over a whole brain.
                 value += float(result[1].sum())
-                if voxel_values is not None:
-                    voxel_values[rows] = result[1]
-        if not coupled:
-            return (value if with_value else None), written
-        if voxel_gradient is not None:
-            gradient.copy_(voxel_gradient)
-        value += self.coupling(coefficients, gradient)
+        if self.pair_weights is not None:
+            tv, _ = total_variation(coefficients, self.first, self.second, self.pair_weights,
+                                    self.smoothing, gradient=True, operators=self.differences,
+                                    differences=self.pair_buffer, add_to=gradient)
+            value += float(tv)
         return (value if with_value else None), gradient
-
-    def coupling(self, coefficients, gradient):
-        """The spatial term's value (0.0 without one); its gradient is added to ``gradient``."""
-        if self.pair_weights is None:
-            return 0.0
-        tv, _ = total_variation(coefficients, self.first, self.second, self.pair_weights,
-                                self.smoothing, gradient=True, operators=self.differences,
-                                differences=self.pair_buffer, add_to=gradient)
-        return float(tv)
-
-    def voxel_rows(self, coefficients, rows, out):
-        """Some voxels' own losses (float64) and gradients, without the spatial term.
-
-        Counts as ``len(rows) / n`` of an evaluation.
-
-        Parameters
-        ----------
-        coefficients : Tensor, shape (len(rows), C)
-            The coefficients of the voxels ``rows``.
-        rows : Tensor of int, shape (m,)
-        out : Tensor, shape (m, C)
-            Where their gradients are written.
-
-        Returns
-        -------
-        values : Tensor, float64, shape (m,)
-        """
-        self.evaluations += len(rows) / len(self.projected)
-        values = torch.empty(len(rows), dtype=torch.float64, device=coefficients.device)
-        size = self.chunks[0].stop - self.chunks[0].start
-        for start in range(0, len(rows), size):
-            block, index = slice(start, start + size), rows[start:start + size]
-            values[block] = self.voxel_loss(coefficients[block], self.projected[index],
-                                            self.constant[index], out=out[block],
-                                            return_loss=True)[1]
-        return values
 
 
 class RefinementHistory(list):
@@ -562,169 +517,10 @@ _DAMPING = 10.0
 _ARMIJO = 1e-4
 _BACKTRACK = 0.5
 _MAX_HALVINGS = 30
-# The per-voxel line search (curvature="voxel"): the most halvings of a voxel's
-# step, and the fall of a voxel's loss, relative to it and in units of the
-# dtype's machine epsilon, below which a step is lost in the evaluation's
-# round-off (the voxel then stays; 8 is 1e-6 in float32).
-_VOXEL_HALVINGS = 10
-_VOXEL_ROUNDOFF = 8
-
-
-def _row_dots(first, second):
-    """Each row's inner product of two fields, as a column: shape (n, 1).
-
-    A batched product of ``1 x C`` by ``C x 1`` matrices: no field-size
-    temporary (an elementwise product then a sum would write one).
-    """
-    return torch.bmm(first.unsqueeze(1), second.unsqueeze(2)).view(-1, 1)
-
-
-class _GlobalCurvature:
-    """L-BFGS's scalars as inner products over the whole field (``curvature="global"``).
-
-    One curvature model for all voxels: every ``rho``, ``alpha``, ``beta`` and
-    the initial scaling is a float.
-    """
-
-    @staticmethod
-    def dot(first, second):
-        return float(torch.vdot(first.flatten(), second.flatten()))
-
-    @staticmethod
-    def add(field, other, coefficient):
-        """``field += coefficient * other``."""
-        return field.add_(other, alpha=coefficient)
-
-    @staticmethod
-    def pair(s, y):
-        """``(rho, s.y)`` of a new pair, or None where it curves downwards."""
-        product = torch.vdot(s.flatten(), y.flatten())
-        curvature = float(product)
-        if curvature > 1e-10 * float(torch.vdot(y.flatten(), y.flatten())):
-            return 1.0 / curvature, product
-        return None
-
-    @staticmethod
-    def scale(s, y, rho, s_dot_y, py, previous):
-        """The initial inverse Hessian's scaling ``s.y / y.P y`` from the newest pair."""
-        return float(s_dot_y / torch.vdot(y.flatten(), py.flatten()))
-
-    @staticmethod
-    def descent(gradient, direction):
-        """Rows whose direction is not a descent one: None (all are) or True (restart all)."""
-        return True if float(torch.vdot(gradient.flatten(), direction.flatten())) >= 0 else None
-
-
-class _VoxelCurvature:
-    """L-BFGS's scalars per voxel (``curvature="voxel"``): a block-diagonal model.
-
-    Every ``rho``, ``alpha``, ``beta`` and the initial scaling is a column
-    (shape (n, 1)) of row-wise inner products, so each voxel keeps its own
-    quasi-Newton model of its own curvature; a pair is kept for a voxel only
-    where it curves upwards along that voxel's step (``rho`` 0 elsewhere).
-    """
-
-    @staticmethod
-    def dot(first, second):
-        return _row_dots(first, second)
-
-    @staticmethod
-    def add(field, other, coefficient):
-        return field.addcmul_(other, coefficient)
-
-    @staticmethod
-    def pair(s, y):
-        s_dot_y = _row_dots(s, y)
-        upwards = s_dot_y > 1e-10 * _row_dots(y, y)
-        if not bool(upwards.any()):
-            return None
-        rho = torch.where(upwards, 1.0 / torch.where(upwards, s_dot_y, 1.0), 0.0)
-        return rho, s_dot_y
-
-    @staticmethod
-    def scale(s, y, rho, s_dot_y, py, previous):
-        # Where the newest pair is not kept (rho 0) a voxel keeps its scaling.
-        return torch.where(rho > 0, s_dot_y / _row_dots(y, py), previous)
-
-    @staticmethod
-    def descent(gradient, direction):
-        rows = torch.nonzero(_row_dots(gradient, direction).view(-1) >= 0).view(-1)
-        return rows if len(rows) else None
-
-
-# The recursion's scalars for each of REFINEMENT_CURVATURES.
-_CURVATURES = dict(zip(REFINEMENT_CURVATURES, (_GlobalCurvature, _VoxelCurvature)))
-
-
-def _stay(rows, c, voxel_values, voxel_gradient, trial, step, trial_values,
-          trial_voxel_gradient):
-    """The voxels ``rows`` of the trial point are those of ``c`` (no step)."""
-    trial[rows], step[rows] = c[rows], 0
-    trial_values[rows], trial_voxel_gradient[rows] = voxel_values[rows], voxel_gradient[rows]
-
-
-def _slopes(gradient, voxel_gradient, step):
-    """Each voxel's slope along its step: of the objective, and of the spatial term alone."""
-    slopes = _row_dots(gradient, step).view(-1).double()
-    return slopes, slopes - _row_dots(voxel_gradient, step).view(-1).double()
-
-
-def _voxel_trial(objective, c, direction, gradient, voxel_values, voxel_gradient, n_wm_coeffs,
-                 *, trial, trial_gradient, trial_values, trial_voxel_gradient, step):
-    """The per-voxel line search's trial point (``curvature="voxel"``).
-
-    Every voxel takes its full step, then halves it, on its own, until its own
-    loss (:class:`VoxelLoss`) plus the spatial term's first-order change along
-    its step falls by Armijo's fraction of its slope (the spatial term is
-    convex, so this is its most hopeful estimate; the caller checks the true
-    objective); a voxel whose step never does stays where it is. Only the
-    voxels still halving are evaluated again (a fraction of an evaluation
-    each time); the spatial term is added once, at the end. The
-    whole objective's sufficient decrease is checked by the caller.
-
-    Returns
-    -------
-    value : float
-        The objective at ``trial``; ``trial``, ``trial_gradient``,
-        ``trial_values``, ``trial_voxel_gradient`` and ``step`` (``trial - c``)
-        are written.
-    """
-    _project(torch.add(c, direction, out=trial), n_wm_coeffs)
-    objective(trial, voxel_values=trial_values, voxel_gradient=trial_voxel_gradient,
-              coupled=False)
-    torch.sub(trial, c, out=step)
-    slopes, coupling_slopes = _slopes(gradient, voxel_gradient, step)
-    failed = trial_values + coupling_slopes > voxel_values + _ARMIJO * slopes
-    # A voxel whose step promises less than its loss's round-off stays where it is.
-    still = failed & (-slopes <= _VOXEL_ROUNDOFF * torch.finfo(c.dtype).eps
-                      * voxel_values.abs())
-    if bool(still.any()):
-        _stay(torch.nonzero(still).view(-1), c, voxel_values, voxel_gradient, trial, step,
-              trial_values, trial_voxel_gradient)
-    rows = torch.nonzero(failed & ~still).view(-1)
-    length = 1.0
-    for _ in range(_VOXEL_HALVINGS):
-        if not len(rows):
-            break
-        length *= _BACKTRACK
-        start = c[rows]
-        moved = _project(torch.add(start, direction[rows], alpha=length), n_wm_coeffs)
-        moved_step = moved - start
-        moved_gradient = torch.empty_like(moved)
-        values = objective.voxel_rows(moved, rows, moved_gradient)
-        trial[rows], step[rows] = moved, moved_step
-        trial_values[rows], trial_voxel_gradient[rows] = values, moved_gradient
-        slopes, coupling_slopes = _slopes(gradient[rows], voxel_gradient[rows], moved_step)
-        rows = rows[values + coupling_slopes > voxel_values[rows] + _ARMIJO * slopes]
-    else:
-        _stay(rows, c, voxel_values, voxel_gradient, trial, step, trial_values,
-              trial_voxel_gradient)
-    trial_gradient.copy_(trial_voxel_gradient)
-    return float(trial_values.sum()) + objective.coupling(trial, trial_gradient)
 
 
 def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, least_fall,
-                   check_every, history, bar, preconditioner=None, curvature="global"):
+                   check_every, history, bar, preconditioner=None):
     """Projected L-BFGS with a backtracking (Armijo) line search (``method="lbfgs"``).
 
     The two-loop recursion (Nocedal & Wright, Algorithm 7.4) builds the
@@ -732,21 +528,15 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     coefficient fields, and every scalar in it (``rho``, ``alpha``, the
     initial scaling ``s.y / y.P y``, the line search's slopes) is a Euclidean
     inner product or norm: a rotation acting orthogonally within each SH
-    degree leaves them unchanged, so each step commutes with it. With
-    ``curvature="global"`` the recursion's scalars are inner products over the
-    whole field (one model for all voxels); with ``"voxel"`` they are each
-    voxel's own (row-wise inner products, :class:`_VoxelCurvature`), still
-    invariant under rotations within SH degrees and under permutations of the
-    voxels; the line search's step length and its test are the whole
-    objective's in both. The initial inverse Hessian is that scaling times ``P``
-    (``preconditioner``, the same ``C x C`` matrix applied to every voxel:
-    :func:`signal_preconditioner`, which rotates with the gradient table; the
-    identity when None). The isotropic coefficients are bounded below by 0:
-    those at the bound whose gradient points outwards are held fixed (left
-    out of the direction), and each trial point is projected onto the bound.
-    The step pairs, the trial point, the gradients and the direction live in
-    buffers reused from step to step (the iterates are those of fresh
-    tensors, to the last bit).
+    degree leaves them unchanged, so each step commutes with it. The initial
+    inverse Hessian is that scaling times ``P`` (``preconditioner``, the same
+    ``C x C`` matrix applied to every voxel: :func:`signal_preconditioner`,
+    which rotates with the gradient table; the identity when None). The
+    isotropic coefficients are bounded below by 0: those at the bound whose
+    gradient points outwards are held fixed (left out of the direction), and
+    each trial point is projected onto the bound. The step pairs, the trial
+    point, the gradients and the direction live in buffers reused from step
+    to step (the iterates are those of fresh tensors, to the last bit).
 
     Returns
     -------
@@ -755,15 +545,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     steps : int
     stop_reason : str
     """
-    model = _CURVATURES[curvature]
-    # The per-voxel model's line search also keeps each voxel's own loss and its
-    # gradient, at the iterate and at the trial point.
-    voxel_buffers = voxel_trial_buffers = {}
-    if curvature == "voxel":
-        voxel_buffers, voxel_trial_buffers = (
-            dict(voxel_values=torch.empty(len(c), dtype=torch.float64, device=c.device),
-                 voxel_gradient=torch.empty_like(c)) for _ in range(2))
-    value, gradient = objective(c, **voxel_buffers)
+    value, gradient = objective(c)
     history.record(value / len(c), objective.evaluations)
     # pairs: (s, y, 1 / s.y, s.y as computed), oldest first; spare: free buffers
     pairs, spare = [], []
@@ -777,11 +559,6 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
 
     def scaled_direction(field, spare, scale):
         """``-scale P field`` in one of the two buffers; returns it and the other one."""
-        if not isinstance(scale, float):
-            # A column of scalings (one per voxel): the product, then one pass.
-            if preconditioner is None:
-                return field.mul_(-scale), spare
-            return apply(field, spare).mul_(-scale), field
         if preconditioner is None:
             return field.mul_(-scale), spare
         # The scale in the product's own multiplier: one pass over the field fewer.
@@ -790,27 +567,25 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     # The first step moves the coefficients by ``lr`` in root mean square.
     scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, work).norm()),
                                         float(torch.finfo(c.dtype).tiny))
-    if curvature == "voxel":
-        scale = torch.full((len(c), 1), scale, dtype=c.dtype, device=c.device)
     for step in range(1, steps + 1):
         held = (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
         direction.copy_(gradient)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
         alphas = []
         for s, y, rho, _ in reversed(pairs):
-            alpha = rho * model.dot(s, direction)
-            model.add(direction, y, -alpha)
+            alpha = rho * float(torch.vdot(s.flatten(), direction.flatten()))
+            direction.sub_(y, alpha=alpha)
             alphas.append(alpha)
         if pairs:
             # s.y as computed when the pair was stored (the same float: one pass fewer).
-            scale = model.scale(*pairs[-1], apply(pairs[-1][1], work), scale)
+            _, y, _, s_dot_y = pairs[-1]
+            scale = float(s_dot_y / torch.vdot(y.flatten(), apply(y, work).flatten()))
         direction, work = scaled_direction(direction, work, scale)
         for (s, y, rho, _), alpha in zip(pairs, reversed(alphas)):
-            beta = rho * model.dot(y, direction)
-            model.add(direction, s, -alpha - beta)
+            beta = rho * float(torch.vdot(y.flatten(), direction.flatten()))
+            direction.add_(s, alpha=-alpha - beta)
         direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-        restart = model.descent(gradient, direction)
-        if restart is True:
+        if float(torch.vdot(gradient.flatten(), direction.flatten())) >= 0:
             # Not a descent direction (negative curvature on the nonconvex
             # sparsity term): restart from the scaled gradient.
             spare.extend(buffer for s, y, _, _ in pairs for buffer in (s, y))
@@ -819,33 +594,12 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
             direction, work = scaled_direction(direction, work, scale)
             direction[:, n_wm_coeffs:].masked_fill_(held, 0)
-        elif restart is not None:
-            # The same, in the voxels (rows) where it is not: they forget their pairs.
-            rows = gradient[restart]
-            rows[:, n_wm_coeffs:].masked_fill_(held[restart], 0)
-            if preconditioner is not None:
-                rows = rows @ preconditioner
-            rows.mul_(-scale[restart])
-            rows[:, n_wm_coeffs:].masked_fill_(held[restart], 0)
-            direction[restart] = rows
-            for _, _, rho, _ in pairs:
-                rho[restart] = 0
         length = 1.0
         s = spare.pop() if spare else torch.empty_like(c)
-        for halving in range(_MAX_HALVINGS):
-            if voxel_buffers and not halving:
-                trial_value = _voxel_trial(
-                    objective, c, direction, gradient, *voxel_buffers.values(), n_wm_coeffs,
-                    trial=trial,
-                    trial_gradient=trial_gradient, step=s,
-                    trial_values=voxel_trial_buffers["voxel_values"],
-                    trial_voxel_gradient=voxel_trial_buffers["voxel_gradient"])
-                decrease = float(torch.vdot(gradient.flatten(), s.flatten()))
-            else:
-                _project(torch.add(c, direction, alpha=length, out=trial), n_wm_coeffs)
-                trial_value, _ = objective(trial, out=trial_gradient, **voxel_trial_buffers)
-                decrease = float(torch.vdot(gradient.flatten(),
-                                            torch.sub(trial, c, out=s).flatten()))
+        for _ in range(_MAX_HALVINGS):
+            _project(torch.add(c, direction, alpha=length, out=trial), n_wm_coeffs)
+            trial_value, _ = objective(trial, out=trial_gradient)
+            decrease = float(torch.vdot(gradient.flatten(), torch.sub(trial, c, out=s).flatten()))
             if trial_value <= value + _ARMIJO * decrease:
                 break
             length *= _BACKTRACK
@@ -856,14 +610,14 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
                 history.record(value / len(c), objective.evaluations)
             return c, step - 1, f"converged at step {step - 1}"
         y = torch.sub(trial_gradient, gradient, out=spare.pop() if spare else None)
+        product = torch.vdot(s.flatten(), y.flatten())
+        curvature = float(product)
         c, trial = trial, c
         gradient, trial_gradient = trial_gradient, gradient
-        voxel_buffers, voxel_trial_buffers = voxel_trial_buffers, voxel_buffers
         # Keep a pair only where the objective curves upwards along it, so
         # the implied Hessian stays positive definite.
-        kept = model.pair(s, y)
-        if kept is not None:
-            pairs.append((s, y, *kept))
+        if curvature > 1e-10 * float(torch.vdot(y.flatten(), y.flatten())):
+            pairs.append((s, y, 1.0 / curvature, product))
             if len(pairs) > memory:
                 spare.extend(pairs.pop(0)[:2])
         else:
@@ -883,7 +637,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
                         memory=5, damping=_DAMPING, likelihood_tolerance=0.0,
-                        noise_sigma=None, curvature="global"):
+                        noise_sigma=None):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -983,16 +737,6 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         the Rician mean of the forward signal with it (:class:`RicianVoxelLoss`,
         ``noise_floor="model"``). None: least squares.
 
-    curvature : {"global", "voxel"}, optional
-        L-BFGS's curvature model (``method="lbfgs"`` only). ``"global"``:
-        every scalar of the two-loop recursion (``rho``, ``alpha``, ``beta``,
-        the initial scaling) is an inner product over the whole field, one
-        model averaged over all voxels. ``"voxel"``: each is a row-wise inner
-        product, so every voxel keeps its own pairs (where its step curves
-        upwards), scaling and descent test, a block-diagonal quasi-Newton
-        model of an objective that is a sum of voxel terms plus a weak
-        coupling; the step length and its test stay the whole objective's.
-
     Returns
     -------
     refined : ndarray, float32, shape (X, Y, Z, C_total)
@@ -1003,8 +747,6 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     """
     if method not in REFINEMENT_METHODS:
         raise ValueError(f"method must be one of {REFINEMENT_METHODS}, got {method!r}")
-    if curvature not in REFINEMENT_CURVATURES:
-        raise ValueError(f"curvature must be one of {REFINEMENT_CURVATURES}, got {curvature!r}")
     if memory < 1:
         raise ValueError(f"memory must be >= 1, got {memory}")
     if damping is not None and not damping > 0:
@@ -1046,7 +788,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
             if method == "lbfgs":
                 c, history.steps, history.stop_reason = _lbfgs_descent(
                     _project(c, n_wm_coeffs), objective, n_wm_coeffs, memory=memory,
-                    preconditioner=preconditioner, curvature=curvature, **options)
+                    preconditioner=preconditioner, **options)
             else:
                 groups = degree_groups(sh_order_max, coefficients.shape[-1] - n_wm_coeffs)
                 history.steps, history.stop_reason = _adam_descent(
