@@ -109,7 +109,9 @@ def checkpoint_step(weights):
     metadata = torch.load(weights, map_location="cpu", weights_only=True).get("metadata", {})
     if "held_loss" in metadata:
         return metadata["steps"], metadata["held_loss"]
-    return metadata.get("best_step"), metadata.get("best_loss")
+    history = metadata.get("history") or [(None, None)]
+    best = min(history, key=lambda entry: np.inf if entry[1] is None else entry[1])[0]
+    return metadata.get("best_step", best), metadata.get("best_loss")
 
 
 def summarise(per_scan, free, threshold=PICK_THRESHOLD):
