@@ -21,6 +21,9 @@ Usage::
     python -m benchmarks.select_weights out/ck/step-*.pt --scans 56 12 --out out/select
     # the table again, from the per-weights files (nothing refitted)
     python -m benchmarks.select_weights --out out/select
+    # beside the dev results of some of them (benchmarks.pretrain --dev runs)
+    python -m benchmarks.select_weights --out out/select \
+        --dev step-00200=out/dev-200/results-dev.json step-02200=...
 
 One JSON file per weights (and one for the network-free fit) in ``--out``;
 weights scored already are skipped, so the script can run while the
@@ -172,6 +175,44 @@ def table(out, halves=True):
     return picked
 
 
+def dev_refined_error(path):
+    """Mean crossing AE of the default (refined) row of a ``benchmarks.pretrain --dev``
+    run over its phantoms, at the threshold the run chose on them."""
+    from .devset import THRESHOLDS as DEV_THRESHOLDS
+    from .pretrain import PRETRAINED_ROWS
+
+    results = json.loads(Path(path).read_text())
+    errors = [o["sweep"][list(DEV_THRESHOLDS).index(results["thresholds"][o["method"]])]
+              ["crossing"]["angular_error"] for o in results["outcomes"]
+              if o["row"] == PRETRAINED_ROWS["rtesd"][1] and o["sweep"]]
+    return float(np.mean(errors)), len(errors)
+
+
+def against_dev(out, labelled):
+    """Each weights' held-aside scores beside its dev refined mean (``LABEL=JSON``, the
+    label a weights file's stem in ``out``), and their rank correlations over the weights:
+    does the held-aside score predict the dev result?"""
+    from scipy.stats import spearmanr
+
+    records = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("*.json"))}
+    free = records[NETWORK_FREE]["scans"]
+    rows, held, supervised, dev = [], [], [], []
+    for item in labelled:
+        label, path = item.split("=", 1)
+        s = summarise(records[label]["scans"], free)
+        error, n = dev_refined_error(path)
+        held.append(s["ae"])
+        supervised.append(s["supervised"])
+        dev.append(error)
+        rows.append([label, f"{records[label]['held_loss']:.4f}", f"{s['supervised']:.4f}",
+                     f"{s['ae']:.2f}", f"{error:.2f} ({n} phantoms)"])
+    print(markdown(["weights", "own held-aside supervised loss", "supervised loss, held scans",
+                    "refined crossing AE, held scans", "dev refined crossing AE"], rows))
+    for name, values in (("refined crossing AE", held), ("supervised loss", supervised)):
+        print(f"Spearman rank correlation over {len(dev)} weights, held-aside {name} vs dev "
+              f"refined AE: {spearmanr(values, dev)[0]:.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="*", type=Path,
@@ -184,6 +225,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="the cohort's seed")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder of the per-weights results (LABEL.json)")
+    parser.add_argument("--dev", nargs="+", metavar="LABEL=JSON",
+                        help="also compare the held-aside scores with these weights' dev "
+                             "runs (benchmarks.pretrain --dev results-dev.json)")
     parser.add_argument("--num_threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
@@ -202,6 +246,9 @@ def main(argv=None):
                 temporary.write_text(json.dumps(record, indent=1))
             print(f"scored {label}", flush=True)
     table(args.out)
+    if args.dev:
+        print()
+        against_dev(args.out, args.dev)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,22 @@ def test_summary_and_pick_by_the_refined_error(tmp_path, capsys):
             {"step": step, "held_loss": held, "scans": scans}))
     assert select_weights.table(tmp_path) == "step-00200"
     assert "| step-00100 | 100 | 0.3000 |" in capsys.readouterr().out
+
+
+def test_dev_refined_error_reads_each_phantoms_chosen_threshold(tmp_path):
+    from benchmarks.devset import THRESHOLDS
+    from benchmarks.pretrain import PRETRAINED_ROWS
+
+    def sweep(errors):
+        return [{"crossing": {"angular_error": e}} for e in errors]
+
+    row = PRETRAINED_ROWS["rtesd"][1]
+    errors = np.arange(len(THRESHOLDS), dtype=float)
+    outcomes = [{"row": row, "method": "default", "sweep": sweep(errors + shift)}
+                for shift in (0.0, 10.0)]
+    outcomes.append({"row": "other", "method": "other", "sweep": sweep(errors + 100)})
+    path = tmp_path / "results-dev.json"
+    path.write_text(json.dumps({"thresholds": {"default": 0.2, "other": 0.2},
+                                "outcomes": outcomes}))
+    index = list(THRESHOLDS).index(0.2)
+    assert select_weights.dev_refined_error(path) == (pytest.approx(index + 5.0), 2)
