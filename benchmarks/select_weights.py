@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from esdmri.atomic import staged_output
-from esdmri.cohort import build_phantom, cohort_settings, prepare_scan, wm_mask
+from esdmri.cohort import (FAMILIES, SNRS, build_phantom, cohort_settings, prepare_scan,
+                           wm_mask)
 from esdmri.metrics import evaluate_peaks
 from esdmri.peaks import peaks_threshold_sweep
 from esdmri.reconst.fit import DeconvolutionFit
@@ -57,11 +58,23 @@ PICK_THRESHOLD = 0.2
 NETWORK_FREE = "network-free"
 
 
-def held_scans(after, count, side=14, seed=0):
-    """The cohort scans ``after`` ... ``after + count - 1`` of ``seed``, each prepared
-    once: (setting, phantom, prepared scan, prior, supervised-loss item)."""
+def held_settings(after, count, seed=0, families=None, snrs=None):
+    """The first ``count`` cohort settings of ``seed`` after the first ``after``
+    whose family is in ``families`` and SNR in ``snrs`` (None: any)."""
+    chosen, n = [], after + count
+    while len(chosen) < count:
+        chosen = [s for s in cohort_settings(n, seed)[after:]
+                  if (families is None or s["family"] in families)
+                  and (snrs is None or s["snr"] in snrs)][:count]
+        n *= 2
+    return chosen
+
+
+def held_scans(after, count, side=14, seed=0, families=None, snrs=None):
+    """The cohort scans of :func:`held_settings`, each prepared once: (setting,
+    phantom, prepared scan, prior, supervised-loss item)."""
     scans = []
-    for setting in cohort_settings(after + count, seed)[after:]:
+    for setting in held_settings(after, count, seed, families, snrs):
         phantom = build_phantom(setting, side)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -218,9 +231,14 @@ def main(argv=None):
     parser.add_argument("weights", nargs="*", type=Path,
                         help="weights files (e.g. esdmri_pretrain --checkpoints files)")
     parser.add_argument("--scans", type=int, nargs=2, default=(56, 12), metavar=("AFTER", "COUNT"),
-                        help="score on the COUNT cohort scans after the first AFTER (default "
+                        help="score on the first COUNT cohort scans after the first AFTER "
+                             "(of --families and --snrs; default "
                              "56 12: every family and acquisition once, past every cohort "
                              "trained or compared on so far)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES,
+                        help="only cohort scans of these families (default: all)")
+    parser.add_argument("--snrs", nargs="+", type=float, choices=SNRS,
+                        help="only cohort scans at these SNRs (default: all)")
     parser.add_argument("--side", type=int, default=14, help="phantom edge (voxels)")
     parser.add_argument("--seed", type=int, default=0, help="the cohort's seed")
     parser.add_argument("--out", type=Path, required=True,
@@ -236,11 +254,13 @@ def main(argv=None):
     todo = [(label, weights) for label, weights in todo
             if not (args.out / f"{label}.json").exists()]
     if todo:
-        scans = held_scans(*args.scans, side=args.side, seed=args.seed)
+        scans = held_scans(*args.scans, side=args.side, seed=args.seed,
+                           families=args.families, snrs=args.snrs)
         for label, weights in todo:
             step, held_loss = checkpoint_step(weights) if weights else (None, None)
             record = {"weights": str(weights) if weights else None, "step": step,
                       "held_loss": held_loss, "scans_after": args.scans[0],
+                      "families": args.families, "snrs": args.snrs,
                       "scans": score_weights(weights, scans)}
             with staged_output(args.out / f"{label}.json") as temporary:
                 temporary.write_text(json.dumps(record, indent=1))

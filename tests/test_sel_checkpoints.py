@@ -127,3 +127,11 @@ def test_dev_refined_error_reads_each_phantoms_chosen_threshold(tmp_path):
                                 "outcomes": outcomes}))
     index = list(THRESHOLDS).index(0.2)
     assert select_weights.dev_refined_error(path) == (pytest.approx(index + 5.0), 2)
+
+
+def test_held_settings_filter_the_cohort_in_order():
+    every = cohort_settings(200, 0)[80:]
+    chosen = select_weights.held_settings(80, 5, families=("straight",), snrs=(10.0, 20.0))
+    expected = [s for s in every if s["family"] == "straight" and s["snr"] in (10.0, 20.0)][:5]
+    assert chosen == expected and len(chosen) == 5
+    assert select_weights.held_settings(3, 4) == cohort_settings(7, 0)[3:]
