@@ -13,11 +13,12 @@ pretrained=PATH)`` (``esdmri_fit --pretrained PATH``) reads.
 
 import json
 import time
+from pathlib import Path
 
 from esdmri.reconst.config import check_integer
 
 from .fit import check_model_kind
-from .io import EsdmriWorkflow, logger, run_workflow, verbose_logging
+from .io import EsdmriWorkflow, check_outputs, logger, run_workflow, verbose_logging
 
 # The model kinds of the commands and the pretrained module's keys (the model
 # classes' conv_kind; tests/test_workflows_pretrain.py checks that they agree),
@@ -32,7 +33,7 @@ class PretrainFlow(EsdmriWorkflow):
 
     def run(self, model="rtesd", scans=24, held=3, side=14, steps=3159, lr=1e-3,
             window=10, every=200, seed=0, loss="supervised", wm_masks=False, device="cpu",
-            quiet=False, out_dir="", out_weights="pretrained.pt"):
+            quiet=False, checkpoints="", out_dir="", out_weights="pretrained.pt"):
         """Pretrain the correction of the linear prior on a simulated cohort.
 
         Simulates a cohort of scans (three phantom families, four
@@ -86,6 +87,12 @@ class PretrainFlow(EsdmriWorkflow):
             cpu, cuda or cuda:N.
         quiet : bool, optional
             No progress bars.
+        checkpoints : string, optional
+            Folder that receives the weights at every held-aside evaluation
+            (step-00000.pt, step-00200.pt, ...; never over an existing file
+            without --force), so that the kept weights can be chosen
+            afterwards by another criterion, e.g. the refined fit of
+            held-aside scans (python -m benchmarks.pretrain --select).
         out_dir : string, optional
             Output folder (default: current folder).
         out_weights : string, optional
@@ -120,6 +127,7 @@ class PretrainFlow(EsdmriWorkflow):
         if loss not in losses:
             raise ValueError(f"loss must be one of {', '.join(losses)}, got {loss!r}")
         (weights_path,), = self.get_io_iterator()
+        checkpoint_path = checkpoint_paths(checkpoints, steps, every, self._force_overwrite)
         import torch  # only when a command runs
 
         from esdmri.atomic import staged_output
@@ -148,10 +156,16 @@ class PretrainFlow(EsdmriWorkflow):
         def items(part):
             return [as_tensors(scan, device) for masks in part for scan in masks]
 
+        def save_checkpoint(correction, progress):
+            with staged_output(checkpoint_path(progress["steps"]), detached=True) as temporary:
+                save_correction(correction, temporary,
+                                {"settings": settings, "architecture": check_architecture(kind),
+                                 **progress})
+
         correction, summary = pretrain_correction(
             items(cohort[:scans]), items(cohort[scans:]), kind=kind, loss=loss, steps=steps,
             seed=seed, lr=lr, window=window, every=every, device=device, log=logger.debug,
-            progress=progress)
+            progress=progress, on_evaluation=save_checkpoint if checkpoints else None)
         metadata = {"settings": settings, "cohort": [masks[0]["setting"] for masks in cohort],
                     "architecture": check_architecture(kind), "cohort_cpu_seconds": cohort_cpu,
                     **summary}
@@ -163,6 +177,24 @@ class PretrainFlow(EsdmriWorkflow):
                     f"{summary['best_step']} (prior {summary['prior_loss']:.5f})")
         logger.info(f"wrote {weights_path}, sha256 {sha256}")
         return {**summary, "cohort_cpu_seconds": cohort_cpu, "sha256": sha256}
+
+
+def checkpoint_paths(folder, steps, every, force):
+    """The file of each evaluation's checkpoint in ``folder`` (made if missing).
+
+    Returns a function of the step; refuses before any training if one of the
+    files (steps 0, every, 2 every, ..., steps) exists and ``force`` is off.
+    """
+    if not folder:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def path(step):
+        return str(folder / f"step-{step:05d}.pt")
+
+    check_outputs([path(step) for step in sorted({*range(0, steps, every), steps})], force)
+    return path
 
 
 def main():

@@ -175,7 +175,7 @@ def evaluate(correction, items, loss="supervised"):
 
 def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", steps=3159,
                         seed=0, lr=1e-3, window=10, every=200, device="cpu", on_best=None,
-                        log=None, progress=True):
+                        on_evaluation=None, log=None, progress=True):
     """Train a correction on prepared cohort scans, keeping the best on held-aside ones.
 
     Parameters
@@ -202,6 +202,12 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
     on_best : callable, optional
         ``on_best(correction, progress)`` after each evaluation that improves
         on the best so far (``progress``: dict of ``steps`` and ``best_loss``).
+    on_evaluation : callable, optional
+        ``on_evaluation(correction, progress)`` after every evaluation,
+        including the untrained start (``progress``: dict of ``steps`` and
+        ``held_loss``), e.g. to save every checkpoint so that the kept
+        weights can be chosen afterwards by another criterion than ``loss``
+        (``esdmri_pretrain --checkpoints``).
     log : callable, optional
         Receives a line per evaluation.
     progress : bool
@@ -234,6 +240,8 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
     best = {k: v.clone() for k, v in correction.state_dict().items()}
     history = [(0, best_loss, prior_loss)]
     log(f"start: held-aside loss {best_loss:.5f} (prior {prior_loss:.5f})")
+    if on_evaluation is not None:
+        on_evaluation(correction, {"steps": 0, "held_loss": best_loss})
     start = time.process_time()
     bar = tqdm(total=steps, desc=f"pretraining {kind}", unit="step", disable=not progress)
     for step in range(1, steps + 1):
@@ -251,6 +259,8 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
             continue
         held_loss, _ = evaluate(correction, held, loss)
         history.append((step, held_loss, prior_loss))
+        if on_evaluation is not None:
+            on_evaluation(correction, {"steps": step, "held_loss": held_loss})
         marker = ""
         if held_loss < best_loss:
             best_loss, best_step, marker = held_loss, step, " (best)"
