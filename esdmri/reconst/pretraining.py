@@ -86,15 +86,23 @@ def as_tensors(scan, device="cpu"):
     return item
 
 
+def _scaled_distance(correction, item, corrected, reference, first, last, weight):
+    """Weighted mean over the voxels of the squared distance of the coefficients
+    ``first:last`` of ``corrected`` (default the prior) to ``reference``, each
+    voxel scaled as the correction's input (by the prior's tissue total)."""
+    if corrected is None:
+        corrected = item["prior"]
+    last = min(last, corrected.shape[1] - (len(item["tissues"]) - 1))
+    _, scale = correction.inputs(item["prior"], item["tissues"])
+    error = ((corrected[:, first:last] - reference[:, first:last]) / scale).pow(2).sum(1)
+    return (error * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
 def supervised_loss(correction, item, corrected=None):
     """Weighted target distance of a window or volume (``corrected``: default the prior)."""
-    prior, target, weight = item["prior"], item["target"], item["weight"]
-    if corrected is None:
-        corrected = prior
-    n = min(target.shape[1], corrected.shape[1] - (len(item["tissues"]) - 1))
-    _, scale = correction.inputs(prior, item["tissues"])
-    error = ((corrected[:, :n] - target[:, :n]) / scale).pow(2).sum(1)
-    return (error * weight).sum() / weight.sum().clamp_min(1e-6)
+    target = item["target"]
+    return _scaled_distance(correction, item, corrected, target, 0, target.shape[1],
+                            item["weight"])
 
 
 def unsupervised_loss(item, corrected=None):
@@ -116,17 +124,13 @@ def refined_loss(correction, item, corrected=None):
     """Distance of a window or volume to the scan's default fit (``corrected``: default
     the prior): the WM degrees 2-8 that the correction changes, scaled as the
     correction's input, mean over the fitted voxels."""
-    prior, refined = item["prior"], item.get("refined")
+    refined = item.get("refined")
     if refined is None:
         raise ValueError('loss="refined" needs scans prepared with refined=True '
                          "(esdmri.cohort.prepare_scan)")
-    if corrected is None:
-        corrected = prior
-    n = min(correction.n_corrected, corrected.shape[1] - (len(item["tissues"]) - 1))
-    _, scale = correction.inputs(prior, item["tissues"])
-    error = ((corrected[:, 1:n] - refined[:, 1:n]) / scale).pow(2).sum(1)
-    weight = item["mask"].to(error.dtype)
-    return (error * weight).sum() / weight.sum().clamp_min(1)
+    # Degree 0 (the WM amount) is the prior's: the correction leaves it.
+    return _scaled_distance(correction, item, corrected, refined, 1, correction.n_corrected,
+                            item["mask"].to(refined.dtype))
 
 
 def training_loss(loss, correction, item, corrected=None):
