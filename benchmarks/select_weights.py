@@ -1,12 +1,13 @@
 """Choose pretrained weights by the refined fit of held-aside cohort scans (issue 27).
 
 ``esdmri_pretrain`` keeps the weights with the lowest supervised loss on its
-held-aside scans, but the default fit refines the corrected prior, and a
-network closer to the truth alone is not a better refinement start
-(docs/benchmarks.md, "A bigger cohort and a longer schedule"). This script
-scores weights (e.g. every checkpoint of ``esdmri_pretrain --checkpoints
-DIR``) by what the default fit makes of them on cohort scans that no
-pretraining used: each scan's prior (responses estimated from the scan) ->
+held-aside scans, but the default fit refines the corrected prior, and an
+earlier reading (docs/benchmarks.md, "A bigger cohort and a longer schedule")
+was that a network closer to the truth alone is not a better refinement start;
+this script tests it (it did not hold: "Kept weights chosen by the refined fit
+of held-aside scans"). It scores weights (e.g. every checkpoint of
+``esdmri_pretrain --checkpoints DIR``) by what the default fit makes of them
+on cohort scans that no pretraining used: each scan's prior (responses estimated from the scan) ->
 the weights' correction -> the models' default refinement
 (``RTESDModel.refine``, exactly ``RTESDModel(gtab, pretrained=WEIGHTS).fit``),
 then the crossing-voxel angular error and false-negative rate of its peaks

@@ -74,6 +74,15 @@ def test_pretrain_writes_a_checkpoint_per_evaluation(in_process, tmp_path):
     assert (folder / "step-00002.pt").read_bytes() == before
 
 
+def test_a_checkpoint_folder_that_is_a_file_is_refused(in_process, tmp_path):
+    taken = tmp_path / "ck"
+    taken.write_text("not a folder")
+    message = in_process(PretrainFlow(), *TINY, "--checkpoints", str(taken),
+                         "--out_dir", tmp_path, fails=True)
+    assert "checkpoints" in message and "not a folder" in message
+    assert not (tmp_path / "pretrained.pt").exists()
+
+
 def test_untrained_weights_score_as_the_network_free_fit(tmp_path):
     # The untrained correction's head is zero: the prior passes through, so its
     # refined fit and scores are the network-free fit's.

@@ -12,7 +12,7 @@ from esdmri.cohort import cohort_settings
 from esdmri.reconst import pretrained
 from esdmri.reconst.models import MODEL_CLASSES, RTESDModel
 from esdmri.sims import default_gtab
-from esdmri.workflows.pretrain import CONV_KINDS, PretrainFlow
+from esdmri.workflows.pretrain import CONV_KINDS, LOSSES, PretrainFlow
 
 in_process = test_workflows.in_process  # the fixture that runs a flow in this process
 
@@ -24,6 +24,12 @@ TINY = ("--scans", "2", "--held", "1", "--side", "8", "--window", "6", "--steps"
 def test_model_kinds_match_the_model_classes():
     assert CONV_KINDS == {name: cls.conv_kind for name, cls in MODEL_CLASSES.items()}
     assert set(CONV_KINDS.values()) == set(pretrained.ARCHITECTURES)
+
+
+def test_losses_match_the_pretraining_module():
+    from esdmri.reconst.pretraining import LOSSES as MODULE_LOSSES
+
+    assert LOSSES == MODULE_LOSSES
 
 
 @pytest.mark.slow

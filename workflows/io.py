@@ -177,12 +177,14 @@ def _resolve_input(name, pattern, keep_folders):
     return paths
 
 
-def check_out_dir(folder):
+def check_out_dir(folder, name="out_dir"):
     """Raise unless ``folder`` exists as a writable folder or can be created.
 
     Parameters
     ----------
     folder : str or Path
+    name : str, optional
+        The option that named the folder, for the message.
     """
     folder = Path(folder) if str(folder) else Path.cwd()
     existing = folder
@@ -191,10 +193,10 @@ def check_out_dir(folder):
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise NotADirectoryError(f"out_dir {folder} cannot be created: {existing} is a "
+        raise NotADirectoryError(f"{name} {folder} cannot be created: {existing} is a "
                                  "file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"out_dir {folder} is not writable ({existing} does not "
+        raise PermissionError(f"{name} {folder} is not writable ({existing} does not "
                               "allow writing)")
 
 

@@ -18,12 +18,15 @@ from pathlib import Path
 from esdmri.reconst.config import check_integer
 
 from .fit import check_model_kind
-from .io import EsdmriWorkflow, check_outputs, logger, run_workflow, verbose_logging
+from .io import (EsdmriWorkflow, check_out_dir, check_outputs, logger, run_workflow,
+                 verbose_logging)
 
 # The model kinds of the commands and the pretrained module's keys (the model
 # classes' conv_kind; tests/test_workflows_pretrain.py checks that they agree),
 # repeated here so that --help does not import torch.
 CONV_KINDS = {"rtesd": "e3so3-stem", "esd": "spherical", "cesd": "concat"}
+# esdmri.reconst.pretraining.LOSSES, repeated for the same reason (and checked there too).
+LOSSES = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
 
 
 class PretrainFlow(EsdmriWorkflow):
@@ -92,7 +95,7 @@ class PretrainFlow(EsdmriWorkflow):
             (step-00000.pt, step-00200.pt, ...; never over an existing file
             without --force), so that the kept weights can be chosen
             afterwards by another criterion, e.g. the refined fit of
-            held-aside scans (python -m benchmarks.pretrain --select).
+            held-aside scans (python -m benchmarks.select_weights).
         out_dir : string, optional
             Output folder (default: current folder).
         out_weights : string, optional
@@ -122,10 +125,8 @@ class PretrainFlow(EsdmriWorkflow):
             raise ValueError(f"window ({window}) must not exceed side ({side})")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        # pretraining.LOSSES, without torch
-        losses = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
-        if loss not in losses:
-            raise ValueError(f"loss must be one of {', '.join(losses)}, got {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         (weights_path,), = self.get_io_iterator()
         checkpoint_path = checkpoint_paths(checkpoints, steps, every, self._force_overwrite)
         import torch  # only when a command runs
@@ -187,6 +188,7 @@ def checkpoint_paths(folder, steps, every, force):
     """
     if not folder:
         return None
+    check_out_dir(folder, "checkpoints")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
