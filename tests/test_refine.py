@@ -11,8 +11,7 @@ from esdmri.reconst.config import RefinementConfig
 from esdmri.reconst.losses import (CAUCHY_SIGMA, LossWeights, difference_operators,
                                    neighbour_pairs, total_variation)
 from esdmri.reconst.models import ESDModel
-from esdmri.reconst.network import (SAMPLING_NSIDE, ForwardModel, sampling_vertices,
-                                    stacked_forward_matrix)
+from esdmri.reconst.network import SAMPLING_NSIDE, ForwardModel, stacked_forward_matrix
 from esdmri.reconst.refine import (CoupledObjective, DegreeAdam, VoxelLoss, degree_groups,
                                    noise_variance, pair_distances, refine_coefficients,
                                    voxel_loss_gradient)
@@ -229,13 +228,13 @@ def test_bad_refinement_options(phantom, option, value):
         ESDModel(phantom.gtab, phantom.response, **{option: value})
 
 
-def refine_field(phantom, gtab, signal, mask, start, weights, dtype=torch.float32,
-                 nside=SAMPLING_NSIDE, **options):
-    """The refinement of ``start``, its sparsity terms sampled on nside's hemisphere."""
+def refine_field(phantom, gtab, signal, mask, start, weights, dtype=torch.float32, **options):
     options = {"lr": 1e-2, "steps": 30, **options}
     matrix = torch.as_tensor(stacked_forward_matrix(phantom.response.normalized(), gtab, ORDER),
                              dtype=dtype)
-    sampler = torch.as_tensor(sh_matrix(ORDER, sampling_vertices(nside)), dtype=dtype)
+    sampler = torch.as_tensor(sh_matrix(ORDER, HealpixSphere(SAMPLING_NSIDE,
+                                                             hemisphere=True).vertices),
+                              dtype=dtype)
     refined, history = refine_coefficients(start, signal, mask, matrix, sampler,
                                            n_coeffs(ORDER), ORDER, weights, normalize=False,
                                            **options)

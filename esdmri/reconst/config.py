@@ -572,14 +572,6 @@ class RefinementConfig:
         Solver of the refinement: ``"lbfgs"`` (limited-memory BFGS with a
         line search) or ``"adam"`` (the fixed-rate Adam with a second moment
         per SH degree); see :func:`esdmri.reconst.refine.refine_coefficients`.
-    refine_sampling_nside : int
-        HEALPix resolution of the hemisphere on which the refinement's
-        sparsity and non-negativity terms sample the WM fODF (``6 nside**2``
-        directions, :func:`esdmri.reconst.network.sampling_vertices`; at
-        least the WM coefficients). 8 (384 directions), the training loss's
-        sampler (:data:`esdmri.reconst.network.SAMPLING_NSIDE`); fewer
-        directions make each evaluation cheaper (docs/benchmarks.md,
-        "Refinement solver and stage profile").
     """
 
     refine_steps: int = 300
@@ -590,7 +582,6 @@ class RefinementConfig:
     refine_tolerance: float = 1e-4
     refine_likelihood_tolerance: float = 0.01
     refine_method: str = "lbfgs"
-    refine_sampling_nside: int = 8
 
     def solver_options(self):
         """These settings as :func:`esdmri.reconst.refine.refine_coefficients`'s options.
@@ -609,7 +600,6 @@ class RefinementConfig:
 
     def __post_init__(self):
         check_integer("refine_steps", self.refine_steps, 0)
-        check_integer("refine_sampling_nside", self.refine_sampling_nside, 1)
         if self.refine_method not in REFINEMENT_METHODS:
             raise ValueError(f"refine_method must be one of {REFINEMENT_METHODS}, "
                              f"got {self.refine_method!r}")

@@ -373,8 +373,8 @@ class _DeconvolutionModel(ReconstModel):
         return refine_coefficients(
             coefficients, scan.normalized, scan.mask,
             build_forward_model(scan.response, self.gtab, order, self.device).matrix,
-            build_fodf_sampler(order, self.device, config.refine_sampling_nside),
-            n_coeffs(order), order, self.config.training.loss_weights, **config.solver_options(),
+            build_fodf_sampler(order, self.device), n_coeffs(order), order,
+            self.config.training.loss_weights, **config.solver_options(),
             normalize=self.normalizes_with(scan.response), verbose=self.verbose,
             noise_sigma=scan.noise_sigma)
 

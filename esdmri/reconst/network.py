@@ -15,7 +15,6 @@ only has to sharpen it, instead of from a random network.
 
 import math
 
-import healpy as hp
 import numpy as np
 import torch
 from dipy.core.gradients import gradient_table
@@ -296,61 +295,19 @@ def build_forward_model(response, gtab, sh_order_max, device="cpu"):
     return ForwardModel(matrix).to(device)
 
 
-def sampling_vertices(nside):
-    """One direction per antipodal pair of HEALPix pixel centres: where the loss samples the fODF.
-
-    HEALPix pixels have equal areas at every ``nside`` (Gorski et al. 2005),
-    so the mean over them is a quadrature of the sphere; every ring's pixels
-    are spaced evenly in longitude, four-fold, so a quarter turn about z and
-    the antipodal map carry the full set onto itself. Powers of 2 give the
-    network's grid (:class:`esdmri.sphere.HealpixSphere`, NESTED order);
-    other ``nside`` the RING pixel centres with ``z > 0``, and half of the
-    equator (longitude in ``[0, pi)``). Which point of a pair is kept does not
-    matter for an even function such as a WM fODF.
-
-    Parameters
-    ----------
-    nside : int
-        HEALPix resolution, >= 1: ``6 nside**2`` directions.
-
-    Returns
-    -------
-    vertices : ndarray, shape (6 nside**2, 3)
-    """
-    if isinstance(nside, bool) or not isinstance(nside, (int, np.integer)) or nside < 1:
-        raise ValueError(f"nside must be an integer >= 1, got {nside!r}")
-    if not nside & (nside - 1):
-        return HealpixSphere(int(nside), hemisphere=True).vertices
-    nside = int(nside)
-    vertices = np.stack(hp.pix2vec(nside, np.arange(hp.nside2npix(nside))), axis=-1)
-    # The equator's z is 0 exactly (ring 2 nside); its pixels pair at longitudes phi, phi + pi.
-    longitude = np.arctan2(vertices[:, 1], vertices[:, 0]) % (2 * np.pi)
-    keep = (vertices[:, 2] > 0) | ((vertices[:, 2] == 0) & (longitude < np.pi - 1e-9))
-    return vertices[keep]
-
-
-def build_fodf_sampler(sh_order_max, device="cpu", nside=SAMPLING_NSIDE):
+def build_fodf_sampler(sh_order_max, device="cpu"):
     """SH matrix of the dense sphere on which the loss samples the WM fODF.
 
     Parameters
     ----------
     sh_order_max : int
     device : str or torch.device
-    nside : int, optional
-        HEALPix resolution of the sampling hemisphere (:func:`sampling_vertices`);
-        the default, :data:`SAMPLING_NSIDE`, serves training and, unless
-        ``refine_sampling_nside`` says otherwise, the refinement.
 
     Returns
     -------
     sampler : Tensor, float32, shape [V_dense, C_wm]
-        ``V_dense = 6 nside**2`` (384 at the default).
+        HEALPix hemisphere of nside :data:`SAMPLING_NSIDE`.
     """
-    vertices = sampling_vertices(nside)
-    if len(vertices) < n_coeffs(sh_order_max):
-        raise ValueError(f"refine_sampling_nside (nside) {nside} samples {len(vertices)} "
-                         f"directions, fewer than the {n_coeffs(sh_order_max)} coefficients "
-                         f"of sh_order_max={sh_order_max}: the sparsity terms would not see "
-                         "the whole fODF")
-    return torch.as_tensor(sh_matrix(sh_order_max, vertices), dtype=torch.float32,
+    sampling = HealpixSphere(SAMPLING_NSIDE, hemisphere=True)
+    return torch.as_tensor(sh_matrix(sh_order_max, sampling.vertices), dtype=torch.float32,
                            device=device)
