@@ -7,15 +7,24 @@ carries them; the shipped order-8 architecture stays as it was.
 
 import numpy as np
 import pytest
+import test_workflows
 import torch
 from test_cor_folded import assert_same, prior_volume, whole_volume
 from test_pretrained import symmetry_error
+from test_workflows_pretrain import TINY
 
+from esdmri.cohort import cohort_settings, prepare_scan
 from esdmri.reconst import folded, pretrained
 from esdmri.reconst.config import MAX_GRID_CONDITION, grid_condition_number
+from esdmri.reconst.models import RTESDModel
+from esdmri.reconst.pretraining import as_tensors, pretrain_correction
 from esdmri.shm import n_coeffs
+from esdmri.sims import default_gtab
 from esdmri.sphere import HealpixSphere
 from esdmri.testing import REFLECT_X, ROTATE_Z_90
+from esdmri.workflows.pretrain import PretrainFlow
+
+in_process = test_workflows.in_process  # the fixture that runs a flow in this process
 
 
 def order12(kind="e3so3-stem", seed=0):
@@ -123,3 +132,35 @@ def test_order12_file_round_trips_and_a_mismatched_file_is_refused(tmp_path):
         torch.save(saved, other)
         with pytest.raises(ValueError, match=message):
             pretrained.load_correction(other)
+
+
+@pytest.mark.slow
+def test_pretrain_command_trains_an_order12_correction(in_process, tmp_path):
+    """``esdmri_pretrain --corrected_order 12`` (tiny): the file records the order-12
+    architecture on nside 8 and its order-12 targets, and the default model loads it."""
+    summary = in_process(PretrainFlow(), *TINY, "--corrected_order", "12", "--out_dir",
+                         tmp_path)
+    path = tmp_path / "pretrained.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["architecture"] == pretrained.check_architecture("e3so3-stem", 12)
+    assert saved["metadata"]["settings"]["corrected_order"] == 12
+    assert summary["sha256"] == pretrained.sha256_of(path)
+    correction = RTESDModel(default_gtab(), pretrained=path, verbose=False) \
+        .pretrained_correction()
+    assert correction.order == 12 and correction.sh_to_grid.shape == (384, n_coeffs(12))
+
+
+@pytest.mark.parametrize("order, match", [("7", "corrected_order must be even"),
+                                          ("0", "corrected_order must be an integer >= 2")])
+def test_pretrain_refuses_a_bad_corrected_order(in_process, tmp_path, order, match):
+    message = in_process(PretrainFlow(), *TINY, "--corrected_order", order, "--out_dir",
+                         tmp_path, fails=True)
+    assert match in message
+
+
+def test_supervised_targets_below_the_corrected_order_are_refused():
+    """Order-8 targets would leave degrees 10-12 untrained: refused before training."""
+    scan = prepare_scan(cohort_settings(1, 0)[0], 8)
+    item = as_tensors(scan)
+    with pytest.raises(ValueError, match="corrected_order=12 needs supervised targets"):
+        pretrain_correction([item], [item], steps=1, corrected_order=12, progress=False)
