@@ -288,30 +288,36 @@ def oracle_starts(side, architecture="rtesd"):
     from esdmri.reconst.pretrained import CORRECTED_ORDER
     from esdmri.shm import n_coeffs
 
-    from .devset import FAMILIES, SNRS, make_family
-
     labels = ("prior (network-free)", "shipped correction (default)",
               "the default fit's end point", "prior + end point's degrees 2-8")
     rows = []
-    for family in FAMILIES:
-        for snr in SNRS:
-            phantom = make_family(family, side, snr, "dev")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
-                scan = model.prepare(phantom.data, mask=phantom.mask)
-                prior = model.prior_coefficients(scan)
-                default, history = model.refine(model.corrected_prior(prior, scan), scan)
-                n = min(n_coeffs(CORRECTED_ORDER),
-                        prior.shape[-1] - (len(scan.response.tissues) - 1))
-                perfect = prior.copy()
-                perfect[..., 1:n] = default[..., 1:n]
-                histories = [model.refine(prior, scan)[1], history,
-                             model.refine(default, scan)[1], model.refine(perfect, scan)[1]]
-            rows.append([family, f"{snr:g}", *(f"{h.steps} / {h.evaluations}"
-                                              for h in histories)])
+    for family, snr, phantom in dev_phantoms(side):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
+            scan = model.prepare(phantom.data, mask=phantom.mask)
+            prior = model.prior_coefficients(scan)
+            default, history = model.refine(model.corrected_prior(prior, scan), scan)
+            n = min(n_coeffs(CORRECTED_ORDER),
+                    prior.shape[-1] - (len(scan.response.tissues) - 1))
+            perfect = prior.copy()
+            perfect[..., 1:n] = default[..., 1:n]
+            histories = [model.refine(prior, scan)[1], history,
+                         model.refine(default, scan)[1], model.refine(perfect, scan)[1]]
+        rows.append([family, f"{snr:g}", *(f"{h.steps} / {h.evaluations}"
+                                          for h in histories)])
     print("refinement steps / evaluations to the stop, by start (default refinement)\n"
           + markdown(["family", "SNR", *labels], rows))
+
+
+def dev_phantoms(side):
+    """Each dev phantom of ``benchmarks/devset.py`` (every family, SNR 10 and 20) at
+    ``side``^3, as (family, SNR, phantom)."""
+    from .devset import FAMILIES, SNRS, make_family
+
+    for family in FAMILIES:
+        for snr in SNRS:
+            yield family, snr, make_family(family, side, snr, "dev")
 
 
 def labelled_weights(labelled):
@@ -329,34 +335,29 @@ def losses_on_dev(labelled, side):
     minimum's."""
     from esdmri import RTESDModel
 
-    from .devset import FAMILIES, SNRS, make_family
     from .network_test import MINIMUM_STEPS
     from .training_curve import per_voxel_minimum, voxel_losses
 
     options = labelled_weights(labelled)
     rows = []
-    for family in FAMILIES:
-        for snr in SNRS:
-            phantom = make_family(family, side, snr, "dev")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                scan = scan_of(phantom)
-                base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
-                prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
-                prior = base.prior_coefficients(prepared)
-                _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized,
-                                                  prepared.mask, MINIMUM_STEPS)
-                prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
-                row = [family, f"{snr:g}", f"{prior_loss:.5f}", f"{minimum:.5f}"]
-                for _, path in options:
-                    model = RTESDModel(scan.gtab, scan.response, pretrained=path,
-                                       verbose=False)
-                    loss = voxel_losses(model, model.corrected_prior(prior, prepared),
-                                        prepared.normalized, prepared.mask)
-                    row.append(f"{loss:.5f} ({loss / prior_loss:.2f} / "
-                               f"{loss / minimum:.2f})")
-            rows.append(row)
-            print(" | ".join(row), flush=True)
+    for family, snr, phantom in dev_phantoms(side):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scan = scan_of(phantom)
+            base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
+            prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
+            prior = base.prior_coefficients(prepared)
+            _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized,
+                                              prepared.mask, MINIMUM_STEPS)
+            prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+            row = [family, f"{snr:g}", f"{prior_loss:.5f}", f"{minimum:.5f}"]
+            for _, path in options:
+                model = RTESDModel(scan.gtab, scan.response, pretrained=path, verbose=False)
+                loss = voxel_losses(model, model.corrected_prior(prior, prepared),
+                                    prepared.normalized, prepared.mask)
+                row.append(f"{loss:.5f} ({loss / prior_loss:.2f} / {loss / minimum:.2f})")
+        rows.append(row)
+        print(" | ".join(row), flush=True)
     print("mean per-voxel loss on the scored voxels, network alone (over the prior's / "
           "over the per-voxel minimum's)\n"
           + markdown(["family", "SNR", "prior", "per-voxel min.",
