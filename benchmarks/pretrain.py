@@ -19,6 +19,11 @@ Usage::
         refined=out/refined.pt --repeats 1
     # the evaluations the best possible correction would leave
     python -m benchmarks.pretrain --oracle
+    # issue 25's loss goal for corrections alone, and their inference CPU time at 40^3
+    python -m benchmarks.pretrain --losses shipped=esdmri/data/pretrained_rtesd.pt \
+        order12=out/pretrained12.pt
+    python -m benchmarks.pretrain --inference shipped=esdmri/data/pretrained_rtesd.pt \
+        order12=out/pretrained12.pt --side 40
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm

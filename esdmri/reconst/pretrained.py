@@ -14,7 +14,9 @@ term (the WM amount), the isotropic tissues and the WM degrees above
 function on the grid projected back by least squares, so the correction is
 rotation-equivariant degree by degree; the HEALPix nside-4 hemisphere carries
 order 8 (condition number 1.0-1.4, see :data:`esdmri.reconst.config.MAX_GRID_CONDITION`).
-The head starts at zero: the untrained correction is the prior.
+Another corrected order (the architecture's ``corrected_order``,
+:func:`check_architecture`) runs on the smallest hemisphere that carries it
+(order 12: nside 8). The head starts at zero: the untrained correction is the prior.
 
 The same correction serves ESD (a voxel-wise spherical U-Net) and C-ESD (the
 3^3 neighbours' inputs concatenated as channels), each with its own weights
