@@ -19,6 +19,11 @@ Usage::
         refined=out/refined.pt --repeats 1
     # the evaluations the best possible correction would leave
     python -m benchmarks.pretrain --oracle
+    # issue 25's loss goal for corrections alone, and their inference CPU time at 40^3
+    python -m benchmarks.pretrain --losses shipped=esdmri/data/pretrained_rtesd.pt \
+        order12=out/pretrained12.pt
+    python -m benchmarks.pretrain --inference shipped=esdmri/data/pretrained_rtesd.pt \
+        order12=out/pretrained12.pt --side 40
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm
@@ -231,9 +236,7 @@ def time_on_dev(labelled, side, repeats, architecture="rtesd"):
     get as low as that start."""
     from .devset import FAMILIES, SNRS, make_family
 
-    options = [("network-free", False)] + [
-        tuple(item.split("=", 1)) if "=" in item else ("pretrained", item)
-        for item in map(str, labelled)]
+    options = [("network-free", False)] + labelled_weights(labelled)
     rows, objectives, totals = [], [], {label: [0.0, 0, 0] for label, _ in options}
     for family in FAMILIES:
         for snr in SNRS:
@@ -290,30 +293,112 @@ def oracle_starts(side, architecture="rtesd"):
     from esdmri.reconst.pretrained import CORRECTED_ORDER
     from esdmri.shm import n_coeffs
 
-    from .devset import FAMILIES, SNRS, make_family
-
     labels = ("prior (network-free)", "shipped correction (default)",
               "the default fit's end point", "prior + end point's degrees 2-8")
     rows = []
-    for family in FAMILIES:
-        for snr in SNRS:
-            phantom = make_family(family, side, snr, "dev")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
-                scan = model.prepare(phantom.data, mask=phantom.mask)
-                prior = model.prior_coefficients(scan)
-                default, history = model.refine(model.corrected_prior(prior, scan), scan)
-                n = min(n_coeffs(CORRECTED_ORDER),
-                        prior.shape[-1] - (len(scan.response.tissues) - 1))
-                perfect = prior.copy()
-                perfect[..., 1:n] = default[..., 1:n]
-                histories = [model.refine(prior, scan)[1], history,
-                             model.refine(default, scan)[1], model.refine(perfect, scan)[1]]
-            rows.append([family, f"{snr:g}", *(f"{h.steps} / {h.evaluations}"
-                                              for h in histories)])
+    for family, snr, phantom in dev_phantoms(side):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
+            scan = model.prepare(phantom.data, mask=phantom.mask)
+            prior = model.prior_coefficients(scan)
+            default, history = model.refine(model.corrected_prior(prior, scan), scan)
+            n = min(n_coeffs(CORRECTED_ORDER),
+                    prior.shape[-1] - (len(scan.response.tissues) - 1))
+            perfect = prior.copy()
+            perfect[..., 1:n] = default[..., 1:n]
+            histories = [model.refine(prior, scan)[1], history,
+                         model.refine(default, scan)[1], model.refine(perfect, scan)[1]]
+        rows.append([family, f"{snr:g}", *(f"{h.steps} / {h.evaluations}"
+                                          for h in histories)])
     print("refinement steps / evaluations to the stop, by start (default refinement)\n"
           + markdown(["family", "SNR", *labels], rows))
+
+
+def dev_phantoms(side):
+    """Each dev phantom of ``benchmarks/devset.py`` (every family, SNR 10 and 20) at
+    ``side``^3, as (family, SNR, phantom)."""
+    from .devset import FAMILIES, SNRS, make_family
+
+    for family in FAMILIES:
+        for snr in SNRS:
+            yield family, snr, make_family(family, side, snr, "dev")
+
+
+def labelled_weights(labelled):
+    """``LABEL=WEIGHTS`` items (a bare path labelled "pretrained") as (label, path) pairs."""
+    return [tuple(item.split("=", 1)) if "=" in item else ("pretrained", item)
+            for item in map(str, labelled)]
+
+
+def losses_on_dev(labelled, side):
+    """Issue 25's loss goal for RT-ESD corrections (``LABEL=WEIGHTS``) alone: per dev
+    phantom, fitted on its scored (WM) voxels as ``benchmarks/network_test.py`` fits, the
+    mean per-voxel loss (signal fit, sparsity, non-negativity; no TV) of the linear prior,
+    of each correction's output and of the per-voxel minimum (the refinement without TV
+    from the prior, run until it stalls), and each correction's over the prior's and the
+    minimum's."""
+    from esdmri import RTESDModel
+
+    from .network_test import MINIMUM_STEPS
+    from .training_curve import per_voxel_minimum, voxel_losses
+
+    options = labelled_weights(labelled)
+    rows = []
+    for family, snr, phantom in dev_phantoms(side):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scan = scan_of(phantom)
+            base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
+            prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
+            prior = base.prior_coefficients(prepared)
+            _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized,
+                                              prepared.mask, MINIMUM_STEPS)
+            prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+            row = [family, f"{snr:g}", f"{prior_loss:.5f}", f"{minimum:.5f}"]
+            for _, path in options:
+                model = RTESDModel(scan.gtab, scan.response, pretrained=path, verbose=False)
+                loss = voxel_losses(model, model.corrected_prior(prior, prepared),
+                                    prepared.normalized, prepared.mask)
+                row.append(f"{loss:.5f} ({loss / prior_loss:.2f} / {loss / minimum:.2f})")
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+    print("mean per-voxel loss on the scored voxels, network alone (over the prior's / "
+          "over the per-voxel minimum's)\n"
+          + markdown(["family", "SNR", "prior", "per-voxel min.",
+                      *(label for label, _ in options)], rows))
+
+
+def time_inference(labelled, side, repeats):
+    """CPU seconds of :func:`esdmri.reconst.pretrained.apply_correction` (the default
+    pass: folded on a CPU where the correction folds) of RT-ESD corrections
+    (``LABEL=WEIGHTS``) on the real linear prior of ``benchmarks/bench_correction.py``'s
+    dev phantom (``side``^3, SNR 20), interleaved in one process (the ratios count on a
+    shared machine), median of ``repeats``."""
+    from esdmri.reconst.folded import foldable
+    from esdmri.reconst.pretrained import apply_correction, load_correction
+
+    from .bench_correction import cpu_seconds, dev_phantom, dev_prior
+
+    coefficients, mask, tissues = dev_prior(dev_phantom(side))
+    corrections = [(label, load_correction(path)) for label, path in
+                   labelled_weights(labelled)]
+    seconds = {label: [] for label, _ in corrections}
+    for repeat in range(repeats):
+        for label, correction in corrections[::1 if repeat % 2 == 0 else -1]:
+            seconds[label].append(cpu_seconds(apply_correction, correction, coefficients,
+                                              mask, tissues)[0])
+    first = np.median(seconds[corrections[0][0]])
+    rows = [[label, f"{correction.order}", f"{correction.architecture['nside']}",
+             "folded" if foldable(correction) else "layered",
+             f"{np.median(seconds[label]):.2f}", f"{np.median(seconds[label]) / first:.2f}",
+             f"{1e6 * np.median(seconds[label]) / mask.sum():.0f}"]
+            for label, correction in corrections]
+    print(f"apply_correction on the {side}^3 dev phantom's prior ({int(mask.sum())} masked "
+          f"voxels, {coefficients.shape[-1]} coefficients: WM SH and tissues), CPU "
+          f"seconds, median of {repeats} interleaved, {torch.get_num_threads()} thread(s)\n"
+          + markdown(["weights", "corrected order", "nside", "pass", "CPU (s)",
+                      f"/ {corrections[0][0]}", "us per voxel"], rows))
 
 
 def quiet_fit(model_class, phantom, **options):
@@ -338,6 +423,13 @@ def main(argv=None):
     mode.add_argument("--oracle", action="store_true",
                       help="refinement evaluations from the prior, the shipped correction, "
                            "the default fit's end point and the best a correction can give")
+    mode.add_argument("--losses", nargs="+", metavar="[LABEL=]WEIGHTS",
+                      help="issue 25's loss goal: the network-alone loss of these RT-ESD "
+                           "weights on the dev phantoms against the prior's and the "
+                           "per-voxel minimum's")
+    mode.add_argument("--inference", nargs="+", metavar="[LABEL=]WEIGHTS",
+                      help="CPU seconds of these RT-ESD corrections on the prior of a "
+                           "--side^3 dev phantom (e.g. 40), interleaved")
     mode.add_argument("--held", nargs="+", metavar="LABEL=WEIGHTS",
                       help="the pretraining losses of RT-ESD weights on the cohort's "
                            "held-aside scans")
@@ -374,6 +466,10 @@ def main(argv=None):
         oracle_starts(args.side, args.architecture)
     elif args.held:
         held_aside_losses(args.held, *args.held_scans)
+    elif args.losses:
+        losses_on_dev(args.losses, args.side)
+    elif args.inference:
+        time_inference(args.inference, args.side, args.repeats)
     elif args.dev:
         score_on_dev(args.dev, args.dev_out, args.side, args.architecture, args.refine_steps,
                      baselines=args.baselines, fit_mask=args.fit_mask, split=args.split,

@@ -43,7 +43,7 @@ from .reconst.config import check_integer
 from .reconst.finetune import finetuning_weights
 from .reconst.models import RTESDModel
 from .reconst.network import SQRT_4PI, volume_fractions_from_coefficients
-from .reconst.pretrained import fibre_target
+from .reconst.pretrained import CORRECTED_ORDER, fibre_target
 from .shm import n_coeffs
 from .sims import default_gtab, make_phantom
 from .straight_phantom import make_straight_phantom, radial_for_fa
@@ -140,7 +140,7 @@ def wm_mask(phantom):
     return phantom.mask & (phantom.n_fibres > 0)
 
 
-def prepare_scan(setting, side, mask="whole", refined=False):
+def prepare_scan(setting, side, mask="whole", refined=False, target_order=CORRECTED_ORDER):
     """One cohort scan: its prior (estimated responses), target and voxel weights.
 
     Parameters
@@ -159,11 +159,15 @@ def prepare_scan(setting, side, mask="whole", refined=False):
         distillation loss (``loss="refined"`` of
         :mod:`esdmri.reconst.pretraining`) trains toward. One refinement per
         scan, computed once here.
+    target_order : int
+        SH order of the supervised target: the corrected order of the
+        correction it trains (:data:`esdmri.reconst.pretrained.CORRECTED_ORDER`
+        for the shipped ones).
 
     Returns
     -------
     scan : dict
-        ``prior`` (X, Y, Z, C_total), ``target`` (X, Y, Z, n_coeffs(8)),
+        ``prior`` (X, Y, Z, C_total), ``target`` (X, Y, Z, n_coeffs(target_order)),
         ``weight`` (X, Y, Z; zero outside the fitted mask), ``tissues``,
         ``setting``, ``order`` (the prior's WM SH order), ``mask`` (the
         fitted voxels), ``normalized`` (X, Y, Z, N: the signal divided by the
@@ -197,7 +201,7 @@ def prepare_scan(setting, side, mask="whole", refined=False):
     n_wm = n_coeffs(model.config.network.sh_order_max)
     total = volume_fractions_from_coefficients(prior, n_wm).sum(-1)
     amount = total * phantom.tissue_fractions[..., 0] / SQRT_4PI
-    target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount)
+    target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount, target_order)
     target[..., 0] = prior[..., 0]  # the WM amount is the prior's, not corrected
     weight = np.where(scan.mask, 0.2 + phantom.tissue_fractions[..., 0], 0).astype(np.float32)
     extra = {"refined": np.asarray(fitted, np.float32), "refined_history": history} \
@@ -211,7 +215,8 @@ def prepare_scan(setting, side, mask="whole", refined=False):
                                                        scan.mask)}
 
 
-def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False, refined=False):
+def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False, refined=False,
+                 target_order=CORRECTED_ORDER):
     """Prepare the first ``n_scans`` scans of the cohort of ``seed``.
 
     Parameters
@@ -230,6 +235,8 @@ def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False, r
     refined : bool
         Also compute every scan's default fit (``prepare_scan(...,
         refined=True)``), the target of the distillation loss.
+    target_order : int
+        SH order of the supervised target (:func:`prepare_scan`).
 
     Returns
     -------
@@ -244,7 +251,8 @@ def build_cohort(n_scans, side, seed, progress=True, log=None, wm_masks=False, r
     scans = []
     for setting in tqdm(cohort_settings(n_scans, seed), desc="simulating the cohort",
                         unit="scan", disable=not progress):
-        scans.append([prepare_scan(setting, side, mask, refined) for mask in masks])
+        scans.append([prepare_scan(setting, side, mask, refined, target_order)
+                      for mask in masks])
         if log is not None:
             log(f"scan {len(scans)}/{n_scans}: {describe(scans[-1][0])}")
     return scans

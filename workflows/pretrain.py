@@ -36,7 +36,8 @@ class PretrainFlow(EsdmriWorkflow):
 
     def run(self, model="rtesd", scans=24, held=3, side=14, steps=3159, lr=1e-3,
             window=10, every=200, seed=0, loss="supervised", wm_masks=False, device="cpu",
-            quiet=False, checkpoints="", out_dir="", out_weights="pretrained.pt"):
+            quiet=False, checkpoints="", corrected_order=8, out_dir="",
+            out_weights="pretrained.pt"):
         """Pretrain the correction of the linear prior on a simulated cohort.
 
         Simulates a cohort of scans (three phantom families, four
@@ -96,6 +97,11 @@ class PretrainFlow(EsdmriWorkflow):
             without --force), so that the kept weights can be chosen
             afterwards by another criterion, e.g. the refined fit of
             held-aside scans (python -m benchmarks.select_weights).
+        corrected_order : int, optional
+            Highest WM SH degree the correction reads and corrects (even;
+            the shipped weights: 8, on the HEALPix nside-4 hemisphere).
+            Another order runs on the smallest nside that carries it
+            (12: nside 8) and trains against targets of that order.
         out_dir : string, optional
             Output folder (default: current folder).
         out_weights : string, optional
@@ -119,8 +125,10 @@ class PretrainFlow(EsdmriWorkflow):
         check_model_kind(model)
         for name, value, minimum in (("scans", scans, 1), ("held", held, 1), ("side", side, 6),
                                      ("steps", steps, 1), ("window", window, 3),
-                                     ("every", every, 1)):
+                                     ("every", every, 1), ("corrected_order", corrected_order, 2)):
             check_integer(name, value, minimum)
+        if corrected_order % 2:
+            raise ValueError(f"corrected_order must be even, got {corrected_order}")
         if window > side:
             raise ValueError(f"window ({window}) must not exceed side ({side})")
         if not lr > 0:
@@ -148,10 +156,14 @@ class PretrainFlow(EsdmriWorkflow):
         settings = {"model": model, "scans": scans, "held": held, "side": side,
                     "steps": steps, "lr": lr, "window": window, "every": every, "seed": seed,
                     "loss": loss, "wm_masks": bool(wm_masks), "device": str(device)}
+        if corrected_order != 8:  # the shipped weights' settings stay as they were
+            settings["corrected_order"] = corrected_order
+        architecture = check_architecture(kind, corrected_order)
         logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
         start = time.process_time()
         cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug,
-                              wm_masks=wm_masks, refined="refined" in loss)
+                              wm_masks=wm_masks, refined="refined" in loss,
+                              target_order=corrected_order)
         cohort_cpu = time.process_time() - start
 
         def items(part):
@@ -160,15 +172,16 @@ class PretrainFlow(EsdmriWorkflow):
         def save_checkpoint(correction, progress):
             with staged_output(checkpoint_path(progress["steps"]), detached=True) as temporary:
                 save_correction(correction, temporary,
-                                {"settings": settings, "architecture": check_architecture(kind),
+                                {"settings": settings, "architecture": architecture,
                                  **progress})
 
         correction, summary = pretrain_correction(
             items(cohort[:scans]), items(cohort[scans:]), kind=kind, loss=loss, steps=steps,
             seed=seed, lr=lr, window=window, every=every, device=device, log=logger.debug,
-            progress=progress, on_evaluation=save_checkpoint if checkpoints else None)
+            progress=progress, on_evaluation=save_checkpoint if checkpoints else None,
+            corrected_order=corrected_order)
         metadata = {"settings": settings, "cohort": [masks[0]["setting"] for masks in cohort],
-                    "architecture": check_architecture(kind), "cohort_cpu_seconds": cohort_cpu,
+                    "architecture": architecture, "cohort_cpu_seconds": cohort_cpu,
                     **summary}
         with staged_output(weights_path) as temporary:
             save_correction(correction, temporary, metadata)

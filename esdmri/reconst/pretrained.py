@@ -14,7 +14,9 @@ term (the WM amount), the isotropic tissues and the WM degrees above
 function on the grid projected back by least squares, so the correction is
 rotation-equivariant degree by degree; the HEALPix nside-4 hemisphere carries
 order 8 (condition number 1.0-1.4, see :data:`esdmri.reconst.config.MAX_GRID_CONDITION`).
-The head starts at zero: the untrained correction is the prior.
+Another corrected order (the architecture's ``corrected_order``,
+:func:`check_architecture`) runs on the smallest hemisphere that carries it
+(order 12: nside 8). The head starts at zero: the untrained correction is the prior.
 
 The same correction serves ESD (a voxel-wise spherical U-Net) and C-ESD (the
 3^3 neighbours' inputs concatenated as channels), each with its own weights
@@ -37,6 +39,7 @@ from ..nn.unet import UNet
 from ..shm import n_coeffs, sh_degrees, sh_matrix
 from ..sphere import HealpixSphere
 from ..threads import adapt_num_threads
+from .config import carrying_nside
 from .folded import CHUNK, FoldedCorrection, foldable
 from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
@@ -76,12 +79,33 @@ DEFAULT_SHA256 = {
 }
 
 
-def check_architecture(kind):
-    """The architecture of a ``conv_kind`` (a key of :data:`ARCHITECTURES`)."""
+def check_architecture(kind, corrected_order=CORRECTED_ORDER):
+    """The architecture of a ``conv_kind`` (a key of :data:`ARCHITECTURES`).
+
+    Parameters
+    ----------
+    kind : str
+    corrected_order : int
+        Highest WM SH degree the correction reads and corrects (even, >= 2).
+        :data:`CORRECTED_ORDER` gives :data:`ARCHITECTURES`' entry as is;
+        another order runs on the smallest HEALPix hemisphere that carries it
+        (:func:`esdmri.reconst.config.carrying_nside`: order 12 on nside 8).
+
+    Returns
+    -------
+    architecture : dict
+    """
     if kind not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got "
                          f"{kind!r}")
-    return dict(ARCHITECTURES[kind])
+    if (isinstance(corrected_order, bool) or not isinstance(corrected_order, int)
+            or corrected_order < 2 or corrected_order % 2):
+        raise ValueError(f"corrected_order must be an even integer >= 2, got "
+                         f"{corrected_order!r}")
+    if corrected_order == CORRECTED_ORDER:
+        return dict(ARCHITECTURES[kind])
+    return {**ARCHITECTURES[kind], "corrected_order": corrected_order,
+            "nside": carrying_nside(corrected_order)}
 
 
 def recorded_architecture(saved):
@@ -245,6 +269,16 @@ def resolve_weights(pretrained, kind="e3so3-stem"):
                     f"{type(pretrained).__name__}")
 
 
+def _known_architecture(kind, architecture):
+    """The architecture of ``kind`` at the corrected order a file records (None where
+    the record holds no valid order)."""
+    order = architecture.get("corrected_order") if isinstance(architecture, dict) else None
+    try:
+        return check_architecture(kind, order)
+    except ValueError:
+        return None
+
+
 def load_correction(pretrained, device="cpu", kind="e3so3-stem"):
     """The pretrained correction of a ``pretrained`` option, checked.
 
@@ -282,12 +316,13 @@ def load_correction(pretrained, device="cpu", kind="e3so3-stem"):
         raise ValueError(f"{path} is not an esdmri pretrained-weights file (format "
                          f"{FORMAT!r})")
     architecture = recorded_architecture(saved)
-    if architecture != ARCHITECTURES[kind]:
-        other = next((name for name, known in ARCHITECTURES.items() if known == architecture),
-                     None)
+    if architecture != _known_architecture(kind, architecture):
+        other = next((name for name in ARCHITECTURES
+                      if architecture == _known_architecture(name, architecture)), None)
         found = f"the {other} correction" if other else f"architecture {architecture}"
         raise ValueError(f"{path} holds weights of {found}, not the {kind} correction this "
-                         f"model needs ({ARCHITECTURES[kind]})")
+                         f"model needs ({ARCHITECTURES[kind]}, or with another "
+                         "corrected_order on the nside that carries it)")
     correction = PriorCorrection(architecture)
     try:
         correction.load_state_dict(saved["state_dict"])

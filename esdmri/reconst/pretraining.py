@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..shm import n_coeffs
 from .config import check_integer
 from .network import build_fodf_sampler, build_forward_model
-from .pretrained import PriorCorrection, check_architecture
+from .pretrained import CORRECTED_ORDER, PriorCorrection, check_architecture
 from .training import coefficient_loss
 
 LOSSES = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
@@ -179,7 +179,8 @@ def evaluate(correction, items, loss="supervised"):
 
 def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", steps=3159,
                         seed=0, lr=1e-3, window=10, every=200, device="cpu", on_best=None,
-                        on_evaluation=None, log=None, progress=True):
+                        on_evaluation=None, log=None, progress=True,
+                        corrected_order=CORRECTED_ORDER):
     """Train a correction on prepared cohort scans, keeping the best on held-aside ones.
 
     Parameters
@@ -216,6 +217,11 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
         Receives a line per evaluation.
     progress : bool
         Show a tqdm bar.
+    corrected_order : int
+        Highest WM SH degree corrected
+        (:func:`esdmri.reconst.pretrained.check_architecture`); the scans'
+        supervised targets should reach it
+        (:func:`esdmri.cohort.build_cohort`'s ``target_order``).
 
     Returns
     -------
@@ -234,10 +240,18 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
     if not items or not held:
         raise ValueError(f"pretraining needs training and held-aside scans, got "
                          f"{len(items)} and {len(held)}")
+    n_target = n_coeffs(corrected_order)
+    if "supervised" in loss or loss == "mixed":
+        short = [item for item in items + held if item["target"].shape[1] < n_target]
+        if short:
+            raise ValueError(f"corrected_order={corrected_order} needs supervised targets of "
+                             f"{n_target} coefficients; {len(short)} scans have fewer (build "
+                             "the cohort with target_order=corrected_order)")
     log = log or (lambda message: None)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    correction = PriorCorrection(check_architecture(kind)).zero_head().to(device)
+    correction = PriorCorrection(check_architecture(kind, corrected_order)).zero_head().to(
+        device)
     optimizer = torch.optim.Adam(correction.parameters(), lr=lr)
     best_loss, prior_loss = evaluate(correction, held, loss)
     best_step = 0
