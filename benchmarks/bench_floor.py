@@ -48,6 +48,7 @@ Usage::
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -157,7 +158,7 @@ def main():
     pair_buffer = torch.empty((len(first), c.shape[1]))
     print(f"{'x'.join(map(str, args.shape))} clinical SNR 30: {n} masked voxels, "
           f"{len(first)} neighbour pairs, SH order {order}; machine load when started: "
-          f"{open('/proc/loadavg').read().split()[0]}", flush=True)
+          f"{os.getloadavg()[0]:.2f}", flush=True)
 
     measurements = {}
     for repeat in range(2):

@@ -234,36 +234,32 @@ def time_on_dev(labelled, side, repeats, architecture="rtesd"):
     the steps and evaluations do not depend on the load); then each start's objective,
     the objective at the stop, and the evaluations the network-free refinement took to
     get as low as that start."""
-    from .devset import FAMILIES, SNRS, make_family
-
     options = [("network-free", False)] + labelled_weights(labelled)
     rows, objectives, totals = [], [], {label: [0.0, 0, 0] for label, _ in options}
-    for family in FAMILIES:
-        for snr in SNRS:
-            phantom = make_family(family, side, snr, "dev")
-            seconds = {label: [] for label, _ in options}
-            histories = {}
-            for _ in range(repeats):
-                for label, weights_option in options:
-                    start = time.process_time()
-                    fit = quiet_fit(MODEL_CLASSES[architecture], phantom,
-                                    pretrained=weights_option)
-                    seconds[label].append(time.process_time() - start)
-                    histories[label] = fit.refine_history
-            free = np.median(seconds["network-free"])
-            row = [family, f"{snr:g}"]
-            for label, _ in options:
-                cpu, history = np.median(seconds[label]), histories[label]
-                totals[label][0] += cpu
-                totals[label][1] += history.steps
-                totals[label][2] += history.evaluations
-                row.append(f"{cpu:.1f} ({cpu / free:.2f}), {history.steps} / "
-                           f"{history.evaluations}")
-            rows.append(row)
-            objectives.append([family, f"{snr:g}", *(
-                f"{histories[label][0]:.4g} / {histories[label][-1]:.4g} / "
-                f"{reached(histories['network-free'], histories[label][0])}"
-                for label, _ in options)])
+    for family, snr, phantom in dev_phantoms(side):
+        seconds = {label: [] for label, _ in options}
+        histories = {}
+        for _ in range(repeats):
+            for label, weights_option in options:
+                start = time.process_time()
+                fit = quiet_fit(MODEL_CLASSES[architecture], phantom,
+                                pretrained=weights_option)
+                seconds[label].append(time.process_time() - start)
+                histories[label] = fit.refine_history
+        free = np.median(seconds["network-free"])
+        row = [family, f"{snr:g}"]
+        for label, _ in options:
+            cpu, history = np.median(seconds[label]), histories[label]
+            totals[label][0] += cpu
+            totals[label][1] += history.steps
+            totals[label][2] += history.evaluations
+            row.append(f"{cpu:.1f} ({cpu / free:.2f}), {history.steps} / "
+                       f"{history.evaluations}")
+        rows.append(row)
+        objectives.append([family, f"{snr:g}", *(
+            f"{histories[label][0]:.4g} / {histories[label][-1]:.4g} / "
+            f"{reached(histories['network-free'], histories[label][0])}"
+            for label, _ in options)])
     free = totals["network-free"][0]
     rows.append(["total", "", *(f"{cpu:.1f} ({cpu / free:.2f}), {steps} / {evaluations}"
                                for cpu, steps, evaluations in totals.values())])

@@ -32,6 +32,12 @@ def test_losses_match_the_pretraining_module():
     assert LOSSES == MODULE_LOSSES
 
 
+def test_corrected_order_matches_the_pretrained_module():
+    from esdmri.workflows.pretrain import CORRECTED_ORDER
+
+    assert CORRECTED_ORDER == pretrained.CORRECTED_ORDER
+
+
 @pytest.mark.slow
 def test_pretrain_writes_weights_that_the_model_loads(tmp_path):
     result = run_cli("pretrain", *TINY, "--out_dir", tmp_path, "--num_threads", "1")

@@ -25,8 +25,10 @@ from .io import (EsdmriWorkflow, check_out_dir, check_outputs, logger, run_workf
 # classes' conv_kind; tests/test_workflows_pretrain.py checks that they agree),
 # repeated here so that --help does not import torch.
 CONV_KINDS = {"rtesd": "e3so3-stem", "esd": "spherical", "cesd": "concat"}
-# esdmri.reconst.pretraining.LOSSES, repeated for the same reason (and checked there too).
+# esdmri.reconst.pretraining.LOSSES and esdmri.reconst.pretrained.CORRECTED_ORDER (the
+# shipped weights' order), repeated for the same reason (and checked there too).
 LOSSES = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
+CORRECTED_ORDER = 8
 
 
 class PretrainFlow(EsdmriWorkflow):
@@ -36,7 +38,7 @@ class PretrainFlow(EsdmriWorkflow):
 
     def run(self, model="rtesd", scans=24, held=3, side=14, steps=3159, lr=1e-3,
             window=10, every=200, seed=0, loss="supervised", wm_masks=False, device="cpu",
-            quiet=False, checkpoints="", corrected_order=8, out_dir="",
+            quiet=False, checkpoints="", corrected_order=CORRECTED_ORDER, out_dir="",
             out_weights="pretrained.pt"):
         """Pretrain the correction of the linear prior on a simulated cohort.
 
@@ -156,7 +158,7 @@ class PretrainFlow(EsdmriWorkflow):
         settings = {"model": model, "scans": scans, "held": held, "side": side,
                     "steps": steps, "lr": lr, "window": window, "every": every, "seed": seed,
                     "loss": loss, "wm_masks": bool(wm_masks), "device": str(device)}
-        if corrected_order != 8:  # the shipped weights' settings stay as they were
+        if corrected_order != CORRECTED_ORDER:  # the shipped weights' settings: unchanged
             settings["corrected_order"] = corrected_order
         architecture = check_architecture(kind, corrected_order)
         logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
