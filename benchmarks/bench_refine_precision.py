@@ -26,6 +26,18 @@ clinical-size 96 x 96 x 60 by default), at SH order 12 and 8 (``--orders``):
   loss per ``refine_matmul_precision``, its time and the relative error of its
   gradient and of the summed loss against a float64 ``VoxelLoss``.
 
+With ``--folded``, also the shipped pretrained correction's folded inference
+(:mod:`esdmri.reconst.folded`, ``RTESDModel.corrected_prior``) on the scan with
+its products inside the same bfloat16 switch: the time ratio and the per-voxel
+relative error of the corrected coefficients against float32.
+
+With ``--dev``, also the default fit on each phantom of the dev set
+(``benchmarks/devset.py``, side ``--dev-side``, as ``noise_floor_dev`` fits it)
+with each ``refine_matmul_precision``, the options alternating: the refinement's
+evaluations, its objective per voxel at the stop and the fit's CPU time (the
+evaluation count is load-free; the CPU times are one process's, on one thread
+when ``OMP_NUM_THREADS=1``).
+
 Times are the best of ``--repeats``, the variants alternating within each
 repeat in one process: one thread's CPU time, two threads' wall time; on a
 shared machine read the ratios (absolute times need an idle machine).
@@ -37,19 +49,25 @@ Usage::
 """
 
 import argparse
+import contextlib
 import os
+import time
+import warnings
 
 import numpy as np
 import torch
 
+from esdmri import RTESDModel
 from esdmri.reconst.losses import CAUCHY_SIGMA
 from esdmri.reconst.refine import _CPU_BLOCK, VoxelLoss, _bf16_products, bf16_products_available
+from esdmri.response import estimate_response
 from esdmri.sims import make_phantom
 
 from .bench_floor import timed
 from .bench_memory import SHAPE as BRAIN_SHAPE
 from .bench_memory import clinical_gtab
 from .bench_preconditioner import refinement_inputs
+from .devset import FAMILIES, SNRS, make_family
 
 OPTIONS = ("float32", "bf16-gradient", "bf16-samples")
 
@@ -89,21 +107,15 @@ def product_variants(loss, c, mapped, block):
     residuals, samples = torch.empty(n, k), torch.empty(n, loss.n_samples)
     mapped_residual, mapped_samples = mapped[:, :k].contiguous(), mapped[:, k:].contiguous()
 
-    def plain(bf16):
+    def plain(switch):
         def forward_products():
             for p in chunks:
-                if bf16:
-                    with _bf16_products():
-                        torch.mm(c[p], loss.operator, out=forward[p])
-                else:
+                with switch():
                     torch.mm(c[p], loss.operator, out=forward[p])
 
         def back_products():
             for p in chunks:
-                if bf16:
-                    with _bf16_products():
-                        torch.mm(mapped[p], loss.operator_t, out=back[p])
-                else:
+                with switch():
                     torch.mm(mapped[p], loss.operator_t, out=back[p])
         return forward_products, back_products
 
@@ -131,8 +143,8 @@ def product_variants(loss, c, mapped, block):
             with _bf16_products():
                 back[p].addmm_(mapped_samples[p], samples_t)
 
-    float_forward, float_back = plain(False)
-    bf16_forward, bf16_back = plain(True)
+    float_forward, float_back = plain(contextlib.nullcontext)
+    bf16_forward, bf16_back = plain(_bf16_products)
     variants = {
         "float32": (float_forward, float_back),
         "bf16": (bf16_forward, bf16_back),
@@ -236,13 +248,89 @@ def run_order(scan_inputs, args):
     print("\n".join(loss_rows), flush=True)
 
 
+def folded_correction(phantom, args):
+    """Time and error of the folded correction's inference with bfloat16 products."""
+    model = RTESDModel(phantom.gtab, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan = model.prepare(phantom.data, mask=phantom.mask)
+        prior = model.prior_coefficients(scan)
+    model.pretrained_correction()  # loaded once, outside the clock
+    switches = {"float32": contextlib.nullcontext, "bf16": _bf16_products}
+    results, times = {}, {}
+    for threads in args.threads:
+        for repeat in range(args.repeats):
+            names = list(switches) if repeat % 2 == 0 else list(switches)[::-1]
+            for name in names:
+                torch.set_num_threads(threads)
+                now = time.process_time if threads == 1 else time.perf_counter
+                start = now()
+                with switches[name]():
+                    results[name] = model.corrected_prior(prior, scan)[scan.mask]
+                seconds = now() - start
+                times[name, threads] = min(times.get((name, threads), np.inf), seconds)
+    reference = results["float32"].astype(np.float64)
+    change = np.linalg.norm(reference - prior[scan.mask], axis=1)
+    error = np.linalg.norm(results["bf16"] - reference, axis=1)
+    relative = error / np.linalg.norm(reference, axis=1).clip(1e-12)
+    of_correction = error / change.clip(1e-12)
+    n = int(scan.mask.sum())
+    print(f"\nfolded correction, {n} voxels: per-voxel error of the corrected coefficients "
+          f"against float32, relative to the voxel's coefficients: median "
+          f"{np.median(relative):.1e}, max {relative.max():.1e}; relative to the "
+          f"correction's change: median {np.median(of_correction):.1e}, "
+          f"max {of_correction.max():.1e}")
+    print("| threads | float32 (us per voxel) | bf16 (us per voxel) | speed / float32 |")
+    print("|---|---|---|---|")
+    for threads in args.threads:
+        base, other = times["float32", threads], times["bf16", threads]
+        print(f"| {threads} | {base * 1e6 / n:.2f} | {other * 1e6 / n:.2f} | "
+              f"{base / other:.2f} |", flush=True)
+
+
+def dev_fits(args):
+    """Evaluations, objective and fit CPU time of each option on the dev phantoms."""
+    print("\n| phantom | " + " | ".join(f"{name}: evaluations / objective per voxel / CPU s"
+                                        for name in OPTIONS) + " |")
+    print("|---|" + "---|" * len(OPTIONS))
+    totals = {name: np.zeros(2) for name in OPTIONS}
+    for index, (family, snr) in enumerate((f, s) for f in FAMILIES for s in SNRS):
+        phantom = make_family(family, args.dev_side, snr, "dev")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            response = estimate_response(phantom.gtab, phantom.data, phantom.mask)
+            cells = {}
+            for name in (OPTIONS if index % 2 == 0 else OPTIONS[::-1]):
+                model = RTESDModel(phantom.gtab, response, verbose=False,
+                                   refine_matmul_precision=name)
+                start = time.process_time()
+                history = model.fit(phantom.data, mask=phantom.mask).refine_history
+                seconds = time.process_time() - start
+                totals[name] += (history.evaluations, seconds)
+                cells[name] = f"{history.evaluations} / {history[-1]:.8g} / {seconds:.2f}"
+        print(f"| {family} SNR {snr:g} | " + " | ".join(cells[name] for name in OPTIONS) + " |",
+              flush=True)
+    print("| total | " + " | ".join(f"{int(totals[name][0])} / / {totals[name][1]:.1f}"
+                                   for name in OPTIONS) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=list(BRAIN_SHAPE))
-    parser.add_argument("--orders", type=int, nargs="+", default=[12, 8])
+    parser.add_argument("--orders", type=int, nargs="*", default=[12, 8],
+                        help="SH orders of the refinement's parts (none: --folded alone)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folded", action="store_true",
+                        help="also the pretrained correction's folded inference")
+    parser.add_argument("--dev", action="store_true",
+                        help="also the default fit of each dev phantom per option")
+    parser.add_argument("--dev-side", type=int, default=14)
     args = parser.parse_args()
+    if args.dev:
+        dev_fits(args)
+        if not args.orders and not args.folded:
+            return
     print(f"{'x'.join(map(str, args.shape))} clinical SNR 30; native bfloat16 products: "
           f"{bf16_products_available('cpu')}; machine load when started: "
           f"{os.getloadavg()[0]:.2f}", flush=True)
@@ -250,6 +338,8 @@ def main():
     for order in args.orders:
         inputs, _, _ = refinement_inputs(phantom, sh_order_max=order)
         run_order(inputs, args)
+    if args.folded:
+        folded_correction(phantom, args)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_refine import (COUPLED, ORDER, equivariance_errors, field,  # noqa: F401
-                         phantom, plain_voxel_loss)
+from test_refine import (COUPLED, equivariance_errors, field, phantom,  # noqa: F401
+                         plain_voxel_loss)
+from test_refine import real_shaped_scan as refine_scan
 
 from esdmri.reconst import refine
 from esdmri.reconst.config import MATMUL_PRECISIONS, RefinementConfig
 from esdmri.reconst.losses import LossWeights
-from esdmri.reconst.network import SAMPLING_NSIDE, stacked_forward_matrix
 from esdmri.reconst.refine import VoxelLoss, _bf16_products, bf16_products_available
-from esdmri.shm import n_coeffs, sh_matrix
-from esdmri.sims import make_phantom
-from esdmri.sphere import HealpixSphere
 
 NATIVE = bf16_products_available("cpu")
 BF16_OPTIONS = [name for name in MATMUL_PRECISIONS if name != "float32"]
@@ -46,19 +43,8 @@ def test_detection_reads_the_cpu_flags_and_refuses_other_devices():
 
 
 def real_shaped_scan():
-    """SH order 12, 384 samples, a b0 + 3 x 64 acquisition, float64; a ridge-fit start."""
-    scan = make_phantom((8, 8, 8), snr=20, max_fibres=2, seed=6)
-    order, n_wm = 12, n_coeffs(12)
-    normalized = scan.data / scan.data[..., scan.gtab.b0s_mask].mean(-1, keepdims=True)
-    measured = torch.as_tensor(normalized[scan.mask], dtype=torch.float64)
-    matrix = torch.as_tensor(stacked_forward_matrix(scan.response.normalized(), scan.gtab,
-                                                    order))
-    sampler = torch.as_tensor(sh_matrix(order, HealpixSphere(SAMPLING_NSIDE,
-                                                             hemisphere=True).vertices))
-    gram = matrix @ matrix.T
-    start = torch.linalg.solve(gram + 1e-2 * gram.trace() / len(gram) * torch.eye(len(gram)),
-                               matrix @ measured.T).T
-    start[:, n_wm:] = start[:, n_wm:].abs()
+    """test_refine's order-12 scan, smaller: signals, matrix, sampler, n_wm, start."""
+    measured, matrix, sampler, n_wm, _, start = refine_scan(side=8)
     return measured, matrix, sampler, n_wm, start
 
 
