@@ -195,8 +195,9 @@ def scans(args):
                    make_heldout_phantom((size,) * 3, snr=snr, seed=1,
                                         geometry_seed=DEV_GEOMETRY))
     if args.brain:
-        yield ("clinical 96x96x60 SNR 30",
-               make_phantom(shape=BRAIN_SHAPE, gtab=clinical_gtab(), snr=30))
+        shape = tuple(args.brain_shape)
+        yield (f"clinical {'x'.join(map(str, shape))} SNR 30",
+               make_phantom(shape=shape, gtab=clinical_gtab(), snr=30))
 
 
 def main():
@@ -218,6 +219,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--brain", action="store_true",
                         help="add the clinical-size scan and DIPY CSD's time on it")
+    parser.add_argument("--brain-shape", type=int, nargs=3, default=list(BRAIN_SHAPE),
+                        help="the clinical scan's shape with --brain (default: the brain's)")
     parser.add_argument("--network-free", action="store_true",
                         help="fit without the shipped pretrained correction (pretrained=False)")
     args = parser.parse_args()
