@@ -29,14 +29,19 @@ the faster solver keeps the minimiser. Peak memory is the process's resident
 high-water mark, reset before each fit (Linux). With ``--brain`` the
 clinical-size scan of ``benchmarks/bench_memory.py`` (96 x 96 x 60, 100 volumes)
 is added, with DIPY's CSD fitted on the same scan in the same process for the
-time ratio the issue asks for. On a shared machine compare ratios within one
-run; absolute times need a quiet machine.
+time ratio the issue asks for (``--brain-shape``: another shape of that
+acquisition). With ``--precisions`` each solver's fits run with each
+``refine_matmul_precision`` (interleaved), and the fit's CPU time is compared with
+the first precision's. On a shared machine compare ratios within one run; absolute
+times need a quiet machine.
 
 Usage::
 
     python -m benchmarks.bench_stages --quick     # 20^3, SNR 20, the resolved SH order
     python -m benchmarks.bench_stages             # 20^3 and 40^3, SNR 20 and 10, orders 8, 12
     python -m benchmarks.bench_stages --brain --methods lbfgs   # adds the clinical-size scan
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_stages --sizes 40 --snrs 20 --orders 12 \
+        --methods lbfgs --precisions float32 bf16-gradient bf16-samples --repeats 4
 """
 
 import argparse
