@@ -61,11 +61,12 @@ def chosen_scan(args):
                                  geometry_seed=DEV_GEOMETRY))
 
 
-def refinement_inputs(phantom):
+def refinement_inputs(phantom, sh_order_max=None):
     """The default fit's refinement inputs and options for a phantom.
 
     The scan is prepared as the default fit prepares it (response estimated,
-    linear prior, shipped pretrained correction).
+    linear prior, shipped pretrained correction), at ``sh_order_max`` (None:
+    the order the model resolves from the gradient table).
 
     Returns
     -------
@@ -75,7 +76,7 @@ def refinement_inputs(phantom):
         The model's refinement options.
     n_masked : int
     """
-    model = RTESDModel(phantom.gtab, verbose=False)
+    model = RTESDModel(phantom.gtab, verbose=False, sh_order_max=sh_order_max)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scan = model.prepare(phantom.data, mask=phantom.mask)

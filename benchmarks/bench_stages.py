@@ -29,14 +29,19 @@ the faster solver keeps the minimiser. Peak memory is the process's resident
 high-water mark, reset before each fit (Linux). With ``--brain`` the
 clinical-size scan of ``benchmarks/bench_memory.py`` (96 x 96 x 60, 100 volumes)
 is added, with DIPY's CSD fitted on the same scan in the same process for the
-time ratio the issue asks for. On a shared machine compare ratios within one
-run; absolute times need a quiet machine.
+time ratio the issue asks for (``--brain-shape``: another shape of that
+acquisition). With ``--precisions`` each solver's fits run with each
+``refine_matmul_precision`` (interleaved), and the fit's CPU time is compared with
+the first precision's. On a shared machine compare ratios within one run; absolute
+times need a quiet machine.
 
 Usage::
 
     python -m benchmarks.bench_stages --quick     # 20^3, SNR 20, the resolved SH order
     python -m benchmarks.bench_stages             # 20^3 and 40^3, SNR 20 and 10, orders 8, 12
     python -m benchmarks.bench_stages --brain --methods lbfgs   # adds the clinical-size scan
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_stages --sizes 40 --snrs 20 --orders 12 \
+        --methods lbfgs --precisions float32 bf16-gradient bf16-samples --repeats 4
 """
 
 import argparse
@@ -58,6 +63,7 @@ from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel, auto_response
 
 from esdmri import RTESDModel
 from esdmri.heldout_phantom import make_heldout_phantom
+from esdmri.reconst.config import MATMUL_PRECISIONS
 from esdmri.metrics import threshold_sweep
 from esdmri.response import estimate_response
 from esdmri.shm import group_shells
@@ -137,20 +143,24 @@ def write_seconds(fit):
     return time.perf_counter() - start
 
 
-def profiled_fit(phantom, response, order, method, pretrained=None):
-    """One default fit (``pretrained=False``: the network-free fit), profiled: its row."""
+def profiled_fit(phantom, response, order, method, pretrained=None, precision="float32"):
+    """One default fit (``pretrained=False``: the network-free fit), profiled: its row.
+
+    ``precision``: the refinement's ``refine_matmul_precision``.
+    """
     model = RTESDModel(phantom.gtab, response, verbose=False, sh_order_max=order,
-                       refine_method=method, pretrained=pretrained)
+                       refine_method=method, pretrained=pretrained,
+                       refine_matmul_precision=precision)
     gc.collect()
     reset_peak()
     profile = cProfile.Profile()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         profile.enable()
         fit = model.fit(phantom.data, mask=phantom.mask)
         profile.disable()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = peak_gib()
     history = fit.refine_history
     angular_error, success = crossing_scores(phantom, fit)
@@ -159,7 +169,7 @@ def profiled_fit(phantom, response, order, method, pretrained=None):
     per_evaluation = 1e6 / max(int(phantom.mask.sum()) * history.evaluations, 1)
     objective_seconds = function_times(profile).get("refine.CoupledObjective.__call__", 0.0)
     return dict(method=method, order=model.config.network.sh_order_max, fit=seconds,
-                peak=peak, stages={**stages, "writing": write_seconds(fit)},
+                cpu=cpu_seconds, peak=peak, stages={**stages, "writing": write_seconds(fit)},
                 evaluation=objective_seconds * per_evaluation,
                 solver=(stages["refinement"] - objective_seconds) * per_evaluation,
                 objective=history[-1], steps=history.steps, evaluations=history.evaluations,
@@ -190,8 +200,9 @@ def scans(args):
                    make_heldout_phantom((size,) * 3, snr=snr, seed=1,
                                         geometry_seed=DEV_GEOMETRY))
     if args.brain:
-        yield ("clinical 96x96x60 SNR 30",
-               make_phantom(shape=BRAIN_SHAPE, gtab=clinical_gtab(), snr=30))
+        shape = tuple(args.brain_shape)
+        yield (f"clinical {'x'.join(map(str, shape))} SNR 30",
+               make_phantom(shape=shape, gtab=clinical_gtab(), snr=30))
 
 
 def main():
@@ -206,9 +217,15 @@ def main():
                         help="SH orders (default: 8 and 12; --quick: the resolved order)")
     parser.add_argument("--methods", nargs="+", default=["adam", "lbfgs"],
                         choices=["adam", "lbfgs"])
+    parser.add_argument("--precisions", nargs="+", default=["float32"],
+                        choices=list(MATMUL_PRECISIONS),
+                        help="refine_matmul_precision of each solver's fits (more than one: "
+                        "their fit CPU time against the first's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--brain", action="store_true",
                         help="add the clinical-size scan and DIPY CSD's time on it")
+    parser.add_argument("--brain-shape", type=int, nargs=3, default=list(BRAIN_SHAPE),
+                        help="the clinical scan's shape with --brain (default: the brain's)")
     parser.add_argument("--network-free", action="store_true",
                         help="fit without the shipped pretrained correction (pretrained=False)")
     args = parser.parse_args()
@@ -234,16 +251,19 @@ def main():
             response = estimate_response(phantom.gtab, phantom.data, phantom.mask)
         response_time = time.perf_counter() - start
         voxels = int(phantom.mask.sum())
+        variants = [(method, precision) for method in args.methods
+                    for precision in args.precisions]
         for order in args.orders:
-            fits = {method: [] for method in args.methods}
+            fits = {variant: [] for variant in variants}
             for repeat in range(args.repeats):
-                order_of_methods = args.methods if repeat % 2 == 0 else args.methods[::-1]
-                for method in order_of_methods:
-                    fits[method].append(profiled_fit(phantom, response, order, method,
-                                                     False if args.network_free else None))
-            for method, results in fits.items():
+                for method, precision in (variants if repeat % 2 == 0 else variants[::-1]):
+                    fits[method, precision].append(profiled_fit(
+                        phantom, response, order, method,
+                        False if args.network_free else None, precision))
+            for (method, precision), results in fits.items():
                 best = min(results, key=lambda r: r["fit"])
-                line = (f"| {name} | {voxels} | {best['order']} | {method} | {best['fit']:.1f} | "
+                solver = method if precision == "float32" else f"{method}, {precision}"
+                line = (f"| {name} | {voxels} | {best['order']} | {solver} | {best['fit']:.1f} | "
                         + " | ".join(f"{best['stages'][s]:.1f}" for s in (*STAGES, "writing"))
                         + f" | {response_time:.1f} | {best['steps']} / {best['evaluations']} | "
                         f"{best['evaluation']:.2f} / {best['solver']:.2f} | {best['stop']} | "
@@ -252,13 +272,25 @@ def main():
                         f"{best['peak']:.2f} |")
                 rows.append(line)
                 print(line, flush=True)
-            if len(fits) == 2:
-                old, new = (min(r["fit"] for r in fits[m]) for m in ("adam", "lbfgs"))
+            if len(args.methods) == 2:
+                old, new = (min(r["fit"] for r in fits[m, args.precisions[0]])
+                            for m in ("adam", "lbfgs"))
                 ratios.append(f"{name}, SH order {best['order']}: adam / lbfgs fit time "
                               f"{old / new:.2f}x")
+            for method, precision in variants:
+                if precision != args.precisions[0]:
+                    # One thread's CPU time: what the other processes' load leaves alone.
+                    base = [r["cpu"] for r in fits[method, args.precisions[0]]]
+                    other = [r["cpu"] for r in fits[method, precision]]
+                    pairs = ", ".join(f"{o:.1f}/{b:.1f}" for o, b in zip(other, base))
+                    ratios.append(
+                        f"{name}, SH order {best['order']}, {method}: fit CPU time "
+                        f"{precision} / {args.precisions[0]} {min(other) / min(base):.3f} "
+                        f"(each repeat: {pairs} s)")
         if args.brain and name.startswith("clinical"):
             csd = csd_seconds(phantom)
-            new = min(r["fit"] for r in fits.get("lbfgs", fits[args.methods[0]]))
+            method = "lbfgs" if "lbfgs" in args.methods else args.methods[0]
+            new = min(r["fit"] for r in fits[method, args.precisions[0]])
             ratios.append(f"{name}: DIPY CSD {csd:.1f} s; default fit / CSD {new / csd:.2f}")
         del phantom
         gc.collect()
