@@ -16,27 +16,22 @@ clinical-size 96 x 96 x 60 by default), at SH order 12 and 8 (``--orders``):
   (``bf16-split``: ``x = x_hi + x_lo`` and ``A = A_hi + A_lo`` in bfloat16,
   ``x A ~ x_hi A_hi + x_hi A_lo + x_lo A_hi`` as one product of three times
   the depth, with its splitting passes); and the products of
-  :class:`~esdmri.reconst.refine.VoxelLoss`'s two bfloat16 options
+  the two partial schemes that the reverted refinement option ran
   (``bf16-gradient``: the product back; ``bf16-samples``: the sampler's
   columns both ways, the residual's in float32), each forward and back, with
   the relative error (Frobenius norm) of each product against float64 on the
   scan's own coefficients (forward: of the residual ``R c - Q^T y``, the part
-  the signal term sees, and of the fODF samples; back: of the gradient);
-- voxel terms: one :class:`~esdmri.reconst.refine.VoxelLoss` pass with the
-  loss per ``refine_matmul_precision``, its time and the relative error of its
-  gradient and of the summed loss against a float64 ``VoxelLoss``.
+  the signal term sees, and of the fODF samples; back: of the gradient).
+
+The refinement option that ran ``bf16-gradient`` and ``bf16-samples`` inside
+``VoxelLoss`` (``refine_matmul_precision``, with the voxel terms' and the dev
+fits' tables of docs/benchmarks.md) was measured and reverted: it failed the dev
+switch rule and saved 4-9 % of an evaluation; commit 2f7b51d reproduces it.
 
 With ``--folded``, also the shipped pretrained correction's folded inference
 (:mod:`esdmri.reconst.folded`, ``RTESDModel.corrected_prior``) on the scan with
 its products inside the same bfloat16 switch: the time ratio and the per-voxel
 relative error of the corrected coefficients against float32.
-
-With ``--dev``, also the default fit on each phantom of the dev set
-(``benchmarks/devset.py``, side ``--dev-side``, as ``noise_floor_dev`` fits it)
-with each ``refine_matmul_precision``, the options alternating: the refinement's
-evaluations, its objective per voxel at the stop and the fit's CPU time (the
-evaluation count is load-free; the CPU times are one process's, on one thread
-when ``OMP_NUM_THREADS=1``).
 
 Times are the best of ``--repeats``, the variants alternating within each
 repeat in one process: one thread's CPU time, two threads' wall time; on a
@@ -59,17 +54,41 @@ import torch
 
 from esdmri import RTESDModel
 from esdmri.reconst.losses import CAUCHY_SIGMA
-from esdmri.reconst.refine import _CPU_BLOCK, VoxelLoss, _bf16_products, bf16_products_available
-from esdmri.response import estimate_response
+from esdmri.reconst.refine import _CPU_BLOCK, VoxelLoss
 from esdmri.sims import make_phantom
 
 from .bench_floor import timed
 from .bench_memory import SHAPE as BRAIN_SHAPE
 from .bench_memory import clinical_gtab
 from .bench_preconditioner import refinement_inputs
-from .devset import FAMILIES, SNRS, make_family
 
-OPTIONS = ("float32", "bf16-gradient", "bf16-samples")
+
+def bf16_products_available():
+    """Whether this CPU multiplies bfloat16 natively and torch can use it for float32.
+
+    The ``avx512_bf16`` / ``amx_tile`` flags, read by torch's own cpuinfo checks
+    (elsewhere bfloat16 is emulated, slower than float32), with oneDNN and its
+    per-backend precision switch (torch 2.9 and later).
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        return False
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+              getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
+@contextlib.contextmanager
+def _bf16_products():
+    """float32 products with bfloat16 inputs (oneDNN rounds them as it packs), float32 sums."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def relative_error(value, reference):
@@ -158,22 +177,18 @@ def product_variants(loss, c, mapped, block):
 
 
 def run_order(scan_inputs, args):
-    """Print the products' and the voxel terms' tables for one SH order."""
+    """Print the products' table for one SH order."""
     start, signal, mask, forward_matrix, sampler, n_wm, order, weights = scan_inputs
     rows = np.flatnonzero(mask)
     c = torch.as_tensor(start.reshape(-1, start.shape[-1])[rows])
     measured = torch.as_tensor(signal.reshape(-1, signal.shape[-1])[rows])
     exact = VoxelLoss(forward_matrix.double(), sampler.double(), n_wm, weights)
-    projected64, constant = exact.project(measured)
-    gradient64, loss64 = exact(c.double(), projected64, constant, return_loss=True)
+    projected64, _ = exact.project(measured)
     mapped64 = c.double() @ exact.operator
     residual64 = mapped64[:, :exact.rank] - projected64
-    losses = {name: VoxelLoss(forward_matrix, sampler, n_wm, weights, matmul_precision=name)
-              for name in OPTIONS}
-    projected = losses["float32"].project(measured)[0]
+    loss = VoxelLoss(forward_matrix, sampler, n_wm, weights)
     print(f"\nSH order {order}: {len(rows)} voxels, C = {c.shape[1]}, k = {exact.rank}, "
-          f"V = {exact.n_samples}; bfloat16 products here: "
-          f"{[losses[name].matmul_precision for name in OPTIONS]}", flush=True)
+          f"V = {exact.n_samples}", flush=True)
     # The back product's input: the mapped field after the voxel terms' passes, as
     # VoxelLoss scales it (its product with the operator's transpose is the gradient).
     mapped = mapped64.clone()
@@ -185,11 +200,10 @@ def run_order(scan_inputs, args):
     back64 = mapped @ exact.operator_t
     mapped = mapped.float()
 
-    product_rows, loss_rows = [], []
+    product_rows = []
     for threads in args.threads:
         block = _CPU_BLOCK * threads
-        forward, back, variants, collect = product_variants(losses["float32"], c, mapped,
-                                                            block)
+        forward, back, variants, collect = product_variants(loss, c, mapped, block)
         times = {}
         for repeat in range(args.repeats):
             names = list(variants) if repeat % 2 == 0 else list(variants)[::-1]
@@ -212,40 +226,10 @@ def run_order(scan_inputs, args):
                 f"{times[name, 'forward'] * 1e6 / len(c):.3f} | "
                 f"{times[name, 'back'] * 1e6 / len(c):.3f} | "
                 f"{baseline / seconds:.2f} | " + " | ".join(f"{e:.1e}" for e in errors) + " |")
-
-        chunks = [slice(i, min(i + block, len(c))) for i in range(0, len(c), block)]
-        gradient = torch.empty_like(c)
-        calls, results = {}, {}
-        for name, loss in losses.items():
-            def call(loss=loss):
-                total = 0.0
-                for p in chunks:
-                    total += float(loss(c[p], projected[p], constant[p], out=gradient[p],
-                                        return_loss=True)[1].sum())
-                return total
-            calls[name] = call
-            results[name] = (call(), gradient.clone())
-        times = {}
-        for repeat in range(args.repeats):
-            names = list(calls) if repeat % 2 == 0 else list(calls)[::-1]
-            for name in names:
-                times[name] = min(times.get(name, np.inf), timed(calls[name], 1, threads))
-        total64 = float(loss64.sum())
-        for name in calls:
-            value, grad = results[name]
-            loss_rows.append(
-                f"| {order} | {threads} | {name} | {times[name] * 1e6 / len(c):.3f} | "
-                f"{times['float32'] / times[name]:.2f} | "
-                f"{relative_error(grad, gradient64):.1e} | "
-                f"{abs(value - total64) / abs(total64):.1e} |")
     print("\n| SH order | threads | products | forward (us per voxel) | back (us per voxel) | "
           "speed / float32 | rel. error: residual | fODF samples | back (gradient) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(product_rows))
-    print("\n| SH order | threads | refine_matmul_precision | voxel terms (us per voxel) | "
-          "speed / float32 | gradient rel. error | summed loss rel. error |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(loss_rows), flush=True)
+    print("\n".join(product_rows), flush=True)
 
 
 def folded_correction(phantom, args):
@@ -288,32 +272,6 @@ def folded_correction(phantom, args):
               f"{base / other:.2f} |", flush=True)
 
 
-def dev_fits(args):
-    """Evaluations, objective and fit CPU time of each option on the dev phantoms."""
-    print("\n| phantom | " + " | ".join(f"{name}: evaluations / objective per voxel / CPU s"
-                                        for name in OPTIONS) + " |")
-    print("|---|" + "---|" * len(OPTIONS))
-    totals = {name: np.zeros(2) for name in OPTIONS}
-    for index, (family, snr) in enumerate((f, s) for f in FAMILIES for s in SNRS):
-        phantom = make_family(family, args.dev_side, snr, "dev")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            response = estimate_response(phantom.gtab, phantom.data, phantom.mask)
-            cells = {}
-            for name in (OPTIONS if index % 2 == 0 else OPTIONS[::-1]):
-                model = RTESDModel(phantom.gtab, response, verbose=False,
-                                   refine_matmul_precision=name)
-                start = time.process_time()
-                history = model.fit(phantom.data, mask=phantom.mask).refine_history
-                seconds = time.process_time() - start
-                totals[name] += (history.evaluations, seconds)
-                cells[name] = f"{history.evaluations} / {history[-1]:.8g} / {seconds:.2f}"
-        print(f"| {family} SNR {snr:g} | " + " | ".join(cells[name] for name in OPTIONS) + " |",
-              flush=True)
-    print("| total | " + " | ".join(f"{int(totals[name][0])} / / {totals[name][1]:.1f}"
-                                   for name in OPTIONS) + " |")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=list(BRAIN_SHAPE))
@@ -323,16 +281,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folded", action="store_true",
                         help="also the pretrained correction's folded inference")
-    parser.add_argument("--dev", action="store_true",
-                        help="also the default fit of each dev phantom per option")
-    parser.add_argument("--dev-side", type=int, default=14)
     args = parser.parse_args()
-    if args.dev:
-        dev_fits(args)
-        if not args.orders and not args.folded:
-            return
     print(f"{'x'.join(map(str, args.shape))} clinical SNR 30; native bfloat16 products: "
-          f"{bf16_products_available('cpu')}; machine load when started: "
+          f"{bf16_products_available()}; machine load when started: "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     phantom = make_phantom(shape=tuple(args.shape), gtab=clinical_gtab(), snr=30)
     for order in args.orders:

@@ -30,18 +30,14 @@ high-water mark, reset before each fit (Linux). With ``--brain`` the
 clinical-size scan of ``benchmarks/bench_memory.py`` (96 x 96 x 60, 100 volumes)
 is added, with DIPY's CSD fitted on the same scan in the same process for the
 time ratio the issue asks for (``--brain-shape``: another shape of that
-acquisition). With ``--precisions`` each solver's fits run with each
-``refine_matmul_precision`` (interleaved), and the fit's CPU time is compared with
-the first precision's. On a shared machine compare ratios within one run; absolute
-times need a quiet machine.
+acquisition). On a shared machine compare ratios within one run; absolute times
+need a quiet machine.
 
 Usage::
 
     python -m benchmarks.bench_stages --quick     # 20^3, SNR 20, the resolved SH order
     python -m benchmarks.bench_stages             # 20^3 and 40^3, SNR 20 and 10, orders 8, 12
     python -m benchmarks.bench_stages --brain --methods lbfgs   # adds the clinical-size scan
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_stages --sizes 40 --snrs 20 --orders 12 \
-        --methods lbfgs --precisions float32 bf16-gradient bf16-samples --repeats 4
 """
 
 import argparse
@@ -63,7 +59,6 @@ from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel, auto_response
 
 from esdmri import RTESDModel
 from esdmri.heldout_phantom import make_heldout_phantom
-from esdmri.reconst.config import MATMUL_PRECISIONS
 from esdmri.metrics import threshold_sweep
 from esdmri.response import estimate_response
 from esdmri.shm import group_shells
@@ -143,24 +138,20 @@ def write_seconds(fit):
     return time.perf_counter() - start
 
 
-def profiled_fit(phantom, response, order, method, pretrained=None, precision="float32"):
-    """One default fit (``pretrained=False``: the network-free fit), profiled: its row.
-
-    ``precision``: the refinement's ``refine_matmul_precision``.
-    """
+def profiled_fit(phantom, response, order, method, pretrained=None):
+    """One default fit (``pretrained=False``: the network-free fit), profiled: its row."""
     model = RTESDModel(phantom.gtab, response, verbose=False, sh_order_max=order,
-                       refine_method=method, pretrained=pretrained,
-                       refine_matmul_precision=precision)
+                       refine_method=method, pretrained=pretrained)
     gc.collect()
     reset_peak()
     profile = cProfile.Profile()
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         profile.enable()
         fit = model.fit(phantom.data, mask=phantom.mask)
         profile.disable()
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    seconds = time.perf_counter() - start
     peak = peak_gib()
     history = fit.refine_history
     angular_error, success = crossing_scores(phantom, fit)
@@ -169,7 +160,7 @@ def profiled_fit(phantom, response, order, method, pretrained=None, precision="f
     per_evaluation = 1e6 / max(int(phantom.mask.sum()) * history.evaluations, 1)
     objective_seconds = function_times(profile).get("refine.CoupledObjective.__call__", 0.0)
     return dict(method=method, order=model.config.network.sh_order_max, fit=seconds,
-                cpu=cpu_seconds, peak=peak, stages={**stages, "writing": write_seconds(fit)},
+                peak=peak, stages={**stages, "writing": write_seconds(fit)},
                 evaluation=objective_seconds * per_evaluation,
                 solver=(stages["refinement"] - objective_seconds) * per_evaluation,
                 objective=history[-1], steps=history.steps, evaluations=history.evaluations,
@@ -217,10 +208,6 @@ def main():
                         help="SH orders (default: 8 and 12; --quick: the resolved order)")
     parser.add_argument("--methods", nargs="+", default=["adam", "lbfgs"],
                         choices=["adam", "lbfgs"])
-    parser.add_argument("--precisions", nargs="+", default=["float32"],
-                        choices=list(MATMUL_PRECISIONS),
-                        help="refine_matmul_precision of each solver's fits (more than one: "
-                        "their fit CPU time against the first's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--brain", action="store_true",
                         help="add the clinical-size scan and DIPY CSD's time on it")
@@ -251,19 +238,16 @@ def main():
             response = estimate_response(phantom.gtab, phantom.data, phantom.mask)
         response_time = time.perf_counter() - start
         voxels = int(phantom.mask.sum())
-        variants = [(method, precision) for method in args.methods
-                    for precision in args.precisions]
         for order in args.orders:
-            fits = {variant: [] for variant in variants}
+            fits = {method: [] for method in args.methods}
             for repeat in range(args.repeats):
-                for method, precision in (variants if repeat % 2 == 0 else variants[::-1]):
-                    fits[method, precision].append(profiled_fit(
-                        phantom, response, order, method,
-                        False if args.network_free else None, precision))
-            for (method, precision), results in fits.items():
+                order_of_methods = args.methods if repeat % 2 == 0 else args.methods[::-1]
+                for method in order_of_methods:
+                    fits[method].append(profiled_fit(phantom, response, order, method,
+                                                     False if args.network_free else None))
+            for method, results in fits.items():
                 best = min(results, key=lambda r: r["fit"])
-                solver = method if precision == "float32" else f"{method}, {precision}"
-                line = (f"| {name} | {voxels} | {best['order']} | {solver} | {best['fit']:.1f} | "
+                line = (f"| {name} | {voxels} | {best['order']} | {method} | {best['fit']:.1f} | "
                         + " | ".join(f"{best['stages'][s]:.1f}" for s in (*STAGES, "writing"))
                         + f" | {response_time:.1f} | {best['steps']} / {best['evaluations']} | "
                         f"{best['evaluation']:.2f} / {best['solver']:.2f} | {best['stop']} | "
@@ -272,25 +256,13 @@ def main():
                         f"{best['peak']:.2f} |")
                 rows.append(line)
                 print(line, flush=True)
-            if len(args.methods) == 2:
-                old, new = (min(r["fit"] for r in fits[m, args.precisions[0]])
-                            for m in ("adam", "lbfgs"))
+            if len(fits) == 2:
+                old, new = (min(r["fit"] for r in fits[m]) for m in ("adam", "lbfgs"))
                 ratios.append(f"{name}, SH order {best['order']}: adam / lbfgs fit time "
                               f"{old / new:.2f}x")
-            for method, precision in variants:
-                if precision != args.precisions[0]:
-                    # One thread's CPU time: what the other processes' load leaves alone.
-                    base = [r["cpu"] for r in fits[method, args.precisions[0]]]
-                    other = [r["cpu"] for r in fits[method, precision]]
-                    pairs = ", ".join(f"{o:.1f}/{b:.1f}" for o, b in zip(other, base))
-                    ratios.append(
-                        f"{name}, SH order {best['order']}, {method}: fit CPU time "
-                        f"{precision} / {args.precisions[0]} {min(other) / min(base):.3f} "
-                        f"(each repeat: {pairs} s)")
         if args.brain and name.startswith("clinical"):
             csd = csd_seconds(phantom)
-            method = "lbfgs" if "lbfgs" in args.methods else args.methods[0]
-            new = min(r["fit"] for r in fits[method, args.precisions[0]])
+            new = min(r["fit"] for r in fits.get("lbfgs", fits[args.methods[0]]))
             ratios.append(f"{name}: DIPY CSD {csd:.1f} s; default fit / CSD {new / csd:.2f}")
         del phantom
         gc.collect()

@@ -81,11 +81,11 @@ def test_fused_voxel_loss_is_the_autograd_gradient_of_the_plain_formula(n_measur
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-10, atol=1e-14)
 
 
-def real_shaped_scan(side=10):
-    """A phantom of ``side^3`` voxels at SH order 12 with 384 samples and a b0 + 3 x 64
-    acquisition, in float64: its masked signals, forward matrix, sampler, number of WM
-    coefficients, mask and a ridge-fit start."""
-    phantom = make_phantom((side,) * 3, snr=20, max_fibres=2, seed=6)
+def test_objective_in_float32_is_the_plain_formula_on_a_real_shaped_scan():
+    """The refinement's float32 objective (SH order 12, 384 samples, a b0 + 3 x 64
+    acquisition) against the plain formula in float64: the value to float32's precision,
+    the gradient to its relative round-off."""
+    phantom = make_phantom((10, 10, 10), snr=20, max_fibres=2, seed=6)
     order, n_wm = 12, n_coeffs(12)
     normalized = phantom.data / phantom.data[..., phantom.gtab.b0s_mask].mean(-1, keepdims=True)
     measured = torch.as_tensor(normalized[phantom.mask], dtype=torch.float64)
@@ -99,16 +99,8 @@ def real_shaped_scan(side=10):
     start = torch.linalg.solve(gram + 1e-2 * gram.trace() / len(gram) * torch.eye(len(gram)),
                                matrix @ measured.T).T
     start[:, n_wm:] = start[:, n_wm:].abs()
-    return measured, matrix, sampler, n_wm, phantom.mask, start
-
-
-def test_objective_in_float32_is_the_plain_formula_on_a_real_shaped_scan():
-    """The refinement's float32 objective (SH order 12, 384 samples, a b0 + 3 x 64
-    acquisition) against the plain formula in float64: the value to float32's precision,
-    the gradient to its relative round-off."""
-    measured, matrix, sampler, n_wm, mask, start = real_shaped_scan()
     weights = LossWeights()
-    first, second = neighbour_pairs(mask)
+    first, second = neighbour_pairs(phantom.mask)
     pair_weights = torch.full((len(first),), 1e-3, dtype=torch.float64)
     objective = CoupledObjective(measured.float(), matrix.float(), sampler.float(), n_wm,
                                  weights, first, second, pair_weights.float(), 1e-3,

@@ -111,12 +111,6 @@ NOISE_FLOORS = (None, *DEBIAS_METHODS, RICIAN_MODEL)
 # former fixed-rate descent, kept for comparison.
 REFINEMENT_METHODS = ("lbfgs", "adam")
 
-# Precisions of the refinement's matrix products (esdmri.reconst.refine.VoxelLoss): all in
-# float32; the product back to the gradient with bfloat16 inputs; or the fODF sampler's
-# products both ways with bfloat16 inputs, the signal residual's in float32. The bfloat16
-# ones apply on a CPU with native bfloat16 products only (float32 elsewhere).
-MATMUL_PRECISIONS = ("float32", "bf16-gradient", "bf16-samples")
-
 
 def check_integer(name, value, low):
     """Refuse anything but an integer >= ``low`` (bools too), naming the argument."""
@@ -578,16 +572,6 @@ class RefinementConfig:
         Solver of the refinement: ``"lbfgs"`` (limited-memory BFGS with a
         line search) or ``"adam"`` (the fixed-rate Adam with a second moment
         per SH degree); see :func:`esdmri.reconst.refine.refine_coefficients`.
-    refine_matmul_precision : str
-        Precision of the refinement's matrix products: ``"float32"``, or
-        ``"bf16-gradient"`` / ``"bf16-samples"``, which multiply with
-        bfloat16 inputs (float32 sums and results) on a CPU with native
-        bfloat16 products (AVX512-BF16 or AMX) and fall back to float32
-        elsewhere (:class:`esdmri.reconst.refine.VoxelLoss`). Off by default:
-        on a Sapphire Rapids CPU the products ran 1.2-1.75x faster, 4-9 % of
-        an evaluation, and both options moved a dev phantom's crossing error
-        beyond the dev switch rule's tolerance (docs/benchmarks.md,
-        "Refinement solver and stage profile", the bfloat16 subsection).
     """
 
     refine_steps: int = 300
@@ -598,7 +582,6 @@ class RefinementConfig:
     refine_tolerance: float = 1e-4
     refine_likelihood_tolerance: float = 0.01
     refine_method: str = "lbfgs"
-    refine_matmul_precision: str = "float32"
 
     def solver_options(self):
         """These settings as :func:`esdmri.reconst.refine.refine_coefficients`'s options.
@@ -607,23 +590,19 @@ class RefinementConfig:
         -------
         options : dict
             ``steps``, ``lr``, ``total_variation``, ``smoothing``,
-            ``similarity``, ``tolerance``, ``likelihood_tolerance``, ``method``
-            and ``matmul_precision``.
+            ``similarity``, ``tolerance``, ``likelihood_tolerance`` and ``method``.
         """
         return dict(steps=self.refine_steps, lr=self.refine_lr, total_variation=self.refine_tv,
                     smoothing=self.refine_smoothing, similarity=self.refine_similarity,
                     tolerance=self.refine_tolerance,
                     likelihood_tolerance=self.refine_likelihood_tolerance,
-                    method=self.refine_method, matmul_precision=self.refine_matmul_precision)
+                    method=self.refine_method)
 
     def __post_init__(self):
         check_integer("refine_steps", self.refine_steps, 0)
         if self.refine_method not in REFINEMENT_METHODS:
             raise ValueError(f"refine_method must be one of {REFINEMENT_METHODS}, "
                              f"got {self.refine_method!r}")
-        if self.refine_matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(f"refine_matmul_precision must be one of {MATMUL_PRECISIONS}, "
-                             f"got {self.refine_matmul_precision!r}")
         if not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
         for name in ("refine_tv", "refine_tolerance", "refine_likelihood_tolerance"):

@@ -26,16 +26,13 @@ lower objective in a third of Adam's evaluations, and its preconditioned form
 in two thirds of the plain one's (docs/benchmarks.md).
 """
 
-import functools
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
 from ..threads import adapt_num_threads
-from .config import MATMUL_PRECISIONS, REFINEMENT_METHODS
+from .config import REFINEMENT_METHODS
 from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
 from .rician import RicianVoxelLoss
@@ -91,44 +88,6 @@ class DegreeAdam:
         self.parameter.sub_(self.lr * first / (second.sqrt() + _EPSILON))
 
 
-def bf16_products_available(device):
-    """Whether float32 matrix products on ``device`` can run with bfloat16 inputs natively.
-
-    True on a CPU whose instruction set multiplies bfloat16 (AVX512-BF16 or AMX
-    tiles, the ``avx512_bf16`` / ``amx_tile`` flags of ``/proc/cpuinfo``, as
-    torch's own cpuinfo-based checks ``torch.cpu._is_avx512_bf16_supported``
-    and ``_is_amx_tile_supported`` read them) when torch has oneDNN and its
-    per-backend precision switch (``torch.backends.mkldnn.matmul.fp32_precision``,
-    torch 2.9 and later). Elsewhere (other devices, older CPUs, where bfloat16
-    is emulated and slower than float32, or older torch) False.
-    """
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
-        return False
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-              getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
-
-
-@contextmanager
-def _bf16_products():
-    """float32 products with bfloat16 inputs, float32 sums and float32 results, inside.
-
-    oneDNN rounds each float32 input to bfloat16 as it packs it (no separate
-    conversion pass) and accumulates in float32. The switch is torch's global
-    one for the CPU's float32 products: it is restored on leaving, and the
-    refinement evaluates from one Python thread.
-    """
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
-
-
 def _squared_norms(rows):
     """Squared Euclidean norm of each row, in float64."""
     return torch.linalg.vector_norm(rows, dim=1).double().square_()
@@ -156,16 +115,6 @@ class VoxelLoss:
     evaluation is one matrix product forward, a few in-place passes over its
     result, and one product back.
 
-    ``matmul_precision`` lets the products run with bfloat16 inputs (8-bit
-    mantissas; float32 sums and results) where the CPU multiplies bfloat16
-    natively (:func:`bf16_products_available`; float32 elsewhere, and for a
-    float64 evaluation): ``"bf16-gradient"`` the product back (the gradient's
-    relative error about 2e-3, the loss as in float32), ``"bf16-samples"`` the
-    sampler's products both ways, the residual's kept in float32 in two
-    products of their own (the sparsity and non-negativity terms from
-    samples with about 2e-3 relative error; the signal term, whose residual
-    cancels most of ``R c``, as in float32). docs/benchmarks.md measures both.
-
     Parameters
     ----------
     forward_matrix : Tensor, shape (C_total, N)
@@ -173,14 +122,9 @@ class VoxelLoss:
         Its device and dtype are the evaluation's.
     n_wm_coeffs : int
     weights : LossWeights
-    matmul_precision : {"float32", "bf16-gradient", "bf16-samples"}, optional
     """
 
-    def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
-                 matmul_precision="float32"):
-        if matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
-                             f"got {matmul_precision!r}")
+    def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights):
         device, dtype = fodf_sampler.device, fodf_sampler.dtype
         n_coefficients, self.n_measurements = forward_matrix.shape
         # In float64 (on the CPU: the matrix is small): the factors, then the signal's
@@ -195,16 +139,6 @@ class VoxelLoss:
         operator[:, :self.rank] = triangle.T.to(dtype)
         operator[:n_wm_coeffs, self.rank:] = fodf_sampler.T
         self.operator, self.operator_t = operator, operator.T.contiguous()
-        if dtype != torch.float32 or not bf16_products_available(device):
-            matmul_precision = "float32"
-        self.matmul_precision = matmul_precision
-        if matmul_precision == "bf16-samples":
-            # Contiguous blocks: oneDNN's products into or from column slices of one
-            # buffer ran 1.38x float32's speed, into their own buffers 1.68x.
-            self.residual_operator = operator[:, :self.rank].contiguous()
-            self.samples_operator = operator[:, self.rank:].contiguous()
-            self.residual_operator_t = self.operator_t[:self.rank].contiguous()
-            self.samples_operator_t = self.operator_t[self.rank:].contiguous()
         self.weights = weights
         scale = 1.0 / self.n_samples
         self.residual_scale = 2 * weights.intensity / self.n_measurements
@@ -250,13 +184,8 @@ class VoxelLoss:
         loss : Tensor, float64, shape (n,)
             Only with ``return_loss``.
         """
-        if self.matmul_precision == "bf16-samples":
-            residual = coefficients @ self.residual_operator
-            with _bf16_products():
-                samples = coefficients @ self.samples_operator
-        else:
-            mapped = coefficients @ self.operator
-            residual, samples = mapped[:, :self.rank], mapped[:, self.rank:]
+        mapped = coefficients @ self.operator
+        residual, samples = mapped[:, :self.rank], mapped[:, self.rank:]
         residual.sub_(projected)
         # 1 + f^2 / (2 sigma), the Cauchy penalty's argument.
         spread = torch.addcmul(torch.ones((), dtype=samples.dtype, device=samples.device),
@@ -270,15 +199,7 @@ class VoxelLoss:
         residual.mul_(self.residual_scale)
         torch.addcdiv(negative.mul_(self.negative_scale), samples, spread,
                       value=self.sparsity_scale, out=samples)
-        if self.matmul_precision == "bf16-samples":
-            gradient = torch.mm(residual, self.residual_operator_t, out=out)
-            with _bf16_products():
-                gradient.addmm_(samples, self.samples_operator_t)
-        elif self.matmul_precision == "bf16-gradient":
-            with _bf16_products():
-                gradient = torch.mm(mapped, self.operator_t, out=out)
-        else:
-            gradient = torch.mm(mapped, self.operator_t, out=out)
+        gradient = torch.mm(mapped, self.operator_t, out=out)
         if not return_loss:
             return gradient
         loss += 2 * self.weights.sparsity / self.n_samples * spread.log_().sum(dim=1).double()
@@ -455,18 +376,14 @@ class CoupledObjective:
     batch_voxels : int
     noise_sigma : Tensor, shape (n,), optional
         Each voxel's noise level: the data term is :class:`RicianVoxelLoss`'s.
-    matmul_precision : str, optional
-        :class:`VoxelLoss`'s (the Rician data term's fODF terms too).
     """
 
     def __init__(self, measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights, first,
-                 second, pair_weights, smoothing, batch_voxels, noise_sigma=None,
-                 matmul_precision="float32"):
-        voxel_loss = functools.partial(VoxelLoss, matmul_precision=matmul_precision)
-        self.voxel_loss = (voxel_loss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
+                 second, pair_weights, smoothing, batch_voxels, noise_sigma=None):
+        self.voxel_loss = (VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
                            if noise_sigma is None else RicianVoxelLoss(
                                forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma,
-                               voxel_loss))
+                               VoxelLoss))
         self.projected, constant = self.voxel_loss.project(measured)
         self.constant = constant
         self.pair_weights = pair_weights
@@ -720,7 +637,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
                         memory=5, damping=_DAMPING, likelihood_tolerance=0.0,
-                        noise_sigma=None, matmul_precision="float32"):
+                        noise_sigma=None):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -819,9 +736,6 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         Noise level of each voxel's normalised signal: the data term compares
         the Rician mean of the forward signal with it (:class:`RicianVoxelLoss`,
         ``noise_floor="model"``). None: least squares.
-    matmul_precision : {"float32", "bf16-gradient", "bf16-samples"}, optional
-        Precision of the voxel terms' matrix products (:class:`VoxelLoss`;
-        bfloat16 inputs only on a CPU with native bfloat16 products).
 
     Returns
     -------
@@ -861,8 +775,7 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         pair_weights *= total_variation * coupling_scale(variance, measured.shape[1])
     voxel_sigma = None if noise_sigma is None else np.asarray(noise_sigma).reshape(-1)[indices]
     objective = CoupledObjective(measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
-                                 first, second, pair_weights, smoothing, batch_voxels, voxel_sigma,
-                                 matmul_precision)
+                                 first, second, pair_weights, smoothing, batch_voxels, voxel_sigma)
     preconditioner = None
     if damping is not None:
         preconditioner = signal_preconditioner(forward_matrix, weights, damping).to(device, dtype)
