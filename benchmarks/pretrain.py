@@ -327,6 +327,26 @@ def labelled_weights(labelled):
             for item in map(str, labelled)]
 
 
+def scored_prior(phantom):
+    """A dev phantom fitted on its scored (WM) voxels as ``benchmarks/network_test.py``
+    fits: its scan, the network-free model, the prepared scan, the linear prior, the
+    prior's mean per-voxel loss (no TV) and the per-voxel minimum's (the refinement
+    without TV from the prior, run until it stalls)."""
+    from esdmri import RTESDModel
+
+    from .network_test import MINIMUM_STEPS
+    from .training_curve import per_voxel_minimum, voxel_losses
+
+    scan = scan_of(phantom)
+    base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
+    prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
+    prior = base.prior_coefficients(prepared)
+    _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized, prepared.mask,
+                                      MINIMUM_STEPS)
+    prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+    return scan, base, prepared, prior, prior_loss, minimum
+
+
 def losses_on_dev(labelled, side):
     """Issue 25's loss goal for RT-ESD corrections (``LABEL=WEIGHTS``) alone: per dev
     phantom, fitted on its scored (WM) voxels as ``benchmarks/network_test.py`` fits, the
@@ -336,21 +356,14 @@ def losses_on_dev(labelled, side):
     minimum's."""
     from esdmri import RTESDModel
 
-    from .network_test import MINIMUM_STEPS
-    from .training_curve import per_voxel_minimum, voxel_losses
+    from .training_curve import voxel_losses
 
     options = labelled_weights(labelled)
     rows = []
     for family, snr, phantom in dev_phantoms(side):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scan = scan_of(phantom)
-            base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
-            prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
-            prior = base.prior_coefficients(prepared)
-            _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized,
-                                              prepared.mask, MINIMUM_STEPS)
-            prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+            scan, base, prepared, prior, prior_loss, minimum = scored_prior(phantom)
             row = [family, f"{snr:g}", f"{prior_loss:.5f}", f"{minimum:.5f}"]
             for _, path in options:
                 model = RTESDModel(scan.gtab, scan.response, pretrained=path, verbose=False)
@@ -385,21 +398,14 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS):
     from esdmri.shm import n_coeffs
 
     from .devset import ANGLE_EDGES, MATCH_ANGLE, THRESHOLDS
-    from .network_test import MINIMUM_STEPS
-    from .training_curve import per_voxel_minimum, voxel_losses
+    from .training_curve import voxel_losses
 
     starts = [("prior", None)] + labelled_weights(labelled)
     results = []
     for family, snr, phantom in dev_phantoms(side):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scan = scan_of(phantom)
-            base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
-            prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
-            prior = base.prior_coefficients(prepared)
-            _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized,
-                                              prepared.mask, MINIMUM_STEPS)
-            prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+            scan, base, prepared, prior, prior_loss, minimum = scored_prior(phantom)
             order = base.config.network.sh_order_max
             n_wm = n_coeffs(order)
             forward = build_forward_model(base.response, base.gtab, order).matrix

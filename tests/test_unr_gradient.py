@@ -40,16 +40,7 @@ def scan():
 
 def gradient_correction(kind="e3so3-stem", seed=3):
     """A correction that reads the gradient, with random weights everywhere."""
-    torch.manual_seed(seed)
-    correction = pretrained.PriorCorrection(
-        pretrained.check_architecture(kind, inputs=GRADIENT)).eval()
-    with torch.no_grad():
-        for name, parameter in correction.named_parameters():
-            if ".norms." in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                parameter.normal_(0, 0.3)
-    return correction
+    return randomized(kind, seed, pretrained.check_architecture(kind, inputs=GRADIENT))
 
 
 def volume(array):
