@@ -381,7 +381,7 @@ def losses_on_dev(labelled, side):
 PLAIN_STEPS = (0, 1, 2, 3, 5, 10, 20)
 
 
-def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS):
+def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS, unroll=1):
     """The ablation an unrolled correction must beat: ``k`` plain refinement steps without
     TV (the default L-BFGS, ``refine_tv=0``) from the linear prior and from each RT-ESD
     correction's output (``LABEL=WEIGHTS``), per dev phantom fitted on its scored voxels as
@@ -389,7 +389,9 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS):
     and over the per-voxel minimum's, the loss evaluations, and the crossing-voxel AE / FN
     at the threshold ``benchmarks/devset.py`` would choose for each start and ``k`` over
     these dev phantoms (highest mean success, then lowest mean crossing error); the
-    results in ``out`` (JSON)."""
+    results in ``out`` (JSON). ``unroll``: each correction applied that many times, each
+    time to the last one's output (a correction that reads the data term's gradient
+    reads it anew: one loss evaluation each, counted in the evaluations)."""
     from esdmri import RTESDModel
     from esdmri.metrics import evaluate_peaks
     from esdmri.peaks import peaks_threshold_sweep
@@ -411,11 +413,16 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS):
             forward = build_forward_model(base.response, base.gtab, order).matrix
             sampler = build_fodf_sampler(order)
             for label, path in starts:
-                start = prior if path is None else RTESDModel(
-                    scan.gtab, scan.response, pretrained=path,
-                    verbose=False).corrected_prior(prior, prepared)
+                start, passes = prior, 0
+                if path is not None:
+                    model = RTESDModel(scan.gtab, scan.response, pretrained=path,
+                                       verbose=False)
+                    for _ in range(unroll):
+                        start = model.corrected_prior(start, prepared)
+                    passes = unroll * model.pretrained_correction().reads_gradient
+                    label = label if unroll == 1 else f"{label} x{unroll}"
                 for k in steps:
-                    evaluations = 0
+                    evaluations = passes
                     fitted = start
                     if k:
                         fitted, history = refine_coefficients(
@@ -423,7 +430,7 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS):
                             order, base.config.training.loss_weights, steps=k,
                             lr=base.config.refinement.refine_lr, total_variation=0.0,
                             normalize=base.normalizes)
-                        evaluations = history.evaluations
+                        evaluations += history.evaluations
                     loss = voxel_losses(base, fitted, prepared.normalized, prepared.mask)
                     sweep = [evaluate_peaks(directions, phantom.fibre_dirs, prepared.mask,
                                             threshold_deg=MATCH_ANGLE,
@@ -553,6 +560,8 @@ def main(argv=None):
                            "on the dev phantoms: loss, evaluations, crossing AE")
     parser.add_argument("--plain-out", type=Path, default=Path("out/plain-steps.json"),
                         help="with --plain-steps: the results JSON")
+    parser.add_argument("--unroll", type=int, default=1,
+                        help="with --plain-steps: apply each correction this many times")
     mode.add_argument("--inference", nargs="+", metavar="[LABEL=]WEIGHTS",
                       help="CPU seconds of these RT-ESD corrections on the prior of a "
                            "--side^3 dev phantom (e.g. 40), interleaved")
@@ -595,7 +604,7 @@ def main(argv=None):
     elif args.losses:
         losses_on_dev(args.losses, args.side)
     elif args.plain_steps is not None:
-        plain_steps_on_dev(args.plain_steps, args.side, args.plain_out)
+        plain_steps_on_dev(args.plain_steps, args.side, args.plain_out, unroll=args.unroll)
     elif args.inference:
         time_inference(args.inference, args.side, args.repeats)
     elif args.dev:
