@@ -17,6 +17,9 @@ order 8 (condition number 1.0-1.4, see :data:`esdmri.reconst.config.MAX_GRID_CON
 Another corrected order (the architecture's ``corrected_order``,
 :func:`check_architecture`) runs on the smallest hemisphere that carries it
 (order 12: nside 8). The head starts at zero: the untrained correction is the prior.
+With the architecture's ``inputs="prior+gradient"`` (:data:`INPUTS`) the network
+also reads the data term's gradient at the prior (:func:`data_gradient`), one
+learned-gradient step; the shipped weights read the prior only.
 
 The same correction serves ESD (a voxel-wise spherical U-Net) and C-ESD (the
 3^3 neighbours' inputs concatenated as channels), each with its own weights
@@ -79,9 +82,9 @@ ISOTROPIC_INPUTS = ("gm", "csf")
 INPUTS = ("prior", "prior+gradient")
 # The scales of the gradient's fODF channel and of its isotropic channels: each
 # makes its channels' root mean square over the masked voxels of the 27 cohort
-# scans of ``esdmri_pretrain`` about 1 (measured 0.99 and 0.97; docs/benchmarks.md). The anisotropic
-# part is about 15x smaller than the WM l = 0 term, hence two scales. Recorded
-# in the architecture: a file with other scales is refused.
+# scans of ``esdmri_pretrain`` about 1 (measured 0.99 and 0.97; docs/benchmarks.md).
+# The anisotropic part is about 15x smaller than the WM l = 0 term, hence two
+# scales. Recorded in the architecture: a file with other scales is refused.
 GRADIENT_SCALES = (500.0, 12.0)
 FORMAT = "esdmri-pretrained-1"
 
@@ -112,7 +115,7 @@ def check_architecture(kind, corrected_order=CORRECTED_ORDER, inputs="prior"):
     inputs : {"prior", "prior+gradient"}
         What the correction reads (:data:`INPUTS`): ``"prior"`` keeps the
         entry as is (the shipped weights'); ``"prior+gradient"`` adds the
-        data term's gradient at the prior (three more input channels, and the
+        data term's gradient at the prior (four more input channels, and the
         keys ``inputs`` and ``gradient_scales``).
 
     Returns
