@@ -24,6 +24,9 @@ Usage::
         order12=out/pretrained12.pt
     python -m benchmarks.pretrain --inference shipped=esdmri/data/pretrained_rtesd.pt \
         order12=out/pretrained12.pt --side 40
+    # the ablation an unrolled correction must beat: k plain steps without TV from the
+    # prior and from corrections (applied twice with --unroll 2)
+    python -m benchmarks.pretrain --plain-steps grad=out/grad-supervised.pt --side 14
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm
