@@ -24,6 +24,9 @@ Usage::
         order12=out/pretrained12.pt
     python -m benchmarks.pretrain --inference shipped=esdmri/data/pretrained_rtesd.pt \
         order12=out/pretrained12.pt --side 40
+    # the ablation an unrolled correction must beat: k plain steps without TV from the
+    # prior and from corrections (applied twice with --unroll 2)
+    python -m benchmarks.pretrain --plain-steps grad=out/grad-supervised.pt --side 14
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm
@@ -327,6 +330,26 @@ def labelled_weights(labelled):
             for item in map(str, labelled)]
 
 
+def scored_prior(phantom):
+    """A dev phantom fitted on its scored (WM) voxels as ``benchmarks/network_test.py``
+    fits: its scan, the network-free model, the prepared scan, the linear prior, the
+    prior's mean per-voxel loss (no TV) and the per-voxel minimum's (the refinement
+    without TV from the prior, run until it stalls)."""
+    from esdmri import RTESDModel
+
+    from .network_test import MINIMUM_STEPS
+    from .training_curve import per_voxel_minimum, voxel_losses
+
+    scan = scan_of(phantom)
+    base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
+    prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
+    prior = base.prior_coefficients(prepared)
+    _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized, prepared.mask,
+                                      MINIMUM_STEPS)
+    prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+    return scan, base, prepared, prior, prior_loss, minimum
+
+
 def losses_on_dev(labelled, side):
     """Issue 25's loss goal for RT-ESD corrections (``LABEL=WEIGHTS``) alone: per dev
     phantom, fitted on its scored (WM) voxels as ``benchmarks/network_test.py`` fits, the
@@ -336,21 +359,14 @@ def losses_on_dev(labelled, side):
     minimum's."""
     from esdmri import RTESDModel
 
-    from .network_test import MINIMUM_STEPS
-    from .training_curve import per_voxel_minimum, voxel_losses
+    from .training_curve import voxel_losses
 
     options = labelled_weights(labelled)
     rows = []
     for family, snr, phantom in dev_phantoms(side):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scan = scan_of(phantom)
-            base = RTESDModel(scan.gtab, scan.response, pretrained=False, verbose=False)
-            prepared = base.prepare(scan.data, mask=scored_voxels(phantom))
-            prior = base.prior_coefficients(prepared)
-            _, minimum, _ = per_voxel_minimum(base, prior, prepared.normalized,
-                                              prepared.mask, MINIMUM_STEPS)
-            prior_loss = voxel_losses(base, prior, prepared.normalized, prepared.mask)
+            scan, base, prepared, prior, prior_loss, minimum = scored_prior(phantom)
             row = [family, f"{snr:g}", f"{prior_loss:.5f}", f"{minimum:.5f}"]
             for _, path in options:
                 model = RTESDModel(scan.gtab, scan.response, pretrained=path, verbose=False)
@@ -363,6 +379,124 @@ def losses_on_dev(labelled, side):
           "over the per-voxel minimum's)\n"
           + markdown(["family", "SNR", "prior", "per-voxel min.",
                       *(label for label, _ in options)], rows))
+
+
+PLAIN_STEPS = (0, 1, 2, 3, 5, 10, 20)
+
+
+def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS, unroll=1):
+    """The ablation an unrolled correction must beat: ``k`` plain refinement steps without
+    TV (the default L-BFGS, ``refine_tv=0``) from the linear prior and from each RT-ESD
+    correction's output (``LABEL=WEIGHTS``), per dev phantom fitted on its scored voxels as
+    ``--losses`` fits: the mean per-voxel loss (``--losses``' definition) over the prior's
+    and over the per-voxel minimum's, the loss evaluations, and the crossing-voxel AE / FN
+    at the threshold ``benchmarks/devset.py`` would choose for each start and ``k`` over
+    these dev phantoms (highest mean success, then lowest mean crossing error); the
+    results in ``out`` (JSON). ``unroll``: each correction applied that many times, each
+    time to the last one's output (a correction that reads the data term's gradient
+    reads it anew: one loss evaluation each, counted in the evaluations)."""
+    from esdmri import RTESDModel
+    from esdmri.metrics import evaluate_peaks
+    from esdmri.peaks import peaks_threshold_sweep
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.refine import refine_coefficients
+    from esdmri.shm import n_coeffs
+
+    from .devset import ANGLE_EDGES, MATCH_ANGLE, THRESHOLDS
+    from .training_curve import voxel_losses
+
+    starts = [("prior", None)] + labelled_weights(labelled)
+    results = []
+    for family, snr, phantom in dev_phantoms(side):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scan, base, prepared, prior, prior_loss, minimum = scored_prior(phantom)
+            order = base.config.network.sh_order_max
+            n_wm = n_coeffs(order)
+            forward = build_forward_model(base.response, base.gtab, order).matrix
+            sampler = build_fodf_sampler(order)
+            for label, path in starts:
+                start, passes = prior, 0
+                if path is not None:
+                    model = RTESDModel(scan.gtab, scan.response, pretrained=path,
+                                       verbose=False)
+                    for _ in range(unroll):
+                        start = model.corrected_prior(start, prepared)
+                    passes = unroll * model.pretrained_correction().reads_gradient
+                    label = label if unroll == 1 else f"{label} x{unroll}"
+                for k in steps:
+                    evaluations = passes
+                    fitted = start
+                    if k:
+                        fitted, history = refine_coefficients(
+                            start, prepared.normalized, prepared.mask, forward, sampler, n_wm,
+                            order, base.config.training.loss_weights, steps=k,
+                            lr=base.config.refinement.refine_lr, total_variation=0.0,
+                            normalize=base.normalizes)
+                        evaluations += history.evaluations
+                    loss = voxel_losses(base, fitted, prepared.normalized, prepared.mask)
+                    sweep = [evaluate_peaks(directions, phantom.fibre_dirs, prepared.mask,
+                                            threshold_deg=MATCH_ANGLE,
+                                            crossing_angle_edges=ANGLE_EDGES)
+                             for _, directions, _ in peaks_threshold_sweep(
+                                 np.asarray(fitted)[..., :n_wm], THRESHOLDS,
+                                 min_separation_angle=25, npeaks=5, mask=prepared.mask)]
+                    results.append({
+                        "family": family, "snr": snr, "start": label, "k": k,
+                        "evaluations": evaluations, "loss": loss, "prior_loss": prior_loss,
+                        "minimum": minimum,
+                        "sweep": [{part: {name: float(s[part][name]) for name in
+                                          ("angular_error", "success_rate", "fn_rate")}
+                                   for part in ("all", "crossing")} for s in sweep]})
+                    print(f"{family} {snr:g} {label} k={k}: loss {loss:.5f} "
+                          f"({loss / prior_loss:.3f} / {loss / minimum:.3f}), "
+                          f"{evaluations} evaluations", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results))
+    plain_steps_report(results)
+
+
+def plain_steps_report(results):
+    """The tables of :func:`plain_steps_on_dev`'s results."""
+    from .devset import THRESHOLDS
+
+    keys = sorted({(r["family"], r["snr"]) for r in results}, key=lambda k: (k[0], -k[1]))
+    columns = list(dict.fromkeys((r["start"], r["k"]) for r in results))
+    by = {(r["family"], r["snr"], r["start"], r["k"]): r for r in results}
+    chosen = {}
+    for column in columns:
+        sweeps = [r["sweep"] for r in results if (r["start"], r["k"]) == column]
+        success = np.mean([[s["all"]["success_rate"] for s in sw] for sw in sweeps], axis=0)
+        error = np.mean([[s["crossing"]["angular_error"] for s in sw] for sw in sweeps], axis=0)
+        chosen[column] = int(np.lexsort((error, -success))[0])
+    head = ["family", "SNR", *(f"{start} k={k}" for start, k in columns)]
+    for title, cell in (
+            ("loss over the prior's / over the per-voxel minimum's",
+             lambda r, c: f"{r['loss'] / r['prior_loss']:.2f} / {r['loss'] / r['minimum']:.2f}"),
+            ("crossing AE (degrees) / FN at each column's dev threshold",
+             lambda r, c: "{angular_error:.1f} / {fn_rate:.2f}".format(
+                 **r["sweep"][chosen[c]]["crossing"]))):
+        rows = [[family, f"{snr:g}", *(cell(by[(family, snr, *c)], c) for c in columns)]
+                for family, snr in keys]
+        means, last = ["mean", ""], ["", ""]
+        for c in columns:
+            picked = [by[(family, snr, *c)] for family, snr in keys]
+            if title.startswith("loss"):
+                means.append(f"{np.mean([r['loss'] / r['prior_loss'] for r in picked]):.2f} / "
+                             f"{np.mean([r['loss'] / r['minimum'] for r in picked]):.2f}")
+                near = sum(r["loss"] <= 1.25 * r["minimum"] for r in picked)
+                last[0] = "within 1.25x the minimum"
+                last.append(f"{near} of {len(picked)}")
+            else:
+                errors = [r["sweep"][chosen[c]]["crossing"]["angular_error"] for r in picked]
+                means.append(f"{np.mean(errors):.2f}")
+                last[0] = "threshold"
+                last.append(f"{THRESHOLDS[chosen[c]]:g}")
+        rows += [means, last]
+        print(f"{title}\n" + markdown(head, rows))
+    evaluations = ["evaluations (sum over phantoms)", "",
+                   *(str(sum(by[(f, s, *c)]["evaluations"] for f, s in keys)) for c in columns)]
+    print(markdown(head, [evaluations]))
 
 
 def time_inference(labelled, side, repeats):
@@ -423,6 +557,14 @@ def main(argv=None):
                       help="issue 25's loss goal: the network-alone loss of these RT-ESD "
                            "weights on the dev phantoms against the prior's and the "
                            "per-voxel minimum's")
+    mode.add_argument("--plain-steps", nargs="*", metavar="[LABEL=]WEIGHTS",
+                      help="the ablation of an unrolled correction: k plain refinement steps "
+                           "without TV from the prior (and from these RT-ESD corrections) "
+                           "on the dev phantoms: loss, evaluations, crossing AE")
+    parser.add_argument("--plain-out", type=Path, default=Path("out/plain-steps.json"),
+                        help="with --plain-steps: the results JSON")
+    parser.add_argument("--unroll", type=int, default=1,
+                        help="with --plain-steps: apply each correction this many times")
     mode.add_argument("--inference", nargs="+", metavar="[LABEL=]WEIGHTS",
                       help="CPU seconds of these RT-ESD corrections on the prior of a "
                            "--side^3 dev phantom (e.g. 40), interleaved")
@@ -464,6 +606,8 @@ def main(argv=None):
         held_aside_losses(args.held, *args.held_scans)
     elif args.losses:
         losses_on_dev(args.losses, args.side)
+    elif args.plain_steps is not None:
+        plain_steps_on_dev(args.plain_steps, args.side, args.plain_out, unroll=args.unroll)
     elif args.inference:
         time_inference(args.inference, args.side, args.repeats)
     elif args.dev:
