@@ -26,7 +26,7 @@ Usage::
         order12=out/pretrained12.pt --side 40
     # the ablation an unrolled correction must beat: k plain steps without TV from the
     # prior and from corrections (applied twice with --unroll 2)
-    python -m benchmarks.pretrain --plain-steps grad=out/grad-supervised.pt --side 14
+    python -m benchmarks.pretrain --plain-steps shipped=esdmri/data/pretrained_rtesd.pt --side 14
     # pretraining variants (issue 27: losses, WM-masked windows) on whole and WM masks
     python -m benchmarks.pretrain --dev out/unsup.pt --baselines none \
         --dev-out out/dev-unsup-wm --fit-mask wm
@@ -393,8 +393,7 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS, unroll=1):
     at the threshold ``benchmarks/devset.py`` would choose for each start and ``k`` over
     these dev phantoms (highest mean success, then lowest mean crossing error); the
     results in ``out`` (JSON). ``unroll``: each correction applied that many times, each
-    time to the last one's output (a correction that reads the data term's gradient
-    reads it anew: one loss evaluation each, counted in the evaluations)."""
+    time to the last one's output."""
     from esdmri import RTESDModel
     from esdmri.metrics import evaluate_peaks
     from esdmri.peaks import peaks_threshold_sweep
@@ -416,16 +415,15 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS, unroll=1):
             forward = build_forward_model(base.response, base.gtab, order).matrix
             sampler = build_fodf_sampler(order)
             for label, path in starts:
-                start, passes = prior, 0
+                start = prior
                 if path is not None:
                     model = RTESDModel(scan.gtab, scan.response, pretrained=path,
                                        verbose=False)
                     for _ in range(unroll):
                         start = model.corrected_prior(start, prepared)
-                    passes = unroll * model.pretrained_correction().reads_gradient
                     label = label if unroll == 1 else f"{label} x{unroll}"
                 for k in steps:
-                    evaluations = passes
+                    evaluations = 0
                     fitted = start
                     if k:
                         fitted, history = refine_coefficients(

@@ -43,7 +43,7 @@ from .reconst.config import check_integer
 from .reconst.finetune import finetuning_weights
 from .reconst.models import RTESDModel
 from .reconst.network import SQRT_4PI, volume_fractions_from_coefficients
-from .reconst.pretrained import CORRECTED_ORDER, fibre_target, scan_gradient
+from .reconst.pretrained import CORRECTED_ORDER, fibre_target
 from .shm import n_coeffs
 from .sims import default_gtab, make_phantom
 from .straight_phantom import make_straight_phantom, radial_for_fa
@@ -177,10 +177,7 @@ def prepare_scan(setting, side, mask="whole", refined=False, target_order=CORREC
         unsupervised loss needs; with ``refined``, ``refined`` (X, Y, Z,
         C_total, float32: the default fit's coefficients, zero outside the
         fitted mask) and ``refined_history`` (its
-        :class:`esdmri.reconst.refine.RefinementHistory`); ``gradient`` (X, Y, Z,
-        C_total, float32: the data term's gradient at the prior,
-        :func:`esdmri.reconst.pretrained.scan_gradient`, what a correction
-        that reads it gets at inference).
+        :class:`esdmri.reconst.refine.RefinementHistory`).
     """
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -210,7 +207,6 @@ def prepare_scan(setting, side, mask="whole", refined=False, target_order=CORREC
     extra = {"refined": np.asarray(fitted, np.float32), "refined_history": history} \
         if refined else {}
     return {**extra, "prior": prior, "target": target, "weight": weight,
-            "gradient": scan_gradient(model, prior, scan),
             "tissues": tuple(scan.response.tissues), "setting": setting,
             "order": model.config.network.sh_order_max, "mask": scan.mask,
             "normalized": scan.normalized.astype(np.float32), "gtab": scan.gtab,

@@ -35,11 +35,10 @@ def whole_volume(correction, coefficients, mask, tissues):
     return expected
 
 
-def randomized(kind, seed, architecture=None):
-    """A correction of ``kind`` (or ``architecture``) with random weights everywhere, the
-    norms' too."""
+def randomized(kind, seed):
+    """A correction of ``kind`` with random weights everywhere, the norms' too."""
     torch.manual_seed(seed)
-    correction = pretrained.PriorCorrection(architecture or pretrained.ARCHITECTURES[kind]).eval()
+    correction = pretrained.PriorCorrection(pretrained.ARCHITECTURES[kind]).eval()
     with torch.no_grad():
         for name, parameter in correction.named_parameters():
             if ".norms." in name and name.endswith("weight"):

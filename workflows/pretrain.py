@@ -29,8 +29,6 @@ CONV_KINDS = {"rtesd": "e3so3-stem", "esd": "spherical", "cesd": "concat"}
 # shipped weights' order), repeated for the same reason (and checked there too).
 LOSSES = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
 CORRECTED_ORDER = 8
-# esdmri.reconst.pretrained.INPUTS, repeated for the same reason (checked there too).
-INPUTS = ("prior", "prior+gradient")
 
 
 class PretrainFlow(EsdmriWorkflow):
@@ -40,8 +38,8 @@ class PretrainFlow(EsdmriWorkflow):
 
     def run(self, model="rtesd", scans=24, held=3, side=14, steps=3159, lr=1e-3,
             window=10, every=200, seed=0, loss="supervised", wm_masks=False, device="cpu",
-            quiet=False, checkpoints="", corrected_order=CORRECTED_ORDER, inputs="prior",
-            out_dir="", out_weights="pretrained.pt"):
+            quiet=False, checkpoints="", corrected_order=CORRECTED_ORDER, out_dir="",
+            out_weights="pretrained.pt"):
         """Pretrain the correction of the linear prior on a simulated cohort.
 
         Simulates a cohort of scans (three phantom families, four
@@ -106,11 +104,6 @@ class PretrainFlow(EsdmriWorkflow):
             the shipped weights: 8, on the HEALPix nside-4 hemisphere).
             Another order runs on the smallest nside that carries it
             (12: nside 8) and trains against targets of that order.
-        inputs : string, optional
-            What the correction reads: prior (the shipped weights: the
-            linear prior's WM fODF and tissue fractions) or prior+gradient
-            (also the data term's gradient at the prior, the per-voxel loss
-            without TV differentiated by the coefficients).
         out_dir : string, optional
             Output folder (default: current folder).
         out_weights : string, optional
@@ -144,8 +137,6 @@ class PretrainFlow(EsdmriWorkflow):
             raise ValueError(f"lr must be > 0, got {lr}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if inputs not in INPUTS:
-            raise ValueError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
         (weights_path,), = self.get_io_iterator()
         checkpoint_path = checkpoint_paths(checkpoints, steps, every, self._force_overwrite)
         import torch  # only when a command runs
@@ -169,9 +160,7 @@ class PretrainFlow(EsdmriWorkflow):
                     "loss": loss, "wm_masks": bool(wm_masks), "device": str(device)}
         if corrected_order != CORRECTED_ORDER:  # the shipped weights' settings: unchanged
             settings["corrected_order"] = corrected_order
-        if inputs != "prior":
-            settings["inputs"] = inputs
-        architecture = check_architecture(kind, corrected_order, inputs)
+        architecture = check_architecture(kind, corrected_order)
         logger.info(f"pretraining the {model} correction: {json.dumps(settings)}")
         start = time.process_time()
         cohort = build_cohort(scans + held, side, seed, progress=progress, log=logger.debug,
@@ -192,7 +181,7 @@ class PretrainFlow(EsdmriWorkflow):
             items(cohort[:scans]), items(cohort[scans:]), kind=kind, loss=loss, steps=steps,
             seed=seed, lr=lr, window=window, every=every, device=device, log=logger.debug,
             progress=progress, on_evaluation=save_checkpoint if checkpoints else None,
-            corrected_order=corrected_order, inputs=inputs)
+            corrected_order=corrected_order)
         metadata = {"settings": settings, "cohort": [masks[0]["setting"] for masks in cohort],
                     "architecture": architecture, "cohort_cpu_seconds": cohort_cpu,
                     **summary}

@@ -171,17 +171,12 @@ class FoldedCorrection:
         to_grid = correction.sh_to_grid.double()  # (V, C8)
         device = to_grid.device
         n_vertices, n_sh = to_grid.shape
-        # A voxel's inputs on the grid, per field (the prior; then its gradient where
-        # the correction reads it: PriorCorrection.fields): B c, then one constant
-        # per isotropic share.
-        parts, channel, first = [], [], 0
-        for n_shares in correction.field_shares:
-            parts += [to_grid, torch.ones(n_vertices, n_shares, dtype=torch.float64,
-                                          device=device)]
-            channel += [first] * n_sh + list(range(first + 1, first + 1 + n_shares))
-            first += 1 + n_shares
-        basis = torch.cat(parts, dim=1)
-        channel = torch.as_tensor(channel, device=device)
+        # A voxel's inputs on the grid: B c, then one constant per isotropic share.
+        n_shares = correction.architecture["in_channels"] - 1
+        constants = torch.ones(n_vertices, n_shares, dtype=torch.float64, device=device)
+        basis = torch.cat([to_grid, constants], dim=1)
+        channel = torch.cat([torch.zeros(n_sh, dtype=torch.long),
+                             torch.arange(1, n_shares + 1)]).to(device)
         span = np.arange(-self.halo, self.halo + 1)
         self.offsets = torch.as_tensor(
             np.stack(np.meshgrid(span, span, span, indexing="ij"), -1).reshape(-1, 3),
@@ -224,11 +219,10 @@ class FoldedCorrection:
 
         Parameters
         ----------
-        padded : Tensor, shape (X', Y', Z', 47) or (X', Y', Z', 95)
+        padded : Tensor, shape (X', Y', Z', 47)
             The prior's normalised coefficients and shares
-            (:meth:`PriorCorrection.fields`: then those of the gradient where
-            the correction reads it), channel last, with a zero margin of at
-            least :attr:`halo` voxels.
+            (:meth:`PriorCorrection.normalized`), channel last, with a zero
+            margin of at least :attr:`halo` voxels.
         rows : Tensor of int64, shape (N,)
             Flat indices of the voxels into ``padded``.
         """

@@ -42,7 +42,7 @@ from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measur
                      resolve_device, voxel_noise_sigma)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
-from .pretrained import PriorCorrection, apply_correction, load_correction, scan_gradient
+from .pretrained import PriorCorrection, apply_correction, load_correction
 from .refine import refine_coefficients
 from .subjects import ScanBlocks
 from .tiling import receptive_radius
@@ -316,10 +316,7 @@ class _DeconvolutionModel(ReconstModel):
         correction = self.pretrained_correction()
         if correction is None:
             return coefficients
-        gradient = (scan_gradient(self, coefficients, scan) if correction.reads_gradient
-                    else None)
-        return apply_correction(correction, coefficients, scan.mask, scan.response.tissues,
-                                gradient=gradient)
+        return apply_correction(correction, coefficients, scan.mask, scan.response.tissues)
 
     def network_coefficients(self, scan):
         """The network's tissue coefficients of a prepared scan, run block by block.

@@ -17,9 +17,6 @@ order 8 (condition number 1.0-1.4, see :data:`esdmri.reconst.config.MAX_GRID_CON
 Another corrected order (the architecture's ``corrected_order``,
 :func:`check_architecture`) runs on the smallest hemisphere that carries it
 (order 12: nside 8). The head starts at zero: the untrained correction is the prior.
-With the architecture's ``inputs="prior+gradient"`` (:data:`INPUTS`) the network
-also reads the data term's gradient at the prior (:func:`data_gradient`), one
-learned-gradient step; the shipped weights read the prior only.
 
 The same correction serves ESD (a voxel-wise spherical U-Net) and C-ESD (the
 3^3 neighbours' inputs concatenated as channels), each with its own weights
@@ -44,9 +41,7 @@ from ..sphere import HealpixSphere
 from ..threads import adapt_num_threads
 from .config import carrying_nside
 from .folded import CHUNK, FoldedCorrection, foldable
-from .network import (NORMALIZATION_FLOOR, build_fodf_sampler, build_forward_model, build_unet,
-                      volume_fractions_from_coefficients)
-from .refine import voxel_loss_gradient
+from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
 # Highest WM SH degree the network corrects; degrees above pass through.
 CORRECTED_ORDER = 8
@@ -69,23 +64,6 @@ ARCHITECTURES = {
 # Input channels after the WM fODF: these isotropic tissues' fractions (zero
 # when the scan's response lacks one, e.g. GM with b0 plus one shell).
 ISOTROPIC_INPUTS = ("gm", "csf")
-# What the correction reads (the architecture's ``inputs``; files without the key
-# read the prior only): the prior's output, or also the data term's gradient at
-# the prior (:func:`data_gradient`: each voxel's loss without TV differentiated
-# by its coefficients). The gradient's WM degrees 2 to the corrected order make
-# a second fODF channel on the grid; its isotropic components (the WM l = 0 term,
-# then those of :data:`ISOTROPIC_INPUTS`) make constant channels. Each is
-# normalised as the prior's channels (divided by the voxel's total tissue
-# fraction) and multiplied by a fixed scale (:data:`GRADIENT_SCALES`). The
-# gradient of a rotation-invariant loss rotates with the gtab and the fODF, so
-# the input stays equivariant and acquisition-agnostic in form.
-INPUTS = ("prior", "prior+gradient")
-# The scales of the gradient's fODF channel and of its isotropic channels: each
-# makes its channels' root mean square over the masked voxels of the 27 cohort
-# scans of ``esdmri_pretrain`` about 1 (measured 0.99 and 0.97; docs/benchmarks.md).
-# The anisotropic part is about 15x smaller than the WM l = 0 term, hence two
-# scales. Recorded in the architecture: a file with other scales is refused.
-GRADIENT_SCALES = (500.0, 12.0)
 FORMAT = "esdmri-pretrained-1"
 
 _DATA = Path(__file__).resolve().parent.parent / "data"
@@ -101,7 +79,7 @@ DEFAULT_SHA256 = {
 }
 
 
-def check_architecture(kind, corrected_order=CORRECTED_ORDER, inputs="prior"):
+def check_architecture(kind, corrected_order=CORRECTED_ORDER):
     """The architecture of a ``conv_kind`` (a key of :data:`ARCHITECTURES`).
 
     Parameters
@@ -112,11 +90,6 @@ def check_architecture(kind, corrected_order=CORRECTED_ORDER, inputs="prior"):
         :data:`CORRECTED_ORDER` gives :data:`ARCHITECTURES`' entry as is;
         another order runs on the smallest HEALPix hemisphere that carries it
         (:func:`esdmri.reconst.config.carrying_nside`: order 12 on nside 8).
-    inputs : {"prior", "prior+gradient"}
-        What the correction reads (:data:`INPUTS`): ``"prior"`` keeps the
-        entry as is (the shipped weights'); ``"prior+gradient"`` adds the
-        data term's gradient at the prior (four more input channels, and the
-        keys ``inputs`` and ``gradient_scales``).
 
     Returns
     -------
@@ -129,18 +102,10 @@ def check_architecture(kind, corrected_order=CORRECTED_ORDER, inputs="prior"):
             or corrected_order < 2 or corrected_order % 2):
         raise ValueError(f"corrected_order must be an even integer >= 2, got "
                          f"{corrected_order!r}")
-    if inputs not in INPUTS:
-        raise ValueError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
-    architecture = dict(ARCHITECTURES[kind])
-    if corrected_order != CORRECTED_ORDER:
-        architecture.update(corrected_order=corrected_order,
-                            nside=carrying_nside(corrected_order))
-    if inputs == "prior+gradient":
-        # One fODF channel and one constant channel per isotropic component.
-        architecture.update(inputs=inputs,
-                            in_channels=architecture["in_channels"] + 2 + len(ISOTROPIC_INPUTS),
-                            gradient_scales=list(GRADIENT_SCALES))
-    return architecture
+    if corrected_order == CORRECTED_ORDER:
+        return dict(ARCHITECTURES[kind])
+    return {**ARCHITECTURES[kind], "corrected_order": corrected_order,
+            "nside": carrying_nside(corrected_order)}
 
 
 def recorded_architecture(saved):
@@ -167,11 +132,6 @@ class PriorCorrection(nn.Module):
                              else dict(architecture))
         arch = self.architecture
         self.order = arch["corrected_order"]
-        # Whether the input holds the data term's gradient at the prior (:data:`INPUTS`).
-        self.reads_gradient = arch.get("inputs", "prior") == "prior+gradient"
-        # The constant channels after each field's fODF (:meth:`fields`).
-        self.field_shares = (len(ISOTROPIC_INPUTS),) + (
-            (1 + len(ISOTROPIC_INPUTS),) if self.reads_gradient else ())
         self.n_corrected = n_coeffs(self.order)
         # The receptive radius in voxels, which block-wise inference and
         # training windows pad.
@@ -195,7 +155,7 @@ class PriorCorrection(nn.Module):
             nn.init.zeros_(parameter)
         return self
 
-    def inputs(self, coefficients, tissues, gradient=None):
+    def inputs(self, coefficients, tissues):
         """The network's input and each voxel's scale.
 
         Parameters
@@ -205,73 +165,21 @@ class PriorCorrection(nn.Module):
             coefficient per isotropic tissue of ``tissues[1:]``.
         tissues : tuple of str
             The response's tissues, WM first.
-        gradient : Tensor, shape [B, C_total, X, Y, Z], optional
-            The data term's gradient at ``coefficients`` (:func:`data_gradient`);
-            needed by, and only by, a correction that reads it
-            (:attr:`reads_gradient`).
 
         Returns
         -------
-        grid : Tensor, shape [B, in_channels, V, X, Y, Z]
-            The WM fODF and one constant channel per isotropic tissue, then
-            (:attr:`reads_gradient`) the same of the gradient.
+        grid : Tensor, shape [B, 3, V, X, Y, Z]
         scale : Tensor, shape [B, 1, X, Y, Z]
             Each voxel's total tissue fraction (at least
             :data:`esdmri.reconst.network.NORMALIZATION_FLOOR`).
         """
-        fields, scale = self.fields(coefficients, tissues, gradient)
-        channels = []
-        for low, shares in fields:
-            fodf = torch.einsum("vc,bcxyz->bvxyz", self.sh_to_grid, low)
-            channels += [fodf] + [share[:, None].expand_as(fodf) for share in shares.unbind(1)]
+        low, shares, scale = self.normalized(coefficients, tissues)
+        fodf = torch.einsum("vc,bcxyz->bvxyz", self.sh_to_grid, low)
+        channels = [fodf] + [share[:, None].expand_as(fodf) for share in shares.unbind(1)]
         return torch.stack(channels, dim=1), scale
 
-    def fields(self, coefficients, tissues, gradient=None):
-        """The input's SH coefficients and isotropic shares of each field, before the grid.
-
-        Parameters as :meth:`inputs`.
-
-        Returns
-        -------
-        fields : list of (Tensor, Tensor)
-            :meth:`normalized`'s ``low`` and ``shares`` of the prior, then
-            (:attr:`reads_gradient`) of the gradient: its WM degrees 2 to
-            ``order`` (``low``, degree 0 zero) times the first of the
-            architecture's ``gradient_scales``, and its WM l = 0 term and
-            isotropic tissues' terms (``shares``, shape [B, 1 +
-            len(ISOTROPIC_INPUTS), X, Y, Z]) times the second; each divided by
-            ``scale``.
-        scale : Tensor, shape [B, 1, X, Y, Z]
-            The prior's, as :meth:`inputs`.
-        """
-        if self.reads_gradient != (gradient is not None):
-            raise ValueError("this correction reads the data term's gradient at the prior "
-                             "(architecture inputs 'prior+gradient'): pass gradient "
-                             "(esdmri.reconst.pretrained.data_gradient)" if self.reads_gradient
-                             else "this correction reads the prior only: gradient must be "
-                             "None")
-        low, shares, scale = self.normalized(coefficients, tissues)
-        fields = [(low, shares)]
-        if self.reads_gradient:
-            n_wm = coefficients.shape[1] - (len(tissues) - 1)
-            anisotropic, isotropic = self.architecture["gradient_scales"]
-            gradient = gradient / scale
-            low = self._padded(gradient[:, :min(n_wm, self.n_corrected)] * anisotropic)
-            low[:, 0] = 0  # the WM l = 0 term is a constant channel
-            terms = [gradient[:, 0]] + [gradient[:, n_wm + tissues.index(tissue) - 1]
-                                        if tissue in tissues else torch.zeros_like(scale[:, 0])
-                                        for tissue in ISOTROPIC_INPUTS]
-            fields.append((low, torch.stack(terms, dim=1) * isotropic))
-        return fields, scale
-
-    def _padded(self, low):
-        """SH coefficients padded with zeros to ``n_coeffs(order)`` (a scan of lower order)."""
-        if low.shape[1] < self.n_corrected:
-            low = nn.functional.pad(low, (0, 0, 0, 0, 0, 0, 0, self.n_corrected - low.shape[1]))
-        return low
-
     def normalized(self, coefficients, tissues):
-        """The prior's SH coefficients and isotropic shares, before the grid.
+        """The input's SH coefficients and isotropic shares, before the grid.
 
         Parameters as :meth:`inputs`.
 
@@ -289,86 +197,34 @@ class PriorCorrection(nn.Module):
         n_wm = coefficients.shape[1] - (len(tissues) - 1)
         fractions = volume_fractions_from_coefficients(coefficients.movedim(1, -1), n_wm)
         scale = fractions.sum(-1).clamp_min(NORMALIZATION_FLOOR)[:, None]
-        low = self._padded(coefficients[:, :min(n_wm, self.n_corrected)] / scale)
+        low = coefficients[:, :min(n_wm, self.n_corrected)] / scale
+        if low.shape[1] < self.n_corrected:
+            low = nn.functional.pad(low, (0, 0, 0, 0, 0, 0, 0, self.n_corrected - low.shape[1]))
         shares = [fractions[..., tissues.index(tissue)] / scale[:, 0] if tissue in tissues
                   else torch.zeros_like(scale[:, 0]) for tissue in ISOTROPIC_INPUTS]
         return low, torch.stack(shares, dim=1), scale
 
-    def correction(self, coefficients, tissues, gradient=None):
+    def correction(self, coefficients, tissues):
         """The WM SH correction of degrees 2 to ``order``, shape [B, C8, X, Y, Z]."""
-        grid, scale = self.inputs(coefficients, tissues, gradient)
+        grid, scale = self.inputs(coefficients, tissues)
         out = self.unet(grid)[:, 0]
         return torch.einsum("cv,bvxyz->bcxyz", self.grid_to_sh, out) * scale
 
-    def forward(self, coefficients, tissues, gradient=None):
+    def forward(self, coefficients, tissues):
         """The corrected coefficients, laid out as ``coefficients``.
 
         Parameters
         ----------
         coefficients : Tensor, shape [B, C_total, X, Y, Z]
         tissues : tuple of str
-        gradient : Tensor, shape [B, C_total, X, Y, Z], optional
-            As :meth:`inputs`.
 
         Returns
         -------
         corrected : Tensor, shape [B, C_total, X, Y, Z]
         """
-        delta = self.correction(coefficients, tissues, gradient)
+        delta = self.correction(coefficients, tissues)
         n = min(self.n_corrected, coefficients.shape[1] - (len(tissues) - 1))
         return torch.cat([coefficients[:, :n] + delta[:, :n], coefficients[:, n:]], dim=1)
-
-
-def data_gradient(coefficients, normalized, mask, forward_matrix, fodf_sampler, n_wm_coeffs,
-                  weights):
-    """Each masked voxel's data-term gradient: its loss without TV differentiated by its
-    coefficients (:class:`esdmri.reconst.refine.VoxelLoss`, written out).
-
-    Parameters
-    ----------
-    coefficients : ndarray, shape (X, Y, Z, C_total)
-    normalized : ndarray, shape (X, Y, Z, N)
-        The measured signal divided by the b0.
-    mask : ndarray of bool, shape (X, Y, Z)
-    forward_matrix : Tensor, shape (C_total, N)
-    fodf_sampler : Tensor, shape (V_dense, C_wm)
-    n_wm_coeffs : int
-    weights : LossWeights
-        The fit's loss weights (their total variation is not used).
-
-    Returns
-    -------
-    gradient : ndarray, float32, shape (X, Y, Z, C_total)
-        Zero outside ``mask``.
-    """
-    gradient = np.zeros(coefficients.shape, dtype=np.float32)
-    if mask.any():
-        dtype, device = fodf_sampler.dtype, fodf_sampler.device
-        voxels = torch.as_tensor(np.asarray(coefficients)[mask], dtype=dtype, device=device)
-        measured = torch.as_tensor(np.asarray(normalized)[mask], dtype=dtype, device=device)
-        gradient[mask] = voxel_loss_gradient(voxels, measured, forward_matrix, fodf_sampler,
-                                             n_wm_coeffs, weights).cpu().numpy()
-    return gradient
-
-
-def scan_gradient(model, coefficients, scan):
-    """:func:`data_gradient` of a prepared scan with a model's loss weights and SH order.
-
-    Parameters
-    ----------
-    model : RTESDModel (or another model class)
-    coefficients : ndarray, shape (X, Y, Z, C_total)
-    scan : PreparedScan
-
-    Returns
-    -------
-    gradient : ndarray, float32, shape (X, Y, Z, C_total)
-    """
-    order = model.config.network.sh_order_max
-    return data_gradient(coefficients, scan.normalized, scan.mask,
-                         build_forward_model(scan.response, model.gtab, order).matrix,
-                         build_fodf_sampler(order), n_coeffs(order),
-                         model.config.training.loss_weights)
 
 
 def sha256_of(path):
@@ -416,11 +272,9 @@ def resolve_weights(pretrained, kind="e3so3-stem"):
 def _known_architecture(kind, architecture):
     """The architecture of ``kind`` at the corrected order a file records (None where
     the record holds no valid order)."""
-    if not isinstance(architecture, dict):
-        return None
+    order = architecture.get("corrected_order") if isinstance(architecture, dict) else None
     try:
-        return check_architecture(kind, architecture.get("corrected_order"),
-                                  architecture.get("inputs", "prior"))
+        return check_architecture(kind, order)
     except ValueError:
         return None
 
@@ -468,8 +322,7 @@ def load_correction(pretrained, device="cpu", kind="e3so3-stem"):
         found = f"the {other} correction" if other else f"architecture {architecture}"
         raise ValueError(f"{path} holds weights of {found}, not the {kind} correction this "
                          f"model needs ({ARCHITECTURES[kind]}, or with another "
-                         "corrected_order on the nside that carries it, or reading the "
-                         f"gradient with gradient_scales {list(GRADIENT_SCALES)})")
+                         "corrected_order on the nside that carries it)")
     correction = PriorCorrection(architecture)
     try:
         correction.load_state_dict(saved["state_dict"])
@@ -495,7 +348,7 @@ def save_correction(correction, path, metadata=None):
                 "state_dict": state, "metadata": metadata or {}}, path)
 
 
-def _corrected_voxels(correction, block, gradient, keep, tissues):
+def _corrected_voxels(correction, block, keep, tissues):
     """The corrected coefficients of the kept voxels of one padded block.
 
     RT-ESD's only spatial layers are its stem's (:func:`build_unet`'s
@@ -512,8 +365,6 @@ def _corrected_voxels(correction, block, gradient, keep, tissues):
     correction : PriorCorrection
     block : Tensor, shape [1, C_total, X + 2 halo, Y + 2 halo, Z + 2 halo]
         ``halo``: the correction's (:attr:`PriorCorrection.halo`).
-    gradient : Tensor, shape as ``block``, or None
-        The data term's gradient there (:meth:`PriorCorrection.inputs`).
     keep : Tensor of bool, shape (X, Y, Z)
     tissues : tuple of str
 
@@ -522,7 +373,7 @@ def _corrected_voxels(correction, block, gradient, keep, tissues):
     corrected : Tensor, shape [n_kept, C_total]
     """
     halo = correction.halo
-    grid, scale = correction.inputs(block, tissues, gradient)
+    grid, scale = correction.inputs(block, tissues)
     inner = (slice(None),) * 3 + tuple(slice(halo, size - halo) for size in block.shape[2:])
     kind = correction.architecture["kind"]
     if kind == "concat":
@@ -542,8 +393,7 @@ def _corrected_voxels(correction, block, gradient, keep, tissues):
 
 
 @torch.inference_mode()
-def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=True,
-                     gradient=None):
+def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=True):
     """Correct a volume of prior coefficients on its masked voxels.
 
     By default, on a CPU, the correction runs folded
@@ -566,20 +416,12 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=Tru
         Voxels along x per pass of the layered network (``folded=False``).
     folded : bool
         Fold the network (on a CPU, where :func:`esdmri.reconst.folded.foldable`).
-    gradient : ndarray, shape (X, Y, Z, C_total), optional
-        The data term's gradient at ``coefficients`` (:func:`scan_gradient`),
-        which a correction that reads it needs (:attr:`PriorCorrection.reads_gradient`;
-        None for the others).
 
     Returns
     -------
     corrected : ndarray, float32, shape (X, Y, Z, C_total)
         Zero outside ``mask``.
     """
-    if correction.reads_gradient != (gradient is not None):
-        raise ValueError("gradient is needed by a correction that reads the data term's "
-                         "gradient (scan_gradient), and by no other: this correction "
-                         f"{'reads' if correction.reads_gradient else 'does not read'} it")
     result = np.zeros(coefficients.shape, dtype=np.float32)
     if not mask.any():
         return result
@@ -587,9 +429,6 @@ def apply_correction(correction, coefficients, mask, tissues, slab=8, folded=Tru
     # the zero padding is, so each masked voxel sees the same inputs.
     box = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
     volume = torch.as_tensor(np.ascontiguousarray(coefficients[box]), dtype=torch.float32)
-    if gradient is not None:  # channels after the coefficients'; split again by each pass
-        volume = torch.cat([volume, torch.as_tensor(np.ascontiguousarray(gradient[box]),
-                                                    dtype=torch.float32)], dim=-1)
     # The folded pass is measured on CPUs (chunks sized to a core's cache); a GPU
     # keeps the layered pass's large products.
     cpu = correction.sh_to_grid.device.type == "cpu"
@@ -609,9 +448,7 @@ def _folded_voxels(correction, volume, inside, tissues):
     Parameters
     ----------
     correction : PriorCorrection
-    volume : Tensor, shape (X, Y, Z, C_total) or (X, Y, Z, 2 C_total)
-        The prior's coefficients, then the data term's gradient where the
-        correction reads it (:func:`_split`).
+    volume : Tensor, shape (X, Y, Z, C_total)
     inside : ndarray of bool, shape (X, Y, Z)
     tissues : tuple of str
 
@@ -622,33 +459,23 @@ def _folded_voxels(correction, volume, inside, tissues):
     """
     folded = FoldedCorrection(correction)
     halo = folded.halo
-    volume, gradient = _split(correction, volume.permute(3, 0, 1, 2)[None])
-    kept = volume[0][:, torch.as_tensor(inside)].T.contiguous()  # (N, C_total)
-    fields, scale = correction.fields(volume, tissues, gradient)
+    kept = volume[torch.as_tensor(inside)]  # (N, C_total)
+    low, shares, scale = correction.normalized(volume.permute(3, 0, 1, 2)[None], tissues)
     # Channel last with a zero margin: outside the box the prior is zero, and so
-    # are its normalised inputs (and its gradient, zero outside the mask).
-    padded = nn.functional.pad(torch.cat([part for field in fields for part in field],
-                                         dim=1)[0].permute(1, 2, 3, 0),
+    # are its normalised inputs.
+    padded = nn.functional.pad(torch.cat([low, shares], dim=1)[0].permute(1, 2, 3, 0),
                                (0, 0) + (halo, halo) * 3).contiguous()
     voxels = np.nonzero(inside)
     rows = torch.as_tensor(np.ravel_multi_index(tuple(axis + halo for axis in voxels),
                                                 padded.shape[:3]))
     scale = scale[0, 0][voxels]
-    n = min(correction.n_corrected, volume.shape[1] - (len(tissues) - 1))
+    n = min(correction.n_corrected, volume.shape[-1] - (len(tissues) - 1))
     for start in range(0, len(rows), CHUNK):
         adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
         part = slice(start, start + CHUNK)
         delta = folded.delta(folded.features(padded, rows[part]))
         kept[part, :n].addcmul_(delta[:, :n], scale[part, None])
     return kept.numpy()
-
-
-def _split(correction, volume):
-    """The coefficients and (where the correction reads it) the gradient of a
-    ``[B, C, X, Y, Z]`` volume that :func:`apply_correction` stacked along C."""
-    if not correction.reads_gradient:
-        return volume, None
-    return volume.chunk(2, dim=1)
 
 
 def _layered_voxels(correction, volume, inside, tissues, slab):
@@ -660,8 +487,7 @@ def _layered_voxels(correction, volume, inside, tissues, slab):
     device = next(correction.parameters()).device
     padded = nn.functional.pad(volume.permute(3, 0, 1, 2)[None], (halo,) * 6)
     inside = torch.as_tensor(inside)
-    width = volume.shape[-1] // (1 + correction.reads_gradient)  # C_total
-    corrected = np.empty((int(inside.sum()), width), dtype=np.float32)
+    corrected = np.empty((int(inside.sum()), volume.shape[-1]), dtype=np.float32)
     done = 0
     for start in range(0, volume.shape[0], slab):
         stop = min(start + slab, volume.shape[0])
@@ -680,7 +506,7 @@ def _layered_voxels(correction, volume, inside, tissues, slab):
                        z_start:z_stop + 2 * halo].to(device)
         # Masked voxels in C order, slab after slab: the order of the mask's voxels.
         corrected[done:done + count] = _corrected_voxels(
-            correction, *_split(correction, block), keep.to(device), tissues).cpu().numpy()
+            correction, block, keep.to(device), tissues).cpu().numpy()
         done += count
     return corrected
 

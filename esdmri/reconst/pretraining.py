@@ -50,7 +50,7 @@ from .training import coefficient_loss
 LOSSES = ("supervised", "unsupervised", "mixed", "refined", "supervised+refined")
 # The volumes of a prepared scan that a window cuts (``refined`` only when the
 # cohort was built for the distillation loss).
-VOLUMES = ("prior", "target", "signal", "weight", "mask", "refined", "gradient")
+VOLUMES = ("prior", "target", "signal", "weight", "mask", "refined")
 
 
 def as_tensors(scan, device="cpu"):
@@ -59,9 +59,8 @@ def as_tensors(scan, device="cpu"):
     Returns
     -------
     item : dict
-        ``prior``, ``target``, ``signal`` (the normalised signal), ``gradient``
-        (the data term's gradient at the prior), ``weight`` and ``mask``
-        ([1, X, Y, Z]) on ``device``, the scan's
+        ``prior``, ``target``, ``signal`` (the normalised signal), ``weight``
+        and ``mask`` ([1, X, Y, Z]) on ``device``, the scan's
         ``forward_model``, ``fodf_sampler``, ``n_wm_coeffs`` and
         ``unsupervised_weights``, ``tissues``, ``inside`` (the indices of the
         weighted voxels, on the CPU) and ``prior_unsupervised`` (the
@@ -72,7 +71,6 @@ def as_tensors(scan, device="cpu"):
         return torch.as_tensor(array).permute(3, 0, 1, 2)[None].contiguous().to(device)
     order = scan["order"]
     item = {"prior": volume(scan["prior"]), "target": volume(scan["target"]),
-            "gradient": volume(scan["gradient"]),
             "signal": volume(scan["normalized"]),
             "weight": torch.as_tensor(scan["weight"])[None].to(device),
             "mask": torch.as_tensor(scan["mask"])[None].to(device),
@@ -88,13 +86,6 @@ def as_tensors(scan, device="cpu"):
     return item
 
 
-def corrected(correction, item):
-    """The correction's output on a window or volume (with the data term's gradient at
-    the prior where the correction reads it)."""
-    return correction(item["prior"], item["tissues"],
-                      item["gradient"] if correction.reads_gradient else None)
-
-
 def _scaled_distance(correction, item, corrected, reference, first, last, weight):
     """Weighted mean over the voxels of the squared distance of the coefficients
     ``first:last`` of ``corrected`` (default the prior) to ``reference``, each
@@ -102,7 +93,7 @@ def _scaled_distance(correction, item, corrected, reference, first, last, weight
     if corrected is None:
         corrected = item["prior"]
     last = min(last, corrected.shape[1] - (len(item["tissues"]) - 1))
-    *_, scale = correction.normalized(item["prior"], item["tissues"])
+    _, scale = correction.inputs(item["prior"], item["tissues"])
     error = ((corrected[:, first:last] - reference[:, first:last]) / scale).pow(2).sum(1)
     return (error * weight).sum() / weight.sum().clamp_min(1e-6)
 
@@ -180,7 +171,7 @@ def evaluate(correction, items, loss="supervised"):
     network, prior = [], []
     for item in items:
         network.append(float(training_loss(loss, correction, item,
-                                           corrected(correction, item))))
+                                           correction(item["prior"], item["tissues"]))))
         prior.append(float(training_loss(loss, correction, item)))
     correction.train(was_training)
     return float(np.mean(network)), float(np.mean(prior))
@@ -189,7 +180,7 @@ def evaluate(correction, items, loss="supervised"):
 def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", steps=3159,
                         seed=0, lr=1e-3, window=10, every=200, device="cpu", on_best=None,
                         on_evaluation=None, log=None, progress=True,
-                        corrected_order=CORRECTED_ORDER, inputs="prior"):
+                        corrected_order=CORRECTED_ORDER):
     """Train a correction on prepared cohort scans, keeping the best on held-aside ones.
 
     Parameters
@@ -231,8 +222,6 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
         (:func:`esdmri.reconst.pretrained.check_architecture`); the scans'
         supervised targets should reach it
         (:func:`esdmri.cohort.build_cohort`'s ``target_order``).
-    inputs : {"prior", "prior+gradient"}
-        What the correction reads (:data:`esdmri.reconst.pretrained.INPUTS`).
 
     Returns
     -------
@@ -261,7 +250,7 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
     log = log or (lambda message: None)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    correction = PriorCorrection(check_architecture(kind, corrected_order, inputs)).zero_head().to(
+    correction = PriorCorrection(check_architecture(kind, corrected_order)).zero_head().to(
         device)
     optimizer = torch.optim.Adam(correction.parameters(), lr=lr)
     best_loss, prior_loss = evaluate(correction, held, loss)
@@ -278,7 +267,8 @@ def pretrain_correction(items, held, *, kind="e3so3-stem", loss="supervised", st
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         item = items[rng.integers(len(items))]
         batch = random_window(item, window, rng)
-        value = training_loss(loss, correction, batch, corrected(correction, batch))
+        value = training_loss(loss, correction, batch,
+                              correction(batch["prior"], batch["tissues"]))
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
