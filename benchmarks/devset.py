@@ -292,18 +292,7 @@ def run(args, log):
                         warnings.simplefilter("ignore")
                         result = METHODS[name].fit(scan, mask)
                     outcome["seconds"] = time.perf_counter() - start
-                    for threshold, directions in peak_sweep(result, THRESHOLDS, mask):
-                        scores = evaluate_peaks(directions, phantom.fibre_dirs, mask,
-                                                threshold_deg=MATCH_ANGLE,
-                                                crossing_angle_edges=ANGLE_EDGES)
-                        outcome["sweep"].append({
-                            **{part: {k: float(scores[part][k]) for k in
-                                      ("angular_error", "success_rate", "fn_rate", "fp_rate")}
-                               for part in ("all", "crossing")},
-                            "by_angle": {label: {k: int(part[k]) for k in ("fn", "n_true")}
-                                         for label, part in zip(
-                                             ANGLE_LABELS,
-                                             scores["by_crossing_angle"].values())}})
+                    outcome["sweep"] = scored_sweep(result, phantom.fibre_dirs, mask)
                     log(f"  {label}: {outcome['seconds']:.1f} s")
                 except NotApplicable as reason:
                     outcome["error"] = f"not applicable: {reason}"
@@ -315,16 +304,39 @@ def run(args, log):
     return outcomes
 
 
+def scored_sweep(result, fibre_dirs, mask):
+    """A method's peaks at each of :data:`THRESHOLDS` (``methods.peak_sweep``) scored
+    against the true fibres: per threshold, the all-voxel and crossing-voxel angular
+    error, success, FN and FP rates, and the crossing FN counts per angle bin."""
+    sweep = []
+    for _, directions in peak_sweep(result, THRESHOLDS, mask):
+        scores = evaluate_peaks(directions, fibre_dirs, mask, threshold_deg=MATCH_ANGLE,
+                                crossing_angle_edges=ANGLE_EDGES)
+        sweep.append({
+            **{part: {k: float(scores[part][k]) for k in
+                      ("angular_error", "success_rate", "fn_rate", "fp_rate")}
+               for part in ("all", "crossing")},
+            "by_angle": {label: {k: int(part[k]) for k in ("fn", "n_true")}
+                         for label, part in zip(ANGLE_LABELS,
+                                                scores["by_crossing_angle"].values())}})
+    return sweep
+
+
+def best_threshold(sweeps):
+    """Index in :data:`THRESHOLDS` of the highest mean all-voxel success over several
+    phantoms' :func:`scored_sweep` results, then the lowest mean crossing error."""
+    success = np.mean([[s["all"]["success_rate"] for s in sw] for sw in sweeps], axis=0)
+    error = np.mean([[s["crossing"]["angular_error"] for s in sw] for sw in sweeps], axis=0)
+    return int(np.lexsort((error, -success))[0])
+
+
 def choose_thresholds(outcomes):
     """Per method: the threshold of highest mean success over its dev phantoms."""
     chosen = {}
     for name in {o["method"] for o in outcomes}:
         sweeps = [o["sweep"] for o in outcomes if o["method"] == name and o["sweep"]]
-        if not sweeps:
-            continue
-        success = np.mean([[s["all"]["success_rate"] for s in sw] for sw in sweeps], axis=0)
-        error = np.mean([[s["crossing"]["angular_error"] for s in sw] for sw in sweeps], axis=0)
-        chosen[name] = float(THRESHOLDS[np.lexsort((error, -success))[0]])
+        if sweeps:
+            chosen[name] = float(THRESHOLDS[best_threshold(sweeps)])
     return chosen
 
 

@@ -395,14 +395,17 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS, unroll=1):
     results in ``out`` (JSON). ``unroll``: each correction applied that many times, each
     time to the last one's output."""
     from esdmri import RTESDModel
-    from esdmri.metrics import evaluate_peaks
-    from esdmri.peaks import peaks_threshold_sweep
+    from esdmri.atomic import staged_output
     from esdmri.reconst.network import build_fodf_sampler, build_forward_model
     from esdmri.reconst.refine import refine_coefficients
     from esdmri.shm import n_coeffs
 
-    from .devset import ANGLE_EDGES, MATCH_ANGLE, THRESHOLDS
+    from .devset import scored_sweep
+    from .methods import MethodResult
     from .training_curve import voxel_losses
+
+    if unroll < 1:
+        raise ValueError(f"unroll must be an integer >= 1, got {unroll!r}")
 
     starts = [("prior", None)] + labelled_weights(labelled)
     results = []
@@ -423,50 +426,40 @@ def plain_steps_on_dev(labelled, side, out, steps=PLAIN_STEPS, unroll=1):
                         start = model.corrected_prior(start, prepared)
                     label = label if unroll == 1 else f"{label} x{unroll}"
                 for k in steps:
-                    evaluations = 0
-                    fitted = start
+                    fitted, evaluations = start, 0
                     if k:
                         fitted, history = refine_coefficients(
                             start, prepared.normalized, prepared.mask, forward, sampler, n_wm,
                             order, base.config.training.loss_weights, steps=k,
                             lr=base.config.refinement.refine_lr, total_variation=0.0,
                             normalize=base.normalizes)
-                        evaluations += history.evaluations
+                        evaluations = history.evaluations
                     loss = voxel_losses(base, fitted, prepared.normalized, prepared.mask)
-                    sweep = [evaluate_peaks(directions, phantom.fibre_dirs, prepared.mask,
-                                            threshold_deg=MATCH_ANGLE,
-                                            crossing_angle_edges=ANGLE_EDGES)
-                             for _, directions, _ in peaks_threshold_sweep(
-                                 np.asarray(fitted)[..., :n_wm], THRESHOLDS,
-                                 min_separation_angle=25, npeaks=5, mask=prepared.mask)]
+                    sweep = scored_sweep(MethodResult(np.asarray(fitted)[..., :n_wm]),
+                                         phantom.fibre_dirs, prepared.mask)
                     results.append({
                         "family": family, "snr": snr, "start": label, "k": k,
                         "evaluations": evaluations, "loss": loss, "prior_loss": prior_loss,
-                        "minimum": minimum,
-                        "sweep": [{part: {name: float(s[part][name]) for name in
-                                          ("angular_error", "success_rate", "fn_rate")}
-                                   for part in ("all", "crossing")} for s in sweep]})
+                        "minimum": minimum, "sweep": sweep})
                     print(f"{family} {snr:g} {label} k={k}: loss {loss:.5f} "
                           f"({loss / prior_loss:.3f} / {loss / minimum:.3f}), "
                           f"{evaluations} evaluations", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results))
+    with staged_output(out) as temporary:
+        temporary.write_text(json.dumps(results))
     plain_steps_report(results)
 
 
 def plain_steps_report(results):
     """The tables of :func:`plain_steps_on_dev`'s results."""
-    from .devset import THRESHOLDS
+    from .devset import THRESHOLDS, best_threshold
 
     keys = sorted({(r["family"], r["snr"]) for r in results}, key=lambda k: (k[0], -k[1]))
     columns = list(dict.fromkeys((r["start"], r["k"]) for r in results))
     by = {(r["family"], r["snr"], r["start"], r["k"]): r for r in results}
-    chosen = {}
-    for column in columns:
-        sweeps = [r["sweep"] for r in results if (r["start"], r["k"]) == column]
-        success = np.mean([[s["all"]["success_rate"] for s in sw] for sw in sweeps], axis=0)
-        error = np.mean([[s["crossing"]["angular_error"] for s in sw] for sw in sweeps], axis=0)
-        chosen[column] = int(np.lexsort((error, -success))[0])
+    chosen = {column: best_threshold([r["sweep"] for r in results
+                                      if (r["start"], r["k"]) == column])
+              for column in columns}
     head = ["family", "SNR", *(f"{start} k={k}" for start, k in columns)]
     for title, cell in (
             ("loss over the prior's / over the per-voxel minimum's",
