@@ -22,7 +22,10 @@ alternating between repeats:
   difference operators), as the objective adds it;
 - solver: :func:`~esdmri.reconst.refine._lbfgs_descent` itself (memory 5, the
   preconditioner, a fixed number of steps) on a quadratic objective of the same field
-  whose own time is measured inside it and taken out.
+  whose own time is measured inside it and taken out;
+- fused: the voxel terms, the TV and the whole objective again with the fused CPU
+  kernels (:mod:`esdmri.reconst.fused_objective`, what the refinement runs on a CPU),
+  each timed in turns with torch's (:func:`paired`), and their ratios to torch's.
 
 Each part's floor: the products' FLOPs at the large product's rate; the elementwise
 passes at one ``log`` and one division per fODF sample in cache (what a fused kernel
@@ -54,10 +57,12 @@ import time
 import numpy as np
 import torch
 
+from esdmri.reconst import fused_objective
 from esdmri.reconst.losses import difference_operators, neighbour_pairs, total_variation
 from esdmri.reconst.refine import (_CPU_BLOCK, CoupledObjective, RefinementHistory,
                                    _lbfgs_descent, signal_preconditioner)
 from esdmri.sims import make_phantom
+from esdmri.threads import sync_numba_threads
 
 from .bench_memory import SHAPE as BRAIN_SHAPE
 from .bench_memory import clinical_gtab
@@ -81,6 +86,7 @@ def clock(threads):
 def timed(work, repeats, threads):
     """Best seconds of ``work()`` over ``repeats`` calls (:func:`clock`)."""
     torch.set_num_threads(threads)
+    sync_numba_threads()
     now = clock(threads)
     work()  # warm: caches, the allocator, page faults of fresh buffers
     seconds = []
@@ -89,6 +95,25 @@ def timed(work, repeats, threads):
         work()
         seconds.append(now() - start)
     return min(seconds)
+
+
+def paired(first, second, repeats, threads):
+    """Best seconds of ``first()`` and of ``second()``, called in turns (A B B A ...).
+
+    Side by side, the two see the same load on a shared machine: their ratio
+    is steadier than either time.
+    """
+    torch.set_num_threads(threads)
+    sync_numba_threads()
+    now = clock(threads)
+    first(), second()  # warm
+    seconds = ([], [])
+    for repeat in range(repeats):
+        for index in ((0, 1) if repeat % 2 == 0 else (1, 0)):
+            start = now()
+            (first, second)[index]()
+            seconds[index].append(now() - start)
+    return min(seconds[0]), min(seconds[1])
 
 
 class Quadratic:
@@ -163,9 +188,12 @@ def main():
     measurements = {}
     for repeat in range(2):
         for threads in (THREADS if repeat % 2 == 0 else THREADS[::-1]):
-            objective = CoupledObjective(measured, forward_matrix, sampler, n_wm, weights,
-                                         first, second, pair_weights, 1e-3,
-                                         _CPU_BLOCK * threads)
+            arguments = (measured, forward_matrix, sampler, n_wm, weights, first, second,
+                         pair_weights, 1e-3, _CPU_BLOCK * threads)
+            fused = CoupledObjective(*arguments)
+            fused_objective.ENABLED = False  # torch's code: the parts and the floors
+            objective = CoupledObjective(*arguments)
+            fused_objective.ENABLED = True
             loss = objective.voxel_loss
             chunks = objective.chunks
             gradient, other = torch.empty_like(c), torch.randn_like(c)
@@ -177,10 +205,15 @@ def main():
                 for part in chunks:
                     torch.mm(c[part] @ loss.operator, loss.operator_t, out=gradient[part])
 
-            def voxel_terms():
+            def voxel_terms(objective=objective):
                 for part in chunks:
-                    loss(c[part], objective.projected[part], objective.constant[part],
-                         out=gradient[part], return_loss=True)
+                    objective.voxel_loss(c[part], objective.projected[part],
+                                         objective.constant[part], out=gradient[part],
+                                         return_loss=True)
+
+            def fused_tv():
+                for part in chunks:
+                    fused.stencil.add_gradient(c, gradient, part)
 
             def log_and_divide():
                 torch.log(block, out=block_out)
@@ -198,6 +231,13 @@ def main():
                                               differences=pair_buffer, add_to=gradient),
                 "objective": lambda: objective(c, out=gradient),
             }
+            fused_parts = {"voxel terms": lambda: voxel_terms(fused), "TV": fused_tv,
+                           "objective": lambda: fused(c, out=gradient)}
+            for name, work in fused_parts.items():
+                pair = paired(parts.pop(name), work, 2 * args.repeats, threads)
+                for key, seconds in zip((name, f"fused {name}"), pair):
+                    measurements[key, threads] = min(measurements.get((key, threads), np.inf),
+                                                     seconds)
             for name, work in parts.items():
                 measurements[name, threads] = min(measurements.get((name, threads), np.inf),
                                                   timed(work, args.repeats, threads))
@@ -262,6 +302,30 @@ def main():
         cells += [f"**{totals[threads][0]:.2f}**", f"**{totals[threads][1]:.2f}**"]
     print(f"| per evaluation (solver at {args.steps_per_evaluation:.2f} steps per "
           f"evaluation) | " + " | ".join(cells) + " |")
+
+    print("\nthe fused CPU kernels beside torch's passes (us per voxel and evaluation; each "
+          "pair timed side by side):")
+    print("| part | 1 thread: torch | fused | fused / torch | 2 threads: torch | fused | "
+          "fused / torch |")
+    print("|---|---|---|---|---|---|---|")
+    solver_weight = args.steps_per_evaluation
+    rows = {"elementwise passes of the voxel terms": ("voxel terms", "products"),
+            "voxel terms (products included)": ("voxel terms", None),
+            "TV value and gradient": ("TV", None),
+            "objective (one evaluation)": ("objective", None),
+            f"evaluation with the solver ({solver_weight:.2f} steps)": ("objective", "solver")}
+    for label, (name, other) in rows.items():
+        cells = []
+        for threads in THREADS:
+            pair = [measurements[name, threads], measurements[f"fused {name}", threads]]
+            if other == "products":
+                pair = [value - measurements["products", threads] for value in pair]
+            elif other == "solver":
+                solver, taken, _ = measurements["solver", threads]
+                pair = [value + solver / taken * solver_weight for value in pair]
+            cells += [f"{pair[0] * per_voxel:.2f}", f"{pair[1] * per_voxel:.2f}",
+                      f"{pair[1] / pair[0]:.2f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
     brain = BRAIN_VOXELS
     budget = args.csd_seconds - args.other_seconds

@@ -50,6 +50,25 @@ inherit the variable. A script that fixes the count with
 ``torch.set_num_threads`` on a shared machine should export
 ``OMP_WAIT_POLICY=PASSIVE``.
 
+**numba's threads.** The refinement's fused kernels
+(:mod:`esdmri.reconst.fused_objective`) run between torch's matrix products,
+on numba's threads, as many as torch's (:func:`sync_numba_threads`, before
+each evaluation; on one thread they run on the calling thread, with no launch
+at all). Of numba's threading layers, OpenMP comes first
+(:data:`NUMBA_LAYERS`): its library calls the OpenMP runtime that is loaded
+first into the process's global scope, which is torch's bundled ``libgomp``,
+so its kernels run on torch's own thread pool (the process gains one thread
+where the work queue adds two or three; PyPI wheels on Linux) and no second
+pool spins beside it. Numba's work queue (the next choice) adds a pool of its
+own whose threads sleep between kernels: waking them cost about 50 us per
+kernel on a 2-core machine (2-6 us under OpenMP), and in the 40^3
+refinement's objective on two threads the kernels' gain over torch's passes
+was 14-22 % under OpenMP and 3 % under the work queue (docs/benchmarks.md).
+numba's OpenMP layer sets the runtime's thread count to its pool's size when
+it starts; the sync puts torch's back. ``NUMBA_THREADING_LAYER`` in the
+environment chooses another layer (``workqueue`` where torch's runtime is not
+GNU OpenMP, for example).
+
 ``num_threads`` follows DIPY's workflows (``dipy.utils.omp``): None keeps
 the default (``OMP_NUM_THREADS`` if set, otherwise torch's count of the
 physical cores, adapted to the load as above), a positive value is the
@@ -63,10 +82,10 @@ import os
 import sys
 import time
 
-__all__ = ["ADAPT_INTERVAL", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
+__all__ = ["ADAPT_INTERVAL", "NUMBA_LAYERS", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
            "adapt_num_threads", "apply_wait_policy", "fixed_num_threads",
            "note_default_num_threads", "resolve_num_threads", "set_adaptive",
-           "set_num_threads"]
+           "set_num_threads", "sync_numba_threads"]
 
 
 def resolve_num_threads(num_threads):
@@ -352,4 +371,47 @@ def adapt_num_threads():
         return None
     torch.set_num_threads(threads)
     state.last_set = threads
+    return threads
+
+
+# --- numba's threads ------------------------------------------------------------------------
+
+# numba's threading layers in order of preference (numba asks for all three),
+# unless the user names one in NUMBA_THREADING_LAYER: OpenMP first, whose kernels
+# run on torch's own OpenMP threads (see the module docstring), then numba's work
+# queue, then TBB (a third pool).
+NUMBA_LAYERS = ("omp", "workqueue", "tbb")
+
+
+def sync_numba_threads():
+    """Run numba's parallel kernels on as many threads as torch runs now.
+
+    The refinement's fused kernels (:mod:`esdmri.reconst.fused_objective`)
+    run on numba's thread pool between torch's products: called before each
+    evaluation, after :func:`adapt_num_threads`, this gives them torch's
+    current count (the user's, or the one adapted to the load), capped at the
+    pool's size (``NUMBA_NUM_THREADS``, the CPUs when numba loaded). numba's
+    count is per calling thread, so the call belongs in the thread that runs
+    the kernels.
+
+    Returns
+    -------
+    threads : int
+        numba's thread count after the call.
+    """
+    import numba
+    import torch
+
+    current = torch.get_num_threads()
+    # Read when numba starts its threads (the first parallel kernel or the
+    # get_num_threads below); a layer numba runs already stays.
+    numba.config.THREADING_LAYER_PRIORITY = list(NUMBA_LAYERS)
+    numba.get_num_threads()
+    if torch.get_num_threads() != current:
+        # numba's OpenMP layer starts by setting the runtime's count to its pool's
+        # size: torch's count, when they share the runtime.
+        torch.set_num_threads(current)
+    threads = max(1, min(current, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
     return threads

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
-from ..threads import adapt_num_threads
+from ..threads import adapt_num_threads, sync_numba_threads
+from . import fused_objective
 from .config import REFINEMENT_METHODS
 from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
@@ -113,7 +114,8 @@ class VoxelLoss:
     the Gram form ``c^T F F^T c - 2 c^T F y + |y|^2``, whose terms cancel).
     ``R`` and the sampler are stacked into one ``C x (k + V)`` operator, so an
     evaluation is one matrix product forward, a few in-place passes over its
-    result, and one product back.
+    result, and one product back. On a CPU the passes are one fused kernel
+    (:func:`esdmri.reconst.fused_objective.voxel_terms`; ``fused``).
 
     Parameters
     ----------
@@ -122,6 +124,13 @@ class VoxelLoss:
         Its device and dtype are the evaluation's.
     n_wm_coeffs : int
     weights : LossWeights
+
+    Attributes
+    ----------
+    fused : bool
+        Whether evaluations run the fused CPU pass
+        (:func:`esdmri.reconst.fused_objective.fused_on` at construction:
+        on a CPU unless turned off); else torch's passes.
     """
 
     def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights):
@@ -139,12 +148,16 @@ class VoxelLoss:
         operator[:, :self.rank] = triangle.T.to(dtype)
         operator[:n_wm_coeffs, self.rank:] = fodf_sampler.T
         self.operator, self.operator_t = operator, operator.T.contiguous()
-        self.weights = weights
         scale = 1.0 / self.n_samples
         self.residual_scale = 2 * weights.intensity / self.n_measurements
         # d/df of 2 log(1 + f^2 / (2 sigma)) is (2 / sigma) f / (1 + f^2 / (2 sigma)).
         self.sparsity_scale = 2 * weights.sparsity * scale / CAUCHY_SIGMA
         self.negative_scale = 2 * weights.nonnegativity * scale
+        self.spread_scale = 0.5 / CAUCHY_SIGMA
+        # The loss's weights of the squared residual, the squared negative part and the logs.
+        self.loss_scales = (weights.intensity / self.n_measurements,
+                            weights.nonnegativity * scale, 2 * weights.sparsity / self.n_samples)
+        self.fused = fused_objective.fused_on(operator)
 
     def project(self, measured):
         """What the loss needs of the measured signal: ``Q^T y`` and the rest of ``|y|^2``.
@@ -184,25 +197,27 @@ class VoxelLoss:
         loss : Tensor, float64, shape (n,)
             Only with ``return_loss``.
         """
+        if self.fused:
+            return fused_objective.evaluate_voxel_terms(self, coefficients, projected, constant,
+                                                        out, return_loss)
         mapped = coefficients @ self.operator
         residual, samples = mapped[:, :self.rank], mapped[:, self.rank:]
         residual.sub_(projected)
         # 1 + f^2 / (2 sigma), the Cauchy penalty's argument.
         spread = torch.addcmul(torch.ones((), dtype=samples.dtype, device=samples.device),
-                               samples, samples, value=0.5 / CAUCHY_SIGMA)
+                               samples, samples, value=self.spread_scale)
         negative = samples.clamp(max=0)
         if return_loss:
-            weights, scale = self.weights, 1.0 / self.n_samples
-            loss = (weights.intensity / self.n_measurements
-                    * (_squared_norms(residual) + constant)
-                    + weights.nonnegativity * scale * _squared_norms(negative))
+            residual_weight, negative_weight, log_weight = self.loss_scales
+            loss = (residual_weight * (_squared_norms(residual) + constant)
+                    + negative_weight * _squared_norms(negative))
         residual.mul_(self.residual_scale)
         torch.addcdiv(negative.mul_(self.negative_scale), samples, spread,
                       value=self.sparsity_scale, out=samples)
         gradient = torch.mm(mapped, self.operator_t, out=out)
         if not return_loss:
             return gradient
-        loss += 2 * self.weights.sparsity / self.n_samples * spread.log_().sum(dim=1).double()
+        loss += log_weight * spread.log_().sum(dim=1).double()
         return gradient, loss
 
 
@@ -361,7 +376,11 @@ class CoupledObjective:
     ``batch_voxels`` so that a block's fODF samples stay in cache) plus the
     weighted smoothed total variation between neighbour pairs
     (:func:`esdmri.reconst.losses.total_variation`, through sparse difference
-    operators) when ``pair_weights`` is given.
+    operators) when ``pair_weights`` is given. On a CPU the voxel terms'
+    passes and the total variation are fused kernels
+    (:mod:`esdmri.reconst.fused_objective`): the total variation of a
+    block's voxels is added to their gradient rows right after the block's
+    voxel terms, while the rows are in cache.
 
     Parameters
     ----------
@@ -388,8 +407,12 @@ class CoupledObjective:
         self.constant = constant
         self.pair_weights = pair_weights
         self.first, self.second = first, second
-        self.differences = self.pair_buffer = None
-        if pair_weights is not None:
+        self.differences = self.pair_buffer = self.stencil = None
+        self.fused = fused_objective.fused_on(fodf_sampler)
+        if pair_weights is not None and self.fused:
+            self.stencil = fused_objective.TotalVariationStencil(first, second, pair_weights,
+                                                                 smoothing, len(measured))
+        elif pair_weights is not None:
             self.differences = difference_operators(first, second, len(measured),
                                                     dtype=fodf_sampler.dtype)
             # The pairs' differences, reused by every evaluation (about 3 values per
@@ -411,6 +434,8 @@ class CoupledObjective:
         """
         self.evaluations += 1
         adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
+        if self.fused:
+            sync_numba_threads()
         gradient = torch.empty_like(coefficients) if out is None else out
         value = 0.0
         for rows in self.chunks:
@@ -420,7 +445,9 @@ class CoupledObjective:
             if with_value:
                 # In float64: the line search compares sums over a whole brain.
                 value += float(result[1].sum())
-        if self.pair_weights is not None:
+            if self.stencil is not None:
+                value += self.stencil.add_gradient(coefficients, gradient, rows)
+        if self.differences is not None:
             tv, _ = total_variation(coefficients, self.first, self.second, self.pair_weights,
                                     self.smoothing, gradient=True, operators=self.differences,
                                     differences=self.pair_buffer, add_to=gradient)
