@@ -1,0 +1,229 @@
+"""The L-BFGS solver's passes over memory: numba's fused kernels against torch's (issue 28).
+
+:func:`~esdmri.reconst.refine._lbfgs_descent` (memory 5, the clinical
+acquisition's order-12 preconditioner, damping 10) runs ``--warm`` + ``--steps`` steps on
+a quadratic objective (:class:`CurvedQuadratic`, whose own time is measured
+inside it and taken out) over a random field of ``--voxels`` rows
+and 93 columns (float32; the two isotropic columns at their bound 0 in about
+half the voxels, so the held-bound masking works). The two implementations of
+its passes (:mod:`esdmri.reconst.fused_solver`: the numba kernels, and the
+torch expressions that every device other than a CPU runs) alternate in one
+process, A B B A, ``--pairs`` times, on each of ``--threads`` (one thread:
+CPU time; more: wall time, :func:`benchmarks.bench_floor.clock`). Only the
+steps after the first ``--warm`` are timed (:class:`StepClock`). Printed: the
+solver's microseconds per voxel and step for each run, the ratio fused /
+torch of each pair, their median and range, and the fields per step that
+each moves at the streaming bandwidth measured beside it (``torch.add`` over
+three fields, ``torch.vdot`` over two: the best of both), against the ``8 m +
+12`` = 52 of a fully fused recursion. The objective at the last step and the
+steps taken show that both ran the same iterates (to round-off).
+
+With ``--refine SIZE`` the whole refinement of the SIZE^3 dev phantom (SNR 20,
+the default fit's inputs and options, ``bench_preconditioner``'s
+``refinement_inputs``) runs to its stop instead, the two implementations
+alternating the same way: CPU milliseconds per evaluation (one thread: run it
+under ``OMP_NUM_THREADS=1``), evaluations, steps, the objective at the stop
+and the largest difference of the refined coefficients between the two.
+
+Usage::
+
+    python -m benchmarks.bench_solver_passes                         # 40^3's and the brain's field
+    python -m benchmarks.bench_solver_passes --voxels 25912 --pairs 2   # a quick look
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_solver_passes --refine 40 --pairs 2
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import numba
+import torch
+
+from esdmri.heldout_phantom import make_heldout_phantom
+from esdmri.reconst import fused_solver
+from esdmri.reconst.refine import (RefinementHistory, _lbfgs_descent, refine_coefficients,
+                                   signal_preconditioner)
+from esdmri.sims import make_phantom
+
+from .bench_floor import MEMORY, Quadratic, clock
+from .bench_memory import clinical_gtab
+from .bench_preconditioner import refinement_inputs
+from .bench_stages import DEV_GEOMETRY
+
+COLUMNS, N_WM = 93, 91
+# Masked voxels of the 40^3 dev phantom and of the clinical-size scan.
+SIZES = (25912, 225416)
+
+
+class CurvedQuadratic(Quadratic):
+    """``(c - t) H (c - t) / 2`` with one ``C x C`` Hessian for every voxel.
+
+    ``H`` has eigenvalues from 1e-2 to 1 on random axes, so that L-BFGS keeps
+    taking full steps for tens of iterations (about one evaluation per step,
+    as in the refinement) where ``bench_floor``'s ``|c - t|^2 / 2`` is solved in
+    a few steps and then backtracks on round-off.
+    """
+
+    def __init__(self, target, now, hessian):
+        super().__init__(target, now)
+        self.hessian = hessian
+        self.difference = torch.empty_like(target)
+
+    def __call__(self, coefficients, with_value=True, out=None):
+        start = self.now()
+        self.evaluations += 1
+        difference = torch.sub(coefficients, self.target, out=self.difference)
+        gradient = torch.mm(difference, self.hessian, out=out)
+        value = 0.5 * float(torch.vdot(difference.flatten(), gradient.flatten()))
+        self.seconds += self.now() - start
+        return value, gradient
+
+
+def curved_hessian(generator):
+    """A random ``C x C`` Hessian with eigenvalues spaced logarithmically from 1e-2 to 1."""
+    axes, _ = torch.linalg.qr(torch.randn(COLUMNS, COLUMNS, generator=generator,
+                                          dtype=torch.float64))
+    return (axes * torch.logspace(-2, 0, COLUMNS, dtype=torch.float64) @ axes.T).float()
+
+
+class StepClock:
+    """The solver's progress bar: starts the clock after ``warm`` steps.
+
+    The first steps fill the ``2 m`` pair buffers (fresh fields, whose page
+    faults cost more than a pass); the steps after them are the refinement's
+    steady state, hundreds of steps long.
+    """
+
+    def __init__(self, objective, warm):
+        self.objective, self.warm = objective, warm
+        self.steps, self.start = 0, None
+
+    def update(self, steps):
+        self.steps += steps
+        if self.steps == self.warm:
+            self.start = self.objective.now()
+            self.objective.seconds = 0.0
+            self.evaluations = self.objective.evaluations
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
+def run(c, target, hessian, preconditioner, steps, warm, threads, fused):
+    """Seconds per step after ``warm`` steps, outside the objective (:func:`clock`),
+    evaluations per step, the steps taken and the objective per voxel at the end."""
+    fused_solver.USE_NUMBA = fused
+    torch.set_num_threads(threads)
+    objective = CurvedQuadratic(target, clock(threads), hessian)
+    history, bar = RefinementHistory(), StepClock(objective, warm)
+    _, taken, _ = _lbfgs_descent(c.clone(), objective, N_WM, steps=warm + steps, lr=1e-3,
+                                 memory=MEMORY, tolerance=0.0, least_fall=0.0,
+                                 check_every=warm + steps, history=history, bar=bar,
+                                 preconditioner=preconditioner)
+    fused_solver.USE_NUMBA = True
+    seconds = objective.now() - bar.start - objective.seconds
+    return (seconds / (taken - warm), (objective.evaluations - bar.evaluations) / (taken - warm),
+            taken, history[-1])
+
+
+def bandwidth(c, threads):
+    """Bytes per second of the best of ``torch.add`` (3 fields) and ``torch.vdot`` (2)."""
+    torch.set_num_threads(threads)
+    now = clock(threads)
+    other, out = torch.randn_like(c), torch.empty_like(c)
+    best = 0.0
+    for _ in range(4):
+        start = now()
+        torch.add(c, other, out=out)
+        best = max(best, 3 * c.nbytes / (now() - start))
+        start = now()
+        torch.vdot(c.flatten(), other.flatten())
+        best = max(best, 2 * c.nbytes / (now() - start))
+    return best
+
+
+def refine(size, pairs):
+    """The dev phantom's whole refinement, torch's passes and the kernels alternating."""
+    phantom = make_heldout_phantom((size,) * 3, snr=20, seed=1, geometry_seed=DEV_GEOMETRY)
+    inputs, options, n = refinement_inputs(phantom)
+    print(f"{size}^3 dev SNR 20, {n} masked voxels, torch threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print("| pair | path | CPU ms per evaluation | evaluations | steps | objective at the stop |")
+    print("|---|---|---|---|---|---|")
+    refined, ratios = {}, []
+    for pair in range(pairs):
+        seconds = {}
+        for fused in (False, True) if pair % 2 == 0 else (True, False):
+            fused_solver.USE_NUMBA = fused
+            start = time.process_time()
+            refined[fused], history = refine_coefficients(*inputs, **options)
+            seconds[fused] = (time.process_time() - start) / history.evaluations
+            fused_solver.USE_NUMBA = True
+            print(f"| {pair} | {'numba fused' if fused else 'torch passes'} | "
+                  f"{seconds[fused] * 1e3:.1f} | {history.evaluations} | {history.steps} | "
+                  f"{history[-1]:.10g} |", flush=True)
+        ratios.append(seconds[True] / seconds[False])
+    print(f"fused / torch per evaluation, per pair: {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.3f}; largest coefficient difference "
+          f"{abs(refined[True] - refined[False]).max():.2e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--voxels", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--steps", type=int, default=10, help="steps timed")
+    parser.add_argument("--warm", type=int, default=8, help="steps before the clock starts")
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--refine", type=int, default=None, metavar="SIZE")
+    args = parser.parse_args()
+    if args.refine:
+        refine(args.refine, args.pairs)
+        return
+    # The preconditioner of the clinical acquisition at order 12 (a small phantom of it).
+    inputs, _, _ = refinement_inputs(make_phantom(shape=(8, 8, 8), gtab=clinical_gtab(),
+                                                  snr=30))
+    preconditioner = signal_preconditioner(inputs[3], inputs[7], 10.0).float()
+    print(f"machine load when started: {os.getloadavg()[0]:.2f}; numba threading layer "
+          f"after the first kernel: ", end="", flush=True)
+    generator = torch.Generator().manual_seed(0)
+    hessian = curved_hessian(generator)
+    for voxels in args.voxels:
+        c = torch.randn(voxels, COLUMNS, generator=generator)
+        c[:, N_WM:].clamp_(min=0)
+        target = torch.randn(voxels, COLUMNS, generator=generator)
+        for threads in args.threads:
+            for fused in (True, False):  # warm: the kernels' cache, the allocator
+                run(c, target, hessian, preconditioner, 1, 1, threads, fused)
+            if voxels == args.voxels[0] and threads == args.threads[0]:
+                print(numba.threading_layer(), flush=True)
+            fields = bandwidth(c, threads) / c.nbytes
+            times = {True: [], False: []}
+            ends = {}
+            for pair in range(args.pairs):
+                for fused in (False, True) if pair % 2 == 0 else (True, False):
+                    seconds, per_step, taken, end = run(c, target, hessian, preconditioner,
+                                                        args.steps, args.warm, threads, fused)
+                    times[fused].append(seconds / voxels * 1e6)
+                    ends[fused] = (taken, per_step, end)
+            ratios = [a / b for a, b in zip(times[True], times[False])]
+            print(f"\n{voxels} voxels x {COLUMNS}, {threads} thread(s), {args.steps} steps "
+                  f"timed after {args.warm}; "
+                  f"streaming {fields * c.nbytes / 1e9:.1f} GB/s; load "
+                  f"{os.getloadavg()[0]:.2f}")
+            print("| path | us per voxel and step, per run | fields per step (median) | "
+                  "steps, evaluations per timed step, objective per voxel at the end |")
+            print("|---|---|---|---|")
+            for fused, name in ((False, "torch passes"), (True, "numba fused")):
+                median = statistics.median(times[fused])
+                print(f"| {name} | {', '.join(f'{t:.3f}' for t in times[fused])} | "
+                      f"{median * 1e-6 * voxels * fields:.0f} | {ends[fused][0]}, "
+                      f"{ends[fused][1]:.2f}, {ends[fused][2]:.10g} |")
+            print(f"fused / torch per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median "
+                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
