@@ -18,26 +18,35 @@ three fields, ``torch.vdot`` over two: the best of both), against the ``8 m +
 12`` = 52 of a fully fused recursion. The objective at the last step and the
 steps taken show that both ran the same iterates (to round-off).
 
+With ``--passes`` each of :mod:`esdmri.reconst.fused_solver`'s passes is timed
+alone instead, against the torch expressions it replaces (best of ``2 --pairs``
+calls each, the two alternating).
+
 With ``--refine SIZE`` the whole refinement of the SIZE^3 dev phantom (SNR 20,
 the default fit's inputs and options, ``bench_preconditioner``'s
-``refinement_inputs``) runs to its stop instead, the two implementations
-alternating the same way: CPU milliseconds per evaluation (one thread: run it
-under ``OMP_NUM_THREADS=1``), evaluations, steps, the objective at the stop
-and the largest difference of the refined coefficients between the two.
+``refinement_inputs``) runs to its stop instead (``--clinical``: the
+clinical-size scan of ``bench_memory.py``, 96 x 96 x 60, SNR 30;
+``--refine-steps N``: N steps without the stop rules), the two implementations
+alternating the same way: milliseconds per evaluation (:func:`clock` of torch's
+thread count: one thread under ``OMP_NUM_THREADS=1``, CPU time), evaluations,
+steps, the objective at the stop and the largest difference of the refined
+coefficients between the two.
 
 Usage::
 
     python -m benchmarks.bench_solver_passes                         # 40^3's and the brain's field
     python -m benchmarks.bench_solver_passes --voxels 25912 --pairs 2   # a quick look
+    python -m benchmarks.bench_solver_passes --passes --voxels 225416
     OMP_NUM_THREADS=1 python -m benchmarks.bench_solver_passes --refine 40 --pairs 2
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_solver_passes --clinical --refine-steps 12
 """
 
 import argparse
 import os
 import statistics
-import time
 
 import numba
+import numpy as np
 import torch
 
 from esdmri.heldout_phantom import make_heldout_phantom
@@ -47,6 +56,7 @@ from esdmri.reconst.refine import (RefinementHistory, _lbfgs_descent, refine_coe
 from esdmri.sims import make_phantom
 
 from .bench_floor import MEMORY, Quadratic, clock
+from .bench_memory import SHAPE as BRAIN_SHAPE
 from .bench_memory import clinical_gtab
 from .bench_preconditioner import refinement_inputs
 from .bench_stages import DEV_GEOMETRY
@@ -143,30 +153,79 @@ def bandwidth(c, threads):
     return best
 
 
-def refine(size, pairs):
-    """The dev phantom's whole refinement, torch's passes and the kernels alternating."""
-    phantom = make_heldout_phantom((size,) * 3, snr=20, seed=1, geometry_seed=DEV_GEOMETRY)
+def passes(voxels, threads, repeats):
+    """Each fused pass alone against its torch expressions, best of ``repeats`` each,
+    the two alternating; milliseconds (:func:`clock`)."""
+    torch.set_num_threads(threads)
+    now = clock(threads)
+    generator = torch.Generator().manual_seed(1)
+    c, g, d, x, u, t, s = (torch.randn(voxels, COLUMNS, generator=generator) for _ in range(7))
+    c[:, N_WM:].clamp_(min=0)
+    work = {
+        "start_direction (d = held-masked g; s.d)": lambda: fused_solver.start_direction(
+            d, g, c, N_WM, u),
+        "axpy_dot (d += a x; u.d)": lambda: fused_solver.axpy_dot(d, 1e-3, x, u),
+        "finish_direction (d += a x, held-masked; g.d)": lambda: fused_solver.finish_direction(
+            d, g, c, N_WM, 1e-3, x),
+        "trial_point (trial, s, g.s)": lambda: fused_solver.trial_point(t, s, c, d, 0.5, g,
+                                                                        N_WM),
+        "pair_difference (y = g' - g; s.y, y.y)": lambda: fused_solver.pair_difference(
+            t, g, x, u),
+    }
+    print(f"\n{voxels} voxels x {COLUMNS}, {threads} thread(s), best of {repeats}; load "
+          f"{os.getloadavg()[0]:.2f}")
+    print("| pass | torch (ms) | numba fused (ms) | fused / torch |")
+    print("|---|---|---|---|")
+    for name, call in work.items():
+        best = {}
+        for repeat in range(2 * repeats + 2):  # the first of each is a warm-up
+            fused = repeat % 2 == 0
+            fused_solver.USE_NUMBA = fused
+            start = now()
+            call()
+            seconds = now() - start
+            if repeat > 1:
+                best[fused] = min(best.get(fused, np.inf), seconds)
+        fused_solver.USE_NUMBA = True
+        print(f"| {name} | {best[False] * 1e3:.2f} | {best[True] * 1e3:.2f} | "
+              f"{best[True] / best[False]:.2f} |", flush=True)
+
+
+def refine(phantom, label, pairs, steps=None):
+    """A phantom's whole refinement, torch's passes and the kernels alternating.
+
+    ``steps``: that many steps without the stop rules (None: the fit's own).
+    """
     inputs, options, n = refinement_inputs(phantom)
-    print(f"{size}^3 dev SNR 20, {n} masked voxels, torch threads {torch.get_num_threads()}, "
+    del phantom
+    if steps is not None:
+        options.update(steps=steps, tolerance=0.0, likelihood_tolerance=0.0)
+    threads = torch.get_num_threads()
+    now = clock(threads)
+    print(f"{label}, {n} masked voxels, torch threads {threads}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
-    print("| pair | path | CPU ms per evaluation | evaluations | steps | objective at the stop |")
-    print("|---|---|---|---|---|---|")
-    refined, ratios = {}, []
+    print(f"| pair | path | {'CPU' if threads == 1 else 'wall'} ms per evaluation | per step | "
+          "evaluations | steps | objective at the stop |")
+    print("|---|---|---|---|---|---|---|")
+    refined, ratios = {}, {"evaluation": [], "step": []}
     for pair in range(pairs):
         seconds = {}
         for fused in (False, True) if pair % 2 == 0 else (True, False):
             fused_solver.USE_NUMBA = fused
-            start = time.process_time()
+            start = now()
             refined[fused], history = refine_coefficients(*inputs, **options)
-            seconds[fused] = (time.process_time() - start) / history.evaluations
+            elapsed = now() - start
             fused_solver.USE_NUMBA = True
+            seconds[fused] = (elapsed / history.evaluations, elapsed / history.steps)
             print(f"| {pair} | {'numba fused' if fused else 'torch passes'} | "
-                  f"{seconds[fused] * 1e3:.1f} | {history.evaluations} | {history.steps} | "
-                  f"{history[-1]:.10g} |", flush=True)
-        ratios.append(seconds[True] / seconds[False])
-    print(f"fused / torch per evaluation, per pair: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          f"median {statistics.median(ratios):.3f}; largest coefficient difference "
-          f"{abs(refined[True] - refined[False]).max():.2e}")
+                  f"{seconds[fused][0] * 1e3:.1f} | {seconds[fused][1] * 1e3:.1f} | "
+                  f"{history.evaluations} | {history.steps} | {history[-1]:.10g} |", flush=True)
+        for index, unit in enumerate(ratios):
+            ratios[unit].append(seconds[True][index] / seconds[False][index])
+    for unit, values in ratios.items():
+        print(f"fused / torch per {unit}, per pair: {', '.join(f'{r:.3f}' for r in values)}; "
+              f"median {statistics.median(values):.3f}")
+    print(f"largest coefficient difference {abs(refined[True] - refined[False]).max():.2e}")
 
 
 def main():
@@ -176,10 +235,28 @@ def main():
     parser.add_argument("--warm", type=int, default=8, help="steps before the clock starts")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--refine", type=int, default=None, metavar="SIZE")
+    parser.add_argument("--refine", type=int, default=None, metavar="SIZE",
+                        help="the SIZE^3 dev phantom's whole refinement instead")
+    parser.add_argument("--clinical", action="store_true",
+                        help="the clinical-size scan's refinement instead")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="steps of the refinement without its stop rules")
+    parser.add_argument("--passes", action="store_true",
+                        help="each fused pass alone against its torch expressions instead")
     args = parser.parse_args()
+    if args.passes:
+        for voxels in args.voxels:
+            for threads in args.threads:
+                passes(voxels, threads, 2 * args.pairs)
+        return
     if args.refine:
-        refine(args.refine, args.pairs)
+        phantom = make_heldout_phantom((args.refine,) * 3, snr=20, seed=1,
+                                       geometry_seed=DEV_GEOMETRY)
+        refine(phantom, f"{args.refine}^3 dev SNR 20", args.pairs, args.refine_steps)
+        return
+    if args.clinical:
+        phantom = make_phantom(shape=BRAIN_SHAPE, gtab=clinical_gtab(), snr=30)
+        refine(phantom, "clinical 96x96x60 SNR 30", args.pairs, args.refine_steps)
         return
     # The preconditioner of the clinical acquisition at order 12 (a small phantom of it).
     inputs, _, _ = refinement_inputs(make_phantom(shape=(8, 8, 8), gtab=clinical_gtab(),
