@@ -30,7 +30,9 @@ clinical-size scan of ``bench_memory.py``, 96 x 96 x 60, SNR 30;
 alternating the same way: milliseconds per evaluation (:func:`clock` of torch's
 thread count: one thread under ``OMP_NUM_THREADS=1``, CPU time), evaluations,
 steps, the objective at the stop and the largest difference of the refined
-coefficients between the two.
+coefficients between the two; each step's time splits into the objective's
+calls (:class:`ObjectiveClock`) and the rest, the solver's passes and products in
+the real loop.
 
 Usage::
 
@@ -51,8 +53,8 @@ import torch
 
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst import fused_solver
-from esdmri.reconst.refine import (RefinementHistory, _lbfgs_descent, refine_coefficients,
-                                   signal_preconditioner)
+from esdmri.reconst.refine import (CoupledObjective, RefinementHistory, _lbfgs_descent,
+                                   refine_coefficients, signal_preconditioner)
 from esdmri.sims import make_phantom
 
 from .bench_floor import MEMORY, Quadratic, clock
@@ -191,6 +193,30 @@ def passes(voxels, threads, repeats):
               f"{best[True] / best[False]:.2f} |", flush=True)
 
 
+class ObjectiveClock:
+    """Times :class:`~esdmri.reconst.refine.CoupledObjective`'s calls within the block
+    (its ``__call__`` wrapped), so that a refinement splits into the objective and the
+    rest (the solver's passes and products)."""
+
+    def __init__(self, now):
+        self.now, self.seconds = now, 0.0
+
+    def __enter__(self):
+        original = self.original = CoupledObjective.__call__
+
+        def timed(objective, *args, **kwargs):
+            start = self.now()
+            result = original(objective, *args, **kwargs)
+            self.seconds += self.now() - start
+            return result
+
+        CoupledObjective.__call__ = timed
+        return self
+
+    def __exit__(self, *exc):
+        CoupledObjective.__call__ = self.original
+
+
 def refine(phantom, label, pairs, steps=None):
     """A phantom's whole refinement, torch's passes and the kernels alternating.
 
@@ -204,22 +230,30 @@ def refine(phantom, label, pairs, steps=None):
     now = clock(threads)
     print(f"{label}, {n} masked voxels, torch threads {threads}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
-    print(f"| pair | path | {'CPU' if threads == 1 else 'wall'} ms per evaluation | per step | "
-          "evaluations | steps | objective at the stop |")
-    print("|---|---|---|---|---|---|---|")
-    refined, ratios = {}, {"evaluation": [], "step": []}
+    print(f"| pair | path | {'CPU' if threads == 1 else 'wall'} ms per evaluation | per step: "
+          "all | objective | the rest (solver) | evaluations | steps | objective at the stop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fused in (True, False):  # warm: the kernels' cache, the allocator
+        fused_solver.USE_NUMBA = fused
+        refine_coefficients(*inputs, **dict(options, steps=1))
+    refined, ratios = {}, {"evaluation": [], "step": [], "step's objective": [],
+                           "step's rest (solver)": []}
     for pair in range(pairs):
         seconds = {}
         for fused in (False, True) if pair % 2 == 0 else (True, False):
             fused_solver.USE_NUMBA = fused
-            start = now()
-            refined[fused], history = refine_coefficients(*inputs, **options)
-            elapsed = now() - start
+            with ObjectiveClock(now) as objective:
+                start = now()
+                refined[fused], history = refine_coefficients(*inputs, **options)
+                elapsed = now() - start
             fused_solver.USE_NUMBA = True
-            seconds[fused] = (elapsed / history.evaluations, elapsed / history.steps)
+            seconds[fused] = (elapsed / history.evaluations, elapsed / history.steps,
+                              objective.seconds / history.steps,
+                              (elapsed - objective.seconds) / history.steps)
             print(f"| {pair} | {'numba fused' if fused else 'torch passes'} | "
-                  f"{seconds[fused][0] * 1e3:.1f} | {seconds[fused][1] * 1e3:.1f} | "
-                  f"{history.evaluations} | {history.steps} | {history[-1]:.10g} |", flush=True)
+                  + " | ".join(f"{value * 1e3:.1f}" for value in seconds[fused])
+                  + f" | {history.evaluations} | {history.steps} | {history[-1]:.10g} |",
+                  flush=True)
         for index, unit in enumerate(ratios):
             ratios[unit].append(seconds[True][index] / seconds[False][index])
     for unit, values in ratios.items():
