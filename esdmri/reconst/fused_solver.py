@@ -76,8 +76,8 @@ def _held(c, gradient, n_wm_coeffs):
     return (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
 
 
-# The kernels index slices and rows from 0: numba then knows the indices are not
-# negative and leaves out its wraparound check, which keeps LLVM from vectorising.
+# The inner loops index a slice or a row from 0: numba then knows the indices are
+# not negative and leaves out its wraparound check, which keeps LLVM from vectorising.
 
 
 @numba.njit(**_KERNEL)
