@@ -1,0 +1,187 @@
+"""The fused L-BFGS passes (numba) against the torch expressions they replace."""
+
+import numpy as np
+import pytest
+import torch
+
+from esdmri.reconst import fused_solver
+from esdmri.reconst.refine import RefinementHistory, _lbfgs_descent
+
+N_WM = 15  # 15 WM coefficients (order 4) and 2 isotropic tissues
+COLUMNS = N_WM + 2
+# Rows that are not a multiple of the kernels' blocks: every block and chunk boundary is hit.
+ROWS = 1000
+
+
+class torch_path:
+    """Run the torch expressions on the CPU within the block."""
+
+    def __enter__(self):
+        fused_solver.ENABLED = False
+
+    def __exit__(self, *exc):
+        fused_solver.ENABLED = True
+
+
+def fields(dtype, count, seed=0):
+    """``count`` random fields, shape (ROWS, COLUMNS); the first is a point ``c`` whose
+    isotropic coefficients are at the bound 0 in about half the voxels, the second a
+    gradient pointing outwards at about half of those (held)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = [torch.randn(ROWS, COLUMNS, generator=generator, dtype=dtype) for _ in range(count)]
+    out[0][:, N_WM:].clamp_(min=0)
+    return out
+
+
+def both(function, *arguments):
+    """``function`` on copies of ``arguments`` by the kernels and by torch: the two
+    results and the two sets of arguments after the call."""
+    results = []
+    for reference in (False, True):
+        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in arguments]
+        if reference:
+            with torch_path():
+                value = function(*copies)
+        else:
+            value = function(*copies)
+        results.append((value, copies))
+    return results
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                          atol=1e-12)
+
+
+def check(results, dtype, *scalar_scales):
+    (fused, fused_fields), (reference, reference_fields) = results
+    for a, b in zip(fused_fields, reference_fields):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, **tolerance(dtype))
+    fused = fused if isinstance(fused, tuple) else (fused,)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    for a, b, scale in zip(fused, reference, scalar_scales):
+        if b is None:
+            assert a is None
+        else:
+            # float64 sums against torch's: the relative tolerance of the field's sum
+            assert abs(a - float(b)) <= tolerance(dtype)["rtol"] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_start_direction(dtype):
+    c, gradient, direction, s = fields(dtype, 4)
+    held = (c[:, N_WM:] <= 0) & (gradient[:, N_WM:] > 0)
+    assert 0 < int(held.sum()) < held.numel()
+    results = both(fused_solver.start_direction, direction, gradient, c, N_WM, s)
+    check(results, dtype, float(s.abs().flatten() @ gradient.abs().flatten()))
+    fused_direction = results[0][1][0]
+    assert torch.all(fused_direction[:, N_WM:][held] == 0)
+    check(both(fused_solver.start_direction, direction, gradient, c, N_WM), dtype, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_dot", [True, False])
+def test_axpy_dot(dtype, with_dot):
+    direction, x, u = fields(dtype, 3)
+    arguments = (direction, -0.37, x) + ((u,) if with_dot else ())
+    check(both(fused_solver.axpy_dot, *arguments), dtype,
+          float(u.abs().flatten() @ (direction.abs() + x.abs()).flatten()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_update", [True, False])
+def test_finish_direction(dtype, with_update):
+    c, gradient, direction, x = fields(dtype, 4)
+    update = (0.81, x) if with_update else ()
+    results = both(fused_solver.finish_direction, direction, gradient, c, N_WM, *update)
+    check(results, dtype, float(gradient.abs().flatten() @ (direction.abs() + x.abs()).flatten()))
+    held = (c[:, N_WM:] <= 0) & (gradient[:, N_WM:] > 0)
+    assert torch.all(results[0][1][0][:, N_WM:][held] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trial_point(dtype):
+    c, gradient, direction, trial, s = fields(dtype, 5)
+    results = both(fused_solver.trial_point, trial, s, c, direction, 0.5, gradient, N_WM)
+    check(results, dtype, float(gradient.abs().flatten() @ direction.abs().flatten()))
+    fused_trial = results[0][1][0]
+    assert float(fused_trial[:, N_WM:].min()) == 0  # the bound is active and kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_difference(dtype):
+    y, new, old, s = fields(dtype, 4)
+    check(both(fused_solver.pair_difference, y, new, old, s), dtype,
+          float(s.abs().flatten() @ (new - old).abs().flatten()),
+          float(((new - old) ** 2).sum()))
+
+
+class Objective:
+    """A smooth convex objective on (n, C) fields with the refinement's call signature:
+    a per-voxel quadratic with an SPD matrix plus a log-cosh term that is not quadratic,
+    so L-BFGS keeps pairs, and the isotropic bound is active at the minimiser."""
+
+    def __init__(self, dtype):
+        generator = torch.Generator().manual_seed(1)
+        root = torch.randn(COLUMNS, COLUMNS, generator=generator, dtype=torch.float64)
+        self.matrix = (root @ root.T / COLUMNS + 0.1 * torch.eye(COLUMNS)).to(dtype)
+        self.target = torch.randn(ROWS, COLUMNS, generator=generator, dtype=dtype)
+        self.target[:, N_WM:] -= 0.5  # negative targets: the bound binds
+        self.evaluations = 0
+
+    def __call__(self, c, with_value=True, out=None):
+        self.evaluations += 1
+        residual = c - self.target
+        gradient = torch.mm(residual, self.matrix, out=out)
+        gradient.add_(torch.tanh(residual))
+        value = float(0.5 * (residual * (residual @ self.matrix)).sum(dtype=torch.float64)
+                      + torch.log(torch.cosh(residual)).sum(dtype=torch.float64))
+        return value, gradient
+
+
+class _Bar:
+    def update(self, steps):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("memory", [0, 5])
+def test_descent_iterates_match_torch(dtype, memory):
+    # 12 steps: in float32 the objective reaches its round-off floor at about 14,
+    # where each path's line search backtracks on its own round-off.
+    start = fields(dtype, 1, seed=3)[0]
+    preconditioner = torch.linalg.inv(Objective(dtype).matrix.double()
+                                      + torch.eye(COLUMNS, dtype=torch.float64)).to(dtype)
+    runs = []
+    for reference in (False, True):
+        objective, history = Objective(dtype), RefinementHistory()
+        arguments = dict(steps=12, lr=0.3, memory=memory, tolerance=0.0, least_fall=0.0,
+                         check_every=3, history=history, bar=_Bar(),
+                         preconditioner=preconditioner)
+        if reference:
+            with torch_path():
+                result = _lbfgs_descent(start.clone(), objective, N_WM, **arguments)
+        else:
+            result = _lbfgs_descent(start.clone(), objective, N_WM, **arguments)
+        runs.append((result, objective.evaluations, list(history)))
+    (fused, fused_evaluations, fused_history), (reference, evaluations, history) = runs
+    assert fused[1:] == reference[1:]  # steps and stop reason
+    assert fused_evaluations == evaluations
+    assert history[-1] < 0.5 * history[0]  # it descends
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    np.testing.assert_allclose(fused_history, history, rtol=rtol)
+    torch.testing.assert_close(fused[0], reference[0], rtol=rtol * 10, atol=rtol * 10)
+    assert float(fused[0][:, N_WM:].min()) == 0  # the bound was active
+
+
+def test_non_contiguous_takes_torch():
+    """A field the kernels cannot view flat (not contiguous) takes torch's path."""
+    direction, x, u = (field.T for field in fields(torch.float32, 3))
+    expected = direction.clone().add_(x, alpha=0.5)
+    value = fused_solver.axpy_dot(direction, 0.5, x, u)
+    torch.testing.assert_close(direction, expected)
+    assert value == pytest.approx(float(torch.vdot(u.flatten(), expected.flatten())), rel=1e-5)
