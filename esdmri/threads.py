@@ -57,16 +57,17 @@ each evaluation; on one thread they run on the calling thread, with no launch
 at all). Of numba's threading layers, OpenMP comes first
 (:data:`NUMBA_LAYERS`): its library calls the OpenMP runtime that is loaded
 first into the process's global scope, which is torch's bundled ``libgomp``,
-so its kernels run on torch's own thread pool (no thread is added, measured
-with the PyPI wheels on Linux) and no second pool spins beside it. Numba's work
-queue (the next choice) adds a pool of its own whose threads sleep between
-kernels, and waking them cost about 50 us per kernel on a 2-core machine, on
-one thread too; measured in the 40^3 refinement's objective on two threads,
-the kernels' gain over torch's passes was a fifth under OpenMP and almost
-nothing under the work queue (docs/benchmarks.md). numba's OpenMP layer sets
-the runtime's thread count to its pool's size when it starts; the sync puts
-torch's back. ``NUMBA_THREADING_LAYER`` in the environment chooses another
-layer (``workqueue`` where torch's runtime is not GNU OpenMP, for example).
+so its kernels run on torch's own thread pool (the process gains one thread
+where the work queue adds two or three; PyPI wheels on Linux) and no second
+pool spins beside it. Numba's work queue (the next choice) adds a pool of its
+own whose threads sleep between kernels: waking them cost about 50 us per
+kernel on a 2-core machine (2-6 us under OpenMP), and in the 40^3
+refinement's objective on two threads the kernels' gain over torch's passes
+was 14-22 % under OpenMP and 3 % under the work queue (docs/benchmarks.md).
+numba's OpenMP layer sets the runtime's thread count to its pool's size when
+it starts; the sync puts torch's back. ``NUMBA_THREADING_LAYER`` in the
+environment chooses another layer (``workqueue`` where torch's runtime is not
+GNU OpenMP, for example).
 
 ``num_threads`` follows DIPY's workflows (``dipy.utils.omp``): None keeps
 the default (``OMP_NUM_THREADS`` if set, otherwise torch's count of the

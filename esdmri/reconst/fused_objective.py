@@ -91,8 +91,7 @@ def _voxel_row(i, mapped, projected, constant, rank, residual_scale, spread_scal
                     logs += math.log(np.float64(one + part[v] * part[v] * spread_scale))
         negatives = 0.0
         for v in range(len(samples)):
-            # A select, not min(): min's NaN rules keep LLVM from vectorising.
-            negative = samples[v] if samples[v] < zero else zero
+            negative = samples[v] if samples[v] < zero else zero  # min(f, 0)
             negatives += np.float64(negative) * np.float64(negative)
         loss[i] = (residual_weight * (squares + constant[i]) + negative_weight * negatives
                    + log_weight * logs)
@@ -146,9 +145,9 @@ def voxel_terms(mapped, projected, constant, rank, residual_scale, spread_scale,
         Each voxel's loss is written here (accumulated in float64); an empty
         array skips the loss.
     """
-    # A parallel kernel's launch costs about 50 us even on one thread (numba's work
-    # queue wakes a worker and waits for it; measured on a 2-core machine), a tenth of
-    # a 512-voxel block's pass.
+    # On one thread, no parallel launch: it cost 2-6 us under numba's OpenMP layer and
+    # about 50 us under its work queue (which wakes a worker and waits for it), a
+    # tenth of a 512-voxel block's pass (measured on a 2-core machine).
     (_voxel_terms_serial if get_num_threads() == 1 else _voxel_terms_parallel)(
         mapped, projected, constant, rank, residual_scale, spread_scale, sparsity_scale,
         negative_scale, *loss_scales, loss)

@@ -155,7 +155,6 @@ class VoxelLoss:
         operator[:, :self.rank] = triangle.T.to(dtype)
         operator[:n_wm_coeffs, self.rank:] = fodf_sampler.T
         self.operator, self.operator_t = operator, operator.T.contiguous()
-        self.weights = weights
         scale = 1.0 / self.n_samples
         self.residual_scale = 2 * weights.intensity / self.n_measurements
         # d/df of 2 log(1 + f^2 / (2 sigma)) is (2 / sigma) f / (1 + f^2 / (2 sigma)).
