@@ -6,6 +6,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from test_fused_objective import threads  # noqa: F401
 from test_refine import COUPLED, field, phantom, refine_field  # noqa: F401
 
 from esdmri.reconst import fused_objective, sampler_parity
@@ -73,14 +74,14 @@ def _losses(order, dtype):
     with mock.patch.object(fused_objective, "ENABLED", False):
         reference = VoxelLoss(matrix, sampler, n_wm, weights)
     assert reference.split is None and not reference.fused
-    results = [loss(coefficients, *loss.project(measured), return_loss=True)
-               for loss in (split, reference)]
-    return results, coefficients
+    return [loss(coefficients, *loss.project(measured), return_loss=True)
+            for loss in (split, reference)]
 
 
 @pytest.mark.parametrize("order", [8, 12])
-def test_split_loss_and_gradient_equal_the_single_product_float64(order):
-    (gradient, loss), (expected_gradient, expected) = _losses(order, torch.float64)[0]
+def test_split_loss_and_gradient_equal_the_single_product_float64(order, threads):  # noqa: F811
+    """One thread runs the serial kernel, two the parallel one."""
+    (gradient, loss), (expected_gradient, expected) = _losses(order, torch.float64)
     # Samples of both signs: the negative part and the Cauchy term are both exercised.
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
     scale = expected_gradient.abs().max()
@@ -88,8 +89,8 @@ def test_split_loss_and_gradient_equal_the_single_product_float64(order):
 
 
 @pytest.mark.parametrize("order", [8, 12])
-def test_split_loss_and_gradient_equal_the_single_product_float32(order):
-    (gradient, loss), (expected_gradient, expected) = _losses(order, torch.float32)[0]
+def test_split_loss_and_gradient_equal_the_single_product_float32(order, threads):  # noqa: F811
+    (gradient, loss), (expected_gradient, expected) = _losses(order, torch.float32)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     scale = expected_gradient.abs().max()
     assert float((gradient - expected_gradient).abs().max()) <= 1e-5 * float(scale)
