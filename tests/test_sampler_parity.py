@@ -96,12 +96,15 @@ def test_split_loss_and_gradient_equal_the_single_product_float32(order, threads
     assert float((gradient - expected_gradient).abs().max()) <= 1e-5 * float(scale)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_refinement_through_the_split_equals_the_single_product(phantom, field, dtype):  # noqa: F811
-    """The coupled L-BFGS refinement in class order (split products) against the one in the
-    input order with the single stacked product: the same result to round-off."""
+@pytest.mark.parametrize("method, dtype", [("lbfgs", torch.float64), ("lbfgs", torch.float32),
+                                           ("adam", torch.float64)])
+def test_refinement_through_the_split_equals_the_single_product(phantom, field, method,  # noqa: F811
+                                                                dtype):
+    """The coupled refinement in class order (split products; Adam's degree groups
+    reordered with the coefficients) against the one in the input order with the single
+    stacked product: the same result to round-off."""
     weights = LossWeights(sparsity=1e-3)
-    options = dict(COUPLED, method="lbfgs", steps=30, dtype=dtype)
+    options = dict(COUPLED, method=method, steps=30, dtype=dtype)
     split, split_history = refine_field(phantom, phantom.gtab, *field, weights, **options)
     with mock.patch.object(sampler_parity, "ENABLED", False):
         single, single_history = refine_field(phantom, phantom.gtab, *field, weights, **options)
