@@ -18,14 +18,13 @@ to 93 x 125 + 91 x 88 = 19.6k each way (docs/benchmarks.md, branch pfs).
 
 The Hadamard butterfly and its transpose (the same: the 4 x 4 Hadamard matrix
 is symmetric) run inside the fused voxel-terms kernel
-(:func:`esdmri.reconst.fused_objective.voxel_terms`'s row), on each row
+(:func:`esdmri.reconst.fused_objective.parity_voxel_terms`), on each row
 while it is in cache: no extra pass over a block.
 """
 
 import torch
-from numba import get_num_threads, njit, prange
 
-from esdmri.reconst.fused_objective import _OPTIONS, _voxel_row
+from esdmri.reconst.fused_objective import parity_voxel_terms
 
 __all__ = ["ENABLED", "ParitySplit", "parity_order", "sampler_parity"]
 
@@ -130,46 +129,6 @@ def parity_order(fodf_sampler, n_coefficients):
     return torch.cat([*parity["classes"], torch.arange(n_wm, n_coefficients)])
 
 
-@njit(**_OPTIONS)
-def _butterfly(row, start, width):
-    """The samples on the orbits from the classes' samples at their first points, in place.
-
-    ``row[start + q width + j]`` holds class ``q``'s part of orbit ``j``'s first
-    sample; afterwards ``row[start + k width + j]`` holds the sample at the orbit's
-    point ``k``: the 4 x 4 Hadamard matrix (Sylvester order), its own transpose.
-    """
-    for j in range(width):
-        a, b = row[start + j], row[start + width + j]
-        c, d = row[start + 2 * width + j], row[start + 3 * width + j]
-        even, odd, even_2, odd_2 = a + b, a - b, c + d, c - d
-        row[start + j] = even + even_2
-        row[start + width + j] = odd + odd_2
-        row[start + 2 * width + j] = even - even_2
-        row[start + 3 * width + j] = odd - odd_2
-
-
-@njit(**_OPTIONS)
-def _parity_row(i, mapped, start, width, *arguments):
-    """The butterfly, :func:`~esdmri.reconst.fused_objective.voxel_terms`'s row, its transpose."""
-    _butterfly(mapped[i], start, width)
-    _voxel_row(i, mapped, *arguments)
-    _butterfly(mapped[i], start, width)
-
-
-@njit(**_OPTIONS)
-def _parity_terms_serial(mapped, start, width, *arguments):
-    """:func:`_parity_row` of every row on the calling thread."""
-    for i in range(len(mapped)):
-        _parity_row(i, mapped, start, width, *arguments)
-
-
-@njit(parallel=True, **_OPTIONS)
-def _parity_terms_parallel(mapped, start, width, *arguments):
-    """:func:`_parity_row` of every row on numba's threads."""
-    for i in prange(len(mapped)):
-        _parity_row(i, mapped, start, width, *arguments)
-
-
 class ParitySplit:
     """A :class:`~esdmri.reconst.refine.VoxelLoss`'s products, split by parity class.
 
@@ -233,11 +192,11 @@ class ParitySplit:
             torch.mm(coefficients[:, columns], block, out=mapped[:, region])
         dtype = mapped.numpy().dtype.type
         loss = torch.empty(len(mapped) if return_loss else 0, dtype=torch.float64)
-        (_parity_terms_serial if get_num_threads() == 1 else _parity_terms_parallel)(
-            mapped.numpy(), self.start, self.width, projected.numpy(), constant.numpy(),
-            voxel_loss.rank, dtype(voxel_loss.residual_scale), dtype(voxel_loss.spread_scale),
-            dtype(voxel_loss.sparsity_scale), dtype(voxel_loss.negative_scale),
-            *voxel_loss.loss_scales, loss.numpy())
+        parity_voxel_terms(mapped.numpy(), self.start, self.width, projected.numpy(),
+                           constant.numpy(), voxel_loss.rank, dtype(voxel_loss.residual_scale),
+                           dtype(voxel_loss.spread_scale), dtype(voxel_loss.sparsity_scale),
+                           dtype(voxel_loss.negative_scale), voxel_loss.loss_scales,
+                           loss.numpy())
         gradient = torch.mm(mapped[:, :self.start], self.dense_t, out=out)
         for columns, region, _, block_t in self.blocks:
             gradient[:, columns].addmm_(mapped[:, region], block_t)
