@@ -207,3 +207,11 @@ def test_numba_starting_its_threads_keeps_torchs_count():
                             capture_output=True, text=True, check=True)
     layer, pool = result.stdout.split()
     assert layer in NUMBA_LAYERS and pool == "2"
+
+
+def test_kernels_only_for_float_cpu_tensors():
+    """float32 and float64 CPU tensors get the kernels; half precision keeps torch's code."""
+    assert fused_objective.fused_on(torch.zeros(1))
+    assert fused_objective.fused_on(torch.zeros(1, dtype=torch.float64))
+    assert not fused_objective.fused_on(torch.zeros(1, dtype=torch.bfloat16))
+    assert not fused_objective.fused_on(torch.zeros(1, device="meta"))

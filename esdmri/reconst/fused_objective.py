@@ -58,8 +58,12 @@ _LOG_GROUP = 32
 
 
 def fused_on(tensor):
-    """Whether an objective built now evaluates ``tensor``'s kind with these kernels."""
-    return ENABLED and tensor.device.type == "cpu"
+    """Whether an objective built now evaluates ``tensor``'s kind with these kernels.
+
+    CPU tensors of float32 or float64 (numba has no half-precision arrays).
+    """
+    return (ENABLED and tensor.device.type == "cpu"
+            and tensor.dtype in (torch.float32, torch.float64))
 
 
 # numba's compile options of every kernel: ``error_model="numpy"`` lets a
