@@ -13,6 +13,9 @@ numba (its own LLVM: no compiler or build step at install time):
   that turns the residual and the fODF samples into what the product back
   needs (the gradient of :class:`~esdmri.reconst.refine.VoxelLoss` with
   respect to them) and, when asked, each voxel's loss;
+- :func:`parity_voxel_terms`: the same pass when the products are split by
+  the sampler's parity classes (:mod:`esdmri.reconst.sampler_parity`), with
+  the Hadamard butterfly and its transpose around each row;
 - :class:`TotalVariationStencil`: the weighted smoothed total variation's
   value and gradient (:func:`esdmri.reconst.losses.total_variation`) as a
   stencil over each voxel's neighbours, added to the evaluation's gradient in
@@ -35,7 +38,8 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-__all__ = ["ENABLED", "TotalVariationStencil", "evaluate_voxel_terms", "fused_on", "voxel_terms"]
+__all__ = ["ENABLED", "TotalVariationStencil", "evaluate_voxel_terms", "fused_on",
+           "parity_voxel_terms", "voxel_terms"]
 
 # Whether objectives built from now on use the kernels on a CPU (a benchmark or a
 # test builds a torch reference by setting it False).
@@ -292,3 +296,70 @@ def evaluate_voxel_terms(voxel_loss, coefficients, projected, constant, out, ret
     gradient = torch.mm(mapped, voxel_loss.operator_t, out=out)
     return (gradient, loss) if return_loss else gradient
 
+
+# The sampler's parity split (esdmri.reconst.sampler_parity). Its kernels live here,
+# beside the row they call: numba's cache does not see changes of a function defined
+# in another file, so a kernel cached elsewhere could keep a stale copy of _voxel_row.
+@njit(**_OPTIONS)
+def _butterfly(row, start, width):
+    """The samples on the orbits from the classes' samples at their first points, in place.
+
+    ``row[start + q width + j]`` holds class ``q``'s part of orbit ``j``'s first
+    sample; afterwards ``row[start + k width + j]`` holds the sample at the orbit's
+    point ``k``: the 4 x 4 Hadamard matrix (Sylvester order), its own transpose.
+    """
+    for j in range(width):
+        a, b = row[start + j], row[start + width + j]
+        c, d = row[start + 2 * width + j], row[start + 3 * width + j]
+        even, odd, even_2, odd_2 = a + b, a - b, c + d, c - d
+        row[start + j] = even + even_2
+        row[start + width + j] = odd + odd_2
+        row[start + 2 * width + j] = even - even_2
+        row[start + 3 * width + j] = odd - odd_2
+
+
+@njit(**_OPTIONS)
+def _parity_row(i, mapped, start, width, *arguments):
+    """The butterfly, :func:`voxel_terms`'s row, its transpose."""
+    _butterfly(mapped[i], start, width)
+    _voxel_row(i, mapped, *arguments)
+    _butterfly(mapped[i], start, width)
+
+
+@njit(**_OPTIONS)
+def _parity_terms_serial(mapped, start, width, *arguments):
+    """:func:`_parity_row` of every row on the calling thread."""
+    for i in range(len(mapped)):
+        _parity_row(i, mapped, start, width, *arguments)
+
+
+@njit(parallel=True, **_OPTIONS)
+def _parity_terms_parallel(mapped, start, width, *arguments):
+    """:func:`_parity_row` of every row on numba's threads."""
+    for i in prange(len(mapped)):
+        _parity_row(i, mapped, start, width, *arguments)
+
+
+def parity_voxel_terms(mapped, start, width, projected, constant, rank, residual_scale,
+                       spread_scale, sparsity_scale, negative_scale, loss_scales, loss):
+    """:func:`voxel_terms` on a block whose orbits' samples come by parity class.
+
+    Per row: the Hadamard butterfly of the four classes' regions (the orbits'
+    samples), the voxel terms' row, and the butterfly again (its own
+    transpose: the gradient with respect to the classes' regions).
+
+    Parameters
+    ----------
+    mapped : ndarray, shape (n, start + 4 width)
+        ``R c``, the samples in no orbit, then four regions of ``width``
+        columns: class ``q``'s part of each orbit's first sample
+        (:class:`esdmri.reconst.sampler_parity.ParitySplit`). Overwritten by
+        the loss's gradient with respect to them.
+    start, width : int
+    projected, constant, rank, residual_scale, spread_scale, sparsity_scale, negative_scale,
+    loss_scales, loss
+        As in :func:`voxel_terms`.
+    """
+    (_parity_terms_serial if get_num_threads() == 1 else _parity_terms_parallel)(
+        mapped, start, width, projected, constant, rank, residual_scale, spread_scale,
+        sparsity_scale, negative_scale, *loss_scales, loss)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
 from ..threads import adapt_num_threads, sync_numba_threads
-from . import fused_objective
+from . import fused_objective, sampler_parity
 from .config import REFINEMENT_METHODS
 from .fused_solver import (axpy_dot, finish_direction, pair_difference, start_direction,
                            trial_point)
@@ -117,7 +117,10 @@ class VoxelLoss:
     ``R`` and the sampler are stacked into one ``C x (k + V)`` operator, so an
     evaluation is one matrix product forward, a few in-place passes over its
     result, and one product back. On a CPU the passes are one fused kernel
-    (:func:`esdmri.reconst.fused_objective.voxel_terms`; ``fused``).
+    (:func:`esdmri.reconst.fused_objective.voxel_terms`; ``fused``), and
+    with the coefficients in the sampler's parity-class order
+    (:func:`esdmri.reconst.sampler_parity.parity_order`) the products are
+    split into quarter-size blocks (``split``).
 
     Parameters
     ----------
@@ -133,6 +136,10 @@ class VoxelLoss:
         Whether evaluations run the fused CPU pass
         (:func:`esdmri.reconst.fused_objective.fused_on` at construction:
         on a CPU unless turned off); else torch's passes.
+    split : ParitySplit or None
+        The products by parity class
+        (:meth:`esdmri.reconst.sampler_parity.ParitySplit.from_operator`):
+        when ``fused`` and the sampler's classes are contiguous columns.
     """
 
     def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights):
@@ -160,6 +167,10 @@ class VoxelLoss:
         self.loss_scales = (weights.intensity / self.n_measurements,
                             weights.nonnegativity * scale, 2 * weights.sparsity / self.n_samples)
         self.fused = fused_objective.fused_on(operator)
+        # With the coefficients in parity-class order (refine_coefficients), the
+        # sampler's products split into quarter-size blocks (esdmri.reconst.sampler_parity).
+        self.split = (sampler_parity.ParitySplit.from_operator(operator, self.rank, n_wm_coeffs)
+                      if self.fused and sampler_parity.ENABLED else None)
 
     def project(self, measured):
         """What the loss needs of the measured signal: ``Q^T y`` and the rest of ``|y|^2``.
@@ -199,6 +210,8 @@ class VoxelLoss:
         loss : Tensor, float64, shape (n,)
             Only with ``return_loss``.
         """
+        if self.split is not None:
+            return self.split.evaluate(self, coefficients, projected, constant, out, return_loss)
         if self.fused:
             return fused_objective.evaluate_voxel_terms(self, coefficients, projected, constant,
                                                         out, return_loss)
@@ -799,7 +812,16 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
     indices = np.flatnonzero(mask)
     start_values = coefficients.reshape(-1, coefficients.shape[-1])
     signal_values = signal.reshape(-1, signal.shape[-1])
+    # The solver works on the coefficients in the sampler's parity-class order where
+    # the fused CPU evaluation splits its products by class (VoxelLoss.split): every
+    # coefficient-indexed input is reordered once here and the result back at the end.
+    order = None
+    if fused_objective.fused_on(fodf_sampler) and sampler_parity.ENABLED:
+        order = sampler_parity.parity_order(fodf_sampler, start_values.shape[-1])
     c = torch.as_tensor(start_values[indices], dtype=dtype, device=device).clone()
+    if order is not None:
+        c = c[:, order]
+        forward_matrix, fodf_sampler = forward_matrix[order], fodf_sampler[:, order[:n_wm_coeffs]]
     measured = torch.as_tensor(signal_values[indices], dtype=dtype, device=device)
     first, second = neighbour_pairs(torch.as_tensor(mask, device=device))
     pair_weights, least_fall = None, 0.0
@@ -830,10 +852,14 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                     preconditioner=preconditioner, **options)
             else:
                 groups = degree_groups(sh_order_max, coefficients.shape[-1] - n_wm_coeffs)
+                if order is not None:
+                    groups = groups[order.numpy()]
                 history.steps, history.stop_reason = _adam_descent(
                     c, objective, n_wm_coeffs, groups, **options)
             bar.set_postfix_str(history.stop_reason)
         history.evaluations = objective.evaluations
+    if order is not None:
+        c = c[:, torch.argsort(order).to(device)]
     if normalize:
         total = volume_fractions_from_coefficients(c, n_wm_coeffs).sum(-1)
         c = c / total.clamp_min(NORMALIZATION_FLOOR).unsqueeze(1)
