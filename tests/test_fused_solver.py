@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from esdmri.reconst import fused_solver
 from esdmri.reconst.refine import RefinementHistory, _lbfgs_descent
@@ -140,14 +141,6 @@ class Objective:
         return value, gradient
 
 
-class _Bar:
-    def update(self, steps):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("memory", [0, 5])
 def test_descent_iterates_match_torch(dtype, memory):
@@ -160,7 +153,7 @@ def test_descent_iterates_match_torch(dtype, memory):
     for reference in (False, True):
         objective, history = Objective(dtype), RefinementHistory()
         arguments = dict(steps=12, lr=0.3, memory=memory, tolerance=0.0, least_fall=0.0,
-                         check_every=3, history=history, bar=_Bar(),
+                         check_every=3, history=history, bar=tqdm(disable=True),
                          preconditioner=preconditioner)
         if reference:
             with torch_path():
