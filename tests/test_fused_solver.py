@@ -178,3 +178,13 @@ def test_non_contiguous_takes_torch():
     value = fused_solver.axpy_dot(direction, 0.5, x, u)
     torch.testing.assert_close(direction, expected)
     assert value == pytest.approx(float(torch.vdot(u.flatten(), expected.flatten())), rel=1e-5)
+
+
+def test_fields_numba_cannot_take_run_torchs_passes():
+    """bfloat16 has no numba array type: the update falls back to torch's expressions."""
+    direction = torch.ones(3, 4, dtype=torch.bfloat16)
+    x = torch.full((3, 4), 2.0, dtype=torch.bfloat16)
+    assert not fused_solver._fused(direction, x)
+    product = fused_solver.axpy_dot(direction, 0.5, x, x)
+    assert torch.equal(direction, torch.full((3, 4), 2.0, dtype=torch.bfloat16))
+    assert product == 48.0

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-__all__ = ["ENABLED", "TotalVariationStencil", "evaluate_voxel_terms", "fused_on",
+__all__ = ["ENABLED", "TotalVariationStencil", "evaluate_voxel_terms", "fused_on", "numba_takes",
            "parity_voxel_terms", "voxel_terms"]
 
 # Whether objectives built from now on use the kernels on a CPU (a benchmark or a
@@ -57,13 +57,21 @@ _FAST = {"reassoc", "contract", "nsz"}
 _LOG_GROUP = 32
 
 
+def numba_takes(tensor):
+    """Whether numba's kernels can work on ``tensor`` through a ``.numpy()`` view.
+
+    CPU tensors of float32 or float64 (numba has no half-precision arrays);
+    the solver's kernels (:mod:`esdmri.reconst.fused_solver`) ask the same.
+    """
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+
+
 def fused_on(tensor):
     """Whether an objective built now evaluates ``tensor``'s kind with these kernels.
 
-    CPU tensors of float32 or float64 (numba has no half-precision arrays).
+    :data:`ENABLED` and :func:`numba_takes`.
     """
-    return (ENABLED and tensor.device.type == "cpu"
-            and tensor.dtype in (torch.float32, torch.float64))
+    return ENABLED and numba_takes(tensor)
 
 
 # numba's compile options of every kernel: ``error_model="numpy"`` lets a

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..threads import sync_numba_threads
+from .fused_objective import numba_takes
 
 # Whether CPU tensors take the numba kernels; tests and benchmarks turn it off
 # to run the torch expressions on a CPU (the reference the kernels are held to).
@@ -56,8 +57,9 @@ _KERNEL = dict(nogil=True, cache=True, parallel=True, fastmath={"reassoc"})
 
 
 def _fused(*fields):
-    """Whether the kernels run on ``fields``: all on a CPU, contiguous, and :data:`ENABLED`."""
-    if not ENABLED or not all(f.device.type == "cpu" and f.is_contiguous() for f in fields):
+    """Whether the kernels run on ``fields``: :data:`ENABLED`, and all contiguous of a kind
+    numba takes (:func:`esdmri.reconst.fused_objective.numba_takes`)."""
+    if not ENABLED or not all(numba_takes(f) and f.is_contiguous() for f in fields):
         return False
     sync_numba_threads()
     return True
