@@ -78,22 +78,16 @@ def _losses(order, dtype):
             for loss in (split, reference)]
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("order", [8, 12])
-def test_split_loss_and_gradient_equal_the_single_product_float64(order, threads):  # noqa: F811
+def test_split_loss_and_gradient_equal_the_single_product(order, dtype, tolerance,
+                                                         threads):  # noqa: F811
     """One thread runs the serial kernel, two the parallel one."""
-    (gradient, loss), (expected_gradient, expected) = _losses(order, torch.float64)
+    (gradient, loss), (expected_gradient, expected) = _losses(order, dtype)
     # Samples of both signs: the negative part and the Cauchy term are both exercised.
-    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(loss, expected, rtol=tolerance, atol=0)
     scale = expected_gradient.abs().max()
-    assert float((gradient - expected_gradient).abs().max()) <= 1e-10 * float(scale)
-
-
-@pytest.mark.parametrize("order", [8, 12])
-def test_split_loss_and_gradient_equal_the_single_product_float32(order, threads):  # noqa: F811
-    (gradient, loss), (expected_gradient, expected) = _losses(order, torch.float32)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
-    scale = expected_gradient.abs().max()
-    assert float((gradient - expected_gradient).abs().max()) <= 1e-5 * float(scale)
+    assert float((gradient - expected_gradient).abs().max()) <= tolerance * float(scale)
 
 
 @pytest.mark.parametrize("method, dtype", [("lbfgs", torch.float64), ("lbfgs", torch.float32),
