@@ -32,7 +32,8 @@ FORMAT_3_DEFAULTS = {
 # Options added to format 3 since, with the defaults that files without them load with.
 ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
                  "warmup_steps": 20, "pretrained": False, "noise_floor": None,
-                 "holdout": 0.0, "holdout_refine_steps": 30, "refine_likelihood_tolerance": 0.01}
+                 "holdout": 0.0, "holdout_refine_steps": 30, "refine_likelihood_tolerance": 0.01,
+                 "refine_active_set": 0.0}
 # Loss-weight fields added since (the form of the training TV), with their load defaults.
 ADDED_WEIGHTS = {"tv_form": "coefficients", "tv_smoothing": 1e-6}
 # Defaults changed since; a file stores every option, so its own values load.
