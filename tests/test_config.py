@@ -33,7 +33,7 @@ FORMAT_3_DEFAULTS = {
 ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch",
                  "warmup_steps": 20, "pretrained": False, "noise_floor": None,
                  "holdout": 0.0, "holdout_refine_steps": 30, "refine_likelihood_tolerance": 0.01,
-                 "refine_active_set": 0.0}
+                 "refine_active_set": 1e-3}
 # Loss-weight fields added since (the form of the training TV), with their load defaults.
 ADDED_WEIGHTS = {"tv_form": "coefficients", "tv_smoothing": 1e-6}
 # Defaults changed since; a file stores every option, so its own values load.
