@@ -911,8 +911,6 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
                 if active.rows is None or active.wake(c) is None:
                     return active.gather(c), step, f"converged at step {step}"
                 kept = None
-                spare.extend(buffer for s, y, _, _ in pairs for buffer in (s, y))
-                pairs.clear()
             else:
                 kept = active.shrink(c)
                 if kept is None:
@@ -930,9 +928,10 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
 def _restricted_pairs(pairs, kept):
     """L-BFGS's step pairs restricted to the ``kept`` rows (bool), those that still curve up.
 
-    Kept rather than restarted: at ``active_set=3e-3`` on the 40^3 dev phantom a
-    restart took 140 evaluations (100.2 full-field equivalents) to its stop, the
-    restricted pairs 120 (88.7), at a lower objective (docs/benchmarks.md).
+    Kept rather than restarted: at ``active_set=3e-3`` on the 40^3 dev phantom
+    the restricted pairs stopped after 120 evaluations (88.7 full-field
+    equivalents); a restart took about 95 equivalents to the same objective and
+    stopped after 140 (100.2) (docs/benchmarks.md).
     """
     restricted = []
     for s, y, _, _ in pairs:
