@@ -65,7 +65,7 @@ def _fused(*fields):
     return True
 
 
-def _held(c, gradient, n_wm_coeffs):
+def held_coefficients(c, gradient, n_wm_coeffs):
     """Boolean mask of the held isotropic coefficients, shape (n, C - n_wm_coeffs)."""
     return (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0)
 
@@ -214,7 +214,7 @@ def start_direction(direction, gradient, c, n_wm_coeffs, s=None):
                                 (gradient if s is None else s).numpy())
         return None if s is None else product
     direction.copy_(gradient)
-    direction[:, n_wm_coeffs:].masked_fill_(_held(c, gradient, n_wm_coeffs), 0)
+    direction[:, n_wm_coeffs:].masked_fill_(held_coefficients(c, gradient, n_wm_coeffs), 0)
     return None if s is None else _dot(s, direction)
 
 
@@ -247,7 +247,7 @@ def finish_direction(direction, gradient, c, n_wm_coeffs, alpha=0.0, x=None):
                               c.numpy(), n_wm_coeffs, x is not None)
     if x is not None:
         direction.add_(x, alpha=alpha)
-    direction[:, n_wm_coeffs:].masked_fill_(_held(c, gradient, n_wm_coeffs), 0)
+    direction[:, n_wm_coeffs:].masked_fill_(held_coefficients(c, gradient, n_wm_coeffs), 0)
     return _dot(gradient, direction)
 
 

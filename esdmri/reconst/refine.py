@@ -39,8 +39,8 @@ from ..shm import sh_degrees
 from ..threads import adapt_num_threads, sync_numba_threads
 from . import fused_objective, sampler_parity
 from .config import REFINEMENT_METHODS
-from .fused_solver import (axpy_dot, finish_direction, pair_difference, start_direction,
-                           trial_point)
+from .fused_solver import (axpy_dot, finish_direction, held_coefficients, pair_difference,
+                           start_direction, trial_point)
 from .losses import CAUCHY_SIGMA, difference_operators, neighbour_pairs, total_variation
 from .network import NORMALIZATION_FLOOR, volume_fractions_from_coefficients
 from .rician import RicianVoxelLoss
@@ -665,8 +665,7 @@ _SHRINK = 0.8
 def _projected_gradient_norms(c, gradient, n_wm_coeffs):
     """Each voxel's gradient norm with the held isotropic coefficients left out."""
     free = gradient.clone()
-    free[:, n_wm_coeffs:].masked_fill_(
-        (c[:, n_wm_coeffs:] <= 0) & (gradient[:, n_wm_coeffs:] > 0), 0)
+    free[:, n_wm_coeffs:].masked_fill_(held_coefficients(c, gradient, n_wm_coeffs), 0)
     return torch.linalg.vector_norm(free, dim=1)
 
 
@@ -766,7 +765,6 @@ class ActiveSet:
         raw, gradient = part(c)
         part.offset = value - raw
         return part, gradient
-
 
 
 def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, least_fall,
