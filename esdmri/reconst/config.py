@@ -576,13 +576,13 @@ class RefinementConfig:
         Hold the voxels whose coefficients moved by less than this fraction
         of their norm in 10 steps, and go on over the others
         (:func:`esdmri.reconst.refine.refine_coefficients`'s ``active_set``,
-        in ``[0, 1)``; 0: every voxel every step). 1e-3, measured on one
-        thread (docs/benchmarks.md, "Active set"): on the clinical-size scan
-        the refinement took 0.55x the full solve's CPU time and stopped at a
-        lower objective, 12x nearer a 300-step run's field, with its crossing
-        error (3.81 degrees against 4.24); on the 40^3 dev phantom 0.77x, the
-        same objective and crossing error within 0.02 degree; the dev switch
-        rule passed.
+        in ``[0, 1)``; 0: every voxel every step). 1e-3 was chosen on the 40^3
+        dev phantom (docs/benchmarks.md, "Active set"): its refinement took
+        0.81x the full solve's CPU time (one thread) to the same objective,
+        crossing error within 0.02 degree; on the clinical-size scan the fit
+        took 0.45-0.56x the full solve's time (two threads, idle machine) to a
+        lower objective with the same crossing scores; the dev switch rule
+        passed.
     """
 
     refine_steps: int = 300
