@@ -4,15 +4,19 @@ The dev phantom of ``benchmarks/bench_stages.py`` (held-out family, geometry 101
 noise seed 1) is prepared as the default fit prepares it (response estimated,
 linear prior, shipped pretrained correction), then
 :func:`esdmri.reconst.refine.refine_coefficients` runs from that start with the
-model's refinement options for each ``damping`` (``none``: the plain L-BFGS), in
-one process, the order alternating between repeats. Printed per damping:
-evaluations, steps, the objective per voxel at the stop and the process's CPU
-seconds (less sensitive than wall time to other jobs on a shared machine, but
-still not a quiet-machine number).
+model's refinement options for each ``damping`` (``none``: the plain L-BFGS) and
+each ``preconditioner_tolerance`` (``--tolerances``; 0: the whole ``C x C``
+matrix, else :class:`esdmri.reconst.refine.Preconditioner`'s directions kept), in
+one process, the order alternating between repeats. Printed per setting: the
+preconditioner's rank, evaluations (and full-field equivalents under the active
+set), steps, the objective per voxel at the stop and the process's CPU seconds
+(less sensitive than wall time to other jobs on a shared machine, but still not
+a quiet-machine number).
 
 Usage::
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_preconditioner --size 40 --dampings none 3 10 30
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_preconditioner --brain --tolerances 0 1e-2
 """
 
 import argparse
@@ -24,7 +28,7 @@ import torch
 from esdmri import RTESDModel
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
-from esdmri.reconst.refine import refine_coefficients
+from esdmri.reconst.refine import Preconditioner, refine_coefficients, signal_preconditioner
 from esdmri.shm import n_coeffs
 from esdmri.sims import make_phantom
 
@@ -92,26 +96,30 @@ def refinement_inputs(phantom, sh_order_max=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=40)
-    parser.add_argument("--snr", type=float, default=20.0)
+    add_scan_arguments(parser)
     parser.add_argument("--dampings", type=damping_value, nargs="+", default=[None, 10.0])
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.0])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    phantom = make_heldout_phantom((args.size,) * 3, snr=args.snr, seed=1,
-                                   geometry_seed=DEV_GEOMETRY)
+    name, phantom = chosen_scan(args)
     inputs, options, n_masked = refinement_inputs(phantom)
-    print(f"{args.size}^3 dev SNR {args.snr:g}, {n_masked} masked voxels, "
-          f"SH order {inputs[6]}, torch threads {torch.get_num_threads()}", flush=True)
-    rows = ["| damping | evaluations | steps | objective per voxel | CPU (s) |",
-            "|---|---|---|---|---|"]
+    print(f"{name}, {n_masked} masked voxels, SH order {inputs[6]}, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    rows = ["| damping | tolerance | rank | evaluations | full-field equivalents | steps "
+            "| objective per voxel | CPU (s) |", "|---|---|---|---|---|---|---|---|"]
+    settings = [(d, t) for d in args.dampings for t in args.tolerances]
     for repeat in range(args.repeats):
-        for damping in (args.dampings if repeat % 2 == 0 else args.dampings[::-1]):
+        for damping, tolerance in (settings if repeat % 2 == 0 else settings[::-1]):
+            rank = "-" if damping is None else Preconditioner(
+                signal_preconditioner(inputs[3], inputs[7], damping), tolerance).rank
             clock = time.process_time()
-            _, history = refine_coefficients(*inputs, damping=damping, **options)
+            _, history = refine_coefficients(*inputs, **{**options, "damping": damping,
+                                                         "preconditioner_tolerance": tolerance})
             seconds = time.process_time() - clock
             rows.append(f"| {damping if damping is not None else 'none (plain L-BFGS)'} | "
-                        f"{history.evaluations} | {history.steps} | {history[-1]:.10g} | "
-                        f"{seconds:.1f} |")
+                        f"{tolerance:g} | {'C (dense)' if rank is None else rank} | "
+                        f"{history.evaluations} | {history.full_evaluations:.1f} | "
+                        f"{history.steps} | {history[-1]:.10g} | {seconds:.1f} |")
             print(rows[-1], flush=True)
     print("\n" + "\n".join(rows))
 

@@ -53,8 +53,9 @@ import torch
 
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst import fused_solver
-from esdmri.reconst.refine import (CoupledObjective, RefinementHistory, _lbfgs_descent,
-                                   refine_coefficients, signal_preconditioner)
+from esdmri.reconst.refine import (_DAMPING, _LOW_RANK, CoupledObjective, Preconditioner,
+                                   RefinementHistory, _lbfgs_descent, refine_coefficients,
+                                   signal_preconditioner)
 from esdmri.sims import make_phantom
 
 from .bench_floor import MEMORY, Quadratic, clock
@@ -295,7 +296,8 @@ def main():
     # The preconditioner of the clinical acquisition at order 12 (a small phantom of it).
     inputs, _, _ = refinement_inputs(make_phantom(shape=(8, 8, 8), gtab=clinical_gtab(),
                                                   snr=30))
-    preconditioner = signal_preconditioner(inputs[3], inputs[7], 10.0).float()
+    preconditioner = Preconditioner(signal_preconditioner(inputs[3], inputs[7], _DAMPING),
+                                    _LOW_RANK, dtype=torch.float32)
     print(f"machine load when started: {os.getloadavg()[0]:.2f}; numba threading layer "
           f"after the first kernel: ", end="", flush=True)
     generator = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esdmri.reconst import fused_solver
-from esdmri.reconst.refine import RefinementHistory, _lbfgs_descent
+from esdmri.reconst.refine import Preconditioner, RefinementHistory, _lbfgs_descent
 
 N_WM = 15  # 15 WM coefficients (order 4) and 2 isotropic tissues
 COLUMNS = N_WM + 2
@@ -118,6 +118,61 @@ def test_pair_difference(dtype):
           float(((new - old) ** 2).sum()))
 
 
+def spd_matrix(dtype=torch.float64, seed=1):
+    """A symmetric positive definite ``C x C`` matrix whose spectrum falls in steps, as
+    the signal preconditioner's does: a few directions well below the largest
+    eigenvalue, the rest within 1e-4 of it."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(COLUMNS, COLUMNS, generator=generator,
+                                           dtype=torch.float64))
+    values = torch.full((COLUMNS,), 2.0, dtype=torch.float64)
+    values[:4] = torch.tensor([0.2, 0.9, 1.5, 1.9])
+    values[4:8] -= 2e-4 * torch.arange(1, 5)
+    return ((basis * values) @ basis.T).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_low_rank_apply_and_quadratic(dtype):
+    x, out = fields(dtype, 2, seed=5)
+    generator = torch.Generator().manual_seed(2)
+    vectors, _ = torch.linalg.qr(torch.randn(COLUMNS, 3, generator=generator, dtype=dtype))
+    vectors, weights = vectors.T.contiguous(), torch.tensor([0.9, 0.5, 0.1], dtype=dtype)
+    check(both(fused_solver.low_rank_apply, out, x, vectors, weights, -0.7), dtype)
+    dense = -0.7 * (torch.eye(COLUMNS, dtype=dtype) - (vectors.T * weights) @ vectors)
+    torch.testing.assert_close(both(fused_solver.low_rank_apply, out, x, vectors, weights,
+                                    -0.7)[0][1][0], x @ dense, **tolerance(dtype))
+    in_place = x.clone()
+    fused_solver.low_rank_apply(in_place, in_place, vectors, weights, -0.7)
+    torch.testing.assert_close(in_place, x @ dense, **tolerance(dtype))
+    expected = float((x * (x @ dense)).sum()) / -0.7
+    check(both(fused_solver.low_rank_quadratic, x, vectors, weights), dtype,
+          float((x * x).sum()))
+    assert fused_solver.low_rank_quadratic(x, vectors, weights) == pytest.approx(
+        expected, rel=tolerance(dtype)["rtol"])
+
+
+@pytest.mark.parametrize("tolerance_value, rank", [(0.0, None), (1e-3, 4), (1e-5, 8)])
+def test_preconditioner_keeps_the_directions_below_its_tolerance(tolerance_value, rank):
+    matrix = spd_matrix()
+    preconditioner = Preconditioner(matrix, tolerance_value)
+    assert preconditioner.rank == rank
+    x, out = fields(torch.float64, 2, seed=7)
+    applied = preconditioner.apply(x, out, alpha=-0.3)
+    # The directions left out sit within tolerance * 2 of the largest eigenvalue 2.
+    error = float(torch.linalg.matrix_norm(applied - x @ (-0.3 * matrix), ord=2)
+                  / torch.linalg.matrix_norm(x, ord=2))
+    assert error <= 0.3 * 2 * max(tolerance_value, 1e-14) * 1.01
+    assert error >= 0.3 * 2 * 1e-4 if rank == 4 else True
+    quadratic = float(preconditioner.quadratic(x, out))
+    assert quadratic == pytest.approx(float((x * (x @ matrix)).sum()),
+                                      rel=2 * max(tolerance_value, 1e-14))
+
+
+def test_preconditioner_refuses_a_bad_tolerance():
+    with pytest.raises(ValueError, match="tolerance"):
+        Preconditioner(spd_matrix(), 1.0)
+
+
 class Objective:
     """A smooth convex objective on (n, C) fields with the refinement's call signature:
     a per-voxel quadratic with an SPD matrix plus a log-cosh term that is not quadratic,
@@ -143,12 +198,14 @@ class Objective:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("memory", [0, 5])
-def test_descent_iterates_match_torch(dtype, memory):
+@pytest.mark.parametrize("tolerance", [0.0, 1e-2])
+def test_descent_iterates_match_torch(dtype, memory, tolerance):
     # 12 steps: in float32 the objective reaches its round-off floor at about 14,
     # where each path's line search backtracks on its own round-off.
     start = fields(dtype, 1, seed=3)[0]
-    preconditioner = torch.linalg.inv(Objective(dtype).matrix.double()
-                                      + torch.eye(COLUMNS, dtype=torch.float64)).to(dtype)
+    preconditioner = Preconditioner(torch.linalg.inv(Objective(dtype).matrix.double()
+                                                     + torch.eye(COLUMNS, dtype=torch.float64)),
+                                    tolerance, dtype=dtype)
     runs = []
     for reference in (False, True):
         objective, history = Objective(dtype), RefinementHistory()

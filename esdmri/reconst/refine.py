@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..shm import sh_degrees
 from ..threads import adapt_num_threads, sync_numba_threads
-from . import fused_objective, sampler_parity
+from . import fused_objective, fused_solver, sampler_parity
 from .config import REFINEMENT_METHODS
 from .fused_solver import (axpy_dot, finish_direction, held_coefficients, pair_difference,
                            start_direction, trial_point)
@@ -389,6 +389,75 @@ def signal_preconditioner(forward_matrix, weights, damping):
     return torch.linalg.inv(hessian + mu * torch.eye(len(hessian), dtype=torch.float64))
 
 
+class Preconditioner:
+    """L-BFGS's initial inverse Hessian ``P`` (:func:`signal_preconditioner`), voxel by voxel.
+
+    ``P`` is a multiple of the identity but for a few directions (the
+    signal term's stiffest: the total signal, then degree 2, ...), so with
+    ``tolerance > 0`` it is applied as ``p (I - V^T diag(w) V)``: ``p`` its
+    largest eigenvalue, ``V`` the eigenvectors whose eigenvalue ``e`` lies
+    more than ``tolerance p`` below ``p``, ``w = 1 - e / p`` (each voxel's
+    coefficients projected on ``r`` directions instead of a ``C x C``
+    product; on a CPU one fused pass, :func:`esdmri.reconst.fused_solver.low_rank_apply`).
+    The directions left out change ``P`` by less than ``tolerance p``. With
+    ``tolerance=0`` the matrix itself is applied (a dense product).
+
+    Parameters
+    ----------
+    matrix : Tensor, shape (C, C)
+        Symmetric positive definite.
+    tolerance : float, optional
+        In ``[0, 1)``.
+    device, dtype : optional
+        Those of the fields it is applied to (default: the matrix's).
+
+    Attributes
+    ----------
+    rank : int or None
+        ``r`` (None with ``tolerance=0``).
+
+    Notes
+    -----
+    The eigenvalues of a rotated gradient table's ``P`` are the same and its
+    eigenvectors rotate within each SH degree, so the kept span rotates with
+    the scan and the solver still commutes with rotations (a tolerance in a
+    gap of the spectrum keeps or drops each degree's directions together).
+    """
+
+    def __init__(self, matrix, tolerance=0.0, device=None, dtype=None):
+        if not 0 <= tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+        device = matrix.device if device is None else device
+        dtype = matrix.dtype if dtype is None else dtype
+        self.matrix = self.vectors = None
+        self.rank = None
+        if tolerance == 0:
+            self.matrix = matrix.to(device, dtype)
+            return
+        values, vectors = torch.linalg.eigh(matrix.to("cpu", torch.float64))
+        self.scale = float(values.max())
+        gaps = 1 - values / self.scale
+        kept = gaps > tolerance
+        self.rank = int(kept.sum())
+        self.vectors = vectors[:, kept].T.contiguous().to(device, dtype)
+        self.weights = gaps[kept].to(device, dtype)
+
+    def apply(self, field, out, alpha=1.0):
+        """``alpha P field`` row by row, written to ``out`` (not ``field``); returns ``out``."""
+        if self.matrix is not None:
+            if alpha == 1.0:
+                return torch.mm(field, self.matrix, out=out)
+            return out.addmm_(field, self.matrix, beta=0, alpha=alpha)
+        return fused_solver.low_rank_apply(out, field, self.vectors, self.weights,
+                                           alpha * self.scale)
+
+    def quadratic(self, field, work):
+        """``sum_i x_i . P x_i`` over the rows of ``field`` (``work``: a spare field)."""
+        if self.matrix is not None:
+            return torch.vdot(field.flatten(), self.apply(field, work).flatten())
+        return self.scale * fused_solver.low_rank_quadratic(field, self.vectors, self.weights)
+
+
 class CoupledObjective:
     """The refinement's objective over the masked voxels and its gradient.
 
@@ -651,6 +720,13 @@ _DEVICE_BLOCK = 65536
 # took 165 / 113 / 124 at 40^3, none 173; docs/benchmarks.md).
 _DAMPING = 10.0
 
+# The preconditioner's directions kept (Preconditioner's tolerance): those more than
+# this fraction of its largest eigenvalue below it. On the clinical acquisition at
+# order 12: the total signal, degrees 2 and 4 (17 of 93; degree 6 lies at 2.7e-4).
+# 1e-2 (8 directions) failed the dev switch rule (mean crossing AE 5.85 -> 5.89),
+# 1e-3 and 1e-4 passed it (5.82, 5.81; docs/benchmarks.md).
+_LOW_RANK = 1e-3
+
 # Sufficient decrease of the line search (Armijo), its backtracking factor and
 # the most halvings of a step before the objective is taken as converged.
 _ARMIJO = 1e-4
@@ -777,8 +853,8 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     initial scaling ``s.y / y.P y``, the line search's slopes) is a Euclidean
     inner product or norm: a rotation acting orthogonally within each SH
     degree leaves them unchanged, so each step commutes with it. The initial
-    inverse Hessian is that scaling times ``P`` (``preconditioner``, the same
-    ``C x C`` matrix applied to every voxel: :func:`signal_preconditioner`,
+    inverse Hessian is that scaling times ``P`` (``preconditioner``, a
+    :class:`Preconditioner` applied to every voxel: :func:`signal_preconditioner`,
     which rotates with the gradient table; the identity when None). The
     isotropic coefficients are bounded below by 0: those at the bound whose
     gradient points outwards are held fixed (left out of the direction), and
@@ -817,14 +893,14 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
 
     def apply(field, out):
         """``P field``, written to ``out`` (``field`` itself without a preconditioner)."""
-        return field if preconditioner is None else torch.mm(field, preconditioner, out=out)
+        return field if preconditioner is None else preconditioner.apply(field, out)
 
     def scaled_direction(field, spare, scale):
         """``-scale P field`` in one of the two buffers; returns it and the other one."""
         if preconditioner is None:
             return field.mul_(-scale), spare
         # The scale in the product's own multiplier: one pass over the field fewer.
-        return spare.addmm_(field, preconditioner, beta=0, alpha=-scale), field
+        return preconditioner.apply(field, spare, -scale), field
 
     # The first step moves the coefficients by ``lr`` in root mean square.
     scale = lr * c.numel() ** 0.5 / max(float(apply(gradient, work).norm()),
@@ -843,7 +919,9 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
         if pairs:
             # s.y as computed when the pair was stored (the same float: one pass fewer).
             _, y, _, s_dot_y = pairs[-1]
-            scale = float(s_dot_y / torch.vdot(y.flatten(), apply(y, work).flatten()))
+            curvature = (torch.vdot(y.flatten(), y.flatten()) if preconditioner is None
+                         else preconditioner.quadratic(y, work))
+            scale = float(s_dot_y / curvature)
         direction, work = scaled_direction(direction, work, scale)
         if pairs:
             following = float(torch.vdot(pairs[0][1].flatten(), direction.flatten()))
@@ -952,7 +1030,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
-                        memory=5, damping=_DAMPING, likelihood_tolerance=0.0,
+                        memory=5, damping=_DAMPING, preconditioner_tolerance=_LOW_RANK,
+                        likelihood_tolerance=0.0,
                         noise_sigma=None, active_set=0.0):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
@@ -1032,6 +1111,11 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         identity, the plain L-BFGS). The default (10) stopped the 40^3 dev
         fit after 113 evaluations instead of 173, at a lower objective
         (docs/benchmarks.md). ``method="lbfgs"`` only.
+    preconditioner_tolerance : float, optional
+        :class:`Preconditioner`'s ``tolerance``: the preconditioner's
+        directions within this fraction of its largest eigenvalue are taken
+        as at that eigenvalue (0: the whole matrix, a ``C x C`` product per
+        voxel and application).
     likelihood_tolerance : float, optional
         Stop also once the objective has fallen by less than this many nats
         of Gaussian log-likelihood per voxel over the last ``check_every``
@@ -1111,7 +1195,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                                  first, second, pair_weights, smoothing, batch_voxels, voxel_sigma)
     preconditioner = None
     if damping is not None:
-        preconditioner = signal_preconditioner(forward_matrix, weights, damping).to(device, dtype)
+        preconditioner = Preconditioner(signal_preconditioner(forward_matrix, weights, damping),
+                                        preconditioner_tolerance, device, dtype)
     history = RefinementHistory()
     if len(indices):
         bar = tqdm(total=steps, desc="refining", unit="step", disable=not verbose)
