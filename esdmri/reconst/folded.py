@@ -35,15 +35,72 @@ spherical pooling, one spatial layer) fold; :func:`foldable` says whether a
 correction does.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
+from numba import njit
 
 from ..nn.unet import UNet, VoxelNorm
+from ..threads import adapt_num_threads
 
 # Masked voxels per pass: a chunk's widest fields (16 channels x 96 vertices,
 # the 3 x 8 x 96 Chebyshev terms) then stay within a core's L2 cache. On one
 # thread chunks of 128-512 ran alike and 4,096 1.6x slower (docs/benchmarks.md).
 CHUNK = 256
+# Chunks per worker between two looks at the load (esdmri.threads.adapt_num_threads).
+CHUNKS_PER_LOOK = 8
+
+
+def run_chunks(work, count):
+    """Call ``work(part)`` on slices of :data:`CHUNK` of ``range(count)``, on torch's threads.
+
+    Each of torch's threads runs whole chunks, with torch (and MKL) on one
+    thread inside: a chunk's products are too small to split across threads,
+    and independent chunks never wait for one another, where a split product
+    waits for its slowest thread (:mod:`esdmri.threads`). Every
+    :data:`CHUNKS_PER_LOOK` chunks per thread the count is adapted to the
+    load (:func:`esdmri.threads.adapt_num_threads`) and read again; torch's
+    count is restored after each batch of chunks.
+
+    Parameters
+    ----------
+    work : callable
+        Takes a ``slice``. It should release the GIL in its heavy parts
+        (torch's operations and this module's kernels do), and chunks must not
+        overlap in what they write.
+    count : int
+    """
+    parts = [slice(start, start + CHUNK) for start in range(0, count, CHUNK)]
+    helpers = max(1, (os.cpu_count() or 1) - 1)
+    modes = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+    with ThreadPoolExecutor(helpers) as pool:
+        while parts:
+            adapt_num_threads()
+            threads = max(1, min(torch.get_num_threads(), helpers + 1))
+            size = threads * CHUNKS_PER_LOOK
+            batch, parts = parts[:size], parts[size:]
+            if threads == 1:
+                _run_all(work, batch, *modes)
+                continue
+            torch.set_num_threads(1)
+            try:
+                # Thread t runs chunks t, t + threads, ...; the calling thread is one.
+                futures = [pool.submit(_run_all, work, batch[t::threads], *modes)
+                           for t in range(1, threads)]
+                _run_all(work, batch[::threads], *modes)
+                for future in futures:
+                    future.result()
+            finally:
+                torch.set_num_threads(threads)
+
+
+def _run_all(work, parts, inference, grad):
+    """``work`` on each of ``parts`` under the caller's autograd modes (they are per thread)."""
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        for part in parts:
+            work(part)
 
 
 def chebyshev_matrices(operator):
@@ -94,60 +151,156 @@ def foldable(correction):
     return all(isinstance(norm, VoxelNorm) for block in blocks for norm in block.norms)
 
 
+def sparse_rows(matrix):
+    """A matrix's nonzero entries by rows (CSR), the form :func:`sparse_product` reads.
+
+    Parameters
+    ----------
+    matrix : Tensor, shape (R, S)
+
+    Returns
+    -------
+    indptr : ndarray of int64, shape (R + 1,)
+    indices : ndarray of int64, shape (nnz,)
+    data : ndarray, shape (nnz,)
+        ``matrix``'s dtype.
+    """
+    dense = matrix.detach().cpu().numpy()
+    rows, columns = np.nonzero(dense)
+    indptr = np.zeros(len(dense) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(dense)), out=indptr[1:])
+    return indptr, columns.astype(np.int64), np.ascontiguousarray(dense[rows, columns])
+
+
+@njit(cache=True, nogil=True)
+def sparse_product(indptr, indices, data, x, out):
+    """``out[b] = A x[b]`` for each b, with ``A`` in :func:`sparse_rows`'s form.
+
+    Parameters
+    ----------
+    indptr, indices, data : ndarray
+        ``A``, shape (R, S), by rows.
+    x : ndarray, shape (B, S, N)
+    out : ndarray, shape (B, R, N)
+        Overwritten.
+
+    Notes
+    -----
+    Each entry of ``A`` scales one row of N voxels, contiguous, so the inner
+    loop is a vectorised ``axpy`` on rows that stay in the L1 cache.
+    """
+    n = x.shape[2]
+    for b in range(x.shape[0]):
+        for r in range(len(indptr) - 1):
+            row = out[b, r]
+            row[:] = 0
+            j, stop = indptr[r], indptr[r + 1]
+            # Four entries per pass over the row: one load and store of it per four
+            # multiply-adds (the loop is bound by the L1 cache's loads and stores).
+            while j + 4 <= stop:
+                w0, w1, w2, w3 = data[j], data[j + 1], data[j + 2], data[j + 3]
+                s0, s1 = x[b, indices[j]], x[b, indices[j + 1]]
+                s2, s3 = x[b, indices[j + 2]], x[b, indices[j + 3]]
+                for i in range(n):
+                    row[i] += w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i]
+                j += 4
+            while j < stop:
+                weight, source = data[j], x[b, indices[j]]
+                for i in range(n):
+                    row[i] += weight * source[i]
+                j += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def norm_relu(x, bias, eps, weight, shift):
+    """A convolution's bias, :class:`VoxelNorm` and ReLU of ``[C, V, N]``, in place.
+
+    ``y = x + bias[c]``; per voxel n, the mean and the variance of ``y`` over
+    channels and vertices (in float64, two passes); then
+    ``max(0, (y - mean) / sqrt(variance + eps) * weight[c] + shift[c])``.
+
+    Parameters
+    ----------
+    x : ndarray, float32, shape (C, V, N)
+    bias, weight, shift : ndarray, float32, shape (C,)
+    eps : float
+    """
+    channels, vertices, n = x.shape
+    count = channels * vertices
+    total = np.zeros(n)
+    for c in range(channels):
+        for v in range(vertices):
+            row = x[c, v]
+            for i in range(n):
+                row[i] += bias[c]
+                total[i] += row[i]
+    mean = (total / count).astype(x.dtype)
+    squares = np.zeros(n)
+    for c in range(channels):
+        for v in range(vertices):
+            row = x[c, v]
+            for i in range(n):
+                centered = row[i] - mean[i]
+                row[i] = centered
+                squares[i] += centered * centered
+    gain = (1 / np.sqrt(squares / count + eps)).astype(x.dtype)
+    for c in range(channels):
+        scaled = gain * weight[c]
+        for v in range(vertices):
+            row = x[c, v]
+            for i in range(n):
+                row[i] = max(row[i] * scaled[i] + shift[c], 0)
+
+
+def _norm_parameters(bias, norm, channels):
+    """:func:`norm_relu`'s arguments after ``norm``: a convolution's bias (or 0) and the norm's."""
+    bias = torch.zeros(channels) if bias is None else bias.detach()
+    return (bias.float().numpy(), float(norm.eps), norm.weight.detach().float().numpy(),
+            norm.bias.detach().float().numpy())
+
+
 class _Conv:
-    """One spherical convolution ``[I, N, V] -> [O, N, V]``, on the cheaper side.
+    """One spherical convolution with its voxel norm and ReLU, ``[I, V, N] -> [O, V, N]``.
 
     With fewer inputs than outputs the polynomials act on the inputs first
     (``T_k x_i``, then one channel product of the ``I K`` terms), otherwise
     on the outputs (one channel product to the ``O K`` terms, then
-    ``sum_k T_k z_k``). Channels outermost make each product one matrix
-    product over all the chunk's voxels and vertices.
+    ``sum_k T_k z_k``). The polynomials' stack is sparse (``T_1`` and ``T_2``
+    of the HEALPix Laplacian: 9 and 25 of 96 vertices per row at nside 4), so
+    it runs as :func:`sparse_product`; voxels innermost make each channel
+    product one matrix product over all the chunk's voxels and vertices.
     """
 
-    def __init__(self, conv):
+    def __init__(self, conv, norm):
         weight = conv.weight.detach()  # (O, I, K)
         self.n_out, self.n_in, self.k = weight.shape
         terms = chebyshev_matrices(conv.operator)  # (K, V, V)
-        if not torch.equal(terms[0], torch.eye(terms.shape[-1], dtype=terms.dtype,
-                                               device=terms.device)):
-            raise ValueError("the first Chebyshev polynomial must be the identity")
-        # Rows of vertices times T_k^T: T_k applied to each row.
-        self.transposed = terms[1:].transpose(1, 2).contiguous()
+        self.n_vertices = terms.shape[-1]
         self.analysis = self.n_in < self.n_out
         if self.analysis:
-            self.first = weight[:, :, 0].contiguous()
-            self.rest = weight[:, :, 1:].permute(0, 2, 1).reshape(self.n_out, -1).contiguous()
+            # Rows (k, v): the K terms T_k x_i of each input i in a row.
+            self.stack = sparse_rows(terms.reshape(-1, self.n_vertices))
+            self.mix = weight.reshape(self.n_out, -1).contiguous()  # columns (i, k)
         else:
-            self.mix = weight.permute(2, 0, 1).reshape(self.k * self.n_out, self.n_in)
-        self.bias = None if conv.bias is None else conv.bias.detach().view(-1, 1, 1)
+            # Columns (k, u): sum_k T_k z_k as one product with each output's K terms.
+            self.stack = sparse_rows(terms.transpose(0, 1).reshape(self.n_vertices, -1))
+            self.mix = weight.permute(0, 2, 1).reshape(-1, self.n_in).contiguous()  # rows (o, k)
+        self.norm = _norm_parameters(conv.bias, norm, self.n_out)
 
     def __call__(self, x):
-        _, n, v = x.shape
-        rows = x.view(-1, v)
+        _, v, n = x.shape
         if self.analysis:
-            terms = x.new_empty((self.k - 1, self.n_in * n, v))
-            for polynomial, out in zip(self.transposed, terms):
-                torch.mm(rows, polynomial, out=out)
-            y = self.first @ x.view(self.n_in, -1)
-            y.addmm_(self.rest, terms.view(-1, n * v))
+            terms = x.new_empty((self.n_in, self.k * v, n))
+            sparse_product(*self.stack, x.numpy(), terms.numpy())
+            y = self.mix @ terms.view(-1, v * n)
         else:
-            z = (self.mix @ x.view(self.n_in, -1)).view(self.k, -1, v)
-            y = z[0]
-            for polynomial, term in zip(self.transposed, z[1:]):
-                y.addmm_(term, polynomial)
-        y = y.view(self.n_out, n, v)
-        return y if self.bias is None else y.add_(self.bias)
-
-
-def _norm_relu(norm, y):
-    """:class:`VoxelNorm` then ReLU of ``[C, N, V]``, in place (``y`` is a layer's new output)."""
-    channels, _, vertices = y.shape
-    mean = y.sum(-1).sum(0) / (channels * vertices)
-    centered = y.sub_(mean[:, None])
-    variance = torch.linalg.vecdot(centered, centered).sum(0) / (channels * vertices)
-    gain = torch.rsqrt(variance + norm.eps)[:, None] * norm.weight.detach()[:, None, None]
-    # In place, not addcmul: its scale broadcast along the vertices ran 7x slower.
-    return centered.mul_(gain).add_(norm.bias.detach()[:, None, None]).clamp_min_(0)
+            z = self.mix @ x.view(self.n_in, -1)
+            y = x.new_empty((self.n_out * v, n))
+            sparse_product(*self.stack, z.view(self.n_out, -1, n).numpy(),
+                           y.view(self.n_out, v, n).numpy())
+        y = y.view(self.n_out, v, n)
+        norm_relu(y.numpy(), *self.norm)
+        return y
 
 
 class FoldedCorrection:
@@ -167,10 +320,13 @@ class FoldedCorrection:
     def __init__(self, correction):
         if not foldable(correction):
             raise ValueError("this correction's architecture does not fold (see foldable)")
+        if correction.sh_to_grid.device.type != "cpu":
+            raise ValueError("the folded correction runs on a CPU: move the correction there")
         self.halo = correction.halo
         to_grid = correction.sh_to_grid.double()  # (V, C8)
         device = to_grid.device
         n_vertices, n_sh = to_grid.shape
+        self.n_vertices = n_vertices
         # A voxel's inputs on the grid: B c, then one constant per isotropic share.
         n_shares = correction.architecture["in_channels"] - 1
         constants = torch.ones(n_vertices, n_shares, dtype=torch.float64, device=device)
@@ -183,35 +339,41 @@ class FoldedCorrection:
             device=device)
         if correction.architecture["kind"] == "e3so3-stem":
             stem, self.unet = correction.unet
-            conv, self.first_norm = stem.convs[0], stem.norms[0]
+            conv, first_norm = stem.convs[0], stem.norms[0]
             weight = conv.fused_weight().detach()  # (O, I, K, R)
             groups = torch.as_tensor(conv.sums.class_index.reshape(-1), device=device)
-            self.skip_first = False  # the stem is the first layer; the U-Net runs whole
+            skip_first = False  # the stem is the first layer; the U-Net runs whole
         else:
             self.unet = correction.unet
-            conv, self.first_norm = self.unet.encoder[0].convs[0], self.unet.encoder[0].norms[0]
+            conv, first_norm = self.unet.encoder[0].convs[0], self.unet.encoder[0].norms[0]
             # C-ESD's input channel c m^3 + j is channel c of the voxel at offset j
             # (ESD: one offset).
             weight = conv.weight.detach().view(conv.out_channels, -1, len(self.offsets),
                                                conv.operator.kernel_size).transpose(2, 3)
             groups = torch.arange(len(self.offsets), device=device)
-            self.skip_first = True
+            skip_first = True
         n_out, _, _, n_groups = weight.shape
         # Offsets summed per group: the stem's distance classes; one each otherwise.
         self.membership = (None if n_groups == len(self.offsets) else
                            (groups[None] == torch.arange(n_groups, device=device)[:, None]).float())
         on_grid = chebyshev_matrices(conv.operator).double() @ basis  # (K, V, 47)
-        matrix = torch.einsum("ockg,kvc->gcov", weight.double()[:, channel], on_grid)
-        self.first = matrix.reshape(-1, n_out, n_vertices).transpose(0, 1).float()
+        matrix = torch.einsum("ockg,kvc->ovgc", weight.double()[:, channel], on_grid)
+        self.first = matrix.reshape(n_out * n_vertices, -1).float()  # rows (o, v)
+        self.first_norm = _norm_parameters(getattr(conv, "bias", None), first_norm, n_out)
         self.n_features = basis.shape[1]
-        self.encoder = [[_Conv(c) for c in block.convs] for block in self.unet.encoder]
-        self.bottleneck = [_Conv(c) for c in self.unet.bottleneck.convs]
-        self.decoder = [[_Conv(c) for c in block.convs] for block in self.unet.decoder]
+        self.encoder = []
+        for level, block in enumerate(self.unet.encoder):
+            layers = list(zip(block.convs, block.norms))[int(level == 0 and skip_first):]
+            self.encoder.append([_Conv(c, norm) for c, norm in layers])
+        self.bottleneck = [_Conv(c, norm) for c, norm in zip(self.unet.bottleneck.convs,
+                                                             self.unet.bottleneck.norms)]
+        self.decoder = [[_Conv(c, norm) for c, norm in zip(block.convs, block.norms)]
+                        for block in self.unet.decoder]
         head = self.unet.head
         to_sh = correction.grid_to_sh.double()  # (C8, V)
         projected = to_sh @ chebyshev_matrices(head.operator).double()  # (K, C8, V)
-        self.head = torch.einsum("ik,kcv->ivc", head.weight.detach().double()[0],
-                                 projected).float()
+        self.head = torch.einsum("ik,kcv->civ", head.weight.detach().double()[0],
+                                 projected).reshape(len(to_sh), -1).float()  # columns (i, v)
         self.head_bias = (head.bias.detach().double() * to_sh.sum(1)).float()
 
     def features(self, padded, rows):
@@ -241,18 +403,23 @@ class FoldedCorrection:
         features : Tensor, shape [N, G * 47]
             :meth:`features`.
         """
-        x = _norm_relu(self.first_norm, torch.matmul(features, self.first))  # (C, N, V)
+        n = len(features)
+        x = torch.mm(self.first, features.t()).view(-1, self.n_vertices, n)  # (C, V, N)
+        norm_relu(x.numpy(), *self.first_norm)
         skips = []
-        for level, (block, convs) in enumerate(zip(self.unet.encoder, self.encoder)):
-            first = int(level == 0 and self.skip_first)
-            for conv, norm in list(zip(convs, block.norms))[first:]:
-                x = _norm_relu(norm, conv(x))
+        for convs in self.encoder:
+            for conv in convs:
+                x = conv(x)
             skips.append(x)
-            x = x.view(*x.shape[:2], -1, 4).mean(-1)  # NESTED: 4 children in a row
-        for conv, norm in zip(self.bottleneck, self.unet.bottleneck.norms):
-            x = _norm_relu(norm, conv(x))
-        for block, convs in zip(self.unet.decoder, self.decoder):
-            x = torch.cat([x.repeat_interleave(4, dim=2), skips.pop()])
-            for conv, norm in zip(convs, block.norms):
-                x = _norm_relu(norm, conv(x))
-        return torch.bmm(x, self.head).sum(0).add_(self.head_bias)
+            x = x.view(x.shape[0], -1, 4, n).mean(2)  # NESTED: 4 children in a row
+        for conv in self.bottleneck:
+            x = conv(x)
+        for convs in self.decoder:
+            skip = skips.pop()
+            joined = x.new_empty((len(x) + len(skip),) + skip.shape[1:])
+            joined[:len(x)].view(x.shape[0], -1, 4, n).copy_(x[:, :, None])
+            joined[len(x):].copy_(skip)
+            x = joined
+            for conv in convs:
+                x = conv(x)
+        return torch.mm(self.head, x.view(-1, n)).t().add_(self.head_bias)

@@ -40,7 +40,7 @@ from ..shm import n_coeffs, sh_degrees, sh_matrix
 from ..sphere import HealpixSphere
 from ..threads import adapt_num_threads
 from .config import carrying_nside
-from .folded import CHUNK, FoldedCorrection, foldable
+from .folded import CHUNK, FoldedCorrection, foldable, run_chunks
 from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
 # Highest WM SH degree the network corrects; degrees above pass through.
@@ -470,11 +470,12 @@ def _folded_voxels(correction, volume, inside, tissues):
                                                 padded.shape[:3]))
     scale = scale[0, 0][voxels]
     n = min(correction.n_corrected, volume.shape[-1] - (len(tissues) - 1))
-    for start in range(0, len(rows), CHUNK):
-        adapt_num_threads()  # the threads that the other processes' load leaves (esdmri.threads)
-        part = slice(start, start + CHUNK)
+
+    def work(part):
         delta = folded.delta(folded.features(padded, rows[part]))
         kept[part, :n].addcmul_(delta[:, :n], scale[part, None])
+
+    run_chunks(work, len(rows))
     return kept.numpy()
 
 
