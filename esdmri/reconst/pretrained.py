@@ -38,9 +38,8 @@ from torch import nn
 from ..nn.unet import UNet
 from ..shm import n_coeffs, sh_degrees, sh_matrix
 from ..sphere import HealpixSphere
-from ..threads import adapt_num_threads
 from .config import carrying_nside
-from .folded import CHUNK, FoldedCorrection, foldable, run_chunks
+from .folded import FoldedCorrection, foldable, run_chunks
 from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
 # Highest WM SH degree the network corrects; degrees above pass through.
