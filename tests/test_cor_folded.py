@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from esdmri.nn.chebyshev import ChebyshevOperator
+from esdmri.nn.unet import VoxelNorm
 from esdmri.reconst import folded, pretrained
 from esdmri.shm import n_coeffs
 from esdmri.sphere import HealpixSphere
@@ -111,3 +112,70 @@ def test_a_correction_that_does_not_fold_runs_layered(change):
     result = pretrained.apply_correction(correction, coefficients, mask, tissues)
     np.testing.assert_allclose(result, whole_volume(correction, coefficients, mask, tissues),
                                atol=1e-5)
+
+
+def test_sparse_product_equals_the_dense_product():
+    """Rows with none, fewer than four and more than four entries (the kernel's passes
+    of four and its remainder), against the dense product in float64."""
+    rng = np.random.default_rng(4)
+    dense = rng.normal(size=(9, 13)) * (rng.uniform(size=(9, 13)) < 0.45)
+    dense[2] = 0
+    dense[5, :] = rng.normal(size=13)
+    matrix = torch.as_tensor(dense, dtype=torch.float32)
+    indptr, indices, data = folded.sparse_rows(matrix)
+    assert len(data) == np.count_nonzero(dense) and data.dtype == np.float32
+    x = rng.normal(size=(3, 13, 37)).astype(np.float32)
+    out = np.full((3, 9, 37), np.nan, dtype=np.float32)
+    folded.sparse_product(indptr, indices, data, x, out)
+    expected = np.einsum("rs,bsn->brn", matrix.double().numpy(), x.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_relu_equals_the_voxel_norm_then_relu():
+    """The fused kernel against the layered VoxelNorm on [1, C, V, N], after the bias."""
+    torch.manual_seed(1)
+    channels, vertices, n = 5, 24, 19
+    norm = VoxelNorm(channels, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.5)
+    bias = torch.randn(channels)
+    x = 3 * torch.randn(channels, vertices, n) + 1
+    with torch.no_grad():
+        expected = torch.relu(norm((x + bias[:, None, None])[None]))[0]
+    result = x.numpy().copy()
+    folded.norm_relu(result, bias.numpy(), float(norm.eps), norm.weight.detach().numpy(),
+                     norm.bias.detach().numpy())
+    assert (expected > 0).any() and (expected == 0).any()
+    np.testing.assert_allclose(result, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_on_two_threads(monkeypatch):
+    """Each chunk runs once, on one torch thread, under the caller's inference mode;
+    torch's count is restored and the folded correction is the same as on one thread."""
+    monkeypatch.setattr(folded, "adapt_num_threads", lambda: None)  # no load to adapt to
+    previous = torch.get_num_threads()
+    correction = pretrained.load_correction(True)
+    tissues = ("wm", "gm", "csf")
+    coefficients, mask = prior_volume((12, 12, 12), 8, tissues, seed=7)
+    try:
+        torch.set_num_threads(1)
+        alone = pretrained.apply_correction(correction, coefficients, mask, tissues)
+        torch.set_num_threads(2)
+        seen = []
+
+        def work(part):
+            seen.append((part.start, torch.get_num_threads(),
+                         torch.is_inference_mode_enabled()))
+
+        with torch.inference_mode():
+            folded.run_chunks(work, 5 * folded.CHUNK + 3)
+        assert torch.get_num_threads() == 2
+        together = pretrained.apply_correction(correction, coefficients, mask, tissues)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert sorted(seen) == [(start, 1, True) for start in range(0, 6 * folded.CHUNK,
+                                                                 folded.CHUNK)]
+    # Each chunk's arithmetic is the same on either count.
+    np.testing.assert_array_equal(together, alone)
