@@ -3,9 +3,10 @@
 :func:`esdmri.reconst.pretrained.apply_correction` runs the shipped network
 folded by default (:mod:`esdmri.reconst.folded`); ``folded=False`` runs its
 layers slab by slab, as before. Both run in this one process, interleaved
-(A, B, B, A, ...), on one torch thread, timed in CPU seconds
-(``time.process_time``), so that a machine shared with other jobs slows both
-alike; the table gives the median of each and their ratio, with the largest
+(A, B, B, A, ...), on one torch thread (or each count of ``--num_threads``),
+timed in CPU seconds (``time.process_time``), so that a machine shared with
+other jobs slows both alike, and in wall seconds (what a second thread
+buys); the table gives the median of each and their ratios, with the largest
 difference between the two outputs relative to the largest correction.
 
 Scans:
@@ -27,6 +28,7 @@ Usage::
     python -m benchmarks.bench_correction                 # 40^3 and brain, 3 repeats
     python -m benchmarks.bench_correction --fits --repeats 3
     python -m benchmarks.bench_correction --kinds e3so3-stem spherical concat --no-brain
+    python -m benchmarks.bench_correction --num_threads 1 2   # one and two torch threads
 """
 
 import argparse
@@ -58,6 +60,13 @@ def cpu_seconds(function, *args, **kwargs):
     return time.process_time() - start, result
 
 
+def cpu_and_wall_seconds(function, *args, **kwargs):
+    """CPU and wall-clock seconds of one call, and its result."""
+    wall = time.perf_counter()
+    elapsed, result = cpu_seconds(function, *args, **kwargs)
+    return (elapsed, time.perf_counter() - wall), result
+
+
 def dev_phantom(side):
     return make_heldout_phantom((side,) * 3, snr=20, seed=1, geometry_seed=DEV_GEOMETRY)
 
@@ -87,19 +96,21 @@ def brain_prior(seed=0):
 
 
 def compare_passes(correction, coefficients, mask, tissues, repeats):
-    """Median CPU seconds of the layered and folded passes, and their outputs' difference."""
+    """Median (CPU, wall) seconds of the layered and folded passes, and their outputs'
+    difference."""
     seconds = {False: [], True: []}
     outputs = {}
     for repeat in range(repeats):
         for folded in ((False, True) if repeat % 2 == 0 else (True, False)):
-            elapsed, outputs[folded] = cpu_seconds(pretrained.apply_correction, correction,
-                                                   coefficients, mask, tissues,
-                                                   folded=folded)
+            elapsed, outputs[folded] = cpu_and_wall_seconds(
+                pretrained.apply_correction, correction, coefficients, mask, tissues,
+                folded=folded)
             seconds[folded].append(elapsed)
     scale = np.abs(outputs[False] - coefficients).max()
     difference = np.abs(outputs[True] - outputs[False]).max()
-    return (statistics.median(seconds[False]), statistics.median(seconds[True]),
-            difference, scale)
+    medians = [tuple(statistics.median(run[i] for run in seconds[folded]) for i in (0, 1))
+               for folded in (False, True)]
+    return medians[0], medians[1], difference, scale
 
 
 def timed_fit(phantom, response, variant):
@@ -153,29 +164,34 @@ def main():
     parser.add_argument("--fits", action="store_true",
                         help="add whole default and network-free fits of the dev phantom")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num_threads", type=int, default=1)
+    parser.add_argument("--num_threads", type=int, nargs="+", default=[1],
+                        help="torch thread counts, each a table row (the folded pass runs "
+                             "one chunk per thread)")
     args = parser.parse_args()
-    torch.set_num_threads(args.num_threads)
-    print(f"torch threads: {torch.get_num_threads()}; machine load when started: "
-          f"{Path('/proc/loadavg').read_text().split()[0]}; CPU seconds, median of "
-          f"{args.repeats} interleaved", flush=True)
+    print(f"machine load when started: {Path('/proc/loadavg').read_text().split()[0]}; "
+          f"CPU and wall seconds, median of {args.repeats} interleaved", flush=True)
     scans = [(f"{args.side}^3 dev phantom, real prior", dev_prior(dev_phantom(args.side)))]
     if args.brain:
         scans.append(("clinical 96x96x60 mask, synthetic prior", brain_prior()))
-    rows = ["| scan | architecture | masked voxels | layered (s) | folded (s) | layered / "
-            "folded | folded (us per voxel) | max difference / max correction |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| scan | architecture | masked voxels | torch threads | layered CPU (s) | "
+            "folded CPU (s) | layered / folded (CPU) | layered wall (s) | folded wall (s) | "
+            "layered / folded (wall) | folded CPU (us per voxel) | "
+            "max difference / max correction |", "|---" * 12 + "|"]
     for name, (coefficients, mask, tissues) in scans:
         voxels = int(mask.sum())
         for kind in args.kinds:
             correction = pretrained.load_correction(True, kind=kind)
-            layered, fast, difference, scale = compare_passes(correction, coefficients, mask,
-                                                              tissues, args.repeats)
-            rows.append(f"| {name} | {kind} | {voxels} | {layered:.2f} | {fast:.2f} | "
-                        f"{layered / fast:.2f} | {1e6 * fast / voxels:.1f} | "
-                        f"{difference / scale:.1e} |")
-            print(rows[-1], flush=True)
+            for threads in args.num_threads:
+                torch.set_num_threads(threads)
+                layered, fast, difference, scale = compare_passes(
+                    correction, coefficients, mask, tissues, args.repeats)
+                rows.append(f"| {name} | {kind} | {voxels} | {threads} | {layered[0]:.2f} | "
+                            f"{fast[0]:.2f} | {layered[0] / fast[0]:.2f} | {layered[1]:.2f} | "
+                            f"{fast[1]:.2f} | {layered[1] / fast[1]:.2f} | "
+                            f"{1e6 * fast[0] / voxels:.1f} | {difference / scale:.1e} |")
+                print(rows[-1], flush=True)
     print("\n" + "\n".join(rows))
+    torch.set_num_threads(args.num_threads[0])
     if args.fits:
         fit_rows, scale = compare_fits(args.side, args.repeats)
         network_free = fit_rows[-1][1]

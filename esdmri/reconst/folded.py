@@ -252,6 +252,32 @@ def norm_relu(x, bias, eps, weight, shift):
                 row[i] = max(row[i] * scaled[i] + shift[c], 0)
 
 
+@njit(cache=True, nogil=True)
+def neighbourhood_sums(flat, rows, shifts, groups, out):
+    """Each voxel's inputs summed over each group of its neighbours.
+
+    Parameters
+    ----------
+    flat : ndarray, shape (M, F)
+        The padded volume's voxels, channel last.
+    rows : ndarray of int64, shape (N,)
+        The voxels, rows of ``flat``.
+    shifts : ndarray of int64, shape (J,)
+        The neighbours' offsets in rows of ``flat``.
+    groups : ndarray of int64, shape (J,)
+        Each neighbour's group.
+    out : ndarray, shape (N, G, F)
+        Overwritten: ``out[n, g] = sum of flat[rows[n] + shifts[j]] over j in group g``.
+    """
+    for n in range(len(rows)):
+        sums = out[n]
+        sums[:] = 0
+        for j in range(len(shifts)):
+            source, target = flat[rows[n] + shifts[j]], sums[groups[j]]
+            for c in range(len(source)):
+                target[c] += source[c]
+
+
 def _norm_parameters(bias, norm, channels):
     """:func:`norm_relu`'s arguments after ``norm``: a convolution's bias (or 0) and the norm's."""
     bias = torch.zeros(channels) if bias is None else bias.detach()
@@ -352,10 +378,9 @@ class FoldedCorrection:
                                                conv.operator.kernel_size).transpose(2, 3)
             groups = torch.arange(len(self.offsets), device=device)
             skip_first = True
-        n_out, _, _, n_groups = weight.shape
+        n_out, _, _, self.n_groups = weight.shape
         # Offsets summed per group: the stem's distance classes; one each otherwise.
-        self.membership = (None if n_groups == len(self.offsets) else
-                           (groups[None] == torch.arange(n_groups, device=device)[:, None]).float())
+        self.groups = groups.cpu().numpy().astype(np.int64)
         on_grid = chebyshev_matrices(conv.operator).double() @ basis  # (K, V, 47)
         matrix = torch.einsum("ockg,kvc->ovgc", weight.double()[:, channel], on_grid)
         self.first = matrix.reshape(n_out * n_vertices, -1).float()  # rows (o, v)
@@ -388,12 +413,12 @@ class FoldedCorrection:
         rows : Tensor of int64, shape (N,)
             Flat indices of the voxels into ``padded``.
         """
-        strides = torch.tensor([padded.shape[1] * padded.shape[2], padded.shape[2], 1],
-                               device=padded.device)
-        gathered = padded.reshape(-1, self.n_features)[rows[:, None] + self.offsets @ strides]
-        if self.membership is not None:
-            gathered = torch.matmul(self.membership, gathered)  # (N, G, 47)
-        return gathered.reshape(len(rows), -1)
+        strides = torch.tensor([padded.shape[1] * padded.shape[2], padded.shape[2], 1])
+        shifts = (self.offsets.cpu() @ strides).numpy()
+        sums = torch.empty((len(rows), self.n_groups, self.n_features))
+        neighbourhood_sums(padded.reshape(-1, self.n_features).numpy(), rows.numpy(), shifts,
+                           self.groups, sums.numpy())
+        return sums.view(len(rows), -1)
 
     def delta(self, features):
         """The correction of degrees 0 to the corrected order per unit scale, shape [N, C8].
