@@ -288,7 +288,7 @@ def _norm_parameters(bias, norm, channels):
 class _Conv:
     """One spherical convolution with its voxel norm and ReLU, ``[I, V, N] -> [O, V, N]``.
 
-    With fewer inputs than outputs the polynomials act on the inputs first
+    With no more inputs than outputs the polynomials act on the inputs first
     (``T_k x_i``, then one channel product of the ``I K`` terms), otherwise
     on the outputs (one channel product to the ``O K`` terms, then
     ``sum_k T_k z_k``). The polynomials' stack is sparse (``T_1`` and ``T_2``
@@ -302,7 +302,7 @@ class _Conv:
         self.n_out, self.n_in, self.k = weight.shape
         terms = chebyshev_matrices(conv.operator)  # (K, V, V)
         self.n_vertices = terms.shape[-1]
-        self.analysis = self.n_in < self.n_out
+        self.analysis = self.n_in <= self.n_out
         if self.analysis:
             # Rows (k, v): the K terms T_k x_i of each input i in a row.
             self.stack = sparse_rows(terms.reshape(-1, self.n_vertices))
