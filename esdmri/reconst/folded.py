@@ -5,28 +5,31 @@ fields ``[B, C, V, X, Y, Z]``, one Chebyshev product per layer on the K
 stacked polynomial terms, each normalisation as a chain of element-wise
 passes. At inference every layer after the network's spatial reach acts on
 each voxel alone, so :class:`FoldedCorrection` runs the masked voxels only,
-in chunks that stay in cache, laid out ``[C, N, V]`` (channels outermost, a
-voxel's vertices contiguous), with what does not depend on the data computed
-once per fit:
+in chunks that stay in cache, laid out ``[C, V, N]`` (channels outermost,
+the chunk's voxels innermost and contiguous), with what does not depend on
+the data computed once per fit:
 
 - **the input layer as one matrix**: the network's first layer (RT-ESD's
   E(3) x SO(3) stem, ESD's and C-ESD's first spherical convolution) is
   linear in each voxel's neighbourhood of prior coefficients and isotropic
   shares, because the grid fODF is ``B c`` and the shares are constant on the
   sphere; its weights times ``T_k B`` (and ``T_k 1``) make one
-  ``(G * 47, C_out * V)`` matrix, with G the stem's distance classes (4),
+  ``(C_out * V, G * 47)`` matrix, with G the stem's distance classes (4),
   C-ESD's neighbours (27) or ESD's one voxel. The voxels' features are
-  gathered from the padded volume (the stem's neighbourhood sums of 47
-  numbers instead of 96 vertices x 3 channels);
+  summed per group from the padded volume (:func:`neighbourhood_sums`: the
+  stem's neighbourhood sums of 47 numbers instead of 96 vertices x 3
+  channels);
 - **spherical convolutions** ``y_o = sum_{i,k} W[o, i, k] T_k x_i`` as one
-  channel product over the chunk and one dense product per polynomial
-  ``T_1 .. T_{K-1}`` (``T_0`` is the identity, not multiplied), on the side
-  with fewer channels;
-- **normalisation** (:class:`esdmri.nn.unet.VoxelNorm`) as sums, an
-  in-place centring and an in-place ``x a + b`` with the per-channel scale
-  folded into ``a``;
-- **the head and the projection back to SH** as one ``(C V, n_coeffs)``
+  channel product over the chunk and one product with the stacked
+  polynomials ``[T_0 .. T_{K-1}]``, sparse (:func:`sparse_product`), on the
+  side with fewer channels;
+- **the bias, normalisation** (:class:`esdmri.nn.unet.VoxelNorm`) **and
+  ReLU** as one kernel of three passes (:func:`norm_relu`);
+- **the head and the projection back to SH** as one ``(n_coeffs, C V)``
   matrix (``grid_to_sh T_k``) and a constant (the head's bias).
+
+The chunks run one per torch thread (:func:`run_chunks`), torch on one
+thread inside each.
 
 The result equals :meth:`PriorCorrection.forward` up to float32 rounding
 (``tests/test_cor_folded.py``). Only the architectures of
@@ -47,7 +50,8 @@ from ..threads import adapt_num_threads
 
 # Masked voxels per pass: a chunk's widest fields (16 channels x 96 vertices,
 # the 3 x 8 x 96 Chebyshev terms) then stay within a core's L2 cache. On one
-# thread chunks of 128-512 ran alike and 4,096 1.6x slower (docs/benchmarks.md).
+# thread chunks of 128-512 ran alike and 4,096 1.6x slower (docs/benchmarks.md,
+# measured with the vertices innermost).
 CHUNK = 256
 # Chunks per worker between two looks at the load (esdmri.threads.adapt_num_threads).
 CHUNKS_PER_LOOK = 8
@@ -187,7 +191,7 @@ def sparse_product(indptr, indices, data, x, out):
     Notes
     -----
     Each entry of ``A`` scales one row of N voxels, contiguous, so the inner
-    loop is a vectorised ``axpy`` on rows that stay in the L1 cache.
+    loop is a vectorised ``axpy``; four entries per pass over the output row.
     """
     n = x.shape[2]
     for b in range(x.shape[0]):
