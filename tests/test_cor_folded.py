@@ -114,21 +114,26 @@ def test_a_correction_that_does_not_fold_runs_layered(change):
                                atol=1e-5)
 
 
-def test_sparse_product_equals_the_dense_product():
-    """Rows with none, fewer than four and more than four entries (the kernel's passes
-    of four and its remainder), against the dense product in float64."""
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 5])
+def test_chebyshev_recursions_equal_the_dense_polynomials(kernel_size):
+    """The terms T_k x and the sum sum_k T_k z_k by the recursions with the sparse
+    Laplacian (rows of 7 to 9 entries: the kernel's passes of four and its remainder)
+    against the dense polynomials in float64."""
+    basis = HealpixSphere(4, hemisphere=True).chebyshev_basis(kernel_size)  # (K, V, V)
+    laplacian = folded.sparse_rows(torch.as_tensor(basis[min(1, kernel_size - 1)],
+                                                   dtype=torch.float32))
+    assert len(laplacian[2]) < 10 * basis.shape[-1]
     rng = np.random.default_rng(4)
-    dense = rng.normal(size=(9, 13)) * (rng.uniform(size=(9, 13)) < 0.45)
-    dense[2] = 0
-    dense[5, :] = rng.normal(size=13)
-    matrix = torch.as_tensor(dense, dtype=torch.float32)
-    indptr, indices, data = folded.sparse_rows(matrix)
-    assert len(data) == np.count_nonzero(dense) and data.dtype == np.float32
-    x = rng.normal(size=(3, 13, 37)).astype(np.float32)
-    out = np.full((3, 9, 37), np.nan, dtype=np.float32)
-    folded.sparse_product(indptr, indices, data, x, out)
-    expected = np.einsum("rs,bsn->brn", matrix.double().numpy(), x.astype(np.float64))
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    x = rng.normal(size=(3, basis.shape[-1], 37)).astype(np.float32)
+    terms = np.full((3, kernel_size) + x.shape[1:], np.nan, dtype=np.float32)
+    folded.chebyshev_terms(*laplacian, x, terms)
+    expected = np.einsum("kvu,bun->bkvn", basis, x.astype(np.float64))
+    np.testing.assert_allclose(terms, expected, rtol=1e-4, atol=1e-4)
+    z = rng.normal(size=(3, kernel_size) + x.shape[1:]).astype(np.float32)
+    total = np.full(x.shape, np.nan, dtype=np.float32)
+    folded.chebyshev_sum(*laplacian, z, total)
+    expected = np.einsum("kvu,bkun->bvn", basis, z.astype(np.float64))
+    np.testing.assert_allclose(total, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_norm_relu_equals_the_voxel_norm_then_relu():
