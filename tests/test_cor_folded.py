@@ -1,5 +1,7 @@
 """The folded correction (esdmri.reconst.folded) computes the layered network's function."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,10 @@ def test_chunks_on_two_threads(monkeypatch):
         assert torch.get_num_threads() == 2
         together = pretrained.apply_correction(correction, coefficients, mask, tissues)
         assert torch.get_num_threads() == 2
+        # More threads than CPUs: as many workers as CPUs, the count restored as it was.
+        torch.set_num_threads(3 * (os.cpu_count() or 1))
+        pretrained.apply_correction(correction, coefficients, mask, tissues)
+        assert torch.get_num_threads() == 3 * (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(previous)
     assert sorted(seen) == [(start, 1, True) for start in range(0, 6 * folded.CHUNK,

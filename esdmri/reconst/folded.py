@@ -82,7 +82,8 @@ def run_chunks(work, count):
     with ThreadPoolExecutor(helpers) as pool:
         while parts:
             adapt_num_threads()
-            threads = max(1, min(torch.get_num_threads(), helpers + 1))
+            current = torch.get_num_threads()
+            threads = max(1, min(current, helpers + 1))
             size = threads * CHUNKS_PER_LOOK
             batch, parts = parts[:size], parts[size:]
             if threads == 1:
@@ -97,7 +98,7 @@ def run_chunks(work, count):
                 for future in futures:
                     future.result()
             finally:
-                torch.set_num_threads(threads)
+                torch.set_num_threads(current)
 
 
 def _run_all(work, parts, inference, grad):
