@@ -59,9 +59,9 @@ import torch
 
 from esdmri.reconst import fused_objective
 from esdmri.reconst.losses import difference_operators, neighbour_pairs, total_variation
-from esdmri.reconst.refine import (_CPU_BLOCK, _DAMPING, _LOW_RANK, CoupledObjective,
-                                   Preconditioner, RefinementHistory, _lbfgs_descent,
-                                   signal_preconditioner)
+from esdmri.reconst.refine import (_CPU_BLOCK, _DAMPING, _PRECONDITIONER_TOLERANCE,
+                                   CoupledObjective, Preconditioner, RefinementHistory,
+                                   _lbfgs_descent, coefficient_degrees, signal_preconditioner)
 from esdmri.sims import make_phantom
 from esdmri.threads import sync_numba_threads
 
@@ -152,7 +152,8 @@ def solver_seconds(c, forward_matrix, weights, n_wm, steps, threads):
     now = clock(threads)
     objective = Quadratic(torch.randn_like(c), now)
     preconditioner = Preconditioner(signal_preconditioner(forward_matrix, weights, _DAMPING),
-                                    _LOW_RANK, dtype=c.dtype)
+                                    _PRECONDITIONER_TOLERANCE,
+                                    coefficient_degrees(n_wm, c.shape[1]), dtype=c.dtype)
     start = now()
     _, taken, _ = _lbfgs_descent(c.clone(), objective, n_wm, steps=steps, lr=1e-3,
                                  memory=MEMORY, tolerance=0.0, least_fall=0.0,

@@ -28,7 +28,8 @@ import torch
 from esdmri import RTESDModel
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst.network import build_fodf_sampler, build_forward_model
-from esdmri.reconst.refine import Preconditioner, refine_coefficients, signal_preconditioner
+from esdmri.reconst.refine import (Preconditioner, coefficient_degrees, refine_coefficients,
+                                   signal_preconditioner)
 from esdmri.shm import n_coeffs
 from esdmri.sims import make_phantom
 
@@ -111,7 +112,8 @@ def main():
     for repeat in range(args.repeats):
         for damping, tolerance in (settings if repeat % 2 == 0 else settings[::-1]):
             rank = "-" if damping is None else Preconditioner(
-                signal_preconditioner(inputs[3], inputs[7], damping), tolerance).rank
+                signal_preconditioner(inputs[3], inputs[7], damping), tolerance,
+                coefficient_degrees(inputs[5], inputs[0].shape[-1])).rank
             clock = time.process_time()
             _, history = refine_coefficients(*inputs, **{**options, "damping": damping,
                                                          "preconditioner_tolerance": tolerance})

@@ -53,8 +53,9 @@ import torch
 
 from esdmri.heldout_phantom import make_heldout_phantom
 from esdmri.reconst import fused_solver
-from esdmri.reconst.refine import (_DAMPING, _LOW_RANK, CoupledObjective, Preconditioner,
-                                   RefinementHistory, _lbfgs_descent, refine_coefficients,
+from esdmri.reconst.refine import (_DAMPING, _PRECONDITIONER_TOLERANCE, CoupledObjective,
+                                   Preconditioner, RefinementHistory, _lbfgs_descent,
+                                   coefficient_degrees, refine_coefficients,
                                    signal_preconditioner)
 from esdmri.sims import make_phantom
 
@@ -297,7 +298,9 @@ def main():
     inputs, _, _ = refinement_inputs(make_phantom(shape=(8, 8, 8), gtab=clinical_gtab(),
                                                   snr=30))
     preconditioner = Preconditioner(signal_preconditioner(inputs[3], inputs[7], _DAMPING),
-                                    _LOW_RANK, dtype=torch.float32)
+                                    _PRECONDITIONER_TOLERANCE,
+                                    coefficient_degrees(inputs[5], inputs[0].shape[-1]),
+                                    dtype=torch.float32)
     print(f"machine load when started: {os.getloadavg()[0]:.2f}; numba threading layer "
           f"after the first kernel: ", end="", flush=True)
     generator = torch.Generator().manual_seed(0)

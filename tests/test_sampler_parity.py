@@ -104,5 +104,7 @@ def test_refinement_through_the_split_equals_the_single_product(phantom, field, 
         single, single_history = refine_field(phantom, phantom.gtab, *field, weights, **options)
     tolerance = 1e-9 if dtype == torch.float64 else 1e-3
     assert np.linalg.norm(split - single) <= tolerance * np.linalg.norm(single)
+    # float32's round-off, amplified over 30 L-BFGS steps, moves the history by 4e-6
+    # (the dense preconditioner) to 1.2e-5 (its degree block); float64 checks the paths.
     np.testing.assert_allclose(split_history, single_history,
-                               rtol=1e-12 if dtype == torch.float64 else 1e-5)
+                               rtol=1e-12 if dtype == torch.float64 else 3e-5)

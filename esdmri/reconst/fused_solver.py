@@ -18,9 +18,9 @@ the values just written:
 - :func:`trial_point`: the line search's projected trial point, the step
   ``s = trial - c`` and ``g.s``;
 - :func:`pair_difference`: ``y = g' - g`` with ``s.y`` and ``y.y``;
-- :func:`low_rank_apply` and :func:`low_rank_quadratic`: the preconditioner
-  ``p (I - V^T W V)`` of a few directions applied to each row, and the sum of
-  its quadratic forms (:class:`esdmri.reconst.refine.Preconditioner`).
+- :func:`block_apply` and :func:`block_quadratic`: the preconditioner
+  ``p (I - M)``, ``M`` nonzero on a few columns, applied to each row, and the
+  sum of its quadratic forms (:class:`esdmri.reconst.refine.Preconditioner`).
 
 On CPU tensors they run as numba kernels on ``.numpy()`` views of the
 tensors (no copies), parallel over blocks of the field on as many threads as
@@ -183,50 +183,60 @@ def _difference_kernel(y, new, old, s):
     return s_dot_y, y_dot_y
 
 
-# The low-rank kernels multiply a block of rows at a time by BLAS (numba's np.dot),
-# 2.4x faster at rank 17 than row-by-row dot products and 2x faster than loops over
-# a transposed block (docs/benchmarks.md). Each block's products stay under
+# The block kernels multiply a block of rows' kept columns at a time by BLAS (numba's
+# np.dot): 2.4x faster than row-by-row dot products and 2x faster than loops over a
+# transposed block at 17 x 93 (docs/benchmarks.md). Each block's product stays under
 # OpenBLAS's threshold for threading a product (65536 x GEMM_MULTITHREAD_THRESHOLD,
 # default 4, multiply-adds), so no BLAS thread pool starts inside numba's threads.
 _BLAS_SERIAL = 65536 * 4
 
 
-def _low_rank_rows(columns, rank):
-    """Rows per block of the low-rank kernels."""
-    return max(1, _BLAS_SERIAL // (columns * max(rank, 1)))
+def _block_rows(width):
+    """Rows per block of the block kernels (``width`` kept columns)."""
+    return max(1, min(4096, _BLAS_SERIAL // max(width * width, 1)))
 
 
 @numba.njit(**_KERNEL)
-def _low_rank_kernel(out, x, vectors_t, weighted, scale, rows_per_block):
+def _block_kernel(out, x, columns, block, scale, rows_per_block):
     n, m = x.shape
-    for block in numba.prange((n + rows_per_block - 1) // rows_per_block):
-        low, high = block * rows_per_block, min(block * rows_per_block + rows_per_block, n)
-        rows = x[low:high]
-        # Taken whole before out's rows are written: out may be x.
-        correction = np.dot(np.dot(rows, vectors_t), weighted)
-        out_rows = out[low:high]
+    width = len(columns)
+    for chunk in numba.prange((n + rows_per_block - 1) // rows_per_block):
+        low, high = chunk * rows_per_block, min(chunk * rows_per_block + rows_per_block, n)
+        kept = np.empty((high - low, width), dtype=x.dtype)
         for i in range(high - low):
-            row, out_row, correction_row = rows[i], out_rows[i], correction[i]
+            row, kept_row = x[low + i], kept[i]
+            for k in range(width):
+                kept_row[k] = row[columns[k]]
+        # Taken whole before out's rows are written: out may be x.
+        correction = np.dot(kept, block)
+        for i in range(high - low):
+            row, out_row, correction_row = x[low + i], out[low + i], correction[i]
             for j in range(m):
-                out_row[j] = scale * row[j] - correction_row[j]
+                out_row[j] = scale * row[j]
+            for k in range(width):
+                out_row[columns[k]] -= correction_row[k]
 
 
 @numba.njit(**_KERNEL)
-def _low_rank_quadratic_kernel(x, vectors_t, weights, rows_per_block):
+def _block_quadratic_kernel(x, columns, block, rows_per_block):
     n, m = x.shape
-    rank = len(weights)
+    width = len(columns)
     total = 0.0
-    for block in numba.prange((n + rows_per_block - 1) // rows_per_block):
-        low, high = block * rows_per_block, min(block * rows_per_block + rows_per_block, n)
-        rows = x[low:high]
-        projections = np.dot(rows, vectors_t)
+    for chunk in numba.prange((n + rows_per_block - 1) // rows_per_block):
+        low, high = chunk * rows_per_block, min(chunk * rows_per_block + rows_per_block, n)
+        kept = np.empty((high - low, width), dtype=x.dtype)
+        for i in range(high - low):
+            row, kept_row = x[low + i], kept[i]
+            for k in range(width):
+                kept_row[k] = row[columns[k]]
+        products = np.dot(kept, block)
         part = 0.0
         for i in range(high - low):
-            row, projection = rows[i], projections[i]
+            row, kept_row, product = x[low + i], kept[i], products[i]
             for j in range(m):
                 part += np.float64(row[j]) * np.float64(row[j])
-            for r in range(rank):
-                part -= weights[r] * np.float64(projection[r]) * np.float64(projection[r])
+            for k in range(width):
+                part -= np.float64(kept_row[k]) * np.float64(product[k])
         total += part
     return total
 
@@ -338,44 +348,40 @@ def pair_difference(y, new_gradient, gradient, s):
     return torch.vdot(s.flatten(), y.flatten()), _dot(y, y)
 
 
-def low_rank_apply(out, field, vectors, weights, scale):
-    """``out = scale (I - V^T diag(weights) V) field`` row by row; ``out`` may be ``field``.
+def block_apply(out, field, columns, block, scale):
+    """``out = scale (field - M field)`` row by row, ``M`` nonzero on ``columns`` only.
+
+    ``M``'s block on ``columns`` is ``block``; ``out`` may be ``field``.
 
     Parameters
     ----------
     out, field : Tensor, shape (n, C)
-    vectors : Tensor, shape (r, C)
-        Orthonormal rows ``V``, in ``field``'s dtype.
-    weights : Tensor, shape (r,)
-        In ``field``'s dtype.
+    columns : Tensor of int64, shape (r,)
+    block : Tensor, shape (r, r)
+        Symmetric, in ``field``'s dtype.
     scale : float
 
     Returns
     -------
     out : Tensor
     """
-    if len(weights) and _fused(out, field, vectors, weights):
-        # out = s x - (x V^T) (s W V): the scale in the small right-hand factor.
-        weighted = vectors * (weights * scale)[:, None]
-        _low_rank_kernel(out.numpy(), field.numpy(), vectors.T.contiguous().numpy(),
-                         weighted.numpy(), _scalar(field, scale),
-                         _low_rank_rows(*vectors.shape[::-1]))
+    if len(columns) and _fused(out, field, block):
+        _block_kernel(out.numpy(), field.numpy(), columns.numpy(),
+                      (block * scale).numpy(), _scalar(field, scale), _block_rows(len(columns)))
         return out
-    projections = torch.mm(field, vectors.T).mul_(weights)
-    if out is not field:
-        out.copy_(field)
-    return out.addmm_(projections, vectors, alpha=-1).mul_(scale)
+    correction = field[:, columns] @ block
+    torch.mul(field, scale, out=out)
+    out[:, columns] -= correction.mul_(scale)
+    return out
 
 
-def low_rank_quadratic(field, vectors, weights):
-    """``sum_i x_i . (I - V^T diag(weights) V) x_i`` over the rows ``x_i``: a float.
+def block_quadratic(field, columns, block):
+    """``sum_i x_i . (I - M) x_i`` over the rows ``x_i``, ``M`` as in :func:`block_apply`: a float.
 
-    The arguments are those of :func:`low_rank_apply` (``weights`` in float64
-    on a CPU: the sum is accumulated in float64 there).
+    Accumulated in float64 on a CPU.
     """
-    if len(weights) and _fused(field, vectors):
-        return _low_rank_quadratic_kernel(field.numpy(), vectors.T.contiguous().numpy(),
-                                          weights.to(torch.float64).numpy(),
-                                          _low_rank_rows(*vectors.shape[::-1]))
-    projections = torch.mm(field, vectors.T)
-    return _dot(field, field) - float((projections.square() * weights).sum())
+    if len(columns) and _fused(field, block):
+        return _block_quadratic_kernel(field.numpy(), columns.numpy(), block.numpy(),
+                                       _block_rows(len(columns)))
+    kept = field[:, columns]
+    return _dot(field, field) - _dot(kept, kept @ block)

@@ -389,17 +389,35 @@ def signal_preconditioner(forward_matrix, weights, damping):
     return torch.linalg.inv(hessian + mu * torch.eye(len(hessian), dtype=torch.float64))
 
 
+def coefficient_degrees(n_wm_coeffs, n_coefficients):
+    """Each coefficient column's SH degree: the WM fODF's, then 0 for each isotropic tissue.
+
+    Parameters
+    ----------
+    n_wm_coeffs : int
+        The WM fODF's coefficients, ``(L + 1)(L + 2) / 2`` for an even order ``L``.
+    n_coefficients : int
+
+    Returns
+    -------
+    degrees : ndarray of int, shape (n_coefficients,)
+    """
+    order = int(round((np.sqrt(8 * n_wm_coeffs + 1) - 3) / 2))
+    return np.concatenate([sh_degrees(order), np.zeros(n_coefficients - n_wm_coeffs, int)])
+
+
 class Preconditioner:
     """L-BFGS's initial inverse Hessian ``P`` (:func:`signal_preconditioner`), voxel by voxel.
 
-    ``P`` is a multiple of the identity but for a few directions (the
-    signal term's stiffest: the total signal, then degree 2, ...), so with
-    ``tolerance > 0`` it is applied as ``p (I - V^T diag(w) V)``: ``p`` its
-    largest eigenvalue, ``V`` the eigenvectors whose eigenvalue ``e`` lies
-    more than ``tolerance p`` below ``p``, ``w = 1 - e / p`` (each voxel's
-    coefficients projected on ``r`` directions instead of a ``C x C``
-    product; on a CPU one fused pass, :func:`esdmri.reconst.fused_solver.low_rank_apply`).
-    The directions left out change ``P`` by less than ``tolerance p``. With
+    ``P`` is a multiple of the identity but on the low SH degrees (the
+    signal term's stiff directions: the total signal, then degree 2, 4, ...;
+    the forward model's response falls with the degree), so with
+    ``tolerance > 0`` it is applied as ``p (I - M)``: ``p`` its largest
+    eigenvalue, ``M = I - P / p`` kept on the columns of the degrees where
+    its diagonal exceeds ``tolerance`` somewhere (the isotropic tissues go
+    with degree 0) and zero elsewhere. Each voxel's kept coefficients go
+    through an ``r x r`` product instead of the ``C x C`` one (on a CPU one
+    fused pass, :func:`esdmri.reconst.fused_solver.block_apply`). With
     ``tolerance=0`` the matrix itself is applied (a dense product).
 
     Parameters
@@ -408,39 +426,49 @@ class Preconditioner:
         Symmetric positive definite.
     tolerance : float, optional
         In ``[0, 1)``.
+    degrees : array of int, shape (C,), optional
+        Each column's SH degree (0 for the isotropic tissues); needed with
+        ``tolerance > 0``.
     device, dtype : optional
         Those of the fields it is applied to (default: the matrix's).
 
     Attributes
     ----------
     rank : int or None
-        ``r`` (None with ``tolerance=0``).
+        ``r``, the kept columns (None with ``tolerance=0``).
 
     Notes
     -----
-    The eigenvalues of a rotated gradient table's ``P`` are the same and its
-    eigenvectors rotate within each SH degree, so the kept span rotates with
-    the scan and the solver still commutes with rotations (a tolerance in a
-    gap of the spectrum keeps or drops each degree's directions together).
+    A rotation of the gradient table rotates ``P`` within each SH degree and
+    keeps its eigenvalues, and a permutation of the columns permutes it: the
+    kept degrees, ``p`` and ``M``'s block follow exactly (no eigenvectors are
+    chosen), so the solver still commutes with both.
     """
 
-    def __init__(self, matrix, tolerance=0.0, device=None, dtype=None):
+    def __init__(self, matrix, tolerance=0.0, degrees=None, device=None, dtype=None):
         if not 0 <= tolerance < 1:
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
         device = matrix.device if device is None else device
         dtype = matrix.dtype if dtype is None else dtype
-        self.matrix = self.vectors = None
+        self.matrix = self.columns = self.block = None
         self.rank = None
         if tolerance == 0:
             self.matrix = matrix.to(device, dtype)
             return
-        values, vectors = torch.linalg.eigh(matrix.to("cpu", torch.float64))
-        self.scale = float(values.max())
-        gaps = 1 - values / self.scale
-        kept = gaps > tolerance
-        self.rank = int(kept.sum())
-        self.vectors = vectors[:, kept].T.contiguous().to(device, dtype)
-        self.weights = gaps[kept].to(device, dtype)
+        if degrees is None or len(degrees) != len(matrix):
+            raise ValueError(f"degrees must give the SH degree of each of the {len(matrix)} "
+                             "columns with tolerance > 0")
+        matrix = matrix.to("cpu", torch.float64)
+        self.scale = float(torch.linalg.eigvalsh(matrix).max())
+        deficit = torch.eye(len(matrix), dtype=torch.float64) - matrix / self.scale  # M
+        degrees = np.asarray(degrees)
+        diagonal = deficit.diagonal().numpy()
+        kept = np.isin(degrees, [d for d in np.unique(degrees)
+                                 if diagonal[degrees == d].max() > tolerance])
+        columns = torch.as_tensor(np.flatnonzero(kept))
+        self.rank = len(columns)
+        self.columns = columns.to(device)
+        self.block = deficit[columns][:, columns].contiguous().to(device, dtype)
 
     def apply(self, field, out, alpha=1.0):
         """``alpha P field`` row by row, written to ``out`` (not ``field``); returns ``out``."""
@@ -448,14 +476,13 @@ class Preconditioner:
             if alpha == 1.0:
                 return torch.mm(field, self.matrix, out=out)
             return out.addmm_(field, self.matrix, beta=0, alpha=alpha)
-        return fused_solver.low_rank_apply(out, field, self.vectors, self.weights,
-                                           alpha * self.scale)
+        return fused_solver.block_apply(out, field, self.columns, self.block, alpha * self.scale)
 
     def quadratic(self, field, work):
         """``sum_i x_i . P x_i`` over the rows of ``field`` (``work``: a spare field)."""
         if self.matrix is not None:
             return torch.vdot(field.flatten(), self.apply(field, work).flatten())
-        return self.scale * fused_solver.low_rank_quadratic(field, self.vectors, self.weights)
+        return self.scale * fused_solver.block_quadratic(field, self.columns, self.block)
 
 
 class CoupledObjective:
@@ -720,12 +747,11 @@ _DEVICE_BLOCK = 65536
 # took 165 / 113 / 124 at 40^3, none 173; docs/benchmarks.md).
 _DAMPING = 10.0
 
-# The preconditioner's directions kept (Preconditioner's tolerance): those more than
-# this fraction of its largest eigenvalue below it. On the clinical acquisition at
-# order 12: the total signal, degrees 2 and 4 (17 of 93; degree 6 lies at 2.7e-4).
-# 1e-2 (8 directions) failed the dev switch rule (mean crossing AE 5.85 -> 5.89),
-# 1e-3 and 1e-4 passed it (5.82, 5.81; docs/benchmarks.md).
-_LOW_RANK = 1e-3
+# Preconditioner's tolerance: the SH degrees where I - P / p has a diagonal entry above
+# it are kept. On the dev and clinical acquisitions at order 12: degrees 0 (with the
+# isotropic tissues), 2 and 4 (17 of 93 columns; degree 4 peaks at 3e-3-5e-3, degree 6
+# at 1e-4-2e-4); what is dropped changes P by 1e-4-7e-4 of p (docs/benchmarks.md).
+_PRECONDITIONER_TOLERANCE = 1e-3
 
 # Sufficient decrease of the line search (Armijo), its backtracking factor and
 # the most halvings of a step before the objective is taken as converged.
@@ -1030,9 +1056,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
-                        memory=5, damping=_DAMPING, preconditioner_tolerance=_LOW_RANK,
-                        likelihood_tolerance=0.0,
-                        noise_sigma=None, active_set=0.0):
+                        memory=5, damping=_DAMPING,
+                        preconditioner_tolerance=_PRECONDITIONER_TOLERANCE,
+                        likelihood_tolerance=0.0, noise_sigma=None, active_set=0.0):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -1112,10 +1138,10 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         fit after 113 evaluations instead of 173, at a lower objective
         (docs/benchmarks.md). ``method="lbfgs"`` only.
     preconditioner_tolerance : float, optional
-        :class:`Preconditioner`'s ``tolerance``: the preconditioner's
-        directions within this fraction of its largest eigenvalue are taken
-        as at that eigenvalue (0: the whole matrix, a ``C x C`` product per
-        voxel and application).
+        :class:`Preconditioner`'s ``tolerance``: the preconditioner is a
+        multiple of the identity but on the SH degrees where it departs from
+        that by more than this fraction (0: the whole matrix, a ``C x C``
+        product per voxel and application).
     likelihood_tolerance : float, optional
         Stop also once the objective has fallen by less than this many nats
         of Gaussian log-likelihood per voxel over the last ``check_every``
@@ -1195,8 +1221,10 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                                  first, second, pair_weights, smoothing, batch_voxels, voxel_sigma)
     preconditioner = None
     if damping is not None:
-        preconditioner = Preconditioner(signal_preconditioner(forward_matrix, weights, damping),
-                                        preconditioner_tolerance, device, dtype)
+        degrees = coefficient_degrees(n_wm_coeffs, start_values.shape[-1])
+        preconditioner = Preconditioner(
+            signal_preconditioner(forward_matrix, weights, damping), preconditioner_tolerance,
+            degrees if order is None else degrees[order.numpy()], device, dtype)
     history = RefinementHistory()
     if len(indices):
         bar = tqdm(total=steps, desc="refining", unit="step", disable=not verbose)
