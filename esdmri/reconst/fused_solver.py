@@ -196,17 +196,24 @@ def _block_rows(width):
     return max(1, min(4096, _BLAS_SERIAL // max(width * width, 1)))
 
 
+@numba.njit(nogil=True, cache=True)
+def _gathered(x, low, high, columns):
+    """Rows ``low:high`` of ``x``, their ``columns`` only (a new array)."""
+    kept = np.empty((high - low, len(columns)), dtype=x.dtype)
+    for i in range(high - low):
+        row, kept_row = x[low + i], kept[i]
+        for k in range(len(columns)):
+            kept_row[k] = row[columns[k]]
+    return kept
+
+
 @numba.njit(**_KERNEL)
 def _block_kernel(out, x, columns, block, scale, rows_per_block):
     n, m = x.shape
     width = len(columns)
     for chunk in numba.prange((n + rows_per_block - 1) // rows_per_block):
         low, high = chunk * rows_per_block, min(chunk * rows_per_block + rows_per_block, n)
-        kept = np.empty((high - low, width), dtype=x.dtype)
-        for i in range(high - low):
-            row, kept_row = x[low + i], kept[i]
-            for k in range(width):
-                kept_row[k] = row[columns[k]]
+        kept = _gathered(x, low, high, columns)
         # Taken whole before out's rows are written: out may be x.
         correction = np.dot(kept, block)
         for i in range(high - low):
@@ -224,11 +231,7 @@ def _block_quadratic_kernel(x, columns, block, rows_per_block):
     total = 0.0
     for chunk in numba.prange((n + rows_per_block - 1) // rows_per_block):
         low, high = chunk * rows_per_block, min(chunk * rows_per_block + rows_per_block, n)
-        kept = np.empty((high - low, width), dtype=x.dtype)
-        for i in range(high - low):
-            row, kept_row = x[low + i], kept[i]
-            for k in range(width):
-                kept_row[k] = row[columns[k]]
+        kept = _gathered(x, low, high, columns)
         products = np.dot(kept, block)
         part = 0.0
         for i in range(high - low):
