@@ -22,11 +22,9 @@ Conventions (identical to MRtrix3 and to DIPY's MSMT-CSD):
 import os
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from dipy.core.gradients import gradient_table, unique_bvals_tolerance
 from dipy.reconst.csdeconv import auto_response_ssst
 from dipy.reconst.dti import TensorModel
@@ -893,32 +891,16 @@ def _subset(gtab, volumes):
 
 
 def _tensor_fit(gtab, data, mask):
-    """FA, MD and principal eigenvectors from a tensor fitted at low b.
-
-    DIPY's weighted least-squares fit, voxel by voxel, on slabs of the
-    volume in as many threads as torch runs (its per-voxel SVDs release the
-    GIL): the same values as one fit of the whole mask.
-    """
+    """FA, MD and principal eigenvectors from a tensor fitted at low b."""
     low = _low_b_volumes(gtab)
-    model = TensorModel(_subset(gtab, low))
-    mask = np.ones(data.shape[:-1], bool) if mask is None else np.asarray(mask, bool)
-    slabs = np.array_split(np.arange(data.shape[0]), max(1, torch.get_num_threads()))
-    slabs = [slice(slab[0], slab[-1] + 1) for slab in slabs if len(slab)]
-
-    def fit(slab):
-        with warnings.catch_warnings():
-            # DIPY's DTI fit warns about b-values above 1200 when the lowest
-            # shell is higher; that is known here.
-            warnings.simplefilter("ignore")
-            tensor = model.fit(data[slab][..., low], mask=mask[slab])
-        return np.nan_to_num(tensor.fa), np.nan_to_num(tensor.md), \
-            np.nan_to_num(tensor.evecs[..., 0])
-
-    if len(slabs) == 1:
-        return fit(slabs[0])
-    with ThreadPoolExecutor(len(slabs)) as pool:
-        parts = list(pool.map(fit, slabs))
-    return tuple(np.concatenate(values) for values in zip(*parts))
+    low_gtab = _subset(gtab, low)
+    with warnings.catch_warnings():
+        # DIPY's DTI fit warns about b-values above 1200 when the lowest
+        # shell is higher; that is known here.
+        warnings.simplefilter("ignore")
+        tensor = TensorModel(low_gtab).fit(data[..., low], mask=mask)
+    fa, md = np.nan_to_num(tensor.fa), np.nan_to_num(tensor.md)
+    return fa, md, np.nan_to_num(tensor.evecs[..., 0])
 
 
 def _n_response_voxels(n_mask):

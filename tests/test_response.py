@@ -522,29 +522,3 @@ def test_default_fit_estimates_the_response_at_the_fodf_order():
     high = dipy[:, 5:]  # l = 10 and 12
     assert np.abs(high).max() > 1e-3
     np.testing.assert_allclose(ours, dipy, atol=1e-5)
-
-
-def test_tensor_fit_on_threads_equals_dipys_whole_mask_fit():
-    """The response's tensor fit runs on slabs in torch's threads: the values of DIPY's one
-    fit of the whole mask, to the bit, whatever the count."""
-    import torch
-    from dipy.reconst.dti import TensorModel
-
-    from esdmri.response import _low_b_volumes, _subset, _tensor_fit
-    from esdmri.sims import make_phantom
-
-    phantom = make_phantom(shape=(11, 9, 8), snr=20, seed=3)
-    low = _low_b_volumes(phantom.gtab)
-    tensor = TensorModel(_subset(phantom.gtab, low)).fit(phantom.data[..., low],
-                                                          mask=phantom.mask)
-    expected = (np.nan_to_num(tensor.fa), np.nan_to_num(tensor.md),
-                np.nan_to_num(tensor.evecs[..., 0]))
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            for value, reference in zip(_tensor_fit(phantom.gtab, phantom.data, phantom.mask),
-                                        expected):
-                np.testing.assert_array_equal(value, reference)
-    finally:
-        torch.set_num_threads(previous)
