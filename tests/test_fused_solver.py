@@ -271,3 +271,14 @@ def test_fields_numba_cannot_take_run_torchs_passes():
     product = fused_solver.axpy_dot(direction, 0.5, x, x)
     assert torch.equal(direction, torch.full((3, 4), 2.0, dtype=torch.bfloat16))
     assert product == 48.0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_refinement_refuses_a_bad_preconditioner_tolerance(value):
+    from esdmri.reconst.refine import refine_coefficients
+
+    with pytest.raises(ValueError, match="preconditioner_tolerance"):
+        refine_coefficients(np.zeros((2, 2, 2, COLUMNS)), np.ones((2, 2, 2, 4)),
+                            np.ones((2, 2, 2), bool), torch.ones(COLUMNS, 4),
+                            torch.ones(6, N_WM), N_WM, 4, None, steps=1,
+                            preconditioner_tolerance=value)

@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from numba import njit
+from scipy.sparse import csr_array
 
 from ..nn.unet import UNet, VoxelNorm
 from ..threads import adapt_num_threads
@@ -170,11 +171,8 @@ def sparse_rows(matrix):
     data : ndarray, shape (nnz,)
         ``matrix``'s dtype.
     """
-    dense = matrix.detach().cpu().numpy()
-    rows, columns = np.nonzero(dense)
-    indptr = np.zeros(len(dense) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(dense)), out=indptr[1:])
-    return indptr, columns.astype(np.int64), np.ascontiguousarray(dense[rows, columns])
+    rows = csr_array(matrix.detach().cpu().numpy())
+    return rows.indptr.astype(np.int64), rows.indices.astype(np.int64), rows.data
 
 
 @njit(cache=True, nogil=True)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..peaks import sh_order_from_coeffs
 from ..shm import sh_degrees
 from ..threads import adapt_num_threads, sync_numba_threads
 from . import fused_objective, fused_solver, sampler_parity
@@ -402,8 +403,8 @@ def coefficient_degrees(n_wm_coeffs, n_coefficients):
     -------
     degrees : ndarray of int, shape (n_coefficients,)
     """
-    order = int(round((np.sqrt(8 * n_wm_coeffs + 1) - 3) / 2))
-    return np.concatenate([sh_degrees(order), np.zeros(n_coefficients - n_wm_coeffs, int)])
+    return np.concatenate([sh_degrees(sh_order_from_coeffs(n_wm_coeffs)),
+                           np.zeros(n_coefficients - n_wm_coeffs, int)])
 
 
 class Preconditioner:
@@ -1187,6 +1188,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         raise ValueError(f"likelihood_tolerance must be >= 0, got {likelihood_tolerance!r}")
     if not 0 <= active_set < 1:
         raise ValueError(f"active_set must be in [0, 1), got {active_set!r}")
+    if not 0 <= preconditioner_tolerance < 1:
+        raise ValueError("preconditioner_tolerance must be in [0, 1), "
+                         f"got {preconditioner_tolerance!r}")
     device, dtype = fodf_sampler.device, fodf_sampler.dtype
     if batch_voxels is None:
         batch_voxels = (_CPU_BLOCK * torch.get_num_threads() if device.type == "cpu"
