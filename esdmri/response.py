@@ -22,6 +22,7 @@ Conventions (identical to MRtrix3 and to DIPY's MSMT-CSD):
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,10 @@ B0_MAX_BVAL = 50.0
 # averaged tensor signal is an entire function of cos(theta); 256 nodes
 # integrate it to machine precision for b D up to several tens.
 _QUADRATURE_NODES = 256
+
+# Voxels per chunk of the response's tensor fit (_tensor_fit): about 14 chunks at
+# brain size, so that two threads share them evenly.
+_TENSOR_CHUNK = 16384
 
 _SHELLS_HEADER = re.compile(r"^#\s*shells\s*:\s*(.*)$", re.IGNORECASE)
 
@@ -891,16 +896,45 @@ def _subset(gtab, volumes):
 
 
 def _tensor_fit(gtab, data, mask):
-    """FA, MD and principal eigenvectors from a tensor fitted at low b."""
+    """FA, MD and principal eigenvectors from a tensor fitted at low b.
+
+    DIPY's weighted least-squares fit of the masked voxels, in chunks of
+    ``_TENSOR_CHUNK`` voxels on as many threads as torch runs (its per-voxel
+    SVDs release the GIL). The chunks' bounds do not depend on the thread
+    count, so neither do the values (a chunk's round-off depends on its size:
+    slabs of the volume, one per thread, made the response move with the
+    thread count, docs/benchmarks.md). They differ from one fit of the whole
+    volume with DIPY's ``mask`` by round-off (FA 2e-12, eigenvectors 1e-9 on
+    the brain-size phantom).
+    """
+    import torch  # not at the top: the workflows' --help does not load torch
+
     low = _low_b_volumes(gtab)
-    low_gtab = _subset(gtab, low)
-    with warnings.catch_warnings():
-        # DIPY's DTI fit warns about b-values above 1200 when the lowest
-        # shell is higher; that is known here.
-        warnings.simplefilter("ignore")
-        tensor = TensorModel(low_gtab).fit(data[..., low], mask=mask)
-    fa, md = np.nan_to_num(tensor.fa), np.nan_to_num(tensor.md)
-    return fa, md, np.nan_to_num(tensor.evecs[..., 0])
+    model = TensorModel(_subset(gtab, low))
+    inside = np.flatnonzero(mask)
+    voxels = data.reshape(-1, data.shape[-1])
+    chunks = [inside[i:i + _TENSOR_CHUNK] for i in range(0, len(inside), _TENSOR_CHUNK)]
+
+    def fit(chunk):
+        with warnings.catch_warnings():
+            # DIPY's DTI fit warns about b-values above 1200 when the lowest
+            # shell is higher; that is known here.
+            warnings.simplefilter("ignore")
+            tensor = model.fit(voxels[chunk][:, low])
+        return tensor.fa, tensor.md, tensor.evecs[..., 0]
+
+    threads = min(len(chunks), torch.get_num_threads())
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(fit, chunks))
+    else:
+        parts = [fit(chunk) for chunk in chunks]
+    fa, md = np.zeros(mask.size), np.zeros(mask.size)
+    evecs = np.zeros((mask.size, 3))
+    for chunk, (chunk_fa, chunk_md, chunk_evecs) in zip(chunks, parts):
+        fa[chunk], md[chunk], evecs[chunk] = chunk_fa, chunk_md, chunk_evecs
+    return (np.nan_to_num(fa).reshape(mask.shape), np.nan_to_num(md).reshape(mask.shape),
+            np.nan_to_num(evecs).reshape(mask.shape + (3,)))
 
 
 def _n_response_voxels(n_mask):

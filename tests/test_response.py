@@ -393,6 +393,44 @@ def test_estimate_response_needs_no_fa_threshold(snr):
         np.testing.assert_allclose(ours[3, :2], truth[3, :2], rtol=0.25)
 
 
+def test_tensor_fit_in_chunks_matches_dipy_and_ignores_the_thread_count(monkeypatch):
+    # The response's tensor fit runs DIPY's WLS fit in fixed chunks of the mask on
+    # torch's threads: the values are DIPY's whole-volume fit's to round-off, and
+    # the same to the bit on one thread or two (the response must not move with
+    # the adaptive thread count).
+    import torch
+    from dipy.reconst.dti import TensorModel
+
+    from esdmri import response as module
+    from esdmri.sims import make_phantom
+    phantom = make_phantom((12, 12, 12), seed=1, snr=30)
+    mask = phantom.mask.astype(bool)
+    low = module._low_b_volumes(phantom.gtab)
+    tensor = TensorModel(module._subset(phantom.gtab, low)).fit(phantom.data[..., low],
+                                                                 mask=mask)
+    monkeypatch.setattr(module, "_TENSOR_CHUNK", 97)  # several chunks, the last one short
+    assert mask.sum() > 3 * 97
+    threads = torch.get_num_threads()
+    try:
+        fits = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            fits.append(module._tensor_fit(phantom.gtab, phantom.data, mask))
+    finally:
+        torch.set_num_threads(threads)
+    for ours, other in zip(*fits):
+        np.testing.assert_array_equal(ours, other)
+    fa, md, evecs = fits[0]
+    np.testing.assert_allclose(fa, np.nan_to_num(tensor.fa), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(md, np.nan_to_num(tensor.md), rtol=1e-10, atol=0)
+    assert not fa[~mask].any() and not md[~mask].any()
+    # Eigenvectors up to sign, where the first eigenvalue is distinct.
+    reference = np.nan_to_num(tensor.evecs[..., 0])
+    distinct = mask & (fa > 0.1)
+    cosines = np.abs(np.sum(evecs * reference, axis=-1))[distinct]
+    np.testing.assert_allclose(cosines, 1, atol=1e-8)
+
+
 def test_estimate_response_tissues_follow_the_shells(gtab_3shell):
     from esdmri.response import estimate_response
     from esdmri.sims import make_phantom
