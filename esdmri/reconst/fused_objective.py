@@ -316,14 +316,19 @@ def _butterfly(row, start, width):
     sample; afterwards ``row[start + k width + j]`` holds the sample at the orbit's
     point ``k``: the 4 x 4 Hadamard matrix (Sylvester order), its own transpose.
     """
+    # The four regions as slices indexed from 0: numba then leaves out its check for
+    # negative indices, and LLVM vectorises the loop (indexed as ``row[start + j]`` it
+    # did not: the row's pass without the loss took 0.45 instead of 0.17 us, one thread).
+    end = start + 4 * width
+    first, second = row[start:start + width], row[start + width:start + 2 * width]
+    third, fourth = row[start + 2 * width:end - width], row[end - width:end]
     for j in range(width):
-        a, b = row[start + j], row[start + width + j]
-        c, d = row[start + 2 * width + j], row[start + 3 * width + j]
+        a, b, c, d = first[j], second[j], third[j], fourth[j]
         even, odd, even_2, odd_2 = a + b, a - b, c + d, c - d
-        row[start + j] = even + even_2
-        row[start + width + j] = odd + odd_2
-        row[start + 2 * width + j] = even - even_2
-        row[start + 3 * width + j] = odd - odd_2
+        first[j] = even + even_2
+        second[j] = odd + odd_2
+        third[j] = even - even_2
+        fourth[j] = odd - odd_2
 
 
 @njit(**_OPTIONS)
