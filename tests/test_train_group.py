@@ -273,7 +273,9 @@ def test_group_response_averages_own_and_estimated_responses(tmp_path):
     estimated = estimate_response(phantom.gtab, phantom.data, phantom.mask)
     expected = TissueResponse.average([own.normalized(), estimated.normalized()])
     for ours, theirs in zip(model.response.coefficients, expected.coefficients):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+        # The b0 row's l > 0 terms are round-off (1e-15 of its l = 0 term), which moves
+        # with the memory layout of the gtab read from disk: an absolute floor for them.
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-12 * np.abs(theirs).max())
 
 
 def test_bad_input_is_refused_before_training(cohort, response, tmp_path):
