@@ -912,23 +912,25 @@ def _tensor_fit(gtab, data, mask):
     low = _low_b_volumes(gtab)
     model = TensorModel(_subset(gtab, low))
     inside = np.flatnonzero(mask)
-    voxels = data.reshape(-1, data.shape[-1])
     chunks = [inside[i:i + _TENSOR_CHUNK] for i in range(0, len(inside), _TENSOR_CHUNK)]
 
     def fit(chunk):
-        with warnings.catch_warnings():
-            # DIPY's DTI fit warns about b-values above 1200 when the lowest
-            # shell is higher; that is known here.
-            warnings.simplefilter("ignore")
-            tensor = model.fit(voxels[chunk][:, low])
+        # Each chunk's voxels gathered on their own (data read from NIfTI is
+        # Fortran-ordered: a flat view of it would copy the whole volume).
+        tensor = model.fit(data[np.unravel_index(chunk, mask.shape)][:, low])
         return tensor.fa, tensor.md, tensor.evecs[..., 0]
 
     threads = min(len(chunks), torch.get_num_threads())
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(fit, chunks))
-    else:
-        parts = [fit(chunk) for chunk in chunks]
+    # One filter for every thread (catch_warnings swaps the process's filters, so it
+    # must not be entered by the workers): DIPY's DTI fit warns about b-values above
+    # 1200 when the lowest shell is higher; that is known here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(fit, chunks))
+        else:
+            parts = [fit(chunk) for chunk in chunks]
     fa, md = np.zeros(mask.size), np.zeros(mask.size)
     evecs = np.zeros((mask.size, 3))
     for chunk, (chunk_fa, chunk_md, chunk_evecs) in zip(chunks, parts):
