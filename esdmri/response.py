@@ -22,7 +22,6 @@ Conventions (identical to MRtrix3 and to DIPY's MSMT-CSD):
 import os
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ from scipy.special import i0e
 from esdmri.atomic import output_transaction, staged_output
 from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, group_shells, n_coeffs,
                         sh_degrees, sh_matrix)
+from esdmri.threads import run_chunks
 
 TISSUES = ("wm", "gm", "csf")
 ISOTROPIC_TISSUES = ("gm", "csf")
@@ -899,42 +899,33 @@ def _tensor_fit(gtab, data, mask):
     """FA, MD and principal eigenvectors from a tensor fitted at low b.
 
     DIPY's weighted least-squares fit of the masked voxels, in chunks of
-    ``_TENSOR_CHUNK`` voxels on as many threads as torch runs (its per-voxel
-    SVDs release the GIL). The chunks' bounds do not depend on the thread
+    ``_TENSOR_CHUNK`` voxels on torch's threads (:func:`esdmri.threads.run_chunks`;
+    its per-voxel SVDs release the GIL). The chunks' bounds do not depend on the thread
     count, so neither do the values (a chunk's round-off depends on its size:
     slabs of the volume, one per thread, made the response move with the
     thread count, docs/benchmarks.md). They differ from one fit of the whole
     volume with DIPY's ``mask`` by round-off (FA 2e-12, eigenvectors 1e-9 on
     the brain-size phantom).
     """
-    import torch  # not at the top: the workflows' --help does not load torch
-
     low = _low_b_volumes(gtab)
     model = TensorModel(_subset(gtab, low))
     inside = np.flatnonzero(mask)
-    chunks = [inside[i:i + _TENSOR_CHUNK] for i in range(0, len(inside), _TENSOR_CHUNK)]
+    fa, md = np.zeros(mask.size), np.zeros(mask.size)
+    evecs = np.zeros((mask.size, 3))
 
-    def fit(chunk):
+    def fit(part):
+        chunk = inside[part]
         # Each chunk's voxels gathered on their own (data read from NIfTI is
         # Fortran-ordered: a flat view of it would copy the whole volume).
         tensor = model.fit(data[np.unravel_index(chunk, mask.shape)][:, low])
-        return tensor.fa, tensor.md, tensor.evecs[..., 0]
+        fa[chunk], md[chunk], evecs[chunk] = tensor.fa, tensor.md, tensor.evecs[..., 0]
 
-    threads = min(len(chunks), torch.get_num_threads())
     # One filter for every thread (catch_warnings swaps the process's filters, so it
     # must not be entered by the workers): DIPY's DTI fit warns about b-values above
     # 1200 when the lowest shell is higher; that is known here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if threads > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(fit, chunks))
-        else:
-            parts = [fit(chunk) for chunk in chunks]
-    fa, md = np.zeros(mask.size), np.zeros(mask.size)
-    evecs = np.zeros((mask.size, 3))
-    for chunk, (chunk_fa, chunk_md, chunk_evecs) in zip(chunks, parts):
-        fa[chunk], md[chunk], evecs[chunk] = chunk_fa, chunk_md, chunk_evecs
+        run_chunks(fit, len(inside), _TENSOR_CHUNK)
     return (np.nan_to_num(fa).reshape(mask.shape), np.nan_to_num(md).reshape(mask.shape),
             np.nan_to_num(evecs).reshape(mask.shape + (3,)))
 

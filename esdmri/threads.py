@@ -81,10 +81,11 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["ADAPT_INTERVAL", "NUMBA_LAYERS", "WAIT_POLICY", "WAIT_POLICY_APPLIED", "LoadProbe",
            "adapt_num_threads", "apply_wait_policy", "fixed_num_threads",
-           "note_default_num_threads", "resolve_num_threads", "set_adaptive",
+           "note_default_num_threads", "resolve_num_threads", "run_chunks", "set_adaptive",
            "set_num_threads", "sync_numba_threads"]
 
 
@@ -415,3 +416,65 @@ def sync_numba_threads():
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
     return threads
+
+
+# Chunks per worker between two looks at the load (run_chunks).
+CHUNKS_PER_LOOK = 8
+
+
+def run_chunks(work, count, chunk):
+    """Call ``work(part)`` on slices of ``chunk`` of ``range(count)``, on torch's threads.
+
+    Each of torch's threads runs whole chunks, with torch (and MKL) on one
+    thread inside: a chunk's products are too small to split across threads,
+    and independent chunks never wait for one another, where a split product
+    waits for its slowest thread. The chunks' bounds do not depend on the
+    thread count, so neither do results that each chunk computes alone. Every
+    :data:`CHUNKS_PER_LOOK` chunks per thread the count is adapted to the
+    load (:func:`adapt_num_threads`) and read again; torch's count is restored
+    after each batch of chunks.
+
+    Parameters
+    ----------
+    work : callable
+        Takes a ``slice``. It should release the GIL in its heavy parts
+        (torch's operations, numba's ``nogil`` kernels and numpy's linear
+        algebra do), and chunks must not overlap in what they write.
+    count : int
+    chunk : int
+        Elements per slice.
+    """
+    import torch
+
+    parts = [slice(start, start + chunk) for start in range(0, count, chunk)]
+    helpers = max(1, (os.cpu_count() or 1) - 1)
+    modes = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+    with ThreadPoolExecutor(helpers) as pool:
+        while parts:
+            adapt_num_threads()
+            current = torch.get_num_threads()
+            threads = max(1, min(current, helpers + 1))
+            size = threads * CHUNKS_PER_LOOK
+            batch, parts = parts[:size], parts[size:]
+            if threads == 1:
+                _run_all(work, batch, *modes)
+                continue
+            torch.set_num_threads(1)
+            try:
+                # Thread t runs chunks t, t + threads, ...; the calling thread is one.
+                futures = [pool.submit(_run_all, work, batch[t::threads], *modes)
+                           for t in range(1, threads)]
+                _run_all(work, batch[::threads], *modes)
+                for future in futures:
+                    future.result()
+            finally:
+                torch.set_num_threads(current)
+
+
+def _run_all(work, parts, inference, grad):
+    """``work`` on each of ``parts`` under the caller's autograd modes (they are per thread)."""
+    import torch
+
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        for part in parts:
+            work(part)

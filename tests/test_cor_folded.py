@@ -11,6 +11,8 @@ from esdmri.nn.unet import VoxelNorm
 from esdmri.reconst import folded, pretrained
 from esdmri.shm import n_coeffs
 from esdmri.sphere import HealpixSphere
+from esdmri import threads
+from esdmri.threads import run_chunks
 
 
 def prior_volume(shape, order, tissues, seed):
@@ -160,7 +162,7 @@ def test_norm_relu_equals_the_voxel_norm_then_relu():
 def test_chunks_on_two_threads(monkeypatch):
     """Each chunk runs once, on one torch thread, under the caller's inference mode;
     torch's count is restored and the folded correction is the same as on one thread."""
-    monkeypatch.setattr(folded, "adapt_num_threads", lambda: None)  # no load to adapt to
+    monkeypatch.setattr(threads, "adapt_num_threads", lambda: None)  # no load to adapt to
     previous = torch.get_num_threads()
     correction = pretrained.load_correction(True)
     tissues = ("wm", "gm", "csf")
@@ -176,7 +178,7 @@ def test_chunks_on_two_threads(monkeypatch):
                          torch.is_inference_mode_enabled()))
 
         with torch.inference_mode():
-            folded.run_chunks(work, 5 * folded.CHUNK + 3)
+            run_chunks(work, 5 * folded.CHUNK + 3, folded.CHUNK)
         assert torch.get_num_threads() == 2
         together = pretrained.apply_correction(correction, coefficients, mask, tissues)
         assert torch.get_num_threads() == 2

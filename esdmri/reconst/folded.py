@@ -28,8 +28,8 @@ the data computed once per fit:
 - **the head and the projection back to SH** as one ``(n_coeffs, C V)``
   matrix (``grid_to_sh T_k``) and a constant (the head's bias).
 
-The chunks run one per torch thread (:func:`run_chunks`), torch on one
-thread inside each.
+The chunks run one per torch thread (:func:`esdmri.threads.run_chunks`), torch
+on one thread inside each.
 
 The result equals :meth:`PriorCorrection.forward` up to float32 rounding
 (``tests/test_cor_folded.py``). Only the architectures of
@@ -38,77 +38,18 @@ spherical pooling, one spatial layer) fold; :func:`foldable` says whether a
 correction does.
 """
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from numba import njit
 from scipy.sparse import csr_array
 
 from ..nn.unet import UNet, VoxelNorm
-from ..threads import adapt_num_threads
 
 # Masked voxels per pass: a chunk's widest fields (16 channels x 96 vertices,
 # the 3 x 8 x 96 Chebyshev terms) then stay within a core's L2 cache. On one
 # thread chunks of 128-512 ran alike and 4,096 1.6x slower (docs/benchmarks.md,
 # measured with the vertices innermost).
 CHUNK = 256
-# Chunks per worker between two looks at the load (esdmri.threads.adapt_num_threads).
-CHUNKS_PER_LOOK = 8
-
-
-def run_chunks(work, count):
-    """Call ``work(part)`` on slices of :data:`CHUNK` of ``range(count)``, on torch's threads.
-
-    Each of torch's threads runs whole chunks, with torch (and MKL) on one
-    thread inside: a chunk's products are too small to split across threads,
-    and independent chunks never wait for one another, where a split product
-    waits for its slowest thread (:mod:`esdmri.threads`). Every
-    :data:`CHUNKS_PER_LOOK` chunks per thread the count is adapted to the
-    load (:func:`esdmri.threads.adapt_num_threads`) and read again; torch's
-    count is restored after each batch of chunks.
-
-    Parameters
-    ----------
-    work : callable
-        Takes a ``slice``. It should release the GIL in its heavy parts
-        (torch's operations and this module's kernels do), and chunks must not
-        overlap in what they write.
-    count : int
-    """
-    parts = [slice(start, start + CHUNK) for start in range(0, count, CHUNK)]
-    helpers = max(1, (os.cpu_count() or 1) - 1)
-    modes = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-    with ThreadPoolExecutor(helpers) as pool:
-        while parts:
-            adapt_num_threads()
-            current = torch.get_num_threads()
-            threads = max(1, min(current, helpers + 1))
-            size = threads * CHUNKS_PER_LOOK
-            batch, parts = parts[:size], parts[size:]
-            if threads == 1:
-                _run_all(work, batch, *modes)
-                continue
-            torch.set_num_threads(1)
-            try:
-                # Thread t runs chunks t, t + threads, ...; the calling thread is one.
-                futures = [pool.submit(_run_all, work, batch[t::threads], *modes)
-                           for t in range(1, threads)]
-                _run_all(work, batch[::threads], *modes)
-                for future in futures:
-                    future.result()
-            finally:
-                torch.set_num_threads(current)
-
-
-def _run_all(work, parts, inference, grad):
-    """``work`` on each of ``parts`` under the caller's autograd modes (they are per thread)."""
-    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        for part in parts:
-            work(part)
-
-
 def chebyshev_matrices(operator):
     """The dense polynomials ``T_0 .. T_{K-1}`` of a Chebyshev operator, shape (K, V, V).
 

@@ -38,8 +38,9 @@ from torch import nn
 from ..nn.unet import UNet
 from ..shm import n_coeffs, sh_degrees, sh_matrix
 from ..sphere import HealpixSphere
+from ..threads import run_chunks
 from .config import carrying_nside
-from .folded import FoldedCorrection, foldable, run_chunks
+from .folded import CHUNK, FoldedCorrection, foldable
 from .network import NORMALIZATION_FLOOR, build_unet, volume_fractions_from_coefficients
 
 # Highest WM SH degree the network corrects; degrees above pass through.
@@ -478,7 +479,7 @@ def _folded_voxels(correction, volume, inside, tissues):
         delta = folded.delta(folded.features(padded, rows[part]))
         kept[part, :n].addcmul_(delta[:, :n], scale[part, None])
 
-    run_chunks(work, len(rows))
+    run_chunks(work, len(rows), CHUNK)
     return kept.numpy()
 
 
