@@ -670,7 +670,8 @@ class CoupledObjective:
 class RefinementHistory(list):
     """The objective (per voxel) every ``check_every`` steps, from the start.
 
-    A list, with why the refinement stopped.
+    A list, with why the refinement stopped. L-BFGS also records it where it
+    stopped or woke held voxels, and after a wake counts the checks from there.
 
     Attributes
     ----------
@@ -919,6 +920,11 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
     n_voxels = len(c)
     value, gradient = objective(c)
     history.record(value / n_voxels, objective.evaluations)
+    # The objective (per voxel) after each step, and the step that starts the check
+    # cycle: the stop rule tests the window of ``check_every`` steps that ends at
+    # every step (L-BFGS has the objective at hand), not only at the checks, and a
+    # wake of the active set starts a new cycle.
+    values, cycle, recorded = [history[-1]], 0, 0
     active = None
     if active_set:
         active = ActiveSet(objective, c, active_set, n_wm_coeffs)
@@ -990,7 +996,7 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
         else:
             # No step along the direction lowers the objective: a (local) minimum
             # to the precision of the line search.
-            if (step - 1) % check_every:
+            if recorded != step - 1:
                 history.record(value / n_voxels, objective.evaluations)
             if active is not None:
                 c = active.gather(c)
@@ -1009,34 +1015,41 @@ def _lbfgs_descent(c, objective, n_wm_coeffs, *, steps, lr, memory, tolerance, l
         else:
             spare.extend((s, y))
         value = trial_value
+        values.append(value / n_voxels)
         bar.update(1)
-        if step % check_every == 0 or step == steps:
-            history.record(value / n_voxels, objective.evaluations)
+        check = (step - cycle) % check_every == 0 or step == steps
+        stalled = (step - cycle >= check_every
+                   and _stalled([values[step - check_every], values[step]], tolerance,
+                                least_fall))
+        if check or stalled:
+            history.record(values[-1], objective.evaluations)
+            recorded = step
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
-            stalled = _stalled(history, tolerance, least_fall)
-            if active is None or step == steps:
-                if stalled:
-                    return (c if active is None else active.gather(c)), step, \
-                        f"converged at step {step}"
-                continue
+        if active is None or step == steps:
             if stalled:
-                # A stop of the restricted descent: go on only where the whole
-                # objective's gradient says the held voxels are not at rest.
-                if active.rows is None or active.wake(c) is None:
-                    return active.gather(c), step, f"converged at step {step}"
-                kept = None
-            else:
-                kept = active.shrink(c)
-                if kept is None:
-                    continue
-            # The whole field's buffers go before the restricted ones are made: at
-            # brain size each is 84 MB, and holding both sets raised the peak.
-            spare.clear()
-            trial = trial_gradient = direction = work = gradient = None
-            pairs = _restricted_pairs(pairs, kept) if kept is not None else []
-            c = active.field[active.rows]
-            objective, gradient = active.objective_at(c, value)
-            trial, trial_gradient, direction, work = (torch.empty_like(c) for _ in range(4))
+                return (c if active is None else active.gather(c)), step, \
+                    f"converged at step {step}"
+            continue
+        if stalled:
+            # A stop of the restricted descent: go on only where the whole
+            # objective's gradient says the held voxels are not at rest.
+            if active.rows is None or active.wake(c) is None:
+                return active.gather(c), step, f"converged at step {step}"
+            cycle, kept = step, None
+        elif check:
+            kept = active.shrink(c)
+            if kept is None:
+                continue
+        else:
+            continue
+        # The whole field's buffers go before the restricted ones are made: at
+        # brain size each is 84 MB, and holding both sets raised the peak.
+        spare.clear()
+        trial = trial_gradient = direction = work = gradient = None
+        pairs = _restricted_pairs(pairs, kept) if kept is not None else []
+        c = active.field[active.rows]
+        objective, gradient = active.objective_at(c, value)
+        trial, trial_gradient, direction, work = (torch.empty_like(c) for _ in range(4))
     if active is not None:
         c = active.gather(c)
     return c, steps, "step budget reached"
@@ -1117,7 +1130,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         Weight each neighbour pair by :func:`signal_similarity`.
     tolerance : float, optional
         Stop once the objective has fallen by less than this fraction over
-        the last ``check_every`` steps (0: off).
+        the last ``check_every`` steps (0: off). ``method="lbfgs"``, which has
+        the objective at every step, tests the window that ends at every
+        step; ``"adam"`` at each check.
     check_every : int, optional
     normalize : bool, optional
         Scale the result so the tissue fractions sum to 1, like the network.
