@@ -78,6 +78,7 @@ CPUs unused (``-1``: all of them), and 0 is an error.
 
 import contextlib
 import math
+import numbers
 import os
 import sys
 import time
@@ -442,10 +443,12 @@ def run_chunks(work, count, chunk):
         algebra do), and chunks must not overlap in what they write.
     count : int
     chunk : int
-        Elements per slice.
+        Elements per slice, at least 1.
     """
     import torch
 
+    if not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     parts = [slice(start, start + chunk) for start in range(0, count, chunk)]
     helpers = max(1, (os.cpu_count() or 1) - 1)
     modes = torch.is_inference_mode_enabled(), torch.is_grad_enabled()

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from esdmri import threads
 from esdmri.nn.chebyshev import ChebyshevOperator
 from esdmri.nn.unet import VoxelNorm
 from esdmri.reconst import folded, pretrained
 from esdmri.shm import n_coeffs
 from esdmri.sphere import HealpixSphere
-from esdmri import threads
-from esdmri.threads import run_chunks
 
 
 def prior_volume(shape, order, tissues, seed):
@@ -178,10 +177,12 @@ def test_chunks_on_two_threads(monkeypatch):
                          torch.is_inference_mode_enabled()))
 
         with torch.inference_mode():
-            run_chunks(work, 5 * folded.CHUNK + 3, folded.CHUNK)
+            threads.run_chunks(work, 5 * folded.CHUNK + 3, folded.CHUNK)
         assert torch.get_num_threads() == 2
         together = pretrained.apply_correction(correction, coefficients, mask, tissues)
         assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="chunk must be a positive int"):
+            threads.run_chunks(work, 10, 0)
         # More threads than CPUs: as many workers as CPUs, the count restored as it was.
         torch.set_num_threads(3 * (os.cpu_count() or 1))
         pretrained.apply_correction(correction, coefficients, mask, tissues)
