@@ -158,7 +158,10 @@ def test_coupled_objective_is_torchs(dtype, mask_name, threads, torch_reference)
 def test_refinement_is_torchs(phantom, field, dtype, monkeypatch):  # noqa: F811
     """The coupled L-BFGS refinement of a small phantom with the kernels and with torch's
     code: in float64 the same steps to round-off; in float32 the same objective to
-    float32's precision (its round-off may move the stop by a few steps)."""
+    float32's precision (its round-off may move the stop by a few steps), measured against
+    float64's: torch's float32 residual ``R c - Q^T y`` cancels digits (1.9e-5 off float64's
+    objective after 40 steps), the kernels' increments from the previous point do not
+    (3e-7)."""
     signal, mask, start = field
     options = dict(COUPLED, steps=40, tolerance=1e-7, check_every=5)
     refined, history = refine_field(phantom, phantom.gtab, signal, mask, start,
@@ -172,7 +175,10 @@ def test_refinement_is_torchs(phantom, field, dtype, monkeypatch):  # noqa: F811
         np.testing.assert_allclose(refined, expected, rtol=0,
                                    atol=1e-9 * np.abs(expected).max())
     else:
-        assert abs(history[-1] - expected_history[-1]) <= 1e-5 * abs(expected_history[-1])
+        _, precise = refine_field(phantom, phantom.gtab, signal, mask, start, LossWeights(),
+                                  dtype=torch.float64, **options)
+        assert abs(history[-1] - precise[-1]) <= 2e-6 * abs(precise[-1])
+        assert abs(expected_history[-1] - precise[-1]) <= 3e-5 * abs(precise[-1])
         assert abs(history.evaluations - expected_history.evaluations) <= 5
 
 

@@ -17,15 +17,19 @@ from esdmri.reconst.losses import LossWeights
 SIGNAL_AND_TV = LossWeights(sparsity=0.0, nonnegativity=0.0)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused, class_order", [(True, True), (True, False), (False, False)])
 def test_restricted_objective_is_the_whole_objective_on_its_rows(  # noqa: F811
-        phantom, field, fused, monkeypatch):  # noqa: F811
+        phantom, field, fused, class_order, monkeypatch):  # noqa: F811
     """With the held rows' values fixed, the restriction's value (with its offset taken at
     one point) and gradient equal the whole objective's value and gradient rows at another
-    point that moves the rows only (float64), on numba's kernels and on torch's path."""
+    point that moves the rows only (float64), on numba's kernels (in class order: the
+    signal term by increments, each objective from its own reference) and on torch's
+    path."""
     monkeypatch.setattr(fused_objective, "ENABLED", fused)
-    objective, *_, start, _ = coupled_problem(phantom, field, LossWeights(), 20.0)
+    objective, *_, start, _ = coupled_problem(phantom, field, LossWeights(), 20.0,
+                                              class_order=class_order)
     assert (objective.stencil is not None) == fused
+    assert objective.voxel_loss.incremental == class_order
     c = start.clone()
     c[:, -2:] = c[:, -2:].abs()
     generator = torch.Generator().manual_seed(0)

@@ -11,18 +11,27 @@ from esdmri.reconst.losses import LossWeights, neighbour_pairs, total_variation
 from esdmri.reconst.network import SAMPLING_NSIDE, stacked_forward_matrix
 from esdmri.reconst.refine import (CoupledObjective, coupling_scale, noise_variance,
                                    pair_distances, signal_similarity)
+from esdmri.reconst.sampler_parity import parity_order
 from esdmri.shm import n_coeffs, sh_matrix
 from esdmri.sphere import HealpixSphere
 
 
-def coupled_problem(phantom, field, weights, tv):  # noqa: F811
+def coupled_problem(phantom, field, weights, tv, class_order=False):  # noqa: F811
     """The refinement's objective on the field's masked voxels, in float64, with the
-    pair weights ``refine_coefficients`` gives ``COUPLED``'s options."""
+    pair weights ``refine_coefficients`` gives ``COUPLED``'s options; with
+    ``class_order`` the coefficients in the sampler's parity-class order, as
+    ``refine_coefficients`` orders them (its products split by class, and the signal
+    term by increments)."""
     signal, mask, start = field
     matrix = torch.as_tensor(stacked_forward_matrix(phantom.response.normalized(),
                                                     phantom.gtab, ORDER))
     sampler = torch.as_tensor(sh_matrix(ORDER, HealpixSphere(SAMPLING_NSIDE,
                                                              hemisphere=True).vertices))
+    start = torch.as_tensor(start[mask])
+    if class_order:
+        order = parity_order(sampler, len(matrix))
+        matrix, start = matrix[order], start[:, order]
+        sampler = sampler[:, order[:sampler.shape[1]]]
     measured = torch.as_tensor(signal[mask], dtype=torch.float64)
     first, second = neighbour_pairs(mask)
     distances = pair_distances(measured, first, second)
@@ -31,7 +40,7 @@ def coupled_problem(phantom, field, weights, tv):  # noqa: F811
                     * tv * coupling_scale(variance, measured.shape[1]))
     objective = CoupledObjective(measured, matrix, sampler, n_coeffs(ORDER), weights, first,
                                  second, pair_weights, COUPLED["smoothing"], batch_voxels=37)
-    return objective, measured, matrix, sampler, torch.as_tensor(start[mask]), pair_weights
+    return objective, measured, matrix, sampler, start, pair_weights
 
 
 def test_objective_into_reused_buffers_is_the_autograd_gradient(phantom, field):  # noqa: F811

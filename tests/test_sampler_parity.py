@@ -90,6 +90,57 @@ def test_split_loss_and_gradient_equal_the_single_product(order, dtype, toleranc
     assert float((gradient - expected_gradient).abs().max()) <= tolerance * float(scale)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n_measurements", [60, 30])
+def test_increments_from_a_reference_equal_the_single_product(dtype, tolerance, n_measurements,
+                                                             threads):  # noqa: F811
+    """Evaluations from a reference point that moves with them (the refinement's use: steps
+    large and small, of both signs), each against the torch reference at that point; the
+    state carried to the last point is the state computed there anew. With 30
+    measurements ``R`` has fewer rows than coefficients (``G`` is singular)."""
+    rng = np.random.default_rng(3)
+    n, order = 500, 8
+    n_wm = n_coeffs(order)
+    sampler = build_fodf_sampler(order).to(dtype)
+    permutation = sampler_parity.parity_order(sampler, n_wm + 2)
+    matrix = torch.as_tensor(rng.normal(0, 0.3, (n_wm + 2, n_measurements)), dtype=dtype)
+    matrix, sampler = matrix[permutation], sampler[:, permutation[:n_wm]]
+    measured = torch.as_tensor(rng.uniform(0, 1, (n, n_measurements)), dtype=dtype)
+    weights = LossWeights(intensity=0.7, sparsity=2e-2, nonnegativity=0.3)
+    loss = VoxelLoss(matrix, sampler, n_wm, weights)
+    assert loss.incremental
+    with mock.patch.object(fused_objective, "ENABLED", False):
+        reference_loss = VoxelLoss(matrix, sampler, n_wm, weights)
+    projected, constant = loss.project(measured)
+    point = torch.as_tensor(rng.normal(0, 0.3, (n, n_wm + 2)), dtype=dtype)
+    state = loss.reference_state(point, projected)
+    for scale in (0.3, 1e-3, 0.1, 1e-6, 0.0, 0.5):
+        point = point + torch.as_tensor(rng.normal(0, scale, point.shape), dtype=dtype)
+        gradient, value = loss(point, projected, constant, return_loss=True, reference=state)
+        expected_gradient, expected = reference_loss(point, *reference_loss.project(measured),
+                                                     return_loss=True)
+        torch.testing.assert_close(value, expected, rtol=tolerance, atol=0)
+        error = (gradient - expected_gradient).abs().max() / expected_gradient.abs().max()
+        assert float(error) <= tolerance
+    assert torch.equal(state[0], point)
+    for carried, fresh in zip(state[1:], loss.reference_state(point, projected)[1:]):
+        scale = float(fresh.abs().max())
+        torch.testing.assert_close(carried, fresh, rtol=0, atol=tolerance * scale)
+
+
+def test_no_increments_where_the_gram_matrix_costs_more():
+    """With fewer measurements than half the coefficients, ``G``'s product (C x C) costs more
+    than ``R``'s two (k x C each): the split evaluates from ``R``."""
+    order = 8
+    n_wm = n_coeffs(order)
+    sampler = build_fodf_sampler(order).double()
+    permutation = sampler_parity.parity_order(sampler, n_wm + 2)
+    for n_measurements, incremental in ((20, False), (23, False), (24, True)):
+        matrix = torch.as_tensor(np.random.default_rng(0).normal(size=(n_wm + 2, n_measurements)))
+        loss = VoxelLoss(matrix[permutation], sampler[:, permutation[:n_wm]], n_wm, LossWeights())
+        assert loss.split is not None and loss.incremental == incremental
+
+
 @pytest.mark.parametrize("method, dtype", [("lbfgs", torch.float64), ("lbfgs", torch.float32),
                                            ("adam", torch.float64)])
 def test_refinement_through_the_split_equals_the_single_product(phantom, field, method,  # noqa: F811

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-__all__ = ["ENABLED", "TotalVariationStencil", "evaluate_voxel_terms", "fused_on", "numba_takes",
+__all__ = ["ENABLED", "TotalVariationStencil", "evaluate_voxel_terms", "fused_on",
+           "increment_voxel_terms", "numba_takes",
            "parity_voxel_terms", "voxel_terms"]
 
 # Whether objectives built from now on use the kernels on a CPU (a benchmark or a
@@ -82,24 +83,19 @@ _OPTIONS = dict(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 
 
 @njit(**_OPTIONS)
-def _voxel_row(i, mapped, projected, constant, rank, residual_scale, spread_scale,
-               sparsity_scale, negative_scale, residual_weight, negative_weight, log_weight,
-               loss):
-    """:func:`voxel_terms` of row ``i``."""
-    one, zero = mapped.dtype.type(1), mapped.dtype.type(0)
-    # Rows sliced and looped from 0: indices that LLVM knows are not negative (numba
-    # wraps negative ones), so that it vectorises the loops.
-    residuals, target, samples = mapped[i, :rank], projected[i], mapped[i, rank:]
-    squares = 0.0
-    for q in range(len(residuals)):
-        residual = residuals[q] - target[q]
-        squares += np.float64(residual) * np.float64(residual)
-        residuals[q] = residual * residual_scale
-    if len(loss) > 0:
+def _sample_terms(samples, spread_scale, sparsity_scale, negative_scale, with_loss):
+    """The fODF samples' gradient, in place; their ``(logs, negatives)`` sums with the loss.
+
+    ``logs`` is the sum of ``log(1 + spread_scale f^2)``, ``negatives`` that of
+    ``min(f, 0)^2`` (both float64, zero without ``with_loss``).
+    """
+    one, zero = samples.dtype.type(1), samples.dtype.type(0)
+    logs, negatives = 0.0, 0.0
+    if with_loss:
         # The groups' products are carried as mantissa x 2^exponent (math.frexp), so a
         # voxel takes one logarithm instead of one per group (0.34 -> 0.32 us per voxel
         # with the parity split, one thread).
-        logs, mantissa, exponent = 0.0, 1.0, 0
+        mantissa, exponent = 1.0, 0
         for group in range(0, len(samples), _LOG_GROUP):
             part = samples[group:group + _LOG_GROUP]
             product = 1.0
@@ -112,17 +108,35 @@ def _voxel_row(i, mapped, projected, constant, rank, residual_scale, spread_scal
                 for v in range(len(part)):
                     logs += math.log(np.float64(one + part[v] * part[v] * spread_scale))
         logs += math.log(mantissa) + exponent * _LN2
-        negatives = 0.0
         for v in range(len(samples)):
             negative = samples[v] if samples[v] < zero else zero  # min(f, 0)
             negatives += np.float64(negative) * np.float64(negative)
-        loss[i] = (residual_weight * (squares + constant[i]) + negative_weight * negatives
-                   + log_weight * logs)
     for v in range(len(samples)):
         sample = samples[v]
         negative = sample if sample < zero else zero
         samples[v] = (negative * negative_scale
                       + sparsity_scale * sample / (one + sample * sample * spread_scale))
+    return logs, negatives
+
+
+@njit(**_OPTIONS)
+def _voxel_row(i, mapped, projected, constant, rank, residual_scale, spread_scale,
+               sparsity_scale, negative_scale, residual_weight, negative_weight, log_weight,
+               loss):
+    """:func:`voxel_terms` of row ``i``."""
+    # Rows sliced and looped from 0: indices that LLVM knows are not negative (numba
+    # wraps negative ones), so that it vectorises the loops.
+    residuals, target = mapped[i, :rank], projected[i]
+    squares = 0.0
+    for q in range(len(residuals)):
+        residual = residuals[q] - target[q]
+        squares += np.float64(residual) * np.float64(residual)
+        residuals[q] = residual * residual_scale
+    logs, negatives = _sample_terms(mapped[i, rank:], spread_scale, sparsity_scale,
+                                    negative_scale, len(loss) > 0)
+    if len(loss) > 0:
+        loss[i] = (residual_weight * (squares + constant[i]) + negative_weight * negatives
+                   + log_weight * logs)
 
 
 @njit(**_OPTIONS)
@@ -383,3 +397,82 @@ def parity_voxel_terms(mapped, start, width, projected, constant, rank, residual
     (_parity_terms_serial if get_num_threads() == 1 else _parity_terms_parallel)(
         mapped, start, width, projected, constant, rank, residual_scale, spread_scale,
         sparsity_scale, negative_scale, *loss_scales, loss)
+
+
+@njit(**_OPTIONS)
+def _increment_row(i, mapped, start, width, coefficients, delta, reference, reference_gradient,
+                   reference_squares, gradient, constant, residual_scale, spread_scale,
+                   sparsity_scale, negative_scale, residual_weight, negative_weight, log_weight,
+                   loss):
+    """:func:`increment_voxel_terms` of row ``i``."""
+    _butterfly(mapped[i], start, width)
+    n_coefficients = len(delta[i])
+    step, moved, before = delta[i], mapped[i, :n_coefficients], reference_gradient[i]
+    point, now, out = reference[i], coefficients[i], gradient[i]
+    # |r + R d|^2 = |r|^2 + d . (2 R^T r + G d): the sum of small terms, accumulated
+    # in float64, where |R c - Q^T y|^2 computed anew would cancel float32 digits.
+    change = 0.0
+    for q in range(n_coefficients):
+        after = before[q] + moved[q]
+        change += np.float64(step[q]) * (np.float64(before[q]) + np.float64(after))
+        before[q] = after
+        out[q] = after * residual_scale
+        # c itself, not c0 + d rounded: the state is off c by d's round-off at most.
+        point[q] = now[q]
+    squares = reference_squares[i] + change
+    reference_squares[i] = squares
+    logs, negatives = _sample_terms(mapped[i, n_coefficients:], spread_scale, sparsity_scale,
+                                    negative_scale, len(loss) > 0)
+    if len(loss) > 0:
+        loss[i] = (residual_weight * (squares + constant[i]) + negative_weight * negatives
+                   + log_weight * logs)
+    _butterfly(mapped[i], start, width)
+
+
+@njit(**_OPTIONS)
+def _increment_terms_serial(mapped, start, width, *arguments):
+    """:func:`_increment_row` of every row on the calling thread."""
+    for i in range(len(mapped)):
+        _increment_row(i, mapped, start, width, *arguments)
+
+
+@njit(parallel=True, **_OPTIONS)
+def _increment_terms_parallel(mapped, start, width, *arguments):
+    """:func:`_increment_row` of every row on numba's threads."""
+    for i in prange(len(mapped)):
+        _increment_row(i, mapped, start, width, *arguments)
+
+
+def increment_voxel_terms(mapped, start, width, coefficients, delta, reference, constant,
+                          gradient,
+                          residual_scale, spread_scale, sparsity_scale, negative_scale,
+                          loss_scales, loss):
+    """:func:`parity_voxel_terms` from a reference point: the signal term by increments.
+
+    The signal term's gradient and value at ``c = c0 + d`` from those at the
+    reference ``c0`` (:meth:`esdmri.reconst.sampler_parity.ParitySplit.reference_state`):
+    ``R^T r = R^T r0 + G d`` and ``|r|^2 = |r0|^2 + d . (R^T r0 + R^T r)``,
+    with ``r = R c - Q^T y`` and ``G = R^T R``. Afterwards ``c`` is the
+    reference, with its ``R^T r`` and ``|r|^2``.
+
+    Parameters
+    ----------
+    mapped : ndarray, shape (n, start + 4 width)
+        ``G d`` (``C`` columns), the samples in no orbit, then the four
+        classes' regions as in :func:`parity_voxel_terms`. The samples'
+        columns are overwritten by the loss's gradient with respect to them.
+    start, width : int
+    coefficients, delta : ndarray, shape (n, C)
+        ``c`` and ``d = c - c0``.
+    reference : tuple of ndarray
+        ``c0`` (n, C), ``R^T r0`` (n, C) and ``|r0|^2`` (n,) (float64), each
+        updated in place to ``c``'s.
+    constant : ndarray, float64, shape (n,)
+    gradient : ndarray, shape (n, C)
+        Where ``residual_scale R^T r`` is written (the signal term's gradient).
+    residual_scale, spread_scale, sparsity_scale, negative_scale, loss_scales, loss
+        As in :func:`voxel_terms`.
+    """
+    (_increment_terms_serial if get_num_threads() == 1 else _increment_terms_parallel)(
+        mapped, start, width, coefficients, delta, *reference, gradient, constant,
+        residual_scale, spread_scale, sparsity_scale, negative_scale, *loss_scales, loss)

@@ -126,7 +126,12 @@ class VoxelLoss:
     (:func:`esdmri.reconst.fused_objective.voxel_terms`; ``fused``), and
     with the coefficients in the sampler's parity-class order
     (:func:`esdmri.reconst.sampler_parity.parity_order`) the products are
-    split into quarter-size blocks (``split``).
+    split into quarter-size blocks (``split``). With the split, a caller that
+    keeps a reference point per voxel (:meth:`reference_state`, passed as
+    ``reference``) gets the residual's gradient and norm by increments from
+    it, through the Gram matrix ``G = R^T R`` applied to the step: one
+    product instead of two, and the norm's terms are small, so they do not
+    cancel (``incremental``).
 
     Parameters
     ----------
@@ -146,6 +151,9 @@ class VoxelLoss:
         The products by parity class
         (:meth:`esdmri.reconst.sampler_parity.ParitySplit.from_operator`):
         when ``fused`` and the sampler's classes are contiguous columns.
+    incremental : bool
+        Whether calls take a ``reference``: with ``split``, where ``G``'s
+        product costs less than ``R``'s two (``C_total < 2 k``).
     """
 
     def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights):
@@ -177,6 +185,7 @@ class VoxelLoss:
         # sampler's products split into quarter-size blocks (esdmri.reconst.sampler_parity).
         self.split = (sampler_parity.ParitySplit.from_operator(operator, self.rank, n_wm_coeffs)
                       if self.fused and sampler_parity.ENABLED else None)
+        self.incremental = self.split is not None and self.split.gram is not None
 
     def project(self, measured):
         """What the loss needs of the measured signal: ``Q^T y`` and the rest of ``|y|^2``.
@@ -197,7 +206,27 @@ class VoxelLoss:
         constant = ((signal * signal).sum(dim=1) - (projected * projected).sum(dim=1)).clamp_min(0)
         return projected.to(self.operator.dtype), constant
 
-    def __call__(self, coefficients, projected, constant, out=None, return_loss=False):
+    def reference_state(self, coefficients, projected):
+        """The state at ``coefficients`` that calls with ``reference`` start from.
+
+        Only when :attr:`incremental`
+        (:meth:`esdmri.reconst.sampler_parity.ParitySplit.reference_state`).
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape (n, C_total)
+        projected : Tensor, shape (n, k)
+            :meth:`project`'s first output.
+
+        Returns
+        -------
+        reference : tuple of Tensor
+            Shapes (n, C_total), (n, C_total) and (n,).
+        """
+        return self.split.reference_state(coefficients, projected)
+
+    def __call__(self, coefficients, projected, constant, out=None, return_loss=False,
+                 reference=None):
         """Gradient of each voxel's loss, and the loss.
 
         Parameters
@@ -209,6 +238,11 @@ class VoxelLoss:
             Where the gradient is written.
         return_loss : bool, optional
             Also return each voxel's loss.
+        reference : tuple of Tensor, optional
+            With :attr:`incremental`: the voxels' rows of a
+            :meth:`reference_state`, from which the signal term is evaluated
+            by increments (``projected`` is then not read); they move to
+            ``coefficients``.
 
         Returns
         -------
@@ -216,6 +250,9 @@ class VoxelLoss:
         loss : Tensor, float64, shape (n,)
             Only with ``return_loss``.
         """
+        if reference is not None:
+            return self.split.evaluate_from(self, coefficients, reference, constant, out,
+                                            return_loss)
         if self.split is not None:
             return self.split.evaluate(self, coefficients, projected, constant, out, return_loss)
         if self.fused:
@@ -509,7 +546,10 @@ class CoupledObjective:
     passes and the total variation are fused kernels
     (:mod:`esdmri.reconst.fused_objective`): the total variation of a
     block's voxels is added to their gradient rows right after the block's
-    voxel terms, while the rows are in cache.
+    voxel terms, while the rows are in cache. Where the voxel loss is
+    ``incremental``, every evaluation starts from the point of the one
+    before (the voxels' reference state, made at the first evaluation of
+    this objective or of a restriction).
 
     Parameters
     ----------
@@ -558,6 +598,8 @@ class CoupledObjective:
         # A restriction's whole local field (its rows, then their held neighbours)
         # and the held voxels' share of the objective (:meth:`restricted`).
         self.field, self.offset = None, 0.0
+        # The voxel terms' reference state (VoxelLoss.reference_state), from the first call.
+        self.reference = None
 
     @property
     def evaluations(self):
@@ -599,6 +641,7 @@ class CoupledObjective:
         part.chunks = [slice(i, min(i + self.batch_voxels, k))
                        for i in range(0, k, self.batch_voxels)]
         part.field, part.offset = field[rows], 0.0
+        part.reference = None
         if self.pair_weights is None:
             return part
         inside = torch.zeros(len(field), dtype=torch.bool, device=field.device)
@@ -646,10 +689,15 @@ class CoupledObjective:
             if self.differences is not None:
                 whole_gradient = torch.zeros_like(field)
         value = 0.0
+        reference = {}
+        if self.voxel_loss.incremental and self.reference is None:
+            self.reference = self.voxel_loss.reference_state(coefficients, self.projected)
         for rows in self.chunks:
+            if self.reference is not None:
+                reference["reference"] = tuple(part[rows] for part in self.reference)
             result = self.voxel_loss(coefficients[rows], self.projected[rows],
                                      self.constant[rows], out=whole_gradient[rows],
-                                     return_loss=with_value)
+                                     return_loss=with_value, **reference)
             if with_value:
                 # In float64: the line search compares sums over a whole brain.
                 value += float(result[1].sum())

@@ -171,6 +171,8 @@ class RicianVoxelLoss:
     def __init__(self, forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma,
                  voxel_loss, approximate=True):
         self.approximate = approximate
+        # No reference state: the Rician data term is not quadratic (VoxelLoss.incremental).
+        self.incremental = False
         device, dtype = fodf_sampler.device, fodf_sampler.dtype
         n_coefficients, self.n_measurements = forward_matrix.shape
         sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device).reshape(-1)

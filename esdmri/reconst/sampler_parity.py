@@ -24,7 +24,7 @@ while it is in cache: no extra pass over a block.
 
 import torch
 
-from esdmri.reconst.fused_objective import parity_voxel_terms
+from esdmri.reconst.fused_objective import increment_voxel_terms, parity_voxel_terms
 
 __all__ = ["ENABLED", "ParitySplit", "parity_order", "sampler_parity"]
 
@@ -145,15 +145,37 @@ class ParitySplit:
         m``) and its transpose (contiguous).
     start, width : int
         Where the four regions begin (``k + r``) and each one's width ``m``.
+    gram : Tensor, shape (C, C), or None
+        ``G = R^T R``, with which an evaluation from a reference point
+        (:meth:`evaluate_from`) takes the signal term's gradient and value by
+        one product ``G d`` forward and none back; None where that costs more
+        than ``R``'s two products (``C >= 2 k``).
     """
 
-    def __init__(self, dense, blocks, width):
+    # Rows of the reference state computed at once (its float64 temporaries).
+    _REFERENCE_ROWS = 16384
+
+    def __init__(self, dense, blocks, width, rank):
         self.dense, self.dense_t = dense, dense.T.contiguous()
-        self.start, self.width = dense.shape[1], width
+        self.start, self.width, self.rank = dense.shape[1], width, rank
         self.blocks = []
         for index, (columns, block) in enumerate(blocks):
             region = slice(self.start + index * width, self.start + (index + 1) * width)
             self.blocks.append((columns, region, block, block.T.contiguous()))
+        n_coefficients = dense.shape[0]
+        self.gram = None
+        if 2 * rank > n_coefficients:
+            # In float64 from the operator's own R^T: the increments then follow the
+            # function that evaluate computes, to float32's round-off.
+            factor = dense[:, :rank].to(torch.float64)
+            self.gram = (factor @ factor.T).to(dense.dtype)
+            self.rest = dense[:, rank:].contiguous()
+            self.rest_t = self.rest.T.contiguous()
+            # The increments' layout: G d (C columns), the rest, then the four regions.
+            self.increment_start = n_coefficients + self.rest.shape[1]
+            self.increment_regions = [slice(self.increment_start + index * width,
+                                            self.increment_start + (index + 1) * width)
+                                      for index in range(len(self.blocks))]
 
     @classmethod
     def from_operator(cls, operator, rank, n_wm_coeffs):
@@ -177,7 +199,7 @@ class ParitySplit:
         orbits, rest = parity["orbits"], parity["rest"]
         dense = torch.cat([operator[:, :rank], operator[:, rank + rest]], dim=1)
         blocks = [(span, operator[span, rank + orbits[0]].contiguous()) for span in columns]
-        return cls(dense.contiguous(), blocks, orbits.shape[1])
+        return cls(dense.contiguous(), blocks, orbits.shape[1], rank)
 
     def evaluate(self, voxel_loss, coefficients, projected, constant, out, return_loss):
         """:class:`~esdmri.reconst.refine.VoxelLoss`'s evaluation through the split.
@@ -199,5 +221,69 @@ class ParitySplit:
                            loss.numpy())
         gradient = torch.mm(mapped[:, :self.start], self.dense_t, out=out)
         for columns, region, _, block_t in self.blocks:
+            gradient[:, columns].addmm_(mapped[:, region], block_t)
+        return (gradient, loss) if return_loss else gradient
+
+    def reference_state(self, coefficients, projected):
+        """The signal term's state at ``coefficients``, the start of :meth:`evaluate_from`.
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape (n, C)
+        projected : Tensor, shape (n, k)
+            ``Q^T y`` (:meth:`~esdmri.reconst.refine.VoxelLoss.project`).
+
+        Returns
+        -------
+        reference : tuple of Tensor
+            ``c0`` (a copy of ``coefficients``), ``R^T r0`` in their dtype and
+            ``|r0|^2`` in float64, ``r0 = R c0 - Q^T y``, computed in float64.
+        """
+        factor = self.dense[:, :self.rank].to(torch.float64)
+        gradient = torch.empty_like(coefficients)
+        squares = torch.empty(len(coefficients), dtype=torch.float64)
+        for start in range(0, len(coefficients), self._REFERENCE_ROWS):
+            rows = slice(start, start + self._REFERENCE_ROWS)
+            residual = coefficients[rows].to(torch.float64) @ factor
+            residual -= projected[rows]
+            gradient[rows] = residual @ factor.T
+            squares[rows] = (residual * residual).sum(dim=1)
+        return coefficients.clone(), gradient, squares
+
+    def evaluate_from(self, voxel_loss, coefficients, reference, constant, out, return_loss):
+        """:meth:`evaluate` from a reference point, which moves to ``coefficients``.
+
+        The signal term by increments from ``reference``
+        (:func:`esdmri.reconst.fused_objective.increment_voxel_terms`): where
+        :meth:`evaluate` maps ``c`` by ``R`` forward and the residual back,
+        this maps ``d = c - c0`` by ``G`` forward only: at SH order 12 (93
+        coefficients, 32 samples in no orbit) the dense products' multiply-adds
+        per voxel fall from 23.3k to 14.6k (the classes' 16.0k stay).
+
+        Parameters
+        ----------
+        reference : tuple of Tensor
+            Rows of :meth:`reference_state` (views), updated in place.
+        Others as :meth:`evaluate` (without ``projected``).
+        """
+        n, n_coefficients = coefficients.shape
+        mapped = coefficients.new_empty((n, self.increment_start + 4 * self.width))
+        delta = torch.sub(coefficients, reference[0])
+        torch.mm(delta, self.gram, out=mapped[:, :n_coefficients])
+        torch.mm(coefficients, self.rest, out=mapped[:, n_coefficients:self.increment_start])
+        for (columns, _, block, _), region in zip(self.blocks, self.increment_regions):
+            torch.mm(coefficients[:, columns], block, out=mapped[:, region])
+        gradient = torch.empty_like(coefficients) if out is None else out
+        dtype = mapped.numpy().dtype.type
+        loss = torch.empty(n if return_loss else 0, dtype=torch.float64)
+        increment_voxel_terms(mapped.numpy(), self.increment_start, self.width,
+                              coefficients.numpy(), delta.numpy(),
+                              tuple(part.numpy() for part in reference), constant.numpy(),
+                              gradient.numpy(), dtype(voxel_loss.residual_scale),
+                              dtype(voxel_loss.spread_scale), dtype(voxel_loss.sparsity_scale),
+                              dtype(voxel_loss.negative_scale), voxel_loss.loss_scales,
+                              loss.numpy())
+        gradient.addmm_(mapped[:, n_coefficients:self.increment_start], self.rest_t)
+        for (columns, _, _, block_t), region in zip(self.blocks, self.increment_regions):
             gradient[:, columns].addmm_(mapped[:, region], block_t)
         return (gradient, loss) if return_loss else gradient
