@@ -9,7 +9,7 @@ on the default fit's refinement inputs of the clinical acquisition
 (``bench_memory.py``'s 100 volumes, SNR 30; ``--shape`` of the scan, the
 clinical-size 96 x 96 x 60 by default), at SH order 12 and 8 (``--orders``):
 
-- products: the evaluation's two products (blocks of 512 voxels per thread
+- products: the evaluation's two products (blocks of `_CPU_BLOCK` voxels per thread
   times ``C`` coefficients against the stacked ``C x (k + V)`` operator and
   back, as :class:`~esdmri.reconst.refine.CoupledObjective` makes them) in
   float32; with bfloat16 inputs (``bf16``); a compensated bfloat16 scheme

@@ -799,7 +799,7 @@ def _adam_descent(c, objective, n_wm_coeffs, groups, *, steps, lr, tolerance, le
 
 # Voxels per block of the per-voxel loss on a CPU, per thread (each thread's share
 # stays in its core's cache), and on other devices.
-_CPU_BLOCK = 512
+_CPU_BLOCK = 1024
 _DEVICE_BLOCK = 65536
 
 # Damping of the L-BFGS preconditioner, in units of the mean diagonal of the
@@ -1186,12 +1186,13 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         Scale the result so the tissue fractions sum to 1, like the network.
     batch_voxels : int, optional
         Voxels evaluated at once (each buffer holds about ``batch_voxels *
-        V_dense`` values). Default: 512 per torch thread on a CPU, so that
-        each thread's share of a block's buffers (0.8 MB at 384 samples,
-        float32) stays in its core's cache (on one thread, blocks of 256-2048
-        are within 10 %, blocks of 32768 2.5x slower; docs/benchmarks.md),
-        and the threads meet once per operation on a larger block; 65536 on
-        other devices, where each block is a few kernel launches.
+        V_dense`` values). Default: 1024 per torch thread on a CPU, so that
+        each thread's share of a block's buffers (2 MB at order 12, float32)
+        stays in its core's L2 and the shared L3 cache, and the threads meet
+        once per operation on a larger block (the brain's refinement on two
+        threads: 38.2-40.8 s at 1024, 39.5-41.9 s at 768 and 1536, 40.5-43.2 s
+        at 512; docs/benchmarks.md); 65536 on other devices, where each block
+        is a few kernel launches.
     verbose : bool, optional
         Show a progress bar; it ends with why the refinement stopped.
     method : {"lbfgs", "adam"}, optional
