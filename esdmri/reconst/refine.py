@@ -1190,9 +1190,9 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         each thread's share of a block's buffers (2 MB at order 12, float32)
         stays in its core's L2 and the shared L3 cache, and the threads meet
         once per operation on a larger block (the brain's refinement on two
-        threads: 38.2-40.8 s at 1024, 39.5-41.9 s at 768 and 1536, 40.5-43.2 s
-        at 512; docs/benchmarks.md); 65536 on other devices, where each block
-        is a few kernel launches.
+        threads, block sizes interleaved in one process: 38.9-40.8 s at 1024,
+        40.6-43.2 s at 512, 768 and 1536 between; docs/benchmarks.md); 65536 on
+        other devices, where each block is a few kernel launches.
     verbose : bool, optional
         Show a progress bar; it ends with why the refinement stopped.
     method : {"lbfgs", "adam"}, optional
