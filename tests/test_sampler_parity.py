@@ -57,16 +57,14 @@ def test_no_split_without_the_symmetry_or_out_of_class_order():
     assert VoxelLoss(matrix, build_fodf_sampler(8).double(), n_coeffs(8), weights).split is None
 
 
-def _losses(order, dtype):
-    """The split loss in class order and the torch reference on the same reordered inputs."""
-    rng = np.random.default_rng(order)
-    n, n_measurements = 700, 60
+def _class_order_losses(order, n_measurements, n, dtype, rng):
+    """A random forward matrix and signals, the grid's sampler, the coefficients in class
+    order: the split loss, the torch reference on the same inputs, and the signals."""
     n_wm = n_coeffs(order)
     sampler = build_fodf_sampler(order).to(dtype)
     permutation = sampler_parity.parity_order(sampler, n_wm + 2)
     matrix = torch.as_tensor(rng.normal(0, 0.3, (n_wm + 2, n_measurements)), dtype=dtype)
     matrix, sampler = matrix[permutation], sampler[:, permutation[:n_wm]]
-    coefficients = torch.as_tensor(rng.normal(0, 0.3, (n, n_wm + 2)), dtype=dtype)
     measured = torch.as_tensor(rng.uniform(0, 1, (n, n_measurements)), dtype=dtype)
     weights = LossWeights(intensity=0.7, sparsity=2e-2, nonnegativity=0.3)
     split = VoxelLoss(matrix, sampler, n_wm, weights)
@@ -74,6 +72,15 @@ def _losses(order, dtype):
     with mock.patch.object(fused_objective, "ENABLED", False):
         reference = VoxelLoss(matrix, sampler, n_wm, weights)
     assert reference.split is None and not reference.fused
+    return split, reference, measured
+
+
+def _losses(order, dtype):
+    """The split loss in class order and the torch reference on the same reordered inputs."""
+    rng = np.random.default_rng(order)
+    n = 700
+    coefficients = torch.as_tensor(rng.normal(0, 0.3, (n, n_coeffs(order) + 2)), dtype=dtype)
+    split, reference, measured = _class_order_losses(order, 60, n, dtype, rng)
     return [loss(coefficients, *loss.project(measured), return_loss=True)
             for loss in (split, reference)]
 
@@ -100,19 +107,10 @@ def test_increments_from_a_reference_equal_the_single_product(dtype, tolerance, 
     measurements ``R`` has fewer rows than coefficients (``G`` is singular)."""
     rng = np.random.default_rng(3)
     n, order = 500, 8
-    n_wm = n_coeffs(order)
-    sampler = build_fodf_sampler(order).to(dtype)
-    permutation = sampler_parity.parity_order(sampler, n_wm + 2)
-    matrix = torch.as_tensor(rng.normal(0, 0.3, (n_wm + 2, n_measurements)), dtype=dtype)
-    matrix, sampler = matrix[permutation], sampler[:, permutation[:n_wm]]
-    measured = torch.as_tensor(rng.uniform(0, 1, (n, n_measurements)), dtype=dtype)
-    weights = LossWeights(intensity=0.7, sparsity=2e-2, nonnegativity=0.3)
-    loss = VoxelLoss(matrix, sampler, n_wm, weights)
+    loss, reference_loss, measured = _class_order_losses(order, n_measurements, n, dtype, rng)
     assert loss.incremental
-    with mock.patch.object(fused_objective, "ENABLED", False):
-        reference_loss = VoxelLoss(matrix, sampler, n_wm, weights)
     projected, constant = loss.project(measured)
-    point = torch.as_tensor(rng.normal(0, 0.3, (n, n_wm + 2)), dtype=dtype)
+    point = torch.as_tensor(rng.normal(0, 0.3, (n, n_coeffs(order) + 2)), dtype=dtype)
     state = loss.reference_state(point, projected)
     for scale in (0.3, 1e-3, 0.1, 1e-6, 0.0, 0.5):
         point = point + torch.as_tensor(rng.normal(0, scale, point.shape), dtype=dtype)
