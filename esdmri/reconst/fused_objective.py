@@ -16,6 +16,9 @@ numba (its own LLVM: no compiler or build step at install time):
 - :func:`parity_voxel_terms`: the same pass when the products are split by
   the sampler's parity classes (:mod:`esdmri.reconst.sampler_parity`), with
   the Hadamard butterfly and its transpose around each row;
+- :func:`increment_voxel_terms`: the same with the signal term taken by
+  increments from the previous evaluation's point through the Gram matrix
+  (:meth:`esdmri.reconst.sampler_parity.ParitySplit.evaluate_from`);
 - :class:`TotalVariationStencil`: the weighted smoothed total variation's
   value and gradient (:func:`esdmri.reconst.losses.total_variation`) as a
   stencil over each voxel's neighbours, added to the evaluation's gradient in

@@ -19,7 +19,9 @@ to 93 x 125 + 91 x 88 = 19.6k each way (docs/benchmarks.md, branch pfs).
 The Hadamard butterfly and its transpose (the same: the 4 x 4 Hadamard matrix
 is symmetric) run inside the fused voxel-terms kernel
 (:func:`esdmri.reconst.fused_objective.parity_voxel_terms`), on each row
-while it is in cache: no extra pass over a block.
+while it is in cache: no extra pass over a block. With a reference point per
+voxel (:meth:`ParitySplit.evaluate_from`), the signal term's products through
+``R`` give way to one product of the step with the Gram matrix ``G = R^T R``.
 """
 
 import torch
