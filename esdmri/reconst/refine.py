@@ -1188,8 +1188,8 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         Voxels evaluated at once (each buffer holds about ``batch_voxels *
         V_dense`` values). Default: 1024 per torch thread on a CPU, so that
         each thread's share of a block's buffers (2 MB at order 12, float32)
-        stays in its core's L2 and the shared L3 cache, and the threads meet
-        once per operation on a larger block (the brain's refinement on two
+        stays in the L3 cache, and the threads meet once per operation on a
+        larger block (the brain's refinement on two
         threads, block sizes interleaved in one process: 38.9-40.8 s at 1024,
         40.6-43.2 s at 512, 768 and 1536 between; docs/benchmarks.md); 65536 on
         other devices, where each block is a few kernel launches.
