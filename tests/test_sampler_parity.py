@@ -137,6 +137,15 @@ def test_no_increments_where_the_gram_matrix_costs_more():
         matrix = torch.as_tensor(np.random.default_rng(0).normal(size=(n_wm + 2, n_measurements)))
         loss = VoxelLoss(matrix[permutation], sampler[:, permutation[:n_wm]], n_wm, LossWeights())
         assert loss.split is not None and loss.incremental == incremental
+    # Asked for a reference anyway, it says so by name.
+    loss = VoxelLoss(matrix[permutation][:, :20], sampler[:, permutation[:n_wm]], n_wm,
+                     LossWeights())
+    coefficients = torch.zeros((3, n_wm + 2), dtype=torch.float64)
+    projected, constant = loss.project(torch.ones((3, 20), dtype=torch.float64))
+    with pytest.raises(ValueError, match="reference needs an incremental VoxelLoss"):
+        loss.reference_state(coefficients, projected)
+    with pytest.raises(ValueError, match="call it without reference"):
+        loss(coefficients, projected, constant, reference=(coefficients, coefficients, constant))
 
 
 @pytest.mark.parametrize("method, dtype", [("lbfgs", torch.float64), ("lbfgs", torch.float32),

@@ -223,7 +223,15 @@ class VoxelLoss:
         reference : tuple of Tensor
             Shapes (n, C_total), (n, C_total) and (n,).
         """
+        self._check_incremental()
         return self.split.reference_state(coefficients, projected)
+
+    def _check_incremental(self):
+        """A ValueError unless :attr:`incremental`: no reference state without ``G``."""
+        if not self.incremental:
+            raise ValueError("reference needs an incremental VoxelLoss (the fused CPU "
+                             "evaluation with the parity split and C_total < 2 k); "
+                             "this one evaluates from R: call it without reference")
 
     def __call__(self, coefficients, projected, constant, out=None, return_loss=False,
                  reference=None):
@@ -251,6 +259,7 @@ class VoxelLoss:
             Only with ``return_loss``.
         """
         if reference is not None:
+            self._check_incremental()
             return self.split.evaluate_from(self, coefficients, reference, constant, out,
                                             return_loss)
         if self.split is not None:
@@ -689,6 +698,7 @@ class CoupledObjective:
             if self.differences is not None:
                 whole_gradient = torch.zeros_like(field)
         value = 0.0
+        # Only an incremental voxel loss takes a reference (a Rician one has none).
         reference = {}
         if self.voxel_loss.incremental and self.reference is None:
             self.reference = self.voxel_loss.reference_state(coefficients, self.projected)
