@@ -19,6 +19,10 @@ Usage::
         refined=out/refined.pt --repeats 1
     # the evaluations the best possible correction would leave
     python -m benchmarks.pretrain --oracle
+    # the accuracy the best possible correction would give the refined fit
+    python -m benchmarks.pretrain --truth-start --split dev
+    # issue 25's loss goal against the loss of the noise-free fit on the noisy scan
+    python -m benchmarks.pretrain --loss-floor --split dev
     # issue 25's loss goal for corrections alone, and their inference CPU time at 40^3
     python -m benchmarks.pretrain --losses shipped=esdmri/data/pretrained_rtesd.pt \
         order12=out/pretrained12.pt
@@ -314,14 +318,58 @@ def oracle_starts(side, architecture="rtesd"):
           + markdown(["family", "SNR", *labels], rows))
 
 
-def dev_phantoms(side):
-    """Each dev phantom of ``benchmarks/devset.py`` (every family, SNR 10 and 20) at
-    ``side``^3, as (family, SNR, phantom)."""
+def truth_starts(side, split="dev", architecture="rtesd"):
+    """Does the refinement's start decide where it ends? Per phantom of ``split``, the
+    crossing error / success / FN (peaks at 0.20, the default's dev threshold) of the
+    refinement from the prior (network-free), from the shipped correction (the default
+    fit) and from the truth (the prior with every WM degree above 0 replaced by the true
+    fibres, :func:`esdmri.cohort.true_target`: the best start any correction could
+    give), and of that true start itself."""
+    from esdmri.cohort import true_target
+    from esdmri.reconst.fit import DeconvolutionFit
+    from esdmri.shm import n_coeffs
+
+    from .devset import THRESHOLDS, scored_sweep
+    from .methods import MethodResult
+
+    at = list(THRESHOLDS).index(0.2)
+    labels = ("from the prior (network-free)", "from the shipped correction (default)",
+              "from the truth", "the true start itself")
+    rows = []
+    for family, snr, phantom in dev_phantoms(side, split):
+        scored = phantom.mask & (phantom.n_fibres > 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
+            scan = model.prepare(phantom.data, mask=phantom.mask)
+            prior = model.prior_coefficients(scan)
+            n_wm = n_coeffs(model.config.network.sh_order_max)
+            truth = prior.copy()
+            target = true_target(phantom, prior, n_wm, model.config.network.sh_order_max)
+            truth[..., 1:n_wm] = np.where(scan.mask[..., None], target[..., 1:], 0)
+            ends = [model.refine(start, scan) for start in
+                    (prior, model.corrected_prior(prior, scan), truth)]
+        cells = []
+        for coefficients, history in [*ends, (truth, None)]:
+            fit = DeconvolutionFit(model, coefficients, scan.mask, response=scan.response)
+            result = MethodResult(np.where(scored[..., None], fit.shm_coeff_descoteaux07, 0))
+            crossing = scored_sweep(result, phantom.fibre_dirs, scored)[at]["crossing"]
+            cells.append(f"{crossing['angular_error']:.2f} / {crossing['success_rate']:.2f} / "
+                         f"{crossing['fn_rate']:.2f}"
+                         + (f" ({history.steps})" if history is not None else ""))
+        rows.append([family, f"{snr:g}", *cells])
+    print(f"crossing AE / success / FN at 0.20 ({split}, {side}^3; refinement steps in "
+          "brackets)\n" + markdown(["family", "SNR", *labels], rows))
+
+
+def dev_phantoms(side, split="dev"):
+    """Each phantom of ``split`` of ``benchmarks/devset.py`` (every family, SNR 10 and
+    20) at ``side``^3, as (family, SNR, phantom)."""
     from .devset import FAMILIES, SNRS, make_family
 
     for family in FAMILIES:
         for snr in SNRS:
-            yield family, snr, make_family(family, side, snr, "dev")
+            yield family, snr, make_family(family, side, snr, split)
 
 
 def labelled_weights(labelled):
@@ -379,6 +427,57 @@ def losses_on_dev(labelled, side):
           "over the per-voxel minimum's)\n"
           + markdown(["family", "SNR", "prior", "per-voxel min.",
                       *(label for label, _ in options)], rows))
+
+
+def loss_floor(side, split="dev"):
+    """What issue 25's loss goal asks of a network: per phantom of ``split``, fitted on
+    its scored (WM) voxels as :func:`losses_on_dev` fits, the mean per-voxel loss (no TV)
+    on the noisy scan of the linear prior, of the per-voxel minimum, and of the **noise-free
+    fit**: the per-voxel minimum of the same phantom without noise (same geometry, the
+    noisy scan's response and settings, the true signal divided by the noisy b0), i.e. the
+    model's best account of the true signal, scored against the noisy measurements. With
+    ``N`` measurements and ``C`` coefficients a least-squares fit's residual is ``(N - C)
+    / N`` of the noise's, the true signal's all of it; ``N / (N - C)`` is printed beside
+    the measured ratio."""
+    from esdmri.reconst.network import build_fodf_sampler, build_forward_model
+    from esdmri.reconst.refine import refine_coefficients
+    from esdmri.shm import n_coeffs
+
+    from .devset import make_family
+    from .network_test import MINIMUM_STEPS
+    from .training_curve import voxel_losses
+
+    rows = []
+    for family, snr, phantom in dev_phantoms(side, split):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scan, base, prepared, prior, prior_loss, minimum = scored_prior(phantom)
+            noise_free = make_family(family, side, np.inf, split).data
+            clean = base.prepare(noise_free, mask=scored_voxels(phantom))
+            # The true signal in the noisy scan's units (divided by its noisy b0, as the
+            # network's input is): a b0 scale the data show is not noise to ignore.
+            b0 = phantom.gtab.b0s_mask
+            scale = np.divide(noise_free[..., b0].mean(-1), phantom.data[..., b0].mean(-1),
+                              out=np.zeros(phantom.mask.shape), where=clean.mask)
+            clean = dataclasses.replace(
+                clean, normalized=(clean.normalized * scale[..., None]).astype(np.float32))
+            order = base.config.network.sh_order_max
+            matrix = build_forward_model(base.response, base.gtab, order).matrix
+            fitted, _ = refine_coefficients(
+                base.prior_coefficients(clean), clean.normalized, clean.mask, matrix,
+                build_fodf_sampler(order), n_coeffs(order), order,
+                base.config.training.loss_weights, steps=MINIMUM_STEPS,
+                lr=base.config.refinement.refine_lr, total_variation=0.0, tolerance=1e-5,
+                normalize=base.normalizes)
+            truth = voxel_losses(base, fitted, prepared.normalized, prepared.mask)
+        n, c = matrix.shape[1], matrix.shape[0]
+        rows.append([family, f"{snr:g}", f"{prior_loss:.5f}", f"{minimum:.5f}", f"{truth:.5f}",
+                     f"{prior_loss / minimum:.2f}", f"{truth / minimum:.2f}", f"{n} / {c}",
+                     f"{n / (n - c):.2f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    print(f"mean per-voxel loss on the scored voxels ({split}, {side}^3)\n"
+          + markdown(["family", "SNR", "prior", "per-voxel min.", "noise-free fit",
+                      "prior / min.", "noise-free fit / min.", "N / C", "N / (N - C)"], rows))
 
 
 PLAIN_STEPS = (0, 1, 2, 3, 5, 10, 20)
@@ -544,6 +643,12 @@ def main(argv=None):
     mode.add_argument("--oracle", action="store_true",
                       help="refinement evaluations from the prior, the shipped correction, "
                            "the default fit's end point and the best a correction can give")
+    mode.add_argument("--truth-start", action="store_true",
+                      help="crossing accuracy of the refinement from the prior, the shipped "
+                           "correction and the true fibres (--split)")
+    mode.add_argument("--loss-floor", action="store_true",
+                      help="issue 25's loss goal against the loss of the noise-free fit on "
+                           "the noisy scan (--split)")
     mode.add_argument("--losses", nargs="+", metavar="[LABEL=]WEIGHTS",
                       help="issue 25's loss goal: the network-alone loss of these RT-ESD "
                            "weights on the dev phantoms against the prior's and the "
@@ -580,7 +685,8 @@ def main(argv=None):
     parser.add_argument("--fit-mask", choices=("whole", "wm"), default="whole",
                         help="with --dev: fit the phantoms' whole masks or their WM voxels")
     parser.add_argument("--split", choices=("dev", "test"), default="dev",
-                        help="with --dev: the split (test: once, with --thresholds)")
+                        help="with --dev: the split (test: once, with --thresholds); with "
+                             "--truth-start and --loss-floor: the phantoms")
     parser.add_argument("--thresholds", type=Path,
                         help="with --dev --split test: the dev run's results JSON")
     parser.add_argument("--repeats", type=int, default=3)
@@ -593,6 +699,10 @@ def main(argv=None):
         variants(args.variants)
     elif args.oracle:
         oracle_starts(args.side, args.architecture)
+    elif args.loss_floor:
+        loss_floor(args.side, args.split)
+    elif args.truth_start:
+        truth_starts(args.side, args.split, args.architecture)
     elif args.held:
         held_aside_losses(args.held, *args.held_scans)
     elif args.losses:

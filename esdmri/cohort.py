@@ -140,6 +140,39 @@ def wm_mask(phantom):
     return phantom.mask & (phantom.n_fibres > 0)
 
 
+def true_target(phantom, coefficients, n_wm_coeffs, order):
+    """A phantom's true fibres in a fit's units: the supervised target of a correction.
+
+    Parameters
+    ----------
+    phantom : Phantom
+        With ``fibre_dirs``, ``tissue_fractions`` (and ``fibre_fractions``
+        where fibres differ in weight).
+    coefficients : ndarray, shape (X, Y, Z, C_total)
+        A fit's tissue coefficients (e.g. the linear prior's), whose total
+        tissue fraction carries the true WM fraction.
+    n_wm_coeffs : int
+        WM SH coefficients in ``coefficients``.
+    order : int
+        SH order of the target.
+
+    Returns
+    -------
+    target : ndarray, float32, shape (X, Y, Z, n_coeffs(order))
+        :func:`esdmri.reconst.pretrained.fibre_target` of the true fibres with
+        the true WM fraction of the fit's tissue total; its l = 0 term is the
+        fit's own WM amount (a correction does not change it).
+    """
+    # Anchoring the lobes to the fit's own WM amount instead flipped them where
+    # that amount is negative: the linear prior shares the WM's isotropic part
+    # with GM and CSF.
+    total = volume_fractions_from_coefficients(coefficients, n_wm_coeffs).sum(-1)
+    amount = total * phantom.tissue_fractions[..., 0] / SQRT_4PI
+    target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount, order)
+    target[..., 0] = coefficients[..., 0]
+    return target
+
+
 def prepare_scan(setting, side, mask="whole", refined=False, target_order=CORRECTED_ORDER):
     """One cohort scan: its prior (estimated responses), target and voxel weights.
 
@@ -194,15 +227,8 @@ def prepare_scan(setting, side, mask="whole", refined=False, target_order=CORREC
             # The default fit, as RTESDModel.fit runs it: prior -> shipped correction
             # -> refinement with the models' default settings.
             fitted, history = model.refine(model.corrected_prior(prior, scan), scan)
-    # The true WM in the fit's units: its fraction of the prior's tissue total.
-    # (Anchoring the lobes to the prior's own WM amount instead flipped them
-    # where that amount is negative: the linear prior shares the WM's
-    # isotropic part with GM and CSF.)
-    n_wm = n_coeffs(model.config.network.sh_order_max)
-    total = volume_fractions_from_coefficients(prior, n_wm).sum(-1)
-    amount = total * phantom.tissue_fractions[..., 0] / SQRT_4PI
-    target = fibre_target(phantom.fibre_dirs, fibre_weights(phantom), amount, target_order)
-    target[..., 0] = prior[..., 0]  # the WM amount is the prior's, not corrected
+    target = true_target(phantom, prior, n_coeffs(model.config.network.sh_order_max),
+                         target_order)
     weight = np.where(scan.mask, 0.2 + phantom.tissue_fractions[..., 0], 0).astype(np.float32)
     extra = {"refined": np.asarray(fitted, np.float32), "refined_history": history} \
         if refined else {}

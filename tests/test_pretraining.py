@@ -132,3 +132,44 @@ def test_unsupervised_pretraining_lowers_its_held_aside_loss(straight):
     assert not correction.training
     with pytest.raises(ValueError, match="loss must be one of"):
         pretrain_correction(items, items, loss="truth", steps=1, progress=False)
+
+
+def test_true_target_is_the_fibres_as_apodised_deltas_in_the_fits_units():
+    """Single-fibre voxels: the target's degrees above 0 are DIPY's SH of the fibre,
+    apodised, carrying the true WM fraction of the fit's tissue total; l = 0 is the
+    fit's; doubling the fit doubles the lobes."""
+    from dipy.core.geometry import cart2sphere
+    from dipy.reconst.shm import real_sh_descoteaux
+
+    from esdmri.cohort import true_target
+    from esdmri.reconst.network import volume_fractions_from_coefficients
+    from esdmri.shm import n_coeffs, sh_degrees
+
+    phantom = build_phantom(SETTINGS[1], SIDE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = RTESDModel(phantom.gtab, verbose=False)
+        scan = model.prepare(phantom.data, mask=phantom.mask)
+        prior = model.prior_coefficients(scan)
+    order = 8
+    n_wm = n_coeffs(model.config.network.sh_order_max)
+    target = true_target(phantom, prior, n_wm, order)
+    assert target.shape == phantom.mask.shape + (n_coeffs(order),)
+    np.testing.assert_array_equal(target[..., 0], prior[..., 0])
+    single = np.argwhere(scan.mask & (phantom.n_fibres == 1))
+    assert len(single) > 10
+    total = volume_fractions_from_coefficients(prior, n_wm).sum(-1)
+    degrees = sh_degrees(order)
+    for x, y, z in single[:20]:
+        direction = phantom.fibre_dirs[x, y, z, 0]
+        _, theta, phi = cart2sphere(*direction)
+        basis = real_sh_descoteaux(order, np.array([theta]), np.array([phi]),
+                                   legacy=False)[0][0]
+        # A unit-mass delta has l = 0 coefficient Y_00 = 1 / sqrt(4 pi); the target's
+        # l = 0 would be the true WM's, total * fraction / sqrt(4 pi).
+        amount = total[x, y, z] * phantom.tissue_fractions[x, y, z, 0]
+        expected = amount * np.exp(-degrees * (degrees + 1) / 150.0) * basis
+        np.testing.assert_allclose(target[x, y, z, 1:], expected[1:], rtol=1e-4,
+                                   atol=1e-6 * abs(amount))
+    doubled = true_target(phantom, 2 * prior, n_wm, order)
+    np.testing.assert_allclose(doubled[..., 1:], 2 * target[..., 1:], rtol=1e-5, atol=1e-7)
