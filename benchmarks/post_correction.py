@@ -76,36 +76,27 @@ def score(weights, split, side=SIDE):
     """Crossing AE / FN at 0.20 of the default fit, and of it corrected after the
     refinement, on every phantom of ``split``."""
     from esdmri import RTESDModel
-    from esdmri.reconst.fit import DeconvolutionFit
     from esdmri.reconst.pretrained import apply_correction, load_correction
 
-    from .devset import FAMILIES, SNRS, THRESHOLDS, make_family, scored_sweep
-    from .methods import MethodResult
+    from .pretrain import crossing_at_default_threshold, dev_phantoms
 
     after = load_correction(weights)
-    at = list(THRESHOLDS).index(0.2)
     rows, errors = [], {"default": [], "default + correction after": []}
-    for family in FAMILIES:
-        for snr in SNRS:
-            phantom = make_family(family, side, snr, split)
-            scored = phantom.mask & (phantom.n_fibres > 0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = RTESDModel(phantom.gtab, verbose=False)
-                scan = model.prepare(phantom.data, mask=phantom.mask)
-                fitted, _ = model.refine(
-                    model.corrected_prior(model.prior_coefficients(scan), scan), scan)
-                corrected = apply_correction(after, fitted, scan.mask, scan.response.tissues)
-            row = [family, f"{snr:g}"]
-            for label, coefficients in zip(errors, (fitted, corrected)):
-                fit = DeconvolutionFit(model, coefficients, scan.mask, response=scan.response)
-                result = MethodResult(np.where(scored[..., None], fit.shm_coeff_descoteaux07,
-                                               0))
-                crossing = scored_sweep(result, phantom.fibre_dirs, scored)[at]["crossing"]
-                errors[label].append(crossing["angular_error"])
-                row.append(f"{crossing['angular_error']:.2f} / {crossing['fn_rate']:.2f}")
-            rows.append(row)
-            print(" | ".join(row), flush=True)
+    for family, snr, phantom in dev_phantoms(side, split):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = RTESDModel(phantom.gtab, verbose=False)
+            scan = model.prepare(phantom.data, mask=phantom.mask)
+            fitted, _ = model.refine(
+                model.corrected_prior(model.prior_coefficients(scan), scan), scan)
+            corrected = apply_correction(after, fitted, scan.mask, scan.response.tissues)
+        row = [family, f"{snr:g}"]
+        for label, coefficients in zip(errors, (fitted, corrected)):
+            crossing = crossing_at_default_threshold(model, coefficients, scan, phantom)
+            errors[label].append(crossing["angular_error"])
+            row.append(f"{crossing['angular_error']:.2f} / {crossing['fn_rate']:.2f}")
+        rows.append(row)
+        print(" | ".join(row), flush=True)
     rows.append(["mean", "", *(f"{np.mean(e):.2f}" for e in errors.values())])
     print(f"crossing AE / FN at 0.20 ({split}, {side}^3)\n"
           + markdown(["family", "SNR", *errors], rows))

@@ -318,6 +318,22 @@ def oracle_starts(side, architecture="rtesd"):
           + markdown(["family", "SNR", *labels], rows))
 
 
+def crossing_at_default_threshold(model, coefficients, scan, phantom):
+    """Crossing-voxel scores (``benchmarks.devset.scored_sweep``'s) of a model's
+    coefficients on a phantom's scored voxels, peaks at 0.20 (the default's dev
+    threshold)."""
+    from esdmri.reconst.fit import DeconvolutionFit
+
+    from .devset import THRESHOLDS, scored_sweep
+    from .methods import MethodResult
+
+    scored = scored_voxels(phantom)
+    fit = DeconvolutionFit(model, coefficients, scan.mask, response=scan.response)
+    result = MethodResult(np.where(scored[..., None], fit.shm_coeff_descoteaux07, 0))
+    return scored_sweep(result, phantom.fibre_dirs, scored)[
+        list(THRESHOLDS).index(0.2)]["crossing"]
+
+
 def truth_starts(side, split="dev", architecture="rtesd"):
     """Does the refinement's start decide where it ends? Per phantom of ``split``, the
     crossing error / success / FN (peaks at 0.20, the default's dev threshold) of the
@@ -326,18 +342,12 @@ def truth_starts(side, split="dev", architecture="rtesd"):
     fibres, :func:`esdmri.cohort.true_target`: the best start any correction could
     give), and of that true start itself."""
     from esdmri.cohort import true_target
-    from esdmri.reconst.fit import DeconvolutionFit
     from esdmri.shm import n_coeffs
 
-    from .devset import THRESHOLDS, scored_sweep
-    from .methods import MethodResult
-
-    at = list(THRESHOLDS).index(0.2)
     labels = ("from the prior (network-free)", "from the shipped correction (default)",
               "from the truth", "the true start itself")
     rows = []
     for family, snr, phantom in dev_phantoms(side, split):
-        scored = phantom.mask & (phantom.n_fibres > 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = MODEL_CLASSES[architecture](phantom.gtab, verbose=False)
@@ -351,9 +361,7 @@ def truth_starts(side, split="dev", architecture="rtesd"):
                     (prior, model.corrected_prior(prior, scan), truth)]
         cells = []
         for coefficients, history in [*ends, (truth, None)]:
-            fit = DeconvolutionFit(model, coefficients, scan.mask, response=scan.response)
-            result = MethodResult(np.where(scored[..., None], fit.shm_coeff_descoteaux07, 0))
-            crossing = scored_sweep(result, phantom.fibre_dirs, scored)[at]["crossing"]
+            crossing = crossing_at_default_threshold(model, coefficients, scan, phantom)
             cells.append(f"{crossing['angular_error']:.2f} / {crossing['success_rate']:.2f} / "
                          f"{crossing['fn_rate']:.2f}"
                          + (f" ({history.steps})" if history is not None else ""))
