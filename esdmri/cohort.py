@@ -154,7 +154,7 @@ def true_target(phantom, coefficients, n_wm_coeffs, order):
     n_wm_coeffs : int
         WM SH coefficients in ``coefficients``.
     order : int
-        SH order of the target.
+        SH order of the target (even).
 
     Returns
     -------
@@ -162,7 +162,24 @@ def true_target(phantom, coefficients, n_wm_coeffs, order):
         :func:`esdmri.reconst.pretrained.fibre_target` of the true fibres with
         the true WM fraction of the fit's tissue total; its l = 0 term is the
         fit's own WM amount (a correction does not change it).
+
+    Raises
+    ------
+    ValueError
+        ``coefficients`` not on the phantom's grid, ``n_wm_coeffs`` not in
+        1..C_total, ``order`` not an even integer >= 0.
     """
+    coefficients = np.asarray(coefficients)
+    if coefficients.ndim != 4 or coefficients.shape[:3] != phantom.mask.shape:
+        raise ValueError(f"coefficients must have shape {phantom.mask.shape} + (C_total,), "
+                         f"the phantom's grid, got {coefficients.shape}")
+    check_integer("n_wm_coeffs", n_wm_coeffs, 1)
+    if n_wm_coeffs > coefficients.shape[-1]:
+        raise ValueError(f"n_wm_coeffs must be at most the coefficients' "
+                         f"{coefficients.shape[-1]}, got {n_wm_coeffs}")
+    check_integer("order", order, 0)
+    if order % 2:
+        raise ValueError(f"order must be an even SH order, got {order}")
     # Anchoring the lobes to the fit's own WM amount instead flipped them where
     # that amount is negative: the linear prior shares the WM's isotropic part
     # with GM and CSF.

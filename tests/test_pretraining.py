@@ -173,3 +173,19 @@ def test_true_target_is_the_fibres_as_apodised_deltas_in_the_fits_units():
                                    atol=1e-6 * abs(amount))
     doubled = true_target(phantom, 2 * prior, n_wm, order)
     np.testing.assert_allclose(doubled[..., 1:], 2 * target[..., 1:], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, n, o: (c[1:], n, o), "coefficients must have shape"),
+    (lambda c, n, o: (c, 0, o), "n_wm_coeffs must be an integer"),
+    (lambda c, n, o: (c, c.shape[-1] + 1, o), "n_wm_coeffs must be at most"),
+    (lambda c, n, o: (c, n, 7), "order must be an even"),
+    (lambda c, n, o: (c, n, 8.0), "order must be an integer"),
+])
+def test_true_target_refuses_bad_input_naming_the_argument(change, message):
+    from esdmri.cohort import true_target
+
+    phantom = build_phantom(SETTINGS[1], SIDE)
+    coefficients = np.zeros(phantom.mask.shape + (47,), np.float32)
+    with pytest.raises(ValueError, match=message):
+        true_target(phantom, *change(coefficients, 45, 8))
