@@ -447,9 +447,8 @@ def _increment_terms_parallel(mapped, start, width, *arguments):
 
 
 def increment_voxel_terms(mapped, start, width, coefficients, delta, reference, constant,
-                          gradient,
-                          residual_scale, spread_scale, sparsity_scale, negative_scale,
-                          loss_scales, loss):
+                          gradient, residual_scale, spread_scale, sparsity_scale,
+                          negative_scale, loss_scales, loss):
     """:func:`parity_voxel_terms` from a reference point: the signal term by increments.
 
     The signal term's gradient and value at ``c = c0 + d`` from those at the
