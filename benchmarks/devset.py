@@ -304,12 +304,13 @@ def run(args, log):
     return outcomes
 
 
-def scored_sweep(result, fibre_dirs, mask):
-    """A method's peaks at each of :data:`THRESHOLDS` (``methods.peak_sweep``) scored
-    against the true fibres: per threshold, the all-voxel and crossing-voxel angular
-    error, success, FN and FP rates, and the crossing FN counts per angle bin."""
+def scored_sweep(result, fibre_dirs, mask, subvertex=True):
+    """A method's peaks at each of :data:`THRESHOLDS` (``methods.peak_sweep``, with or
+    without ``subvertex`` refinement) scored against the true fibres: per threshold,
+    the all-voxel and crossing-voxel angular error, success, FN and FP rates, and the
+    crossing FN counts per angle bin."""
     sweep = []
-    for _, directions in peak_sweep(result, THRESHOLDS, mask):
+    for _, directions in peak_sweep(result, THRESHOLDS, mask, subvertex=subvertex):
         scores = evaluate_peaks(directions, fibre_dirs, mask, threshold_deg=MATCH_ANGLE,
                                 crossing_angle_edges=ANGLE_EDGES)
         sweep.append({

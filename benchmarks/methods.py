@@ -571,14 +571,17 @@ def _run_program(command, folder):
                            f"{(done.stderr or done.stdout)[-500:]}")
 
 
-def peak_sweep(result, thresholds, mask, min_separation_angle=25, npeaks=5):
+def peak_sweep(result, thresholds, mask, min_separation_angle=25, npeaks=5, subvertex=True):
     """A method's peaks at several relative thresholds, from one search.
 
     From its SH fODF (:func:`esdmri.peaks.peaks_threshold_sweep`), or, for a
     method that gives its fODF on its own sphere (``result.odf``), from
     those samples with DIPY's ``peak_directions`` and the same rule: a peak
     is kept at threshold ``t`` when its value above ``max(0, min fODF)`` is
-    at least ``t`` times the largest one's.
+    at least ``t`` times the largest one's. With ``subvertex`` every
+    method's peak directions are refined below its sphere's vertex spacing
+    by the same rule (:func:`esdmri.peaks.subvertex_directions`), an
+    own-sphere method's on its own sphere from its own samples.
 
     Yields
     ------
@@ -588,25 +591,31 @@ def peak_sweep(result, thresholds, mask, min_separation_angle=25, npeaks=5):
     """
     from dipy.reconst.dirspeed import peak_directions
 
-    from esdmri.peaks import peaks_threshold_sweep
+    from esdmri.peaks import peaks_threshold_sweep, subvertex_directions
 
     thresholds = np.asarray(thresholds, dtype=float)
     if result.odf is None:
         for threshold, directions, _ in peaks_threshold_sweep(
                 result.shm_coeff, thresholds, min_separation_angle=min_separation_angle,
-                npeaks=npeaks, mask=mask):
+                npeaks=npeaks, mask=mask, subvertex=subvertex):
             yield threshold, directions
         return
     odf = result.odf.reshape(-1, result.odf.shape[-1])
     directions = np.full((len(odf), npeaks, 3), np.nan)
     above_floor = np.zeros((len(odf), npeaks))
+    vertices = np.full((len(odf), npeaks), -1)
     for voxel in np.flatnonzero(mask.ravel() & (odf.max(axis=1) > 0)):
-        found, values, _ = peak_directions(odf[voxel], result.sphere,
-                                           relative_peak_threshold=thresholds.min(),
-                                           min_separation_angle=min_separation_angle)
+        found, values, indices = peak_directions(odf[voxel], result.sphere,
+                                                 relative_peak_threshold=thresholds.min(),
+                                                 min_separation_angle=min_separation_angle)
         n = min(npeaks, len(values))
         directions[voxel, :n] = found[:n]
         above_floor[voxel, :n] = values[:n] - max(odf[voxel].min(), 0.0)
+        vertices[voxel, :n] = indices[:n]
+    if subvertex:
+        voxels, slots = np.nonzero(vertices >= 0)
+        directions[voxels, slots] = subvertex_directions(odf[voxels], result.sphere,
+                                                         vertices[voxels, slots])
     shape = mask.shape + (npeaks, 3)
     for threshold in thresholds:
         keep = ~np.isnan(directions[..., 0]) & (above_floor >= threshold * above_floor[:, :1])

@@ -263,7 +263,10 @@ def test_fits_are_indexed_like_dipy_fits(tiny_fit):
     voxel = fit[3, 4, 5]
     assert voxel.shape == ()
     np.testing.assert_array_equal(voxel.shm_coeff, fit.shm_coeff[3, 4, 5])
-    np.testing.assert_array_equal(voxel.peaks().peak_dirs, whole_peaks.peak_dirs[3, 4, 5])
+    # One voxel's fODF comes from a matrix-vector product, the volume's from a
+    # matrix product: the last bits differ, and the sub-vertex peaks follow them.
+    np.testing.assert_allclose(voxel.peaks().peak_dirs, whole_peaks.peak_dirs[3, 4, 5],
+                               rtol=0, atol=1e-12)
     np.testing.assert_array_equal(fit[..., 1].shm_coeff, fit.shm_coeff[:, :, 1])
     np.testing.assert_array_equal(fit[fit.mask].shm_coeff, fit.shm_coeff[fit.mask])
     with pytest.raises(IndexError, match="3 voxel axes"):

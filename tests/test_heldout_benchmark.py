@@ -70,7 +70,7 @@ def test_heldout_benchmark_runs_and_writes_its_section(heldout, tmp_path, monkey
 def test_peaks_from_a_method_own_sphere_are_dipy_peak_directions():
     # RUMBA-SD's peaks come from its fODF on its own sphere (issue 26): one
     # search, then a threshold filter, must give what DIPY's peak_directions
-    # gives at each threshold.
+    # gives at each threshold (at the vertices: without sub-vertex refinement).
     from dipy.data import get_sphere
     from dipy.reconst.dirspeed import peak_directions
     from dipy.sims.voxel import multi_tensor_odf
@@ -89,7 +89,7 @@ def test_peaks_from_a_method_own_sphere_are_dipy_peak_directions():
     mask = np.ones(odf.shape[:3], dtype=bool)
     mask[1, 2, 0] = False
     thresholds = [0.1, 0.5, 0.8]
-    for threshold, directions in methods.peak_sweep(result, thresholds, mask):
+    for threshold, directions in methods.peak_sweep(result, thresholds, mask, subvertex=False):
         for index in np.ndindex(mask.shape):
             found = directions[index][~np.isnan(directions[index][:, 0])]
             if not mask[index]:
@@ -99,6 +99,15 @@ def test_peaks_from_a_method_own_sphere_are_dipy_peak_directions():
                                              relative_peak_threshold=threshold,
                                              min_separation_angle=25)
             np.testing.assert_array_equal(found, expected[:5])
+    # Refined (the default), the same peaks move by less than the sphere's
+    # spacing (repulsion724: neighbours 7-8 degrees apart).
+    for (_, refined), (_, at_vertices) in zip(
+            methods.peak_sweep(result, thresholds, mask),
+            methods.peak_sweep(result, thresholds, mask, subvertex=False)):
+        np.testing.assert_array_equal(np.isnan(refined), np.isnan(at_vertices))
+        found = ~np.isnan(refined[..., 0])
+        cosines = np.abs(np.sum(refined[found] * at_vertices[found], axis=-1))
+        assert np.degrees(np.arccos(np.clip(cosines, 0, 1))).max() < 8
 
 
 @pytest.mark.slow

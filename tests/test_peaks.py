@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 from dipy.core.sphere import sphere2cart
+from dipy.core.geometry import cart2sphere
 from dipy.data import get_sphere
+from dipy.direction.peaks import peak_directions_nl
 from dipy.io.peaks import load_pam, save_pam
 from dipy.reconst.dirspeed import peak_directions
 from dipy.reconst.odf import gfa
-from dipy.reconst.shm import sf_to_sh, sh_to_sf
+from dipy.reconst.shm import real_sh_descoteaux, sf_to_sh, sh_to_sf
 from dipy.sims.voxel import multi_tensor_odf
 
 from esdmri.peaks import (
@@ -14,6 +16,7 @@ from esdmri.peaks import (
     peaks_threshold_sweep,
     peaks_to_dipy,
     sh_order_from_coeffs,
+    subvertex_directions,
 )
 
 DENSE = get_sphere(name="repulsion724").subdivide(n=1)
@@ -65,7 +68,7 @@ def test_two_fibre_fodf_peaks_found_within_three_degrees(separation):
 def test_matches_dipy_peak_directions_voxel_by_voxel():
     coeffs = random_fodfs(12).reshape(3, 4, -1)
     directions, values = peaks_from_sh(coeffs, sphere=DENSE, relative_peak_threshold=0.25,
-                                       min_separation_angle=20, npeaks=3)
+                                       min_separation_angle=20, npeaks=3, subvertex=False)
     odfs = sh_to_sf(coeffs, DENSE, sh_order_max=8, basis_type="descoteaux07", legacy=False)
     for idx in np.ndindex(3, 4):
         ref_dirs, ref_values, _ = peak_directions(
@@ -76,6 +79,70 @@ def test_matches_dipy_peak_directions_voxel_by_voxel():
             np.abs(np.sum(directions[idx][:n] * ref_dirs[:n], axis=-1)), 1)
         np.testing.assert_allclose(values[idx][:n], ref_values[:n], rtol=1e-10)
         assert np.isnan(directions[idx][n:]).all() and np.all(values[idx][n:] == 0)
+
+
+def zonal_fodfs(axes, sh_order_max=12):
+    """SH of apodised deltas along ``axes`` (n, 3): each one's maximum is exactly its axis."""
+    _, theta, phi = cart2sphere(*axes.T)
+    basis, _, degrees = real_sh_descoteaux(sh_order_max, theta, phi, legacy=False)
+    return basis * np.exp(-degrees * (degrees + 1) / 100.0)
+
+
+@pytest.mark.parametrize("sphere", [None, get_sphere(name="repulsion724")],
+                         ids=["default hemisphere", "whole repulsion724"])
+def test_subvertex_peaks_lie_on_the_fibre_axis(sphere):
+    rng = np.random.default_rng(3)
+    axes = rng.normal(size=(300, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    coeffs = zonal_fodfs(axes)
+    errors = {}
+    for subvertex in (False, True):
+        directions, values = peaks_from_sh(coeffs, sphere=sphere, subvertex=subvertex)
+        assert np.isnan(directions[:, 1]).all()  # one lobe, one peak
+        errors[subvertex] = np.array([axis_angle(d, a) for d, a in zip(directions[:, 0], axes)])
+        np.testing.assert_allclose(np.linalg.norm(directions[:, 0], axis=-1), 1)
+    # Vertices are up to half a vertex spacing off the axis; the refined peak is on it.
+    # Measured: mean 1.4 -> 0.02 degrees on the default sphere, 2.9 -> 0.14 on repulsion724.
+    assert errors[False].mean() > 1.0
+    assert errors[True].mean() < 0.1 * errors[False].mean()
+    assert np.median(errors[True]) < 0.3
+    # The peaks kept and their values do not depend on the refinement.
+    np.testing.assert_array_equal(peaks_from_sh(coeffs, sphere=sphere)[1],
+                                  peaks_from_sh(coeffs, sphere=sphere, subvertex=False)[1])
+
+
+def test_subvertex_peaks_match_dipys_nonlinear_finder():
+    # DIPY's peak_directions_nl maximises the fODF from each vertex peak with scipy.
+    coeffs = random_fodfs(40, seed=4)
+    directions, _ = peaks_from_sh(coeffs, relative_peak_threshold=0.3, npeaks=3)
+    vertex_directions, _ = peaks_from_sh(coeffs, relative_peak_threshold=0.3, npeaks=3,
+                                         subvertex=False)
+    refined, vertex = [], []
+    for voxel, voxel_coeffs in enumerate(coeffs):
+        def fodf(sphere, voxel_coeffs=voxel_coeffs):
+            return sh_to_sf(voxel_coeffs, sphere, sh_order_max=8, basis_type="descoteaux07",
+                            legacy=False)
+        reference, _ = peak_directions_nl(fodf, relative_peak_threshold=0.3,
+                                          sphere=default_peak_sphere())
+        for found, at_vertex in zip(directions[voxel], vertex_directions[voxel]):
+            if np.isfinite(found).all():
+                refined.append(min(axis_angle(found, axis) for axis in reference))
+                vertex.append(min(axis_angle(at_vertex, axis) for axis in reference))
+    refined, vertex = np.array(refined), np.array(vertex)
+    assert len(refined) > 50
+    # Measured: median 0.02 degrees (vertices 1.6), every peak nearer than its vertex.
+    assert np.median(refined) < 0.1 and np.median(vertex) > 1.0
+    assert np.all(refined < vertex)
+
+
+def test_subvertex_directions_bad_inputs():
+    sphere = default_peak_sphere()
+    with pytest.raises(ValueError, match="odf must have shape"):
+        subvertex_directions(np.zeros((2, 10)), sphere, [0, 1])
+    with pytest.raises(ValueError, match="vertex_indices must have shape"):
+        subvertex_directions(np.zeros((2, len(sphere.vertices))), sphere, [0])
+    with pytest.raises(TypeError, match="sphere must be"):
+        subvertex_directions(np.zeros((1, 3)), "sphere", [0])
 
 
 def test_threshold_sweep_equals_separate_searches():
@@ -119,7 +186,7 @@ def test_tournier_basis_gives_same_peaks():
 def test_peaks_to_dipy_round_trips_through_pam5(tmp_path):
     coeffs = random_fodfs(8, seed=2).reshape(2, 2, 2, -1)
     coeffs[1, 1, 1] = 0
-    directions, values = peaks_from_sh(coeffs)
+    directions, values = peaks_from_sh(coeffs, subvertex=False)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     pam = peaks_to_dipy(directions, values, coeffs, affine=affine)
 

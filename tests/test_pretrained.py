@@ -219,8 +219,15 @@ def test_rotating_q_space_rotates_the_pretrained_fit(phantom):
                          for fit in fits)
         cosine = np.abs(np.sum((first @ rotation.T) * second, axis=-1))
         errors[weights] = np.degrees(np.arccos(np.clip(cosine, 0, 1)))[scored]
-    assert np.median(errors[True]) < 3.0
-    assert np.mean(errors[True]) < np.mean(errors[False]) + 2.0
+    # Measured with sub-vertex peaks (the vertices' quantisation, about 2 degrees,
+    # used to hide both): median 1.29 degrees (prior 0.25); 3 of 157 voxels swap
+    # their two nearly equal main lobes (prior 1), 65-89 degrees; the others move
+    # by 1.48 on average (prior 0.40).
+    swapped = {weights: error > 30 for weights, error in errors.items()}
+    assert np.median(errors[True]) < 2.0
+    assert np.mean(swapped[True]) < 0.05
+    assert (np.mean(errors[True][~swapped[True]])
+            < np.mean(errors[False][~swapped[False]]) + 2.0)
 
 
 @pytest.mark.slow

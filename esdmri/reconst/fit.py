@@ -151,7 +151,7 @@ class DeconvolutionFit:
         return signal
 
     def peaks(self, sphere=None, relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25,
-              npeaks=5, affine=None):
+              npeaks=5, affine=None, subvertex=True):
         """Peak directions of the WM fODF as DIPY ``PeaksAndMetrics``.
 
         Parameters
@@ -169,6 +169,9 @@ class DeconvolutionFit:
         npeaks : int
         affine : ndarray, shape (4, 4), optional
             Stored on the result (``save_pam`` writes it).
+        subvertex : bool
+            Refine each peak's direction between the sphere's vertices
+            (:func:`esdmri.peaks.subvertex_directions`; False: DIPY's vertices).
 
         Returns
         -------
@@ -183,7 +186,7 @@ class DeconvolutionFit:
         directions, values = peaks_from_sh(
             as_volume, sphere=sphere, relative_peak_threshold=relative_peak_threshold,
             min_separation_angle=min_separation_angle, npeaks=npeaks,
-            mask=self.mask.reshape(as_volume.shape[:3]))
+            mask=self.mask.reshape(as_volume.shape[:3]), subvertex=subvertex)
         directions = directions.reshape(self.shape + directions.shape[-2:])
         values = values.reshape(self.shape + values.shape[-1:])
         return peaks_to_dipy(directions, values, self.shm_coeff, sphere,
