@@ -486,11 +486,16 @@ def goal_rows(outcomes, thresholds):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_phantom_arguments(parser):
+    """``--split``, ``--families`` and ``--snrs``: which devset phantoms a command fits."""
     parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_phantom_arguments(parser)
     parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS))
     parser.add_argument("--side", type=int, default=16, help="phantom edge (voxels)")
     parser.add_argument("--response", choices=RESPONSES, default="estimated",

@@ -26,7 +26,7 @@ import numpy as np
 
 from esdmri.atomic import staged_output
 
-from .devset import (FAMILIES, ROWS, SNRS, SPLITS, THRESHOLDS, make_family,
+from .devset import (ROWS, THRESHOLDS, add_phantom_arguments, make_family,
                      scan_with_response, scored_sweep)
 from .heldout import markdown
 from .methods import METHODS, NotApplicable
@@ -120,9 +120,7 @@ def report_rows(records):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", choices=sorted(SPLITS), default="dev")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
+    add_phantom_arguments(parser)
     parser.add_argument("--rows", nargs="+", choices=list(DEV_THRESHOLDS),
                         default=["esdmri default (pretrained + refinement)",
                                  "esdmri network-free (pretrained=False)", "DIPY CSD"])
