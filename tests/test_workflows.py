@@ -376,7 +376,7 @@ def test_fit_debiases_the_noise_floor_like_the_library(phantom, in_process, tmp_
 @pytest.mark.slow
 def test_apply_reproduces_the_fit(phantom, fitted, tmp_path):
     result = run_cli("apply", fitted / "model.pt", *phantom.dwi, "--mask",
-                     phantom.folder / "mask.nii.gz", "--out_dir", tmp_path)
+                     phantom.folder / "mask.nii.gz", "--vertex_peaks", "--out_dir", tmp_path)
     assert_ok(result)
     assert "esdmri_apply" in result.stderr  # the progress bar over subjects
     assert not (tmp_path / "model.pt").exists()
@@ -384,7 +384,15 @@ def test_apply_reproduces_the_fit(phantom, fitted, tmp_path):
                                nib.load(fitted / "fodf_sh.nii.gz").get_fdata(), atol=1e-4)
     np.testing.assert_allclose(nib.load(tmp_path / "fractions.nii.gz").get_fdata(),
                                nib.load(fitted / "fractions.nii.gz").get_fdata(), atol=1e-4)
-    load_pam(str(tmp_path / "peaks.pam5"), verbose=False)
+
+    def at_vertices(pam):
+        """Per peak: whether it lies on a vertex of the search sphere."""
+        directions = pam.peak_dirs[np.any(pam.peak_dirs != 0, axis=-1)]
+        return np.abs(directions @ pam.sphere.vertices.T).max(axis=-1) > 1 - 1e-9
+
+    # --vertex_peaks keeps DIPY's vertices; the fit's peaks were refined between them.
+    assert at_vertices(load_pam(str(tmp_path / "peaks.pam5"), verbose=False)).all()
+    assert at_vertices(load_pam(str(fitted / "peaks.pam5"), verbose=False)).mean() < 0.1
 
 
 # --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class ApplyFlow(EsdmriWorkflow):
     def run(self, model_files, input_files, bvalues_files, bvectors_files, mask=None,
             b0_threshold=50.0, bvecs_tol=0.01, device="cpu", tournier=False,
             relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25.0, npeaks=5,
+            vertex_peaks=False,
             batch_size=0, out_dir="", out_shm="fodf_sh.nii.gz",
             out_tournier="fodf_sh_tournier07.nii.gz", out_fractions="fractions.nii.gz",
             out_peaks="peaks.pam5"):
@@ -77,6 +78,10 @@ class ApplyFlow(EsdmriWorkflow):
             Degrees; closer peaks are merged.
         npeaks : int, optional
             Most peaks per voxel in the .pam5 file.
+        vertex_peaks : bool, optional
+            Keep the peaks at the search sphere's vertices, as DIPY's
+            peak_directions returns them (about 3.8 degrees apart), instead of
+            refining each one between them.
         batch_size : int, optional
             Blocks per network pass (0: the model's training batch size);
             larger batches keep a GPU busier.
@@ -137,7 +142,8 @@ class ApplyFlow(EsdmriWorkflow):
             fit = model.fit(data, mask=brain, retrain=False)
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
-                              relative_peak_threshold, min_separation_angle, npeaks)
+                              relative_peak_threshold, min_separation_angle, npeaks,
+                              vertex_peaks)
             logger.debug(f"{dwi}: wrote {shm_path}, {fractions_path}, {peaks_path}")
             fits.append(fit)
         logger.info(f"deconvolved {len(fits)} scan(s); outputs as {self.flat_outputs[-1]}")

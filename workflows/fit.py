@@ -65,7 +65,8 @@ def read_responses(response_wm=None, response_gm=None, response_csf=None):
 
 
 def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tournier=None,
-                      relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25, npeaks=5):
+                      relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25, npeaks=5,
+                      vertex_peaks=False):
     """Write the maps of a deconvolution fit.
 
     Parameters
@@ -84,6 +85,9 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
         Copy of the fODF in MRtrix3's ``tournier07`` basis.
     relative_peak_threshold, min_separation_angle, npeaks
         Peak extraction, see :meth:`DeconvolutionFit.peaks`.
+    vertex_peaks : bool
+        Peaks at the search sphere's vertices (DIPY's ``peak_directions``),
+        not refined between them (``subvertex=False``).
 
     Returns
     -------
@@ -100,7 +104,8 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
     save_map(out_fractions, np.stack(list(fractions.values()), axis=-1), affine,
              FRACTIONS_DESCRIPTION + ",".join(fractions))
     pam = fit.peaks(relative_peak_threshold=relative_peak_threshold,
-                    min_separation_angle=min_separation_angle, npeaks=npeaks, affine=affine)
+                    min_separation_angle=min_separation_angle, npeaks=npeaks, affine=affine,
+                    subvertex=not vertex_peaks)
     save_peaks(out_peaks, pam, affine)
     return pam
 
@@ -122,7 +127,8 @@ class FitFlow(EsdmriWorkflow):
             refine_steps=MODEL_DEFAULTS["refine_steps"], refine_tv=MODEL_DEFAULTS["refine_tv"],
             pretrained="default", noise_floor="none", device=MODEL_DEFAULTS["device"],
             seed=MODEL_DEFAULTS["seed"], tournier=False,
-            relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25.0, npeaks=5, out_dir="",
+            relative_peak_threshold=PEAK_THRESHOLD, min_separation_angle=25.0, npeaks=5,
+            vertex_peaks=False, out_dir="",
             out_shm="fodf_sh.nii.gz", out_tournier="fodf_sh_tournier07.nii.gz",
             out_fractions="fractions.nii.gz", out_peaks="peaks.pam5",
             out_model="model.pt", out_curve="training_curve.png"):
@@ -248,6 +254,10 @@ class FitFlow(EsdmriWorkflow):
             Degrees; closer peaks are merged.
         npeaks : int, optional
             Most peaks per voxel in the .pam5 file.
+        vertex_peaks : bool, optional
+            Keep the peaks at the search sphere's vertices, as DIPY's
+            peak_directions returns them (about 3.8 degrees apart), instead of
+            refining each one between them.
         out_dir : string, optional
             Output folder (default: current folder).
         out_shm : string, optional
@@ -308,7 +318,8 @@ class FitFlow(EsdmriWorkflow):
                 logger.info(f"{dwi}: estimated {fit.response}")
             write_fit_outputs(fit, affine, shm_path, fractions_path, peaks_path,
                               tournier_path if tournier else None,
-                              relative_peak_threshold, min_separation_angle, npeaks)
+                              relative_peak_threshold, min_separation_angle, npeaks,
+                              vertex_peaks)
             # Existing files were refused or allowed (--force) by get_io_iterator.
             deconvolution.with_response(fit.response).save(model_path, force=True)
             written = [shm_path, f"{fractions_path} ({', '.join(fit.volume_fractions)})",
