@@ -323,6 +323,15 @@ def scored_sweep(result, fibre_dirs, mask, subvertex=True):
     return sweep
 
 
+def at_threshold(sweep, threshold):
+    """The entry of a :func:`scored_sweep` at ``threshold`` (one of :data:`THRESHOLDS`)."""
+    index = np.flatnonzero(np.isclose(THRESHOLDS, threshold))
+    if index.size == 0:
+        raise ValueError(f"threshold must be one of the sweep's {THRESHOLDS.tolist()}, "
+                         f"got {threshold}")
+    return sweep[int(index[0])]
+
+
 def best_threshold(sweeps):
     """Index in :data:`THRESHOLDS` of the highest mean all-voxel success over several
     phantoms' :func:`scored_sweep` results, then the lowest mean crossing error."""

@@ -21,12 +21,11 @@ import argparse
 import json
 import time
 import warnings
-
-import numpy as np
+from pathlib import Path
 
 from esdmri.atomic import staged_output
 
-from .devset import (ROWS, THRESHOLDS, add_phantom_arguments, make_family,
+from .devset import (ROWS, add_phantom_arguments, at_threshold, make_family,
                      scan_with_response, scored_sweep)
 from .heldout import markdown
 from .methods import METHODS, NotApplicable
@@ -50,7 +49,7 @@ METRICS = ("angular_error", "success_rate", "fn_rate", "fp_rate")
 def scores_at(sweep, threshold):
     """The crossing and all-voxel scores of a :func:`~benchmarks.devset.scored_sweep`
     at ``threshold``."""
-    entry = sweep[int(np.argmin(np.abs(THRESHOLDS - threshold)))]
+    entry = at_threshold(sweep, threshold)
     return {part: {metric: entry[part][metric] for metric in METRICS}
             for part in ("crossing", "all")}
 
@@ -130,9 +129,12 @@ def main(argv=None):
                         help="only tabulate these runs' results")
     args = parser.parse_args(argv)
     if args.report:
-        records = [record for path in args.report for record in json.load(open(path))]
+        records = [record for path in args.report
+                   for record in json.loads(Path(path).read_text())]
     else:
         args.snrs = [int(snr) if float(snr).is_integer() else snr for snr in args.snrs]
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         records = run(args)
     print(markdown(HEADER, report_rows(records)))
 

@@ -99,7 +99,7 @@ def variants(labelled):
     many phantoms that ratio is at most 0.9 (issue 27's goal), and where each refined fit
     is worse than the first label's (AE more than 0.1 degree or FN more than 0.005 above:
     the rule for replacing the shipped weights, given first)."""
-    from .devset import THRESHOLDS
+    from .devset import at_threshold
 
     cells, free = {}, {}
     for item in labelled:
@@ -109,7 +109,7 @@ def variants(labelled):
             if not o["sweep"] or o["method"] not in results["thresholds"]:
                 continue
             threshold = results["thresholds"][o["method"]]
-            scores = o["sweep"][list(THRESHOLDS).index(threshold)]["crossing"]
+            scores = at_threshold(o["sweep"], threshold)["crossing"]
             key = (o["family"], o["snr"])
             if o["row"] == NETWORK_FREE_ROW:
                 free[key] = scores
@@ -173,7 +173,7 @@ def compare(files):
     """The three architectures side by side, crossing voxels, AE / success / FN per cell,
     of ``benchmarks/devset.py`` runs (thresholds chosen per row on their dev outcomes)."""
 
-    from .devset import ROWS, THRESHOLDS, choose_thresholds
+    from .devset import ROWS, at_threshold, choose_thresholds
 
     outcomes = {}
     for path in files:
@@ -196,7 +196,7 @@ def compare(files):
                 if o is None:
                     cells.append("-")
                     continue
-                scores = o["sweep"][list(THRESHOLDS).index(thresholds[o["method"]])]["crossing"]
+                scores = at_threshold(o["sweep"], thresholds[o["method"]])["crossing"]
                 errors[name].append(scores["angular_error"])
                 cells.append(f"{scores['angular_error']:.1f} / {scores['success_rate']:.2f} / "
                              f"{scores['fn_rate']:.2f}")
@@ -320,18 +320,19 @@ def oracle_starts(side, architecture="rtesd"):
 
 def crossing_at_default_threshold(model, coefficients, scan, phantom):
     """Crossing-voxel scores (``benchmarks.devset.scored_sweep``'s) of a model's
-    coefficients on a phantom's scored voxels, peaks at 0.20 (the default's dev
-    threshold)."""
+    coefficients on a phantom's scored voxels, peaks at the default's dev threshold
+    (``PEAK_THRESHOLD``, 0.20)."""
+    from esdmri.reconst.config import PEAK_THRESHOLD
     from esdmri.reconst.fit import DeconvolutionFit
 
-    from .devset import THRESHOLDS, scored_sweep
+    from .devset import at_threshold, scored_sweep
     from .methods import MethodResult
 
     scored = scored_voxels(phantom)
     fit = DeconvolutionFit(model, coefficients, scan.mask, response=scan.response)
     result = MethodResult(np.where(scored[..., None], fit.shm_coeff_descoteaux07, 0))
-    return scored_sweep(result, phantom.fibre_dirs, scored)[
-        list(THRESHOLDS).index(0.2)]["crossing"]
+    return at_threshold(scored_sweep(result, phantom.fibre_dirs, scored),
+                        PEAK_THRESHOLD)["crossing"]
 
 
 def truth_starts(side, split="dev", architecture="rtesd"):

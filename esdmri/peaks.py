@@ -207,6 +207,10 @@ def subvertex_directions(odf, sphere, vertex_indices):
     if vertex_indices.shape != (len(odf),):
         raise ValueError(
             f"vertex_indices must have shape ({len(odf)},), got {vertex_indices.shape}")
+    if vertex_indices.size and not (0 <= vertex_indices.min()
+                                    and vertex_indices.max() < n_vertices):
+        raise ValueError(f"vertex_indices must be vertex indices of sphere, in "
+                         f"0..{n_vertices - 1}, got {vertex_indices.min()}..{vertex_indices.max()}")
     neighbours, solve, tangents, reach = _vertex_quadratics(sphere)
     samples = odf[np.arange(len(odf))[:, None], neighbours[vertex_indices]]
     solve = solve[vertex_indices]

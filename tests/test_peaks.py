@@ -143,6 +143,9 @@ def test_subvertex_directions_bad_inputs():
         subvertex_directions(np.zeros((2, len(sphere.vertices))), sphere, [0])
     with pytest.raises(TypeError, match="sphere must be"):
         subvertex_directions(np.zeros((1, 3)), "sphere", [0])
+    with pytest.raises(ValueError, match="vertex_indices must be vertex indices"):
+        subvertex_directions(np.zeros((2, len(sphere.vertices))), sphere,
+                             [0, len(sphere.vertices)])
 
 
 def test_threshold_sweep_equals_separate_searches():
