@@ -15,15 +15,24 @@ it, never the truth. Families (:data:`FAMILY_SPECS`; generator, acquisition):
   dispersed curved tensor bundles (FA about 0.55-0.85, crossings 30-90
   degrees), its default table (b = 1000, 2000, 3000 x 64 distinct directions);
 - ``stick-zeppelin``: the same geometry with a stick + zeppelin kernel, four
-  shells b = 700, 1000, 2000, 3000 of 30, 60, 90, 120 directions.
+  shells b = 700, 1000, 2000, 3000 of 30, 60, 90, 120 directions;
+- ``dispersed-acute`` and ``stick-zeppelin-acute`` (dev only): the two on a
+  second dev geometry with crossings under 40 degrees (:data:`ACUTE_SEEDS`),
+  which the first lacks and the test geometry has.
 
 Dev phantoms (geometry and noise seeds of their own) choose each method's
 relative peak threshold (highest mean success over every dev phantom, ties:
 lowest crossing error); ``--split test`` scores phantoms of other seeds once
-with those thresholds. Scored: voxels with WM fibres; the table gives the
-crossing voxels (two or more fibres): mean angular error over true fibres
-(degrees), success rate (as many peaks as fibres, all within 25 degrees) and
-false-negative rate (unpaired fibres / fibres), per family and SNR.
+with those thresholds. ``--split transfer`` scores, once and with the same
+thresholds, families that no split tunes on (:data:`TRANSFER_SPECS`): the
+dispersed generator on another geometry and straight bundles crossing at 40
+and 70 degrees at FA 0.75, each on five acquisitions of no dev family (one
+shell b = 1000 x 30 or b = 3000 x 64, DIPY's ISBI 2013 two shells, b = 700 x
+32 with b = 2000 x 64, an HCP-like three shells of 90). Scored: voxels with WM
+fibres; the table gives the crossing voxels (two or more fibres): mean angular
+error over true fibres (degrees), success rate (as many peaks as fibres, all
+within 25 degrees) and false-negative rate (unpaired fibres / fibres), per
+family and SNR.
 
 ``--report`` also gives the crossing false negatives per crossing angle
 (:data:`ANGLE_EDGES`). Diagnostics of the response estimator (never
@@ -36,7 +45,8 @@ generator's, shell by shell.
 Usage::
 
     python -m benchmarks.devset --out out/devset              # dev split
-    python -m benchmarks.devset --split test --thresholds out/devset/results.json
+    python -m benchmarks.devset --split test --thresholds out/devset/results-dev.json
+    python -m benchmarks.devset --split transfer --thresholds out/devset/results-dev.json
     python -m benchmarks.devset --compare-responses --snrs 10 20 inf
 """
 
@@ -51,7 +61,7 @@ from pathlib import Path
 import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.core.sphere import HemiSphere, disperse_charges
-from dipy.data import get_3shell_gtab
+from dipy.data import get_3shell_gtab, get_isbi2013_2shell_gtab
 
 from esdmri import straight_phantom
 from esdmri.atomic import staged_output
@@ -85,7 +95,9 @@ ROWS = {
     "MRtrix3 dhollander + msmt_csd": "mrtrix3",
 }
 # (geometry seed, noise seed offset) of each split; test seeds are never used on dev.
-SPLITS = {"dev": (1, 0), "test": (7, 1000)}
+# ``transfer``: the families of :data:`TRANSFER_SPECS` (acquisitions and a geometry
+# that no split chose a default on), scored once like test.
+SPLITS = {"dev": (1, 0), "test": (7, 1000), "transfer": (9, 3000)}
 # Bins of the crossing angle (degrees) in which false negatives are counted:
 # centred on the straight families' 30, 45, 60 and 90 degrees.
 ANGLE_EDGES = (0.0, 37.5, 52.5, 67.5, 82.5, 90.0)
@@ -134,6 +146,16 @@ ACQUISITIONS = {
     "3 shells b1000-3000 x 64": default_gtab,
     "4 shells b700-3000 x 300": lambda: shell_gtab(
         [(700, 30), (1000, 60), (2000, 90), (3000, 120)], seed=14),
+    # The transfer split's: a sparse clinical single shell, a high-b single shell,
+    # the ISBI 2013 challenge's two shells (DIPY's table: 27 + 36 directions), two
+    # shells of unequal sizes and an HCP-like three shells of 90.
+    "1 shell b1000 x 30": lambda: shell_gtab([(1000, 30)], n_b0=1, seed=21),
+    "1 shell b3000 x 64": lambda: shell_gtab([(3000, 64)], n_b0=4, seed=22),
+    "2 shells ISBI 2013": get_isbi2013_2shell_gtab,
+    "2 shells b700 x 32, b2000 x 64": lambda: shell_gtab([(700, 32), (2000, 64)], n_b0=3,
+                                                         seed=24),
+    "3 shells HCP-like b1000-3000 x 90": lambda: shell_gtab(
+        [(1000, 90), (2000, 90), (3000, 90)], n_b0=6, seed=23),
 }
 # Family -> (generator, acquisition, generator options). ``straight``: straight
 # undispersed tensor bundles crossing at two angles; ``dispersed``: Watson-
@@ -149,14 +171,41 @@ FAMILY_SPECS = {
     "stick-zeppelin": ("heldout", "4 shells b700-3000 x 300", {"wm_model": "stick_zeppelin"}),
 }
 FAMILIES = tuple(FAMILY_SPECS)
+# The transfer split's families: the dispersed generator (its geometry seed 109,
+# not dev's 101 or test's 107) and straight bundles at FA 0.75 crossing at 40 and
+# 70 degrees (angles and FA no dev family has), each on the five acquisitions
+# above that no dev family uses.
+TRANSFER_ACQUISITIONS = ("1 shell b1000 x 30", "1 shell b3000 x 64", "2 shells ISBI 2013",
+                         "2 shells b700 x 32, b2000 x 64", "3 shells HCP-like b1000-3000 x 90")
+TRANSFER_SPECS = {
+    f"{name} / {acquisition}": (generator, acquisition, options)
+    for name, generator, options in (
+        ("dispersed", "heldout", {}),
+        ("straight 40/70", "straight", {"fa": 0.75, "angles": (40.0, 70.0)}))
+    for acquisition in TRANSFER_ACQUISITIONS}
+# The dev split's second geometry of the two dispersed families, with acute
+# crossings: its own (geometry, noise offset) seeds. The dev geometry (101) has no
+# crossing under 40 degrees where test's (107) has 19 of 182 crossing voxels; 104,
+# chosen among 102-108 from the geometry alone (18 crossing voxels under 40
+# degrees, 22 at 40-45, at 14^3), gives dev its share.
+ACUTE_SEEDS = (4, 2000)
+ACUTE_SPECS = {f"{family}-acute": FAMILY_SPECS[family] for family in ("dispersed",
+                                                                     "stick-zeppelin")}
+# The families each split holds.
+SPLIT_FAMILIES = {"dev": FAMILIES + tuple(ACUTE_SPECS), "test": FAMILIES,
+                  "transfer": tuple(TRANSFER_SPECS)}
+ALL_SPECS = {**FAMILY_SPECS, **ACUTE_SPECS, **TRANSFER_SPECS}
 
 
 def make_family(family, side, snr, split):
     """The phantom of one family, SNR and split (geometry and noise seeds of the split)."""
-    if family not in FAMILY_SPECS:
-        raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
-    generator, acquisition, options = FAMILY_SPECS[family]
-    geometry_seed, noise_offset = SPLITS[split]
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}, expected one of {tuple(SPLITS)}")
+    if family not in SPLIT_FAMILIES[split]:
+        raise ValueError(f"unknown family {family!r} for split {split!r}, expected one of "
+                         f"{SPLIT_FAMILIES[split]}")
+    generator, acquisition, options = ALL_SPECS[family]
+    geometry_seed, noise_offset = ACUTE_SEEDS if family in ACUTE_SPECS else SPLITS[split]
     # SNR inf: the noise-free phantom.
     snr = None if np.isinf(snr) else snr
     seed = noise_offset + (0 if snr is None else int(snr))
@@ -191,7 +240,7 @@ def true_response(family, phantom, tissues, sh_order_max=RESPONSE_SH_ORDER):
     Parameters
     ----------
     family : str
-        A key of :data:`FAMILY_SPECS`.
+        A key of :data:`FAMILY_SPECS` or :data:`TRANSFER_SPECS`.
     phantom : StraightPhantom or HeldoutPhantom
     tissues : sequence of str
         The tissues to give (those the estimator finds in the phantom).
@@ -202,7 +251,7 @@ def true_response(family, phantom, tissues, sh_order_max=RESPONSE_SH_ORDER):
     -------
     TissueResponse
     """
-    generator, _, options = FAMILY_SPECS[family]
+    generator, _, options = ALL_SPECS[family]
     shell_bvals, _ = group_shells(phantom.gtab)
     bvals = np.concatenate([[0.0], shell_bvals[1:]])
     if generator == "straight":
@@ -251,7 +300,7 @@ RESPONSE_HEADER = ["family", "SNR", "b", "axial (um^2/ms) estimated / true",
 def response_rows(args):
     """The estimated WM response against the generator's, per family, SNR and shell."""
     rows = []
-    for family in args.families:
+    for family in phantom_families(args):
         for snr in args.snrs:
             phantom = make_family(family, args.side, snr, args.split)
             estimated = scan_with_response(family, phantom, args.response).response
@@ -269,7 +318,7 @@ def response_rows(args):
 
 def run(args, log):
     outcomes = []
-    for family in args.families:
+    for family in phantom_families(args):
         for snr in args.snrs:
             phantom = make_family(family, args.side, snr, args.split)
             scan = scan_with_response(family, phantom, args.response)
@@ -379,8 +428,9 @@ def save(args, outcomes, thresholds=None):
         temporary.write_text(json.dumps(results, indent=1))
 
 
-def report(files):
-    """Print the table of several runs: each method's threshold chosen on the dev outcomes."""
+def report(files, thresholds=None):
+    """Print the table of several runs: each method's threshold chosen on the dev outcomes
+    among them, or the ``thresholds`` given (a dev run's choice, method -> threshold)."""
     outcomes = [_relabelled(o) for path in files
                 for o in json.loads(path.read_text())["outcomes"]]
 
@@ -392,9 +442,10 @@ def report(files):
     outcomes = [o for o in outcomes if o["sweep"] or key(o) not in ran]
     # A row run in two parts is shown once: the later run's.
     outcomes = list({key(o): o for o in outcomes}.values())
-    # Thresholds are chosen on fits with estimated responses only.
-    thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"
-                                    and o.get("response", "estimated") == "estimated"])
+    if thresholds is None:
+        # Thresholds are chosen on fits with estimated responses only.
+        thresholds = choose_thresholds([o for o in outcomes if o["split"] == "dev"
+                                        and o.get("response", "estimated") == "estimated"])
     order = {name: i for i, name in enumerate(ROWS.values())}
     outcomes.sort(key=lambda o: (o["split"], o["family"], -o["snr"],
                                  o.get("response", "estimated"), order[o["method"]]))
@@ -406,10 +457,11 @@ def report(files):
     if angles:
         print("\ncrossing false negatives by crossing angle (FN / fibres)\n"
               + markdown(ANGLE_HEADER, angles))
-    goals = goal_rows([o for o in outcomes if o["split"] == "test"
-                       and o.get("response", "estimated") == "estimated"], thresholds)
-    if goals:
-        print("\nissue 26's goals (test)\n" + markdown(GOAL_HEADER, goals))
+    for split in ("test", "transfer"):
+        goals = goal_rows([o for o in outcomes if o["split"] == split
+                           and o.get("response", "estimated") == "estimated"], thresholds)
+        if goals:
+            print(f"\nissue 26's goals ({split})\n" + markdown(GOAL_HEADER, goals))
 
 
 def _relabelled(outcome):
@@ -471,7 +523,7 @@ def goal_rows(outcomes, thresholds):
         return "yes" if ok else f"no ({distance})"
 
     rows = []
-    for family in FAMILIES:
+    for family in dict.fromkeys(o["family"] for o in outcomes):
         for snr in sorted({o["snr"] for o in outcomes}, reverse=True):
             default = scores(family, snr, DEFAULT_ROW)
             if default is None:
@@ -496,10 +548,17 @@ def goal_rows(outcomes, thresholds):
 
 
 def add_phantom_arguments(parser):
-    """``--split``, ``--families`` and ``--snrs``: which devset phantoms a command fits."""
+    """``--split``, ``--families`` and ``--snrs``: which devset phantoms a command fits
+    (:func:`phantom_families` resolves the families' default, the split's own)."""
     parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", choices=tuple(ALL_SPECS),
+                        help="default: every family of the split")
     parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
+
+
+def phantom_families(args):
+    """The families a command given :func:`add_phantom_arguments` fits."""
+    return list(args.families or SPLIT_FAMILIES[args.split])
 
 
 def main(argv=None):
@@ -513,7 +572,8 @@ def main(argv=None):
                              "or the generator's (a diagnostic of the estimator only: an "
                              "inverse crime); SNR inf is the noise-free phantom")
     parser.add_argument("--thresholds", type=Path,
-                        help="a dev run's results JSON whose chosen thresholds to use")
+                        help="a dev run's results JSON whose chosen thresholds to use (also "
+                             "with --report)")
     parser.add_argument("--out", type=Path, default=Path("out/devset"))
     parser.add_argument("--compare-responses", action="store_true",
                         help="only print the estimated WM responses against the generator's "
@@ -523,7 +583,8 @@ def main(argv=None):
                              "parts): thresholds chosen on their dev outcomes")
     args = parser.parse_args(argv)
     if args.report:
-        report(args.report)
+        report(args.report, args.thresholds and json.loads(args.thresholds.read_text())[
+            "thresholds"])
         return
     if args.compare_responses:
         print(markdown(RESPONSE_HEADER, response_rows(args)))

@@ -30,7 +30,8 @@ import torch
 from esdmri.metrics import evaluate_peaks
 from esdmri.response import estimate_response
 
-from .devset import ANGLE_EDGES, FAMILIES, MATCH_ANGLE, SNRS, SPLITS, make_family
+from .devset import (ALL_SPECS, ANGLE_EDGES, MATCH_ANGLE, add_phantom_arguments,
+                     make_family, phantom_families)
 from .heldout import markdown
 from .methods import MethodResult, peak_sweep
 
@@ -124,7 +125,7 @@ def switch_rule(base, candidate, base_threshold=None, candidate_threshold=None):
 def report_rows(entries):
     """Markdown rows of ``label=path[@threshold]`` entries, and the header."""
     phantoms = sorted({(r["family"], r["snr"]) for _, _, records in entries for r in records},
-                      key=lambda p: (FAMILIES.index(p[0]), p[1]))
+                      key=lambda p: (list(ALL_SPECS).index(p[0]), p[1]))
     header = (["setting", "threshold"] + [f"{family} {snr}" for family, snr in phantoms]
               + ["mean crossing AE", "mean crossing FN", "mean all-voxel FP",
                  "mean all-voxel success"])
@@ -163,9 +164,7 @@ def main(argv=None):
                         help="model keyword options as JSON, e.g. '{\"noise_floor\": \"power\"}'")
     parser.add_argument("--rician-response", action="store_true",
                         help="estimate the responses with estimate_response(rician=True)")
-    parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--snrs", nargs="+", type=float, default=list(SNRS))
+    add_phantom_arguments(parser)
     parser.add_argument("--side", type=int, default=14)
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--report", nargs="+", metavar="LABEL=PATH[@THRESHOLD]",
@@ -193,8 +192,8 @@ def main(argv=None):
         parser.error("--out is required unless --report is given")
     torch.set_num_threads(args.num_threads)
     snrs = [int(snr) if float(snr).is_integer() else snr for snr in args.snrs]
-    records = run(json.loads(args.options), args.rician_response, args.split, args.families,
-                  snrs, args.side)
+    records = run(json.loads(args.options), args.rician_response, args.split,
+                  phantom_families(args), snrs, args.side)
     with open(args.out, "w") as handle:
         json.dump(records, handle)
 

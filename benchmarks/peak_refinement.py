@@ -26,7 +26,7 @@ from pathlib import Path
 from esdmri.atomic import staged_output
 
 from .devset import (ROWS, add_phantom_arguments, at_threshold, make_family,
-                     scan_with_response, scored_sweep)
+                     phantom_families, scan_with_response, scored_sweep)
 from .heldout import markdown
 from .methods import METHODS, NotApplicable
 
@@ -56,7 +56,7 @@ def scores_at(sweep, threshold):
 
 def run(args):
     records = []
-    for family in args.families:
+    for family in phantom_families(args):
         for snr in args.snrs:
             phantom = make_family(family, args.side, snr, args.split)
             scan = scan_with_response(family, phantom, "estimated")

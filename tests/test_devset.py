@@ -70,6 +70,44 @@ def test_families_hold_crossings_on_their_acquisitions(devset):
         devset.make_family("curly", 8, 20, "dev")
 
 
+def test_transfer_split_holds_its_own_acquisitions_and_geometry(devset):
+    # The transfer families are fitted on acquisitions no dev family uses, from
+    # seeds no other split uses, and only on the transfer split.
+    dev_acquisitions = {acquisition for _, acquisition, _ in devset.FAMILY_SPECS.values()}
+    for _, acquisition, _ in devset.TRANSFER_SPECS.values():
+        assert acquisition not in dev_acquisitions
+    geometries = [geometry for geometry, _ in devset.SPLITS.values()]
+    noise = [offset for _, offset in devset.SPLITS.values()]
+    assert len(set(geometries)) == len(geometries) and len(set(noise)) == len(noise)
+    phantom = devset.make_family("straight 40/70 / 2 shells ISBI 2013", 8, 20, "transfer")
+    # DIPY's ISBI 2013 table, as fitted: b = 1500 and 2500 around one b0.
+    assert sorted(np.unique(np.round(phantom.gtab.bvals, -2))) == [0, 1500, 2500]
+    angles = np.unique(phantom.crossing_angle[phantom.n_fibres >= 2])
+    np.testing.assert_allclose(angles, [40.0, 70.0])
+    with pytest.raises(ValueError, match="for split 'transfer'"):
+        devset.make_family("straight", 8, 20, "transfer")
+    with pytest.raises(ValueError, match="for split 'dev'"):
+        devset.make_family("straight 40/70 / 2 shells ISBI 2013", 8, 20, "dev")
+
+
+@pytest.mark.slow
+def test_dev_split_holds_acute_crossings_as_test_does(devset):
+    # The dispersed family's dev geometry has no crossing under 40 degrees and
+    # the test geometry has; the acute dev family gives dev its share, and stays
+    # out of test.
+    from esdmri.metrics import crossing_angles
+
+    def acute(family, split):
+        phantom = devset.make_family(family, 14, 20, split)
+        crossing = phantom.mask & (phantom.n_fibres >= 2)
+        return int(np.sum(crossing_angles(phantom.fibre_dirs[crossing]) < 40))
+
+    assert acute("dispersed", "dev") == 0
+    assert acute("dispersed", "test") == 19
+    assert acute("dispersed-acute", "dev") == 18
+    assert "dispersed-acute" not in devset.SPLIT_FAMILIES["test"]
+
+
 def test_goal_rows_state_each_goal_and_its_distance(devset):
     # Hand-made outcomes at one threshold: the verdicts follow issue 26's rules.
     def outcome(row, method, ae, success, fn, seconds):
