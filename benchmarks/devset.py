@@ -462,6 +462,12 @@ def report(files, thresholds=None):
                            and o.get("response", "estimated") == "estimated"], thresholds)
         if goals:
             print(f"\nissue 26's goals ({split})\n" + markdown(GOAL_HEADER, goals))
+        goals = network_goal_rows([o for o in outcomes if o["split"] == split
+                                   and o.get("response", "estimated") == "estimated"],
+                                  thresholds)
+        if goals:
+            print(f"\nissue 27's accuracy goals ({split})\n"
+                  + markdown(NETWORK_GOAL_HEADER, goals))
 
 
 def _relabelled(outcome):
@@ -503,6 +509,23 @@ GOAL_HEADER = ["family", "SNR", "default AE / success / FN / s",
                "FN <= 0.05", "time <= RUMBA+TV / 2"]
 
 
+def _crossing_scores(outcomes, thresholds, family, snr, row):
+    """(crossing AE, success, FN, seconds) of one row on one phantom at its threshold,
+    or None where it did not run."""
+    found = [o for o in outcomes if (o["family"], o["snr"], o["row"]) == (family, snr, row)
+             and o["sweep"] and o["method"] in thresholds]
+    if not found:
+        return None
+    o = found[-1]
+    crossing = o["sweep"][list(THRESHOLDS).index(thresholds[o["method"]])]["crossing"]
+    return (crossing["angular_error"], crossing["success_rate"], crossing["fn_rate"],
+            o["seconds"])
+
+
+def _verdict(ok, distance):
+    return "yes" if ok else f"no ({distance})"
+
+
 def goal_rows(outcomes, thresholds):
     """Issue 26's goals per test phantom: the default against RUMBA-SD + TV and CSD/MSMT-CSD.
 
@@ -510,18 +533,9 @@ def goal_rows(outcomes, thresholds):
     the baseline did not run.
     """
     def scores(family, snr, row):
-        found = [o for o in outcomes if (o["family"], o["snr"], o["row"]) == (family, snr, row)
-                 and o["sweep"] and o["method"] in thresholds]
-        if not found:
-            return None
-        o = found[-1]
-        crossing = o["sweep"][list(THRESHOLDS).index(thresholds[o["method"]])]["crossing"]
-        return (crossing["angular_error"], crossing["success_rate"], crossing["fn_rate"],
-                o["seconds"])
+        return _crossing_scores(outcomes, thresholds, family, snr, row)
 
-    def verdict(ok, distance):
-        return "yes" if ok else f"no ({distance})"
-
+    verdict = _verdict
     rows = []
     for family in dict.fromkeys(o["family"] for o in outcomes):
         for snr in sorted({o["snr"] for o in outcomes}, reverse=True):
@@ -543,6 +557,40 @@ def goal_rows(outcomes, thresholds):
             cells.append(verdict(fn <= 0.05, f"+{fn - 0.05:.2f}"))
             cells.append(verdict(seconds <= rumba[3] / 2, f"{seconds:.0f} s > {rumba[3] / 2:.0f} s")
                          if rumba else "-")
+            rows.append(cells)
+    return rows
+
+
+NETWORK_FREE_ROW = "esdmri network-free (pretrained=False)"
+ALONE_ROW = "esdmri pretrained alone"
+NETWORK_GOAL_HEADER = ["family", "SNR", "default AE / FN", "network-free AE / FN",
+                       "default / network-free", "pretrained alone AE / success",
+                       "DIPY CSD AE / success", "AE <= 0.9 x network-free",
+                       "FN <= network-free + 0.02", "alone beats CSD"]
+
+
+def network_goal_rows(outcomes, thresholds):
+    """Issue 27's accuracy goals per phantom: the default (pretrained) against the
+    network-free fit, and the pretrained network alone against DIPY's CSD (lower
+    crossing error, success at least CSD's)."""
+    rows = []
+    for family in dict.fromkeys(o["family"] for o in outcomes):
+        for snr in sorted({o["snr"] for o in outcomes}, reverse=True):
+            default, free, alone, csd = (
+                _crossing_scores(outcomes, thresholds, family, snr, row)
+                for row in (DEFAULT_ROW, NETWORK_FREE_ROW, ALONE_ROW, "DIPY CSD"))
+            if default is None or free is None:
+                continue
+            ratio = default[0] / free[0]
+            cells = [family, f"{snr:g}", f"{default[0]:.1f} / {default[2]:.2f}",
+                     f"{free[0]:.1f} / {free[2]:.2f}", f"{ratio:.2f}",
+                     f"{alone[0]:.1f} / {alone[1]:.2f}" if alone else "not run",
+                     f"{csd[0]:.1f} / {csd[1]:.2f}" if csd else "not run",
+                     _verdict(ratio <= 0.9, f"{ratio:.2f}x"),
+                     _verdict(default[2] <= free[2] + 0.02, f"+{default[2] - free[2]:.2f}")]
+            cells.append(_verdict(alone[0] < csd[0] and alone[1] >= csd[1],
+                                  f"{alone[0] - csd[0]:+.1f} deg, {alone[1] - csd[1]:+.2f}")
+                         if alone and csd else "-")
             rows.append(cells)
     return rows
 
