@@ -90,6 +90,15 @@ def test_transfer_split_holds_its_own_acquisitions_and_geometry(devset):
         devset.make_family("straight 40/70 / 2 shells ISBI 2013", 8, 20, "dev")
 
 
+def test_dev_split_guards_single_shells(devset):
+    # The single-shell guards are dev families on one shell, and not test ones.
+    for family, (_, acquisition, _) in devset.SINGLE_SHELL_SPECS.items():
+        assert family in devset.SPLIT_FAMILIES["dev"]
+        assert family not in devset.SPLIT_FAMILIES["test"]
+        gtab = devset.ACQUISITIONS[acquisition]()
+        assert len(unique_bvals_tolerance(gtab.bvals[~gtab.b0s_mask])) == 1
+
+
 @pytest.mark.slow
 def test_dev_split_holds_acute_crossings_as_test_does(devset):
     # The dispersed family's dev geometry has no crossing under 40 degrees and
