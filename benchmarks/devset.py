@@ -149,11 +149,11 @@ ACQUISITIONS = {
     "3 shells b1000-3000 x 64": default_gtab,
     "4 shells b700-3000 x 300": lambda: shell_gtab(
         [(700, 30), (1000, 60), (2000, 90), (3000, 120)], seed=14),
+    # A dev split's single-shell guard's (SINGLE_SHELL_SPECS).
+    "1 shell b2000 x 60": lambda: shell_gtab([(2000, 60)], n_b0=2, seed=32),
     # The transfer split's: a sparse clinical single shell, a high-b single shell,
     # the ISBI 2013 challenge's two shells (DIPY's table: 27 + 36 directions), two
     # shells of unequal sizes and an HCP-like three shells of 90.
-    # The dev split's single-shell guards (SINGLE_SHELL_SPECS).
-    "1 shell b2000 x 60": lambda: shell_gtab([(2000, 60)], n_b0=2, seed=32),
     "1 shell b1000 x 30": lambda: shell_gtab([(1000, 30)], n_b0=1, seed=21),
     "1 shell b3000 x 64": lambda: shell_gtab([(3000, 64)], n_b0=4, seed=22),
     "2 shells ISBI 2013": get_isbi2013_2shell_gtab,
@@ -255,7 +255,7 @@ def true_response(family, phantom, tissues, sh_order_max=RESPONSE_SH_ORDER):
     Parameters
     ----------
     family : str
-        A key of :data:`FAMILY_SPECS` or :data:`TRANSFER_SPECS`.
+        A key of :data:`ALL_SPECS`.
     phantom : StraightPhantom or HeldoutPhantom
     tissues : sequence of str
         The tissues to give (those the estimator finds in the phantom).
@@ -550,7 +550,6 @@ def goal_rows(outcomes, thresholds):
     def scores(family, snr, row):
         return _crossing_scores(outcomes, thresholds, family, snr, row)
 
-    verdict = _verdict
     rows = []
     for family in dict.fromkeys(o["family"] for o in outcomes):
         for snr in sorted({o["snr"] for o in outcomes}, reverse=True):
@@ -564,14 +563,14 @@ def goal_rows(outcomes, thresholds):
             cells = [family, f"{snr:g}", f"{ae:.1f} / {success:.2f} / {fn:.2f} / {seconds:.0f}"]
             cells.append("{:.1f} / {:.2f} / {:.2f} / {:.0f}".format(*rumba) if rumba else "not run")
             cells.append(f"{best:.1f}" if best is not None else "not run")
-            cells.append(verdict(ae <= rumba[0], f"+{ae - rumba[0]:.1f}") if rumba else "-")
-            cells.append(verdict(ae <= 0.75 * best, f"+{ae - 0.75 * best:.1f}")
+            cells.append(_verdict(ae <= rumba[0], f"+{ae - rumba[0]:.1f}") if rumba else "-")
+            cells.append(_verdict(ae <= 0.75 * best, f"+{ae - 0.75 * best:.1f}")
                          if best is not None else "-")
-            cells.append(verdict(success >= rumba[1] - 0.02, f"{success - rumba[1] + 0.02:+.2f}")
+            cells.append(_verdict(success >= rumba[1] - 0.02, f"{success - rumba[1] + 0.02:+.2f}")
                          if rumba else "-")
-            cells.append(verdict(fn <= 0.05, f"+{fn - 0.05:.2f}"))
-            cells.append(verdict(seconds <= rumba[3] / 2, f"{seconds:.0f} s > {rumba[3] / 2:.0f} s")
-                         if rumba else "-")
+            cells.append(_verdict(fn <= 0.05, f"+{fn - 0.05:.2f}"))
+            cells.append(_verdict(seconds <= rumba[3] / 2,
+                                  f"{seconds:.0f} s > {rumba[3] / 2:.0f} s") if rumba else "-")
             rows.append(cells)
     return rows
 
