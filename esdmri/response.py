@@ -1376,8 +1376,17 @@ def estimate_response(gtab, data, mask=None, sh_order_max=RESPONSE_SH_ORDER, tis
     empty = [t for t in tissues if t != "wm" and len(voxels[t]) == 0]
     kept = tuple(t for t in TISSUES if t in tissues and t not in empty)
     if empty:
+        reason = ""
+        if "csf" in empty and np.min(gtab.bvals[~is_b0]) > TENSOR_MAX_BVAL:
+            # Free water's signal is on the noise floor above this b-value, so its
+            # apparent MD stays under CSF_MIN_MD; the WM fODF then carries the
+            # isotropic signal (docs/benchmarks.md, "The transfer split").
+            reason = (f" (the scan has no volume at b <= {TENSOR_MAX_BVAL:g}, where free "
+                      f"water's diffusivity can be told from tissue's; without an isotropic "
+                      f"tissue the WM fODF carries the isotropic signal as spurious lobes: "
+                      f"tissues=('wm', 'gm') gives it one)")
         warnings.warn(f"no response voxels found for tissues {empty}; estimating {kept} "
-                      "only", UserWarning, stacklevel=2)
+                      f"only{reason}", UserWarning, stacklevel=2)
     coefficients = []
     for tissue in kept:
         chosen = voxels[tissue]

@@ -560,3 +560,28 @@ def test_default_fit_estimates_the_response_at_the_fodf_order():
     high = dipy[:, 5:]  # l = 10 and 12
     assert np.abs(high).max() > 1e-3
     np.testing.assert_allclose(ours, dipy, atol=1e-5)
+
+
+def test_high_b_single_shell_warns_why_csf_is_missing_and_gm_is_the_way_out():
+    # One shell at b = 3000, SNR 10: free water's signal sits on the noise floor,
+    # so no voxel reaches CSF_MIN_MD; the warning says why and names the option
+    # that gives the fit an isotropic tissue, which then estimates.
+    from dipy.core.sphere import HemiSphere, disperse_charges
+
+    from esdmri.heldout_phantom import make_heldout_phantom
+    from esdmri.response import estimate_response
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(64, 3))
+    hemisphere, _ = disperse_charges(HemiSphere(xyz=start / np.linalg.norm(start, axis=1,
+                                                                            keepdims=True)), 200)
+    gtab = gradient_table(np.r_[np.zeros(4), np.full(64, 3000.0)],
+                          bvecs=np.r_[np.zeros((4, 3)), hemisphere.vertices])
+    phantom = make_heldout_phantom((10, 10, 10), gtab=gtab, snr=10, seed=1, geometry_seed=3)
+    with pytest.warns(UserWarning, match=r"no volume at b <= 1500.*tissues=\('wm', 'gm'\)"):
+        response = estimate_response(gtab, phantom.data, phantom.mask)
+    assert response.tissues == ("wm",)
+    both = estimate_response(gtab, phantom.data, phantom.mask, tissues=("wm", "gm"))
+    assert both.tissues == ("wm", "gm")
+    # The GM response is isotropic and decays with b.
+    assert 0 < both["gm"][1, 0] < both["gm"][0, 0]
