@@ -23,10 +23,12 @@ import argparse
 import json
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from esdmri.atomic import staged_output
 from esdmri.metrics import evaluate_peaks
 from esdmri.response import estimate_response
 
@@ -194,8 +196,8 @@ def main(argv=None):
     snrs = [int(snr) if float(snr).is_integer() else snr for snr in args.snrs]
     records = run(json.loads(args.options), args.rician_response, args.split,
                   phantom_families(args), snrs, args.side)
-    with open(args.out, "w") as handle:
-        json.dump(records, handle)
+    with staged_output(args.out) as staged:
+        Path(staged).write_text(json.dumps(records))
 
 
 if __name__ == "__main__":

@@ -1382,9 +1382,9 @@ def estimate_response(gtab, data, mask=None, sh_order_max=RESPONSE_SH_ORDER, tis
             # apparent MD stays under CSF_MIN_MD; the WM fODF then carries the
             # isotropic signal (docs/benchmarks.md, "The transfer split").
             reason = (f" (the scan has no volume at b <= {TENSOR_MAX_BVAL:g}, where free "
-                      f"water's diffusivity can be told from tissue's; without an isotropic "
-                      f"tissue the WM fODF carries the isotropic signal as spurious lobes: "
-                      f"tissues=('wm', 'gm') gives it one)")
+                      "water's diffusivity can be told from tissue's; without an isotropic "
+                      "tissue the WM fODF carries the isotropic signal as spurious lobes: "
+                      "tissues=('wm', 'gm') gives it one)")
         warnings.warn(f"no response voxels found for tissues {empty}; estimating {kept} "
                       f"only{reason}", UserWarning, stacklevel=2)
     coefficients = []
