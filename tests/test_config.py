@@ -11,8 +11,10 @@ from dipy.core.sphere import HemiSphere, disperse_charges
 
 from esdmri import RTESDModel
 from esdmri.reconst.config import (DeconvolutionConfig, NetworkConfig, RefinementConfig,
-                                   TrainingConfig, default_sh_order, option_defaults,
+                                   TrainingConfig, default_refine_tv, default_sh_order,
+                                   option_defaults,
                                    options_docstring)
+from esdmri.reconst.inputs import super_resolved_shell
 from esdmri.shm import n_coeffs
 
 # The configuration of model format 3 as written before the dataclasses were
@@ -44,8 +46,9 @@ RENAMED = {"conv_kind": "e3so3-stem"}
 
 
 def test_saved_layout_is_model_format_3():
-    # A model resolves sh_order_max=None from its gtab before anything is saved.
-    config = DeconvolutionConfig.from_options("mixed", sh_order_max=8)
+    # A model resolves sh_order_max=None and refine_tv=None from its gtab before
+    # anything is saved (models.scan_defaults).
+    config = DeconvolutionConfig.from_options("mixed", sh_order_max=8, refine_tv=10.0)
     assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS,
                                 **RENAMED, "loss_weights": {
                                     **FORMAT_3_DEFAULTS["loss_weights"], **ADDED_WEIGHTS}}
@@ -136,13 +139,22 @@ def test_default_sh_order_is_the_highest_determined_of_12_10_8(order):
     assert default_sh_order(6) == 8 and default_sh_order(500) == 12
 
 
-def _single_shell(n_directions):
+def test_super_resolution_raises_the_order_to_10_and_weakens_the_coupling():
+    # One order beyond what 45-65 axes determine, never below what they determine.
+    assert default_sh_order(45, super_resolved=True) == 10
+    assert default_sh_order(65, super_resolved=True) == 10
+    assert default_sh_order(45) == default_sh_order(65) == 8
+    assert default_sh_order(91, super_resolved=True) == 12
+    assert default_refine_tv(True) == 5.0 and default_refine_tv(False) == 10.0
+
+
+def _single_shell(n_directions, bval=1000.0):
     rng = np.random.default_rng(n_directions)
     points = rng.normal(size=(n_directions, 3))
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     hemisphere, _ = disperse_charges(HemiSphere(xyz=points), 200)
     bvecs = np.vstack([[0, 0, 0], hemisphere.vertices])
-    return gradient_table(np.r_[0, np.full(n_directions, 1000.0)], bvecs=bvecs)
+    return gradient_table(np.r_[0, np.full(n_directions, bval)], bvecs=bvecs)
 
 
 @pytest.mark.parametrize("n_directions, expected", [(64, 8), (70, 10), (101, 12)])
@@ -150,10 +162,36 @@ def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expec
     model = RTESDModel(_single_shell(n_directions), verbose=False)
     assert model.config.network.sh_order_max == expected
     assert model.config.to_dict()["sh_order_max"] == expected  # what a model file stores
+    assert model.config.to_dict()["refine_tv"] == 10.0
     # An explicit order is kept, also an underdetermined one (with DIPY's warning).
     with pytest.warns(UserWarning, match="underdetermined"):
         explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
     assert explicit.config.network.sh_order_max == 12
+
+
+@pytest.mark.parametrize("n_directions, expected", [(30, 8), (45, 10), (64, 10), (101, 12)])
+def test_one_shell_above_b1500_resolves_order_and_coupling(n_directions, expected):
+    gtab = _single_shell(n_directions, bval=2500.0)
+    # From 45 axes, and only above b = 1500.
+    assert super_resolved_shell(gtab) == (n_directions >= 45)
+    assert not super_resolved_shell(_single_shell(n_directions))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if n_directions >= 45 else "ignore")
+        model = RTESDModel(gtab, verbose=False)  # order 10 from 45 axes: no warning
+    assert model.config.network.sh_order_max == expected
+    # What a model file stores.
+    assert model.config.to_dict()["refine_tv"] == (5.0 if n_directions >= 45 else 10.0)
+    # Two shells of the same directions: the determined order and the usual coupling.
+    two = gradient_table(np.r_[gtab.bvals, gtab.bvals[1:] * 1.5],
+                         bvecs=np.r_[gtab.bvecs, gtab.bvecs[1:]])
+    assert not super_resolved_shell(two)
+    pair = RTESDModel(two, verbose=False)
+    assert pair.config.network.sh_order_max == default_sh_order(2 * n_directions)
+    assert pair.config.refinement.refine_tv == 10.0
+    # Explicit values are kept, and with_options resolves None from the model's gtab.
+    assert RTESDModel(gtab, refine_tv=3.0, verbose=False).config.refinement.refine_tv == 3.0
+    assert model.with_options(refine_tv=None).config.refinement.refine_tv == \
+        model.config.refinement.refine_tv
 
 
 def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
@@ -181,8 +219,17 @@ def test_shells_sharing_directions_count_as_distinct_measurements():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "underdetermined" warning either
         assert RTESDModel(gtab, verbose=False).config.network.sh_order_max == 12
-    single = gradient_table(gtab.bvals[gtab.bvals < 1500], bvecs=gtab.bvecs[gtab.bvals < 1500])
-    assert RTESDModel(single, verbose=False).config.network.sh_order_max == 8
+    # One of those shells: 64 axes determine order 8, which b = 1000 keeps; the
+    # b = 3500 shell gets one order more (default_sh_order), without the warning
+    # that an order asked beyond it gives.
+    for bval, expected in ((1000, 8), (3500, 10)):
+        keep = gtab.b0s_mask | np.isclose(gtab.bvals, bval, atol=100)
+        single = gradient_table(gtab.bvals[keep], bvecs=gtab.bvecs[keep])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert RTESDModel(single, verbose=False).config.network.sh_order_max == expected
+        with pytest.warns(UserWarning, match="underdetermined"):
+            RTESDModel(single, sh_order_max=12, verbose=False)
 
 
 def test_the_grid_rule_uses_the_pseudo_inverse_condition_number():

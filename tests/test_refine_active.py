@@ -104,4 +104,7 @@ def test_bad_active_set(phantom, field, value):  # noqa: F811
         refine_field(phantom, phantom.gtab, signal, mask, start, LossWeights(), active_set=value)
     with pytest.raises(ValueError, match="refine_active_set"):
         RefinementConfig(refine_active_set=value)
-    assert RefinementConfig(refine_active_set=0.25).solver_options()["active_set"] == 0.25
+    options = RefinementConfig(refine_active_set=0.25, refine_tv=10.0).solver_options()
+    assert options["active_set"] == 0.25
+    with pytest.raises(ValueError, match="refine_tv=None stands for the scan"):
+        RefinementConfig().solver_options()

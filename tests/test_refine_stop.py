@@ -103,7 +103,7 @@ def test_objective_at_the_stop_is_near_the_long_runs(phantom, field, long_run): 
 def test_likelihood_tolerance_is_validated_and_passed_on(phantom, field):  # noqa: F811
     with pytest.raises(ValueError, match="refine_likelihood_tolerance"):
         RefinementConfig(refine_likelihood_tolerance=-0.1)
-    options = RefinementConfig(refine_likelihood_tolerance=0.3).solver_options()
+    options = RefinementConfig(refine_likelihood_tolerance=0.3, refine_tv=10.0).solver_options()
     assert options["likelihood_tolerance"] == 0.3
     signal, mask, start = field
     with pytest.raises(ValueError, match="likelihood_tolerance"):

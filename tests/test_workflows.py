@@ -270,8 +270,9 @@ def test_cli_defaults_are_the_api_defaults():
         group["device"].default
     assert inspect.signature(FitFlow.run).parameters["refine_steps"].default == \
         options["refine_steps"]
-    assert inspect.signature(FitFlow.run).parameters["refine_tv"].default == \
-        options["refine_tv"] > 0
+    # None: the scan's default (models.scan_defaults), as in the Python API.
+    assert inspect.signature(FitFlow.run).parameters["refine_tv"].default is \
+        options["refine_tv"] is None
     # --pretrained's text maps onto the option: the default is the shipped weights
     # (None: unless training), "none" the network-free fit, anything else a path.
     from esdmri.workflows.fit import pretrained_option

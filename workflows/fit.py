@@ -183,7 +183,8 @@ class FitFlow(EsdmriWorkflow):
             Tolerance of DIPY's check that the b-vectors have unit length.
         sh_order_max : int, optional
             Even SH order of the WM fODF (default: 12, 10 or 8, the highest
-            that the scan's distinct directions determine). This and the network and training
+            that the scan's distinct directions determine, and 10 on one shell
+            above b = 1500 of 45 directions or more). This and the network and training
             options below default to the Python API's (esdmri.reconst.RTESDModel).
         nside : int, optional
             HEALPix resolution of the network's sphere (a power of 2).
@@ -221,7 +222,8 @@ class FitFlow(EsdmriWorkflow):
         refine_tv : float, optional
             Weight of the total variation between neighbouring voxels in that
             descent, relative to the signal's likelihood at the noise level
-            estimated from the scan (0: voxel by voxel).
+            estimated from the scan (0: voxel by voxel; default: 10, or 5 on
+            one shell above b = 1500).
         pretrained : string, optional
             Network that corrects the linear prior before the refinement:
             default (the weights shipped with esdmri for this --model,

@@ -112,6 +112,15 @@ NOISE_FLOORS = (None, *DEBIAS_METHODS, RICIAN_MODEL)
 REFINEMENT_METHODS = ("lbfgs", "adam")
 
 
+# What ``refine_tv=None`` stands for (:func:`default_refine_tv`), and the least SH order
+# of a single shell above b = 1500 with 45 directions or more (:func:`default_sh_order`,
+# esdmri.reconst.inputs.super_resolved_shell), chosen on the dev phantoms
+# (docs/benchmarks.md, "One shell above b = 1500").
+REFINE_TV = 10.0
+HIGH_SHELL_REFINE_TV = 5.0
+HIGH_SHELL_SH_ORDER = 10
+
+
 def check_integer(name, value, low):
     """Refuse anything but an integer >= ``low`` (bools too), naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -129,8 +138,9 @@ class NetworkConfig:
         and 8 whose coefficients the scan's distinct (shell, gradient
         direction) measurements determine (12 from 91 on: each shell weighs
         the SH degrees by its own response, so three shells of the same 64
-        directions count 192), else 8 as in DIPY's CSD
-        (:func:`default_sh_order`). On straight 45-degree crossings with
+        directions count 192), else 8 as in DIPY's CSD, and 10 on one shell
+        above b = 1500 of 45 directions or more (:func:`default_sh_order`).
+        On straight 45-degree crossings with
         three shells of 64 directions, 8 merged the two fibres (issue 26).
         Chosen on the dev phantoms: 12 cut their crossing-voxel error by
         39 % at SNR 20 and 18 % at SNR 10 against 8 (docs/benchmarks.md,
@@ -313,7 +323,7 @@ def carrying_nside(sh_order_max, hemisphere=True):
     return nside
 
 
-def default_sh_order(n_directions):
+def default_sh_order(n_directions, super_resolved=False):
     """The SH order ``sh_order_max=None`` stands for.
 
     Parameters
@@ -322,15 +332,61 @@ def default_sh_order(n_directions):
         Distinct diffusion-weighted measurements of the scan: gradient axes
         per shell (antipodal directions count once), summed over shells
         (:func:`esdmri.reconst.inputs.count_weighted_measurements`).
+    super_resolved : bool, optional
+        The scan's diffusion weighting is one shell above b = 1500 with 45
+        distinct axes or more (:func:`esdmri.reconst.inputs.super_resolved_shell`).
 
     Returns
     -------
     sh_order_max : int
         The highest order up to 12 whose coefficients the directions
         determine (:func:`esdmri.shm.sh_order_for_directions`: 12 from 91
-        directions on, 10 from 66), and never below 8, as in DIPY's CSD.
+        directions on, 10 from 66), and never below 8, as in DIPY's CSD. One
+        shell above b = 1500 whose directions determine order 8 (45 on) gets
+        10, one order above, the non-negativity and sparsity terms carrying
+        the rest (as super-resolved CSD does [1]_): there order 8 merged
+        45-degree crossings of fibres of FA 0.7 that 10 resolves (dev
+        phantoms at SNR 10 / 20, one shell of b = 2000 x 60: crossing error
+        13.2 / 12.9 degrees and false negatives 0.28 against 3.2 / 2.6 and
+        0.00; docs/benchmarks.md, "One shell above b = 1500"). At b <= 1500
+        the signal hardly carries the degrees above 8 and order 10 added
+        spurious peaks on dispersed bundles.
+
+    References
+    ----------
+    .. [1] Tournier, J.-D., Calamante, F., Connelly, A. (2007). Robust
+       determination of the fibre orientation distribution in diffusion MRI:
+       non-negativity constrained super-resolved spherical deconvolution.
+       NeuroImage 35, 1459-1472.
     """
-    return max(8, sh_order_for_directions(n_directions, cap=12))
+    order = max(8, sh_order_for_directions(n_directions, cap=12))
+    if super_resolved:
+        order = max(order, HIGH_SHELL_SH_ORDER)
+    return order
+
+
+def default_refine_tv(super_resolved):
+    """The refinement's coupling ``refine_tv=None`` stands for.
+
+    Parameters
+    ----------
+    super_resolved : bool
+        The scan's diffusion weighting is one shell above b = 1500 with 45
+        distinct axes or more (:func:`esdmri.reconst.inputs.super_resolved_shell`).
+
+    Returns
+    -------
+    refine_tv : float
+        :data:`REFINE_TV` (10), or :data:`HIGH_SHELL_REFINE_TV` (5) on one
+        shell above b = 1500 of 45 directions or more, where the fit has SH
+        order 10 or more (:func:`default_sh_order`): with order 10 a coupling
+        of 10 lost 45-degree crossings and added spurious peaks at SNR 10
+        (dev-seed phantom on one shell of b = 3000 x 64: crossing error 9.3
+        degrees, false negatives 0.08, all-voxel false positives 0.20,
+        against 1.9, 0.00 and 0.04 at 5; docs/benchmarks.md, "One shell
+        above b = 1500").
+    """
+    return HIGH_SHELL_REFINE_TV if super_resolved else REFINE_TV
 
 
 # What ``lr=None`` and ``batch_size=None`` stand for (TrainingConfig.recipe): a
@@ -535,15 +591,18 @@ class RefinementConfig:
     refine_lr : float
         ``refine_method="adam"``: its step size; ``"lbfgs"``: the root mean
         square change of the coefficients in its first step.
-    refine_tv : float
+    refine_tv : float or None
         Weight of the total variation between neighbouring voxels' tissue
         coefficients inside the refinement, relative to the Gaussian
         likelihood of the signal with a noise level estimated from the data
-        (so one value serves every SNR; 0: voxel by voxel). 10, chosen on
-        the dev set of five phantom families (docs/benchmarks.md, "Accuracy
-        per phantom family"): at the objective's minimum, 20 merged crossing
-        voxels into their single-fibre neighbours at SNR 10 (where the
-        likelihood scaling makes the coupling 4x stronger than at SNR 20).
+        (so one value serves every SNR; 0: voxel by voxel). None (default):
+        the models resolve it from the scan's gtab
+        (:func:`default_refine_tv`): 10, chosen on the dev set of five
+        phantom families (docs/benchmarks.md, "Accuracy per phantom
+        family"): at the objective's minimum, 20 merged crossing voxels into
+        their single-fibre neighbours at SNR 10 (where the likelihood scaling
+        makes the coupling 4x stronger than at SNR 20); 5 on one shell above
+        b = 1500.
     refine_smoothing : float
         Coefficient-difference scale below which that total variation is
         quadratic (it is linear above).
@@ -587,7 +646,7 @@ class RefinementConfig:
 
     refine_steps: int = 300
     refine_lr: float = 1e-3
-    refine_tv: float = 10.0
+    refine_tv: Optional[float] = None
     refine_smoothing: float = 1e-3
     refine_similarity: bool = False
     refine_tolerance: float = 1e-4
@@ -605,6 +664,9 @@ class RefinementConfig:
             ``similarity``, ``tolerance``, ``likelihood_tolerance``, ``method`` and
             ``active_set``.
         """
+        if self.refine_tv is None:
+            raise ValueError("refine_tv=None stands for the scan's default: resolve it with "
+                             "esdmri.reconst.models.scan_defaults(config, gtab) first")
         return dict(steps=self.refine_steps, lr=self.refine_lr, total_variation=self.refine_tv,
                     smoothing=self.refine_smoothing, similarity=self.refine_similarity,
                     tolerance=self.refine_tolerance,
@@ -619,6 +681,8 @@ class RefinementConfig:
         if not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
         for name in ("refine_tv", "refine_tolerance", "refine_likelihood_tolerance"):
+            if name == "refine_tv" and self.refine_tv is None:
+                continue
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.refine_smoothing > 0:

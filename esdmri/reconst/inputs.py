@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..shm import count_unique_axes, group_shells
+from ..response import TENSOR_MAX_BVAL
+from ..shm import count_unique_axes, group_shells, n_coeffs
 from .config import DEBIAS_METHODS
 
 
@@ -85,6 +86,34 @@ def count_weighted_axes(gtab):
     bvecs = np.asarray(gtab.bvecs, dtype=float)[~np.asarray(gtab.b0s_mask, dtype=bool)]
     bvecs = bvecs[np.linalg.norm(bvecs, axis=-1) > 0]
     return count_unique_axes(bvecs) if len(bvecs) else 0
+
+
+def super_resolved_shell(gtab):
+    """Whether the default fit goes one SH order beyond what a gtab's axes determine.
+
+    True for one diffusion-weighted shell above ``esdmri.response.TENSOR_MAX_BVAL``
+    (b = 1500) with the 45 distinct axes or more that order 8 needs: there a
+    single fibre's signal carries the SH degrees beyond 8 (``r_8 / r_0`` about
+    6e-3 at b = 2000 and 2e-2 at 3000 for FA 0.76, 5e-4 at 1000), and the fit
+    takes order 10 with a weaker coupling
+    (:func:`esdmri.reconst.config.default_sh_order`,
+    :func:`esdmri.reconst.config.default_refine_tv`).
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    bool
+    """
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if not weighted.any():
+        return False
+    _, shell_index = group_shells(gtab)
+    return (len(np.unique(shell_index[weighted])) == 1
+            and float(np.min(np.asarray(gtab.bvals)[weighted])) > TENSOR_MAX_BVAL
+            and count_weighted_measurements(gtab) >= n_coeffs(8))
 
 
 def count_weighted_measurements(gtab):

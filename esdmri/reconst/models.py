@@ -30,16 +30,16 @@ from .. import serialization
 from ..deprecation import keyword_only_from
 from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs
-from .config import (DEBIAS_METHODS, RICIAN_MODEL, DeconvolutionConfig, NetworkConfig,
-                     canonical_conv_kind, default_sh_order, option_defaults,
-                     options_docstring)
+from .config import (DEBIAS_METHODS, RICIAN_MODEL, HIGH_SHELL_SH_ORDER, DeconvolutionConfig,
+                     NetworkConfig, canonical_conv_kind, default_refine_tv, default_sh_order,
+                     option_defaults, options_docstring)
 from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retained_scan,
                        weights_origin)
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
-                     debias_magnitudes, noise_floor_variance, normalize_by_b0,
-                     resolve_device, voxel_noise_sigma)
+                     debias_magnitudes, noise_floor_variance, normalize_by_b0, resolve_device,
+                     super_resolved_shell, voxel_noise_sigma)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
 from .pretrained import PriorCorrection, apply_correction, load_correction
@@ -84,11 +84,8 @@ class _DeconvolutionModel(ReconstModel):
     def __init__(self, gtab, response=None, *, device="cpu", verbose=True, **options):
         check_gtab(gtab)
         super().__init__(gtab)
-        config = DeconvolutionConfig.from_options(self.conv_kind, **options)
-        if config.network.sh_order_max is None:
-            n_measurements = count_weighted_measurements(gtab)
-            config = config.replace(sh_order_max=default_sh_order(n_measurements))
-        self.config = config
+        self.config = scan_defaults(DeconvolutionConfig.from_options(self.conv_kind, **options),
+                                    gtab)
         self.device = resolve_device(device)
         self.verbose = verbose
         self.response = _checked_response(response, gtab)
@@ -659,7 +656,7 @@ class _DeconvolutionModel(ReconstModel):
         if fixed and self.network is not None:
             raise ValueError(f"{', '.join(fixed)} shape the network, which is already built: "
                              "make a new model to change them")
-        config = self.config.replace(**options)
+        config = scan_defaults(self.config.replace(**options), self.gtab)
         model = copy.copy(self)
         model.config = config
         model.sphere = config.network.sphere()
@@ -825,6 +822,32 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
                                    verbose)
 
 
+def scan_defaults(config, gtab):
+    """A configuration with the options that default to the scan's resolved.
+
+    ``sh_order_max=None`` (:func:`esdmri.reconst.config.default_sh_order`) and
+    ``refine_tv=None`` (:func:`esdmri.reconst.config.default_refine_tv`) stand
+    for values that depend on the gtab's directions and shells
+    (:func:`esdmri.reconst.inputs.super_resolved_shell`).
+
+    Parameters
+    ----------
+    config : DeconvolutionConfig
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    config : DeconvolutionConfig
+    """
+    super_resolved = super_resolved_shell(gtab)
+    if config.network.sh_order_max is None:
+        config = config.replace(sh_order_max=default_sh_order(
+            count_weighted_measurements(gtab), super_resolved=super_resolved))
+    if config.refinement.refine_tv is None:
+        config = config.replace(refine_tv=default_refine_tv(super_resolved))
+    return config
+
+
 def _warn_underdetermined(gtab, sh_order_max):
     """Warn when the WM fODF has more SH coefficients than distinct measurements.
 
@@ -832,6 +855,8 @@ def _warn_underdetermined(gtab, sh_order_max):
     non-negativity and sparsity terms.
     """
     n_measurements = count_weighted_measurements(gtab)
+    if super_resolved_shell(gtab) and sh_order_max <= HIGH_SHELL_SH_ORDER:
+        return  # the default's super-resolution on one shell above b = 1500 (default_sh_order)
     if n_measurements and n_coeffs(sh_order_max) > n_measurements:
         lower = max(2, sh_order_max - 2)
         while lower > 2 and n_coeffs(lower) > n_measurements:
