@@ -90,11 +90,14 @@ def test_transfer_split_holds_its_own_acquisitions_and_geometry(devset):
         devset.make_family("straight 40/70 / 2 shells ISBI 2013", 8, 20, "dev")
 
 
-def test_dev_split_guards_single_shells(devset):
-    # The single-shell guards are dev families on one shell, and not test ones.
+def test_dev_and_test_splits_guard_single_shells(devset):
+    # The single-shell guards are families on one shell of both splits, each on its
+    # own seeds; the acute geometry stays dev's.
     for family, (_, acquisition, _) in devset.SINGLE_SHELL_SPECS.items():
         assert family in devset.SPLIT_FAMILIES["dev"]
-        assert family not in devset.SPLIT_FAMILIES["test"]
+        assert family in devset.SPLIT_FAMILIES["test"]
+        dev, test = (devset.make_family(family, 8, 20, split) for split in ("dev", "test"))
+        assert not np.array_equal(dev.data, test.data)
         gtab = devset.ACQUISITIONS[acquisition]()
         assert len(unique_bvals_tolerance(gtab.bvals[~gtab.b0s_mask])) == 1
 
