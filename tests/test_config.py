@@ -139,7 +139,7 @@ def test_default_sh_order_is_the_highest_determined_of_12_10_8(order):
     assert default_sh_order(6) == 8 and default_sh_order(500) == 12
 
 
-def test_super_resolution_raises_the_order_to_10_and_weakens_the_coupling():
+def test_super_resolution_raises_the_order_to_10_and_one_shell_weakens_the_coupling():
     # One order beyond what 45-65 axes determine, never below what they determine.
     assert default_sh_order(45, super_resolved=True) == 10
     assert default_sh_order(65, super_resolved=True) == 10
@@ -162,7 +162,7 @@ def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expec
     model = RTESDModel(_single_shell(n_directions), verbose=False)
     assert model.config.network.sh_order_max == expected
     assert model.config.to_dict()["sh_order_max"] == expected  # what a model file stores
-    assert model.config.to_dict()["refine_tv"] == 10.0
+    assert model.config.to_dict()["refine_tv"] == 5.0  # one shell: the weaker coupling
     # An explicit order is kept, also an underdetermined one (with DIPY's warning).
     with pytest.warns(UserWarning, match="underdetermined"):
         explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
@@ -179,8 +179,7 @@ def test_one_shell_above_b1500_resolves_order_and_coupling(n_directions, expecte
         warnings.simplefilter("error" if n_directions >= 45 else "ignore")
         model = RTESDModel(gtab, verbose=False)  # order 10 from 45 axes: no warning
     assert model.config.network.sh_order_max == expected
-    # What a model file stores.
-    assert model.config.to_dict()["refine_tv"] == (5.0 if n_directions >= 45 else 10.0)
+    assert model.config.to_dict()["refine_tv"] == 5.0  # what a model file stores
     # Two shells of the same directions: the determined order and the usual coupling.
     two = gradient_table(np.r_[gtab.bvals, gtab.bvals[1:] * 1.5],
                          bvecs=np.r_[gtab.bvecs, gtab.bvecs[1:]])

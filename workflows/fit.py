@@ -223,7 +223,7 @@ class FitFlow(EsdmriWorkflow):
             Weight of the total variation between neighbouring voxels in that
             descent, relative to the signal's likelihood at the noise level
             estimated from the scan (0: voxel by voxel; default: 10, or 5 on
-            one shell above b = 1500).
+            a single-shell scan).
         pretrained : string, optional
             Network that corrects the linear prior before the refinement:
             default (the weights shipped with esdmri for this --model,

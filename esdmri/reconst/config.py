@@ -115,9 +115,9 @@ REFINEMENT_METHODS = ("lbfgs", "adam")
 # What ``refine_tv=None`` stands for (:func:`default_refine_tv`), and the least SH order
 # of a single shell above b = 1500 with 45 directions or more (:func:`default_sh_order`,
 # esdmri.reconst.inputs.super_resolved_shell), chosen on the dev phantoms
-# (docs/benchmarks.md, "One shell above b = 1500").
+# (docs/benchmarks.md, "Single-shell defaults").
 REFINE_TV = 10.0
-HIGH_SHELL_REFINE_TV = 5.0
+SINGLE_SHELL_REFINE_TV = 5.0
 HIGH_SHELL_SH_ORDER = 10
 
 
@@ -348,7 +348,7 @@ def default_sh_order(n_directions, super_resolved=False):
         45-degree crossings of fibres of FA 0.7 that 10 resolves (dev
         phantoms at SNR 10 / 20, one shell of b = 2000 x 60: crossing error
         13.2 / 12.9 degrees and false negatives 0.28 against 3.2 / 2.6 and
-        0.00; docs/benchmarks.md, "One shell above b = 1500"). At b <= 1500
+        0.00; docs/benchmarks.md, "Single-shell defaults"). At b <= 1500
         the signal hardly carries the degrees above 8 and order 10 added
         spurious peaks on dispersed bundles.
 
@@ -365,28 +365,32 @@ def default_sh_order(n_directions, super_resolved=False):
     return order
 
 
-def default_refine_tv(super_resolved):
+def default_refine_tv(single_shell):
     """The refinement's coupling ``refine_tv=None`` stands for.
 
     Parameters
     ----------
-    super_resolved : bool
-        The scan's diffusion weighting is one shell above b = 1500 with 45
-        distinct axes or more (:func:`esdmri.reconst.inputs.super_resolved_shell`).
+    single_shell : bool
+        The scan has one diffusion-weighted shell
+        (:func:`esdmri.reconst.inputs.count_weighted_shells`).
 
     Returns
     -------
     refine_tv : float
-        :data:`REFINE_TV` (10), or :data:`HIGH_SHELL_REFINE_TV` (5) on one
-        shell above b = 1500 of 45 directions or more, where the fit has SH
-        order 10 or more (:func:`default_sh_order`): with order 10 a coupling
-        of 10 lost 45-degree crossings and added spurious peaks at SNR 10
-        (dev-seed phantom on one shell of b = 3000 x 64: crossing error 9.3
-        degrees, false negatives 0.08, all-voxel false positives 0.20,
-        against 1.9, 0.00 and 0.04 at 5; docs/benchmarks.md, "One shell
-        above b = 1500").
+        :data:`REFINE_TV` (10), or :data:`SINGLE_SHELL_REFINE_TV` (5) on a
+        single shell, chosen on the dev phantoms (docs/benchmarks.md,
+        "Single-shell defaults"): on one shell the coupling that suits
+        several smoothed crossings away (dispersed bundles on b = 1000 x 60
+        at SNR 10 / 20: crossing error 22.9 / 13.0 degrees at 10 against
+        16.8 / 9.4 at 5, as many spurious peaks), and with the order 10 of a
+        shell above b = 1500 a coupling of 10 also lost 45-degree crossings
+        and added spurious peaks (one shell of b = 3000 x 64 at SNR 10:
+        crossing error 9.3 degrees, false negatives 0.08, all-voxel false
+        positives 0.20, against 1.9, 0.00 and 0.04 at 5). Across several
+        shells 5 lost crossings (straight bundles on DIPY's 3-shell table at
+        SNR 10: +3.5 degrees).
     """
-    return HIGH_SHELL_REFINE_TV if super_resolved else REFINE_TV
+    return SINGLE_SHELL_REFINE_TV if single_shell else REFINE_TV
 
 
 # What ``lr=None`` and ``batch_size=None`` stand for (TrainingConfig.recipe): a
@@ -601,8 +605,7 @@ class RefinementConfig:
         phantom families (docs/benchmarks.md, "Accuracy per phantom
         family"): at the objective's minimum, 20 merged crossing voxels into
         their single-fibre neighbours at SNR 10 (where the likelihood scaling
-        makes the coupling 4x stronger than at SNR 20); 5 on one shell above
-        b = 1500.
+        makes the coupling 4x stronger than at SNR 20); 5 on a single shell.
     refine_smoothing : float
         Coefficient-difference scale below which that total variation is
         quadratic (it is linear above).

@@ -88,6 +88,26 @@ def count_weighted_axes(gtab):
     return count_unique_axes(bvecs) if len(bvecs) else 0
 
 
+def count_weighted_shells(gtab):
+    """Number of diffusion-weighted shells of a gtab (:func:`esdmri.shm.group_shells`).
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    n_shells : int
+        Shells other than b0 (0 without diffusion-weighted volumes); a scheme
+        without shells counts each cluster of b-values.
+    """
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if not weighted.any():
+        return 0
+    _, shell_index = group_shells(gtab)
+    return len(np.unique(shell_index[weighted]))
+
+
 def super_resolved_shell(gtab):
     """Whether the default fit goes one SH order beyond what a gtab's axes determine.
 
@@ -95,9 +115,7 @@ def super_resolved_shell(gtab):
     (b = 1500) with the 45 distinct axes or more that order 8 needs: there a
     single fibre's signal carries the SH degrees beyond 8 (``r_8 / r_0`` about
     6e-3 at b = 2000 and 2e-2 at 3000 for FA 0.76, 5e-4 at 1000), and the fit
-    takes order 10 with a weaker coupling
-    (:func:`esdmri.reconst.config.default_sh_order`,
-    :func:`esdmri.reconst.config.default_refine_tv`).
+    takes order 10 (:func:`esdmri.reconst.config.default_sh_order`).
 
     Parameters
     ----------
@@ -108,10 +126,7 @@ def super_resolved_shell(gtab):
     bool
     """
     weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    if not weighted.any():
-        return False
-    _, shell_index = group_shells(gtab)
-    return (len(np.unique(shell_index[weighted])) == 1
+    return (count_weighted_shells(gtab) == 1
             and float(np.min(np.asarray(gtab.bvals)[weighted])) > TENSOR_MAX_BVAL
             and count_weighted_measurements(gtab) >= n_coeffs(8))
 

@@ -38,8 +38,9 @@ from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retai
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
-                     debias_magnitudes, noise_floor_variance, normalize_by_b0, resolve_device,
-                     super_resolved_shell, voxel_noise_sigma)
+                     count_weighted_shells, debias_magnitudes, noise_floor_variance,
+                     normalize_by_b0, resolve_device, super_resolved_shell,
+                     voxel_noise_sigma)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
                       build_unet)
 from .pretrained import PriorCorrection, apply_correction, load_correction
@@ -828,7 +829,8 @@ def scan_defaults(config, gtab):
     ``sh_order_max=None`` (:func:`esdmri.reconst.config.default_sh_order`) and
     ``refine_tv=None`` (:func:`esdmri.reconst.config.default_refine_tv`) stand
     for values that depend on the gtab's directions and shells
-    (:func:`esdmri.reconst.inputs.super_resolved_shell`).
+    (:func:`esdmri.reconst.inputs.super_resolved_shell`,
+    :func:`esdmri.reconst.inputs.count_weighted_shells`).
 
     Parameters
     ----------
@@ -839,12 +841,11 @@ def scan_defaults(config, gtab):
     -------
     config : DeconvolutionConfig
     """
-    super_resolved = super_resolved_shell(gtab)
     if config.network.sh_order_max is None:
         config = config.replace(sh_order_max=default_sh_order(
-            count_weighted_measurements(gtab), super_resolved=super_resolved))
+            count_weighted_measurements(gtab), super_resolved=super_resolved_shell(gtab)))
     if config.refinement.refine_tv is None:
-        config = config.replace(refine_tv=default_refine_tv(super_resolved))
+        config = config.replace(refine_tv=default_refine_tv(count_weighted_shells(gtab) == 1))
     return config
 
 
