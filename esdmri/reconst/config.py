@@ -380,9 +380,9 @@ def default_refine_tv(single_shell):
         :data:`REFINE_TV` (10), or :data:`SINGLE_SHELL_REFINE_TV` (5) on a
         single shell, chosen on the dev phantoms (docs/benchmarks.md,
         "Single-shell defaults"): on one shell the coupling that suits
-        several smoothed crossings away (dispersed bundles on b = 1000 x 60
-        at SNR 10 / 20: crossing error 22.9 / 13.0 degrees at 10 against
-        16.8 / 9.4 at 5, as many spurious peaks), and with the order 10 of a
+        several shells smoothed crossings away (dispersed bundles on b =
+        1000 x 60 at SNR 10 / 20: crossing error 22.9 / 13.0 degrees at 10
+        against 16.8 / 9.4 at 5, with fewer spurious peaks), and with the order 10 of a
         shell above b = 1500 a coupling of 10 also lost 45-degree crossings
         and added spurious peaks (one shell of b = 3000 x 64 at SNR 10:
         crossing error 9.3 degrees, false negatives 0.08, all-voxel false
