@@ -111,6 +111,7 @@ def test_subvertex_peaks_lie_on_the_fibre_axis(sphere):
                                   peaks_from_sh(coeffs, sphere=sphere, subvertex=False)[1])
 
 
+@pytest.mark.slow  # 12 s: keeps `-m "not slow"` under its 3 minutes
 def test_subvertex_peaks_match_dipys_nonlinear_finder():
     # DIPY's peak_directions_nl maximises the fODF from each vertex peak with scipy.
     coeffs = random_fodfs(40, seed=4)
