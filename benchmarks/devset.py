@@ -548,18 +548,16 @@ def goal_rows(outcomes, thresholds):
     Each cell says ``yes`` or ``no`` with the distance to the goal; ``-`` where
     the baseline did not run.
     """
-    def scores(family, snr, row):
-        return _crossing_scores(outcomes, thresholds, family, snr, row)
-
     rows = []
     for family in dict.fromkeys(o["family"] for o in outcomes):
         for snr in sorted({o["snr"] for o in outcomes}, reverse=True):
-            default = scores(family, snr, DEFAULT_ROW)
+            default = _crossing_scores(outcomes, thresholds, family, snr, DEFAULT_ROW)
             if default is None:
                 continue
             ae, success, fn, seconds = default
-            rumba = scores(family, snr, RUMBA_ROW)
-            others = [s for s in (scores(family, snr, row) for row in CSD_ROWS) if s]
+            rumba = _crossing_scores(outcomes, thresholds, family, snr, RUMBA_ROW)
+            others = [s for s in (_crossing_scores(outcomes, thresholds, family, snr, row)
+                                  for row in CSD_ROWS) if s]
             best = min(s[0] for s in others) if others else None
             cells = [family, f"{snr:g}", f"{ae:.1f} / {success:.2f} / {fn:.2f} / {seconds:.0f}"]
             cells.append("{:.1f} / {:.2f} / {:.2f} / {:.0f}".format(*rumba) if rumba else "not run")

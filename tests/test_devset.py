@@ -92,7 +92,7 @@ def test_transfer_split_holds_its_own_acquisitions_and_geometry(devset):
 
 def test_dev_and_test_splits_guard_single_shells(devset):
     # The single-shell guards are families on one shell of both splits, each on its
-    # own seeds; the acute geometry stays dev's.
+    # own seeds.
     for family, (_, acquisition, _) in devset.SINGLE_SHELL_SPECS.items():
         assert family in devset.SPLIT_FAMILIES["dev"]
         assert family in devset.SPLIT_FAMILIES["test"]
