@@ -41,8 +41,12 @@ THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 METRICS = ("angular_error", "success_rate", "fn_rate", "fp_rate")
 
 
-def run(options, rician_response, split, families, snrs, side):
-    """One record per (family, SNR, threshold) of the default fit with ``options``."""
+def run(options, response_options, split, families, snrs, side):
+    """One record per (family, SNR, threshold) of the default fit with ``options``.
+
+    ``response_options``: keyword options of
+    :func:`esdmri.response.estimate_response` (``rician``, ``tissues`` ...).
+    """
     from esdmri import RTESDModel
 
     records = []
@@ -53,7 +57,7 @@ def run(options, rician_response, split, families, snrs, side):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 response = estimate_response(phantom.gtab, phantom.data, phantom.mask,
-                                             rician=rician_response)
+                                             **response_options)
                 start = time.perf_counter()
                 fit = RTESDModel(phantom.gtab, response, verbose=False,
                                  **options).fit(phantom.data, mask=phantom.mask)
@@ -166,6 +170,9 @@ def main(argv=None):
                         help="model keyword options as JSON, e.g. '{\"noise_floor\": \"power\"}'")
     parser.add_argument("--rician-response", action="store_true",
                         help="estimate the responses with estimate_response(rician=True)")
+    parser.add_argument("--response-options", default="{}",
+                        help="estimate_response keyword options as JSON, e.g. "
+                             "'{\"tissues\": [\"wm\", \"gm\"]}'")
     add_phantom_arguments(parser)
     parser.add_argument("--side", type=int, default=14)
     parser.add_argument("--num_threads", type=int, default=1)
@@ -194,7 +201,10 @@ def main(argv=None):
         parser.error("--out is required unless --report is given")
     torch.set_num_threads(args.num_threads)
     snrs = [int(snr) if float(snr).is_integer() else snr for snr in args.snrs]
-    records = run(json.loads(args.options), args.rician_response, args.split,
+    response_options = json.loads(args.response_options)
+    if args.rician_response:
+        response_options["rician"] = True
+    records = run(json.loads(args.options), response_options, args.split,
                   phantom_families(args), snrs, args.side)
     with staged_output(args.out) as staged:
         Path(staged).write_text(json.dumps(records))

@@ -100,6 +100,15 @@ def test_dev_and_test_splits_guard_single_shells(devset):
         assert not np.array_equal(dev.data, test.data)
         gtab = devset.ACQUISITIONS[acquisition]()
         assert len(unique_bvals_tolerance(gtab.bvals[~gtab.b0s_mask])) == 1
+    # The high-b guards: one shell above b = 1500 that the super-resolved default
+    # order applies to, and straight-1shell-40's sharp 40-degree crossings.
+    from esdmri.reconst.inputs import super_resolved_shell
+
+    for family in ("straight-1shell-40", "dispersed-1shell-2500"):
+        assert super_resolved_shell(devset.ACQUISITIONS[devset.ALL_SPECS[family][1]]())
+    phantom = devset.make_family("straight-1shell-40", 8, 20, "dev")
+    angles = np.unique(phantom.crossing_angle[phantom.n_fibres >= 2])
+    np.testing.assert_allclose(angles, [40.0, 80.0])
 
 
 @pytest.mark.slow
