@@ -12,7 +12,7 @@ from dipy.core.sphere import HemiSphere, disperse_charges
 from esdmri import RTESDModel
 from esdmri.reconst.config import (DeconvolutionConfig, NetworkConfig, RefinementConfig,
                                    TrainingConfig, default_refine_tv, default_sh_order,
-                                   option_defaults,
+                                   default_sparsity, option_defaults,
                                    options_docstring)
 from esdmri.reconst.inputs import super_resolved_shell
 from esdmri.shm import n_coeffs
@@ -46,9 +46,12 @@ RENAMED = {"conv_kind": "e3so3-stem"}
 
 
 def test_saved_layout_is_model_format_3():
-    # A model resolves sh_order_max=None and refine_tv=None from its gtab before
-    # anything is saved (models.scan_defaults).
-    config = DeconvolutionConfig.from_options("mixed", sh_order_max=8, refine_tv=10.0)
+    # A model resolves sh_order_max=None, sparsity=None and refine_tv=None from its
+    # gtab before anything is saved (models.scan_defaults).
+    config = DeconvolutionConfig.from_options("mixed", sh_order_max=8, refine_tv=10.0,
+                                              sparsity=1e-4)
+    with pytest.raises(ValueError, match="sparsity=None stands for the scan's default"):
+        DeconvolutionConfig.from_options("mixed", sh_order_max=8, refine_tv=10.0).to_dict()
     assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS,
                                 **RENAMED, "loss_weights": {
                                     **FORMAT_3_DEFAULTS["loss_weights"], **ADDED_WEIGHTS}}
@@ -65,7 +68,7 @@ def test_saved_layout_is_model_format_3():
     assert DeconvolutionConfig.from_dict(masked).to_dict() == {**masked, **RENAMED}
     # The follow-up's TV form round-trips through a file's layout.
     form = DeconvolutionConfig.from_options("mixed", sh_order_max=8, train_tv=0.5,
-                                            train_tv_form="normalized_fodf")
+                                            train_tv_form="normalized_fodf", sparsity=1e-4)
     assert form.training.loss_weights.tv_form == "normalized_fodf"
     assert DeconvolutionConfig.from_dict(form.to_dict()) == form
     with pytest.raises(ValueError, match="train_tv_form must be one of"):
@@ -123,10 +126,8 @@ def test_defaults_and_docs_come_from_the_fields():
     assert defaults["lr"] is None and defaults["nside"] == 4
     text = options_docstring()
     for name, value in defaults.items():
-        if name in ("sparsity", "nonnegativity"):
-            continue
         assert f"{name} : " in text and f"default {value!r}" in text, name
-    assert "sparsity, nonnegativity : float, defaults 0.0001, 0.1" in text
+    assert "sparsity : float or None, default None" in text
     from esdmri import RTESDModel
     assert "    nside : int, default 4\n" in RTESDModel.__doc__
 
@@ -139,12 +140,14 @@ def test_default_sh_order_is_the_highest_determined_of_12_10_8(order):
     assert default_sh_order(6) == 8 and default_sh_order(500) == 12
 
 
-def test_super_resolution_raises_the_order_to_10_and_one_shell_weakens_the_coupling():
-    # One order beyond what 45-65 axes determine, never below what they determine.
-    assert default_sh_order(45, super_resolved=True) == 10
-    assert default_sh_order(65, super_resolved=True) == 10
+def test_super_resolution_raises_the_order_to_14_and_one_shell_weakens_the_coupling():
+    # Beyond what 45-300 axes determine, never below what they determine, with a
+    # stronger sparsity.
+    assert default_sh_order(45, super_resolved=True) == 14
+    assert default_sh_order(91, super_resolved=True) == 14
     assert default_sh_order(45) == default_sh_order(65) == 8
-    assert default_sh_order(91, super_resolved=True) == 12
+    assert default_sh_order(300) == 12
+    assert default_sparsity(True) == 3e-4 and default_sparsity(False) == 1e-4
     assert default_refine_tv(True) == 5.0 and default_refine_tv(False) == 10.0
 
 
@@ -169,17 +172,28 @@ def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expec
     assert explicit.config.network.sh_order_max == 12
 
 
-@pytest.mark.parametrize("n_directions, expected", [(30, 8), (45, 10), (64, 10), (101, 12)])
-def test_one_shell_above_b1500_resolves_order_and_coupling(n_directions, expected):
+@pytest.mark.parametrize("n_directions, expected", [(30, 8), (45, 14), (64, 14), (101, 14)])
+def test_one_shell_above_b1500_resolves_order_sparsity_and_coupling(n_directions, expected):
     gtab = _single_shell(n_directions, bval=2500.0)
     # From 45 axes, and only above b = 1500.
     assert super_resolved_shell(gtab) == (n_directions >= 45)
     assert not super_resolved_shell(_single_shell(n_directions))
     with warnings.catch_warnings():
         warnings.simplefilter("error" if n_directions >= 45 else "ignore")
-        model = RTESDModel(gtab, verbose=False)  # order 10 from 45 axes: no warning
+        model = RTESDModel(gtab, verbose=False)  # order 14 from 45 axes: no warning
     assert model.config.network.sh_order_max == expected
-    assert model.config.to_dict()["refine_tv"] == 5.0  # what a model file stores
+    # Order 14's 120 coefficients need more than nside 4's 96 vertices: the default
+    # order raises the grid (an explicit one is refused, naming the nside).
+    assert model.config.network.nside == (8 if expected == 14 else 4)
+    assert model.config.network.sphere().n_vertices >= n_coeffs(expected)
+    with pytest.raises(ValueError, match="raise nside"):
+        RTESDModel(gtab, sh_order_max=14, verbose=False)
+    saved = model.config.to_dict()  # what a model file stores
+    assert saved["refine_tv"] == 5.0
+    assert saved["loss_weights"]["sparsity"] == (3e-4 if expected == 14 else 1e-4)
+    assert model.with_options(sparsity=None).config.training.sparsity == \
+        model.config.training.sparsity
+    assert RTESDModel(gtab, sparsity=2e-4, verbose=False).config.training.sparsity == 2e-4
     # Two shells of the same directions: the determined order and the usual coupling.
     two = gradient_table(np.r_[gtab.bvals, gtab.bvals[1:] * 1.5],
                          bvecs=np.r_[gtab.bvecs, gtab.bvecs[1:]])
@@ -198,7 +212,8 @@ def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
 
     with pytest.warns(ArgsDeprecationWarning, match="'total_variation' is deprecated.*train_tv"):
         config = DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5)
-    assert config.training.train_tv == 0.5 == config.training.loss_weights.total_variation
+    assert config.training.train_tv == 0.5 == config.replace(
+        sparsity=1e-4).training.loss_weights.total_variation
     with pytest.raises(TypeError, match="both 'total_variation' and 'train_tv'"):
         DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5, train_tv=0.5)
 
@@ -219,16 +234,16 @@ def test_shells_sharing_directions_count_as_distinct_measurements():
         warnings.simplefilter("error")  # no "underdetermined" warning either
         assert RTESDModel(gtab, verbose=False).config.network.sh_order_max == 12
     # One of those shells: 64 axes determine order 8, which b = 1000 keeps; the
-    # b = 3500 shell gets one order more (default_sh_order), without the warning
-    # that an order asked beyond it gives.
-    for bval, expected in ((1000, 8), (3500, 10)):
+    # b = 3500 shell gets the super-resolved order 14 (default_sh_order), without
+    # the warning that an order asked beyond it gives.
+    for bval, expected, beyond in ((1000, 8, 12), (3500, 14, 16)):
         keep = gtab.b0s_mask | np.isclose(gtab.bvals, bval, atol=100)
         single = gradient_table(gtab.bvals[keep], bvecs=gtab.bvecs[keep])
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert RTESDModel(single, verbose=False).config.network.sh_order_max == expected
         with pytest.warns(UserWarning, match="underdetermined"):
-            RTESDModel(single, sh_order_max=12, verbose=False)
+            RTESDModel(single, sh_order_max=beyond, nside=8, verbose=False)
 
 
 def test_the_grid_rule_uses_the_pseudo_inverse_condition_number():

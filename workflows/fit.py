@@ -183,9 +183,10 @@ class FitFlow(EsdmriWorkflow):
             Tolerance of DIPY's check that the b-vectors have unit length.
         sh_order_max : int, optional
             Even SH order of the WM fODF (default: 12, 10 or 8, the highest
-            that the scan's distinct directions determine, and 10 on one shell
-            above b = 1500 of 45 directions or more). This and the network and training
-            options below default to the Python API's (esdmri.reconst.RTESDModel).
+            that the scan's distinct directions determine, and 14 on one shell
+            above b = 1500 of 45 directions or more, on nside 8). This and the
+            network and training options below default to the Python API's
+            (esdmri.reconst.RTESDModel).
         nside : int, optional
             HEALPix resolution of the network's sphere (a power of 2).
         depth : int, optional

@@ -48,6 +48,9 @@ TV_FORMS = ("coefficients", "normalized_fodf", "coupled")
 # and stick-zeppelin dev phantoms (0.00-0.14 at 0.2; docs/benchmarks.md,
 # "Where the remaining false negatives come from").
 PEAK_THRESHOLD = 0.2
+# The sparsity term's weight (LossWeights.sparsity) on every scan but one shell above
+# b = 1500 (:data:`HIGH_SHELL_SPARSITY`, :func:`default_sparsity`).
+SPARSITY = 1e-4
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class LossWeights:
     """
 
     intensity: float = 1.0
-    sparsity: float = 1e-4
+    sparsity: float = SPARSITY
     nonnegativity: float = 0.1
     total_variation: float = 0.0
     tv_form: str = "coefficients"
@@ -113,12 +116,14 @@ REFINEMENT_METHODS = ("lbfgs", "adam")
 
 
 # What ``refine_tv=None`` stands for (:func:`default_refine_tv`), and the least SH order
-# of a single shell above b = 1500 with 45 directions or more (:func:`default_sh_order`,
+# and the sparsity weight of a single shell above b = 1500 with 45 directions or more
+# (:func:`default_sh_order`, :func:`default_sparsity`,
 # esdmri.reconst.inputs.super_resolved_shell), chosen on the dev phantoms
-# (docs/benchmarks.md, "Single-shell defaults").
+# (docs/benchmarks.md, "Single-shell defaults" and "Order 14 on one shell above b = 1500").
 REFINE_TV = 10.0
 SINGLE_SHELL_REFINE_TV = 5.0
-HIGH_SHELL_SH_ORDER = 10
+HIGH_SHELL_SH_ORDER = 14
+HIGH_SHELL_SPARSITY = 3e-4
 
 
 def check_integer(name, value, low):
@@ -138,7 +143,7 @@ class NetworkConfig:
         and 8 whose coefficients the scan's distinct (shell, gradient
         direction) measurements determine (12 from 91 on: each shell weighs
         the SH degrees by its own response, so three shells of the same 64
-        directions count 192), else 8 as in DIPY's CSD, and 10 on one shell
+        directions count 192), else 8 as in DIPY's CSD, and 14 on one shell
         above b = 1500 of 45 directions or more (:func:`default_sh_order`).
         On straight 45-degree crossings with
         three shells of 64 directions, 8 merged the two fibres (issue 26).
@@ -147,7 +152,9 @@ class NetworkConfig:
         "SH order of the models"); 16 and 18 need nside 8 and gave more
         false peaks at SNR 10.
     nside : int
-        HEALPix resolution of the grid (a power of 2).
+        HEALPix resolution of the grid (a power of 2). The models raise it
+        to the smallest that holds the default SH order's coefficients (8
+        for the order 14 of one shell above b = 1500).
     hemisphere : bool
         Use one vertex per antipodal pair (half the cost, same result).
     depth : int
@@ -342,15 +349,18 @@ def default_sh_order(n_directions, super_resolved=False):
         The highest order up to 12 whose coefficients the directions
         determine (:func:`esdmri.shm.sh_order_for_directions`: 12 from 91
         directions on, 10 from 66), and never below 8, as in DIPY's CSD. One
-        shell above b = 1500 whose directions determine order 8 (45 on) gets
-        10, one order above, the non-negativity and sparsity terms carrying
-        the rest (as super-resolved CSD does [1]_): there order 8 merged
-        45-degree crossings of fibres of FA 0.7 that 10 resolves (dev
-        phantoms at SNR 10 / 20, one shell of b = 2000 x 60: crossing error
-        13.2 / 12.9 degrees and false negatives 0.28 against 3.2 / 2.6 and
-        0.00; docs/benchmarks.md, "Single-shell defaults"). At b <= 1500
-        the signal hardly carries the degrees above 8 and order 10 added
-        spurious peaks on dispersed bundles.
+        shell above b = 1500 with 45 axes or more gets 14
+        (:data:`HIGH_SHELL_SH_ORDER`), beyond what its directions determine,
+        the non-negativity and sparsity terms carrying the rest (as
+        super-resolved CSD does [1]_; with :func:`default_sparsity`'s
+        stronger sparsity): there order 8 merged 45-degree crossings of
+        fibres of FA 0.7 and order 10 40-degree crossings of fibres of FA
+        0.8 (dev phantoms at SNR 10 / 20, one shell of b = 2500 x 64:
+        crossing error 12.1 / 12.0 degrees, false negatives 0.29 / 0.28 at
+        order 10 against 3.7 / 2.7 and 0.00 at 14; docs/benchmarks.md,
+        "Order 14 on one shell above b = 1500"). At b <= 1500 the signal
+        hardly carries the degrees above 8 and order 10 added spurious
+        peaks on dispersed bundles.
 
     References
     ----------
@@ -363,6 +373,30 @@ def default_sh_order(n_directions, super_resolved=False):
     if super_resolved:
         order = max(order, HIGH_SHELL_SH_ORDER)
     return order
+
+
+def default_sparsity(super_resolved):
+    """The weight of the fODF's sparsity term ``sparsity=None`` stands for.
+
+    Parameters
+    ----------
+    super_resolved : bool
+        The scan's diffusion weighting is one shell above b = 1500 with 45
+        distinct axes or more (:func:`esdmri.reconst.inputs.super_resolved_shell`),
+        fitted at :data:`HIGH_SHELL_SH_ORDER`.
+
+    Returns
+    -------
+    sparsity : float
+        :data:`SPARSITY` (1e-4), or :data:`HIGH_SHELL_SPARSITY` (3e-4) with
+        the super-resolved order, chosen on the dev phantoms
+        (docs/benchmarks.md, "Order 14 on one shell above b = 1500"): at
+        order 14 with 1e-4 dispersed bundles on b = 2500 x 64 carried more
+        spurious peaks than at order 10 (all-voxel false positives 0.57 /
+        0.46 at SNR 10 / 20 against 0.50 / 0.39), with 3e-4 fewer (0.45 /
+        0.38), the crossings still resolved.
+    """
+    return HIGH_SHELL_SPARSITY if super_resolved else SPARSITY
 
 
 def default_refine_tv(single_shell):
@@ -482,9 +516,14 @@ class TrainingConfig:
         training.
     seed : int
         Seeds the weights and the window order (training is deterministic on CPU).
-    sparsity, nonnegativity : float
-        Weights of the fODF's sparsity and non-negativity terms (the signal
-        fit has weight 1), in training and in the refinement.
+    sparsity : float or None
+        Weight of the fODF's sparsity term (the signal fit has weight 1), in
+        training and in the refinement. None (default): the models resolve
+        it from the scan's gtab (:func:`default_sparsity`): 1e-4, 3e-4 on
+        one shell above b = 1500 fitted at the super-resolved order.
+    nonnegativity : float
+        Weight of the fODF's non-negativity term, in training and in the
+        refinement.
     train_tv : float
         Weight of the total variation between neighbouring voxels'
         coefficients in the training loss (the refinement's own is
@@ -530,7 +569,7 @@ class TrainingConfig:
     warmup_steps: int = 20
     patience: int = 3
     seed: int = 0
-    sparsity: float = LossWeights.sparsity
+    sparsity: Optional[float] = None
     nonnegativity: float = LossWeights.nonnegativity
     train_tv: float = LossWeights.total_variation
     train_tv_form: str = LossWeights.tv_form
@@ -552,7 +591,8 @@ class TrainingConfig:
             raise ValueError(f"holdout must lie in [0, {MAX_HOLDOUT}] (the share of each "
                              f"diffusion-weighted shell held out), got {self.holdout!r}")
         check_integer("holdout_refine_steps", self.holdout_refine_steps, 0)
-        self.loss_weights  # LossWeights refuses negative weights
+        # LossWeights refuses negative weights (None: resolved from the scan later).
+        self._loss_weights(SPARSITY if self.sparsity is None else self.sparsity)
 
     def recipe(self, finetune):
         """The learning rate and batch size that train, None resolved.
@@ -575,7 +615,14 @@ class TrainingConfig:
     @property
     def loss_weights(self):
         """The weights of the loss terms, as :class:`LossWeights`."""
-        return LossWeights(sparsity=self.sparsity, nonnegativity=self.nonnegativity,
+        if self.sparsity is None:
+            raise ValueError("sparsity=None stands for the scan's default: resolve it with "
+                             "esdmri.reconst.models.scan_defaults(config, gtab) (the models "
+                             "do) or give a weight")
+        return self._loss_weights(self.sparsity)
+
+    def _loss_weights(self, sparsity):
+        return LossWeights(sparsity=sparsity, nonnegativity=self.nonnegativity,
                            total_variation=self.train_tv, tv_form=self.train_tv_form)
 
 

@@ -109,13 +109,15 @@ def count_weighted_shells(gtab):
 
 
 def super_resolved_shell(gtab):
-    """Whether the default fit goes one SH order beyond what a gtab's axes determine.
+    """Whether the default fit goes beyond the SH order a gtab's axes determine.
 
     True for one diffusion-weighted shell above ``esdmri.response.TENSOR_MAX_BVAL``
     (b = 1500) with the 45 distinct axes or more that order 8 needs: there a
     single fibre's signal carries the SH degrees beyond 8 (``r_8 / r_0`` about
     6e-3 at b = 2000 and 2e-2 at 3000 for FA 0.76, 5e-4 at 1000), and the fit
-    takes order 10 (:func:`esdmri.reconst.config.default_sh_order`).
+    takes order 14 with a stronger sparsity term
+    (:func:`esdmri.reconst.config.default_sh_order`,
+    :func:`esdmri.reconst.config.default_sparsity`).
 
     Parameters
     ----------

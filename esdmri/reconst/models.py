@@ -32,7 +32,7 @@ from ..response import TissueResponse, estimate_response
 from ..shm import ShellInterpolator, group_shells, n_coeffs
 from .config import (DEBIAS_METHODS, RICIAN_MODEL, HIGH_SHELL_SH_ORDER, DeconvolutionConfig,
                      NetworkConfig, canonical_conv_kind, default_refine_tv, default_sh_order,
-                     option_defaults, options_docstring)
+                     default_sparsity, option_defaults, options_docstring)
 from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retained_scan,
                        weights_origin)
 from .fit import DeconvolutionFit
@@ -826,11 +826,15 @@ def load_model(path, gtab=None, device="cpu", verbose=True):
 def scan_defaults(config, gtab):
     """A configuration with the options that default to the scan's resolved.
 
-    ``sh_order_max=None`` (:func:`esdmri.reconst.config.default_sh_order`) and
+    ``sh_order_max=None`` (:func:`esdmri.reconst.config.default_sh_order`),
+    ``sparsity=None`` (:func:`esdmri.reconst.config.default_sparsity`) and
     ``refine_tv=None`` (:func:`esdmri.reconst.config.default_refine_tv`) stand
     for values that depend on the gtab's directions and shells
     (:func:`esdmri.reconst.inputs.super_resolved_shell`,
-    :func:`esdmri.reconst.inputs.count_weighted_shells`).
+    :func:`esdmri.reconst.inputs.count_weighted_shells`). A default order
+    that the grid cannot hold (14 on nside 4) raises ``nside`` to the
+    smallest that holds it, as the order was measured; an order given by
+    the user never does (the grid's check names the nside to raise).
 
     Parameters
     ----------
@@ -841,9 +845,16 @@ def scan_defaults(config, gtab):
     -------
     config : DeconvolutionConfig
     """
+    super_resolved = super_resolved_shell(gtab)
     if config.network.sh_order_max is None:
-        config = config.replace(sh_order_max=default_sh_order(
-            count_weighted_measurements(gtab), super_resolved=super_resolved_shell(gtab)))
+        order = default_sh_order(count_weighted_measurements(gtab), super_resolved=super_resolved)
+        nside = config.network.nside
+        while len(NetworkConfig(nside=nside, hemisphere=config.network.hemisphere,
+                                depth=config.network.depth).sphere().vertices) < n_coeffs(order):
+            nside *= 2
+        config = config.replace(sh_order_max=order, nside=nside)
+    if config.training.sparsity is None:
+        config = config.replace(sparsity=default_sparsity(super_resolved))
     if config.refinement.refine_tv is None:
         config = config.replace(refine_tv=default_refine_tv(count_weighted_shells(gtab) == 1))
     return config
