@@ -40,11 +40,14 @@ Usage::
     python -m benchmarks.bench_stages --quick     # 20^3, SNR 20, the resolved SH order
     python -m benchmarks.bench_stages             # 20^3 and 40^3, SNR 20 and 10, orders 8, 12
     python -m benchmarks.bench_stages --brain --methods lbfgs   # adds the clinical-size scan
+    python -m benchmarks.bench_stages --sizes 40 --shell 2500 64 --methods lbfgs \
+        --options '{"sh_order_max": 10, "sparsity": 1e-4}'     # a former single-shell default
 """
 
 import argparse
 import cProfile
 import gc
+import json
 import pstats
 import tempfile
 import time
@@ -65,6 +68,8 @@ from esdmri.metrics import threshold_sweep
 from esdmri.response import estimate_response
 from esdmri.shm import group_shells
 from esdmri.sims import make_phantom
+
+from .devset import shell_gtab
 
 # Dev geometry of benchmarks/heldout.py and the relative peak threshold its
 # dev phantoms chose for the defaults.
@@ -140,10 +145,14 @@ def write_seconds(fit):
     return time.perf_counter() - start
 
 
-def profiled_fit(phantom, response, order, method, pretrained=None):
-    """One default fit (``pretrained=False``: the network-free fit), profiled: its row."""
-    model = RTESDModel(phantom.gtab, response, verbose=False, sh_order_max=order,
-                       refine_method=method, pretrained=pretrained)
+def profiled_fit(phantom, response, order, method, pretrained=None, options=None):
+    """One default fit (``pretrained=False``: the network-free fit), profiled: its row.
+
+    ``options``: further model keyword options (e.g. a former default).
+    """
+    options = {"sh_order_max": order, **(options or {})}
+    model = RTESDModel(phantom.gtab, response, verbose=False, refine_method=method,
+                       pretrained=pretrained, **options)
     gc.collect()
     reset_peak()
     profile = cProfile.Profile()
@@ -189,8 +198,10 @@ def scans(args):
     """(name, phantom) of each scan the run fits."""
     for size in args.sizes:
         for snr in args.snrs:
-            yield (f"{size}^3 dev SNR {snr:g}",
-                   make_heldout_phantom((size,) * 3, snr=snr, seed=1,
+            gtab = None if args.shell is None else shell_gtab([args.shell], seed=33)
+            yield (f"{size}^3 dev SNR {snr:g}" + (
+                "" if gtab is None else f", one shell b {args.shell[0]:g} x {args.shell[1]:g}"),
+                   make_heldout_phantom((size,) * 3, gtab=gtab, snr=snr, seed=1,
                                         geometry_seed=DEV_GEOMETRY))
     if args.brain:
         shape = tuple(args.brain_shape)
@@ -215,6 +226,12 @@ def main():
                         help="add the clinical-size scan and DIPY CSD's time on it")
     parser.add_argument("--brain-shape", type=int, nargs=3, default=list(BRAIN_SHAPE),
                         help="the clinical scan's shape with --brain (default: the brain's)")
+    parser.add_argument("--shell", type=float, nargs=2, metavar=("BVAL", "DIRECTIONS"),
+                        help="the dev phantoms on one shell of DIRECTIONS at b = BVAL "
+                        "(default: their three shells)")
+    parser.add_argument("--options", default="{}",
+                        help="further model keyword options as JSON, e.g. a former default: "
+                        "'{\"sh_order_max\": 10, \"sparsity\": 1e-4}'")
     parser.add_argument("--network-free", action="store_true",
                         help="fit without the shipped pretrained correction (pretrained=False)")
     args = parser.parse_args()
@@ -246,7 +263,8 @@ def main():
                 order_of_methods = args.methods if repeat % 2 == 0 else args.methods[::-1]
                 for method in order_of_methods:
                     fits[method].append(profiled_fit(phantom, response, order, method,
-                                                     False if args.network_free else None))
+                                                     False if args.network_free else None,
+                                                     json.loads(args.options)))
             for method, results in fits.items():
                 best = min(results, key=lambda r: r["fit"])
                 line = (f"| {name} | {voxels} | {best['order']} | {method} | {best['fit']:.1f} | "
