@@ -132,12 +132,12 @@ def test_defaults_and_docs_come_from_the_fields():
     assert "    nside : int, default 4\n" in RTESDModel.__doc__
 
 
-@pytest.mark.parametrize("order", [8, 10, 12])
-def test_default_sh_order_is_the_highest_determined_of_12_10_8(order):
+@pytest.mark.parametrize("order", [8, 10, 12, 14])
+def test_default_sh_order_is_the_highest_determined_of_14_12_10_8(order):
     # Exactly enough directions for `order`, and one fewer.
     assert default_sh_order(n_coeffs(order)) == order
     assert default_sh_order(n_coeffs(order) - 1) == max(8, order - 2)
-    assert default_sh_order(6) == 8 and default_sh_order(500) == 12
+    assert default_sh_order(6) == 8 and default_sh_order(500) == 14
 
 
 def test_super_resolution_raises_the_order_to_14_and_one_shell_weakens_the_coupling():
@@ -146,8 +146,11 @@ def test_super_resolution_raises_the_order_to_14_and_one_shell_weakens_the_coupl
     assert default_sh_order(45, super_resolved=True) == 14
     assert default_sh_order(91, super_resolved=True) == 14
     assert default_sh_order(45) == default_sh_order(65) == 8
-    assert default_sh_order(300) == 12
-    assert default_sparsity(True) == 3e-4 and default_sparsity(False) == 1e-4
+    assert default_sh_order(119) == 12 and default_sh_order(120) == 14
+    # The sparsity of the super-resolved shell, of order 14 on several shells, else.
+    assert default_sparsity(True, 14) == 3e-4
+    assert default_sparsity(False, 14) == 1.5e-4
+    assert default_sparsity(False, 12) == default_sparsity(False, 8) == 1e-4
     assert default_refine_tv(True) == 5.0 and default_refine_tv(False) == 10.0
 
 
@@ -220,19 +223,22 @@ def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
 
 def test_shells_sharing_directions_count_as_distinct_measurements():
     # Issue 26: three shells of the same 64 directions (DIPY's get_3shell_gtab)
-    # determine order 12 (each shell weighs the SH degrees by its own
-    # response: the forward matrix has rank 91), one shell of them only 8.
+    # determine order 14 (each shell weighs the SH degrees by its own
+    # response: the forward matrix has rank 120), one shell of them only 8.
     from dipy.data import get_3shell_gtab
 
     from esdmri.response import TissueResponse
 
     gtab = get_3shell_gtab()
-    response = TissueResponse.from_tensors([0, 1000, 2000, 3500], tissues=("wm",))
-    forward = response.forward_matrices(gtab, 12)["wm"]
-    assert np.linalg.matrix_rank(forward, tol=1e-10 * np.linalg.norm(forward, 2)) == 91
+    response = TissueResponse.from_tensors([0, 1000, 2000, 3500], tissues=("wm",),
+                                           sh_order_max=14)
+    forward = response.forward_matrices(gtab, 14)["wm"]
+    assert np.linalg.matrix_rank(forward, tol=1e-10 * np.linalg.norm(forward, 2)) == 120
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "underdetermined" warning either
-        assert RTESDModel(gtab, verbose=False).config.network.sh_order_max == 12
+        model = RTESDModel(gtab, verbose=False)
+    assert model.config.network.sh_order_max == 14 and model.config.network.nside == 8
+    assert model.config.training.sparsity == 1.5e-4
     # One of those shells: 64 axes determine order 8, which b = 1000 keeps; the
     # b = 3500 shell gets the super-resolved order 14 (default_sh_order), without
     # the warning that an order asked beyond it gives.

@@ -540,13 +540,13 @@ def test_average_refuses_responses_that_disagree():
 
 def test_default_fit_estimates_the_response_at_the_fodf_order():
     # Issue 26: the model's forward model sees the WM response's degrees up to
-    # the fODF's (here 12, the default on 192 directions); estimated at order
-    # 8 they were zero-padded. The l = 10 and 12 terms of the noise-free
-    # phantom's tensor response, from DIPY, are small but not zero.
+    # the fODF's (here 12); estimated at order 8 they were zero-padded. The l =
+    # 10 and 12 terms of the noise-free phantom's tensor response, from DIPY,
+    # are small but not zero.
     from esdmri import RTESDModel
     from esdmri.sims import make_phantom
     phantom = make_phantom((12, 12, 12), seed=1, snr=None, wm_evals=FA_069_EVALS)
-    model = RTESDModel(phantom.gtab, verbose=False, refine_steps=0)
+    model = RTESDModel(phantom.gtab, verbose=False, refine_steps=0, sh_order_max=12)
     fit = model.fit(phantom.data, mask=phantom.mask)
     assert model.config.network.sh_order_max == 12
     ours = fit.response.normalized()["wm"]

@@ -182,7 +182,7 @@ class FitFlow(EsdmriWorkflow):
         bvecs_tol : float, optional
             Tolerance of DIPY's check that the b-vectors have unit length.
         sh_order_max : int, optional
-            Even SH order of the WM fODF (default: 12, 10 or 8, the highest
+            Even SH order of the WM fODF (default: 14, 12, 10 or 8, the highest
             that the scan's distinct directions determine, and 14 on one shell
             above b = 1500 of 45 directions or more, on nside 8). This and the
             network and training options below default to the Python API's

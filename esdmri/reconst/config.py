@@ -124,6 +124,11 @@ REFINE_TV = 10.0
 SINGLE_SHELL_REFINE_TV = 5.0
 HIGH_SHELL_SH_ORDER = 14
 HIGH_SHELL_SPARSITY = 3e-4
+# The highest SH order the directions may determine by default, and the sparsity
+# weight of a fit at that order on several shells (:func:`default_sparsity`; docs/
+# benchmarks.md, "Order 14 where the directions determine it").
+MAX_DEFAULT_SH_ORDER = 14
+DETERMINED_14_SPARSITY = 1.5e-4
 
 
 def check_integer(name, value, low):
@@ -139,12 +144,13 @@ class NetworkConfig:
     Parameters
     ----------
     sh_order_max : int or None
-        Even SH order of the WM fODF. None (default): the highest of 12, 10
-        and 8 whose coefficients the scan's distinct (shell, gradient
-        direction) measurements determine (12 from 91 on: each shell weighs
-        the SH degrees by its own response, so three shells of the same 64
-        directions count 192), else 8 as in DIPY's CSD, and 14 on one shell
-        above b = 1500 of 45 directions or more (:func:`default_sh_order`).
+        Even SH order of the WM fODF. None (default): the highest of 14, 12,
+        10 and 8 whose coefficients the scan's distinct (shell, gradient
+        direction) measurements determine (14 from 120 on, 12 from 91: each
+        shell weighs the SH degrees by its own response, so three shells of
+        the same 64 directions count 192), else 8 as in DIPY's CSD, and 14 on
+        one shell above b = 1500 of 45 directions or more
+        (:func:`default_sh_order`).
         On straight 45-degree crossings with
         three shells of 64 directions, 8 merged the two fibres (issue 26).
         Chosen on the dev phantoms: 12 cut their crossing-voxel error by
@@ -346,9 +352,14 @@ def default_sh_order(n_directions, super_resolved=False):
     Returns
     -------
     sh_order_max : int
-        The highest order up to 12 whose coefficients the directions
-        determine (:func:`esdmri.shm.sh_order_for_directions`: 12 from 91
-        directions on, 10 from 66), and never below 8, as in DIPY's CSD. One
+        The highest order up to 14 (:data:`MAX_DEFAULT_SH_ORDER`) whose
+        coefficients the directions determine
+        (:func:`esdmri.shm.sh_order_for_directions`: 14 from 120 directions
+        on, 12 from 91, 10 from 66), and never below 8, as in DIPY's CSD;
+        14 where the directions determine it (with a sparsity of 1.5e-4,
+        :func:`default_sparsity`) cut the crossing error of the dispersed dev
+        phantoms by up to 1 degree (docs/benchmarks.md, "Order 14 where the
+        directions determine it"). One
         shell above b = 1500 with 45 axes or more gets 14
         (:data:`HIGH_SHELL_SH_ORDER`), beyond what its directions determine,
         the non-negativity and sparsity terms carrying the rest (as
@@ -369,13 +380,13 @@ def default_sh_order(n_directions, super_resolved=False):
        non-negativity constrained super-resolved spherical deconvolution.
        NeuroImage 35, 1459-1472.
     """
-    order = max(8, sh_order_for_directions(n_directions, cap=12))
+    order = max(8, sh_order_for_directions(n_directions, cap=MAX_DEFAULT_SH_ORDER))
     if super_resolved:
         order = max(order, HIGH_SHELL_SH_ORDER)
     return order
 
 
-def default_sparsity(super_resolved):
+def default_sparsity(super_resolved, sh_order_max):
     """The weight of the fODF's sparsity term ``sparsity=None`` stands for.
 
     Parameters
@@ -384,11 +395,17 @@ def default_sparsity(super_resolved):
         The scan's diffusion weighting is one shell above b = 1500 with 45
         distinct axes or more (:func:`esdmri.reconst.inputs.super_resolved_shell`),
         fitted at :data:`HIGH_SHELL_SH_ORDER`.
+    sh_order_max : int
+        The fit's SH order.
 
     Returns
     -------
     sparsity : float
-        :data:`SPARSITY` (1e-4), or :data:`HIGH_SHELL_SPARSITY` (3e-4) with
+        :data:`SPARSITY` (1e-4); :data:`DETERMINED_14_SPARSITY` (1.5e-4) at
+        order 14 on several shells, where 1e-4 added spurious peaks on
+        dispersed dev bundles at SNR 10 (all-voxel false positives +0.04) and
+        1.25e-4 too (+0.03) (docs/benchmarks.md, "Order 14 where the
+        directions determine it"); :data:`HIGH_SHELL_SPARSITY` (3e-4) with
         the super-resolved order, chosen on the dev phantoms
         (docs/benchmarks.md, "Order 14 on one shell above b = 1500"): at
         order 14 with 1e-4 dispersed bundles on b = 2500 x 64 carried more
@@ -396,7 +413,9 @@ def default_sparsity(super_resolved):
         0.46 at SNR 10 / 20 against 0.50 / 0.39), with 3e-4 fewer (0.45 /
         0.38), the crossings still resolved.
     """
-    return HIGH_SHELL_SPARSITY if super_resolved else SPARSITY
+    if super_resolved:
+        return HIGH_SHELL_SPARSITY
+    return DETERMINED_14_SPARSITY if sh_order_max >= MAX_DEFAULT_SH_ORDER else SPARSITY
 
 
 def default_refine_tv(single_shell):
@@ -519,8 +538,9 @@ class TrainingConfig:
     sparsity : float or None
         Weight of the fODF's sparsity term (the signal fit has weight 1), in
         training and in the refinement. None (default): the models resolve
-        it from the scan's gtab (:func:`default_sparsity`): 1e-4, 3e-4 on
-        one shell above b = 1500 fitted at the super-resolved order.
+        it from the scan's gtab (:func:`default_sparsity`): 1e-4, 1.5e-4 at
+        SH order 14 on several shells, 3e-4 on one shell above b = 1500
+        fitted at the super-resolved order.
     nonnegativity : float
         Weight of the fODF's non-negativity term, in training and in the
         refinement.

@@ -854,7 +854,8 @@ def scan_defaults(config, gtab):
             nside *= 2
         config = config.replace(sh_order_max=order, nside=nside)
     if config.training.sparsity is None:
-        config = config.replace(sparsity=default_sparsity(super_resolved))
+        config = config.replace(sparsity=default_sparsity(super_resolved,
+                                                          config.network.sh_order_max))
     if config.refinement.refine_tv is None:
         config = config.replace(refine_tv=default_refine_tv(count_weighted_shells(gtab) == 1))
     return config
