@@ -48,8 +48,9 @@ TV_FORMS = ("coefficients", "normalized_fodf", "coupled")
 # and stick-zeppelin dev phantoms (0.00-0.14 at 0.2; docs/benchmarks.md,
 # "Where the remaining false negatives come from").
 PEAK_THRESHOLD = 0.2
-# The sparsity term's weight (LossWeights.sparsity) on every scan but one shell above
-# b = 1500 (:data:`HIGH_SHELL_SPARSITY`, :func:`default_sparsity`).
+# The sparsity term's weight (LossWeights.sparsity) at SH orders up to 12; order 14 has
+# its own (:data:`DETERMINED_14_SPARSITY`, :data:`HIGH_SHELL_SPARSITY`,
+# :func:`default_sparsity`).
 SPARSITY = 1e-4
 
 
@@ -160,7 +161,7 @@ class NetworkConfig:
     nside : int
         HEALPix resolution of the grid (a power of 2). The models raise it
         to the smallest that holds the default SH order's coefficients (8
-        for the order 14 of one shell above b = 1500).
+        for order 14).
     hemisphere : bool
         Use one vertex per antipodal pair (half the cost, same result).
     depth : int

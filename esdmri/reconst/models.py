@@ -848,11 +848,10 @@ def scan_defaults(config, gtab):
     super_resolved = super_resolved_shell(gtab)
     if config.network.sh_order_max is None:
         order = default_sh_order(count_weighted_measurements(gtab), super_resolved=super_resolved)
-        nside = config.network.nside
-        while len(NetworkConfig(nside=nside, hemisphere=config.network.hemisphere,
-                                depth=config.network.depth).sphere().vertices) < n_coeffs(order):
-            nside *= 2
-        config = config.replace(sh_order_max=order, nside=nside)
+        grid = config.network
+        while grid.sphere().n_vertices < n_coeffs(order):
+            grid = dataclasses.replace(grid, nside=2 * grid.nside)
+        config = config.replace(sh_order_max=order, nside=grid.nside)
     if config.training.sparsity is None:
         config = config.replace(sparsity=default_sparsity(super_resolved,
                                                           config.network.sh_order_max))
