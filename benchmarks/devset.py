@@ -212,11 +212,15 @@ ACUTE_SPECS = {f"{family}-acute": FAMILY_SPECS[family] for family in ("dispersed
 # and ``dispersed-1shell-2500`` the spurious lobes a higher order may add on the same
 # shell (both added after the transfer split was scored: its 40-degree crossings are
 # since then an angle a dev family has; FA, second angle and acquisition differ).
+# ``straight-1shell-1000-45``: 45-degree crossings on the b = 1000 shell, which the
+# default's order 8 merged there (added with the WM + GM fit of such shells).
 SINGLE_SHELL_SPECS = {
     "straight-1shell-45": ("straight", "1 shell b2000 x 60", {"fa": 0.7, "angles": (45.0, 90.0)}),
     "straight-1shell-40": ("straight", "1 shell b2500 x 64", {"fa": 0.8, "angles": (40.0, 80.0)}),
     "dispersed-1shell-2500": ("heldout", "1 shell b2500 x 64", {}),
     "dispersed-1shell": ("heldout", "1 shell b1000 x 60", {}),
+    "straight-1shell-1000-45": ("straight", "1 shell b1000 x 60",
+                                {"fa": 0.7, "angles": (45.0, 90.0)}),
 }
 # The families each split holds.
 SPLIT_FAMILIES = {"dev": FAMILIES + tuple(ACUTE_SPECS) + tuple(SINGLE_SHELL_SPECS),
