@@ -34,8 +34,8 @@ from dipy.reconst.shm import real_sh_descoteaux_from_index
 from scipy.special import i0e
 
 from esdmri.atomic import output_transaction, staged_output
-from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, group_shells, n_coeffs,
-                        sh_degrees, sh_matrix)
+from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, count_unique_axes, group_shells,
+                        n_coeffs, sh_degrees, sh_matrix)
 from esdmri.threads import run_chunks
 
 TISSUES = ("wm", "gm", "csf")
@@ -770,7 +770,10 @@ class TissueResponse:
         b-values within ``tolerance``), and the gtab must have at least as
         many distinct shells (b0 included) as there are tissues, since
         multi-tissue deconvolution separates tissues by their b-value
-        dependence.
+        dependence; but b0 and one shell at b <= 1500 with 30 axes or more
+        (:func:`low_shell`) may hold all three, whose
+        missing equation the default fit's charges on the isotropic
+        fractions stand for (:func:`estimate_response`).
 
         Parameters
         ----------
@@ -784,7 +787,11 @@ class TissueResponse:
             Describing the mismatch.
         """
         shell_bvals, _, _, _ = self._gtab_shells(gtab, b0_threshold, tolerance)
-        if len(self.tissues) > len(shell_bvals):
+        # b0 and one shell at b <= 1500 hold all three, one equation short: the models'
+        # default fit charges the isotropic fractions there.
+        allowed = (len(TISSUES) if len(shell_bvals) == 2 and low_shell(gtab)
+                   else len(shell_bvals))
+        if len(self.tissues) > allowed:
             keep = [t for t in _KEEP_PRIORITY if t in self.tissues][:len(shell_bvals)]
             drop = [t for t in self.tissues if t not in keep]
             raise ValueError(
@@ -879,6 +886,40 @@ ISOTROPIC_MAX_FA = 0.2
 # and MRtrix3's tournier algorithm, with the fit residual as the criterion).
 _CANDIDATE_FACTOR = 2
 _SELECTION_ROUNDS = 3
+
+
+# The fewest distinct axes of one shell at b <= 1500 that take the three-tissue fit at
+# SH order 12 (low_shell): the dev phantoms' 30 and 60 measured it, fewer were not.
+LOW_SHELL_MIN_AXES = 30
+
+
+def low_shell(gtab):
+    """Whether a gtab is one shell at b <= 1500 with 30 distinct axes or more.
+
+    There :func:`estimate_response` gives WM, GM and CSF by default, and the
+    models fit them at SH order 12 with a stronger sparsity and charges on
+    the isotropic fractions (:func:`esdmri.reconst.config.default_sh_order`,
+    :func:`esdmri.reconst.config.default_sparsity`,
+    :func:`esdmri.reconst.config.default_isotropic_charges`): on b0 and one
+    such shell grey matter's isotropic signal and a WM fODF's mean are nearly
+    the same column of the forward model.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    bool
+    """
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if not weighted.any():
+        return False
+    _, shell_index = group_shells(gtab)
+    return (len(np.unique(shell_index[weighted])) == 1
+            and float(np.max(np.asarray(gtab.bvals)[weighted])) <= TENSOR_MAX_BVAL
+            and count_unique_axes(np.asarray(gtab.bvecs, dtype=float)[weighted])
+            >= LOW_SHELL_MIN_AXES)
 
 
 def _low_b_volumes(gtab):
@@ -1264,7 +1305,14 @@ def estimate_response(gtab, data, mask=None, sh_order_max=RESPONSE_SH_ORDER, tis
     Multi-tissue deconvolution separates tissues by their b-value
     dependence, so a scan with ``S`` distinct shells (b0 included) gets at
     most ``S`` tissues: WM always, then CSF, then GM (b0 plus one shell gives
-    WM and CSF, like MSMT-CSD). A tissue without voxels is left out with a
+    WM and CSF, like MSMT-CSD), except one shell at b <= 1500 with 30 axes
+    or more (:func:`low_shell`), which gets all three:
+    without a GM tissue the WM fODF carried grey matter's partial volume as
+    spurious lobes. The three are one equation short there (GM's isotropic
+    signal and a WM fODF's mean are nearly the same column of the forward
+    model); the models' default fit charges the GM and CSF fractions
+    (:func:`esdmri.reconst.config.default_isotropic_charges`; docs/benchmarks.md,
+    "One shell at b <= 1500"). A tissue without voxels is left out with a
     warning.
 
     Parameters
@@ -1329,7 +1377,8 @@ def estimate_response(gtab, data, mask=None, sh_order_max=RESPONSE_SH_ORDER, tis
         raise ValueError("estimate_response needs b0 volumes and diffusion-weighted volumes")
     shell_bvals, _ = group_shells(gtab)
     if tissues is None:
-        tissues = tuple(t for t in _KEEP_PRIORITY)[:len(shell_bvals)]
+        tissues = (TISSUES if low_shell(gtab)
+                   else tuple(t for t in _KEEP_PRIORITY)[:len(shell_bvals)])
     elif isinstance(tissues, str) or "wm" not in tissues or not set(tissues) <= set(TISSUES):
         raise ValueError(f"tissues must be a subset of {TISSUES} containing 'wm', "
                          f"got {tissues!r}")

@@ -37,7 +37,8 @@ ADDED_OPTIONS = {"mask_fraction": 0.0, "refine_method": "lbfgs", "norm": "batch"
                  "holdout": 0.0, "holdout_refine_steps": 30, "refine_likelihood_tolerance": 0.01,
                  "refine_active_set": 1e-3}
 # Loss-weight fields added since (the form of the training TV), with their load defaults.
-ADDED_WEIGHTS = {"tv_form": "coefficients", "tv_smoothing": 1e-6}
+ADDED_WEIGHTS = {"tv_form": "coefficients", "tv_smoothing": 1e-6, "gm_charge": 0.0,
+                 "csf_charge": 0.0}
 # Defaults changed since; a file stores every option, so its own values load.
 CHANGED_DEFAULTS = {"epochs": 0, "norm": "voxel", "train_windows": 1000, "pretrained": None,
                     "batch_size": None, "lr": None, "holdout": 0.125}
@@ -49,9 +50,11 @@ def test_saved_layout_is_model_format_3():
     # A model resolves sh_order_max=None, sparsity=None and refine_tv=None from its
     # gtab before anything is saved (models.scan_defaults).
     config = DeconvolutionConfig.from_options("mixed", sh_order_max=8, refine_tv=10.0,
-                                              sparsity=1e-4)
+                                              sparsity=1e-4, gm_charge=0.0, csf_charge=0.0)
     with pytest.raises(ValueError, match="sparsity=None stands for the scan's default"):
         DeconvolutionConfig.from_options("mixed", sh_order_max=8, refine_tv=10.0).to_dict()
+    with pytest.raises(ValueError, match="gm_charge=None stands for the scan's default"):
+        config.replace(gm_charge=None).to_dict()
     assert config.to_dict() == {**FORMAT_3_DEFAULTS, **ADDED_OPTIONS, **CHANGED_DEFAULTS,
                                 **RENAMED, "loss_weights": {
                                     **FORMAT_3_DEFAULTS["loss_weights"], **ADDED_WEIGHTS}}
@@ -68,7 +71,8 @@ def test_saved_layout_is_model_format_3():
     assert DeconvolutionConfig.from_dict(masked).to_dict() == {**masked, **RENAMED}
     # The follow-up's TV form round-trips through a file's layout.
     form = DeconvolutionConfig.from_options("mixed", sh_order_max=8, train_tv=0.5,
-                                            train_tv_form="normalized_fodf", sparsity=1e-4)
+                                            train_tv_form="normalized_fodf", sparsity=1e-4,
+                                            gm_charge=0.0, csf_charge=0.0)
     assert form.training.loss_weights.tv_form == "normalized_fodf"
     assert DeconvolutionConfig.from_dict(form.to_dict()) == form
     with pytest.raises(ValueError, match="train_tv_form must be one of"):
@@ -154,6 +158,50 @@ def test_super_resolution_raises_the_order_to_14_and_one_shell_weakens_the_coupl
     assert default_refine_tv(True) == 5.0 and default_refine_tv(False) == 10.0
 
 
+def test_one_shell_at_b1000_resolves_three_tissues_order_12_and_charges():
+    from esdmri.reconst.config import default_isotropic_charges
+    from esdmri.response import low_shell
+
+    # 30 axes or more, at b <= 1500, one shell.
+    assert low_shell(_single_shell(30)) and low_shell(_single_shell(60, bval=1500.0))
+    assert not low_shell(_single_shell(29)) and not low_shell(_single_shell(60, bval=2000.0))
+    two = _single_shell(60)
+    two = gradient_table(np.r_[two.bvals, two.bvals[1:] * 0.7], bvecs=np.r_[two.bvecs,
+                                                                             two.bvecs[1:]])
+    assert not low_shell(two)
+    assert default_sh_order(30, low_shell=True) == default_sh_order(91, low_shell=True) == 12
+    assert default_sh_order(120, low_shell=True) == 14
+    assert default_sparsity(False, 12, low_shell=True) == 4e-4
+    assert default_sparsity(False, 14, low_shell=True) == 1.5e-4
+    assert default_isotropic_charges(True) == (5e-3, 2e-2)
+    assert default_isotropic_charges(False) == (0.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # order 12 on 30 axes: no "underdetermined" warning
+        model = RTESDModel(_single_shell(30), verbose=False)
+    training = model.config.training
+    assert (model.config.network.sh_order_max, model.config.network.nside) == (12, 4)
+    assert (training.sparsity, training.gm_charge, training.csf_charge) == (4e-4, 5e-3, 2e-2)
+    weights = model.config.to_dict()["loss_weights"]  # what a model file stores
+    assert (weights["gm_charge"], weights["csf_charge"]) == (5e-3, 2e-2)
+    # Explicit values are kept; elsewhere the charges are 0.
+    assert RTESDModel(_single_shell(30), gm_charge=0.0,
+                      verbose=False).config.training.gm_charge == 0.0
+    assert RTESDModel(_single_shell(60, bval=2500.0),
+                      verbose=False).config.training.csf_charge == 0.0
+    # A response without GM gets a warning with these defaults, none with the former ones.
+    from esdmri.response import TissueResponse
+
+    two = TissueResponse.from_tensors([0, 1000], tissues=("wm", "csf"))
+    with pytest.warns(UserWarning, match="chosen with WM, GM and CSF"):
+        RTESDModel(_single_shell(30), two, verbose=False)
+    with pytest.warns(UserWarning, match="chosen with WM, GM and CSF"):
+        model.with_response(two)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RTESDModel(_single_shell(30), two, sh_order_max=8, sparsity=1e-4, verbose=False)
+        RTESDModel(_single_shell(30), TissueResponse.from_tensors([0, 1000]), verbose=False)
+
+
 def _single_shell(n_directions, bval=1000.0):
     rng = np.random.default_rng(n_directions)
     points = rng.normal(size=(n_directions, 3))
@@ -163,16 +211,19 @@ def _single_shell(n_directions, bval=1000.0):
     return gradient_table(np.r_[0, np.full(n_directions, bval)], bvecs=bvecs)
 
 
-@pytest.mark.parametrize("n_directions, expected", [(64, 8), (70, 10), (101, 12)])
-def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, expected):
-    model = RTESDModel(_single_shell(n_directions), verbose=False)
+@pytest.mark.parametrize("n_directions, bval, expected", [
+    (40, 2000.0, 8), (30, 1000.0, 12), (64, 1000.0, 12), (101, 1000.0, 12), (120, 1000.0, 14)])
+def test_models_resolve_the_default_sh_order_from_their_gtab(n_directions, bval, expected):
+    # 40 axes at b 2000 determine order 6 (order 8 at least, as DIPY's CSD); one shell
+    # at b <= 1500 with 30 axes or more takes 12, or the determined order above it.
+    model = RTESDModel(_single_shell(n_directions, bval), verbose=False)
     assert model.config.network.sh_order_max == expected
     assert model.config.to_dict()["sh_order_max"] == expected  # what a model file stores
     assert model.config.to_dict()["refine_tv"] == 5.0  # one shell: the weaker coupling
     # An explicit order is kept, also an underdetermined one (with DIPY's warning).
     with pytest.warns(UserWarning, match="underdetermined"):
-        explicit = RTESDModel(_single_shell(64), sh_order_max=12, verbose=False)
-    assert explicit.config.network.sh_order_max == 12
+        explicit = RTESDModel(_single_shell(64), sh_order_max=14, nside=8, verbose=False)
+    assert explicit.config.network.sh_order_max == 14
 
 
 @pytest.mark.parametrize("n_directions, expected", [(30, 8), (45, 14), (64, 14), (101, 14)])
@@ -216,7 +267,7 @@ def test_the_old_name_of_train_tv_still_works_with_a_deprecation_warning():
     with pytest.warns(ArgsDeprecationWarning, match="'total_variation' is deprecated.*train_tv"):
         config = DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5)
     assert config.training.train_tv == 0.5 == config.replace(
-        sparsity=1e-4).training.loss_weights.total_variation
+        sparsity=1e-4, gm_charge=0.0, csf_charge=0.0).training.loss_weights.total_variation
     with pytest.raises(TypeError, match="both 'total_variation' and 'train_tv'"):
         DeconvolutionConfig.from_options("e3so3-stem", total_variation=0.5, train_tv=0.5)
 
@@ -239,10 +290,10 @@ def test_shells_sharing_directions_count_as_distinct_measurements():
         model = RTESDModel(gtab, verbose=False)
     assert model.config.network.sh_order_max == 14 and model.config.network.nside == 8
     assert model.config.training.sparsity == 1.5e-4
-    # One of those shells: 64 axes determine order 8, which b = 1000 keeps; the
-    # b = 3500 shell gets the super-resolved order 14 (default_sh_order), without
-    # the warning that an order asked beyond it gives.
-    for bval, expected, beyond in ((1000, 8, 12), (3500, 14, 16)):
+    # One of those shells: 64 axes determine order 8; the b = 1000 shell gets 12 (with
+    # three tissues, low_shell), the b = 3500 shell the super-resolved order 14
+    # (default_sh_order), without the warning that an order asked beyond them gives.
+    for bval, expected, beyond in ((1000, 12, 14), (3500, 14, 16)):
         keep = gtab.b0s_mask | np.isclose(gtab.bvals, bval, atol=100)
         single = gradient_table(gtab.bvals[keep], bvecs=gtab.bvecs[keep])
         with warnings.catch_warnings():

@@ -122,8 +122,9 @@ def test_two_seeds_agree(csd, fits):
 
 @pytest.mark.slow
 def test_tissues_and_normalisation_follow_the_scheme(fits):
-    # b0 + one shell: WM and CSF where CSF voxels exist, unnormalised.
-    assert fits["small_64D"]["fit"].response.tissues == ("wm", "csf")
+    # b0 + one shell at b 1000 with 64 axes: the three tissues, the isotropic ones
+    # charged (esdmri.response.low_shell), unnormalised.
+    assert fits["small_64D"]["fit"].response.tissues == ("wm", "gm", "csf")
     assert not fits["small_64D"]["fit"].normalizes
     assert fits["small_25"]["fit"].response.tissues == ("wm",)
     # No shells: all three tissues, normalised like multi-shell scans.

@@ -314,16 +314,30 @@ def test_validate_rejects_mismatched_shells(gtab_3shell):
 
 
 def test_validate_needs_as_many_shells_as_tissues(gtab_3shell):
-    keep = gtab_3shell.bvals < 1500
+    keep = (gtab_3shell.bvals < 50) | ((gtab_3shell.bvals > 1500) & (gtab_3shell.bvals < 2500))
     single_shell = gradient_table(gtab_3shell.bvals[keep], bvecs=gtab_3shell.bvecs[keep])
-    response = TissueResponse.from_tensors([0, 1000])
+    response = TissueResponse.from_tensors([0, 2000])
     with pytest.raises(ValueError, match=r"drop \['gm'\].*\('wm', 'csf'\)"):
         response.validate(single_shell)
     response.select_tissues(("wm", "csf")).validate(single_shell)
+    keep = gtab_3shell.bvals < 1500
+    response = TissueResponse.from_tensors([0, 1000])
     no_b0 = gradient_table(gtab_3shell.bvals[keep][1:], bvecs=gtab_3shell.bvecs[keep][1:])
     with pytest.raises(ValueError, match=r"drop \['csf'\]"):
         response.select_tissues(("wm", "csf")).validate(no_b0)
     assert group_shells(no_b0)[0].shape == (1,)
+
+
+def test_validate_takes_three_tissues_on_b0_and_one_shell_at_b_1000(gtab_3shell):
+    # One equation short there; the default fit charges the isotropic fractions.
+    keep = gtab_3shell.bvals < 1500
+    low = gradient_table(gtab_3shell.bvals[keep], bvecs=gtab_3shell.bvecs[keep])
+    TissueResponse.from_tensors([0, 1000]).validate(low)
+    # 29 axes are too few for it.
+    few = keep & (np.cumsum(gtab_3shell.bvals > 500) <= 29)
+    sparse = gradient_table(gtab_3shell.bvals[few], bvecs=gtab_3shell.bvecs[few])
+    with pytest.raises(ValueError, match=r"drop \['gm'\]"):
+        TissueResponse.from_tensors([0, 1000]).validate(sparse)
 
 
 def test_constructor_rejects_bad_input():
@@ -437,9 +451,16 @@ def test_estimate_response_tissues_follow_the_shells(gtab_3shell):
     phantom = make_phantom((12, 12, 12), seed=2)
     single = phantom.gtab.bvals < 1500
     gtab = gradient_table(phantom.gtab.bvals[single], bvecs=phantom.gtab.bvecs[single])
-    # b0 + one shell separates two tissues: WM and CSF.
+    # b0 + one shell separates two tissues, WM and CSF; at b <= 1500 with 30 axes or
+    # more the three, which the default fit's charges tell apart.
     response = estimate_response(gtab, phantom.data[..., single], phantom.mask)
-    assert response.tissues == ("wm", "csf")
+    assert response.tissues == ("wm", "gm", "csf")
+    assert estimate_response(gtab, phantom.data[..., single], phantom.mask,
+                             tissues=("wm", "csf")).tissues == ("wm", "csf")
+    few = single & (np.cumsum(phantom.gtab.bvals > 500) <= 29)  # 29 axes: two tissues
+    few_gtab = gradient_table(phantom.gtab.bvals[few], bvecs=phantom.gtab.bvecs[few])
+    assert estimate_response(few_gtab, phantom.data[..., few],
+                             phantom.mask).tissues == ("wm", "csf")
     # CSF decays much faster than WM.
     normalized = response.normalized()
     assert normalized["csf"][1, 0] < 0.5 * normalized["wm"][1, 0]

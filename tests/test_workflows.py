@@ -184,8 +184,10 @@ def test_response_matches_truth_and_respects_force(phantom, tmp_path, in_process
 
 
 def test_single_shell_response_writes_wm_and_csf(phantom, tmp_path, in_process):
-    # b0 plus one shell separates two tissues: WM and CSF, as in MSMT-CSD.
-    keep = phantom.gtab.bvals < 1500
+    # b0 plus one shell separates two tissues, WM and CSF as in MSMT-CSD (29 directions
+    # at b = 1000: 30 or more get all three, esdmri.response.low_shell).
+    keep = phantom.gtab.b0s_mask | ((phantom.gtab.bvals < 1500)
+                                    & (np.cumsum(phantom.gtab.bvals > 500) <= 29))
     save_nifti(tmp_path / "dwi.nii.gz", phantom.data[..., keep])
     np.savetxt(tmp_path / "bvals", phantom.gtab.bvals[keep][None])
     np.savetxt(tmp_path / "bvecs", phantom.gtab.bvecs[keep].T)
@@ -196,6 +198,15 @@ def test_single_shell_response_writes_wm_and_csf(phantom, tmp_path, in_process):
     response = TissueResponse.from_mrtrix(out / "wm.txt", "wm")
     np.testing.assert_allclose(response["wm"][:, :2], phantom.response["wm"][:2, :2],
                                rtol=0.05, atol=1.0)
+    keep = phantom.gtab.bvals < 1500
+    save_nifti(tmp_path / "dwi.nii.gz", phantom.data[..., keep])
+    np.savetxt(tmp_path / "bvals", phantom.gtab.bvals[keep][None])
+    np.savetxt(tmp_path / "bvecs", phantom.gtab.bvecs[keep].T)
+    in_process(ResponseFlow(), tmp_path / "dwi.nii.gz", tmp_path / "bvals",
+               tmp_path / "bvecs", "--mask", phantom.folder / "mask.nii.gz", "--out_dir",
+               tmp_path / "three")
+    assert sorted(path.name for path in (tmp_path / "three").iterdir()) == [
+        "csf.txt", "gm.txt", "wm.txt"]
 
 
 def test_bad_input_gives_one_line_errors(phantom, tmp_path, in_process):

@@ -33,7 +33,10 @@ class ResponseFlow(EsdmriWorkflow):
         thresholds, each tissue's signal fitted as a smooth function of b,
         so any b-value scheme works (shells or not). A scan gets as many
         tissues as it has distinct shells, b0 included (WM and CSF from b0
-        plus one shell); a tissue without voxels is left out with a warning.
+        plus one shell), except b0 plus one shell at b <= 1500 with 30
+        directions or more, which gets all three (the fit charges the GM and
+        CSF fractions there); a tissue without voxels is left out with a
+        warning.
         Each file has a "# Shells:" header and one row of zonal SH
         coefficients per shell, b0 first (MRtrix3 layout). Example:
         esdmri_response dwi.nii.gz dwi.bval dwi.bvec --mask mask.nii.gz

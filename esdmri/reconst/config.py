@@ -85,6 +85,10 @@ class LossWeights:
     tv_smoothing : float
         ``delta`` of the smoothed norms of the ``"coefficients"`` and
         ``"coupled"`` forms (keeps their gradient finite where neighbours agree).
+    gm_charge, csf_charge : float
+        Linear charges on each voxel's GM and CSF coefficients (L1 priors on
+        the non-negative fractions), in the refinement's objective; they act
+        where the response has the tissue.
     """
 
     intensity: float = 1.0
@@ -93,6 +97,8 @@ class LossWeights:
     total_variation: float = 0.0
     tv_form: str = "coefficients"
     tv_smoothing: float = 1e-6
+    gm_charge: float = 0.0
+    csf_charge: float = 0.0
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -130,6 +136,15 @@ HIGH_SHELL_SPARSITY = 3e-4
 # benchmarks.md, "Order 14 where the directions determine it").
 MAX_DEFAULT_SH_ORDER = 14
 DETERMINED_14_SPARSITY = 1.5e-4
+# One shell at b <= 1500 with 30 axes or more (esdmri.response.low_shell): WM, GM
+# and CSF (esdmri.response.estimate_response's default tissues there), SH order 12, a
+# stronger sparsity and charges on the GM and CSF fractions
+# (:func:`default_isotropic_charges`), chosen on the dev phantoms (docs/benchmarks.md,
+# "One shell at b <= 1500: three tissues, the isotropic ones charged").
+LOW_SHELL_SH_ORDER = 12
+LOW_SHELL_SPARSITY = 4e-4
+GM_CHARGE = 5e-3
+CSF_CHARGE = 2e-2
 
 
 def check_integer(name, value, low):
@@ -337,7 +352,7 @@ def carrying_nside(sh_order_max, hemisphere=True):
     return nside
 
 
-def default_sh_order(n_directions, super_resolved=False):
+def default_sh_order(n_directions, super_resolved=False, low_shell=False):
     """The SH order ``sh_order_max=None`` stands for.
 
     Parameters
@@ -349,6 +364,9 @@ def default_sh_order(n_directions, super_resolved=False):
     super_resolved : bool, optional
         The scan's diffusion weighting is one shell above b = 1500 with 45
         distinct axes or more (:func:`esdmri.reconst.inputs.super_resolved_shell`).
+    low_shell : bool, optional
+        The scan's diffusion weighting is one shell at b <= 1500 with 30
+        distinct axes or more (:func:`esdmri.response.low_shell`).
 
     Returns
     -------
@@ -370,9 +388,12 @@ def default_sh_order(n_directions, super_resolved=False):
         0.8 (dev phantoms at SNR 10 / 20, one shell of b = 2500 x 64:
         crossing error 12.1 / 12.0 degrees, false negatives 0.29 / 0.28 at
         order 10 against 3.7 / 2.7 and 0.00 at 14; docs/benchmarks.md,
-        "Order 14 on one shell above b = 1500"). At b <= 1500 the signal
-        hardly carries the degrees above 8 and order 10 added spurious
-        peaks on dispersed bundles.
+        "Order 14 on one shell above b = 1500"). One shell at b <= 1500
+        with 30 axes or more gets 12 (:data:`LOW_SHELL_SH_ORDER`) with three
+        tissues and charges on the isotropic ones
+        (:func:`default_isotropic_charges`): with WM and CSF alone order 12
+        resolved 45-degree crossings that order 8 merges but added spurious
+        peaks where grey matter shares the voxel.
 
     References
     ----------
@@ -384,10 +405,12 @@ def default_sh_order(n_directions, super_resolved=False):
     order = max(8, sh_order_for_directions(n_directions, cap=MAX_DEFAULT_SH_ORDER))
     if super_resolved:
         order = max(order, HIGH_SHELL_SH_ORDER)
+    if low_shell:
+        order = max(order, LOW_SHELL_SH_ORDER)
     return order
 
 
-def default_sparsity(super_resolved, sh_order_max):
+def default_sparsity(super_resolved, sh_order_max, low_shell=False):
     """The weight of the fODF's sparsity term ``sparsity=None`` stands for.
 
     Parameters
@@ -398,6 +421,10 @@ def default_sparsity(super_resolved, sh_order_max):
         fitted at :data:`HIGH_SHELL_SH_ORDER`.
     sh_order_max : int
         The fit's SH order.
+    low_shell : bool, optional
+        One shell at b <= 1500 with 30 axes or more
+        (:func:`esdmri.response.low_shell`), fitted at
+        :data:`LOW_SHELL_SH_ORDER`.
 
     Returns
     -------
@@ -412,11 +439,53 @@ def default_sparsity(super_resolved, sh_order_max):
         order 14 with 1e-4 dispersed bundles on b = 2500 x 64 carried more
         spurious peaks than at order 10 (all-voxel false positives 0.57 /
         0.46 at SNR 10 / 20 against 0.50 / 0.39), with 3e-4 fewer (0.45 /
-        0.38), the crossings still resolved.
+        0.38), the crossings still resolved; :data:`LOW_SHELL_SPARSITY`
+        (4e-4) at order 12 on one shell at b <= 1500 (3e-4 and 6e-4 resolved
+        fewer 45-degree crossings; docs/benchmarks.md, "One shell at b <=
+        1500").
     """
     if super_resolved:
         return HIGH_SHELL_SPARSITY
+    if low_shell and sh_order_max == LOW_SHELL_SH_ORDER:
+        return LOW_SHELL_SPARSITY
     return DETERMINED_14_SPARSITY if sh_order_max >= MAX_DEFAULT_SH_ORDER else SPARSITY
+
+
+def default_isotropic_charges(low_shell):
+    """The charges on the GM and CSF fractions ``gm_charge=None`` and ``csf_charge=None``
+    stand for.
+
+    Parameters
+    ----------
+    low_shell : bool
+        One shell at b <= 1500 with 30 axes or more
+        (:func:`esdmri.response.low_shell`).
+
+    Returns
+    -------
+    gm_charge, csf_charge : float
+        :data:`GM_CHARGE` (5e-3) and :data:`CSF_CHARGE` (2e-2) on such a
+        shell, 0 elsewhere. On b0 and one shell at b ~ 1000, grey matter's
+        isotropic signal and a WM fODF's mean are nearly the same column of
+        the forward model, and WM's mean plus CSF can stand for GM: the three
+        tissues are one equation short. Without GM the WM fODF carried grey
+        matter's partial volume, which the sparsity term broke into spurious
+        lobes (dispersed dev bundles: two extra peaks per partial-volume
+        voxel); with GM free the fit moved the WM signal of 45-degree
+        crossings into GM and merged them; with CSF free, into CSF (a WM
+        fODF of FA 0.55 lost 0.8 degrees). A charge per unit of coefficient
+        takes isotropic signal to a tissue only where the WM fODF would pay
+        more for it; a true CSF or GM voxel, which the WM fODF cannot
+        explain, keeps its tissue (the charge is small next to the misfit).
+        Chosen on the dev phantoms, GM among 0, 1e-3, 2e-3, 3e-3, 5e-3 and
+        1e-2, then CSF among 0, 1e-2, 2e-2 and 5e-2, the smallest whose every
+        dev phantom kept within the switch rule (docs/benchmarks.md, "One
+        shell at b <= 1500"). Their unit is the objective's (the signal term
+        is a mean squared residual per measurement), so they do not depend
+        on the number of measurements, and the trade they set (WM's sparsity
+        against the charge, the signal term being the same) not on the noise.
+    """
+    return (GM_CHARGE, CSF_CHARGE) if low_shell else (0.0, 0.0)
 
 
 def default_refine_tv(single_shell):
@@ -558,6 +627,14 @@ class TrainingConfig:
         trained network's crossing error from 19.3 to 13.5 degrees at SNR 20
         and from 25.6 to 24.9 at SNR 10 (docs/benchmarks.md, "TV inside the
         training loss").
+    gm_charge : float or None
+        A linear charge on each voxel's GM coefficient in the refinement's
+        objective (:class:`LossWeights`), where the response has GM. None
+        (default): resolved from the scan's gtab
+        (:func:`default_isotropic_charges`): 5e-3 on one shell at b <= 1500
+        with 30 axes or more, 0 elsewhere.
+    csf_charge : float or None
+        The same on the CSF coefficient: 2e-2 on such a shell, 0 elsewhere.
     holdout : float
         Fine-tuning the pretrained correction only (``epochs=N``): the share
         of each diffusion-weighted shell's volumes held out of the
@@ -594,6 +671,8 @@ class TrainingConfig:
     nonnegativity: float = LossWeights.nonnegativity
     train_tv: float = LossWeights.total_variation
     train_tv_form: str = LossWeights.tv_form
+    gm_charge: Optional[float] = None
+    csf_charge: Optional[float] = None
     holdout: float = 0.125
     holdout_refine_steps: int = 30
 
@@ -613,7 +692,9 @@ class TrainingConfig:
                              f"diffusion-weighted shell held out), got {self.holdout!r}")
         check_integer("holdout_refine_steps", self.holdout_refine_steps, 0)
         # LossWeights refuses negative weights (None: resolved from the scan later).
-        self._loss_weights(SPARSITY if self.sparsity is None else self.sparsity)
+        self._loss_weights(*(default if value is None else value for value, default in
+                             ((self.sparsity, SPARSITY), (self.gm_charge, 0.0),
+                              (self.csf_charge, 0.0))))
 
     def recipe(self, finetune):
         """The learning rate and batch size that train, None resolved.
@@ -636,15 +717,17 @@ class TrainingConfig:
     @property
     def loss_weights(self):
         """The weights of the loss terms, as :class:`LossWeights`."""
-        if self.sparsity is None:
-            raise ValueError("sparsity=None stands for the scan's default: resolve it with "
-                             "esdmri.reconst.models.scan_defaults(config, gtab) (the models "
-                             "do) or give a weight")
-        return self._loss_weights(self.sparsity)
+        for name in ("sparsity", "gm_charge", "csf_charge"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}=None stands for the scan's default: resolve it with "
+                                 "esdmri.reconst.models.scan_defaults(config, gtab) (the "
+                                 "models do) or give a weight")
+        return self._loss_weights(self.sparsity, self.gm_charge, self.csf_charge)
 
-    def _loss_weights(self, sparsity):
+    def _loss_weights(self, sparsity, gm_charge, csf_charge):
         return LossWeights(sparsity=sparsity, nonnegativity=self.nonnegativity,
-                           total_variation=self.train_tv, tv_form=self.train_tv_form)
+                           total_variation=self.train_tv, tv_form=self.train_tv_form,
+                           gm_charge=gm_charge, csf_charge=csf_charge)
 
 
 @dataclass(frozen=True)
@@ -918,6 +1001,8 @@ class DeconvolutionConfig:
         saved.setdefault("pretrained", False)
         # Corrections fine-tuned before the hold-out existed kept the evaluation loss's pick.
         saved.setdefault("holdout", 0.0)
+        # Fits saved before the charges on the isotropic fractions existed had none.
+        weights = {"gm_charge": 0.0, "csf_charge": 0.0, **weights}
         return cls.from_options(saved.pop("conv_kind"), **saved,
                                 **{name: weights[weight]
                                    for name, weight in LOSS_WEIGHT_OPTIONS.items()
@@ -926,7 +1011,8 @@ class DeconvolutionConfig:
 
 # Training options that become the loss weights: option -> LossWeights field.
 LOSS_WEIGHT_OPTIONS = {"sparsity": "sparsity", "nonnegativity": "nonnegativity",
-                       "train_tv": "total_variation", "train_tv_form": "tv_form"}
+                       "train_tv": "total_variation", "train_tv_form": "tv_form",
+                       "gm_charge": "gm_charge", "csf_charge": "csf_charge"}
 
 # Deprecated option names -> their names now.
 RENAMED_OPTIONS = {"total_variation": "train_tv"}

@@ -252,7 +252,7 @@ class HeldOutError:
         coefficients, _ = refine_coefficients(
             coefficients, self.retained_signal, self.mask, self.retained_matrix, self.sampler,
             n_coeffs(self.order), self.order, self.config.training.loss_weights, **options,
-            normalize=False)
+            normalize=False, tissues=self.tissues)
         return coefficients
 
     def error(self, coefficients):

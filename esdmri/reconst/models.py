@@ -28,10 +28,11 @@ from dipy.reconst.base import ReconstModel
 
 from .. import serialization
 from ..deprecation import keyword_only_from
-from ..response import TissueResponse, estimate_response
+from ..response import TissueResponse, estimate_response, low_shell
 from ..shm import ShellInterpolator, group_shells, n_coeffs
-from .config import (DEBIAS_METHODS, RICIAN_MODEL, HIGH_SHELL_SH_ORDER, DeconvolutionConfig,
-                     NetworkConfig, canonical_conv_kind, default_refine_tv, default_sh_order,
+from .config import (DEBIAS_METHODS, RICIAN_MODEL, HIGH_SHELL_SH_ORDER, LOW_SHELL_SH_ORDER,
+                     LOW_SHELL_SPARSITY, DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
+                     default_isotropic_charges, default_refine_tv, default_sh_order,
                      default_sparsity, option_defaults, options_docstring)
 from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retained_scan,
                        weights_origin)
@@ -91,6 +92,7 @@ class _DeconvolutionModel(ReconstModel):
         self.verbose = verbose
         self.response = _checked_response(response, gtab)
         _warn_underdetermined(gtab, self.config.network.sh_order_max)
+        _warn_low_shell_tissues(gtab, self.response, self.config)
         self.sphere = self.config.network.sphere()
         self.network = None
         self.halo = None
@@ -152,6 +154,7 @@ class _DeconvolutionModel(ReconstModel):
         """
         model = copy.copy(self)
         model.response = _checked_response(response, self.gtab)
+        _warn_low_shell_tissues(self.gtab, model.response, model.config)
         return model
 
     def _new_network(self, response, n_shells=None):
@@ -374,7 +377,8 @@ class _DeconvolutionModel(ReconstModel):
             build_fodf_sampler(order, self.device), n_coeffs(order), order,
             self.config.training.loss_weights, **config.solver_options(),
             normalize=self.normalizes_with(scan.response), verbose=self.verbose,
-            noise_sigma=scan.noise_sigma)
+            noise_sigma=scan.noise_sigma,
+            tissues=scan.response.tissues)
 
     # -- fitting ----------------------------------------------------------
     @keyword_only_from("mask", since="0.2")
@@ -827,7 +831,9 @@ def scan_defaults(config, gtab):
     """A configuration with the options that default to the scan's resolved.
 
     ``sh_order_max=None`` (:func:`esdmri.reconst.config.default_sh_order`),
-    ``sparsity=None`` (:func:`esdmri.reconst.config.default_sparsity`) and
+    ``sparsity=None`` (:func:`esdmri.reconst.config.default_sparsity`),
+    ``gm_charge=None`` and ``csf_charge=None``
+    (:func:`esdmri.reconst.config.default_isotropic_charges`) and
     ``refine_tv=None`` (:func:`esdmri.reconst.config.default_refine_tv`) stand
     for values that depend on the gtab's directions and shells
     (:func:`esdmri.reconst.inputs.super_resolved_shell`,
@@ -845,16 +851,22 @@ def scan_defaults(config, gtab):
     -------
     config : DeconvolutionConfig
     """
-    super_resolved = super_resolved_shell(gtab)
+    super_resolved, low = super_resolved_shell(gtab), low_shell(gtab)
     if config.network.sh_order_max is None:
-        order = default_sh_order(count_weighted_measurements(gtab), super_resolved=super_resolved)
+        order = default_sh_order(count_weighted_measurements(gtab), super_resolved=super_resolved,
+                                 low_shell=low)
         grid = config.network
         while grid.sphere().n_vertices < n_coeffs(order):
             grid = dataclasses.replace(grid, nside=2 * grid.nside)
         config = config.replace(sh_order_max=order, nside=grid.nside)
     if config.training.sparsity is None:
         config = config.replace(sparsity=default_sparsity(super_resolved,
-                                                          config.network.sh_order_max))
+                                                          config.network.sh_order_max, low))
+    gm_charge, csf_charge = default_isotropic_charges(low)
+    if config.training.gm_charge is None:
+        config = config.replace(gm_charge=gm_charge)
+    if config.training.csf_charge is None:
+        config = config.replace(csf_charge=csf_charge)
     if config.refinement.refine_tv is None:
         config = config.replace(refine_tv=default_refine_tv(count_weighted_shells(gtab) == 1))
     return config
@@ -869,6 +881,8 @@ def _warn_underdetermined(gtab, sh_order_max):
     n_measurements = count_weighted_measurements(gtab)
     if super_resolved_shell(gtab) and sh_order_max <= HIGH_SHELL_SH_ORDER:
         return  # the default's super-resolution on one shell above b = 1500 (default_sh_order)
+    if low_shell(gtab) and sh_order_max <= LOW_SHELL_SH_ORDER:
+        return  # and on one shell at b <= 1500, with the isotropic tissues charged
     if n_measurements and n_coeffs(sh_order_max) > n_measurements:
         lower = max(2, sh_order_max - 2)
         while lower > 2 and n_coeffs(lower) > n_measurements:
@@ -886,6 +900,28 @@ def _same_response(a, b):
     return (a.tissues == b.tissues and np.allclose(a.bvals, b.bvals)
             and all(x.shape == y.shape and np.allclose(x, y)
                     for x, y in zip(a.coefficients, b.coefficients)))
+
+
+def _warn_low_shell_tissues(gtab, response, config):
+    """Warn when one shell at b <= 1500 gets its defaults with a response without GM.
+
+    Those defaults (SH order 12, a stronger sparsity, charges on the GM and
+    CSF fractions) were chosen with the three tissues that
+    :func:`esdmri.response.estimate_response` gives there; with WM and CSF
+    alone order 12 added spurious peaks on dispersed dev bundles.
+    """
+    if (response is None or "gm" in response.tissues or not low_shell(gtab)
+            or config.network.sh_order_max != LOW_SHELL_SH_ORDER
+            or config.training.sparsity != LOW_SHELL_SPARSITY):
+        return
+    warnings.warn(
+        f"the defaults of one shell at b <= 1500 (sh_order_max={LOW_SHELL_SH_ORDER}, "
+        f"sparsity={LOW_SHELL_SPARSITY:g}, charges on the GM and CSF fractions) were chosen "
+        "with WM, GM and CSF responses (estimate_response's default there), but this "
+        f"response has {response.tissues}: with it order {LOW_SHELL_SH_ORDER} adds spurious "
+        "peaks where grey matter shares a voxel; estimate the three tissues, or pass "
+        "sh_order_max=8, sparsity=1e-4 for the fit chosen for two (docs/benchmarks.md, "
+        '"One shell at b <= 1500")', UserWarning, stacklevel=3)
 
 
 def _checked_response(response, gtab):

@@ -550,9 +550,10 @@ class CoupledObjective:
     ``batch_voxels`` so that a block's fODF samples stay in cache) plus the
     weighted smoothed total variation between neighbour pairs
     (:func:`esdmri.reconst.losses.total_variation`, through sparse difference
-    operators) when ``pair_weights`` is given; :meth:`restricted` gives it as a
-    function of some voxels, the others held. On a CPU the voxel terms'
-    passes and the total variation are fused kernels
+    operators) when ``pair_weights`` is given, plus linear charges on
+    isotropic coefficients (``charges``);
+    :meth:`restricted` gives it as a function of some voxels, the others
+    held. On a CPU the voxel terms' passes and the total variation are fused kernels
     (:mod:`esdmri.reconst.fused_objective`): the total variation of a
     block's voxels is added to their gradient rows right after the block's
     voxel terms, while the rows are in cache. Where the voxel loss is
@@ -573,10 +574,14 @@ class CoupledObjective:
     batch_voxels : int
     noise_sigma : Tensor, shape (n,), optional
         Each voxel's noise level: the data term is :class:`RicianVoxelLoss`'s.
+    charges : sequence of (int, float), optional
+        ``(column, charge)``: ``charge`` times each voxel's coefficient in
+        ``column`` is added to the objective (:func:`isotropic_charges`).
     """
 
     def __init__(self, measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights, first,
-                 second, pair_weights, smoothing, batch_voxels, noise_sigma=None):
+                 second, pair_weights, smoothing, batch_voxels, noise_sigma=None,
+                 charges=()):
         self.voxel_loss = (VoxelLoss(forward_matrix, fodf_sampler, n_wm_coeffs, weights)
                            if noise_sigma is None else RicianVoxelLoss(
                                forward_matrix, fodf_sampler, n_wm_coeffs, weights, noise_sigma,
@@ -600,6 +605,7 @@ class CoupledObjective:
                                            device=fodf_sampler.device)
         self.smoothing = smoothing
         self.batch_voxels = batch_voxels
+        self.charges = tuple(charges)
         self.chunks = [slice(i, i + batch_voxels)
                        for i in range(0, len(measured), batch_voxels)]
         # Evaluations, and voxels evaluated, by this objective and its restrictions.
@@ -720,6 +726,11 @@ class CoupledObjective:
             value += float(tv)
             if whole_gradient is not gradient:
                 gradient.copy_(whole_gradient[:len(gradient)])
+        for column, charge in self.charges:
+            # Linear in the coefficient: a constant gradient (one column's pass).
+            gradient[:, column] += charge
+            if with_value:
+                value += charge * float(coefficients[:, column].sum(dtype=torch.float64))
         if self.field is not None:
             value += self.offset
         return (value if with_value else None), gradient
@@ -1135,13 +1146,36 @@ def _restricted_pairs(pairs, kept):
     return restricted
 
 
+def isotropic_charges(tissues, n_wm_coeffs, weights):
+    """The charged columns among WM SH coefficients then one per isotropic tissue.
+
+    Parameters
+    ----------
+    tissues : sequence of str
+        The response's tissues, WM first (``TissueResponse.tissues``).
+    n_wm_coeffs : int
+    weights : LossWeights
+        ``gm_charge`` and ``csf_charge``.
+
+    Returns
+    -------
+    charges : tuple of (int, float)
+        ``(column, charge)`` of each tissue with a charge above 0.
+    """
+    isotropic = [t for t in tissues if t != "wm"]
+    named = {"gm": weights.gm_charge, "csf": weights.csf_charge}
+    return tuple((n_wm_coeffs + index, named[tissue]) for index, tissue in enumerate(isotropic)
+                 if named.get(tissue, 0.0) > 0)
+
+
 def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler, n_wm_coeffs,
                         sh_order_max, weights, *, steps, lr=1e-3, total_variation=0.0,
                         smoothing=1e-3, similarity=False, tolerance=0.0, check_every=10,
                         normalize=True, batch_voxels=None, verbose=False, method="lbfgs",
                         memory=5, damping=_DAMPING,
                         preconditioner_tolerance=_PRECONDITIONER_TOLERANCE,
-                        likelihood_tolerance=0.0, noise_sigma=None, active_set=0.0):
+                        likelihood_tolerance=0.0, noise_sigma=None, active_set=0.0,
+                        tissues=None):
     """Minimise the deconvolution loss from given coefficients, optionally coupled in space.
 
     The objective is the sum over masked voxels of each voxel's loss
@@ -1254,6 +1288,10 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
         steps, and go on over the others, waking held voxels whose gradient
         grows before the stop (:class:`ActiveSet`). 0: every voxel every
         step (the model's default, ``refine_active_set``, is 1e-3).
+    tissues : sequence of str, optional
+        The response's tissues (WM first): the isotropic coefficients of GM
+        and CSF are charged ``weights.gm_charge`` and ``weights.csf_charge``
+        per unit (:func:`isotropic_charges`). None: no charges.
 
     Returns
     -------
@@ -1306,8 +1344,10 @@ def refine_coefficients(coefficients, signal, mask, forward_matrix, fodf_sampler
                         else torch.ones_like(distances))
         pair_weights *= total_variation * coupling_scale(variance, measured.shape[1])
     voxel_sigma = None if noise_sigma is None else np.asarray(noise_sigma).reshape(-1)[indices]
+    # The isotropic columns stay last in the parity order: the charged columns are unchanged.
     objective = CoupledObjective(measured, forward_matrix, fodf_sampler, n_wm_coeffs, weights,
-                                 first, second, pair_weights, smoothing, batch_voxels, voxel_sigma)
+                                 first, second, pair_weights, smoothing, batch_voxels, voxel_sigma,
+                                 isotropic_charges(tissues or (), n_wm_coeffs, weights))
     preconditioner = None
     if damping is not None:
         degrees = coefficient_degrees(n_wm_coeffs, start_values.shape[-1])
