@@ -77,7 +77,8 @@ def write_fit_outputs(fit, affine, out_shm, out_fractions, out_peaks, out_tourni
         WM fODF SH NIfTI in DIPY's default basis (legacy descoteaux07).
     out_fractions : str
         4D NIfTI of volume fractions, one volume per tissue in the order of
-        the response (wm, gm, csf; wm and csf, or wm only, for single-shell data), recorded
+        the response (wm, gm, csf; on single-shell data above b = 1500 or with
+        fewer than 30 directions wm and csf, or wm only), recorded
         in the header's description.
     out_peaks : str
         DIPY ``.pam5`` peaks (with the SH coefficients and GFA).
@@ -148,7 +149,8 @@ class FitFlow(EsdmriWorkflow):
         coefficients in DIPY's default basis (legacy descoteaux07, what
         dipy_track and DIPY's sh_to_sf read), optionally an MRtrix3
         (tournier07) copy, a 4D map of tissue volume fractions (volumes in
-        the order wm, gm, csf; wm and csf, or wm only, for single-shell data), DIPY peaks
+        the order wm, gm, csf; wm and csf, or wm only, on single-shell data above
+        b = 1500 or with fewer than 30 directions), DIPY peaks
         (.pam5), the model (for esdmri_apply) and, when it was trained, a
         training-curve figure. Example: esdmri_fit dwi.nii.gz dwi.bval dwi.bvec
         --mask mask.nii.gz --out_dir fit (then esdmri_track fit/peaks.pam5

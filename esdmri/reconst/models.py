@@ -764,7 +764,8 @@ class RTESDModel(_DeconvolutionModel):
         estimates its own from its scan (``fit.response``), by
         :func:`esdmri.response.estimate_response` (as many tissues as the
         shells separate: WM and CSF from b0 plus one shell, WM, GM and CSF
-        from two or more shells or a non-shelled scan); the model keeps none,
+        from two or more shells, a non-shelled scan or b0 plus one shell at
+        b <= 1500 with 30 axes or more); the model keeps none,
         unless it trains a network (which keeps the response it was trained
         with).
     device : str
