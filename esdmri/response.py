@@ -34,8 +34,8 @@ from dipy.reconst.shm import real_sh_descoteaux_from_index
 from scipy.special import i0e
 
 from esdmri.atomic import output_transaction, staged_output
-from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, count_unique_axes, group_shells,
-                        n_coeffs, sh_degrees, sh_matrix)
+from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, count_unique_axes,
+                        count_weighted_shells, group_shells, n_coeffs, sh_degrees, sh_matrix)
 from esdmri.threads import run_chunks
 
 TISSUES = ("wm", "gm", "csf")
@@ -888,6 +888,27 @@ _CANDIDATE_FACTOR = 2
 _SELECTION_ROUNDS = 3
 
 
+def single_shell(gtab):
+    """The b-values and distinct axes of a gtab's one diffusion-weighted shell.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    shell : tuple (ndarray, int) or None
+        The diffusion-weighted volumes' b-values and their number of distinct
+        axes (:func:`esdmri.shm.count_unique_axes`); None unless the gtab has
+        exactly one diffusion-weighted shell (:func:`esdmri.shm.group_shells`).
+    """
+    if count_weighted_shells(gtab) != 1:
+        return None
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    return (np.asarray(gtab.bvals, dtype=float)[weighted],
+            count_unique_axes(np.asarray(gtab.bvecs, dtype=float)[weighted]))
+
+
 # The fewest distinct axes of one shell at b <= 1500 that take the three-tissue fit at
 # SH order 12 (low_shell): the dev phantoms' 30 and 60 measured it, fewer were not.
 LOW_SHELL_MIN_AXES = 30
@@ -912,14 +933,9 @@ def low_shell(gtab):
     -------
     bool
     """
-    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    if not weighted.any():
-        return False
-    _, shell_index = group_shells(gtab)
-    return (len(np.unique(shell_index[weighted])) == 1
-            and float(np.max(np.asarray(gtab.bvals)[weighted])) <= TENSOR_MAX_BVAL
-            and count_unique_axes(np.asarray(gtab.bvecs, dtype=float)[weighted])
-            >= LOW_SHELL_MIN_AXES)
+    shell = single_shell(gtab)
+    return (shell is not None and float(np.max(shell[0])) <= TENSOR_MAX_BVAL
+            and shell[1] >= LOW_SHELL_MIN_AXES)
 
 
 def _low_b_volumes(gtab):

@@ -269,6 +269,26 @@ def group_shells(gtab, b0_threshold=None, tolerance=DEFAULT_BVAL_TOLERANCE):
     return shell_bvals, shell_index
 
 
+def count_weighted_shells(gtab):
+    """Number of diffusion-weighted shells of a gtab (:func:`group_shells`).
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    n_shells : int
+        Shells other than b0 (0 without diffusion-weighted volumes); a scheme
+        without shells counts each cluster of b-values.
+    """
+    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
+    if not weighted.any():
+        return 0
+    _, shell_index = group_shells(gtab)
+    return len(np.unique(shell_index[weighted]))
+
+
 def is_shelled(gtab, b0_threshold=None, tolerance=DEFAULT_BVAL_TOLERANCE):
     """Whether every diffusion-weighted shell can carry an SH fit of order 2.
 

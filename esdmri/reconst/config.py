@@ -495,7 +495,7 @@ def default_refine_tv(single_shell):
     ----------
     single_shell : bool
         The scan has one diffusion-weighted shell
-        (:func:`esdmri.reconst.inputs.count_weighted_shells`).
+        (:func:`esdmri.shm.count_weighted_shells`).
 
     Returns
     -------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..response import TENSOR_MAX_BVAL
+from ..response import TENSOR_MAX_BVAL, single_shell
 from ..shm import count_unique_axes, group_shells, n_coeffs
 from .config import DEBIAS_METHODS
 
@@ -88,26 +88,6 @@ def count_weighted_axes(gtab):
     return count_unique_axes(bvecs) if len(bvecs) else 0
 
 
-def count_weighted_shells(gtab):
-    """Number of diffusion-weighted shells of a gtab (:func:`esdmri.shm.group_shells`).
-
-    Parameters
-    ----------
-    gtab : dipy.core.gradients.GradientTable
-
-    Returns
-    -------
-    n_shells : int
-        Shells other than b0 (0 without diffusion-weighted volumes); a scheme
-        without shells counts each cluster of b-values.
-    """
-    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    if not weighted.any():
-        return 0
-    _, shell_index = group_shells(gtab)
-    return len(np.unique(shell_index[weighted]))
-
-
 def super_resolved_shell(gtab):
     """Whether the default fit goes beyond the SH order a gtab's axes determine.
 
@@ -127,10 +107,9 @@ def super_resolved_shell(gtab):
     -------
     bool
     """
-    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    return (count_weighted_shells(gtab) == 1
-            and float(np.min(np.asarray(gtab.bvals)[weighted])) > TENSOR_MAX_BVAL
-            and count_weighted_measurements(gtab) >= n_coeffs(8))
+    shell = single_shell(gtab)
+    return (shell is not None and float(np.min(shell[0])) > TENSOR_MAX_BVAL
+            and shell[1] >= n_coeffs(8))
 
 
 def count_weighted_measurements(gtab):

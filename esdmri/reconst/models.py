@@ -29,7 +29,7 @@ from dipy.reconst.base import ReconstModel
 from .. import serialization
 from ..deprecation import keyword_only_from
 from ..response import TissueResponse, estimate_response, low_shell
-from ..shm import ShellInterpolator, group_shells, n_coeffs
+from ..shm import ShellInterpolator, count_weighted_shells, group_shells, n_coeffs
 from .config import (DEBIAS_METHODS, RICIAN_MODEL, HIGH_SHELL_SH_ORDER, LOW_SHELL_SH_ORDER,
                      LOW_SHELL_SPARSITY, DeconvolutionConfig, NetworkConfig, canonical_conv_kind,
                      default_isotropic_charges, default_refine_tv, default_sh_order,
@@ -39,7 +39,7 @@ from .finetune import (HeldOutError, finetune_correction, holdout_volumes, retai
 from .fit import DeconvolutionFit
 from .inference import network_coefficients, prior_coefficients, prior_operator
 from .inputs import (PreparedScan, check_gtab, check_scan, count_weighted_measurements,
-                     count_weighted_shells, debias_magnitudes, noise_floor_variance,
+                     debias_magnitudes, noise_floor_variance,
                      normalize_by_b0, resolve_device, super_resolved_shell,
                      voxel_noise_sigma)
 from .network import (DeconvolutionNetwork, build_fodf_sampler, build_forward_model,
@@ -838,7 +838,7 @@ def scan_defaults(config, gtab):
     ``refine_tv=None`` (:func:`esdmri.reconst.config.default_refine_tv`) stand
     for values that depend on the gtab's directions and shells
     (:func:`esdmri.reconst.inputs.super_resolved_shell`,
-    :func:`esdmri.reconst.inputs.count_weighted_shells`). A default order
+    :func:`esdmri.shm.count_weighted_shells`). A default order
     that the grid cannot hold (14 on nside 4) raises ``nside`` to the
     smallest that holds it, as the order was measured; an order given by
     the user never does (the grid's check names the nside to raise).
