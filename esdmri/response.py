@@ -34,7 +34,7 @@ from dipy.reconst.shm import real_sh_descoteaux_from_index
 from scipy.special import i0e
 
 from esdmri.atomic import output_transaction, staged_output
-from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, count_unique_axes,
+from esdmri.shm import (DEFAULT_BVAL_TOLERANCE, b0_mask, count_weighted_axes,
                         count_weighted_shells, group_shells, n_coeffs, sh_degrees, sh_matrix)
 from esdmri.threads import run_chunks
 
@@ -899,14 +899,13 @@ def single_shell(gtab):
     -------
     shell : tuple (ndarray, int) or None
         The diffusion-weighted volumes' b-values and their number of distinct
-        axes (:func:`esdmri.shm.count_unique_axes`); None unless the gtab has
+        axes (:func:`esdmri.shm.count_weighted_axes`); None unless the gtab has
         exactly one diffusion-weighted shell (:func:`esdmri.shm.group_shells`).
     """
     if count_weighted_shells(gtab) != 1:
         return None
-    weighted = ~np.asarray(gtab.b0s_mask, dtype=bool)
-    return (np.asarray(gtab.bvals, dtype=float)[weighted],
-            count_unique_axes(np.asarray(gtab.bvecs, dtype=float)[weighted]))
+    return (np.asarray(gtab.bvals, dtype=float)[~np.asarray(gtab.b0s_mask, dtype=bool)],
+            count_weighted_axes(gtab))
 
 
 # The fewest distinct axes of one shell at b <= 1500 that take the three-tissue fit at

@@ -269,6 +269,24 @@ def group_shells(gtab, b0_threshold=None, tolerance=DEFAULT_BVAL_TOLERANCE):
     return shell_bvals, shell_index
 
 
+def count_weighted_axes(gtab):
+    """Distinct axes of a gtab's diffusion-weighted gradients (v and -v count once).
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+
+    Returns
+    -------
+    n_axes : int
+        :func:`count_unique_axes` of the weighted volumes' non-zero
+        gradient directions (0 without any).
+    """
+    bvecs = np.asarray(gtab.bvecs, dtype=float)[~np.asarray(gtab.b0s_mask, dtype=bool)]
+    bvecs = bvecs[np.linalg.norm(bvecs, axis=-1) > 0]
+    return count_unique_axes(bvecs) if len(bvecs) else 0
+
+
 def count_weighted_shells(gtab):
     """Number of diffusion-weighted shells of a gtab (:func:`group_shells`).
 

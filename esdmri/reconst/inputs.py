@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..response import TENSOR_MAX_BVAL, single_shell
-from ..shm import count_unique_axes, group_shells, n_coeffs
+from ..shm import count_unique_axes, count_weighted_axes, group_shells, n_coeffs
 from .config import DEBIAS_METHODS
 
 
@@ -68,24 +68,6 @@ def check_gtab(gtab):
                 f"gtab has {n_directions} distinct diffusion-weighted directions; at least "
                 f"{MIN_DIRECTIONS} are needed (a diffusion tensor has 6 unknowns), and the "
                 "fODF's SH coefficients need more")
-
-
-def count_weighted_axes(gtab):
-    """Distinct axes of a gtab's diffusion-weighted gradients (v and -v count once).
-
-    Parameters
-    ----------
-    gtab : dipy.core.gradients.GradientTable
-
-    Returns
-    -------
-    n_axes : int
-        :func:`esdmri.shm.count_unique_axes` of the weighted volumes' non-zero
-        gradient directions (0 without any).
-    """
-    bvecs = np.asarray(gtab.bvecs, dtype=float)[~np.asarray(gtab.b0s_mask, dtype=bool)]
-    bvecs = bvecs[np.linalg.norm(bvecs, axis=-1) > 0]
-    return count_unique_axes(bvecs) if len(bvecs) else 0
 
 
 def super_resolved_shell(gtab):

@@ -921,7 +921,8 @@ def _warn_low_shell_tissues(gtab, response, config):
         "with WM, GM and CSF responses (estimate_response's default there), but this "
         f"response has {response.tissues}: with it order {LOW_SHELL_SH_ORDER} adds spurious "
         "peaks where grey matter shares a voxel; estimate the three tissues, or pass "
-        "sh_order_max=8, sparsity=1e-4 for the fit chosen for two (docs/benchmarks.md, "
+        "sh_order_max=8, sparsity=1e-4, csf_charge=0 for the fit chosen for two "
+        "(docs/benchmarks.md, "
         '"One shell at b <= 1500")', UserWarning, stacklevel=3)
 
 
